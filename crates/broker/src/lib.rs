@@ -1,0 +1,155 @@
+//! The job engine: the [`Broker`] trait and its two engines, behind one contract.
+//!
+//! * [`memory`]: everything in-process, for `ferry dev`, single nodes and fast tests.
+//! * [`redis`]: Redis 7 Streams with consumer groups, Lua scripts for every multi-key transition, queues spread
+//!   over N standalone Redis shards by rendezvous hashing ([`shard`]).
+//! The behaviour both engines must show is one contract suite (`tests/contract/`) that runs unchanged against
+//! each engine.
+//!
+//! This crate owns job state and its transitions. It must not run handlers, speak HTTP or decide policy that
+//! belongs to a role (how many jobs to claim, when to retry a webhook): callers pass those in.
+
+pub mod memory;
+pub mod redis;
+pub mod shard;
+mod types;
+
+pub use memory::MemoryBroker;
+pub use redis::RedisBroker;
+pub use shard::ShardRing;
+pub use types::*;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferry_core::{JobId, JobInfo, NewJob, QueueName};
+
+/// The job engine. Every method is one atomic step: a transition either happens whole or not at all, and a
+/// transition fenced by a [`Lease`] is applied only while that lease is still the job's current one.
+#[async_trait]
+pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
+    /// Submit one job. A job with an `idempotency_key` already used in the same queue and tenant returns the
+    /// first job's id with `duplicate: true`, and nothing new is stored.
+    async fn enqueue(&self, queue: &QueueName, job: NewJob) -> Result<Enqueued, BrokerError> {
+        let mut v = self.enqueue_batch(queue, vec![job]).await?;
+        v.pop()
+            .ok_or_else(|| BrokerError::Internal("enqueue returned nothing".into()))
+    }
+
+    /// Submit several jobs to one queue in one round trip; results are in input order.
+    async fn enqueue_batch(
+        &self,
+        queue: &QueueName,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Enqueued>, BrokerError>;
+
+    /// Lease up to `max` jobs for `consumer`, high priority first. Waits up to `wait` when none is ready; a
+    /// paused queue hands out nothing. Each returned job's attempt counter has been incremented.
+    async fn claim(
+        &self,
+        queue: &QueueName,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Leased>, BrokerError>;
+
+    /// Extend leases; `false` for each lease that is no longer held (expired and reclaimed, or cancelled): the
+    /// holder must stop working on that job.
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError>;
+
+    /// Report progress for a leased job (a `job.progress` event). `false` when the lease is no longer held.
+    async fn progress(&self, lease: &Lease, data: serde_json::Value) -> Result<bool, BrokerError>;
+
+    /// Finish jobs successfully. Each result is `Err(Rejected)` when its lease is no longer held.
+    async fn complete(
+        &self,
+        items: Vec<Completion>,
+    ) -> Result<Vec<Result<(), Rejected>>, BrokerError>;
+
+    /// Fail attempts: retry later (with backoff), or dead-letter when the error is permanent or attempts are
+    /// used up.
+    async fn fail(
+        &self,
+        items: Vec<Failure>,
+    ) -> Result<Vec<Result<FailOutcome, Rejected>>, BrokerError>;
+
+    /// Give leased jobs back without counting the attempt, for immediate pickup (graceful drain).
+    async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError>;
+
+    /// Cancel a job in any non-final state. An active job's lease is revoked: its worker sees `false` on its
+    /// next heartbeat and its completion is rejected.
+    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError>;
+
+    /// Move due scheduled and retrying jobs to their queue. Safe to run on many nodes at once.
+    async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<usize, BrokerError>;
+
+    /// Requeue jobs whose lease expired (not heartbeated within the visibility timeout); a job whose attempts
+    /// are used up goes to dead-letter instead. Safe to run on many nodes at once.
+    async fn reclaim_expired(
+        &self,
+        queue: &QueueName,
+        max: usize,
+    ) -> Result<Reclaimed, BrokerError>;
+
+    /// Dead-lettered jobs of a queue, newest first.
+    async fn dead_letters(
+        &self,
+        queue: &QueueName,
+        limit: usize,
+    ) -> Result<Vec<JobInfo>, BrokerError>;
+
+    /// Put a dead job back in its queue with a fresh attempt budget.
+    async fn retry_dead(&self, id: JobId) -> Result<RetryOutcome, BrokerError>;
+
+    async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError>;
+
+    /// Every queue that has received a job.
+    async fn queues(&self) -> Result<Vec<QueueName>, BrokerError>;
+
+    async fn pause(&self, queue: &QueueName) -> Result<(), BrokerError>;
+
+    async fn resume(&self, queue: &QueueName) -> Result<(), BrokerError>;
+
+    /// Look a job up by id while the engine still holds it (finished jobs are kept for the configured
+    /// retention).
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError>;
+
+    /// Live lifecycle events from now on. Slow subscribers lose events (they can recover from the durable log)
+    /// rather than slow the engine down.
+    async fn subscribe(&self) -> Result<EventStream, BrokerError>;
+
+    /// Housekeeping for one queue: trim acknowledged stream entries, expire finished jobs past retention.
+    async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError>;
+
+    /// A real round trip to every backing store.
+    async fn ping(&self) -> Result<(), BrokerError>;
+}
+
+/// Engine settings shared by both engines.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A leased job not heartbeated for this long is reclaimed by any worker's reaper.
+    pub visibility_timeout: Duration,
+    /// How long finished (completed, cancelled) jobs stay in the engine for lookups.
+    pub finished_retention: Duration,
+    /// Longest dead-letter list per queue; older dead jobs are dropped from the engine.
+    pub dead_letter_max: usize,
+    /// Approximate bound of the durable event stream, in entries (each entry packs a batch of events).
+    pub event_stream_max: usize,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            visibility_timeout: Duration::from_secs(30),
+            finished_retention: Duration::from_secs(3600),
+            dead_letter_max: 10_000,
+            event_stream_max: 100_000,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+pub use ferry_core::Job;

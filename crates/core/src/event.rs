@@ -1,0 +1,86 @@
+//! Lifecycle events. Every state transition emits one; engines write them, packed several to an entry, to a
+//! durable per-shard stream and publish them for live fan-out. An event's `id` is `<entry-id>/<index>`: the
+//! stream entry that carried it and its position there, so it is unique and stable across redeliveries.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{JobId, JobState, Kind, QueueName};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "job.queued")]
+    Queued,
+    #[serde(rename = "job.active")]
+    Active,
+    #[serde(rename = "job.progress")]
+    Progress,
+    #[serde(rename = "job.completed")]
+    Completed,
+    #[serde(rename = "job.retrying")]
+    Retrying,
+    #[serde(rename = "job.dead")]
+    Dead,
+    #[serde(rename = "job.cancelled")]
+    Cancelled,
+    #[serde(rename = "job.scheduled")]
+    Scheduled,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "job.queued",
+            Self::Active => "job.active",
+            Self::Progress => "job.progress",
+            Self::Completed => "job.completed",
+            Self::Retrying => "job.retrying",
+            Self::Dead => "job.dead",
+            Self::Cancelled => "job.cancelled",
+            Self::Scheduled => "job.scheduled",
+        }
+    }
+}
+
+/// One lifecycle event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// `<stream entry id>/<index>`; filled in by the engine that stored the event.
+    #[serde(default)]
+    pub id: String,
+    #[serde(rename = "type")]
+    pub ty: EventType,
+    pub job: JobId,
+    pub queue: QueueName,
+    pub kind: Kind,
+    pub state: JobState,
+    pub attempt: u32,
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Result (completed), error (retrying, dead), progress value, or nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names() {
+        assert_eq!(
+            serde_json::to_string(&EventType::Completed).unwrap(),
+            "\"job.completed\""
+        );
+        let e: Event = serde_json::from_str(
+            r#"{"type":"job.active","job":"0190a0c0-0000-7000-8000-000000000000","queue":"q","kind":"k","state":"active","attempt":1,"at":5}"#,
+        )
+        .unwrap();
+        assert_eq!(e.ty, EventType::Active);
+        assert_eq!(e.id, "");
+    }
+}

@@ -1,0 +1,25 @@
+//! ferry's domain model: what a job is, the states it moves through, the lifecycle events it emits, and the
+//! validated names (queues, kinds) that every other crate passes around.
+//!
+//! This crate owns validation and the pure rules (retry backoff, which transitions exist). It must not do I/O,
+//! spawn tasks or know about Redis, PostgreSQL or HTTP: engines and roles build on it, never the other way round.
+//!
+//! * [`names`]: `QueueName`, `Kind` — parsed once, valid forever after.
+//! * [`job`]: `JobId`, `NewJob` (what a client submits), `JobInfo` (what a lookup returns), `JobState`, `Priority`.
+//! * [`backoff`]: exponential backoff with full jitter.
+//! * [`event`]: lifecycle events and their wire form.
+//! * [`error`]: `FieldError` / `ValidationError`, which name the bad field.
+
+pub mod backoff;
+pub mod error;
+pub mod event;
+pub mod job;
+pub mod names;
+
+pub use backoff::Backoff;
+pub use error::{FieldError, ValidationError};
+pub use event::{Event, EventType};
+pub use job::{
+    DEFAULT_MAX_ATTEMPTS, Job, JobId, JobInfo, JobSpec, JobState, Limits, NewJob, Priority, now_ms,
+};
+pub use names::{Kind, QueueName};
