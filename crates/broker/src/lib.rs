@@ -3,6 +3,7 @@
 //! * [`memory`]: everything in-process, for `ferry dev`, single nodes and fast tests.
 //! * [`redis`]: Redis 7 Streams with consumer groups, Lua scripts for every multi-key transition, queues spread
 //!   over N standalone Redis shards by rendezvous hashing ([`shard`]).
+//!
 //! The behaviour both engines must show is one contract suite (`tests/contract/`) that runs unchanged against
 //! each engine.
 //!

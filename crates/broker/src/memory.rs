@@ -1,15 +1,900 @@
-//! The in-process engine. (being written)
-use crate::EngineConfig;
+//! The in-process engine: every queue, job, lease and idempotency key of one process, in memory, with the same
+//! observable semantics as the Redis engine (the contract suite in `tests/contract/` runs against both).
+//!
+//! It owns job state for `ferry dev`, single-node deployments and fast tests. It must not persist anything, do
+//! network I/O or run handlers: a restart loses every job, by design. Its memory stays bounded by the engine
+//! settings: finished jobs leave after `finished_retention` (on [`Broker::maintain`]), the dead-letter list of a
+//! queue holds at most `dead_letter_max` jobs, idempotency keys expire after `idempotency_ttl`, and live events
+//! go through a bounded broadcast channel that drops events for lagging subscribers instead of growing.
+//!
+//! Layout: one `State` behind one `std::sync::Mutex`. Every job lives in `State::jobs`; each queue keeps
+//! indexes of ids by state (ready deques per priority, scheduled set by due time, active set by lease deadline,
+//! dead list, finished list by finish time). Every transition goes through `State::detach` (remove the job from
+//! the index of its current state) and then one of the `State::enter_*` methods (set the new state, index it, emit
+//! its event), so the indexes never disagree with the jobs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferry_core::{
+    Event, EventType, Job, JobId, JobInfo, JobSpec, JobState, Limits, NewJob, QueueName, now_ms,
+};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, broadcast};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::{
+    Broker, BrokerError, CancelOutcome, Completion, EngineConfig, Enqueued, EventStream,
+    FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected, Retry, RetryOutcome,
+};
+
+/// Live events buffered per subscriber. A subscriber that falls further behind skips the oldest events (it can
+/// recover them from the durable record) rather than make the engine wait or buffer without bound.
+const EVENT_CAPACITY: usize = 4096;
 
 /// In-process broker with the same semantics as the Redis engine.
-#[derive(Debug)]
 pub struct MemoryBroker {
-    #[allow(dead_code)]
     config: EngineConfig,
+    /// A std (not tokio) mutex: every critical section is a short, synchronous state change with no `.await`
+    /// inside, so a blocking lock is cheaper than an async one and cannot deadlock on a suspended holder. It is
+    /// never held across an `.await` (that would block a runtime thread while the holder sleeps, and make the
+    /// futures `!Send`); `claim` waits on the queue's `Notify` with the lock released.
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for MemoryBroker {
+    // The state can hold millions of jobs: never dump it into a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryBroker {
     pub fn new(config: EngineConfig) -> Self {
-        Self { config }
+        let (tx, _) = broadcast::channel(EVENT_CAPACITY);
+        Self {
+            config,
+            state: Mutex::new(State {
+                jobs: HashMap::new(),
+                queues: BTreeMap::new(),
+                events: Events { seq: 0, tx },
+            }),
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, BrokerError> {
+        // A panic inside a transition may have left the indexes half-updated: refuse to serve rather than hand
+        // out inconsistent state.
+        self.state
+            .lock()
+            .map_err(|_| BrokerError::Internal("memory engine state poisoned by a panic".into()))
+    }
+
+    fn visibility_ms(&self) -> u64 {
+        ms(self.config.visibility_timeout)
+    }
+
+    /// Store already-validated jobs.
+    fn insert(&self, queue: &QueueName, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, BrokerError> {
+        let now = now_ms();
+        let ttl = ms(self.config.idempotency_ttl);
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        st.queue(queue).received = true;
+        let mut out = Vec::with_capacity(jobs.len());
+        let mut any_ready = false;
+        for mut job in jobs {
+            let idem_key = job
+                .idempotency_key
+                .take()
+                .map(|key| (job.tenant.clone(), key));
+            if let Some(key) = &idem_key
+                && let Some(seen) = st.queue(queue).idempotency.get(key)
+                && seen.expires_at > now
+            {
+                let (id, first_state) = (seen.id, seen.state);
+                let state = st.jobs.get(&id).map_or(first_state, |e| e.state);
+                out.push(Enqueued {
+                    id,
+                    state,
+                    duplicate: true,
+                });
+                continue;
+            }
+            let delay = job.delay_ms.unwrap_or(0);
+            let id = JobId::new();
+            st.jobs.insert(
+                id,
+                Entry {
+                    queue: queue.clone(),
+                    spec: job.into_spec(now),
+                    // Placeholder: `enter_queued` / `enter_scheduled` below set the real state and index the job.
+                    state: JobState::Scheduled,
+                    attempts: 0,
+                    epoch: 0,
+                    result: None,
+                    error: None,
+                    run_at: None,
+                    lease_deadline: 0,
+                    updated_at: now,
+                },
+            );
+            let state = if delay > 0 {
+                st.enter_scheduled(id, now.saturating_add(delay), now);
+                JobState::Scheduled
+            } else {
+                st.enter_queued(id, now, None);
+                any_ready = true;
+                JobState::Queued
+            };
+            if let Some(key) = idem_key {
+                let expires_at = now.saturating_add(ttl);
+                let q = st.queue(queue);
+                q.idempotency_expiry.push_back((expires_at, key.clone()));
+                q.idempotency.insert(
+                    key,
+                    Seen {
+                        id,
+                        state,
+                        expires_at,
+                    },
+                );
+            }
+            out.push(Enqueued {
+                id,
+                state,
+                duplicate: false,
+            });
+        }
+        if any_ready {
+            st.queue(queue).notify.notify_waiters();
+        }
+        Ok(out)
+    }
+}
+
+/// `Duration` → whole milliseconds, saturating (a configured "forever" must not wrap around).
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Everything the engine holds.
+#[derive(Debug)]
+struct State {
+    jobs: HashMap<JobId, Entry>,
+    /// A BTreeMap so `queues()` comes out sorted.
+    queues: BTreeMap<QueueName, Queue>,
+    events: Events,
+}
+
+/// One job as the engine holds it.
+#[derive(Debug)]
+struct Entry {
+    queue: QueueName,
+    spec: JobSpec,
+    state: JobState,
+    attempts: u32,
+    /// The lease fence: bumped on every claim and every move out of `active`, so a lease token names exactly
+    /// one attempt and is dead as soon as that attempt is over.
+    epoch: u64,
+    result: Option<Value>,
+    error: Option<String>,
+    run_at: Option<u64>,
+    /// While `active`: when the lease expires unless heartbeated.
+    lease_deadline: u64,
+    updated_at: u64,
+}
+
+/// One idempotency key's first job.
+#[derive(Debug)]
+struct Seen {
+    id: JobId,
+    /// The state at submission, answered for duplicates once the job itself has left the engine.
+    state: JobState,
+    expires_at: u64,
+}
+
+type IdemKey = (Option<String>, String);
+
+/// One queue's indexes. Each job id appears in at most one of them: the one matching its state.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Has ever received a job (`queues()` lists only those; `claim`/`pause` on a name create the entry too).
+    received: bool,
+    paused: bool,
+    /// Queued jobs per priority, FIFO, with the time each became queued (non-decreasing, so the front is the
+    /// oldest: that is the lag).
+    ready: [VecDeque<(JobId, u64)>; 3],
+    /// Scheduled and retrying jobs by (run_at, id).
+    scheduled: BTreeSet<(u64, JobId)>,
+    /// Active jobs by (lease deadline, id): expired leases are a prefix.
+    active: BTreeSet<(u64, JobId)>,
+    /// Dead jobs, newest first, at most `dead_letter_max`.
+    dead: VecDeque<JobId>,
+    /// Completed and cancelled jobs by finish time, for retention.
+    finished: VecDeque<(u64, JobId)>,
+    idempotency: HashMap<IdemKey, Seen>,
+    /// Keys in expiry order (one TTL for all, so insertion order); an entry whose key was re-used after it
+    /// expired is skipped when popped.
+    idempotency_expiry: VecDeque<(u64, IdemKey)>,
+    /// Wakes `claim` calls blocked on this queue when jobs become ready or the queue is resumed.
+    notify: Arc<Notify>,
+}
+
+/// The live event feed.
+#[derive(Debug)]
+struct Events {
+    /// Global sequence: event ids are `"<seq>/0"`, the shape of the Redis engine's `<entry>/<index>` ids.
+    seq: u64,
+    tx: broadcast::Sender<Event>,
+}
+
+impl State {
+    fn queue(&mut self, name: &QueueName) -> &mut Queue {
+        // Look up before inserting, so the common case (the queue exists) clones no key.
+        if !self.queues.contains_key(name) {
+            self.queues.insert(name.clone(), Queue::default());
+        }
+        self.queues.get_mut(name).expect("inserted above")
+    }
+
+    /// The entry behind a lease, if that lease is still the job's current one.
+    fn fenced(&mut self, lease: &Lease) -> Option<&mut Entry> {
+        let epoch: u64 = lease.token.parse().ok()?;
+        self.jobs
+            .get_mut(&lease.job)
+            .filter(|e| e.state == JobState::Active && e.epoch == epoch && e.queue == lease.queue)
+    }
+
+    /// Emit the event of the transition `id` just made. Sent while the caller holds the lock, so subscribers see
+    /// events in the order the transitions happened; `send` never blocks (a full channel overwrites the oldest
+    /// event), so this cannot stall the engine.
+    fn emit(&mut self, id: JobId, ty: EventType, data: Option<Value>) {
+        let Some(e) = self.jobs.get(&id) else { return };
+        self.events.seq += 1;
+        let event = Event {
+            id: format!("{}/0", self.events.seq),
+            ty,
+            job: id,
+            queue: e.queue.clone(),
+            kind: e.spec.kind.clone(),
+            state: e.state,
+            attempt: e.attempts,
+            at: e.updated_at,
+            owner: e.spec.owner.clone(),
+            tenant: e.spec.tenant.clone(),
+            data,
+        };
+        // No subscriber is not an error: the event simply has no audience.
+        let _ = self.events.tx.send(event);
+    }
+
+    /// Remove `id` from the index of its current state (the first half of every transition).
+    fn detach(&mut self, id: JobId) {
+        let Some(e) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let Some(q) = self.queues.get_mut(&e.queue) else {
+            return;
+        };
+        match e.state {
+            JobState::Queued => {
+                // O(depth), but only cancellation removes a queued job out of order; claims pop the front.
+                q.ready[e.spec.priority.index()].retain(|(j, _)| *j != id);
+            }
+            JobState::Scheduled | JobState::Retrying => {
+                if let Some(run_at) = e.run_at {
+                    q.scheduled.remove(&(run_at, id));
+                }
+            }
+            JobState::Active => {
+                q.active.remove(&(e.lease_deadline, id));
+                // Whatever comes next, the current lease is over.
+                e.epoch += 1;
+            }
+            JobState::Dead => q.dead.retain(|j| *j != id),
+            // Final states never transition again (cancel and retry_dead check first); nothing to unindex.
+            JobState::Completed | JobState::Cancelled => {}
+        }
+    }
+
+    fn enter_queued(&mut self, id: JobId, now: u64, data: Option<Value>) {
+        let Some(e) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        e.state = JobState::Queued;
+        e.run_at = None;
+        e.updated_at = now;
+        let prio = e.spec.priority.index();
+        let q = self.queues.get_mut(&e.queue).expect("a job's queue exists");
+        q.ready[prio].push_back((id, now));
+        self.emit(id, EventType::Queued, data);
+    }
+
+    fn enter_scheduled(&mut self, id: JobId, run_at: u64, now: u64) {
+        let Some(e) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        e.state = JobState::Scheduled;
+        e.run_at = Some(run_at);
+        e.updated_at = now;
+        let q = self.queues.get_mut(&e.queue).expect("a job's queue exists");
+        q.scheduled.insert((run_at, id));
+        self.emit(id, EventType::Scheduled, None);
+    }
+
+    fn enter_retrying(&mut self, id: JobId, error: String, run_at: u64, now: u64) {
+        let Some(e) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        e.state = JobState::Retrying;
+        e.run_at = Some(run_at);
+        e.updated_at = now;
+        let data = json!({ "error": error, "run_at": run_at });
+        e.error = Some(error);
+        let q = self.queues.get_mut(&e.queue).expect("a job's queue exists");
+        q.scheduled.insert((run_at, id));
+        self.emit(id, EventType::Retrying, Some(data));
+    }
+
+    /// Move to `completed` or `cancelled`; the job stays for lookups until retention expires it.
+    fn enter_finished(&mut self, id: JobId, state: JobState, result: Option<Value>, now: u64) {
+        let Some(e) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        e.state = state;
+        e.run_at = None;
+        e.updated_at = now;
+        e.result = result.clone();
+        let q = self.queues.get_mut(&e.queue).expect("a job's queue exists");
+        q.finished.push_back((now, id));
+        let ty = if state == JobState::Completed {
+            EventType::Completed
+        } else {
+            EventType::Cancelled
+        };
+        self.emit(id, ty, result);
+    }
+
+    /// Dead-letter a job; the oldest dead job of the queue leaves the engine when the list is over `max`.
+    fn enter_dead(&mut self, id: JobId, error: String, now: u64, max: usize) {
+        let Some(e) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        e.state = JobState::Dead;
+        e.run_at = None;
+        e.updated_at = now;
+        let data = json!({ "error": error });
+        e.error = Some(error);
+        let q = self.queues.get_mut(&e.queue).expect("a job's queue exists");
+        q.dead.push_front(id);
+        let mut evicted = Vec::new();
+        while q.dead.len() > max {
+            evicted.extend(q.dead.pop_back());
+        }
+        self.emit(id, EventType::Dead, Some(data));
+        for old in evicted {
+            self.jobs.remove(&old);
+        }
+    }
+
+    /// Lease up to `max` ready jobs of `queue`, high priority first, FIFO within a priority.
+    fn take_ready(
+        &mut self,
+        queue: &QueueName,
+        consumer: &Arc<str>,
+        max: usize,
+        now: u64,
+        visibility_ms: u64,
+    ) -> Vec<Leased> {
+        let deadline = now.saturating_add(visibility_ms);
+        let mut out = Vec::new();
+        let q = self.queue(queue);
+        if q.paused {
+            return out;
+        }
+        let mut ids = Vec::new();
+        for ready in &mut q.ready {
+            while ids.len() < max {
+                let Some((id, _)) = ready.pop_front() else {
+                    break;
+                };
+                q.active.insert((deadline, id));
+                ids.push(id);
+            }
+        }
+        for id in ids {
+            let Some(e) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            e.state = JobState::Active;
+            e.attempts += 1;
+            e.epoch += 1;
+            e.lease_deadline = deadline;
+            e.run_at = None;
+            e.updated_at = now;
+            out.push(Leased {
+                job: Job {
+                    id,
+                    queue: e.queue.clone(),
+                    spec: e.spec.clone(),
+                    attempt: e.attempts,
+                },
+                lease: Lease {
+                    queue: e.queue.clone(),
+                    job: id,
+                    consumer: consumer.clone(),
+                    token: e.epoch.to_string(),
+                    attempt: e.attempts,
+                    max_attempts: e.spec.max_attempts,
+                    backoff: e.spec.backoff,
+                },
+            });
+            self.emit(id, EventType::Active, None);
+        }
+        out
+    }
+
+    fn info(&self, id: JobId) -> Option<JobInfo> {
+        let e = self.jobs.get(&id)?;
+        Some(JobInfo {
+            id,
+            queue: e.queue.clone(),
+            state: e.state,
+            attempts: e.attempts,
+            spec: e.spec.clone(),
+            result: e.result.clone(),
+            error: e.error.clone(),
+            run_at: e.run_at,
+            updated_at: e.updated_at,
+        })
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn enqueue(&self, queue: &QueueName, job: NewJob) -> Result<Enqueued, BrokerError> {
+        // Validated here, not through `enqueue_batch`, so a single job's error names `kind`, not `jobs[0].kind`.
+        job.validate(&Limits::default())?;
+        self.insert(queue, vec![job])?
+            .pop()
+            .ok_or_else(|| BrokerError::Internal("enqueue stored nothing".into()))
+    }
+
+    async fn enqueue_batch(
+        &self,
+        queue: &QueueName,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Enqueued>, BrokerError> {
+        // All or nothing: every job is checked before any is stored.
+        let limits = Limits::default();
+        for (i, job) in jobs.iter().enumerate() {
+            job.validate(&limits)
+                .map_err(|e| e.within(&format!("jobs[{i}]")))?;
+        }
+        self.insert(queue, jobs)
+    }
+
+    async fn claim(
+        &self,
+        queue: &QueueName,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Leased>, BrokerError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let consumer: Arc<str> = consumer.into();
+        let notify = self.lock()?.queue(queue).notify.clone();
+        loop {
+            // Register for a wake-up *before* looking at the queue: a job enqueued between the look and the wait
+            // then still wakes us (`notify_waiters` only reaches registered waiters).
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let got =
+                self.lock()?
+                    .take_ready(queue, &consumer, max, now_ms(), self.visibility_ms());
+            if !got.is_empty() || max == 0 {
+                return Ok(got);
+            }
+            // Woken without a job for us (another claimer won it, or a resume found nothing): look again until
+            // the deadline.
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
+        let deadline = now_ms().saturating_add(self.visibility_ms());
+        let mut st = self.lock()?;
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            let Some(e) = st.fenced(lease) else {
+                out.push(false);
+                continue;
+            };
+            let old = std::mem::replace(&mut e.lease_deadline, deadline);
+            let q = st.queue(&lease.queue);
+            q.active.remove(&(old, lease.job));
+            q.active.insert((deadline, lease.job));
+            out.push(true);
+        }
+        Ok(out)
+    }
+
+    async fn progress(&self, lease: &Lease, data: Value) -> Result<bool, BrokerError> {
+        let now = now_ms();
+        let mut st = self.lock()?;
+        let Some(e) = st.fenced(lease) else {
+            return Ok(false);
+        };
+        e.updated_at = now;
+        st.emit(lease.job, EventType::Progress, Some(data));
+        Ok(true)
+    }
+
+    async fn complete(
+        &self,
+        items: Vec<Completion>,
+    ) -> Result<Vec<Result<(), Rejected>>, BrokerError> {
+        let now = now_ms();
+        let mut st = self.lock()?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            if st.fenced(&item.lease).is_none() {
+                out.push(Err(Rejected));
+                continue;
+            }
+            st.detach(item.lease.job);
+            st.enter_finished(item.lease.job, JobState::Completed, Some(item.result), now);
+            out.push(Ok(()));
+        }
+        Ok(out)
+    }
+
+    async fn fail(
+        &self,
+        items: Vec<Failure>,
+    ) -> Result<Vec<Result<FailOutcome, Rejected>>, BrokerError> {
+        let now = now_ms();
+        let dead_max = self.config.dead_letter_max;
+        let mut st = self.lock()?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let Some(e) = st.fenced(&item.lease) else {
+                out.push(Err(Rejected));
+                continue;
+            };
+            let attempt = e.attempts;
+            let delay = match item.retry {
+                _ if attempt >= e.spec.max_attempts => None,
+                Retry::Never => None,
+                Retry::Backoff => Some(e.spec.backoff.delay_ms(attempt)),
+                Retry::After(ms) => Some(ms),
+            };
+            let id = item.lease.job;
+            st.detach(id);
+            match delay {
+                None => {
+                    st.enter_dead(id, item.error, now, dead_max);
+                    out.push(Ok(FailOutcome::Dead));
+                }
+                Some(delay) => {
+                    let run_at = now.saturating_add(delay);
+                    st.enter_retrying(id, item.error, run_at, now);
+                    out.push(Ok(FailOutcome::Retrying { run_at }));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
+        let now = now_ms();
+        let mut st = self.lock()?;
+        let mut out = Vec::with_capacity(leases.len());
+        let mut queues = Vec::new();
+        for lease in leases {
+            let Some(e) = st.fenced(lease) else {
+                out.push(false);
+                continue;
+            };
+            // A released attempt was never really made (the worker is draining), so it does not count.
+            e.attempts = e.attempts.saturating_sub(1);
+            st.detach(lease.job);
+            st.enter_queued(lease.job, now, Some(json!({ "released": true })));
+            queues.push(lease.queue.clone());
+            out.push(true);
+        }
+        for q in queues {
+            st.queue(&q).notify.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
+        let now = now_ms();
+        let mut st = self.lock()?;
+        let Some(e) = st.jobs.get(&id) else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let previous = e.state;
+        if previous.is_final() {
+            return Ok(CancelOutcome::AlreadyFinal(previous));
+        }
+        // Detaching an active job bumps its epoch: its worker's lease is dead from here on.
+        st.detach(id);
+        st.enter_finished(id, JobState::Cancelled, None, now);
+        Ok(CancelOutcome::Cancelled(previous))
+    }
+
+    async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<usize, BrokerError> {
+        let now = now_ms();
+        let mut st = self.lock()?;
+        let q = st.queue(queue);
+        let due: Vec<JobId> = q
+            .scheduled
+            .iter()
+            .take_while(|(run_at, _)| *run_at <= now)
+            .take(max)
+            .map(|(_, id)| *id)
+            .collect();
+        for &id in &due {
+            st.detach(id);
+            st.enter_queued(id, now, None);
+        }
+        if !due.is_empty() {
+            st.queue(queue).notify.notify_waiters();
+        }
+        Ok(due.len())
+    }
+
+    async fn reclaim_expired(
+        &self,
+        queue: &QueueName,
+        max: usize,
+    ) -> Result<Reclaimed, BrokerError> {
+        let now = now_ms();
+        let dead_max = self.config.dead_letter_max;
+        let mut st = self.lock()?;
+        let expired: Vec<JobId> = st
+            .queue(queue)
+            .active
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= now)
+            .take(max)
+            .map(|(_, id)| *id)
+            .collect();
+        let mut counts = Reclaimed::default();
+        for id in expired {
+            let Some(e) = st.jobs.get(&id) else { continue };
+            let (attempts, max_attempts) = (e.attempts, e.spec.max_attempts);
+            st.detach(id);
+            if attempts >= max_attempts {
+                let error = format!("lease expired after {attempts} attempts");
+                st.enter_dead(id, error, now, dead_max);
+                counts.dead += 1;
+            } else {
+                st.enter_queued(id, now, Some(json!({ "reclaimed": true })));
+                counts.requeued += 1;
+            }
+        }
+        if counts.requeued > 0 {
+            st.queue(queue).notify.notify_waiters();
+        }
+        Ok(counts)
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &QueueName,
+        limit: usize,
+    ) -> Result<Vec<JobInfo>, BrokerError> {
+        let st = self.lock()?;
+        let Some(q) = st.queues.get(queue) else {
+            return Ok(Vec::new());
+        };
+        Ok(q.dead
+            .iter()
+            .take(limit)
+            .filter_map(|id| st.info(*id))
+            .collect())
+    }
+
+    async fn retry_dead(&self, id: JobId) -> Result<RetryOutcome, BrokerError> {
+        let now = now_ms();
+        let mut st = self.lock()?;
+        let Some(e) = st.jobs.get_mut(&id) else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        if e.state != JobState::Dead {
+            return Ok(RetryOutcome::NotDead(e.state));
+        }
+        e.attempts = 0;
+        let queue = e.queue.clone();
+        st.detach(id);
+        st.enter_queued(id, now, None);
+        st.queue(&queue).notify.notify_waiters();
+        Ok(RetryOutcome::Requeued)
+    }
+
+    async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError> {
+        let now = now_ms();
+        let st = self.lock()?;
+        let mut stats = QueueStats {
+            queue: queue.clone(),
+            depth: 0,
+            active: 0,
+            scheduled: 0,
+            dead: 0,
+            lag_ms: 0,
+            paused: false,
+        };
+        let Some(q) = st.queues.get(queue) else {
+            return Ok(stats);
+        };
+        stats.depth = q.ready.iter().map(|r| r.len() as u64).sum();
+        stats.active = q.active.len() as u64;
+        stats.scheduled = q.scheduled.len() as u64;
+        stats.dead = q.dead.len() as u64;
+        stats.lag_ms = q
+            .ready
+            .iter()
+            .filter_map(|r| r.front().map(|(_, since)| *since))
+            .min()
+            .map_or(0, |oldest| now.saturating_sub(oldest));
+        stats.paused = q.paused;
+        Ok(stats)
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
+        let st = self.lock()?;
+        Ok(st
+            .queues
+            .iter()
+            .filter(|(_, q)| q.received)
+            .map(|(name, _)| name.clone())
+            .collect())
+    }
+
+    async fn pause(&self, queue: &QueueName) -> Result<(), BrokerError> {
+        self.lock()?.queue(queue).paused = true;
+        Ok(())
+    }
+
+    async fn resume(&self, queue: &QueueName) -> Result<(), BrokerError> {
+        let mut st = self.lock()?;
+        let q = st.queue(queue);
+        q.paused = false;
+        // Claims that waited through the pause take the backlog now rather than at their deadline.
+        q.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
+        Ok(self.lock()?.info(id))
+    }
+
+    async fn subscribe(&self) -> Result<EventStream, BrokerError> {
+        // Subscribed under the lock, so the stream starts exactly after the last transition already made.
+        let rx = self.lock()?.events.tx.subscribe();
+        // A lagging receiver gets `Lagged` (events it lost) before the retained ones: skip it and go on.
+        Ok(Box::pin(BroadcastStream::new(rx).filter_map(Result::ok)))
+    }
+
+    async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
+        let now = now_ms();
+        let retention = ms(self.config.finished_retention);
+        let mut st = self.lock()?;
+        let st = &mut *st;
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(());
+        };
+        while let Some(&(finished_at, id)) = q.finished.front() {
+            if finished_at.saturating_add(retention) > now {
+                break;
+            }
+            q.finished.pop_front();
+            st.jobs.remove(&id);
+        }
+        while let Some((expires_at, _)) = q.idempotency_expiry.front() {
+            if *expires_at > now {
+                break;
+            }
+            let Some((expires_at, key)) = q.idempotency_expiry.pop_front() else {
+                break;
+            };
+            // The key may have been taken again after it expired: only the matching record goes.
+            if q.idempotency
+                .get(&key)
+                .is_some_and(|s| s.expires_at == expires_at)
+            {
+                q.idempotency.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        self.lock().map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Memory-engine internals the contract suite cannot see: event id shape and that housekeeping really frees
+    //! memory. Behaviour shared with the Redis engine is tested in `tests/contract/`.
+
+    use super::*;
+    use ferry_core::Kind;
+
+    fn config() -> EngineConfig {
+        EngineConfig {
+            finished_retention: Duration::ZERO,
+            idempotency_ttl: Duration::ZERO,
+            dead_letter_max: 2,
+            ..EngineConfig::default()
+        }
+    }
+
+    fn job(key: Option<&str>) -> NewJob {
+        let mut j = NewJob::new(Kind::parse("k").unwrap(), json!(null));
+        j.idempotency_key = key.map(str::to_owned);
+        j
+    }
+
+    #[tokio::test]
+    async fn event_ids_are_a_global_sequence() {
+        let b = MemoryBroker::new(EngineConfig::default());
+        let q = QueueName::parse("q").unwrap();
+        let mut events = b.subscribe().await.unwrap();
+        b.enqueue(&q, job(None)).await.unwrap();
+        b.enqueue(&q, job(None)).await.unwrap();
+        assert_eq!(events.next().await.unwrap().id, "1/0");
+        assert_eq!(events.next().await.unwrap().id, "2/0");
+    }
+
+    #[tokio::test]
+    async fn maintain_and_the_dead_cap_free_memory() {
+        let b = MemoryBroker::new(config());
+        let q = QueueName::parse("q").unwrap();
+        b.enqueue(&q, job(Some("a"))).await.unwrap();
+        for _ in 0..3 {
+            b.enqueue(&q, job(None)).await.unwrap();
+        }
+        let leased = b.claim(&q, "c", 4, Duration::ZERO).await.unwrap();
+        let (first, rest) = leased.split_first().unwrap();
+        b.complete(vec![Completion {
+            lease: first.lease.clone(),
+            result: json!(1),
+        }])
+        .await
+        .unwrap();
+        let failures = rest
+            .iter()
+            .map(|l| Failure {
+                lease: l.lease.clone(),
+                error: "x".into(),
+                retry: Retry::Never,
+            })
+            .collect();
+        b.fail(failures).await.unwrap();
+        b.maintain(&q).await.unwrap();
+
+        let st = b.lock().unwrap();
+        // Two dead jobs (the cap) remain; the completed one and the third dead one are gone, and so is the key.
+        assert_eq!(st.jobs.len(), 2);
+        let q = &st.queues[&q];
+        assert_eq!(q.dead.len(), 2);
+        assert!(q.finished.is_empty());
+        assert!(q.idempotency.is_empty() && q.idempotency_expiry.is_empty());
+        assert!(q.active.is_empty() && q.ready.iter().all(VecDeque::is_empty));
     }
 }

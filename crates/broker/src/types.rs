@@ -69,7 +69,9 @@ pub struct Failure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailOutcome {
     /// Will run again at `run_at` (ms since the epoch).
-    Retrying { run_at: u64 },
+    Retrying {
+        run_at: u64,
+    },
     Dead,
 }
 

@@ -39,7 +39,9 @@ impl Backoff {
     /// The upper bound of the delay after `attempt` (1-based) failed.
     pub fn cap(&self, attempt: u32) -> u64 {
         let exp = attempt.saturating_sub(1).min(63);
-        self.base_ms.saturating_mul(1u64 << exp.min(40)).min(self.max_ms)
+        self.base_ms
+            .saturating_mul(1u64 << exp.min(40))
+            .min(self.max_ms)
     }
 
     /// A delay drawn uniformly from `[0, cap(attempt)]`.

@@ -48,7 +48,9 @@ impl fmt::Display for JobId {
 }
 
 /// Three priority levels, each its own stream: a worker drains `high` before `normal` before `low`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, PartialOrd, Ord,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     High,
@@ -190,7 +192,9 @@ impl NewJob {
                 message,
             })
         };
-        let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(&self.payload)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if size > limits.max_payload_bytes {
             bad(
                 "payload",
@@ -312,7 +316,6 @@ pub struct JobInfo {
     pub updated_at: u64,
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,7 +343,10 @@ mod tests {
         j.payload = serde_json::json!("x".repeat(600 * 1024));
         let e = j.validate(&Limits::default()).unwrap_err();
         let fields: Vec<_> = e.errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["payload", "max_attempts", "timeout_ms", "idempotency_key"]);
+        assert_eq!(
+            fields,
+            ["payload", "max_attempts", "timeout_ms", "idempotency_key"]
+        );
         assert!(job().validate(&Limits::default()).is_ok());
     }
 

@@ -1,17 +1,1038 @@
-//! The Redis Streams engine. (being written)
-use crate::{BrokerError, EngineConfig};
+//! The Redis Streams engine.
+//!
+//! Design, chosen for Redis CPU per job (the single Redis thread is the bottleneck):
+//! * a job is one stream entry (its payload lives there) in one of three priority streams; workers read them
+//!   through the consumer group `workers`;
+//! * the lease **is** the pending entry: claiming is XREADGROUP inside one script per batch, and every fenced
+//!   transition acknowledges the entry first — XACK answers 1 only while the entry is still pending, so a worker
+//!   whose job was reclaimed, released or cancelled (each of which acknowledges atomically) is rejected;
+//!   heartbeats are one `XCLAIM … JUSTID` per batch, which resets the idle time of entries still pending;
+//! * one script per batch for enqueue, claim, complete and fail; the batch's events are packed into ONE entry of
+//!   the per-shard event stream and published once;
+//! * acknowledged entries are trimmed periodically by MINID, below both the oldest pending and the first
+//!   undelivered entry, once older than the finished-job retention; a completed job's record points into its
+//!   entry until then.
+//!
+//! Keys: see [`keys`]; record forms: `lua/prelude.lua`. Queues are placed on shards by [`ShardRing`]. Only
+//! standalone Redis shards are supported: per-shard keys (`ferry:events`) are touched by the same scripts as a
+//! queue's keys, which Redis Cluster would refuse.
+
+mod codec;
+mod keys;
+mod scripts;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ferry_core::{
+    Event, JobId, JobInfo, JobState, Limits, NewJob, QueueName, ValidationError, now_ms,
+};
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Value};
+
+use self::codec::{Fields, Record, array, bad, int, text};
+use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
+use self::scripts::Scripts;
+use crate::{
+    Broker, BrokerError, CancelOutcome, Completion, EngineConfig, Enqueued, EventStream,
+    FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected, Retry, RetryOutcome,
+    ShardRing,
+};
+
+/// Most jobs sent to one script call; bigger batches are split so one call never holds Redis for long.
+const SCRIPT_CHUNK: usize = 500;
+
+/// How often a claim waiting on a paused queue looks again.
+const PAUSED_POLL: Duration = Duration::from_millis(250);
+
+/// Connection settings of the Redis engine.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Longest wait for any reply (blocking reads excepted). The redis crate's default of 500 ms is too short
+    /// for a large batch script on a busy server.
+    pub response_timeout: Duration,
+    pub connection_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            response_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+struct Shard {
+    /// The URL without credentials, for messages.
+    name: String,
+    client: Client,
+    conn: ConnectionManager,
+    /// Connections for blocking reads, kept apart from `conn`: a BLOCK on a multiplexed connection would stall
+    /// every command queued behind it. Each is used by one waiter at a time and returned afterwards.
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+}
 
 /// Redis Streams broker over one or more standalone Redis shards.
-#[derive(Debug)]
 pub struct RedisBroker {
-    #[allow(dead_code)]
+    shards: Vec<Shard>,
+    ring: ShardRing,
     config: EngineConfig,
+    scripts: Scripts,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field(
+                "shards",
+                &self.shards.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn redis_err(e: redis::RedisError) -> BrokerError {
+    let transient = e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading);
+    if transient {
+        BrokerError::Unavailable(e.to_string())
+    } else {
+        BrokerError::Internal(e.to_string())
+    }
+}
+
+fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((scheme_creds, host)) => {
+            let scheme = scheme_creds.split("://").next().unwrap_or("redis");
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 impl RedisBroker {
     /// Connect to every shard (`redis://host:port[/db]` URLs) and check each answers.
     pub async fn connect(urls: &[String], config: EngineConfig) -> Result<Self, BrokerError> {
-        let _ = urls;
-        Ok(Self { config })
+        Self::connect_with(urls, config, RedisOptions::default()).await
+    }
+
+    pub async fn connect_with(
+        urls: &[String],
+        config: EngineConfig,
+        options: RedisOptions,
+    ) -> Result<Self, BrokerError> {
+        if urls.is_empty() {
+            return Err(
+                ValidationError::field("redis", "at least one Redis URL is required").into(),
+            );
+        }
+        let mut shards = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let name = redact(url);
+            let client = Client::open(url.as_str()).map_err(|e| {
+                ValidationError::field(
+                    format!("redis[{i}]"),
+                    format!("invalid Redis URL {name}: {e}"),
+                )
+            })?;
+            let cm_config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(options.response_timeout))
+                .set_connection_timeout(Some(options.connection_timeout))
+                .set_number_of_retries(3)
+                .set_max_delay(Duration::from_secs(2));
+            let conn = ConnectionManager::new_with_config(client.clone(), cm_config)
+                .await
+                .map_err(|e| BrokerError::Unavailable(format!("{name}: {e}")))?;
+            shards.push(Shard {
+                name,
+                client,
+                conn,
+                blocking: Mutex::new(Vec::new()),
+            });
+        }
+        // Shards are identified by their URL without credentials: reordering the list or rotating a password
+        // does not move queues.
+        let ids: Vec<String> = shards.iter().map(|s: &Shard| s.name.clone()).collect();
+        let ring = ShardRing::with_ids(&ids);
+        let broker = Self {
+            shards,
+            ring,
+            config,
+            scripts: Scripts::new(),
+        };
+        broker.ping().await?;
+        Ok(broker)
+    }
+
+    fn shard(&self, queue: &QueueName) -> &Shard {
+        &self.shards[self.ring.shard_for(queue.as_str())]
+    }
+
+    fn conn(&self, queue: &QueueName) -> ConnectionManager {
+        self.shard(queue).conn.clone()
+    }
+
+    fn evmax(&self) -> usize {
+        self.config.event_stream_max
+    }
+
+    /// Wait until one of the streams gets an entry newer than `after`, or `wait` passes. Read-only: the caller
+    /// claims afterwards through the claim script, so the wake-up needs no bookkeeping.
+    async fn block_until_new(
+        &self,
+        shard: &Shard,
+        streams: &[String; 3],
+        after: &[String],
+        wait: Duration,
+    ) -> Result<(), BrokerError> {
+        let pooled = shard.blocking.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => shard
+                .client
+                .get_multiplexed_async_connection_with_config(
+                    // No response timeout of its own: the BLOCK bounds the wait, the outer timeout guards it.
+                    &AsyncConnectionConfig::new()
+                        .set_response_timeout(None)
+                        .set_connection_timeout(Some(Duration::from_secs(2))),
+                )
+                .await
+                .map_err(redis_err)?,
+        };
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(wait.as_millis().max(1) as u64)
+            .arg("STREAMS");
+        cmd.arg(&streams[..]).arg(after);
+        let r: Result<redis::RedisResult<Value>, _> =
+            tokio::time::timeout(wait + Duration::from_secs(2), cmd.query_async(&mut conn)).await;
+        match r {
+            Ok(Ok(_)) => {
+                if let Ok(mut pool) = shard.blocking.lock()
+                    && pool.len() < 64
+                {
+                    pool.push(conn);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(redis_err(e)),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "{}: blocking read timed out",
+                shard.name
+            ))),
+        }
+    }
+
+    /// Find the queue (and shard) holding a job id: every queue of every shard is asked in one pipeline per
+    /// shard. Lookups by id are rare next to the job cycle, so no per-job index is paid for on the hot path.
+    async fn locate(&self, id: JobId) -> Result<Option<(QueueName, Record)>, BrokerError> {
+        let field = id.to_string();
+        for shard in &self.shards {
+            let mut conn = shard.conn.clone();
+            let names: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(QUEUES)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            if names.is_empty() {
+                continue;
+            }
+            let queues: Vec<QueueName> = names
+                .into_iter()
+                .filter_map(|n| QueueName::parse(n).ok())
+                .collect();
+            let mut pipe = redis::pipe();
+            for q in &queues {
+                pipe.cmd("HGET").arg(QueueKeys::new(q).jobs).arg(&field);
+            }
+            let found: Vec<Option<String>> =
+                pipe.query_async(&mut conn).await.map_err(redis_err)?;
+            if let Some((q, rec)) = queues
+                .into_iter()
+                .zip(found)
+                .find_map(|(q, r)| r.map(|r| (q, r)))
+            {
+                return Ok(Some((q, Record::parse(&rec)?)));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn entry(
+        &self,
+        conn: &mut ConnectionManager,
+        key: &str,
+        eid: &str,
+    ) -> Result<Option<Fields>, BrokerError> {
+        let v: Value = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(eid)
+            .arg(eid)
+            .query_async(conn)
+            .await
+            .map_err(redis_err)?;
+        match array(&v)?.first() {
+            Some(e) => Ok(Some(Fields::from_entry(e)?.1)),
+            None => Ok(None),
+        }
+    }
+
+    async fn info(
+        &self,
+        queue: &QueueName,
+        record: Record,
+    ) -> Result<Option<JobInfo>, BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let mut conn = self.conn(queue);
+        Ok(Some(match record {
+            Record::Queued { p, eid } => {
+                let key = &keys.streams[p.min(2)];
+                let Some(f) = self.entry(&mut conn, key, &eid).await? else {
+                    return Ok(None);
+                };
+                let pending: Value = redis::cmd("XPENDING")
+                    .arg(key)
+                    .arg(GROUP)
+                    .arg(&eid)
+                    .arg(&eid)
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_err)?;
+                let active = !array(&pending)?.is_empty();
+                let (state, attempts) = if active {
+                    (JobState::Active, f.attempts() + 1)
+                } else {
+                    (JobState::Queued, f.attempts())
+                };
+                f.info(queue, state, attempts, codec::id_ms(&eid))?
+            }
+            Record::Waiting {
+                retrying,
+                run_at,
+                attempts,
+                pack,
+                error,
+            } => {
+                let f = codec::unpack(&pack)?;
+                let state = if retrying {
+                    JobState::Retrying
+                } else {
+                    JobState::Scheduled
+                };
+                let mut info = f.info(queue, state, attempts, codec::id_ms(&f.id))?;
+                info.updated_at = info
+                    .spec
+                    .created_at
+                    .max(run_at.saturating_sub(1))
+                    .min(now_ms());
+                info.run_at = Some(run_at);
+                info.error = error;
+                info
+            }
+            Record::Completed {
+                at,
+                attempts,
+                p,
+                eid,
+                result,
+            } => {
+                let Some(f) = self.entry(&mut conn, &keys.streams[p.min(2)], &eid).await? else {
+                    return Ok(None);
+                };
+                let mut info = f.info(queue, JobState::Completed, attempts, at)?;
+                info.result = Some(result);
+                info
+            }
+            Record::Cancelled { at, attempts, pack } => {
+                codec::unpack(&pack)?.info(queue, JobState::Cancelled, attempts, at)?
+            }
+            Record::Dead {
+                at,
+                attempts,
+                eid,
+                error,
+            } => {
+                let Some(f) = self.entry(&mut conn, &keys.dead, &eid).await? else {
+                    return Ok(None);
+                };
+                let mut info = f.info(queue, JobState::Dead, attempts, at)?;
+                info.error = Some(error);
+                info
+            }
+        }))
+    }
+
+    async fn enqueue_chunk(
+        &self,
+        queue: &QueueName,
+        keys: &QueueKeys,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Enqueued>, BrokerError> {
+        let now = now_ms();
+        let mut inv = self.scripts.enqueue.prepare_invoke();
+        inv.key(&keys.streams[..])
+            .key(&keys.jobs)
+            .key(&keys.sched)
+            .key(EVENTS)
+            .key(QUEUES);
+        inv.arg(queue.as_str())
+            .arg(now)
+            .arg(jobs.len())
+            .arg(self.evmax())
+            .arg(self.config.idempotency_ttl.as_millis() as u64);
+        let mut planned = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let id = JobId::new();
+            let delay = job.delay_ms.unwrap_or(0);
+            let idem = job
+                .idempotency_key
+                .as_deref()
+                .map(|k| keys.idempotency(job.tenant.as_deref(), k))
+                .unwrap_or_default();
+            let spec = job.into_spec(now);
+            let p = spec.priority.index();
+            let fields = Fields {
+                id: id.to_string(),
+                m: codec::meta(id, queue, &spec),
+                a: "0".into(),
+                x: spec.max_attempts.to_string(),
+                j: serde_json::to_string(&spec)
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?,
+                ..Default::default()
+            };
+            let (mode, run_at, record) = if delay > 0 {
+                let run_at = now + delay;
+                ("s", run_at, codec::scheduled_record(run_at, &fields, p))
+            } else {
+                ("q", now, String::new())
+            };
+            inv.arg(&fields.id).arg(mode).arg(p).arg(run_at).arg(idem);
+            inv.arg(&fields.m).arg(&fields.x).arg(&fields.j).arg(record);
+            planned.push((
+                id,
+                if delay > 0 {
+                    JobState::Scheduled
+                } else {
+                    JobState::Queued
+                },
+            ));
+        }
+        let mut conn = self.conn(queue);
+        let out: Vec<String> = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
+        let mut result = Vec::with_capacity(out.len());
+        for ((id, state), existing) in planned.into_iter().zip(out) {
+            if existing.is_empty() {
+                result.push(Enqueued {
+                    id,
+                    state,
+                    duplicate: false,
+                });
+            } else {
+                let id = JobId::parse(&existing).map_err(bad)?;
+                let state = match self.locate(id).await? {
+                    Some((q, rec)) => self.info(&q, rec).await?.map(|i| i.state).unwrap_or(state),
+                    None => state,
+                };
+                result.push(Enqueued {
+                    id,
+                    state,
+                    duplicate: true,
+                });
+            }
+        }
+        Ok(result)
+    }
+}
+
+/// The pieces of a Redis lease token: priority, stream entry id, and the job's event fragment.
+fn token(lease: &Lease) -> Result<(usize, &str, &str), BrokerError> {
+    let mut it = lease.token.splitn(3, '|');
+    let p = it
+        .next()
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p < 3);
+    match (p, it.next(), it.next()) {
+        (Some(p), Some(eid), Some(m)) => Ok((p, eid, m)),
+        _ => Err(BrokerError::Internal(format!(
+            "not a redis lease token: {:?}",
+            lease.token
+        ))),
+    }
+}
+
+/// Indices of `items` grouped by queue, so each group goes to its shard in script-sized chunks.
+fn by_queue<'a, T>(
+    items: &'a [T],
+    lease: impl Fn(&T) -> &Lease,
+) -> BTreeMap<&'a QueueName, Vec<usize>>
+where
+    T: 'a,
+{
+    let mut groups: BTreeMap<&QueueName, Vec<usize>> = BTreeMap::new();
+    for (i, item) in items.iter().enumerate() {
+        groups.entry(&lease(item).queue).or_default().push(i);
+    }
+    groups
+}
+
+/// 1-based indices returned by a script, as a set of 0-based positions.
+fn positions(v: &[i64]) -> HashSet<usize> {
+    v.iter()
+        .filter(|i| **i > 0)
+        .map(|i| (*i - 1) as usize)
+        .collect()
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn enqueue(&self, queue: &QueueName, job: NewJob) -> Result<Enqueued, BrokerError> {
+        job.validate(&Limits::default())?;
+        let keys = QueueKeys::new(queue);
+        let mut v = self.enqueue_chunk(queue, &keys, vec![job]).await?;
+        v.pop().ok_or_else(|| bad("enqueue returned nothing"))
+    }
+
+    async fn enqueue_batch(
+        &self,
+        queue: &QueueName,
+        jobs: Vec<NewJob>,
+    ) -> Result<Vec<Enqueued>, BrokerError> {
+        let limits = Limits::default();
+        let mut errors = Vec::new();
+        for (i, j) in jobs.iter().enumerate() {
+            if let Err(e) = j.validate(&limits) {
+                errors.extend(e.within(&format!("jobs[{i}]")).errors);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ValidationError { errors }.into());
+        }
+        let keys = QueueKeys::new(queue);
+        let mut out = Vec::with_capacity(jobs.len());
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let chunk: Vec<NewJob> = jobs.by_ref().take(SCRIPT_CHUNK).collect();
+            out.extend(self.enqueue_chunk(queue, &keys, chunk).await?);
+        }
+        Ok(out)
+    }
+
+    async fn claim(
+        &self,
+        queue: &QueueName,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Leased>, BrokerError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = QueueKeys::new(queue);
+        let shard = self.shard(queue);
+        let consumer: Arc<str> = Arc::from(consumer);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut inv = self.scripts.claim.prepare_invoke();
+            inv.key(&keys.streams[..]).key(&keys.paused).key(EVENTS);
+            inv.arg(&*consumer).arg(max).arg(now_ms()).arg(self.evmax());
+            let mut conn = shard.conn.clone();
+            let v: Value = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
+            let v = array(&v)?;
+            match v.first().map(text).transpose()?.as_deref() {
+                Some("jobs") => {
+                    let mut out = Vec::with_capacity((v.len() - 1) / 6);
+                    for c in v[1..].chunks(6) {
+                        let [p, eid, id, a, j, m] = c else {
+                            return Err(bad("claim reply"));
+                        };
+                        let (p, eid, m) = (int(p)? as usize, text(eid)?, text(m)?);
+                        let spec: ferry_core::JobSpec = serde_json::from_str(&text(j)?)
+                            .map_err(|e| bad(format!("job spec: {e}")))?;
+                        let attempt = int(a)? as u32 + 1;
+                        let id = JobId::parse(&text(id)?).map_err(bad)?;
+                        let lease = Lease {
+                            queue: queue.clone(),
+                            job: id,
+                            consumer: consumer.clone(),
+                            token: format!("{p}|{eid}|{m}"),
+                            attempt,
+                            max_attempts: spec.max_attempts,
+                            backoff: spec.backoff,
+                        };
+                        let job = ferry_core::Job {
+                            id,
+                            queue: queue.clone(),
+                            spec,
+                            attempt,
+                        };
+                        out.push(Leased { job, lease });
+                    }
+                    return Ok(out);
+                }
+                Some(kind @ ("paused" | "empty")) => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return Ok(Vec::new());
+                    }
+                    if kind == "paused" {
+                        // Resuming is rare and only needs to be noticed soon, so a paused queue is polled.
+                        tokio::time::sleep(left.min(PAUSED_POLL)).await;
+                    } else {
+                        let after: Vec<String> =
+                            v[1..].iter().map(text).collect::<Result<_, _>>()?;
+                        self.block_until_new(shard, &keys.streams, &after, left)
+                            .await?;
+                    }
+                }
+                _ => return Err(bad("claim reply")),
+            }
+        }
+    }
+
+    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
+        let mut held = vec![false; leases.len()];
+        for (queue, idx) in by_queue(leases, |l| l) {
+            let keys = QueueKeys::new(queue);
+            // One XCLAIM per (priority, consumer): JUSTID resets the idle time without counting a delivery,
+            // and skips entries no longer pending — exactly the leases that were lost.
+            let mut groups: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
+            for &i in &idx {
+                let (p, _, _) = token(&leases[i])?;
+                groups.entry((p, &leases[i].consumer)).or_default().push(i);
+            }
+            let mut pipe = redis::pipe();
+            for ((p, consumer), members) in &groups {
+                let cmd = pipe
+                    .cmd("XCLAIM")
+                    .arg(&keys.streams[*p])
+                    .arg(GROUP)
+                    .arg(*consumer)
+                    .arg(0);
+                for &i in members {
+                    cmd.arg(token(&leases[i])?.1);
+                }
+                cmd.arg("JUSTID");
+            }
+            let replies: Vec<Vec<String>> = pipe
+                .query_async(&mut self.conn(queue))
+                .await
+                .map_err(redis_err)?;
+            for (members, ids) in groups.values().zip(replies) {
+                let ids: HashSet<String> = ids.into_iter().collect();
+                for &i in members {
+                    held[i] = ids.contains(token(&leases[i])?.1);
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    async fn progress(&self, lease: &Lease, data: serde_json::Value) -> Result<bool, BrokerError> {
+        let (p, eid, m) = token(lease)?;
+        let keys = QueueKeys::new(&lease.queue);
+        let mut inv = self.scripts.progress.prepare_invoke();
+        inv.key(&keys.streams[p]).key(EVENTS);
+        inv.arg(now_ms())
+            .arg(self.evmax())
+            .arg(eid)
+            .arg(lease.attempt)
+            .arg(m)
+            .arg(data.to_string());
+        let r: i64 = inv
+            .invoke_async(&mut self.conn(&lease.queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(r == 1)
+    }
+
+    async fn complete(
+        &self,
+        items: Vec<Completion>,
+    ) -> Result<Vec<Result<(), Rejected>>, BrokerError> {
+        let mut out = vec![Ok(()); items.len()];
+        for (queue, idx) in by_queue(&items, |c| &c.lease) {
+            let keys = QueueKeys::new(queue);
+            for chunk in idx.chunks(SCRIPT_CHUNK) {
+                let mut inv = self.scripts.complete.prepare_invoke();
+                inv.key(&keys.streams[..]).key(&keys.jobs).key(EVENTS);
+                inv.arg(now_ms()).arg(chunk.len()).arg(self.evmax());
+                for &i in chunk {
+                    let c = &items[i];
+                    let (p, eid, m) = token(&c.lease)?;
+                    inv.arg(p)
+                        .arg(eid)
+                        .arg(c.lease.job.to_string())
+                        .arg(c.lease.attempt)
+                        .arg(m);
+                    inv.arg(c.result.to_string());
+                }
+                let rejected: Vec<i64> = inv
+                    .invoke_async(&mut self.conn(queue))
+                    .await
+                    .map_err(redis_err)?;
+                for k in positions(&rejected) {
+                    out[chunk[k]] = Err(Rejected);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn fail(
+        &self,
+        items: Vec<Failure>,
+    ) -> Result<Vec<Result<FailOutcome, Rejected>>, BrokerError> {
+        let now = now_ms();
+        let outcomes: Vec<FailOutcome> = items
+            .iter()
+            .map(|f| {
+                let l = &f.lease;
+                match f.retry {
+                    _ if l.attempt >= l.max_attempts => FailOutcome::Dead,
+                    Retry::Never => FailOutcome::Dead,
+                    Retry::Backoff => FailOutcome::Retrying {
+                        run_at: now + l.backoff.delay_ms(l.attempt),
+                    },
+                    Retry::After(ms) => FailOutcome::Retrying { run_at: now + ms },
+                }
+            })
+            .collect();
+        let mut out: Vec<Result<FailOutcome, Rejected>> =
+            outcomes.iter().copied().map(Ok).collect();
+        for (queue, idx) in by_queue(&items, |f| &f.lease) {
+            let keys = QueueKeys::new(queue);
+            for chunk in idx.chunks(SCRIPT_CHUNK) {
+                let mut inv = self.scripts.fail.prepare_invoke();
+                inv.key(&keys.streams[..])
+                    .key(&keys.jobs)
+                    .key(&keys.sched)
+                    .key(EVENTS)
+                    .key(&keys.dead);
+                inv.arg(now)
+                    .arg(chunk.len())
+                    .arg(self.evmax())
+                    .arg(self.config.dead_letter_max);
+                for &i in chunk {
+                    let f = &items[i];
+                    let (p, eid, m) = token(&f.lease)?;
+                    let run_at = match outcomes[i] {
+                        FailOutcome::Dead => 0,
+                        // run_at 0 means dead-letter to the script; a due-now retry is 1 ms in.
+                        FailOutcome::Retrying { run_at } => run_at.max(1),
+                    };
+                    inv.arg(p)
+                        .arg(eid)
+                        .arg(f.lease.job.to_string())
+                        .arg(f.lease.attempt)
+                        .arg(m);
+                    inv.arg(serde_json::Value::String(f.error.clone()).to_string())
+                        .arg(run_at);
+                }
+                let rejected: Vec<i64> = inv
+                    .invoke_async(&mut self.conn(queue))
+                    .await
+                    .map_err(redis_err)?;
+                for k in positions(&rejected) {
+                    out[chunk[k]] = Err(Rejected);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
+        let mut out = vec![false; leases.len()];
+        for (queue, idx) in by_queue(leases, |l| l) {
+            let keys = QueueKeys::new(queue);
+            for chunk in idx.chunks(SCRIPT_CHUNK) {
+                let mut inv = self.scripts.release.prepare_invoke();
+                inv.key(&keys.streams[..]).key(&keys.jobs).key(EVENTS);
+                inv.arg(now_ms()).arg(chunk.len()).arg(self.evmax());
+                for &i in chunk {
+                    let (p, eid, m) = token(&leases[i])?;
+                    inv.arg(p).arg(eid).arg(leases[i].job.to_string()).arg(m);
+                }
+                let released: Vec<i64> = inv
+                    .invoke_async(&mut self.conn(queue))
+                    .await
+                    .map_err(redis_err)?;
+                for k in positions(&released) {
+                    out[chunk[k]] = true;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
+        let Some((queue, _)) = self.locate(id).await? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let keys = QueueKeys::new(&queue);
+        let mut inv = self.scripts.cancel.prepare_invoke();
+        inv.key(&keys.streams[..])
+            .key(&keys.jobs)
+            .key(&keys.sched)
+            .key(&keys.fin)
+            .key(EVENTS);
+        inv.arg(id.to_string()).arg(now_ms()).arg(self.evmax());
+        let v: Vec<String> = inv
+            .invoke_async(&mut self.conn(&queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(match v.first().map(String::as_str) {
+            Some("ok") => CancelOutcome::Cancelled(match v.get(1).map(String::as_str) {
+                Some("active") => JobState::Active,
+                Some("scheduled") => JobState::Scheduled,
+                Some("retrying") => JobState::Retrying,
+                _ => JobState::Queued,
+            }),
+            Some("final") => CancelOutcome::AlreadyFinal(Record::state_from_letter(
+                v.get(1).map(String::as_str).unwrap_or(""),
+            )),
+            _ => CancelOutcome::NotFound,
+        })
+    }
+
+    async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<usize, BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let mut inv = self.scripts.promote.prepare_invoke();
+        inv.key(&keys.streams[..])
+            .key(&keys.jobs)
+            .key(&keys.sched)
+            .key(EVENTS);
+        inv.arg(now_ms()).arg(max).arg(self.evmax());
+        let n: i64 = inv
+            .invoke_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(n as usize)
+    }
+
+    async fn reclaim_expired(
+        &self,
+        queue: &QueueName,
+        max: usize,
+    ) -> Result<Reclaimed, BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let mut inv = self.scripts.reclaim.prepare_invoke();
+        inv.key(&keys.streams[..])
+            .key(&keys.jobs)
+            .key(EVENTS)
+            .key(&keys.dead);
+        inv.arg(now_ms())
+            .arg(self.config.visibility_timeout.as_millis() as u64)
+            .arg(max)
+            .arg(self.evmax())
+            .arg(self.config.dead_letter_max);
+        let v: Vec<i64> = inv
+            .invoke_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(Reclaimed {
+            requeued: v.first().copied().unwrap_or(0) as usize,
+            dead: v.get(1).copied().unwrap_or(0) as usize,
+        })
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &QueueName,
+        limit: usize,
+    ) -> Result<Vec<JobInfo>, BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let v: Value = redis::cmd("XREVRANGE")
+            .arg(&keys.dead)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        let mut out = Vec::new();
+        for e in array(&v)? {
+            let (_, f) = Fields::from_entry(e)?;
+            let at = f.at.as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+            let mut info = f.info(queue, JobState::Dead, f.attempts(), at)?;
+            info.error = f
+                .err
+                .as_deref()
+                .map(|e| serde_json::from_str(e).unwrap_or_else(|_| e.to_owned()));
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    async fn retry_dead(&self, id: JobId) -> Result<RetryOutcome, BrokerError> {
+        let Some((queue, _)) = self.locate(id).await? else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        let keys = QueueKeys::new(&queue);
+        let mut inv = self.scripts.retry_dead.prepare_invoke();
+        inv.key(&keys.streams[..])
+            .key(&keys.jobs)
+            .key(&keys.dead)
+            .key(EVENTS);
+        inv.arg(id.to_string()).arg(now_ms()).arg(self.evmax());
+        let v: Vec<String> = inv
+            .invoke_async(&mut self.conn(&queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(match v.first().map(String::as_str) {
+            Some("ok") => RetryOutcome::Requeued,
+            Some("nd") => {
+                let letter = v.get(1).map(String::as_str).unwrap_or("");
+                let state = match letter {
+                    "q" => match self.job(id).await? {
+                        Some(info) => info.state,
+                        None => JobState::Queued,
+                    },
+                    l => Record::state_from_letter(l),
+                };
+                RetryOutcome::NotDead(state)
+            }
+            _ => RetryOutcome::NotFound,
+        })
+    }
+
+    async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let mut inv = self.scripts.stats.prepare_invoke();
+        inv.key(&keys.streams[..])
+            .key(&keys.sched)
+            .key(&keys.dead)
+            .key(&keys.paused);
+        inv.arg(now_ms());
+        let v: Vec<i64> = inv
+            .invoke_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        let g = |i: usize| v.get(i).copied().unwrap_or(0).max(0) as u64;
+        Ok(QueueStats {
+            queue: queue.clone(),
+            depth: g(0),
+            active: g(1),
+            lag_ms: g(2),
+            scheduled: g(3),
+            dead: g(4),
+            paused: g(5) == 1,
+        })
+    }
+
+    async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            let names: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(QUEUES)
+                .query_async(&mut shard.conn.clone())
+                .await
+                .map_err(redis_err)?;
+            all.extend(names.into_iter().filter_map(|n| QueueName::parse(n).ok()));
+        }
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+
+    async fn pause(&self, queue: &QueueName) -> Result<(), BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let _: () = redis::cmd("SET")
+            .arg(&keys.paused)
+            .arg(1)
+            .query_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn resume(&self, queue: &QueueName) -> Result<(), BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let _: () = redis::cmd("DEL")
+            .arg(&keys.paused)
+            .query_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
+        match self.locate(id).await? {
+            Some((queue, record)) => self.info(&queue, record).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn subscribe(&self) -> Result<EventStream, BrokerError> {
+        let mut streams = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let mut ps = shard.client.get_async_pubsub().await.map_err(redis_err)?;
+            ps.subscribe(EVENTS).await.map_err(redis_err)?;
+            let s = ps.into_on_message().flat_map(|msg| {
+                let events = msg
+                    .get_payload::<String>()
+                    .ok()
+                    .map(|p| parse_published(&p))
+                    .unwrap_or_default();
+                futures::stream::iter(events)
+            });
+            streams.push(s.boxed());
+        }
+        Ok(futures::stream::select_all(streams).boxed())
+    }
+
+    async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let mut inv = self.scripts.maintain.prepare_invoke();
+        inv.key(&keys.streams[..]).key(&keys.jobs).key(&keys.fin);
+        inv.arg(now_ms())
+            .arg(self.config.finished_retention.as_millis() as u64)
+            .arg(1000);
+        let _: i64 = inv
+            .invoke_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        for shard in &self.shards {
+            let _: String = redis::cmd("PING")
+                .query_async(&mut shard.conn.clone())
+                .await
+                .map_err(|e| BrokerError::Unavailable(format!("{}: {e}", shard.name)))?;
+        }
+        Ok(())
+    }
+}
+
+/// A published batch `{"sid": "<entry id>", "events": [groups]}` as events with ids `<sid>/<n>`.
+pub fn parse_published(payload: &str) -> Vec<Event> {
+    #[derive(serde::Deserialize)]
+    struct Batch<'a> {
+        sid: String,
+        #[serde(borrow)]
+        events: &'a serde_json::value::RawValue,
+    }
+    let parsed = serde_json::from_str::<Batch>(payload)
+        .and_then(|b| codec::unpack_events(&b.sid, b.events.get()));
+    match parsed {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(error = %e, "undecodable event batch");
+            Vec::new()
+        }
     }
 }

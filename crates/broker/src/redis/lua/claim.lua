@@ -1,0 +1,43 @@
+-- KEYS: p0 p1 p2 paused events
+-- ARGV: consumer max now evmax
+-- Returns {'paused'}, {'empty', last0, last1, last2} (ids to block on), or {'jobs', p, eid, id, a, j, m, ...}.
+-- The claim itself is XREADGROUP: the pending entry (owner + delivery) is the lease, so no per-job write here.
+if redis.call('EXISTS', KEYS[4]) == 1 then return { 'paused' } end
+local consumer, remaining, now, evmax = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local out, active = { 'jobs' }, group('job.active', 'active', now)
+for p = 0, 2 do
+  if remaining <= 0 then break end
+  local key = KEYS[p + 1]
+  local res = redis.pcall('XREADGROUP', 'GROUP', 'workers', consumer, 'COUNT', remaining, 'STREAMS', key, '>')
+  if type(res) == 'table' and res.err then
+    -- The group does not exist yet (stream created by a promote or retry before any enqueue registered it).
+    redis.call('XGROUP', 'CREATE', key, 'workers', '0', 'MKSTREAM')
+    res = redis.call('XREADGROUP', 'GROUP', 'workers', consumer, 'COUNT', remaining, 'STREAMS', key, '>')
+  end
+  if res then
+    local entries = res[1][2]
+    for e = 1, #entries do
+      local eid, f = entries[e][1], entries[e][2]
+      -- fields in write order: id m a x j
+      local id, m, a, j = f[2], f[4], f[6], f[10]
+      out[#out + 1] = p
+      out[#out + 1] = eid
+      out[#out + 1] = id
+      out[#out + 1] = a
+      out[#out + 1] = j
+      out[#out + 1] = m
+      add(active, m, a + 1)
+    end
+    remaining = remaining - #entries
+  end
+end
+if #active.jobs == 0 then
+  local last = { 'empty' }
+  for p = 1, 3 do
+    local r = redis.call('XREVRANGE', KEYS[p], '+', '-', 'COUNT', 1)
+    last[#last + 1] = (#r > 0) and r[1][1] or '0-0'
+  end
+  return last
+end
+emit(KEYS[5], evmax, { active })
+return out

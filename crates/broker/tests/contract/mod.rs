@@ -1,0 +1,1512 @@
+//! The broker contract: what every [`Broker`] engine must do, written once and run unchanged against each engine.
+//!
+//! An engine's test file implements [`Engine`] (start a fresh, isolated engine; hand out its broker) and expands
+//! [`contract_suite!`](crate::contract_suite) with that type, which generates one `#[tokio::test]` per case:
+//!
+//! ```ignore
+//! mod contract;
+//! struct Mem(Arc<MemoryBroker>);
+//! #[async_trait::async_trait]
+//! impl contract::Engine for Mem { /* start, broker */ }
+//! contract_suite!(Mem);
+//! ```
+//!
+//! This module owns the observable semantics only. It must not look inside an engine (no Redis keys, no memory
+//! internals), nor assert on speed: cases may sleep or poll until a lease expires or a delay comes due, always
+//! with a deadline, and assert what happened, never how fast. Each case uses its own queue, so an engine may
+//! also share one backing store between cases.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ferry_broker::{
+    Broker, BrokerError, CancelOutcome, Completion, EngineConfig, EventStream, FailOutcome,
+    Failure, Lease, Leased, Reclaimed, Rejected, Retry, RetryOutcome,
+};
+use ferry_core::{
+    Backoff, Event, EventType, JobId, JobState, Kind, NewJob, Priority, QueueName, now_ms,
+};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::time::{Instant, sleep, timeout};
+
+/// An engine under test.
+#[async_trait::async_trait]
+pub trait Engine: Send + Sync + Sized + 'static {
+    /// A fresh, isolated engine (the Redis one starts its own redis-server). Kept alive for the whole case.
+    async fn start(config: EngineConfig) -> Self;
+    fn broker(&self) -> Arc<dyn Broker>;
+}
+
+/// One `#[tokio::test]` per contract case, each running `contract::<case>::<$engine>()`.
+#[macro_export]
+macro_rules! contract_suite {
+    ($engine:ty) => {
+        $crate::contract_suite!(@cases $engine;
+            ping_answers,
+            lifecycle_queued_active_completed,
+            enqueue_batch_keeps_order_and_ids,
+            invalid_input_names_the_field,
+            priorities_high_normal_low_fifo_within,
+            delayed_job_waits_until_due,
+            blocked_claim_wakes_on_enqueue,
+            backoff_delay_within_jitter_bounds,
+            retry_after_is_honoured,
+            max_attempts_exhausted_goes_dead,
+            permanent_error_goes_dead,
+            idempotency_key_returns_first_job,
+            idempotency_key_expires_after_ttl,
+            cancel_queued_job,
+            cancel_scheduled_and_retrying_jobs,
+            cancel_active_job_revokes_lease,
+            pause_and_resume,
+            dead_letters_list_and_retry,
+            dead_letter_list_is_capped,
+            lease_expiry_reclaims_and_fences_stale_worker,
+            lease_expiry_on_last_attempt_goes_dead,
+            heartbeat_keeps_long_job_leased,
+            release_returns_job_without_counting_attempt,
+            stats_and_queues,
+            finished_jobs_expire_after_retention,
+            concurrent_claimers_never_share_a_job,
+            slow_subscriber_never_blocks_engine,
+        );
+    };
+    (@cases $engine:ty; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::contract::$case::<$engine>().await;
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers
+
+/// The engine settings of most cases: a short visibility timeout so lease cases run in about a second.
+pub fn cfg() -> EngineConfig {
+    EngineConfig {
+        visibility_timeout: Duration::from_millis(500),
+        finished_retention: Duration::from_secs(3600),
+        dead_letter_max: 1_000,
+        event_stream_max: 10_000,
+        idempotency_ttl: Duration::from_secs(3600),
+    }
+}
+
+/// How long a case waits for something that must happen (a lease to expire, an event to arrive) before failing.
+/// Generous, because two shared cores may be busy compiling; cases normally finish far sooner.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A case's engine, broker and queue. The engine is held so it lives as long as the case.
+pub struct Ctx<E> {
+    _engine: E,
+    pub b: Arc<dyn Broker>,
+    pub q: QueueName,
+}
+
+pub async fn setup<E: Engine>(case: &str) -> Ctx<E> {
+    setup_with(case, cfg()).await
+}
+
+pub async fn setup_with<E: Engine>(case: &str, config: EngineConfig) -> Ctx<E> {
+    let engine = E::start(config).await;
+    let b = engine.broker();
+    Ctx {
+        _engine: engine,
+        b,
+        q: unique_queue(case),
+    }
+}
+
+/// A queue name no other case (nor an earlier run against a shared store) uses.
+pub fn unique_queue(case: &str) -> QueueName {
+    let suffix = JobId::new().0.simple().to_string();
+    QueueName::parse(format!("ct.{case}.{}", &suffix[suffix.len() - 12..])).unwrap()
+}
+
+pub fn job(kind: &str) -> NewJob {
+    NewJob::new(Kind::parse(kind).unwrap(), json!({ "kind": kind }))
+}
+
+pub fn with_priority(kind: &str, p: Priority) -> NewJob {
+    NewJob {
+        priority: p,
+        ..job(kind)
+    }
+}
+
+/// Polls until the deadline, then fails the case naming what never happened.
+pub struct Patience {
+    until: Instant,
+    what: &'static str,
+}
+
+impl Patience {
+    pub fn new(what: &'static str) -> Self {
+        Self {
+            until: Instant::now() + PATIENCE,
+            what,
+        }
+    }
+
+    pub async fn tick(&self) {
+        assert!(
+            Instant::now() < self.until,
+            "timed out waiting for {}",
+            self.what
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Claim exactly one job (waiting for it).
+pub async fn claim_one(b: &Arc<dyn Broker>, q: &QueueName, consumer: &str) -> Leased {
+    let mut got = b.claim(q, consumer, 1, PATIENCE).await.unwrap();
+    assert_eq!(got.len(), 1, "expected one job from {q}");
+    got.pop().unwrap()
+}
+
+/// Claim with a short wait and expect nothing.
+pub async fn claim_none(b: &Arc<dyn Broker>, q: &QueueName) {
+    let got = b
+        .claim(q, "nobody", 10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(got.is_empty(), "expected nothing claimable, got {got:?}");
+}
+
+pub async fn complete(b: &Arc<dyn Broker>, lease: &Lease, result: Value) -> Result<(), Rejected> {
+    let mut r = b
+        .complete(vec![Completion {
+            lease: lease.clone(),
+            result,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    r.pop().unwrap()
+}
+
+pub async fn fail(
+    b: &Arc<dyn Broker>,
+    lease: &Lease,
+    error: &str,
+    retry: Retry,
+) -> Result<FailOutcome, Rejected> {
+    let mut r = b
+        .fail(vec![Failure {
+            lease: lease.clone(),
+            error: error.into(),
+            retry,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    r.pop().unwrap()
+}
+
+pub async fn state(b: &Arc<dyn Broker>, id: JobId) -> JobState {
+    b.job(id).await.unwrap().expect("job is held").state
+}
+
+/// A subscription that hands out events job by job: events of other jobs read along the way are kept for their
+/// own turn, so a case can follow several jobs through one feed.
+pub struct Feed {
+    stream: EventStream,
+    backlog: Vec<Event>,
+}
+
+impl Feed {
+    pub async fn subscribe(b: &Arc<dyn Broker>) -> Self {
+        Self {
+            stream: b.subscribe().await.unwrap(),
+            backlog: Vec::new(),
+        }
+    }
+
+    /// The next `n` events of `job`, in order.
+    pub async fn next_for(&mut self, job: JobId, n: usize) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while out.len() < n && i < self.backlog.len() {
+            if self.backlog[i].job == job {
+                out.push(self.backlog.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let until = Instant::now() + PATIENCE;
+        while out.len() < n {
+            match tokio::time::timeout_at(until, self.stream.next()).await {
+                Ok(Some(e)) if e.job == job => out.push(e),
+                Ok(Some(e)) => self.backlog.push(e),
+                Ok(None) => panic!("event stream ended after {out:?}"),
+                Err(_) => panic!("timed out waiting for {n} events of {job}, got {out:?}"),
+            }
+        }
+        out
+    }
+
+    /// Assert `job` emits nothing more: enqueue a marker job in the same queue (so the same ordered feed) and
+    /// check that no event of `job` arrives before the marker's.
+    pub async fn assert_quiet(&mut self, b: &Arc<dyn Broker>, q: &QueueName, job: JobId) {
+        assert!(
+            self.backlog.iter().all(|e| e.job != job),
+            "unexpected event of {job}: {:?}",
+            self.backlog
+        );
+        let marker = b.enqueue(q, self::job("marker")).await.unwrap().id;
+        let until = Instant::now() + PATIENCE;
+        loop {
+            let e = tokio::time::timeout_at(until, self.stream.next())
+                .await
+                .expect("marker event")
+                .expect("event stream open");
+            assert_ne!(e.job, job, "unexpected event {e:?}");
+            if e.job == marker {
+                return;
+            }
+            self.backlog.push(e);
+        }
+    }
+}
+
+pub fn types(events: &[Event]) -> Vec<EventType> {
+    events.iter().map(|e| e.ty).collect()
+}
+
+/// Wait until the wall clock is past `t` (ms since the epoch).
+pub async fn sleep_past(t: u64) {
+    let now = now_ms();
+    if now <= t {
+        sleep(Duration::from_millis(t - now + 5)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cases
+
+pub async fn ping_answers<E: Engine>() {
+    let c = setup::<E>("ping").await;
+    c.b.ping().await.unwrap();
+}
+
+/// queued → active → (progress) → completed: events in order with every field, the lease and job handed to the
+/// worker, and the lookup afterwards.
+pub async fn lifecycle_queued_active_completed<E: Engine>() {
+    let c = setup::<E>("lifecycle").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let mut new = job("email.send");
+    new.payload = json!({ "to": "a@example.org" });
+    new.max_attempts = Some(4);
+    new.owner = Some("user-1".into());
+    new.tenant = Some("acme".into());
+    let before = now_ms();
+    let enq = b.enqueue(q, new).await.unwrap();
+    assert_eq!(enq.state, JobState::Queued);
+    assert!(!enq.duplicate);
+    assert_eq!(enq.id.0.get_version_num(), 7, "job ids are UUIDv7");
+
+    let queued = b.job(enq.id).await.unwrap().unwrap();
+    assert_eq!(queued.state, JobState::Queued);
+    assert_eq!(queued.attempts, 0);
+    assert_eq!(queued.queue, *q);
+    assert!(queued.spec.created_at >= before && queued.spec.created_at <= now_ms());
+
+    let leased = claim_one(b, q, "worker-1").await;
+    assert_eq!(leased.job.id, enq.id);
+    assert_eq!(leased.job.queue, *q);
+    assert_eq!(leased.job.attempt, 1);
+    assert_eq!(leased.job.spec.kind.as_str(), "email.send");
+    assert_eq!(leased.job.spec.payload, json!({ "to": "a@example.org" }));
+    assert_eq!(leased.job.spec.max_attempts, 4);
+    assert_eq!(leased.lease.queue, *q);
+    assert_eq!(leased.lease.job, enq.id);
+    assert_eq!(&*leased.lease.consumer, "worker-1");
+    assert!(!leased.lease.token.is_empty());
+    assert_eq!(leased.lease.attempt, 1);
+    assert_eq!(leased.lease.max_attempts, 4);
+    assert_eq!(leased.lease.backoff, Backoff::default());
+    assert_eq!(state(b, enq.id).await, JobState::Active);
+
+    assert!(
+        b.progress(&leased.lease, json!({ "pct": 50 }))
+            .await
+            .unwrap()
+    );
+    complete(b, &leased.lease, json!({ "sent": true }))
+        .await
+        .unwrap();
+
+    let evs = events.next_for(enq.id, 4).await;
+    assert_eq!(
+        types(&evs),
+        [
+            EventType::Queued,
+            EventType::Active,
+            EventType::Progress,
+            EventType::Completed
+        ]
+    );
+    let states: Vec<_> = evs.iter().map(|e| e.state).collect();
+    assert_eq!(
+        states,
+        [
+            JobState::Queued,
+            JobState::Active,
+            JobState::Active,
+            JobState::Completed
+        ]
+    );
+    for e in &evs {
+        assert_eq!(e.queue, *q);
+        assert_eq!(e.kind.as_str(), "email.send");
+        assert_eq!(e.owner.as_deref(), Some("user-1"));
+        assert_eq!(e.tenant.as_deref(), Some("acme"));
+        assert!(e.at >= before && e.at <= now_ms(), "{e:?}");
+    }
+    assert_eq!(evs[1].attempt, 1);
+    assert_eq!(evs[3].attempt, 1);
+    assert_eq!(evs[2].data, Some(json!({ "pct": 50 })));
+    assert_eq!(evs[3].data, Some(json!({ "sent": true })));
+    let ids: HashSet<_> = evs.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), evs.len(), "event ids are unique: {evs:?}");
+    assert!(ids.iter().all(|id| !id.is_empty()));
+
+    let done = b.job(enq.id).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.attempts, 1);
+    assert_eq!(done.result, Some(json!({ "sent": true })));
+    assert_eq!(done.error, None);
+    assert_eq!(done.spec.owner.as_deref(), Some("user-1"));
+    assert_eq!(done.spec.tenant.as_deref(), Some("acme"));
+    assert_eq!(done.spec.priority, Priority::Normal);
+    assert!(done.updated_at >= done.spec.created_at);
+    // Housekeeping keeps a finished job for its retention (an hour here).
+    b.maintain(q).await.unwrap();
+    assert_eq!(state(b, enq.id).await, JobState::Completed);
+
+    // Nothing fenced applies to a finished job.
+    assert_eq!(complete(b, &leased.lease, json!(null)).await, Err(Rejected));
+    assert_eq!(
+        b.heartbeat(std::slice::from_ref(&leased.lease))
+            .await
+            .unwrap(),
+        [false]
+    );
+    assert!(b.job(JobId::new()).await.unwrap().is_none());
+}
+
+pub async fn enqueue_batch_keeps_order_and_ids<E: Engine>() {
+    let c = setup::<E>("batch").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let jobs: Vec<NewJob> = (0..10)
+        .map(|i| NewJob {
+            payload: json!({ "i": i }),
+            ..job("batch")
+        })
+        .collect();
+    let out = b.enqueue_batch(q, jobs).await.unwrap();
+    assert_eq!(out.len(), 10);
+    assert!(
+        out.iter()
+            .all(|e| e.state == JobState::Queued && !e.duplicate)
+    );
+    let ids: Vec<JobId> = out.iter().map(|e| e.id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids are UUIDv7 in input order: {ids:?}"
+    );
+    for id in &ids {
+        let e = events.next_for(*id, 1).await;
+        assert_eq!(e[0].ty, EventType::Queued);
+    }
+    let leased = b.claim(q, "w", 100, PATIENCE).await.unwrap();
+    let claimed: Vec<JobId> = leased.iter().map(|l| l.job.id).collect();
+    assert_eq!(claimed, ids, "claimed in submission order");
+    for (i, l) in leased.iter().enumerate() {
+        assert_eq!(l.job.spec.payload, json!({ "i": i }));
+    }
+    assert!(b.enqueue_batch(q, Vec::new()).await.unwrap().is_empty());
+}
+
+pub async fn invalid_input_names_the_field<E: Engine>() {
+    let c = setup::<E>("invalid").await;
+    let (b, q) = (&c.b, &c.q);
+    fn field_of<T>(r: Result<T, BrokerError>) -> String {
+        match r {
+            Err(BrokerError::Invalid(v)) => v.errors[0].field.clone(),
+            Err(e) => panic!("expected Invalid, got {e}"),
+            Ok(_) => panic!("expected Invalid, got Ok"),
+        }
+    }
+    let bad_attempts = NewJob {
+        max_attempts: Some(0),
+        ..job("k")
+    };
+    assert_eq!(
+        field_of(b.enqueue(q, bad_attempts.clone()).await),
+        "max_attempts"
+    );
+    let empty_key = NewJob {
+        idempotency_key: Some(String::new()),
+        ..job("k")
+    };
+    assert_eq!(field_of(b.enqueue(q, empty_key).await), "idempotency_key");
+    let inverted = NewJob {
+        backoff: Some(Backoff {
+            base_ms: 10,
+            max_ms: 1,
+        }),
+        ..job("k")
+    };
+    assert_eq!(field_of(b.enqueue(q, inverted).await), "backoff.max_ms");
+    let too_far = NewJob {
+        delay_ms: Some(u64::MAX),
+        ..job("k")
+    };
+    assert_eq!(field_of(b.enqueue(q, too_far).await), "delay_ms");
+    let huge = NewJob {
+        payload: json!("x".repeat(600 * 1024)),
+        ..job("k")
+    };
+    assert_eq!(field_of(b.enqueue(q, huge).await), "payload");
+
+    // A batch names the item, and stores nothing when any item is bad.
+    let r = b.enqueue_batch(q, vec![job("k"), bad_attempts]).await;
+    assert_eq!(field_of(r), "jobs[1].max_attempts");
+    let s = b.stats(q).await.unwrap();
+    assert_eq!((s.depth, s.scheduled), (0, 0), "nothing stored: {s:?}");
+}
+
+pub async fn priorities_high_normal_low_fifo_within<E: Engine>() {
+    let c = setup::<E>("priorities").await;
+    let (b, q) = (&c.b, &c.q);
+    let order = [
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::Low,
+        Priority::High,
+        Priority::Normal,
+    ];
+    let mut ids = Vec::new();
+    for p in order {
+        ids.push((p, b.enqueue(q, with_priority("p", p)).await.unwrap().id));
+    }
+    let of = |p: Priority| -> Vec<JobId> {
+        ids.iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, id)| *id)
+            .collect()
+    };
+    let (high, normal, low) = (of(Priority::High), of(Priority::Normal), of(Priority::Low));
+
+    let first: Vec<JobId> = b
+        .claim(q, "w", 3, PATIENCE)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.job.id)
+        .collect();
+    assert_eq!(first, [high[0], high[1], normal[0]]);
+    let rest: Vec<JobId> = b
+        .claim(q, "w", 10, PATIENCE)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.job.id)
+        .collect();
+    assert_eq!(rest, [normal[1], low[0], low[1]]);
+
+    // A high job submitted later still goes before waiting low ones.
+    let late_low = b
+        .enqueue(q, with_priority("p", Priority::Low))
+        .await
+        .unwrap()
+        .id;
+    let late_high = b
+        .enqueue(q, with_priority("p", Priority::High))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(claim_one(b, q, "w").await.job.id, late_high);
+    let last = claim_one(b, q, "w").await;
+    assert_eq!(last.job.id, late_low);
+    assert_eq!(last.job.spec.priority, Priority::Low);
+}
+
+pub async fn delayed_job_waits_until_due<E: Engine>() {
+    let c = setup::<E>("delayed").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+
+    // Far in the future: never due during the case.
+    let before = now_ms();
+    let far = b
+        .enqueue(
+            q,
+            NewJob {
+                delay_ms: Some(600_000),
+                ..job("later")
+            },
+        )
+        .await
+        .unwrap();
+    let after = now_ms();
+    assert_eq!(far.state, JobState::Scheduled);
+    let info = b.job(far.id).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Scheduled);
+    let run_at = info.run_at.expect("scheduled job has run_at");
+    assert!(
+        run_at >= before + 600_000 && run_at <= after + 600_000,
+        "{run_at}"
+    );
+    let e = events.next_for(far.id, 1).await;
+    assert_eq!(e[0].ty, EventType::Scheduled);
+    assert_eq!(e[0].state, JobState::Scheduled);
+    assert_eq!(b.promote_due(q, 100).await.unwrap(), 0);
+    claim_none(b, q).await;
+    let s = b.stats(q).await.unwrap();
+    assert_eq!((s.depth, s.scheduled), (0, 1));
+
+    // Three soon-due jobs: promoted once due, `max` respected, then claimable.
+    let soon: Vec<JobId> = b
+        .enqueue_batch(
+            q,
+            (0..3)
+                .map(|_| NewJob {
+                    delay_ms: Some(200),
+                    ..job("soon")
+                })
+                .collect(),
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let mut latest = 0;
+    for id in &soon {
+        latest = latest.max(b.job(*id).await.unwrap().unwrap().run_at.unwrap());
+    }
+    sleep_past(latest).await;
+    assert_eq!(b.promote_due(q, 2).await.unwrap(), 2);
+    assert_eq!(b.promote_due(q, 100).await.unwrap(), 1);
+    assert_eq!(b.promote_due(q, 100).await.unwrap(), 0);
+    for id in &soon {
+        let e = events.next_for(*id, 2).await;
+        assert_eq!(types(&e), [EventType::Scheduled, EventType::Queued]);
+        assert_eq!(e[1].state, JobState::Queued);
+        let info = b.job(*id).await.unwrap().unwrap();
+        assert_eq!(info.state, JobState::Queued);
+    }
+    let leased = b.claim(q, "w", 10, PATIENCE).await.unwrap();
+    let got: HashSet<JobId> = leased.iter().map(|l| l.job.id).collect();
+    assert_eq!(got, soon.iter().copied().collect());
+    assert_eq!(state(b, far.id).await, JobState::Scheduled);
+}
+
+pub async fn blocked_claim_wakes_on_enqueue<E: Engine>() {
+    let c = setup::<E>("wake").await;
+    let (b, q) = (c.b.clone(), c.q.clone());
+    // The claim may wait a minute; it must return with the job as soon as one arrives, long before that.
+    let waiter = {
+        let (b, q) = (b.clone(), q.clone());
+        tokio::spawn(async move { b.claim(&q, "w", 5, Duration::from_secs(60)).await })
+    };
+    sleep(Duration::from_millis(200)).await;
+    let id = b.enqueue(&q, job("wake")).await.unwrap().id;
+    let got = timeout(PATIENCE, waiter)
+        .await
+        .expect("the blocked claim woke on enqueue")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].job.id, id);
+
+    // A claim with nothing to take returns empty once its wait is over.
+    let got = b
+        .claim(&q, "w", 5, Duration::from_millis(150))
+        .await
+        .unwrap();
+    assert!(got.is_empty());
+}
+
+/// Each retry's delay is drawn from [0, cap(attempt)] and the retry is queued once due; the last attempt's
+/// failure is final.
+pub async fn backoff_delay_within_jitter_bounds<E: Engine>() {
+    let c = setup::<E>("backoff").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let backoff = Backoff {
+        base_ms: 100,
+        max_ms: 250,
+    };
+    let id = b
+        .enqueue(
+            q,
+            NewJob {
+                max_attempts: Some(3),
+                backoff: Some(backoff),
+                ..job("flaky")
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    for attempt in 1..=2u32 {
+        let leased = claim_one(b, q, "w").await;
+        assert_eq!(leased.job.attempt, attempt);
+        assert_eq!(leased.lease.backoff, backoff);
+        let before = now_ms();
+        let out = fail(b, &leased.lease, "boom", Retry::Backoff)
+            .await
+            .unwrap();
+        let after = now_ms();
+        let FailOutcome::Retrying { run_at } = out else {
+            panic!("attempt {attempt} of 3 should retry, got {out:?}");
+        };
+        let cap = backoff.cap(attempt);
+        assert!(
+            run_at >= before && run_at <= after + cap,
+            "attempt {attempt}: run_at {run_at} outside [{before}, {after} + {cap}]"
+        );
+        let info = b.job(id).await.unwrap().unwrap();
+        assert_eq!(info.state, JobState::Retrying);
+        assert_eq!(info.run_at, Some(run_at));
+        assert_eq!(info.error.as_deref(), Some("boom"));
+        let evs = events.next_for(id, if attempt == 1 { 3 } else { 2 }).await;
+        let retrying = evs.last().unwrap();
+        assert_eq!(retrying.ty, EventType::Retrying);
+        assert_eq!(retrying.state, JobState::Retrying);
+        assert_eq!(retrying.attempt, attempt);
+        assert_eq!(
+            retrying.data,
+            Some(json!({ "error": "boom", "run_at": run_at }))
+        );
+
+        sleep_past(run_at).await;
+        assert_eq!(b.promote_due(q, 10).await.unwrap(), 1);
+        let e = events.next_for(id, 1).await;
+        assert_eq!(e[0].ty, EventType::Queued);
+    }
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(leased.job.attempt, 3);
+    assert_eq!(
+        fail(b, &leased.lease, "boom", Retry::Backoff).await,
+        Ok(FailOutcome::Dead)
+    );
+    assert_eq!(state(b, id).await, JobState::Dead);
+
+    // Full jitter: delays of jobs failing together spread over the range instead of one fixed value.
+    let many = b
+        .enqueue_batch(
+            q,
+            (0..20)
+                .map(|_| NewJob {
+                    backoff: Some(Backoff {
+                        base_ms: 10_000,
+                        max_ms: 10_000,
+                    }),
+                    ..job("many")
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let leased = b.claim(q, "w", 20, PATIENCE).await.unwrap();
+    assert_eq!(leased.len(), many.len());
+    let mut delays = HashSet::new();
+    for l in &leased {
+        let before = now_ms();
+        let Ok(FailOutcome::Retrying { run_at }) = fail(b, &l.lease, "x", Retry::Backoff).await
+        else {
+            panic!("should retry");
+        };
+        assert!(run_at >= before && run_at <= now_ms() + 10_000);
+        delays.insert((run_at - before) / 100);
+    }
+    assert!(delays.len() > 1, "jittered delays: {delays:?}");
+}
+
+pub async fn retry_after_is_honoured<E: Engine>() {
+    let c = setup::<E>("retry_after").await;
+    let (b, q) = (&c.b, &c.q);
+    let id = b.enqueue(q, job("webhook")).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    let before = now_ms();
+    let out = fail(b, &leased.lease, "503", Retry::After(600_000))
+        .await
+        .unwrap();
+    let after = now_ms();
+    let FailOutcome::Retrying { run_at } = out else {
+        panic!("expected a retry, got {out:?}");
+    };
+    assert!(run_at >= before + 600_000 && run_at <= after + 600_000);
+    let info = b.job(id).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Retrying);
+    assert_eq!(info.run_at, Some(run_at));
+    assert_eq!(b.promote_due(q, 10).await.unwrap(), 0);
+    claim_none(b, q).await;
+    assert_eq!(b.stats(q).await.unwrap().scheduled, 1);
+
+    // A short Retry-After comes due and runs again as attempt 2.
+    let id = b.enqueue(q, job("webhook")).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(leased.job.id, id);
+    let Ok(FailOutcome::Retrying { run_at }) =
+        fail(b, &leased.lease, "429", Retry::After(150)).await
+    else {
+        panic!("expected a retry");
+    };
+    sleep_past(run_at).await;
+    assert_eq!(b.promote_due(q, 10).await.unwrap(), 1);
+    let again = claim_one(b, q, "w").await;
+    assert_eq!((again.job.id, again.job.attempt), (id, 2));
+}
+
+pub async fn max_attempts_exhausted_goes_dead<E: Engine>() {
+    let c = setup::<E>("max_attempts").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let id = b
+        .enqueue(
+            q,
+            NewJob {
+                max_attempts: Some(2),
+                // No delay between attempts, so the retry is due at once.
+                backoff: Some(Backoff {
+                    base_ms: 0,
+                    max_ms: 0,
+                }),
+                ..job("flaky")
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    let first = claim_one(b, q, "w").await;
+    assert!(matches!(
+        fail(b, &first.lease, "e1", Retry::Backoff).await,
+        Ok(FailOutcome::Retrying { .. })
+    ));
+    assert_eq!(b.promote_due(q, 10).await.unwrap(), 1);
+    let second = claim_one(b, q, "w").await;
+    assert_eq!(second.job.attempt, 2);
+    assert_eq!(
+        fail(b, &second.lease, "e2", Retry::Backoff).await,
+        Ok(FailOutcome::Dead)
+    );
+    let evs = events.next_for(id, 6).await;
+    assert_eq!(
+        types(&evs),
+        [
+            EventType::Queued,
+            EventType::Active,
+            EventType::Retrying,
+            EventType::Queued,
+            EventType::Active,
+            EventType::Dead
+        ]
+    );
+    assert_eq!(evs[4].attempt, 2);
+    assert_eq!(evs[5].state, JobState::Dead);
+    assert_eq!(evs[5].data, Some(json!({ "error": "e2" })));
+    let info = b.job(id).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Dead);
+    assert_eq!(info.attempts, 2);
+    assert_eq!(info.error.as_deref(), Some("e2"));
+    // A dead job is not promoted or claimed again.
+    assert_eq!(b.promote_due(q, 10).await.unwrap(), 0);
+    claim_none(b, q).await;
+}
+
+pub async fn permanent_error_goes_dead<E: Engine>() {
+    let c = setup::<E>("permanent").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let id = b
+        .enqueue(
+            q,
+            NewJob {
+                max_attempts: Some(10),
+                ..job("bad")
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(
+        fail(b, &leased.lease, "invalid address", Retry::Never).await,
+        Ok(FailOutcome::Dead)
+    );
+    let evs = events.next_for(id, 3).await;
+    assert_eq!(
+        types(&evs),
+        [EventType::Queued, EventType::Active, EventType::Dead]
+    );
+    assert_eq!(evs[2].data, Some(json!({ "error": "invalid address" })));
+    let info = b.job(id).await.unwrap().unwrap();
+    assert_eq!((info.state, info.attempts), (JobState::Dead, 1));
+    assert_eq!(info.error.as_deref(), Some("invalid address"));
+    let dead = b.dead_letters(q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, id);
+    // The attempt is over: its lease applies no more.
+    assert_eq!(
+        fail(b, &leased.lease, "again", Retry::Never).await,
+        Err(Rejected)
+    );
+}
+
+pub async fn idempotency_key_returns_first_job<E: Engine>() {
+    let c = setup::<E>("idempotency").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let keyed = |tenant: Option<&str>| NewJob {
+        idempotency_key: Some("order-42".into()),
+        tenant: tenant.map(str::to_owned),
+        ..job("charge")
+    };
+    let first = b.enqueue(q, keyed(Some("acme"))).await.unwrap();
+    assert!(!first.duplicate);
+    events.next_for(first.id, 1).await;
+    let again = b.enqueue(q, keyed(Some("acme"))).await.unwrap();
+    assert_eq!(again.id, first.id);
+    assert!(again.duplicate);
+    // In a batch too, including twice within the same batch.
+    let batch = b
+        .enqueue_batch(q, vec![keyed(Some("acme")), keyed(Some("acme"))])
+        .await
+        .unwrap();
+    assert!(batch.iter().all(|e| e.id == first.id && e.duplicate));
+    assert_eq!(b.stats(q).await.unwrap().depth, 1, "nothing new stored");
+    events.assert_quiet(b, q, first.id).await;
+
+    // The same key in another tenant, or in no tenant, or in another queue, is another job.
+    let other_tenant = b.enqueue(q, keyed(Some("globex"))).await.unwrap();
+    assert!(!other_tenant.duplicate);
+    assert_ne!(other_tenant.id, first.id);
+    let no_tenant = b.enqueue(q, keyed(None)).await.unwrap();
+    assert!(!no_tenant.duplicate);
+    assert_ne!(no_tenant.id, first.id);
+    assert_ne!(no_tenant.id, other_tenant.id);
+    let other_queue = unique_queue("idempotency.other");
+    let elsewhere = b.enqueue(&other_queue, keyed(Some("acme"))).await.unwrap();
+    assert!(!elsewhere.duplicate);
+    assert_ne!(elsewhere.id, first.id);
+
+    // Still the first job after it finished (while the key is remembered).
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(leased.job.id, first.id);
+    complete(b, &leased.lease, json!(1)).await.unwrap();
+    let after = b.enqueue(q, keyed(Some("acme"))).await.unwrap();
+    assert_eq!((after.id, after.duplicate), (first.id, true));
+}
+
+pub async fn idempotency_key_expires_after_ttl<E: Engine>() {
+    let config = EngineConfig {
+        idempotency_ttl: Duration::from_millis(300),
+        ..cfg()
+    };
+    let c = setup_with::<E>("idempotency_ttl", config).await;
+    let (b, q) = (&c.b, &c.q);
+    let keyed = || NewJob {
+        idempotency_key: Some("k".into()),
+        ..job("once")
+    };
+    let first = b.enqueue(q, keyed()).await.unwrap();
+    let patience = Patience::new("the idempotency key to expire");
+    loop {
+        b.maintain(q).await.unwrap();
+        let e = b.enqueue(q, keyed()).await.unwrap();
+        if !e.duplicate {
+            assert_ne!(e.id, first.id);
+            break;
+        }
+        assert_eq!(e.id, first.id);
+        patience.tick().await;
+    }
+}
+
+pub async fn cancel_queued_job<E: Engine>() {
+    let c = setup::<E>("cancel_queued").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let id = b.enqueue(q, job("c")).await.unwrap().id;
+    assert_eq!(
+        b.cancel(id).await.unwrap(),
+        CancelOutcome::Cancelled(JobState::Queued)
+    );
+    let evs = events.next_for(id, 2).await;
+    assert_eq!(types(&evs), [EventType::Queued, EventType::Cancelled]);
+    assert_eq!(evs[1].state, JobState::Cancelled);
+    assert_eq!(state(b, id).await, JobState::Cancelled);
+    assert_eq!(b.stats(q).await.unwrap().depth, 0);
+    claim_none(b, q).await;
+    assert_eq!(
+        b.cancel(id).await.unwrap(),
+        CancelOutcome::AlreadyFinal(JobState::Cancelled)
+    );
+    assert_eq!(
+        b.cancel(JobId::new()).await.unwrap(),
+        CancelOutcome::NotFound
+    );
+
+    // A completed job cannot be cancelled.
+    let done = b.enqueue(q, job("c")).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    complete(b, &leased.lease, json!(null)).await.unwrap();
+    assert_eq!(
+        b.cancel(done).await.unwrap(),
+        CancelOutcome::AlreadyFinal(JobState::Completed)
+    );
+}
+
+pub async fn cancel_scheduled_and_retrying_jobs<E: Engine>() {
+    let c = setup::<E>("cancel_scheduled").await;
+    let (b, q) = (&c.b, &c.q);
+    let scheduled = b
+        .enqueue(
+            q,
+            NewJob {
+                delay_ms: Some(200),
+                ..job("c")
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(
+        b.cancel(scheduled).await.unwrap(),
+        CancelOutcome::Cancelled(JobState::Scheduled)
+    );
+    assert_eq!(b.stats(q).await.unwrap().scheduled, 0);
+    // Not promoted when its time comes.
+    let run_at = now_ms() + 200;
+    sleep_past(run_at).await;
+    assert_eq!(b.promote_due(q, 10).await.unwrap(), 0);
+    assert_eq!(state(b, scheduled).await, JobState::Cancelled);
+
+    let retrying = b.enqueue(q, job("c")).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    let Ok(FailOutcome::Retrying { run_at }) = fail(b, &leased.lease, "e", Retry::After(200)).await
+    else {
+        panic!("expected a retry");
+    };
+    assert_eq!(
+        b.cancel(retrying).await.unwrap(),
+        CancelOutcome::Cancelled(JobState::Retrying)
+    );
+    sleep_past(run_at).await;
+    assert_eq!(b.promote_due(q, 10).await.unwrap(), 0);
+    claim_none(b, q).await;
+    assert_eq!(state(b, retrying).await, JobState::Cancelled);
+    let s = b.stats(q).await.unwrap();
+    assert_eq!((s.depth, s.scheduled, s.active), (0, 0, 0));
+}
+
+pub async fn cancel_active_job_revokes_lease<E: Engine>() {
+    let c = setup::<E>("cancel_active").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let id = b.enqueue(q, job("c")).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(
+        b.cancel(id).await.unwrap(),
+        CancelOutcome::Cancelled(JobState::Active)
+    );
+    let lease = std::slice::from_ref(&leased.lease);
+    assert_eq!(b.heartbeat(lease).await.unwrap(), [false]);
+    assert!(!b.progress(&leased.lease, json!(1)).await.unwrap());
+    assert_eq!(
+        complete(b, &leased.lease, json!("late")).await,
+        Err(Rejected)
+    );
+    assert_eq!(
+        fail(b, &leased.lease, "late", Retry::Backoff).await,
+        Err(Rejected)
+    );
+    assert_eq!(b.release(lease).await.unwrap(), [false]);
+    let info = b.job(id).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Cancelled);
+    assert_eq!(info.result, None);
+    let evs = events.next_for(id, 3).await;
+    assert_eq!(
+        types(&evs),
+        [EventType::Queued, EventType::Active, EventType::Cancelled]
+    );
+    events.assert_quiet(b, q, id).await;
+    assert_eq!(b.stats(q).await.unwrap().active, 0);
+    // The reaper does not resurrect it either.
+    sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        b.reclaim_expired(q, 10).await.unwrap(),
+        Reclaimed::default()
+    );
+    assert_eq!(state(b, id).await, JobState::Cancelled);
+}
+
+pub async fn pause_and_resume<E: Engine>() {
+    let c = setup::<E>("pause").await;
+    let (b, q) = (c.b.clone(), c.q.clone());
+    b.pause(&q).await.unwrap();
+    assert!(b.stats(&q).await.unwrap().paused);
+    let id = b.enqueue(&q, job("p")).await.unwrap().id;
+    assert_eq!(
+        b.stats(&q).await.unwrap().depth,
+        1,
+        "enqueue works while paused"
+    );
+    claim_none(&b, &q).await;
+
+    // A claim blocked on the paused queue gets the job once the queue resumes.
+    let waiter = {
+        let (b, q) = (b.clone(), q.clone());
+        tokio::spawn(async move { b.claim(&q, "w", 5, Duration::from_secs(60)).await })
+    };
+    sleep(Duration::from_millis(200)).await;
+    b.resume(&q).await.unwrap();
+    let got = timeout(PATIENCE, waiter)
+        .await
+        .expect("the blocked claim woke on resume")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].job.id, id);
+    let s = b.stats(&q).await.unwrap();
+    assert!(!s.paused);
+    assert_eq!((s.depth, s.active), (0, 1));
+}
+
+pub async fn dead_letters_list_and_retry<E: Engine>() {
+    let c = setup::<E>("dead_letters").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let one_shot = || NewJob {
+        max_attempts: Some(1),
+        ..job("d")
+    };
+    let first = b.enqueue(q, one_shot()).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(
+        fail(b, &leased.lease, "first", Retry::Backoff).await,
+        Ok(FailOutcome::Dead)
+    );
+    let second = b.enqueue(q, one_shot()).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(
+        fail(b, &leased.lease, "second", Retry::Never).await,
+        Ok(FailOutcome::Dead)
+    );
+
+    let dead = b.dead_letters(q, 10).await.unwrap();
+    let ids: Vec<JobId> = dead.iter().map(|j| j.id).collect();
+    assert_eq!(ids, [second, first], "newest first");
+    assert!(dead.iter().all(|j| j.state == JobState::Dead));
+    assert_eq!(dead[0].error.as_deref(), Some("second"));
+    assert_eq!(dead[1].error.as_deref(), Some("first"));
+    assert_eq!(b.dead_letters(q, 1).await.unwrap().len(), 1);
+    assert_eq!(b.stats(q).await.unwrap().dead, 2);
+
+    assert_eq!(b.retry_dead(first).await.unwrap(), RetryOutcome::Requeued);
+    let info = b.job(first).await.unwrap().unwrap();
+    assert_eq!((info.state, info.attempts), (JobState::Queued, 0));
+    let evs = events.next_for(first, 4).await;
+    assert_eq!(
+        types(&evs),
+        [
+            EventType::Queued,
+            EventType::Active,
+            EventType::Dead,
+            EventType::Queued
+        ]
+    );
+    let ids: Vec<JobId> = b
+        .dead_letters(q, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids, [second]);
+    assert_eq!(b.stats(q).await.unwrap().dead, 1);
+
+    // A fresh attempt budget: it runs again as attempt 1 and can succeed.
+    let again = claim_one(b, q, "w").await;
+    assert_eq!((again.job.id, again.job.attempt), (first, 1));
+    assert_eq!(
+        b.retry_dead(first).await.unwrap(),
+        RetryOutcome::NotDead(JobState::Active)
+    );
+    complete(b, &again.lease, json!("ok")).await.unwrap();
+    assert_eq!(state(b, first).await, JobState::Completed);
+    assert_eq!(
+        b.retry_dead(JobId::new()).await.unwrap(),
+        RetryOutcome::NotFound
+    );
+}
+
+pub async fn dead_letter_list_is_capped<E: Engine>() {
+    let config = EngineConfig {
+        dead_letter_max: 3,
+        ..cfg()
+    };
+    let c = setup_with::<E>("dead_cap", config).await;
+    let (b, q) = (&c.b, &c.q);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(b.enqueue(q, job("d")).await.unwrap().id);
+        let leased = claim_one(b, q, "w").await;
+        fail(b, &leased.lease, &format!("e{i}"), Retry::Never)
+            .await
+            .unwrap();
+    }
+    let kept: Vec<JobId> = b
+        .dead_letters(q, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(kept, [ids[4], ids[3], ids[2]], "the newest three remain");
+    assert_eq!(b.stats(q).await.unwrap().dead, 3);
+}
+
+/// The heart of fencing: a worker that lost its lease can no longer change the job.
+pub async fn lease_expiry_reclaims_and_fences_stale_worker<E: Engine>() {
+    let c = setup::<E>("lease_expiry").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let id = b.enqueue(q, job("slow")).await.unwrap().id;
+    let stale = claim_one(b, q, "worker-a").await;
+    assert_eq!(stale.job.attempt, 1);
+
+    let patience = Patience::new("the lease to expire and be reclaimed");
+    loop {
+        let r = b.reclaim_expired(q, 10).await.unwrap();
+        if r.requeued == 1 {
+            assert_eq!(r.dead, 0);
+            break;
+        }
+        assert_eq!(r, Reclaimed::default());
+        patience.tick().await;
+    }
+    let evs = events.next_for(id, 3).await;
+    assert_eq!(
+        types(&evs),
+        [EventType::Queued, EventType::Active, EventType::Queued]
+    );
+    assert_eq!(evs[2].data, Some(json!({ "reclaimed": true })));
+    assert_eq!(state(b, id).await, JobState::Queued);
+    let stale_lease = std::slice::from_ref(&stale.lease);
+    assert_eq!(b.heartbeat(stale_lease).await.unwrap(), [false]);
+
+    let fresh = claim_one(b, q, "worker-b").await;
+    assert_eq!((fresh.job.id, fresh.job.attempt), (id, 2));
+    assert_ne!(fresh.lease.token, stale.lease.token);
+    assert_eq!(b.heartbeat(stale_lease).await.unwrap(), [false]);
+    assert!(!b.progress(&stale.lease, json!(1)).await.unwrap());
+    assert_eq!(
+        complete(b, &stale.lease, json!("stale")).await,
+        Err(Rejected)
+    );
+    assert_eq!(
+        fail(b, &stale.lease, "stale", Retry::Never).await,
+        Err(Rejected)
+    );
+    assert_eq!(b.release(stale_lease).await.unwrap(), [false]);
+    assert_eq!(state(b, id).await, JobState::Active);
+
+    complete(b, &fresh.lease, json!("fresh")).await.unwrap();
+    assert_eq!(
+        complete(b, &stale.lease, json!("stale")).await,
+        Err(Rejected)
+    );
+    let info = b.job(id).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Completed);
+    assert_eq!(info.result, Some(json!("fresh")));
+    assert_eq!(info.attempts, 2);
+    let evs = events.next_for(id, 2).await;
+    assert_eq!(types(&evs), [EventType::Active, EventType::Completed]);
+    assert_eq!(evs[1].data, Some(json!("fresh")));
+    // Exactly one completion.
+    events.assert_quiet(b, q, id).await;
+}
+
+pub async fn lease_expiry_on_last_attempt_goes_dead<E: Engine>() {
+    let c = setup::<E>("lease_expiry_dead").await;
+    let (b, q) = (&c.b, &c.q);
+    let id = b
+        .enqueue(
+            q,
+            NewJob {
+                max_attempts: Some(1),
+                ..job("poison")
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    let stale = claim_one(b, q, "w").await;
+    let patience = Patience::new("the lease to expire");
+    loop {
+        let r = b.reclaim_expired(q, 10).await.unwrap();
+        if r.dead == 1 {
+            assert_eq!(r.requeued, 0);
+            break;
+        }
+        patience.tick().await;
+    }
+    let info = b.job(id).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Dead);
+    let error = info.error.unwrap_or_default();
+    assert!(error.contains("lease expired"), "{error}");
+    assert_eq!(b.dead_letters(q, 10).await.unwrap()[0].id, id);
+    assert_eq!(complete(b, &stale.lease, json!(1)).await, Err(Rejected));
+    claim_none(b, q).await;
+}
+
+pub async fn heartbeat_keeps_long_job_leased<E: Engine>() {
+    // A longer timeout than the other cases, so a busy machine delaying one heartbeat does not fail the case.
+    let config = EngineConfig {
+        visibility_timeout: Duration::from_millis(1_000),
+        ..cfg()
+    };
+    let c = setup_with::<E>("heartbeat", config).await;
+    let (b, q) = (&c.b, &c.q);
+    let id = b.enqueue(q, job("long")).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    let lease = std::slice::from_ref(&leased.lease);
+    // Run for 2.5 visibility timeouts, heartbeating every 100 ms.
+    let until = Instant::now() + Duration::from_millis(2_500);
+    while Instant::now() < until {
+        sleep(Duration::from_millis(100)).await;
+        assert_eq!(b.heartbeat(lease).await.unwrap(), [true]);
+        assert_eq!(
+            b.reclaim_expired(q, 10).await.unwrap(),
+            Reclaimed::default()
+        );
+    }
+    assert_eq!(state(b, id).await, JobState::Active);
+    complete(b, &leased.lease, json!("done")).await.unwrap();
+    let info = b.job(id).await.unwrap().unwrap();
+    assert_eq!((info.state, info.attempts), (JobState::Completed, 1));
+}
+
+pub async fn release_returns_job_without_counting_attempt<E: Engine>() {
+    let c = setup::<E>("release").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let id = b.enqueue(q, job("r")).await.unwrap().id;
+    let first = claim_one(b, q, "w").await;
+    let lease = std::slice::from_ref(&first.lease);
+    assert_eq!(b.release(lease).await.unwrap(), [true]);
+    let info = b.job(id).await.unwrap().unwrap();
+    assert_eq!((info.state, info.attempts), (JobState::Queued, 0));
+    let evs = events.next_for(id, 3).await;
+    assert_eq!(
+        types(&evs),
+        [EventType::Queued, EventType::Active, EventType::Queued]
+    );
+    assert_eq!(evs[2].data, Some(json!({ "released": true })));
+    assert_eq!(evs[2].state, JobState::Queued);
+    let s = b.stats(q).await.unwrap();
+    assert_eq!((s.depth, s.active), (1, 0));
+
+    // Released once, over: the old lease no longer applies; the next claim is attempt 1 again.
+    assert_eq!(b.release(lease).await.unwrap(), [false]);
+    let again = claim_one(b, q, "w2").await;
+    assert_eq!((again.job.id, again.job.attempt), (id, 1));
+    assert_eq!(complete(b, &first.lease, json!(1)).await, Err(Rejected));
+    complete(b, &again.lease, json!(2)).await.unwrap();
+    assert_eq!(state(b, id).await, JobState::Completed);
+}
+
+pub async fn stats_and_queues<E: Engine>() {
+    let c = setup::<E>("stats").await;
+    let (b, q) = (&c.b, &c.q);
+    let empty = b.stats(q).await.unwrap();
+    assert_eq!(empty.queue, *q);
+    assert_eq!(
+        (
+            empty.depth,
+            empty.active,
+            empty.scheduled,
+            empty.dead,
+            empty.lag_ms,
+            empty.paused
+        ),
+        (0, 0, 0, 0, 0, false)
+    );
+
+    b.enqueue_batch(q, (0..5).map(|_| job("s")).collect())
+        .await
+        .unwrap();
+    b.enqueue(
+        q,
+        NewJob {
+            delay_ms: Some(600_000),
+            ..job("s")
+        },
+    )
+    .await
+    .unwrap();
+    let leased = b.claim(q, "w", 2, PATIENCE).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    fail(b, &leased[1].lease, "x", Retry::Never).await.unwrap();
+    // A retrying job counts as scheduled.
+    let r = b
+        .enqueue(q, with_priority("s", Priority::High))
+        .await
+        .unwrap()
+        .id;
+    let retry = claim_one(b, q, "w").await;
+    assert_eq!(retry.job.id, r);
+    fail(b, &retry.lease, "later", Retry::After(600_000))
+        .await
+        .unwrap();
+
+    sleep(Duration::from_millis(50)).await;
+    let s = b.stats(q).await.unwrap();
+    assert_eq!(s.depth, 3, "{s:?}");
+    assert_eq!(s.active, 1, "{s:?}");
+    assert_eq!(s.scheduled, 2, "{s:?}");
+    assert_eq!(s.dead, 1, "{s:?}");
+    assert!(s.lag_ms >= 50 && s.lag_ms < 600_000, "{s:?}");
+    assert!(!s.paused);
+
+    // `queues()` lists queues that received a job, sorted; a queue only claimed from or paused is not one.
+    let second = unique_queue("stats.second");
+    b.enqueue(&second, job("s")).await.unwrap();
+    let idle = unique_queue("stats.idle");
+    claim_none(b, &idle).await;
+    b.pause(&idle).await.unwrap();
+    let all = b.queues().await.unwrap();
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "sorted: {all:?}");
+    assert!(all.contains(q) && all.contains(&second), "{all:?}");
+    assert!(!all.contains(&idle), "{all:?}");
+}
+
+pub async fn finished_jobs_expire_after_retention<E: Engine>() {
+    let config = EngineConfig {
+        finished_retention: Duration::from_millis(300),
+        ..cfg()
+    };
+    let c = setup_with::<E>("retention", config).await;
+    let (b, q) = (&c.b, &c.q);
+    let done = b.enqueue(q, job("done")).await.unwrap().id;
+    let cancelled = b.enqueue(q, job("cancelled")).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(leased.job.id, done);
+    complete(b, &leased.lease, json!(1)).await.unwrap();
+    b.cancel(cancelled).await.unwrap();
+    let waiting = b.enqueue(q, job("waiting")).await.unwrap().id;
+
+    let patience = Patience::new("finished jobs to expire");
+    loop {
+        b.maintain(q).await.unwrap();
+        if b.job(done).await.unwrap().is_none() && b.job(cancelled).await.unwrap().is_none() {
+            break;
+        }
+        patience.tick().await;
+    }
+    // Retention is for finished jobs only.
+    assert_eq!(state(b, waiting).await, JobState::Queued);
+    assert_eq!(claim_one(b, q, "w").await.job.id, waiting);
+}
+
+pub async fn concurrent_claimers_never_share_a_job<E: Engine>() {
+    const JOBS: usize = 500;
+    let c = setup::<E>("concurrent").await;
+    let (b, q) = (c.b.clone(), c.q.clone());
+    let mut ids = HashSet::new();
+    for _ in 0..JOBS / 100 {
+        let batch = b
+            .enqueue_batch(&q, (0..100).map(|_| job("c")).collect())
+            .await
+            .unwrap();
+        ids.extend(batch.iter().map(|e| e.id));
+    }
+    assert_eq!(ids.len(), JOBS);
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let (b, q, done) = (b.clone(), q.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let consumer = format!("worker-{w}");
+            let mut mine = Vec::new();
+            let until = Instant::now() + Duration::from_secs(30);
+            while done.load(Ordering::SeqCst) < JOBS && Instant::now() < until {
+                let leased = b
+                    .claim(&q, &consumer, 10, Duration::from_millis(50))
+                    .await
+                    .unwrap();
+                let items = leased
+                    .iter()
+                    .map(|l| Completion {
+                        lease: l.lease.clone(),
+                        result: json!(null),
+                    })
+                    .collect();
+                let results = b.complete(items).await.unwrap();
+                assert!(results.iter().all(Result::is_ok), "own leases complete");
+                done.fetch_add(leased.len(), Ordering::SeqCst);
+                mine.extend(leased.iter().map(|l| l.job.id));
+            }
+            mine
+        }));
+    }
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.extend(t.await.unwrap());
+    }
+    assert_eq!(seen.len(), JOBS, "every job claimed exactly once in total");
+    let unique: HashSet<JobId> = seen.iter().copied().collect();
+    assert_eq!(unique, ids, "no job claimed twice, none missed");
+    let s = b.stats(&q).await.unwrap();
+    assert_eq!((s.depth, s.active), (0, 0));
+}
+
+pub async fn slow_subscriber_never_blocks_engine<E: Engine>() {
+    let c = setup::<E>("slow_subscriber").await;
+    let (b, q) = (&c.b, &c.q);
+    // Subscribed, never read while the engine works.
+    let mut lagging = b.subscribe().await.unwrap();
+    let work = async {
+        for _ in 0..12 {
+            b.enqueue_batch(q, (0..500).map(|_| job("flood")).collect())
+                .await
+                .unwrap();
+        }
+        let leased = b.claim(q, "w", 100, PATIENCE).await.unwrap();
+        let items = leased
+            .iter()
+            .map(|l| Completion {
+                lease: l.lease.clone(),
+                result: json!(null),
+            })
+            .collect();
+        b.complete(items).await.unwrap();
+    };
+    timeout(Duration::from_secs(60), work)
+        .await
+        .expect("the engine kept working with a subscriber that never reads");
+    assert_eq!(b.stats(q).await.unwrap().depth, 5_900);
+    // The lagging subscriber resumes with later events instead of failing.
+    let e = timeout(PATIENCE, lagging.next())
+        .await
+        .expect("an event")
+        .expect("stream open");
+    assert_eq!(e.queue, *q);
+}

@@ -1,0 +1,220 @@
+//! Redis-specific behaviour beyond the shared contract: key layout, trimming, the packed event stream, sharding.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_broker::{Broker, Completion, EngineConfig, RedisBroker};
+use ferry_core::{JobState, Kind, NewJob, QueueName};
+use ferry_testkit::RedisServer;
+use serde_json::json;
+
+fn q(s: &str) -> QueueName {
+    QueueName::parse(s).unwrap()
+}
+
+fn noop() -> NewJob {
+    NewJob::new(Kind::parse("ferry.noop").unwrap(), json!({"n": 1}))
+}
+
+async fn broker(server: &RedisServer, cfg: EngineConfig) -> Arc<RedisBroker> {
+    Arc::new(RedisBroker::connect(&[server.url()], cfg).await.unwrap())
+}
+
+#[tokio::test]
+async fn full_cycle_smoke() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("smoke");
+    let ids = b
+        .enqueue_batch(&queue, vec![noop(), noop(), noop()])
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 3);
+    let stats = b.stats(&queue).await.unwrap();
+    assert_eq!((stats.depth, stats.active), (3, 0));
+    let leased = b.claim(&queue, "c1", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(leased.len(), 3);
+    assert_eq!(
+        b.job(ids[0].id).await.unwrap().unwrap().state,
+        JobState::Active
+    );
+    let stats = b.stats(&queue).await.unwrap();
+    assert_eq!((stats.depth, stats.active), (0, 3));
+    let done = b
+        .complete(
+            leased
+                .iter()
+                .map(|l| Completion {
+                    lease: l.lease.clone(),
+                    result: json!({"ok": true}),
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert!(done.iter().all(Result::is_ok));
+    let again = b
+        .complete(vec![Completion {
+            lease: leased[0].lease.clone(),
+            result: json!(1),
+        }])
+        .await
+        .unwrap();
+    assert!(again[0].is_err(), "a second completion is rejected");
+    let info = b.job(ids[0].id).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Completed);
+    assert_eq!(info.result, Some(json!({"ok": true})));
+    assert_eq!(info.spec.payload, json!({"n": 1}));
+}
+
+/// Trimming by MINID removes acknowledged entries past retention and never a pending or undelivered one.
+#[tokio::test]
+async fn trimming_keeps_pending_and_undelivered_entries() {
+    let server = RedisServer::start().unwrap();
+    let cfg = EngineConfig {
+        finished_retention: Duration::ZERO,
+        ..EngineConfig::default()
+    };
+    let b = broker(&server, cfg).await;
+    let queue = q("trim");
+    b.enqueue_batch(&queue, (0..10).map(|_| noop()).collect())
+        .await
+        .unwrap();
+    let first = b.claim(&queue, "c", 3, Duration::ZERO).await.unwrap(); // stays pending
+    let second = b.claim(&queue, "c", 4, Duration::ZERO).await.unwrap();
+    b.complete(
+        second
+            .iter()
+            .map(|l| Completion {
+                lease: l.lease.clone(),
+                result: json!(null),
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.maintain(&queue).await.unwrap();
+    // 3 pending + 4 acknowledged (newer than the oldest pending, so kept) + 3 undelivered.
+    let len: u64 = server
+        .cli(&["XLEN", "ferry:{trim}:p1"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(len, 10);
+    b.complete(
+        first
+            .iter()
+            .map(|l| Completion {
+                lease: l.lease.clone(),
+                result: json!(null),
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    b.maintain(&queue).await.unwrap();
+    let len: u64 = server
+        .cli(&["XLEN", "ferry:{trim}:p1"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(len, 3, "only the undelivered entries remain");
+    assert_eq!(b.stats(&queue).await.unwrap().depth, 3);
+    let rest = b.claim(&queue, "c", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(rest.len(), 3);
+    // Completed records pointing at trimmed entries are gone too.
+    assert!(b.job(second[0].job.id).await.unwrap().is_none());
+}
+
+/// A batch's events are packed into one entry of the per-shard stream.
+#[tokio::test]
+async fn events_are_packed_per_batch() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("packed");
+    b.enqueue_batch(&queue, (0..50).map(|_| noop()).collect())
+        .await
+        .unwrap();
+    let len: u64 = server
+        .cli(&["XLEN", "ferry:events"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(len, 1);
+    let leased = b.claim(&queue, "c", 50, Duration::ZERO).await.unwrap();
+    b.complete(
+        leased
+            .iter()
+            .map(|l| Completion {
+                lease: l.lease.clone(),
+                result: json!(null),
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let len: u64 = server
+        .cli(&["XLEN", "ferry:events"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(len, 3, "enqueue, claim and complete: one entry each");
+}
+
+/// Cancelling queued jobs deletes entries ahead of the group; depth must still be right.
+#[tokio::test]
+async fn depth_survives_deleted_entries() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("tomb");
+    let ids = b
+        .enqueue_batch(&queue, (0..5).map(|_| noop()).collect())
+        .await
+        .unwrap();
+    b.cancel(ids[2].id).await.unwrap();
+    assert_eq!(b.stats(&queue).await.unwrap().depth, 4);
+    let leased = b.claim(&queue, "c", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(leased.len(), 4);
+    assert!(leased.iter().all(|l| l.job.id != ids[2].id));
+}
+
+/// Queues spread over three shards; every queue's keys live on exactly one of them.
+#[tokio::test]
+async fn queues_spread_over_three_shards() {
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start().unwrap()).collect();
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let b = RedisBroker::connect(&urls, EngineConfig::default())
+        .await
+        .unwrap();
+    let names: Vec<QueueName> = (0..30).map(|i| q(&format!("q{i}"))).collect();
+    let mut ids = Vec::new();
+    for name in &names {
+        ids.push(b.enqueue(name, noop()).await.unwrap().id);
+    }
+    let mut per_shard = Vec::new();
+    for s in &servers {
+        let members = s.cli(&["SMEMBERS", "ferry:queues"]).unwrap();
+        per_shard.push(members.lines().filter(|l| !l.trim().is_empty()).count());
+    }
+    assert_eq!(per_shard.iter().sum::<usize>(), 30, "{per_shard:?}");
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "every shard got queues: {per_shard:?}"
+    );
+    // Lookups and claims find each job on its own shard.
+    for (name, id) in names.iter().zip(&ids) {
+        assert_eq!(b.job(*id).await.unwrap().unwrap().queue, *name);
+        assert_eq!(
+            b.claim(name, "c", 1, Duration::ZERO).await.unwrap()[0]
+                .job
+                .id,
+            *id
+        );
+    }
+    assert_eq!(b.queues().await.unwrap().len(), 30);
+}

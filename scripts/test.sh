@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole test suite in one command, the same on a laptop and in CI (.ci/run calls exactly this).
+# Installs redis-server and PostgreSQL from Debian packages only when they are missing (the tests start their
+# own private servers on ephemeral ports; the system services are never used), then checks formatting and lints
+# and runs every test. Extra arguments go to `cargo nextest run` (e.g. `scripts/test.sh -E 'test(restart)'`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    echo "scripts/test.sh: need root or sudo to install: $*" >&2
+    exit 1
+  fi
+}
+
+# Debian keeps each PostgreSQL version in /usr/lib/postgresql/<version>/bin, off PATH; testkit looks there too.
+have_postgres() {
+  local dir
+  if command -v pg_config >/dev/null && dir=$(pg_config --bindir 2>/dev/null) \
+    && [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] && [ -x "$dir/postgres" ]; then
+    return 0
+  fi
+  for dir in /usr/lib/postgresql/*/bin; do
+    [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] && [ -x "$dir/postgres" ] && return 0
+  done
+  return 1
+}
+
+missing=()
+{ command -v redis-server && command -v redis-cli; } >/dev/null || missing+=(redis-server)
+{ have_postgres && command -v psql >/dev/null; } || missing+=(postgresql)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "scripts/test.sh: installing ${missing[*]}" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+if command -v rustup >/dev/null; then
+  cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+  cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+fi
+cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
+
+set -x
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo nextest run --workspace --all-targets --no-fail-fast "$@"
+cargo test --workspace --doc
