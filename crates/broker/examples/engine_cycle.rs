@@ -1,7 +1,8 @@
 //! Redis CPU per job of the engine's own cycle (enqueue in batches, claim a batch, complete it), without a
 //! worker runtime: the number to watch when changing a script. Starts its own redis-server.
 //!
-//! `cargo run --release -p ferry-broker --example engine_cycle -- [jobs] [batch] [claimers]`
+//! `cargo run --release -p ferry-broker --example engine_cycle -- [jobs] [batch] [claimers]`, or `-- --bare
+//! [jobs] [batch]` for the plain XADD / XREADGROUP / XACK cycle on the same machine, as the floor to compare with.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,11 +20,17 @@ fn cpu_micros(pid: u32) -> u64 {
     ticks * 10_000 // CLK_TCK = 100 on Linux
 }
 
+/// Microseconds Redis spent in scripts (EVALSHA/EVAL, nested calls included) and in plain commands, with
+/// nested calls excluded from the latter (commandstats counts a script's inner calls again under their own
+/// names, so a plain sum double-counts).
 fn commandstats_usec(server: &RedisServer) -> (u64, String) {
     let out = server.cli(&["INFO", "commandstats"]).unwrap_or_default();
     let mut total = 0;
     let mut lines = Vec::new();
-    for l in out.lines().filter(|l| l.starts_with("cmdstat_")) {
+    for l in out
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_eval") || l.starts_with("cmdstat_xread:"))
+    {
         let usec: u64 = l
             .split("usec=")
             .nth(1)
@@ -36,8 +43,86 @@ fn commandstats_usec(server: &RedisServer) -> (u64, String) {
     (total, lines.join("\n"))
 }
 
+/// The bare cycle the issue calls the floor: pipelined XADD, XREADGROUP COUNT batch, one XACK per batch; no
+/// scripts, no events, no fencing, no index. Same sizes, same server settings.
+async fn bare(jobs: usize, batch: usize) {
+    let server = RedisServer::start_with(&["--appendonly", "no"]).unwrap();
+    let pid = server.pid().unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("s")
+        .arg("g")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let payload = r#"{"kind":"ferry.noop","payload":{},"priority":"normal","max_attempts":3,"backoff":{"base_ms":1000,"max_ms":30000},"created_at":1764460000000}"#;
+    let p0 = cpu_micros(pid);
+    let mut left = jobs;
+    while left > 0 {
+        let n = left.min(1000);
+        let mut pipe = redis::pipe();
+        for _ in 0..n {
+            pipe.cmd("XADD")
+                .arg("s")
+                .arg("*")
+                .arg("j")
+                .arg(payload)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut c).await.unwrap();
+        left -= n;
+    }
+    let p1 = cpu_micros(pid);
+    loop {
+        let v: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("COUNT")
+            .arg(batch)
+            .arg("STREAMS")
+            .arg("s")
+            .arg(">")
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        let ids: Vec<String> = v
+            .keys
+            .iter()
+            .flat_map(|k| k.ids.iter().map(|i| i.id.clone()))
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        let _: i64 = redis::cmd("XACK")
+            .arg("s")
+            .arg("g")
+            .arg(&ids)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let p2 = cpu_micros(pid);
+    let per = |a: u64, b: u64| (b - a) as f64 / jobs as f64;
+    println!(
+        "{{\"bare\":true,\"jobs\":{jobs},\"batch\":{batch},\"enqueue_proc_cpu_us_per_job\":{:.2},\"process_proc_cpu_us_per_job\":{:.2}}}",
+        per(p0, p1),
+        per(p1, p2)
+    );
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "--bare") {
+        let args: Vec<usize> = std::env::args().filter_map(|a| a.parse().ok()).collect();
+        let jobs = args.first().copied().unwrap_or(100_000);
+        bare(jobs, args.get(1).copied().unwrap_or(100)).await;
+        return;
+    }
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

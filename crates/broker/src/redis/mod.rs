@@ -552,16 +552,17 @@ impl Broker for RedisBroker {
             let v = array(&v)?;
             match v.first().map(text).transpose()?.as_deref() {
                 Some("jobs") => {
-                    let mut out = Vec::with_capacity((v.len() - 1) / 6);
-                    for c in v[1..].chunks(6) {
-                        let [p, eid, id, a, j, m] = c else {
+                    let mut out = Vec::with_capacity((v.len() - 1) / 5);
+                    for c in v[1..].chunks(5) {
+                        let [p, eid, id, a, j] = c else {
                             return Err(bad("claim reply"));
                         };
-                        let (p, eid, m) = (int(p)? as usize, text(eid)?, text(m)?);
+                        let (p, eid) = (int(p)? as usize, text(eid)?);
                         let spec: ferry_core::JobSpec = serde_json::from_str(&text(j)?)
                             .map_err(|e| bad(format!("job spec: {e}")))?;
                         let attempt = int(a)? as u32 + 1;
                         let id = JobId::parse(&text(id)?).map_err(bad)?;
+                        let m = codec::meta(id, queue, &spec);
                         let lease = Lease {
                             queue: queue.clone(),
                             job: id,

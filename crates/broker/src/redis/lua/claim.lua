@@ -1,6 +1,7 @@
 -- KEYS: p0 p1 p2 paused events
 -- ARGV: consumer max now evmax
--- Returns {'paused'}, {'empty', last0, last1, last2} (ids to block on), or {'jobs', p, eid, id, a, j, m, ...}.
+-- Returns {'paused'}, {'empty', last0, last1, last2} (ids to block on), or {'jobs', p, eid, id, a, j, ...}
+-- (the caller rebuilds `m` from the spec: returning it would cost Redis more than it saves the caller).
 -- The claim itself is XREADGROUP: the pending entry (owner + delivery) is the lease, so no per-job write here.
 if redis.call('EXISTS', KEYS[4]) == 1 then return { 'paused' } end
 local consumer, remaining, now, evmax = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
@@ -25,7 +26,6 @@ for p = 0, 2 do
       out[#out + 1] = id
       out[#out + 1] = a
       out[#out + 1] = j
-      out[#out + 1] = m
       add(active, m, a + 1)
     end
     remaining = remaining - #entries

@@ -5,6 +5,8 @@ if redis.call('SADD', KEYS[7], queue) == 1 then
   for p = 1, 3 do redis.pcall('XGROUP', 'CREATE', KEYS[p], 'workers', '0', 'MKSTREAM') end
 end
 local out, i = {}, 6
+-- One HSET for the whole batch: a call per job costs more than the field it writes.
+local hset = { 'HSET', KEYS[4] }
 local queued, scheduled = group('job.queued', 'queued', now), group('job.scheduled', 'scheduled', now)
 for k = 1, n do
   local id, mode, p, run_at, idem, m, x, j, rec =
@@ -21,14 +23,17 @@ for k = 1, n do
     out[k] = ''
     if mode == 'q' then
       local eid = redis.call('XADD', KEYS[p + 1], '*', 'id', id, 'm', m, 'a', '0', 'x', x, 'j', j)
-      redis.call('HSET', KEYS[4], id, '["q",' .. p .. ',"' .. eid .. '"]')
+      hset[#hset + 1] = id
+      hset[#hset + 1] = '["q",' .. p .. ',"' .. eid .. '"]'
       add(queued, m, 0)
     else
       redis.call('ZADD', KEYS[5], run_at, id)
-      redis.call('HSET', KEYS[4], id, rec)
+      hset[#hset + 1] = id
+      hset[#hset + 1] = rec
       add(scheduled, m, 0, '{"run_at":' .. run_at .. '}')
     end
   end
 end
+if #hset > 2 then redis.call(unpack(hset)) end
 emit(KEYS[6], evmax, { queued, scheduled })
 return out
