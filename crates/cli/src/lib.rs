@@ -1,1 +1,164 @@
-//! placeholder
+//! The `ferry` binary's logic: parse flags and `FERRY_*` variables ([`args`]), validate them into typed
+//! configuration, connect, wire the role crates and wait. Subcommands: [`worker`] and [`enqueue`].
+//!
+//! Exit codes follow sysexits: 0 success, 64 bad input (checked before anything connects), 69 a broker that
+//! cannot be reached, 70 an internal error. This crate must not hold job logic of its own: it only parses,
+//! validates, wires and waits; whatever a test or `ferry dev` would need lives in the role crates.
+
+pub mod args;
+pub mod enqueue;
+pub mod worker;
+
+use std::process::ExitCode;
+
+pub use args::Cli;
+
+/// EX_USAGE: the command was used incorrectly (bad flag, bad value).
+pub const EXIT_USAGE: u8 = 64;
+/// EX_UNAVAILABLE: a service the command needs (Redis) cannot be reached.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// EX_SOFTWARE: an internal error.
+pub const EXIT_SOFTWARE: u8 = 70;
+
+/// Why a command failed, which decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad input; the message names the flag, e.g. `invalid --payload: expected JSON: …`.
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CliError {
+    pub fn usage(flag: &str, message: impl std::fmt::Display) -> Self {
+        Self::Usage(format!("invalid {flag}: {message}"))
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => EXIT_USAGE,
+            Self::Unavailable(_) => EXIT_UNAVAILABLE,
+            Self::Internal(_) => EXIT_SOFTWARE,
+        }
+    }
+}
+
+/// Parse the process arguments; a parse error is printed and exits 64 (help and version exit 0).
+pub fn parse_args() -> Result<Cli, ExitCode> {
+    use clap::Parser;
+    use clap::error::ErrorKind;
+    Cli::try_parse().map_err(|e| {
+        let _ = e.print();
+        match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => ExitCode::SUCCESS,
+            _ => ExitCode::from(EXIT_USAGE),
+        }
+    })
+}
+
+/// Run a parsed command to completion and map the outcome to an exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let json = cli.log_format == args::LogFormat::Json;
+    let result = match cli.command {
+        args::Command::Worker(a) => worker::resolve(a).and_then(|cfg| {
+            init_tracing(json)?;
+            runtime()?.block_on(worker::run(cfg))
+        }),
+        args::Command::Enqueue(a) => enqueue::resolve(a).and_then(|cfg| {
+            init_tracing(json)?;
+            runtime()?.block_on(enqueue::run(cfg))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_tracing(json: bool) -> Result<(), CliError> {
+    ferry_telemetry::init_tracing(json).map_err(|e| match e {
+        ferry_telemetry::TelemetryError::InvalidFilter { .. } => CliError::Usage(e.to_string()),
+        other => CliError::Internal(other.to_string()),
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Internal(format!("cannot start the async runtime: {e}")))
+}
+
+/// Check `--redis` URLs without connecting: the engine speaks `redis://` (and `rediss://` for TLS).
+pub(crate) fn check_redis_urls(urls: &[String]) -> Result<Vec<String>, CliError> {
+    let urls: Vec<String> = urls
+        .iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(CliError::usage("--redis", "at least one URL is required"));
+    }
+    for u in &urls {
+        let Some((scheme, rest)) = u.split_once("://") else {
+            return Err(CliError::usage(
+                "--redis",
+                format!("expected redis://host:port[/db], got {u:?}"),
+            ));
+        };
+        if !matches!(scheme, "redis" | "rediss") || rest.is_empty() {
+            return Err(CliError::usage(
+                "--redis",
+                format!("expected redis://host:port[/db], got {u:?}"),
+            ));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = urls.iter().find(|u| !seen.insert(*u)) {
+        return Err(CliError::usage("--redis", format!("{dup} is listed twice")));
+    }
+    Ok(urls)
+}
+
+/// Connect to every shard; an unreachable one is exit 69.
+pub(crate) async fn connect(
+    urls: &[String],
+    config: ferry_broker::EngineConfig,
+) -> Result<ferry_broker::RedisBroker, CliError> {
+    use ferry_broker::Broker;
+    let broker = ferry_broker::RedisBroker::connect(urls, config)
+        .await
+        .map_err(|e| {
+            CliError::Unavailable(format!("cannot reach redis ({}): {e}", urls.join(", ")))
+        })?;
+    broker.ping().await.map_err(|e| {
+        CliError::Unavailable(format!("cannot reach redis ({}): {e}", urls.join(", ")))
+    })?;
+    Ok(broker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_urls_are_checked() {
+        let ok =
+            check_redis_urls(&["redis://127.0.0.1:6379".into(), " redis://h:1/2 ".into()]).unwrap();
+        assert_eq!(ok[1], "redis://h:1/2");
+        for bad in ["127.0.0.1:6379", "http://x", "redis://"] {
+            let e = check_redis_urls(&[bad.into()]).unwrap_err();
+            assert!(e.to_string().starts_with("invalid --redis: "), "{e}");
+            assert_eq!(e.exit_code(), EXIT_USAGE);
+        }
+        assert!(check_redis_urls(&["redis://a:1".into(), "redis://a:1".into()]).is_err());
+    }
+}

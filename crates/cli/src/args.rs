@@ -1,0 +1,258 @@
+//! Command-line flags, each with its `FERRY_*` environment variable. These are raw strings and numbers as typed;
+//! [`crate::worker`] and [`crate::enqueue`] turn them into validated configuration before anything connects.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "ferry: a job queue and realtime event cluster",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Log format: `text` for people, `json` (one object per line) for log collectors. The level comes from
+    /// FERRY_LOG or RUST_LOG (default `info`).
+    #[arg(
+        long,
+        value_enum,
+        env = "FERRY_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a worker: claim jobs from the given queues and run them until SIGTERM/SIGINT, then drain.
+    Worker(WorkerArgs),
+    /// Submit jobs straight to the broker.
+    Enqueue(EnqueueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RedisArgs {
+    /// Redis shard URL (redis://host:port[/db]); repeat for several shards, over which queues are spread by
+    /// consistent hashing. Every process of a cluster must list the same shards in the same order.
+    #[arg(
+        long = "redis",
+        value_name = "URL",
+        env = "FERRY_REDIS_URLS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub redis: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Queues to work on, comma-separated.
+    #[arg(
+        long,
+        value_name = "Q1,Q2",
+        env = "FERRY_QUEUES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub queues: Vec<String>,
+
+    /// Most jobs running at once per queue.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_CONCURRENCY",
+        default_value_t = 10
+    )]
+    pub concurrency: usize,
+
+    /// Per-queue concurrency override, QUEUE=N; repeatable or comma-separated.
+    #[arg(
+        long,
+        value_name = "QUEUE=N",
+        env = "FERRY_QUEUE_CONCURRENCY",
+        value_delimiter = ','
+    )]
+    pub queue_concurrency: Vec<String>,
+
+    /// Most jobs claimed in one call (never more than the free slots).
+    #[arg(long, value_name = "N", env = "FERRY_BATCH_SIZE", default_value_t = 10)]
+    pub batch_size: usize,
+
+    /// Longest a claim waits for work; bounds how long shutdown takes to notice.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_CLAIM_WAIT_MS",
+        default_value_t = 1_000
+    )]
+    pub claim_wait_ms: u64,
+
+    /// Time limit of an attempt whose job sets no timeout.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_JOB_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub job_timeout_ms: u64,
+
+    /// A job not heartbeated for this long is reclaimed by another worker. Every worker of a cluster should use
+    /// the same value.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_VISIBILITY_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub visibility_timeout_ms: u64,
+
+    /// Heartbeat period for leases held (default: a third of the visibility timeout).
+    #[arg(long, value_name = "MS", env = "FERRY_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+
+    /// Outcomes sent to the broker in one call.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_ACK_BATCH_SIZE",
+        default_value_t = 100
+    )]
+    pub ack_batch_size: usize,
+
+    /// Longest an outcome waits for its batch to fill.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_ACK_MAX_DELAY_MS",
+        default_value_t = 2
+    )]
+    pub ack_max_delay_ms: u64,
+
+    /// How often due jobs are promoted and expired leases reclaimed.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_SCHEDULER_INTERVAL_MS",
+        default_value_t = 250
+    )]
+    pub scheduler_interval_ms: u64,
+
+    /// How often stream trimming and retention run.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_MAINTAIN_INTERVAL_MS",
+        default_value_t = 5_000
+    )]
+    pub maintain_interval_ms: u64,
+
+    /// On shutdown, how long running jobs may finish before they are cancelled and released.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_DRAIN_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub drain_timeout_ms: u64,
+
+    /// How long finished jobs stay in Redis for lookups.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_FINISHED_RETENTION_MS",
+        default_value_t = 3_600_000
+    )]
+    pub finished_retention_ms: u64,
+
+    /// Consumer name in the broker (default: <hostname>-<pid>-<random>).
+    #[arg(long, value_name = "NAME", env = "FERRY_CONSUMER")]
+    pub consumer: Option<String>,
+
+    /// Run jobs of KIND by POSTing them to URL, KIND=URL; repeatable or comma-separated.
+    #[arg(
+        long,
+        value_name = "KIND=URL",
+        env = "FERRY_WEBHOOKS",
+        value_delimiter = ','
+    )]
+    pub webhook: Vec<String>,
+
+    /// Per-request time limit of webhooks.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_WEBHOOK_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub webhook_timeout_ms: u64,
+
+    /// Header sent with every webhook request, "Name: value"; repeatable (the variable holds one header).
+    #[arg(long, value_name = "HEADER", env = "FERRY_WEBHOOK_HEADER")]
+    pub webhook_header: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PriorityArg {
+    High,
+    Normal,
+    Low,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Queue to submit to.
+    #[arg(long, value_name = "QUEUE", env = "FERRY_QUEUE")]
+    pub queue: String,
+
+    /// Job kind (which handler runs it), e.g. ferry.echo.
+    #[arg(long, value_name = "KIND", env = "FERRY_KIND")]
+    pub kind: String,
+
+    /// Job payload, as JSON.
+    #[arg(
+        long,
+        value_name = "JSON",
+        env = "FERRY_PAYLOAD",
+        default_value = "null"
+    )]
+    pub payload: String,
+
+    /// Submit this many copies and print a summary line instead of the ids.
+    #[arg(long, value_name = "N", env = "FERRY_COUNT")]
+    pub count: Option<u64>,
+
+    #[arg(long, value_enum, env = "FERRY_PRIORITY", default_value = "normal")]
+    pub priority: PriorityArg,
+
+    /// Run no earlier than this many milliseconds from now.
+    #[arg(long, value_name = "MS", env = "FERRY_DELAY_MS")]
+    pub delay_ms: Option<u64>,
+
+    /// Attempts before the job is dead (default 3).
+    #[arg(long, value_name = "N", env = "FERRY_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+
+    /// Per-attempt time limit (default: the worker's).
+    #[arg(long, value_name = "MS", env = "FERRY_TIMEOUT_MS")]
+    pub timeout_ms: Option<u64>,
+
+    /// A second submit with the same key returns the first job's id.
+    #[arg(long, value_name = "KEY", env = "FERRY_IDEMPOTENCY_KEY")]
+    pub idempotency_key: Option<String>,
+}

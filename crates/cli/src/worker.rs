@@ -1,0 +1,197 @@
+//! `ferry worker`: validate the flags into a [`WorkerConfig`] and a handler registry, connect to Redis, run the
+//! worker until SIGTERM/SIGINT, drain, exit 0.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_broker::EngineConfig;
+use ferry_core::{Kind, QueueName};
+use ferry_worker::{HandlerRegistry, WebhookConfig, Worker, WorkerConfig, WorkerError};
+
+use crate::CliError;
+use crate::args::WorkerArgs;
+
+/// Everything `ferry worker` needs, validated.
+#[derive(Debug)]
+pub struct ResolvedWorker {
+    pub urls: Vec<String>,
+    pub engine: EngineConfig,
+    pub worker: WorkerConfig,
+    pub registry: HandlerRegistry,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// Turn flags into configuration, naming the flag at fault. Connects to nothing.
+pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
+    let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let queues = a
+        .queues
+        .iter()
+        .map(|q| q.trim())
+        .filter(|q| !q.is_empty())
+        .map(|q| QueueName::parse(q).map_err(|e| CliError::usage("--queues", first(&e))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if queues.is_empty() {
+        return Err(CliError::usage("--queues", "name at least one queue"));
+    }
+    let mut queue_concurrency = HashMap::new();
+    for item in a.queue_concurrency.iter().filter(|s| !s.trim().is_empty()) {
+        let bad = || {
+            CliError::usage(
+                "--queue-concurrency",
+                format!("expected QUEUE=N, got {item:?}"),
+            )
+        };
+        let (q, n) = item.split_once('=').ok_or_else(bad)?;
+        let q = QueueName::parse(q.trim())
+            .map_err(|e| CliError::usage("--queue-concurrency", first(&e)))?;
+        let n: usize = n.trim().parse().map_err(|_| bad())?;
+        if !queues.contains(&q) {
+            return Err(CliError::usage(
+                "--queue-concurrency",
+                format!("{q} is not one of --queues"),
+            ));
+        }
+        queue_concurrency.insert(q, n);
+    }
+    if a.visibility_timeout_ms == 0 {
+        return Err(CliError::usage(
+            "--visibility-timeout-ms",
+            "must be greater than zero",
+        ));
+    }
+    let engine = EngineConfig {
+        visibility_timeout: ms(a.visibility_timeout_ms),
+        finished_retention: ms(a.finished_retention_ms),
+        ..EngineConfig::default()
+    };
+    let worker = WorkerConfig {
+        queues,
+        concurrency: a.concurrency,
+        queue_concurrency,
+        batch_size: a.batch_size,
+        claim_wait: ms(a.claim_wait_ms),
+        default_job_timeout: ms(a.job_timeout_ms),
+        visibility_timeout: ms(a.visibility_timeout_ms),
+        heartbeat_interval: a.heartbeat_interval_ms.map(ms),
+        ack_batch_size: a.ack_batch_size,
+        ack_max_delay: ms(a.ack_max_delay_ms),
+        scheduler_interval: ms(a.scheduler_interval_ms),
+        maintain_interval: ms(a.maintain_interval_ms),
+        drain_timeout: ms(a.drain_timeout_ms),
+        consumer: a.consumer,
+        ..WorkerConfig::default()
+    };
+    worker.validate().map_err(|e| match e {
+        WorkerError::Config { field, message } => CliError::usage(flag_of(field), message),
+        other => CliError::Usage(other.to_string()),
+    })?;
+
+    let mut headers = Vec::new();
+    for h in &a.webhook_header {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| CliError::usage("--webhook-header", "expected \"Name: value\""))?;
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    if a.webhook_timeout_ms == 0 {
+        return Err(CliError::usage(
+            "--webhook-timeout-ms",
+            "must be greater than zero",
+        ));
+    }
+    let mut registry = HandlerRegistry::with_builtins();
+    for item in a.webhook.iter().filter(|s| !s.trim().is_empty()) {
+        let (kind, url) = item.split_once('=').ok_or_else(|| {
+            CliError::usage("--webhook", format!("expected KIND=URL, got {item:?}"))
+        })?;
+        let kind = Kind::parse(kind.trim()).map_err(|e| CliError::usage("--webhook", first(&e)))?;
+        let config = WebhookConfig {
+            url: url.trim().to_owned(),
+            timeout: ms(a.webhook_timeout_ms),
+            headers: headers.clone(),
+        };
+        registry
+            .register_webhook(kind, config)
+            .map_err(|e| CliError::usage("--webhook", e))?;
+    }
+    Ok(ResolvedWorker {
+        urls,
+        engine,
+        worker,
+        registry,
+    })
+}
+
+/// The flag that sets a `WorkerConfig` field, for error messages.
+fn flag_of(field: &str) -> &'static str {
+    match field {
+        "queues" => "--queues",
+        "concurrency" => "--concurrency",
+        "queue_concurrency" => "--queue-concurrency",
+        "batch_size" => "--batch-size",
+        "claim_wait" => "--claim-wait-ms",
+        "default_job_timeout" => "--job-timeout-ms",
+        "visibility_timeout" => "--visibility-timeout-ms",
+        "heartbeat_interval" => "--heartbeat-interval-ms",
+        "ack_batch_size" => "--ack-batch-size",
+        "ack_max_delay" => "--ack-max-delay-ms",
+        "scheduler_interval" => "--scheduler-interval-ms",
+        "maintain_interval" => "--maintain-interval-ms",
+        "drain_timeout" => "--drain-timeout-ms",
+        "consumer" => "--consumer",
+        _ => "configuration",
+    }
+}
+
+fn first(e: &ferry_core::ValidationError) -> String {
+    e.errors
+        .first()
+        .map(|f| f.message.clone())
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// Connect, run until a signal, drain.
+pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
+    // Registered before connecting, so a SIGTERM during a slow connect is still a graceful stop.
+    let shutdown =
+        ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
+    let broker = tokio::select! {
+        b = crate::connect(&cfg.urls, cfg.engine.clone()) => b?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let worker = Worker::new(Arc::new(broker), cfg.registry, cfg.worker)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    // A second signal while draining means "now": exit without waiting for the drain.
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if let Ok(again) = ferry_telemetry::shutdown_signal() {
+                let sig = again.await;
+                tracing::warn!(
+                    signal = sig.name(),
+                    "second signal: exiting without finishing the drain"
+                );
+                std::process::exit(i32::from(crate::EXIT_SOFTWARE));
+            }
+        });
+    }
+    let report = worker
+        .run(shutdown)
+        .await
+        .map_err(|e| CliError::Internal(e.to_string()))?;
+    tracing::info!(
+        completed = report.completed_during_drain,
+        failed = report.failed_during_drain,
+        released = report.released,
+        undelivered = report.undelivered,
+        timed_out = report.timed_out,
+        "drained"
+    );
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The `ferry` binary's contract with scripts: exit codes, messages that name the flag, output formats, and the
+//! `FERRY_*` environment variables.
+
+use std::process::{Command, Output};
+
+use anyhow::Result;
+use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_core::{JobId, JobState, Priority, QueueName};
+use ferry_testkit::RedisServer;
+
+fn ferry(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(args).env("FERRY_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run ferry")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn bad_input_exits_64_naming_the_flag_before_connecting() {
+    // Port 1: nothing listens, so reaching the check proves validation came first.
+    let r = "redis://127.0.0.1:1";
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "enqueue",
+                "--redis",
+                r,
+                "--queue",
+                "q",
+                "--kind",
+                "k",
+                "--payload",
+                "{nope",
+            ],
+            "invalid --payload: expected JSON: ",
+        ),
+        (
+            &[
+                "enqueue",
+                "--redis",
+                r,
+                "--queue",
+                "bad queue",
+                "--kind",
+                "k",
+            ],
+            "invalid --queue: ",
+        ),
+        (
+            &[
+                "enqueue",
+                "--redis",
+                r,
+                "--queue",
+                "q",
+                "--kind",
+                "k",
+                "--max-attempts",
+                "0",
+            ],
+            "invalid --max-attempts: ",
+        ),
+        (
+            &[
+                "enqueue",
+                "--redis",
+                "localhost:6379",
+                "--queue",
+                "q",
+                "--kind",
+                "k",
+            ],
+            "invalid --redis: ",
+        ),
+        (
+            &["worker", "--redis", r, "--queues", "q", "--batch-size", "0"],
+            "invalid --batch-size: ",
+        ),
+        (
+            &[
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--webhook",
+                "nourl",
+            ],
+            "invalid --webhook: ",
+        ),
+        (
+            &[
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--concurrency",
+                "many",
+            ],
+            "--concurrency",
+        ),
+        (&["worker", "--queues", "q"], "--redis"),
+    ];
+    for (args, expected) in cases {
+        let out = ferry(args, &[]);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn unreachable_broker_exits_69() {
+    for args in [
+        &[
+            "enqueue",
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--queue",
+            "q",
+            "--kind",
+            "k",
+        ][..],
+        &["worker", "--redis", "redis://127.0.0.1:1", "--queues", "q"][..],
+    ] {
+        let out = ferry(args, &[]);
+        assert_eq!(out.status.code(), Some(69), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("cannot reach redis"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_prints_ids_or_a_summary_and_reads_env() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+
+    let out = ferry(
+        &[
+            "enqueue",
+            "--redis",
+            &url,
+            "--queue",
+            "cli",
+            "--kind",
+            "ferry.echo",
+            "--payload",
+            r#"{"a":1}"#,
+            "--priority",
+            "high",
+            "--delay-ms",
+            "60000",
+            "--max-attempts",
+            "5",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = JobId::parse(String::from_utf8(out.stdout)?.trim())?;
+    let info = broker.job(id).await?.expect("job stored");
+    assert_eq!(info.state, JobState::Scheduled);
+    assert_eq!(info.spec.priority, Priority::High);
+    assert_eq!(info.spec.max_attempts, 5);
+    assert_eq!(info.spec.payload, serde_json::json!({"a": 1}));
+
+    // Everything from the environment, 1,200 jobs in batches of at most 500.
+    let out = ferry(
+        &["enqueue"],
+        &[
+            ("FERRY_REDIS_URLS", url.as_str()),
+            ("FERRY_QUEUE", "cli-bulk"),
+            ("FERRY_KIND", "ferry.noop"),
+            ("FERRY_COUNT", "1200"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = String::from_utf8(out.stdout)?;
+    assert!(
+        line.starts_with("enqueued 1200 jobs to queue cli-bulk in "),
+        "{line}"
+    );
+    assert_eq!(
+        broker.stats(&QueueName::parse("cli-bulk")?).await?.depth,
+        1200
+    );
+    Ok(())
+}
