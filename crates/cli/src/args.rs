@@ -132,14 +132,23 @@ pub struct WorkerArgs {
     )]
     pub ack_batch_size: usize,
 
-    /// Longest an outcome waits for its batch to fill.
+    /// Extra time an outcome may wait for its batch to fill (0: send whatever is waiting).
     #[arg(
         long,
         value_name = "MS",
         env = "FERRY_ACK_MAX_DELAY_MS",
-        default_value_t = 2
+        default_value_t = 0
     )]
     pub ack_max_delay_ms: u64,
+
+    /// Acknowledgement calls in flight at once.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_ACK_CONCURRENCY",
+        default_value_t = 2
+    )]
+    pub ack_concurrency: usize,
 
     /// How often due jobs are promoted and expired leases reclaimed.
     #[arg(

@@ -80,6 +80,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         heartbeat_interval: a.heartbeat_interval_ms.map(ms),
         ack_batch_size: a.ack_batch_size,
         ack_max_delay: ms(a.ack_max_delay_ms),
+        ack_concurrency: a.ack_concurrency,
         scheduler_interval: ms(a.scheduler_interval_ms),
         maintain_interval: ms(a.maintain_interval_ms),
         drain_timeout: ms(a.drain_timeout_ms),

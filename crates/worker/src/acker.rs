@@ -2,10 +2,14 @@
 //! leave in batches (`complete`, `fail` and `release`, one call each per batch), so a busy worker costs the
 //! broker one round trip per hundred jobs rather than one per job.
 //!
+//! Batches size themselves to the load: the acker takes whatever outcomes are waiting (up to `ack_batch_size`)
+//! and sends them at once, with up to `ack_concurrency` calls in flight (default 2); while those are out, the next batch
+//! gathers. A quiet worker therefore acknowledges each job at once, and a busy one in large batches, with no
+//! timer adding latency in either case.
+//!
 //! A batch is kept and retried while the broker is unreachable, up to `ack_retry_timeout`; after that its jobs
 //! are given up loudly and left to be redelivered when their leases expire (at-least-once). Either way the
-//! batch releases everything it held: the jobs leave the in-flight map (no more heartbeats) and their
-//! concurrency slots are returned, when each [`Ack`] is dropped.
+//! batch releases everything it held: the jobs leave the in-flight map (no more heartbeats).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,21 +17,20 @@ use std::time::Instant;
 
 use ferry_broker::{BrokerError, Completion, FailOutcome, Failure, Lease, Retry};
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::JobSlot;
 use crate::retry::{Health, backoff};
 use crate::runtime::Core;
 
-/// A finished job on its way to the broker. Holding the permit keeps the job's concurrency slot taken until
-/// its outcome is delivered or given up, which bounds the outcomes in memory by the concurrency.
+/// A finished job on its way to the broker. Outcomes in memory are bounded by the channel's capacity plus
+/// `ack_concurrency` batches in flight: a job task hands its outcome over (waiting for room if the acker is
+/// behind) before it gives back its concurrency slot.
 #[derive(Debug)]
 pub(crate) struct Ack {
     pub(crate) op: AckOp,
     pub(crate) slot: Arc<JobSlot>,
-    /// Held, never read: dropping it returns the slot.
-    pub(crate) _permit: OwnedSemaphorePermit,
 }
 
 #[derive(Debug)]
@@ -44,20 +47,33 @@ pub(crate) enum AckOp {
 /// Run until every sender is gone and the last batch is flushed. `abort` makes it give up at once on whatever
 /// it still holds (the shutdown deadline passed).
 pub(crate) async fn run(core: Arc<Core>, mut rx: mpsc::Receiver<Ack>, abort: CancellationToken) {
-    let cfg = &core.config;
-    let mut batch: Vec<Ack> = Vec::with_capacity(cfg.ack_batch_size);
+    let cfg = core.config.clone();
+    let mut flushes = tokio::task::JoinSet::new();
     while let Some(first) = rx.recv().await {
+        let mut batch = Vec::with_capacity(cfg.ack_batch_size);
         batch.push(first);
         let deadline = tokio::time::Instant::now() + cfg.ack_max_delay;
         while batch.len() < cfg.ack_batch_size {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(ack)) => batch.push(ack),
-                // Closed or the delay is up: flush what we have.
-                Ok(None) | Err(_) => break,
+            match rx.try_recv() {
+                Ok(ack) => batch.push(ack),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                // Nothing waiting: send now, unless an extra wait was configured.
+                Err(mpsc::error::TryRecvError::Empty) if cfg.ack_max_delay.is_zero() => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(ack)) => batch.push(ack),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
             }
         }
-        flush(&core, std::mem::take(&mut batch), &abort).await;
+        while flushes.len() >= cfg.ack_concurrency {
+            flushes.join_next().await;
+        }
+        let (core, abort) = (core.clone(), abort.clone());
+        flushes.spawn(async move { flush(&core, batch, &abort).await });
     }
+    while flushes.join_next().await.is_some() {}
 }
 
 async fn flush(core: &Arc<Core>, batch: Vec<Ack>, abort: &CancellationToken) {

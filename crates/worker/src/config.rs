@@ -35,8 +35,12 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Option<Duration>,
     /// Outcomes sent to the broker in one call (default 100).
     pub ack_batch_size: usize,
-    /// Longest an outcome waits for its batch to fill (default 2 ms).
+    /// Extra time an outcome may wait for its batch to fill (default 0: send whatever is waiting; batches grow
+    /// by themselves while earlier calls are in flight).
     pub ack_max_delay: Duration,
+    /// Acknowledgement calls in flight at once (default 2): more overlap round trips, fewer make larger
+    /// batches (fewer Redis wake-ups per job).
+    pub ack_concurrency: usize,
     /// How long a batch of outcomes is retried while the broker is unreachable before it is given up (its jobs
     /// are then redelivered once their leases expire). Default: `visibility_timeout`, after which the leases
     /// are gone and the broker would reject the outcomes anyway.
@@ -77,7 +81,8 @@ impl Default for WorkerConfig {
             visibility_timeout: Duration::from_secs(30),
             heartbeat_interval: None,
             ack_batch_size: 100,
-            ack_max_delay: Duration::from_millis(2),
+            ack_max_delay: Duration::ZERO,
+            ack_concurrency: 2,
             ack_retry_timeout: None,
             scheduler_interval: Duration::from_millis(250),
             scheduler_batch: 1000,
@@ -148,6 +153,9 @@ impl WorkerConfig {
         }
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1");
+        }
+        if self.ack_concurrency == 0 {
+            return bad("ack_concurrency", "must be at least 1");
         }
         if self.ack_batch_size == 0 {
             return bad("ack_batch_size", "must be at least 1");

@@ -28,6 +28,9 @@ use crate::handler::JobSlot;
 use crate::retry::{Health, backoff};
 use crate::{HandlerRegistry, JobContext, WorkerConfig, WorkerError};
 
+/// Most claim loops per queue (each may hold a blocking connection while the queue is empty).
+const MAX_CLAIM_LOOPS: usize = 8;
+
 /// Most leases sent in one heartbeat call; a worker holding more sends several calls per round.
 const HEARTBEAT_CHUNK: usize = 1000;
 
@@ -284,8 +287,8 @@ impl Worker {
         let cfg = &core.config;
         let abort = CancellationToken::new();
         let heartbeat_stop = CancellationToken::new();
-        // Bounded: every ack also holds a concurrency permit, so at most the total concurrency is ever queued;
-        // the capacity only decides how many job tasks can hand over without waiting.
+        // Bounded: a job task waits here for room before it frees its concurrency slot, so a slow broker slows
+        // the worker down instead of piling up outcomes.
         let (ack_tx, ack_rx) = mpsc::channel(cfg.ack_batch_size.saturating_mul(2).max(16));
         let jobs = TaskTracker::new();
         let run = Arc::new(RunCtx {
@@ -301,10 +304,19 @@ impl Worker {
         let scheduler = cfg
             .run_scheduler
             .then(|| tokio::spawn(crate::scheduler::run(core.clone(), shutdown.clone())));
+        // Several claim loops per queue when the concurrency is larger than a batch, so that one claim's round
+        // trip does not cap the queue's throughput at batch_size per round trip.
         let claimers: Vec<_> = cfg
             .queues
             .iter()
-            .map(|q| tokio::spawn(claim_loop(run.clone(), q.clone())))
+            .flat_map(|q| {
+                let loops = cfg
+                    .concurrency_of(q)
+                    .div_ceil(cfg.batch_size)
+                    .clamp(1, MAX_CLAIM_LOOPS);
+                (0..loops).map(|_| q.clone()).collect::<Vec<_>>()
+            })
+            .map(|q| tokio::spawn(claim_loop(run.clone(), q)))
             .collect();
         tracing::info!(
             consumer = %core.consumer,
@@ -500,10 +512,10 @@ async fn start_jobs(
                 Ack {
                     op: AckOp::Release,
                     slot,
-                    _permit: permit,
                 },
             )
             .await;
+            drop(permit);
             continue;
         }
         let job = leased.job;
@@ -545,15 +557,10 @@ async fn run_job(run: Arc<RunCtx>, job: Job, slot: Arc<JobSlot>, permit: OwnedSe
     let core = &run.core;
     match execute(core, job, &slot).await {
         Some(op) => {
-            send_ack(
-                &run,
-                Ack {
-                    op,
-                    slot,
-                    _permit: permit,
-                },
-            )
-            .await
+            send_ack(&run, Ack { op, slot }).await;
+            // The slot is free once the outcome is handed over: the round trip to the broker no longer holds
+            // back the next job, and the bounded channel keeps the outcomes in memory bounded.
+            drop(permit);
         }
         None => {
             // The lease is gone (cancelled, or reclaimed by another worker): nothing to report.
