@@ -1,1 +1,358 @@
-fn main() {}
+//! `loadtest`: ferry's benchmark runner.
+//!
+//! `loadtest jobs [--peer bullmq]` enqueues N no-op jobs, processes them with one `ferry worker` process,
+//! measures enqueue→complete latency at fixed offered rates, and — with `--peer bullmq` — does the same with
+//! BullMQ on a redis-server of the same version. It prints one JSON document (and writes it to `--out`).
+//! See loadtest/README.md for what each figure means.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use loadtest::{bullmq, ferry, procs, redis_cpu, report};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    about = "ferry's load generator and peer comparisons"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// No-op jobs: enqueue throughput, processing throughput with one worker process, latency at fixed rates.
+    Jobs(JobsArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Peer {
+    Bullmq,
+    None,
+}
+
+#[derive(Debug, clap::Args)]
+struct JobsArgs {
+    /// Jobs to enqueue and then process.
+    #[arg(long, default_value_t = 200_000)]
+    jobs: u64,
+    /// The worker's concurrency (both systems).
+    #[arg(long, default_value_t = 50)]
+    concurrency: u32,
+    /// ferry worker claim batch sizes, one full run each (the first is compared with BullMQ; 10 is the
+    /// worker's own default).
+    #[arg(long, value_delimiter = ',', default_value = "100,10")]
+    batch_size: Vec<u32>,
+    /// Offered rates (jobs/s) for the latency phase.
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000")]
+    rates: Vec<u64>,
+    /// Length of each latency phase in seconds (0 skips the latency phases).
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Run the same phases with a peer system too.
+    #[arg(long, value_enum, default_value = "none")]
+    peer: Peer,
+    /// BullMQ configurations: `default` (completed jobs kept) and/or `remove-on-complete`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "default,remove-on-complete"
+    )]
+    peer_variants: Vec<String>,
+    /// Skip ferry's phases (measure the peer alone).
+    #[arg(long)]
+    only_peer: bool,
+    /// Also write the JSON document here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The `ferry` binary (default: the workspace's release build, built first if missing).
+    #[arg(long)]
+    ferry_bin: Option<PathBuf>,
+    /// Extra arguments for `ferry worker`, space-separated (e.g. "--ack-max-delay-ms 1").
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    worker_args: String,
+    /// The folder with bench.mjs and package.json.
+    #[arg(long)]
+    bullmq_dir: Option<PathBuf>,
+    /// Queue name used by both systems.
+    #[arg(long, default_value = "bench")]
+    queue: String,
+    /// Jobs per enqueue batch in the enqueue phase.
+    #[arg(long, default_value_t = 1000)]
+    enqueue_chunk: usize,
+    /// Concurrent enqueue tasks in the enqueue phase.
+    #[arg(long, default_value_t = 4)]
+    enqueue_tasks: usize,
+    /// Before each run, wait up to this many seconds for the machine to be quiet (under half a core busy
+    /// over 2 s), so that a compile elsewhere does not skew the figures. 0 = do not wait.
+    #[arg(long, default_value_t = 0)]
+    wait_quiet: u64,
+}
+
+impl JobsArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.jobs == 0 || self.jobs > 10_000_000 {
+            bail!("--jobs must be 1..=10000000");
+        }
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            bail!("--concurrency must be 1..=10000");
+        }
+        if self.batch_size.is_empty() || self.batch_size.iter().any(|&b| b == 0 || b > 10_000) {
+            bail!("--batch-size values must be 1..=10000");
+        }
+        if self.rates.iter().any(|&r| r == 0 || r > 200_000) {
+            bail!("--rates values must be 1..=200000 jobs/s");
+        }
+        if self.latency_secs > 600 {
+            bail!("--latency-secs must be at most 600");
+        }
+        if self.enqueue_chunk == 0 || self.enqueue_chunk > 100_000 {
+            bail!("--enqueue-chunk must be 1..=100000");
+        }
+        if self.wait_quiet > 3600 {
+            bail!("--wait-quiet must be at most 3600 seconds");
+        }
+        if self.enqueue_tasks == 0 || self.enqueue_tasks > 64 {
+            bail!("--enqueue-tasks must be 1..=64");
+        }
+        for v in &self.peer_variants {
+            bullmq::Variant::parse(v)?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Jobs(args) => jobs(args).await,
+    }
+}
+
+/// Wait up to `limit` for a 2-second window in which the machine used under half a core; returns the busy
+/// cores of the last window.
+async fn wait_quiet(limit: Duration) -> anyhow::Result<f64> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (b0, _) = redis_cpu::system_cpu_ticks()?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (b1, _) = redis_cpu::system_cpu_ticks()?;
+        let busy = (b1 - b0) as f64 / redis_cpu::clock_ticks() as f64 / 2.0;
+        if busy < 0.5 || std::time::Instant::now() >= deadline {
+            if busy >= 0.5 {
+                eprintln!("[loadtest] machine still busy ({busy:.2} cores): running anyway");
+            }
+            return Ok(redis_cpu::round(busy, 2));
+        }
+        eprintln!("[loadtest] machine busy ({busy:.2} cores): waiting");
+    }
+}
+
+async fn quiet_before(limit_secs: u64) -> anyhow::Result<Option<f64>> {
+    if limit_secs == 0 {
+        return Ok(None);
+    }
+    wait_quiet(Duration::from_secs(limit_secs)).await.map(Some)
+}
+
+/// Find or build the ferry binary and check it has a `worker` subcommand.
+async fn ferry_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let bin = match given {
+        Some(b) => b,
+        None => {
+            let bin = procs::release_dir().join("ferry");
+            if !bin.exists() {
+                eprintln!(
+                    "[loadtest] building the ferry binary: cargo build --release -p ferry-cli"
+                );
+                procs::run_to_end(
+                    "cargo",
+                    &["build", "--release", "-p", "ferry-cli"],
+                    &procs::workspace_root(),
+                    Duration::from_secs(3600),
+                )
+                .await?;
+            }
+            bin
+        }
+    };
+    ferry::check_worker_bin(&bin).await?;
+    Ok(bin)
+}
+
+async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
+    a.validate()?;
+    let machine = report::Machine::probe();
+    let mut failed = false;
+
+    let mut ferry_runs: Vec<Value> = Vec::new();
+    if !a.only_peer {
+        match ferry_bin(a.ferry_bin.clone()).await {
+            Err(e) => {
+                eprintln!("[loadtest] ferry phases skipped: {e:#}");
+                ferry_runs.push(json!({ "system": "ferry", "error": format!("{e:#}") }));
+                failed = true;
+            }
+            Ok(bin) => {
+                for &batch_size in &a.batch_size {
+                    let p = ferry::Params {
+                        jobs: a.jobs,
+                        concurrency: a.concurrency,
+                        batch_size,
+                        rates: a.rates.clone(),
+                        latency_secs: a.latency_secs,
+                        enqueue_chunk: a.enqueue_chunk,
+                        enqueue_tasks: a.enqueue_tasks,
+                        queue: a.queue.clone(),
+                        ferry_bin: bin.clone(),
+                        worker_args: a
+                            .worker_args
+                            .split_whitespace()
+                            .map(str::to_owned)
+                            .collect(),
+                    };
+                    let quiet = quiet_before(a.wait_quiet).await?;
+                    match ferry::run(&p).await {
+                        Ok(r) => {
+                            let mut v = serde_json::to_value(r)?;
+                            v["busy_cores_before"] = json!(quiet);
+                            ferry_runs.push(v);
+                        }
+                        Err(e) => {
+                            eprintln!("[loadtest] ferry run (batch {batch_size}) failed: {e:#}");
+                            ferry_runs.push(json!({
+                                "system": "ferry",
+                                "batch_size": batch_size,
+                                "error": format!("{e:#}"),
+                            }));
+                            failed = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    let ferry_binary = if a.only_peer {
+        Value::Null
+    } else {
+        let bin = a
+            .ferry_bin
+            .clone()
+            .unwrap_or_else(|| procs::release_dir().join("ferry"));
+        let modified = std::fs::metadata(&bin)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        json!({ "path": bin.display().to_string(), "modified_unix_secs": modified })
+    };
+
+    let mut peer_runs: Vec<Value> = Vec::new();
+    if a.peer == Peer::Bullmq {
+        let dir = a.bullmq_dir.clone().unwrap_or_else(bullmq::default_dir);
+        let params = bullmq::Params {
+            jobs: a.jobs,
+            concurrency: a.concurrency,
+            rates: a.rates.clone(),
+            latency_secs: a.latency_secs,
+            enqueue_chunk: a.enqueue_chunk,
+            enqueue_tasks: a.enqueue_tasks,
+        };
+        match bullmq::ensure_deps(&dir).await {
+            Err(e) => {
+                eprintln!("[loadtest] BullMQ skipped: {e:#}");
+                peer_runs.push(json!({ "system": "bullmq", "error": format!("{e:#}") }));
+                failed = true;
+            }
+            Ok(()) => {
+                for v in &a.peer_variants {
+                    let variant = bullmq::Variant::parse(v)?;
+                    eprintln!("[loadtest] BullMQ ({})", variant.label());
+                    let quiet = quiet_before(a.wait_quiet).await?;
+                    match bullmq::run(&dir, &params, variant).await {
+                        Ok(mut doc) => {
+                            doc["busy_cores_before"] = json!(quiet);
+                            peer_runs.push(doc);
+                        }
+                        Err(e) => {
+                            eprintln!("[loadtest] BullMQ ({}) failed: {e:#}", variant.label());
+                            peer_runs.push(json!({
+                                "system": "bullmq",
+                                "variant_label": variant.label(),
+                                "error": format!("{e:#}"),
+                            }));
+                            failed = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    for run in ferry_runs.iter_mut().chain(peer_runs.iter_mut()) {
+        let p = report::problems(run);
+        for line in &p {
+            eprintln!(
+                "[loadtest] SUSPECT {}: {line}",
+                run["system"].as_str().unwrap_or("?")
+            );
+        }
+        run["problems"] = json!(p);
+    }
+    let ok = |v: &&Value| v.get("error").is_none();
+    let comparison = match (
+        ferry_runs.iter().find(ok),
+        peer_runs
+            .iter()
+            .filter(ok)
+            .find(|r| r.get("variant_label") == Some(&json!("default")))
+            .or_else(|| peer_runs.iter().find(ok)),
+    ) {
+        (Some(f), Some(b)) => report::compare(f, b),
+        _ => Value::Null,
+    };
+
+    let doc = json!({
+        "scenario": "jobs",
+        "params": {
+            "jobs": a.jobs,
+            "concurrency": a.concurrency,
+            "batch_sizes": a.batch_size,
+            "rates": a.rates,
+            "latency_secs": a.latency_secs,
+            "enqueue_chunk": a.enqueue_chunk,
+            "enqueue_tasks": a.enqueue_tasks,
+            "queue": a.queue,
+            "worker_args": a.worker_args,
+            "peer": format!("{:?}", a.peer).to_lowercase(),
+            "redis_persistence": "off (--appendonly no, no RDB)",
+        },
+        "machine": machine,
+        "ferry_binary": ferry_binary,
+        "loadavg_after": report::loadavg(),
+        "ferry": ferry_runs,
+        "peer": peer_runs,
+        "comparison": comparison,
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    println!("{text}");
+    if let Some(out) = &a.out {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(out, format!("{text}\n"))
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("[loadtest] wrote {}", out.display());
+    }
+    if failed {
+        bail!("some runs failed (see \"error\" in the report)");
+    }
+    Ok(())
+}

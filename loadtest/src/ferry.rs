@@ -1,0 +1,496 @@
+//! ferry's side of the `jobs` scenario: enqueue, processing by one `ferry worker` process, latency at fixed
+//! offered rates — on a redis-server of its own with persistence off.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_core::{EventType, JobId, Kind, NewJob, QueueName};
+use futures::StreamExt;
+use redis::aio::MultiplexedConnection;
+use serde::Serialize;
+use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
+
+use crate::procs;
+use crate::redis_cpu::{self, Meter, PhaseCost, round};
+use crate::server::BenchRedis;
+use crate::stats::Latency;
+
+/// Parameters of one ferry run.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub jobs: u64,
+    pub concurrency: u32,
+    pub batch_size: u32,
+    pub rates: Vec<u64>,
+    pub latency_secs: u64,
+    pub enqueue_chunk: usize,
+    pub enqueue_tasks: usize,
+    pub queue: String,
+    pub ferry_bin: PathBuf,
+    /// Extra `ferry worker` arguments (tuning experiments).
+    pub worker_args: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EnqueueResult {
+    pub jobs: u64,
+    pub chunk: usize,
+    pub tasks: usize,
+    pub jobs_per_sec: f64,
+    pub redis: PhaseCost,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessingResult {
+    pub jobs: u64,
+    pub concurrency: u32,
+    pub batch_size: u32,
+    /// From spawning the worker process until no job is waiting or active.
+    pub secs: f64,
+    pub jobs_per_sec: f64,
+    /// When the first job was seen finished, from the spawn (worker start-up included).
+    pub first_completion_ms: Option<f64>,
+    /// Jobs over the time from the first finished job to the last (start-up excluded).
+    pub steady_jobs_per_sec: Option<f64>,
+    pub worker_cpu_usec_per_job: f64,
+    /// Fraction of one core the worker process used.
+    pub worker_cpu_utilisation: f64,
+    pub dead: u64,
+    pub scheduled: u64,
+    pub redis_used_memory_bytes: Option<u64>,
+    pub redis_used_memory_bytes_per_job: Option<f64>,
+    pub redis: PhaseCost,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LatencyResult {
+    pub offered_rate: u64,
+    pub achieved_send_rate: f64,
+    pub secs: u64,
+    /// Jobs sent in the first part of the phase are not in the percentiles.
+    pub warmup_ms_excluded: f64,
+    pub sent: u64,
+    pub completed: u64,
+    pub missing: u64,
+    pub enqueue_errors: u64,
+    pub ticks: u64,
+    pub max_batches_in_flight: usize,
+    pub latency: Latency,
+    pub worker_cpu_usec_per_job: f64,
+    pub worker_cpu_utilisation: f64,
+    /// This process (paced producer + event listener), fraction of one core.
+    pub producer_cpu_utilisation: f64,
+    pub redis: PhaseCost,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunResult {
+    pub system: &'static str,
+    pub batch_size: u32,
+    pub worker_args: Vec<String>,
+    pub enqueue: EnqueueResult,
+    pub processing: ProcessingResult,
+    pub latency: Vec<LatencyResult>,
+}
+
+/// Check that `bin` is a ferry binary with a `worker` subcommand.
+pub async fn check_worker_bin(bin: &Path) -> anyhow::Result<()> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new(bin)
+            .args(["worker", "--help"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("`ferry worker --help` hung")?
+    .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} has no working `worker` subcommand ({}): {}",
+            bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The whole scenario for one worker batch size, on a fresh redis-server.
+pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
+    let redis = BenchRedis::start().await?;
+    let broker = connect_broker(&redis.url()).await?;
+    let mut admin = redis_cpu::connect(&redis.url()).await?;
+    let queue = QueueName::parse(p.queue.as_str())?;
+    let logdir = tempfile::tempdir()?;
+
+    eprintln!("[loadtest] ferry: enqueue {} jobs", p.jobs);
+    let enqueue = enqueue_phase(&broker, &queue, &mut admin, redis.pid(), p).await?;
+    eprintln!(
+        "[loadtest] ferry: enqueue {} jobs/s, Redis {} us/job",
+        enqueue.jobs_per_sec, enqueue.redis.redis_cpu_usec_per_job
+    );
+
+    let log = logdir.path().join("worker.log");
+    let (processing, mut worker) =
+        processing_phase(&broker, &queue, &mut admin, &redis, p, &log).await?;
+    eprintln!(
+        "[loadtest] ferry: processing {} jobs/s (batch {}), Redis {} us/job, worker {} us/job",
+        processing.jobs_per_sec,
+        p.batch_size,
+        processing.redis.redis_cpu_usec_per_job,
+        processing.worker_cpu_usec_per_job
+    );
+
+    let mut latency = Vec::new();
+    let worker_pid = worker.id().context("worker pid")?;
+    for &rate in &p.rates {
+        if p.latency_secs == 0 {
+            break;
+        }
+        eprintln!(
+            "[loadtest] ferry: latency at {rate} jobs/s for {}s",
+            p.latency_secs
+        );
+        let l = latency_phase(
+            &broker,
+            &queue,
+            &mut admin,
+            redis.pid(),
+            worker_pid,
+            rate,
+            p,
+        )
+        .await;
+        let l = match l {
+            Ok(l) => l,
+            Err(e) => {
+                procs::stop(&mut worker, Duration::from_secs(15)).await?;
+                return Err(e.context(format!(
+                    "latency phase; worker log tail:\n{}",
+                    procs::tail(&log, 2000)
+                )));
+            }
+        };
+        eprintln!(
+            "[loadtest] ferry: latency at {rate}: p50 {:?} ms, p99 {:?} ms, missing {}",
+            l.latency.p50_ms, l.latency.p99_ms, l.missing
+        );
+        latency.push(l);
+    }
+    procs::stop(&mut worker, Duration::from_secs(15)).await?;
+    Ok(RunResult {
+        system: "ferry",
+        batch_size: p.batch_size,
+        worker_args: p.worker_args.clone(),
+        enqueue,
+        processing,
+        latency,
+    })
+}
+
+/// ferry's Redis engine with its default configuration (events and fencing on, as in production).
+async fn connect_broker(url: &str) -> anyhow::Result<Arc<dyn Broker>> {
+    let broker = RedisBroker::connect(&[url.to_owned()], EngineConfig::default())
+        .await
+        .context("connecting the ferry broker")?;
+    Ok(Arc::new(broker))
+}
+
+fn noop_job() -> anyhow::Result<NewJob> {
+    Ok(NewJob::new(
+        Kind::parse("ferry.noop")?,
+        serde_json::json!({}),
+    ))
+}
+
+async fn enqueue_phase(
+    broker: &Arc<dyn Broker>,
+    queue: &QueueName,
+    admin: &mut MultiplexedConnection,
+    redis_pid: u32,
+    p: &Params,
+) -> anyhow::Result<EnqueueResult> {
+    let template = noop_job()?;
+    let chunks = p.jobs.div_ceil(p.enqueue_chunk as u64);
+    let next = Arc::new(AtomicU64::new(0));
+    let meter = Meter::start(admin, redis_pid, None).await?;
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..p.enqueue_tasks.max(1) {
+        let (broker, queue, next, template) = (
+            broker.clone(),
+            queue.clone(),
+            next.clone(),
+            template.clone(),
+        );
+        let (jobs, chunk) = (p.jobs, p.enqueue_chunk as u64);
+        tasks.spawn(async move {
+            loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks {
+                    return anyhow::Ok(());
+                }
+                let n = chunk.min(jobs - c * chunk) as usize;
+                let batch = vec![template.clone(); n];
+                let got = broker.enqueue_batch(&queue, batch).await?;
+                if got.len() != n {
+                    bail!("enqueue_batch returned {} results for {n} jobs", got.len());
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let redis = meter.stop(admin, p.jobs).await?;
+    Ok(EnqueueResult {
+        jobs: p.jobs,
+        chunk: p.enqueue_chunk,
+        tasks: p.enqueue_tasks,
+        jobs_per_sec: round(p.jobs as f64 / secs, 1),
+        redis,
+    })
+}
+
+fn spawn_worker(p: &Params, url: &str, log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(&p.ferry_bin);
+    if std::env::var_os("FERRY_LOG").is_none() {
+        // Per-job logging is not what is measured; startup and errors still show in the log.
+        cmd.env("FERRY_LOG", "warn");
+    }
+    cmd.arg("worker")
+        .args(["--redis", url])
+        .args(["--queues", &p.queue])
+        .args(["--concurrency", &p.concurrency.to_string()])
+        .args(["--batch-size", &p.batch_size.to_string()])
+        .args(&p.worker_args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} worker", p.ferry_bin.display()))
+}
+
+async fn processing_phase(
+    broker: &Arc<dyn Broker>,
+    queue: &QueueName,
+    admin: &mut MultiplexedConnection,
+    redis: &BenchRedis,
+    p: &Params,
+    log: &Path,
+) -> anyhow::Result<(ProcessingResult, Child)> {
+    let before = broker.stats(queue).await?;
+    if before.depth != p.jobs {
+        eprintln!(
+            "[loadtest] warning: queue depth before processing is {}, expected {}",
+            before.depth, p.jobs
+        );
+    }
+    let mut meter = Meter::start(admin, redis.pid(), None).await?;
+    let started = Instant::now();
+    let mut worker = spawn_worker(p, &redis.url(), log)?;
+    meter.count_from_zero(worker.id().context("worker pid")?);
+    let deadline = started + Duration::from_secs(120 + p.jobs / 1_000);
+    let mut first = None;
+    let mut last = before.clone();
+    let finished = loop {
+        let s = broker.stats(queue).await?;
+        let left = s.depth + s.active;
+        if first.is_none() && left < p.jobs {
+            first = Some(started.elapsed());
+        }
+        if left == 0 {
+            break Some(started.elapsed());
+        }
+        last = s;
+        if let Some(status) = worker.try_wait()? {
+            bail!(
+                "ferry worker exited ({status}) with {left} jobs left; log tail:\n{}",
+                procs::tail(log, 2000)
+            );
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let Some(elapsed) = finished else {
+        procs::stop(&mut worker, Duration::from_secs(15)).await?;
+        bail!(
+            "processing timed out with depth {} and active {}; worker log tail:\n{}",
+            last.depth,
+            last.active,
+            procs::tail(log, 2000)
+        );
+    };
+    let cost = meter.stop(admin, p.jobs).await?;
+    let after = broker.stats(queue).await?;
+    let used_memory = redis_cpu::info_field(admin, "memory", "used_memory")
+        .await?
+        .and_then(|v| v.parse::<u64>().ok());
+    let secs = elapsed.as_secs_f64();
+    let worker_cpu = cost.other_cpu_usec.unwrap_or(0);
+    Ok((
+        ProcessingResult {
+            jobs: p.jobs,
+            concurrency: p.concurrency,
+            batch_size: p.batch_size,
+            secs: round(secs, 4),
+            jobs_per_sec: round(p.jobs as f64 / secs, 1),
+            first_completion_ms: first.map(|d| round(d.as_secs_f64() * 1e3, 1)),
+            steady_jobs_per_sec: first
+                .map(|f| round(p.jobs as f64 / (elapsed - f).as_secs_f64().max(1e-6), 1)),
+            worker_cpu_usec_per_job: round(worker_cpu as f64 / p.jobs as f64, 3),
+            worker_cpu_utilisation: round(worker_cpu as f64 / 1e6 / secs, 3),
+            dead: after.dead,
+            scheduled: after.scheduled,
+            redis_used_memory_bytes: used_memory,
+            redis_used_memory_bytes_per_job: used_memory
+                .map(|m| round(m as f64 / p.jobs as f64, 1)),
+            redis: cost,
+        },
+        worker,
+    ))
+}
+
+/// Ids and send times of one batch, or the error it got.
+type Sent = (Instant, anyhow::Result<Vec<JobId>>);
+
+#[allow(clippy::too_many_arguments)]
+async fn latency_phase(
+    broker: &Arc<dyn Broker>,
+    queue: &QueueName,
+    admin: &mut MultiplexedConnection,
+    redis_pid: u32,
+    worker_pid: u32,
+    rate: u64,
+    p: &Params,
+) -> anyhow::Result<LatencyResult> {
+    let template = noop_job()?;
+    // Completion times, recorded by a task that reads the live event stream.
+    let mut events = broker.subscribe().await?;
+    let done_count = Arc::new(AtomicU64::new(0));
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let counter = done_count.clone();
+    let collector = tokio::spawn(async move {
+        let mut done: HashMap<JobId, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(ev) if ev.ty == EventType::Completed => {
+                        done.entry(ev.job).or_insert_with(Instant::now);
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut stop_rx => break,
+            }
+        }
+        done
+    });
+    // Let the subscription settle before the first job goes out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let duration = Duration::from_secs(p.latency_secs);
+    let warmup = (duration / 10).min(Duration::from_secs(1));
+    let target = rate * p.latency_secs;
+    let meter = Meter::start(admin, redis_pid, Some(worker_pid)).await?;
+    let producer_cpu0 = redis_cpu::proc_cpu_micros(std::process::id())?;
+    let started = Instant::now();
+    let mut sent: HashMap<JobId, Instant> = HashMap::with_capacity(target as usize);
+    let mut in_flight: JoinSet<Sent> = JoinSet::new();
+    let (mut issued, mut ticks, mut max_in_flight, mut errors) = (0u64, 0u64, 0usize, 0u64);
+    let mut collect = |r: Sent, sent: &mut HashMap<JobId, Instant>| match r {
+        (t, Ok(ids)) => sent.extend(ids.into_iter().map(|id| (id, t))),
+        (_, Err(e)) => {
+            errors += 1;
+            eprintln!("[loadtest] enqueue error during latency phase: {e:#}");
+        }
+    };
+    while issued < target {
+        let elapsed = started.elapsed();
+        if elapsed > duration + Duration::from_secs(5) {
+            break; // far behind the offered rate: stop and report what was sent
+        }
+        while let Some(r) = in_flight.try_join_next() {
+            collect(r?, &mut sent);
+        }
+        let due = (elapsed.as_micros() as u64 * rate / 1_000_000).min(target) - issued;
+        if due > 0 && in_flight.len() < 256 {
+            let n = due.min(1000);
+            issued += n;
+            let batch = vec![template.clone(); n as usize];
+            let (broker, queue) = (broker.clone(), queue.clone());
+            let t = Instant::now();
+            in_flight.spawn(async move {
+                let r = broker.enqueue_batch(&queue, batch).await;
+                (
+                    t,
+                    r.map(|v| v.into_iter().map(|e| e.id).collect())
+                        .map_err(Into::into),
+                )
+            });
+            max_in_flight = max_in_flight.max(in_flight.len());
+        }
+        ticks += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let send_secs = started.elapsed().as_secs_f64();
+    while let Some(r) = in_flight.join_next().await {
+        collect(r?, &mut sent);
+    }
+    let drain_deadline = Instant::now() + Duration::from_secs(15);
+    while done_count.load(Ordering::Relaxed) < sent.len() as u64 && Instant::now() < drain_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let completed_events = done_count.load(Ordering::Relaxed);
+    let _ = stop_tx.send(());
+    let done = collector.await?;
+    let cost = meter.stop(admin, completed_events.max(1)).await?;
+    let producer_cpu =
+        redis_cpu::proc_cpu_micros(std::process::id())?.saturating_sub(producer_cpu0);
+
+    let mut samples = Vec::with_capacity(sent.len());
+    let mut completed = 0;
+    for (id, t_sent) in &sent {
+        if let Some(t_done) = done.get(id) {
+            completed += 1;
+            if t_sent.duration_since(started) >= warmup {
+                samples.push(t_done.saturating_duration_since(*t_sent));
+            }
+        }
+    }
+    let worker_cpu = cost.other_cpu_usec.unwrap_or(0);
+    Ok(LatencyResult {
+        offered_rate: rate,
+        achieved_send_rate: round(issued as f64 / send_secs, 1),
+        secs: p.latency_secs,
+        warmup_ms_excluded: round(warmup.as_secs_f64() * 1e3, 1),
+        sent: issued,
+        completed,
+        missing: issued - completed,
+        enqueue_errors: errors,
+        ticks,
+        max_batches_in_flight: max_in_flight,
+        latency: Latency::from_samples(samples),
+        worker_cpu_usec_per_job: round(worker_cpu as f64 / completed.max(1) as f64, 3),
+        worker_cpu_utilisation: round(worker_cpu as f64 / 1e6 / cost.secs.max(1e-9), 3),
+        producer_cpu_utilisation: round(producer_cpu as f64 / 1e6 / cost.secs.max(1e-9), 3),
+        redis: cost,
+    })
+}

@@ -1,0 +1,21 @@
+//! ferry's load generator. The `jobs` scenario measures the job engine on this machine and, side by side,
+//! BullMQ doing the same work against a redis-server of the same version, so that the comparison is a ratio
+//! taken in one run.
+//!
+//! * [`ferry`]: enqueue N `ferry.noop` jobs in batches, process them with one `ferry worker` process, then
+//!   measure enqueue→complete latency at fixed offered rates.
+//! * [`bullmq`]: runs `loadtest/bullmq/bench.mjs` (the same three phases with BullMQ) and parses its JSON.
+//! * [`redis_cpu`]: Redis CPU per job from `/proc/<pid>/stat` and `INFO commandstats`, reusable by later
+//!   scenarios.
+//! * [`stats`]: latency percentiles; [`report`]: machine facts and the comparison against the targets.
+//! * [`server`]: the private redis-server of a run (persistence off); [`procs`]: child-process helpers.
+//!
+//! Every load loop here is bounded in count and time, and all traffic goes to 127.0.0.1.
+
+pub mod bullmq;
+pub mod ferry;
+pub mod procs;
+pub mod redis_cpu;
+pub mod report;
+pub mod server;
+pub mod stats;

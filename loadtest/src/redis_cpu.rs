@@ -1,0 +1,338 @@
+//! What a workload costs Redis: CPU time of the redis-server process from `/proc`, and `INFO commandstats`.
+//!
+//! The single Redis thread bounds every queue on it, so the figure that matters is Redis CPU microseconds per
+//! job. Two views, reported side by side:
+//!
+//! * [`proc_cpu_micros`]: user + system CPU of the whole redis-server process (`/proc/<pid>/stat`). This is the
+//!   honest total: it includes reading and parsing requests, writing replies and the event loop, which
+//!   `commandstats` does not see.
+//! * [`commandstats`]: per command, calls and microseconds spent executing. Commands run *inside* a Lua script
+//!   are counted twice — under their own name and inside `evalsha`'s time — so the plain sum over all
+//!   commands is an upper bound of execution time; the breakdown shows where the time goes.
+//!
+//! [`Meter`] takes both over one phase of a benchmark.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use anyhow::Context;
+use redis::aio::MultiplexedConnection;
+use serde::Serialize;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`, almost always 100).
+pub fn clock_ticks() -> u64 {
+    static TCK: OnceLock<u64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// User + system CPU time consumed so far by process `pid`, in microseconds (resolution: one clock tick,
+/// 10 ms at `CLK_TCK` = 100, so measure phases of a second or more).
+pub fn proc_cpu_micros(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat_cpu_ticks(&stat)
+        .map(|ticks| ticks * 1_000_000 / clock_ticks())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat"))
+}
+
+/// utime + stime (fields 14 and 15) in clock ticks. The command name (field 2) is in parentheses and may
+/// contain spaces, so fields are counted from the last `)`.
+fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `fields` starts at field 3 (state): utime is the 12th from here, stime the 13th.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Machine-wide CPU time so far from `/proc/stat`, in clock ticks: (busy, steal). Busy is every non-idle
+/// state (user, nice, system, irq, softirq, steal); comparing it with the processes under test shows how much
+/// else ran on the machine during a phase.
+pub fn system_cpu_ticks() -> io::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no cpu line in /proc/stat"))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    Ok((busy, get(7)))
+}
+
+/// `INFO commandstats` of the server at `url`: command → (calls, microseconds).
+pub async fn commandstats(url: &str) -> anyhow::Result<HashMap<String, (u64, u64)>> {
+    let mut con = connect(url).await?;
+    commandstats_on(&mut con).await
+}
+
+/// [`commandstats`] over an existing connection.
+pub async fn commandstats_on(
+    con: &mut MultiplexedConnection,
+) -> anyhow::Result<HashMap<String, (u64, u64)>> {
+    let text: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .context("INFO commandstats")?;
+    Ok(parse_commandstats(&text))
+}
+
+fn parse_commandstats(text: &str) -> HashMap<String, (u64, u64)> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let Some((name, fields)) = rest.split_once(':') else {
+            continue;
+        };
+        let mut calls = None;
+        let mut usec = None;
+        for kv in fields.split(',') {
+            match kv.split_once('=') {
+                Some(("calls", v)) => calls = v.parse().ok(),
+                Some(("usec", v)) => usec = v.parse().ok(),
+                _ => {}
+            }
+        }
+        if let (Some(c), Some(u)) = (calls, usec) {
+            out.insert(name.to_owned(), (c, u));
+        }
+    }
+    out
+}
+
+/// One field of `INFO <section>` (e.g. `server` / `redis_version`).
+pub async fn info_field(
+    con: &mut MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> anyhow::Result<Option<String>> {
+    let text: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(con)
+        .await
+        .with_context(|| format!("INFO {section}"))?;
+    Ok(text.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    }))
+}
+
+/// A connection for measuring (not for the workload).
+pub async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
+    let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+/// Commands that are the measurement's own, not the workload's.
+const OWN_COMMANDS: &[&str] = &[
+    "config|resetstat",
+    "info",
+    "client|setinfo",
+    "hello",
+    "ping",
+];
+
+/// Lua entry points: their time includes the commands the script called.
+const SCRIPT_COMMANDS: &[&str] = &[
+    "eval",
+    "evalsha",
+    "eval_ro",
+    "evalsha_ro",
+    "fcall",
+    "fcall_ro",
+];
+
+/// One command's share of a phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandCost {
+    pub calls: u64,
+    pub usec: u64,
+    pub usec_per_job: f64,
+}
+
+/// What one phase cost Redis (and optionally one more process, e.g. the worker).
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseCost {
+    pub secs: f64,
+    /// CPU of the redis-server process over the phase (`/proc`).
+    pub redis_cpu_usec: u64,
+    pub redis_cpu_usec_per_job: f64,
+    /// Fraction of one core Redis used over the phase (1.0 = saturated).
+    pub redis_cpu_utilisation: f64,
+    /// Sum of `commandstats` usec over all commands per job (commands inside scripts counted twice).
+    pub commandstats_usec_per_job: f64,
+    /// `eval`/`evalsha`/`fcall` usec per job (includes the commands those scripts ran).
+    pub commandstats_script_usec_per_job: f64,
+    pub commandstats_calls_per_job: f64,
+    pub commandstats: BTreeMap<String, CommandCost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_cpu_usec: Option<u64>,
+    /// Cores busy machine-wide over the phase (everything, not only the processes under test).
+    pub system_busy_cores: f64,
+    /// Cores stolen by the hypervisor over the phase.
+    pub system_steal_cores: f64,
+}
+
+/// Measures one phase: start it, run the workload, [`Meter::stop`] with the number of jobs it handled.
+#[derive(Debug)]
+pub struct Meter {
+    started: Instant,
+    redis_pid: u32,
+    redis_cpu0: u64,
+    other: Option<(u32, u64)>,
+    system0: (u64, u64),
+}
+
+impl Meter {
+    /// Reset `commandstats` and take the CPU counters of redis-server (and of `other`, when given).
+    pub async fn start(
+        con: &mut MultiplexedConnection,
+        redis_pid: u32,
+        other: Option<u32>,
+    ) -> anyhow::Result<Self> {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(con)
+            .await
+            .context("CONFIG RESETSTAT")?;
+        let other = match other {
+            Some(pid) => Some((pid, proc_cpu_micros(pid)?)),
+            None => None,
+        };
+        Ok(Self {
+            started: Instant::now(),
+            redis_pid,
+            redis_cpu0: proc_cpu_micros(redis_pid)?,
+            other,
+            system0: system_cpu_ticks()?,
+        })
+    }
+
+    /// Like [`Meter::start`] for a process that does not exist yet: its CPU is counted from zero, so
+    /// it must be started right after this (e.g. a worker spawned for the phase).
+    pub fn count_from_zero(&mut self, pid: u32) {
+        self.other = Some((pid, 0));
+    }
+
+    pub async fn stop(
+        self,
+        con: &mut MultiplexedConnection,
+        jobs: u64,
+    ) -> anyhow::Result<PhaseCost> {
+        let secs = self.started.elapsed().as_secs_f64();
+        let redis_cpu = proc_cpu_micros(self.redis_pid)?.saturating_sub(self.redis_cpu0);
+        let other_cpu_usec = match self.other {
+            Some((pid, cpu0)) => Some(proc_cpu_micros(pid)?.saturating_sub(cpu0)),
+            None => None,
+        };
+        let (busy, steal) = system_cpu_ticks()?;
+        let cores = |ticks: u64| round(ticks as f64 / clock_ticks() as f64 / secs.max(1e-9), 2);
+        let system_busy_cores = cores(busy.saturating_sub(self.system0.0));
+        let system_steal_cores = cores(steal.saturating_sub(self.system0.1));
+        let stats = commandstats_on(con).await?;
+        let per_job = |x: u64| round(x as f64 / jobs.max(1) as f64, 3);
+        let mut all = 0;
+        let mut scripts = 0;
+        let mut calls = 0;
+        let mut breakdown = BTreeMap::new();
+        for (name, (c, u)) in stats {
+            if OWN_COMMANDS.contains(&name.as_str()) {
+                continue;
+            }
+            all += u;
+            calls += c;
+            if SCRIPT_COMMANDS.contains(&name.as_str()) {
+                scripts += u;
+            }
+            breakdown.insert(
+                name,
+                CommandCost {
+                    calls: c,
+                    usec: u,
+                    usec_per_job: per_job(u),
+                },
+            );
+        }
+        Ok(PhaseCost {
+            secs: round(secs, 4),
+            redis_cpu_usec: redis_cpu,
+            redis_cpu_usec_per_job: per_job(redis_cpu),
+            redis_cpu_utilisation: round(redis_cpu as f64 / 1e6 / secs.max(1e-9), 3),
+            commandstats_usec_per_job: per_job(all),
+            commandstats_script_usec_per_job: per_job(scripts),
+            commandstats_calls_per_job: per_job(calls),
+            commandstats: breakdown,
+            other_cpu_usec,
+            system_busy_cores,
+            system_steal_cores,
+        })
+    }
+}
+
+/// Round to `digits` decimals (for readable JSON).
+pub fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat_with_spaces_in_the_name() {
+        let stat = "4242 (redis server) S 1 4242 4242 0 -1 4194560 1050 0 0 0 37 12 0 0 20 0 5 0 \
+                    123 456 789";
+        assert_eq!(parse_stat_cpu_ticks(stat), Some(49));
+        assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn own_process_cpu_is_readable() {
+        let me = std::process::id();
+        let a = proc_cpu_micros(me).unwrap();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(proc_cpu_micros(me).unwrap() >= a);
+        assert!(proc_cpu_micros(u32::MAX).is_err());
+        let (busy, steal) = system_cpu_ticks().unwrap();
+        assert!(busy > 0 && steal <= busy);
+    }
+
+    #[test]
+    fn parses_commandstats() {
+        let text = "# Commandstats\r\n\
+            cmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_config|resetstat:calls=1,usec=9,usec_per_call=9.00,rejected_calls=0,failed_calls=0\r\n";
+        let m = parse_commandstats(text);
+        assert_eq!(m["evalsha"], (10, 500));
+        assert_eq!(m["config|resetstat"], (1, 9));
+        assert_eq!(m.len(), 2);
+    }
+}
