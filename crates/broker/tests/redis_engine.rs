@@ -218,3 +218,51 @@ async fn queues_spread_over_three_shards() {
     }
     assert_eq!(b.queues().await.unwrap().len(), 30);
 }
+
+/// A queued job's id is made by the enqueue script from its entry's millisecond, so enqueue writes no lookup
+/// record; lookups and cancel still find the job through its entry.
+#[tokio::test]
+async fn queued_jobs_are_found_through_their_entry() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("ids");
+    let ids: Vec<_> = b
+        .enqueue_batch(&queue, (0..20).map(|_| noop()).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids keep input order");
+    assert!(ids.iter().all(|id| id.0.get_version_num() == 7));
+    let hlen = server.cli(&["HLEN", "ferry:{ids}:jobs"]).unwrap();
+    assert_eq!(hlen.trim(), "0", "no record written at enqueue");
+    let first = server
+        .cli(&["XRANGE", "ferry:{ids}:p1", "-", "+", "COUNT", "1"])
+        .unwrap();
+    let eid_ms: u64 = first
+        .lines()
+        .next()
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let id_ms = ids[0].0.get_timestamp().unwrap().to_unix();
+    assert_eq!(eid_ms, id_ms.0 * 1000 + u64::from(id_ms.1) / 1_000_000);
+    assert_eq!(
+        b.job(ids[7]).await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+    assert_eq!(
+        b.cancel(ids[7]).await.unwrap(),
+        ferry_broker::CancelOutcome::Cancelled(JobState::Queued)
+    );
+    assert_eq!(
+        b.job(ids[7]).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    assert_eq!(b.stats(&queue).await.unwrap().depth, 19);
+    assert!(b.job(ferry_core::JobId::new()).await.unwrap().is_none());
+}

@@ -116,7 +116,12 @@ impl Fields {
 /// The `m` field: a JSON object with the job's routing facts, taken as is into every event by the scripts.
 /// Queue and kind are validated to a JSON-safe alphabet; owner and tenant are escaped here.
 pub fn meta(id: JobId, queue: &QueueName, spec: &JobSpec) -> String {
-    let mut m = format!(r#"{{"job":"{id}","queue":"{queue}","kind":"{}""#, spec.kind);
+    format!(r#"{{"job":"{id}""#) + &meta_rest(queue, spec)
+}
+
+/// `m` after its leading `{"job":"<id>"`: what the enqueue script appends to the id it makes.
+pub fn meta_rest(queue: &QueueName, spec: &JobSpec) -> String {
+    let mut m = format!(r#","queue":"{queue}","kind":"{}""#, spec.kind);
     if let Some(o) = &spec.owner {
         m.push_str(",\"owner\":");
         m.push_str(&Json::String(o.clone()).to_string());
@@ -127,6 +132,32 @@ pub fn meta(id: JobId, queue: &QueueName, spec: &JobSpec) -> String {
     }
     m.push('}');
     m
+}
+
+/// The part of `n` UUIDv7 ids after their millisecond ("7xxx-yxxx-xxxxxxxxxxxx"): version, variant and 74
+/// random bits, rising by one per id so that the ids a script makes from one millisecond keep input order.
+pub fn id_tails(n: usize) -> Vec<String> {
+    let rand_a: u16 = rand::random::<u16>() & 0x0fff;
+    // 62 random bits with headroom below the top, so adding the index never carries out of rand_b.
+    let base: u64 = rand::random::<u64>() & ((1u64 << 61) - 1);
+    (0..n as u64)
+        .map(|k| {
+            let b = base + k;
+            format!(
+                "7{rand_a:03x}-{:04x}-{:012x}",
+                0x8000 | ((b >> 48) & 0x3fff),
+                b & 0xffff_ffff_ffff
+            )
+        })
+        .collect()
+}
+
+/// The millisecond a UUIDv7 carries (its first 48 bits).
+pub fn id_ms_of(id: JobId) -> u64 {
+    let b = id.0.as_bytes();
+    b[..6]
+        .iter()
+        .fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
 }
 
 /// The routing facts of a job inside an event group.
@@ -319,6 +350,19 @@ mod tests {
                 result: serde_json::json!({"ok":true})
             }
         );
+    }
+
+    #[test]
+    fn id_tails_make_rising_v7_ids() {
+        let tails = id_tails(3);
+        let ids: Vec<JobId> = tails
+            .iter()
+            .map(|t| JobId::parse(&format!("0191f2a3-4b5c-{t}")).unwrap())
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(ids[0].0.get_version_num(), 7);
+        assert_eq!(ids[0].0.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(id_ms_of(ids[0]), 0x0191_f2a3_4b5c);
     }
 
     #[test]

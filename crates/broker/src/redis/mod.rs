@@ -235,9 +235,13 @@ impl RedisBroker {
     }
 
     /// Find the queue (and shard) holding a job id: every queue of every shard is asked in one pipeline per
-    /// shard. Lookups by id are rare next to the job cycle, so no per-job index is paid for on the hot path.
+    /// shard. Lookups by id are rare next to the job cycle, so no global per-job index is paid for on the hot
+    /// path. A job that has had no transition since it was enqueued has no record either: its id carries the
+    /// millisecond of its stream entry, so the entries of that millisecond are read instead.
     async fn locate(&self, id: JobId) -> Result<Option<(QueueName, Record)>, BrokerError> {
         let field = id.to_string();
+        let ms = codec::id_ms_of(id);
+        let (from, to) = (format!("{ms}-0"), format!("{ms}-{}", u64::MAX));
         for shard in &self.shards {
             let mut conn = shard.conn.clone();
             let names: Vec<String> = redis::cmd("SMEMBERS")
@@ -245,25 +249,38 @@ impl RedisBroker {
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_err)?;
-            if names.is_empty() {
-                continue;
-            }
             let queues: Vec<QueueName> = names
                 .into_iter()
                 .filter_map(|n| QueueName::parse(n).ok())
                 .collect();
+            if queues.is_empty() {
+                continue;
+            }
             let mut pipe = redis::pipe();
             for q in &queues {
-                pipe.cmd("HGET").arg(QueueKeys::new(q).jobs).arg(&field);
+                let keys = QueueKeys::new(q);
+                pipe.cmd("HGET").arg(&keys.jobs).arg(&field);
+                for stream in &keys.streams {
+                    pipe.cmd("XRANGE").arg(stream).arg(&from).arg(&to);
+                }
             }
-            let found: Vec<Option<String>> =
-                pipe.query_async(&mut conn).await.map_err(redis_err)?;
-            if let Some((q, rec)) = queues
-                .into_iter()
-                .zip(found)
-                .find_map(|(q, r)| r.map(|r| (q, r)))
-            {
-                return Ok(Some((q, Record::parse(&rec)?)));
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+            let mut in_entry = None;
+            for (q, r) in queues.into_iter().zip(replies.chunks(4)) {
+                if let Value::BulkString(_) | Value::SimpleString(_) = &r[0] {
+                    return Ok(Some((q, Record::parse(&text(&r[0])?)?)));
+                }
+                for (p, entries) in r[1..].iter().enumerate() {
+                    for e in array(entries)? {
+                        let (eid, f) = Fields::from_entry(e)?;
+                        if f.id == field && in_entry.is_none() {
+                            in_entry = Some((q.clone(), Record::Queued { p, eid }));
+                        }
+                    }
+                }
+            }
+            if in_entry.is_some() {
+                return Ok(in_entry);
             }
         }
         Ok(None)
@@ -392,9 +409,9 @@ impl RedisBroker {
             .arg(jobs.len())
             .arg(self.evmax())
             .arg(self.config.idempotency_ttl.as_millis() as u64);
-        let mut planned = Vec::with_capacity(jobs.len());
+        let mut states = Vec::with_capacity(jobs.len());
+        let mut tails = codec::id_tails(jobs.len()).into_iter();
         for job in jobs {
-            let id = JobId::new();
             let delay = job.delay_ms.unwrap_or(0);
             let idem = job
                 .idempotency_key
@@ -403,44 +420,47 @@ impl RedisBroker {
                 .unwrap_or_default();
             let spec = job.into_spec(now);
             let p = spec.priority.index();
-            let fields = Fields {
-                id: id.to_string(),
-                m: codec::meta(id, queue, &spec),
-                a: "0".into(),
-                x: spec.max_attempts.to_string(),
-                j: serde_json::to_string(&spec)
-                    .map_err(|e| BrokerError::Internal(e.to_string()))?,
-                ..Default::default()
-            };
-            let (mode, run_at, record) = if delay > 0 {
+            let x = spec.max_attempts.to_string();
+            let j =
+                serde_json::to_string(&spec).map_err(|e| BrokerError::Internal(e.to_string()))?;
+            let tail = tails.next().unwrap_or_default();
+            if delay > 0 {
+                // A delayed job is not in a stream yet, so it gets its id here and a record at once.
                 let run_at = now + delay;
-                ("s", run_at, codec::scheduled_record(run_at, &fields, p))
+                let id = JobId::new();
+                let fields = Fields {
+                    id: id.to_string(),
+                    m: codec::meta(id, queue, &spec),
+                    a: "0".into(),
+                    x: x.clone(),
+                    j: j.clone(),
+                    ..Default::default()
+                };
+                let record = codec::scheduled_record(run_at, &fields, p);
+                inv.arg("s").arg(p).arg(run_at).arg(idem).arg(&x).arg(&j);
+                inv.arg(&fields.id).arg(&fields.m).arg(record);
+                states.push(JobState::Scheduled);
             } else {
-                ("q", now, String::new())
-            };
-            inv.arg(&fields.id).arg(mode).arg(p).arg(run_at).arg(idem);
-            inv.arg(&fields.m).arg(&fields.x).arg(&fields.j).arg(record);
-            planned.push((
-                id,
-                if delay > 0 {
-                    JobState::Scheduled
-                } else {
-                    JobState::Queued
-                },
-            ));
+                inv.arg("q").arg(p).arg(now).arg(idem).arg(&x).arg(&j);
+                inv.arg(tail).arg(codec::meta_rest(queue, &spec)).arg("");
+                states.push(JobState::Queued);
+            }
         }
         let mut conn = self.conn(queue);
         let out: Vec<String> = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
-        let mut result = Vec::with_capacity(out.len());
-        for ((id, state), existing) in planned.into_iter().zip(out) {
-            if existing.is_empty() {
+        if out.len() != states.len() * 2 {
+            return Err(bad(format!("enqueue reply of {} values", out.len())));
+        }
+        let mut result = Vec::with_capacity(states.len());
+        for (state, pair) in states.into_iter().zip(out.chunks(2)) {
+            let id = JobId::parse(&pair[1]).map_err(bad)?;
+            if pair[0] == "n" {
                 result.push(Enqueued {
                     id,
                     state,
                     duplicate: false,
                 });
             } else {
-                let id = JobId::parse(&existing).map_err(bad)?;
                 let state = match self.locate(id).await? {
                     Some((q, rec)) => self.info(&q, rec).await?.map(|i| i.state).unwrap_or(state),
                     None => state,
@@ -778,8 +798,12 @@ impl Broker for RedisBroker {
     }
 
     async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
-        let Some((queue, _)) = self.locate(id).await? else {
+        let Some((queue, record)) = self.locate(id).await? else {
             return Ok(CancelOutcome::NotFound);
+        };
+        let (hint_p, hint_eid) = match record {
+            Record::Queued { p, eid } => (p.to_string(), eid),
+            _ => (String::new(), String::new()),
         };
         let keys = QueueKeys::new(&queue);
         let mut inv = self.scripts.cancel.prepare_invoke();
@@ -788,7 +812,11 @@ impl Broker for RedisBroker {
             .key(&keys.sched)
             .key(&keys.fin)
             .key(EVENTS);
-        inv.arg(id.to_string()).arg(now_ms()).arg(self.evmax());
+        inv.arg(id.to_string())
+            .arg(now_ms())
+            .arg(self.evmax())
+            .arg(hint_p)
+            .arg(hint_eid);
         let v: Vec<String> = inv
             .invoke_async(&mut self.conn(&queue))
             .await

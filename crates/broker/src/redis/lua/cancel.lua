@@ -1,16 +1,20 @@
 -- KEYS: p0 p1 p2 jobs sched fin events
--- ARGV: id now evmax
+-- ARGV: id now evmax p eid  (p and eid: where the caller found a job that has no record yet, or empty)
 -- Returns {'nf'}, {'final', state_letter} or {'ok', previous_state}.
 local id, now, evmax = ARGV[1], ARGV[2], ARGV[3]
 local rec = redis.call('HGET', KEYS[4], id)
-if not rec then return { 'nf' } end
+if not rec then
+  -- Still in the entry it was enqueued as (no transition has written a record yet).
+  if ARGV[5] == nil or ARGV[5] == '' then return { 'nf' } end
+  rec = '["q",' .. ARGV[4] .. ',"' .. ARGV[5] .. '"]'
+end
 local st = state_of(rec)
 local prev, att, pk, m
 if st == 'q' then
   local p, eid = parse_q(rec)
   local key = KEYS[p + 1]
   local t = entry(key, eid)
-  if not t then return { 'nf' } end
+  if not t or t.id ~= id then return { 'nf' } end
   if pending(key, eid) then
     -- Active: acknowledging revokes the lease (heartbeat and completion of the holder now fail).
     redis.call('XACK', key, 'workers', eid)
