@@ -29,7 +29,7 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use crate::{
     Broker, BrokerError, CancelOutcome, Completion, EngineConfig, Enqueued, EventStream,
-    FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected, Retry, RetryOutcome,
+    FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected, RetryOutcome,
 };
 
 /// Live events buffered per subscriber. A subscriber that falls further behind skips the oldest events (it can
@@ -572,26 +572,16 @@ impl Broker for MemoryBroker {
                 out.push(Err(Rejected));
                 continue;
             };
-            let attempt = e.attempts;
-            let delay = match item.retry {
-                _ if attempt >= e.spec.max_attempts => None,
-                Retry::Never => None,
-                Retry::Backoff => Some(e.spec.backoff.delay_ms(attempt)),
-                Retry::After(ms) => Some(ms),
-            };
+            let outcome = item
+                .retry
+                .outcome(e.attempts, e.spec.max_attempts, &e.spec.backoff, now);
             let id = item.lease.job;
             st.detach(id);
-            match delay {
-                None => {
-                    st.enter_dead(id, item.error, now, dead_max);
-                    out.push(Ok(FailOutcome::Dead));
-                }
-                Some(delay) => {
-                    let run_at = now.saturating_add(delay);
-                    st.enter_retrying(id, item.error, run_at, now);
-                    out.push(Ok(FailOutcome::Retrying { run_at }));
-                }
+            match outcome {
+                FailOutcome::Dead => st.enter_dead(id, item.error, now, dead_max),
+                FailOutcome::Retrying { run_at } => st.enter_retrying(id, item.error, run_at, now),
             }
+            out.push(Ok(outcome));
         }
         Ok(out)
     }

@@ -59,6 +59,28 @@ pub enum Retry {
     Never,
 }
 
+impl Retry {
+    /// What a failed attempt leads to, the one rule both engines apply: dead when the error is permanent or
+    /// `attempt` was the last allowed, otherwise another attempt at `now` plus the backoff (or the asked) delay.
+    pub fn outcome(
+        self,
+        attempt: u32,
+        max_attempts: u32,
+        backoff: &Backoff,
+        now: u64,
+    ) -> FailOutcome {
+        let delay = match self {
+            _ if attempt >= max_attempts => return FailOutcome::Dead,
+            Retry::Never => return FailOutcome::Dead,
+            Retry::Backoff => backoff.delay_ms(attempt),
+            Retry::After(ms) => ms,
+        };
+        FailOutcome::Retrying {
+            run_at: now.saturating_add(delay),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub lease: Lease,

@@ -38,8 +38,7 @@ use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
 use self::scripts::Scripts;
 use crate::{
     Broker, BrokerError, CancelOutcome, Completion, EngineConfig, Enqueued, EventStream,
-    FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected, Retry, RetryOutcome,
-    ShardRing,
+    FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected, RetryOutcome, ShardRing,
 };
 
 /// Most jobs sent to one script call; bigger batches are split so one call never holds Redis for long.
@@ -720,14 +719,7 @@ impl Broker for RedisBroker {
             .iter()
             .map(|f| {
                 let l = &f.lease;
-                match f.retry {
-                    _ if l.attempt >= l.max_attempts => FailOutcome::Dead,
-                    Retry::Never => FailOutcome::Dead,
-                    Retry::Backoff => FailOutcome::Retrying {
-                        run_at: now + l.backoff.delay_ms(l.attempt),
-                    },
-                    Retry::After(ms) => FailOutcome::Retrying { run_at: now + ms },
-                }
+                f.retry.outcome(l.attempt, l.max_attempts, &l.backoff, now)
             })
             .collect();
         let mut out: Vec<Result<FailOutcome, Rejected>> =
