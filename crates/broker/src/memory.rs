@@ -823,6 +823,7 @@ mod tests {
     //! memory. Behaviour shared with the Redis engine is tested in `tests/contract/`.
 
     use super::*;
+    use crate::Retry;
     use ferry_core::Kind;
 
     fn config() -> EngineConfig {
