@@ -898,9 +898,15 @@ impl Broker for RedisBroker {
     }
 
     async fn retry_dead(&self, id: JobId) -> Result<RetryOutcome, BrokerError> {
-        let Some((queue, _)) = self.locate(id).await? else {
+        let Some((queue, record)) = self.locate(id).await? else {
             return Ok(RetryOutcome::NotFound);
         };
+        if !matches!(record, Record::Dead { .. }) {
+            return Ok(match self.info(&queue, record).await? {
+                Some(info) => RetryOutcome::NotDead(info.state),
+                None => RetryOutcome::NotFound,
+            });
+        }
         let keys = QueueKeys::new(&queue);
         let mut inv = self.scripts.retry_dead.prepare_invoke();
         inv.key(&keys.streams[..])

@@ -1151,6 +1151,16 @@ pub async fn dead_letters_list_and_retry<E: Engine>() {
     complete(b, &again.lease, json!("ok")).await.unwrap();
     assert_eq!(state(b, first).await, JobState::Completed);
     assert_eq!(
+        b.retry_dead(first).await.unwrap(),
+        RetryOutcome::NotDead(JobState::Completed)
+    );
+    // A job untouched since it was enqueued is not dead either.
+    let fresh = b.enqueue(q, job("fresh")).await.unwrap().id;
+    assert_eq!(
+        b.retry_dead(fresh).await.unwrap(),
+        RetryOutcome::NotDead(JobState::Queued)
+    );
+    assert_eq!(
         b.retry_dead(JobId::new()).await.unwrap(),
         RetryOutcome::NotFound
     );
