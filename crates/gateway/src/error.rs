@@ -1,0 +1,209 @@
+//! The one table from gateway errors to what clients see: HTTP status and problem type (RFC 9457
+//! `application/problem+json`), and the WebSocket error `code` used in `{"ok": false, "error": {...}}` frames.
+//! Clients never see internals: a broker or internal failure is reported without its cause.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ferry_broker::BrokerError;
+use ferry_core::{FieldError, ValidationError};
+
+/// Every error a client can receive.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON or an invalid field; `errors` names each bad field.
+    #[error("{detail}")]
+    BadRequest {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    /// Missing, expired or invalid token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Valid token without the scope (or tenant) the operation needs.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The operation conflicts with the resource's state (cancel of a finished job).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after_secs: u64 },
+    /// A dependency (Redis) is unavailable or shedding load; retry later.
+    #[error("{detail}")]
+    Unavailable {
+        detail: String,
+        retry_after_secs: u64,
+    },
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::BadRequest {
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// The row of the table: HTTP status, problem type slug, title, WebSocket error code.
+    pub fn row(&self) -> (StatusCode, &'static str, &'static str, &'static str) {
+        match self {
+            Self::BadRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "Bad request",
+                "bad_request",
+            ),
+            Self::Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                "unauthorized",
+            ),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden", "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found", "not_found"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict", "conflict"),
+            Self::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
+                "bad_request",
+            ),
+            Self::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                "rate_limited",
+            ),
+            Self::Unavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+                "unavailable",
+            ),
+            Self::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "internal",
+            ),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.row().0
+    }
+
+    /// The WebSocket error code (`bad_request`, `unauthorized`, `forbidden`, `not_found`, `rate_limited`,
+    /// `unavailable`, `conflict`, `internal`).
+    pub fn ws_code(&self) -> &'static str {
+        self.row().3
+    }
+
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after_secs }
+            | Self::Unavailable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    /// The problem+json body.
+    pub fn problem(&self) -> serde_json::Value {
+        let (status, slug, title, _) = self.row();
+        let mut body = serde_json::json!({
+            "type": format!("https://ferry.dev/problems/{slug}"),
+            "title": title,
+            "status": status.as_u16(),
+            "detail": self.to_string(),
+        });
+        if let Self::BadRequest { errors, .. } = self
+            && !errors.is_empty()
+        {
+            body["errors"] = serde_json::to_value(errors).unwrap_or_default();
+        }
+        body
+    }
+
+    /// The `error` object of a WebSocket reply frame.
+    pub fn ws_error(&self) -> serde_json::Value {
+        let mut e = serde_json::json!({"code": self.ws_code(), "message": self.to_string()});
+        if let Self::BadRequest { errors, .. } = self
+            && !errors.is_empty()
+        {
+            e["errors"] = serde_json::to_value(errors).unwrap_or_default();
+        }
+        e
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = (self.status(), axum::Json(self.problem())).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after_secs() {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, Self::Unauthorized(_)) {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        Self::BadRequest {
+            detail: e.to_string(),
+            errors: e.errors,
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::Invalid(v) => v.into(),
+            BrokerError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "broker unavailable");
+                Self::Unavailable {
+                    detail: "the job store is unavailable, retry later".into(),
+                    retry_after_secs: 1,
+                }
+            }
+            BrokerError::Internal(detail) => {
+                tracing::error!(error = %detail, "broker internal error");
+                Self::Internal
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_bodies_name_bad_fields_and_hide_internals() {
+        let e: ApiError = ValidationError::field("kind", "must not be empty").into();
+        let p = e.problem();
+        assert_eq!(p["status"], 400);
+        assert_eq!(p["errors"][0]["field"], "kind");
+        assert_eq!(e.ws_code(), "bad_request");
+        let e: ApiError = BrokerError::Internal("lua stack trace".into()).into();
+        assert!(!e.problem().to_string().contains("lua"));
+        let e: ApiError = BrokerError::Unavailable("conn refused".into()).into();
+        assert_eq!((e.status().as_u16(), e.retry_after_secs()), (503, Some(1)));
+    }
+}

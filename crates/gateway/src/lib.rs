@@ -1,0 +1,23 @@
+//! The gateway role: what every client touches. It terminates TLS, authenticates each request and WebSocket with
+//! a JWT, checks scopes and tenant, enforces rate and connection limits, submits and looks up jobs through the
+//! [`ferry_broker::Broker`], and forwards events from the broker's pub/sub to the WebSocket connections that
+//! subscribed. It holds no state another gateway needs: any gateway can serve any client.
+//!
+//! It must not run jobs (that is the worker) or decide job semantics (that is the broker).
+//!
+//! * [`auth`]: JWT verification and scopes → a [`auth::Principal`].
+//! * [`error`]: the one table from errors to HTTP status, problem type and WebSocket error code / close code.
+//! * [`http`]: the `/v1` JSON API, OpenAPI document, health and metrics routes.
+//! * [`ws`]: `GET /v1/ws`, the per-node hub that fans events out to connections.
+//! * [`server`]: `Gateway::build(config, broker)` binds (plain or TLS), `local_addr()`, `run(shutdown)`.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod server;
+pub mod state;
+pub mod ws;
+
+pub use config::GatewayConfig;
+pub use server::Gateway;
