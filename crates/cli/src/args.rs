@@ -34,16 +34,169 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run gateway, worker and scheduler in one process on the embedded engine: try ferry in a minute.
+    Dev(DevArgs),
+    /// Run a gateway (HTTPS/WebSocket API) against Redis.
+    Gateway(GatewayArgs),
     /// Run a worker: claim jobs from the given queues and run them until SIGTERM/SIGINT, then drain.
     Worker(WorkerArgs),
     /// Submit jobs straight to the broker.
     Enqueue(EnqueueArgs),
+    /// Mint an HS256 token for the gateway.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JwtArgs {
+    /// Shared secret for HS256/384/512 tokens (at least 32 bytes).
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "FERRY_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with a public key (RSA, EC P-256 or Ed25519) that verifies tokens; repeatable.
+    #[arg(
+        long = "jwt-public-key",
+        value_name = "FILE",
+        env = "FERRY_JWT_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
+    pub jwt_public_keys: Vec<std::path::PathBuf>,
+
+    /// JWKS file whose keys verify tokens (selected by `kid`).
+    #[arg(long, value_name = "FILE", env = "FERRY_JWKS_FILE")]
+    pub jwks_file: Option<std::path::PathBuf>,
+
+    /// Required `iss` claim.
+    #[arg(long, value_name = "ISS", env = "FERRY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim.
+    #[arg(long, value_name = "AUD", env = "FERRY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Address to listen on.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FERRY_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: String,
+
+    /// PEM certificate chain; with --tls-key, serve HTTPS/WSS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FERRY_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FERRY_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FERRY_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: String,
+
+    /// Shared secret for tokens; when absent one is generated and an admin token printed.
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "FERRY_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// Queues the embedded worker serves (comma-separated).
+    #[arg(
+        long,
+        value_name = "Q1,Q2",
+        env = "FERRY_QUEUES",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
+    pub queues: Vec<String>,
+
+    /// Jobs run at once per queue by the embedded worker.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_CONCURRENCY",
+        default_value_t = 10
+    )]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The token's subject (`sub`): who it is for.
+    #[arg(long, value_name = "SUB")]
+    pub sub: String,
+
+    /// Space-separated scopes: jobs:submit jobs:read jobs:cancel queues:read queues:admin publish subscribe
+    /// admin.
+    #[arg(long, value_name = "SCOPES", default_value = "jobs:submit jobs:read")]
+    pub scope: String,
+
+    /// Lifetime: a number with s, m, h or d (e.g. 90s, 30m, 1h, 7d).
+    #[arg(long, value_name = "TTL", default_value = "1h")]
+    pub ttl: String,
+
+    /// Tenant the token belongs to.
+    #[arg(long, value_name = "TENANT")]
+    pub tenant: Option<String>,
+
+    /// The gateway's shared secret.
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "FERRY_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub secret: String,
+
+    /// `iss` claim to include.
+    #[arg(long, value_name = "ISS", env = "FERRY_JWT_ISSUER")]
+    pub issuer: Option<String>,
+
+    /// `aud` claim to include.
+    #[arg(long, value_name = "AUD", env = "FERRY_JWT_AUDIENCE")]
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct RedisArgs {
     /// Redis shard URL (redis://host:port[/db]); repeat for several shards, over which queues are spread by
-    /// consistent hashing. Every process of a cluster must list the same shards in the same order.
+    /// rendezvous hashing of queue names. Every process of a cluster must list the same shards (order does not
+    /// matter).
     #[arg(
         long = "redis",
         value_name = "URL",

@@ -1,12 +1,16 @@
 //! The `ferry` binary's logic: parse flags and `FERRY_*` variables ([`args`]), validate them into typed
-//! configuration, connect, wire the role crates and wait. Subcommands: [`worker`] and [`enqueue`].
+//! configuration, connect, wire the role crates and wait. Subcommands: [`dev`], [`gateway`], [`worker`],
+//! [`enqueue`] and [`token`].
 //!
 //! Exit codes follow sysexits: 0 success, 64 bad input (checked before anything connects), 69 a broker that
 //! cannot be reached, 70 an internal error. This crate must not hold job logic of its own: it only parses,
 //! validates, wires and waits; whatever a test or `ferry dev` would need lives in the role crates.
 
 pub mod args;
+pub mod dev;
 pub mod enqueue;
+pub mod gateway;
+pub mod token;
 pub mod worker;
 
 use std::process::ExitCode;
@@ -65,6 +69,17 @@ pub fn parse_args() -> Result<Cli, ExitCode> {
 pub fn run(cli: Cli) -> ExitCode {
     let json = cli.log_format == args::LogFormat::Json;
     let result = match cli.command {
+        args::Command::Dev(a) => dev::resolve(a).and_then(|cfg| {
+            init_tracing(json)?;
+            runtime()?.block_on(dev::run(cfg))
+        }),
+        args::Command::Gateway(a) => gateway::resolve(a).and_then(|cfg| {
+            init_tracing(json)?;
+            runtime()?.block_on(gateway::run(cfg))
+        }),
+        args::Command::Token(a) => {
+            token::resolve(a).and_then(|(secret, claims)| token::run(&secret, &claims))
+        }
         args::Command::Worker(a) => worker::resolve(a).and_then(|cfg| {
             init_tracing(json)?;
             runtime()?.block_on(worker::run(cfg))

@@ -1,0 +1,117 @@
+//! `ferry dev`: gateway, worker and scheduler in one process on the embedded (memory) engine. Nothing to
+//! install: the first command a newcomer runs. When no secret is given it generates one and prints an admin
+//! token and a curl line that submits a job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_broker::{EngineConfig, MemoryBroker};
+use ferry_core::QueueName;
+use ferry_gateway::GatewayConfig;
+use ferry_gateway::auth::{AuthConfig, MintClaims, Scope, mint};
+use ferry_worker::{HandlerRegistry, Worker, WorkerConfig};
+
+use crate::CliError;
+use crate::args::DevArgs;
+
+#[derive(Debug)]
+pub struct ResolvedDev {
+    pub gateway: GatewayConfig,
+    pub worker: WorkerConfig,
+    pub secret: Vec<u8>,
+    pub generated_secret: bool,
+}
+
+pub fn resolve(a: DevArgs) -> Result<ResolvedDev, CliError> {
+    let listen = crate::gateway::parse_listen(&a.listen)?;
+    let (secret, generated_secret) = match a.jwt_secret {
+        Some(s) => {
+            crate::gateway::check_secret("--jwt-secret", s.as_bytes())?;
+            (s.into_bytes(), false)
+        }
+        None => {
+            let bytes: [u8; 32] = rand::random();
+            (hex(&bytes).into_bytes(), true)
+        }
+    };
+    let queues = a
+        .queues
+        .iter()
+        .map(|q| QueueName::parse(q.trim()).map_err(|e| CliError::usage("--queues", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if a.concurrency == 0 {
+        return Err(CliError::usage("--concurrency", "must be at least 1"));
+    }
+    let auth = AuthConfig {
+        hs_secret: Some(secret.clone()),
+        leeway: Duration::from_secs(30),
+        ..AuthConfig::default()
+    };
+    Ok(ResolvedDev {
+        gateway: GatewayConfig::new(listen, auth),
+        worker: WorkerConfig {
+            queues,
+            concurrency: a.concurrency,
+            ..WorkerConfig::default()
+        },
+        secret,
+        generated_secret,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
+    let shutdown =
+        ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
+    let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
+    let worker = Worker::new(
+        broker.clone(),
+        HandlerRegistry::with_builtins(),
+        cfg.worker.clone(),
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    let listen = cfg.gateway.listen;
+    let scheme = if cfg.gateway.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let queue = cfg
+        .worker
+        .queues
+        .first()
+        .map(|q| q.to_string())
+        .unwrap_or_default();
+    if cfg.generated_secret {
+        let admin = MintClaims {
+            sub: "dev-admin".into(),
+            scopes: Scope::ALL.iter().map(|s| s.as_str().to_owned()).collect(),
+            tenant: None,
+            ttl: Duration::from_secs(24 * 3600),
+            issuer: None,
+            audience: None,
+        };
+        let token = mint(&cfg.secret, &admin).map_err(|e| CliError::Internal(e.to_string()))?;
+        let secret = String::from_utf8_lossy(&cfg.secret);
+        println!("ferry dev: no FERRY_JWT_SECRET given, generated one for this run:");
+        println!("  export FERRY_JWT_SECRET={secret}");
+        println!("admin token (24 h):");
+        println!("  export FERRY_TOKEN={token}");
+        println!("submit a job:");
+        println!(
+            "  curl -s -X POST {scheme}://{listen}/v1/queues/{queue}/jobs -H \"Authorization: Bearer $FERRY_TOKEN\" -H 'Content-Type: application/json' -d '{{\"kind\":\"ferry.echo\",\"payload\":{{\"hello\":\"world\"}}}}'"
+        );
+    }
+    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let served = crate::gateway::serve(cfg.gateway, broker, shutdown.clone()).await;
+    shutdown.cancel();
+    match worker_task.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(CliError::Internal(e.to_string())),
+        Err(e) => return Err(CliError::Internal(e.to_string())),
+    }
+    served
+}

@@ -1,0 +1,128 @@
+//! `ferry gateway`: the HTTPS/WebSocket API against Redis, until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_gateway::GatewayConfig;
+use ferry_gateway::auth::AuthConfig;
+use ferry_gateway::config::TlsConfig;
+
+use crate::CliError;
+use crate::args::{GatewayArgs, JwtArgs};
+
+/// Shortest shared secret accepted: HS256 with less than 256 bits of key is guessable offline.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+pub fn check_secret(flag: &str, secret: &[u8]) -> Result<(), CliError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(CliError::usage(
+            flag,
+            format!(
+                "the secret must be at least {MIN_SECRET_BYTES} bytes, got {}",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub fn parse_listen(s: &str) -> Result<SocketAddr, CliError> {
+    s.parse().map_err(|_| {
+        CliError::usage(
+            "--listen",
+            format!("{s:?} is not an address like 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn read(flag: &str, path: &std::path::Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(flag, format!("{}: {e}", path.display())))
+}
+
+pub fn auth_config(a: JwtArgs) -> Result<AuthConfig, CliError> {
+    if let Some(s) = &a.jwt_secret {
+        check_secret("--jwt-secret", s.as_bytes())?;
+    }
+    let public_key_pems = a
+        .jwt_public_keys
+        .iter()
+        .map(|p| read("--jwt-public-key", p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let jwks_json = a
+        .jwks_file
+        .as_deref()
+        .map(|p| read("--jwks-file", p))
+        .transpose()?;
+    if a.jwt_secret.is_none() && public_key_pems.is_empty() && jwks_json.is_none() {
+        return Err(CliError::usage(
+            "--jwt-secret",
+            "the gateway needs a way to verify tokens: --jwt-secret, --jwt-public-key or --jwks-file",
+        ));
+    }
+    Ok(AuthConfig {
+        hs_secret: a.jwt_secret.map(String::into_bytes),
+        public_key_pems,
+        jwks_json,
+        issuer: a.jwt_issuer,
+        audience: a.jwt_audience,
+        leeway: Duration::from_secs(30),
+    })
+}
+
+#[derive(Debug)]
+pub struct ResolvedGateway {
+    pub urls: Vec<String>,
+    pub config: GatewayConfig,
+}
+
+pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
+    let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let listen = parse_listen(&a.listen)?;
+    let auth = auth_config(a.jwt)?;
+    // Refuse bad key material now, before anything connects.
+    ferry_gateway::auth::Authenticator::new(auth.clone())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut config = GatewayConfig::new(listen, auth);
+    if let (Some(cert_pem), Some(key_pem)) = (a.tls_cert, a.tls_key) {
+        for (flag, p) in [("--tls-cert", &cert_pem), ("--tls-key", &key_pem)] {
+            if !p.is_file() {
+                return Err(CliError::usage(
+                    flag,
+                    format!("{}: no such file", p.display()),
+                ));
+            }
+        }
+        config.tls = Some(TlsConfig { cert_pem, key_pem });
+    }
+    Ok(ResolvedGateway { urls, config })
+}
+
+pub async fn run(cfg: ResolvedGateway) -> Result<(), CliError> {
+    let shutdown =
+        ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
+    let broker = crate::connect(&cfg.urls, ferry_broker::EngineConfig::default()).await?;
+    serve(cfg.config, Arc::new(broker), shutdown).await
+}
+
+/// Bind and serve until `shutdown`; shared with `ferry dev`.
+pub async fn serve(
+    config: GatewayConfig,
+    broker: Arc<dyn ferry_broker::Broker>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), CliError> {
+    let gateway = ferry_gateway::Gateway::build(config, broker)
+        .await
+        .map_err(|e| match e {
+            ferry_gateway::server::GatewayError::Bind { .. } => {
+                CliError::Unavailable(e.to_string())
+            }
+            other => CliError::Usage(other.to_string()),
+        })?;
+    tracing::info!(listen = %gateway.local_addr(), "gateway listening");
+    gateway
+        .run(shutdown)
+        .await
+        .map_err(|e| CliError::Internal(e.to_string()))
+}
