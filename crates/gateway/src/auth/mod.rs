@@ -1,8 +1,39 @@
-//! JWT verification and scopes. (Public API fixed; implementation in progress.)
+//! JWT verification, scopes and minting: bearer token in, [`Principal`] out.
+//!
+//! Owns the checks a token must pass (signature by a key pinned to the header's `alg`, `exp` required,
+//! `nbf`/`iat` with a small leeway, `iss`/`aud` when configured, a non-empty `sub`) and the mapping of failures to
+//! [`AuthError`]: `Expired` on its own (the WebSocket layer closes with 4001 on it), everything else `Invalid`
+//! with a short reason. It must not do I/O (a JWKS arrives as text), log or echo tokens or key material, or decide
+//! what a scope permits beyond [`Principal::require`] and [`Principal::owns`].
+//!
+//! * `keys`: key material → keys pinned to algorithms; which key may verify a given token.
+//! * `claims`: the claims read from and written to tokens.
+
+mod claims;
+mod keys;
+#[cfg(test)]
+mod tests;
 
 use std::time::Duration;
 
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
+
 use crate::error::ApiError;
+use claims::{MintedClaims, TokenClaims};
+use keys::{KeySet, VerifyKey};
+
+pub use keys::MIN_HS_SECRET_BYTES;
+
+/// Clock skew tolerated on `exp`, `nbf` and `iat` when [`AuthConfig::leeway`] is zero (its `Default`): a zero
+/// leeway would reject tokens from an issuer whose clock is a second ahead, so zero means "use the default".
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+
+/// Largest accepted leeway. The issue asks for a *small* leeway; more than this keeps expired tokens alive.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
+/// Longest accepted token. Real tokens are well under 2 KiB; the cap bounds the work a hostile header can cause.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -126,7 +157,9 @@ impl From<AuthError> for ApiError {
 }
 
 /// Key material and checks.
-#[derive(Debug, Clone, Default)]
+///
+/// `Debug` is implemented by hand so the shared secret never reaches a log.
+#[derive(Clone, Default)]
 pub struct AuthConfig {
     /// Shared secret for HS256/384/512.
     pub hs_secret: Option<Vec<u8>>,
@@ -134,25 +167,164 @@ pub struct AuthConfig {
     pub public_key_pems: Vec<String>,
     /// A JWKS document (JSON text) loaded from a file.
     pub jwks_json: Option<String>,
+    /// Required `iss`, when set.
     pub issuer: Option<String>,
+    /// Required `aud` (one of the token's audiences), when set; unset, any `aud` is accepted.
     pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`; zero means [`DEFAULT_LEEWAY`], at most [`MAX_LEEWAY`].
     pub leeway: Duration,
 }
 
-/// Verifies tokens.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("hs_secret", &self.hs_secret.as_ref().map(|_| "[redacted]"))
+            .field("public_key_pems", &self.public_key_pems.len())
+            .field("jwks_json", &self.jwks_json.is_some())
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway", &self.leeway)
+            .finish()
+    }
+}
+
+/// Verifies tokens. Built once at start-up; all key material is parsed and checked by [`Authenticator::new`].
 #[derive(Debug)]
 pub struct Authenticator {
-    _config: AuthConfig,
+    keys: KeySet,
+    /// Checks shared by every key; each verification narrows `algorithms` to the key's pinned ones.
+    validation: Validation,
+    leeway_secs: u64,
 }
 
 impl Authenticator {
+    /// Parse and check every key. Fails with [`AuthError::Config`] on a secret shorter than
+    /// [`MIN_HS_SECRET_BYTES`], unreadable or private PEM keys, a bad JWKS, no keys at all, or a leeway above
+    /// [`MAX_LEEWAY`].
     pub fn new(config: AuthConfig) -> Result<Self, AuthError> {
-        Ok(Self { _config: config })
+        let mut keys = KeySet::default();
+        if let Some(secret) = &config.hs_secret {
+            keys.push(keys::hs_key(secret)?)?;
+        }
+        for (i, pem) in config.public_key_pems.iter().enumerate() {
+            keys.push(keys::pem_key(i, pem)?)?;
+        }
+        if let Some(json) = &config.jwks_json {
+            for key in keys::jwks_keys(json)? {
+                keys.push(key)?;
+            }
+        }
+        if keys.is_empty() {
+            return Err(AuthError::Config(
+                "no verification keys: set an hs secret, public keys or a jwks".into(),
+            ));
+        }
+        if config.leeway > MAX_LEEWAY {
+            return Err(AuthError::Config(format!(
+                "leeway {:?} is above the maximum {MAX_LEEWAY:?}",
+                config.leeway
+            )));
+        }
+        let leeway = if config.leeway.is_zero() {
+            DEFAULT_LEEWAY
+        } else {
+            config.leeway
+        };
+        // Round a sub-second leeway up: the claims are whole seconds.
+        let leeway_secs = leeway.as_secs() + u64::from(leeway.subsec_nanos() > 0);
+
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = leeway_secs;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = &config.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        match &config.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            // The library rejects any token carrying `aud` when none is expected; with no audience configured
+            // ferry has no opinion on it.
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Self {
+            keys,
+            validation,
+            leeway_secs,
+        })
     }
 
-    pub fn verify(&self, _token: &str) -> Result<Principal, AuthError> {
-        Err(AuthError::Invalid("not implemented".into()))
+    /// Verify a bearer token (without the `Bearer ` prefix) and return who it speaks for.
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Invalid("token too large".into()));
+        }
+        // `alg: none` and unknown algorithms fail here: the header type has no variant for them.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed header or unsupported algorithm".into()))?;
+        for key in self.keys.candidates(&header)? {
+            match self.verify_with(token, key) {
+                // Several keys of one algorithm (a rotation): a signature mismatch means "try the next".
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
+                Err(e) => return Err(map_error(&e)),
+                Ok(claims) => return self.check_iat(claims)?.into_principal(),
+            }
+        }
+        Err(AuthError::Invalid("bad signature".into()))
     }
+
+    fn verify_with(
+        &self,
+        token: &str,
+        key: &VerifyKey,
+    ) -> jsonwebtoken::errors::Result<TokenClaims> {
+        let mut validation = self.validation.clone();
+        // Pinning: only the key's own algorithms, whatever the header says.
+        validation.algorithms.clone_from(&key.algs);
+        jsonwebtoken::decode::<TokenClaims>(token, &key.key, &validation).map(|data| data.claims)
+    }
+
+    /// The library does not look at `iat`; a token issued in the future (beyond the leeway) comes from a
+    /// broken or hostile issuer clock and would outlive its intended lifetime.
+    fn check_iat(&self, claims: TokenClaims) -> Result<TokenClaims, AuthError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        match claims.iat {
+            Some(iat) if iat > now.saturating_add(self.leeway_secs) => {
+                Err(AuthError::Invalid("token issued in the future".into()))
+            }
+            _ => Ok(claims),
+        }
+    }
+}
+
+/// A short reason for a failed verification. Only fixed text and claim names (from a fixed set) are used, never
+/// anything taken from the token.
+fn map_error(e: &jsonwebtoken::errors::Error) -> AuthError {
+    let reason = match e.kind() {
+        ErrorKind::ExpiredSignature => return AuthError::Expired,
+        ErrorKind::ImmatureSignature => "token not yet valid".into(),
+        ErrorKind::InvalidSignature => "bad signature".into(),
+        ErrorKind::InvalidIssuer => "wrong issuer".into(),
+        ErrorKind::InvalidAudience => "wrong audience".into(),
+        ErrorKind::InvalidAlgorithm => "algorithm does not match the key".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("missing {c} claim"),
+        ErrorKind::InvalidClaimFormat(c) => format!("malformed {c} claim"),
+        ErrorKind::Json(_) => "malformed claims".into(),
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            "malformed token".into()
+        }
+        _ => "token rejected".into(),
+    };
+    AuthError::Invalid(reason)
 }
 
 /// Claims of a token minted by `ferry token` / `ferry dev`.
@@ -166,7 +338,48 @@ pub struct MintClaims {
     pub audience: Option<String>,
 }
 
-/// Sign an HS256 token.
-pub fn mint(_secret: &[u8], _claims: &MintClaims) -> Result<String, AuthError> {
-    Err(AuthError::Config("not implemented".into()))
+/// Sign an HS256 token with `sub`, `scope` (space-separated, omitted when empty), `tenant` (if any), `iat`,
+/// `exp = now + ttl` and `iss`/`aud` if given.
+///
+/// Refuses (with [`AuthError::Config`]) what [`Authenticator::verify`] would reject anyway: a secret shorter than
+/// [`MIN_HS_SECRET_BYTES`], an empty `sub` or `tenant`, a zero `ttl`, and scopes that are empty or contain
+/// whitespace (they would split into other scopes).
+pub fn mint(secret: &[u8], claims: &MintClaims) -> Result<String, AuthError> {
+    keys::check_hs_secret(secret)?;
+    let bad = |why: &str| AuthError::Config(format!("mint: {why}"));
+    if claims.sub.trim().is_empty() {
+        return Err(bad("sub must not be empty"));
+    }
+    if claims
+        .tenant
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        return Err(bad("tenant must not be empty"));
+    }
+    if claims
+        .scopes
+        .iter()
+        .any(|s| s.is_empty() || s.contains(char::is_whitespace))
+    {
+        return Err(bad("a scope is empty or contains whitespace"));
+    }
+    // Whole seconds, rounded up so a sub-second ttl still yields a token that is valid for a moment.
+    let ttl_secs = claims.ttl.as_secs() + u64::from(claims.ttl.subsec_nanos() > 0);
+    if ttl_secs == 0 {
+        return Err(bad("ttl must be longer than zero"));
+    }
+    let now = jsonwebtoken::get_current_timestamp();
+    let body = MintedClaims {
+        sub: &claims.sub,
+        scope: (!claims.scopes.is_empty()).then(|| claims.scopes.join(" ")),
+        tenant: claims.tenant.as_deref(),
+        iat: now,
+        exp: now.saturating_add(ttl_secs),
+        iss: claims.issuer.as_deref(),
+        aud: claims.audience.as_deref(),
+    };
+    let key = EncodingKey::from_secret(secret).map_err(|_| bad("unusable secret"))?;
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &body, &key)
+        .map_err(|_| bad("signing failed"))
 }
