@@ -119,6 +119,16 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// rather than slow the engine down.
     async fn subscribe(&self) -> Result<EventStream, BrokerError>;
 
+    /// Publish `payload` on the application channel `channel` to every node listening to it (through a
+    /// [`ChannelFeed`]), this one included. At most once: a node that is not subscribed (or is disconnected)
+    /// at that moment does not get it.
+    async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError>;
+
+    /// A feed of application channel messages for this node: it [`ChannelControl::subscribe`]s the channels
+    /// local listeners want and yields their messages. One per node is enough; the Redis engine holds one
+    /// subscription per channel per feed.
+    async fn channels(&self) -> Result<ChannelFeed, BrokerError>;
+
     /// Housekeeping for one queue: trim acknowledged stream entries, expire finished jobs past retention.
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError>;
 

@@ -7,13 +7,16 @@
 //! queue holds at most `dead_letter_max` jobs, idempotency keys expire after `idempotency_ttl`, and live events
 //! go through a bounded broadcast channel that drops events for lagging subscribers instead of growing.
 //!
+//! Application channels ([`Broker::publish`], [`Broker::channels`]) are one more broadcast channel, outside the
+//! state lock; each feed filters it by the channels it subscribed.
+//!
 //! Layout: one `State` behind one `std::sync::Mutex`. Every job lives in `State::jobs`; each queue keeps
 //! indexes of ids by state (ready deques per priority, scheduled set by due time, active set by lease deadline,
 //! dead list, finished list by finish time). Every transition goes through `State::detach` (remove the job from
 //! the index of its current state) and then one of the `State::enter_*` methods (set the new state, index it, emit
 //! its event), so the indexes never disagree with the jobs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,13 +31,18 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::{
-    Broker, BrokerError, CancelOutcome, Completion, EngineConfig, Enqueued, EventStream,
-    FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected, RetryOutcome,
+    Broker, BrokerError, CancelOutcome, ChannelControl, ChannelFeed, ChannelMessage, Completion,
+    Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FeedControl, Lease,
+    Leased, QueueStats, Reclaimed, Rejected, RetryOutcome,
 };
 
 /// Live events buffered per subscriber. A subscriber that falls further behind skips the oldest events (it can
 /// recover them from the durable record) rather than make the engine wait or buffer without bound.
 const EVENT_CAPACITY: usize = 4096;
+
+/// Application channel messages buffered per feed; a feed that falls further behind skips the oldest (pub/sub
+/// is at most once on the Redis engine too).
+const CHANNEL_CAPACITY: usize = 4096;
 
 /// In-process broker with the same semantics as the Redis engine.
 pub struct MemoryBroker {
@@ -44,6 +52,9 @@ pub struct MemoryBroker {
     /// never held across an `.await` (that would block a runtime thread while the holder sleeps, and make the
     /// futures `!Send`); `claim` waits on the queue's `Notify` with the lock released.
     state: Mutex<State>,
+    /// Every application channel message of the process; feeds filter it. Not under `state`: publishing has
+    /// nothing to do with job state and must not wait for a transition.
+    app: broadcast::Sender<ChannelMessage>,
 }
 
 impl fmt::Debug for MemoryBroker {
@@ -65,6 +76,7 @@ impl MemoryBroker {
                 queues: BTreeMap::new(),
                 events: Events { seq: 0, tx },
             }),
+            app: broadcast::channel(CHANNEL_CAPACITY).0,
         }
     }
 
@@ -779,6 +791,27 @@ impl Broker for MemoryBroker {
         Ok(Box::pin(BroadcastStream::new(rx).filter_map(Result::ok)))
     }
 
+    async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
+        // No feed at all is not an error: nobody listens, as with a Redis PUBLISH that reaches no one.
+        let _ = self.app.send(ChannelMessage {
+            channel: channel.to_owned(),
+            payload,
+        });
+        Ok(())
+    }
+
+    async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
+        let wanted = Arc::new(MemoryFeed::default());
+        let filter = wanted.clone();
+        let messages = BroadcastStream::new(self.app.subscribe())
+            .filter_map(Result::ok)
+            .filter(move |m| filter.wants(&m.channel));
+        Ok(ChannelFeed::new(
+            ChannelControl::new(wanted),
+            Box::pin(messages),
+        ))
+    }
+
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
         let now = now_ms();
         let retention = ms(self.config.finished_retention);
@@ -814,6 +847,37 @@ impl Broker for MemoryBroker {
 
     async fn ping(&self) -> Result<(), BrokerError> {
         self.lock().map(drop)
+    }
+}
+
+/// The channels one memory feed listens to.
+#[derive(Debug, Default)]
+struct MemoryFeed {
+    // A std mutex: held for one set operation, never across an await.
+    channels: Mutex<HashSet<String>>,
+}
+
+impl MemoryFeed {
+    fn wants(&self, channel: &str) -> bool {
+        self.channels
+            .lock()
+            .map(|c| c.contains(channel))
+            .unwrap_or(false)
+    }
+}
+
+impl FeedControl for MemoryFeed {
+    fn subscribe(&self, channel: &str) -> Confirmation {
+        if let Ok(mut c) = self.channels.lock() {
+            c.insert(channel.to_owned());
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unsubscribe(&self, channel: &str) {
+        if let Ok(mut c) = self.channels.lock() {
+            c.remove(channel);
+        }
     }
 }
 

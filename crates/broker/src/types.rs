@@ -154,3 +154,91 @@ pub enum BrokerError {
     #[error("broker internal error: {0}")]
     Internal(String),
 }
+
+/// A message published on an application channel (see [`Broker::publish`](crate::Broker::publish)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelMessage {
+    /// The channel name as given to `publish`, without any engine prefix.
+    pub channel: String,
+    pub payload: String,
+}
+
+/// The messages of application channels, as a stream.
+pub type ChannelStream = Pin<Box<dyn Stream<Item = ChannelMessage> + Send>>;
+
+/// A subscription command, confirmed once the engine listens to the channel (Redis: the SUBSCRIBE was
+/// answered). A subscribe that fails is still remembered: the engine subscribes again after a reconnect.
+pub type Confirmation = futures::future::BoxFuture<'static, Result<(), BrokerError>>;
+
+/// What an engine implements to steer a [`ChannelFeed`]. Commands take effect in call order (each is queued
+/// synchronously before the call returns), so a caller that serialises its own bookkeeping under a lock gets
+/// the same order at the engine.
+pub trait FeedControl: Send + Sync + std::fmt::Debug {
+    fn subscribe(&self, channel: &str) -> Confirmation;
+    fn unsubscribe(&self, channel: &str);
+}
+
+/// Subscribes and unsubscribes a [`ChannelFeed`]; cheap to clone and usable while the feed is being read.
+#[derive(Debug, Clone)]
+pub struct ChannelControl(Arc<dyn FeedControl>);
+
+impl ChannelControl {
+    pub fn new(inner: Arc<dyn FeedControl>) -> Self {
+        Self(inner)
+    }
+
+    /// Start receiving `channel`. The command is queued before this returns; the returned future resolves once
+    /// the engine confirmed it (messages published after that are delivered). Subscribing twice is harmless.
+    pub fn subscribe(&self, channel: &str) -> Confirmation {
+        self.0.subscribe(channel)
+    }
+
+    /// Stop receiving `channel` (queued before this returns).
+    pub fn unsubscribe(&self, channel: &str) {
+        self.0.unsubscribe(channel)
+    }
+}
+
+/// This node's view of application channels: the channels it listens to (one engine subscription per channel,
+/// whatever the number of local listeners, which the caller counts) and their messages, in one stream. The
+/// Redis engine resubscribes every channel after a reconnect; messages published while disconnected are lost
+/// (pub/sub is at most once). Dropping the feed ends its subscriptions.
+pub struct ChannelFeed {
+    control: ChannelControl,
+    messages: ChannelStream,
+}
+
+impl std::fmt::Debug for ChannelFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelFeed")
+            .field("control", &self.control)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChannelFeed {
+    /// For engines: a feed from its control and its message stream.
+    pub fn new(control: ChannelControl, messages: ChannelStream) -> Self {
+        Self { control, messages }
+    }
+
+    pub fn control(&self) -> ChannelControl {
+        self.control.clone()
+    }
+
+    /// The control (to share with whoever subscribes) and the stream (for the one reader).
+    pub fn into_parts(self) -> (ChannelControl, ChannelStream) {
+        (self.control, self.messages)
+    }
+}
+
+impl Stream for ChannelFeed {
+    type Item = ChannelMessage;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ChannelMessage>> {
+        self.messages.as_mut().poll_next(cx)
+    }
+}

@@ -13,12 +13,15 @@
 //!   undelivered entry, once older than the finished-job retention; a completed job's record points into its
 //!   entry until then.
 //!
+//! Application channels ([`Broker::publish`], [`Broker::channels`]): see [`pubsub`].
+//!
 //! Keys: see [`keys`]; record forms: `lua/prelude.lua`. Queues are placed on shards by [`ShardRing`]. Only
 //! standalone Redis shards are supported: per-shard keys (`ferry:events`) are touched by the same scripts as a
 //! queue's keys, which Redis Cluster would refuse.
 
 mod codec;
 mod keys;
+mod pubsub;
 mod scripts;
 
 use std::collections::{BTreeMap, HashSet};
@@ -37,8 +40,9 @@ use self::codec::{Fields, Record, array, bad, int, text};
 use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
 use self::scripts::Scripts;
 use crate::{
-    Broker, BrokerError, CancelOutcome, Completion, EngineConfig, Enqueued, EventStream,
-    FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected, RetryOutcome, ShardRing,
+    Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, EngineConfig, Enqueued,
+    EventStream, FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected,
+    RetryOutcome, ShardRing,
 };
 
 /// Most jobs sent to one script call; bigger batches are split so one call never holds Redis for long.
@@ -1018,6 +1022,26 @@ impl Broker for RedisBroker {
             streams.push(s.boxed());
         }
         Ok(futures::stream::select_all(streams).boxed())
+    }
+
+    async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
+        let shard = &self.shards[self.ring.shard_for(channel)];
+        let _receivers: i64 = redis::cmd("PUBLISH")
+            .arg(pubsub::redis_channel(channel))
+            .arg(payload)
+            .query_async(&mut shard.conn.clone())
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
+        let shards = self
+            .shards
+            .iter()
+            .map(|s| (s.name.clone(), s.client.clone()))
+            .collect();
+        Ok(pubsub::feed(shards, self.ring.clone()))
     }
 
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {

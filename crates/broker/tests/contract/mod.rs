@@ -72,6 +72,8 @@ macro_rules! contract_suite {
             finished_jobs_expire_after_retention,
             concurrent_claimers_never_share_a_job,
             slow_subscriber_never_blocks_engine,
+            channel_publish_reaches_subscriber,
+            channel_unsubscribed_is_not_delivered,
         );
     };
     (@cases $engine:ty; $($case:ident),* $(,)?) => {
@@ -1519,4 +1521,64 @@ pub async fn slow_subscriber_never_blocks_engine<E: Engine>() {
         .expect("an event")
         .expect("stream open");
     assert_eq!(e.queue, *q);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Application channels
+
+/// The next message of `feed`, or `None` after `wait`.
+async fn next_message(
+    feed: &mut ferry_broker::ChannelFeed,
+    wait: Duration,
+) -> Option<ferry_broker::ChannelMessage> {
+    timeout(wait, feed.next()).await.ok().flatten()
+}
+
+pub async fn channel_publish_reaches_subscriber<E: Engine>() {
+    let c = setup::<E>("channel_publish").await;
+    let b = &c.b;
+    // Two feeds stand for two nodes: each gets the message once, whatever the number of its subscribe calls.
+    let mut a = b.channels().await.unwrap();
+    let mut other = b.channels().await.unwrap();
+    a.control().subscribe("room-1").await.unwrap();
+    a.control().subscribe("room-1").await.unwrap();
+    other.control().subscribe("room-1").await.unwrap();
+    b.publish("room-1", r#"{"hello":1}"#.into()).await.unwrap();
+    for feed in [&mut a, &mut other] {
+        let m = next_message(feed, PATIENCE)
+            .await
+            .expect("message delivered");
+        assert_eq!(
+            (m.channel.as_str(), m.payload.as_str()),
+            ("room-1", r#"{"hello":1}"#)
+        );
+    }
+    assert_eq!(
+        next_message(&mut a, Duration::from_millis(200)).await,
+        None,
+        "delivered once"
+    );
+}
+
+pub async fn channel_unsubscribed_is_not_delivered<E: Engine>() {
+    let c = setup::<E>("channel_unsubscribed").await;
+    let b = &c.b;
+    let mut feed = b.channels().await.unwrap();
+    let control = feed.control();
+    control.subscribe("keep").await.unwrap();
+    control.subscribe("drop").await.unwrap();
+    control.unsubscribe("drop");
+    // Published after the unsubscribe and before a channel still wanted, so once "keep" arrives, "drop" (had
+    // it been delivered) would have come first.
+    b.publish("drop", "1".into()).await.unwrap();
+    b.publish("never-subscribed", "2".into()).await.unwrap();
+    b.publish("keep", "3".into()).await.unwrap();
+    let m = next_message(&mut feed, PATIENCE)
+        .await
+        .expect("kept channel delivered");
+    assert_eq!((m.channel.as_str(), m.payload.as_str()), ("keep", "3"));
+    assert_eq!(
+        next_message(&mut feed, Duration::from_millis(200)).await,
+        None
+    );
 }

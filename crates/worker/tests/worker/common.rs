@@ -253,4 +253,12 @@ impl Broker for Faulty {
     async fn ping(&self) -> Result<(), BrokerError> {
         self.inner.ping().await
     }
+
+    async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
+        self.inner.publish(channel, payload).await
+    }
+
+    async fn channels(&self) -> Result<ferry_broker::ChannelFeed, BrokerError> {
+        self.inner.channels().await
+    }
 }
