@@ -91,6 +91,9 @@ async fn bad_certificate_files_are_refused_naming_the_flag() {
         key_pem: empty,
     });
     let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
-    let err = Gateway::build(config, broker).await.unwrap_err().to_string();
+    let err = Gateway::build(config, broker)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--tls-cert"), "{err}");
 }

@@ -1,12 +1,121 @@
-//! The `/v1` JSON API. (In progress.)
+//! The HTTP surface of the gateway: the `/v1` JSON API, the OpenAPI document, health, readiness and metrics.
+//! The contract is docs/api.md; `openapi.json` describes the same routes.
+//!
+//! Every `/v1` request goes through the same steps, in this order: bearer token → [`Principal`]
+//! ([`extract::Authed`], 401), the subject's rate limit ([`limit`], 429), the body (limit 413, JSON syntax 400),
+//! then in the handler the route's scope (403) and the fields and names (400). Handlers only translate between HTTP and the [`ferry_broker::Broker`]; they
+//! must not decide job semantics.
+//!
+//! * [`extract`]: `Authed`, `Json`, `Path` extractors that reject with problem+json.
+//! * [`tenancy`]: how a tenant's queue names map to broker queues.
+//! * [`jobs`], [`queues`], [`channels`]: the `/v1` handlers. [`ops`]: health, readiness, metrics, OpenAPI.
+//! * [`limit`], [`metrics`]: per-subject token buckets and request counters, one of each per router.
+//!
+//! [`Principal`]: crate::auth::Principal
+
+pub mod channels;
+pub mod extract;
+pub mod jobs;
+pub mod limit;
+pub mod metrics;
+pub mod ops;
+pub mod queues;
+pub mod tenancy;
+
+use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::routing::{get, post};
 
+use crate::error::ApiError;
 use crate::state::AppState;
+
+/// Router state: the shared [`AppState`] plus what only the HTTP layer owns. Handlers written against
+/// `State<AppState>` (the WebSocket upgrade) still work through [`FromRef`].
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub app: AppState,
+    pub limiter: Arc<limit::RateLimit>,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+impl FromRef<Api> for AppState {
+    fn from_ref(api: &Api) -> AppState {
+        api.app.clone()
+    }
+}
+
+/// Every path the router serves, as written in `openapi.json` (a unit test keeps the two in step).
+pub const PATHS: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/openapi.json",
+    "/v1/queues",
+    "/v1/queues/{queue}",
+    "/v1/queues/{queue}/jobs",
+    "/v1/queues/{queue}/jobs/batch",
+    "/v1/queues/{queue}/pause",
+    "/v1/queues/{queue}/resume",
+    "/v1/queues/{queue}/dead",
+    "/v1/jobs/{id}",
+    "/v1/jobs/{id}/retry",
+    "/v1/channels/{channel}/publish",
+    "/v1/ws",
+];
 
 /// Every route of the gateway, WebSocket included.
 pub fn router(state: AppState) -> Router {
+    let limits = &state.config.limits;
+    let api = Api {
+        limiter: Arc::new(limit::RateLimit::new(limits)),
+        metrics: Arc::new(metrics::Metrics::default()),
+        app: state.clone(),
+    };
     Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .with_state(state)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/v1/openapi.json", get(ops::openapi))
+        .route("/v1/queues", get(queues::list))
+        .route("/v1/queues/{queue}", get(queues::get))
+        .route("/v1/queues/{queue}/jobs", post(jobs::submit))
+        .route("/v1/queues/{queue}/jobs/batch", post(jobs::submit_batch))
+        .route("/v1/queues/{queue}/pause", post(queues::pause))
+        .route("/v1/queues/{queue}/resume", post(queues::resume))
+        .route("/v1/queues/{queue}/dead", get(queues::dead))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/channels/{channel}/publish", post(channels::publish))
+        // WebSocket (owned by crate::ws; the upgrade handler takes `State<AppState>` through `FromRef`).
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            api.metrics.clone(),
+            metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_exactly_the_routes_served() {
+        let doc: serde_json::Value = serde_json::from_str(ops::OPENAPI).expect("valid JSON");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+        let mut documented: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut served = PATHS.to_vec();
+        documented.sort_unstable();
+        served.sort_unstable();
+        assert_eq!(documented, served);
+    }
 }

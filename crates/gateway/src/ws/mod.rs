@@ -1,29 +1,504 @@
-//! WebSockets and the per-node hub. (In progress.)
+//! WebSockets (`GET /v1/ws`, in [`conn`]) and the per-node [`Hub`] that fans job events and application channel
+//! messages out to this node's connections.
+//!
+//! The hub consumes two feeds from the broker: every job lifecycle event ([`Broker::subscribe`]) and the
+//! application channels this node's clients subscribed to ([`Broker::channels`], one broker subscription per
+//! channel per node, taken on the first local subscriber and dropped after the last). Each message is routed
+//! through per-channel subscriber sets and handed to each connection's bounded send queue with `try_send`: the
+//! hub never waits for a connection, and a connection whose queue is full is closed with 4009 (slow consumer).
+//!
+//! # Channels and tenants
+//!
+//! Clients name channels `user:<sub>`, `job:<id>`, `queue:<name>` and `app:<name>`. Inside the hub every channel
+//! is a *hub key* that carries the tenant, so two tenants can never meet on one key:
+//!
+//! * `user:<tenant>/<sub>` (`user:/<sub>` without a tenant): a tenant is `[A-Za-z0-9._-]` (see
+//!   [`crate::http::tenancy`]), so the first `/` ends it whatever the subject holds;
+//! * `queue:<broker queue>` and `app:<broker name>`: names are mapped exactly as the HTTP API maps queues, the
+//!   queue `emails` of tenant `acme` being `acme:emails`; events carry the broker queue, so they land on the key
+//!   of the right tenant;
+//! * `job:<id>`: ids are global; a subscription is allowed only to the job's owner (same tenant) or an admin.
+//!
+//! Pushed frames use the name the client subscribed with, and the queue as the client names it.
+//!
+//! # Pushed frames
+//!
+//! `{"channel": "user:alice", "event": "job.completed", "data": {"id", "queue", "kind", "state", "attempt",
+//! "at", "result" | "error" | "progress"}}` for job events (`result` for completed, `error` for retrying and
+//! dead, `progress` for progress), and `{"channel": "app:chat", "event": "message", "data": <published JSON>}`
+//! for application messages. A frame is rendered once per message and shared by every connection that gets it.
 
-use std::sync::Arc;
+pub mod conn;
 
-use ferry_broker::Broker;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use ferry_broker::{Broker, ChannelControl, ChannelMessage};
+use ferry_core::{Event, EventType};
+use futures::StreamExt;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use conn::upgrade;
+
 use crate::config::LimitsConfig;
+use crate::error::ApiError;
+
+/// Close codes the gateway uses.
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    pub const RATE_LIMITED: u16 = 4008;
+    pub const SLOW_CONSUMER: u16 = 4009;
+}
+
+/// What the hub shares with one connection: its send queue and a way to close it from outside.
+#[derive(Debug)]
+pub(crate) struct ConnHandle {
+    id: u64,
+    tx: mpsc::Sender<Utf8Bytes>,
+    /// Close code asked for by the hub (0: none); set before `kill` is cancelled.
+    close_code: AtomicU16,
+    kill: CancellationToken,
+}
+
+impl ConnHandle {
+    /// Ask the connection to close with `code` (the first request wins).
+    pub(crate) fn close(&self, code: u16) {
+        let _ = self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.kill.cancel();
+    }
+
+    pub(crate) fn close_code(&self) -> u16 {
+        self.close_code.load(Ordering::Acquire)
+    }
+}
+
+/// One subscriber of a hub key: the connection and the name it subscribed with (what pushed frames say).
+#[derive(Debug)]
+struct Sub {
+    conn: Arc<ConnHandle>,
+    view: Arc<View>,
+}
+
+/// How one client sees a hub key.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct View {
+    /// The channel as the client named it.
+    pub channel: String,
+    /// The client's tenant: stripped from queue names in pushed frames.
+    pub tenant: Option<String>,
+}
 
 /// Fans events and channel messages out to this node's connections.
-#[derive(Debug)]
 pub struct Hub {
-    _broker: Arc<dyn Broker>,
-    _limits: LimitsConfig,
+    broker: Arc<dyn Broker>,
+    limits: LimitsConfig,
+    /// Hub key → subscribers by connection id. A std mutex: held only for map updates and `try_send`s, never
+    /// across an await.
+    channels: Mutex<HashMap<String, HashMap<u64, Sub>>>,
+    /// The broker's application channel feed, once `run` has opened it.
+    feed: OnceLock<ChannelControl>,
+    connections: AtomicUsize,
+    per_subject: Mutex<HashMap<String, usize>>,
+    next_id: AtomicU64,
+    /// Failed upgrades per IP, so token guessing costs the guesser.
+    unauth: DefaultKeyedRateLimiter<IpAddr>,
+    /// Cancelled when `run` sees shutdown: every connection closes with 1001.
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("connections", &self.connections.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Hub {
     pub fn new(broker: Arc<dyn Broker>, limits: LimitsConfig) -> Arc<Self> {
+        let per_ip = NonZeroU32::new(limits.unauth_upgrades_per_sec_per_ip.max(1))
+            .unwrap_or(NonZeroU32::MIN);
         Arc::new(Self {
-            _broker: broker,
-            _limits: limits,
+            broker,
+            unauth: DefaultKeyedRateLimiter::keyed(Quota::per_second(per_ip)),
+            limits,
+            channels: Mutex::new(HashMap::new()),
+            feed: OnceLock::new(),
+            connections: AtomicUsize::new(0),
+            per_subject: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
         })
     }
 
-    /// Forward from the broker until `shutdown`.
+    pub(crate) fn limits(&self) -> &LimitsConfig {
+        &self.limits
+    }
+
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Number of open WebSocket connections on this node.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Count a failed upgrade from `ip`; `false` once the IP is over its budget.
+    pub(crate) fn unauth_allowed(&self, ip: IpAddr) -> bool {
+        self.unauth.check_key(&ip).is_ok()
+    }
+
+    /// Forward from the broker until `shutdown`, then close every connection with 1001.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        shutdown.cancelled().await;
+        let mut backoff = Duration::from_millis(100);
+        let mut events = None;
+        let mut messages = None;
+        loop {
+            if events.is_none() {
+                match self.broker.subscribe().await {
+                    Ok(s) => events = Some(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot subscribe to job events, retrying")
+                    }
+                }
+            }
+            if messages.is_none() {
+                match self.broker.channels().await {
+                    Ok(feed) => {
+                        let (control, stream) = feed.into_parts();
+                        // Set once: a later feed (never needed so far) would keep the first control.
+                        let _ = self.feed.set(control);
+                        messages = Some(stream);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot open the channel feed, retrying"),
+                }
+            }
+            if let (Some(ev), Some(msgs)) = (events.as_mut(), messages.as_mut()) {
+                backoff = Duration::from_millis(100);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    e = ev.next() => match e {
+                        Some(e) => self.dispatch_event(&e),
+                        // The event subscription ended (its Redis connection dropped): subscribe again.
+                        None => {
+                            tracing::warn!("job event feed ended, resubscribing");
+                            events = None;
+                        }
+                    },
+                    m = msgs.next() => match m {
+                        Some(m) => self.dispatch_message(&m),
+                        None => {
+                            tracing::warn!("channel feed ended");
+                            messages = None;
+                        }
+                    },
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        self.shutdown.cancel();
+    }
+
+    /// Publish `data` on a hub channel `app:<broker name>` (as [`crate::http::channels::app_channel`] maps it),
+    /// to its subscribers on every node.
+    pub async fn publish(&self, channel: &str, data: Value) -> Result<(), ApiError> {
+        let Some(name) = channel.strip_prefix("app:") else {
+            return Err(ApiError::bad_request(format!(
+                "only app: channels can be published to, not {channel:?}"
+            )));
+        };
+        self.broker.publish(name, data.to_string()).await?;
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<u64, Sub>>> {
+        // The map holds no invariant a panic could break halfway: keep serving.
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribe a connection to a hub key. For an `app:` key, the first local subscriber subscribes this node
+    /// at the broker, and the call returns once that is confirmed.
+    pub(crate) async fn subscribe(
+        &self,
+        conn: &Arc<ConnHandle>,
+        key: &str,
+        view: View,
+    ) -> Result<(), ApiError> {
+        let app = key.strip_prefix("app:");
+        let confirm = {
+            let mut channels = self.lock();
+            let subs = channels.entry(key.to_owned()).or_default();
+            let first = subs.is_empty();
+            subs.insert(
+                conn.id,
+                Sub {
+                    conn: conn.clone(),
+                    view: Arc::new(view),
+                },
+            );
+            match app {
+                // Queued under the lock so broker (un)subscribes reach the engine in the order of local counts.
+                Some(name) if first => match self.feed.get() {
+                    Some(feed) => Some(feed.subscribe(name)),
+                    None => {
+                        Self::remove(&mut channels, key, conn.id);
+                        return Err(unavailable());
+                    }
+                },
+                _ => None,
+            }
+        };
+        if let Some(confirm) = confirm
+            && let Err(e) = confirm.await
+        {
+            tracing::warn!(error = %e, "channel subscription failed");
+            self.unsubscribe(conn.id, key);
+            return Err(unavailable());
+        }
+        Ok(())
+    }
+
+    /// Remove a connection from a hub key; the last local subscriber of an `app:` key unsubscribes this node.
+    pub(crate) fn unsubscribe(&self, conn: u64, key: &str) {
+        let mut channels = self.lock();
+        if Self::remove(&mut channels, key, conn)
+            && let Some(name) = key.strip_prefix("app:")
+            && let Some(feed) = self.feed.get()
+        {
+            feed.unsubscribe(name);
+        }
+    }
+
+    /// True when the key has no subscriber left.
+    fn remove(channels: &mut HashMap<String, HashMap<u64, Sub>>, key: &str, conn: u64) -> bool {
+        let Some(subs) = channels.get_mut(key) else {
+            return false;
+        };
+        if subs.remove(&conn).is_none() {
+            return false;
+        }
+        if subs.is_empty() {
+            channels.remove(key);
+            return true;
+        }
+        false
+    }
+
+    /// Take a connection slot for `subject`; `None` over the node or subject limit.
+    pub(crate) fn admit(self: &Arc<Self>, subject: String) -> Option<ConnSlot> {
+        let n = self.connections.fetch_add(1, Ordering::AcqRel);
+        if n >= self.limits.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let mut per = self.per_subject.lock().unwrap_or_else(|p| p.into_inner());
+        let count = per.entry(subject.clone()).or_insert(0);
+        if *count >= self.limits.max_connections_per_subject {
+            drop(per);
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        *count += 1;
+        let (tx, rx) = mpsc::channel(self.limits.send_queue.max(1));
+        let handle = Arc::new(ConnHandle {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            tx,
+            close_code: AtomicU16::new(0),
+            kill: CancellationToken::new(),
+        });
+        Some(ConnSlot {
+            hub: self.clone(),
+            subject,
+            handle,
+            rx: Some(rx),
+            keys: Vec::new(),
+        })
+    }
+
+    fn dispatch_event(&self, e: &Event) {
+        let mut keys = Vec::with_capacity(3);
+        if let Some(owner) = &e.owner {
+            keys.push(user_key(e.tenant.as_deref(), owner));
+        }
+        keys.push(format!("job:{}", e.job));
+        keys.push(format!("queue:{}", e.queue));
+        let channels = self.lock();
+        for key in &keys {
+            if let Some(subs) = channels.get(key) {
+                self.fan_out(subs, |view| render_event(view, e));
+            }
+        }
+    }
+
+    fn dispatch_message(&self, m: &ChannelMessage) {
+        // Other publishers share Redis: anything that is not JSON is not forwarded.
+        let Ok(data) = serde_json::from_str::<&serde_json::value::RawValue>(&m.payload) else {
+            tracing::debug!(channel = %m.channel, "non-JSON channel message dropped");
+            return;
+        };
+        let key = format!("app:{}", m.channel);
+        let channels = self.lock();
+        if let Some(subs) = channels.get(&key) {
+            self.fan_out(subs, |view| {
+                let channel = serde_json::to_string(&view.channel).unwrap_or_default();
+                format!(
+                    r#"{{"channel":{channel},"event":"message","data":{}}}"#,
+                    data.get()
+                )
+            });
+        }
+    }
+
+    /// Hand one frame to every subscriber, rendering it once per distinct view.
+    fn fan_out(&self, subs: &HashMap<u64, Sub>, render: impl Fn(&View) -> String) {
+        let mut rendered: Vec<(&View, Utf8Bytes)> = Vec::with_capacity(1);
+        for sub in subs.values() {
+            let frame = match rendered.iter().find(|(v, _)| **v == *sub.view) {
+                Some((_, f)) => f.clone(),
+                None => {
+                    let f = Utf8Bytes::from(render(&sub.view));
+                    rendered.push((&sub.view, f.clone()));
+                    f
+                }
+            };
+            if let Err(mpsc::error::TrySendError::Full(_)) = sub.conn.tx.try_send(frame) {
+                // Buffering more would let one slow client grow the node's memory without bound.
+                sub.conn.close(close::SLOW_CONSUMER);
+            }
+        }
+    }
+}
+
+fn unavailable() -> ApiError {
+    ApiError::Unavailable {
+        detail: "channel subscriptions are unavailable, retry later".into(),
+        retry_after_secs: 1,
+    }
+}
+
+/// The hub key of a subject's own jobs.
+pub(crate) fn user_key(tenant: Option<&str>, sub: &str) -> String {
+    format!("user:{}/{sub}", tenant.unwrap_or(""))
+}
+
+/// A queue name as a client of `tenant` names it.
+fn client_queue<'a>(tenant: Option<&str>, queue: &'a str) -> &'a str {
+    tenant
+        .and_then(|t| queue.strip_prefix(t))
+        .and_then(|q| q.strip_prefix(':'))
+        .unwrap_or(queue)
+}
+
+fn render_event(view: &View, e: &Event) -> String {
+    let mut data = json!({
+        "id": e.job,
+        "queue": client_queue(view.tenant.as_deref(), e.queue.as_str()),
+        "kind": e.kind,
+        "state": e.state,
+        "attempt": e.attempt,
+        "at": e.at,
+    });
+    if let Some(d) = &e.data {
+        let field = match e.ty {
+            EventType::Completed => Some("result"),
+            EventType::Retrying | EventType::Dead => Some("error"),
+            EventType::Progress => Some("progress"),
+            _ => None,
+        };
+        if let Some(field) = field {
+            data[field] = d.clone();
+        }
+    }
+    json!({"channel": view.channel, "event": e.ty.as_str(), "data": data}).to_string()
+}
+
+/// A connection's place in the hub: counted against the limits, subscribed to keys; all of it is given back
+/// when dropped, however the connection ends.
+#[derive(Debug)]
+pub(crate) struct ConnSlot {
+    hub: Arc<Hub>,
+    subject: String,
+    pub(crate) handle: Arc<ConnHandle>,
+    pub(crate) rx: Option<mpsc::Receiver<Utf8Bytes>>,
+    /// Hub keys this connection is subscribed to (few: bounded by `max_subscriptions`).
+    pub(crate) keys: Vec<String>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.hub.unsubscribe(self.handle.id, key);
+        }
+        let mut per = self
+            .hub
+            .per_subject
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&self.subject) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.subject);
+            }
+        }
+        drop(per);
+        self.hub.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::{JobId, JobState, Kind, QueueName};
+
+    #[test]
+    fn user_keys_cannot_collide_across_tenants() {
+        assert_ne!(user_key(Some("acme"), "bob"), user_key(None, "acme/bob"));
+        assert_ne!(user_key(Some("acme"), "bob"), user_key(None, "acme:bob"));
+    }
+
+    #[test]
+    fn event_frames_use_the_clients_names() {
+        let e = Event {
+            id: String::new(),
+            ty: EventType::Completed,
+            job: JobId::new(),
+            queue: QueueName::parse("acme:emails").unwrap(),
+            kind: Kind::parse("k").unwrap(),
+            state: JobState::Completed,
+            attempt: 1,
+            at: 5,
+            owner: Some("bob".into()),
+            tenant: Some("acme".into()),
+            data: Some(json!({"ok": true})),
+        };
+        let view = View {
+            channel: "queue:emails".into(),
+            tenant: Some("acme".into()),
+        };
+        let v: Value = serde_json::from_str(&render_event(&view, &e)).unwrap();
+        assert_eq!(v["channel"], "queue:emails");
+        assert_eq!(v["event"], "job.completed");
+        assert_eq!(v["data"]["queue"], "emails");
+        assert_eq!(v["data"]["result"], json!({"ok": true}));
     }
 }

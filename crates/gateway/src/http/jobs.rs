@@ -1,0 +1,205 @@
+//! Job routes: submit (single and batch), look up, cancel, retry from dead-letter. Owner, tenant and
+//! correlation id come from the token and headers, never from the body; someone else's job is reported as not
+//! found so ids cannot be probed.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ferry_broker::{CancelOutcome, RetryOutcome};
+use ferry_core::{JobId, JobInfo, NewJob, ValidationError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Api;
+use super::extract::{Authed, Json, Path, from_value};
+use super::tenancy::{broker_queue, client_queue};
+use crate::auth::{Principal, Scope};
+use crate::error::ApiError;
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// `X-Request-Id` when it is a sane token (it ends up in logs and events), else a fresh UUIDv7.
+fn correlation_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| JobId::new().to_string(), str::to_owned)
+}
+
+/// Parse and check one submitted job, then stamp who submitted it.
+fn new_job(
+    api: &Api,
+    p: &Principal,
+    body: Value,
+    prefix: Option<&str>,
+    correlation: &str,
+) -> Result<NewJob, ApiError> {
+    let mut job: NewJob = from_value(body, prefix)?;
+    job.validate(&api.app.config.job_limits)
+        .map_err(|e| match prefix {
+            Some(pre) => e.within(pre),
+            None => e,
+        })?;
+    job.owner = Some(p.sub.clone());
+    job.tenant = p.tenant.clone();
+    job.correlation_id = Some(correlation.to_owned());
+    Ok(job)
+}
+
+fn with_request_id(mut res: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        res.headers_mut().insert(REQUEST_ID, v);
+    }
+    res
+}
+
+pub async fn submit(
+    State(api): State<Api>,
+    Authed(p): Authed,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Scope::JobsSubmit)?;
+    let q = broker_queue(&p, &queue)?;
+    let correlation = correlation_id(&headers);
+    let job = new_job(&api, &p, body, None, &correlation)?;
+    let e = api.app.broker.enqueue(&q, job).await?;
+    let mut out = json!({"id": e.id, "queue": queue, "state": e.state});
+    if e.duplicate {
+        out["duplicate"] = Value::Bool(true);
+    }
+    let res = (StatusCode::ACCEPTED, axum::Json(out)).into_response();
+    Ok(with_request_id(res, &correlation))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    jobs: Vec<Value>,
+}
+
+pub async fn submit_batch(
+    State(api): State<Api>,
+    Authed(p): Authed,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    p.require(Scope::JobsSubmit)?;
+    let q = broker_queue(&p, &queue)?;
+    let batch: Batch = from_value(body, None)?;
+    let max = api.app.config.limits.max_batch;
+    if batch.jobs.is_empty() || batch.jobs.len() > max {
+        return Err(ValidationError::field(
+            "jobs",
+            format!("must hold 1 to {max} jobs, got {}", batch.jobs.len()),
+        )
+        .into());
+    }
+    let correlation = correlation_id(&headers);
+    // Every bad job is reported at once, so a client fixes a batch in one round.
+    let mut jobs = Vec::with_capacity(batch.jobs.len());
+    let mut errors = Vec::new();
+    for (i, body) in batch.jobs.into_iter().enumerate() {
+        match new_job(&api, &p, body, Some(&format!("jobs[{i}]")), &correlation) {
+            Ok(j) => jobs.push(j),
+            Err(ApiError::BadRequest { errors: e, .. }) => errors.extend(e),
+            Err(e) => return Err(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ValidationError { errors }.into());
+    }
+    let done = api.app.broker.enqueue_batch(&q, jobs).await?;
+    let ids: Vec<JobId> = done.iter().map(|e| e.id).collect();
+    let res = (StatusCode::ACCEPTED, axum::Json(json!({"ids": ids}))).into_response();
+    Ok(with_request_id(res, &correlation))
+}
+
+/// A job as clients see it. Timestamps are milliseconds since the Unix epoch, the clock of the whole system.
+pub fn view(p: &Principal, j: &JobInfo) -> Value {
+    json!({
+        "id": j.id,
+        "queue": client_queue(p, &j.queue).unwrap_or(j.queue.as_str()),
+        "kind": j.spec.kind,
+        "state": j.state,
+        "priority": j.spec.priority,
+        "attempts": j.attempts,
+        "max_attempts": j.spec.max_attempts,
+        "payload": j.spec.payload,
+        "result": j.result,
+        "error": j.error,
+        "created_at": j.spec.created_at,
+        "updated_at": j.updated_at,
+        "run_at": j.run_at,
+    })
+}
+
+fn not_found() -> ApiError {
+    ApiError::NotFound("no such job".into())
+}
+
+/// The job if it exists and `p` may see it; otherwise 404 either way.
+async fn visible_job(api: &Api, p: &Principal, id: &str) -> Result<JobInfo, ApiError> {
+    let id = JobId::parse(id)?;
+    match api.app.broker.job(id).await? {
+        Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => Ok(j),
+        _ => Err(not_found()),
+    }
+}
+
+pub async fn get(
+    State(api): State<Api>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    p.require(Scope::JobsRead)?;
+    let job = visible_job(&api, &p, &id).await?;
+    Ok(axum::Json(view(&p, &job)))
+}
+
+pub async fn cancel(
+    State(api): State<Api>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    p.require(Scope::JobsCancel)?;
+    let job = visible_job(&api, &p, &id).await?;
+    match api.app.broker.cancel(job.id).await? {
+        CancelOutcome::Cancelled(was) => Ok(axum::Json(
+            json!({"id": job.id, "state": "cancelled", "previous_state": was}),
+        )),
+        CancelOutcome::AlreadyFinal(state) => {
+            Err(ApiError::Conflict(format!("the job is already {state}")))
+        }
+        CancelOutcome::NotFound => Err(not_found()),
+    }
+}
+
+/// Retry a dead job: an operator action on a queue, so it needs `queues:admin` and the job's queue must be in
+/// the caller's namespace (not that the caller submitted it).
+pub async fn retry(
+    State(api): State<Api>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    p.require(Scope::QueuesAdmin)?;
+    let id = JobId::parse(&id)?;
+    let job = match api.app.broker.job(id).await? {
+        Some(j) if client_queue(&p, &j.queue).is_some() => j,
+        _ => return Err(not_found()),
+    };
+    match api.app.broker.retry_dead(job.id).await? {
+        RetryOutcome::Requeued => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"id": job.id, "state": "queued"})),
+        )
+            .into_response()),
+        RetryOutcome::NotDead(state) => Err(ApiError::Conflict(format!(
+            "only dead jobs can be retried, this one is {state}"
+        ))),
+        RetryOutcome::NotFound => Err(not_found()),
+    }
+}

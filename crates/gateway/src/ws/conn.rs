@@ -1,0 +1,442 @@
+//! One WebSocket connection: the upgrade (authentication before the handshake, limits, tuned buffers) and the
+//! connection task that reads client frames, answers them, and writes what the [`Hub`](super::Hub) queued.
+//!
+//! Memory per idle connection is what the benchmark watches, so: tungstenite gets a 1 KiB read buffer and no
+//! write buffer (each frame is flushed as it is written), and the connection runs in a task of its own spawned
+//! after the handshake, so nothing of the HTTP request stays alive beside it. One task does both reading and
+//! writing (no split halves, no second task); a write blocked by a peer that does not read is abandoned when the
+//! hub declares the connection a slow consumer.
+//!
+//! The token (header or `?token=`) is never logged.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use ferry_core::{JobId, NewJob};
+use governor::{DefaultDirectRateLimiter, Quota};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::{ConnSlot, Hub, View, close, user_key};
+use crate::auth::{AuthError, Principal, Scope};
+use crate::error::ApiError;
+use crate::http::{channels, tenancy};
+use crate::state::AppState;
+
+/// `GET /v1/ws`.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let hub = state.hub.clone();
+    let token = bearer(&headers).or_else(|| query_token(query.as_deref()));
+    let principal = match token.as_deref().map(|t| state.auth.verify(t)) {
+        Some(Ok(p)) => p,
+        failed => {
+            if !hub.unauth_allowed(peer.ip()) {
+                return ApiError::RateLimited {
+                    retry_after_secs: 1,
+                }
+                .into_response();
+            }
+            let e = match failed {
+                Some(Err(e)) => e,
+                _ => AuthError::Missing,
+            };
+            return ApiError::from(e).into_response();
+        }
+    };
+    let limits = hub.limits();
+    let max = limits.max_frame_bytes;
+    // Bounded so a peer that stops reading cannot make tungstenite buffer without limit; a frame over it fails
+    // the write and ends the connection.
+    let max_write = (limits.send_queue.max(1) * 1024).max(2 * max) + max;
+    let slot = hub.admit(subject_key(&principal));
+    ws.read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_write)
+        .max_frame_size(max)
+        .max_message_size(max)
+        .on_upgrade(move |socket| async move {
+            // A fresh task: the upgrade future (and the request it came from) ends here.
+            tokio::spawn(run(hub, state, socket, principal, slot));
+        })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+fn query_token(query: Option<&str>) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "token").then(|| percent_decode(v))
+    })
+}
+
+/// JWTs are base64url and dots, so a token needs no decoding unless a client escaped it anyway.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(x) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(x);
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn subject_key(p: &Principal) -> String {
+    user_key(p.tenant.as_deref(), &p.sub)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// When the token expires, as an instant.
+fn expiry(exp: u64) -> Instant {
+    Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs()))
+}
+
+async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        socket.send(Message::Close(Some(frame))),
+    )
+    .await;
+}
+
+/// Why the loop ended: a close frame to send, or nothing (the peer is gone).
+type Ending = Option<(u16, &'static str)>;
+
+struct Conn {
+    hub: Arc<Hub>,
+    state: AppState,
+    principal: Principal,
+    slot: ConnSlot,
+    limiter: DefaultDirectRateLimiter,
+    violations: u32,
+    expires: Instant,
+}
+
+async fn run(
+    hub: Arc<Hub>,
+    state: AppState,
+    mut socket: WebSocket,
+    principal: Principal,
+    slot: Option<ConnSlot>,
+) {
+    let Some(mut slot) = slot else {
+        close_with(
+            &mut socket,
+            close::TRY_AGAIN_LATER,
+            "connection limit reached",
+        )
+        .await;
+        return;
+    };
+    let mut rx = slot.rx.take().expect("a fresh slot has its receiver");
+    let limits = hub.limits().clone();
+    let rate = std::num::NonZeroU32::new(limits.ws_rate_per_sec.max(1))
+        .unwrap_or(std::num::NonZeroU32::MIN);
+    let burst =
+        std::num::NonZeroU32::new(limits.ws_burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    let mut c = Conn {
+        limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+        violations: 0,
+        expires: expiry(principal.exp),
+        hub: hub.clone(),
+        state,
+        principal,
+        slot,
+    };
+    // Every connection hears about its own jobs without asking.
+    let own = View {
+        channel: format!("user:{}", c.principal.sub),
+        tenant: c.principal.tenant.clone(),
+    };
+    let key = subject_key(&c.principal);
+    if c.hub.subscribe(&c.slot.handle, &key, own).await.is_ok() {
+        c.slot.keys.push(key);
+    }
+    let handle = c.slot.handle.clone();
+    let shutdown = hub.shutdown_token().clone();
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+    let mut last_seen = Instant::now();
+    let ending: Ending = loop {
+        let expires = c.expires;
+        tokio::select! {
+            _ = shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
+            _ = handle.kill.cancelled() => break Some((handle.close_code(), "slow consumer")),
+            _ = tokio::time::sleep_until(expires) => break Some((close::TOKEN_EXPIRED, "token expired")),
+            _ = ping.tick() => {
+                if last_seen.elapsed() > limits.ping_interval * 2 {
+                    // Dead peer: nobody to say goodbye to.
+                    break None;
+                }
+                if !send(&mut socket, &handle, Message::Ping(Default::default())).await {
+                    break None;
+                }
+            }
+            out = rx.recv() => {
+                let Some(frame) = out else { break None };
+                if !send(&mut socket, &handle, Message::Text(frame)).await {
+                    break None;
+                }
+            }
+            msg = socket.recv() => {
+                last_seen = Instant::now();
+                let text = match msg {
+                    None => break None,
+                    Some(Err(e)) => {
+                        if is_capacity(&e) {
+                            break Some((close::TOO_BIG, "frame too big"));
+                        }
+                        break None;
+                    }
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        break Some((close::POLICY, "frames must be JSON text"));
+                    }
+                    Some(Ok(Message::Close(_))) => break None,
+                    Some(Ok(_)) => continue,
+                };
+                match c.frame(text.as_str()).await {
+                    Ok(Some(reply)) => {
+                        if !send(&mut socket, &handle, Message::Text(reply.into())).await {
+                            break None;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(ending) => {
+                        break Some(ending);
+                    }
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = ending {
+        close_with(&mut socket, code, reason).await;
+    }
+}
+
+/// A frame over `max_frame_bytes`. axum hides tungstenite's error type, and this crate does not depend on
+/// tungstenite itself, so the capacity error is recognised by its message.
+fn is_capacity(e: &axum::Error) -> bool {
+    e.to_string().contains("Space limit exceeded")
+}
+
+/// Write one frame, giving up if the hub closes the connection meanwhile (a peer that does not read).
+async fn send(socket: &mut WebSocket, handle: &super::ConnHandle, msg: Message) -> bool {
+    tokio::select! {
+        r = socket.send(msg) => r.is_ok(),
+        _ = handle.kill.cancelled() => false,
+    }
+}
+
+fn reply_ok(id: &Value, mut extra: Value) -> String {
+    extra["id"] = id.clone();
+    extra["ok"] = Value::Bool(true);
+    extra.to_string()
+}
+
+fn reply_err(id: &Value, e: &ApiError) -> String {
+    json!({"id": id, "ok": false, "error": e.ws_error()}).to_string()
+}
+
+impl Conn {
+    /// Handle one client frame: the reply to send, or the close code that ends the connection.
+    async fn frame(&mut self, text: &str) -> Result<Option<String>, (u16, &'static str)> {
+        let parsed: Result<Value, _> = serde_json::from_str(text);
+        let id = parsed
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("id").cloned())
+            .unwrap_or(Value::Null);
+        if self.limiter.check().is_err() {
+            self.violations += 1;
+            if self.violations > self.hub.limits().ws_sustained_violations {
+                return Err((close::RATE_LIMITED, "rate limited"));
+            }
+            let e = ApiError::RateLimited {
+                retry_after_secs: 1,
+            };
+            return Ok(Some(reply_err(&id, &e)));
+        }
+        self.violations = 0;
+        let v = match parsed {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                let e = ApiError::bad_request("a frame must be a JSON object");
+                return Ok(Some(reply_err(&id, &e)));
+            }
+        };
+        let r = self.op(&v).await;
+        Ok(match r {
+            Ok(extra) if !id.is_null() => Some(reply_ok(&id, extra)),
+            Ok(_) => None,
+            Err(e) => Some(reply_err(&id, &e)),
+        })
+    }
+
+    async fn op(&mut self, v: &Value) -> Result<Value, ApiError> {
+        let str_field = |name: &str| -> Result<&str, ApiError> {
+            v.get(name).and_then(Value::as_str).ok_or_else(|| {
+                ferry_core::ValidationError::field(name, "is required and must be a string").into()
+            })
+        };
+        match str_field("op")? {
+            "ping" => Ok(json!({"pong": true})),
+            "subscribe" => {
+                let channel = str_field("channel")?;
+                let key = self.authorize(channel, false).await?;
+                if self.slot.keys.contains(&key) {
+                    return Ok(json!({"channel": channel}));
+                }
+                if self.slot.keys.len() >= self.hub.limits().max_subscriptions {
+                    return Err(ApiError::bad_request(format!(
+                        "at most {} subscriptions per connection",
+                        self.hub.limits().max_subscriptions
+                    )));
+                }
+                let view = View {
+                    channel: channel.to_owned(),
+                    tenant: self.principal.tenant.clone(),
+                };
+                self.hub.subscribe(&self.slot.handle, &key, view).await?;
+                self.slot.keys.push(key);
+                Ok(json!({"channel": channel}))
+            }
+            "unsubscribe" => {
+                let channel = str_field("channel")?;
+                let key = self.key(channel)?;
+                if let Some(i) = self.slot.keys.iter().position(|k| *k == key) {
+                    self.slot.keys.swap_remove(i);
+                    self.hub.unsubscribe(self.slot.handle.id, &key);
+                }
+                Ok(json!({"channel": channel}))
+            }
+            "publish" => {
+                let channel = str_field("channel")?;
+                let key = self.authorize(channel, true).await?;
+                let data = v.get("data").cloned().unwrap_or(Value::Null);
+                self.hub.publish(&key, data).await?;
+                Ok(json!({"channel": channel}))
+            }
+            "submit" => {
+                self.principal.require(Scope::JobsSubmit)?;
+                let queue = str_field("queue")?;
+                let q = tenancy::broker_queue(&self.principal, queue)?;
+                let body = v.get("job").cloned().unwrap_or(Value::Null);
+                let mut job: NewJob = serde_json::from_value(body)
+                    .map_err(|e| ApiError::bad_request(format!("job: {e}")))?;
+                job.owner = Some(self.principal.sub.clone());
+                job.tenant = self.principal.tenant.clone();
+                job.validate(&self.state.config.job_limits)?;
+                let e = self.state.broker.enqueue(&q, job).await?;
+                let mut out = json!({"job": {"id": e.id, "queue": queue, "state": e.state}});
+                if e.duplicate {
+                    out["job"]["duplicate"] = Value::Bool(true);
+                }
+                Ok(out)
+            }
+            "refresh" => {
+                let token = str_field("token")?;
+                let p = self.state.auth.verify(token)?;
+                if p.sub != self.principal.sub || p.tenant != self.principal.tenant {
+                    return Err(ApiError::Forbidden(
+                        "a refresh token must be for the same subject and tenant".into(),
+                    ));
+                }
+                self.expires = expiry(p.exp);
+                let exp = p.exp;
+                self.principal = p;
+                Ok(json!({"exp": exp}))
+            }
+            other => Err(ApiError::bad_request(format!("unknown op {other:?}"))),
+        }
+    }
+
+    /// The hub key of a client channel name, checked for shape only.
+    fn key(&self, channel: &str) -> Result<String, ApiError> {
+        let p = &self.principal;
+        let bad = || {
+            ApiError::bad_request(format!(
+                "unknown channel {channel:?}: use user:<sub>, job:<id>, queue:<name> or app:<name>"
+            ))
+        };
+        let (kind, name) = channel.split_once(':').ok_or_else(bad)?;
+        Ok(match kind {
+            "user" => user_key(p.tenant.as_deref(), name),
+            "job" => format!("job:{}", JobId::parse(name)?),
+            "queue" => format!("queue:{}", tenancy::broker_queue(p, name)?),
+            "app" => channels::app_channel(p, name)?,
+            _ => return Err(bad()),
+        })
+    }
+
+    /// The hub key of a channel this principal may subscribe to (or publish on).
+    async fn authorize(&self, channel: &str, publish: bool) -> Result<String, ApiError> {
+        let p = &self.principal;
+        let key = self.key(channel)?;
+        let (kind, name) = channel.split_once(':').unwrap_or_default();
+        if publish && kind != "app" {
+            return Err(ApiError::bad_request(
+                "only app: channels can be published to",
+            ));
+        }
+        match kind {
+            "user" if name != p.sub && !p.is_admin() => {
+                Err(ApiError::Forbidden("only your own user channel".into()))
+            }
+            "job" => {
+                let id = JobId::parse(name)?;
+                match self.state.broker.job(id).await? {
+                    Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => Ok(key),
+                    // Someone else's job is not found, as on the HTTP API.
+                    _ => Err(ApiError::NotFound(format!("no job {id}"))),
+                }
+            }
+            "queue" => p.require(Scope::QueuesRead).map(|_| key),
+            "app" => p
+                .require(if publish {
+                    Scope::Publish
+                } else {
+                    Scope::Subscribe
+                })
+                .map(|_| key),
+            _ => Ok(key),
+        }
+    }
+}
