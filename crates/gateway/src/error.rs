@@ -118,7 +118,7 @@ impl ApiError {
     pub fn problem(&self) -> serde_json::Value {
         let (status, slug, title, _) = self.row();
         let mut body = serde_json::json!({
-            "type": format!("https://ferry.dev/problems/{slug}"),
+            "type": format!("urn:ferry:problem:{slug}"),
             "title": title,
             "status": status.as_u16(),
             "detail": self.to_string(),
