@@ -266,3 +266,73 @@ async fn queued_jobs_are_found_through_their_entry() {
     assert_eq!(b.stats(&queue).await.unwrap().depth, 19);
     assert!(b.job(ferry_core::JobId::new()).await.unwrap().is_none());
 }
+
+/// The merged event feed survives one shard's restart: that shard's events resume after it reconnects, and the
+/// other shard's keep flowing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_feed_resumes_after_a_shard_restarts() {
+    use futures::StreamExt;
+
+    let mut servers: Vec<RedisServer> = (0..2).map(|_| RedisServer::start().unwrap()).collect();
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let b = RedisBroker::connect(&urls, EngineConfig::default())
+        .await
+        .unwrap();
+    // Find one queue per shard: each queue is registered in `ferry:queues` on its own shard only.
+    let mut on_shard: [Option<QueueName>; 2] = [None, None];
+    for i in 0..40 {
+        let name = q(&format!("feed{i}"));
+        b.enqueue(&name, noop()).await.unwrap();
+        for (s, server) in servers.iter().enumerate() {
+            let members = server.cli(&["SMEMBERS", "ferry:queues"]).unwrap();
+            if on_shard[s].is_none() && members.lines().any(|l| l.trim() == name.as_str()) {
+                on_shard[s] = Some(name.clone());
+            }
+        }
+        if on_shard.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let [Some(stays), Some(restarted)] = on_shard else {
+        panic!("no queue found on each shard: {on_shard:?}");
+    };
+    let mut events = b.subscribe().await.unwrap();
+
+    // Wait until an enqueue on `queue` shows up on the feed, enqueuing again while it does not (the shard may
+    // still be reconnecting: pub/sub loses what is published meanwhile).
+    async fn arrives(
+        b: &RedisBroker,
+        events: &mut ferry_broker::EventStream,
+        queue: &QueueName,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            let id = match b.enqueue(queue, noop()).await {
+                Ok(e) => e.id,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let until = tokio::time::Instant::now() + Duration::from_millis(500);
+            while let Ok(Some(e)) = tokio::time::timeout_at(until, events.next()).await {
+                if e.job == id {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    assert!(arrives(&b, &mut events, &stays).await);
+    assert!(arrives(&b, &mut events, &restarted).await);
+    servers[1].restart().unwrap();
+    assert!(
+        arrives(&b, &mut events, &stays).await,
+        "the other shard keeps flowing"
+    );
+    assert!(
+        arrives(&b, &mut events, &restarted).await,
+        "the restarted shard's events resume"
+    );
+}

@@ -70,6 +70,11 @@ pub struct JwtArgs {
     #[arg(long, value_name = "FILE", env = "FERRY_JWKS_FILE")]
     pub jwks_file: Option<std::path::PathBuf>,
 
+    /// http(s) URL of a JWKS whose keys verify tokens (selected by `kid`); fetched at start, refreshed every 10
+    /// minutes and when a token names an unknown `kid`.
+    #[arg(long, value_name = "URL", env = "FERRY_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
     /// Required `iss` claim.
     #[arg(long, value_name = "ISS", env = "FERRY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,

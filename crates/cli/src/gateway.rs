@@ -55,20 +55,42 @@ pub fn auth_config(a: JwtArgs) -> Result<AuthConfig, CliError> {
         .as_deref()
         .map(|p| read("--jwks-file", p))
         .transpose()?;
-    if a.jwt_secret.is_none() && public_key_pems.is_empty() && jwks_json.is_none() {
+    if let Some(url) = &a.jwks_url {
+        check_jwks_url(url)?;
+    }
+    if a.jwt_secret.is_none()
+        && public_key_pems.is_empty()
+        && jwks_json.is_none()
+        && a.jwks_url.is_none()
+    {
         return Err(CliError::usage(
             "--jwt-secret",
-            "the gateway needs a way to verify tokens: --jwt-secret, --jwt-public-key or --jwks-file",
+            "the gateway needs a way to verify tokens: --jwt-secret, --jwt-public-key, --jwks-file or --jwks-url",
         ));
     }
     Ok(AuthConfig {
         hs_secret: a.jwt_secret.map(String::into_bytes),
         public_key_pems,
         jwks_json,
+        jwks_url: a.jwks_url,
+        jwks_refresh: Duration::ZERO,
         issuer: a.jwt_issuer,
         audience: a.jwt_audience,
         leeway: Duration::from_secs(30),
     })
+}
+
+/// Only http(s): the URL is fetched by the gateway, and any other scheme is a typo or a file path that belongs
+/// in --jwks-file. The gateway checks the rest of the URL when it starts.
+fn check_jwks_url(url: &str) -> Result<(), CliError> {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("http" | "https") if url.len() > scheme.as_deref().map_or(0, str::len) + 3 => Ok(()),
+        _ => Err(CliError::usage(
+            "--jwks-url",
+            format!("{url:?} is not an http:// or https:// URL"),
+        )),
+    }
 }
 
 #[derive(Debug)]
@@ -115,9 +137,11 @@ pub async fn serve(
     let gateway = ferry_gateway::Gateway::build(config, broker)
         .await
         .map_err(|e| match e {
-            ferry_gateway::server::GatewayError::Bind { .. } => {
-                CliError::Unavailable(e.to_string())
-            }
+            ferry_gateway::server::GatewayError::Bind { .. }
+            // The --jwks-url endpoint did not answer: the same kind of failure as a port in use.
+            | ferry_gateway::server::GatewayError::Auth(
+                ferry_gateway::auth::AuthError::Unavailable(_),
+            ) => CliError::Unavailable(e.to_string()),
             other => CliError::Usage(other.to_string()),
         })?;
     tracing::info!(listen = %gateway.local_addr(), "gateway listening");
@@ -125,4 +149,64 @@ pub async fn serve(
         .run(shutdown)
         .await
         .map_err(|e| CliError::Internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn jwt_args(extra: &[&str]) -> JwtArgs {
+        let mut argv = vec!["ferry", "gateway", "--redis", "redis://127.0.0.1:6379"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Gateway(g) => g.jwt,
+            other => panic!("expected gateway, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn jwks_url_alone_is_a_way_to_verify_tokens() {
+        let auth = auth_config(jwt_args(&["--jwks-url", "https://id.example/jwks.json"]))
+            .expect("accepted");
+        assert_eq!(
+            auth.jwks_url.as_deref(),
+            Some("https://id.example/jwks.json")
+        );
+        assert!(auth.hs_secret.is_none() && auth.jwks_json.is_none());
+        // The gateway's own checks accept it too (no fetch happens here).
+        ferry_gateway::auth::Authenticator::new(auth).expect("valid config");
+    }
+
+    #[test]
+    fn jwks_url_must_be_http_or_https() {
+        for bad in [
+            "ftp://id.example/jwks",
+            "/etc/jwks.json",
+            "id.example/jwks",
+            "https://",
+        ] {
+            let err = auth_config(jwt_args(&["--jwks-url", bad])).expect_err(bad);
+            assert!(err.to_string().contains("--jwks-url"), "{err}");
+        }
+        auth_config(jwt_args(&["--jwks-url", "HTTP://127.0.0.1:9/jwks"])).expect("http");
+    }
+
+    #[test]
+    fn without_any_key_source_the_message_lists_jwks_url() {
+        // The flags read the environment too; a key source set there would make this case moot.
+        let sources = [
+            "FERRY_JWT_SECRET",
+            "FERRY_JWT_PUBLIC_KEYS",
+            "FERRY_JWKS_FILE",
+            "FERRY_JWKS_URL",
+        ];
+        if sources.iter().any(|v| std::env::var_os(v).is_some()) {
+            return;
+        }
+        let err = auth_config(jwt_args(&[])).expect_err("no keys");
+        assert!(err.to_string().contains("--jwks-url"), "{err}");
+    }
 }

@@ -60,7 +60,7 @@ impl Gateway {
         config: GatewayConfig,
         broker: Arc<dyn Broker>,
     ) -> Result<Self, GatewayError> {
-        let auth = Arc::new(Authenticator::new(config.auth.clone())?);
+        let auth = Arc::new(Authenticator::start(config.auth.clone()).await?);
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener =
             TcpListener::bind(config.listen)

@@ -319,3 +319,384 @@ async fn cross_node_app_messages_and_job_events() {
         }
     }
 }
+
+fn tenant_token(sub: &str, tenant: &str, scopes: &str, ttl: Duration) -> String {
+    mint(
+        SECRET,
+        &MintClaims {
+            sub: sub.into(),
+            scopes: scopes.split_whitespace().map(String::from).collect(),
+            tenant: Some(tenant.into()),
+            ttl,
+            issuer: None,
+            audience: None,
+        },
+    )
+    .expect("mints")
+}
+
+/// Send `frame` with id `id` and return the reply.
+async fn ask(ws: &mut Ws, id: &str, mut frame: Value) -> Value {
+    frame["id"] = json!(id);
+    send(ws, frame).await;
+    reply(ws, id).await
+}
+
+/// Every frame that arrives before the reply to a ping: what the server had queued for this socket.
+async fn drain(ws: &mut Ws) -> Vec<Value> {
+    send(ws, json!({"id": "drain", "op": "ping"})).await;
+    let mut seen = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        if v["id"] == "drain" {
+            return seen;
+        }
+        seen.push(v);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_before_exp_keeps_the_connection() {
+    let node = gateway(memory(), LimitsConfig::default()).await;
+    let mut ws = connect(&node, &token("alice", ALL, Duration::from_secs(2))).await;
+    let fresh = token("alice", ALL, Duration::from_secs(60));
+    let r = ask(&mut ws, "r", json!({"op": "refresh", "token": fresh})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["exp"].as_u64().is_some(), "{r}");
+    // Past the first token's expiry (whole seconds, so up to 3 s): still open.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(ask(&mut ws, "p", json!({"op": "ping"})).await["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_for_someone_else_is_refused_and_exp_still_applies() {
+    let node = gateway(memory(), LimitsConfig::default()).await;
+    let mut ws = connect(&node, &token("alice", ALL, Duration::from_secs(2))).await;
+    let bob = token("bob", ALL, Duration::from_secs(60));
+    let r = ask(&mut ws, "r1", json!({"op": "refresh", "token": bob})).await;
+    assert_eq!(r["error"]["code"], "forbidden", "{r}");
+    let other_tenant = tenant_token("alice", "acme", ALL, Duration::from_secs(60));
+    let r = ask(
+        &mut ws,
+        "r2",
+        json!({"op": "refresh", "token": other_tenant}),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "forbidden", "{r}");
+    let r = ask(&mut ws, "r3", json!({"op": "refresh", "token": "garbage"})).await;
+    assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+    assert_eq!(close_code(&mut ws).await, 4001);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_closed_4009() {
+    let broker = memory();
+    let limits = LimitsConfig {
+        send_queue: 64,
+        max_connections_per_subject: 1,
+        ..LimitsConfig::default()
+    };
+    let node = gateway(broker.clone(), limits).await;
+    let t = token("alice", ALL, Duration::from_secs(120));
+    let mut ws = connect(&node, &t).await;
+    let r = ask(
+        &mut ws,
+        "s",
+        json!({"op": "subscribe", "channel": "app:slow"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true);
+    // A client that reads everything, on the same channel: the pace below is one it keeps up with, so only
+    // not reading gets a connection closed.
+    let mut fast = connect(&node, &token("bob", ALL, Duration::from_secs(120))).await;
+    let r = ask(
+        &mut fast,
+        "s",
+        json!({"op": "subscribe", "channel": "app:slow"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true);
+    let published = 1000;
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < published {
+            match tokio::time::timeout(PATIENCE, fast.next()).await {
+                Ok(Some(Ok(Message::Text(_)))) => got += 1,
+                Ok(Some(Ok(Message::Close(f)))) => panic!("the reading client was closed: {f:?}"),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("the reading client lost its stream after {got}: {other:?}"),
+            }
+        }
+        got
+    });
+    // From here `ws` reads nothing. 60 KB messages, 60 MB in all: loopback socket buffers hold a few MB, so
+    // they fill, then the send queue does.
+    let big = json!({"pad": "x".repeat(60_000)}).to_string();
+    for _ in 0..published {
+        broker.publish("slow", big.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(reader.await.unwrap(), published);
+    // The server gives the close frame up to 1 s to go out, then drops the socket; its slot is freed then. With
+    // one connection per subject allowed, a new one being admitted proves the server let the first one go.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow consumer still holds its slot"
+        );
+        let mut again = connect(&node, &t).await;
+        send(&mut again, json!({"id": "p", "op": "ping"})).await;
+        match tokio::time::timeout(PATIENCE, again.next()).await.unwrap() {
+            Some(Ok(Message::Text(_))) => break,
+            Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1013),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Now read: what the buffers held, then the close frame 4009 (or a reset, if the close frame could not be
+    // written in time), never all the messages.
+    let mut got = 0;
+    let end = loop {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("ends in time")
+        {
+            Some(Ok(Message::Text(_))) => got += 1,
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert!(got < published, "{got} of {published} delivered");
+    assert!(matches!(end, Some(4009) | None), "ended with {end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_frame_closes_1009_and_binary_1008() {
+    let limits = LimitsConfig {
+        max_frame_bytes: 1024,
+        ..LimitsConfig::default()
+    };
+    let node = gateway(memory(), limits).await;
+    let t = token("alice", ALL, Duration::from_secs(60));
+    let mut ws = connect(&node, &t).await;
+    let frame = json!({"id": "big", "op": "ping", "pad": "x".repeat(4096)}).to_string();
+    ws.send(Message::text(frame)).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 1009);
+
+    let mut ws = connect(&node, &t).await;
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 1008);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated_over_ws() {
+    let broker = memory();
+    let node = gateway(broker.clone(), LimitsConfig::default()).await;
+    let mut a = connect(
+        &node,
+        &tenant_token("alice", "ta", ALL, Duration::from_secs(60)),
+    )
+    .await;
+    let mut b = connect(
+        &node,
+        &tenant_token("alice", "tb", ALL, Duration::from_secs(60)),
+    )
+    .await;
+    // A's job, on a queue no worker serves yet.
+    let r = ask(
+        &mut a,
+        "s",
+        json!({"op": "submit", "queue": "iso", "job": {"kind": "ferry.noop"}}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let job = r["job"]["id"].as_str().unwrap().to_owned();
+    let r = ask(
+        &mut b,
+        "j",
+        json!({"op": "subscribe", "channel": format!("job:{job}")}),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "not_found", "{r}");
+    // The same queue and app channel names, in two namespaces.
+    for (ws, who) in [(&mut a, "a"), (&mut b, "b")] {
+        for ch in ["app:room", "queue:iso"] {
+            let r = ask(
+                ws,
+                &format!("{who}{ch}"),
+                json!({"op": "subscribe", "channel": ch}),
+            )
+            .await;
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    }
+    let r = ask(
+        &mut a,
+        "pa",
+        json!({"op": "publish", "channel": "app:room", "data": "from a"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true);
+    let r = ask(
+        &mut b,
+        "pb",
+        json!({"op": "publish", "channel": "app:room", "data": "from b"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true);
+    // A's job runs; A hears it on user: and queue:.
+    let _w = worker(broker, "ta:iso");
+    let (mut on_user, mut on_queue) = (false, false);
+    while !(on_user && on_queue) {
+        let v = next_json(&mut a).await;
+        if v["event"] == "job.completed" {
+            assert_eq!(v["data"]["id"], job.as_str());
+            assert_eq!(v["data"]["queue"], "iso");
+            match v["channel"].as_str() {
+                Some("user:alice") => on_user = true,
+                Some("queue:iso") => on_queue = true,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // B got its own message only, and none of A's job events.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = drain(&mut b).await;
+    assert_eq!(
+        seen,
+        vec![json!({"channel": "app:room", "event": "message", "data": "from b"})]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_and_queue_channels_get_their_events() {
+    let broker = memory();
+    let node = gateway(broker.clone(), LimitsConfig::default()).await;
+    let mut owner = connect(&node, &token("alice", ALL, Duration::from_secs(60))).await;
+    let mut reader = connect(
+        &node,
+        &token("carol", "queues:read", Duration::from_secs(60)),
+    )
+    .await;
+    let mut nobody = connect(&node, &token("dave", "subscribe", Duration::from_secs(60))).await;
+    let r = ask(
+        &mut nobody,
+        "q",
+        json!({"op": "subscribe", "channel": "queue:chq"}),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "forbidden", "{r}");
+    let r = ask(
+        &mut reader,
+        "q",
+        json!({"op": "subscribe", "channel": "queue:chq"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let r = ask(
+        &mut owner,
+        "s",
+        json!({"op": "submit", "queue": "chq", "job": {"kind": "ferry.noop"}}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let job = r["job"]["id"].as_str().unwrap().to_owned();
+    let channel = format!("job:{job}");
+    let r = ask(
+        &mut owner,
+        "j",
+        json!({"op": "subscribe", "channel": channel}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    // Not the owner: not found, as on the HTTP API.
+    let r = ask(
+        &mut reader,
+        "j",
+        json!({"op": "subscribe", "channel": channel}),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "not_found", "{r}");
+    let _w = worker(broker, "chq");
+    loop {
+        let v = next_json(&mut owner).await;
+        if v["channel"] == channel.as_str() && v["event"] == "job.completed" {
+            assert_eq!(v["data"]["id"], job.as_str());
+            break;
+        }
+    }
+    let mut events = Vec::new();
+    while events.last().map(String::as_str) != Some("job.completed") {
+        let v = next_json(&mut reader).await;
+        assert_eq!(v["channel"], "queue:chq", "{v}");
+        assert_eq!(v["data"]["id"], job.as_str());
+        events.push(v["event"].as_str().unwrap().to_owned());
+    }
+    assert!(events.contains(&"job.active".to_owned()), "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_upgrades_per_ip_get_429() {
+    let limits = LimitsConfig {
+        unauth_upgrades_per_sec_per_ip: 2,
+        ..LimitsConfig::default()
+    };
+    let node = gateway(memory(), limits).await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let req = format!("ws://{}/v1/ws?token=nope", node.addr)
+            .into_client_request()
+            .unwrap();
+        match tokio_tungstenite::connect_async(req).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+                if res.status() == 429 {
+                    assert!(res.headers().contains_key("retry-after"));
+                }
+                statuses.push(res.status().as_u16());
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    }
+    assert_eq!(&statuses[..2], &[401, 401], "{statuses:?}");
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
+    // A valid token is never counted against the IP.
+    let mut ws = connect(&node, &token("alice", ALL, Duration::from_secs(60))).await;
+    assert_eq!(ask(&mut ws, "p", json!({"op": "ping"})).await["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_sockets_1001() {
+    let node = gateway(memory(), LimitsConfig::default()).await;
+    let mut ws = connect(&node, &token("alice", ALL, Duration::from_secs(60))).await;
+    assert_eq!(ask(&mut ws, "p", json!({"op": "ping"})).await["ok"], true);
+    node.stop.cancel();
+    assert_eq!(close_code(&mut ws).await, 1001);
+}
+
+/// A burst over the send queue closes the connection with 4009, and the peer (whose socket buffers are not
+/// full) does get the close frame, even though the connection was in the middle of a write when the hub
+/// closed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_over_the_send_queue_gets_the_4009_close_frame() {
+    let broker = memory();
+    let limits = LimitsConfig {
+        send_queue: 2,
+        ..LimitsConfig::default()
+    };
+    let node = gateway(broker.clone(), limits).await;
+    let mut ws = connect(&node, &token("alice", ALL, Duration::from_secs(60))).await;
+    let r = ask(
+        &mut ws,
+        "s",
+        json!({"op": "subscribe", "channel": "app:burst"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true);
+    let big = json!({"pad": "x".repeat(60_000)}).to_string();
+    for _ in 0..20 {
+        broker.publish("burst", big.clone()).await.unwrap();
+    }
+    assert_eq!(close_code(&mut ws).await, 4009);
+}

@@ -13,13 +13,15 @@
 //!   undelivered entry, once older than the finished-job retention; a completed job's record points into its
 //!   entry until then.
 //!
-//! Application channels ([`Broker::publish`], [`Broker::channels`]): see [`pubsub`].
+//! Job events ([`Broker::subscribe`]): see [`events`]. Application channels ([`Broker::publish`],
+//! [`Broker::channels`]): see [`pubsub`].
 //!
 //! Keys: see [`keys`]; record forms: `lua/prelude.lua`. Queues are placed on shards by [`ShardRing`]. Only
 //! standalone Redis shards are supported: per-shard keys (`ferry:events`) are touched by the same scripts as a
 //! queue's keys, which Redis Cluster would refuse.
 
 mod codec;
+mod events;
 mod keys;
 mod pubsub;
 mod scripts;
@@ -32,7 +34,6 @@ use async_trait::async_trait;
 use ferry_core::{
     Event, JobId, JobInfo, JobState, Limits, NewJob, QueueName, ValidationError, now_ms,
 };
-use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Value};
 
@@ -1007,21 +1008,14 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self) -> Result<EventStream, BrokerError> {
-        let mut streams = Vec::with_capacity(self.shards.len());
-        for shard in &self.shards {
-            let mut ps = shard.client.get_async_pubsub().await.map_err(redis_err)?;
-            ps.subscribe(EVENTS).await.map_err(redis_err)?;
-            let s = ps.into_on_message().flat_map(|msg| {
-                let events = msg
-                    .get_payload::<String>()
-                    .ok()
-                    .map(|p| parse_published(&p))
-                    .unwrap_or_default();
-                futures::stream::iter(events)
-            });
-            streams.push(s.boxed());
-        }
-        Ok(futures::stream::select_all(streams).boxed())
+        // One task per shard, each reconnecting on its own: a shard whose connection drops must not end (or
+        // silently drop out of) the merged stream. See [`events`].
+        let shards = self
+            .shards
+            .iter()
+            .map(|s| (s.name.clone(), s.client.clone()))
+            .collect();
+        events::subscribe(shards).await
     }
 
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {

@@ -1,9 +1,9 @@
 //! Verification keys, each pinned to the algorithms it may verify, and the choice of key for a token.
 //!
-//! Owns turning configured key material (shared secret, PEM public keys, a JWKS document) into [`VerifyKey`]s at
-//! start-up, refusing anything weak or ambiguous with [`AuthError::Config`]. It must not look at claims or decide
-//! what a token grants; that is `auth::Authenticator`. A key's pinned algorithms come from the key itself (or the
-//! JWKS `alg`), never from a token header: that is what stops `alg` confusion.
+//! Owns turning configured key material (shared secret, PEM public keys, a JWKS document from a file or fetched by
+//! `remote`) into [`VerifyKey`]s, refusing anything weak or ambiguous with [`AuthError::Config`]. It must not look
+//! at claims or decide what a token grants; that is `auth::Authenticator`. A key's pinned algorithms come from the
+//! key itself (or the JWKS `alg`), never from a token header: that is what stops `alg` confusion.
 
 use std::collections::HashMap;
 
@@ -19,6 +19,10 @@ pub const MIN_HS_SECRET_BYTES: usize = 32;
 
 /// Smallest accepted RSA modulus; shorter keys are factorable by well-funded attackers.
 const MIN_RSA_BITS: usize = 2048;
+
+/// The rejection reason for a token naming a kid no configured key has. `auth` tells it apart from other
+/// rejections because it is the one that may be cured by fetching the JWKS again.
+pub(super) const UNKNOWN_KID: &str = "unknown key id";
 
 const HMAC_ALGS: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
 
@@ -51,7 +55,7 @@ impl VerifyKey {
 }
 
 /// Every configured key, with an index by `kid`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct KeySet {
     keys: Vec<VerifyKey>,
     by_kid: HashMap<String, usize>,
@@ -60,6 +64,10 @@ pub(super) struct KeySet {
 impl KeySet {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
     }
 
     pub fn push(&mut self, key: VerifyKey) -> Result<(), AuthError> {
@@ -85,7 +93,7 @@ impl KeySet {
                     .by_kid
                     .get(kid)
                     .map(|&i| &self.keys[i])
-                    .ok_or_else(|| AuthError::Invalid("unknown key id".into()))?;
+                    .ok_or_else(|| AuthError::Invalid(UNKNOWN_KID.into()))?;
                 if !key.accepts(header.alg) {
                     return Err(AuthError::Invalid(
                         "algorithm does not match the key".into(),

@@ -3,17 +3,21 @@
 //! Owns the checks a token must pass (signature by a key pinned to the header's `alg`, `exp` required,
 //! `nbf`/`iat` with a small leeway, `iss`/`aud` when configured, a non-empty `sub`) and the mapping of failures to
 //! [`AuthError`]: `Expired` on its own (the WebSocket layer closes with 4001 on it), everything else `Invalid`
-//! with a short reason. It must not do I/O (a JWKS arrives as text), log or echo tokens or key material, or decide
-//! what a scope permits beyond [`Principal::require`] and [`Principal::owns`].
+//! with a short reason. It must not log or echo tokens or key material, or decide what a scope permits beyond
+//! [`Principal::require`] and [`Principal::owns`]. Verification itself never does I/O or waits: keys from a JWKS
+//! URL are fetched by a background refresher and read from a cache.
 //!
 //! * `keys`: key material → keys pinned to algorithms; which key may verify a given token.
 //! * `claims`: the claims read from and written to tokens.
+//! * `remote`: the JWKS-URL cache and its refresh schedule (periodic, and on unknown `kid`, rate-limited).
 
 mod claims;
 mod keys;
+mod remote;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
@@ -22,8 +26,12 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use crate::error::ApiError;
 use claims::{MintedClaims, TokenClaims};
 use keys::{KeySet, VerifyKey};
+use remote::RemoteJwks;
 
 pub use keys::MIN_HS_SECRET_BYTES;
+pub use remote::{
+    DEFAULT_JWKS_REFRESH, JWKS_MIN_CONFIGURED_REFRESH, JWKS_MIN_REFRESH, JWKS_UNKNOWN_KID_COOLDOWN,
+};
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat` when [`AuthConfig::leeway`] is zero (its `Default`): a zero
 /// leeway would reject tokens from an issuer whose clock is a second ahead, so zero means "use the default".
@@ -145,9 +153,12 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
-    /// Bad key material or settings, found at start-up.
+    /// Bad key material or settings, found at start-up (or in a fetched JWKS).
     #[error("invalid auth configuration: {0}")]
     Config(String),
+    /// The JWKS URL could not be fetched (unreachable, timed out, not a 2xx answer).
+    #[error("verification keys unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<AuthError> for ApiError {
@@ -167,6 +178,11 @@ pub struct AuthConfig {
     pub public_key_pems: Vec<String>,
     /// A JWKS document (JSON text) loaded from a file.
     pub jwks_json: Option<String>,
+    /// An http(s) URL serving a JWKS, fetched by [`Authenticator::start`] and kept fresh in the background.
+    pub jwks_url: Option<String>,
+    /// How often the JWKS URL is fetched again; zero means [`DEFAULT_JWKS_REFRESH`]. A `Cache-Control: max-age`
+    /// shorter than this is honoured, down to [`JWKS_MIN_REFRESH`].
+    pub jwks_refresh: Duration,
     /// Required `iss`, when set.
     pub issuer: Option<String>,
     /// Required `aud` (one of the token's audiences), when set; unset, any `aud` is accepted.
@@ -181,6 +197,8 @@ impl std::fmt::Debug for AuthConfig {
             .field("hs_secret", &self.hs_secret.as_ref().map(|_| "[redacted]"))
             .field("public_key_pems", &self.public_key_pems.len())
             .field("jwks_json", &self.jwks_json.is_some())
+            .field("jwks_url", &self.jwks_url)
+            .field("jwks_refresh", &self.jwks_refresh)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway", &self.leeway)
@@ -188,19 +206,27 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
-/// Verifies tokens. Built once at start-up; all key material is parsed and checked by [`Authenticator::new`].
+/// Verifies tokens. Built once at start-up; all configured key material is parsed and checked by
+/// [`Authenticator::new`], and a JWKS URL is first fetched by [`Authenticator::start`].
 #[derive(Debug)]
 pub struct Authenticator {
-    keys: KeySet,
+    /// The secret, PEM and JWKS-file keys; with a JWKS URL, the cache in `remote` holds these plus the fetched ones.
+    keys: Arc<KeySet>,
+    remote: Option<Arc<RemoteJwks>>,
+    /// The background refresher started by [`Authenticator::start`]; aborted on drop so it does not outlive us.
+    refresher: Option<tokio::task::AbortHandle>,
     /// Checks shared by every key; each verification narrows `algorithms` to the key's pinned ones.
     validation: Validation,
     leeway_secs: u64,
 }
 
 impl Authenticator {
-    /// Parse and check every key. Fails with [`AuthError::Config`] on a secret shorter than
-    /// [`MIN_HS_SECRET_BYTES`], unreadable or private PEM keys, a bad JWKS, no keys at all, or a leeway above
-    /// [`MAX_LEEWAY`].
+    /// Parse and check every key, without I/O. Fails with [`AuthError::Config`] on a secret shorter than
+    /// [`MIN_HS_SECRET_BYTES`], unreadable or private PEM keys, a bad JWKS, a JWKS URL that is not http(s), no
+    /// key source at all, or a leeway above [`MAX_LEEWAY`].
+    ///
+    /// A JWKS URL is only checked here: until [`Authenticator::start`] (or [`Authenticator::refresh`]) has
+    /// fetched it, its keys are missing. Use `start` to serve.
     pub fn new(config: AuthConfig) -> Result<Self, AuthError> {
         let mut keys = KeySet::default();
         if let Some(secret) = &config.hs_secret {
@@ -214,11 +240,16 @@ impl Authenticator {
                 keys.push(key)?;
             }
         }
-        if keys.is_empty() {
+        if keys.is_empty() && config.jwks_url.is_none() {
             return Err(AuthError::Config(
-                "no verification keys: set an hs secret, public keys or a jwks".into(),
+                "no verification keys: set an hs secret, public keys, a jwks or a jwks url".into(),
             ));
         }
+        let remote = config
+            .jwks_url
+            .as_deref()
+            .map(|url| RemoteJwks::new(url, config.jwks_refresh, keys.clone()).map(Arc::new))
+            .transpose()?;
         if config.leeway > MAX_LEEWAY {
             return Err(AuthError::Config(format!(
                 "leeway {:?} is above the maximum {MAX_LEEWAY:?}",
@@ -253,14 +284,83 @@ impl Authenticator {
         }
         validation.set_required_spec_claims(&required);
         Ok(Self {
-            keys,
+            keys: Arc::new(keys),
+            remote,
+            refresher: None,
             validation,
             leeway_secs,
         })
     }
 
+    /// [`Authenticator::new`], then the first fetch of the JWKS URL (if any) and its background refresher.
+    ///
+    /// Fails with [`AuthError::Unavailable`] when the URL cannot be fetched and [`AuthError::Config`] when the
+    /// document is not an acceptable key set: serving with keys missing would reject every token. Must run in a
+    /// Tokio runtime; the refresher stops when the `Authenticator` is dropped.
+    pub async fn start(config: AuthConfig) -> Result<Self, AuthError> {
+        let mut auth = Self::new(config)?;
+        if let Some(remote) = auth.remote.clone() {
+            remote.refresh().await?;
+            if remote.url().starts_with("http://") {
+                tracing::warn!(
+                    url = remote.url(),
+                    "jwks url is plain http: anyone on the path can substitute signing keys"
+                );
+            }
+            auth.refresher = Some(tokio::spawn(remote::run(remote)).abort_handle());
+        }
+        Ok(auth)
+    }
+
+    /// Fetch the JWKS URL now (a no-op without one). On failure the last good keys stay in use.
+    pub async fn refresh(&self) -> Result<(), AuthError> {
+        match &self.remote {
+            Some(remote) => remote.refresh().await,
+            None => Ok(()),
+        }
+    }
+
+    /// The keys to verify with: the fixed set, or the JWKS-URL cache (which includes the fixed set).
+    fn current_keys(&self) -> Arc<KeySet> {
+        match &self.remote {
+            Some(remote) => remote.current(),
+            None => self.keys.clone(),
+        }
+    }
+
     /// Verify a bearer token (without the `Bearer ` prefix) and return who it speaks for.
+    ///
+    /// Never waits: with a JWKS URL, a token naming an unknown `kid` is rejected ("unknown key id") and wakes the
+    /// background refresher (at most once per [`JWKS_UNKNOWN_KID_COOLDOWN`]), so the same token verifies once the
+    /// rotated key set has been fetched. [`Authenticator::verify_or_refresh`] waits for that fetch instead.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let result = self.verify_cached(token);
+        if let (Err(e), Some(remote)) = (&result, &self.remote)
+            && is_unknown_kid(e)
+            && remote.claim_kid_refresh()
+        {
+            remote.wake();
+        }
+        result
+    }
+
+    /// [`Authenticator::verify`], but a token naming an unknown `kid` fetches the JWKS URL first (if the
+    /// once-per-[`JWKS_UNKNOWN_KID_COOLDOWN`] budget allows) and is verified against the fresh keys, so the first
+    /// token signed by a rotated key is accepted. Inside the cooldown it is rejected like `verify` does.
+    pub async fn verify_or_refresh(&self, token: &str) -> Result<Principal, AuthError> {
+        let result = self.verify_cached(token);
+        match (&result, &self.remote) {
+            (Err(e), Some(remote)) if is_unknown_kid(e) && remote.claim_kid_refresh() => {
+                if let Err(e) = remote.refresh().await {
+                    tracing::warn!(error = %e, "jwks refresh failed; keeping the last good keys");
+                }
+                self.verify_cached(token)
+            }
+            _ => result,
+        }
+    }
+
+    fn verify_cached(&self, token: &str) -> Result<Principal, AuthError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(AuthError::Missing);
@@ -271,7 +371,8 @@ impl Authenticator {
         // `alg: none` and unknown algorithms fail here: the header type has no variant for them.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed header or unsupported algorithm".into()))?;
-        for key in self.keys.candidates(&header)? {
+        let keys = self.current_keys();
+        for key in keys.candidates(&header)? {
             match self.verify_with(token, key) {
                 // Several keys of one algorithm (a rotation): a signature mismatch means "try the next".
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
@@ -304,6 +405,19 @@ impl Authenticator {
             _ => Ok(claims),
         }
     }
+}
+
+impl Drop for Authenticator {
+    fn drop(&mut self) {
+        if let Some(task) = &self.refresher {
+            task.abort();
+        }
+    }
+}
+
+/// The one rejection a fresh JWKS may cure.
+fn is_unknown_kid(e: &AuthError) -> bool {
+    matches!(e, AuthError::Invalid(reason) if reason == keys::UNKNOWN_KID)
 }
 
 /// A short reason for a failed verification. Only fixed text and claim names (from a fixed set) are used, never

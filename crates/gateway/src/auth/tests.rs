@@ -803,3 +803,69 @@ fn owns_respects_owner_tenant_and_admin() {
     assert!(global_admin.owns(Some("bob"), Some("globex")));
     assert!(global_admin.owns(None, None));
 }
+
+// ---- JWKS URL schedule (the fetching itself is tested against a real server in tests/jwks_url.rs) -----------
+
+#[test]
+fn cache_control_max_age_is_parsed() {
+    use remote::parse_max_age;
+    assert_eq!(
+        parse_max_age("public, max-age=3600, must-revalidate"),
+        Some(Duration::from_secs(3600))
+    );
+    assert_eq!(
+        parse_max_age("Max-Age=\"60\""),
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(parse_max_age("no-cache"), Some(Duration::ZERO));
+    assert_eq!(parse_max_age("no-store, max-age=60"), Some(Duration::ZERO));
+    assert_eq!(parse_max_age("public"), None);
+    assert_eq!(parse_max_age("max-age=soon"), None);
+}
+
+#[test]
+fn refresh_interval_honours_max_age_within_bounds() {
+    use remote::{refresh_after, retry_after};
+    let ten_min = DEFAULT_JWKS_REFRESH;
+    assert_eq!(refresh_after(None, ten_min), ten_min);
+    // Shorter than the configured interval: honoured, down to the floor.
+    assert_eq!(
+        refresh_after(Some(Duration::from_secs(120)), ten_min),
+        Duration::from_secs(120)
+    );
+    assert_eq!(
+        refresh_after(Some(Duration::ZERO), ten_min),
+        JWKS_MIN_REFRESH
+    );
+    // Longer: capped by the configured interval, which bounds how long a revoked key stays trusted.
+    assert_eq!(
+        refresh_after(Some(Duration::from_secs(86_400)), ten_min),
+        ten_min
+    );
+    // A configured interval below the floor is the operator's explicit choice and wins.
+    let fast = Duration::from_secs(5);
+    assert_eq!(refresh_after(Some(Duration::ZERO), fast), fast);
+    assert_eq!(retry_after(ten_min), JWKS_MIN_REFRESH);
+    assert_eq!(retry_after(fast), fast);
+}
+
+#[test]
+fn jwks_url_config_is_checked_without_io() {
+    let url = |u: &str| AuthConfig {
+        jwks_url: Some(u.into()),
+        ..AuthConfig::default()
+    };
+    // A URL alone is a key source.
+    Authenticator::new(url("https://id.example/.well-known/jwks.json")).unwrap();
+    assert!(config_err(url("ftp://id.example/jwks")).contains("only http and https"));
+    assert!(config_err(url("jwks.json")).contains("not a URL"));
+    assert!(
+        config_err(AuthConfig {
+            jwks_refresh: Duration::from_millis(10),
+            ..url("http://127.0.0.1/jwks")
+        })
+        .contains("refresh interval")
+    );
+    let debug = format!("{:?}", url("https://id.example/jwks"));
+    assert!(debug.contains("id.example"), "{debug}");
+}

@@ -24,7 +24,8 @@ impl FromRequestParts<Api> for Authed {
 
     async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)?;
-        let principal = api.app.auth.verify(token)?;
+        // Waits for a key refresh when the token names a key id not seen yet (a rotation at the issuer).
+        let principal = api.app.auth.verify_or_refresh(token).await?;
         // Limited after authentication so the key is the verified subject: a forged token cannot spend
         // someone else's budget.
         api.limiter.check(&principal)?;

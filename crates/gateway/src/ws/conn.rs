@@ -38,7 +38,11 @@ pub async fn upgrade(
 ) -> Response {
     let hub = state.hub.clone();
     let token = bearer(&headers).or_else(|| query_token(query.as_deref()));
-    let principal = match token.as_deref().map(|t| state.auth.verify(t)) {
+    let verified = match token.as_deref() {
+        Some(t) => Some(state.auth.verify_or_refresh(t).await),
+        None => None,
+    };
+    let principal = match verified {
         Some(Ok(p)) => p,
         failed => {
             if !hub.unauth_allowed(peer.ip()) {
@@ -190,29 +194,28 @@ async fn run(
         c.slot.keys.push(key);
     }
     let handle = c.slot.handle.clone();
-    let shutdown = hub.shutdown_token().clone();
     let mut ping =
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     let mut last_seen = Instant::now();
     let ending: Ending = loop {
         let expires = c.expires;
         tokio::select! {
-            _ = shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
-            _ = handle.kill.cancelled() => break Some((handle.close_code(), "slow consumer")),
+            // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`.
+            _ = handle.kill.cancelled() => break Some(handle.ending()),
             _ = tokio::time::sleep_until(expires) => break Some((close::TOKEN_EXPIRED, "token expired")),
             _ = ping.tick() => {
                 if last_seen.elapsed() > limits.ping_interval * 2 {
                     // Dead peer: nobody to say goodbye to.
                     break None;
                 }
-                if !send(&mut socket, &handle, Message::Ping(Default::default())).await {
-                    break None;
+                if let Err(ending) = send(&mut socket, &handle, Message::Ping(Default::default())).await {
+                    break ending;
                 }
             }
             out = rx.recv() => {
                 let Some(frame) = out else { break None };
-                if !send(&mut socket, &handle, Message::Text(frame)).await {
-                    break None;
+                if let Err(ending) = send(&mut socket, &handle, Message::Text(frame)).await {
+                    break ending;
                 }
             }
             msg = socket.recv() => {
@@ -234,8 +237,8 @@ async fn run(
                 };
                 match c.frame(text.as_str()).await {
                     Ok(Some(reply)) => {
-                        if !send(&mut socket, &handle, Message::Text(reply.into())).await {
-                            break None;
+                        if let Err(ending) = send(&mut socket, &handle, Message::Text(reply.into())).await {
+                            break ending;
                         }
                     }
                     Ok(None) => {}
@@ -257,11 +260,18 @@ fn is_capacity(e: &axum::Error) -> bool {
     e.to_string().contains("Space limit exceeded")
 }
 
-/// Write one frame, giving up if the hub closes the connection meanwhile (a peer that does not read).
-async fn send(socket: &mut WebSocket, handle: &super::ConnHandle, msg: Message) -> bool {
+/// Write one frame, giving up if the hub closes the connection meanwhile (a peer that does not read, or
+/// shutdown). On failure, the ending: the hub's close frame when it killed the connection (a write blocked by a
+/// slow consumer is exactly when the hub does, and the peer must still learn why: tungstenite keeps the
+/// half-written frame and sends it before the close frame), nothing when the write itself failed.
+async fn send(
+    socket: &mut WebSocket,
+    handle: &super::ConnHandle,
+    msg: Message,
+) -> Result<(), Ending> {
     tokio::select! {
-        r = socket.send(msg) => r.is_ok(),
-        _ = handle.kill.cancelled() => false,
+        r = socket.send(msg) => r.map_err(|_| None),
+        _ = handle.kill.cancelled() => Err(Some(handle.ending())),
     }
 }
 
@@ -373,7 +383,7 @@ impl Conn {
             }
             "refresh" => {
                 let token = str_field("token")?;
-                let p = self.state.auth.verify(token)?;
+                let p = self.state.auth.verify_or_refresh(token).await?;
                 if p.sub != self.principal.sub || p.tenant != self.principal.tenant {
                     return Err(ApiError::Forbidden(
                         "a refresh token must be for the same subject and tenant".into(),

@@ -27,6 +27,24 @@
 //! "at", "result" | "error" | "progress"}}` for job events (`result` for completed, `error` for retrying and
 //! dead, `progress` for progress), and `{"channel": "app:chat", "event": "message", "data": <published JSON>}`
 //! for application messages. A frame is rendered once per message and shared by every connection that gets it.
+//!
+//! # Token refresh
+//!
+//! A connection closes with 4001 when its token's `exp` passes. `{"id", "op": "refresh", "token"}` before then
+//! replaces the token: it must verify like any token (`unauthorized` otherwise) and carry the same `sub` and
+//! `tenant` (`forbidden` otherwise: a connection never changes identity, and its subscriptions were authorized
+//! for that identity). A refused refresh changes nothing, so the old `exp` still applies. An accepted one
+//! answers `{"id", "ok": true, "exp"}`; the new token's `exp` and scopes apply from then on (subscriptions already
+//! made are kept).
+//!
+//! # Closing
+//!
+//! The hub ends a connection through its `ConnHandle`: 4009 when its send queue (`send_queue` frames) is full,
+//! whether the peer stopped reading or only reads too slowly, and 1001 to every connection when the node shuts
+//! down (each connection's kill token is a child of the hub's shutdown token). The connection itself closes with
+//! 1008 on a binary frame, 1009 on a frame over `max_frame_bytes`, 4001 on expiry, 4008 on a sustained flood and
+//! 1013 when it was over the connection limits. A close frame gets 1 s to go out; a peer that does not read by
+//! then loses it and sees the socket closed.
 
 pub mod conn;
 
@@ -69,6 +87,8 @@ pub(crate) struct ConnHandle {
     tx: mpsc::Sender<Utf8Bytes>,
     /// Close code asked for by the hub (0: none); set before `kill` is cancelled.
     close_code: AtomicU16,
+    /// Cancelled to end the connection: by [`ConnHandle::close`], or by the hub's shutdown token (it is a child
+    /// of it), so one token stops the connection even while it waits on a blocked write.
     kill: CancellationToken,
 }
 
@@ -81,8 +101,14 @@ impl ConnHandle {
         self.kill.cancel();
     }
 
-    pub(crate) fn close_code(&self) -> u16 {
-        self.close_code.load(Ordering::Acquire)
+    /// Why `kill` was cancelled, as the close frame to send: the code asked for by [`ConnHandle::close`], or
+    /// 1001 when no one asked (the node is shutting down).
+    pub(crate) fn ending(&self) -> (u16, &'static str) {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => (close::GOING_AWAY, "server shutting down"),
+            close::SLOW_CONSUMER => (close::SLOW_CONSUMER, "slow consumer"),
+            code => (code, "closed by the server"),
+        }
     }
 }
 
@@ -147,10 +173,6 @@ impl Hub {
 
     pub(crate) fn limits(&self) -> &LimitsConfig {
         &self.limits
-    }
-
-    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
-        &self.shutdown
     }
 
     /// Number of open WebSocket connections on this node.
@@ -324,7 +346,7 @@ impl Hub {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tx,
             close_code: AtomicU16::new(0),
-            kill: CancellationToken::new(),
+            kill: self.shutdown.child_token(),
         });
         Some(ConnSlot {
             hub: self.clone(),
