@@ -1,4 +1,4 @@
-//! ferry's load generator. The `jobs` scenario measures the job engine on this machine and, side by side,
+//! ferry's load generator (scenarios `jobs`, `ws`, `api`). The `jobs` scenario measures the job engine on this machine and, side by side,
 //! BullMQ doing the same work against a redis-server of the same version, so that the comparison is a ratio
 //! taken in one run.
 //!
@@ -9,13 +9,21 @@
 //!   scenarios.
 //! * [`stats`]: latency percentiles; [`report`]: machine facts and the comparison against the targets.
 //! * [`server`]: the private redis-server of a run (persistence off); [`procs`]: child-process helpers.
+//! * [`wsbench`]: the `ws` scenario (idle connections → RSS per connection; broadcast fan-out at rising
+//!   rates), ferry's gateway beside the Node `ws` peer, with the sockets in `ws-client` child processes.
+//! * [`api`]: the `api` scenario (HTTP submits, completion over WebSocket). [`gw`]: the gateway, worker and
+//!   Node peer processes, tokens, RSS; [`hist`]: the latency histogram the client processes ship.
 //!
 //! Every load loop here is bounded in count and time, and all traffic goes to 127.0.0.1.
 
+pub mod api;
 pub mod bullmq;
 pub mod ferry;
+pub mod gw;
+pub mod hist;
 pub mod procs;
 pub mod redis_cpu;
 pub mod report;
 pub mod server;
 pub mod stats;
+pub mod wsbench;

@@ -2,7 +2,10 @@
 //!
 //! `loadtest jobs [--peer bullmq]` enqueues N no-op jobs, processes them with one `ferry worker` process,
 //! measures enqueue→complete latency at fixed offered rates, and — with `--peer bullmq` — does the same with
-//! BullMQ on a redis-server of the same version. It prints one JSON document (and writes it to `--out`).
+//! BullMQ on a redis-server of the same version. `loadtest ws` measures the gateway's WebSocket fan-out (RSS per
+//! idle connection, deliveries/s and latency at rising broadcast rates) beside a Node `ws` server, and
+//! `loadtest api` HTTP submits with completion over WebSocket. Each prints one JSON document (and writes it to
+//! `--out`).
 //! See loadtest/README.md for what each figure means.
 
 use std::path::PathBuf;
@@ -10,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use loadtest::{bullmq, ferry, procs, redis_cpu, report};
+use loadtest::{api, bullmq, ferry, procs, redis_cpu, report, wsbench};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -27,6 +30,115 @@ struct Cli {
 enum Cmd {
     /// No-op jobs: enqueue throughput, processing throughput with one worker process, latency at fixed rates.
     Jobs(JobsArgs),
+    /// WebSocket fan-out: C idle authenticated connections (gateway RSS per connection), then broadcasts at
+    /// rising rates (deliveries/s, latency), beside a Node `ws` broadcast server under the same clients.
+    Ws(WsArgs),
+    /// HTTP submits (single and batch) with completion observed over WebSocket: jobs/s and latency.
+    Api(ApiArgs),
+    /// Internal: one process of WebSocket clients for `ws` (driven over stdin/stdout).
+    #[command(hide = true)]
+    WsClient(WsClientArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WsPeer {
+    NodeWs,
+    None,
+}
+
+#[derive(Debug, clap::Args)]
+struct WsArgs {
+    /// Idle authenticated connections, each subscribed to `app:bench`.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Sockets per client process (the open-file limit is ~20,000 per process).
+    #[arg(long, default_value_t = 2_500)]
+    per_process: usize,
+    /// Connections per token subject (the gateway allows 100 per subject).
+    #[arg(long, default_value_t = 50)]
+    per_subject: usize,
+    /// Offered deliveries/s of the broadcast phases (messages/s = rate / connections), rising.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10000,25000,50000,75000,100000,150000,200000,250000,300000"
+    )]
+    rates: Vec<u64>,
+    /// Length of each broadcast phase in seconds (the first tenth, at most 2 s, is warm-up).
+    #[arg(long, default_value_t = 10)]
+    phase_secs: u64,
+    /// Seconds between the last connection and the idle RSS reading.
+    #[arg(long, default_value_t = 3)]
+    settle_secs: u64,
+    /// Stop rising after this many rates in a row that were not sustained.
+    #[arg(long, default_value_t = 2)]
+    stop_after: usize,
+    /// Run the Node `ws` peer too (`node-ws`) or not (`none`).
+    #[arg(long, value_enum, default_value = "node-ws")]
+    peer: WsPeer,
+    /// Skip ferry (measure the peer alone).
+    #[arg(long)]
+    only_peer: bool,
+    /// The folder with server.mjs (default loadtest/ws-peer).
+    #[arg(long)]
+    peer_dir: Option<PathBuf>,
+    #[arg(long)]
+    ferry_bin: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    wait_quiet: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// Token subjects the load is spread over (the gateway allows 100 requests/s per subject).
+    #[arg(long, default_value_t = 200)]
+    subjects: usize,
+    /// Offered rates (single POSTs, jobs/s) of the latency phases.
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000")]
+    rates: Vec<u64>,
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Length of each max-throughput phase (single, then batch).
+    #[arg(long, default_value_t = 5)]
+    throughput_secs: u64,
+    /// Jobs per batch POST.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Requests in flight at most (latency phases; the single max-throughput phase uses up to 128).
+    #[arg(long, default_value_t = 512)]
+    in_flight: usize,
+    #[arg(long, default_value_t = 50)]
+    worker_concurrency: u32,
+    #[arg(long, default_value_t = 100)]
+    worker_batch: u32,
+    #[arg(long, default_value = "bench")]
+    queue: String,
+    #[arg(long)]
+    ferry_bin: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    wait_quiet: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct WsClientArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long)]
+    count: usize,
+    #[arg(long, default_value_t = 0)]
+    first: usize,
+    #[arg(long, default_value_t = 50)]
+    per_subject: usize,
+    #[arg(long, default_value = "app:bench")]
+    channel: String,
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    #[arg(long, default_value_t = 3600)]
+    max_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,12 +238,142 @@ impl JobsArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
-        Cmd::Jobs(args) => jobs(args).await,
+    if let Cmd::WsClient(a) = cli.command {
+        // One thread per client process: the coordinator runs several of them beside the server.
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(wsbench::client_main(wsbench::ClientArgs {
+                url: a.url,
+                count: a.count,
+                first: a.first,
+                per_subject: a.per_subject,
+                channel: a.channel,
+                connect_concurrency: a.connect_concurrency,
+                max_secs: a.max_secs,
+            }));
     }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            match cli.command {
+                Cmd::Jobs(args) => jobs(args).await,
+                Cmd::Ws(args) => ws(args).await,
+                Cmd::Api(args) => api_cmd(args).await,
+                Cmd::WsClient(_) => unreachable!("handled above"),
+            }
+        })
+}
+
+fn write_out(out: Option<&PathBuf>, text: &str) -> anyhow::Result<()> {
+    if let Some(out) = out {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(out, format!("{text}\n"))
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("[loadtest] wrote {}", out.display());
+    }
+    Ok(())
+}
+
+async fn ws(a: WsArgs) -> anyhow::Result<()> {
+    if a.connections == 0 || a.connections > 60_000 {
+        bail!("--connections must be 1..=60000");
+    }
+    if a.per_process == 0 || a.per_process > 15_000 {
+        bail!("--per-process must be 1..=15000 (the open-file limit is ~20,000 per process)");
+    }
+    if a.per_subject == 0 || a.per_subject > 100 {
+        bail!("--per-subject must be 1..=100 (the gateway's per-subject connection limit)");
+    }
+    if a.phase_secs == 0 || a.phase_secs > 120 || a.rates.is_empty() || a.rates.len() > 32 {
+        bail!("--phase-secs must be 1..=120 and --rates 1..=32 values");
+    }
+    let machine = report::Machine::probe();
+    let ferry_bin = if a.only_peer {
+        PathBuf::new()
+    } else {
+        ferry_bin(a.ferry_bin.clone()).await?
+    };
+    let peer_dir = a.peer_dir.clone().unwrap_or_else(loadtest::gw::ws_peer_dir);
+    if a.peer == WsPeer::NodeWs && !wsbench::peer_dir_ok(&peer_dir) {
+        bail!("{} has no server.mjs", peer_dir.display());
+    }
+    let quiet = quiet_before(a.wait_quiet).await?;
+    let p = wsbench::Params {
+        connections: a.connections,
+        per_process: a.per_process,
+        per_subject: a.per_subject,
+        rates: a.rates.clone(),
+        phase_secs: a.phase_secs,
+        settle_secs: a.settle_secs,
+        ferry_bin,
+        peer_dir,
+        stop_after_failures: a.stop_after,
+    };
+    let r = wsbench::run(&p, !a.only_peer, a.peer == WsPeer::NodeWs).await?;
+    let doc = json!({
+        "scenario": "ws",
+        "params": {
+            "connections": a.connections,
+            "per_process": a.per_process,
+            "per_subject": a.per_subject,
+            "rates_deliveries_per_sec": a.rates,
+            "phase_secs": a.phase_secs,
+            "fd_limit": "children start via sh -c 'ulimit -n \"$(ulimit -Hn)\"; exec …'",
+            "node_auth": "none (the Node peer verifies no token; ferry verifies a JWT per connection)",
+        },
+        "machine": machine,
+        "busy_cores_before": quiet,
+        "loadavg_after": report::loadavg(),
+        "result": r,
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    println!("{text}");
+    write_out(a.out.as_ref(), &text)
+}
+
+async fn api_cmd(a: ApiArgs) -> anyhow::Result<()> {
+    if a.subjects == 0 || a.subjects > 2_000 {
+        bail!("--subjects must be 1..=2000");
+    }
+    if a.rates.iter().any(|&r| r == 0 || r > 100_000) || a.latency_secs > 120 {
+        bail!("--rates must be 1..=100000 jobs/s and --latency-secs at most 120");
+    }
+    if a.throughput_secs == 0 || a.throughput_secs > 120 || a.in_flight == 0 || a.in_flight > 4096 {
+        bail!("--throughput-secs must be 1..=120 and --in-flight 1..=4096");
+    }
+    let machine = report::Machine::probe();
+    let bin = ferry_bin(a.ferry_bin.clone()).await?;
+    let quiet = quiet_before(a.wait_quiet).await?;
+    let p = api::Params {
+        subjects: a.subjects,
+        rates: a.rates.clone(),
+        latency_secs: a.latency_secs,
+        throughput_secs: a.throughput_secs,
+        batch_size: a.batch_size,
+        in_flight: a.in_flight,
+        worker_concurrency: a.worker_concurrency,
+        worker_batch: a.worker_batch,
+        queue: a.queue.clone(),
+        ferry_bin: bin,
+    };
+    let r = api::run(&p).await?;
+    let doc = json!({
+        "scenario": "api",
+        "machine": machine,
+        "busy_cores_before": quiet,
+        "loadavg_after": report::loadavg(),
+        "result": r,
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    println!("{text}");
+    write_out(a.out.as_ref(), &text)
 }
 
 /// Wait up to `limit` for a 2-second window in which the machine used under half a core; returns the busy

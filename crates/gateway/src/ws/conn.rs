@@ -29,6 +29,10 @@ use crate::http::{channels, tenancy};
 use crate::state::AppState;
 
 /// `GET /v1/ws`.
+/// tungstenite's read buffer, allocated up front on every connection: client frames are small JSON (bigger
+/// ones are read in several chunks), so a small buffer keeps idle connections small.
+const READ_BUFFER: usize = 256;
+
 pub async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -64,7 +68,7 @@ pub async fn upgrade(
     // the write and ends the connection.
     let max_write = (limits.send_queue.max(1) * 1024).max(2 * max) + max;
     let slot = hub.admit(subject_key(&principal));
-    ws.read_buffer_size(1024)
+    ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_write_buffer_size(max_write)
         .max_frame_size(max)
@@ -133,12 +137,25 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
         code,
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        socket.send(Message::Close(Some(frame))),
-    )
+    // The closing handshake (RFC 6455 §7.1.1): send Close, then read and discard until the peer's Close or the
+    // end of the stream. Closing the socket with the peer's frames still unread would make the kernel answer
+    // with a reset, and the peer would never see the close code (a flooding client, typically). Both steps
+    // together are bounded so a silent peer cannot hold the connection.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
     .await;
 }
+
+/// How long a closing handshake may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the loop ended: a close frame to send, or nothing (the peer is gone).
 type Ending = Option<(u16, &'static str)>;
@@ -160,7 +177,7 @@ async fn run(
     principal: Principal,
     slot: Option<ConnSlot>,
 ) {
-    let Some(mut slot) = slot else {
+    let Some(slot) = slot else {
         close_with(
             &mut socket,
             close::TRY_AGAIN_LATER,
@@ -169,7 +186,6 @@ async fn run(
         .await;
         return;
     };
-    let mut rx = slot.rx.take().expect("a fresh slot has its receiver");
     let limits = hub.limits().clone();
     let rate = std::num::NonZeroU32::new(limits.ws_rate_per_sec.max(1))
         .unwrap_or(std::num::NonZeroU32::MIN);
@@ -194,16 +210,20 @@ async fn run(
         c.slot.keys.push(key);
     }
     let handle = c.slot.handle.clone();
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+    // One timer serves both the ping schedule and the token's expiry (an `Interval` would be a second, boxed
+    // timer on every idle connection).
+    let mut next_ping = Instant::now() + limits.ping_interval;
     let mut last_seen = Instant::now();
     let ending: Ending = loop {
         let expires = c.expires;
         tokio::select! {
             // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`.
-            _ = handle.kill.cancelled() => break Some(handle.ending()),
-            _ = tokio::time::sleep_until(expires) => break Some((close::TOKEN_EXPIRED, "token expired")),
-            _ = ping.tick() => {
+            _ = handle.killed() => break Some(handle.ending()),
+            _ = tokio::time::sleep_until(next_ping.min(expires)) => {
+                if Instant::now() >= expires {
+                    break Some((close::TOKEN_EXPIRED, "token expired"));
+                }
+                next_ping += limits.ping_interval;
                 if last_seen.elapsed() > limits.ping_interval * 2 {
                     // Dead peer: nobody to say goodbye to.
                     break None;
@@ -212,8 +232,7 @@ async fn run(
                     break ending;
                 }
             }
-            out = rx.recv() => {
-                let Some(frame) = out else { break None };
+            frame = handle.outbox.pop() => {
                 if let Err(ending) = send(&mut socket, &handle, Message::Text(frame)).await {
                     break ending;
                 }
@@ -235,7 +254,8 @@ async fn run(
                     Some(Ok(Message::Close(_))) => break None,
                     Some(Ok(_)) => continue,
                 };
-                match c.frame(text.as_str()).await {
+                // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
+                match Box::pin(c.frame(text.as_str())).await {
                     Ok(Some(reply)) => {
                         if let Err(ending) = send(&mut socket, &handle, Message::Text(reply.into())).await {
                             break ending;
@@ -271,7 +291,7 @@ async fn send(
 ) -> Result<(), Ending> {
     tokio::select! {
         r = socket.send(msg) => r.map_err(|_| None),
-        _ = handle.kill.cancelled() => Err(Some(handle.ending())),
+        _ = handle.killed() => Err(Some(handle.ending())),
     }
 }
 

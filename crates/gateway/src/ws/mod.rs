@@ -47,11 +47,12 @@
 //! then loses it and sees the socket closed.
 
 pub mod conn;
+mod outbox;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -61,7 +62,7 @@ use ferry_core::{Event, EventType};
 use futures::StreamExt;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use conn::upgrade;
@@ -84,12 +85,15 @@ pub mod close {
 #[derive(Debug)]
 pub(crate) struct ConnHandle {
     id: u64,
-    tx: mpsc::Sender<Utf8Bytes>,
+    pub(crate) outbox: outbox::Outbox,
     /// Close code asked for by the hub (0: none); set before `kill` is cancelled.
     close_code: AtomicU16,
-    /// Cancelled to end the connection: by [`ConnHandle::close`], or by the hub's shutdown token (it is a child
-    /// of it), so one token stops the connection even while it waits on a blocked write.
-    kill: CancellationToken,
+    /// Set by [`ConnHandle::close`]; `ended` wakes the connection, even while it waits on a blocked write.
+    killed: AtomicBool,
+    ended: Notify,
+    /// The hub's shutdown token, shared: a child token per connection would be one more allocation and
+    /// registration on every idle connection.
+    shutdown: CancellationToken,
 }
 
 impl ConnHandle {
@@ -98,7 +102,28 @@ impl ConnHandle {
         let _ = self
             .close_code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
-        self.kill.cancel();
+        self.killed.store(true, Ordering::Release);
+        self.ended.notify_waiters();
+    }
+
+    /// Resolves once the connection must end: [`ConnHandle::close`] was called or the node is shutting down.
+    pub(crate) async fn killed(&self) {
+        loop {
+            if self.killed.load(Ordering::Acquire) {
+                return;
+            }
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the second check, so a close in between is not missed.
+            ended.as_mut().enable();
+            if self.killed.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::select! {
+                _ = ended => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
     }
 
     /// Why `kill` was cancelled, as the close frame to send: the code asked for by [`ConnHandle::close`], or
@@ -341,18 +366,18 @@ impl Hub {
             return None;
         }
         *count += 1;
-        let (tx, rx) = mpsc::channel(self.limits.send_queue.max(1));
         let handle = Arc::new(ConnHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            tx,
+            outbox: outbox::Outbox::new(self.limits.send_queue),
             close_code: AtomicU16::new(0),
-            kill: self.shutdown.child_token(),
+            killed: AtomicBool::new(false),
+            ended: Notify::new(),
+            shutdown: self.shutdown.clone(),
         });
         Some(ConnSlot {
             hub: self.clone(),
             subject,
             handle,
-            rx: Some(rx),
             keys: Vec::new(),
         })
     }
@@ -403,7 +428,7 @@ impl Hub {
                     f
                 }
             };
-            if let Err(mpsc::error::TrySendError::Full(_)) = sub.conn.tx.try_send(frame) {
+            if !sub.conn.outbox.push(frame) {
                 // Buffering more would let one slow client grow the node's memory without bound.
                 sub.conn.close(close::SLOW_CONSUMER);
             }
@@ -461,7 +486,6 @@ pub(crate) struct ConnSlot {
     hub: Arc<Hub>,
     subject: String,
     pub(crate) handle: Arc<ConnHandle>,
-    pub(crate) rx: Option<mpsc::Receiver<Utf8Bytes>>,
     /// Hub keys this connection is subscribed to (few: bounded by `max_subscriptions`).
     pub(crate) keys: Vec<String>,
 }

@@ -1,0 +1,85 @@
+// The Node `ws` peer of `loadtest ws`: the typical Node broadcast server.
+//
+// * WebSocket at ws://127.0.0.1:PORT/v1/ws. A client frame {"id":1,"op":"subscribe","channel":"app:bench"} adds
+//   the socket to the channel's Set and is answered {"id":1,"ok":true,"channel":"app:bench"}, like ferry.
+// * HTTP POST /v1/channels/<name>/publish (or POST /publish, channel app:bench) with a JSON body: the frame
+//   {"channel":"app:<name>","event":"message","data":<body>} is serialised once and sent to every subscriber
+//   with ws.send() — the same frame ferry's gateway pushes. Answers 202.
+// * GET /healthz → 200 ok.
+//
+// No authentication (ferry verifies a JWT on every upgrade; this server does not): that favours Node.
+// Listens on 127.0.0.1 only. Usage: node server.mjs PORT
+import http from 'node:http';
+import { WebSocketServer } from 'ws';
+
+const port = Number(process.argv[2] ?? 0);
+const channels = new Map(); // channel -> Set<WebSocket>
+
+function publish(channel, body, res) {
+  let data;
+  try {
+    data = JSON.parse(body);
+  } catch {
+    res.writeHead(400).end('bad json');
+    return;
+  }
+  const frame = JSON.stringify({ channel, event: 'message', data });
+  const subs = channels.get(channel);
+  if (subs) {
+    for (const ws of subs) {
+      if (ws.readyState === ws.OPEN) ws.send(frame);
+    }
+  }
+  res.writeHead(202).end();
+}
+
+const server = http.createServer((req, res) => {
+  if (req.method === 'GET' && req.url === '/healthz') {
+    res.writeHead(200, { 'content-type': 'text/plain' }).end('ok');
+    return;
+  }
+  const m = req.method === 'POST' && /^\/v1\/channels\/([A-Za-z0-9._:-]{1,128})\/publish$/.exec(req.url);
+  if (m || (req.method === 'POST' && req.url === '/publish')) {
+    const channel = m ? `app:${m[1]}` : 'app:bench';
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => publish(channel, Buffer.concat(chunks).toString('utf8'), res));
+    return;
+  }
+  res.writeHead(404).end();
+});
+
+const wss = new WebSocketServer({ server, path: '/v1/ws', perMessageDeflate: false });
+wss.on('connection', (ws) => {
+  const mine = new Set();
+  ws.on('message', (raw) => {
+    let msg;
+    try {
+      msg = JSON.parse(raw.toString());
+    } catch {
+      ws.close(1008, 'bad json');
+      return;
+    }
+    const id = msg.id ?? null;
+    if (msg.op === 'subscribe' && typeof msg.channel === 'string') {
+      let set = channels.get(msg.channel);
+      if (!set) channels.set(msg.channel, (set = new Set()));
+      set.add(ws);
+      mine.add(msg.channel);
+      ws.send(JSON.stringify({ id, ok: true, channel: msg.channel }));
+    } else if (msg.op === 'ping') {
+      ws.send(JSON.stringify({ id, ok: true, pong: true }));
+    } else {
+      ws.send(JSON.stringify({ id, ok: false, error: { code: 'bad_request' } }));
+    }
+  });
+  ws.on('close', () => {
+    for (const c of mine) channels.get(c)?.delete(ws);
+  });
+  ws.on('error', () => {});
+});
+
+server.listen(port, '127.0.0.1', () => {
+  console.log(`listening ${server.address().port}`);
+});
+for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => process.exit(0));
