@@ -251,6 +251,23 @@ async fn flood_gets_rate_limited_then_4008() {
     };
     assert!(limited >= 1);
     assert_eq!(code, 4008);
+    // Rejections are counted.
+    let metrics = reqwest::get(format!("http://{}/metrics", node.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ferry_ws_closes_total{code=\"4008\"} 1"),
+        "{metrics}"
+    );
+    let frames: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_ws_rate_limited_frames_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(frames >= limited, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,7 +51,7 @@ pub async fn metrics(State(api): State<Api>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        api.metrics.render(),
+        api.metrics.render() + &api.app.hub.render_metrics(),
     )
         .into_response()
 }

@@ -49,6 +49,7 @@ pub async fn upgrade(
     let principal = match verified {
         Some(Ok(p)) => p,
         failed => {
+            hub.count_refused_upgrade();
             if !hub.unauth_allowed(peer.ip()) {
                 return ApiError::RateLimited {
                     retry_after_secs: 1,
@@ -178,6 +179,7 @@ async fn run(
     slot: Option<ConnSlot>,
 ) {
     let Some(slot) = slot else {
+        hub.count_close(close::TRY_AGAIN_LATER);
         close_with(
             &mut socket,
             close::TRY_AGAIN_LATER,
@@ -270,6 +272,7 @@ async fn run(
         }
     };
     if let Some((code, reason)) = ending {
+        c.hub.count_close(code);
         close_with(&mut socket, code, reason).await;
     }
 }
@@ -315,6 +318,7 @@ impl Conn {
             .and_then(|v| v.get("id").cloned())
             .unwrap_or(Value::Null);
         if self.limiter.check().is_err() {
+            self.hub.count_rate_limited_frame();
             self.violations += 1;
             if self.violations > self.hub.limits().ws_sustained_violations {
                 return Err((close::RATE_LIMITED, "rate limited"));

@@ -163,6 +163,8 @@ pub struct Hub {
     /// The broker's application channel feed, once `run` has opened it.
     feed: OnceLock<ChannelControl>,
     connections: AtomicUsize,
+    /// Rejections and closes, for `/metrics`.
+    counters: WsCounters,
     per_subject: Mutex<HashMap<String, usize>>,
     next_id: AtomicU64,
     /// Failed upgrades per IP, so token guessing costs the guesser.
@@ -190,6 +192,7 @@ impl Hub {
             channels: Mutex::new(HashMap::new()),
             feed: OnceLock::new(),
             connections: AtomicUsize::new(0),
+            counters: WsCounters::default(),
             per_subject: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -546,5 +549,78 @@ mod tests {
         assert_eq!(v["event"], "job.completed");
         assert_eq!(v["data"]["queue"], "emails");
         assert_eq!(v["data"]["result"], json!({"ok": true}));
+    }
+}
+
+/// WebSocket rejections and closes, rendered by `GET /metrics`.
+#[derive(Debug, Default)]
+struct WsCounters {
+    /// Close frames sent by the server, by code. A std mutex: one map update per closed connection.
+    closes: Mutex<std::collections::BTreeMap<u16, u64>>,
+    rate_limited_frames: AtomicU64,
+    refused_upgrades: AtomicU64,
+}
+
+impl Hub {
+    pub(crate) fn count_close(&self, code: u16) {
+        let mut m = self
+            .counters
+            .closes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry(code).or_default() += 1;
+    }
+
+    pub(crate) fn count_rate_limited_frame(&self) {
+        self.counters
+            .rate_limited_frames
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_refused_upgrade(&self) {
+        self.counters
+            .refused_upgrades
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The hub's figures in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP ferry_ws_connections Open WebSocket connections on this node.\n\
+             # TYPE ferry_ws_connections gauge\nferry_ws_connections {}",
+            self.connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferry_ws_closes_total Connections closed by the server, by close code (1013 connection \
+             limit, 4001 token expired, 4008 rate limited, 4009 slow consumer, ...).\n\
+             # TYPE ferry_ws_closes_total counter"
+        );
+        for (code, n) in self
+            .counters
+            .closes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "ferry_ws_closes_total{{code=\"{code}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferry_ws_rate_limited_frames_total Frames answered rate_limited.\n\
+             # TYPE ferry_ws_rate_limited_frames_total counter\nferry_ws_rate_limited_frames_total {}",
+            self.counters.rate_limited_frames.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferry_ws_refused_upgrades_total Upgrades refused for a bad token (401) or too many failures \
+             from one address (429).\n# TYPE ferry_ws_refused_upgrades_total counter\n\
+             ferry_ws_refused_upgrades_total {}",
+            self.counters.refused_upgrades.load(Ordering::Relaxed)
+        );
+        out
     }
 }
