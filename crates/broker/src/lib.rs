@@ -134,7 +134,30 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 
     /// A real round trip to every backing store.
     async fn ping(&self) -> Result<(), BrokerError>;
+
+    /// Read the durable event log as consumer `consumer` of the consumer group `group` (created on first use,
+    /// from the oldest entry still held): first entries delivered to a consumer of the group more than
+    /// `reclaim_idle` ago and never acknowledged (their reader died), then new ones; up to `max` entries, waiting
+    /// up to `wait` when there are none. An entry stays pending until [`Broker::ack_log`].
+    async fn read_log(
+        &self,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+        reclaim_idle: Duration,
+    ) -> Result<Vec<LogEntry>, BrokerError>;
+
+    /// Acknowledge log entries read by [`Broker::read_log`]: they will not be delivered to `group` again.
+    async fn ack_log(&self, group: &str, entries: &[LogPosition]) -> Result<(), BrokerError>;
+
+    /// How far `group` is behind: log entries not yet acknowledged by it (delivered or not), summed over shards.
+    /// 0 when the group does not exist.
+    async fn log_backlog(&self, group: &str) -> Result<u64, BrokerError>;
 }
+
+/// The consumer group of the recorder, which copies the event log into the durable store.
+pub const RECORDER_GROUP: &str = "recorder";
 
 /// Engine settings shared by both engines.
 #[derive(Debug, Clone)]

@@ -33,7 +33,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelControl, ChannelFeed, ChannelMessage, Completion,
     Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FeedControl, Lease,
-    Leased, QueueStats, Reclaimed, Rejected, RetryOutcome,
+    Leased, LogEntry, LogPosition, QueueStats, Reclaimed, Rejected, RetryOutcome,
 };
 
 /// Live events buffered per subscriber. A subscriber that falls further behind skips the oldest events (it can
@@ -282,6 +282,9 @@ impl State {
             owner: e.spec.owner.clone(),
             tenant: e.spec.tenant.clone(),
             data,
+            correlation_id: e.spec.correlation_id.clone(),
+            actor: None,
+            spec: None,
         };
         // No subscriber is not an error: the event simply has no audience.
         let _ = self.events.tx.send(event);
@@ -847,6 +850,25 @@ impl Broker for MemoryBroker {
 
     async fn ping(&self) -> Result<(), BrokerError> {
         self.lock().map(drop)
+    }
+
+    async fn read_log(
+        &self,
+        _group: &str,
+        _consumer: &str,
+        _max: usize,
+        _wait: Duration,
+        _reclaim_idle: Duration,
+    ) -> Result<Vec<LogEntry>, BrokerError> {
+        Err(BrokerError::Internal("read_log: in progress".into()))
+    }
+
+    async fn ack_log(&self, _group: &str, _entries: &[LogPosition]) -> Result<(), BrokerError> {
+        Err(BrokerError::Internal("ack_log: in progress".into()))
+    }
+
+    async fn log_backlog(&self, _group: &str) -> Result<u64, BrokerError> {
+        Ok(0)
     }
 }
 

@@ -242,3 +242,17 @@ impl Stream for ChannelFeed {
         self.messages.as_mut().poll_next(cx)
     }
 }
+
+/// Where a log entry is: its shard and its stream entry id (the memory engine has one shard and numeric ids).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LogPosition {
+    pub shard: usize,
+    pub sid: String,
+}
+
+/// One entry of the durable event log: the events one transition call wrote, in order.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    pub position: LogPosition,
+    pub events: Vec<ferry_core::Event>,
+}

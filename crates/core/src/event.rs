@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{JobId, JobState, Kind, QueueName};
+use crate::{JobId, JobSpec, JobState, Kind, QueueName};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventType {
@@ -64,6 +64,35 @@ pub struct Event {
     /// Result (completed), error (retrying, dead), progress value, or nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
+    /// The correlation id the job was submitted with (`X-Request-Id` at the gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// Who made the transition: the JWT subject for submissions and cancellations, the worker's consumer name
+    /// for a worker's transitions; none for the engine's own (promotion, lease reclaim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The job's spec, on `job.queued` and `job.scheduled` events read from the durable event log (so the
+    /// recorder can write the whole record). Never sent to live subscribers.
+    #[serde(skip)]
+    pub spec: Option<Box<JobSpec>>,
+}
+
+impl Event {
+    /// The event's position in its shard's log, from its id (`<ms>-<seq>/<n>` or `<seq>/<n>`): events of one job
+    /// happen on one shard, so this orders them even when they are delivered out of order.
+    pub fn order_key(&self) -> Option<(u64, u64, u32)> {
+        order_key(&self.id)
+    }
+}
+
+/// [`Event::order_key`] of an event id.
+pub fn order_key(id: &str) -> Option<(u64, u64, u32)> {
+    let (entry, n) = id.split_once('/')?;
+    let n = n.parse().ok()?;
+    match entry.split_once('-') {
+        Some((ms, seq)) => Some((ms.parse().ok()?, seq.parse().ok()?, n)),
+        None => Some((entry.parse().ok()?, 0, n)),
+    }
 }
 
 #[cfg(test)]
@@ -82,5 +111,14 @@ mod tests {
         .unwrap();
         assert_eq!(e.ty, EventType::Active);
         assert_eq!(e.id, "");
+    }
+
+    #[test]
+    fn order_keys() {
+        assert_eq!(order_key("1700000000000-3/2"), Some((1700000000000, 3, 2)));
+        assert_eq!(order_key("17/0"), Some((17, 0, 0)));
+        assert!(order_key("1-2/0") < order_key("1-10/0"));
+        assert_eq!(order_key("x/1"), None);
+        assert_eq!(order_key("17"), None);
     }
 }

@@ -208,6 +208,9 @@ pub fn unpack_events(sid: &str, body: &str) -> Result<Vec<ferry_core::Event>, se
                     .as_mut()
                     .and_then(Iterator::next)
                     .filter(|d| !d.is_null()),
+                correlation_id: None,
+                actor: None,
+                spec: None,
             });
         }
     }

@@ -42,8 +42,8 @@ use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
 use self::scripts::Scripts;
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, EngineConfig, Enqueued,
-    EventStream, FailOutcome, Failure, Lease, Leased, QueueStats, Reclaimed, Rejected,
-    RetryOutcome, ShardRing,
+    EventStream, FailOutcome, Failure, Lease, Leased, LogEntry, LogPosition, QueueStats, Reclaimed,
+    Rejected, RetryOutcome, ShardRing,
 };
 
 /// Most jobs sent to one script call; bigger batches are split so one call never holds Redis for long.
@@ -1060,6 +1060,25 @@ impl Broker for RedisBroker {
                 .map_err(|e| BrokerError::Unavailable(format!("{}: {e}", shard.name)))?;
         }
         Ok(())
+    }
+
+    async fn read_log(
+        &self,
+        _group: &str,
+        _consumer: &str,
+        _max: usize,
+        _wait: Duration,
+        _reclaim_idle: Duration,
+    ) -> Result<Vec<LogEntry>, BrokerError> {
+        Err(BrokerError::Internal("read_log: in progress".into()))
+    }
+
+    async fn ack_log(&self, _group: &str, _entries: &[LogPosition]) -> Result<(), BrokerError> {
+        Err(BrokerError::Internal("ack_log: in progress".into()))
+    }
+
+    async fn log_backlog(&self, _group: &str) -> Result<u64, BrokerError> {
+        Ok(0)
     }
 }
 

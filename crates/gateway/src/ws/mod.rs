@@ -539,6 +539,9 @@ mod tests {
             owner: Some("bob".into()),
             tenant: Some("acme".into()),
             data: Some(json!({"ok": true})),
+            correlation_id: None,
+            actor: None,
+            spec: None,
         };
         let view = View {
             channel: "queue:emails".into(),

@@ -254,6 +254,31 @@ impl Broker for Faulty {
         self.inner.ping().await
     }
 
+    async fn read_log(
+        &self,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+        reclaim_idle: Duration,
+    ) -> Result<Vec<ferry_broker::LogEntry>, BrokerError> {
+        self.inner
+            .read_log(group, consumer, max, wait, reclaim_idle)
+            .await
+    }
+
+    async fn ack_log(
+        &self,
+        group: &str,
+        entries: &[ferry_broker::LogPosition],
+    ) -> Result<(), BrokerError> {
+        self.inner.ack_log(group, entries).await
+    }
+
+    async fn log_backlog(&self, group: &str) -> Result<u64, BrokerError> {
+        self.inner.log_backlog(group).await
+    }
+
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         self.inner.publish(channel, payload).await
     }

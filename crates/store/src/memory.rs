@@ -1,0 +1,5 @@
+//! The in-memory store (being written).
+
+/// Placeholder until the memory store lands.
+#[derive(Debug, Default)]
+pub struct MemoryStore;
