@@ -135,17 +135,22 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// A real round trip to every backing store.
     async fn ping(&self) -> Result<(), BrokerError>;
 
-    /// Read the durable event log as consumer `consumer` of the consumer group `group` (created on first use,
-    /// from the oldest entry still held): first entries delivered to a consumer of the group more than
-    /// `reclaim_idle` ago and never acknowledged (their reader died), then new ones; up to `max` entries, waiting
-    /// up to `wait` when there are none. An entry stays pending until [`Broker::ack_log`].
+    /// How many shards the durable event log has (each is read on its own: [`Broker::read_log`]).
+    fn log_shards(&self) -> usize;
+
+    /// Read shard `shard` of the durable event log as consumer `consumer` of the consumer group `group`
+    /// (created on first use, from the oldest entry still held). With `reclaim_idle`, entries delivered to a
+    /// consumer of the group longer ago than that and never acknowledged (their reader died) come first and
+    /// move to `consumer`; then new entries. Up to `max` entries, waiting up to `wait` when there are none. An
+    /// entry stays pending until [`Broker::ack_log`].
     async fn read_log(
         &self,
+        shard: usize,
         group: &str,
         consumer: &str,
         max: usize,
         wait: Duration,
-        reclaim_idle: Duration,
+        reclaim_idle: Option<Duration>,
     ) -> Result<Vec<LogEntry>, BrokerError>;
 
     /// Acknowledge log entries read by [`Broker::read_log`]: they will not be delivered to `group` again.
@@ -168,7 +173,9 @@ pub struct EngineConfig {
     pub finished_retention: Duration,
     /// Longest dead-letter list per queue; older dead jobs are dropped from the engine.
     pub dead_letter_max: usize,
-    /// Approximate bound of the durable event stream, in entries (each entry packs a batch of events).
+    /// Hard cap of the durable event log per shard, in entries (each entry packs one call's events): the
+    /// oldest entries go past it even if the recorder has not copied them, so keep the gateway's backlog
+    /// high-water mark well below it. Entries the recorder has acknowledged are trimmed sooner.
     pub event_stream_max: usize,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
@@ -180,7 +187,7 @@ impl Default for EngineConfig {
             visibility_timeout: Duration::from_secs(30),
             finished_retention: Duration::from_secs(3600),
             dead_letter_max: 10_000,
-            event_stream_max: 100_000,
+            event_stream_max: 1_000_000,
             idempotency_ttl: Duration::from_secs(24 * 3600),
         }
     }

@@ -70,11 +70,19 @@ impl MemoryBroker {
     pub fn new(config: EngineConfig) -> Self {
         let (tx, _) = broadcast::channel(EVENT_CAPACITY);
         Self {
-            config,
+            config: config.clone(),
             state: Mutex::new(State {
                 jobs: HashMap::new(),
                 queues: BTreeMap::new(),
-                events: Events { seq: 0, tx },
+                events: Events {
+                    seq: 0,
+                    tx,
+                    log: VecDeque::new(),
+                    groups: HashMap::new(),
+                    appended: Arc::new(Notify::new()),
+                    cap: config.event_stream_max,
+                },
+                actor: None,
             }),
             app: broadcast::channel(CHANNEL_CAPACITY).0,
         }
@@ -99,6 +107,8 @@ impl MemoryBroker {
         let mut guard = self.lock()?;
         let st = &mut *guard;
         st.queue(queue).received = true;
+        // The submitter: the gateway submits one caller's jobs per call.
+        st.actor = jobs.first().and_then(|j| j.owner.as_deref()).map(Arc::from);
         let mut out = Vec::with_capacity(jobs.len());
         let mut any_ready = false;
         for mut job in jobs {
@@ -164,6 +174,7 @@ impl MemoryBroker {
                 duplicate: false,
             });
         }
+        st.actor = None;
         if any_ready {
             st.queue(queue).notify.notify_waiters();
         }
@@ -183,6 +194,8 @@ struct State {
     /// A BTreeMap so `queues()` comes out sorted.
     queues: BTreeMap<QueueName, Queue>,
     events: Events,
+    /// The actor of the transition being made (set by the caller for the length of one critical section).
+    actor: Option<Arc<str>>,
 }
 
 /// One job as the engine holds it.
@@ -239,12 +252,62 @@ struct Queue {
     notify: Arc<Notify>,
 }
 
-/// The live event feed.
+/// The live event feed, and the durable log's in-process stand-in.
 #[derive(Debug)]
 struct Events {
     /// Global sequence: event ids are `"<seq>/0"`, the shape of the Redis engine's `<entry>/<index>` ids.
     seq: u64,
     tx: broadcast::Sender<Event>,
+    /// Events by sequence, kept while a log group exists and has not acknowledged them (at most `cap`). Only
+    /// kept once some group reads the log, so a node without a recorder holds nothing.
+    log: VecDeque<(u64, Event)>,
+    groups: HashMap<String, LogGroup>,
+    /// Wakes `read_log` calls waiting for new entries.
+    appended: Arc<Notify>,
+    cap: usize,
+}
+
+/// One consumer group of the log.
+#[derive(Debug, Default)]
+struct LogGroup {
+    /// The last sequence handed out.
+    delivered: u64,
+    /// Handed out and not acknowledged: sequence → (consumer, when delivered).
+    pending: BTreeMap<u64, (String, tokio::time::Instant)>,
+}
+
+impl Events {
+    fn append(&mut self, seq: u64, event: Event) {
+        if self.groups.is_empty() {
+            return;
+        }
+        self.log.push_back((seq, event));
+        if self.log.len() > self.cap {
+            self.log.pop_front();
+        }
+        self.appended.notify_waiters();
+    }
+
+    /// Drop entries every group has acknowledged.
+    fn trim(&mut self) {
+        let floor = self
+            .groups
+            .values()
+            .map(|g| g.pending.keys().next().copied().unwrap_or(g.delivered + 1))
+            .min()
+            .unwrap_or(u64::MAX);
+        while self.log.front().is_some_and(|(seq, _)| *seq < floor) {
+            self.log.pop_front();
+        }
+    }
+
+    fn entry(&self, seq: u64) -> Option<&Event> {
+        let first = self.log.front()?.0;
+        let (s, e) = self
+            .log
+            .get(usize::try_from(seq.checked_sub(first)?).ok()?)?;
+        (*s == seq).then_some(e)
+    }
 }
 
 impl State {
@@ -283,9 +346,17 @@ impl State {
             tenant: e.spec.tenant.clone(),
             data,
             correlation_id: e.spec.correlation_id.clone(),
-            actor: None,
+            actor: self.actor.as_deref().map(str::to_owned),
             spec: None,
         };
+        if !self.events.groups.is_empty() {
+            let mut logged = event.clone();
+            if matches!(ty, EventType::Queued | EventType::Scheduled) {
+                logged.spec = Some(Box::new(e.spec.clone()));
+            }
+            let seq = self.events.seq;
+            self.events.append(seq, logged);
+        }
         // No subscriber is not an error: the event simply has no audience.
         let _ = self.events.tx.send(event);
     }
@@ -410,6 +481,7 @@ impl State {
     ) -> Vec<Leased> {
         let deadline = now.saturating_add(visibility_ms);
         let mut out = Vec::new();
+        self.actor = Some(consumer.clone());
         let q = self.queue(queue);
         if q.paused {
             return out;
@@ -453,6 +525,7 @@ impl State {
             });
             self.emit(id, EventType::Active, None);
         }
+        self.actor = None;
         out
     }
 
@@ -551,7 +624,9 @@ impl Broker for MemoryBroker {
             return Ok(false);
         };
         e.updated_at = now;
+        st.actor = Some(lease.consumer.clone());
         st.emit(lease.job, EventType::Progress, Some(data));
+        st.actor = None;
         Ok(true)
     }
 
@@ -568,7 +643,9 @@ impl Broker for MemoryBroker {
                 continue;
             }
             st.detach(item.lease.job);
+            st.actor = Some(item.lease.consumer.clone());
             st.enter_finished(item.lease.job, JobState::Completed, Some(item.result), now);
+            st.actor = None;
             out.push(Ok(()));
         }
         Ok(out)
@@ -592,10 +669,12 @@ impl Broker for MemoryBroker {
                 .outcome(e.attempts, e.spec.max_attempts, &e.spec.backoff, now);
             let id = item.lease.job;
             st.detach(id);
+            st.actor = Some(item.lease.consumer.clone());
             match outcome {
                 FailOutcome::Dead => st.enter_dead(id, item.error, now, dead_max),
                 FailOutcome::Retrying { run_at } => st.enter_retrying(id, item.error, run_at, now),
             }
+            st.actor = None;
             out.push(Ok(outcome));
         }
         Ok(out)
@@ -614,7 +693,9 @@ impl Broker for MemoryBroker {
             // A released attempt was never really made (the worker is draining), so it does not count.
             e.attempts = e.attempts.saturating_sub(1);
             st.detach(lease.job);
+            st.actor = Some(lease.consumer.clone());
             st.enter_queued(lease.job, now, Some(json!({ "released": true })));
+            st.actor = None;
             queues.push(lease.queue.clone());
             out.push(true);
         }
@@ -852,23 +933,134 @@ impl Broker for MemoryBroker {
         self.lock().map(drop)
     }
 
+    fn log_shards(&self) -> usize {
+        1
+    }
+
     async fn read_log(
         &self,
-        _group: &str,
-        _consumer: &str,
-        _max: usize,
-        _wait: Duration,
-        _reclaim_idle: Duration,
+        shard: usize,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+        reclaim_idle: Option<Duration>,
     ) -> Result<Vec<LogEntry>, BrokerError> {
-        Err(BrokerError::Internal("read_log: in progress".into()))
+        if shard != 0 {
+            return Err(BrokerError::Internal(format!("no log shard {shard}")));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let max = max.max(1);
+        loop {
+            let appended = {
+                let mut st = self.lock()?;
+                let ev = &mut st.events;
+                if !ev.groups.contains_key(group) {
+                    // A new group starts at the oldest entry held (nothing is held before the first group).
+                    let start = ev.log.front().map_or(ev.seq, |(s, _)| s - 1);
+                    ev.groups.insert(
+                        group.to_owned(),
+                        LogGroup {
+                            delivered: start,
+                            ..LogGroup::default()
+                        },
+                    );
+                }
+                let now = tokio::time::Instant::now();
+                let mut picked = Vec::new();
+                let g = ev.groups.get(group).expect("inserted above");
+                if let Some(idle) = reclaim_idle {
+                    picked.extend(
+                        g.pending
+                            .iter()
+                            .filter(|(_, (_, at))| now.duration_since(*at) >= idle)
+                            .map(|(seq, _)| *seq)
+                            .take(max),
+                    );
+                }
+                let from = g.delivered;
+                let fresh: Vec<u64> = if picked.is_empty() {
+                    ev.log
+                        .iter()
+                        .map(|(seq, _)| *seq)
+                        .filter(|seq| *seq > from)
+                        .take(max)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let mut out = Vec::with_capacity(picked.len() + fresh.len());
+                for seq in picked.iter().chain(&fresh) {
+                    // An entry pushed out by the hard cap is gone; it is dropped from pending below.
+                    if let Some(e) = ev.entry(*seq) {
+                        out.push(LogEntry {
+                            position: LogPosition {
+                                shard: 0,
+                                sid: seq.to_string(),
+                            },
+                            events: vec![e.clone()],
+                        });
+                    }
+                }
+                let g = ev.groups.get_mut(group).expect("inserted above");
+                for seq in picked.iter().chain(&fresh) {
+                    g.pending.insert(*seq, (consumer.to_owned(), now));
+                }
+                if let Some(last) = fresh.last() {
+                    g.delivered = *last;
+                }
+                let first = ev.log.front().map_or(u64::MAX, |(s, _)| *s);
+                ev.groups
+                    .get_mut(group)
+                    .expect("inserted above")
+                    .pending
+                    .retain(|seq, _| *seq >= first);
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+                ev.appended.clone()
+            };
+            let notified = appended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Look once more with the waiter registered, so an append in between is not missed.
+            {
+                let st = self.lock()?;
+                let g = &st.events.groups[group];
+                if st.events.log.back().is_some_and(|(s, _)| *s > g.delivered) {
+                    continue;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
     }
 
-    async fn ack_log(&self, _group: &str, _entries: &[LogPosition]) -> Result<(), BrokerError> {
-        Err(BrokerError::Internal("ack_log: in progress".into()))
+    async fn ack_log(&self, group: &str, entries: &[LogPosition]) -> Result<(), BrokerError> {
+        let mut st = self.lock()?;
+        let ev = &mut st.events;
+        if let Some(g) = ev.groups.get_mut(group) {
+            for p in entries {
+                if let Ok(seq) = p.sid.parse::<u64>() {
+                    g.pending.remove(&seq);
+                }
+            }
+        }
+        ev.trim();
+        Ok(())
     }
 
-    async fn log_backlog(&self, _group: &str) -> Result<u64, BrokerError> {
-        Ok(0)
+    async fn log_backlog(&self, group: &str) -> Result<u64, BrokerError> {
+        let st = self.lock()?;
+        let ev = &st.events;
+        Ok(ev.groups.get(group).map_or(0, |g| {
+            let unread = ev
+                .log
+                .back()
+                .map_or(0, |(last, _)| last.saturating_sub(g.delivered));
+            unread + g.pending.len() as u64
+        }))
     }
 }
 

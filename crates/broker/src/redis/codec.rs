@@ -130,6 +130,10 @@ pub fn meta_rest(queue: &QueueName, spec: &JobSpec) -> String {
         m.push_str(",\"tenant\":");
         m.push_str(&Json::String(t.clone()).to_string());
     }
+    if let Some(c) = &spec.correlation_id {
+        m.push_str(",\"corr\":");
+        m.push_str(&Json::String(c.clone()).to_string());
+    }
     m.push('}');
     m
 }
@@ -170,6 +174,8 @@ struct Meta {
     owner: Option<String>,
     #[serde(default)]
     tenant: Option<String>,
+    #[serde(default)]
+    corr: Option<String>,
 }
 
 /// One group of a packed event entry: events of one type from one script call.
@@ -183,6 +189,12 @@ struct Group {
     attempts: Vec<u32>,
     #[serde(default)]
     data: Option<Vec<Json>>,
+    /// The actor of the script call that wrote the group.
+    #[serde(default)]
+    by: Option<String>,
+    /// Job specs, on the durable stream's `job.queued` / `job.scheduled` groups.
+    #[serde(default)]
+    specs: Option<Vec<JobSpec>>,
 }
 
 /// Expand a packed entry (the JSON array of groups stored under `e`) into events with ids `<sid>/<n>`, n
@@ -192,6 +204,7 @@ pub fn unpack_events(sid: &str, body: &str) -> Result<Vec<ferry_core::Event>, se
     let mut out = Vec::new();
     for g in groups {
         let mut data = g.data.map(Vec::into_iter);
+        let mut specs = g.specs.map(Vec::into_iter);
         for (meta, attempt) in g.jobs.into_iter().zip(g.attempts) {
             out.push(ferry_core::Event {
                 id: format!("{sid}/{}", out.len()),
@@ -208,9 +221,9 @@ pub fn unpack_events(sid: &str, body: &str) -> Result<Vec<ferry_core::Event>, se
                     .as_mut()
                     .and_then(Iterator::next)
                     .filter(|d| !d.is_null()),
-                correlation_id: None,
-                actor: None,
-                spec: None,
+                correlation_id: meta.corr,
+                actor: g.by.clone(),
+                spec: specs.as_mut().and_then(Iterator::next).map(Box::new),
             });
         }
     }

@@ -23,6 +23,7 @@
 mod codec;
 mod events;
 mod keys;
+mod log;
 mod pubsub;
 mod scripts;
 
@@ -78,6 +79,38 @@ struct Shard {
     /// Connections for blocking reads, kept apart from `conn`: a BLOCK on a multiplexed connection would stall
     /// every command queued behind it. Each is used by one waiter at a time and returned afterwards.
     blocking: Mutex<Vec<MultiplexedConnection>>,
+    /// Consumer groups of the event log known to exist on this shard.
+    log_groups: Mutex<HashSet<String>>,
+}
+
+impl Shard {
+    /// A connection for one blocking read: from the pool, or new.
+    async fn blocking_conn(&self) -> Result<MultiplexedConnection, BrokerError> {
+        let pooled = self.blocking.lock().map(|mut p| p.pop()).unwrap_or(None);
+        match pooled {
+            Some(c) => Ok(c),
+            None => self
+                .client
+                .get_multiplexed_async_connection_with_config(
+                    // No response timeout of its own: the BLOCK bounds the wait, the caller's timeout guards it.
+                    &AsyncConnectionConfig::new()
+                        .set_response_timeout(None)
+                        .set_connection_timeout(Some(Duration::from_secs(2))),
+                )
+                .await
+                .map_err(redis_err),
+        }
+    }
+
+    /// Give back a connection whose blocking read completed (one that timed out is dropped instead: its
+    /// reply may still be on the way).
+    fn return_blocking(&self, conn: MultiplexedConnection) {
+        if let Ok(mut pool) = self.blocking.lock()
+            && pool.len() < 64
+        {
+            pool.push(conn);
+        }
+    }
 }
 
 /// Redis Streams broker over one or more standalone Redis shards.
@@ -161,6 +194,7 @@ impl RedisBroker {
                 client,
                 conn,
                 blocking: Mutex::new(Vec::new()),
+                log_groups: Mutex::new(HashSet::new()),
             });
         }
         // Shards are identified by their URL without credentials: reordering the list or rotating a password
@@ -198,20 +232,7 @@ impl RedisBroker {
         after: &[String],
         wait: Duration,
     ) -> Result<(), BrokerError> {
-        let pooled = shard.blocking.lock().map(|mut p| p.pop()).unwrap_or(None);
-        let mut conn = match pooled {
-            Some(c) => c,
-            None => shard
-                .client
-                .get_multiplexed_async_connection_with_config(
-                    // No response timeout of its own: the BLOCK bounds the wait, the outer timeout guards it.
-                    &AsyncConnectionConfig::new()
-                        .set_response_timeout(None)
-                        .set_connection_timeout(Some(Duration::from_secs(2))),
-                )
-                .await
-                .map_err(redis_err)?,
-        };
+        let mut conn = shard.blocking_conn().await?;
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(1)
@@ -223,11 +244,7 @@ impl RedisBroker {
             tokio::time::timeout(wait + Duration::from_secs(2), cmd.query_async(&mut conn)).await;
         match r {
             Ok(Ok(_)) => {
-                if let Ok(mut pool) = shard.blocking.lock()
-                    && pool.len() < 64
-                {
-                    pool.push(conn);
-                }
+                shard.return_blocking(conn);
                 Ok(())
             }
             Ok(Err(e)) => Err(redis_err(e)),
@@ -413,6 +430,8 @@ impl RedisBroker {
             .arg(jobs.len())
             .arg(self.evmax())
             .arg(self.config.idempotency_ttl.as_millis() as u64);
+        // The submitter: the gateway submits one caller's jobs per call.
+        let actor = actor_arg(jobs.first().and_then(|j| j.owner.as_deref()));
         let mut states = Vec::with_capacity(jobs.len());
         let mut tails = codec::id_tails(jobs.len()).into_iter();
         for job in jobs {
@@ -450,6 +469,7 @@ impl RedisBroker {
                 states.push(JobState::Queued);
             }
         }
+        inv.arg(actor);
         let mut conn = self.conn(queue);
         let out: Vec<String> = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
         if out.len() != states.len() * 2 {
@@ -496,19 +516,29 @@ fn token(lease: &Lease) -> Result<(usize, &str, &str), BrokerError> {
     }
 }
 
-/// Indices of `items` grouped by queue, so each group goes to its shard in script-sized chunks.
+/// Indices of `items` grouped by queue and lease holder, so each group goes to its shard in script-sized
+/// chunks and its events name one actor. (A worker node holds its leases as one consumer, so a batch is
+/// usually one group per queue.)
 fn by_queue<'a, T>(
     items: &'a [T],
     lease: impl Fn(&T) -> &Lease,
-) -> BTreeMap<&'a QueueName, Vec<usize>>
+) -> BTreeMap<(&'a QueueName, &'a str), Vec<usize>>
 where
     T: 'a,
 {
-    let mut groups: BTreeMap<&QueueName, Vec<usize>> = BTreeMap::new();
+    let mut groups: BTreeMap<(&QueueName, &str), Vec<usize>> = BTreeMap::new();
     for (i, item) in items.iter().enumerate() {
-        groups.entry(&lease(item).queue).or_default().push(i);
+        let l = lease(item);
+        groups.entry((&l.queue, &*l.consumer)).or_default().push(i);
     }
     groups
+}
+
+/// The actor argument of a script: a JSON string, or empty for none.
+fn actor_arg(actor: Option<&str>) -> String {
+    actor
+        .map(|a| serde_json::Value::String(a.to_owned()).to_string())
+        .unwrap_or_default()
 }
 
 /// 1-based indices returned by a script, as a set of 0-based positions.
@@ -565,12 +595,17 @@ impl Broker for RedisBroker {
         }
         let keys = QueueKeys::new(queue);
         let shard = self.shard(queue);
+        let actor = actor_arg(Some(consumer));
         let consumer: Arc<str> = Arc::from(consumer);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let mut inv = self.scripts.claim.prepare_invoke();
             inv.key(&keys.streams[..]).key(&keys.paused).key(EVENTS);
-            inv.arg(&*consumer).arg(max).arg(now_ms()).arg(self.evmax());
+            inv.arg(&*consumer)
+                .arg(max)
+                .arg(now_ms())
+                .arg(self.evmax())
+                .arg(&actor);
             let mut conn = shard.conn.clone();
             let v: Value = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
             let v = array(&v)?;
@@ -628,7 +663,7 @@ impl Broker for RedisBroker {
 
     async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
         let mut held = vec![false; leases.len()];
-        for (queue, idx) in by_queue(leases, |l| l) {
+        for ((queue, _), idx) in by_queue(leases, |l| l) {
             let keys = QueueKeys::new(queue);
             // One XCLAIM per (priority, consumer): JUSTID resets the idle time without counting a delivery,
             // and skips entries no longer pending — exactly the leases that were lost.
@@ -674,7 +709,8 @@ impl Broker for RedisBroker {
             .arg(eid)
             .arg(lease.attempt)
             .arg(m)
-            .arg(data.to_string());
+            .arg(data.to_string())
+            .arg(actor_arg(Some(&lease.consumer)));
         let r: i64 = inv
             .invoke_async(&mut self.conn(&lease.queue))
             .await
@@ -687,7 +723,7 @@ impl Broker for RedisBroker {
         items: Vec<Completion>,
     ) -> Result<Vec<Result<(), Rejected>>, BrokerError> {
         let mut out = vec![Ok(()); items.len()];
-        for (queue, idx) in by_queue(&items, |c| &c.lease) {
+        for ((queue, consumer), idx) in by_queue(&items, |c| &c.lease) {
             let keys = QueueKeys::new(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = self.scripts.complete.prepare_invoke();
@@ -703,6 +739,7 @@ impl Broker for RedisBroker {
                         .arg(m);
                     inv.arg(c.result.to_string());
                 }
+                inv.arg(actor_arg(Some(consumer)));
                 let rejected: Vec<i64> = inv
                     .invoke_async(&mut self.conn(queue))
                     .await
@@ -729,7 +766,7 @@ impl Broker for RedisBroker {
             .collect();
         let mut out: Vec<Result<FailOutcome, Rejected>> =
             outcomes.iter().copied().map(Ok).collect();
-        for (queue, idx) in by_queue(&items, |f| &f.lease) {
+        for ((queue, consumer), idx) in by_queue(&items, |f| &f.lease) {
             let keys = QueueKeys::new(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = self.scripts.fail.prepare_invoke();
@@ -758,6 +795,7 @@ impl Broker for RedisBroker {
                     inv.arg(serde_json::Value::String(f.error.clone()).to_string())
                         .arg(run_at);
                 }
+                inv.arg(actor_arg(Some(consumer)));
                 let rejected: Vec<i64> = inv
                     .invoke_async(&mut self.conn(queue))
                     .await
@@ -772,7 +810,7 @@ impl Broker for RedisBroker {
 
     async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
         let mut out = vec![false; leases.len()];
-        for (queue, idx) in by_queue(leases, |l| l) {
+        for ((queue, consumer), idx) in by_queue(leases, |l| l) {
             let keys = QueueKeys::new(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = self.scripts.release.prepare_invoke();
@@ -782,6 +820,7 @@ impl Broker for RedisBroker {
                     let (p, eid, m) = token(&leases[i])?;
                     inv.arg(p).arg(eid).arg(leases[i].job.to_string()).arg(m);
                 }
+                inv.arg(actor_arg(Some(consumer)));
                 let released: Vec<i64> = inv
                     .invoke_async(&mut self.conn(queue))
                     .await
@@ -1049,6 +1088,19 @@ impl Broker for RedisBroker {
             .invoke_async(&mut self.conn(queue))
             .await
             .map_err(redis_err)?;
+        // The event log: once the recorder has acknowledged entries they are trimmed (the hard cap on every
+        // XADD still bounds the log when nobody reads it).
+        let shard = self.shard(queue);
+        if let Some(floor) = log::group_floor(shard, crate::RECORDER_GROUP).await? {
+            let _: i64 = redis::cmd("XTRIM")
+                .arg(EVENTS)
+                .arg("MINID")
+                .arg("~")
+                .arg(&floor)
+                .query_async(&mut shard.conn.clone())
+                .await
+                .map_err(redis_err)?;
+        }
         Ok(())
     }
 
@@ -1062,23 +1114,47 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    fn log_shards(&self) -> usize {
+        self.shards.len()
+    }
+
     async fn read_log(
         &self,
-        _group: &str,
-        _consumer: &str,
-        _max: usize,
-        _wait: Duration,
-        _reclaim_idle: Duration,
+        shard: usize,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+        reclaim_idle: Option<Duration>,
     ) -> Result<Vec<LogEntry>, BrokerError> {
-        Err(BrokerError::Internal("read_log: in progress".into()))
+        let sh = self
+            .shards
+            .get(shard)
+            .ok_or_else(|| BrokerError::Internal(format!("no log shard {shard}")))?;
+        log::read(sh, shard, group, consumer, max, wait, reclaim_idle).await
     }
 
-    async fn ack_log(&self, _group: &str, _entries: &[LogPosition]) -> Result<(), BrokerError> {
-        Err(BrokerError::Internal("ack_log: in progress".into()))
+    async fn ack_log(&self, group: &str, entries: &[LogPosition]) -> Result<(), BrokerError> {
+        let mut by_shard: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+        for e in entries {
+            by_shard.entry(e.shard).or_default().push(&e.sid);
+        }
+        for (shard, ids) in by_shard {
+            let sh = self
+                .shards
+                .get(shard)
+                .ok_or_else(|| BrokerError::Internal(format!("no log shard {shard}")))?;
+            log::ack(sh, group, &ids).await?;
+        }
+        Ok(())
     }
 
-    async fn log_backlog(&self, _group: &str) -> Result<u64, BrokerError> {
-        Ok(0)
+    async fn log_backlog(&self, group: &str) -> Result<u64, BrokerError> {
+        let mut total = 0;
+        for sh in &self.shards {
+            total += log::backlog(sh, group).await?;
+        }
+        Ok(total)
     }
 }
 

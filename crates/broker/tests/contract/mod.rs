@@ -74,6 +74,8 @@ macro_rules! contract_suite {
             slow_subscriber_never_blocks_engine,
             channel_publish_reaches_subscriber,
             channel_unsubscribed_is_not_delivered,
+            log_holds_every_event_with_spec_and_actor,
+            log_unacknowledged_entries_are_taken_over,
         );
     };
     (@cases $engine:ty; $($case:ident),* $(,)?) => {
@@ -1581,4 +1583,135 @@ pub async fn channel_unsubscribed_is_not_delivered<E: Engine>() {
         next_message(&mut feed, Duration::from_millis(200)).await,
         None
     );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The durable event log (what the recorder reads)
+
+const GROUP: &str = "contract-recorder";
+
+/// Read every shard of the log as `consumer` until `want` events came (or PATIENCE passes); entries unacked.
+async fn read_events(
+    b: &Arc<dyn Broker>,
+    consumer: &str,
+    want: usize,
+    reclaim: Option<Duration>,
+) -> (Vec<ferry_broker::LogPosition>, Vec<Event>) {
+    let deadline = Instant::now() + PATIENCE;
+    let (mut positions, mut events) = (Vec::new(), Vec::new());
+    // At least one pass: the first read creates the group.
+    loop {
+        for shard in 0..b.log_shards() {
+            let got = b
+                .read_log(
+                    shard,
+                    GROUP,
+                    consumer,
+                    100,
+                    Duration::from_millis(100),
+                    reclaim,
+                )
+                .await
+                .unwrap();
+            for e in got {
+                positions.push(e.position);
+                events.extend(e.events);
+            }
+        }
+        if events.len() >= want || Instant::now() >= deadline {
+            break;
+        }
+    }
+    (positions, events)
+}
+
+pub async fn log_holds_every_event_with_spec_and_actor<E: Engine>() {
+    let c = setup::<E>("log").await;
+    let (b, q) = (&c.b, &c.q);
+    // The group exists before anything is written (as the recorder's does), so it sees everything after.
+    assert!(read_events(b, "rec-1", 0, None).await.1.is_empty());
+    assert_eq!(b.log_backlog(GROUP).await.unwrap(), 0);
+    let mut new = job("log.kind");
+    new.payload = json!({ "n": 1 });
+    new.owner = Some("alice".into());
+    new.correlation_id = Some("req-42".into());
+    let id = b.enqueue(q, new).await.unwrap().id;
+    let leased = claim_one(b, q, "worker-7").await;
+    complete(b, &leased.lease, json!({ "ok": true }))
+        .await
+        .unwrap();
+
+    let (positions, events) = read_events(b, "rec-1", 3, None).await;
+    let mine: Vec<&Event> = events.iter().filter(|e| e.job == id).collect();
+    assert_eq!(
+        mine.iter().map(|e| e.ty).collect::<Vec<_>>(),
+        [EventType::Queued, EventType::Active, EventType::Completed]
+    );
+    let spec = mine[0]
+        .spec
+        .as_ref()
+        .expect("job.queued carries the spec in the log");
+    assert_eq!(spec.payload, json!({ "n": 1 }));
+    assert_eq!(mine[0].actor.as_deref(), Some("alice"));
+    assert_eq!(mine[1].actor.as_deref(), Some("worker-7"));
+    assert_eq!(mine[2].actor.as_deref(), Some("worker-7"));
+    assert!(mine[1].spec.is_none());
+    for e in &mine {
+        assert_eq!(e.correlation_id.as_deref(), Some("req-42"));
+    }
+    let keys: Vec<_> = mine.iter().map(|e| e.order_key().unwrap()).collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "order keys follow the log: {keys:?}"
+    );
+    assert_eq!(mine[2].data, Some(json!({ "ok": true })));
+
+    assert!(
+        b.log_backlog(GROUP).await.unwrap() >= 1,
+        "read but unacknowledged is behind"
+    );
+    b.ack_log(GROUP, &positions).await.unwrap();
+    assert_eq!(b.log_backlog(GROUP).await.unwrap(), 0);
+    assert!(
+        read_events(b, "rec-1", 0, Some(Duration::ZERO))
+            .await
+            .1
+            .is_empty()
+    );
+}
+
+pub async fn log_unacknowledged_entries_are_taken_over<E: Engine>() {
+    let c = setup::<E>("log-takeover").await;
+    let (b, q) = (&c.b, &c.q);
+    read_events(b, "dead-reader", 0, None).await;
+    let ids: HashSet<JobId> = b
+        .enqueue_batch(q, (0..5).map(|_| job("k")).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    // The first reader takes the entries and dies without acknowledging.
+    let (_, first) = read_events(b, "dead-reader", 5, None).await;
+    assert_eq!(first.iter().map(|e| e.job).collect::<HashSet<_>>(), ids);
+    assert!(b.log_backlog(GROUP).await.unwrap() >= 1);
+    // Not idle long enough: nothing to take over, nothing new.
+    let none = b
+        .read_log(
+            0,
+            GROUP,
+            "survivor",
+            100,
+            Duration::ZERO,
+            Some(Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    sleep(Duration::from_millis(50)).await;
+    let (positions, again) = read_events(b, "survivor", 5, Some(Duration::from_millis(10))).await;
+    assert_eq!(again.iter().map(|e| e.job).collect::<HashSet<_>>(), ids);
+    assert_eq!(again.len(), first.len(), "each event once more, no more");
+    b.ack_log(GROUP, &positions).await.unwrap();
+    assert_eq!(b.log_backlog(GROUP).await.unwrap(), 0);
 }

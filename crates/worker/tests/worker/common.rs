@@ -254,16 +254,21 @@ impl Broker for Faulty {
         self.inner.ping().await
     }
 
+    fn log_shards(&self) -> usize {
+        self.inner.log_shards()
+    }
+
     async fn read_log(
         &self,
+        shard: usize,
         group: &str,
         consumer: &str,
         max: usize,
         wait: Duration,
-        reclaim_idle: Duration,
+        reclaim_idle: Option<Duration>,
     ) -> Result<Vec<ferry_broker::LogEntry>, BrokerError> {
         self.inner
-            .read_log(group, consumer, max, wait, reclaim_idle)
+            .read_log(shard, group, consumer, max, wait, reclaim_idle)
             .await
     }
 

@@ -1,5 +1,5 @@
 -- KEYS: p0 p1 p2 paused events
--- ARGV: consumer max now evmax
+-- ARGV: consumer max now evmax actor
 -- Returns {'paused'}, {'empty', last0, last1, last2} (ids to block on), or {'jobs', p, eid, id, a, j, ...}
 -- (the caller rebuilds `m` from the spec: returning it would cost Redis more than it saves the caller).
 -- The claim itself is XREADGROUP: the pending entry (owner + delivery) is the lease, so no per-job write here.
@@ -39,5 +39,5 @@ if #active.jobs == 0 then
   end
   return last
 end
-emit(KEYS[5], evmax, { active })
+emit(KEYS[5], evmax, { active }, ARGV[5])
 return out

@@ -1,5 +1,5 @@
 -- KEYS: p0 p1 p2 jobs events
--- ARGV: now n evmax, then 6 per job: p eid id attempt m result
+-- ARGV: now n evmax, then 6 per job: p eid id attempt m result, then the actor
 -- XACK's reply is the fence: 1 only while the entry is still pending. An entry leaves the pending list only
 -- through a script that acknowledges it atomically (reclaim, release, cancel, complete, fail), so "still
 -- pending" means "this lease is still current". The batch's records go in one HSET.
@@ -20,5 +20,5 @@ for k = 1, n do
   end
 end
 if #hset > 2 then redis.call(unpack(hset)) end
-emit(KEYS[5], evmax, { completed })
+emit(KEYS[5], evmax, { completed }, ARGV[4 + n * 6])
 return rejected

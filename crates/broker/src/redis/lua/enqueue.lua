@@ -1,5 +1,5 @@
 -- KEYS: p0 p1 p2 jobs sched events queues
--- ARGV: queue now n evmax idem_ttl_ms, then 9 per job: mode(q|s) p run_at idem_key x j a1 a2 a3
+-- ARGV: queue now n evmax idem_ttl_ms, then 9 per job: mode(q|s) p run_at idem_key x j a1 a2 a3, then the actor
 --   queued (q):    a1 = id tail ("7xxx-yxxx-xxxxxxxxxxxx"), a2 = the `m` object without its leading `{"job":"…"`
 --   scheduled (s): a1 = id, a2 = m, a3 = the record
 -- Returns per job: 'n', id (new) or 'd', id (an idempotency key matched an earlier job).
@@ -53,14 +53,16 @@ for k = 1, n do
       local m = '{"job":"' .. id .. '"' .. ARGV[i + 7]
       redis.call('XADD', KEYS[p + 1], ms .. '-*', 'id', id, 'm', m, 'a', '0', 'x', x, 'j', j)
       add(queued, m, 0)
+      add_spec(queued, j)
     else
       redis.call('ZADD', KEYS[5], run_at, id)
       hset[#hset + 1] = id
       hset[#hset + 1] = ARGV[i + 8]
       add(scheduled, ARGV[i + 7], 0, '{"run_at":' .. run_at .. '}')
+      add_spec(scheduled, j)
     end
   end
 end
 if #hset > 2 then redis.call(unpack(hset)) end
-emit(KEYS[6], evmax, { queued, scheduled })
+emit(KEYS[6], evmax, { queued, scheduled }, ARGV[6 + n * 9])
 return out

@@ -1,5 +1,6 @@
 -- KEYS: p0 p1 p2 jobs sched events dead
--- ARGV: now n evmax deadmax, then 7 per job: p eid id attempt m err(JSON string) run_at (0 = dead-letter)
+-- ARGV: now n evmax deadmax, then 7 per job: p eid id attempt m err(JSON string) run_at (0 = dead-letter), then
+--   the actor
 local now, n, evmax, deadmax = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local rejected, i = {}, 5
 local dead, retrying = group('job.dead', 'dead', now), group('job.retrying', 'retrying', now)
@@ -22,5 +23,5 @@ for k = 1, n do
     rejected[#rejected + 1] = k
   end
 end
-emit(KEYS[6], evmax, { dead, retrying })
+emit(KEYS[6], evmax, { dead, retrying }, ARGV[5 + n * 7])
 return rejected

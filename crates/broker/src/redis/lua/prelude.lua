@@ -15,6 +15,12 @@ local function group(ty, state, now)
   return { ty = ty, state = state, at = now, jobs = {}, attempts = {}, data = nil }
 end
 
+-- `spec` (the job spec JSON) goes to the durable stream only.
+local function add_spec(g, spec)
+  g.specs = g.specs or {}
+  g.specs[#g.jobs] = spec
+end
+
 local function add(g, m, attempt, data)
   local n = #g.jobs + 1
   g.jobs[n] = m
@@ -25,20 +31,32 @@ local function add(g, m, attempt, data)
   end
 end
 
--- Append the non-empty groups as ONE entry of the durable per-shard stream, and publish the same once.
-local function emit(evkey, evmax, groups)
-  local parts = {}
+-- Append the non-empty groups as ONE entry of the durable per-shard stream, and publish the same once, without
+-- the specs: those are for the recorder, which reads the stream. `by` (the actor, a JSON string) may be nil.
+local function emit(evkey, evmax, groups, by)
+  local heads, specs = {}, nil
   for _, g in ipairs(groups) do
     if #g.jobs > 0 then
       local s = '{"type":"' .. g.ty .. '","state":"' .. g.state .. '","at":' .. g.at .. ',"jobs":[' ..
         table.concat(g.jobs, ',') .. '],"attempts":[' .. table.concat(g.attempts, ',') .. ']'
       if g.data then s = s .. ',"data":[' .. table.concat(g.data, ',') .. ']' end
-      parts[#parts + 1] = s .. '}'
+      if by and by ~= '' then s = s .. ',"by":' .. by end
+      heads[#heads + 1] = s
+      if g.specs then
+        specs = specs or {}
+        specs[#heads] = ',"specs":[' .. table.concat(g.specs, ',') .. ']'
+      end
     end
   end
-  if #parts == 0 then return end
-  local body = '[' .. table.concat(parts, ',') .. ']'
-  local sid = redis.call('XADD', evkey, 'MAXLEN', '~', evmax, '*', 'e', body)
+  if #heads == 0 then return end
+  local body = '[' .. table.concat(heads, '},') .. '}]'
+  local stored = body
+  if specs then
+    local parts = {}
+    for k, h in ipairs(heads) do parts[k] = h .. (specs[k] or '') .. '}' end
+    stored = '[' .. table.concat(parts, ',') .. ']'
+  end
+  local sid = redis.call('XADD', evkey, 'MAXLEN', '~', evmax, '*', 'e', stored)
   redis.call('PUBLISH', evkey, '{"sid":"' .. sid .. '","events":' .. body .. '}')
 end
 
