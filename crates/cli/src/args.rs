@@ -44,6 +44,63 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Mint an HS256 token for the gateway.
     Token(TokenArgs),
+    /// Apply the durable store's schema migrations to PostgreSQL (safe to repeat).
+    Migrate(MigrateArgs),
+}
+
+/// The durable record in PostgreSQL.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL of the durable record (postgres://user[:password]@host:port/db).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FERRY_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+
+    /// Connections in the pool.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_DATABASE_POOL_SIZE",
+        default_value_t = 16
+    )]
+    pub database_pool_size: usize,
+
+    /// Longest wait to open a connection, and to get one from the pool.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_DATABASE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub database_timeout_ms: u64,
+
+    /// Longest a statement may run before PostgreSQL cancels it.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_DATABASE_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub database_statement_timeout_ms: u64,
+
+    /// Prepare statements on every use instead of caching them per connection (for poolers in transaction
+    /// mode that cannot keep prepared statements).
+    #[arg(long, env = "FERRY_DATABASE_NO_STATEMENT_CACHE")]
+    pub database_no_statement_cache: bool,
+
+    /// Apply schema migrations at start (as `ferry migrate` does).
+    #[arg(long, env = "FERRY_MIGRATE")]
+    pub migrate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Args)]
@@ -369,6 +426,41 @@ pub struct WorkerArgs {
     /// Header sent with every webhook request, "Name: value"; repeatable (the variable holds one header).
     #[arg(long, value_name = "HEADER", env = "FERRY_WEBHOOK_HEADER")]
     pub webhook_header: Vec<String>,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Do not run the recorder (which copies job events into PostgreSQL) in this worker.
+    #[arg(long, env = "FERRY_NO_RECORDER")]
+    pub no_recorder: bool,
+
+    /// Most events the recorder writes in one transaction.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_RECORDER_BATCH",
+        default_value_t = 2_000
+    )]
+    pub recorder_batch: usize,
+
+    /// Longest an event waits in the recorder's batch before it is written.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_RECORDER_MAX_DELAY_MS",
+        default_value_t = 50
+    )]
+    pub recorder_max_delay_ms: u64,
+
+    /// Events read by a recorder and not acknowledged for this long are taken over by another recorder (the
+    /// first one died).
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_RECORDER_RECLAIM_IDLE_MS",
+        default_value_t = 30_000
+    )]
+    pub recorder_reclaim_idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

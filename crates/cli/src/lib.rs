@@ -1,6 +1,6 @@
 //! The `ferry` binary's logic: parse flags and `FERRY_*` variables ([`args`]), validate them into typed
 //! configuration, connect, wire the role crates and wait. Subcommands: [`dev`], [`gateway`], [`worker`],
-//! [`enqueue`] and [`token`].
+//! [`enqueue`], [`token`] and `migrate` ([`store`]).
 //!
 //! Exit codes follow sysexits: 0 success, 64 bad input (checked before anything connects), 69 a broker that
 //! cannot be reached, 70 an internal error. This crate must not hold job logic of its own: it only parses,
@@ -10,6 +10,7 @@ pub mod args;
 pub mod dev;
 pub mod enqueue;
 pub mod gateway;
+pub mod store;
 pub mod token;
 pub mod worker;
 
@@ -87,6 +88,10 @@ pub fn run(cli: Cli) -> ExitCode {
         args::Command::Enqueue(a) => enqueue::resolve(a).and_then(|cfg| {
             init_tracing(json)?;
             runtime()?.block_on(enqueue::run(cfg))
+        }),
+        args::Command::Migrate(a) => store::resolve_migrate(a.database).and_then(|cfg| {
+            init_tracing(json)?;
+            runtime()?.block_on(store::run_migrate(cfg))
         }),
     };
     match result {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ferry_broker::EngineConfig;
 use ferry_core::{Kind, QueueName};
+use ferry_store::recorder::{Recorder, RecorderConfig};
 use ferry_worker::{HandlerRegistry, WebhookConfig, Worker, WorkerConfig, WorkerError};
 
 use crate::CliError;
@@ -19,6 +20,10 @@ pub struct ResolvedWorker {
     pub engine: EngineConfig,
     pub worker: WorkerConfig,
     pub registry: HandlerRegistry,
+    /// The durable record; the recorder runs when it is set.
+    pub database: Option<crate::store::ResolvedDatabase>,
+    /// The recorder's settings (its consumer name is the worker's, filled in at start).
+    pub recorder: Option<RecorderConfig>,
 }
 
 fn ms(v: u64) -> Duration {
@@ -120,11 +125,32 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
             .register_webhook(kind, config)
             .map_err(|e| CliError::usage("--webhook", e))?;
     }
+    let database = crate::store::resolve(a.database)?;
+    let recorder = if a.no_recorder || database.is_none() {
+        None
+    } else {
+        if a.recorder_batch == 0 {
+            return Err(CliError::usage("--recorder-batch", "must be at least 1"));
+        }
+        if a.recorder_reclaim_idle_ms == 0 {
+            return Err(CliError::usage(
+                "--recorder-reclaim-idle-ms",
+                "must be greater than zero",
+            ));
+        }
+        let mut r = RecorderConfig::new(String::new());
+        r.batch_max = a.recorder_batch;
+        r.max_delay = ms(a.recorder_max_delay_ms);
+        r.reclaim_idle = ms(a.recorder_reclaim_idle_ms);
+        Some(r)
+    };
     Ok(ResolvedWorker {
         urls,
         engine,
         worker,
         registry,
+        database,
+        recorder,
     })
 }
 
@@ -165,8 +191,33 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
         b = crate::connect(&cfg.urls, cfg.engine.clone()) => b?,
         _ = shutdown.cancelled() => return Ok(()),
     };
-    let worker = Worker::new(Arc::new(broker), cfg.registry, cfg.worker)
+    let broker: Arc<dyn ferry_broker::Broker> = Arc::new(broker);
+    let store = match &cfg.database {
+        Some(db) => Some(tokio::select! {
+            s = crate::store::connect(db) => s?,
+            _ = shutdown.cancelled() => return Ok(()),
+        }),
+        None => None,
+    };
+    let worker = Worker::new(broker.clone(), cfg.registry, cfg.worker)
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    // The recorder stops after the worker has drained (its own token), so the drain's events are recorded too.
+    let recorder_stop = tokio_util::sync::CancellationToken::new();
+    let recorder_task = match (store, cfg.recorder) {
+        (Some(store), Some(mut rc)) => {
+            rc.consumer = worker.monitor().consumer().to_owned();
+            let recorder = Recorder::new(broker.clone(), Arc::new(store), rc);
+            Some(tokio::spawn(recorder.run(recorder_stop.clone())))
+        }
+        (None, _) => {
+            tracing::warn!("no --database-url: job events are not recorded in PostgreSQL");
+            None
+        }
+        (Some(_), None) => {
+            tracing::info!("recorder off (--no-recorder)");
+            None
+        }
+    };
     // A second signal while draining means "now": exit without waiting for the drain.
     {
         let shutdown = shutdown.clone();
@@ -182,10 +233,12 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
             }
         });
     }
-    let report = worker
-        .run(shutdown)
-        .await
-        .map_err(|e| CliError::Internal(e.to_string()))?;
+    let report = worker.run(shutdown).await;
+    recorder_stop.cancel();
+    if let Some(t) = recorder_task {
+        let _ = t.await;
+    }
+    let report = report.map_err(|e| CliError::Internal(e.to_string()))?;
     tracing::info!(
         completed = report.completed_during_drain,
         failed = report.failed_during_drain,

@@ -1,9 +1,720 @@
-//! The PostgreSQL store (being written).
+//! The PostgreSQL store: `jobs` and `job_events` (schema in `migrations/`, described in `docs/store.md`) behind a
+//! deadpool connection pool.
+//!
+//! [`Store::record`] is one transaction of two set-based statements, whatever the batch size: every event goes
+//! into `job_events` through one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING`, and the batch, folded
+//! per job in Rust first ([`fold`]), goes into `jobs` through one `UNNEST` upsert whose `ON CONFLICT` clause
+//! applies the ordering rule: the state-bearing columns move only to a greater order key, the spec columns are
+//! filled in whenever they are missing.
+//!
+//! Times cross the wire as `i64` milliseconds and are converted in SQL (`to_timestamp(ms / 1000.0)` is exact to
+//! the millisecond: PostgreSQL rounds to the microsecond); they are read back as
+//! `(extract(epoch from x) * 1000)::bigint`.
 
-/// Placeholder until the PostgreSQL store lands.
-#[derive(Debug, Default)]
-pub struct PgStore;
+use std::fmt;
+use std::sync::LazyLock;
+use std::time::Duration;
 
-/// Placeholder until the PostgreSQL store lands.
-#[derive(Debug, Default)]
-pub struct PgConfig;
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use ferry_core::{
+    Backoff, DEFAULT_MAX_ATTEMPTS, Event, EventType, JobId, JobInfo, JobSpec, JobState, Kind,
+    Priority, QueueName,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row, Statement};
+use uuid::Uuid;
+
+use crate::memory::{JobFold, created_ms, distinct_events, fold, id_floor, order_key};
+use crate::{EventRecord, JobPage, JobQuery, Store, StoreError};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Connection settings of a [`PgStore`].
+#[derive(Clone)]
+pub struct PgConfig {
+    /// `postgres://user[:password]@host[:port]/database[?options]`. Never logged: `Debug` and errors hide the
+    /// password.
+    pub url: String,
+    /// Most connections the pool opens. Default 16.
+    pub pool_size: usize,
+    /// Limit on opening one connection (TCP, TLS-less startup, authentication). Default 5 s.
+    pub connect_timeout: Duration,
+    /// Limit on waiting for a free pooled connection when all are busy. Default 5 s.
+    pub wait_timeout: Duration,
+    /// `statement_timeout` of every connection (set in the startup options): a statement running longer is
+    /// cancelled by the server. Default 30 s.
+    pub statement_timeout: Duration,
+    /// Prepare each statement once per connection and reuse it (true), or prepare it on every call (false, for
+    /// poolers in transaction mode that cannot keep prepared statements). Default true.
+    pub statement_cache: bool,
+}
+
+impl PgConfig {
+    /// `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            statement_cache: true,
+        }
+    }
+}
+
+impl fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("url", &Redactor::from_url(&self.url).apply(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("statement_cache", &self.statement_cache)
+            .finish()
+    }
+}
+
+/// Replaces the URL's password (as written and percent-decoded) in anything that leaves this module.
+#[derive(Clone, Default)]
+struct Redactor(Vec<String>);
+
+impl Redactor {
+    /// The password of `scheme://user:password@host/...`, if any.
+    fn from_url(url: &str) -> Self {
+        let secret = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split(['/', '?']).next())
+            .and_then(|authority| authority.rsplit_once('@'))
+            .and_then(|(userinfo, _)| userinfo.split_once(':'))
+            .map(|(_, pw)| pw.to_owned());
+        Self(secret.into_iter().filter(|s| !s.is_empty()).collect())
+    }
+
+    fn with(mut self, secret: Option<&[u8]>) -> Self {
+        if let Some(s) = secret
+            .map(String::from_utf8_lossy)
+            .filter(|s| !s.is_empty())
+        {
+            self.0.push(s.into_owned());
+        }
+        self
+    }
+
+    fn apply(&self, text: &str) -> String {
+        self.0
+            .iter()
+            .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "***"))
+    }
+}
+
+/// The PostgreSQL [`Store`].
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    statement_cache: bool,
+    redactor: Redactor,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.pool.status();
+        f.debug_struct("PgStore")
+            .field("pool_size", &s.size)
+            .field("pool_max_size", &s.max_size)
+            .field("statement_cache", &self.statement_cache)
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// Build the pool. No connection is opened yet: the database need not be up (see [`Store::ping`]).
+    pub fn connect(cfg: PgConfig) -> Result<Self, StoreError> {
+        let url_redactor = Redactor::from_url(&cfg.url);
+        let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(|e| {
+            StoreError::Internal(url_redactor.apply(&format!("invalid PostgreSQL URL: {e}")))
+        })?;
+        let redactor = url_redactor.with(pg.get_password());
+        let statement_timeout =
+            format!("-c statement_timeout={}", cfg.statement_timeout.as_millis());
+        let options = match pg.get_options() {
+            Some(o) if !o.trim().is_empty() => format!("{o} {statement_timeout}"),
+            _ => statement_timeout,
+        };
+        pg.options(options).connect_timeout(cfg.connect_timeout);
+        // Verified: a pooled connection is checked with a round trip before reuse, so connections broken by a
+        // server restart are dropped and replaced instead of failing the next call.
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(cfg.pool_size.max(1))
+            .wait_timeout(Some(cfg.wait_timeout))
+            .create_timeout(Some(cfg.connect_timeout))
+            .recycle_timeout(Some(cfg.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| {
+                StoreError::Internal(redactor.apply(&format!("cannot build pool: {e}")))
+            })?;
+        Ok(Self {
+            pool,
+            statement_cache: cfg.statement_cache,
+            redactor,
+        })
+    }
+
+    /// Apply the embedded migrations that are not applied yet (under an advisory lock, so nodes starting
+    /// together take turns); returns the names (`V1__jobs`) of those applied now.
+    pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        /// Arbitrary, constant: "ferry" in ASCII.
+        const LOCK: i64 = 0x0066_6572_7279;
+        let mut client = self.client().await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        let report = embedded::migrations::runner()
+            .run_async(&mut **client)
+            .await;
+        let unlock = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
+            .await;
+        let report = report.map_err(|e| self.migration_err(e))?;
+        unlock.map_err(|e| self.pg_err(e))?;
+        Ok(report
+            .applied_migrations()
+            .iter()
+            .map(ToString::to_string)
+            .collect())
+    }
+
+    /// `(size, available, waiting)`: connections open, idle connections, callers waiting for one.
+    pub fn pool_status(&self) -> (usize, usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.available, s.waiting)
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => self.pg_err(e),
+            PoolError::Timeout(_) | PoolError::Closed => {
+                StoreError::Unavailable(self.redactor.apply(&e.to_string()))
+            }
+            other => StoreError::Internal(self.redactor.apply(&other.to_string())),
+        })
+    }
+
+    async fn prepare(&self, client: &Object, sql: &str) -> Result<Statement, StoreError> {
+        let stmt = if self.statement_cache {
+            client.prepare_cached(sql).await
+        } else {
+            client.prepare(sql).await
+        };
+        stmt.map_err(|e| self.pg_err(e))
+    }
+
+    /// Map a driver error, classified by [`is_transient`], with the password redacted.
+    fn pg_err(&self, e: tokio_postgres::Error) -> StoreError {
+        // The database's message may sit deeper in the source chain than the driver's `Display` shows.
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !msg.contains(&text) {
+                msg = format!("{msg}: {text}");
+            }
+            source = s.source();
+        }
+        let msg = self.redactor.apply(&msg);
+        if is_transient(&e) {
+            StoreError::Unavailable(msg)
+        } else {
+            StoreError::Internal(msg)
+        }
+    }
+
+    /// A migration failed: unavailable if the driver error underneath is transient, else internal.
+    fn migration_err(&self, e: refinery::Error) -> StoreError {
+        let msg = self.redactor.apply(&format!("migration failed: {e}"));
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if s.downcast_ref::<tokio_postgres::Error>()
+                .is_some_and(is_transient)
+            {
+                return StoreError::Unavailable(msg);
+            }
+            source = s.source();
+        }
+        StoreError::Internal(msg)
+    }
+
+    fn corrupt(&self, what: impl fmt::Display) -> StoreError {
+        StoreError::Internal(format!("unreadable row: {what}"))
+    }
+
+    fn info(&self, row: &Row) -> Result<JobInfo, StoreError> {
+        let id = JobId(row.get::<_, Uuid>("id"));
+        let payload: Option<Value> = row.get("payload");
+        let known = payload.is_some();
+        let text = |c: &str| row.get::<_, Option<String>>(c);
+        let priority = match text("priority") {
+            Some(p) => parse_text::<Priority>(&p).map_err(|e| self.corrupt(e))?,
+            None => Priority::Normal,
+        };
+        let backoff = match row.get::<_, Option<Value>>("backoff") {
+            Some(b) => serde_json::from_value(b).map_err(|e| self.corrupt(e))?,
+            None => Backoff::default(),
+        };
+        let ms = |c: &str| row.get::<_, Option<i64>>(c).map(|v| v.max(0) as u64);
+        Ok(JobInfo {
+            id,
+            queue: QueueName::parse(row.get::<_, String>("queue")).map_err(|e| self.corrupt(e))?,
+            state: parse_text(row.get("state")).map_err(|e| self.corrupt(e))?,
+            attempts: row.get::<_, i32>("attempts").max(0) as u32,
+            spec: JobSpec {
+                kind: Kind::parse(row.get::<_, String>("kind")).map_err(|e| self.corrupt(e))?,
+                payload: payload.unwrap_or(Value::Null),
+                priority,
+                max_attempts: row
+                    .get::<_, Option<i32>>("max_attempts")
+                    .filter(|_| known)
+                    .map_or(DEFAULT_MAX_ATTEMPTS, |n| n.max(0) as u32),
+                timeout_ms: ms("timeout_ms"),
+                backoff,
+                owner: text("owner"),
+                tenant: text("tenant"),
+                correlation_id: text("correlation_id"),
+                created_at: created_ms(id),
+            },
+            result: row.get("result"),
+            error: text("error"),
+            run_at: ms("run_at_ms"),
+            updated_at: ms("updated_at_ms").unwrap_or(0),
+        })
+    }
+}
+
+/// Retryable: connection trouble (no SQLSTATE but an IO cause or a closed connection; class 08), an operator
+/// shutting the server down or refusing connections for now (57P), a server out of resources (53). Anything
+/// else (a bug, a schema mismatch, bad data, a statement timeout) is not.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => ["08", "57P", "53"]
+            .iter()
+            .any(|class| code.code().starts_with(class)),
+        None => e.is_closed() || has_io_source(e),
+    }
+}
+
+fn has_io_source(e: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A unit enum (state, priority, event type) from its wire name.
+fn parse_text<T: DeserializeOwned>(s: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_value(Value::String(s.to_owned()))
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The columns of a [`JobInfo`], times as milliseconds.
+const JOB_COLUMNS: &str = "id, queue, kind, state, attempts, payload, priority, max_attempts, timeout_ms, \
+     backoff, owner, tenant, correlation_id, result, error, \
+     (extract(epoch FROM run_at) * 1000)::bigint AS run_at_ms, \
+     (extract(epoch FROM updated_at) * 1000)::bigint AS updated_at_ms";
+
+const INSERT_EVENTS: &str = "\
+INSERT INTO job_events (id, job_id, type, state, attempt, at, correlation_id, actor, data, ord_ms, ord_seq, ord_n)
+SELECT e.id, e.job_id, e.type, e.state, e.attempt, to_timestamp(e.at / 1000.0), e.correlation_id, e.actor,
+       e.data, e.ord_ms, e.ord_seq, e.ord_n
+FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[], $7::text[], $8::text[],
+            $9::jsonb[], $10::bigint[], $11::bigint[], $12::int[])
+     AS e(id, job_id, type, state, attempt, at, correlation_id, actor, data, ord_ms, ord_seq, ord_n)
+ON CONFLICT (job_id, id) DO NOTHING";
+
+/// The upsert of one folded row per job. Built once from three column groups:
+/// * moved only by a newer event (greater order key): state, attempts, result, error, run_at, updated_at,
+///   finished_at and the key itself;
+/// * the spec, taken whole from the first event that carries it (`payload IS NULL` = not known yet);
+/// * owner / tenant / correlation_id: from the spec once known, else from whichever event named them.
+static UPSERT_JOBS: LazyLock<String> = LazyLock::new(|| {
+    const NEWER: &str =
+        "(excluded.ord_ms, excluded.ord_seq, excluded.ord_n) > (j.ord_ms, j.ord_seq, j.ord_n)";
+    let moved = [
+        "state",
+        "attempts",
+        "result",
+        "error",
+        "run_at",
+        "updated_at",
+        "finished_at",
+        "ord_ms",
+        "ord_seq",
+        "ord_n",
+    ]
+    .map(|c| format!("{c} = CASE WHEN {NEWER} THEN excluded.{c} ELSE j.{c} END"));
+    let spec = [
+        "payload",
+        "priority",
+        "max_attempts",
+        "timeout_ms",
+        "backoff",
+    ]
+    .map(|c| format!("{c} = CASE WHEN j.payload IS NULL THEN excluded.{c} ELSE j.{c} END"));
+    let named = ["owner", "tenant", "correlation_id"].map(|c| {
+        format!(
+            "{c} = CASE WHEN j.payload IS NULL AND excluded.payload IS NOT NULL THEN excluded.{c} \
+             ELSE COALESCE(j.{c}, excluded.{c}) END"
+        )
+    });
+    format!(
+        "\
+INSERT INTO jobs AS j (id, queue, kind, state, attempts, payload, priority, max_attempts, timeout_ms, backoff,
+                       owner, tenant, correlation_id, result, error, run_at, created_at, updated_at, finished_at,
+                       ord_ms, ord_seq, ord_n)
+SELECT u.id, u.queue, u.kind, u.state, u.attempts, u.payload, u.priority, u.max_attempts, u.timeout_ms, u.backoff,
+       u.owner, u.tenant, u.correlation_id, u.result, u.error, to_timestamp(u.run_at / 1000.0),
+       to_timestamp(u.created_at / 1000.0), to_timestamp(u.updated_at / 1000.0),
+       to_timestamp(u.finished_at / 1000.0), u.ord_ms, u.ord_seq, u.ord_n
+FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[], $7::text[], $8::int[],
+            $9::bigint[], $10::jsonb[], $11::text[], $12::text[], $13::text[], $14::jsonb[], $15::text[],
+            $16::bigint[], $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[], $22::int[])
+     AS u(id, queue, kind, state, attempts, payload, priority, max_attempts, timeout_ms, backoff, owner, tenant,
+          correlation_id, result, error, run_at, created_at, updated_at, finished_at, ord_ms, ord_seq, ord_n)
+ON CONFLICT (id) DO UPDATE SET {}",
+        moved.iter().chain(&spec).chain(&named).cloned().collect::<Vec<_>>().join(",\n    ")
+    )
+});
+
+/// The `job_events` columns of a batch, one array per column.
+#[derive(Default)]
+struct EventColumns {
+    id: Vec<String>,
+    job_id: Vec<Uuid>,
+    ty: Vec<&'static str>,
+    state: Vec<&'static str>,
+    attempt: Vec<i32>,
+    at: Vec<i64>,
+    correlation_id: Vec<Option<String>>,
+    actor: Vec<Option<String>>,
+    data: Vec<Option<Value>>,
+    ord_ms: Vec<i64>,
+    ord_seq: Vec<i64>,
+    ord_n: Vec<i32>,
+}
+
+impl EventColumns {
+    fn push(&mut self, e: &Event) {
+        let (k_ms, k_seq, k_n) = order_key(e);
+        self.id.push(e.id.clone());
+        self.job_id.push(e.job.0);
+        self.ty.push(e.ty.as_str());
+        self.state.push(e.state.as_str());
+        self.attempt
+            .push(i32::try_from(e.attempt).unwrap_or(i32::MAX));
+        self.at.push(ms(e.at));
+        self.correlation_id.push(e.correlation_id.clone());
+        self.actor.push(e.actor.clone());
+        self.data.push(e.data.clone());
+        self.ord_ms.push(ms(k_ms));
+        self.ord_seq.push(ms(k_seq));
+        self.ord_n.push(i32::try_from(k_n).unwrap_or(i32::MAX));
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.id,
+            &self.job_id,
+            &self.ty,
+            &self.state,
+            &self.attempt,
+            &self.at,
+            &self.correlation_id,
+            &self.actor,
+            &self.data,
+            &self.ord_ms,
+            &self.ord_seq,
+            &self.ord_n,
+        ]
+    }
+}
+
+/// The `jobs` columns of a folded batch, one array per column.
+#[derive(Default)]
+struct JobColumns {
+    id: Vec<Uuid>,
+    queue: Vec<String>,
+    kind: Vec<String>,
+    state: Vec<&'static str>,
+    attempts: Vec<i32>,
+    payload: Vec<Option<Value>>,
+    priority: Vec<Option<&'static str>>,
+    max_attempts: Vec<Option<i32>>,
+    timeout_ms: Vec<Option<i64>>,
+    backoff: Vec<Option<Value>>,
+    owner: Vec<Option<String>>,
+    tenant: Vec<Option<String>>,
+    correlation_id: Vec<Option<String>>,
+    result: Vec<Option<Value>>,
+    error: Vec<Option<String>>,
+    run_at: Vec<Option<i64>>,
+    created_at: Vec<i64>,
+    updated_at: Vec<i64>,
+    finished_at: Vec<Option<i64>>,
+    ord_ms: Vec<i64>,
+    ord_seq: Vec<i64>,
+    ord_n: Vec<i32>,
+}
+
+impl JobColumns {
+    fn push(&mut self, f: &JobFold<'_>) -> Result<(), StoreError> {
+        let e = f.newest;
+        let out = f.outcome();
+        let spec = f.spec;
+        self.id.push(e.job.0);
+        self.queue.push(e.queue.as_str().to_owned());
+        self.kind.push(e.kind.as_str().to_owned());
+        self.state.push(e.state.as_str());
+        self.attempts
+            .push(i32::try_from(e.attempt).unwrap_or(i32::MAX));
+        self.payload.push(spec.map(|s| s.payload.clone()));
+        self.priority.push(spec.map(|s| priority_str(s.priority)));
+        self.max_attempts
+            .push(spec.map(|s| i32::try_from(s.max_attempts).unwrap_or(i32::MAX)));
+        self.timeout_ms
+            .push(spec.and_then(|s| s.timeout_ms).map(ms));
+        self.backoff.push(
+            spec.map(|s| serde_json::to_value(s.backoff))
+                .transpose()
+                .map_err(|e| StoreError::Internal(format!("cannot encode backoff: {e}")))?,
+        );
+        self.owner.push(f.owner.map(str::to_owned));
+        self.tenant.push(f.tenant.map(str::to_owned));
+        self.correlation_id
+            .push(f.correlation_id.map(str::to_owned));
+        self.result.push(out.result);
+        self.error.push(out.error);
+        self.run_at.push(out.run_at.map(ms));
+        self.created_at.push(ms(created_ms(e.job)));
+        self.updated_at.push(ms(e.at));
+        self.finished_at.push(f.finished_at().map(ms));
+        self.ord_ms.push(ms(f.key.0));
+        self.ord_seq.push(ms(f.key.1));
+        self.ord_n.push(i32::try_from(f.key.2).unwrap_or(i32::MAX));
+        Ok(())
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 22] {
+        [
+            &self.id,
+            &self.queue,
+            &self.kind,
+            &self.state,
+            &self.attempts,
+            &self.payload,
+            &self.priority,
+            &self.max_attempts,
+            &self.timeout_ms,
+            &self.backoff,
+            &self.owner,
+            &self.tenant,
+            &self.correlation_id,
+            &self.result,
+            &self.error,
+            &self.run_at,
+            &self.created_at,
+            &self.updated_at,
+            &self.finished_at,
+            &self.ord_ms,
+            &self.ord_seq,
+            &self.ord_n,
+        ]
+    }
+}
+
+fn priority_str(p: Priority) -> &'static str {
+    match p {
+        Priority::High => "high",
+        Priority::Normal => "normal",
+        Priority::Low => "low",
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn record(&self, events: &[Event]) -> Result<u64, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        // Rows in key order, so two transactions that insert overlapping batches wait for each other instead of
+        // deadlocking.
+        let mut distinct = distinct_events(events);
+        distinct.sort_unstable_by(|a, b| (a.job, &a.id).cmp(&(b.job, &b.id)));
+        let mut ev = EventColumns::default();
+        for e in distinct {
+            ev.push(e);
+        }
+        let mut jobs = JobColumns::default();
+        for f in fold(events) {
+            jobs.push(&f)?;
+        }
+        let mut client = self.client().await?;
+        let insert = self.prepare(&client, INSERT_EVENTS).await?;
+        let upsert = self.prepare(&client, &UPSERT_JOBS).await?;
+        let tx = client.transaction().await.map_err(|e| self.pg_err(e))?;
+        let new = tx
+            .execute(&insert, &ev.params())
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        tx.execute(&upsert, &jobs.params())
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        tx.commit().await.map_err(|e| self.pg_err(e))?;
+        Ok(new)
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        let stmt = self.prepare(&client, &sql).await?;
+        let row = client
+            .query_opt(&stmt, &[&id.0])
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        row.map(|r| self.info(&r)).transpose()
+    }
+
+    async fn jobs(&self, q: &JobQuery) -> Result<JobPage, StoreError> {
+        let limit = q.limit.max(1);
+        // created_after / created_before / after become bounds on the primary key (UUIDv7 ids sort by time).
+        let lower = q.created_after.map(id_floor);
+        let upper = [q.after.map(|a| a.0), q.created_before.map(id_floor)]
+            .into_iter()
+            .flatten()
+            .min();
+        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        let queue = q.queue.as_ref().map(|x| x.as_str().to_owned());
+        let state = q.state.map(JobState::as_str);
+        let kind = q.kind.as_ref().map(|x| x.as_str().to_owned());
+        let filters: [(&str, Option<&(dyn ToSql + Sync)>); 7] = [
+            ("id >= ", lower.as_ref().map(|v| v as _)),
+            ("id < ", upper.as_ref().map(|v| v as _)),
+            ("queue = ", queue.as_ref().map(|v| v as _)),
+            ("state = ", state.as_ref().map(|v| v as _)),
+            ("kind = ", kind.as_ref().map(|v| v as _)),
+            ("owner = ", q.owner.as_ref().map(|v| v as _)),
+            ("tenant = ", q.tenant.as_ref().map(|v| v as _)),
+        ];
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE true");
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        for (cond, value) in filters {
+            if let Some(v) = value {
+                params.push(v);
+                sql.push_str(&format!(" AND {cond}${}", params.len()));
+            }
+        }
+        params.push(&fetch);
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+
+        let client = self.client().await?;
+        let stmt = self.prepare(&client, &sql).await?;
+        let rows = client
+            .query(&stmt, &params)
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        let mut jobs = rows
+            .iter()
+            .map(|r| self.info(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next })
+    }
+
+    async fn events(&self, id: JobId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        const SQL: &str = "\
+SELECT id, type, state, attempt, (extract(epoch FROM at) * 1000)::bigint AS at_ms,
+       (extract(epoch FROM recorded_at) * 1000)::bigint AS recorded_at_ms, correlation_id, actor, data
+FROM job_events WHERE job_id = $1
+ORDER BY ord_ms, ord_seq, ord_n
+LIMIT $2";
+        let client = self.client().await?;
+        let stmt = self.prepare(&client, SQL).await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&stmt, &[&id.0, &limit])
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRecord {
+                    id: r.get("id"),
+                    job_id: id,
+                    ty: parse_text::<EventType>(r.get("type")).map_err(|e| self.corrupt(e))?,
+                    state: parse_text::<JobState>(r.get("state")).map_err(|e| self.corrupt(e))?,
+                    attempt: r.get::<_, i32>("attempt").max(0) as u32,
+                    at: r.get::<_, i64>("at_ms").max(0) as u64,
+                    recorded_at: r.get::<_, i64>("recorded_at_ms").max(0) as u64,
+                    correlation_id: r.get("correlation_id"),
+                    actor: r.get("actor"),
+                    data: r.get("data"),
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(|e| self.pg_err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_the_password() {
+        let r = Redactor::from_url("postgres://u:s3cret@h:5/db?x=1");
+        assert_eq!(r.apply("oops s3cret here"), "oops *** here");
+        assert!(Redactor::from_url("postgres://u@h/db").0.is_empty());
+        let cfg = PgConfig::new("postgres://u:s3cret@h/db");
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn upsert_is_well_formed() {
+        assert!(UPSERT_JOBS.contains("payload = CASE WHEN j.payload IS NULL"));
+        assert_eq!(UPSERT_JOBS.matches("$").count(), 22);
+    }
+}

@@ -1,1 +1,316 @@
-//! The recorder (being written).
+//! The recorder: copies the engine's durable event log into the [`Store`], nothing lost, nothing twice.
+//!
+//! One task per log shard reads entries as a consumer of the [`RECORDER_GROUP`] consumer group, gathers them
+//! into a batch (at most `batch_max` events, or whatever arrived within `max_delay` of the batch's first
+//! entry), writes the batch in one store transaction, and only then acknowledges the entries. So:
+//!
+//! * a crash between commit and acknowledgement redelivers the batch, which the store skips (event ids are
+//!   unique): at least once on the wire, exactly once in the table;
+//! * entries a dead recorder read and never acknowledged stay pending in the group; every `reclaim_idle / 2`
+//!   each recorder asks for entries pending longer than `reclaim_idle` and takes them over;
+//! * several recorders (one per worker node) share the log; their batches can commit out of order, which the
+//!   store's order-key rule makes harmless.
+//!
+//! PostgreSQL is wrapped in a circuit breaker: after repeated failures the recorder stops writing, holds its one
+//! batch (reading no more: the log holds the backlog, and the gateway sheds submissions when it passes the
+//! high-water mark) and probes again when the breaker half-opens.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ferry_broker::{Broker, LogEntry, LogPosition, RECORDER_GROUP};
+use ferry_core::breaker::{Breaker, BreakerConfig, BreakerState};
+use ferry_core::{Event, now_ms};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Store, StoreError};
+
+/// Recorder settings.
+#[derive(Debug, Clone)]
+pub struct RecorderConfig {
+    /// This recorder's consumer name in the group (the worker's consumer name): must be unique per process.
+    pub consumer: String,
+    /// Most events written in one transaction (default 2,000). The in-memory batch never holds more than this
+    /// plus one read's worth.
+    pub batch_max: usize,
+    /// Longest an event waits in the batch before it is written (default 50 ms).
+    pub max_delay: Duration,
+    /// Log entries asked for per read (default 256).
+    pub read_count: usize,
+    /// Entries pending (read, not acknowledged) this long belonged to a recorder that died; take them over
+    /// (default 30 s).
+    pub reclaim_idle: Duration,
+    /// Longest one store write may take before it counts as failed (default 30 s).
+    pub write_timeout: Duration,
+    pub breaker: BreakerConfig,
+}
+
+impl RecorderConfig {
+    pub fn new(consumer: impl Into<String>) -> Self {
+        Self {
+            consumer: consumer.into(),
+            batch_max: 2000,
+            max_delay: Duration::from_millis(50),
+            read_count: 256,
+            reclaim_idle: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// What a recorder has done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct RecorderStats {
+    /// Events written that were new to the store.
+    pub recorded: AtomicU64,
+    /// Events delivered again and skipped by the store.
+    pub duplicates: AtomicU64,
+    /// Transactions committed.
+    pub batches: AtomicU64,
+    /// Store writes that failed (each retried).
+    pub write_failures: AtomicU64,
+    /// Milliseconds from the oldest event of the last committed batch to its commit.
+    pub last_lag_ms: AtomicU64,
+}
+
+/// The recorder of one process. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    broker: Arc<dyn Broker>,
+    store: Arc<dyn Store>,
+    config: Arc<RecorderConfig>,
+    breaker: Breaker,
+    stats: Arc<RecorderStats>,
+}
+
+impl Recorder {
+    pub fn new(broker: Arc<dyn Broker>, store: Arc<dyn Store>, config: RecorderConfig) -> Self {
+        let breaker = Breaker::new(config.breaker);
+        Self {
+            broker,
+            store,
+            config: Arc::new(config),
+            breaker,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<RecorderStats> {
+        &self.stats
+    }
+
+    /// The breaker around the store (its state is a metric).
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// Record until `shutdown`; then write what was already read and return.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let shards = self.broker.log_shards();
+        tracing::info!(
+            consumer = %self.config.consumer,
+            shards,
+            "recorder started"
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        for shard in 0..shards {
+            tasks.spawn(self.clone().run_shard(shard, shutdown.clone()));
+        }
+        while tasks.join_next().await.is_some() {}
+        tracing::info!(consumer = %self.config.consumer, "recorder stopped");
+    }
+
+    async fn run_shard(self, shard: usize, shutdown: CancellationToken) {
+        let mut batch = Batch::default();
+        let mut next_reclaim = tokio::time::Instant::now();
+        let mut read_backoff = Duration::from_millis(100);
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let full = batch.events.len() >= self.config.batch_max;
+            let due = batch
+                .started
+                .is_some_and(|t| t.elapsed() >= self.config.max_delay);
+            if !batch.is_empty() && (full || due) {
+                self.flush(shard, &mut batch, &shutdown).await;
+                continue;
+            }
+            // Read until the batch is full or its first entry has waited `max_delay`.
+            let wait = match batch.started {
+                None => Duration::from_secs(1),
+                Some(t) => self.config.max_delay.saturating_sub(t.elapsed()),
+            };
+            let reclaim = (tokio::time::Instant::now() >= next_reclaim).then(|| {
+                next_reclaim = tokio::time::Instant::now() + self.config.reclaim_idle / 2;
+                self.config.reclaim_idle
+            });
+            let read = self.broker.read_log(
+                shard,
+                RECORDER_GROUP,
+                &self.config.consumer,
+                self.config.read_count,
+                wait,
+                reclaim,
+            );
+            let got = tokio::select! {
+                r = read => r,
+                _ = shutdown.cancelled() => break,
+            };
+            match got {
+                Ok(entries) => {
+                    read_backoff = Duration::from_millis(100);
+                    batch.add(entries);
+                }
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "recorder cannot read the event log; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(read_backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    read_backoff = (read_backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Shutting down: what was read is written (within the breaker's patience), the rest stays in the log.
+        if !batch.is_empty() {
+            let grace = CancellationToken::new();
+            let flush = self.flush(shard, &mut batch, &grace);
+            if tokio::time::timeout(self.config.write_timeout, flush)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    shard,
+                    "recorder stopped with an unwritten batch; its entries stay in the event log for the next recorder"
+                );
+            }
+        }
+    }
+
+    /// Write the batch and acknowledge it, retrying through the breaker until it is written or `shutdown`.
+    async fn flush(&self, shard: usize, batch: &mut Batch, shutdown: &CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut last_state = self.breaker.state();
+        loop {
+            let state = self.breaker.state();
+            if state != last_state {
+                tracing::warn!(
+                    shard,
+                    breaker = state.as_str(),
+                    "store circuit breaker changed state"
+                );
+                last_state = state;
+            }
+            let pause = match self.breaker.try_acquire() {
+                Err(open) => open.retry_after.max(Duration::from_millis(50)),
+                Ok(permit) => match self.write(batch).await {
+                    Ok(()) => {
+                        permit.success();
+                        if last_state != BreakerState::Closed {
+                            tracing::info!(shard, "store reachable again; circuit breaker closed");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        let counts = matches!(e, StoreError::Unavailable(_));
+                        if counts {
+                            permit.failure();
+                        } else {
+                            drop(permit);
+                        }
+                        self.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(shard, events = batch.events.len(), error = %e,
+                            "recorder could not write a batch; it stays pending and is retried");
+                        let b = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        b
+                    }
+                },
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        // Committed: acknowledge. A failed acknowledgement only means redelivery, which the store skips, so
+        // it is retried a few times and then left to the group.
+        let positions = std::mem::take(&mut batch.positions);
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=5 {
+            match self.broker.ack_log(RECORDER_GROUP, &positions).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    tracing::debug!(shard, error = %e, "acknowledging recorded entries failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    tracing::warn!(shard, error = %e,
+                        "recorded entries could not be acknowledged; they will be delivered again and skipped");
+                }
+            }
+        }
+        batch.clear();
+    }
+
+    async fn write(&self, batch: &Batch) -> Result<(), StoreError> {
+        let r =
+            tokio::time::timeout(self.config.write_timeout, self.store.record(&batch.events)).await;
+        let new = match r {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "write of {} events took longer than {:?}",
+                    batch.events.len(),
+                    self.config.write_timeout
+                )));
+            }
+        };
+        let now = now_ms();
+        let oldest = batch.events.iter().map(|e| e.at).min().unwrap_or(now);
+        let s = &self.stats;
+        s.recorded.fetch_add(new, Ordering::Relaxed);
+        s.duplicates.fetch_add(
+            batch.events.len() as u64 - new.min(batch.events.len() as u64),
+            Ordering::Relaxed,
+        );
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.last_lag_ms
+            .store(now.saturating_sub(oldest), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The entries read and not yet written.
+#[derive(Debug, Default)]
+struct Batch {
+    positions: Vec<LogPosition>,
+    events: Vec<Event>,
+    started: Option<tokio::time::Instant>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    fn add(&mut self, entries: Vec<LogEntry>) {
+        if entries.is_empty() {
+            return;
+        }
+        self.started.get_or_insert_with(tokio::time::Instant::now);
+        for e in entries {
+            self.positions.push(e.position);
+            self.events.extend(e.events);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.positions.clear();
+        self.events.clear();
+        self.started = None;
+    }
+}

@@ -1,0 +1,112 @@
+//! The durable record's flags ([`DatabaseArgs`]) as a [`PgConfig`], connecting and migrating, and
+//! `ferry migrate`.
+
+use std::time::Duration;
+
+use ferry_store::{PgConfig, PgStore, StoreError};
+
+use crate::CliError;
+use crate::args::DatabaseArgs;
+
+/// Validated database settings: the store's configuration and whether to migrate at start.
+#[derive(Debug, Clone)]
+pub struct ResolvedDatabase {
+    pub pg: PgConfig,
+    pub migrate: bool,
+}
+
+/// `None` when no `--database-url` is given. Connects to nothing.
+pub fn resolve(a: DatabaseArgs) -> Result<Option<ResolvedDatabase>, CliError> {
+    let Some(url) = a.database_url.map(|u| u.trim().to_owned()) else {
+        if a.migrate {
+            return Err(CliError::usage("--migrate", "needs --database-url"));
+        }
+        return Ok(None);
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(CliError::usage(
+            "--database-url",
+            "expected postgres://user@host:port/db",
+        ));
+    };
+    if !matches!(scheme, "postgres" | "postgresql") || rest.is_empty() {
+        return Err(CliError::usage(
+            "--database-url",
+            format!("expected a postgres:// URL, got a {scheme}:// one"),
+        ));
+    }
+    if a.database_pool_size == 0 {
+        return Err(CliError::usage(
+            "--database-pool-size",
+            "must be at least 1",
+        ));
+    }
+    for (flag, v) in [
+        ("--database-timeout-ms", a.database_timeout_ms),
+        (
+            "--database-statement-timeout-ms",
+            a.database_statement_timeout_ms,
+        ),
+    ] {
+        if v == 0 {
+            return Err(CliError::usage(flag, "must be greater than zero"));
+        }
+    }
+    let mut pg = PgConfig::new(url);
+    pg.pool_size = a.database_pool_size;
+    pg.connect_timeout = Duration::from_millis(a.database_timeout_ms);
+    pg.wait_timeout = Duration::from_millis(a.database_timeout_ms);
+    pg.statement_timeout = Duration::from_millis(a.database_statement_timeout_ms);
+    pg.statement_cache = !a.database_no_statement_cache;
+    Ok(Some(ResolvedDatabase {
+        pg,
+        migrate: a.migrate,
+    }))
+}
+
+fn store_err(e: StoreError) -> CliError {
+    match e {
+        StoreError::Unavailable(m) => {
+            CliError::Unavailable(format!("cannot reach PostgreSQL: {m}"))
+        }
+        StoreError::Internal(m) => CliError::Internal(format!("PostgreSQL: {m}")),
+    }
+}
+
+/// Build the pool, check the database answers, and migrate when asked.
+pub async fn connect(db: &ResolvedDatabase) -> Result<PgStore, CliError> {
+    use ferry_store::Store;
+    let store = PgStore::connect(db.pg.clone()).map_err(store_err)?;
+    store.ping().await.map_err(store_err)?;
+    if db.migrate {
+        migrate(&store).await?;
+    }
+    Ok(store)
+}
+
+async fn migrate(store: &PgStore) -> Result<(), CliError> {
+    let applied = store.migrate().await.map_err(store_err)?;
+    if applied.is_empty() {
+        tracing::info!("database schema is up to date");
+    } else {
+        tracing::info!(migrations = ?applied, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// `ferry migrate`.
+pub async fn run_migrate(db: ResolvedDatabase) -> Result<(), CliError> {
+    let store = PgStore::connect(db.pg.clone()).map_err(store_err)?;
+    let applied = store.migrate().await.map_err(store_err)?;
+    if applied.is_empty() {
+        println!("ferry migrate: schema already up to date");
+    } else {
+        println!("ferry migrate: applied {}", applied.join(", "));
+    }
+    Ok(())
+}
+
+/// `ferry migrate`'s flags: the URL is required there.
+pub fn resolve_migrate(a: DatabaseArgs) -> Result<ResolvedDatabase, CliError> {
+    resolve(a)?.ok_or_else(|| CliError::usage("--database-url", "is required"))
+}
