@@ -199,7 +199,7 @@ impl Recorder {
             if state != last_state {
                 tracing::warn!(
                     shard,
-                    breaker = state.as_str(),
+                    breaker = %state.as_str(),
                     "store circuit breaker changed state"
                 );
                 last_state = state;

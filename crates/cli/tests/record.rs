@@ -1,0 +1,405 @@
+//! The durable record end to end, with real processes: `ferry gateway` and `ferry worker`s (each running a
+//! recorder) against a real redis-server and a real PostgreSQL (ferry-testkit). Jobs flow, PostgreSQL stops,
+//! recorders are killed; afterwards every job has exactly one `jobs` row in its final state and exactly its
+//! events in `job_events`.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_core::{EventType, Kind, NewJob, QueueName};
+use ferry_gateway::auth::{MintClaims, mint};
+use ferry_testkit::{PostgresServer, RedisServer, free_port};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const SECRET: &str = "record-test-secret-0123456789abcdef";
+
+/// A `ferry` child process whose stderr goes to a file (read by the test), SIGKILLed when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("stderr.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env("FERRY_LOG", "warn,ferry_store=info,ferry_cli=info")
+            .env_remove("FERRY_LOG_FORMAT")
+            .env_remove("FERRY_DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(&log)?))
+            .spawn()
+            .with_context(|| format!("spawn ferry {args:?}"))?;
+        Ok(Self {
+            child,
+            log,
+            _dir: dir,
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- log of ferry {} ---\n{}", self.child.id(), self.log());
+        }
+    }
+}
+
+async fn wait_for<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Redis + a migrated database.
+struct Cluster {
+    redis: RedisServer,
+    pg: PostgresServer,
+    db: String,
+}
+
+impl Cluster {
+    fn start() -> Result<Self> {
+        let redis = RedisServer::start()?;
+        let pg = PostgresServer::start()?;
+        let db = pg.create_database("record")?;
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["migrate", "--database-url", &db])
+            .output()?;
+        if !out.status.success() {
+            bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self { redis, pg, db })
+    }
+
+    fn worker(&self, queue: &str, extra: &[&str]) -> Result<Proc> {
+        let url = self.redis.url();
+        let mut args = vec![
+            "worker",
+            "--redis",
+            &url,
+            "--queues",
+            queue,
+            "--database-url",
+            &self.db,
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(&args)
+    }
+
+    fn sql(&self, q: &str) -> Result<String> {
+        Ok(ferry_testkit::psql(&self.db, q)?.trim().to_owned())
+    }
+
+    fn count(&self, q: &str) -> Result<u64> {
+        let s = self.sql(q)?;
+        s.parse().with_context(|| format!("{q} answered {s:?}"))
+    }
+
+    async fn broker(&self) -> Result<RedisBroker> {
+        Ok(RedisBroker::connect(&[self.redis.url()], EngineConfig::default()).await?)
+    }
+
+    /// Every job of the test has one `jobs` row, completed, and exactly the events queued, active, completed
+    /// in that order; no other event rows.
+    fn assert_recorded_exactly(&self, jobs: u64) -> Result<()> {
+        assert_eq!(self.count("select count(*) from jobs")?, jobs);
+        assert_eq!(
+            self.count("select count(*) from jobs where state = 'completed' and finished_at is not null and payload is not null")?,
+            jobs
+        );
+        assert_eq!(self.count("select count(*) from job_events")?, jobs * 3);
+        assert_eq!(
+            self.count(
+                "select count(*) from (select job_id, array_agg(type order by ord_ms, ord_seq, ord_n) t
+                 from job_events group by job_id) s
+                 where t = array['job.queued', 'job.active', 'job.completed']"
+            )?,
+            jobs,
+            "each job's trail is queued, active, completed"
+        );
+        assert_eq!(
+            self.count("select count(*) from job_events e left join jobs j on j.id = e.job_id where j.id is null")?,
+            0
+        );
+        Ok(())
+    }
+}
+
+/// Count `job.completed` events from the live feed.
+async fn count_completed(broker: &RedisBroker) -> Result<Arc<AtomicU64>> {
+    let n = Arc::new(AtomicU64::new(0));
+    let mut feed = broker.subscribe().await?;
+    let counter = n.clone();
+    tokio::spawn(async move {
+        while let Some(e) = feed.next().await {
+            if e.ty == EventType::Completed {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    Ok(n)
+}
+
+fn noop() -> NewJob {
+    NewJob::new(Kind::parse("ferry.noop").unwrap(), json!({ "n": 1 }))
+}
+
+/// 10,000 jobs submitted through a gateway and run by two workers, each with a recorder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Result<()> {
+    let c = Cluster::start()?;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let redis = c.redis.url();
+    let _gateway = Proc::spawn(&[
+        "gateway",
+        "--redis",
+        &redis,
+        "--listen",
+        &listen,
+        "--jwt-secret",
+        SECRET,
+    ])?;
+    let w1 = c.worker("bulk", &["--consumer", "worker-a"])?;
+    let w2 = c.worker("bulk", &["--consumer", "worker-b"])?;
+
+    let token = mint(
+        SECRET.as_bytes(),
+        &MintClaims {
+            sub: "submitter".into(),
+            scopes: vec!["jobs:submit".into(), "jobs:read".into()],
+            tenant: None,
+            ttl: Duration::from_secs(3600),
+            issuer: None,
+            audience: None,
+        },
+    )?;
+    let http = reqwest::Client::new();
+    let base = format!("http://{listen}");
+    wait_for(Duration::from_secs(30), "the gateway", || {
+        let r = http.get(format!("{base}/healthz")).send();
+        async move { Ok(r.await.is_ok_and(|r| r.status().is_success())) }
+    })
+    .await?;
+    let total = 10_000u64;
+    for b in 0..10 {
+        let jobs: Vec<Value> = (0..1000)
+            .map(|i| json!({ "kind": "ferry.noop", "payload": { "n": b * 1000 + i } }))
+            .collect();
+        let r = http
+            .post(format!("{base}/v1/queues/bulk/jobs/batch"))
+            .bearer_auth(&token)
+            .header("x-request-id", format!("batch-{b}"))
+            .json(&json!({ "jobs": jobs }))
+            .send()
+            .await?;
+        assert!(r.status().is_success(), "batch {b}: {}", r.text().await?);
+    }
+
+    wait_for(
+        Duration::from_secs(180),
+        "10,000 completed rows",
+        || async {
+            Ok(
+                c.count("select count(*) from jobs where state = 'completed'")? == total
+                    && c.count("select count(*) from job_events")? == total * 3,
+            )
+        },
+    )
+    .await?;
+    // Let any straggling redelivery land before counting exactly.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.assert_recorded_exactly(total)?;
+    // Who did what, and under which request.
+    assert_eq!(
+        c.count("select count(*) from job_events where type = 'job.queued' and actor = 'submitter' and correlation_id like 'batch-%'")?,
+        total
+    );
+    assert_eq!(
+        c.count("select count(*) from job_events where type <> 'job.queued' and actor in ('worker-a', 'worker-b')")?,
+        total * 2
+    );
+    assert_eq!(
+        c.count("select count(*) from jobs where owner = 'submitter' and correlation_id like 'batch-%' and attempts = 1")?,
+        total
+    );
+    drop((w1, w2));
+    Ok(())
+}
+
+/// PostgreSQL stops for 30 s while jobs keep flowing: jobs keep completing, the recorder's breaker opens and
+/// closes, and afterwards every job and event is in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_of_thirty_seconds_loses_nothing() -> Result<()> {
+    let mut c = Cluster::start()?;
+    let worker = c.worker("steady", &["--consumer", "steady-worker"])?;
+    let broker = c.broker().await?;
+    let completed = count_completed(&broker).await?;
+    let q = QueueName::parse("steady")?;
+
+    // A steady stream of jobs for the whole test, 50 every 100 ms.
+    let feeder = {
+        let broker = c.broker().await?;
+        let q = q.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            let start = tokio::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(45) {
+                broker.enqueue_batch(&q, vec![noop(); 50]).await?;
+                sent += 50;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(sent)
+        })
+    };
+    wait_for(Duration::from_secs(30), "the first rows", || async {
+        Ok(c.count("select count(*) from jobs where state = 'completed'")? > 0)
+    })
+    .await?;
+
+    c.pg.stop()?;
+    let completed_at_stop = completed.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let completed_in_outage = completed.load(Ordering::Relaxed) - completed_at_stop;
+    assert!(
+        completed_in_outage > 1000,
+        "jobs keep completing while PostgreSQL is down ({completed_in_outage} did)"
+    );
+    let log = worker.log();
+    assert!(
+        log.contains("breaker=open"),
+        "the recorder's breaker opened:\n{log}"
+    );
+    c.pg.start_again()?;
+
+    let sent = feeder.await??;
+    wait_for(Duration::from_secs(120), "every job recorded", || async {
+        Ok(
+            c.count("select count(*) from jobs where state = 'completed'")? == sent
+                && c.count("select count(*) from job_events")? == sent * 3,
+        )
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.assert_recorded_exactly(sent)?;
+    let log = worker.log();
+    assert!(
+        log.contains("circuit breaker closed"),
+        "the breaker closed again:\n{log}"
+    );
+    Ok(())
+}
+
+/// A recorder killed with -9 while it holds a batch it read and did not write: another recorder takes those
+/// entries over; nothing is lost and nothing recorded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
+    let c = Cluster::start()?;
+    // The victim holds whatever it reads for 60 s before writing it: killed long before then.
+    let mut victim = c.worker(
+        "takeover",
+        &[
+            "--consumer",
+            "victim",
+            "--recorder-max-delay-ms",
+            "60000",
+            "--recorder-batch",
+            "1000000",
+            "--visibility-timeout-ms",
+            "2000",
+        ],
+    )?;
+    let broker = c.broker().await?;
+    let completed = count_completed(&broker).await?;
+    let q = QueueName::parse("takeover")?;
+    let total = 2000u64;
+    for _ in 0..4 {
+        broker.enqueue_batch(&q, vec![noop(); 500]).await?;
+    }
+    // The victim's recorder has read entries and sits on them.
+    wait_for(
+        Duration::from_secs(60),
+        "the victim to hold log entries",
+        || async {
+            let pending = c.redis.cli(&[
+                "XPENDING",
+                "ferry:events",
+                "recorder",
+                "-",
+                "+",
+                "10",
+                "victim",
+            ])?;
+            Ok(!pending.trim().is_empty() && completed.load(Ordering::Relaxed) == total)
+        },
+    )
+    .await?;
+    assert_eq!(c.count("select count(*) from job_events")?, 0);
+    victim.kill9();
+
+    let _survivor = c.worker(
+        "takeover",
+        &[
+            "--consumer",
+            "survivor",
+            "--recorder-reclaim-idle-ms",
+            "2000",
+        ],
+    )?;
+    wait_for(Duration::from_secs(90), "every job recorded", || async {
+        Ok(
+            c.count("select count(*) from jobs where state = 'completed'")? == total
+                && c.count("select count(*) from job_events")? == total * 3,
+        )
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.assert_recorded_exactly(total)?;
+    // The victim did the work; the survivor recorded it.
+    assert_eq!(
+        c.count(
+            "select count(*) from job_events where type = 'job.completed' and actor = 'victim'"
+        )?,
+        total
+    );
+    let pending = c.redis.cli(&["XPENDING", "ferry:events", "recorder"])?;
+    assert!(
+        pending.trim_start().starts_with('0'),
+        "nothing left pending: {pending}"
+    );
+    Ok(())
+}
