@@ -36,6 +36,27 @@ pub struct Params {
     pub ferry_bin: PathBuf,
     /// Extra `ferry worker` arguments (tuning experiments).
     pub worker_args: Vec<String>,
+    /// Run the worker's recorder against a PostgreSQL of its own (durable settings: fsync and synchronous
+    /// commit on), and report how fast and how far behind it records.
+    pub record: bool,
+}
+
+/// Recorder lag: from an event's time (`at`) to its row's commit (`recorded_at`), over a phase's events.
+#[derive(Debug, Serialize)]
+pub struct Lag {
+    pub events: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecorderResult {
+    /// From spawning the worker until every job's row is `completed` in PostgreSQL.
+    pub secs_until_recorded: f64,
+    pub jobs_recorded_per_sec: f64,
+    pub processing_lag: Lag,
+    pub postgres: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +88,10 @@ pub struct ProcessingResult {
     pub redis_used_memory_bytes: Option<u64>,
     pub redis_used_memory_bytes_per_job: Option<f64>,
     pub redis: PhaseCost,
+    /// With `--recorder on`.
+    pub recorder: Option<RecorderResult>,
+    #[serde(skip)]
+    pub spawned_at_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,12 +113,17 @@ pub struct LatencyResult {
     /// This process (paced producer + event listener), fraction of one core.
     pub producer_cpu_utilisation: f64,
     pub redis: PhaseCost,
+    /// With `--recorder on`: lag of this phase's events.
+    pub recorder_lag: Option<Lag>,
+    #[serde(skip)]
+    pub started_at_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct RunResult {
     pub system: &'static str,
     pub batch_size: u32,
+    pub recorder: bool,
     pub worker_args: Vec<String>,
     pub enqueue: EnqueueResult,
     pub processing: ProcessingResult,
@@ -131,6 +161,11 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
     let mut admin = redis_cpu::connect(&redis.url()).await?;
     let queue = QueueName::parse(p.queue.as_str())?;
     let logdir = tempfile::tempdir()?;
+    let pg = if p.record {
+        Some(BenchPostgres::start(&p.ferry_bin).await?)
+    } else {
+        None
+    };
 
     eprintln!("[loadtest] ferry: enqueue {} jobs", p.jobs);
     let enqueue = enqueue_phase(&broker, &queue, &mut admin, redis.pid(), p).await?;
@@ -140,8 +175,16 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
     );
 
     let log = logdir.path().join("worker.log");
-    let (processing, mut worker) =
-        processing_phase(&broker, &queue, &mut admin, &redis, p, &log).await?;
+    let (mut processing, mut worker) =
+        processing_phase(&broker, &queue, &mut admin, &redis, p, pg.as_ref(), &log).await?;
+    if let Some(pg) = &pg {
+        let r = pg.await_recorded(p.jobs, processing.spawned_at_ms).await?;
+        eprintln!(
+            "[loadtest] ferry: recorded {} jobs/s, lag p50 {} ms p99 {} ms",
+            r.jobs_recorded_per_sec, r.processing_lag.p50_ms, r.processing_lag.p99_ms
+        );
+        processing.recorder = Some(r);
+    }
     eprintln!(
         "[loadtest] ferry: processing {} jobs/s (batch {}), Redis {} us/job, worker {} us/job",
         processing.jobs_per_sec,
@@ -171,7 +214,12 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         )
         .await;
         let l = match l {
-            Ok(l) => l,
+            Ok(mut l) => {
+                if let Some(pg) = &pg {
+                    l.recorder_lag = Some(pg.lag_since(l.started_at_ms).await?);
+                }
+                l
+            }
             Err(e) => {
                 procs::stop(&mut worker, Duration::from_secs(15)).await?;
                 return Err(e.context(format!(
@@ -190,6 +238,7 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
     Ok(RunResult {
         system: "ferry",
         batch_size: p.batch_size,
+        recorder: p.record,
         worker_args: p.worker_args.clone(),
         enqueue,
         processing,
@@ -262,7 +311,12 @@ async fn enqueue_phase(
     })
 }
 
-fn spawn_worker(p: &Params, url: &str, log: &Path) -> anyhow::Result<Child> {
+fn spawn_worker(
+    p: &Params,
+    url: &str,
+    database_url: Option<&str>,
+    log: &Path,
+) -> anyhow::Result<Child> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(&p.ferry_bin);
@@ -276,6 +330,11 @@ fn spawn_worker(p: &Params, url: &str, log: &Path) -> anyhow::Result<Child> {
         .args(["--concurrency", &p.concurrency.to_string()])
         .args(["--batch-size", &p.batch_size.to_string()])
         .args(&p.worker_args)
+        .args(
+            database_url
+                .map(|u| vec!["--database-url", u])
+                .unwrap_or_default(),
+        )
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -290,6 +349,7 @@ async fn processing_phase(
     admin: &mut MultiplexedConnection,
     redis: &BenchRedis,
     p: &Params,
+    pg: Option<&BenchPostgres>,
     log: &Path,
 ) -> anyhow::Result<(ProcessingResult, Child)> {
     let before = broker.stats(queue).await?;
@@ -301,7 +361,8 @@ async fn processing_phase(
     }
     let mut meter = Meter::start(admin, redis.pid(), None).await?;
     let started = Instant::now();
-    let mut worker = spawn_worker(p, &redis.url(), log)?;
+    let spawned_at_ms = ferry_core::now_ms();
+    let mut worker = spawn_worker(p, &redis.url(), pg.map(|pg| pg.url.as_str()), log)?;
     meter.count_from_zero(worker.id().context("worker pid")?);
     let deadline = started + Duration::from_secs(120 + p.jobs / 1_000);
     let mut first = None;
@@ -361,6 +422,8 @@ async fn processing_phase(
             redis_used_memory_bytes_per_job: used_memory
                 .map(|m| round(m as f64 / p.jobs as f64, 1)),
             redis: cost,
+            recorder: None,
+            spawned_at_ms,
         },
         worker,
     ))
@@ -380,6 +443,7 @@ async fn latency_phase(
     p: &Params,
 ) -> anyhow::Result<LatencyResult> {
     let template = noop_job()?;
+    let started_at_ms = ferry_core::now_ms();
     // Completion times, recorded by a task that reads the live event stream.
     let mut events = broker.subscribe().await?;
     let done_count = Arc::new(AtomicU64::new(0));
@@ -492,5 +556,111 @@ async fn latency_phase(
         worker_cpu_utilisation: round(worker_cpu as f64 / 1e6 / cost.secs.max(1e-9), 3),
         producer_cpu_utilisation: round(producer_cpu as f64 / 1e6 / cost.secs.max(1e-9), 3),
         redis: cost,
+        recorder_lag: None,
+        started_at_ms,
     })
+}
+
+/// A PostgreSQL of the run's own, durable (fsync and synchronous commit on, as a production database), with
+/// the schema migrated by `ferry migrate`.
+#[allow(missing_debug_implementations)]
+pub struct BenchPostgres {
+    _server: ferry_testkit::PostgresServer,
+    pub url: String,
+}
+
+impl BenchPostgres {
+    pub async fn start(ferry_bin: &Path) -> anyhow::Result<Self> {
+        let (server, url) = tokio::task::spawn_blocking(|| {
+            let server = ferry_testkit::PostgresServer::start_with(
+                "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\nshared_buffers = '256MB'",
+            )?;
+            let url = server.create_database("bench")?;
+            anyhow::Ok((server, url))
+        })
+        .await??;
+        let out = Command::new(ferry_bin)
+            .args(["migrate", "--database-url", &url])
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self {
+            _server: server,
+            url,
+        })
+    }
+
+    async fn sql(&self, q: String) -> anyhow::Result<String> {
+        let url = self.url.clone();
+        tokio::task::spawn_blocking(move || ferry_testkit::psql(&url, &q))
+            .await?
+            .map(|s| s.trim().to_owned())
+    }
+
+    /// Wait until `jobs` rows are completed; rate and lag of everything since `since_ms`.
+    async fn await_recorded(&self, jobs: u64, since_ms: u64) -> anyhow::Result<RecorderResult> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let done: u64 = self
+                .sql("select count(*) from jobs where state = 'completed'".into())
+                .await?
+                .parse()?;
+            if done >= jobs {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the recorder wrote {done} of {jobs} completed rows in 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let last_ms: f64 = self
+            .sql(
+                "select (extract(epoch from max(recorded_at)) * 1000)::float8 from job_events"
+                    .into(),
+            )
+            .await?
+            .parse()?;
+        let secs = ((last_ms - since_ms as f64) / 1e3).max(1e-6);
+        Ok(RecorderResult {
+            secs_until_recorded: round(secs, 3),
+            jobs_recorded_per_sec: round(jobs as f64 / secs, 1),
+            processing_lag: self.lag_since(since_ms).await?,
+            postgres: "PostgreSQL 15 on this machine, fsync on, synchronous_commit on",
+        })
+    }
+
+    /// Lag of the events since `since_ms`, once they are all in (waits for the count to settle).
+    async fn lag_since(&self, since_ms: u64) -> anyhow::Result<Lag> {
+        let filter = format!("at >= to_timestamp({since_ms} / 1000.0)");
+        let mut last = u64::MAX;
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let n: u64 = self
+                .sql(format!("select count(*) from job_events where {filter}"))
+                .await?
+                .parse()?;
+            if n == last {
+                break;
+            }
+            last = n;
+        }
+        let row = self
+            .sql(format!(
+                "select count(*), \
+                 percentile_cont(0.5) within group (order by ms), \
+                 percentile_cont(0.99) within group (order by ms), max(ms) \
+                 from (select extract(epoch from recorded_at - at) * 1000 as ms from job_events where {filter}) l"
+            ))
+            .await?;
+        let f: Vec<&str> = row.split('|').map(str::trim).collect();
+        let num = |i: usize| -> f64 { f.get(i).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN) };
+        Ok(Lag {
+            events: num(0) as u64,
+            p50_ms: round(num(1), 2),
+            p99_ms: round(num(2), 2),
+            max_ms: round(num(3), 2),
+        })
+    }
 }

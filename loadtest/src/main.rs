@@ -193,6 +193,10 @@ struct JobsArgs {
     /// Queue name used by both systems.
     #[arg(long, default_value = "bench")]
     queue: String,
+    /// ferry runs without (`off`) and/or with (`on`) the recorder writing every event to a durable
+    /// PostgreSQL of the run's own; one full run each per batch size.
+    #[arg(long, value_delimiter = ',', default_value = "off")]
+    recorder: Vec<String>,
     /// Jobs per enqueue batch in the enqueue phase.
     #[arg(long, default_value_t = 1000)]
     enqueue_chunk: usize,
@@ -233,6 +237,9 @@ impl JobsArgs {
         }
         for v in &self.peer_variants {
             bullmq::Variant::parse(v)?;
+        }
+        if self.recorder.is_empty() || self.recorder.iter().any(|r| r != "off" && r != "on") {
+            bail!("--recorder values must be off and/or on");
         }
         Ok(())
     }
@@ -441,7 +448,11 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                 failed = true;
             }
             Ok(bin) => {
-                for &batch_size in &a.batch_size {
+                for (&batch_size, record) in a
+                    .batch_size
+                    .iter()
+                    .flat_map(|b| a.recorder.iter().map(move |r| (b, r == "on")))
+                {
                     let p = ferry::Params {
                         jobs: a.jobs,
                         concurrency: a.concurrency,
@@ -457,6 +468,7 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                             .split_whitespace()
                             .map(str::to_owned)
                             .collect(),
+                        record,
                     };
                     let quiet = quiet_before(a.wait_quiet).await?;
                     match ferry::run(&p).await {
@@ -466,10 +478,13 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                             ferry_runs.push(v);
                         }
                         Err(e) => {
-                            eprintln!("[loadtest] ferry run (batch {batch_size}) failed: {e:#}");
+                            eprintln!(
+                                "[loadtest] ferry run (batch {batch_size}, recorder {record}) failed: {e:#}"
+                            );
                             ferry_runs.push(json!({
                                 "system": "ferry",
                                 "batch_size": batch_size,
+                                "recorder": record,
                                 "error": format!("{e:#}"),
                             }));
                             failed = true;

@@ -175,6 +175,30 @@ pub struct GatewayArgs {
 
     #[command(flatten)]
     pub jwt: JwtArgs,
+
+    /// The durable record, for `GET /v1/jobs`, a job's events, and jobs Redis no longer holds.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Longest wait for one Redis (and one PostgreSQL) call made for a request; past it the request is
+    /// answered 503 with Retry-After.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_BROKER_TIMEOUT_MS",
+        default_value_t = 2_000
+    )]
+    pub broker_timeout_ms: u64,
+
+    /// Refuse new submissions (503 overloaded, with Retry-After) while more than this many event-log entries
+    /// wait for the recorder; 0 turns shedding off.
+    #[arg(
+        long,
+        value_name = "ENTRIES",
+        env = "FERRY_BACKLOG_HIGH_WATER",
+        default_value_t = 200_000
+    )]
+    pub backlog_high_water: u64,
 }
 
 #[derive(Debug, Args)]

@@ -1,4 +1,4 @@
-//! `ferry dev`: gateway, worker and scheduler in one process on the embedded (memory) engine. Nothing to
+//! `ferry dev`: gateway, worker, scheduler and recorder in one process on the embedded (memory) engine and store. Nothing to
 //! install: the first command a newcomer runs. When no secret is given it generates one and prints an admin
 //! token and a curl line that submits a job.
 
@@ -9,6 +9,8 @@ use ferry_broker::{EngineConfig, MemoryBroker};
 use ferry_core::QueueName;
 use ferry_gateway::GatewayConfig;
 use ferry_gateway::auth::{AuthConfig, MintClaims, Scope, mint};
+use ferry_store::MemoryStore;
+use ferry_store::recorder::{Recorder, RecorderConfig};
 use ferry_worker::{HandlerRegistry, Worker, WorkerConfig};
 
 use crate::CliError;
@@ -67,14 +69,24 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
     let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
+    // The embedded record: the recorder copies every event into memory, so `GET /v1/jobs` and a job's events
+    // work as they do against PostgreSQL (and are gone when the process exits).
+    let store: Arc<dyn ferry_store::Store> = Arc::new(MemoryStore::new());
+    let mut gateway = cfg.gateway;
+    gateway.store = Some(store.clone());
     let worker = Worker::new(
         broker.clone(),
         HandlerRegistry::with_builtins(),
         cfg.worker.clone(),
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
-    let listen = cfg.gateway.listen;
-    let scheme = if cfg.gateway.tls.is_some() {
+    let recorder = Recorder::new(
+        broker.clone(),
+        store,
+        RecorderConfig::new(worker.monitor().consumer().to_owned()),
+    );
+    let listen = gateway.listen;
+    let scheme = if gateway.tls.is_some() {
         "https"
     } else {
         "http"
@@ -105,13 +117,17 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
             "  curl -s -X POST {scheme}://{listen}/v1/queues/{queue}/jobs -H \"Authorization: Bearer $FERRY_TOKEN\" -H 'Content-Type: application/json' -d '{{\"kind\":\"ferry.echo\",\"payload\":{{\"hello\":\"world\"}}}}'"
         );
     }
+    let recorder_stop = tokio_util::sync::CancellationToken::new();
+    let recorder_task = tokio::spawn(recorder.run(recorder_stop.clone()));
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
-    let served = crate::gateway::serve(cfg.gateway, broker, shutdown.clone()).await;
+    let served = crate::gateway::serve(gateway, broker, shutdown.clone()).await;
     shutdown.cancel();
     match worker_task.await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err(CliError::Internal(e.to_string())),
         Err(e) => return Err(CliError::Internal(e.to_string())),
     }
+    recorder_stop.cancel();
+    let _ = recorder_task.await;
     served
 }

@@ -97,6 +97,7 @@ fn check_jwks_url(url: &str) -> Result<(), CliError> {
 pub struct ResolvedGateway {
     pub urls: Vec<String>,
     pub config: GatewayConfig,
+    pub database: Option<crate::store::ResolvedDatabase>,
 }
 
 pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
@@ -118,14 +119,33 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
         }
         config.tls = Some(TlsConfig { cert_pem, key_pem });
     }
-    Ok(ResolvedGateway { urls, config })
+    if a.broker_timeout_ms == 0 {
+        return Err(CliError::usage(
+            "--broker-timeout-ms",
+            "must be greater than zero",
+        ));
+    }
+    config.resilience.broker_timeout = Duration::from_millis(a.broker_timeout_ms);
+    config.resilience.store_timeout = Duration::from_millis(a.broker_timeout_ms);
+    config.resilience.backlog_high_water = Some(a.backlog_high_water).filter(|&n| n > 0);
+    let database = crate::store::resolve(a.database)?;
+    Ok(ResolvedGateway {
+        urls,
+        config,
+        database,
+    })
 }
 
 pub async fn run(cfg: ResolvedGateway) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
     let broker = crate::connect(&cfg.urls, ferry_broker::EngineConfig::default()).await?;
-    serve(cfg.config, Arc::new(broker), shutdown).await
+    let mut config = cfg.config;
+    if let Some(db) = &cfg.database {
+        let store: Arc<dyn ferry_store::Store> = Arc::new(crate::store::connect(db).await?);
+        config.store = Some(store);
+    }
+    serve(config, Arc::new(broker), shutdown).await
 }
 
 /// Bind and serve until `shutdown`; shared with `ferry dev`.

@@ -88,6 +88,38 @@ async fn dev_runs_a_submitted_job_end_to_end() {
         assert!(Instant::now() < deadline, "job never completed: {job}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The embedded record: the job's audit trail and the listing (the recorder writes within a moment).
+    loop {
+        let trail: serde_json::Value = http
+            .get(format!("{base}/v1/jobs/{id}/events"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let types: Vec<&str> = trail["events"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["type"].as_str()).collect())
+            .unwrap_or_default();
+        if types == ["job.queued", "job.active", "job.completed"] {
+            assert_eq!(trail["events"][0]["actor"], "alice");
+            break;
+        }
+        assert!(Instant::now() < deadline, "trail never complete: {trail}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let list: serde_json::Value = http
+        .get(format!("{base}/v1/jobs?state=completed"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["jobs"][0]["id"], id.as_str(), "{list}");
     // Without a token: a problem+json 401.
     let res = http
         .get(format!("{base}/v1/jobs/{id}"))

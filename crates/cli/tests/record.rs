@@ -193,6 +193,8 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         &listen,
         "--jwt-secret",
         SECRET,
+        "--database-url",
+        &c.db,
     ])?;
     let w1 = c.worker("bulk", &["--consumer", "worker-a"])?;
     let w2 = c.worker("bulk", &["--consumer", "worker-b"])?;
@@ -256,6 +258,49 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
     assert_eq!(
         c.count("select count(*) from jobs where owner = 'submitter' and correlation_id like 'batch-%' and attempts = 1")?,
         total
+    );
+    // The gateway answers from the record: every job once through the pages, and a job's trail.
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{base}/v1/jobs?queue=bulk&state=completed&limit=500");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = http
+            .get(url)
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        for j in page["jobs"].as_array().context("jobs")? {
+            assert!(seen.insert(j["id"].as_str().context("id")?.to_owned()));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len() as u64, total);
+    let id = seen.iter().next().context("a job")?;
+    let trail: Value = http
+        .get(format!("{base}/v1/jobs/{id}/events"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let types: Vec<&str> = trail["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        ["job.queued", "job.active", "job.completed"],
+        "{trail}"
     );
     drop((w1, w2));
     Ok(())

@@ -9,8 +9,10 @@
 //! * [`backoff`]: exponential backoff with full jitter.
 //! * [`event`]: lifecycle events and their wire form.
 //! * [`error`]: `FieldError` / `ValidationError`, which name the bad field.
+//! * [`breaker`]: a pure, thread-safe circuit breaker (closed / open / half-open) around a dependency.
 
 pub mod backoff;
+pub mod breaker;
 pub mod error;
 pub mod event;
 pub mod job;

@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use ferry_core::breaker::BreakerConfig;
 
 use crate::auth::AuthConfig;
 
@@ -13,6 +16,43 @@ pub struct GatewayConfig {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub job_limits: ferry_core::Limits,
+    /// Timeouts, circuit breakers and load shedding around the gateway's dependencies.
+    pub resilience: ResilienceConfig,
+    /// The durable record (PostgreSQL, or memory for `ferry dev`) that answers job listings, audit trails and
+    /// lookups of jobs Redis no longer holds. `None` (the default): those routes answer 503 `no-store`.
+    pub store: Option<Arc<dyn ferry_store::Store>>,
+}
+
+/// How the gateway protects itself and its dependencies, with defaults.
+#[derive(Debug, Clone)]
+pub struct ResilienceConfig {
+    /// Longest wait for one broker (Redis) call made for a request (default 2 s); past it the request is answered
+    /// 503 and the call counts as a failure of the Redis breaker.
+    pub broker_timeout: Duration,
+    /// Longest wait for one store (PostgreSQL) call (default 2 s).
+    pub store_timeout: Duration,
+    /// The circuit breaker around Redis (default: opens after 5 consecutive failures, for 5 s, 1 probe).
+    pub broker_breaker: BreakerConfig,
+    /// The circuit breaker around the store (same defaults).
+    pub store_breaker: BreakerConfig,
+    /// How often the recorder's event-log backlog is polled (default 1 s).
+    pub backlog_poll: Duration,
+    /// Above this many unrecorded event-log entries, new submissions are refused with 503 `overloaded`
+    /// (default 200,000). `None` or `Some(0)` disables shedding (and the polling).
+    pub backlog_high_water: Option<u64>,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        Self {
+            broker_timeout: Duration::from_secs(2),
+            store_timeout: Duration::from_secs(2),
+            broker_breaker: BreakerConfig::default(),
+            store_breaker: BreakerConfig::default(),
+            backlog_poll: Duration::from_secs(1),
+            backlog_high_water: Some(200_000),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +120,8 @@ impl GatewayConfig {
             auth,
             limits: LimitsConfig::default(),
             job_limits: ferry_core::Limits::default(),
+            resilience: ResilienceConfig::default(),
+            store: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ferry_broker::BrokerError;
 use ferry_core::{FieldError, ValidationError};
+use ferry_store::StoreError;
 
 /// Every error a client can receive.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +38,15 @@ pub enum ApiError {
         detail: String,
         retry_after_secs: u64,
     },
+    /// The gateway is shedding new submissions: the event log is too far ahead of the durable record.
+    #[error("{detail}")]
+    Overloaded {
+        detail: String,
+        retry_after_secs: u64,
+    },
+    /// A query route on a gateway started without a database.
+    #[error("this gateway has no database; start it with --database-url")]
+    NoStore,
     #[error("internal error")]
     Internal,
 }
@@ -85,6 +95,18 @@ impl ApiError {
                 "Service unavailable",
                 "unavailable",
             ),
+            Self::Overloaded { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Overloaded",
+                "overloaded",
+            ),
+            Self::NoStore => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-store",
+                "No database",
+                "unavailable",
+            ),
             Self::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -99,7 +121,7 @@ impl ApiError {
     }
 
     /// The WebSocket error code (`bad_request`, `unauthorized`, `forbidden`, `not_found`, `rate_limited`,
-    /// `unavailable`, `conflict`, `internal`).
+    /// `unavailable`, `overloaded`, `conflict`, `internal`).
     pub fn ws_code(&self) -> &'static str {
         self.row().3
     }
@@ -108,6 +130,9 @@ impl ApiError {
         match self {
             Self::RateLimited { retry_after_secs }
             | Self::Unavailable {
+                retry_after_secs, ..
+            }
+            | Self::Overloaded {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             _ => None,
@@ -190,6 +215,24 @@ impl From<BrokerError> for ApiError {
     }
 }
 
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "store unavailable");
+                Self::Unavailable {
+                    detail: "the job database is unavailable, retry later".into(),
+                    retry_after_secs: 1,
+                }
+            }
+            StoreError::Internal(detail) => {
+                tracing::error!(error = %detail, "store internal error");
+                Self::Internal
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +248,23 @@ mod tests {
         assert!(!e.problem().to_string().contains("lua"));
         let e: ApiError = BrokerError::Unavailable("conn refused".into()).into();
         assert_eq!((e.status().as_u16(), e.retry_after_secs()), (503, Some(1)));
+        let e: ApiError = StoreError::Unavailable("connection refused".into()).into();
+        assert_eq!((e.status().as_u16(), e.retry_after_secs()), (503, Some(1)));
+        assert!(!e.problem().to_string().contains("refused"));
+    }
+
+    #[test]
+    fn overload_and_missing_store_are_503_problems() {
+        let e = ApiError::Overloaded {
+            detail: "backlog".into(),
+            retry_after_secs: 2,
+        };
+        assert_eq!(e.problem()["type"], "urn:ferry:problem:overloaded");
+        assert_eq!((e.status().as_u16(), e.retry_after_secs()), (503, Some(2)));
+        assert_eq!(e.ws_code(), "overloaded");
+        let e = ApiError::NoStore;
+        assert_eq!(e.problem()["type"], "urn:ferry:problem:no-store");
+        assert_eq!((e.status().as_u16(), e.retry_after_secs()), (503, None));
+        assert!(e.to_string().contains("--database-url"));
     }
 }

@@ -8,13 +8,15 @@
 //! * [`auth`]: JWT verification and scopes → a [`auth::Principal`].
 //! * [`error`]: the one table from errors to HTTP status, problem type and WebSocket error code / close code.
 //! * [`http`]: the `/v1` JSON API, OpenAPI document, health and metrics routes.
+//! * [`resilience`]: timeouts and circuit breakers around Redis and the store, shedding on event-log backlog.
 //! * [`ws`]: `GET /v1/ws`, the per-node hub that fans events out to connections.
-//! * [`server`]: `Gateway::build(config, broker)` binds (plain or TLS), `local_addr()`, `run(shutdown)`.
+//! * [`server`]: `Gateway::build(config, broker)` (a store, if any, is `config.store`) binds (plain or TLS), `local_addr()`, `run(shutdown)`.
 
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod resilience;
 pub mod server;
 pub mod state;
 pub mod ws;

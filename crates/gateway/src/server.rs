@@ -1,6 +1,7 @@
 //! `Gateway::build(config, broker)` checks the configuration, binds the listener and prepares TLS; `local_addr()`
 //! says where it listens (tests bind port 0); `run(shutdown)` serves until the token is cancelled, then stops
-//! accepting and lets in-flight requests finish.
+//! accepting and lets in-flight requests finish. `run` also polls the event-log backlog for load shedding
+//! ([`crate::resilience`]) until the token is cancelled. The optional store is `GatewayConfig::store`.
 //!
 //! TLS is rustls with the ring provider passed explicitly, so the library installs nothing global; certificates
 //! and keys are read from PEM files with `rustls::pki_types`.
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::config::TlsConfig;
+use crate::resilience::Resilience;
 use crate::state::AppState;
 use crate::ws::Hub;
 use crate::{GatewayConfig, http};
@@ -70,11 +72,13 @@ impl Gateway {
                     source,
                 })?;
         let hub = Hub::new(broker.clone(), config.limits.clone());
+        let resilience = Resilience::new(config.resilience.clone());
         let state = AppState {
             broker,
             auth,
             config: Arc::new(config),
             hub,
+            resilience,
         };
         Ok(Self {
             listener,
@@ -96,6 +100,12 @@ impl Gateway {
     /// Serve until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let hub = tokio::spawn(self.state.hub.clone().run(shutdown.clone()));
+        let backlog = tokio::spawn(
+            self.state
+                .resilience
+                .clone()
+                .poll_backlog(self.state.broker.clone(), shutdown.clone()),
+        );
         let app = http::router(self.state.clone());
         let result = match self.tls {
             None => {
@@ -110,6 +120,7 @@ impl Gateway {
         };
         shutdown.cancel();
         let _ = hub.await;
+        let _ = backlog.await;
         result
     }
 }

@@ -565,9 +565,12 @@ async fn health_openapi_and_metrics() {
     assert_eq!((h.status.as_u16(), &h.body), (200, &json!("ok")));
     let r = app.send(Method::GET, "/readyz", None, None).await;
     assert_eq!(r.status, 200);
-    assert_eq!(
-        r.body,
-        json!({"status": "ready", "checks": {"broker": "ok"}})
+    assert_eq!(r.body["status"], "ready");
+    assert_eq!(r.body["checks"]["redis"]["ok"], true);
+    assert!(r.body["checks"]["redis"]["error"].is_null());
+    assert!(
+        r.body["checks"].get("postgres").is_none(),
+        "no store configured"
     );
 
     let doc = app.send(Method::GET, "/v1/openapi.json", None, None).await;
@@ -586,7 +589,9 @@ async fn health_openapi_and_metrics() {
         "/v1/queues/{queue}/pause",
         "/v1/queues/{queue}/resume",
         "/v1/queues/{queue}/dead",
+        "/v1/jobs",
         "/v1/jobs/{id}",
+        "/v1/jobs/{id}/events",
         "/v1/jobs/{id}/retry",
         "/v1/channels/{channel}/publish",
         "/v1/ws",
@@ -648,7 +653,8 @@ async fn redis_down_is_503_with_retry_after() {
     );
     let ready = app.send(Method::GET, "/readyz", None, None).await;
     assert_eq!(ready.status, 503);
-    assert_eq!(ready.body["status"], "unavailable");
+    assert_eq!(ready.body["status"], "unready");
+    assert_eq!(ready.body["checks"]["redis"]["ok"], false);
     assert!(ready.headers.contains_key("retry-after"));
 }
 

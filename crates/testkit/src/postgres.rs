@@ -35,7 +35,14 @@ pub struct PostgresServer {
 
 impl PostgresServer {
     /// initdb, start on a free port, wait until it accepts connections, and create the database `ferry`.
+    /// Durability is off (fsync, synchronous commit): the cluster is thrown away after the test.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with("")
+    }
+
+    /// [`PostgresServer::start`] with `extra` appended to postgresql.conf (later settings win), e.g.
+    /// `"fsync = on\nsynchronous_commit = on\n"` for a benchmark that must pay for durability.
+    pub fn start_with(extra: &str) -> anyhow::Result<Self> {
         let bin = bindir()?.to_path_buf();
         let as_postgres = euid() == Some(0);
         let dir = tempfile::Builder::new()
@@ -96,7 +103,8 @@ impl PostgresServer {
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              shared_buffers = '32MB'\nmax_connections = 200\n",
             socket_dir.replace('\'', "''")
-        );
+        ) + extra
+            + "\n";
         // Appending keeps the file owned by postgres.
         OpenOptions::new()
             .append(true)

@@ -40,6 +40,9 @@ pub async fn publish(
     let target = app_channel(&p, &channel)?;
     // Delivery is at most once and asynchronous (other nodes get it through the broker), so the answer is
     // "accepted", not "delivered".
-    api.app.hub.publish(&target, data).await?;
+    api.app
+        .resilience
+        .broker(api.app.hub.publish(&target, data))
+        .await?;
     Ok(StatusCode::ACCEPTED)
 }

@@ -1,6 +1,7 @@
-//! Job routes: submit (single and batch), look up, cancel, retry from dead-letter. Owner, tenant and
+//! Job routes: submit (single and batch; shed under event-log backlog), look up (the broker, then the store),
+//! cancel, retry from dead-letter. Listings and audit trails are in [`super::history`]. Owner, tenant and
 //! correlation id come from the token and headers, never from the body; someone else's job is reported as not
-//! found so ids cannot be probed.
+//! found so ids cannot be probed. Every broker and store call goes through [`crate::resilience`].
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -62,10 +63,15 @@ pub async fn submit(
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     p.require(Scope::JobsSubmit)?;
+    api.app.resilience.admit_submission()?;
     let q = broker_queue(&p, &queue)?;
     let correlation = correlation_id(&headers);
     let job = new_job(&api, &p, body, None, &correlation)?;
-    let e = api.app.broker.enqueue(&q, job).await?;
+    let e = api
+        .app
+        .resilience
+        .broker(api.app.broker.enqueue(&q, job))
+        .await?;
     let mut out = json!({"id": e.id, "queue": queue, "state": e.state});
     if e.duplicate {
         out["duplicate"] = Value::Bool(true);
@@ -88,6 +94,7 @@ pub async fn submit_batch(
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     p.require(Scope::JobsSubmit)?;
+    api.app.resilience.admit_submission()?;
     let q = broker_queue(&p, &queue)?;
     let batch: Batch = from_value(body, None)?;
     let max = api.app.config.limits.max_batch;
@@ -112,7 +119,11 @@ pub async fn submit_batch(
     if !errors.is_empty() {
         return Err(ValidationError { errors }.into());
     }
-    let done = api.app.broker.enqueue_batch(&q, jobs).await?;
+    let done = api
+        .app
+        .resilience
+        .broker(api.app.broker.enqueue_batch(&q, jobs))
+        .await?;
     let ids: Vec<JobId> = done.iter().map(|e| e.id).collect();
     let res = (StatusCode::ACCEPTED, axum::Json(json!({"ids": ids}))).into_response();
     Ok(with_request_id(res, &correlation))
@@ -137,15 +148,37 @@ pub fn view(p: &Principal, j: &JobInfo) -> Value {
     })
 }
 
-fn not_found() -> ApiError {
+pub(crate) fn not_found() -> ApiError {
     ApiError::NotFound("no such job".into())
 }
 
-/// The job if it exists and `p` may see it; otherwise 404 either way.
+/// Whether `p` may see `j`: its owner (in its tenant), or an admin (of the tenant, or of everything).
+pub(crate) fn visible(p: &Principal, j: &JobInfo) -> bool {
+    p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref())
+}
+
+/// The job as the broker (live Redis state) holds it.
+async fn broker_job(api: &Api, id: JobId) -> Result<Option<JobInfo>, ApiError> {
+    api.app.resilience.broker(api.app.broker.job(id)).await
+}
+
+/// The job from the broker or, when the broker no longer has it (finished and expired) and there is a store,
+/// from the store.
+pub(crate) async fn find_job(api: &Api, id: JobId) -> Result<Option<JobInfo>, ApiError> {
+    if let Some(j) = broker_job(api, id).await? {
+        return Ok(Some(j));
+    }
+    match &api.app.config.store {
+        Some(store) => api.app.resilience.store(store.job(id)).await,
+        None => Ok(None),
+    }
+}
+
+/// The job if the broker has it and `p` may see it; otherwise 404 either way.
 async fn visible_job(api: &Api, p: &Principal, id: &str) -> Result<JobInfo, ApiError> {
     let id = JobId::parse(id)?;
-    match api.app.broker.job(id).await? {
-        Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => Ok(j),
+    match broker_job(api, id).await? {
+        Some(j) if visible(p, &j) => Ok(j),
         _ => Err(not_found()),
     }
 }
@@ -156,8 +189,11 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
     p.require(Scope::JobsRead)?;
-    let job = visible_job(&api, &p, &id).await?;
-    Ok(axum::Json(view(&p, &job)))
+    let id = JobId::parse(&id)?;
+    match find_job(&api, id).await? {
+        Some(j) if visible(&p, &j) => Ok(axum::Json(view(&p, &j))),
+        _ => Err(not_found()),
+    }
 }
 
 pub async fn cancel(
@@ -167,7 +203,12 @@ pub async fn cancel(
 ) -> Result<axum::Json<Value>, ApiError> {
     p.require(Scope::JobsCancel)?;
     let job = visible_job(&api, &p, &id).await?;
-    match api.app.broker.cancel(job.id).await? {
+    match api
+        .app
+        .resilience
+        .broker(api.app.broker.cancel(job.id))
+        .await?
+    {
         CancelOutcome::Cancelled(was) => Ok(axum::Json(
             json!({"id": job.id, "state": "cancelled", "previous_state": was}),
         )),
@@ -187,11 +228,16 @@ pub async fn retry(
 ) -> Result<Response, ApiError> {
     p.require(Scope::QueuesAdmin)?;
     let id = JobId::parse(&id)?;
-    let job = match api.app.broker.job(id).await? {
+    let job = match broker_job(&api, id).await? {
         Some(j) if client_queue(&p, &j.queue).is_some() => j,
         _ => return Err(not_found()),
     };
-    match api.app.broker.retry_dead(job.id).await? {
+    match api
+        .app
+        .resilience
+        .broker(api.app.broker.retry_dead(job.id))
+        .await?
+    {
         RetryOutcome::Requeued => Ok((
             StatusCode::ACCEPTED,
             axum::Json(json!({"id": job.id, "state": "queued"})),

@@ -3,18 +3,19 @@
 //!
 //! Every `/v1` request goes through the same steps, in this order: bearer token → [`Principal`]
 //! ([`extract::Authed`], 401), the subject's rate limit ([`limit`], 429), the body (limit 413, JSON syntax 400),
-//! then in the handler the route's scope (403) and the fields and names (400). Handlers only translate between HTTP and the [`ferry_broker::Broker`]; they
-//! must not decide job semantics.
+//! then in the handler the route's scope (403) and the fields and names (400). Handlers only translate between HTTP and the [`ferry_broker::Broker`] (or the
+//! [`ferry_store::Store`]), every call through [`crate::resilience`]; they must not decide job semantics.
 //!
 //! * [`extract`]: `Authed`, `Json`, `Path` extractors that reject with problem+json.
 //! * [`tenancy`]: how a tenant's queue names map to broker queues.
-//! * [`jobs`], [`queues`], [`channels`]: the `/v1` handlers. [`ops`]: health, readiness, metrics, OpenAPI.
+//! * [`jobs`], [`history`], [`queues`], [`channels`]: the `/v1` handlers ([`history`] answers from the store). [`ops`]: health, readiness, metrics, OpenAPI.
 //! * [`limit`], [`metrics`]: per-subject token buckets and request counters, one of each per router.
 //!
 //! [`Principal`]: crate::auth::Principal
 
 pub mod channels;
 pub mod extract;
+pub mod history;
 pub mod jobs;
 pub mod limit;
 pub mod metrics;
@@ -59,7 +60,9 @@ pub const PATHS: &[&str] = &[
     "/v1/queues/{queue}/pause",
     "/v1/queues/{queue}/resume",
     "/v1/queues/{queue}/dead",
+    "/v1/jobs",
     "/v1/jobs/{id}",
+    "/v1/jobs/{id}/events",
     "/v1/jobs/{id}/retry",
     "/v1/channels/{channel}/publish",
     "/v1/ws",
@@ -85,7 +88,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{queue}/pause", post(queues::pause))
         .route("/v1/queues/{queue}/resume", post(queues::resume))
         .route("/v1/queues/{queue}/dead", get(queues::dead))
+        .route("/v1/jobs", get(history::list))
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(history::events))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/channels/{channel}/publish", post(channels::publish))
         // WebSocket (owned by crate::ws; the upgrade handler takes `State<AppState>` through `FromRef`).

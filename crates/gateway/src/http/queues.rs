@@ -36,14 +36,19 @@ pub async fn list(
 ) -> Result<axum::Json<Value>, ApiError> {
     p.require(Scope::QueuesRead)?;
     super::tenancy::tenant(&p)?;
-    let queues = api.app.broker.queues().await?;
+    let queues = api.app.resilience.broker(api.app.broker.queues()).await?;
     let visible: Vec<_> = queues
         .into_iter()
         .filter_map(|q| client_queue(&p, &q).map(|name| (name.to_owned(), q.clone())))
         .collect();
-    let broker = &api.app.broker;
+    let (broker, guard) = (&api.app.broker, &api.app.resilience);
     let mut out: Vec<Value> = futures::stream::iter(visible)
-        .map(|(name, q)| async move { broker.stats(&q).await.map(|s| stats_view(&name, &s)) })
+        .map(|(name, q)| async move {
+            guard
+                .broker(broker.stats(&q))
+                .await
+                .map(|s| stats_view(&name, &s))
+        })
         .buffered(STATS_CONCURRENCY)
         .try_collect()
         .await?;
@@ -58,7 +63,7 @@ pub async fn get(
 ) -> Result<axum::Json<Value>, ApiError> {
     p.require(Scope::QueuesRead)?;
     let q = broker_queue(&p, &queue)?;
-    let s = api.app.broker.stats(&q).await?;
+    let s = api.app.resilience.broker(api.app.broker.stats(&q)).await?;
     Ok(axum::Json(stats_view(&queue, &s)))
 }
 
@@ -71,9 +76,9 @@ async fn set_paused(
     p.require(Scope::QueuesAdmin)?;
     let q = broker_queue(p, queue)?;
     if paused {
-        api.app.broker.pause(&q).await?;
+        api.app.resilience.broker(api.app.broker.pause(&q)).await?;
     } else {
-        api.app.broker.resume(&q).await?;
+        api.app.resilience.broker(api.app.broker.resume(&q)).await?;
     }
     Ok(json!({"queue": queue, "paused": paused}))
 }
@@ -122,7 +127,11 @@ pub async fn dead(
         )
         .into());
     }
-    let jobs = api.app.broker.dead_letters(&q, limit).await?;
+    let jobs = api
+        .app
+        .resilience
+        .broker(api.app.broker.dead_letters(&q, limit))
+        .await?;
     let jobs: Vec<Value> = jobs.iter().map(|j| view(&p, j)).collect();
     Ok(axum::Json(json!({"queue": queue, "jobs": jobs})))
 }

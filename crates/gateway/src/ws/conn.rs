@@ -385,11 +385,15 @@ impl Conn {
                 let channel = str_field("channel")?;
                 let key = self.authorize(channel, true).await?;
                 let data = v.get("data").cloned().unwrap_or(Value::Null);
-                self.hub.publish(&key, data).await?;
+                self.state
+                    .resilience
+                    .broker(self.hub.publish(&key, data))
+                    .await?;
                 Ok(json!({"channel": channel}))
             }
             "submit" => {
                 self.principal.require(Scope::JobsSubmit)?;
+                self.state.resilience.admit_submission()?;
                 let queue = str_field("queue")?;
                 let q = tenancy::broker_queue(&self.principal, queue)?;
                 let body = v.get("job").cloned().unwrap_or(Value::Null);
@@ -398,7 +402,11 @@ impl Conn {
                 job.owner = Some(self.principal.sub.clone());
                 job.tenant = self.principal.tenant.clone();
                 job.validate(&self.state.config.job_limits)?;
-                let e = self.state.broker.enqueue(&q, job).await?;
+                let e = self
+                    .state
+                    .resilience
+                    .broker(self.state.broker.enqueue(&q, job))
+                    .await?;
                 let mut out = json!({"job": {"id": e.id, "queue": queue, "state": e.state}});
                 if e.duplicate {
                     out["job"]["duplicate"] = Value::Bool(true);
@@ -456,7 +464,12 @@ impl Conn {
             }
             "job" => {
                 let id = JobId::parse(name)?;
-                match self.state.broker.job(id).await? {
+                match self
+                    .state
+                    .resilience
+                    .broker(self.state.broker.job(id))
+                    .await?
+                {
                     Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => Ok(key),
                     // Someone else's job is not found, as on the HTTP API.
                     _ => Err(ApiError::NotFound(format!("no job {id}"))),
