@@ -980,10 +980,14 @@ impl Broker for MemoryBroker {
                 }
                 let from = g.delivered;
                 let fresh: Vec<u64> = if picked.is_empty() {
+                    // Sequences are consecutive in the log, so the first undelivered one is found by offset.
+                    let first = ev.log.front().map_or(0, |(s, _)| *s);
+                    let start = usize::try_from((from + 1).saturating_sub(first))
+                        .unwrap_or(usize::MAX)
+                        .min(ev.log.len());
                     ev.log
-                        .iter()
+                        .range(start..)
                         .map(|(seq, _)| *seq)
-                        .filter(|seq| *seq > from)
                         .take(max)
                         .collect()
                 } else {
