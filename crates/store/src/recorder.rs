@@ -38,6 +38,9 @@ pub struct RecorderConfig {
     pub max_delay: Duration,
     /// Log entries asked for per read (default 256).
     pub read_count: usize,
+    /// Batches being written at once per shard (default 2): the next batch is read and folded while the
+    /// previous one commits. At most this many batches, plus the one being gathered, are held in memory.
+    pub writers: usize,
     /// Entries pending (read, not acknowledged) this long belonged to a recorder that died; take them over
     /// (default 30 s).
     pub reclaim_idle: Duration,
@@ -53,6 +56,7 @@ impl RecorderConfig {
             batch_max: 2000,
             max_delay: Duration::from_millis(50),
             read_count: 256,
+            writers: 2,
             reclaim_idle: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             breaker: BreakerConfig::default(),
@@ -124,6 +128,7 @@ impl Recorder {
 
     async fn run_shard(self, shard: usize, shutdown: CancellationToken) {
         let mut batch = Batch::default();
+        let mut writing = tokio::task::JoinSet::new();
         let mut next_reclaim = tokio::time::Instant::now();
         let mut read_backoff = Duration::from_millis(100);
         loop {
@@ -134,8 +139,23 @@ impl Recorder {
             let due = batch
                 .started
                 .is_some_and(|t| t.elapsed() >= self.config.max_delay);
+            while writing.try_join_next().is_some() {}
             if !batch.is_empty() && (full || due) {
-                self.flush(shard, &mut batch, &shutdown).await;
+                // Wait for a free writer: while the store is down every writer holds its batch and reading
+                // stops here, so memory stays bounded and the log keeps the backlog.
+                while writing.len() >= self.config.writers.max(1) {
+                    tokio::select! {
+                        _ = writing.join_next() => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                let mut full = std::mem::take(&mut batch);
+                let me = self.clone();
+                let stop = shutdown.clone();
+                writing.spawn(async move { me.flush(shard, &mut full, &stop).await });
                 continue;
             }
             // Read until the batch is full or its first entry has waited `max_delay`.
@@ -174,7 +194,9 @@ impl Recorder {
                 }
             }
         }
-        // Shutting down: what was read is written (within the breaker's patience), the rest stays in the log.
+        // Shutting down: batches being written get their last attempt cut short by the token (their entries stay
+        // pending in the log for the next recorder); what was gathered is written once more here.
+        while writing.join_next().await.is_some() {}
         if !batch.is_empty() {
             let grace = CancellationToken::new();
             let flush = self.flush(shard, &mut batch, &grace);
