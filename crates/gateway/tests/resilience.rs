@@ -287,3 +287,50 @@ async fn a_redis_that_does_not_answer_is_cut_off_at_the_broker_timeout() {
     })
     .await;
 }
+
+/// With Redis down, a job the record knows is still answered (from PostgreSQL's stand-in here).
+#[tokio::test]
+async fn redis_down_job_lookups_fall_back_to_the_record() {
+    use ferry_core::{Event, EventType, JobId, JobState, Kind, QueueName, now_ms};
+    use ferry_store::{MemoryStore, Store};
+    let mut redis = RedisServer::start().expect("redis-server starts");
+    let broker = RedisBroker::connect(&[redis.url()], EngineConfig::default())
+        .await
+        .expect("connects");
+    let store = Arc::new(MemoryStore::new());
+    let id = JobId::new();
+    store
+        .record(&[Event {
+            id: "1-0/0".into(),
+            ty: EventType::Completed,
+            job: id,
+            queue: QueueName::parse("q").unwrap(),
+            kind: Kind::parse("k").unwrap(),
+            state: JobState::Completed,
+            attempt: 1,
+            at: now_ms(),
+            owner: Some("alice".into()),
+            tenant: None,
+            data: Some(json!({"ok": true})),
+            correlation_id: None,
+            actor: Some("w".into()),
+            spec: None,
+        }])
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = store;
+    let app = TestApp::start(Arc::new(broker), |c| {
+        c.resilience.broker_timeout = Duration::from_secs(1);
+        c.store = Some(store);
+    })
+    .await;
+    let alice = token("alice", USER, None);
+    redis.stop().expect("redis-server stops");
+    let r = app.get(&format!("/v1/jobs/{id}"), &alice).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["state"], "completed");
+    assert_eq!(r.body["result"], json!({"ok": true}));
+    // A job the record does not know is still the outage, not a 404.
+    let r = app.get(&format!("/v1/jobs/{}", JobId::new()), &alice).await;
+    is_problem(&r, 503, "unavailable");
+}

@@ -165,12 +165,21 @@ async fn broker_job(api: &Api, id: JobId) -> Result<Option<JobInfo>, ApiError> {
 /// The job from the broker or, when the broker no longer has it (finished and expired) and there is a store,
 /// from the store.
 pub(crate) async fn find_job(api: &Api, id: JobId) -> Result<Option<JobInfo>, ApiError> {
-    if let Some(j) = broker_job(api, id).await? {
-        return Ok(Some(j));
-    }
-    match &api.app.config.store {
-        Some(store) => api.app.resilience.store(store.job(id)).await,
-        None => Ok(None),
+    let live = broker_job(api, id).await;
+    let Some(store) = &api.app.config.store else {
+        return live;
+    };
+    match live {
+        Ok(Some(j)) => Ok(Some(j)),
+        Ok(None) => api.app.resilience.store(store.job(id)).await,
+        // Redis is down: the record may still know the job (possibly a moment behind the live state).
+        Err(e @ ApiError::Unavailable { .. }) => {
+            match api.app.resilience.store(store.job(id)).await {
+                Ok(Some(j)) => Ok(Some(j)),
+                _ => Err(e),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
