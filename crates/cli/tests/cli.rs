@@ -199,3 +199,74 @@ async fn enqueue_prints_ids_or_a_summary_and_reads_env() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn database_flags_are_checked_and_an_unreachable_database_exits_69() {
+    let r = "redis://127.0.0.1:1";
+    for (args, flag) in [
+        (vec!["migrate"], "--database-url"),
+        (
+            vec!["migrate", "--database-url", "mysql://h/db"],
+            "--database-url",
+        ),
+        (
+            vec!["migrate", "--database-url", "nonsense"],
+            "--database-url",
+        ),
+        (
+            vec![
+                "migrate",
+                "--database-url",
+                "postgres://h/db",
+                "--database-pool-size",
+                "0",
+            ],
+            "--database-pool-size",
+        ),
+        (
+            vec!["worker", "--redis", r, "--queues", "q", "--migrate"],
+            "--migrate",
+        ),
+        (
+            vec![
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--database-url",
+                "postgres://h/db",
+                "--recorder-batch",
+                "0",
+            ],
+            "--recorder-batch",
+        ),
+        (
+            vec![
+                "gateway",
+                "--redis",
+                r,
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--broker-timeout-ms",
+                "0",
+            ],
+            "--broker-timeout-ms",
+        ),
+    ] {
+        let out = ferry(&args, &[]);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(flag), "{args:?}: {}", stderr(&out));
+    }
+    // Nothing listens on port 1; the password never shows.
+    let out = ferry(
+        &[
+            "migrate",
+            "--database-url",
+            "postgres://u:s3cret@127.0.0.1:1/db",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("s3cret"), "{}", stderr(&out));
+}
