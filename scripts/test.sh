@@ -33,6 +33,8 @@ have_postgres() {
 missing=()
 { command -v redis-server && command -v redis-cli; } >/dev/null || missing+=(redis-server)
 { have_postgres && command -v psql >/dev/null; } || missing+=(postgresql)
+# promtool, for the deploy/prometheus checks (crates/cli/tests/deploy.rs); no Prometheus server is used.
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]}" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
