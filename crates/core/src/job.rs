@@ -164,6 +164,9 @@ pub struct NewJob {
     pub tenant: Option<String>,
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// The W3C `traceparent` of the submitting request (set by the gateway).
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl NewJob {
@@ -180,6 +183,7 @@ impl NewJob {
             owner: None,
             tenant: None,
             correlation_id: None,
+            traceparent: None,
         }
     }
 
@@ -261,6 +265,7 @@ impl NewJob {
             owner: self.owner,
             tenant: self.tenant,
             correlation_id: self.correlation_id,
+            traceparent: self.traceparent,
             created_at,
         }
     }
@@ -284,6 +289,8 @@ pub struct JobSpec {
     pub tenant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     pub created_at: u64,
 }
 

@@ -9,6 +9,7 @@
 //! * [`backoff`]: exponential backoff with full jitter.
 //! * [`event`]: lifecycle events and their wire form.
 //! * [`error`]: `FieldError` / `ValidationError`, which name the bad field.
+//! * [`trace`]: the W3C `traceparent` a job carries from its request to its worker.
 //! * [`breaker`]: a pure, thread-safe circuit breaker (closed / open / half-open) around a dependency.
 
 pub mod backoff;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod event;
 pub mod job;
 pub mod names;
+pub mod trace;
 
 pub use backoff::Backoff;
 pub use error::{FieldError, ValidationError};

@@ -46,6 +46,7 @@ fn events(s: &Seed) -> Vec<Event> {
         owner: Some(s.owner.into()),
         tenant: s.tenant.map(Into::into),
         correlation_id: Some(format!("corr-{}", s.created)),
+        traceparent: None,
         created_at: s.created,
     };
     let queued = Event {
