@@ -9,7 +9,6 @@
 //! the event log, and above the high-water mark new submissions are refused with 503 `overloaded`
 //! ([`Resilience::admit_submission`]) while everything else keeps working.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +37,8 @@ pub struct Resilience {
     pub postgres: Breaker,
     backlog: AtomicU64,
     shed: AtomicU64,
+    /// `ferry_dependency_call_seconds{dependency}`: every guarded call that reached the dependency.
+    call_seconds: ferry_telemetry::prometheus::HistogramVec,
 }
 
 /// An error of a dependency call: what the client sees, and whether it says the dependency is unavailable (a
@@ -74,6 +75,7 @@ fn retry_secs(d: Duration) -> u64 {
 }
 
 async fn guarded<T, E: DependencyError>(
+    call_seconds: &ferry_telemetry::prometheus::HistogramVec,
     breaker: &Breaker,
     timeout: Duration,
     dependency: &'static str,
@@ -88,7 +90,11 @@ async fn guarded<T, E: DependencyError>(
         .try_acquire()
         .map_err(|open| unavailable(retry_secs(open.retry_after)))?;
     // The redis client may wait for a reconnect for a long time: the timeout drops the call instead.
+    let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(timeout, fut).await;
+    call_seconds
+        .with_label_values(&[dependency])
+        .observe(started.elapsed().as_secs_f64());
     let failed = |permit: ferry_core::breaker::Permit| {
         permit.failure();
         // When this failure opened the breaker, clients may as well wait until it lets a probe through.
@@ -131,6 +137,15 @@ impl Resilience {
             config,
             backlog: AtomicU64::new(0),
             shed: AtomicU64::new(0),
+            call_seconds: ferry_telemetry::prometheus::HistogramVec::new(
+                ferry_telemetry::prometheus::HistogramOpts::new(
+                    "ferry_dependency_call_seconds",
+                    "Latency of Redis / PostgreSQL calls made for requests (timeouts included).",
+                )
+                .buckets(ferry_telemetry::metrics::SECONDS_BUCKETS.to_vec()),
+                &["dependency"],
+            )
+            .expect("valid metric"),
         })
     }
 
@@ -140,6 +155,7 @@ impl Resilience {
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, ApiError> {
         guarded(
+            &self.call_seconds,
             &self.redis,
             self.config.broker_timeout,
             "redis",
@@ -155,6 +171,7 @@ impl Resilience {
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, ApiError> {
         guarded(
+            &self.call_seconds,
             &self.postgres,
             self.config.store_timeout,
             "postgres",
@@ -220,47 +237,68 @@ impl Resilience {
         }
     }
 
-    /// Breaker and shedding metrics, in the Prometheus text format. The PostgreSQL breaker is listed only when
-    /// the gateway has a store.
-    pub fn render_metrics(&self, with_store: bool) -> String {
-        let mut breakers = vec![("redis", &self.redis)];
+    /// Breaker, shedding and dependency latency metrics. The PostgreSQL breaker is listed only when the gateway
+    /// has a store.
+    pub fn metric_families(
+        &self,
+        with_store: bool,
+    ) -> Vec<ferry_telemetry::prometheus::proto::MetricFamily> {
+        use ferry_telemetry::metrics::{FnCollector, FnKind};
+        use ferry_telemetry::prometheus::core::Collector;
+        let mut breakers = vec![("redis", self.redis.clone())];
         if with_store {
-            breakers.push(("postgres", &self.postgres));
+            breakers.push(("postgres", self.postgres.clone()));
         }
-        let mut out = String::from(
-            "# HELP ferry_breaker_state Circuit breaker state by dependency: 0 closed, 1 half-open, 2 open.\n\
-             # TYPE ferry_breaker_state gauge\n",
-        );
-        for (dep, b) in &breakers {
-            let _ = writeln!(
-                out,
-                "ferry_breaker_state{{dependency=\"{dep}\"}} {}",
-                b.state_code()
-            );
-        }
-        out.push_str(
-            "# HELP ferry_breaker_opened_total Times the circuit breaker opened, by dependency.\n\
-             # TYPE ferry_breaker_opened_total counter\n",
-        );
-        for (dep, b) in &breakers {
-            let _ = writeln!(
-                out,
-                "ferry_breaker_opened_total{{dependency=\"{dep}\"}} {}",
-                b.opened_total()
-            );
-        }
-        let _ = write!(
-            out,
-            "# HELP ferry_event_backlog Event log entries the recorder has not acknowledged yet (last poll).\n\
-             # TYPE ferry_event_backlog gauge\n\
-             ferry_event_backlog {}\n\
-             # HELP ferry_submissions_shed_total Submissions refused because the event log backlog was too high.\n\
-             # TYPE ferry_submissions_shed_total counter\n\
-             ferry_submissions_shed_total {}\n",
-            self.backlog(),
-            self.shed.load(Ordering::Relaxed)
-        );
+        let states: Vec<_> = breakers
+            .iter()
+            .map(|(d, b)| (vec![(*d).to_owned()], f64::from(b.state_code())))
+            .collect();
+        let opened: Vec<_> = breakers
+            .iter()
+            .map(|(d, b)| (vec![(*d).to_owned()], b.opened_total() as f64))
+            .collect();
+        let backlog = self.backlog() as f64;
+        let shed = self.shed.load(Ordering::Relaxed) as f64;
+        let collectors = [
+            FnCollector::new(
+                "ferry_breaker_state",
+                "Circuit breaker state by dependency: 0 closed, 1 half-open, 2 open.",
+                FnKind::Gauge,
+                &["dependency"],
+                move |out| out.extend(states.iter().cloned()),
+            ),
+            FnCollector::new(
+                "ferry_breaker_opened_total",
+                "Times the circuit breaker opened, by dependency.",
+                FnKind::Counter,
+                &["dependency"],
+                move |out| out.extend(opened.iter().cloned()),
+            ),
+            FnCollector::single(
+                "ferry_event_backlog",
+                "Event log entries the recorder has not acknowledged yet (last poll).",
+                FnKind::Gauge,
+                move || backlog,
+            ),
+            FnCollector::single(
+                "ferry_submissions_shed_total",
+                "Submissions refused because the event log backlog was too high.",
+                FnKind::Counter,
+                move || shed,
+            ),
+        ];
+        let mut out: Vec<_> = collectors
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c.collect())
+            .collect();
+        out.extend(self.call_seconds.collect());
         out
+    }
+
+    /// [`Resilience::metric_families`] in the Prometheus text format.
+    pub fn render_metrics(&self, with_store: bool) -> String {
+        ferry_telemetry::metrics::render_families(&self.metric_families(with_store))
     }
 }
 

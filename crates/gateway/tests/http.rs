@@ -604,6 +604,15 @@ async fn health_openapi_and_metrics() {
     assert!(paths["/v1/jobs/{id}"].get("delete").is_some());
 
     is_problem(&app.send(Method::GET, "/v1/nothing", None, None).await, 404);
+    // Two accepted jobs and a duplicate (not counted), on a tenant's queue: counted by broker queue.
+    let acme = token("alice", USER, Some("acme"));
+    let once = json!({"kind": "k", "idempotency_key": "m1"});
+    for body in [json!({"kind": "k"}), once.clone(), once] {
+        assert_eq!(
+            app.post("/v1/queues/mq/jobs", &acme, body).await.status,
+            202
+        );
+    }
     let m = app.send(Method::GET, "/metrics", None, None).await;
     let text = m.body.as_str().unwrap();
     assert!(
@@ -616,6 +625,21 @@ async fn health_openapi_and_metrics() {
         text.contains("route=\"unmatched\",status=\"404\""),
         "{text}"
     );
+    for name in [
+        "ferry_http_request_duration_seconds_bucket{method=\"GET\",route=\"/healthz\",le=",
+        "ferry_http_request_duration_seconds_count{method=\"GET\",route=\"/healthz\"} 1",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "ferry_tokio_workers",
+        "ferry_build_info{version=",
+        "ferry_ws_connections 0",
+        "ferry_ws_connections_max",
+        "ferry_breaker_state{dependency=\"redis\"} 0",
+        "ferry_jobs_enqueued_total{queue=\"acme:mq\"} 2",
+        "ferry_dependency_call_seconds_count{dependency=\"redis\"} 3",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -37,6 +37,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A real round trip to the backing store.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The connection pool's figures, for metrics; `None` for a store without a pool.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
+}
+
+/// A connection pool's figures (`ferry_db_pool_connections`, `ferry_db_pool_max`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections open.
+    pub size: usize,
+    /// Idle connections.
+    pub available: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+    /// The configured pool size.
+    pub max: usize,
 }
 
 /// Filters of a job listing. Every filter is optional; `owner` and `tenant` are set by the gateway from the

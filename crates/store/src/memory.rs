@@ -198,6 +198,8 @@ impl Rec {
                 owner: self.owner.clone(),
                 tenant: self.tenant.clone(),
                 correlation_id: self.correlation_id.clone(),
+                // Not kept in the record (yet): the trace id is in the job's log lines.
+                traceparent: None,
                 created_at: created_ms(id),
             },
             result: self.outcome.result.clone(),

@@ -297,6 +297,8 @@ impl PgStore {
                 owner: text("owner"),
                 tenant: text("tenant"),
                 correlation_id: text("correlation_id"),
+                // Not kept in the record (yet): the trace id is in the job's log lines.
+                traceparent: None,
                 created_at: created_ms(id),
             },
             result: row.get("result"),
@@ -564,6 +566,16 @@ fn priority_str(p: Priority) -> &'static str {
 
 #[async_trait]
 impl Store for PgStore {
+    fn pool_stats(&self) -> Option<crate::PoolStats> {
+        let s = self.pool.status();
+        Some(crate::PoolStats {
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+            max: s.max_size,
+        })
+    }
+
     async fn record(&self, events: &[Event]) -> Result<u64, StoreError> {
         if events.is_empty() {
             return Ok(0);

@@ -64,6 +64,41 @@ impl RecorderConfig {
     }
 }
 
+/// Register `ferry_db_pool_connections{state}` and `ferry_db_pool_max` for `store`, read at scrape time (nothing
+/// is reported for a store without a pool).
+pub fn register_pool_metrics(
+    registry: &ferry_telemetry::prometheus::Registry,
+    store: Arc<dyn Store>,
+) -> ferry_telemetry::prometheus::Result<()> {
+    use ferry_telemetry::metrics::{FnCollector, FnKind};
+    let st = store.clone();
+    registry.register(Box::new(FnCollector::new(
+        "ferry_db_pool_connections",
+        "PostgreSQL pool connections: size (open), available (idle), waiting (callers waiting for one).",
+        FnKind::Gauge,
+        &["state"],
+        move |out| {
+            if let Some(p) = st.pool_stats() {
+                out.push((vec!["size".into()], p.size as f64));
+                out.push((vec!["available".into()], p.available as f64));
+                out.push((vec!["waiting".into()], p.waiting as f64));
+            }
+        },
+    )?))?;
+    registry.register(Box::new(FnCollector::new(
+        "ferry_db_pool_max",
+        "Configured PostgreSQL pool size.",
+        FnKind::Gauge,
+        &[],
+        move |out| {
+            if let Some(p) = store.pool_stats() {
+                out.push((Vec::new(), p.max as f64));
+            }
+        },
+    )?))?;
+    Ok(())
+}
+
 /// What a recorder has done, for metrics and tests.
 #[derive(Debug, Default)]
 pub struct RecorderStats {
@@ -108,6 +143,54 @@ impl Recorder {
     /// The breaker around the store (its state is a metric).
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
+    }
+
+    /// Register the recorder's metrics in `registry`, read at scrape time: `ferry_recorder_lag_seconds`,
+    /// `ferry_recorder_events_total`, `ferry_recorder_write_failures_total`, `ferry_breaker_state` and
+    /// `ferry_breaker_opened_total` (`dependency="postgres"`), and the store's pool gauges.
+    pub fn register_metrics(
+        &self,
+        registry: &ferry_telemetry::prometheus::Registry,
+    ) -> ferry_telemetry::prometheus::Result<()> {
+        use ferry_telemetry::metrics::{FnCollector, FnKind};
+        let s = self.stats.clone();
+        registry.register(Box::new(FnCollector::single(
+            "ferry_recorder_lag_seconds",
+            "Event time to commit, oldest event of the last committed batch.",
+            FnKind::Gauge,
+            move || s.last_lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        )?))?;
+        let s = self.stats.clone();
+        registry.register(Box::new(FnCollector::single(
+            "ferry_recorder_events_total",
+            "Events recorded (new to the store).",
+            FnKind::Counter,
+            move || s.recorded.load(Ordering::Relaxed) as f64,
+        )?))?;
+        let s = self.stats.clone();
+        registry.register(Box::new(FnCollector::single(
+            "ferry_recorder_write_failures_total",
+            "Failed batch writes (retried).",
+            FnKind::Counter,
+            move || s.write_failures.load(Ordering::Relaxed) as f64,
+        )?))?;
+        let b = self.breaker.clone();
+        registry.register(Box::new(FnCollector::new(
+            "ferry_breaker_state",
+            "Circuit breaker state by dependency: 0 closed, 1 half-open, 2 open.",
+            FnKind::Gauge,
+            &["dependency"],
+            move |out| out.push((vec!["postgres".into()], f64::from(b.state_code()))),
+        )?))?;
+        let b = self.breaker.clone();
+        registry.register(Box::new(FnCollector::new(
+            "ferry_breaker_opened_total",
+            "Times the circuit breaker opened, by dependency.",
+            FnKind::Counter,
+            &["dependency"],
+            move |out| out.push((vec!["postgres".into()], b.opened_total() as f64)),
+        )?))?;
+        register_pool_metrics(registry, self.store.clone())
     }
 
     /// Record until `shutdown`; then write what was already read and return.
@@ -334,5 +417,40 @@ impl Batch {
         self.positions.clear();
         self.events.clear();
         self.started = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_broker::{EngineConfig, MemoryBroker};
+
+    use super::*;
+    use crate::MemoryStore;
+
+    #[test]
+    fn metrics_are_read_at_scrape_time() {
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
+        let r = Recorder::new(
+            broker,
+            Arc::new(MemoryStore::new()),
+            RecorderConfig::new("c"),
+        );
+        let registry = ferry_telemetry::prometheus::Registry::new();
+        r.register_metrics(&registry).unwrap();
+        r.stats().recorded.fetch_add(5, Ordering::Relaxed);
+        r.stats().write_failures.fetch_add(1, Ordering::Relaxed);
+        r.stats().last_lag_ms.store(250, Ordering::Relaxed);
+        let text = ferry_telemetry::metrics::render(&registry);
+        for line in [
+            "ferry_recorder_events_total 5",
+            "ferry_recorder_write_failures_total 1",
+            "ferry_recorder_lag_seconds 0.25",
+            "ferry_breaker_state{dependency=\"postgres\"} 0",
+            "ferry_breaker_opened_total{dependency=\"postgres\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        // The memory store has no pool.
+        assert!(!text.contains("ferry_db_pool"), "{text}");
     }
 }

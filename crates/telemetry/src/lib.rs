@@ -1,9 +1,16 @@
 //! Process-level plumbing shared by every ferry role: installing the tracing subscriber and turning SIGTERM /
 //! SIGINT into the root [`CancellationToken`] that the whole shutdown tree hangs off.
 //!
+//! [`metrics`] holds the Prometheus side: one registry per process, the process and runtime collectors, and the
+//! text rendering every role's `/metrics` serves.
+//!
 //! This crate must not hold global state of its own: the only global it touches is the tracing subscriber, and
 //! only when the binary calls [`init_tracing`]. Libraries and tests never call it, so several nodes can run in
 //! one test process.
+
+pub mod metrics;
+
+pub use prometheus;
 
 use std::future::Future;
 use std::io::IsTerminal;

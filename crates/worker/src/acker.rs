@@ -118,10 +118,14 @@ async fn flush_completes(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationT
         Some(results) if results.len() == acks.len() => {
             for (ack, r) in acks.iter().zip(results) {
                 match r {
-                    Ok(()) => core.counters.completed(draining),
+                    Ok(()) => {
+                        core.counters.completed(draining);
+                        ack.slot.metrics.completed.inc();
+                    }
                     Err(_) => {
                         tracing::debug!(job = %ack.slot.lease.job, "completion rejected: lease no longer held");
                         core.counters.lost(1);
+                        ack.slot.metrics.lost.inc();
                     }
                 }
             }
@@ -163,14 +167,17 @@ async fn flush_fails(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationToken
                     Ok(FailOutcome::Retrying { run_at }) => {
                         tracing::info!(job = %lease.job, queue = %lease.queue, attempt = lease.attempt, run_at, error = %item.error, "attempt failed, will retry");
                         core.counters.failed(draining);
+                        ack.slot.metrics.retried.inc();
                     }
                     Ok(FailOutcome::Dead) => {
                         tracing::warn!(job = %lease.job, queue = %lease.queue, attempt = lease.attempt, error = %item.error, "job is dead");
                         core.counters.failed(draining);
+                        ack.slot.metrics.dead.inc();
                     }
                     Err(_) => {
                         tracing::debug!(job = %lease.job, "failure rejected: lease no longer held");
                         core.counters.lost(1);
+                        ack.slot.metrics.lost.inc();
                     }
                 }
             }
@@ -193,6 +200,11 @@ async fn flush_releases(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationTo
     match outcome {
         Some(results) if results.len() == acks.len() => {
             let released = results.iter().filter(|r| **r).count();
+            for (ack, held) in acks.iter().zip(&results) {
+                if !held {
+                    ack.slot.metrics.lost.inc();
+                }
+            }
             core.counters.released(released);
             core.counters.lost(acks.len() - released);
         }

@@ -89,6 +89,8 @@ impl From<BrokerError> for JobError {
 #[derive(Debug)]
 pub(crate) struct JobSlot {
     pub(crate) lease: Lease,
+    /// The metric handles of the job's (queue, kind).
+    pub(crate) metrics: Arc<crate::metrics::JobMetrics>,
     pub(crate) cancel: CancellationToken,
     /// Set when the engine reported the lease gone (reclaimed after a missed heartbeat, or the job cancelled).
     /// From then on the job's outcome is discarded: the engine would reject it anyway.
@@ -96,9 +98,14 @@ pub(crate) struct JobSlot {
 }
 
 impl JobSlot {
-    pub(crate) fn new(lease: Lease, cancel: CancellationToken) -> Self {
+    pub(crate) fn new(
+        lease: Lease,
+        cancel: CancellationToken,
+        metrics: Arc<crate::metrics::JobMetrics>,
+    ) -> Self {
         Self {
             lease,
+            metrics,
             cancel,
             lost: AtomicBool::new(false),
         }
@@ -138,7 +145,11 @@ impl JobContext {
     pub fn new(job: Job, lease: Lease, broker: Arc<dyn Broker>, cancel: CancellationToken) -> Self {
         Self {
             job: Arc::new(job),
-            slot: Arc::new(JobSlot::new(lease, cancel)),
+            slot: Arc::new(JobSlot::new(
+                lease,
+                cancel,
+                crate::metrics::JobMetrics::detached(),
+            )),
             broker,
         }
     }

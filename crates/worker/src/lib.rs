@@ -8,14 +8,18 @@
 //! * [`builtins`]: `ferry.noop`, `ferry.sleep`, `ferry.echo`, `ferry.fail`.
 //! * [`webhook`]: the HTTP webhook executor.
 //! * [`config`]: [`WorkerConfig`] and its defaults.
+//! * [`metrics`]: the worker's Prometheus metrics; [`admin`]: the admin listener (`/metrics`, `/healthz`,
+//!   `/readyz`).
 //!
 //! This crate owns *when* jobs run and what is reported about them. It must not decide job state itself (the
 //! broker does, atomically and fenced by leases), keep unbounded buffers, or read configuration from the
 //! environment (the binary resolves that and passes a [`WorkerConfig`]).
 
+pub mod admin;
 pub mod builtins;
 pub mod config;
 pub mod handler;
+pub mod metrics;
 pub mod runtime;
 pub mod webhook;
 

@@ -55,6 +55,7 @@ pub(crate) struct Core {
     slots: HashMap<QueueName, Arc<Semaphore>>,
     pub(crate) inflight: InFlight,
     pub(crate) counters: Counters,
+    pub(crate) metrics: crate::metrics::WorkerMetrics,
     /// Cancelled once shutdown begins; set by `run`.
     draining: CancellationToken,
 }
@@ -223,6 +224,11 @@ impl WorkerMonitor {
     pub fn counters(&self) -> WorkerCounters {
         self.core.counters.snapshot()
     }
+
+    /// True from the moment shutdown was requested (the drain started): the worker claims no more work.
+    pub fn draining(&self) -> bool {
+        self.core.draining()
+    }
 }
 
 /// What one run shares with its claim loops and job tasks. Dropping the last one closes the acker's channel.
@@ -267,9 +273,19 @@ impl Worker {
                 slots,
                 inflight: InFlight::default(),
                 counters: Counters::default(),
+                metrics: crate::metrics::WorkerMetrics::new(),
                 draining: CancellationToken::new(),
             }),
         })
+    }
+
+    /// Register this worker's metrics (`ferry_jobs_*`, `ferry_job_*`, `ferry_queue_*`) in `registry`; the queue
+    /// gauges are then polled while the worker runs. Call before [`run`](Self::run), at most once per registry.
+    pub fn register_metrics(
+        &self,
+        registry: &ferry_telemetry::prometheus::Registry,
+    ) -> Result<(), ferry_telemetry::prometheus::Error> {
+        self.core.metrics.register(registry)
     }
 
     pub fn monitor(&self) -> WorkerMonitor {
@@ -301,6 +317,12 @@ impl Worker {
 
         let acker = tokio::spawn(acker::run(core.clone(), ack_rx, abort.clone()));
         let heartbeat = tokio::spawn(heartbeat_loop(core.clone(), heartbeat_stop.clone()));
+        let queue_poll = core.metrics.registered().then(|| {
+            tokio::spawn(crate::metrics::poll_queues(
+                core.clone(),
+                heartbeat_stop.clone(),
+            ))
+        });
         let scheduler = cfg
             .run_scheduler
             .then(|| tokio::spawn(crate::scheduler::run(core.clone(), shutdown.clone())));
@@ -391,6 +413,9 @@ impl Worker {
             task_error = Some(format!("heartbeat: {e}"));
         }
         deadline.abort();
+        if let Some(p) = queue_poll {
+            let _ = p.await;
+        }
 
         let after = core.counters.snapshot();
         let report = DrainReport {
@@ -505,7 +530,12 @@ async fn start_jobs(
         };
         if run.shutdown.is_cancelled() {
             // Claimed as shutdown began: hand it straight back rather than start work we may not finish.
-            let slot = Arc::new(JobSlot::new(leased.lease, CancellationToken::new()));
+            let metrics = core.metrics.job(queue, &leased.job.spec.kind);
+            let slot = Arc::new(JobSlot::new(
+                leased.lease,
+                CancellationToken::new(),
+                metrics,
+            ));
             core.inflight.insert(slot.clone());
             send_ack(
                 run,
@@ -526,8 +556,17 @@ async fn start_jobs(
             kind = %job.spec.kind,
             attempt = job.attempt,
             correlation_id = job.spec.correlation_id.as_deref().unwrap_or(""),
+            // The W3C trace the submitting request belonged to (its trace id, as log pipelines index it).
+            trace_id = job
+                .spec
+                .traceparent
+                .as_deref()
+                .and_then(|t| t.split('-').nth(1))
+                .unwrap_or(""),
         );
-        let slot = Arc::new(JobSlot::new(leased.lease, run.force.child_token()));
+        let metrics = core.metrics.job(queue, &job.spec.kind);
+        metrics.start(job.attempt, job.spec.created_at);
+        let slot = Arc::new(JobSlot::new(leased.lease, run.force.child_token(), metrics));
         core.inflight.insert(slot.clone());
         run.jobs
             .spawn(run_job(run.clone(), job, slot, permit).instrument(span));
@@ -555,7 +594,22 @@ async fn send_ack(run: &RunCtx, ack: Ack) {
 
 async fn run_job(run: Arc<RunCtx>, job: Job, slot: Arc<JobSlot>, permit: OwnedSemaphorePermit) {
     let core = &run.core;
-    match execute(core, job, &slot).await {
+    let started = Instant::now();
+    let op = execute(core, job, &slot).await;
+    let took = started.elapsed();
+    slot.metrics.processing.observe(took.as_secs_f64());
+    // Inside the job's span: with the span's id, queue, kind, correlation and trace ids.
+    tracing::debug!(
+        ms = took.as_millis() as u64,
+        outcome = match &op {
+            Some(AckOp::Complete(_)) => "completed",
+            Some(AckOp::Fail { .. }) => "failed",
+            Some(AckOp::Release) => "released",
+            None => "lease lost",
+        },
+        "attempt finished"
+    );
+    match op {
         Some(op) => {
             send_ack(&run, Ack { op, slot }).await;
             // The slot is free once the outcome is handed over: the round trip to the broker no longer holds
@@ -567,6 +621,7 @@ async fn run_job(run: Arc<RunCtx>, job: Job, slot: Arc<JobSlot>, permit: OwnedSe
             tracing::info!("lease no longer held; outcome discarded");
             core.inflight.remove(&slot.lease);
             core.counters.lost(1);
+            slot.metrics.lost.inc();
             drop(permit);
         }
     }

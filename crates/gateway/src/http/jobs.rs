@@ -18,6 +18,17 @@ use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
 
 const REQUEST_ID: &str = "x-request-id";
+const TRACEPARENT: &str = "traceparent";
+
+/// The request's W3C `traceparent` when valid, else a new trace: stored with the job and returned.
+fn traceparent(headers: &HeaderMap) -> String {
+    headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ferry_core::trace::TraceParent::parse)
+        .unwrap_or_else(ferry_core::trace::TraceParent::start)
+        .to_string()
+}
 
 /// `X-Request-Id` when it is a sane token (it ends up in logs and events), else a fresh UUIDv7.
 fn correlation_id(headers: &HeaderMap) -> String {
@@ -35,6 +46,7 @@ fn new_job(
     body: Value,
     prefix: Option<&str>,
     correlation: &str,
+    trace: &str,
 ) -> Result<NewJob, ApiError> {
     let mut job: NewJob = from_value(body, prefix)?;
     job.validate(&api.app.config.job_limits)
@@ -45,12 +57,16 @@ fn new_job(
     job.owner = Some(p.sub.clone());
     job.tenant = p.tenant.clone();
     job.correlation_id = Some(correlation.to_owned());
+    job.traceparent = Some(trace.to_owned());
     Ok(job)
 }
 
-fn with_request_id(mut res: Response, id: &str) -> Response {
+fn with_request_id(mut res: Response, id: &str, trace: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
         res.headers_mut().insert(REQUEST_ID, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(trace) {
+        res.headers_mut().insert(TRACEPARENT, v);
     }
     res
 }
@@ -66,18 +82,20 @@ pub async fn submit(
     api.app.resilience.admit_submission()?;
     let q = broker_queue(&p, &queue)?;
     let correlation = correlation_id(&headers);
-    let job = new_job(&api, &p, body, None, &correlation)?;
+    let trace = traceparent(&headers);
+    let job = new_job(&api, &p, body, None, &correlation, &trace)?;
     let e = api
         .app
         .resilience
         .broker(api.app.broker.enqueue(&q, job))
         .await?;
+    api.metrics.enqueued(q.as_str(), u64::from(!e.duplicate));
     let mut out = json!({"id": e.id, "queue": queue, "state": e.state});
     if e.duplicate {
         out["duplicate"] = Value::Bool(true);
     }
     let res = (StatusCode::ACCEPTED, axum::Json(out)).into_response();
-    Ok(with_request_id(res, &correlation))
+    Ok(with_request_id(res, &correlation, &trace))
 }
 
 #[derive(Deserialize)]
@@ -106,11 +124,19 @@ pub async fn submit_batch(
         .into());
     }
     let correlation = correlation_id(&headers);
+    let trace = traceparent(&headers);
     // Every bad job is reported at once, so a client fixes a batch in one round.
     let mut jobs = Vec::with_capacity(batch.jobs.len());
     let mut errors = Vec::new();
     for (i, body) in batch.jobs.into_iter().enumerate() {
-        match new_job(&api, &p, body, Some(&format!("jobs[{i}]")), &correlation) {
+        match new_job(
+            &api,
+            &p,
+            body,
+            Some(&format!("jobs[{i}]")),
+            &correlation,
+            &trace,
+        ) {
             Ok(j) => jobs.push(j),
             Err(ApiError::BadRequest { errors: e, .. }) => errors.extend(e),
             Err(e) => return Err(e),
@@ -124,9 +150,11 @@ pub async fn submit_batch(
         .resilience
         .broker(api.app.broker.enqueue_batch(&q, jobs))
         .await?;
+    let accepted = done.iter().filter(|e| !e.duplicate).count() as u64;
+    api.metrics.enqueued(q.as_str(), accepted);
     let ids: Vec<JobId> = done.iter().map(|e| e.id).collect();
     let res = (StatusCode::ACCEPTED, axum::Json(json!({"ids": ids}))).into_response();
-    Ok(with_request_id(res, &correlation))
+    Ok(with_request_id(res, &correlation, &trace))
 }
 
 /// A job as clients see it. Timestamps are milliseconds since the Unix epoch, the clock of the whole system.

@@ -2,5 +2,6 @@
 //! Webhook tests run a real HTTP server on 127.0.0.1:0.
 
 mod common;
+mod metrics;
 mod runtime;
 mod webhook;

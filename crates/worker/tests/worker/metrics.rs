@@ -1,0 +1,190 @@
+//! Prometheus metrics after a real workload on a real Redis, and the admin listener over HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_broker::redis::RedisOptions;
+use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_testkit::RedisServer;
+use ferry_worker::admin::{self, Admin};
+use ferry_worker::{HandlerRegistry, Worker};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{config, eventually, job, queue};
+
+async fn redis_broker(redis: &RedisServer) -> Arc<dyn Broker> {
+    let options = RedisOptions {
+        response_timeout: Duration::from_millis(500),
+        connection_timeout: Duration::from_millis(300),
+    };
+    Arc::new(
+        RedisBroker::connect_with(&[redis.url()], EngineConfig::default(), options)
+            .await
+            .expect("connects"),
+    )
+}
+
+/// The value of the sample line starting with `prefix` (name and labels).
+fn value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start()?;
+    let broker = redis_broker(&redis).await;
+    let q = queue("metrics");
+    for _ in 0..20 {
+        broker.enqueue(&q, job("ferry.noop", json!({}))).await?;
+    }
+    for _ in 0..3 {
+        let mut j = job("ferry.fail", json!({}));
+        j.max_attempts = Some(2);
+        broker.enqueue(&q, j).await?;
+    }
+    let registry = Arc::new(ferry_telemetry::metrics::registry());
+    let worker = Worker::new(broker.clone(), HandlerRegistry::with_builtins(), config(&q))?;
+    worker.register_metrics(&registry)?;
+    let monitor = worker.monitor();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(worker.run(shutdown.clone()));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let admin_stop = CancellationToken::new();
+    let server = tokio::spawn(admin::serve(
+        listener,
+        Admin {
+            registry: registry.clone(),
+            broker: broker.clone(),
+            worker: monitor.clone(),
+            checks: Vec::new(),
+        },
+        admin_stop.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let scrape = || async {
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+
+    let done = "ferry_jobs_completed_total{kind=\"ferry.noop\",queue=\"metrics\"}";
+    let dead = "ferry_jobs_dead_total{kind=\"ferry.fail\",queue=\"metrics\"}";
+    eventually(Duration::from_secs(20), "all jobs finished", || async {
+        let t = scrape().await;
+        value(&t, done) == Some(20.0) && value(&t, dead) == Some(3.0)
+    })
+    .await?;
+    let text = scrape().await;
+    let labels_noop = "{kind=\"ferry.noop\",queue=\"metrics\"}";
+    let labels_fail = "{kind=\"ferry.fail\",queue=\"metrics\"}";
+    assert_eq!(
+        value(&text, &format!("ferry_jobs_started_total{labels_noop}")),
+        Some(20.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, &format!("ferry_jobs_started_total{labels_fail}")),
+        Some(6.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, &format!("ferry_jobs_retried_total{labels_fail}")),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(&text, &format!("ferry_jobs_lost_total{labels_noop}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("ferry_job_processing_seconds_count{labels_noop}")
+        ),
+        Some(20.0)
+    );
+    // First attempts only.
+    assert_eq!(
+        value(
+            &text,
+            &format!("ferry_job_queue_wait_seconds_count{labels_fail}")
+        ),
+        Some(3.0)
+    );
+    for name in [
+        "# TYPE ferry_job_processing_seconds histogram",
+        "ferry_job_queue_wait_seconds_bucket{kind=\"ferry.noop\",queue=\"metrics\",le=\"+Inf\"} 20",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "ferry_tokio_workers 2",
+        "ferry_tokio_alive_tasks",
+        "ferry_tokio_global_queue_depth",
+        "ferry_tokio_busy_ratio",
+        "ferry_build_info{version=",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    // Queue gauges: polled at start and every 5 s; after the next poll the queue is empty and 3 jobs are dead.
+    eventually(Duration::from_secs(12), "queue gauges", || async {
+        let t = scrape().await;
+        value(&t, "ferry_queue_dead{queue=\"metrics\"}") == Some(3.0)
+            && value(&t, "ferry_queue_depth{queue=\"metrics\"}") == Some(0.0)
+            && value(&t, "ferry_queue_active{queue=\"metrics\"}") == Some(0.0)
+            && value(&t, "ferry_queue_scheduled{queue=\"metrics\"}") == Some(0.0)
+            && value(&t, "ferry_queue_paused{queue=\"metrics\"}") == Some(0.0)
+            && value(&t, "ferry_queue_oldest_waiting_seconds{queue=\"metrics\"}") == Some(0.0)
+    })
+    .await?;
+
+    // Health and readiness.
+    let get = |path: &'static str| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let r = http.get(format!("{base}{path}")).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body)?;
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["checks"]["redis"]["ok"], true);
+
+    redis.stop()?;
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let v: Value = serde_json::from_str(&body)?;
+    assert_eq!(v["status"], "unready");
+    assert_eq!(v["checks"]["redis"]["ok"], false);
+    assert_eq!(get("/healthz").await.0, 200);
+
+    redis.restart()?;
+    eventually(Duration::from_secs(10), "ready again", || async {
+        get("/readyz").await.0 == 200
+    })
+    .await?;
+
+    // Draining: unready at once, while the listener still answers.
+    shutdown.cancel();
+    eventually(Duration::from_secs(5), "unready while draining", || async {
+        let (status, body) = get("/readyz").await;
+        status == 503 && body.contains("draining")
+    })
+    .await?;
+    tokio::time::timeout(Duration::from_secs(20), run).await???;
+    admin_stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), server).await???;
+    Ok(())
+}
