@@ -7,6 +7,7 @@
 //! validates, wires and waits; whatever a test or `ferry dev` would need lives in the role crates.
 
 pub mod args;
+pub mod config;
 pub mod dev;
 pub mod enqueue;
 pub mod gateway;
@@ -53,9 +54,8 @@ impl CliError {
 
 /// Parse the process arguments; a parse error is printed and exits 64 (help and version exit 0).
 pub fn parse_args() -> Result<Cli, ExitCode> {
-    use clap::Parser;
     use clap::error::ErrorKind;
-    Cli::try_parse().map_err(|e| {
+    config::parse(std::env::args_os().collect()).map_err(|e| {
         let _ = e.print();
         match e.kind() {
             ErrorKind::DisplayHelp
@@ -89,6 +89,13 @@ pub fn run(cli: Cli) -> ExitCode {
             init_tracing(json)?;
             runtime()?.block_on(enqueue::run(cfg))
         }),
+        args::Command::CheckConfig(a) => match config::check(cli.config.as_deref(), a.role) {
+            Ok(text) => {
+                print!("{text}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
         args::Command::Migrate(a) => store::resolve_migrate(a.database).and_then(|cfg| {
             init_tracing(json)?;
             runtime()?.block_on(store::run_migrate(cfg))
@@ -146,6 +153,26 @@ pub(crate) fn check_redis_urls(urls: &[String]) -> Result<Vec<String>, CliError>
         return Err(CliError::usage("--redis", format!("{dup} is listed twice")));
     }
     Ok(urls)
+}
+
+/// The engine settings shared by every process on Redis, from `--dead-letter-max`, `--event-log-max` and
+/// `--idempotency-ttl-ms` (the rest are role flags).
+pub(crate) fn engine_config(a: &args::EngineArgs) -> Result<ferry_broker::EngineConfig, CliError> {
+    for (flag, v) in [
+        ("--dead-letter-max", a.dead_letter_max as u64),
+        ("--event-log-max", a.event_log_max as u64),
+        ("--idempotency-ttl-ms", a.idempotency_ttl_ms),
+    ] {
+        if v == 0 {
+            return Err(CliError::usage(flag, "must be at least 1"));
+        }
+    }
+    Ok(ferry_broker::EngineConfig {
+        dead_letter_max: a.dead_letter_max,
+        event_stream_max: a.event_log_max,
+        idempotency_ttl: std::time::Duration::from_millis(a.idempotency_ttl_ms),
+        ..ferry_broker::EngineConfig::default()
+    })
 }
 
 /// Connect to every shard; an unreachable one is exit 69.
