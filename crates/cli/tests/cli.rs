@@ -270,3 +270,62 @@ fn database_flags_are_checked_and_an_unreachable_database_exits_69() {
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
     assert!(!stderr(&out).contains("s3cret"), "{}", stderr(&out));
 }
+
+#[test]
+fn config_files_are_checked_and_printed_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    // Each documented message, from a real start (exit 64, nothing connects).
+    for (text, message) in [
+        (
+            "[worker]\nconcurency = 3\n",
+            "unknown key worker.concurency: ferry worker has no --concurency",
+        ),
+        (
+            "colour = \"red\"\n",
+            "unknown key colour: no role has --colour",
+        ),
+        (
+            "[worker]\nconcurrency = \"lots\"\n",
+            "worker.concurrency: invalid value 'lots'",
+        ),
+        ("[worker\n", "invalid config file"),
+        (
+            "redis = [\"redis://127.0.0.1:1\"]\n[worker]\nqueues = [\"q\"]\nconcurrency = 0\n",
+            "invalid --concurrency: must be at least 1",
+        ),
+    ] {
+        let path = write("bad.toml", text);
+        let out = ferry(&["--config", &path, "worker"], &[]);
+        assert_eq!(out.status.code(), Some(64), "{text}: {}", stderr(&out));
+        assert!(stderr(&out).contains(message), "{text}: {}", stderr(&out));
+    }
+    // check-config: the effective settings with their sources; variables over the file; secrets hidden.
+    let path = write(
+        "ok.toml",
+        "redis = [\"redis://:pw123@10.0.0.1:6379\"]\n[gateway]\njwt-secret = \"0123456789abcdef0123456789abcdef\"\nmax-batch = 50\n",
+    );
+    let out = ferry(
+        &["check-config", "--config", &path, "--role", "gateway"],
+        &[("FERRY_MAX_BATCH", "70")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max-batch = 70  # env"), "{text}");
+    assert!(
+        text.contains("jwt-secret = \"<redacted>\"  # file"),
+        "{text}"
+    );
+    assert!(
+        text.contains("max-body-bytes = 1048576  # default"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("pw123") && !text.contains("0123456789abcdef"),
+        "{text}"
+    );
+}
