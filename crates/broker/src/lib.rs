@@ -129,6 +129,13 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// subscription per channel per feed.
     async fn channels(&self) -> Result<ChannelFeed, BrokerError>;
 
+    /// Which shard (an index below [`Broker::log_shards`]) carries the application channel `channel`, when the
+    /// engine spreads channels over shards; `None` when it does not (one shard, or no such notion). A readiness
+    /// canary uses it to pick one channel per shard.
+    fn channel_shard(&self, _channel: &str) -> Option<usize> {
+        None
+    }
+
     /// Housekeeping for one queue: trim acknowledged stream entries, expire finished jobs past retention.
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError>;
 

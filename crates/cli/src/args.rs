@@ -22,6 +22,13 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
+    /// TOML configuration file. Precedence: built-in defaults, then this file, then FERRY_* variables, then
+    /// flags. Keys are the flag names (`concurrency = 20`); top-level keys apply to every role that has the
+    /// flag, `[worker]` / `[gateway]` / `[dev]` / `[enqueue]` / `[migrate]` sections to one role. Unknown keys
+    /// are refused.
+    #[arg(long, value_name = "FILE", env = "FERRY_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -46,6 +53,128 @@ pub enum Command {
     Token(TokenArgs),
     /// Apply the durable store's schema migrations to PostgreSQL (safe to repeat).
     Migrate(MigrateArgs),
+    /// Validate a configuration (file, FERRY_* variables) for a role and print the effective settings, each with
+    /// where it came from, secrets redacted.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The role whose configuration to check.
+    #[arg(long, value_enum, default_value = "worker")]
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    Dev,
+    Gateway,
+    Worker,
+    Enqueue,
+    Migrate,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dev => "dev",
+            Self::Gateway => "gateway",
+            Self::Worker => "worker",
+            Self::Enqueue => "enqueue",
+            Self::Migrate => "migrate",
+        }
+    }
+}
+
+/// Engine settings every process touching Redis must agree on.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Longest dead-letter list per queue; older dead jobs leave Redis (the PostgreSQL record keeps them).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_DEAD_LETTER_MAX",
+        default_value_t = 10_000
+    )]
+    pub dead_letter_max: usize,
+
+    /// Hard cap of each shard's durable event log, in entries (keep --backlog-high-water well below it).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_EVENT_LOG_MAX",
+        default_value_t = 1_000_000
+    )]
+    pub event_log_max: usize,
+
+    /// How long an idempotency key is remembered.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_IDEMPOTENCY_TTL_MS",
+        default_value_t = 86_400_000
+    )]
+    pub idempotency_ttl_ms: u64,
+}
+
+/// The gateway's limits (per node).
+#[derive(Debug, Args)]
+pub struct LimitsArgs {
+    /// Largest request body, bytes.
+    #[arg(long, value_name = "BYTES", env = "FERRY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most jobs in one batch submit.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_MAX_BATCH",
+        default_value_t = 1000
+    )]
+    pub max_batch: usize,
+    /// HTTP requests per second per subject, sustained.
+    #[arg(long, value_name = "N", env = "FERRY_HTTP_RATE", default_value_t = 100)]
+    pub http_rate: u32,
+    /// HTTP request burst per subject.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_HTTP_BURST",
+        default_value_t = 200
+    )]
+    pub http_burst: u32,
+    /// WebSocket frames per second per connection, sustained.
+    #[arg(long, value_name = "N", env = "FERRY_WS_RATE", default_value_t = 50)]
+    pub ws_rate: u32,
+    /// WebSocket frame burst per connection.
+    #[arg(long, value_name = "N", env = "FERRY_WS_BURST", default_value_t = 100)]
+    pub ws_burst: u32,
+    /// WebSocket connections per node.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_MAX_CONNECTIONS",
+        default_value_t = 100_000
+    )]
+    pub max_connections: usize,
+    /// WebSocket connections per subject.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_MAX_CONNECTIONS_PER_SUBJECT",
+        default_value_t = 100
+    )]
+    pub max_connections_per_subject: usize,
+    /// Largest WebSocket frame accepted, bytes.
+    #[arg(long, value_name = "BYTES", env = "FERRY_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Messages queued for one connection before it is closed as a slow consumer (4009).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_SEND_QUEUE",
+        default_value_t = 256
+    )]
+    pub send_queue: usize,
 }
 
 /// The durable record in PostgreSQL.
@@ -176,6 +305,12 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub jwt: JwtArgs,
 
+    #[command(flatten)]
+    pub limits: LimitsArgs,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
     /// The durable record, for `GET /v1/jobs`, a job's events, and jobs Redis no longer holds.
     #[command(flatten)]
     pub database: DatabaseArgs,
@@ -199,6 +334,43 @@ pub struct GatewayArgs {
         default_value_t = 200_000
     )]
     pub backlog_high_water: u64,
+
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+}
+
+/// How the gateway drains on SIGTERM/SIGINT.
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// After SIGTERM/SIGINT, how long /readyz answers 503 while everything is still served, so load balancers
+    /// stop sending before the listener closes.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_DRAIN_DELAY_MS",
+        default_value_t = 5_000
+    )]
+    pub drain_delay_ms: u64,
+
+    /// WebSocket clients are told to go away, then each is closed (1001) after its own delay within this
+    /// window, so they do not all reconnect at once.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_WS_CLOSE_SPREAD_MS",
+        default_value_t = 10_000
+    )]
+    pub ws_close_spread_ms: u64,
+
+    /// Longest the whole drain may take after the signal; past it the process reports what was still open
+    /// and exits 70. Must exceed --drain-delay-ms + --ws-close-spread-ms.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_SHUTDOWN_DEADLINE_MS",
+        default_value_t = 30_000
+    )]
+    pub shutdown_deadline_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +411,9 @@ pub struct DevArgs {
         default_value_t = 10
     )]
     pub concurrency: usize,
+
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 #[derive(Debug, Args)]
@@ -429,6 +604,15 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "NAME", env = "FERRY_CONSUMER")]
     pub consumer: Option<String>,
 
+    /// Admin listener serving /metrics, /healthz and /readyz, HOST:PORT; `off` disables it.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FERRY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub admin_listen: String,
+
     /// Run jobs of KIND by POSTing them to URL, KIND=URL; repeatable or comma-separated.
     #[arg(
         long,
@@ -453,6 +637,9 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
 
     /// Do not run the recorder (which copies job events into PostgreSQL) in this worker.
     #[arg(long, env = "FERRY_NO_RECORDER")]

@@ -49,8 +49,10 @@ pub fn resolve(a: DevArgs) -> Result<ResolvedDev, CliError> {
         leeway: Duration::from_secs(30),
         ..AuthConfig::default()
     };
+    let mut gateway = GatewayConfig::new(listen, auth);
+    gateway.shutdown = crate::gateway::shutdown_config(&a.shutdown)?;
     Ok(ResolvedDev {
-        gateway: GatewayConfig::new(listen, auth),
+        gateway,
         worker: WorkerConfig {
             queues,
             concurrency: a.concurrency,

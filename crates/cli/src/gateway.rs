@@ -9,7 +9,7 @@ use ferry_gateway::auth::AuthConfig;
 use ferry_gateway::config::TlsConfig;
 
 use crate::CliError;
-use crate::args::{GatewayArgs, JwtArgs};
+use crate::args::{GatewayArgs, JwtArgs, ShutdownArgs};
 
 /// Shortest shared secret accepted: HS256 with less than 256 bits of key is guessable offline.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -93,9 +93,31 @@ fn check_jwks_url(url: &str) -> Result<(), CliError> {
     }
 }
 
+/// The drain settings, checked: the deadline must leave room for the drain delay and the close spread.
+pub fn shutdown_config(
+    a: &ShutdownArgs,
+) -> Result<ferry_gateway::config::ShutdownConfig, CliError> {
+    let room = a.drain_delay_ms.saturating_add(a.ws_close_spread_ms);
+    if a.shutdown_deadline_ms <= room {
+        return Err(CliError::usage(
+            "--shutdown-deadline-ms",
+            format!(
+                "must be greater than --drain-delay-ms + --ws-close-spread-ms ({} + {} = {room} ms), got {}",
+                a.drain_delay_ms, a.ws_close_spread_ms, a.shutdown_deadline_ms
+            ),
+        ));
+    }
+    Ok(ferry_gateway::config::ShutdownConfig {
+        drain_delay: Duration::from_millis(a.drain_delay_ms),
+        ws_close_spread: Duration::from_millis(a.ws_close_spread_ms),
+        hard_deadline: Duration::from_millis(a.shutdown_deadline_ms),
+    })
+}
+
 #[derive(Debug)]
 pub struct ResolvedGateway {
     pub urls: Vec<String>,
+    pub engine: ferry_broker::EngineConfig,
     pub config: GatewayConfig,
     pub database: Option<crate::store::ResolvedDatabase>,
 }
@@ -108,6 +130,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     ferry_gateway::auth::Authenticator::new(auth.clone())
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let mut config = GatewayConfig::new(listen, auth);
+    config.shutdown = shutdown_config(&a.shutdown)?;
     if let (Some(cert_pem), Some(key_pem)) = (a.tls_cert, a.tls_key) {
         for (flag, p) in [("--tls-cert", &cert_pem), ("--tls-key", &key_pem)] {
             if !p.is_file() {
@@ -128,9 +151,41 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     config.resilience.broker_timeout = Duration::from_millis(a.broker_timeout_ms);
     config.resilience.store_timeout = Duration::from_millis(a.broker_timeout_ms);
     config.resilience.backlog_high_water = Some(a.backlog_high_water).filter(|&n| n > 0);
+    let l = &a.limits;
+    for (flag, v) in [
+        ("--max-body-bytes", l.max_body_bytes),
+        ("--max-batch", l.max_batch),
+        ("--http-rate", l.http_rate as usize),
+        ("--http-burst", l.http_burst as usize),
+        ("--ws-rate", l.ws_rate as usize),
+        ("--ws-burst", l.ws_burst as usize),
+        ("--max-connections", l.max_connections),
+        (
+            "--max-connections-per-subject",
+            l.max_connections_per_subject,
+        ),
+        ("--max-frame-bytes", l.max_frame_bytes),
+        ("--send-queue", l.send_queue),
+    ] {
+        if v == 0 {
+            return Err(CliError::usage(flag, "must be at least 1"));
+        }
+    }
+    config.limits.max_body_bytes = l.max_body_bytes;
+    config.limits.max_batch = l.max_batch;
+    config.limits.http_rate_per_sec = l.http_rate;
+    config.limits.http_burst = l.http_burst;
+    config.limits.ws_rate_per_sec = l.ws_rate;
+    config.limits.ws_burst = l.ws_burst;
+    config.limits.max_connections = l.max_connections;
+    config.limits.max_connections_per_subject = l.max_connections_per_subject;
+    config.limits.max_frame_bytes = l.max_frame_bytes;
+    config.limits.send_queue = l.send_queue;
+    let engine = crate::engine_config(&a.engine)?;
     let database = crate::store::resolve(a.database)?;
     Ok(ResolvedGateway {
         urls,
+        engine,
         config,
         database,
     })
@@ -139,7 +194,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
 pub async fn run(cfg: ResolvedGateway) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
-    let broker = crate::connect(&cfg.urls, ferry_broker::EngineConfig::default()).await?;
+    let broker = crate::connect(&cfg.urls, cfg.engine.clone()).await?;
     let mut config = cfg.config;
     if let Some(db) = &cfg.database {
         let store: Arc<dyn ferry_store::Store> = Arc::new(crate::store::connect(db).await?);

@@ -24,6 +24,8 @@ pub struct ResolvedWorker {
     pub database: Option<crate::store::ResolvedDatabase>,
     /// The recorder's settings (its consumer name is the worker's, filled in at start).
     pub recorder: Option<RecorderConfig>,
+    /// Where the admin listener (`/metrics`, `/healthz`, `/readyz`) binds; `None` when `off`.
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 fn ms(v: u64) -> Duration {
@@ -72,7 +74,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
     let engine = EngineConfig {
         visibility_timeout: ms(a.visibility_timeout_ms),
         finished_retention: ms(a.finished_retention_ms),
-        ..EngineConfig::default()
+        ..crate::engine_config(&a.engine)?
     };
     let worker = WorkerConfig {
         queues,
@@ -125,6 +127,15 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
             .register_webhook(kind, config)
             .map_err(|e| CliError::usage("--webhook", e))?;
     }
+    let admin_listen = match a.admin_listen.trim() {
+        "off" => None,
+        addr => Some(addr.parse().map_err(|_| {
+            CliError::usage(
+                "--admin-listen",
+                format!("expected HOST:PORT or off, got {addr:?}"),
+            )
+        })?),
+    };
     let database = crate::store::resolve(a.database)?;
     let recorder = if a.no_recorder || database.is_none() {
         None
@@ -151,6 +162,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         registry,
         database,
         recorder,
+        admin_listen,
     })
 }
 
@@ -201,12 +213,26 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
     };
     let worker = Worker::new(broker.clone(), cfg.registry, cfg.worker)
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    let metrics = Arc::new(ferry_telemetry::metrics::registry());
+    worker
+        .register_metrics(&metrics)
+        .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
+    let mut ready_checks: Vec<(&'static str, ferry_worker::admin::ReadyCheck)> = Vec::new();
     // The recorder stops after the worker has drained (its own token), so the drain's events are recorded too.
     let recorder_stop = tokio_util::sync::CancellationToken::new();
     let recorder_task = match (store, cfg.recorder) {
         (Some(store), Some(mut rc)) => {
             rc.consumer = worker.monitor().consumer().to_owned();
-            let recorder = Recorder::new(broker.clone(), Arc::new(store), rc);
+            let store: Arc<dyn ferry_store::Store> = Arc::new(store);
+            let recorder = Recorder::new(broker.clone(), store.clone(), rc);
+            recorder
+                .register_metrics(&metrics)
+                .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
+            let ping: ferry_worker::admin::ReadyCheck = Arc::new(move || {
+                let store = store.clone();
+                Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+            });
+            ready_checks.push(("postgres", ping));
             Some(tokio::spawn(recorder.run(recorder_stop.clone())))
         }
         (None, _) => {
@@ -233,9 +259,44 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
             }
         });
     }
+    // Stopped last: `/readyz` answers 503 (draining) while the worker drains.
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    // A port already taken (several workers on one host with the default address) costs the admin listener,
+    // not the worker: jobs keep running, and the error says how to fix it.
+    let listener = match cfg.admin_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot start the admin listener (/metrics, /healthz, /readyz); \
+                    running without it: set --admin-listen to a free address, or off");
+                None
+            }
+        },
+        None => None,
+    };
+    let admin_task = listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+        }
+        let admin = ferry_worker::admin::Admin {
+            registry: metrics.clone(),
+            broker: broker.clone(),
+            worker: worker.monitor(),
+            checks: ready_checks,
+        };
+        tokio::spawn(ferry_worker::admin::serve(
+            listener,
+            admin,
+            admin_stop.clone(),
+        ))
+    });
     let report = worker.run(shutdown).await;
     recorder_stop.cancel();
     if let Some(t) = recorder_task {
+        let _ = t.await;
+    }
+    admin_stop.cancel();
+    if let Some(t) = admin_task {
         let _ = t.await;
     }
     let report = report.map_err(|e| CliError::Internal(e.to_string()))?;

@@ -21,6 +21,51 @@ pub struct GatewayConfig {
     /// The durable record (PostgreSQL, or memory for `ferry dev`) that answers job listings, audit trails and
     /// lookups of jobs Redis no longer holds. `None` (the default): those routes answer 503 `no-store`.
     pub store: Option<Arc<dyn ferry_store::Store>>,
+    /// How the gateway drains when its run token is cancelled (SIGTERM/SIGINT).
+    pub shutdown: ShutdownConfig,
+    /// What `/readyz` checks beyond the dependencies' pings.
+    pub readiness: ReadinessConfig,
+}
+
+/// The drain sequence run when the gateway's token is cancelled (see [`crate::server`]), with defaults.
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// How long `/readyz` answers 503 `draining` while everything is still served, so load balancers stop
+    /// sending new clients before the listener closes (default 5 s).
+    pub drain_delay: Duration,
+    /// WebSocket clients get a `goaway` frame when the listener closes, then each is closed with 1001 after its
+    /// own delay, drawn uniformly from `[0, ws_close_spread)`, so they do not all reconnect at once (default
+    /// 10 s).
+    pub ws_close_spread: Duration,
+    /// Longest the whole drain may take, from the signal: past it the gateway logs what was still open and
+    /// returns an error (default 30 s). Should exceed `drain_delay + ws_close_spread`.
+    pub hard_deadline: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            ws_close_spread: Duration::from_secs(10),
+            hard_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Readiness checks, with defaults.
+#[derive(Debug, Clone)]
+pub struct ReadinessConfig {
+    /// Longest wait for the pub/sub canary: a message published on this node's private application channel(s)
+    /// must come back through the node's channel feed within it (default 2 s).
+    pub pubsub_budget: Duration,
+}
+
+impl Default for ReadinessConfig {
+    fn default() -> Self {
+        Self {
+            pubsub_budget: Duration::from_secs(2),
+        }
+    }
 }
 
 /// How the gateway protects itself and its dependencies, with defaults.
@@ -122,6 +167,8 @@ impl GatewayConfig {
             job_limits: ferry_core::Limits::default(),
             resilience: ResilienceConfig::default(),
             store: None,
+            shutdown: ShutdownConfig::default(),
+            readiness: ReadinessConfig::default(),
         }
     }
 }

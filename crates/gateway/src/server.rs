@@ -1,16 +1,35 @@
 //! `Gateway::build(config, broker)` checks the configuration, binds the listener and prepares TLS; `local_addr()`
-//! says where it listens (tests bind port 0); `run(shutdown)` serves until the token is cancelled, then stops
-//! accepting and lets in-flight requests finish. `run` also polls the event-log backlog for load shedding
-//! ([`crate::resilience`]) until the token is cancelled. The optional store is `GatewayConfig::store`.
+//! says where it listens (tests bind port 0); `run(shutdown)` serves until the token is cancelled, then drains.
+//! `run` also polls the event-log backlog for load shedding ([`crate::resilience`]) until it returns. The
+//! optional store is `GatewayConfig::store`.
+//!
+//! # Shutdown
+//!
+//! One tree hangs off the `shutdown` token (SIGTERM/SIGINT in the binary). When it is cancelled, in this order
+//! ([`crate::config::ShutdownConfig`]):
+//!
+//! 1. `/readyz` answers 503 `draining` at once; everything is still served for `drain_delay`, so load balancers
+//!    take the node out of rotation before anything is refused;
+//! 2. the listener closes (new connections are refused, idle keep-alive connections are closed) and new
+//!    WebSocket upgrades get 503; every WebSocket client gets a `goaway` frame and is closed with 1001 after its
+//!    own delay within `ws_close_spread` ([`crate::ws::Hub::goaway`]);
+//! 3. in-flight HTTP requests finish;
+//! 4. `run` returns `Ok` once no HTTP connection and no WebSocket is left, or, at `hard_deadline` after the
+//!    signal, logs at error level what was still open, closes the rest and returns an error saying so.
 //!
 //! TLS is rustls with the ring provider passed explicitly, so the library installs nothing global; certificates
 //! and keys are read from PEM files with `rustls::pki_types`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use ferry_broker::Broker;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -97,32 +116,120 @@ impl Gateway {
         &self.state
     }
 
-    /// Serve until `shutdown` is cancelled.
+    /// Serve until `shutdown` is cancelled, then drain (see the module documentation). `Err` when serving
+    /// failed, or when the drain did not finish within `ShutdownConfig::hard_deadline`.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        let hub = tokio::spawn(self.state.hub.clone().run(shutdown.clone()));
+        let cfg = self.state.config.shutdown.clone();
+        let hub = self.state.hub.clone();
+        // Readiness flips the moment the token is cancelled, not when this task gets to run.
+        hub.drain_on(shutdown.clone());
+        // Ends the hub (closing any WebSocket left) and the backlog polling: the last step, not the first.
+        let stop = CancellationToken::new();
+        let hub_task = tokio::spawn(hub.clone().run(stop.clone()));
         let backlog = tokio::spawn(
             self.state
                 .resilience
                 .clone()
-                .poll_backlog(self.state.broker.clone(), shutdown.clone()),
+                .poll_backlog(self.state.broker.clone(), stop.clone()),
         );
-        let app = http::router(self.state.clone());
-        let result = match self.tls {
-            None => {
-                axum::serve(
-                    self.listener,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let app = http::router(self.state.clone()).layer(axum::middleware::from_fn_with_state(
+            in_flight.clone(),
+            count_in_flight,
+        ));
+        // Cancelled once the drain delay is over: stop accepting, finish what is in flight.
+        let stop_accepting = CancellationToken::new();
+        let mut serving = tokio::spawn({
+            let stop_accepting = stop_accepting.clone();
+            let (listener, tls) = (self.listener, self.tls);
+            async move {
+                match tls {
+                    None => {
+                        axum::serve(
+                            listener,
+                            app.into_make_service_with_connect_info::<SocketAddr>(),
+                        )
+                        .with_graceful_shutdown(stop_accepting.cancelled_owned())
+                        .await
+                    }
+                    Some(tls) => serve_tls(listener, tls, app, stop_accepting).await,
+                }
+            }
+        });
+        let finish = async |result: std::io::Result<()>| {
+            stop.cancel();
+            let _ = hub_task.await;
+            let _ = backlog.await;
+            result
+        };
+
+        let served_early = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = &mut serving => Some(r),
+        };
+        if let Some(r) = served_early {
+            // The listener failed before any shutdown was asked for.
+            return finish(r.unwrap_or_else(|e| Err(std::io::Error::other(e)))).await;
+        }
+        let deadline = tokio::time::Instant::now() + cfg.hard_deadline;
+        hub.start_draining();
+        tracing::info!(
+            drain_delay_ms = cfg.drain_delay.as_millis() as u64,
+            "draining: /readyz answers 503, still serving"
+        );
+        tokio::time::sleep_until((tokio::time::Instant::now() + cfg.drain_delay).min(deadline))
+            .await;
+        tracing::info!(
+            websockets = hub.connections(),
+            http_requests = in_flight.load(Ordering::Relaxed),
+            ws_close_spread_ms = cfg.ws_close_spread.as_millis() as u64,
+            "draining: listener closed, WebSocket clients told to go away"
+        );
+        stop_accepting.cancel();
+        hub.goaway(cfg.ws_close_spread);
+        let drained = async {
+            let r = (&mut serving).await;
+            while hub.connections() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r
+        };
+        match tokio::time::timeout_at(deadline, drained).await {
+            Ok(r) => {
+                tracing::info!("drained");
+                finish(r.unwrap_or_else(|e| Err(std::io::Error::other(e)))).await
+            }
+            Err(_) => {
+                let (ws, requests) = (hub.connections(), in_flight.load(Ordering::Relaxed));
+                tracing::error!(
+                    open_websockets = ws,
+                    in_flight_http_requests = requests,
+                    deadline_ms = cfg.hard_deadline.as_millis() as u64,
+                    "shutdown deadline passed, exiting with work still open"
+                );
+                serving.abort();
+                finish(Err(std::io::Error::other(format!(
+                    "shutdown deadline ({} ms) passed with {ws} WebSocket connection(s) and {requests} HTTP \
+                     request(s) still open",
+                    cfg.hard_deadline.as_millis()
+                ))))
                 .await
             }
-            Some(tls) => serve_tls(self.listener, tls, app, shutdown.clone()).await,
-        };
-        shutdown.cancel();
-        let _ = hub.await;
-        let _ = backlog.await;
-        result
+        }
     }
+}
+
+/// Counts requests being handled, for the shutdown deadline's report.
+async fn count_in_flight(State(n): State<Arc<AtomicUsize>>, req: Request, next: Next) -> Response {
+    struct Guard(Arc<AtomicUsize>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    n.fetch_add(1, Ordering::AcqRel);
+    let _guard = Guard(n);
+    next.run(req).await
 }
 
 fn tls_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, GatewayError> {

@@ -268,6 +268,16 @@ async fn flood_gets_rate_limited_then_4008() {
         .and_then(|n| n.parse().ok())
         .unwrap();
     assert!(frames >= limited, "{metrics}");
+    // Every frame the client sent was counted in, and every reply out.
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(counter("ferry_ws_frames_in_total") >= limited, "{metrics}");
+    assert!(counter("ferry_ws_frames_out_total") >= limited, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

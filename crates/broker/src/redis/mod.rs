@@ -1077,6 +1077,10 @@ impl Broker for RedisBroker {
         Ok(pubsub::feed(shards, self.ring.clone()))
     }
 
+    fn channel_shard(&self, channel: &str) -> Option<usize> {
+        Some(self.ring.shard_for(channel))
+    }
+
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
         let keys = QueueKeys::new(queue);
         let mut inv = self.scripts.maintain.prepare_invoke();

@@ -1,5 +1,7 @@
-//! Unauthenticated operational routes: `/healthz` (the process answers), `/readyz` (Redis and the store, if any,
-//! answer a real round trip within a budget), `/metrics` and the OpenAPI document. They must stay cheap: probes hit them often.
+//! Unauthenticated operational routes: `/healthz` (the process answers, even while draining), `/readyz` (not
+//! draining; Redis and the store, if any, answer a real round trip within a budget; the pub/sub canary comes
+//! back through this node's channel feed), `/metrics` and the OpenAPI document. They must stay cheap: probes hit
+//! them often.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,8 @@ use super::Api;
 /// The OpenAPI 3.1 description of every route, kept next to the handlers it describes.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// The process is alive: 200 whatever the dependencies, and while draining too (a drain is not a reason to
+/// restart the process).
 pub async fn healthz() -> &'static str {
     "ok"
 }
@@ -39,10 +43,16 @@ async fn check<E: std::fmt::Display>(
     (ok, json!({"ok": ok, "ms": ms, "error": error}))
 }
 
-/// Ready when Redis and (if the gateway has one) the store each answer a ping within their call timeout
-/// (`ResilienceConfig::broker_timeout` / `store_timeout`), both pinged at once. The breakers are not consulted:
-/// readiness reports what the dependencies answer now.
+/// Ready when the node is not draining, Redis and (if the gateway has one) the store each answer a ping within
+/// their call timeout (`ResilienceConfig::broker_timeout` / `store_timeout`), and the pub/sub canary
+/// ([`crate::ws::Hub::probe_pubsub`]) comes back within `ReadinessConfig::pubsub_budget`, all at once. The
+/// breakers are not consulted: readiness reports what the dependencies answer now. A draining node answers 503
+/// `draining` at once, without checking anything.
 pub async fn readyz(State(api): State<Api>) -> Response {
+    let hub = &api.app.hub;
+    if hub.is_draining() {
+        return unready(json!({"status": "draining", "checks": {}}));
+    }
     let r = &api.app.resilience.config;
     let redis = check(r.broker_timeout, api.app.broker.ping());
     let store = async {
@@ -51,39 +61,42 @@ pub async fn readyz(State(api): State<Api>) -> Response {
             None => None,
         }
     };
-    let ((redis_ok, redis), store) = tokio::join!(redis, store);
-    let mut checks = json!({ "redis": redis });
-    let mut ready = redis_ok;
+    let pubsub = hub.probe_pubsub(api.app.config.readiness.pubsub_budget);
+    let ((redis_ok, redis), store, pubsub) = tokio::join!(redis, store, pubsub);
+    let mut checks = json!({
+        "redis": redis,
+        "pubsub": {"ok": pubsub.ok, "ms": pubsub.ms, "error": pubsub.error},
+    });
+    let mut ready = redis_ok && pubsub.ok;
     if let Some((ok, pg)) = store {
         checks["postgres"] = pg;
         ready &= ok;
     }
+    if hub.is_draining() {
+        // Started draining while the checks ran.
+        return unready(json!({"status": "draining", "checks": checks}));
+    }
     if ready {
         axum::Json(json!({"status": "ready", "checks": checks})).into_response()
     } else {
-        let mut res = (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "unready", "checks": checks})),
-        )
-            .into_response();
-        res.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(1));
-        res
+        unready(json!({"status": "unready", "checks": checks}))
     }
+}
+
+fn unready(body: Value) -> Response {
+    let mut res = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(1));
+    res
 }
 
 pub async fn metrics(State(api): State<Api>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            ferry_telemetry::metrics::TEXT_CONTENT_TYPE,
         )],
-        api.metrics.render()
-            + &api.app.hub.render_metrics()
-            + &api
-                .app
-                .resilience
-                .render_metrics(api.app.config.store.is_some()),
+        super::metrics::render_all(&api),
     )
         .into_response()
 }

@@ -41,6 +41,14 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let hub = state.hub.clone();
+    if hub.closing() {
+        // Draining: the client should connect to another node.
+        return ApiError::Unavailable {
+            detail: "this node is shutting down, connect again".into(),
+            retry_after_secs: 1,
+        }
+        .into_response();
+    }
     let token = bearer(&headers).or_else(|| query_token(query.as_deref()));
     let verified = match token.as_deref() {
         Some(t) => Some(state.auth.verify_or_refresh(t).await),
@@ -216,12 +224,28 @@ async fn run(
     // timer on every idle connection).
     let mut next_ping = Instant::now() + limits.ping_interval;
     let mut last_seen = Instant::now();
+    // Set when the node drains (see `Hub::goaway`): when this connection closes with 1001.
+    let mut closing: Option<Instant> = None;
     let ending: Ending = loop {
         let expires = c.expires;
+        let wake = closing.map_or(next_ping.min(expires), |t| t.min(next_ping).min(expires));
         tokio::select! {
             // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`.
             _ = handle.killed() => break Some(handle.ending()),
-            _ = tokio::time::sleep_until(next_ping.min(expires)) => {
+            _ = hub.goaway_called(), if closing.is_none() => {
+                let delay = hub.close_delay();
+                closing = Some(Instant::now() + delay);
+                let frame = json!({"type": "goaway", "reconnect_after_ms": delay.as_millis() as u64});
+                if let Err(ending) =
+                    send(&mut socket, &handle, Message::Text(frame.to_string().into()), closing).await
+                {
+                    break ending;
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if closing.is_some_and(|t| Instant::now() >= t) {
+                    break Some((close::GOING_AWAY, "server shutting down"));
+                }
                 if Instant::now() >= expires {
                     break Some((close::TOKEN_EXPIRED, "token expired"));
                 }
@@ -230,12 +254,12 @@ async fn run(
                     // Dead peer: nobody to say goodbye to.
                     break None;
                 }
-                if let Err(ending) = send(&mut socket, &handle, Message::Ping(Default::default())).await {
+                if let Err(ending) = send(&mut socket, &handle, Message::Ping(Default::default()), closing).await {
                     break ending;
                 }
             }
             frame = handle.outbox.pop() => {
-                if let Err(ending) = send(&mut socket, &handle, Message::Text(frame)).await {
+                if let Err(ending) = send(&mut socket, &handle, Message::Text(frame), closing).await {
                     break ending;
                 }
             }
@@ -257,9 +281,11 @@ async fn run(
                     Some(Ok(_)) => continue,
                 };
                 // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
+                c.hub.count_frame_in();
                 match Box::pin(c.frame(text.as_str())).await {
                     Ok(Some(reply)) => {
-                        if let Err(ending) = send(&mut socket, &handle, Message::Text(reply.into())).await {
+                        c.hub.count_frame_out();
+                        if let Err(ending) = send(&mut socket, &handle, Message::Text(reply.into()), closing).await {
                             break ending;
                         }
                     }
@@ -286,15 +312,27 @@ fn is_capacity(e: &axum::Error) -> bool {
 /// Write one frame, giving up if the hub closes the connection meanwhile (a peer that does not read, or
 /// shutdown). On failure, the ending: the hub's close frame when it killed the connection (a write blocked by a
 /// slow consumer is exactly when the hub does, and the peer must still learn why: tungstenite keeps the
-/// half-written frame and sends it before the close frame), nothing when the write itself failed.
+/// half-written frame and sends it before the close frame), nothing when the write itself failed. A write still
+/// blocked when a draining connection's close time (`closing`) comes is abandoned for the 1001 close.
 async fn send(
     socket: &mut WebSocket,
     handle: &super::ConnHandle,
     msg: Message,
+    closing: Option<Instant>,
 ) -> Result<(), Ending> {
+    let closed = async {
+        match closing {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
+        // The write first: a frame that can go out at once does, even at the close time (a goaway frame with
+        // no delay).
+        biased;
         r = socket.send(msg) => r.map_err(|_| None),
         _ = handle.killed() => Err(Some(handle.ending())),
+        _ = closed => Err(Some((close::GOING_AWAY, "server shutting down"))),
     }
 }
 

@@ -45,6 +45,22 @@
 //! 1008 on a binary frame, 1009 on a frame over `max_frame_bytes`, 4001 on expiry, 4008 on a sustained flood and
 //! 1013 when it was over the connection limits. A close frame gets 1 s to go out; a peer that does not read by
 //! then loses it and sees the socket closed.
+//!
+//! # Draining
+//!
+//! A node that shuts down first reports itself draining ([`Hub::start_draining`]: `/readyz` answers 503), then
+//! calls [`Hub::goaway`]: new upgrades are refused with 503, and every connection is sent
+//! `{"type": "goaway", "reconnect_after_ms": N}` and closed with 1001 N ms later, N drawn uniformly from
+//! `[0, ws_close_spread)` per connection so clients do not reconnect in lockstep. Frames keep flowing until the
+//! close. The hub's own shutdown (the token given to [`Hub::run`]) still closes whatever is left at once.
+//!
+//! # Pub/sub canary
+//!
+//! The hub holds one subscription of its own, kept open, on node-private application channels
+//! `ferry.canary.<node>.<k>`: one channel per shard when the engine says which shard carries a channel
+//! ([`Broker::channel_shard`]), one channel otherwise. [`Hub::probe_pubsub`] publishes a unique payload on each
+//! through [`Broker::publish`] and waits for it to come back through this node's channel feed, the same feed
+//! that serves clients, so a silently stuck subscription makes the node unready. Concurrent probes share one.
 
 pub mod conn;
 mod outbox;
@@ -54,15 +70,17 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use ferry_broker::{Broker, ChannelControl, ChannelMessage};
 use ferry_core::{Event, EventType};
+use ferry_telemetry::prometheus;
 use futures::StreamExt;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use serde_json::{Value, json};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use conn::upgrade;
@@ -171,6 +189,72 @@ pub struct Hub {
     unauth: DefaultKeyedRateLimiter<IpAddr>,
     /// Cancelled when `run` sees shutdown: every connection closes with 1001.
     shutdown: CancellationToken,
+    /// Set when the node starts draining: `/readyz` answers 503.
+    draining: AtomicBool,
+    /// The node's shutdown token (see [`Hub::drain_on`]): cancelled means draining, with no task in between.
+    drain_token: OnceLock<CancellationToken>,
+    /// Cancelled by [`Hub::goaway`]: connections say goodbye and close within `close_spread_ms`.
+    goaway: CancellationToken,
+    close_spread_ms: AtomicU64,
+    canary: Canary,
+}
+
+/// What one pub/sub canary probe found.
+#[derive(Debug, Clone)]
+pub struct PubSubCheck {
+    pub ok: bool,
+    pub ms: u64,
+    pub error: Option<String>,
+}
+
+/// The hub's own subscription on node-private channels, and the probes waiting for their echo.
+#[derive(Debug)]
+struct Canary {
+    /// `ferry.canary.<node>.`: every canary channel starts with it.
+    prefix: String,
+    /// The channels, each with the shard carrying it (when the engine says).
+    channels: Vec<(Option<usize>, String)>,
+    /// Payload → the probe waiting for it.
+    waiting: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    seq: AtomicU64,
+    /// The probe in flight, shared by concurrent callers, with when it started.
+    inflight: Mutex<Option<(Instant, Shared<BoxFuture<'static, PubSubCheck>>)>>,
+}
+
+impl Canary {
+    fn new(broker: &dyn Broker) -> Self {
+        let prefix = format!("ferry.canary.{:016x}.", rand::random::<u64>());
+        let shards = broker.log_shards().max(1);
+        let mut channels: Vec<(Option<usize>, String)> = Vec::new();
+        match broker.channel_shard(&format!("{prefix}0")) {
+            None => channels.push((None, format!("{prefix}0"))),
+            Some(_) => {
+                // Rendezvous hashing spreads names evenly: a few names per shard cover every shard.
+                for k in 0..shards * 64 {
+                    let name = format!("{prefix}{k}");
+                    let shard = broker.channel_shard(&name);
+                    if !channels.iter().any(|(s, _)| *s == shard) {
+                        channels.push((shard, name));
+                    }
+                    if channels.len() == shards {
+                        break;
+                    }
+                }
+                channels.sort();
+            }
+        }
+        Self {
+            prefix,
+            channels,
+            waiting: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            inflight: Mutex::new(None),
+        }
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, HashMap<String, oneshot::Sender<()>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -186,7 +270,6 @@ impl Hub {
         let per_ip = NonZeroU32::new(limits.unauth_upgrades_per_sec_per_ip.max(1))
             .unwrap_or(NonZeroU32::MIN);
         Arc::new(Self {
-            broker,
             unauth: DefaultKeyedRateLimiter::keyed(Quota::per_second(per_ip)),
             limits,
             channels: Mutex::new(HashMap::new()),
@@ -196,7 +279,162 @@ impl Hub {
             per_subject: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            drain_token: OnceLock::new(),
+            goaway: CancellationToken::new(),
+            close_spread_ms: AtomicU64::new(0),
+            canary: Canary::new(broker.as_ref()),
+            broker,
         })
+    }
+
+    /// Report this node as draining: `/readyz` answers 503 from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Report this node as draining as soon as `token` is cancelled (the first token given wins).
+    pub fn drain_on(&self, token: CancellationToken) {
+        let _ = self.drain_token.set(token);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+            || self.drain_token.get().is_some_and(|t| t.is_cancelled())
+    }
+
+    /// Refuse new upgrades, send every connection a `goaway` frame and close each with 1001 after a delay drawn
+    /// uniformly from `[0, spread)`.
+    pub fn goaway(&self, spread: Duration) {
+        self.start_draining();
+        self.close_spread_ms
+            .store(spread.as_millis() as u64, Ordering::Release);
+        self.goaway.cancel();
+    }
+
+    /// True once [`Hub::goaway`] was called.
+    pub(crate) fn closing(&self) -> bool {
+        self.goaway.is_cancelled()
+    }
+
+    /// Resolves once [`Hub::goaway`] was called.
+    pub(crate) async fn goaway_called(&self) {
+        self.goaway.cancelled().await
+    }
+
+    /// One connection's delay between its `goaway` frame and its close.
+    pub(crate) fn close_delay(&self) -> Duration {
+        let spread = self.close_spread_ms.load(Ordering::Acquire);
+        if spread == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(rand::random_range(0..spread))
+    }
+
+    /// The names of the canary channels (for tests and logs).
+    pub fn canary_channels(&self) -> Vec<String> {
+        self.canary
+            .channels
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// Publish a unique message on every canary channel and wait, up to `budget`, for each to come back through
+    /// this node's channel feed. A probe already in flight is shared.
+    pub async fn probe_pubsub(self: &Arc<Self>, budget: Duration) -> PubSubCheck {
+        let probe = {
+            let mut inflight = self
+                .canary
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match &*inflight {
+                // Still running (and not abandoned by callers that went away long ago): join it.
+                Some((started, p)) if p.peek().is_none() && started.elapsed() < budget => p.clone(),
+                _ => {
+                    let hub = self.clone();
+                    let p = async move { hub.run_probe(budget).await }.boxed().shared();
+                    *inflight = Some((Instant::now(), p.clone()));
+                    p
+                }
+            }
+        };
+        probe.await
+    }
+
+    async fn run_probe(&self, budget: Duration) -> PubSubCheck {
+        let started = Instant::now();
+        let result = if self.feed.get().is_none() {
+            Err("the channel feed is not open".to_owned())
+        } else {
+            let echoes = self
+                .canary
+                .channels
+                .iter()
+                .map(|(shard, channel)| self.echo(*shard, channel, budget));
+            let errors: Vec<String> = futures::future::join_all(echoes)
+                .await
+                .into_iter()
+                .filter_map(Result::err)
+                .collect();
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(errors.join("; "))
+            }
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(()) => PubSubCheck {
+                ok: true,
+                ms,
+                error: None,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "readiness: pub/sub canary failed");
+                PubSubCheck {
+                    ok: false,
+                    ms,
+                    error: Some(e),
+                }
+            }
+        }
+    }
+
+    /// One round trip on one canary channel.
+    async fn echo(
+        &self,
+        shard: Option<usize>,
+        channel: &str,
+        budget: Duration,
+    ) -> Result<(), String> {
+        let label = match shard {
+            Some(s) => format!("shard {s}: "),
+            None => String::new(),
+        };
+        let nonce = format!(
+            "{}{}",
+            self.canary.prefix,
+            self.canary.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let payload = json!({ "canary": nonce }).to_string();
+        let (tx, rx) = oneshot::channel();
+        self.canary.waiting().insert(payload.clone(), tx);
+        let round_trip = async {
+            self.broker
+                .publish(channel, payload.clone())
+                .await
+                .map_err(|e| format!("{label}publish failed: {e}"))?;
+            rx.await
+                .map_err(|_| format!("{label}the canary was dropped"))
+        };
+        let r = match tokio::time::timeout(budget, round_trip).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("{label}no echo within {} ms", budget.as_millis())),
+        };
+        self.canary.waiting().remove(&payload);
+        r
     }
 
     pub(crate) fn limits(&self) -> &LimitsConfig {
@@ -210,7 +448,17 @@ impl Hub {
 
     /// Count a failed upgrade from `ip`; `false` once the IP is over its budget.
     pub(crate) fn unauth_allowed(&self, ip: IpAddr) -> bool {
-        self.unauth.check_key(&ip).is_ok()
+        let allowed = self.unauth.check_key(&ip).is_ok();
+        let reason = if allowed {
+            "unauthorized"
+        } else {
+            "too_many_failures"
+        };
+        self.counters
+            .refused_upgrades
+            .with_label_values(&[reason])
+            .inc();
+        allowed
     }
 
     /// Forward from the broker until `shutdown`, then close every connection with 1001.
@@ -231,6 +479,16 @@ impl Hub {
                 match self.broker.channels().await {
                     Ok(feed) => {
                         let (control, stream) = feed.into_parts();
+                        // The canary's own subscription, kept open for the node's life (the engine
+                        // resubscribes it after a reconnect).
+                        for (_, channel) in &self.canary.channels {
+                            let confirm = control.subscribe(channel);
+                            tokio::spawn(async move {
+                                if let Err(e) = confirm.await {
+                                    tracing::warn!(error = %e, "canary subscription not confirmed yet");
+                                }
+                            });
+                        }
                         // Set once: a later feed (never needed so far) would keep the first control.
                         let _ = self.feed.set(control);
                         messages = Some(stream);
@@ -377,6 +635,7 @@ impl Hub {
             ended: Notify::new(),
             shutdown: self.shutdown.clone(),
         });
+        self.counters.connects.inc();
         Some(ConnSlot {
             hub: self.clone(),
             subject,
@@ -386,6 +645,8 @@ impl Hub {
     }
 
     fn dispatch_event(&self, e: &Event) {
+        let lag_ms = ferry_core::now_ms().saturating_sub(e.at);
+        self.counters.pubsub_lag.observe(lag_ms as f64 / 1000.0);
         let mut keys = Vec::with_capacity(3);
         if let Some(owner) = &e.owner {
             keys.push(user_key(e.tenant.as_deref(), owner));
@@ -401,6 +662,12 @@ impl Hub {
     }
 
     fn dispatch_message(&self, m: &ChannelMessage) {
+        if m.channel.starts_with(&self.canary.prefix) {
+            if let Some(tx) = self.canary.waiting().remove(&m.payload) {
+                let _ = tx.send(());
+            }
+            return;
+        }
         // Other publishers share Redis: anything that is not JSON is not forwarded.
         let Ok(data) = serde_json::from_str::<&serde_json::value::RawValue>(&m.payload) else {
             tracing::debug!(channel = %m.channel, "non-JSON channel message dropped");
@@ -431,7 +698,9 @@ impl Hub {
                     f
                 }
             };
-            if !sub.conn.outbox.push(frame) {
+            if sub.conn.outbox.push(frame) {
+                self.counters.frames_out.inc();
+            } else {
                 // Buffering more would let one slow client grow the node's memory without bound.
                 sub.conn.close(close::SLOW_CONSUMER);
             }
@@ -555,75 +824,143 @@ mod tests {
     }
 }
 
-/// WebSocket rejections and closes, rendered by `GET /metrics`.
-#[derive(Debug, Default)]
+/// The hub's WebSocket metrics, rendered by `GET /metrics` (names in `docs/metrics.md`).
+#[derive(Debug)]
 struct WsCounters {
-    /// Close frames sent by the server, by code. A std mutex: one map update per closed connection.
-    closes: Mutex<std::collections::BTreeMap<u16, u64>>,
-    rate_limited_frames: AtomicU64,
-    refused_upgrades: AtomicU64,
+    /// Close frames sent by the server, by code.
+    closes: prometheus::IntCounterVec,
+    rate_limited_frames: prometheus::IntCounter,
+    /// By reason: `unauthorized`, `too_many_failures`, `connection_limit`.
+    refused_upgrades: prometheus::IntCounterVec,
+    connects: prometheus::IntCounter,
+    /// Client frames received. Counted by [`Hub::count_frame_in`]; the connection task must call it.
+    frames_in: prometheus::IntCounter,
+    /// Frames the hub handed to connections (pushed events and channel messages), plus any counted by
+    /// [`Hub::count_frame_out`].
+    frames_out: prometheus::IntCounter,
+    slow_consumer_closes: prometheus::IntCounter,
+    /// Event time (`at`) to fan-out on this node.
+    pubsub_lag: prometheus::Histogram,
+}
+
+impl Default for WsCounters {
+    fn default() -> Self {
+        use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        Self {
+            closes: IntCounterVec::new(
+                Opts::new(
+                    "ferry_ws_closes_total",
+                    "Connections closed by the server, by close code (1013 connection limit, 4001 token \
+                     expired, 4008 rate limited, 4009 slow consumer, ...).",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
+            rate_limited_frames: counter(
+                "ferry_ws_rate_limited_frames_total",
+                "Frames answered rate_limited.",
+            ),
+            refused_upgrades: IntCounterVec::new(
+                Opts::new(
+                    "ferry_ws_refused_upgrades_total",
+                    "Refused upgrades by reason: unauthorized (401), too_many_failures (429 after repeated bad \
+                     tokens from one address), connection_limit (closed 1013).",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            connects: counter("ferry_ws_connects_total", "Accepted WebSocket upgrades."),
+            frames_in: counter("ferry_ws_frames_in_total", "WebSocket frames received."),
+            frames_out: counter("ferry_ws_frames_out_total", "WebSocket frames sent."),
+            slow_consumer_closes: counter(
+                "ferry_ws_slow_consumer_closes_total",
+                "Connections closed 4009 (slow consumer).",
+            ),
+            pubsub_lag: Histogram::with_opts(
+                HistogramOpts::new(
+                    "ferry_pubsub_lag_seconds",
+                    "Job event time to fan-out on this node.",
+                )
+                .buckets(ferry_telemetry::metrics::SECONDS_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+        }
+    }
 }
 
 impl Hub {
     pub(crate) fn count_close(&self, code: u16) {
-        let mut m = self
-            .counters
+        self.counters
             .closes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *m.entry(code).or_default() += 1;
+            .with_label_values(&[code.to_string().as_str()])
+            .inc();
+        match code {
+            close::SLOW_CONSUMER => self.counters.slow_consumer_closes.inc(),
+            // 1013 is sent only to a connection over the node or subject limit.
+            close::TRY_AGAIN_LATER => self
+                .counters
+                .refused_upgrades
+                .with_label_values(&["connection_limit"])
+                .inc(),
+            _ => {}
+        }
     }
 
     pub(crate) fn count_rate_limited_frame(&self) {
-        self.counters
-            .rate_limited_frames
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.rate_limited_frames.inc();
     }
 
-    pub(crate) fn count_refused_upgrade(&self) {
-        self.counters
-            .refused_upgrades
-            .fetch_add(1, Ordering::Relaxed);
+    /// A refused upgrade. Counted by reason in [`Hub::unauth_allowed`], which the upgrade calls next (whether
+    /// the address is over its failure budget decides the reason).
+    pub(crate) fn count_refused_upgrade(&self) {}
+
+    /// A frame received from a client.
+    pub fn count_frame_in(&self) {
+        self.counters.frames_in.inc();
+    }
+
+    /// A frame sent to a client that did not go through the hub (a reply).
+    pub fn count_frame_out(&self) {
+        self.counters.frames_out.inc();
+    }
+
+    /// The hub's metrics (connections, limit, counters, pub/sub lag).
+    pub fn metric_families(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use ferry_telemetry::metrics::{FnCollector, FnKind};
+        use prometheus::core::Collector;
+        let mut out = Vec::new();
+        let gauges = [
+            (
+                "ferry_ws_connections",
+                "Open WebSocket connections on this node.",
+                self.connections.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "ferry_ws_connections_max",
+                "The node's WebSocket connection limit.",
+                self.limits.max_connections as f64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            if let Ok(c) = FnCollector::single(name, help, FnKind::Gauge, move || v) {
+                out.extend(c.collect());
+            }
+        }
+        let c = &self.counters;
+        out.extend(c.closes.collect());
+        out.extend(c.rate_limited_frames.collect());
+        out.extend(c.refused_upgrades.collect());
+        out.extend(c.connects.collect());
+        out.extend(c.frames_in.collect());
+        out.extend(c.frames_out.collect());
+        out.extend(c.slow_consumer_closes.collect());
+        out.extend(c.pubsub_lag.collect());
+        out
     }
 
     /// The hub's figures in the Prometheus text format.
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP ferry_ws_connections Open WebSocket connections on this node.\n\
-             # TYPE ferry_ws_connections gauge\nferry_ws_connections {}",
-            self.connections.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP ferry_ws_closes_total Connections closed by the server, by close code (1013 connection \
-             limit, 4001 token expired, 4008 rate limited, 4009 slow consumer, ...).\n\
-             # TYPE ferry_ws_closes_total counter"
-        );
-        for (code, n) in self
-            .counters
-            .closes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(out, "ferry_ws_closes_total{{code=\"{code}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP ferry_ws_rate_limited_frames_total Frames answered rate_limited.\n\
-             # TYPE ferry_ws_rate_limited_frames_total counter\nferry_ws_rate_limited_frames_total {}",
-            self.counters.rate_limited_frames.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP ferry_ws_refused_upgrades_total Upgrades refused for a bad token (401) or too many failures \
-             from one address (429).\n# TYPE ferry_ws_refused_upgrades_total counter\n\
-             ferry_ws_refused_upgrades_total {}",
-            self.counters.refused_upgrades.load(Ordering::Relaxed)
-        );
-        out
+        ferry_telemetry::metrics::render_families(&self.metric_families())
     }
 }

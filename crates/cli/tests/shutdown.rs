@@ -1,0 +1,460 @@
+//! Graceful shutdown and readiness with real processes: `ferry gateway` and `ferry worker` binaries against a
+//! real `redis-server` (ferry-testkit), signalled as an orchestrator would.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_core::{EventType, JobId, JobState, Kind, NewJob, QueueName};
+use ferry_gateway::auth::{MintClaims, mint};
+use ferry_testkit::RedisServer;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "shutdown-test-secret-shutdown-test-secret";
+
+/// A `ferry` child process, SIGKILLed if the test ends without stopping it.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Result<Self> {
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env(
+                "FERRY_LOG",
+                "warn,ferry_gateway=info,ferry_worker=info,ferry_cli=info",
+            )
+            .env_remove("FERRY_LOG_FORMAT")
+            .env_remove("FERRY_CONFIG")
+            // Two workers on one machine: no fixed admin port to fight over.
+            .env("FERRY_ADMIN_LISTEN", "off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // Inherited, so the test runner shows the process's log next to a failure.
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn ferry")?;
+        Ok(Self { child })
+    }
+
+    fn sigterm(&self) -> Result<()> {
+        let pid = self.child.id().to_string();
+        if !Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success()
+        {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(())
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("process {} did not exit within {within:?}", self.child.id());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A readiness probe: when (since the signal) and the status, `None` when the connection was refused.
+type Sample = (Duration, Option<u16>);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn token() -> String {
+    mint(
+        SECRET.as_bytes(),
+        &MintClaims {
+            sub: "alice".into(),
+            scopes: vec!["jobs:submit".into(), "jobs:read".into(), "subscribe".into()],
+            tenant: None,
+            ttl: Duration::from_secs(3600),
+            issuer: None,
+            audience: None,
+        },
+    )
+    .unwrap()
+}
+
+fn spawn_gateway(redis: &str, port: u16, extra: &[&str]) -> Result<Proc> {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "gateway",
+        "--redis",
+        redis,
+        "--listen",
+        &listen,
+        "--jwt-secret",
+        SECRET,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
+}
+
+async fn readyz(http: &reqwest::Client, port: u16) -> reqwest::Result<(u16, Value)> {
+    let res = http
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await?;
+    let status = res.status().as_u16();
+    Ok((status, res.json().await.unwrap_or(Value::Null)))
+}
+
+async fn until_ready(http: &reqwest::Client, port: u16, within: Duration) -> Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = readyz(http, port).await;
+        if let Ok((200, body)) = &last {
+            return Ok(body.clone());
+        }
+        if Instant::now() >= deadline {
+            bail!("not ready within {within:?}: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM with a WebSocket client connected: /readyz goes 503 while the listener still answers, a batch of
+/// 1000 jobs submitted during the drain delay is accepted, the client gets `goaway` then 1001 within the
+/// spread, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()> {
+    const DELAY: u64 = 1_500;
+    const SPREAD: u64 = 1_000;
+    let redis = RedisServer::start()?;
+    let port = free_port();
+    let mut gw = spawn_gateway(
+        &redis.url(),
+        port,
+        &[
+            "--drain-delay-ms",
+            &DELAY.to_string(),
+            "--ws-close-spread-ms",
+            &SPREAD.to_string(),
+            "--shutdown-deadline-ms",
+            "15000",
+        ],
+    )?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let ready = until_ready(&http, port, Duration::from_secs(20)).await?;
+    assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
+
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/ws?token={}", token()))
+            .await
+            .context("upgrade")?;
+
+    // Probe readiness every 20 ms from the signal on: (time since the signal, status or None if refused).
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let t0 = Instant::now();
+    gw.sigterm()?;
+    let prober = {
+        let (samples, http) = (samples.clone(), http.clone());
+        tokio::spawn(async move {
+            let mut refused = 0;
+            while refused < 10 {
+                let status = readyz(&http, port).await.ok().map(|(s, _)| s);
+                refused = if status.is_none() { refused + 1 } else { 0 };
+                samples.lock().unwrap().push((t0.elapsed(), status));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // A slow request issued during the drain delay still completes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let jobs: Vec<Value> = (0..1000)
+        .map(|i| json!({"kind": "ferry.noop", "payload": {"i": i}}))
+        .collect();
+    let res = http
+        .post(format!(
+            "http://127.0.0.1:{port}/v1/queues/drain/jobs/batch"
+        ))
+        .bearer_auth(token())
+        .json(&json!({ "jobs": jobs }))
+        .send()
+        .await
+        .context("batch submit during the drain delay")?;
+    assert!(res.status().is_success(), "{}", res.status());
+
+    // goaway, then 1001.
+    let mut goaway_at = None;
+    let code = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .context("a frame in time")?
+            .context("stream open")??;
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str())?;
+                if v["type"] == "goaway" {
+                    assert!(v["reconnect_after_ms"].as_u64().unwrap() < SPREAD, "{v}");
+                    goaway_at = Some(t0.elapsed());
+                }
+            }
+            Message::Close(Some(f)) => break u16::from(f.code),
+            Message::Close(None) => bail!("closed without a code"),
+            _ => {}
+        }
+    };
+    let closed_at = t0.elapsed();
+    let goaway_at = goaway_at.context("a goaway frame before the close")?;
+    assert_eq!(code, 1001);
+    assert!(
+        goaway_at >= Duration::from_millis(DELAY - 100),
+        "goaway only after the drain delay: {goaway_at:?}"
+    );
+    assert!(
+        closed_at <= goaway_at + Duration::from_millis(SPREAD + 500),
+        "closed within the spread: goaway {goaway_at:?}, close {closed_at:?}"
+    );
+
+    let status = gw.wait_exit(Duration::from_secs(10)).await?;
+    assert_eq!(status.code(), Some(0), "a clean drain exits 0");
+    prober.await?;
+
+    let samples = samples.lock().unwrap().clone();
+    let first_503 = samples
+        .iter()
+        .position(|(_, s)| *s == Some(503))
+        .context("readyz answered 503")?;
+    let first_refused = samples
+        .iter()
+        .position(|(_, s)| s.is_none())
+        .context("the listener closed")?;
+    assert!(first_503 < first_refused, "{samples:?}");
+    assert!(
+        samples.iter().all(|(_, s)| *s != Some(200)),
+        "never ready again after the signal: {samples:?}"
+    );
+    assert!(
+        samples[first_refused].0 >= Duration::from_millis(DELAY - 100),
+        "the listener stayed open through the drain delay: {samples:?}"
+    );
+
+    // The batch accepted during the drain is all there.
+    let broker =
+        RedisBroker::connect(std::slice::from_ref(&redis.url()), EngineConfig::default()).await?;
+    assert_eq!(broker.stats(&QueueName::parse("drain")?).await?.depth, 1000);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flags_are_validated_naming_the_flag() -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "gateway",
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--jwt-secret",
+            SECRET,
+            "--drain-delay-ms",
+            "5000",
+            "--ws-close-spread-ms",
+            "10000",
+            "--shutdown-deadline-ms",
+            "15000",
+        ])
+        .env_remove("FERRY_CONFIG")
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--shutdown-deadline-ms"), "{err}");
+    assert!(err.contains("--drain-delay-ms"), "{err}");
+    Ok(())
+}
+
+async fn states(broker: &dyn Broker, ids: &[JobId]) -> Result<HashMap<JobState, usize>> {
+    // Many lookups at once: one at a time, 2,000 of them take a minute on a debug build.
+    let infos: Vec<_> = futures::stream::iter(ids)
+        .map(|id| async move { (id, broker.job(*id).await) })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut out = HashMap::new();
+    for (id, info) in infos {
+        let info = info?.with_context(|| format!("job {id}"))?;
+        *out.entry(info.state).or_default() += 1;
+    }
+    Ok(out)
+}
+
+/// SIGTERM to one of two workers under load (2,000 × 20 ms sleeps, concurrency 50 each): it exits 0, and once
+/// the other has drained the rest every job completed exactly once, none lost, none left active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let q = QueueName::parse("shutdown-load")?;
+
+    let completed: Arc<Mutex<HashMap<JobId, u32>>> = Arc::default();
+    let mut events = broker.subscribe().await?;
+    {
+        let completed = completed.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.next().await {
+                if e.ty == EventType::Completed {
+                    *completed.lock().unwrap().entry(e.job).or_default() += 1;
+                }
+            }
+        });
+    }
+    let job = NewJob::new(Kind::parse("ferry.sleep")?, json!({"ms": 20}));
+    let mut ids = Vec::with_capacity(2000);
+    for _ in 0..4 {
+        let done = broker.enqueue_batch(&q, vec![job.clone(); 500]).await?;
+        ids.extend(done.into_iter().map(|e| e.id));
+    }
+
+    let worker = |extra: &[&str]| {
+        let mut args = vec!["worker", "--redis", &url, "--queues", q.as_str()];
+        args.extend_from_slice(extra);
+        Proc::spawn(&args)
+    };
+    let mut first = worker(&["--concurrency", "50", "--drain-timeout-ms", "20000"])?;
+    let mut second = worker(&["--concurrency", "50"])?;
+    // Mid-load: some jobs done, plenty still waiting.
+    wait_for(Duration::from_secs(30), "100 completions", || async {
+        Ok(completed.lock().unwrap().len() >= 100)
+    })
+    .await?;
+    first.sigterm()?;
+    let at_signal = broker.stats(&q).await?;
+    assert!(
+        at_signal.depth + at_signal.active > 0,
+        "the signal landed under load: {at_signal:?}"
+    );
+    let status = first.wait_exit(Duration::from_secs(30)).await?;
+    assert_eq!(status.code(), Some(0), "graceful drain exits 0");
+
+    wait_for(
+        Duration::from_secs(60),
+        "the second worker to drain the rest",
+        || async {
+            let s = broker.stats(&q).await?;
+            Ok(s.depth == 0 && s.active == 0 && s.scheduled == 0 && s.dead == 0)
+        },
+    )
+    .await?;
+    // Every job's own record says completed (a sample: a lookup costs tens of milliseconds on a debug build;
+    // the completion events below cover all 2,000).
+    let sample: Vec<JobId> = ids.iter().step_by(10).copied().collect();
+    let by_state = states(&broker, &sample).await?;
+    assert_eq!(
+        by_state.get(&JobState::Completed),
+        Some(&sample.len()),
+        "{by_state:?}"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "2000 completion events",
+        || async { Ok(completed.lock().unwrap().len() == 2000) },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let twice: Vec<_> = completed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, n)| **n != 1)
+        .map(|(id, n)| (*id, *n))
+        .collect();
+    assert!(twice.is_empty(), "completed more than once: {twice:?}");
+    assert!(
+        ids.iter()
+            .all(|id| completed.lock().unwrap().contains_key(id))
+    );
+
+    second.sigterm()?;
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(30)).await?.code(),
+        Some(0)
+    );
+    Ok(())
+}
+
+/// `/readyz` fails when pub/sub is broken while PING still works, and recovers.
+///
+/// Broken for real, deterministically: `ACL SETUSER default resetchannels` takes every pub/sub channel away
+/// from the user the gateway connects as. Redis disconnects its subscribers and refuses their resubscription
+/// and every PUBLISH (NOPERM), while PING, which touches no channel, still answers. Restoring `allchannels`
+/// lets the engine's reconnect loop resubscribe. Then `CLIENT KILL TYPE pubsub` drops the node's pub/sub
+/// connections outright: the engine resubscribes, and readiness must come back on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_pubsub_is_broken_and_ping_works() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let port = free_port();
+    let _gw = spawn_gateway(&redis.url(), port, &["--drain-delay-ms", "0"])?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let ready = until_ready(&http, port, Duration::from_secs(20)).await?;
+    assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
+
+    redis.cli(&["ACL", "SETUSER", "default", "resetchannels"])?;
+    let (status, body) = readyz(&http, port).await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "unready", "{body}");
+    assert_eq!(
+        body["checks"]["redis"]["ok"], true,
+        "PING still works: {body}"
+    );
+    assert_eq!(body["checks"]["pubsub"]["ok"], false, "{body}");
+    assert!(body["checks"]["pubsub"]["error"].is_string(), "{body}");
+
+    redis.cli(&["ACL", "SETUSER", "default", "allchannels"])?;
+    let ready = until_ready(&http, port, Duration::from_secs(20)).await?;
+    assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
+
+    let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"])?;
+    assert!(killed.trim().parse::<u32>()? >= 1, "killed {killed:?}");
+    let ready = until_ready(&http, port, Duration::from_secs(20)).await?;
+    assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
+    Ok(())
+}
