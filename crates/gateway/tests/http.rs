@@ -55,10 +55,29 @@ impl TestApp {
         let base = format!("http://{}", gateway.local_addr());
         let shutdown = CancellationToken::new();
         tokio::spawn(gateway.run(shutdown.clone()));
-        Self {
+        let app = Self {
             base,
             client: reqwest::Client::new(),
             shutdown,
+        };
+        app.settle().await;
+        app
+    }
+
+    /// Give the node up to 5 s to become ready (its subscriptions start in the background), so tests begin
+    /// from a settled node; one that never gets there is left to the test's own assertions.
+    async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            let ready = self
+                .client
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -1,18 +1,14 @@
 //! Graceful shutdown and readiness, in-process: a real gateway on 127.0.0.1:0, real HTTP and WebSocket clients,
 //! and a broker wrapper that can stall what a test needs stalled (the channel feed, submissions).
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use ferry_broker::{
-    Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, EngineConfig, Enqueued,
-    EventStream, FailOutcome, Failure, Lease, Leased, LogEntry, LogPosition, MemoryBroker,
-    QueueStats, Reclaimed, RedisBroker, Rejected, RetryOutcome,
-};
-use ferry_core::{JobId, JobInfo, NewJob, QueueName};
+use ferry_broker::{Broker, EngineConfig, MemoryBroker, RedisBroker};
 use ferry_gateway::auth::{AuthConfig, MintClaims, mint};
 use ferry_gateway::{Gateway, GatewayConfig};
 use ferry_testkit::RedisServer;
@@ -21,6 +17,8 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+
+use support::Switches;
 
 const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
 
@@ -37,154 +35,6 @@ fn token() -> String {
         },
     )
     .unwrap()
-}
-
-/// A real broker with switches: a stalled feed silently drops every channel message (a subscription that is
-/// stuck while the connection still answers PING); stalled submissions hang. Publishes are recorded.
-#[derive(Debug)]
-struct Switches {
-    inner: Arc<dyn Broker>,
-    feed_stalled: Arc<AtomicBool>,
-    enqueue_stalled: AtomicBool,
-    published: Mutex<Vec<String>>,
-}
-
-impl Switches {
-    fn new(inner: Arc<dyn Broker>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            feed_stalled: Arc::default(),
-            enqueue_stalled: AtomicBool::new(false),
-            published: Mutex::default(),
-        })
-    }
-
-    fn canary_publishes(&self) -> usize {
-        self.published
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| c.starts_with("ferry.canary."))
-            .count()
-    }
-}
-
-#[async_trait]
-impl Broker for Switches {
-    async fn enqueue_batch(
-        &self,
-        q: &QueueName,
-        jobs: Vec<NewJob>,
-    ) -> Result<Vec<Enqueued>, BrokerError> {
-        while self.enqueue_stalled.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.inner.enqueue_batch(q, jobs).await
-    }
-    async fn claim(
-        &self,
-        q: &QueueName,
-        c: &str,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<Leased>, BrokerError> {
-        self.inner.claim(q, c, max, wait).await
-    }
-    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
-        self.inner.heartbeat(leases).await
-    }
-    async fn progress(&self, lease: &Lease, data: Value) -> Result<bool, BrokerError> {
-        self.inner.progress(lease, data).await
-    }
-    async fn complete(
-        &self,
-        items: Vec<Completion>,
-    ) -> Result<Vec<Result<(), Rejected>>, BrokerError> {
-        self.inner.complete(items).await
-    }
-    async fn fail(
-        &self,
-        items: Vec<Failure>,
-    ) -> Result<Vec<Result<FailOutcome, Rejected>>, BrokerError> {
-        self.inner.fail(items).await
-    }
-    async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
-        self.inner.release(leases).await
-    }
-    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
-        self.inner.cancel(id).await
-    }
-    async fn promote_due(&self, q: &QueueName, max: usize) -> Result<usize, BrokerError> {
-        self.inner.promote_due(q, max).await
-    }
-    async fn reclaim_expired(&self, q: &QueueName, max: usize) -> Result<Reclaimed, BrokerError> {
-        self.inner.reclaim_expired(q, max).await
-    }
-    async fn dead_letters(&self, q: &QueueName, limit: usize) -> Result<Vec<JobInfo>, BrokerError> {
-        self.inner.dead_letters(q, limit).await
-    }
-    async fn retry_dead(&self, id: JobId) -> Result<RetryOutcome, BrokerError> {
-        self.inner.retry_dead(id).await
-    }
-    async fn stats(&self, q: &QueueName) -> Result<QueueStats, BrokerError> {
-        self.inner.stats(q).await
-    }
-    async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
-        self.inner.queues().await
-    }
-    async fn pause(&self, q: &QueueName) -> Result<(), BrokerError> {
-        self.inner.pause(q).await
-    }
-    async fn resume(&self, q: &QueueName) -> Result<(), BrokerError> {
-        self.inner.resume(q).await
-    }
-    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
-        self.inner.job(id).await
-    }
-    async fn subscribe(&self) -> Result<EventStream, BrokerError> {
-        self.inner.subscribe().await
-    }
-    async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
-        self.published.lock().unwrap().push(channel.to_owned());
-        self.inner.publish(channel, payload).await
-    }
-    async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
-        let (control, stream) = self.inner.channels().await?.into_parts();
-        let stalled = self.feed_stalled.clone();
-        let stream = stream.filter(move |_| std::future::ready(!stalled.load(Ordering::SeqCst)));
-        Ok(ChannelFeed::new(control, Box::pin(stream)))
-    }
-    fn channel_shard(&self, channel: &str) -> Option<usize> {
-        self.inner.channel_shard(channel)
-    }
-    async fn maintain(&self, q: &QueueName) -> Result<(), BrokerError> {
-        self.inner.maintain(q).await
-    }
-    async fn ping(&self) -> Result<(), BrokerError> {
-        self.inner.ping().await
-    }
-    fn log_shards(&self) -> usize {
-        self.inner.log_shards()
-    }
-    async fn read_log(
-        &self,
-        shard: usize,
-        group: &str,
-        consumer: &str,
-        max: usize,
-        wait: Duration,
-        reclaim_idle: Option<Duration>,
-    ) -> Result<Vec<LogEntry>, BrokerError> {
-        self.inner
-            .read_log(shard, group, consumer, max, wait, reclaim_idle)
-            .await
-    }
-    async fn ack_log(&self, group: &str, entries: &[LogPosition]) -> Result<(), BrokerError> {
-        self.inner.ack_log(group, entries).await
-    }
-    async fn log_backlog(&self, group: &str) -> Result<u64, BrokerError> {
-        self.inner.log_backlog(group).await
-    }
 }
 
 struct Node {

@@ -1,10 +1,11 @@
 //! What the resilience and query tests share: a real gateway on 127.0.0.1:0 driven over real HTTP (reqwest) and
-//! WebSocket (tokio-tungstenite), real HS256 tokens, and a broker wrapper whose event-log backlog the test sets.
+//! WebSocket (tokio-tungstenite), real HS256 tokens, and a broker wrapper with switches (the event-log backlog it
+//! reports, a stalled channel feed, stalled submissions).
 
 #![allow(dead_code)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -91,7 +92,7 @@ impl TestApp {
         let addr = gateway.local_addr();
         let shutdown = CancellationToken::new();
         tokio::spawn(gateway.run(shutdown.clone()));
-        Self {
+        let app = Self {
             base: format!("http://{addr}"),
             addr,
             // Bounded, so a gateway that hangs fails the test instead of blocking it.
@@ -100,6 +101,20 @@ impl TestApp {
                 .build()
                 .unwrap(),
             shutdown,
+        };
+        app.settle().await;
+        app
+    }
+
+    /// Give the node up to 5 s to become ready (its subscriptions start in the background), so tests begin
+    /// from a settled node; one that never gets there is left to the test's own assertions.
+    async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if self.anon("/readyz").await.status == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -218,34 +233,54 @@ where
     }
 }
 
-/// A real broker whose recorder backlog ([`Broker::log_backlog`]) is whatever the test sets; every other method
-/// is the inner broker's.
+/// A real broker with switches: a stalled feed silently drops every channel message (a subscription that is
+/// stuck while the connection still answers PING); stalled submissions hang. Publishes are recorded.
 #[derive(Debug)]
-pub struct Backlogged {
+pub struct Switches {
     pub inner: Arc<dyn Broker>,
+    /// What `log_backlog` answers (the recorder's backlog, for shedding tests).
     pub backlog: AtomicU64,
+    pub feed_stalled: Arc<AtomicBool>,
+    pub enqueue_stalled: AtomicBool,
+    pub published: Mutex<Vec<String>>,
 }
 
-impl Backlogged {
+impl Switches {
     pub fn new(inner: Arc<dyn Broker>) -> Arc<Self> {
         Arc::new(Self {
             inner,
             backlog: AtomicU64::new(0),
+            feed_stalled: Arc::default(),
+            enqueue_stalled: AtomicBool::new(false),
+            published: Mutex::default(),
         })
     }
 
+    /// Set the backlog `log_backlog` reports.
     pub fn set(&self, n: u64) {
         self.backlog.store(n, Ordering::SeqCst);
+    }
+
+    pub fn canary_publishes(&self) -> usize {
+        self.published
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("ferry.canary."))
+            .count()
     }
 }
 
 #[async_trait]
-impl Broker for Backlogged {
+impl Broker for Switches {
     async fn enqueue_batch(
         &self,
         q: &QueueName,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<Enqueued>, BrokerError> {
+        while self.enqueue_stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.inner.enqueue_batch(q, jobs).await
     }
     async fn claim(
@@ -312,10 +347,17 @@ impl Broker for Backlogged {
         self.inner.subscribe().await
     }
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
+        self.published.lock().unwrap().push(channel.to_owned());
         self.inner.publish(channel, payload).await
     }
     async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
-        self.inner.channels().await
+        let (control, stream) = self.inner.channels().await?.into_parts();
+        let stalled = self.feed_stalled.clone();
+        let stream = stream.filter(move |_| std::future::ready(!stalled.load(Ordering::SeqCst)));
+        Ok(ChannelFeed::new(control, Box::pin(stream)))
+    }
+    fn channel_shard(&self, channel: &str) -> Option<usize> {
+        self.inner.channel_shard(channel)
     }
     async fn maintain(&self, q: &QueueName) -> Result<(), BrokerError> {
         self.inner.maintain(q).await
@@ -342,8 +384,10 @@ impl Broker for Backlogged {
     async fn ack_log(&self, group: &str, entries: &[LogPosition]) -> Result<(), BrokerError> {
         self.inner.ack_log(group, entries).await
     }
-    async fn log_backlog(&self, group: &str) -> Result<u64, BrokerError> {
-        assert_eq!(group, ferry_broker::RECORDER_GROUP);
+    async fn log_backlog(&self, _group: &str) -> Result<u64, BrokerError> {
         Ok(self.backlog.load(Ordering::SeqCst))
     }
 }
+
+/// The shedding tests' name for the same wrapper.
+pub type Backlogged = Switches;
