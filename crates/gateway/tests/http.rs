@@ -1,159 +1,18 @@
 //! The HTTP API against a real gateway on an ephemeral port, over real HTTP (reqwest): one gateway per test,
 //! the memory engine unless the test is about Redis going away.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_broker::redis::RedisOptions;
 use ferry_broker::{Broker, Completion, EngineConfig, MemoryBroker, RedisBroker};
 use ferry_core::QueueName;
-use ferry_gateway::auth::{AuthConfig, MintClaims, mint};
-use ferry_gateway::{Gateway, GatewayConfig};
 use ferry_testkit::RedisServer;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
-
-struct TestApp {
-    base: String,
-    client: reqwest::Client,
-    shutdown: CancellationToken,
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Reply {
-    /// The `field` of the first entry of a problem's `errors`.
-    fn field(&self) -> &str {
-        self.body["errors"][0]["field"].as_str().unwrap_or("")
-    }
-}
-
-impl TestApp {
-    async fn start(broker: Arc<dyn Broker>, tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
-        let auth = AuthConfig {
-            hs_secret: Some(SECRET.to_vec()),
-            ..AuthConfig::default()
-        };
-        let mut config = GatewayConfig::new("127.0.0.1:0".parse().unwrap(), auth);
-        tweak(&mut config);
-        let gateway = Gateway::build(config, broker)
-            .await
-            .expect("gateway builds");
-        let base = format!("http://{}", gateway.local_addr());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(gateway.run(shutdown.clone()));
-        let app = Self {
-            base,
-            client: reqwest::Client::new(),
-            shutdown,
-        };
-        app.settle().await;
-        app
-    }
-
-    /// Give the node up to 5 s to become ready (its subscriptions start in the background), so tests begin
-    /// from a settled node; one that never gets there is left to the test's own assertions.
-    async fn settle(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while tokio::time::Instant::now() < deadline {
-            let ready = self
-                .client
-                .get(format!("{}/readyz", self.base))
-                .send()
-                .await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn memory() -> (Self, Arc<MemoryBroker>) {
-        let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
-        (Self::start(broker.clone(), |_| {}).await, broker)
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
-    ) -> Reply {
-        let mut req = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let res = req.send().await.expect("request sent");
-        let (status, headers) = (res.status(), res.headers().clone());
-        let text = res.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn get(&self, path: &str, token: &str) -> Reply {
-        self.send(Method::GET, path, Some(token), None).await
-    }
-
-    async fn post(&self, path: &str, token: &str, body: Value) -> Reply {
-        self.send(Method::POST, path, Some(token), Some(&body))
-            .await
-    }
-
-    async fn raw_post(&self, path: &str, token: &str, body: impl Into<reqwest::Body>) -> Reply {
-        let res = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let (status, headers) = (res.status(), res.headers().clone());
-        let body = res.json().await.unwrap_or(Value::Null);
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-}
-
-fn token(sub: &str, scopes: &str, tenant: Option<&str>) -> String {
-    mint(
-        SECRET,
-        &MintClaims {
-            sub: sub.into(),
-            scopes: scopes.split_whitespace().map(str::to_owned).collect(),
-            tenant: tenant.map(str::to_owned),
-            ttl: Duration::from_secs(3600),
-            issuer: None,
-            audience: None,
-        },
-    )
-    .expect("token minted")
-}
+use support::{Reply, SECRET, TestApp, token};
 
 const USER: &str = "jobs:submit jobs:read jobs:cancel";
 

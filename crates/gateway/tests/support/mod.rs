@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferry_broker::{
-    Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, Enqueued, EventStream,
-    FailOutcome, Failure, Lease, Leased, LogEntry, LogPosition, QueueStats, Reclaimed, Rejected,
-    RetryOutcome,
+    Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, EngineConfig, Enqueued,
+    EventStream, FailOutcome, Failure, Lease, Leased, LogEntry, LogPosition, MemoryBroker,
+    QueueStats, Reclaimed, Rejected, RetryOutcome,
 };
 use ferry_core::{JobId, JobInfo, NewJob, QueueName};
 use ferry_gateway::auth::{AuthConfig, MintClaims, mint};
@@ -136,6 +136,32 @@ impl TestApp {
         let (status, headers) = (res.status(), res.headers().clone());
         let text = res.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// A node on a fresh memory engine, and the engine.
+    pub async fn memory() -> (Self, Arc<MemoryBroker>) {
+        let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
+        (Self::start(broker.clone(), |_| {}).await, broker)
+    }
+
+    /// POST a body as is (malformed JSON, oversized bodies).
+    pub async fn raw_post(&self, path: &str, token: &str, body: impl Into<reqwest::Body>) -> Reply {
+        let res = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (status, headers) = (res.status(), res.headers().clone());
+        let body = res.json().await.unwrap_or(Value::Null);
         Reply {
             status,
             headers,
