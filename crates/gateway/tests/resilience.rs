@@ -10,7 +10,7 @@ use ferry_broker::{Broker, EngineConfig, MemoryBroker, RedisBroker};
 use ferry_core::breaker::BreakerConfig;
 use ferry_testkit::RedisServer;
 use serde_json::json;
-use support::{Backlogged, TestApp, USER, eventually, is_problem, token, ws_call};
+use support::{Backlogged, Switches, TestApp, USER, eventually, is_problem, token, ws_call};
 
 /// Generous: the test machine may be compiling on every core.
 const RECOVERY: Duration = Duration::from_secs(20);
@@ -333,4 +333,74 @@ async fn redis_down_job_lookups_fall_back_to_the_record() {
     // A job the record does not know is still the outage, not a 404.
     let r = app.get(&format!("/v1/jobs/{}", JobId::new()), &alice).await;
     is_problem(&r, 503, "unavailable");
+}
+
+/// A channel feed that ends (its engine task died) is reopened, and every channel that still has local
+/// subscribers is subscribed again on the new feed: messages reach the old subscribers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_feed_that_ends_is_reopened_with_its_subscriptions() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let broker = Switches::new(Arc::new(MemoryBroker::new(EngineConfig::default())));
+    let app = TestApp::start(broker.clone(), |_| {}).await;
+    let mut ws = app.ws(&token("alice", USER, None)).await;
+    let r = ws_call(
+        &mut ws,
+        json!({"id": "s", "op": "subscribe", "channel": "app:news"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+
+    broker.end_feeds();
+    // The next message ends the feed (and is lost with it: pub/sub is at most once).
+    broker
+        .inner
+        .publish("news", "\"lost\"".into())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the hub to reopen its feed",
+        || async {
+            (broker
+                .feeds_opened
+                .load(std::sync::atomic::Ordering::SeqCst)
+                >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Published until one arrives: the resubscription is queued, not awaited, by the reopen.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no message after the feed was reopened"
+        );
+        broker
+            .inner
+            .publish("news", "\"after\"".into())
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["channel"] == "app:news" {
+                    break v;
+                }
+            }
+            Ok(other) => panic!("connection ended: {other:?}"),
+            Err(_) => {}
+        }
+    };
+    assert_eq!(got["data"], "after", "{got}");
+    // A new subscriber of another channel works too (the control is the new feed's).
+    let r = ws_call(
+        &mut ws,
+        json!({"id": "s2", "op": "subscribe", "channel": "app:other"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
 }

@@ -69,7 +69,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
@@ -178,8 +178,10 @@ pub struct Hub {
     /// Hub key → subscribers by connection id. A std mutex: held only for map updates and `try_send`s, never
     /// across an await.
     channels: Mutex<HashMap<String, HashMap<u64, Sub>>>,
-    /// The broker's application channel feed, once `run` has opened it.
-    feed: OnceLock<ChannelControl>,
+    /// The control of the broker's application channel feed while `run` has one open. Replaced when the feed is
+    /// reopened; always taken after `channels` when both are held, so a reopen resubscribes exactly the keys
+    /// that have local subscribers.
+    feed: RwLock<Option<ChannelControl>>,
     connections: AtomicUsize,
     /// Rejections and closes, for `/metrics`.
     counters: WsCounters,
@@ -273,7 +275,7 @@ impl Hub {
             unauth: DefaultKeyedRateLimiter::keyed(Quota::per_second(per_ip)),
             limits,
             channels: Mutex::new(HashMap::new()),
-            feed: OnceLock::new(),
+            feed: RwLock::new(None),
             connections: AtomicUsize::new(0),
             counters: WsCounters::default(),
             per_subject: Mutex::new(HashMap::new()),
@@ -365,7 +367,7 @@ impl Hub {
 
     async fn run_probe(&self, budget: Duration) -> PubSubCheck {
         let started = Instant::now();
-        let result = if self.feed.get().is_none() {
+        let result = if self.feed_control().is_none() {
             Err("the channel feed is not open".to_owned())
         } else {
             let echoes = self
@@ -489,8 +491,17 @@ impl Hub {
                                 }
                             });
                         }
-                        // Set once: a later feed (never needed so far) would keep the first control.
-                        let _ = self.feed.set(control);
+                        // A reopened feed starts with no subscriptions: give it every channel that still
+                        // has local subscribers, under the map's lock so no (un)subscribe slips in between.
+                        {
+                            let channels = self.lock();
+                            for name in channels.keys().filter_map(|k| k.strip_prefix("app:")) {
+                                // Confirmation not awaited: the command is queued, and a failure shows in
+                                // the engine's own log and reconnect loop.
+                                drop(control.subscribe(name));
+                            }
+                            *self.feed_slot() = Some(control);
+                        }
                         messages = Some(stream);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot open the channel feed, retrying"),
@@ -511,7 +522,10 @@ impl Hub {
                     m = msgs.next() => match m {
                         Some(m) => self.dispatch_message(&m),
                         None => {
-                            tracing::warn!("channel feed ended");
+                            tracing::warn!("channel feed ended, reopening");
+                            // Until the new one is open, subscribing to a channel is refused (503).
+                            let _channels = self.lock();
+                            *self.feed_slot() = None;
                             messages = None;
                         }
                     },
@@ -537,6 +551,15 @@ impl Hub {
         };
         self.broker.publish(name, data.to_string()).await?;
         Ok(())
+    }
+
+    fn feed_slot(&self) -> std::sync::RwLockWriteGuard<'_, Option<ChannelControl>> {
+        self.feed.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open channel feed's control, if any.
+    fn feed_control(&self) -> Option<ChannelControl> {
+        self.feed.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, HashMap<u64, Sub>>> {
@@ -566,7 +589,7 @@ impl Hub {
             );
             match app {
                 // Queued under the lock so broker (un)subscribes reach the engine in the order of local counts.
-                Some(name) if first => match self.feed.get() {
+                Some(name) if first => match self.feed_control() {
                     Some(feed) => Some(feed.subscribe(name)),
                     None => {
                         Self::remove(&mut channels, key, conn.id);
@@ -591,7 +614,7 @@ impl Hub {
         let mut channels = self.lock();
         if Self::remove(&mut channels, key, conn)
             && let Some(name) = key.strip_prefix("app:")
-            && let Some(feed) = self.feed.get()
+            && let Some(feed) = self.feed_control()
         {
             feed.unsubscribe(name);
         }

@@ -269,6 +269,9 @@ pub struct Switches {
     pub feed_stalled: Arc<AtomicBool>,
     pub enqueue_stalled: AtomicBool,
     pub published: Mutex<Vec<String>>,
+    /// Channel feeds opened so far; feed number n ends at its next message once `feeds_ended >= n`.
+    pub feeds_opened: AtomicU64,
+    feeds_ended: Arc<AtomicU64>,
 }
 
 impl Switches {
@@ -279,7 +282,15 @@ impl Switches {
             feed_stalled: Arc::default(),
             enqueue_stalled: AtomicBool::new(false),
             published: Mutex::default(),
+            feeds_opened: AtomicU64::new(0),
+            feeds_ended: Arc::default(),
         })
+    }
+
+    /// End every channel feed opened so far, at its next message (as a feed whose engine task died would).
+    pub fn end_feeds(&self) {
+        self.feeds_ended
+            .store(self.feeds_opened.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     /// Set the backlog `log_backlog` reports.
@@ -379,7 +390,11 @@ impl Broker for Switches {
     async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
         let (control, stream) = self.inner.channels().await?.into_parts();
         let stalled = self.feed_stalled.clone();
-        let stream = stream.filter(move |_| std::future::ready(!stalled.load(Ordering::SeqCst)));
+        let n = self.feeds_opened.fetch_add(1, Ordering::SeqCst) + 1;
+        let ended = self.feeds_ended.clone();
+        let stream = stream
+            .take_while(move |_| std::future::ready(ended.load(Ordering::SeqCst) < n))
+            .filter(move |_| std::future::ready(!stalled.load(Ordering::SeqCst)));
         Ok(ChannelFeed::new(control, Box::pin(stream)))
     }
     fn channel_shard(&self, channel: &str) -> Option<usize> {
