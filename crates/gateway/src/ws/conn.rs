@@ -9,6 +9,7 @@
 //!
 //! The token (header or `?token=`) is never logged.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,6 +19,8 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use ferry_core::{JobId, NewJob};
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -84,7 +87,14 @@ pub async fn upgrade(
         .max_message_size(max)
         .on_upgrade(move |socket| async move {
             // A fresh task: the upgrade future (and the request it came from) ends here.
-            tokio::spawn(run(hub, state, socket, principal, slot));
+            match slot {
+                Some(slot) => {
+                    tokio::spawn(run(Conn::new(hub, state, principal, slot), socket));
+                }
+                None => {
+                    tokio::spawn(refuse(hub, socket));
+                }
+            }
         })
 }
 
@@ -141,7 +151,12 @@ fn expiry(exp: u64) -> Instant {
     Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs()))
 }
 
-async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
+/// Boxed for the same reason as [`send`]: it runs once, at the end, and should not size every connection's task.
+fn close_with<'a>(socket: &'a mut WebSocket, code: u16, reason: &'static str) -> BoxFuture<'a, ()> {
+    close_inline(socket, code, reason).boxed()
+}
+
+async fn close_inline(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
@@ -179,127 +194,139 @@ struct Conn {
     expires: Instant,
 }
 
-async fn run(
-    hub: Arc<Hub>,
-    state: AppState,
-    mut socket: WebSocket,
-    principal: Principal,
-    slot: Option<ConnSlot>,
-) {
-    let Some(slot) = slot else {
-        hub.count_close(close::TRY_AGAIN_LATER);
-        close_with(
-            &mut socket,
-            close::TRY_AGAIN_LATER,
-            "connection limit reached",
-        )
-        .await;
-        return;
-    };
-    let limits = hub.limits().clone();
-    let rate = std::num::NonZeroU32::new(limits.ws_rate_per_sec.max(1))
-        .unwrap_or(std::num::NonZeroU32::MIN);
-    let burst =
-        std::num::NonZeroU32::new(limits.ws_burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
-    let mut c = Conn {
-        limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
-        violations: 0,
-        expires: expiry(principal.exp),
-        hub: hub.clone(),
-        state,
-        principal,
-        slot,
-    };
-    // Every connection hears about its own jobs without asking.
-    let own = View {
-        channel: format!("user:{}", c.principal.sub),
-        tenant: c.principal.tenant.clone(),
-    };
-    let key = subject_key(&c.principal);
-    if c.hub.subscribe(&c.slot.handle, &key, own).await.is_ok() {
-        c.slot.keys.push(key);
+impl Conn {
+    fn new(hub: Arc<Hub>, state: AppState, principal: Principal, slot: ConnSlot) -> Self {
+        let limits = hub.limits();
+        let rate = std::num::NonZeroU32::new(limits.ws_rate_per_sec.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst =
+            std::num::NonZeroU32::new(limits.ws_burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+        Self {
+            limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            violations: 0,
+            expires: expiry(principal.exp),
+            hub,
+            state,
+            principal,
+            slot,
+        }
     }
-    let handle = c.slot.handle.clone();
-    // One timer serves both the ping schedule and the token's expiry (an `Interval` would be a second, boxed
-    // timer on every idle connection).
-    let mut next_ping = Instant::now() + limits.ping_interval;
-    let mut last_seen = Instant::now();
-    // Set when the node drains (see `Hub::goaway`): when this connection closes with 1001.
-    let mut closing: Option<Instant> = None;
-    let ending: Ending = loop {
-        let expires = c.expires;
-        let wake = closing.map_or(next_ping.min(expires), |t| t.min(next_ping).min(expires));
-        tokio::select! {
-            // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`.
-            _ = handle.killed() => break Some(handle.ending()),
-            _ = hub.goaway_called(), if closing.is_none() => {
-                let delay = hub.close_delay();
-                closing = Some(Instant::now() + delay);
-                let frame = json!({"type": "goaway", "reconnect_after_ms": delay.as_millis() as u64});
-                if let Err(ending) =
-                    send(&mut socket, &handle, Message::Text(frame.to_string().into()), closing).await
-                {
-                    break ending;
+}
+
+/// The connection limit was reached: say so and close.
+async fn refuse(hub: Arc<Hub>, mut socket: WebSocket) {
+    hub.count_close(close::TRY_AGAIN_LATER);
+    close_with(
+        &mut socket,
+        close::TRY_AGAIN_LATER,
+        "connection limit reached",
+    )
+    .await;
+}
+
+/// Serve one admitted connection until it ends.
+///
+/// Sized with care: a tokio task is as large as its future, and every idle connection is one task. The two
+/// arguments are captured by an async block and used in place, never moved into new locals (each move is a
+/// second copy in the future), and everything awaited only now and then is boxed.
+#[allow(clippy::manual_async_fn)] // On purpose, see inside.
+fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
+    // Not an `async fn`: an async fn moves its arguments into new locals and so stores them twice (rust-lang
+    // issue 62958); an async block uses its captures in place.
+    async move {
+        // Every connection hears about its own jobs without asking.
+        let own = View {
+            channel: format!("user:{}", c.principal.sub),
+            tenant: c.principal.tenant.clone(),
+        };
+        let key = subject_key(&c.principal);
+        if c.hub.subscribe(&c.slot.handle, &key, own).await.is_ok() {
+            c.slot.keys.push(key);
+        }
+        let handle = c.slot.handle.clone();
+        let hub = c.hub.clone();
+        let ping_interval = hub.limits().ping_interval;
+        // One timer serves both the ping schedule and the token's expiry (an `Interval` would be a second, boxed
+        // timer on every idle connection).
+        let mut next_ping = Instant::now() + ping_interval;
+        let mut last_seen = Instant::now();
+        // Set when the node drains (see `Hub::goaway`): when this connection closes with 1001.
+        let mut closing: Option<Instant> = None;
+        let ending: Ending = loop {
+            let expires = c.expires;
+            let wake = closing.map_or(next_ping.min(expires), |t| t.min(next_ping).min(expires));
+            tokio::select! {
+                // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`.
+                _ = handle.killed() => break Some(handle.ending()),
+                _ = hub.goaway_called(), if closing.is_none() => {
+                    let delay = hub.close_delay();
+                    closing = Some(Instant::now() + delay);
+                    let frame = json!({"type": "goaway", "reconnect_after_ms": delay.as_millis() as u64});
+                    if let Err(ending) =
+                        send(&mut socket, &handle, Message::Text(frame.to_string().into()), closing).await
+                    {
+                        break ending;
+                    }
                 }
-            }
-            _ = tokio::time::sleep_until(wake) => {
-                if closing.is_some_and(|t| Instant::now() >= t) {
-                    break Some((close::GOING_AWAY, "server shutting down"));
-                }
-                if Instant::now() >= expires {
-                    break Some((close::TOKEN_EXPIRED, "token expired"));
-                }
-                next_ping += limits.ping_interval;
-                if last_seen.elapsed() > limits.ping_interval * 2 {
-                    // Dead peer: nobody to say goodbye to.
-                    break None;
-                }
-                if let Err(ending) = send(&mut socket, &handle, Message::Ping(Default::default()), closing).await {
-                    break ending;
-                }
-            }
-            frame = handle.outbox.pop() => {
-                if let Err(ending) = send(&mut socket, &handle, Message::Text(frame), closing).await {
-                    break ending;
-                }
-            }
-            msg = socket.recv() => {
-                last_seen = Instant::now();
-                let text = match msg {
-                    None => break None,
-                    Some(Err(e)) => {
-                        if is_capacity(&e) {
-                            break Some((close::TOO_BIG, "frame too big"));
-                        }
+                _ = tokio::time::sleep_until(wake) => {
+                    if closing.is_some_and(|t| Instant::now() >= t) {
+                        break Some((close::GOING_AWAY, "server shutting down"));
+                    }
+                    if Instant::now() >= expires {
+                        break Some((close::TOKEN_EXPIRED, "token expired"));
+                    }
+                    next_ping += ping_interval;
+                    if last_seen.elapsed() > ping_interval * 2 {
+                        // Dead peer: nobody to say goodbye to.
                         break None;
                     }
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Binary(_))) => {
-                        break Some((close::POLICY, "frames must be JSON text"));
+                    if let Err(ending) = send(&mut socket, &handle, Message::Ping(Default::default()), closing).await {
+                        break ending;
                     }
-                    Some(Ok(Message::Close(_))) => break None,
-                    Some(Ok(_)) => continue,
-                };
-                // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
-                c.hub.count_frame_in();
-                match Box::pin(c.frame(text.as_str())).await {
-                    Ok(Some(reply)) => {
-                        c.hub.count_frame_out();
-                        if let Err(ending) = send(&mut socket, &handle, Message::Text(reply.into()), closing).await {
-                            break ending;
+                }
+                frame = handle.outbox.pop() => {
+                    if let Err(ending) = send(&mut socket, &handle, Message::Text(frame), closing).await {
+                        break ending;
+                    }
+                }
+                msg = socket.recv() => {
+                    last_seen = Instant::now();
+                    let text = match msg {
+                        None => break None,
+                        Some(Err(e)) => {
+                            if is_capacity(&e) {
+                                break Some((close::TOO_BIG, "frame too big"));
+                            }
+                            break None;
                         }
-                    }
-                    Ok(None) => {}
-                    Err(ending) => {
-                        break Some(ending);
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Binary(_))) => {
+                            break Some((close::POLICY, "frames must be JSON text"));
+                        }
+                        Some(Ok(Message::Close(_))) => break None,
+                        Some(Ok(_)) => continue,
+                    };
+                    // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
+                    c.hub.count_frame_in();
+                    match Box::pin(c.frame(text.as_str())).await {
+                        Ok(Some(reply)) => {
+                            c.hub.count_frame_out();
+                            if let Err(ending) = send(&mut socket, &handle, Message::Text(reply.into()), closing).await {
+                                break ending;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(ending) => {
+                            break Some(ending);
+                        }
                     }
                 }
             }
+        };
+        if let Some((code, reason)) = ending {
+            c.hub.count_close(code);
+            close_with(&mut socket, code, reason).await;
         }
-    };
-    if let Some((code, reason)) = ending {
-        c.hub.count_close(code);
-        close_with(&mut socket, code, reason).await;
     }
 }
 
@@ -314,7 +341,20 @@ fn is_capacity(e: &axum::Error) -> bool {
 /// slow consumer is exactly when the hub does, and the peer must still learn why: tungstenite keeps the
 /// half-written frame and sends it before the close frame), nothing when the write itself failed. A write still
 /// blocked when a draining connection's close time (`closing`) comes is abandoned for the 1001 close.
-async fn send(
+///
+/// Boxed: the write's state (the frame, a timer, the kill wait: about 600 bytes) would otherwise be part of
+/// every idle connection's task, which is sized for its largest await. One short-lived allocation per frame
+/// sent costs less than that on every connection.
+fn send<'a>(
+    socket: &'a mut WebSocket,
+    handle: &'a super::ConnHandle,
+    msg: Message,
+    closing: Option<Instant>,
+) -> BoxFuture<'a, Result<(), Ending>> {
+    send_inline(socket, handle, msg, closing).boxed()
+}
+
+async fn send_inline(
     socket: &mut WebSocket,
     handle: &super::ConnHandle,
     msg: Message,
