@@ -16,7 +16,7 @@ pub mod shard;
 mod types;
 
 pub use memory::MemoryBroker;
-pub use redis::RedisBroker;
+pub use redis::{RedisBroker, RedisOptions};
 pub use shard::ShardRing;
 pub use types::*;
 

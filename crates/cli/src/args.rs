@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 )]
 pub struct Cli {
     /// Log format: `text` for people, `json` (one object per line) for log collectors. The level comes from
-    /// FERRY_LOG or RUST_LOG (default `info`).
+    /// --log.
     #[arg(
         long,
         value_enum,
@@ -21,6 +21,25 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
+
+    /// Log filter: a level (`info`) and per-module directives (`info,ferry_worker=debug`). Unset, RUST_LOG is
+    /// read, else `info`.
+    #[arg(long, value_name = "FILTER", env = "FERRY_LOG", global = true)]
+    pub log: Option<String>,
+
+    /// Export spans to this OpenTelemetry collector over OTLP/HTTP (protobuf), e.g. `http://127.0.0.1:4318`;
+    /// they are posted to <URL>/v1/traces. Unset: no export.
+    #[arg(long, value_name = "URL", env = "FERRY_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
+    /// `service.name` of the exported spans. Default: `ferry-<role>` (`ferry-worker`, `ferry-gateway`, ...).
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "FERRY_OTLP_SERVICE_NAME",
+        global = true
+    )]
+    pub otlp_service_name: Option<String>,
 
     /// TOML configuration file. Precedence: built-in defaults, then this file, then FERRY_* variables, then
     /// flags. Keys are the flag names (`concurrency = 20`); top-level keys apply to every role that has the
@@ -335,8 +354,15 @@ pub struct GatewayArgs {
     )]
     pub backlog_high_water: u64,
 
+    /// Serve GET /debug/pprof/profile (CPU profiles in the pprof format), for tokens with the admin scope. Off by default.
+    #[arg(long, env = "FERRY_PROFILING")]
+    pub profiling: bool,
+
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
+
+    #[command(flatten)]
+    pub tuning: GatewayTuningArgs,
 }
 
 /// How the gateway drains on SIGTERM/SIGINT.
@@ -412,6 +438,10 @@ pub struct DevArgs {
     )]
     pub concurrency: usize,
 
+    /// Serve GET /debug/pprof/profile (CPU profiles in the pprof format) on the gateway, for tokens with the admin scope. Off by default.
+    #[arg(long, env = "FERRY_PROFILING")]
+    pub profiling: bool,
+
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
@@ -466,6 +496,25 @@ pub struct RedisArgs {
         required = true
     )]
     pub redis: Vec<String>,
+
+    /// Longest wait for a Redis reply (blocking reads excepted); a slower reply fails the call, which is
+    /// retried or reported.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_REDIS_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub redis_timeout_ms: u64,
+
+    /// Longest wait to open a connection to a Redis shard.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_REDIS_CONNECT_TIMEOUT_MS",
+        default_value_t = 2_000
+    )]
+    pub redis_connect_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -613,6 +662,10 @@ pub struct WorkerArgs {
     )]
     pub admin_listen: String,
 
+    /// Serve GET /debug/pprof/profile (CPU profiles in the pprof format) on the admin listener, which has no authentication: keep it on a private address. Off by default.
+    #[arg(long, env = "FERRY_PROFILING")]
+    pub profiling: bool,
+
     /// Run jobs of KIND by POSTing them to URL, KIND=URL; repeatable or comma-separated.
     #[arg(
         long,
@@ -672,6 +725,11 @@ pub struct WorkerArgs {
         default_value_t = 30_000
     )]
     pub recorder_reclaim_idle_ms: u64,
+    #[command(flatten)]
+    pub recorder_tuning: RecorderTuningArgs,
+
+    #[command(flatten)]
+    pub tuning: WorkerTuningArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -725,4 +783,216 @@ pub struct EnqueueArgs {
     /// A second submit with the same key returns the first job's id.
     #[arg(long, value_name = "KEY", env = "FERRY_IDEMPOTENCY_KEY")]
     pub idempotency_key: Option<String>,
+}
+
+/// Worker settings an operator rarely changes: timeouts of the drain and of broker calls.
+#[derive(Debug, Args)]
+pub struct WorkerTuningArgs {
+    /// On shutdown, how long a cancelled job's handler gets to return before it is dropped.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_CANCEL_GRACE_MS",
+        default_value_t = 1_000
+    )]
+    pub cancel_grace_ms: u64,
+
+    /// After the drain, how long outcomes not yet delivered to Redis may still be retried.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_FLUSH_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub flush_timeout_ms: u64,
+
+    /// Longest the whole shutdown may take after SIGTERM/SIGINT; past it the worker logs the jobs it still
+    /// holds and exits 70. Default: --drain-timeout-ms + --cancel-grace-ms + --flush-timeout-ms + 10 s.
+    #[arg(long, value_name = "MS", env = "FERRY_SHUTDOWN_DEADLINE_MS")]
+    pub shutdown_deadline_ms: Option<u64>,
+
+    /// Client-side limit of one broker call made by the worker's loops.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_BROKER_CALL_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub broker_call_timeout_ms: u64,
+
+    /// Cap of the exponential backoff between retries of a failing broker call.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_RETRY_MAX_DELAY_MS",
+        default_value_t = 2_000
+    )]
+    pub retry_max_delay_ms: u64,
+
+    /// How long a batch of outcomes is retried while Redis is unreachable before it is given up (its jobs are
+    /// redelivered once their leases expire). Default: --visibility-timeout-ms.
+    #[arg(long, value_name = "MS", env = "FERRY_ACK_RETRY_TIMEOUT_MS")]
+    pub ack_retry_timeout_ms: Option<u64>,
+
+    /// Most jobs promoted (due) or reclaimed (expired lease) per queue in one scheduler call.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_SCHEDULER_BATCH",
+        default_value_t = 1_000
+    )]
+    pub scheduler_batch: usize,
+
+    /// How often the queue gauges (ferry_queue_*) are refreshed from Redis.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_QUEUE_METRICS_INTERVAL_MS",
+        default_value_t = 5_000
+    )]
+    pub queue_metrics_interval_ms: u64,
+
+    /// Longest wait for each /readyz check of the admin listener (Redis, PostgreSQL).
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_READY_BUDGET_MS",
+        default_value_t = 2_000
+    )]
+    pub ready_budget_ms: u64,
+}
+
+/// The recorder's less common settings.
+#[derive(Debug, Args)]
+pub struct RecorderTuningArgs {
+    /// Event-log entries the recorder asks for in one read.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_RECORDER_READ_COUNT",
+        default_value_t = 256
+    )]
+    pub recorder_read_count: usize,
+
+    /// Transactions in flight at once per shard.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_RECORDER_WRITERS",
+        default_value_t = 2
+    )]
+    pub recorder_writers: usize,
+
+    /// Longest one write to PostgreSQL may take before it counts as failed.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_RECORDER_WRITE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub recorder_write_timeout_ms: u64,
+
+    /// Consecutive failed writes that open the recorder's circuit breaker (it then stops reading and probes).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_RECORDER_BREAKER_FAILURES",
+        default_value_t = 5
+    )]
+    pub recorder_breaker_failures: u32,
+
+    /// How long the recorder's breaker stays open before a probe write.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_RECORDER_BREAKER_OPEN_MS",
+        default_value_t = 5_000
+    )]
+    pub recorder_breaker_open_ms: u64,
+}
+
+/// Gateway settings an operator rarely changes: dependency protection, readiness and WebSocket keep-alive.
+#[derive(Debug, Args)]
+pub struct GatewayTuningArgs {
+    /// Longest wait for one PostgreSQL call made for a request; past it the request is answered 503.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_STORE_TIMEOUT_MS",
+        default_value_t = 2_000
+    )]
+    pub store_timeout_ms: u64,
+
+    /// Consecutive failed calls that open the circuit breaker of Redis, or of PostgreSQL (requests needing it
+    /// are then answered 503 at once).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_BREAKER_FAILURES",
+        default_value_t = 5
+    )]
+    pub breaker_failures: u32,
+
+    /// How long an open breaker refuses calls before one probe goes through.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_BREAKER_OPEN_MS",
+        default_value_t = 5_000
+    )]
+    pub breaker_open_ms: u64,
+
+    /// How often the recorder's event-log backlog is read for shedding.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_BACKLOG_POLL_MS",
+        default_value_t = 1_000
+    )]
+    pub backlog_poll_ms: u64,
+
+    /// Longest wait for the pub/sub canary of /readyz (a message sent through every shard and back).
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_CANARY_BUDGET_MS",
+        default_value_t = 2_000
+    )]
+    pub canary_budget_ms: u64,
+
+    /// WebSocket ping period; a client that answers none of two pings is dropped.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_WS_PING_INTERVAL_MS",
+        default_value_t = 20_000
+    )]
+    pub ws_ping_interval_ms: u64,
+
+    /// Channels one WebSocket connection may subscribe to.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_MAX_SUBSCRIPTIONS",
+        default_value_t = 100
+    )]
+    pub max_subscriptions: usize,
+
+    /// Rate-limited WebSocket frames in a row before the connection is closed (4008).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_WS_RATE_VIOLATIONS",
+        default_value_t = 20
+    )]
+    pub ws_rate_violations: u32,
+
+    /// Failed (unauthenticated) WebSocket upgrades per second per client IP.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_UNAUTH_UPGRADE_RATE",
+        default_value_t = 10
+    )]
+    pub unauth_upgrade_rate: u32,
 }

@@ -7,6 +7,9 @@
 //! `[migrate]` table applies to one role and wins over top-level keys. A key no role knows, or a key in a
 //! role's table that the role does not have, is refused, naming the key.
 //!
+//! The process-wide flags (`--log`, `--log-format`, `--otlp-endpoint`, `--otlp-service-name`) are top-level
+//! keys only: they apply to the whole process whatever its role, so a role's table cannot hold them.
+//!
 //! How it layers: each file value becomes the clap default of its flag, after being checked by the flag's own
 //! parser (so a bad value names the key, not the flag). Clap then applies environment variables and flags over
 //! it. [`check`] runs the same layering and prints every effective setting with where it came from.
@@ -28,11 +31,13 @@ const SECRET: [&str; 2] = ["jwt-secret", "secret"];
 /// Flags holding URLs that may carry a password: printed with the password replaced.
 const URLS: [&str; 3] = ["redis", "database-url", "jwks-url"];
 
-/// A loaded file: per role, the values it sets (flag long name → values).
+/// A loaded file: per role, the values it sets (flag long name → values), and the process-wide ones.
 #[derive(Debug, Default)]
 pub struct FileValues {
     pub path: PathBuf,
     pub roles: BTreeMap<&'static str, BTreeMap<String, Vec<String>>>,
+    /// Values of the global flags (`log`, `otlp-endpoint`, ...), top-level keys of the file.
+    pub global: BTreeMap<String, Vec<String>>,
 }
 
 fn err(path: &Path, message: impl std::fmt::Display) -> CliError {
@@ -77,6 +82,51 @@ fn flags_of(cmd: &Command) -> BTreeSet<String> {
         .collect()
 }
 
+/// The long names of the process-wide (`global`) flags a file may set: every role has them.
+fn global_flags(cli: &Command) -> BTreeSet<String> {
+    cli.get_arguments()
+        .filter(|a| a.is_global_set())
+        .filter_map(|a| a.get_long())
+        .filter(|l| !matches!(*l, "help" | "version" | "config"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Check each value with `arg`'s own parser, on a command of its own (the real one has requirements between
+/// flags), so the message names `key`.
+fn check_values(path: &Path, key: &str, arg: &clap::Arg, vs: &[String]) -> Result<(), CliError> {
+    if matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse) {
+        return if matches!(vs, [v] if v == "true" || v == "false") {
+            Ok(())
+        } else {
+            Err(err(path, format!("{key}: must be true or false")))
+        };
+    }
+    let probe = Command::new("probe").arg(
+        clap::Arg::new("v")
+            .long("v")
+            .action(ArgAction::Append)
+            .value_parser(arg.get_value_parser().clone()),
+    );
+    for v in vs {
+        probe
+            .clone()
+            .try_get_matches_from(["probe", "--v", v])
+            .map_err(|e| {
+                let why = e
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid value")
+                    .trim_start_matches("error: ")
+                    .replace("'--v <v>'", "it")
+                    .replace("for '--v <v>'", "");
+                err(path, format!("{key}: {why}"))
+            })?;
+    }
+    Ok(())
+}
+
 /// Read and check `path`: every key known, every value accepted by its flag's parser.
 pub fn load(path: &Path) -> Result<FileValues, CliError> {
     let text = std::fs::read_to_string(path).map_err(|e| err(path, e))?;
@@ -87,6 +137,7 @@ pub fn load(path: &Path) -> Result<FileValues, CliError> {
         ..FileValues::default()
     };
     let role_cmd = |r: &str| cli.find_subcommand(r).expect("every role is a subcommand");
+    let globals = global_flags(&cli);
     let mut top = BTreeMap::new();
     for (key, value) in &table {
         if let Some(role) = ROLES.iter().find(|r| **r == key.as_str()) {
@@ -96,6 +147,14 @@ pub fn load(path: &Path) -> Result<FileValues, CliError> {
             let known = flags_of(role_cmd(role));
             let entry = out.roles.entry(role).or_default();
             for (k, v) in section {
+                if globals.contains(k) {
+                    return Err(err(
+                        path,
+                        format!(
+                            "{key}.{k}: --{k} applies to the whole process; set it at the top level"
+                        ),
+                    ));
+                }
                 if !known.contains(k) {
                     return Err(err(
                         path,
@@ -104,6 +163,14 @@ pub fn load(path: &Path) -> Result<FileValues, CliError> {
                 }
                 entry.insert(k.clone(), strings(path, &format!("{key}.{k}"), v)?);
             }
+        } else if globals.contains(key) {
+            let arg = cli
+                .get_arguments()
+                .find(|a| a.get_long() == Some(key.as_str()))
+                .expect("a global flag");
+            let vs = strings(path, key, value)?;
+            check_values(path, key, arg, &vs)?;
+            out.global.insert(key.clone(), vs);
         } else {
             if !ROLES.iter().any(|r| flags_of(role_cmd(r)).contains(key)) {
                 return Err(err(path, format!("unknown key {key}: no role has --{key}")));
@@ -129,37 +196,7 @@ pub fn load(path: &Path) -> Result<FileValues, CliError> {
                 .get_arguments()
                 .find(|a| a.get_long() == Some(k))
                 .expect("checked above");
-            if matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse)
-                && !matches!(vs.as_slice(), [v] if v == "true" || v == "false")
-            {
-                return Err(err(path, format!("{role}.{k}: must be true or false")));
-            }
-            if matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse) {
-                continue;
-            }
-            // The flag's own parser, on a command of its own (the real one has requirements between flags).
-            let probe = Command::new("probe").arg(
-                clap::Arg::new("v")
-                    .long("v")
-                    .action(ArgAction::Append)
-                    .value_parser(arg.get_value_parser().clone()),
-            );
-            for v in vs {
-                probe
-                    .clone()
-                    .try_get_matches_from(["probe", "--v", v])
-                    .map_err(|e| {
-                        let why = e
-                            .to_string()
-                            .lines()
-                            .next()
-                            .unwrap_or("invalid value")
-                            .trim_start_matches("error: ")
-                            .replace("'--v <v>'", "it")
-                            .replace("for '--v <v>'", "");
-                        err(path, format!("{role}.{k}: {why}"))
-                    })?;
-            }
+            check_values(path, &format!("{role}.{k}"), arg, vs)?;
         }
     }
     Ok(out)
@@ -168,6 +205,16 @@ pub fn load(path: &Path) -> Result<FileValues, CliError> {
 /// The `ferry` command with `file`'s values as the defaults of their flags.
 pub fn layered(file: &FileValues) -> Command {
     let mut cli = Cli::command();
+    for (k, vs) in &file.global {
+        let id = cli
+            .get_arguments()
+            .find(|a| a.get_long() == Some(k.as_str()))
+            .map(|a| a.get_id().clone());
+        if let Some(id) = id {
+            let vs = vs.clone();
+            cli = cli.mut_arg(id, move |a| a.default_values(vs));
+        }
+    }
     for (role, values) in &file.roles {
         let values = values.clone();
         cli = cli.mut_subcommand(*role, move |mut sc| {
@@ -282,47 +329,70 @@ pub fn check(config: Option<&Path>, role: Role) -> Result<String, CliError> {
     let (_, sub) = matches.subcommand().expect("a role was given");
     let sc = cmd.find_subcommand(name).expect("role");
     let mut out = format!(
-        "# ferry {name}: configuration is valid{}\n[{name}]\n",
+        "# ferry {name}: configuration is valid{}\n",
         file.as_ref()
             .map(|f| format!(" ({})", f.path.display()))
             .unwrap_or_default()
     );
+    // The process-wide settings first: top-level keys.
+    let global_from_file: BTreeSet<String> = file
+        .as_ref()
+        .map(|f| f.global.keys().cloned().collect())
+        .unwrap_or_default();
+    for arg in cmd.get_arguments().filter(|a| a.is_global_set()) {
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(long, "help" | "version" | "config") {
+            continue;
+        }
+        out.push_str(&setting(arg, long, &matches, &global_from_file));
+    }
+    out.push_str(&format!("[{name}]\n"));
     for arg in sc.get_arguments() {
         let Some(long) = arg.get_long() else { continue };
         if matches!(long, "help" | "config" | "log-format") {
             continue;
         }
-        let id = arg.get_id().as_str();
-        let values: Vec<String> = sub
-            .get_raw(id)
-            .map(|v| v.map(|s| shown(long, &s.to_string_lossy())).collect())
-            .unwrap_or_default();
-        let source = match sub.value_source(id) {
-            Some(clap::parser::ValueSource::EnvVariable) => "env",
-            Some(clap::parser::ValueSource::CommandLine) => "flag",
-            Some(clap::parser::ValueSource::DefaultValue) if from_file.contains(long) => "file",
-            Some(_) => "default",
-            None => "unset",
-        };
-        let rendered = match values.as_slice() {
-            [] => "# (not set)".to_owned(),
-            [one]
-                if arg.get_num_args().is_none_or(|n| n.max_values() <= 1)
-                    && arg.get_value_delimiter().is_none() =>
-            {
-                toml_value(one)
-            }
-            many => format!(
-                "[{}]",
-                many.iter()
-                    .map(|v| toml_value(v))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        out.push_str(&format!("{long} = {rendered}  # {source}\n"));
+        out.push_str(&setting(arg, long, sub, &from_file));
     }
     Ok(out)
+}
+
+/// One line of [`check`]: `long = value  # source`.
+fn setting(
+    arg: &clap::Arg,
+    long: &str,
+    matches: &clap::ArgMatches,
+    from_file: &BTreeSet<String>,
+) -> String {
+    let id = arg.get_id().as_str();
+    let values: Vec<String> = matches
+        .get_raw(id)
+        .map(|v| v.map(|s| shown(long, &s.to_string_lossy())).collect())
+        .unwrap_or_default();
+    let source = match matches.value_source(id) {
+        Some(clap::parser::ValueSource::EnvVariable) => "env",
+        Some(clap::parser::ValueSource::CommandLine) => "flag",
+        Some(clap::parser::ValueSource::DefaultValue) if from_file.contains(long) => "file",
+        Some(_) => "default",
+        None => "unset",
+    };
+    let rendered = match values.as_slice() {
+        [] => "# (not set)".to_owned(),
+        [one]
+            if arg.get_num_args().is_none_or(|n| n.max_values() <= 1)
+                && arg.get_value_delimiter().is_none() =>
+        {
+            toml_value(one)
+        }
+        many => format!(
+            "[{}]",
+            many.iter()
+                .map(|v| toml_value(v))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    format!("{long} = {rendered}  # {source}\n")
 }
 
 /// A value as TOML: numbers and booleans bare, everything else quoted.
@@ -395,6 +465,47 @@ mod tests {
         assert_eq!(w.concurrency, 7, "from the file");
         assert_eq!(w.batch_size, 9, "the flag wins");
         assert_eq!(w.claim_wait_ms, 1_000, "the default stays");
+    }
+
+    #[test]
+    fn global_flags_are_top_level_keys() {
+        let (_f, p) = file(
+            "log = \"info,ferry_worker=debug\"\notlp-endpoint = \"http://127.0.0.1:4318\"\nlog-format = \"json\"\n[worker]\nqueues = [\"a\"]\nredis = [\"redis://h:1\"]\n",
+        );
+        let args = |extra: &[&str]| -> Vec<OsString> {
+            ["ferry", "--config", p.to_str().unwrap()]
+                .iter()
+                .chain(extra)
+                .map(OsString::from)
+                .collect()
+        };
+        let cli = parse(args(&["worker"])).unwrap();
+        assert_eq!(cli.log.as_deref(), Some("info,ferry_worker=debug"));
+        assert_eq!(cli.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4318"));
+        assert_eq!(cli.otlp_service_name, None);
+        assert_eq!(cli.log_format, crate::args::LogFormat::Json);
+        // A flag wins over the file, before or after the subcommand.
+        let cli = parse(args(&["worker", "--log", "warn"])).unwrap();
+        assert_eq!(cli.log.as_deref(), Some("warn"));
+        let cli = parse(args(&["--otlp-endpoint", "http://c:1", "worker"])).unwrap();
+        assert_eq!(cli.otlp_endpoint.as_deref(), Some("http://c:1"));
+        let out = check(Some(&p), Role::Worker).unwrap();
+        let (top, _) = out.split_once("[worker]").unwrap();
+        assert!(
+            top.contains("otlp-endpoint = \"http://127.0.0.1:4318\"  # file"),
+            "{out}"
+        );
+        assert!(
+            top.contains("log = \"info,ferry_worker=debug\"  # file"),
+            "{out}"
+        );
+        // Not in a role's table, and still checked by the flag's parser.
+        let (_f, p) = file("[worker]\nlog = \"debug\"\n");
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("worker.log") && e.contains("top level"), "{e}");
+        let (_f, p) = file("log-format = \"yaml\"\n");
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("log-format") && e.contains("yaml"), "{e}");
     }
 
     #[test]

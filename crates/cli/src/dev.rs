@@ -51,6 +51,8 @@ pub fn resolve(a: DevArgs) -> Result<ResolvedDev, CliError> {
     };
     let mut gateway = GatewayConfig::new(listen, auth);
     gateway.shutdown = crate::gateway::shutdown_config(&a.shutdown)?;
+    // The dev gateway serves the whole process (the embedded worker included).
+    gateway.profiling = a.profiling;
     Ok(ResolvedDev {
         gateway,
         worker: WorkerConfig {

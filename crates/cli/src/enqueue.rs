@@ -18,6 +18,8 @@ pub const BATCH: usize = 500;
 #[derive(Debug)]
 pub struct ResolvedEnqueue {
     pub urls: Vec<String>,
+    /// The Redis client's timeouts.
+    pub redis_options: ferry_broker::RedisOptions,
     pub queue: QueueName,
     pub job: NewJob,
     /// `Some` when `--count` was given: print a summary instead of ids.
@@ -39,6 +41,7 @@ fn flag_of(field: &str) -> &'static str {
 
 pub fn resolve(a: EnqueueArgs) -> Result<ResolvedEnqueue, CliError> {
     let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let redis_options = crate::redis_options(&a.redis)?;
     let queue = QueueName::parse(a.queue.trim())
         .map_err(|e| CliError::usage("--queue", &e.errors[0].message))?;
     let kind =
@@ -70,6 +73,7 @@ pub fn resolve(a: EnqueueArgs) -> Result<ResolvedEnqueue, CliError> {
     })?;
     Ok(ResolvedEnqueue {
         urls,
+        redis_options,
         queue,
         job,
         count: a.count,
@@ -77,7 +81,12 @@ pub fn resolve(a: EnqueueArgs) -> Result<ResolvedEnqueue, CliError> {
 }
 
 pub async fn run(cfg: ResolvedEnqueue) -> Result<(), CliError> {
-    let broker = crate::connect(&cfg.urls, EngineConfig::default()).await?;
+    let broker = crate::connect(
+        &cfg.urls,
+        EngineConfig::default(),
+        cfg.redis_options.clone(),
+    )
+    .await?;
     let total = cfg.count.unwrap_or(1);
     let started = Instant::now();
     let mut sent: u64 = 0;

@@ -117,6 +117,8 @@ pub fn shutdown_config(
 #[derive(Debug)]
 pub struct ResolvedGateway {
     pub urls: Vec<String>,
+    /// The Redis client's timeouts.
+    pub redis_options: ferry_broker::RedisOptions,
     pub engine: ferry_broker::EngineConfig,
     pub config: GatewayConfig,
     pub database: Option<crate::store::ResolvedDatabase>,
@@ -124,6 +126,7 @@ pub struct ResolvedGateway {
 
 pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let redis_options = crate::redis_options(&a.redis)?;
     let listen = parse_listen(&a.listen)?;
     let auth = auth_config(a.jwt)?;
     // Refuse bad key material now, before anything connects.
@@ -131,6 +134,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let mut config = GatewayConfig::new(listen, auth);
     config.shutdown = shutdown_config(&a.shutdown)?;
+    config.profiling = a.profiling;
     if let (Some(cert_pem), Some(key_pem)) = (a.tls_cert, a.tls_key) {
         for (flag, p) in [("--tls-cert", &cert_pem), ("--tls-key", &key_pem)] {
             if !p.is_file() {
@@ -148,29 +152,48 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
             "must be greater than zero",
         ));
     }
-    config.resilience.broker_timeout = Duration::from_millis(a.broker_timeout_ms);
-    config.resilience.store_timeout = Duration::from_millis(a.broker_timeout_ms);
+    let t = &a.tuning;
+    crate::at_least_one(&[
+        ("--store-timeout-ms", t.store_timeout_ms),
+        ("--breaker-failures", u64::from(t.breaker_failures)),
+        ("--breaker-open-ms", t.breaker_open_ms),
+        ("--backlog-poll-ms", t.backlog_poll_ms),
+        ("--canary-budget-ms", t.canary_budget_ms),
+        ("--ws-ping-interval-ms", t.ws_ping_interval_ms),
+        ("--max-subscriptions", t.max_subscriptions as u64),
+        ("--ws-rate-violations", u64::from(t.ws_rate_violations)),
+        ("--unauth-upgrade-rate", u64::from(t.unauth_upgrade_rate)),
+    ])?;
+    let r = &mut config.resilience;
+    r.broker_timeout = Duration::from_millis(a.broker_timeout_ms);
+    r.store_timeout = Duration::from_millis(t.store_timeout_ms);
+    for breaker in [&mut r.broker_breaker, &mut r.store_breaker] {
+        breaker.failure_threshold = t.breaker_failures;
+        breaker.open_for = Duration::from_millis(t.breaker_open_ms);
+    }
+    r.backlog_poll = Duration::from_millis(t.backlog_poll_ms);
+    config.readiness.pubsub_budget = Duration::from_millis(t.canary_budget_ms);
+    config.limits.ping_interval = Duration::from_millis(t.ws_ping_interval_ms);
+    config.limits.max_subscriptions = t.max_subscriptions;
+    config.limits.ws_sustained_violations = t.ws_rate_violations;
+    config.limits.unauth_upgrades_per_sec_per_ip = t.unauth_upgrade_rate;
     config.resilience.backlog_high_water = Some(a.backlog_high_water).filter(|&n| n > 0);
     let l = &a.limits;
-    for (flag, v) in [
-        ("--max-body-bytes", l.max_body_bytes),
-        ("--max-batch", l.max_batch),
-        ("--http-rate", l.http_rate as usize),
-        ("--http-burst", l.http_burst as usize),
-        ("--ws-rate", l.ws_rate as usize),
-        ("--ws-burst", l.ws_burst as usize),
-        ("--max-connections", l.max_connections),
+    crate::at_least_one(&[
+        ("--max-body-bytes", l.max_body_bytes as u64),
+        ("--max-batch", l.max_batch as u64),
+        ("--http-rate", u64::from(l.http_rate)),
+        ("--http-burst", u64::from(l.http_burst)),
+        ("--ws-rate", u64::from(l.ws_rate)),
+        ("--ws-burst", u64::from(l.ws_burst)),
+        ("--max-connections", l.max_connections as u64),
         (
             "--max-connections-per-subject",
-            l.max_connections_per_subject,
+            l.max_connections_per_subject as u64,
         ),
-        ("--max-frame-bytes", l.max_frame_bytes),
-        ("--send-queue", l.send_queue),
-    ] {
-        if v == 0 {
-            return Err(CliError::usage(flag, "must be at least 1"));
-        }
-    }
+        ("--max-frame-bytes", l.max_frame_bytes as u64),
+        ("--send-queue", l.send_queue as u64),
+    ])?;
     config.limits.max_body_bytes = l.max_body_bytes;
     config.limits.max_batch = l.max_batch;
     config.limits.http_rate_per_sec = l.http_rate;
@@ -185,6 +208,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     let database = crate::store::resolve(a.database)?;
     Ok(ResolvedGateway {
         urls,
+        redis_options,
         engine,
         config,
         database,
@@ -194,7 +218,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
 pub async fn run(cfg: ResolvedGateway) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
-    let broker = crate::connect(&cfg.urls, cfg.engine.clone()).await?;
+    let broker = crate::connect(&cfg.urls, cfg.engine.clone(), cfg.redis_options.clone()).await?;
     let mut config = cfg.config;
     if let Some(db) = &cfg.database {
         let store: Arc<dyn ferry_store::Store> = Arc::new(crate::store::connect(db).await?);

@@ -68,27 +68,23 @@ pub fn parse_args() -> Result<Cli, ExitCode> {
 
 /// Run a parsed command to completion and map the outcome to an exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    let json = cli.log_format == args::LogFormat::Json;
+    let telemetry = Telemetry::of(&cli);
     let result = match cli.command {
-        args::Command::Dev(a) => dev::resolve(a).and_then(|cfg| {
-            init_tracing(json)?;
-            runtime()?.block_on(dev::run(cfg))
-        }),
-        args::Command::Gateway(a) => gateway::resolve(a).and_then(|cfg| {
-            init_tracing(json)?;
-            runtime()?.block_on(gateway::run(cfg))
-        }),
+        args::Command::Dev(a) => {
+            dev::resolve(a).and_then(|cfg| telemetry.serve("dev", dev::run(cfg)))
+        }
+        args::Command::Gateway(a) => {
+            gateway::resolve(a).and_then(|cfg| telemetry.serve("gateway", gateway::run(cfg)))
+        }
         args::Command::Token(a) => {
             token::resolve(a).and_then(|(secret, claims)| token::run(&secret, &claims))
         }
-        args::Command::Worker(a) => worker::resolve(a).and_then(|cfg| {
-            init_tracing(json)?;
-            runtime()?.block_on(worker::run(cfg))
-        }),
-        args::Command::Enqueue(a) => enqueue::resolve(a).and_then(|cfg| {
-            init_tracing(json)?;
-            runtime()?.block_on(enqueue::run(cfg))
-        }),
+        args::Command::Worker(a) => {
+            worker::resolve(a).and_then(|cfg| telemetry.serve("worker", worker::run(cfg)))
+        }
+        args::Command::Enqueue(a) => {
+            enqueue::resolve(a).and_then(|cfg| telemetry.serve("enqueue", enqueue::run(cfg)))
+        }
         args::Command::CheckConfig(a) => match config::check(cli.config.as_deref(), a.role) {
             Ok(text) => {
                 print!("{text}");
@@ -96,10 +92,8 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => Err(e),
         },
-        args::Command::Migrate(a) => store::resolve_migrate(a.database).and_then(|cfg| {
-            init_tracing(json)?;
-            runtime()?.block_on(store::run_migrate(cfg))
-        }),
+        args::Command::Migrate(a) => store::resolve_migrate(a.database)
+            .and_then(|cfg| telemetry.serve("migrate", store::run_migrate(cfg))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,11 +104,88 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn init_tracing(json: bool) -> Result<(), CliError> {
-    ferry_telemetry::init_tracing(json).map_err(|e| match e {
-        ferry_telemetry::TelemetryError::InvalidFilter { .. } => CliError::Usage(e.to_string()),
-        other => CliError::Internal(other.to_string()),
-    })
+/// The process-wide logging and tracing settings: `--log-format`, `--log`, `--otlp-endpoint`,
+/// `--otlp-service-name`.
+#[derive(Debug, Clone)]
+struct Telemetry {
+    json: bool,
+    log: Option<String>,
+    otlp_endpoint: Option<String>,
+    otlp_service_name: Option<String>,
+}
+
+impl Telemetry {
+    fn of(cli: &Cli) -> Self {
+        let set = |v: &Option<String>| {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        Self {
+            json: cli.log_format == args::LogFormat::Json,
+            log: set(&cli.log),
+            otlp_endpoint: set(&cli.otlp_endpoint),
+            otlp_service_name: set(&cli.otlp_service_name),
+        }
+    }
+
+    /// The log filter: `--log` / `FERRY_LOG` (or the file's `log`), else `RUST_LOG`, else `info`. A bad one
+    /// names where it came from.
+    fn filter(&self) -> Result<ferry_telemetry::EnvFilter, CliError> {
+        let (value, source) = match &self.log {
+            Some(v) => (v.clone(), "--log (FERRY_LOG)"),
+            None => match std::env::var("RUST_LOG") {
+                Ok(v) if !v.trim().is_empty() => (v, "RUST_LOG"),
+                _ => (ferry_telemetry::DEFAULT_LOG_FILTER.to_owned(), "--log"),
+            },
+        };
+        ferry_telemetry::parse_filter(&value, source).map_err(|e| CliError::Usage(e.to_string()))
+    }
+
+    /// Span export for `role`, when `--otlp-endpoint` is set (checked here, before anything starts).
+    fn otlp(&self, role: &str) -> Result<Option<ferry_telemetry::OtlpConfig>, CliError> {
+        let Some(endpoint) = &self.otlp_endpoint else {
+            return Ok(None);
+        };
+        ferry_telemetry::otlp::traces_url(endpoint)
+            .map_err(|e| CliError::usage("--otlp-endpoint (FERRY_OTLP_ENDPOINT)", e))?;
+        Ok(Some(ferry_telemetry::OtlpConfig {
+            endpoint: endpoint.clone(),
+            service_name: self
+                .otlp_service_name
+                .clone()
+                .unwrap_or_else(|| format!("ferry-{role}")),
+            service_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+
+    /// Check the settings, start the runtime, install the subscriber (and the exporter) and run `work` to
+    /// completion; then send the spans still queued (at most 5 s) before the runtime goes.
+    fn serve(
+        &self,
+        role: &str,
+        work: impl std::future::Future<Output = Result<(), CliError>>,
+    ) -> Result<(), CliError> {
+        let filter = self.filter()?;
+        let otlp = self.otlp(role)?;
+        let rt = runtime()?;
+        let guard = ferry_telemetry::install_tracing(
+            self.json,
+            filter,
+            otlp.as_ref().map(|c| (c, rt.handle().clone())),
+        )
+        .map_err(|e| match e {
+            ferry_telemetry::TelemetryError::InvalidFilter { .. } => CliError::Usage(e.to_string()),
+            other => CliError::Internal(other.to_string()),
+        })?;
+        if let Some(c) = &otlp {
+            tracing::info!(endpoint = %c.endpoint, service = %c.service_name, "exporting spans over OTLP/HTTP");
+        }
+        let result = rt.block_on(work);
+        guard.shutdown();
+        result
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
@@ -155,18 +226,34 @@ pub(crate) fn check_redis_urls(urls: &[String]) -> Result<Vec<String>, CliError>
     Ok(urls)
 }
 
+/// Refuse the first `(flag, value)` that is zero: counts and durations that must be at least 1.
+pub(crate) fn at_least_one(values: &[(&'static str, u64)]) -> Result<(), CliError> {
+    match values.iter().find(|(_, v)| *v == 0) {
+        Some((flag, _)) => Err(CliError::usage(flag, "must be at least 1")),
+        None => Ok(()),
+    }
+}
+
+/// The Redis client's timeouts, from `--redis-timeout-ms` and `--redis-connect-timeout-ms`.
+pub(crate) fn redis_options(a: &args::RedisArgs) -> Result<ferry_broker::RedisOptions, CliError> {
+    at_least_one(&[
+        ("--redis-timeout-ms", a.redis_timeout_ms),
+        ("--redis-connect-timeout-ms", a.redis_connect_timeout_ms),
+    ])?;
+    Ok(ferry_broker::RedisOptions {
+        response_timeout: std::time::Duration::from_millis(a.redis_timeout_ms),
+        connection_timeout: std::time::Duration::from_millis(a.redis_connect_timeout_ms),
+    })
+}
+
 /// The engine settings shared by every process on Redis, from `--dead-letter-max`, `--event-log-max` and
 /// `--idempotency-ttl-ms` (the rest are role flags).
 pub(crate) fn engine_config(a: &args::EngineArgs) -> Result<ferry_broker::EngineConfig, CliError> {
-    for (flag, v) in [
+    at_least_one(&[
         ("--dead-letter-max", a.dead_letter_max as u64),
         ("--event-log-max", a.event_log_max as u64),
         ("--idempotency-ttl-ms", a.idempotency_ttl_ms),
-    ] {
-        if v == 0 {
-            return Err(CliError::usage(flag, "must be at least 1"));
-        }
-    }
+    ])?;
     Ok(ferry_broker::EngineConfig {
         dead_letter_max: a.dead_letter_max,
         event_stream_max: a.event_log_max,
@@ -179,9 +266,10 @@ pub(crate) fn engine_config(a: &args::EngineArgs) -> Result<ferry_broker::Engine
 pub(crate) async fn connect(
     urls: &[String],
     config: ferry_broker::EngineConfig,
+    options: ferry_broker::RedisOptions,
 ) -> Result<ferry_broker::RedisBroker, CliError> {
     use ferry_broker::Broker;
-    let broker = ferry_broker::RedisBroker::connect(urls, config)
+    let broker = ferry_broker::RedisBroker::connect_with(urls, config, options)
         .await
         .map_err(|e| {
             CliError::Unavailable(format!("cannot reach redis ({}): {e}", urls.join(", ")))

@@ -17,6 +17,8 @@ use crate::args::WorkerArgs;
 #[derive(Debug)]
 pub struct ResolvedWorker {
     pub urls: Vec<String>,
+    /// The Redis client's timeouts.
+    pub redis_options: ferry_broker::RedisOptions,
     pub engine: EngineConfig,
     pub worker: WorkerConfig,
     pub registry: HandlerRegistry,
@@ -26,7 +28,17 @@ pub struct ResolvedWorker {
     pub recorder: Option<RecorderConfig>,
     /// Where the admin listener (`/metrics`, `/healthz`, `/readyz`) binds; `None` when `off`.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Whether the admin listener serves `/debug/pprof/profile` (`--profiling`).
+    pub profiling: bool,
+    /// Longest wait for each `/readyz` check of the admin listener.
+    pub ready_budget: Duration,
+    /// Longest the shutdown may take after the signal before the process exits 70, naming what it still held.
+    pub shutdown_deadline: Duration,
 }
+
+/// The default shutdown deadline's room past the drain's own bounds (drain, cancel grace, outcome flush): for
+/// the recorder's last batch and closing the pools.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(10);
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -35,6 +47,7 @@ fn ms(v: u64) -> Duration {
 /// Turn flags into configuration, naming the flag at fault. Connects to nothing.
 pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
     let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let redis_options = crate::redis_options(&a.redis)?;
     let queues = a
         .queues
         .iter()
@@ -76,6 +89,14 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         finished_retention: ms(a.finished_retention_ms),
         ..crate::engine_config(&a.engine)?
     };
+    let t = &a.tuning;
+    crate::at_least_one(&[
+        ("--ready-budget-ms", t.ready_budget_ms),
+        (
+            "--ack-retry-timeout-ms",
+            t.ack_retry_timeout_ms.unwrap_or(1),
+        ),
+    ])?;
     let worker = WorkerConfig {
         queues,
         concurrency: a.concurrency,
@@ -91,6 +112,13 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         scheduler_interval: ms(a.scheduler_interval_ms),
         maintain_interval: ms(a.maintain_interval_ms),
         drain_timeout: ms(a.drain_timeout_ms),
+        cancel_grace: ms(t.cancel_grace_ms),
+        flush_timeout: ms(t.flush_timeout_ms),
+        broker_call_timeout: ms(t.broker_call_timeout_ms),
+        retry_max_delay: ms(t.retry_max_delay_ms),
+        ack_retry_timeout: t.ack_retry_timeout_ms.map(ms),
+        scheduler_batch: t.scheduler_batch,
+        queue_metrics_interval: ms(t.queue_metrics_interval_ms),
         consumer: a.consumer,
         ..WorkerConfig::default()
     };
@@ -98,6 +126,25 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         WorkerError::Config { field, message } => CliError::usage(flag_of(field), message),
         other => CliError::Usage(other.to_string()),
     })?;
+
+    // Past the drain's own bounds, with room for the recorder's last batch and closing the pools.
+    let shutdown_deadline = match t.shutdown_deadline_ms.map(ms) {
+        Some(d) => {
+            let floor = worker.drain_timeout + worker.cancel_grace + worker.flush_timeout;
+            if d <= floor {
+                return Err(CliError::usage(
+                    "--shutdown-deadline-ms",
+                    format!(
+                        "must exceed --drain-timeout-ms + --cancel-grace-ms + --flush-timeout-ms ({} ms)",
+                        floor.as_millis()
+                    ),
+                ));
+            }
+            d
+        }
+        None => worker.drain_timeout + worker.cancel_grace + worker.flush_timeout + SHUTDOWN_MARGIN,
+    };
+    let ready_budget = ms(t.ready_budget_ms);
 
     let mut headers = Vec::new();
     for h in &a.webhook_header {
@@ -149,20 +196,40 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
                 "must be greater than zero",
             ));
         }
+        let rt = &a.recorder_tuning;
+        crate::at_least_one(&[
+            ("--recorder-read-count", rt.recorder_read_count as u64),
+            ("--recorder-writers", rt.recorder_writers as u64),
+            ("--recorder-write-timeout-ms", rt.recorder_write_timeout_ms),
+            (
+                "--recorder-breaker-failures",
+                u64::from(rt.recorder_breaker_failures),
+            ),
+            ("--recorder-breaker-open-ms", rt.recorder_breaker_open_ms),
+        ])?;
         let mut r = RecorderConfig::new(String::new());
         r.batch_max = a.recorder_batch;
         r.max_delay = ms(a.recorder_max_delay_ms);
         r.reclaim_idle = ms(a.recorder_reclaim_idle_ms);
+        r.read_count = rt.recorder_read_count;
+        r.writers = rt.recorder_writers;
+        r.write_timeout = ms(rt.recorder_write_timeout_ms);
+        r.breaker.failure_threshold = rt.recorder_breaker_failures;
+        r.breaker.open_for = ms(rt.recorder_breaker_open_ms);
         Some(r)
     };
     Ok(ResolvedWorker {
         urls,
+        redis_options,
         engine,
         worker,
         registry,
         database,
         recorder,
         admin_listen,
+        profiling: a.profiling,
+        ready_budget,
+        shutdown_deadline,
     })
 }
 
@@ -182,6 +249,13 @@ fn flag_of(field: &str) -> &'static str {
         "scheduler_interval" => "--scheduler-interval-ms",
         "maintain_interval" => "--maintain-interval-ms",
         "drain_timeout" => "--drain-timeout-ms",
+        "cancel_grace" => "--cancel-grace-ms",
+        "flush_timeout" => "--flush-timeout-ms",
+        "broker_call_timeout" => "--broker-call-timeout-ms",
+        "retry_max_delay" => "--retry-max-delay-ms",
+        "scheduler_batch" => "--scheduler-batch",
+        "queue_metrics_interval" => "--queue-metrics-interval-ms",
+        "ack_concurrency" => "--ack-concurrency",
         "consumer" => "--consumer",
         _ => "configuration",
     }
@@ -200,7 +274,7 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
     let broker = tokio::select! {
-        b = crate::connect(&cfg.urls, cfg.engine.clone()) => b?,
+        b = crate::connect(&cfg.urls, cfg.engine.clone(), cfg.redis_options.clone()) => b?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let broker: Arc<dyn ferry_broker::Broker> = Arc::new(broker);
@@ -244,6 +318,27 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
             None
         }
     };
+    // The hard deadline: whatever hangs (a handler ignoring cancellation, a store that never answers), the
+    // process ends, and says which jobs it still held (their leases expire and they are redelivered).
+    {
+        let shutdown = shutdown.clone();
+        let monitor = worker.monitor();
+        let deadline = cfg.shutdown_deadline;
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(deadline).await;
+            let running = monitor.running();
+            let shown: Vec<String> = running.iter().take(20).map(|j| j.to_string()).collect();
+            tracing::error!(
+                deadline_ms = deadline.as_millis() as u64,
+                jobs_held = running.len(),
+                jobs = %shown.join(", "),
+                "shutdown deadline passed: exiting with work still open; these jobs are redelivered when their \
+                 leases expire"
+            );
+            std::process::exit(i32::from(crate::EXIT_SOFTWARE));
+        });
+    }
     // A second signal while draining means "now": exit without waiting for the drain.
     {
         let shutdown = shutdown.clone();
@@ -277,12 +372,18 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
     let admin_task = listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+            if cfg.profiling && !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "/debug/pprof/profile is served without authentication on a \
+                    non-loopback address: keep the admin listener off public interfaces");
+            }
         }
         let admin = ferry_worker::admin::Admin {
             registry: metrics.clone(),
             broker: broker.clone(),
             worker: worker.monitor(),
             checks: ready_checks,
+            profiling: cfg.profiling,
+            ready_budget: cfg.ready_budget,
         };
         tokio::spawn(ferry_worker::admin::serve(
             listener,

@@ -107,6 +107,83 @@ fn bad_input_exits_64_naming_the_flag_before_connecting() {
             "--concurrency",
         ),
         (&["worker", "--queues", "q"], "--redis"),
+        (
+            &[
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--drain-timeout-ms",
+                "5000",
+                "--shutdown-deadline-ms",
+                "5000",
+            ],
+            "invalid --shutdown-deadline-ms: must exceed --drain-timeout-ms + --cancel-grace-ms + \
+             --flush-timeout-ms (11000 ms)",
+        ),
+        (
+            &[
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--recorder-writers",
+                "0",
+                "--database-url",
+                "postgres://ferry@127.0.0.1:1/ferry",
+            ],
+            "invalid --recorder-writers: must be at least 1",
+        ),
+        (
+            &[
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--queue-metrics-interval-ms",
+                "0",
+            ],
+            "invalid --queue-metrics-interval-ms: ",
+        ),
+        (
+            &[
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--redis-timeout-ms",
+                "0",
+            ],
+            "invalid --redis-timeout-ms: must be at least 1",
+        ),
+        (
+            &[
+                "gateway",
+                "--redis",
+                r,
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--breaker-failures",
+                "0",
+            ],
+            "invalid --breaker-failures: must be at least 1",
+        ),
+        (
+            &[
+                "gateway",
+                "--redis",
+                r,
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--ws-ping-interval-ms",
+                "0",
+            ],
+            "invalid --ws-ping-interval-ms: must be at least 1",
+        ),
     ];
     for (args, expected) in cases {
         let out = ferry(args, &[]);

@@ -24,6 +24,11 @@ struct Proc {
 
 impl Proc {
     fn spawn(args: &[&str]) -> Result<Self> {
+        Self::spawn_to(args, Stdio::inherit())
+    }
+
+    /// With the log going to `stderr` instead of the test's own.
+    fn spawn_to(args: &[&str], stderr: impl Into<Stdio>) -> Result<Self> {
         let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(args)
             .env(
@@ -36,8 +41,8 @@ impl Proc {
             .env("FERRY_ADMIN_LISTEN", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            // Inherited, so the test runner shows the process's log next to a failure.
-            .stderr(Stdio::inherit())
+            // Inherited by default, so the test runner shows the process's log next to a failure.
+            .stderr(stderr)
             .spawn()
             .context("spawn ferry")?;
         Ok(Self { child })
@@ -416,6 +421,71 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
         second.wait_exit(Duration::from_secs(30)).await?.code(),
         Some(0)
     );
+    Ok(())
+}
+
+/// A worker whose drain hangs (Redis frozen with SIGSTOP: the claim in progress and the lease release cannot
+/// finish) still exits at `--shutdown-deadline-ms`, with 70, naming the job it still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let q = QueueName::parse("stuck")?;
+    let id = broker
+        .enqueue(
+            &q,
+            NewJob::new(Kind::parse("ferry.sleep")?, json!({"ms": 60_000})),
+        )
+        .await?
+        .id;
+    let log_path = redis.dir().join("worker.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut worker = Proc::spawn_to(
+        &[
+            "worker",
+            "--redis",
+            &url,
+            "--queues",
+            q.as_str(),
+            "--drain-timeout-ms",
+            "300",
+            "--cancel-grace-ms",
+            "100",
+            "--flush-timeout-ms",
+            "300",
+            "--shutdown-deadline-ms",
+            "2000",
+        ],
+        log,
+    )?;
+    wait_for(Duration::from_secs(20), "the job to start", || async {
+        Ok(broker.stats(&q).await?.active == 1)
+    })
+    .await?;
+    let pid = redis.pid().context("redis pid")?.to_string();
+    let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status();
+    assert!(signal("-STOP")?.success());
+    let stopped_at = Instant::now();
+    worker.sigterm()?;
+    let status = worker.wait_exit(Duration::from_secs(15)).await;
+    assert!(signal("-CONT")?.success());
+    let status = status?;
+    let took = stopped_at.elapsed();
+    let log = std::fs::read_to_string(&log_path)?;
+    assert_eq!(status.code(), Some(70), "{log}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "not before the deadline: {took:?}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("shutdown deadline passed"))
+        .with_context(|| format!("no deadline line in:\n{log}"))?;
+    assert!(line.contains(&id.to_string()), "{line}");
+    assert!(line.contains("jobs_held=1"), "{line}");
+    // Nothing was lost: the job is still held by the dead worker's lease, to be reclaimed when it expires.
+    assert_eq!(broker.stats(&q).await?.active, 1);
     Ok(())
 }
 

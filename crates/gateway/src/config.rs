@@ -25,6 +25,8 @@ pub struct GatewayConfig {
     pub shutdown: ShutdownConfig,
     /// What `/readyz` checks beyond the dependencies' pings.
     pub readiness: ReadinessConfig,
+    /// Serve `GET /debug/pprof/profile` (CPU profiles, `admin` scope). Off by default: the route then answers 404.
+    pub profiling: bool,
 }
 
 /// The drain sequence run when the gateway's token is cancelled (see [`crate::server`]), with defaults.
@@ -169,6 +171,7 @@ impl GatewayConfig {
             store: None,
             shutdown: ShutdownConfig::default(),
             readiness: ReadinessConfig::default(),
+            profiling: false,
         }
     }
 }

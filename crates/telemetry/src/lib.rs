@@ -4,11 +4,19 @@
 //! [`metrics`] holds the Prometheus side: one registry per process, the process and runtime collectors, and the
 //! text rendering every role's `/metrics` serves.
 //!
+//! [`profile`] captures on-demand CPU profiles in the pprof format, one at a time, for the roles'
+//! `/debug/pprof/profile` (served only when the role runs with `--profiling`).
+//!
+//! [`otlp`] optionally exports spans to an OpenTelemetry collector (OTLP/HTTP) and links them across the
+//! gateway and the worker through the jobs' `traceparent`.
+//!
 //! This crate must not hold global state of its own: the only global it touches is the tracing subscriber, and
-//! only when the binary calls [`init_tracing`]. Libraries and tests never call it, so several nodes can run in
-//! one test process.
+//! only when the binary calls [`install_tracing`] (or [`init_tracing`]). Libraries and tests never call it, so
+//! several nodes can run in one test process.
 
 pub mod metrics;
+pub mod otlp;
+pub mod profile;
 
 pub use prometheus;
 
@@ -17,7 +25,12 @@ use std::io::IsTerminal;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+pub use otlp::{OtlpConfig, TracingGuard, current_traceparent, set_remote_parent, traceparent_of};
+pub use tracing_subscriber::EnvFilter;
 
 /// Environment variables read for the log filter, first match wins.
 pub const LOG_ENV_VARS: [&str; 2] = ["FERRY_LOG", "RUST_LOG"];
@@ -32,6 +45,9 @@ pub enum TelemetryError {
     InvalidFilter { var: &'static str, message: String },
     #[error("a tracing subscriber is already installed")]
     AlreadyInstalled,
+    /// The OTLP exporter could not be set up (a bad endpoint, a client that cannot be built).
+    #[error("{0}")]
+    Otlp(String),
     #[error("cannot install a handler for {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -61,34 +77,59 @@ pub fn env_filter() -> Result<EnvFilter, TelemetryError> {
         if let Ok(value) = std::env::var(var)
             && !value.trim().is_empty()
         {
-            return EnvFilter::try_new(&value).map_err(|e| TelemetryError::InvalidFilter {
-                var,
-                message: e.to_string(),
-            });
+            return parse_filter(&value, var);
         }
     }
     Ok(EnvFilter::new(DEFAULT_LOG_FILTER))
 }
 
-/// Install the process-wide tracing subscriber, writing to stderr (stdout is kept for command output such as
-/// the ids `ferry enqueue` prints). `json` selects one JSON object per line, for log collectors.
-pub fn init_tracing(json: bool) -> Result<(), TelemetryError> {
-    let filter = env_filter()?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Parse a log filter (`info`, `info,ferry_worker=debug`); an error names `var`, where the value came from.
+pub fn parse_filter(value: &str, var: &'static str) -> Result<EnvFilter, TelemetryError> {
+    EnvFilter::try_new(value.trim()).map_err(|e| TelemetryError::InvalidFilter {
+        var,
+        message: format!("{value:?}: {e}"),
+    })
+}
+
+/// Install the process-wide tracing subscriber: log lines to stderr through `filter` (JSON lines when `json`)
+/// and, when `otlp` is given, span export to that collector, its requests run on `runtime`. The returned
+/// guard must be kept, and [shut down](TracingGuard::shutdown) before the process exits so the last spans
+/// are sent. With `otlp` = `None` nothing but the log output is installed.
+pub fn install_tracing(
+    json: bool,
+    filter: EnvFilter,
+    otlp: Option<(&OtlpConfig, tokio::runtime::Handle)>,
+) -> Result<TracingGuard, TelemetryError> {
+    let provider = otlp
+        .map(|(config, runtime)| otlp::provider(config, runtime))
+        .transpose()
+        .map_err(TelemetryError::Otlp)?;
+    let fmt = tracing_subscriber::fmt::layer()
         // Colours only for a person at a terminal; escape codes in a log file or a CI log are noise.
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let installed = if json {
-        builder
-            .json()
+    let fmt = if json {
+        fmt.json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init()
+            .boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
-    installed.map_err(|_| TelemetryError::AlreadyInstalled)
+    let export = provider.as_ref().map(otlp::layer);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(export)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    Ok(TracingGuard::new(provider))
+}
+
+/// Install the process-wide tracing subscriber, writing to stderr (stdout is kept for command output such as
+/// the ids `ferry enqueue` prints). `json` selects one JSON object per line, for log collectors.
+pub fn init_tracing(json: bool) -> Result<(), TelemetryError> {
+    install_tracing(json, env_filter()?, None).map(drop)
 }
 
 /// A future that resolves with the first SIGTERM or SIGINT.

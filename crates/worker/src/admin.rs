@@ -3,22 +3,31 @@
 //! * `GET /metrics`: the process registry in the Prometheus text format;
 //! * `GET /healthz`: 200 while the process runs;
 //! * `GET /readyz`: 200 when Redis (and the store, when a recorder runs) answer a ping within
-//!   [`READY_BUDGET`] and the worker is not draining; otherwise 503 with the same body shape as the gateway's
+//!   [`Admin::ready_budget`] and the worker is not draining; otherwise 503 with the same body shape as the gateway's
 //!   `/readyz`: `{"status": "unready", "checks": {"redis": {"ok", "ms", "error"}, ...}}`.
+//!
+//! * `GET /debug/pprof/profile?seconds=10&hz=99`: a CPU profile of the process in the pprof protobuf format
+//!   (`go tool pprof`), only when [`Admin::profiling`] is on (`--profiling`); otherwise 404 saying how to turn
+//!   it on. One capture at a time (409 for the rest), `seconds` 1–60, `hz` 1–1000; errors are problem+json.
+//!   Like the rest of the listener it has no authentication: keep the listener on loopback or a private
+//!   interface, never a public one.
 //!
 //! Readiness turns false as soon as the drain starts, while the listener keeps serving until the process is done.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use ferry_broker::Broker;
+use ferry_telemetry::profile::{DISABLED_DETAIL, ProfileError, Profiler};
 use ferry_telemetry::prometheus::Registry;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -26,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::WorkerMonitor;
 
-/// Longest a readiness ping may take.
-pub const READY_BUDGET: Duration = Duration::from_secs(2);
+/// Longest a readiness ping may take unless configured (`--ready-budget-ms`).
+pub const DEFAULT_READY_BUDGET: Duration = Duration::from_secs(2);
 
 /// An extra readiness check (the store's ping): a fresh future per probe, `Err` with a reason when down.
 pub type ReadyCheck =
@@ -41,6 +50,10 @@ pub struct Admin {
     pub worker: WorkerMonitor,
     /// Extra dependencies by name (`postgres` while a recorder runs).
     pub checks: Vec<(&'static str, ReadyCheck)>,
+    /// Serve `GET /debug/pprof/profile` (CPU profiles). Off: the route answers 404.
+    pub profiling: bool,
+    /// Longest each readiness ping may take ([`DEFAULT_READY_BUDGET`] unless configured).
+    pub ready_budget: Duration,
 }
 
 impl std::fmt::Debug for Admin {
@@ -51,16 +64,34 @@ impl std::fmt::Debug for Admin {
                 "checks",
                 &self.checks.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
             )
+            .field("profiling", &self.profiling)
             .finish_non_exhaustive()
     }
 }
 
 /// The admin routes.
 pub fn router(admin: Admin) -> Router {
+    let profile = if admin.profiling {
+        let profiler = Arc::new(Profiler::new());
+        get(
+            move |query: Result<Query<HashMap<String, String>>, QueryRejection>| {
+                let profiler = profiler.clone();
+                async move {
+                    match query {
+                        Ok(Query(query)) => profile(&profiler, &query).await,
+                        Err(r) => problem(StatusCode::BAD_REQUEST, r.body_text(), None),
+                    }
+                }
+            },
+        )
+    } else {
+        get(|| async { problem(StatusCode::NOT_FOUND, DISABLED_DETAIL.to_owned(), None) })
+    };
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/debug/pprof/profile", profile)
         .with_state(admin)
 }
 
@@ -75,6 +106,78 @@ pub async fn serve(
         .await
 }
 
+/// A capture through `profiler`, answered as a pprof protobuf download or a problem+json error.
+async fn profile(profiler: &Profiler, query: &HashMap<String, String>) -> Response {
+    let params = profiler.params(
+        query.get("seconds").map(String::as_str),
+        query.get("hz").map(String::as_str),
+    );
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let captured = match params {
+        Ok((seconds, hz)) => profiler.capture(seconds, hz).await,
+        Err(e) => Err(e),
+    };
+    match captured {
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"ferry-worker-{started}.pb\""),
+                ),
+                (header::CACHE_CONTROL, "no-store".to_owned()),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(ProfileError::BadRequest(field, rule)) => {
+            let errors = json!([{"field": field, "message": rule}]);
+            problem(
+                StatusCode::BAD_REQUEST,
+                format!("{field}: {rule}"),
+                Some(errors),
+            )
+        }
+        Err(e @ ProfileError::Busy) => problem(StatusCode::CONFLICT, e.to_string(), None),
+        Err(ProfileError::Failed(detail)) => {
+            tracing::error!(error = %detail, "CPU profile failed");
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the CPU profile could not be captured; see the worker's log".to_owned(),
+                None,
+            )
+        }
+    }
+}
+
+/// An `application/problem+json` answer, shaped like the gateway's (`errors` names bad parameters).
+fn problem(status: StatusCode, detail: String, errors: Option<Value>) -> Response {
+    let (slug, title) = match status {
+        StatusCode::BAD_REQUEST => ("bad-request", "Bad request"),
+        StatusCode::NOT_FOUND => ("not-found", "Not found"),
+        StatusCode::CONFLICT => ("conflict", "Conflict"),
+        _ => ("internal", "Internal error"),
+    };
+    let mut body = json!({
+        "type": format!("urn:ferry:problem:{slug}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    if let Some(errors) = errors {
+        body["errors"] = errors;
+    }
+    let mut res = (status, axum::Json(body)).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
 async fn metrics(State(admin): State<Admin>) -> Response {
     (
         [(
@@ -86,9 +189,12 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-async fn check<E: std::fmt::Display>(ping: impl Future<Output = Result<(), E>>) -> (bool, Value) {
+async fn check<E: std::fmt::Display>(
+    budget: Duration,
+    ping: impl Future<Output = Result<(), E>>,
+) -> (bool, Value) {
     let started = Instant::now();
-    let (ok, error) = match tokio::time::timeout(READY_BUDGET, ping).await {
+    let (ok, error) = match tokio::time::timeout(budget, ping).await {
         Ok(Ok(())) => (true, None),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness: ping failed");
@@ -96,7 +202,7 @@ async fn check<E: std::fmt::Display>(ping: impl Future<Output = Result<(), E>>) 
         }
         Err(_) => (
             false,
-            Some(format!("no answer within {} ms", READY_BUDGET.as_millis())),
+            Some(format!("no answer within {} ms", budget.as_millis())),
         ),
     };
     let ms = started.elapsed().as_millis() as u64;
@@ -104,12 +210,12 @@ async fn check<E: std::fmt::Display>(ping: impl Future<Output = Result<(), E>>) 
 }
 
 async fn readyz(State(admin): State<Admin>) -> Response {
-    let redis = check(admin.broker.ping());
+    let redis = check(admin.ready_budget, admin.broker.ping());
     let others = futures::future::join_all(
         admin
             .checks
             .iter()
-            .map(|(name, f)| async move { (*name, check(f()).await) }),
+            .map(|(name, f)| async move { (*name, check(admin.ready_budget, f()).await) }),
     );
     let ((redis_ok, redis), others) = tokio::join!(redis, others);
     let mut ready = redis_ok;

@@ -67,6 +67,9 @@ pub struct WorkerConfig {
     pub retry_max_delay: Duration,
     /// Consumer name in the broker. Default: `<hostname>-<pid>-<random>`, unique per process.
     pub consumer: Option<String>,
+    /// How often the queue gauges (`ferry_queue_*`) are refreshed from the broker when metrics are registered
+    /// (default 5 s).
+    pub queue_metrics_interval: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -94,6 +97,7 @@ impl Default for WorkerConfig {
             broker_call_timeout: Duration::from_secs(10),
             retry_max_delay: Duration::from_secs(2),
             consumer: None,
+            queue_metrics_interval: Duration::from_secs(5),
         }
     }
 }
@@ -170,6 +174,7 @@ impl WorkerConfig {
             ("maintain_interval", self.maintain_interval),
             ("broker_call_timeout", self.broker_call_timeout),
             ("retry_max_delay", self.retry_max_delay),
+            ("queue_metrics_interval", self.queue_metrics_interval),
         ] {
             if d.is_zero() {
                 return bad(field, "must be greater than zero");

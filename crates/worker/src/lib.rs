@@ -29,7 +29,7 @@ mod scheduler;
 
 pub use config::WorkerConfig;
 pub use handler::{FnHandler, Handler, HandlerRegistry, JobContext, JobError, handler_fn};
-pub use runtime::{DrainReport, Worker, WorkerCounters, WorkerMonitor};
+pub use runtime::{DrainReport, RunningJob, Worker, WorkerCounters, WorkerMonitor};
 pub use webhook::{WebhookConfig, WebhookHandler};
 
 /// Errors at the worker's boundary. A job's own failure is not one (that is a [`JobError`]), nor is a broker

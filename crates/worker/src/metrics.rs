@@ -1,6 +1,6 @@
 //! The worker's Prometheus metrics (names from `docs/metrics.md`): per (queue, kind) job counters and
 //! histograms, and per-queue gauges polled from [`Broker::stats`](ferry_broker::Broker::stats) every
-//! [`QUEUE_POLL`].
+//! [`WorkerConfig::queue_metrics_interval`](crate::WorkerConfig::queue_metrics_interval).
 //!
 //! Counting is cheap on the job path: each (queue, kind) pair resolves its labelled children once and caches
 //! them ([`JobMetrics`]); a job carries an `Arc` to its pair's handles, so an outcome is an atomic add.
@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use ferry_core::{Kind, QueueName, now_ms};
 use ferry_telemetry::metrics::JOB_SECONDS_BUCKETS;
@@ -23,9 +22,6 @@ use ferry_telemetry::prometheus::{
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::Core;
-
-/// How often the queue gauges are refreshed.
-pub const QUEUE_POLL: Duration = Duration::from_secs(5);
 
 /// The labelled children of one (queue, kind) pair.
 #[derive(Debug)]
@@ -198,7 +194,7 @@ impl WorkerMetrics {
     }
 }
 
-/// Refresh the queue gauges of the worker's queues every [`QUEUE_POLL`] (at once first) until `stop`. A failed
+/// Refresh the queue gauges of the worker's queues every `queue_metrics_interval` (at once first) until `stop`. A failed
 /// poll keeps the last values.
 pub(crate) async fn poll_queues(core: Arc<Core>, stop: CancellationToken) {
     let m = &core.metrics;
@@ -247,7 +243,7 @@ pub(crate) async fn poll_queues(core: Arc<Core>, stop: CancellationToken) {
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(QUEUE_POLL) => {}
+            _ = tokio::time::sleep(core.config.queue_metrics_interval) => {}
         }
     }
 }

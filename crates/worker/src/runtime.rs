@@ -229,6 +229,38 @@ impl WorkerMonitor {
     pub fn draining(&self) -> bool {
         self.core.draining()
     }
+
+    /// The leases held right now, oldest attempt first by job id: what a shutdown deadline reports as still
+    /// running.
+    pub fn running(&self) -> Vec<RunningJob> {
+        let mut jobs: Vec<RunningJob> = self
+            .core
+            .inflight
+            .snapshot()
+            .iter()
+            .map(|s| RunningJob {
+                id: s.lease.job,
+                queue: s.lease.queue.clone(),
+                attempt: s.lease.attempt,
+            })
+            .collect();
+        jobs.sort_by_key(|j| j.id);
+        jobs
+    }
+}
+
+/// A job this worker holds a lease for (see [`WorkerMonitor::running`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningJob {
+    pub id: JobId,
+    pub queue: QueueName,
+    pub attempt: u32,
+}
+
+impl fmt::Display for RunningJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}, attempt {})", self.id, self.queue, self.attempt)
+    }
 }
 
 /// What one run shares with its claim loops and job tasks. Dropping the last one closes the acker's channel.
@@ -564,6 +596,10 @@ async fn start_jobs(
                 .and_then(|t| t.split('-').nth(1))
                 .unwrap_or(""),
         );
+        // With span export on, the job's span is a child of the submitting request's span.
+        if let Some(tp) = job.spec.traceparent.as_deref() {
+            ferry_telemetry::set_remote_parent(&span, tp);
+        }
         let metrics = core.metrics.job(queue, &job.spec.kind);
         metrics.start(job.attempt, job.spec.created_at);
         let slot = Arc::new(JobSlot::new(leased.lease, run.force.child_token(), metrics));

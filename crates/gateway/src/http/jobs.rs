@@ -10,6 +10,7 @@ use ferry_broker::{CancelOutcome, RetryOutcome};
 use ferry_core::{JobId, JobInfo, NewJob, ValidationError};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 
 use super::Api;
 use super::extract::{Authed, Json, Path, from_value};
@@ -20,14 +21,22 @@ use crate::error::ApiError;
 const REQUEST_ID: &str = "x-request-id";
 const TRACEPARENT: &str = "traceparent";
 
-/// The request's W3C `traceparent` when valid, else a new trace: stored with the job and returned.
-fn traceparent(headers: &HeaderMap) -> String {
-    headers
+/// The request's W3C `traceparent` when valid, else a new trace: stored with the job and returned. With span
+/// export on, `span` joins the request's trace (the header is its remote parent) and the value returned names
+/// `span` as the parent, so the worker's span of the job becomes its child.
+fn traceparent(headers: &HeaderMap, span: &tracing::Span) -> String {
+    let given = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(ferry_core::trace::TraceParent::parse)
-        .unwrap_or_else(ferry_core::trace::TraceParent::start)
-        .to_string()
+        .and_then(ferry_core::trace::TraceParent::parse);
+    if let Some(t) = &given {
+        ferry_telemetry::set_remote_parent(span, &t.to_string());
+    }
+    ferry_telemetry::traceparent_of(span).unwrap_or_else(|| {
+        given
+            .unwrap_or_else(ferry_core::trace::TraceParent::start)
+            .to_string()
+    })
 }
 
 /// `X-Request-Id` when it is a sane token (it ends up in logs and events), else a fresh UUIDv7.
@@ -82,12 +91,14 @@ pub async fn submit(
     api.app.resilience.admit_submission()?;
     let q = broker_queue(&p, &queue)?;
     let correlation = correlation_id(&headers);
-    let trace = traceparent(&headers);
+    let span = tracing::info_span!("submit_job", queue = %queue, correlation_id = %correlation);
+    let trace = traceparent(&headers, &span);
     let job = new_job(&api, &p, body, None, &correlation, &trace)?;
     let e = api
         .app
         .resilience
         .broker(api.app.broker.enqueue(&q, job))
+        .instrument(span)
         .await?;
     api.metrics.enqueued(q.as_str(), u64::from(!e.duplicate));
     let mut out = json!({"id": e.id, "queue": queue, "state": e.state});
@@ -124,7 +135,8 @@ pub async fn submit_batch(
         .into());
     }
     let correlation = correlation_id(&headers);
-    let trace = traceparent(&headers);
+    let span = tracing::info_span!("submit_batch", queue = %queue, correlation_id = %correlation);
+    let trace = traceparent(&headers, &span);
     // Every bad job is reported at once, so a client fixes a batch in one round.
     let mut jobs = Vec::with_capacity(batch.jobs.len());
     let mut errors = Vec::new();
@@ -149,6 +161,7 @@ pub async fn submit_batch(
         .app
         .resilience
         .broker(api.app.broker.enqueue_batch(&q, jobs))
+        .instrument(span)
         .await?;
     let accepted = done.iter().filter(|e| !e.duplicate).count() as u64;
     api.metrics.enqueued(q.as_str(), accepted);

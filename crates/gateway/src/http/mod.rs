@@ -10,10 +10,12 @@
 //! * [`tenancy`]: how a tenant's queue names map to broker queues.
 //! * [`jobs`], [`history`], [`queues`], [`channels`]: the `/v1` handlers ([`history`] answers from the store). [`ops`]: health, readiness, metrics, OpenAPI.
 //! * [`limit`], [`metrics`]: per-subject token buckets and request counters, one of each per router.
+//! * [`debug`]: `GET /debug/pprof/profile`, CPU profiles for admins, only with `GatewayConfig::profiling`.
 //!
 //! [`Principal`]: crate::auth::Principal
 
 pub mod channels;
+pub mod debug;
 pub mod extract;
 pub mod history;
 pub mod jobs;
@@ -52,6 +54,7 @@ pub const PATHS: &[&str] = &[
     "/healthz",
     "/readyz",
     "/metrics",
+    "/debug/pprof/profile",
     "/v1/openapi.json",
     "/v1/queues",
     "/v1/queues/{queue}",
@@ -80,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/debug/pprof/profile", debug::route(&state.config))
         .route("/v1/openapi.json", get(ops::openapi))
         .route("/v1/queues", get(queues::list))
         .route("/v1/queues/{queue}", get(queues::get))

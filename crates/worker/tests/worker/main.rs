@@ -3,5 +3,6 @@
 
 mod common;
 mod metrics;
+mod profile;
 mod runtime;
 mod webhook;

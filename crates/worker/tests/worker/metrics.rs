@@ -61,6 +61,8 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
             broker: broker.clone(),
             worker: monitor.clone(),
             checks: Vec::new(),
+            profiling: false,
+            ready_budget: ferry_worker::admin::DEFAULT_READY_BUDGET,
         },
         admin_stop.clone(),
     ));
