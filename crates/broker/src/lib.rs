@@ -78,8 +78,9 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError>;
 
     /// Cancel a job in any non-final state. An active job's lease is revoked: its worker sees `false` on its
-    /// next heartbeat and its completion is rejected.
-    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError>;
+    /// next heartbeat and its completion is rejected. `by` is the actor recorded on the `job.cancelled` event
+    /// (the caller's subject).
+    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError>;
 
     /// Move due scheduled and retrying jobs to their queue. Safe to run on many nodes at once.
     async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<usize, BrokerError>;

@@ -705,7 +705,7 @@ impl Broker for MemoryBroker {
         Ok(out)
     }
 
-    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
+    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError> {
         let now = now_ms();
         let mut st = self.lock()?;
         let Some(e) = st.jobs.get(&id) else {
@@ -717,7 +717,9 @@ impl Broker for MemoryBroker {
         }
         // Detaching an active job bumps its epoch: its worker's lease is dead from here on.
         st.detach(id);
+        st.actor = by.map(Arc::from);
         st.enter_finished(id, JobState::Cancelled, None, now);
+        st.actor = None;
         Ok(CancelOutcome::Cancelled(previous))
     }
 

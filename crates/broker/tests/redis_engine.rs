@@ -176,7 +176,7 @@ async fn depth_survives_deleted_entries() {
         .enqueue_batch(&queue, (0..5).map(|_| noop()).collect())
         .await
         .unwrap();
-    b.cancel(ids[2].id).await.unwrap();
+    b.cancel(ids[2].id, None).await.unwrap();
     assert_eq!(b.stats(&queue).await.unwrap().depth, 4);
     let leased = b.claim(&queue, "c", 10, Duration::ZERO).await.unwrap();
     assert_eq!(leased.len(), 4);
@@ -256,7 +256,7 @@ async fn queued_jobs_are_found_through_their_entry() {
         JobState::Queued
     );
     assert_eq!(
-        b.cancel(ids[7]).await.unwrap(),
+        b.cancel(ids[7], None).await.unwrap(),
         ferry_broker::CancelOutcome::Cancelled(JobState::Queued)
     );
     assert_eq!(

@@ -833,7 +833,7 @@ impl Broker for RedisBroker {
         Ok(out)
     }
 
-    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
+    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError> {
         let Some((queue, record)) = self.locate(id).await? else {
             return Ok(CancelOutcome::NotFound);
         };
@@ -852,7 +852,8 @@ impl Broker for RedisBroker {
             .arg(now_ms())
             .arg(self.evmax())
             .arg(hint_p)
-            .arg(hint_eid);
+            .arg(hint_eid)
+            .arg(actor_arg(by));
         let v: Vec<String> = inv
             .invoke_async(&mut self.conn(&queue))
             .await

@@ -948,7 +948,7 @@ pub async fn cancel_queued_job<E: Engine>() {
     let mut events = Feed::subscribe(b).await;
     let id = b.enqueue(q, job("c")).await.unwrap().id;
     assert_eq!(
-        b.cancel(id).await.unwrap(),
+        b.cancel(id, None).await.unwrap(),
         CancelOutcome::Cancelled(JobState::Queued)
     );
     let evs = events.next_for(id, 2).await;
@@ -958,11 +958,11 @@ pub async fn cancel_queued_job<E: Engine>() {
     assert_eq!(b.stats(q).await.unwrap().depth, 0);
     claim_none(b, q).await;
     assert_eq!(
-        b.cancel(id).await.unwrap(),
+        b.cancel(id, None).await.unwrap(),
         CancelOutcome::AlreadyFinal(JobState::Cancelled)
     );
     assert_eq!(
-        b.cancel(JobId::new()).await.unwrap(),
+        b.cancel(JobId::new(), None).await.unwrap(),
         CancelOutcome::NotFound
     );
 
@@ -971,7 +971,7 @@ pub async fn cancel_queued_job<E: Engine>() {
     let leased = claim_one(b, q, "w").await;
     complete(b, &leased.lease, json!(null)).await.unwrap();
     assert_eq!(
-        b.cancel(done).await.unwrap(),
+        b.cancel(done, None).await.unwrap(),
         CancelOutcome::AlreadyFinal(JobState::Completed)
     );
 }
@@ -991,7 +991,7 @@ pub async fn cancel_scheduled_and_retrying_jobs<E: Engine>() {
         .unwrap()
         .id;
     assert_eq!(
-        b.cancel(scheduled).await.unwrap(),
+        b.cancel(scheduled, None).await.unwrap(),
         CancelOutcome::Cancelled(JobState::Scheduled)
     );
     assert_eq!(b.stats(q).await.unwrap().scheduled, 0);
@@ -1008,7 +1008,7 @@ pub async fn cancel_scheduled_and_retrying_jobs<E: Engine>() {
         panic!("expected a retry");
     };
     assert_eq!(
-        b.cancel(retrying).await.unwrap(),
+        b.cancel(retrying, None).await.unwrap(),
         CancelOutcome::Cancelled(JobState::Retrying)
     );
     sleep_past(run_at).await;
@@ -1026,7 +1026,7 @@ pub async fn cancel_active_job_revokes_lease<E: Engine>() {
     let id = b.enqueue(q, job("c")).await.unwrap().id;
     let leased = claim_one(b, q, "w").await;
     assert_eq!(
-        b.cancel(id).await.unwrap(),
+        b.cancel(id, None).await.unwrap(),
         CancelOutcome::Cancelled(JobState::Active)
     );
     let lease = std::slice::from_ref(&leased.lease);
@@ -1423,7 +1423,7 @@ pub async fn finished_jobs_expire_after_retention<E: Engine>() {
     let leased = claim_one(b, q, "w").await;
     assert_eq!(leased.job.id, done);
     complete(b, &leased.lease, json!(1)).await.unwrap();
-    b.cancel(cancelled).await.unwrap();
+    b.cancel(cancelled, None).await.unwrap();
     let waiting = b.enqueue(q, job("waiting")).await.unwrap().id;
 
     let patience = Patience::new("finished jobs to expire");
@@ -1678,6 +1678,18 @@ pub async fn log_holds_every_event_with_spec_and_actor<E: Engine>() {
             .1
             .is_empty()
     );
+
+    // A cancellation names who cancelled.
+    let other = b.enqueue(q, job("log.kind")).await.unwrap().id;
+    b.cancel(other, Some("bob")).await.unwrap();
+    let (positions, events) = read_events(b, "rec-1", 2, None).await;
+    let cancelled: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.job == other && e.ty == EventType::Cancelled)
+        .collect();
+    assert_eq!(cancelled.len(), 1, "{events:?}");
+    assert_eq!(cancelled[0].actor.as_deref(), Some("bob"));
+    b.ack_log(GROUP, &positions).await.unwrap();
 }
 
 pub async fn log_unacknowledged_entries_are_taken_over<E: Engine>() {

@@ -256,7 +256,7 @@ pub async fn cancel(
     match api
         .app
         .resilience
-        .broker(api.app.broker.cancel(job.id))
+        .broker(api.app.broker.cancel(job.id, Some(&p.sub)))
         .await?
     {
         CancelOutcome::Cancelled(was) => Ok(axum::Json(

@@ -214,8 +214,8 @@ impl Broker for Faulty {
     async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
         self.inner.release(leases).await
     }
-    async fn cancel(&self, id: JobId) -> Result<CancelOutcome, BrokerError> {
-        self.inner.cancel(id).await
+    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError> {
+        self.inner.cancel(id, by).await
     }
     async fn promote_due(&self, q: &QueueName, max: usize) -> Result<usize, BrokerError> {
         self.inner.promote_due(q, max).await

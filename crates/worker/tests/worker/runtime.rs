@@ -159,7 +159,7 @@ async fn cancelling_an_active_job_fires_ctx_cancelled() -> Result<()> {
     cfg.heartbeat_interval = Some(Duration::from_millis(50));
     let w = Running::start(broker.clone(), registry, cfg);
     wait_state(&*broker, id, JobState::Active, T).await?;
-    broker.cancel(id).await?;
+    broker.cancel(id, None).await?;
     eventually(
         Duration::from_secs(3),
         "handler sees cancellation",

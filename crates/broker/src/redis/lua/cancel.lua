@@ -1,5 +1,6 @@
 -- KEYS: p0 p1 p2 jobs sched fin events
--- ARGV: id now evmax p eid  (p and eid: where the caller found a job that has no record yet, or empty)
+-- ARGV: id now evmax p eid by  (p and eid: where the caller found a job that has no record yet, or empty; by:
+-- the actor as a JSON string, or empty)
 -- Returns {'nf'}, {'final', state_letter} or {'ok', previous_state}.
 local id, now, evmax = ARGV[1], ARGV[2], ARGV[3]
 local rec = redis.call('HGET', KEYS[4], id)
@@ -39,5 +40,5 @@ redis.call('HSET', KEYS[4], id, '["x",' .. now .. ',' .. att .. ',' .. cjson.enc
 redis.call('ZADD', KEYS[6], now, id)
 local g = group('job.cancelled', 'cancelled', now)
 add(g, m, att)
-emit(KEYS[7], evmax, { g })
+emit(KEYS[7], evmax, { g }, ARGV[6])
 return { 'ok', prev }
