@@ -41,6 +41,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
+# Python tools for the container, Kubernetes and Terraform checks, each in its own virtualenv under
+# target/tools (never committed): kubernetes-validate (the Kubernetes schemas, offline) and checkov (static
+# analysis). The tests look for them there (FERRY_TOOLS_DIR).
+py_tool() {
+  local name=$1 version=$2 cmd=$3 dir=target/tools/$1
+  [ -x "$dir/bin/$cmd" ] && return 0
+  echo "scripts/test.sh: installing $name $version into $dir" >&2
+  if ! python3 -m venv "$dir" >/dev/null 2>&1; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip
+    python3 -m venv "$dir"
+  fi
+  "$dir/bin/pip" install -q "$name==$version"
+}
+py_tool kubernetes-validate 1.37.0 kubernetes-validate
+py_tool checkov 3.3.30 checkov
+export FERRY_TOOLS_DIR="$PWD/target/tools"
+
 if command -v rustup >/dev/null; then
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
