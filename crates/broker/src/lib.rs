@@ -105,6 +105,10 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError>;
 
+    /// Scheduled and retrying jobs of `queue` due within `within` from now, those already due included: work
+    /// that will be waiting soon (the autoscaler counts it as backlog).
+    async fn scheduled_due(&self, queue: &QueueName, within: Duration) -> Result<u64, BrokerError>;
+
     /// Every queue that has received a job.
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError>;
 

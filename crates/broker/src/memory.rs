@@ -250,6 +250,8 @@ struct Queue {
     idempotency_expiry: VecDeque<(u64, IdemKey)>,
     /// Wakes `claim` calls blocked on this queue when jobs become ready or the queue is resumed.
     notify: Arc<Notify>,
+    /// Jobs handed to workers so far (`QueueStats::delivered`).
+    delivered: u64,
 }
 
 /// The live event feed, and the durable log's in-process stand-in.
@@ -493,6 +495,7 @@ impl State {
                     break;
                 };
                 q.active.insert((deadline, id));
+                q.delivered += 1;
                 ids.push(id);
             }
         }
@@ -824,6 +827,7 @@ impl Broker for MemoryBroker {
             dead: 0,
             lag_ms: 0,
             paused: false,
+            delivered: 0,
         };
         let Some(q) = st.queues.get(queue) else {
             return Ok(stats);
@@ -839,7 +843,19 @@ impl Broker for MemoryBroker {
             .min()
             .map_or(0, |oldest| now.saturating_sub(oldest));
         stats.paused = q.paused;
+        stats.delivered = q.delivered;
         Ok(stats)
+    }
+
+    async fn scheduled_due(&self, queue: &QueueName, within: Duration) -> Result<u64, BrokerError> {
+        let until = now_ms().saturating_add(within.as_millis() as u64);
+        let st = self.lock()?;
+        Ok(st.queues.get(queue).map_or(0, |q| {
+            q.scheduled
+                .iter()
+                .take_while(|(run_at, _)| *run_at <= until)
+                .count() as u64
+        }))
     }
 
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {

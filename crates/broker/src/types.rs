@@ -140,6 +140,9 @@ pub struct QueueStats {
     /// Age of the oldest waiting job in milliseconds (0 when none waits).
     pub lag_ms: u64,
     pub paused: bool,
+    /// Jobs handed to workers since the queue was created (a counter: its rate is the queue's claim
+    /// throughput; redeliveries count again).
+    pub delivered: u64,
 }
 
 /// Errors of the engine itself (a job's own failure is not one).

@@ -1001,7 +1001,20 @@ impl Broker for RedisBroker {
             scheduled: g(3),
             dead: g(4),
             paused: g(5) == 1,
+            delivered: g(6),
         })
+    }
+
+    async fn scheduled_due(&self, queue: &QueueName, within: Duration) -> Result<u64, BrokerError> {
+        let until = now_ms().saturating_add(within.as_millis() as u64);
+        let n: u64 = redis::cmd("ZCOUNT")
+            .arg(&QueueKeys::new(queue).sched)
+            .arg("-inf")
+            .arg(until)
+            .query_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(n)
     }
 
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {

@@ -1398,6 +1398,24 @@ pub async fn stats_and_queues<E: Engine>() {
     assert_eq!(s.dead, 1, "{s:?}");
     assert!(s.lag_ms >= 50 && s.lag_ms < 600_000, "{s:?}");
     assert!(!s.paused);
+    assert_eq!(s.delivered, 3, "claims so far: {s:?}");
+    // Work coming due: both scheduled jobs are 10 minutes away; one due in 200 ms counts within a second.
+    let soon = Duration::from_secs(1);
+    assert_eq!(b.scheduled_due(q, soon).await.unwrap(), 0);
+    assert_eq!(
+        b.scheduled_due(q, Duration::from_secs(700)).await.unwrap(),
+        2
+    );
+    b.enqueue(
+        q,
+        NewJob {
+            delay_ms: Some(200),
+            ..job("s")
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.scheduled_due(q, soon).await.unwrap(), 1);
 
     // `queues()` lists queues that received a job, sorted; a queue only claimed from or paused is not one.
     let second = unique_queue("stats.second");

@@ -368,6 +368,13 @@ impl Broker for Switches {
     async fn stats(&self, q: &QueueName) -> Result<QueueStats, BrokerError> {
         self.inner.stats(q).await
     }
+    async fn scheduled_due(
+        &self,
+        q: &QueueName,
+        within: std::time::Duration,
+    ) -> Result<u64, BrokerError> {
+        self.inner.scheduled_due(q, within).await
+    }
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
         self.inner.queues().await
     }

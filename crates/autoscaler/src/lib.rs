@@ -1,0 +1,7 @@
+//! `ferry autoscaler`: sizes the worker fleet of each region from what its queues look like in Redis.
+//!
+//! It owns the scaling policy ([`policy`], a pure function), the regions file ([`config`]), reading the signals
+//! ([`signals`]) and the control loop. It must not run jobs or touch job state: it reads queue statistics and
+//! changes only how many workers run.
+
+pub mod policy;
