@@ -1,15 +1,16 @@
 //! The `ferry` binary's contract with scripts: exit codes, messages that name the flag, output formats, and the
 //! `FERRY_*` environment variables.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anyhow::Result;
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::Broker;
 use ferry_core::{JobId, JobState, Priority, QueueName};
-use ferry_testkit::RedisServer;
+
+mod support;
 
 fn ferry(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    let mut cmd = support::ferry();
     cmd.args(args).env("FERRY_LOG", "warn");
     for (k, v) in env {
         cmd.env(k, v);
@@ -222,9 +223,7 @@ fn unreachable_broker_exits_69() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_prints_ids_or_a_summary_and_reads_env() -> Result<()> {
-    let redis = RedisServer::start()?;
-    let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let (_redis, url, broker) = support::redis_and_broker().await?;
 
     let out = ferry(
         &[

@@ -1,12 +1,14 @@
 //! No secret ever reaches a log line: real `ferry gateway` and `ferry worker` processes at `debug` level, in JSON,
 //! given a JWT secret, tokens (good and bad) and a database URL with a password, doing real work.
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
-use ferry_gateway::auth::{MintClaims, mint};
 use ferry_testkit::{PostgresServer, RedisServer, free_port};
 use serde_json::json;
+
+mod support;
+use support::{Proc, ferry, poll_json, remaining, submit, until_ready};
 
 const SECRET: &str = "log-test-secret-0123456789abcdefghij";
 const DB_PASSWORD: &str = "db-pass-Zq8w";
@@ -26,16 +28,17 @@ async fn secrets_never_appear_in_logs() {
     let dir = tempfile::tempdir().unwrap();
     let spawn = |name: &str, args: &[&str]| {
         let log = dir.path().join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(args)
-            .env("FERRY_LOG", "debug")
-            .env("FERRY_LOG_FORMAT", "json")
-            .stdout(Stdio::from(
-                std::fs::File::create(dir.path().join(format!("{name}.out"))).unwrap(),
-            ))
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
+        let child = Proc::spawn(
+            ferry()
+                .args(args)
+                .env("FERRY_LOG", "debug")
+                .env("FERRY_LOG_FORMAT", "json")
+                .stdout(Stdio::from(
+                    std::fs::File::create(dir.path().join(format!("{name}.out"))).unwrap(),
+                ))
+                .stderr(Stdio::from(std::fs::File::create(&log).unwrap())),
+        )
+        .unwrap();
         (child, log)
     };
     let listen = format!("127.0.0.1:{}", free_port());
@@ -67,50 +70,29 @@ async fn secrets_never_appear_in_logs() {
             &db,
         ],
     );
-    let token = mint(
-        SECRET.as_bytes(),
-        &MintClaims {
-            sub: "alice".into(),
-            scopes: vec!["jobs:submit".into(), "jobs:read".into()],
-            tenant: None,
-            ttl: Duration::from_secs(600),
-            issuer: None,
-            audience: None,
-        },
-    )
-    .unwrap();
+    let token = support::token(
+        SECRET,
+        "alice",
+        &["jobs:submit", "jobs:read"],
+        Duration::from_secs(600),
+    );
     let http = reqwest::Client::new();
     let base = format!("http://{listen}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while http
-        .get(format!("{base}/readyz"))
-        .send()
+    let deadline = Instant::now() + Duration::from_secs(30);
+    until_ready(&http, &base, remaining(deadline))
         .await
-        .map(|r| r.status())
-        .ok()
-        != Some(reqwest::StatusCode::OK)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gateway never ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .expect("gateway never ready");
     let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let r = http
-        .post(format!("{base}/v1/queues/q/jobs"))
-        .bearer_auth(&token)
-        .header("x-request-id", "req-logs-1")
-        .header("traceparent", trace)
-        .json(&json!({"kind": "ferry.echo", "payload": {"x": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, _) = submit(
+        &http,
+        &base,
+        &token,
+        "q",
+        &json!({"kind": "ferry.echo", "payload": {"x": 1}}),
+        &[("x-request-id", "req-logs-1"), ("traceparent", trace)],
+    )
+    .await
+    .unwrap();
     // A tampered token, and a token in the query string of a WebSocket upgrade.
     let bad = format!("{token}x");
     let r = http
@@ -122,31 +104,22 @@ async fn secrets_never_appear_in_logs() {
     assert_eq!(r.status(), 401);
     let _ = http.get(format!("{base}/v1/ws?token={bad}")).send().await;
     // Let the job run and be recorded, then read it back from the record.
-    loop {
-        let r = http
-            .get(format!("{base}/v1/jobs/{id}/events"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        let v: serde_json::Value = r.json().await.unwrap();
-        if v["events"].as_array().is_some_and(|a| a.len() == 3) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job never recorded: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    poll_json(
+        &http,
+        &format!("{base}/v1/jobs/{id}/events"),
+        &token,
+        remaining(deadline),
+        "job never recorded",
+        |v| v["events"].as_array().is_some_and(|a| a.len() == 3),
+    )
+    .await
+    .unwrap();
+    for p in [&gw, &wk] {
+        let _ = p.sigterm();
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &gw.id().to_string()])
-        .status();
-    let _ = Command::new("kill")
-        .args(["-TERM", &wk.id().to_string()])
-        .status();
-    let _ = gw.wait();
-    let _ = wk.wait();
+    for p in [&mut gw, &mut wk] {
+        let _ = p.wait_exit(Duration::from_secs(30)).await;
+    }
     // One id follows the job into the worker: its attempt's log line carries the correlation and trace ids.
     let worker_text = std::fs::read_to_string(&wk_log).unwrap();
     let line = worker_text

@@ -3,7 +3,7 @@
 //! gateway's span joins the caller's trace, the worker's job span is the gateway span's child, and the resource
 //! names the service. Without an endpoint nothing is sent. Bad `--otlp-endpoint` and `--log` values exit 64.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,12 +11,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ferry_gateway::auth::{MintClaims, mint};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
+
+mod support;
+use support::{Proc, remaining, submit, until_completed, until_healthy};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-otlp-test";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -126,18 +128,9 @@ async fn receiver() -> (String, Received) {
     (format!("http://{addr}"), received)
 }
 
-/// The child is killed if the test fails before it stops it.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// The binary, with none of the tracing settings a developer's environment might carry.
 fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    let mut c = support::ferry();
     for var in [
         "FERRY_OTLP_ENDPOINT",
         "FERRY_OTLP_SERVICE_NAME",
@@ -150,100 +143,63 @@ fn ferry() -> Command {
     c
 }
 
-fn token() -> String {
-    mint(
-        SECRET.as_bytes(),
-        &MintClaims {
-            sub: "alice".into(),
-            scopes: vec!["jobs:submit".into(), "jobs:read".into()],
-            tenant: None,
-            ttl: Duration::from_secs(600),
-            issuer: None,
-            audience: None,
-        },
-    )
-    .unwrap()
-}
-
 /// `ferry dev` on a free port, with `extra` flags; stderr goes to `log`.
-fn start_dev(extra: &[&str], log: &std::path::Path) -> (Killed, String) {
+fn start_dev(extra: &[&str], log: &std::path::Path) -> (Proc, String) {
     let listen = format!("127.0.0.1:{}", ferry_testkit::free_port());
-    let child = ferry()
-        .args(["dev", "--listen", &listen])
-        .args(extra)
-        .env("FERRY_JWT_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
-        .spawn()
-        .expect("ferry dev starts");
-    (Killed(child), format!("http://{listen}"))
+    let dev = Proc::spawn(
+        ferry()
+            .args(["dev", "--listen", &listen])
+            .args(extra)
+            .env("FERRY_JWT_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(log).unwrap())),
+    )
+    .expect("ferry dev starts");
+    (dev, format!("http://{listen}"))
 }
 
 /// Submit one echo job with our traceparent, wait until it completed; the traceparent the gateway returned.
 async fn run_one_job(base: &str, log: &std::path::Path) -> String {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "ferry dev never listened:\n{}",
+    if let Err(e) = until_healthy(&http, base, remaining(deadline)).await {
+        panic!(
+            "ferry dev never listened ({e}):\n{}",
             std::fs::read_to_string(log).unwrap_or_default()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let token = token();
-    let res = http
-        .post(format!("{base}/v1/queues/default/jobs"))
-        .bearer_auth(&token)
-        .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
-        .json(&serde_json::json!({"kind": "ferry.echo", "payload": {"x": 1}}))
-        .send()
+    let token = support::token(
+        SECRET,
+        "alice",
+        &["jobs:submit", "jobs:read"],
+        Duration::from_secs(600),
+    );
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let (id, headers) = submit(
+        &http,
+        base,
+        &token,
+        "default",
+        &serde_json::json!({"kind": "ferry.echo", "payload": {"x": 1}}),
+        &[("traceparent", &traceparent)],
+    )
+    .await
+    .unwrap();
+    let returned = headers["traceparent"].to_str().unwrap().to_owned();
+    until_completed(&http, base, &token, &id, remaining(deadline))
         .await
         .unwrap();
-    assert_eq!(res.status(), 202);
-    let returned = res.headers()["traceparent"].to_str().unwrap().to_owned();
-    let id = res.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    loop {
-        let job: serde_json::Value = http
-            .get(format!("{base}/v1/jobs/{id}"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if job["state"] == "completed" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "job never completed: {job}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     returned
 }
 
 /// SIGTERM, then wait (bounded) for a clean exit.
-async fn stop(mut dev: Killed, log: &std::path::Path) {
-    let status = Command::new("kill")
-        .args(["-TERM", &dev.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(s) = dev.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ferry dev did not stop:\n{}",
+async fn stop(mut dev: Proc, log: &std::path::Path) {
+    let exit = dev.stop(Duration::from_secs(30)).await.unwrap_or_else(|e| {
+        panic!(
+            "ferry dev did not stop ({e}):\n{}",
             std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        )
+    });
     assert!(
         exit.success(),
         "ferry dev exited with {exit}:\n{}",

@@ -3,85 +3,35 @@
 //! recorders are killed; afterwards every job has exactly one `jobs` row in its final state and exactly its
 //! events in `job_events`.
 
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
-use ferry_core::{EventType, Kind, NewJob, QueueName};
-use ferry_gateway::auth::{MintClaims, mint};
+use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::{PostgresServer, RedisServer, free_port};
-use futures::StreamExt;
 use serde_json::{Value, json};
 
+mod support;
+use support::{
+    Proc, completions_total, count_completions, enqueue_many, ferry, until_healthy, wait_for_every,
+};
+
 const SECRET: &str = "record-test-secret-0123456789abcdef";
+/// How often the waits poll: most checks run `psql`.
+const POLL: Duration = Duration::from_millis(250);
 
-/// A `ferry` child process whose stderr goes to a file (read by the test), SIGKILLed when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let log = dir.path().join("stderr.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+/// A `ferry` child process whose stderr goes to a file (read by the test, printed if it fails).
+fn spawn(args: &[&str]) -> Result<Proc> {
+    Proc::spawn_logged(
+        ferry()
             .args(args)
             .env("FERRY_LOG", "warn,ferry_store=info,ferry_cli=info")
             .env_remove("FERRY_LOG_FORMAT")
             .env_remove("FERRY_DATABASE_URL")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(&log)?))
-            .spawn()
-            .with_context(|| format!("spawn ferry {args:?}"))?;
-        Ok(Self {
-            child,
-            log,
-            _dir: dir,
-        })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("--- log of ferry {} ---\n{}", self.child.id(), self.log());
-        }
-    }
-}
-
-async fn wait_for<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+            .stdout(Stdio::null()),
+    )
 }
 
 /// Redis + a migrated database.
@@ -96,9 +46,7 @@ impl Cluster {
         let redis = RedisServer::start()?;
         let pg = PostgresServer::start()?;
         let db = pg.create_database("record")?;
-        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["migrate", "--database-url", &db])
-            .output()?;
+        let out = ferry().args(["migrate", "--database-url", &db]).output()?;
         if !out.status.success() {
             bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -117,7 +65,7 @@ impl Cluster {
             &self.db,
         ];
         args.extend_from_slice(extra);
-        Proc::spawn(&args)
+        spawn(&args)
     }
 
     fn sql(&self, q: &str) -> Result<String> {
@@ -131,6 +79,20 @@ impl Cluster {
 
     async fn broker(&self) -> Result<RedisBroker> {
         Ok(RedisBroker::connect(&[self.redis.url()], EngineConfig::default()).await?)
+    }
+
+    /// Waits (up to `within`) until `jobs` jobs are completed in PostgreSQL with three events each, lets any
+    /// straggling redelivery land, then checks them with [`Cluster::assert_recorded_exactly`].
+    async fn until_recorded(&self, jobs: u64, within: Duration, what: &str) -> Result<()> {
+        wait_for_every(POLL, within, what, || async {
+            Ok(
+                self.count("select count(*) from jobs where state = 'completed'")? == jobs
+                    && self.count("select count(*) from job_events")? == jobs * 3,
+            )
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.assert_recorded_exactly(jobs)
     }
 
     /// Every job of the test has one `jobs` row, completed, and exactly the events queued, active, completed
@@ -159,21 +121,6 @@ impl Cluster {
     }
 }
 
-/// Count `job.completed` events from the live feed.
-async fn count_completed(broker: &RedisBroker) -> Result<Arc<AtomicU64>> {
-    let n = Arc::new(AtomicU64::new(0));
-    let mut feed = broker.subscribe().await?;
-    let counter = n.clone();
-    tokio::spawn(async move {
-        while let Some(e) = feed.next().await {
-            if e.ty == EventType::Completed {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    });
-    Ok(n)
-}
-
 fn noop() -> NewJob {
     NewJob::new(Kind::parse("ferry.noop").unwrap(), json!({ "n": 1 }))
 }
@@ -185,7 +132,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let redis = c.redis.url();
-    let _gateway = Proc::spawn(&[
+    let _gateway = spawn(&[
         "gateway",
         "--redis",
         &redis,
@@ -199,24 +146,15 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
     let w1 = c.worker("bulk", &["--consumer", "worker-a"])?;
     let w2 = c.worker("bulk", &["--consumer", "worker-b"])?;
 
-    let token = mint(
-        SECRET.as_bytes(),
-        &MintClaims {
-            sub: "submitter".into(),
-            scopes: vec!["jobs:submit".into(), "jobs:read".into()],
-            tenant: None,
-            ttl: Duration::from_secs(3600),
-            issuer: None,
-            audience: None,
-        },
-    )?;
+    let token = support::token(
+        SECRET,
+        "submitter",
+        &["jobs:submit", "jobs:read"],
+        Duration::from_secs(3600),
+    );
     let http = reqwest::Client::new();
     let base = format!("http://{listen}");
-    wait_for(Duration::from_secs(30), "the gateway", || {
-        let r = http.get(format!("{base}/healthz")).send();
-        async move { Ok(r.await.is_ok_and(|r| r.status().is_success())) }
-    })
-    .await?;
+    until_healthy(&http, &base, Duration::from_secs(30)).await?;
     let total = 10_000u64;
     for b in 0..10 {
         let jobs: Vec<Value> = (0..1000)
@@ -232,20 +170,8 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         assert!(r.status().is_success(), "batch {b}: {}", r.text().await?);
     }
 
-    wait_for(
-        Duration::from_secs(180),
-        "10,000 completed rows",
-        || async {
-            Ok(
-                c.count("select count(*) from jobs where state = 'completed'")? == total
-                    && c.count("select count(*) from job_events")? == total * 3,
-            )
-        },
-    )
-    .await?;
-    // Let any straggling redelivery land before counting exactly.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    c.assert_recorded_exactly(total)?;
+    c.until_recorded(total, Duration::from_secs(180), "10,000 completed rows")
+        .await?;
     // Who did what, and under which request.
     assert_eq!(
         c.count("select count(*) from job_events where type = 'job.queued' and actor = 'submitter' and correlation_id like 'batch-%'")?,
@@ -260,7 +186,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         total
     );
     // The row updates of a job's life write no index (docs/store.md): PostgreSQL counts them as HOT.
-    wait_for(Duration::from_secs(15), "HOT updates of jobs rows", || async {
+    wait_for_every(POLL, Duration::from_secs(15), "HOT updates of jobs rows", || async {
         let hot = c.sql(
             "select coalesce(round(100.0 * n_tup_hot_upd / nullif(n_tup_upd, 0)), 0) from pg_stat_user_tables where relname = 'jobs'",
         )?;
@@ -321,7 +247,7 @@ async fn postgres_outage_of_thirty_seconds_loses_nothing() -> Result<()> {
     let mut c = Cluster::start()?;
     let worker = c.worker("steady", &["--consumer", "steady-worker"])?;
     let broker = c.broker().await?;
-    let completed = count_completed(&broker).await?;
+    let completed = count_completions(&broker).await?;
     let q = QueueName::parse("steady")?;
 
     // A steady stream of jobs for the whole test, 50 every 100 ms.
@@ -339,15 +265,15 @@ async fn postgres_outage_of_thirty_seconds_loses_nothing() -> Result<()> {
             anyhow::Ok(sent)
         })
     };
-    wait_for(Duration::from_secs(30), "the first rows", || async {
+    wait_for_every(POLL, Duration::from_secs(30), "the first rows", || async {
         Ok(c.count("select count(*) from jobs where state = 'completed'")? > 0)
     })
     .await?;
 
     c.pg.stop()?;
-    let completed_at_stop = completed.load(Ordering::Relaxed);
+    let completed_at_stop = completions_total(&completed);
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let completed_in_outage = completed.load(Ordering::Relaxed) - completed_at_stop;
+    let completed_in_outage = completions_total(&completed) - completed_at_stop;
     assert!(
         completed_in_outage > 1000,
         "jobs keep completing while PostgreSQL is down ({completed_in_outage} did)"
@@ -360,15 +286,8 @@ async fn postgres_outage_of_thirty_seconds_loses_nothing() -> Result<()> {
     c.pg.start_again()?;
 
     let sent = feeder.await??;
-    wait_for(Duration::from_secs(120), "every job recorded", || async {
-        Ok(
-            c.count("select count(*) from jobs where state = 'completed'")? == sent
-                && c.count("select count(*) from job_events")? == sent * 3,
-        )
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    c.assert_recorded_exactly(sent)?;
+    c.until_recorded(sent, Duration::from_secs(120), "every job recorded")
+        .await?;
     let log = worker.log();
     assert!(
         log.contains("circuit breaker closed"),
@@ -397,14 +316,13 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
         ],
     )?;
     let broker = c.broker().await?;
-    let completed = count_completed(&broker).await?;
+    let completed = count_completions(&broker).await?;
     let q = QueueName::parse("takeover")?;
     let total = 2000u64;
-    for _ in 0..4 {
-        broker.enqueue_batch(&q, vec![noop(); 500]).await?;
-    }
+    enqueue_many(&broker, &q, 2000, noop()).await?;
     // The victim's recorder has read entries and sits on them.
-    wait_for(
+    wait_for_every(
+        POLL,
         Duration::from_secs(60),
         "the victim to hold log entries",
         || async {
@@ -417,7 +335,7 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
                 "10",
                 "victim",
             ])?;
-            Ok(!pending.trim().is_empty() && completed.load(Ordering::Relaxed) == total)
+            Ok(!pending.trim().is_empty() && completions_total(&completed) == total)
         },
     )
     .await?;
@@ -433,15 +351,8 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
             "2000",
         ],
     )?;
-    wait_for(Duration::from_secs(90), "every job recorded", || async {
-        Ok(
-            c.count("select count(*) from jobs where state = 'completed'")? == total
-                && c.count("select count(*) from job_events")? == total * 3,
-        )
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    c.assert_recorded_exactly(total)?;
+    c.until_recorded(total, Duration::from_secs(90), "every job recorded")
+        .await?;
     // The victim did the work; the survivor recorded it.
     assert_eq!(
         c.count(

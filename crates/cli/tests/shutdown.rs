@@ -1,35 +1,37 @@
 //! Graceful shutdown and readiness with real processes: `ferry gateway` and `ferry worker` binaries against a
 //! real `redis-server` (ferry-testkit), signalled as an orchestrator would.
 
-use std::collections::HashMap;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
-use ferry_core::{EventType, JobId, JobState, Kind, NewJob, QueueName};
-use ferry_gateway::auth::{MintClaims, mint};
-use ferry_testkit::RedisServer;
+use ferry_core::{JobId, JobState, Kind, NewJob, QueueName};
+use ferry_testkit::{RedisServer, free_port};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-const SECRET: &str = "shutdown-test-secret-shutdown-test-secret";
+mod support;
+use support::{
+    Proc, assert_completed_once, count_completions, enqueue_many, ferry, readyz, redis_and_broker,
+    states, until_drained, until_ready, wait_for_every,
+};
 
-/// A `ferry` child process, SIGKILLed if the test ends without stopping it.
-struct Proc {
-    child: Child,
+const SECRET: &str = "shutdown-test-secret-shutdown-test-secret";
+/// How often the waits poll: the tests time what happens after a signal.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A `ferry` child process, its log inherited, so the test runner shows it next to a failure.
+fn spawn(args: &[&str]) -> Result<Proc> {
+    spawn_to(args, Stdio::inherit())
 }
 
-impl Proc {
-    fn spawn(args: &[&str]) -> Result<Self> {
-        Self::spawn_to(args, Stdio::inherit())
-    }
-
-    /// With the log going to `stderr` instead of the test's own.
-    fn spawn_to(args: &[&str], stderr: impl Into<Stdio>) -> Result<Self> {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+/// With the log going to `stderr` instead of the test's own.
+fn spawn_to(args: &[&str], stderr: impl Into<Stdio>) -> Result<Proc> {
+    Proc::spawn(
+        ferry()
             .args(args)
             .env(
                 "FERRY_LOG",
@@ -41,70 +43,20 @@ impl Proc {
             .env("FERRY_ADMIN_LISTEN", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            // Inherited by default, so the test runner shows the process's log next to a failure.
-            .stderr(stderr)
-            .spawn()
-            .context("spawn ferry")?;
-        Ok(Self { child })
-    }
-
-    fn sigterm(&self) -> Result<()> {
-        let pid = self.child.id().to_string();
-        if !Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()?
-            .success()
-        {
-            bail!("kill -TERM {pid} failed");
-        }
-        Ok(())
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!("process {} did not exit within {within:?}", self.child.id());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .stderr(stderr),
+    )
 }
 
 /// A readiness probe: when (since the signal) and the status, `None` when the connection was refused.
 type Sample = (Duration, Option<u16>);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn token() -> String {
-    mint(
-        SECRET.as_bytes(),
-        &MintClaims {
-            sub: "alice".into(),
-            scopes: vec!["jobs:submit".into(), "jobs:read".into(), "subscribe".into()],
-            tenant: None,
-            ttl: Duration::from_secs(3600),
-            issuer: None,
-            audience: None,
-        },
+    support::token(
+        SECRET,
+        "alice",
+        &["jobs:submit", "jobs:read", "subscribe"],
+        Duration::from_secs(3600),
     )
-    .unwrap()
 }
 
 fn spawn_gateway(redis: &str, port: u16, extra: &[&str]) -> Result<Proc> {
@@ -119,47 +71,7 @@ fn spawn_gateway(redis: &str, port: u16, extra: &[&str]) -> Result<Proc> {
         SECRET,
     ];
     args.extend_from_slice(extra);
-    Proc::spawn(&args)
-}
-
-async fn readyz(http: &reqwest::Client, port: u16) -> reqwest::Result<(u16, Value)> {
-    let res = http
-        .get(format!("http://127.0.0.1:{port}/readyz"))
-        .send()
-        .await?;
-    let status = res.status().as_u16();
-    Ok((status, res.json().await.unwrap_or(Value::Null)))
-}
-
-async fn until_ready(http: &reqwest::Client, port: u16, within: Duration) -> Result<Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = readyz(http, port).await;
-        if let Ok((200, body)) = &last {
-            return Ok(body.clone());
-        }
-        if Instant::now() >= deadline {
-            bail!("not ready within {within:?}: {last:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_for<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    spawn(&args)
 }
 
 /// SIGTERM with a WebSocket client connected: /readyz goes 503 while the listener still answers, a batch of
@@ -171,6 +83,7 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
     const SPREAD: u64 = 1_000;
     let redis = RedisServer::start()?;
     let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
     let mut gw = spawn_gateway(
         &redis.url(),
         port,
@@ -186,7 +99,7 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let ready = until_ready(&http, port, Duration::from_secs(20)).await?;
+    let ready = until_ready(&http, &base, Duration::from_secs(20)).await?;
     assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
 
     let (mut ws, _) =
@@ -199,11 +112,11 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
     let t0 = Instant::now();
     gw.sigterm()?;
     let prober = {
-        let (samples, http) = (samples.clone(), http.clone());
+        let (samples, http, base) = (samples.clone(), http.clone(), base.clone());
         tokio::spawn(async move {
             let mut refused = 0;
             while refused < 10 {
-                let status = readyz(&http, port).await.ok().map(|(s, _)| s);
+                let status = readyz(&http, &base).await.ok().map(|(s, _)| s);
                 refused = if status.is_none() { refused + 1 } else { 0 };
                 samples.lock().unwrap().push((t0.elapsed(), status));
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -217,9 +130,7 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
         .map(|i| json!({"kind": "ferry.noop", "payload": {"i": i}}))
         .collect();
     let res = http
-        .post(format!(
-            "http://127.0.0.1:{port}/v1/queues/drain/jobs/batch"
-        ))
+        .post(format!("{base}/v1/queues/drain/jobs/batch"))
         .bearer_auth(token())
         .json(&json!({ "jobs": jobs }))
         .send()
@@ -291,7 +202,7 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flags_are_validated_naming_the_flag() -> Result<()> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    let out = ferry()
         .args([
             "gateway",
             "--redis",
@@ -314,58 +225,26 @@ async fn shutdown_flags_are_validated_naming_the_flag() -> Result<()> {
     Ok(())
 }
 
-async fn states(broker: &dyn Broker, ids: &[JobId]) -> Result<HashMap<JobState, usize>> {
-    // Many lookups at once: one at a time, 2,000 of them take a minute on a debug build.
-    let infos: Vec<_> = futures::stream::iter(ids)
-        .map(|id| async move { (id, broker.job(*id).await) })
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let mut out = HashMap::new();
-    for (id, info) in infos {
-        let info = info?.with_context(|| format!("job {id}"))?;
-        *out.entry(info.state).or_default() += 1;
-    }
-    Ok(out)
-}
-
 /// SIGTERM to one of two workers under load (2,000 × 20 ms sleeps, concurrency 50 each): it exits 0, and once
 /// the other has drained the rest every job completed exactly once, none lost, none left active.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
-    let redis = RedisServer::start()?;
-    let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let (_redis, url, broker) = redis_and_broker().await?;
     let q = QueueName::parse("shutdown-load")?;
 
-    let completed: Arc<Mutex<HashMap<JobId, u32>>> = Arc::default();
-    let mut events = broker.subscribe().await?;
-    {
-        let completed = completed.clone();
-        tokio::spawn(async move {
-            while let Some(e) = events.next().await {
-                if e.ty == EventType::Completed {
-                    *completed.lock().unwrap().entry(e.job).or_default() += 1;
-                }
-            }
-        });
-    }
+    let completed = count_completions(&broker).await?;
     let job = NewJob::new(Kind::parse("ferry.sleep")?, json!({"ms": 20}));
-    let mut ids = Vec::with_capacity(2000);
-    for _ in 0..4 {
-        let done = broker.enqueue_batch(&q, vec![job.clone(); 500]).await?;
-        ids.extend(done.into_iter().map(|e| e.id));
-    }
+    let ids = enqueue_many(&broker, &q, 2000, job).await?;
 
     let worker = |extra: &[&str]| {
         let mut args = vec!["worker", "--redis", &url, "--queues", q.as_str()];
         args.extend_from_slice(extra);
-        Proc::spawn(&args)
+        spawn(&args)
     };
     let mut first = worker(&["--concurrency", "50", "--drain-timeout-ms", "20000"])?;
     let mut second = worker(&["--concurrency", "50"])?;
     // Mid-load: some jobs done, plenty still waiting.
-    wait_for(Duration::from_secs(30), "100 completions", || async {
+    wait_for_every(POLL, Duration::from_secs(30), "100 completions", || async {
         Ok(completed.lock().unwrap().len() >= 100)
     })
     .await?;
@@ -378,13 +257,11 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
     let status = first.wait_exit(Duration::from_secs(30)).await?;
     assert_eq!(status.code(), Some(0), "graceful drain exits 0");
 
-    wait_for(
+    until_drained(
+        &broker,
+        &q,
         Duration::from_secs(60),
         "the second worker to drain the rest",
-        || async {
-            let s = broker.stats(&q).await?;
-            Ok(s.depth == 0 && s.active == 0 && s.scheduled == 0 && s.dead == 0)
-        },
     )
     .await?;
     // Every job's own record says completed (a sample: a lookup costs tens of milliseconds on a debug build;
@@ -396,31 +273,9 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
         Some(&sample.len()),
         "{by_state:?}"
     );
-    wait_for(
-        Duration::from_secs(10),
-        "2000 completion events",
-        || async { Ok(completed.lock().unwrap().len() == 2000) },
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let twice: Vec<_> = completed
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, n)| **n != 1)
-        .map(|(id, n)| (*id, *n))
-        .collect();
-    assert!(twice.is_empty(), "completed more than once: {twice:?}");
-    assert!(
-        ids.iter()
-            .all(|id| completed.lock().unwrap().contains_key(id))
-    );
+    assert_completed_once(&completed, &ids, Duration::from_millis(300)).await?;
 
-    second.sigterm()?;
-    assert_eq!(
-        second.wait_exit(Duration::from_secs(30)).await?.code(),
-        Some(0)
-    );
+    assert_eq!(second.stop(Duration::from_secs(30)).await?.code(), Some(0));
     Ok(())
 }
 
@@ -428,9 +283,7 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
 /// finish) still exits at `--shutdown-deadline-ms`, with 70, naming the job it still held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() -> Result<()> {
-    let redis = RedisServer::start()?;
-    let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let (redis, url, broker) = redis_and_broker().await?;
     let q = QueueName::parse("stuck")?;
     let id = broker
         .enqueue(
@@ -441,7 +294,7 @@ async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() ->
         .id;
     let log_path = redis.dir().join("worker.log");
     let log = std::fs::File::create(&log_path)?;
-    let mut worker = Proc::spawn_to(
+    let mut worker = spawn_to(
         &[
             "worker",
             "--redis",
@@ -459,9 +312,12 @@ async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() ->
         ],
         log,
     )?;
-    wait_for(Duration::from_secs(20), "the job to start", || async {
-        Ok(broker.stats(&q).await?.active == 1)
-    })
+    wait_for_every(
+        POLL,
+        Duration::from_secs(20),
+        "the job to start",
+        || async { Ok(broker.stats(&q).await?.active == 1) },
+    )
     .await?;
     let pid = redis.pid().context("redis pid")?.to_string();
     let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status();
@@ -500,15 +356,16 @@ async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() ->
 async fn readyz_fails_while_pubsub_is_broken_and_ping_works() -> Result<()> {
     let redis = RedisServer::start()?;
     let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
     let _gw = spawn_gateway(&redis.url(), port, &["--drain-delay-ms", "0"])?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let ready = until_ready(&http, port, Duration::from_secs(20)).await?;
+    let ready = until_ready(&http, &base, Duration::from_secs(20)).await?;
     assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
 
     redis.cli(&["ACL", "SETUSER", "default", "resetchannels"])?;
-    let (status, body) = readyz(&http, port).await?;
+    let (status, body) = readyz(&http, &base).await?;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "unready", "{body}");
     assert_eq!(
@@ -519,12 +376,12 @@ async fn readyz_fails_while_pubsub_is_broken_and_ping_works() -> Result<()> {
     assert!(body["checks"]["pubsub"]["error"].is_string(), "{body}");
 
     redis.cli(&["ACL", "SETUSER", "default", "allchannels"])?;
-    let ready = until_ready(&http, port, Duration::from_secs(20)).await?;
+    let ready = until_ready(&http, &base, Duration::from_secs(20)).await?;
     assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
 
     let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"])?;
     assert!(killed.trim().parse::<u32>()? >= 1, "killed {killed:?}");
-    let ready = until_ready(&http, port, Duration::from_secs(20)).await?;
+    let ready = until_ready(&http, &base, Duration::from_secs(20)).await?;
     assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
     Ok(())
 }
