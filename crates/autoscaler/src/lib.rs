@@ -4,4 +4,14 @@
 //! ([`signals`]) and the control loop. It must not run jobs or touch job state: it reads queue statistics and
 //! changes only how many workers run.
 
+pub mod actuator;
+pub mod admin;
+pub mod config;
+pub mod controller;
+pub mod kubernetes;
 pub mod policy;
+pub mod signals;
+
+pub use actuator::{Actuator, ActuatorError};
+pub use config::RegionsFile;
+pub use controller::{Autoscaler, Metrics, RegionControl, RegionDecision};

@@ -72,6 +72,8 @@ pub enum Command {
     Token(TokenArgs),
     /// Apply the durable store's schema migrations to PostgreSQL (safe to repeat).
     Migrate(MigrateArgs),
+    /// Size the worker fleet of each region from its queues (see docs/autoscaling.md).
+    Autoscaler(AutoscalerArgs),
     /// Validate a configuration (file, FERRY_* variables) for a role and print the effective settings, each with
     /// where it came from, secrets redacted.
     CheckConfig(CheckConfigArgs),
@@ -91,6 +93,7 @@ pub enum Role {
     Worker,
     Enqueue,
     Migrate,
+    Autoscaler,
 }
 
 impl Role {
@@ -101,6 +104,7 @@ impl Role {
             Self::Worker => "worker",
             Self::Enqueue => "enqueue",
             Self::Migrate => "migrate",
+            Self::Autoscaler => "autoscaler",
         }
     }
 }
@@ -995,4 +999,37 @@ pub struct GatewayTuningArgs {
         default_value_t = 10
     )]
     pub unauth_upgrade_rate: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct AutoscalerArgs {
+    /// The regions file (TOML): each region's Redis shards, queues, policy and actuator.
+    #[arg(long, value_name = "FILE", env = "FERRY_AUTOSCALER_REGIONS")]
+    pub regions: std::path::PathBuf,
+
+    /// How often the queues are read and a decision made.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_AUTOSCALER_INTERVAL_MS",
+        default_value_t = 5_000
+    )]
+    pub interval_ms: u64,
+
+    /// Print (log) every decision with its inputs without acting on it.
+    #[arg(long, env = "FERRY_DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Admin listener serving /metrics (the ferry_autoscaler_* series), /healthz and /readyz, HOST:PORT; `off`
+    /// disables it.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FERRY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub admin_listen: String,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }

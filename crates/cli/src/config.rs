@@ -24,7 +24,14 @@ use crate::CliError;
 use crate::args::{Cli, Role};
 
 /// The roles a file may configure, as their subcommand names.
-const ROLES: [&str; 5] = ["dev", "gateway", "worker", "enqueue", "migrate"];
+const ROLES: [&str; 6] = [
+    "dev",
+    "gateway",
+    "worker",
+    "enqueue",
+    "migrate",
+    "autoscaler",
+];
 
 /// Flags whose values are secret: never printed.
 const SECRET: [&str; 2] = ["jwt-secret", "secret"];
@@ -324,6 +331,7 @@ pub fn check(config: Option<&Path>, role: Role) -> Result<String, CliError> {
         crate::args::Command::Worker(a) => crate::worker::resolve(a).map(drop)?,
         crate::args::Command::Enqueue(a) => crate::enqueue::resolve(a).map(drop)?,
         crate::args::Command::Migrate(a) => crate::store::resolve_migrate(a.database).map(drop)?,
+        crate::args::Command::Autoscaler(a) => crate::autoscaler::resolve(a).map(drop)?,
         _ => {}
     }
     let (_, sub) = matches.subcommand().expect("a role was given");

@@ -7,6 +7,7 @@
 //! validates, wires and waits; whatever a test or `ferry dev` would need lives in the role crates.
 
 pub mod args;
+pub mod autoscaler;
 pub mod config;
 pub mod dev;
 pub mod enqueue;
@@ -92,6 +93,8 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        args::Command::Autoscaler(a) => autoscaler::resolve(a)
+            .and_then(|cfg| telemetry.serve("autoscaler", autoscaler::run(cfg))),
         args::Command::Migrate(a) => store::resolve_migrate(a.database)
             .and_then(|cfg| telemetry.serve("migrate", store::run_migrate(cfg))),
     };

@@ -1,0 +1,406 @@
+//! The control loop: every interval, for every region, read each queue's signals, decide per queue, size the
+//! region's pool for its neediest queue, assign spill-over, act (unless dry-run), log and export.
+//!
+//! Spill-over: a region whose need is above its maximum, and whose predicted drain time with its maximum breaks
+//! its target, borrows workers from another region that allows it (`helps-others`) and has headroom under its
+//! own maximum. The helper runs that many extra workers on the busy region's Redis and queues until the busy
+//! region's need is back under its maximum.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_broker::Broker;
+use ferry_core::QueueName;
+use ferry_telemetry::prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use tokio_util::sync::CancellationToken;
+
+use crate::actuator::Actuator;
+use crate::config::Region;
+use crate::policy::{self, Decision, History};
+use crate::signals::{self, RateMeter};
+
+/// One region being controlled.
+#[derive(Debug)]
+pub struct RegionControl {
+    pub config: Region,
+    pub broker: Arc<dyn Broker>,
+    pub actuator: Arc<dyn Actuator>,
+    queues: Vec<QueueControl>,
+    /// Workers this region lends, per helped region.
+    lending: std::collections::BTreeMap<String, u32>,
+    /// Workers other regions lend this one (they take its jobs too, so they count in its measured rate).
+    borrowed: u32,
+}
+
+#[derive(Debug)]
+struct QueueControl {
+    name: QueueName,
+    meter: RateMeter,
+    history: History,
+}
+
+impl RegionControl {
+    pub fn new(config: Region, broker: Arc<dyn Broker>, actuator: Arc<dyn Actuator>) -> Self {
+        let queues = config
+            .queue_names()
+            .into_iter()
+            .map(|name| QueueControl {
+                name,
+                meter: RateMeter::default(),
+                history: History::default(),
+            })
+            .collect();
+        Self {
+            config,
+            broker,
+            actuator,
+            queues,
+            lending: Default::default(),
+            borrowed: 0,
+        }
+    }
+}
+
+/// What one region decided in one round.
+#[derive(Debug, Clone)]
+pub struct RegionDecision {
+    pub region: String,
+    pub current: u32,
+    /// The pool's size from now: the largest of its queues' decisions.
+    pub desired: u32,
+    /// What the neediest queue asked for before the bounds (above `desired` when the region is at its maximum).
+    pub need: u32,
+    pub queues: Vec<(QueueName, policy::Signals, Decision)>,
+    /// Workers borrowed from other regions (helper → count).
+    pub borrowed: Vec<(String, u32)>,
+}
+
+/// The `ferry_autoscaler_*` series.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    desired: GaugeVec,
+    current: GaugeVec,
+    backlog: GaugeVec,
+    active: GaugeVec,
+    oldest: GaugeVec,
+    rate: GaugeVec,
+    drain: GaugeVec,
+    spill: GaugeVec,
+    decisions: IntCounterVec,
+    errors: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Result<Self, ferry_telemetry::prometheus::Error> {
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, _> {
+            let g = GaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, ferry_telemetry::prometheus::Error>(g)
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, _> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, ferry_telemetry::prometheus::Error>(c)
+        };
+        let rq = &["region", "queue"];
+        Ok(Self {
+            desired: gauge(
+                "ferry_autoscaler_desired_workers",
+                "Workers wanted: per queue, and for the region's pool as queue=\"all\"",
+                rq,
+            )?,
+            current: gauge(
+                "ferry_autoscaler_current_workers",
+                "Workers of the region's pool when the decision was made",
+                &["region"],
+            )?,
+            backlog: gauge(
+                "ferry_autoscaler_backlog",
+                "Jobs waiting plus scheduled jobs coming due within the horizon",
+                rq,
+            )?,
+            active: gauge("ferry_autoscaler_active_jobs", "Jobs being run", rq)?,
+            oldest: gauge(
+                "ferry_autoscaler_oldest_wait_seconds",
+                "Age of the oldest waiting job",
+                rq,
+            )?,
+            rate: gauge(
+                "ferry_autoscaler_rate_per_worker",
+                "Jobs one worker takes per second, measured while work waited",
+                rq,
+            )?,
+            drain: gauge(
+                "ferry_autoscaler_drain_seconds",
+                "Predicted time to drain the backlog with the desired workers",
+                rq,
+            )?,
+            spill: gauge(
+                "ferry_autoscaler_spillover_workers",
+                "Workers of region `from` lent to region `to`",
+                &["from", "to"],
+            )?,
+            decisions: counter(
+                "ferry_autoscaler_decisions_total",
+                "Pool size changes, by direction (up, down)",
+                &["region", "direction"],
+            )?,
+            errors: counter(
+                "ferry_autoscaler_errors_total",
+                "Failed rounds, by stage (signals, actuator)",
+                &["region", "stage"],
+            )?,
+        })
+    }
+}
+
+/// The autoscaler: its regions, the loop settings, the metrics.
+#[derive(Debug)]
+pub struct Autoscaler {
+    pub regions: Vec<RegionControl>,
+    pub dry_run: bool,
+    metrics: Option<Metrics>,
+    started: Instant,
+    /// Set after every complete round (for readiness).
+    last_round: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+impl Autoscaler {
+    pub fn new(regions: Vec<RegionControl>, dry_run: bool, metrics: Option<Metrics>) -> Self {
+        Self {
+            regions,
+            dry_run,
+            metrics,
+            started: Instant::now(),
+            last_round: Arc::default(),
+        }
+    }
+
+    /// When the last complete round ended.
+    pub fn last_round(&self) -> Arc<std::sync::Mutex<Option<Instant>>> {
+        self.last_round.clone()
+    }
+
+    /// Every `interval` until `shutdown`.
+    pub async fn run(mut self, interval: Duration, shutdown: CancellationToken) -> Self {
+        loop {
+            self.round().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return self,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// One round over every region. Returns the decisions (also logged and exported).
+    pub async fn round(&mut self) -> Vec<RegionDecision> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.started);
+        let mut decisions = Vec::with_capacity(self.regions.len());
+        for r in &mut self.regions {
+            match decide_region(r, now, elapsed).await {
+                Ok(d) => decisions.push(d),
+                Err(e) => {
+                    tracing::warn!(region = %r.config.name, error = %e, "cannot read the region's queues; keeping its workers as they are");
+                    if let Some(m) = &self.metrics {
+                        m.errors
+                            .with_label_values(&[&r.config.name, "signals"])
+                            .inc();
+                    }
+                }
+            }
+        }
+        self.assign_spillover(&mut decisions);
+        for d in &decisions {
+            self.act(d).await;
+        }
+        *self.last_round.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        decisions
+    }
+
+    /// Lend workers from regions with headroom to regions at their maximum whose drain time breaks the target.
+    fn assign_spillover(&mut self, decisions: &mut [RegionDecision]) {
+        let mut lent: std::collections::BTreeMap<(String, String), u32> = Default::default();
+        let mut headroom: Vec<(String, u32)> = decisions
+            .iter()
+            .filter(|d| {
+                self.regions
+                    .iter()
+                    .any(|r| r.config.name == d.region && r.config.helps_others)
+            })
+            .map(|d| {
+                let max = self.policy_of(&d.region).max_workers;
+                (d.region.clone(), max.saturating_sub(d.desired))
+            })
+            .collect();
+        for d in decisions.iter_mut() {
+            let policy = self.policy_of(&d.region).clone();
+            let at_max = d.desired >= policy.max_workers;
+            let breaks_target = d.queues.iter().any(|(_, _, q)| {
+                q.drain_seconds
+                    .is_some_and(|s| s > policy.target_drain_seconds)
+                    || (q.drain_seconds.is_none() && q.need > q.desired)
+            });
+            let mut short = if at_max && breaks_target {
+                d.need.saturating_sub(d.desired)
+            } else {
+                0
+            };
+            for (helper, room) in headroom.iter_mut() {
+                if short == 0 {
+                    break;
+                }
+                if *helper == d.region || *room == 0 {
+                    continue;
+                }
+                let n = short.min(*room);
+                *room -= n;
+                short -= n;
+                lent.insert((helper.clone(), d.region.clone()), n);
+                d.borrowed.push((helper.clone(), n));
+            }
+        }
+        for r in &mut self.regions {
+            r.borrowed = decisions
+                .iter()
+                .filter(|d| d.region == r.config.name)
+                .flat_map(|d| d.borrowed.iter().map(|(_, n)| *n))
+                .sum();
+            let mut now_lending = std::collections::BTreeMap::new();
+            for ((helper, to), n) in &lent {
+                if *helper == r.config.name {
+                    now_lending.insert(to.clone(), *n);
+                }
+            }
+            // Regions no longer helped drop to zero (their spill workers drain).
+            for to in r.lending.keys() {
+                now_lending.entry(to.clone()).or_insert(0);
+            }
+            r.lending = now_lending;
+        }
+    }
+
+    fn policy_of(&self, region: &str) -> &policy::Policy {
+        &self
+            .regions
+            .iter()
+            .find(|r| r.config.name == region)
+            .expect("a decision's region is one of ours")
+            .config
+            .policy
+    }
+
+    async fn act(&self, d: &RegionDecision) {
+        let Some(r) = self.regions.iter().find(|r| r.config.name == d.region) else {
+            return;
+        };
+        let changed = d.desired != d.current;
+        let queues: Vec<String> = d
+            .queues
+            .iter()
+            .map(|(q, s, dec)| {
+                format!(
+                    "{q}: waiting={} due={} active={} oldest={:.1}s rate={} need={} -> {} ({})",
+                    s.waiting,
+                    s.due_soon,
+                    s.active,
+                    s.oldest_wait_seconds,
+                    s.rate_per_worker
+                        .map_or("unknown".to_owned(), |r| format!("{r:.1}/s")),
+                    dec.need,
+                    dec.desired,
+                    dec.reason.as_str()
+                )
+            })
+            .collect();
+        let borrowed = format!("{:?}", d.borrowed);
+        if changed || !d.borrowed.is_empty() {
+            tracing::info!(region = %d.region, current = d.current, desired = d.desired, need = d.need,
+                borrowed = %borrowed, dry_run = self.dry_run, queues = %queues.join("; "), "scaling decision");
+        } else {
+            tracing::debug!(region = %d.region, current = d.current, desired = d.desired,
+                queues = %queues.join("; "), "no change");
+        }
+        if let Some(m) = &self.metrics {
+            m.current
+                .with_label_values(&[&d.region])
+                .set(f64::from(d.current));
+            m.desired
+                .with_label_values(&[&d.region, "all"])
+                .set(f64::from(d.desired));
+            for (q, s, dec) in &d.queues {
+                let l = [d.region.as_str(), q.as_str()];
+                m.desired.with_label_values(&l).set(f64::from(dec.desired));
+                m.backlog.with_label_values(&l).set(s.backlog() as f64);
+                m.active.with_label_values(&l).set(s.active as f64);
+                m.oldest.with_label_values(&l).set(s.oldest_wait_seconds);
+                m.rate
+                    .with_label_values(&l)
+                    .set(s.rate_per_worker.unwrap_or(0.0));
+                m.drain
+                    .with_label_values(&l)
+                    .set(dec.drain_seconds.unwrap_or(0.0));
+            }
+            for (to, n) in &r.lending {
+                m.spill
+                    .with_label_values(&[&d.region, to])
+                    .set(f64::from(*n));
+            }
+            if changed {
+                let dir = if d.desired > d.current { "up" } else { "down" };
+                m.decisions.with_label_values(&[&d.region, dir]).inc();
+            }
+        }
+        if self.dry_run {
+            return;
+        }
+        if let Err(e) = r.actuator.scale(d.desired).await {
+            tracing::warn!(region = %d.region, error = %e, "cannot scale the region's workers");
+            if let Some(m) = &self.metrics {
+                m.errors.with_label_values(&[&d.region, "actuator"]).inc();
+            }
+        }
+        for (to, n) in &r.lending {
+            let Some(helped) = self.regions.iter().find(|x| x.config.name == *to) else {
+                continue;
+            };
+            if let Err(e) = r.actuator.spill(&helped.config, *n).await {
+                tracing::warn!(region = %d.region, helped = %to, error = %e, "cannot run spill-over workers");
+                if let Some(m) = &self.metrics {
+                    m.errors.with_label_values(&[&d.region, "actuator"]).inc();
+                }
+            }
+        }
+    }
+}
+
+async fn decide_region(
+    r: &mut RegionControl,
+    now: Instant,
+    elapsed: Duration,
+) -> Result<RegionDecision, String> {
+    let current = r.actuator.current().await.map_err(|e| e.to_string())?;
+    let horizon = r.config.policy.scheduled_horizon();
+    let mut queues = Vec::with_capacity(r.queues.len());
+    let (mut desired, mut need) = (0, 0);
+    for q in &mut r.queues {
+        let (mut s, delivered) = signals::read(r.broker.as_ref(), &q.name, horizon)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Borrowed workers take this queue's jobs too: the rate is per worker of either kind.
+        let workers = current + r.borrowed;
+        s.rate_per_worker = q.meter.observe(now, delivered, s.waiting > 0, workers);
+        let d = policy::decide(&r.config.policy, &s, current, elapsed, &mut q.history);
+        desired = desired.max(d.desired);
+        need = need.max(d.need);
+        queues.push((q.name.clone(), s, d));
+    }
+    Ok(RegionDecision {
+        region: r.config.name.clone(),
+        current,
+        desired,
+        need,
+        queues,
+        borrowed: Vec::new(),
+    })
+}

@@ -1,0 +1,294 @@
+//! `ferry autoscaler` with the `local` actuator, as real processes: the autoscaler binary starts and stops real
+//! `ferry worker` processes against real redis-servers (ferry-testkit), and is observed through its `/metrics`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_core::{Kind, NewJob, QueueName};
+use ferry_testkit::RedisServer;
+use serde_json::json;
+
+struct Proc(Child);
+
+impl Proc {
+    fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> Result<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.0.try_wait()? {
+                return Ok(s.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                bail!("autoscaler did not exit within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn autoscaler(regions: &std::path::Path, port: u16) -> Result<Proc> {
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["autoscaler", "--regions"])
+        .arg(regions)
+        .args(["--interval-ms", "500", "--admin-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("FERRY_LOG", "warn,ferry_autoscaler=info,ferry_cli=info")
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_LOG_FORMAT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn ferry autoscaler")?;
+    Ok(Proc(child))
+}
+
+/// One series of the autoscaler's `/metrics` (labels as written, e.g. `region="a"`), or `None` before it exists.
+async fn metric(http: &reqwest::Client, port: u16, name: &str, labels: &str) -> Option<f64> {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn enqueue_sleeps(broker: &RedisBroker, q: &QueueName, n: usize, ms: u64) -> Result<()> {
+    let job = NewJob::new(Kind::parse("ferry.sleep")?, json!({ "ms": ms }));
+    for _ in 0..n / 1000 {
+        broker.enqueue_batch(q, vec![job.clone(); 1000]).await?;
+    }
+    Ok(())
+}
+
+/// The issue's burst: 20,000 jobs of 10 ms on one queue. Workers scale up from 1 at once (by steps), the
+/// backlog drains, nothing is lost while workers are stopped, and the pool returns to its minimum once the
+/// stabilization window (here 5 s) has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_scales_local_workers_up_then_back_to_the_minimum() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let q = QueueName::parse("burst")?;
+    let regions = redis.dir().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            r#"
+[[regions]]
+name = "local"
+redis = ["{url}"]
+queues = ["burst"]
+[regions.policy]
+min-workers = 1
+max-workers = 6
+target-drain-seconds = 5
+backlog-per-worker = 500
+scale-down-stabilization-seconds = 5
+[regions.actuator]
+kind = "local"
+worker-args = ["--concurrency", "20", "--batch-size", "20"]
+"#
+        ),
+    )?;
+    let port = free_port();
+    let mut scaler = autoscaler(&regions, port)?;
+    let http = reqwest::Client::new();
+    let current = |http: reqwest::Client| async move {
+        metric(
+            &http,
+            port,
+            "ferry_autoscaler_current_workers",
+            r#"region="local""#,
+        )
+        .await
+    };
+
+    // Idle: the minimum.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while current(http.clone()).await != Some(1.0) {
+        assert!(Instant::now() < deadline, "never reached 1 worker");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let t0 = Instant::now();
+    enqueue_sleeps(&broker, &q, 20_000, 10).await?;
+    let mut peak = 1.0_f64;
+    let mut samples = Vec::new();
+    let drained_at = loop {
+        let s = broker.stats(&q).await?;
+        let workers = current(http.clone()).await.unwrap_or(0.0);
+        peak = peak.max(workers);
+        samples.push((t0.elapsed().as_secs_f64(), s.depth, workers));
+        if s.depth == 0 && s.active == 0 {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "backlog not drained: {s:?}, samples {samples:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(peak >= 3.0, "scaled up: peak {peak}, samples {samples:?}");
+    eprintln!("drained 20,000 in {drained_at:?}, peak {peak} workers");
+    // The target is 5 s; a debug build sharing 2 cores with the rest of the suite gets room for the ramp-up
+    // (one decision per 500 ms, steps of 4 or 100 %) and for the machine.
+    assert!(
+        drained_at < Duration::from_secs(30),
+        "drained in {drained_at:?}: samples {samples:?}"
+    );
+
+    // Back to the minimum after the window; nothing lost or left behind while workers were stopped.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while current(http.clone()).await != Some(1.0) {
+        assert!(Instant::now() < deadline, "never scaled back to 1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = broker.stats(&q).await?;
+    assert_eq!(
+        (s.depth, s.active, s.dead, s.scheduled),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.delivered, 20_000, "each job delivered once: {s:?}");
+    assert!(
+        metric(
+            &http,
+            port,
+            "ferry_autoscaler_decisions_total",
+            r#"direction="down",region="local""#
+        )
+        .await
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    scaler.sigterm();
+    assert_eq!(scaler.wait_exit(Duration::from_secs(60)).await?, 0);
+    Ok(())
+}
+
+/// Two regions, each with its own Redis and workers. Region "busy" may have 1 worker and gets a backlog it
+/// cannot drain within its target; region "idle" has room and helps: it runs spill-over workers on busy's
+/// Redis until the backlog is gone, then stops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_at_its_maximum_borrows_workers_from_another() -> Result<()> {
+    let (busy_redis, idle_redis) = (RedisServer::start()?, RedisServer::start()?);
+    let (busy_url, idle_url) = (busy_redis.url(), idle_redis.url());
+    let busy =
+        RedisBroker::connect(std::slice::from_ref(&busy_url), EngineConfig::default()).await?;
+    let q = QueueName::parse("work")?;
+    let regions = busy_redis.dir().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            r#"
+[[regions]]
+name = "busy"
+redis = ["{busy_url}"]
+queues = ["work"]
+helps-others = false
+[regions.policy]
+min-workers = 1
+max-workers = 1
+target-drain-seconds = 2
+backlog-per-worker = 100
+[regions.actuator]
+kind = "local"
+worker-args = ["--concurrency", "5"]
+
+[[regions]]
+name = "idle"
+redis = ["{idle_url}"]
+queues = ["work"]
+[regions.policy]
+min-workers = 0
+max-workers = 4
+scale-down-stabilization-seconds = 2
+[regions.actuator]
+kind = "local"
+worker-args = ["--concurrency", "5"]
+"#
+        ),
+    )?;
+    let port = free_port();
+    let mut scaler = autoscaler(&regions, port)?;
+    let http = reqwest::Client::new();
+    // 3,000 jobs of 20 ms: one worker with 5 slots needs about 12 s, far above the 2 s target.
+    enqueue_sleeps(&busy, &q, 3_000, 20).await?;
+    let spill = |http: reqwest::Client| async move {
+        metric(
+            &http,
+            port,
+            "ferry_autoscaler_spillover_workers",
+            r#"from="idle",to="busy""#,
+        )
+        .await
+        .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lent = 0.0_f64;
+    while lent < 1.0 {
+        assert!(Instant::now() < deadline, "idle never helped busy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lent = spill(http.clone()).await;
+    }
+    assert!(lent <= 4.0, "within the helper's maximum: {lent}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = busy.stats(&q).await?;
+        if s.depth == 0 && s.active == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "busy's backlog not drained: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Normal-priority jobs live in the queue's p1 stream; its consumers are the workers that claimed from it.
+    let consumers = busy_redis.cli(&["XINFO", "CONSUMERS", "ferry:{work}:p1", "workers"])?;
+    assert!(
+        consumers.contains("idle-local-"),
+        "spill workers consumed busy's queue:\n{consumers}"
+    );
+    // With the backlog gone, the loan ends.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spill(http.clone()).await != 0.0 {
+        assert!(Instant::now() < deadline, "the loan never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = busy.stats(&q).await?;
+    assert_eq!((s.depth, s.active, s.dead), (0, 0, 0), "{s:?}");
+    scaler.sigterm();
+    assert_eq!(scaler.wait_exit(Duration::from_secs(60)).await?, 0);
+    Ok(())
+}
