@@ -1,0 +1,77 @@
+# ElastiCache for Redis: one replication group (cluster mode disabled: ferry shards over several Redis URLs
+# itself), a primary and replicas spread over the zones with automatic failover, TLS in transit, encryption at
+# rest with the region's KMS key, and an AUTH token generated in secrets.tf.
+
+resource "aws_security_group" "redis" {
+  name_prefix = "${local.prefix}-redis-"
+  description = "ferry Redis: port 6379 from the EKS nodes only"
+  vpc_id      = aws_vpc.this.id
+  tags        = merge(local.tags, { Name = "${local.prefix}-redis" })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_vpc_security_group_ingress_rule" "redis_from_nodes" {
+  security_group_id            = aws_security_group.redis.id
+  description                  = "Redis (TLS) from the EKS cluster's nodes"
+  ip_protocol                  = "tcp"
+  from_port                    = 6379
+  to_port                      = 6379
+  referenced_security_group_id = local.node_security_group_id
+  tags                         = local.tags
+}
+
+resource "aws_elasticache_subnet_group" "this" {
+  name        = "${local.prefix}-redis"
+  description = "ferry ${var.region}: private subnets for Redis"
+  subnet_ids  = aws_subnet.private[*].id
+  tags        = local.tags
+}
+
+resource "aws_elasticache_parameter_group" "this" {
+  name        = "${local.prefix}-redis7"
+  family      = "redis7"
+  description = "ferry ${var.region}: Redis 7 settings"
+
+  # Queues and the event log must never be evicted.
+  parameter {
+    name  = "maxmemory-policy"
+    value = "noeviction"
+  }
+
+  tags = local.tags
+}
+
+resource "aws_elasticache_replication_group" "this" {
+  replication_group_id = "${local.prefix}-redis"
+  description          = "ferry ${var.region}: job queue and pub/sub"
+  engine               = "redis"
+  engine_version       = var.redis_engine_version
+  node_type            = var.redis_node_type
+  port                 = 6379
+  parameter_group_name = aws_elasticache_parameter_group.this.name
+  subnet_group_name    = aws_elasticache_subnet_group.this.name
+  security_group_ids   = [aws_security_group.redis.id]
+
+  # Cluster mode disabled: one shard, a primary and replicas.
+  num_cache_clusters          = var.redis_num_cache_clusters
+  preferred_cache_cluster_azs = [for i in range(var.redis_num_cache_clusters) : local.azs[i % length(local.azs)]]
+  automatic_failover_enabled  = true
+  multi_az_enabled            = true
+
+  at_rest_encryption_enabled = true
+  kms_key_id                 = aws_kms_key.this.arn
+  transit_encryption_enabled = true
+  auth_token                 = random_password.redis_auth.result
+  auth_token_update_strategy = "ROTATE"
+
+  snapshot_retention_limit   = var.redis_snapshot_retention_days
+  snapshot_window            = "03:00-04:00"
+  maintenance_window         = "sun:05:00-sun:06:00"
+  auto_minor_version_upgrade = true
+  apply_immediately          = false
+
+  tags = local.tags
+}
