@@ -212,6 +212,29 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // Everything the autoscaler exports is in the catalogue, docs/metrics.md.
+    let text = http
+        .get(format!("http://{autoscaler}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let catalogue = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/metrics.md"),
+    )?;
+    let names: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("ferry_autoscaler_"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    assert!(names.len() >= 8, "{names:?}");
+    for n in names {
+        assert!(
+            catalogue.contains(&format!("`{n}`")),
+            "{n} is not in docs/metrics.md"
+        );
+    }
+
     // Every role stops cleanly on SIGTERM.
     for p in &mut procs {
         let status = p.stop(Duration::from_secs(60)).await?;
