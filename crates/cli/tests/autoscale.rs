@@ -292,3 +292,131 @@ worker-args = ["--concurrency", "5"]
     assert_eq!(scaler.wait_exit(Duration::from_secs(60)).await?, 0);
     Ok(())
 }
+
+/// Scale to zero, and the first waiting job wakes the queue: with `min-workers = 0` an idle region runs no
+/// worker; one job starts one, the job completes, and the region goes back to zero after the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_at_zero_wakes_on_its_first_job_and_returns_to_zero() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let q = QueueName::parse("sparse")?;
+    let regions = redis.dir().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[regions]]\nname = \"z\"\nredis = [\"{url}\"]\nqueues = [\"sparse\"]\n[regions.policy]\n\
+             min-workers = 0\nmax-workers = 2\nscale-down-stabilization-seconds = 2\n\
+             [regions.actuator]\nkind = \"local\"\n"
+        ),
+    )?;
+    let port = free_port();
+    let mut scaler = autoscaler(&regions, port)?;
+    let http = reqwest::Client::new();
+    let workers = |http: reqwest::Client| async move {
+        metric(
+            &http,
+            port,
+            "ferry_autoscaler_current_workers",
+            r#"region="z""#,
+        )
+        .await
+    };
+    // Idle for a few rounds: zero workers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while workers(http.clone()).await.is_none() {
+        assert!(Instant::now() < deadline, "no decision exported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(workers(http.clone()).await, Some(0.0));
+
+    let id = broker
+        .enqueue(&q, NewJob::new(Kind::parse("ferry.echo")?, json!({"n": 1})))
+        .await?
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if broker
+            .job(id)
+            .await?
+            .is_some_and(|j| j.state == ferry_core::JobState::Completed)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workers(http.clone()).await != Some(0.0) {
+        assert!(Instant::now() < deadline, "never went back to zero");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    scaler.sigterm();
+    assert_eq!(scaler.wait_exit(Duration::from_secs(30)).await?, 0);
+    Ok(())
+}
+
+/// `--dry-run` decides and exports, and logs each decision with its inputs, but starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_logs_decisions_and_acts_on_none() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let q = QueueName::parse("dry")?;
+    enqueue_sleeps(&broker, &q, 3_000, 10).await?;
+    let regions = redis.dir().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[regions]]\nname = \"d\"\nredis = [\"{url}\"]\nqueues = [\"dry\"]\n\
+             [regions.actuator]\nkind = \"local\"\n"
+        ),
+    )?;
+    let port = free_port();
+    let log = redis.dir().join("autoscaler.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["autoscaler", "--dry-run", "--regions"])
+        .arg(&regions)
+        .args(["--interval-ms", "300", "--admin-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("FERRY_LOG", "warn,ferry_autoscaler=info,ferry_cli=info")
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_LOG_FORMAT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let mut scaler = Proc(child);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let desired = metric(
+            &http,
+            port,
+            "ferry_autoscaler_desired_workers",
+            r#"queue="all",region="d""#,
+        )
+        .await;
+        if desired.is_some_and(|d| d >= 2.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no decision: {desired:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Nothing acted: no worker took a job.
+    let s = broker.stats(&q).await?;
+    assert_eq!((s.depth, s.delivered), (3_000, 0), "{s:?}");
+    scaler.sigterm();
+    assert_eq!(scaler.wait_exit(Duration::from_secs(30)).await?, 0);
+    let text = std::fs::read_to_string(&log)?;
+    let line = text
+        .lines()
+        .find(|l| l.contains("scaling decision"))
+        .with_context(|| format!("no decision logged:\n{text}"))?;
+    for want in ["dry_run=true", "waiting=3000", "region=d", "need="] {
+        assert!(line.contains(want), "{want} missing: {line}");
+    }
+    Ok(())
+}
