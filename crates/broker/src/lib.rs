@@ -16,7 +16,7 @@ pub mod shard;
 mod types;
 
 pub use memory::MemoryBroker;
-pub use redis::{RedisBroker, RedisOptions};
+pub use redis::{RedisBroker, RedisOptions, RedisTls};
 pub use shard::ShardRing;
 pub use types::*;
 

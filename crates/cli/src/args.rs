@@ -203,7 +203,8 @@ pub struct LimitsArgs {
 /// The durable record in PostgreSQL.
 #[derive(Debug, Args)]
 pub struct DatabaseArgs {
-    /// PostgreSQL URL of the durable record (postgres://user[:password]@host:port/db).
+    /// PostgreSQL URL of the durable record (postgres://user[:password]@host:port/db[?sslmode=...]). TLS as libpq:
+    /// `sslmode=disable|prefer|require|verify-ca|verify-full`, `prefer` when absent.
     #[arg(
         long,
         value_name = "URL",
@@ -238,6 +239,11 @@ pub struct DatabaseArgs {
         default_value_t = 30_000
     )]
     pub database_statement_timeout_ms: u64,
+
+    /// PEM CA certificate(s) to trust for `sslmode=verify-ca|verify-full` instead of the system's roots (a
+    /// private CA, or the RDS bundle); with `require`, the chain is then checked too.
+    #[arg(long, value_name = "FILE", env = "FERRY_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<std::path::PathBuf>,
 
     /// Prepare statements on every use instead of caching them per connection (for poolers in transaction
     /// mode that cannot keep prepared statements).
@@ -489,9 +495,9 @@ pub struct TokenArgs {
 
 #[derive(Debug, Args)]
 pub struct RedisArgs {
-    /// Redis shard URL (redis://host:port[/db]); repeat for several shards, over which queues are spread by
-    /// rendezvous hashing of queue names. Every process of a cluster must list the same shards (order does not
-    /// matter).
+    /// Redis shard URL (redis://host:port[/db], rediss:// for TLS); repeat for several shards, over which queues
+    /// are spread by rendezvous hashing of queue names. Every process of a cluster must list the same shards
+    /// (order does not matter; redis:// and rediss:// name the same shard).
     #[arg(
         long = "redis",
         value_name = "URL",
@@ -519,6 +525,11 @@ pub struct RedisArgs {
         default_value_t = 2_000
     )]
     pub redis_connect_timeout_ms: u64,
+
+    /// PEM CA certificate(s) to trust for `rediss://` shards instead of the system's roots (a private CA). The
+    /// server certificate is always verified, host name included.
+    #[arg(long, value_name = "FILE", env = "FERRY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -1029,6 +1040,10 @@ pub struct AutoscalerArgs {
         default_value = "127.0.0.1:9465"
     )]
     pub admin_listen: String,
+
+    /// PEM CA certificate(s) to trust for the regions' `rediss://` shards instead of the system's roots.
+    #[arg(long, value_name = "FILE", env = "FERRY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
 
     #[command(flatten)]
     pub engine: EngineArgs,

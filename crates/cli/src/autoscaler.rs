@@ -18,6 +18,8 @@ pub struct ResolvedAutoscaler {
     pub dry_run: bool,
     pub admin_listen: Option<std::net::SocketAddr>,
     pub engine: ferry_broker::EngineConfig,
+    /// `--redis-ca-file`, for every region's `rediss://` shards.
+    pub redis_tls: ferry_broker::RedisTls,
 }
 
 pub fn resolve(a: AutoscalerArgs) -> Result<ResolvedAutoscaler, CliError> {
@@ -26,6 +28,12 @@ pub fn resolve(a: AutoscalerArgs) -> Result<ResolvedAutoscaler, CliError> {
         crate::check_redis_urls(&r.redis)
             .map_err(|e| CliError::usage("--regions", format!("region {:?}: {e}", r.name)))?;
     }
+    let all_urls: Vec<String> = regions
+        .regions
+        .iter()
+        .flat_map(|r| r.redis.iter().cloned())
+        .collect();
+    let redis_tls = crate::redis_tls(&all_urls, a.redis_ca_file.as_deref())?;
     crate::at_least_one(&[("--interval-ms", a.interval_ms)])?;
     let admin_listen = match a.admin_listen.trim() {
         "off" => None,
@@ -42,6 +50,7 @@ pub fn resolve(a: AutoscalerArgs) -> Result<ResolvedAutoscaler, CliError> {
         dry_run: a.dry_run,
         admin_listen,
         engine: crate::engine_config(&a.engine)?,
+        redis_tls,
     })
 }
 
@@ -52,7 +61,7 @@ pub async fn run(cfg: ResolvedAutoscaler) -> Result<(), CliError> {
     let mut locals: Vec<Arc<Local>> = Vec::new();
     for region in cfg.regions.regions {
         let broker = tokio::select! {
-            b = crate::connect(&region.redis, cfg.engine.clone(), ferry_broker::RedisOptions::default()) => b?,
+            b = crate::connect(&region.redis, cfg.engine.clone(), ferry_broker::RedisOptions::default(), cfg.redis_tls.clone()) => b?,
             _ = shutdown.cancelled() => return Ok(()),
         };
         let actuator: Arc<dyn Actuator> = match &region.actuator {

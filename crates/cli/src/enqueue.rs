@@ -20,6 +20,7 @@ pub struct ResolvedEnqueue {
     pub urls: Vec<String>,
     /// The Redis client's timeouts.
     pub redis_options: ferry_broker::RedisOptions,
+    pub redis_tls: ferry_broker::RedisTls,
     pub queue: QueueName,
     pub job: NewJob,
     /// `Some` when `--count` was given: print a summary instead of ids.
@@ -42,6 +43,7 @@ fn flag_of(field: &str) -> &'static str {
 pub fn resolve(a: EnqueueArgs) -> Result<ResolvedEnqueue, CliError> {
     let urls = crate::check_redis_urls(&a.redis.redis)?;
     let redis_options = crate::redis_options(&a.redis)?;
+    let redis_tls = crate::redis_tls(&urls, a.redis.redis_ca_file.as_deref())?;
     let queue = QueueName::parse(a.queue.trim())
         .map_err(|e| CliError::usage("--queue", &e.errors[0].message))?;
     let kind =
@@ -74,6 +76,7 @@ pub fn resolve(a: EnqueueArgs) -> Result<ResolvedEnqueue, CliError> {
     Ok(ResolvedEnqueue {
         urls,
         redis_options,
+        redis_tls,
         queue,
         job,
         count: a.count,
@@ -85,6 +88,7 @@ pub async fn run(cfg: ResolvedEnqueue) -> Result<(), CliError> {
         &cfg.urls,
         EngineConfig::default(),
         cfg.redis_options.clone(),
+        cfg.redis_tls.clone(),
     )
     .await?;
     let total = cfg.count.unwrap_or(1);

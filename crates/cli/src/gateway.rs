@@ -119,6 +119,7 @@ pub struct ResolvedGateway {
     pub urls: Vec<String>,
     /// The Redis client's timeouts.
     pub redis_options: ferry_broker::RedisOptions,
+    pub redis_tls: ferry_broker::RedisTls,
     pub engine: ferry_broker::EngineConfig,
     pub config: GatewayConfig,
     pub database: Option<crate::store::ResolvedDatabase>,
@@ -127,6 +128,7 @@ pub struct ResolvedGateway {
 pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     let urls = crate::check_redis_urls(&a.redis.redis)?;
     let redis_options = crate::redis_options(&a.redis)?;
+    let redis_tls = crate::redis_tls(&urls, a.redis.redis_ca_file.as_deref())?;
     let listen = parse_listen(&a.listen)?;
     let auth = auth_config(a.jwt)?;
     // Refuse bad key material now, before anything connects.
@@ -209,6 +211,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     Ok(ResolvedGateway {
         urls,
         redis_options,
+        redis_tls,
         engine,
         config,
         database,
@@ -218,7 +221,13 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
 pub async fn run(cfg: ResolvedGateway) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
-    let broker = crate::connect(&cfg.urls, cfg.engine.clone(), cfg.redis_options.clone()).await?;
+    let broker = crate::connect(
+        &cfg.urls,
+        cfg.engine.clone(),
+        cfg.redis_options.clone(),
+        cfg.redis_tls.clone(),
+    )
+    .await?;
     let mut config = cfg.config;
     if let Some(db) = &cfg.database {
         let store: Arc<dyn ferry_store::Store> = Arc::new(crate::store::connect(db).await?);

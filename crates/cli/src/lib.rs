@@ -249,6 +249,36 @@ pub(crate) fn redis_options(a: &args::RedisArgs) -> Result<ferry_broker::RedisOp
     })
 }
 
+/// The TLS settings of `rediss://` shards, from `--redis-ca-file`: the file is read and checked here, at start,
+/// before anything connects. A CA file with no `rediss://` URL is refused (it would silently do nothing).
+pub(crate) fn redis_tls(
+    urls: &[String],
+    ca_file: Option<&std::path::Path>,
+) -> Result<ferry_broker::RedisTls, CliError> {
+    let Some(path) = ca_file else {
+        return Ok(ferry_broker::RedisTls::default());
+    };
+    if !urls.iter().any(|u| u.starts_with("rediss://")) {
+        return Err(CliError::usage(
+            "--redis-ca-file",
+            "applies to rediss:// URLs, and --redis lists none",
+        ));
+    }
+    let pem = std::fs::read(path).map_err(|e| {
+        CliError::usage(
+            "--redis-ca-file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(CliError::usage(
+            "--redis-ca-file",
+            format!("{} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(ferry_broker::RedisTls { ca_pem: Some(pem) })
+}
+
 /// The engine settings shared by every process on Redis, from `--dead-letter-max`, `--event-log-max` and
 /// `--idempotency-ttl-ms` (the rest are role flags).
 pub(crate) fn engine_config(a: &args::EngineArgs) -> Result<ferry_broker::EngineConfig, CliError> {
@@ -270,9 +300,10 @@ pub(crate) async fn connect(
     urls: &[String],
     config: ferry_broker::EngineConfig,
     options: ferry_broker::RedisOptions,
+    tls: ferry_broker::RedisTls,
 ) -> Result<ferry_broker::RedisBroker, CliError> {
     use ferry_broker::Broker;
-    let broker = ferry_broker::RedisBroker::connect_with(urls, config, options)
+    let broker = ferry_broker::RedisBroker::connect_with_tls(urls, config, options, tls)
         .await
         .map_err(|e| {
             CliError::Unavailable(format!("cannot reach redis ({}): {e}", urls.join(", ")))
@@ -298,5 +329,37 @@ mod tests {
             assert_eq!(e.exit_code(), EXIT_USAGE);
         }
         assert!(check_redis_urls(&["redis://a:1".into(), "redis://a:1".into()]).is_err());
+        assert_eq!(
+            check_redis_urls(&["rediss://cache.example:6380".into()]).unwrap(),
+            ["rediss://cache.example:6380"]
+        );
+    }
+
+    #[test]
+    fn redis_ca_file_is_checked_at_start() {
+        let tls = ["rediss://h:1".to_owned()];
+        assert!(redis_tls(&tls, None).unwrap().ca_pem.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = redis_tls(&tls, Some(&missing)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid --redis-ca-file: cannot read"),
+            "{e}"
+        );
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not pem").unwrap();
+        let e = redis_tls(&tls, Some(&junk)).unwrap_err();
+        assert!(e.to_string().contains("holds no PEM certificate"), "{e}");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(redis_tls(&tls, Some(&ca)).unwrap().ca_pem.is_some());
+        let e = redis_tls(&["redis://h:1".to_owned()], Some(&ca)).unwrap_err();
+        assert_eq!(e.exit_code(), EXIT_USAGE);
+        assert!(e.to_string().contains("rediss://"), "{e}");
     }
 }

@@ -52,7 +52,17 @@ pub fn resolve(a: DatabaseArgs) -> Result<Option<ResolvedDatabase>, CliError> {
             return Err(CliError::usage(flag, "must be greater than zero"));
         }
     }
+    ferry_store::tls::sslmode_of(&url).map_err(|e| CliError::usage("--database-url", e))?;
+    if let Some(ca) = &a.database_ca_file {
+        std::fs::metadata(ca).map_err(|e| {
+            CliError::usage(
+                "--database-ca-file",
+                format!("cannot read {}: {e}", ca.display()),
+            )
+        })?;
+    }
     let mut pg = PgConfig::new(url);
+    pg.ca_file = a.database_ca_file;
     pg.pool_size = a.database_pool_size;
     pg.connect_timeout = Duration::from_millis(a.database_timeout_ms);
     pg.wait_timeout = Duration::from_millis(a.database_timeout_ms);

@@ -19,6 +19,7 @@ pub struct ResolvedWorker {
     pub urls: Vec<String>,
     /// The Redis client's timeouts.
     pub redis_options: ferry_broker::RedisOptions,
+    pub redis_tls: ferry_broker::RedisTls,
     pub engine: EngineConfig,
     pub worker: WorkerConfig,
     pub registry: HandlerRegistry,
@@ -48,6 +49,7 @@ fn ms(v: u64) -> Duration {
 pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
     let urls = crate::check_redis_urls(&a.redis.redis)?;
     let redis_options = crate::redis_options(&a.redis)?;
+    let redis_tls = crate::redis_tls(&urls, a.redis.redis_ca_file.as_deref())?;
     let queues = a
         .queues
         .iter()
@@ -221,6 +223,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
     Ok(ResolvedWorker {
         urls,
         redis_options,
+        redis_tls,
         engine,
         worker,
         registry,
@@ -274,7 +277,7 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
     let broker = tokio::select! {
-        b = crate::connect(&cfg.urls, cfg.engine.clone(), cfg.redis_options.clone()) => b?,
+        b = crate::connect(&cfg.urls, cfg.engine.clone(), cfg.redis_options.clone(), cfg.redis_tls.clone()) => b?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     let broker: Arc<dyn ferry_broker::Broker> = Arc::new(broker);

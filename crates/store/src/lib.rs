@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod pg;
 pub mod recorder;
+pub mod tls;
 
 pub use memory::MemoryStore;
 pub use pg::{PgConfig, PgStore};

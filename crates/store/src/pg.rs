@@ -30,7 +30,7 @@ use tokio_postgres::{NoTls, Row, Statement};
 use uuid::Uuid;
 
 use crate::memory::{JobFold, created_ms, distinct_events, fold, id_floor, order_key};
-use crate::{EventRecord, JobPage, JobQuery, Store, StoreError};
+use crate::{EventRecord, JobPage, JobQuery, Store, StoreError, tls};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -40,11 +40,15 @@ mod embedded {
 #[derive(Clone)]
 pub struct PgConfig {
     /// `postgres://user[:password]@host[:port]/database[?options]`. Never logged: `Debug` and errors hide the
-    /// password.
+    /// password. `sslmode=disable|prefer|require|verify-ca|verify-full` chooses TLS as libpq does (see
+    /// [`crate::tls`]); `prefer` when absent.
     pub url: String,
+    /// PEM CA certificate(s) to trust for `sslmode=verify-ca|verify-full` (and `require`, which then checks the
+    /// chain), instead of the system trust store. Default none.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Most connections the pool opens. Default 16.
     pub pool_size: usize,
-    /// Limit on opening one connection (TCP, TLS-less startup, authentication). Default 5 s.
+    /// Limit on opening one connection (TCP, TLS handshake, startup, authentication). Default 5 s.
     pub connect_timeout: Duration,
     /// Limit on waiting for a free pooled connection when all are busy. Default 5 s.
     pub wait_timeout: Duration,
@@ -61,6 +65,7 @@ impl PgConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            ca_file: None,
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             wait_timeout: Duration::from_secs(5),
@@ -74,6 +79,7 @@ impl fmt::Debug for PgConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgConfig")
             .field("url", &Redactor::from_url(&self.url).apply(&self.url))
+            .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("wait_timeout", &self.wait_timeout)
@@ -139,9 +145,15 @@ impl PgStore {
     /// Build the pool. No connection is opened yet: the database need not be up (see [`Store::ping`]).
     pub fn connect(cfg: PgConfig) -> Result<Self, StoreError> {
         let url_redactor = Redactor::from_url(&cfg.url);
-        let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(|e| {
+        let (url, ssl_mode) = tls::split_sslmode(&cfg.url).map_err(|e| {
             StoreError::Internal(url_redactor.apply(&format!("invalid PostgreSQL URL: {e}")))
         })?;
+        let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Internal(url_redactor.apply(&format!("invalid PostgreSQL URL: {e}")))
+        })?;
+        pg.ssl_mode(ssl_mode.driver());
+        let connector = tls::connector(ssl_mode, cfg.ca_file.as_deref())
+            .map_err(|e| StoreError::Internal(format!("PostgreSQL TLS: {e}")))?;
         let redactor = url_redactor.with(pg.get_password());
         let statement_timeout =
             format!("-c statement_timeout={}", cfg.statement_timeout.as_millis());
@@ -152,13 +164,13 @@ impl PgStore {
         pg.options(options).connect_timeout(cfg.connect_timeout);
         // Verified: a pooled connection is checked with a round trip before reuse, so connections broken by a
         // server restart are dropped and replaced instead of failing the next call.
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Verified,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        };
+        let manager = match connector {
+            Some(tls) => Manager::from_config(pg, tls, manager_config),
+            None => Manager::from_config(pg, NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size.max(1))
             .wait_timeout(Some(cfg.wait_timeout))

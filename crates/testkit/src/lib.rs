@@ -5,6 +5,8 @@
 //!
 //! * [`redis`]: the `redis-server` wrapper and a `redis-cli` helper.
 //! * [`postgres`]: the PostgreSQL wrapper and a `psql` helper.
+//! * [`tls`]: throwaway certificates ([`TestCerts`]) for TLS servers ([`RedisServer::start_tls`],
+//!   [`PostgresServer::start_tls`]).
 //! * [`free_port`]: an unused loopback port.
 //!
 //! The API is synchronous on purpose, so that sync tests and tokio tests use it alike (a start takes a few
@@ -15,6 +17,7 @@
 mod guard;
 pub mod postgres;
 pub mod redis;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -22,6 +25,7 @@ use std::sync::Mutex;
 
 pub use postgres::{PostgresServer, psql};
 pub use redis::{RedisServer, redis_cli};
+pub use tls::TestCerts;
 
 /// Ports this process already handed out. A port is only free until someone binds it; remembering what we gave
 /// away stops two servers started at the same moment in one test binary from racing for the same number.

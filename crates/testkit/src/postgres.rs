@@ -43,6 +43,17 @@ impl PostgresServer {
     /// [`PostgresServer::start`] with `extra` appended to postgresql.conf (later settings win), e.g.
     /// `"fsync = on\nsynchronous_commit = on\n"` for a benchmark that must pay for durability.
     pub fn start_with(extra: &str) -> anyhow::Result<Self> {
+        Self::start_impl(extra, None)
+    }
+
+    /// [`PostgresServer::start_with`] with TLS on (`ssl = on`) and `certs`' server certificate: clients may use
+    /// TLS (check `pg_stat_ssl`), plain connections are still accepted. The certificate and key are copied into
+    /// the cluster's directory, owned by the server's user, the key with mode 0600 as PostgreSQL demands.
+    pub fn start_tls(certs: &crate::TestCerts, extra: &str) -> anyhow::Result<Self> {
+        Self::start_impl(extra, Some(certs))
+    }
+
+    fn start_impl(extra: &str, tls: Option<&crate::TestCerts>) -> anyhow::Result<Self> {
         let bin = bindir()?.to_path_buf();
         let as_postgres = euid() == Some(0);
         let dir = tempfile::Builder::new()
@@ -53,6 +64,33 @@ impl PostgresServer {
             let (uid, gid) = postgres_ids()?;
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
                 .with_context(|| format!("cannot chown {} to postgres", dir.path().display()))?;
+        }
+        let mut tls_conf = String::new();
+        if let Some(certs) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let cert = dir.path().join("server.crt");
+            let key = dir.path().join("server.key");
+            fs::copy(certs.cert_file(), &cert).context("cannot copy the server certificate")?;
+            fs::copy(certs.key_file(), &key).context("cannot copy the server key")?;
+            fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
+                .context("cannot chmod the server key")?;
+            if as_postgres {
+                let (uid, gid) = postgres_ids()?;
+                for f in [&cert, &key] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid))
+                        .with_context(|| format!("cannot chown {} to postgres", f.display()))?;
+                }
+            }
+            let quoted = |p: &Path| -> anyhow::Result<String> {
+                Ok(p.to_str()
+                    .context("certificate path is not UTF-8")?
+                    .replace('\'', "''"))
+            };
+            tls_conf = format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                quoted(&cert)?,
+                quoted(&key)?
+            );
         }
         let data = dir.path().join("data");
         let socket_dir = dir
@@ -103,7 +141,8 @@ impl PostgresServer {
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              shared_buffers = '32MB'\nmax_connections = 200\n",
             socket_dir.replace('\'', "''")
-        ) + extra
+        ) + &tls_conf
+            + extra
             + "\n";
         // Appending keeps the file owned by postgres.
         OpenOptions::new()

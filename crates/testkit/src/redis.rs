@@ -5,6 +5,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,6 +27,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RedisServer {
     port: u16,
     extra: Vec<String>,
+    /// Serves TLS only on `port` (plain TCP is off); the harness itself talks over a unix socket in `dir`.
+    tls: bool,
     child: Option<Child>,
     watchdog: Option<Watchdog>,
     // Declared last so the directory outlives the process that writes into it.
@@ -49,6 +52,38 @@ impl RedisServer {
     /// Like [`start`](Self::start) with extra `redis-server` arguments (`&["--maxmemory", "10mb"]`). They come after
     /// the defaults, so they override them; they are kept for [`restart`](Self::restart).
     pub fn start_with(args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_impl(args, false)
+    }
+
+    /// A server that speaks only TLS on its port (`--port 0 --tls-port PORT`), with `certs`' server certificate
+    /// and no client certificates required (`--tls-auth-clients no`); [`url`](Self::url) is `rediss://`. The
+    /// harness (readiness, SHUTDOWN, [`cli`](Self::cli)) uses a unix socket in the server's directory instead.
+    pub fn start_tls(certs: &crate::TestCerts, args: &[&str]) -> anyhow::Result<Self> {
+        let path = |p: &Path| -> anyhow::Result<String> {
+            Ok(p.to_str()
+                .context("certificate path is not UTF-8")?
+                .to_owned())
+        };
+        let (cert, key, ca) = (
+            path(certs.cert_file())?,
+            path(certs.key_file())?,
+            path(certs.ca_file())?,
+        );
+        let mut all = vec![
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ];
+        all.extend_from_slice(args);
+        Self::start_impl(&all, true)
+    }
+
+    fn start_impl(args: &[&str], tls: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ferry-redis-")
             .tempdir()
@@ -56,6 +91,7 @@ impl RedisServer {
         let mut server = Self {
             port: 0,
             extra: args.iter().map(|a| a.to_string()).collect(),
+            tls,
             child: None,
             watchdog: None,
             dir,
@@ -75,9 +111,16 @@ impl RedisServer {
             )))
     }
 
-    /// `redis://127.0.0.1:PORT`
+    /// `redis://127.0.0.1:PORT`, or `rediss://127.0.0.1:PORT` for a server started by
+    /// [`start_tls`](Self::start_tls).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether the server speaks TLS ([`start_tls`](Self::start_tls)).
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     pub fn port(&self) -> u16 {
@@ -100,8 +143,26 @@ impl RedisServer {
     }
 
     /// Run `redis-cli` against this server; see [`redis_cli`].
+    /// A TLS server is reached through its unix socket.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        redis_cli(self.port, args)
+        match self.endpoint() {
+            Endpoint::Tcp(port) => redis_cli(port, args),
+            Endpoint::Unix(sock) => {
+                let out = run(Command::new("redis-cli").arg("-s").arg(&sock).args(args))?;
+                Ok(String::from_utf8_lossy(&out.stdout)
+                    .trim_end_matches('\n')
+                    .to_string())
+            }
+        }
+    }
+
+    /// Where the harness talks to the server: its TCP port, or the unix socket of a TLS server.
+    fn endpoint(&self) -> Endpoint {
+        if self.tls {
+            Endpoint::Unix(self.dir.path().join("redis.sock"))
+        } else {
+            Endpoint::Tcp(self.port)
+        }
     }
 
     /// Graceful stop: SHUTDOWN (which fsyncs the append-only file), then wait for the process to exit.
@@ -111,7 +172,7 @@ impl RedisServer {
             return Ok(());
         };
         if child.try_wait().ok().flatten().is_none() {
-            match shutdown(self.port) {
+            match shutdown(&self.endpoint()) {
                 Ok(()) => {}
                 // The server refused (e.g. it cannot write its AOF): it is still running, so keep owning it and
                 // say why, rather than turning a graceful stop into a silent kill.
@@ -209,7 +270,19 @@ impl RedisServer {
             .context("temp dir path is not UTF-8")?;
         let port = self.port.to_string();
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port, "--bind", "127.0.0.1", "--dir", dir])
+        if self.tls {
+            let sock = self.dir.path().join("redis.sock");
+            let sock = sock.to_str().context("socket path is not UTF-8")?;
+            cmd.args(["--port", "0", "--tls-port", &port]).args([
+                "--unixsocket",
+                sock,
+                "--unixsocketperm",
+                "700",
+            ]);
+        } else {
+            cmd.args(["--port", &port]);
+        }
+        cmd.args(["--bind", "127.0.0.1", "--dir", dir])
             .args([
                 "--appendonly",
                 "yes",
@@ -251,7 +324,7 @@ impl RedisServer {
                 }
                 return Err(err);
             }
-            match probe(self.port) {
+            match probe(&self.endpoint()) {
                 Probe::Ready(p) if p == pid => {
                     self.child = Some(child);
                     return Ok(Launch::Ready);
@@ -309,9 +382,9 @@ enum Probe {
 
 /// Ask whatever listens on `port` for its pid and whether it serves commands. The pid matters: a free port can be
 /// taken by another test's server between [`free_port`] and our bind, and that server answers PING too.
-fn probe(port: u16) -> Probe {
+fn probe(endpoint: &Endpoint) -> Probe {
     let attempt = || -> anyhow::Result<Option<u32>> {
-        let mut conn = Conn::open(port)?;
+        let mut conn = Conn::open(endpoint)?;
         let info = conn.call(&["INFO", "server"])?;
         let pid = info
             .lines()
@@ -331,8 +404,8 @@ fn probe(port: u16) -> Probe {
 }
 
 /// Send SHUTDOWN. Success is the server closing the connection without a reply.
-fn shutdown(port: u16) -> anyhow::Result<()> {
-    let mut conn = Conn::open(port)?;
+fn shutdown(endpoint: &Endpoint) -> anyhow::Result<()> {
+    let mut conn = Conn::open(endpoint)?;
     match conn.call(&["SHUTDOWN"]) {
         Err(e) if e.downcast_ref::<ServerError>().is_some() => Err(e),
         // EOF or reset: the server went away, which is what SHUTDOWN does.
@@ -355,15 +428,38 @@ impl std::error::Error for ServerError {}
 /// Just enough RESP for the harness (simple strings, errors, integers, bulk strings), so that probing readiness
 /// does not fork a redis-cli every 20 ms. Tests use [`redis_cli`] or a real client.
 struct Conn {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Box<dyn Stream>>,
 }
 
+/// How the harness reaches a server.
+enum Endpoint {
+    Tcp(u16),
+    /// The unix socket of a TLS-only server.
+    Unix(PathBuf),
+}
+
+trait Stream: Read + Write {}
+
+impl<T: Read + Write> Stream for T {}
+
 impl Conn {
-    fn open(port: u16) -> anyhow::Result<Self> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    fn open(endpoint: &Endpoint) -> anyhow::Result<Self> {
+        let timeout = Some(Duration::from_secs(2));
+        let stream: Box<dyn Stream> = match endpoint {
+            Endpoint::Tcp(port) => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+                let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+                stream.set_read_timeout(timeout)?;
+                stream.set_write_timeout(timeout)?;
+                Box::new(stream)
+            }
+            Endpoint::Unix(path) => {
+                let stream = UnixStream::connect(path)?;
+                stream.set_read_timeout(timeout)?;
+                stream.set_write_timeout(timeout)?;
+                Box::new(stream)
+            }
+        };
         Ok(Self {
             reader: BufReader::new(stream),
         })

@@ -70,3 +70,28 @@ fn gone(pid: u32) -> bool {
         }
     }
 }
+
+/// `start_tls`: `ssl = on` with the test certificate; libpq's `sslmode=verify-full` with the test CA gets an
+/// encrypted connection, and without it libpq refuses the certificate.
+#[test]
+fn tls_cluster_accepts_verified_tls() -> anyhow::Result<()> {
+    let certs = ferry_testkit::TestCerts::generate()?;
+    let server = PostgresServer::start_tls(&certs, "")?;
+    let ca = certs.ca_file().to_str().expect("UTF-8 path");
+    let url = format!(
+        "postgres://postgres@localhost:{}/ferry?sslmode=verify-full&sslrootcert={ca}",
+        server.port()
+    );
+    assert_eq!(
+        ferry_testkit::psql(
+            &url,
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )?,
+        "t"
+    );
+    let other = ferry_testkit::TestCerts::generate()?;
+    let wrong = url.replace(ca, other.ca_file().to_str().expect("UTF-8 path"));
+    let e = ferry_testkit::psql(&wrong, "SELECT 1").unwrap_err();
+    assert!(format!("{e:#}").contains("certificate"), "{e:#}");
+    Ok(())
+}

@@ -120,3 +120,43 @@ fn several_servers_at_once_get_distinct_ports() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A TLS server has no plain port; the harness still reaches it (unix socket), a restart keeps TLS and data, and a
+/// TLS client with the test CA gets through (`openssl s_client`-free: redis-cli's TLS mode).
+#[test]
+fn tls_server_serves_only_tls_and_restarts() -> anyhow::Result<()> {
+    let certs = ferry_testkit::TestCerts::generate()?;
+    let mut server = RedisServer::start_tls(&certs, &[])?;
+    assert!(server.is_tls());
+    assert_eq!(
+        server.url(),
+        format!("rediss://127.0.0.1:{}", server.port())
+    );
+    assert_eq!(server.cli(&["CONFIG", "GET", "port"])?, "port\n0");
+    assert_eq!(
+        server.cli(&["CONFIG", "GET", "tls-port"])?,
+        format!("tls-port\n{}", server.port())
+    );
+    server.cli(&["SET", "k", "v"])?;
+    // Plain RESP on the TLS port gets no answer.
+    assert!(redis_cli(server.port(), &["PING"]).map_or(true, |out| !out.contains("PONG")));
+    let over_tls = std::process::Command::new("redis-cli")
+        .args(["--tls", "--cacert"])
+        .arg(certs.ca_file())
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.port().to_string(),
+            "GET",
+            "k",
+        ])
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&over_tls.stdout).trim(), "v");
+    server.restart()?;
+    assert_eq!(server.cli(&["GET", "k"])?, "v");
+    assert_eq!(server.cli(&["CONFIG", "GET", "port"])?, "port\n0");
+    server.stop()?;
+    assert!(!server.is_running());
+    Ok(())
+}

@@ -36,7 +36,7 @@ use ferry_core::{
     Event, JobId, JobInfo, JobState, Limits, NewJob, QueueName, ValidationError, now_ms,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Value};
+use redis::{AsyncConnectionConfig, Client, TlsCertificates, Value};
 
 use self::codec::{Fields, Record, array, bad, int, text};
 use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
@@ -68,6 +68,74 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_secs(5),
             connection_timeout: Duration::from_secs(2),
         }
+    }
+}
+
+/// TLS of `rediss://` shards (plain `redis://` ones ignore it). The server certificate is always verified,
+/// hostname included: against the system trust store by default, or against `ca_pem` alone when it is set.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// CA certificates (PEM) to trust instead of the system's roots, e.g. a private CA's.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field(
+                "roots",
+                &match &self.ca_pem {
+                    Some(_) => "ca_pem",
+                    None => "system",
+                },
+            )
+            .finish()
+    }
+}
+
+/// A client for one shard URL: `rediss://` with `tls.ca_pem` trusts that CA alone; other `rediss://` URLs
+/// trust the system roots (the redis crate's default). Every connection of the shard (commands, blocking
+/// reads, pub/sub) is made from this client, so all of them use TLS.
+fn open_client(url: &str, tls: &RedisTls) -> redis::RedisResult<Client> {
+    match &tls.ca_pem {
+        Some(ca) if url.starts_with("rediss://") => Client::build_with_tls(
+            url,
+            TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
+        ),
+        _ => Client::open(url),
+    }
+}
+
+/// The CA must hold at least one readable PEM certificate: the redis crate would silently trust nothing and
+/// every connection would then fail with an unknown-issuer error far from the cause.
+fn check_ca_pem(ca: &[u8]) -> Result<(), BrokerError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(ca).collect();
+    match certs {
+        Ok(c) if !c.is_empty() => Ok(()),
+        Ok(_) => Err(ValidationError::field(
+            "redis-ca",
+            "the CA certificate holds no PEM certificate",
+        )
+        .into()),
+        Err(e) => Err(ValidationError::field(
+            "redis-ca",
+            format!("unreadable CA certificate: {e}"),
+        )
+        .into()),
+    }
+}
+
+/// The shard's identity on the ring: its URL without credentials, and without TLS (`rediss://` counts as
+/// `redis://`), so turning TLS on for a server does not move its queues.
+fn ring_id(name: &str) -> String {
+    match name.strip_prefix("rediss://") {
+        Some(rest) => format!("redis://{rest}"),
+        None => name.to_owned(),
     }
 }
 
@@ -157,7 +225,8 @@ fn redact(url: &str) -> String {
 }
 
 impl RedisBroker {
-    /// Connect to every shard (`redis://host:port[/db]` URLs) and check each answers.
+    /// Connect to every shard (`redis://host:port[/db]`, or `rediss://` for TLS verified against the system
+    /// roots; see [`connect_with_tls`](Self::connect_with_tls) for a private CA) and check each answers.
     pub async fn connect(urls: &[String], config: EngineConfig) -> Result<Self, BrokerError> {
         Self::connect_with(urls, config, RedisOptions::default()).await
     }
@@ -167,19 +236,34 @@ impl RedisBroker {
         config: EngineConfig,
         options: RedisOptions,
     ) -> Result<Self, BrokerError> {
+        Self::connect_with_tls(urls, config, options, RedisTls::default()).await
+    }
+
+    /// [`connect_with`](Self::connect_with) with the TLS settings of `rediss://` shards.
+    pub async fn connect_with_tls(
+        urls: &[String],
+        config: EngineConfig,
+        options: RedisOptions,
+        tls: RedisTls,
+    ) -> Result<Self, BrokerError> {
         if urls.is_empty() {
             return Err(
                 ValidationError::field("redis", "at least one Redis URL is required").into(),
             );
         }
+        if let Some(ca) = &tls.ca_pem {
+            check_ca_pem(ca)?;
+        }
         let mut shards = Vec::with_capacity(urls.len());
         for (i, url) in urls.iter().enumerate() {
             let name = redact(url);
-            let client = Client::open(url.as_str()).map_err(|e| {
-                ValidationError::field(
-                    format!("redis[{i}]"),
-                    format!("invalid Redis URL {name}: {e}"),
-                )
+            let client = open_client(url, &tls).map_err(|e| {
+                let what = if tls.ca_pem.is_some() && url.starts_with("rediss://") {
+                    "invalid Redis URL or CA certificate for"
+                } else {
+                    "invalid Redis URL"
+                };
+                ValidationError::field(format!("redis[{i}]"), format!("{what} {name}: {e}"))
             })?;
             let cm_config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(options.response_timeout))
@@ -197,9 +281,9 @@ impl RedisBroker {
                 log_groups: Mutex::new(HashSet::new()),
             });
         }
-        // Shards are identified by their URL without credentials: reordering the list or rotating a password
-        // does not move queues.
-        let ids: Vec<String> = shards.iter().map(|s: &Shard| s.name.clone()).collect();
+        // Shards are identified by their URL without credentials (nor TLS): reordering the list, rotating a
+        // password or turning TLS on does not move queues.
+        let ids: Vec<String> = shards.iter().map(|s: &Shard| ring_id(&s.name)).collect();
         let ring = ShardRing::with_ids(&ids);
         let broker = Self {
             shards,
