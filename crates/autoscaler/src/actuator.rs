@@ -107,6 +107,8 @@ impl Local {
             .arg(&consumer)
             .arg("--admin-listen")
             .arg("off")
+            // Workers do not outlive the autoscaler, even when it is killed.
+            .arg("--exit-with-parent")
             .args(&self.config.worker_args)
             // The autoscaler's own settings are not the worker's.
             .env_remove("FERRY_CONFIG")

@@ -668,6 +668,11 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "NAME", env = "FERRY_CONSUMER")]
     pub consumer: Option<String>,
 
+    /// Drain and stop when the parent process goes away (set by the autoscaler's local actuator, so its
+    /// workers do not outlive it).
+    #[arg(long, hide = true)]
+    pub exit_with_parent: bool,
+
     /// Admin listener serving /metrics, /healthz and /readyz, HOST:PORT; `off` disables it.
     #[arg(
         long,

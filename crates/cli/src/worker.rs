@@ -35,6 +35,8 @@ pub struct ResolvedWorker {
     pub ready_budget: Duration,
     /// Longest the shutdown may take after the signal before the process exits 70, naming what it still held.
     pub shutdown_deadline: Duration,
+    /// Drain and stop when the parent process goes away (`--exit-with-parent`).
+    pub exit_with_parent: bool,
 }
 
 /// The default shutdown deadline's room past the drain's own bounds (drain, cancel grace, outcome flush): for
@@ -233,6 +235,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         profiling: a.profiling,
         ready_budget,
         shutdown_deadline,
+        exit_with_parent: a.exit_with_parent,
     })
 }
 
@@ -321,6 +324,25 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
             None
         }
     };
+    // A worker started by the autoscaler's local actuator drains when that parent is gone (killed, crashed):
+    // it is re-parented, and its parent id changes.
+    if cfg.exit_with_parent {
+        let shutdown = shutdown.clone();
+        let parent = std::os::unix::process::parent_id();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                if std::os::unix::process::parent_id() != parent {
+                    tracing::warn!(parent, "the parent process is gone: draining");
+                    shutdown.cancel();
+                    return;
+                }
+            }
+        });
+    }
     // The hard deadline: whatever hangs (a handler ignoring cancellation, a store that never answers), the
     // process ends, and says which jobs it still held (their leases expire and they are redelivered).
     {

@@ -420,3 +420,55 @@ async fn dry_run_logs_decisions_and_acts_on_none() -> Result<()> {
     }
     Ok(())
 }
+
+/// Workers started by the local actuator do not outlive the autoscaler: killed with SIGKILL (no chance to
+/// stop them), its workers notice they were re-parented, drain and exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_workers_exit_when_the_autoscaler_is_killed() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let regions = redis.dir().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[regions]]\nname = \"k\"\nredis = [\"{url}\"]\nqueues = [\"q\"]\n[regions.policy]\n\
+             min-workers = 2\nmax-workers = 2\n[regions.actuator]\nkind = \"local\"\n"
+        ),
+    )?;
+    let port = free_port();
+    let mut scaler = autoscaler(&regions, port)?;
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(
+        &http,
+        port,
+        "ferry_autoscaler_current_workers",
+        r#"region="k""#,
+    )
+    .await
+        != Some(2.0)
+    {
+        assert!(Instant::now() < deadline, "never reached 2 workers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let children = String::from_utf8(
+        Command::new("pgrep")
+            .args(["-P", &scaler.0.id().to_string()])
+            .output()?
+            .stdout,
+    )?;
+    let pids: Vec<String> = children.split_whitespace().map(str::to_owned).collect();
+    assert_eq!(pids.len(), 2, "two worker children: {children:?}");
+    scaler.0.kill()?;
+    scaler.0.wait()?;
+    let alive = |pid: &str| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pids.iter().any(|p| alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "orphaned workers still running: {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
