@@ -13,10 +13,13 @@
 //!   rates), ferry's gateway beside the Node `ws` peer, with the sockets in `ws-client` child processes.
 //! * [`api`]: the `api` scenario (HTTP submits, completion over WebSocket). [`gw`]: the gateway, worker and
 //!   Node peer processes, tokens, RSS; [`hist`]: the latency histogram the client processes ship.
+//! * [`autoscale`]: `ferry autoscaler` (local actuator) under a burst of jobs: backlog and workers over time,
+//!   and their plot.
 //!
 //! Every load loop here is bounded in count and time, and all traffic goes to 127.0.0.1.
 
 pub mod api;
+pub mod autoscale;
 pub mod bullmq;
 pub mod ferry;
 pub mod gw;

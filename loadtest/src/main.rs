@@ -4,8 +4,9 @@
 //! measures enqueue→complete latency at fixed offered rates, and — with `--peer bullmq` — does the same with
 //! BullMQ on a redis-server of the same version. `loadtest ws` measures the gateway's WebSocket fan-out (RSS per
 //! idle connection, deliveries/s and latency at rising broadcast rates) beside a Node `ws` server, and
-//! `loadtest api` HTTP submits with completion over WebSocket. Each prints one JSON document (and writes it to
-//! `--out`).
+//! `loadtest api` HTTP submits with completion over WebSocket. `loadtest autoscale` runs `ferry autoscaler` with
+//! the `local` actuator under a burst of jobs and samples backlog and workers until the pool is back at its
+//! minimum (JSON, CSV and a PNG plot). Each prints one JSON document (and writes it to `--out`).
 //! See loadtest/README.md for what each figure means.
 
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use loadtest::{api, bullmq, ferry, procs, redis_cpu, report, wsbench};
+use loadtest::{api, autoscale, bullmq, ferry, procs, redis_cpu, report, wsbench};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -35,6 +36,9 @@ enum Cmd {
     Ws(WsArgs),
     /// HTTP submits (single and batch) with completion observed over WebSocket: jobs/s and latency.
     Api(ApiArgs),
+    /// `ferry autoscaler` (local actuator) under a burst: backlog and workers over time until the pool is
+    /// back at its minimum; JSON, CSV and a PNG plot.
+    Autoscale(AutoscaleArgs),
     /// Internal: one process of WebSocket clients for `ws` (driven over stdin/stdout).
     #[command(hide = true)]
     WsClient(WsClientArgs),
@@ -119,6 +123,63 @@ struct ApiArgs {
     ferry_bin: Option<PathBuf>,
     #[arg(long)]
     out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    wait_quiet: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct AutoscaleArgs {
+    /// Jobs of the burst (`ferry.sleep`), enqueued at once.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: u64,
+    /// Each job's sleep (payload `{"ms": N}`).
+    #[arg(long, default_value_t = 10)]
+    job_ms: u64,
+    #[arg(long, default_value = "burst")]
+    queue: String,
+    /// Policy: fewest workers.
+    #[arg(long, default_value_t = 1)]
+    min_workers: u32,
+    /// Policy: most workers.
+    #[arg(long, default_value_t = 8)]
+    max_workers: u32,
+    /// Policy: drain the backlog within this long.
+    #[arg(long, default_value_t = 10.0)]
+    target_drain_seconds: f64,
+    /// Policy: a scale-down uses the highest recommendation of this window.
+    #[arg(long, default_value_t = 30.0)]
+    scale_down_stabilization_seconds: f64,
+    /// Arguments of every `ferry worker` the local actuator starts, space-separated.
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        default_value = "--concurrency 20 --batch-size 20"
+    )]
+    worker_args: String,
+    /// The autoscaler's decision interval (`--interval-ms`).
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// How often backlog and workers are sampled.
+    #[arg(long, default_value_t = 250)]
+    sample_ms: u64,
+    /// Give up (and fail) when the backlog is not drained and the pool not back at its minimum by then.
+    #[arg(long, default_value_t = 180)]
+    max_secs: u64,
+    /// Jobs per enqueue call of the burst.
+    #[arg(long, default_value_t = 1000)]
+    enqueue_chunk: usize,
+    /// The JSON document (params, summary, samples).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The samples as CSV (default: `--out` with the extension .csv).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// A PNG of backlog and workers over time (needs /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf,
+    /// Debian package fonts-dejavu-core).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    #[arg(long)]
+    ferry_bin: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     wait_quiet: u64,
 }
@@ -270,6 +331,7 @@ fn main() -> anyhow::Result<()> {
                 Cmd::Jobs(args) => jobs(args).await,
                 Cmd::Ws(args) => ws(args).await,
                 Cmd::Api(args) => api_cmd(args).await,
+                Cmd::Autoscale(args) => autoscale_cmd(args).await,
                 Cmd::WsClient(_) => unreachable!("handled above"),
             }
         })
@@ -381,6 +443,87 @@ async fn api_cmd(a: ApiArgs) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(&doc)?;
     println!("{text}");
     write_out(a.out.as_ref(), &text)
+}
+
+async fn autoscale_cmd(a: AutoscaleArgs) -> anyhow::Result<()> {
+    if a.jobs == 0 || a.jobs > 1_000_000 || a.job_ms > 60_000 {
+        bail!("--jobs must be 1..=1000000 and --job-ms at most 60000");
+    }
+    if a.min_workers > a.max_workers || a.max_workers == 0 || a.max_workers > 64 {
+        bail!("--max-workers must be 1..=64 and --min-workers at most --max-workers");
+    }
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if !positive(a.target_drain_seconds) || !positive(a.scale_down_stabilization_seconds) {
+        bail!("--target-drain-seconds and --scale-down-stabilization-seconds must be positive");
+    }
+    if a.interval_ms == 0 || a.interval_ms > 60_000 || a.sample_ms < 10 || a.sample_ms > 10_000 {
+        bail!("--interval-ms must be 1..=60000 and --sample-ms 10..=10000");
+    }
+    if a.max_secs == 0 || a.max_secs > 3600 || a.enqueue_chunk == 0 || a.enqueue_chunk > 100_000 {
+        bail!("--max-secs must be 1..=3600 and --enqueue-chunk 1..=100000");
+    }
+    // Fail before the run when the plot cannot be drawn.
+    if a.plot.is_some() {
+        autoscale::plot::load_font()?;
+    }
+    let machine = report::Machine::probe();
+    let bin = ferry_bin(a.ferry_bin.clone()).await?;
+    let quiet = quiet_before(a.wait_quiet).await?;
+    let p = autoscale::Params {
+        jobs: a.jobs,
+        job_ms: a.job_ms,
+        queue: a.queue.clone(),
+        min_workers: a.min_workers,
+        max_workers: a.max_workers,
+        target_drain_seconds: a.target_drain_seconds,
+        scale_down_stabilization_seconds: a.scale_down_stabilization_seconds,
+        worker_args: a
+            .worker_args
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        interval_ms: a.interval_ms,
+        sample_ms: a.sample_ms,
+        max_secs: a.max_secs,
+        enqueue_chunk: a.enqueue_chunk,
+        ferry_bin: bin,
+    };
+    let dir = tempfile::tempdir().context("creating a temp dir for the regions file")?;
+    let r = autoscale::run(&p, dir.path()).await?;
+    let doc = json!({
+        "scenario": "autoscale",
+        "machine": machine,
+        "busy_cores_before": quiet,
+        "loadavg_after": report::loadavg(),
+        "result": r,
+    });
+    write_out(a.out.as_ref(), &serde_json::to_string_pretty(&doc)?)?;
+    let csv_path = a
+        .csv
+        .clone()
+        .or_else(|| a.out.as_ref().map(|o| o.with_extension("csv")));
+    if let Some(path) = &csv_path {
+        std::fs::write(path, autoscale::csv(&r.samples))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("[loadtest] wrote {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        autoscale::plot::draw(&r, path)?;
+        eprintln!("[loadtest] wrote {}", path.display());
+    }
+    let summary = json!({
+        "scenario": "autoscale",
+        "params": r.params,
+        "summary": r.summary,
+        "samples": r.samples.len(),
+        "error": r.error,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprint!("{}", autoscale::summary_text(&r));
+    if let Some(e) = &r.error {
+        bail!("autoscale run failed: {e}");
+    }
+    Ok(())
 }
 
 /// Wait up to `limit` for a 2-second window in which the machine used under half a core; returns the busy
