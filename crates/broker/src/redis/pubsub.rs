@@ -180,6 +180,9 @@ async fn session(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {
         tokio::select! {
+            // Commands before messages: an unsubscribe queued before a message was published must take effect
+            // before that message is looked at (a random pick could deliver it).
+            biased;
             _ = out.closed() => return End::Stop,
             cmd = cmds.recv() => match cmd {
                 None => return End::Stop,
