@@ -1,68 +1,37 @@
 //! `ferry autoscaler` with the `local` actuator, as real processes: the autoscaler binary starts and stops real
 //! `ferry worker` processes against real redis-servers (ferry-testkit), and is observed through its `/metrics`.
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{Kind, NewJob, QueueName};
-use ferry_testkit::RedisServer;
+use ferry_testkit::{RedisServer, free_port};
 use serde_json::json;
+use support::{Proc, ferry};
 
-struct Proc(Child);
-
-impl Proc {
-    fn sigterm(&self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> Result<i32> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.0.try_wait()? {
-                return Ok(s.code().unwrap_or(-1));
-            }
-            if Instant::now() > deadline {
-                bail!("autoscaler did not exit within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn autoscaler(regions: &std::path::Path, port: u16) -> Result<Proc> {
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["autoscaler", "--regions"])
+/// `ferry autoscaler` on `regions`, deciding every 500 ms, its admin listener on `port`, with `extra` flags; its
+/// log captured (read with [`Proc::log`], printed if the test fails).
+fn autoscaler_with(regions: &std::path::Path, port: u16, extra: &[&str]) -> Result<Proc> {
+    let mut cmd = ferry();
+    cmd.args(["autoscaler", "--regions"])
         .arg(regions)
         .args(["--interval-ms", "500", "--admin-listen"])
         .arg(format!("127.0.0.1:{port}"))
+        .args(extra)
         .env("FERRY_LOG", "warn,ferry_autoscaler=info,ferry_cli=info")
         .env_remove("FERRY_CONFIG")
         .env_remove("FERRY_LOG_FORMAT")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawn ferry autoscaler")?;
-    Ok(Proc(child))
+        .stdout(Stdio::null());
+    Proc::spawn_logged(&mut cmd)
+}
+
+fn autoscaler(regions: &std::path::Path, port: u16) -> Result<Proc> {
+    autoscaler_with(regions, port, &[])
 }
 
 /// One series of the autoscaler's `/metrics` (labels as written, e.g. `region="a"`), or `None` before it exists.
@@ -191,8 +160,7 @@ worker-args = ["--concurrency", "20", "--batch-size", "20"]
             >= 1.0
     );
 
-    scaler.sigterm();
-    assert_eq!(scaler.wait_exit(Duration::from_secs(60)).await?, 0);
+    assert_eq!(scaler.stop(Duration::from_secs(60)).await?.code(), Some(0));
     Ok(())
 }
 
@@ -288,8 +256,7 @@ worker-args = ["--concurrency", "5"]
     }
     let s = busy.stats(&q).await?;
     assert_eq!((s.depth, s.active, s.dead), (0, 0, 0), "{s:?}");
-    scaler.sigterm();
-    assert_eq!(scaler.wait_exit(Duration::from_secs(60)).await?, 0);
+    assert_eq!(scaler.stop(Duration::from_secs(60)).await?.code(), Some(0));
     Ok(())
 }
 
@@ -352,8 +319,7 @@ async fn a_queue_at_zero_wakes_on_its_first_job_and_returns_to_zero() -> Result<
         assert!(Instant::now() < deadline, "never went back to zero");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    scaler.sigterm();
-    assert_eq!(scaler.wait_exit(Duration::from_secs(30)).await?, 0);
+    assert_eq!(scaler.stop(Duration::from_secs(30)).await?.code(), Some(0));
     Ok(())
 }
 
@@ -374,20 +340,8 @@ async fn dry_run_logs_decisions_and_acts_on_none() -> Result<()> {
         ),
     )?;
     let port = free_port();
-    let log = redis.dir().join("autoscaler.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["autoscaler", "--dry-run", "--regions"])
-        .arg(&regions)
-        .args(["--interval-ms", "300", "--admin-listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .env("FERRY_LOG", "warn,ferry_autoscaler=info,ferry_cli=info")
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_LOG_FORMAT")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let mut scaler = Proc(child);
+    // The log is read afterwards.
+    let mut scaler = autoscaler_with(&regions, port, &["--dry-run"])?;
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -408,9 +362,8 @@ async fn dry_run_logs_decisions_and_acts_on_none() -> Result<()> {
     // Nothing acted: no worker took a job.
     let s = broker.stats(&q).await?;
     assert_eq!((s.depth, s.delivered), (3_000, 0), "{s:?}");
-    scaler.sigterm();
-    assert_eq!(scaler.wait_exit(Duration::from_secs(30)).await?, 0);
-    let text = std::fs::read_to_string(&log)?;
+    assert_eq!(scaler.stop(Duration::from_secs(30)).await?.code(), Some(0));
+    let text = scaler.log();
     let line = text
         .lines()
         .find(|l| l.contains("scaling decision"))
@@ -453,14 +406,13 @@ async fn local_workers_exit_when_the_autoscaler_is_killed() -> Result<()> {
     }
     let children = String::from_utf8(
         Command::new("pgrep")
-            .args(["-P", &scaler.0.id().to_string()])
+            .args(["-P", &scaler.pid().to_string()])
             .output()?
             .stdout,
     )?;
     let pids: Vec<String> = children.split_whitespace().map(str::to_owned).collect();
     assert_eq!(pids.len(), 2, "two worker children: {children:?}");
-    scaler.0.kill()?;
-    scaler.0.wait()?;
+    scaler.kill9();
     let alive = |pid: &str| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let deadline = Instant::now() + Duration::from_secs(20);
     while pids.iter().any(|p| alive(p)) {

@@ -9,20 +9,17 @@
 //!   the role's own shutdown deadline; the autoscaler (a role still being written) gets structural checks;
 //! * the Prometheus config inlined in compose passes `promtool check config` with `deploy/prometheus/alerts.yml`.
 
+mod support;
+
+use support::manifests::{
+    config_with_flags, read, repo, role_env_names, scalar, setting, shutdown_deadline_ms,
+};
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
 
 use serde_norway::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn read(rel: &str) -> String {
-    let path = repo().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
 
 // ---- Dockerfile ------------------------------------------------------------------------------------------------
 
@@ -293,15 +290,6 @@ fn services(c: &Value) -> BTreeMap<String, Value> {
         .collect()
 }
 
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        other => panic!("expected a scalar, got {other:?}"),
-    }
-}
-
 fn strings(v: &Value) -> Vec<String> {
     match v {
         Value::Sequence(s) => s.iter().map(scalar).collect(),
@@ -520,64 +508,6 @@ fn compose_references_ports_and_secrets() {
     }
 }
 
-/// `ferry <role> --help` → the FERRY_* variables the role reads.
-fn role_env_names(role: &str) -> BTreeSet<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([role, "--help"])
-        .output()
-        .expect("run ferry --help");
-    assert!(out.status.success(), "ferry {role} --help failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split("[env: ")
-        .skip(1)
-        .map(|s| s.split(['=', ']']).next().unwrap().to_string())
-        .collect()
-}
-
-/// The long flags of `args` (after the role) as a config file for `role`: a flag's values under `[role]`, the
-/// process-wide ones at the top.
-fn flags_as_toml(role: &str, args: &[String]) -> String {
-    const GLOBAL: [&str; 4] = ["log", "log-format", "otlp-endpoint", "otlp-service-name"];
-    let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut i = 0;
-    while i < args.len() {
-        let a = &args[i];
-        let flag = a
-            .strip_prefix("--")
-            .unwrap_or_else(|| panic!("{role}: positional argument {a}"));
-        let (name, value) = match flag.split_once('=') {
-            Some((n, v)) => (n.to_string(), v.to_string()),
-            None if args.get(i + 1).is_some_and(|n| !n.starts_with("--")) => {
-                i += 1;
-                (flag.to_string(), args[i].clone())
-            }
-            None => (flag.to_string(), "true".to_string()),
-        };
-        assert_ne!(
-            name, "config",
-            "{role}: pass --config through the check, not the command"
-        );
-        values.entry(name).or_default().push(value);
-        i += 1;
-    }
-    let mut top = toml::Table::new();
-    let mut section = toml::Table::new();
-    for (k, vs) in values {
-        let v = match vs.as_slice() {
-            [one] if one == "true" || one == "false" => toml::Value::Boolean(one == "true"),
-            [one] => toml::Value::String(one.clone()),
-            many => toml::Value::Array(many.iter().cloned().map(toml::Value::String).collect()),
-        };
-        if GLOBAL.contains(&k.as_str()) {
-            top.insert(k, v);
-        } else {
-            section.insert(k, v);
-        }
-    }
-    top.insert(role.to_string(), toml::Value::Table(section));
-    toml::to_string(&top).unwrap()
-}
-
 /// `ferry check-config --role <role>` with exactly `env` and the flags as a config file. The printed settings.
 fn check_config(role: &str, args: &[String], env: &BTreeMap<String, String>) -> String {
     let known = role_env_names(role);
@@ -585,7 +515,7 @@ fn check_config(role: &str, args: &[String], env: &BTreeMap<String, String>) -> 
         assert!(known.contains(k), "ferry {role} does not read {k}");
     }
     let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), flags_as_toml(role, args)).unwrap();
+    std::fs::write(file.path(), config_with_flags(role, None, args)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .env_clear()
         .envs(env)
@@ -611,35 +541,6 @@ fn check_config(role: &str, args: &[String], env: &BTreeMap<String, String>) -> 
         );
     }
     stdout
-}
-
-/// An effective setting of `ferry check-config` output (`key = value  # source`), unquoted.
-fn setting(out: &str, key: &str) -> Option<String> {
-    out.lines().find_map(|l| {
-        let (k, rest) = l.split_once(" = ")?;
-        if k != key || rest.starts_with('#') {
-            return None;
-        }
-        let v = rest.rsplit_once("  # ").map_or(rest, |(v, _)| v);
-        Some(v.trim_matches('"').to_string())
-    })
-}
-
-/// How long the role may take to stop after SIGTERM, from its effective settings.
-fn shutdown_deadline_ms(role: &str, out: &str) -> u64 {
-    let n = |k: &str| -> u64 {
-        setting(out, k)
-            .unwrap_or_else(|| panic!("{k} not in check-config output"))
-            .parse()
-            .unwrap()
-    };
-    match (role, setting(out, "shutdown-deadline-ms")) {
-        (_, Some(v)) => v.parse().unwrap(),
-        ("worker", None) => {
-            n("drain-timeout-ms") + n("cancel-grace-ms") + n("flush-timeout-ms") + 10_000
-        }
-        (r, None) => panic!("{r}: no shutdown deadline"),
-    }
 }
 
 #[test]

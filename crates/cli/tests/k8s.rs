@@ -17,6 +17,12 @@
 //! Tools: kubectl (with kustomize v5) on PATH; kubernetes-validate in `$FERRY_TOOLS_DIR/kubernetes-validate`
 //! or `target/tools/kubernetes-validate` (scripts/test.sh installs it).
 
+mod support;
+
+use support::manifests::{
+    config_with_flags, read, repo, role_env_names, scalar, setting, shutdown_deadline_ms,
+};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,18 +30,6 @@ use std::process::Command;
 use serde_norway::Value;
 
 const KUBERNETES_VERSION: &str = "1.31.0";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn read(rel: &str) -> String {
-    let path = repo().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
 
 /// A Python tool of scripts/test.sh: `$FERRY_TOOLS_DIR/<name>/bin/<name>`, else under target/tools.
 fn tool(name: &str) -> PathBuf {
@@ -144,15 +138,6 @@ fn seq(v: &Value) -> Vec<Value> {
     v.as_sequence().cloned().unwrap_or_default()
 }
 
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        other => panic!("expected a scalar, got {other:?}"),
-    }
-}
-
 fn strings(v: &Value) -> Vec<String> {
     seq(v).iter().map(scalar).collect()
 }
@@ -255,69 +240,6 @@ fn container_env(docs: &[Value], c: &Value) -> BTreeMap<String, String> {
     env
 }
 
-/// `ferry <role> --help` → the FERRY_* variables the role reads.
-fn role_env_names(role: &str) -> BTreeSet<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([role, "--help"])
-        .output()
-        .expect("run ferry --help");
-    assert!(out.status.success(), "ferry {role} --help failed");
-    String::from_utf8_lossy(&out.stdout)
-        .split("[env: ")
-        .skip(1)
-        .map(|s| s.split(['=', ']']).next().unwrap().to_string())
-        .collect()
-}
-
-/// The config file `base` (if any) with the long flags of `args` layered into `[role]` (the process-wide ones at
-/// the top), so `check-config` sees both.
-fn config_with_flags(role: &str, base: Option<&str>, args: &[String]) -> String {
-    const GLOBAL: [&str; 4] = ["log", "log-format", "otlp-endpoint", "otlp-service-name"];
-    let mut top: toml::Table = base.map_or_else(toml::Table::new, |b| {
-        b.parse().expect("config file is TOML")
-    });
-    let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut i = 0;
-    while i < args.len() {
-        let a = &args[i];
-        let flag = a
-            .strip_prefix("--")
-            .unwrap_or_else(|| panic!("{role}: positional argument {a}"));
-        let (name, value) = match flag.split_once('=') {
-            Some((n, v)) => (n.to_string(), v.to_string()),
-            None if args.get(i + 1).is_some_and(|n| !n.starts_with("--")) => {
-                i += 1;
-                (flag.to_string(), args[i].clone())
-            }
-            None => (flag.to_string(), "true".to_string()),
-        };
-        assert_ne!(name, "config", "{role}: use FERRY_CONFIG, not --config");
-        values.entry(name).or_default().push(value);
-        i += 1;
-    }
-    let section = top
-        .entry(role.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        .as_table_mut()
-        .expect("[role] is a table")
-        .clone();
-    let mut section = section;
-    for (k, vs) in values {
-        let v = match vs.as_slice() {
-            [one] if one == "true" || one == "false" => toml::Value::Boolean(one == "true"),
-            [one] => toml::Value::String(one.clone()),
-            many => toml::Value::Array(many.iter().cloned().map(toml::Value::String).collect()),
-        };
-        if GLOBAL.contains(&k.as_str()) {
-            top.insert(k, v);
-        } else {
-            section.insert(k, v);
-        }
-    }
-    top.insert(role.to_string(), toml::Value::Table(section));
-    toml::to_string(&top).unwrap()
-}
-
 /// `ferry check-config --role <role>` with exactly `env` (FERRY_CONFIG resolved to `file`) and the flags.
 fn check_config(
     role: &str,
@@ -355,35 +277,6 @@ fn check_config(
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// An effective setting of `ferry check-config` output (`key = value  # source`), unquoted.
-fn setting(out: &str, key: &str) -> Option<String> {
-    out.lines().find_map(|l| {
-        let (k, rest) = l.split_once(" = ")?;
-        if k != key || rest.starts_with('#') {
-            return None;
-        }
-        let v = rest.rsplit_once("  # ").map_or(rest, |(v, _)| v);
-        Some(v.trim_matches('"').to_string())
-    })
-}
-
-/// How long the role may take to stop after SIGTERM, from its effective settings.
-fn shutdown_deadline_ms(role: &str, out: &str) -> u64 {
-    let n = |k: &str| -> u64 {
-        setting(out, k)
-            .unwrap_or_else(|| panic!("{k} not in check-config output"))
-            .parse()
-            .unwrap()
-    };
-    match (role, setting(out, "shutdown-deadline-ms")) {
-        (_, Some(v)) => v.parse().unwrap(),
-        ("worker", None) => {
-            n("drain-timeout-ms") + n("cancel-grace-ms") + n("flush-timeout-ms") + 10_000
-        }
-        (r, None) => panic!("{r}: no shutdown deadline"),
-    }
 }
 
 fn port_of(addr: &str) -> i64 {

@@ -15,6 +15,8 @@
 //! Each test binary uses a subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod manifests;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
