@@ -35,15 +35,7 @@ pub fn resolve(a: AutoscalerArgs) -> Result<ResolvedAutoscaler, CliError> {
         .collect();
     let redis_tls = crate::redis_tls(&all_urls, a.redis_ca_file.as_deref())?;
     crate::at_least_one(&[("--interval-ms", a.interval_ms)])?;
-    let admin_listen = match a.admin_listen.trim() {
-        "off" => None,
-        addr => Some(addr.parse().map_err(|_| {
-            CliError::usage(
-                "--admin-listen",
-                format!("expected HOST:PORT or off, got {addr:?}"),
-            )
-        })?),
-    };
+    let admin_listen = crate::admin_listen(&a.admin_listen)?;
     Ok(ResolvedAutoscaler {
         regions,
         interval: Duration::from_millis(a.interval_ms),

@@ -229,6 +229,19 @@ pub(crate) fn check_redis_urls(urls: &[String]) -> Result<Vec<String>, CliError>
     Ok(urls)
 }
 
+/// `--admin-listen`: HOST:PORT, or `off` for no listener.
+pub(crate) fn admin_listen(value: &str) -> Result<Option<std::net::SocketAddr>, CliError> {
+    match value.trim() {
+        "off" => Ok(None),
+        addr => addr.parse().map(Some).map_err(|_| {
+            CliError::usage(
+                "--admin-listen",
+                format!("expected HOST:PORT or off, got {addr:?}"),
+            )
+        }),
+    }
+}
+
 /// Refuse the first `(flag, value)` that is zero: counts and durations that must be at least 1.
 pub(crate) fn at_least_one(values: &[(&'static str, u64)]) -> Result<(), CliError> {
     match values.iter().find(|(_, v)| *v == 0) {

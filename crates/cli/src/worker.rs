@@ -178,15 +178,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
             .register_webhook(kind, config)
             .map_err(|e| CliError::usage("--webhook", e))?;
     }
-    let admin_listen = match a.admin_listen.trim() {
-        "off" => None,
-        addr => Some(addr.parse().map_err(|_| {
-            CliError::usage(
-                "--admin-listen",
-                format!("expected HOST:PORT or off, got {addr:?}"),
-            )
-        })?),
-    };
+    let admin_listen = crate::admin_listen(&a.admin_listen)?;
     let database = crate::store::resolve(a.database)?;
     let recorder = if a.no_recorder || database.is_none() {
         None

@@ -14,6 +14,7 @@
 //! only when the binary calls [`install_tracing`] (or [`init_tracing`]). Libraries and tests never call it, so
 //! several nodes can run in one test process.
 
+pub mod health;
 pub mod metrics;
 pub mod otlp;
 pub mod profile;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
@@ -189,34 +189,14 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-async fn check<E: std::fmt::Display>(
-    budget: Duration,
-    ping: impl Future<Output = Result<(), E>>,
-) -> (bool, Value) {
-    let started = Instant::now();
-    let (ok, error) = match tokio::time::timeout(budget, ping).await {
-        Ok(Ok(())) => (true, None),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: ping failed");
-            (false, Some("unavailable".to_owned()))
-        }
-        Err(_) => (
-            false,
-            Some(format!("no answer within {} ms", budget.as_millis())),
-        ),
-    };
-    let ms = started.elapsed().as_millis() as u64;
-    (ok, json!({"ok": ok, "ms": ms, "error": error}))
-}
-
 async fn readyz(State(admin): State<Admin>) -> Response {
-    let redis = check(admin.ready_budget, admin.broker.ping());
-    let others = futures::future::join_all(
-        admin
-            .checks
-            .iter()
-            .map(|(name, f)| async move { (*name, check(admin.ready_budget, f()).await) }),
-    );
+    let redis = ferry_telemetry::health::check(admin.ready_budget, admin.broker.ping());
+    let others = futures::future::join_all(admin.checks.iter().map(|(name, f)| async move {
+        (
+            *name,
+            ferry_telemetry::health::check(admin.ready_budget, f()).await,
+        )
+    }));
     let ((redis_ok, redis), others) = tokio::join!(redis, others);
     let mut ready = redis_ok;
     let mut checks = json!({ "redis": redis });

@@ -3,8 +3,6 @@
 //! back through this node's channel feed), `/metrics` and the OpenAPI document. They must stay cheap: probes hit
 //! them often.
 
-use std::time::{Duration, Instant};
-
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -21,28 +19,6 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// One readiness check: whether the dependency answered a real round trip within `budget`, how long it took,
-/// and why not.
-async fn check<E: std::fmt::Display>(
-    budget: Duration,
-    ping: impl std::future::Future<Output = Result<(), E>>,
-) -> (bool, Value) {
-    let started = Instant::now();
-    let (ok, error) = match tokio::time::timeout(budget, ping).await {
-        Ok(Ok(())) => (true, None),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: ping failed");
-            (false, Some("unavailable".to_owned()))
-        }
-        Err(_) => (
-            false,
-            Some(format!("no answer within {} ms", budget.as_millis())),
-        ),
-    };
-    let ms = started.elapsed().as_millis() as u64;
-    (ok, json!({"ok": ok, "ms": ms, "error": error}))
-}
-
 /// Ready when the node is not draining, Redis and (if the gateway has one) the store each answer a ping within
 /// their call timeout (`ResilienceConfig::broker_timeout` / `store_timeout`), and the pub/sub canary
 /// ([`crate::ws::Hub::probe_pubsub`]) comes back within `ReadinessConfig::pubsub_budget`, all at once. The
@@ -54,10 +30,12 @@ pub async fn readyz(State(api): State<Api>) -> Response {
         return unready(json!({"status": "draining", "checks": {}}));
     }
     let r = &api.app.resilience.config;
-    let redis = check(r.broker_timeout, api.app.broker.ping());
+    let redis = ferry_telemetry::health::check(r.broker_timeout, api.app.broker.ping());
     let store = async {
         match &api.app.config.store {
-            Some(store) => Some(check(r.store_timeout, store.ping()).await),
+            Some(store) => {
+                Some(ferry_telemetry::health::check(r.store_timeout, store.ping()).await)
+            }
             None => None,
         }
     };
