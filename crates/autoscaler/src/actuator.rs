@@ -1,6 +1,7 @@
 //! What carries a region's decision out: the [`Actuator`] trait, and the `metrics` and `local` actuators (the
 //! `kubernetes` one is in [`crate::kubernetes`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -16,18 +17,23 @@ pub enum ActuatorError {
     Failed(String),
 }
 
+/// Jobs each worker holds now: consumer name → jobs leased to it and not yet finished (a worker holding none is
+/// absent). Read from the broker before a scale-down, so that the idlest workers are the ones stopped.
+pub type Held = BTreeMap<String, u64>;
+
 /// Sets the size of one region's worker pool.
 #[async_trait]
 pub trait Actuator: Send + Sync + std::fmt::Debug {
     /// Workers of the pool now (counting only those not already draining).
     async fn current(&self) -> Result<u32, ActuatorError>;
 
-    /// Make the pool `desired` workers. A scale-down drains: removed workers get SIGTERM and finish or release
-    /// their jobs.
-    async fn scale(&self, desired: u32) -> Result<(), ActuatorError>;
+    /// Make the pool `desired` workers. A scale-down stops the workers holding the fewest jobs (`held`), and
+    /// drains: removed workers get SIGTERM and finish or release their jobs.
+    async fn scale(&self, desired: u32, held: &Held) -> Result<(), ActuatorError>;
 
-    /// Run `workers` extra workers that consume `from`'s queues on `from`'s Redis (spill-over; 0 stops them).
-    async fn spill(&self, from: &Region, workers: u32) -> Result<(), ActuatorError>;
+    /// Run `workers` extra workers that consume `from`'s queues on `from`'s Redis (spill-over; 0 stops them);
+    /// `held` as for [`Actuator::scale`], read from `from`'s broker.
+    async fn spill(&self, from: &Region, workers: u32, held: &Held) -> Result<(), ActuatorError>;
 }
 
 /// Exports the decision only: `current` is the last decision (what an HPA reading the metric was told).
@@ -46,12 +52,17 @@ impl Actuator for MetricsOnly {
             .unwrap_or(0))
     }
 
-    async fn scale(&self, desired: u32) -> Result<(), ActuatorError> {
+    async fn scale(&self, desired: u32, _held: &Held) -> Result<(), ActuatorError> {
         *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = Some(desired);
         Ok(())
     }
 
-    async fn spill(&self, _from: &Region, _workers: u32) -> Result<(), ActuatorError> {
+    async fn spill(
+        &self,
+        _from: &Region,
+        _workers: u32,
+        _held: &Held,
+    ) -> Result<(), ActuatorError> {
         Ok(())
     }
 }
@@ -65,12 +76,19 @@ pub struct Local {
     pools: Mutex<Pools>,
 }
 
+/// A running worker and its consumer name (which the broker's leases name).
+#[derive(Debug)]
+struct Worker {
+    child: Child,
+    consumer: String,
+}
+
 #[derive(Debug, Default)]
 struct Pools {
     /// The region's own workers, oldest first.
-    own: Vec<Child>,
+    own: Vec<Worker>,
     /// Spill-over workers per helped region.
-    spill: std::collections::BTreeMap<String, Vec<Child>>,
+    spill: BTreeMap<String, Vec<Worker>>,
     /// Workers told to stop, until they have exited.
     draining: Vec<Child>,
     next: u64,
@@ -95,7 +113,14 @@ impl Local {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn spawn(&self, target: &Region, n: u64) -> Result<Child, ActuatorError> {
+    /// The consumer names of the region's own workers, oldest first.
+    pub fn consumers(&self) -> Vec<String> {
+        let mut p = self.lock();
+        Self::reap(&mut p);
+        p.own.iter().map(|w| w.consumer.clone()).collect()
+    }
+
+    fn spawn(&self, target: &Region, n: u64) -> Result<Worker, ActuatorError> {
         let consumer = format!("{}-local-{}-{}", self.region.name, std::process::id(), n);
         let mut cmd = Command::new(&self.bin);
         cmd.arg("worker")
@@ -117,8 +142,10 @@ impl Local {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true);
-        cmd.spawn()
-            .map_err(|e| ActuatorError::Failed(format!("cannot start {}: {e}", self.bin.display())))
+        let child = cmd.spawn().map_err(|e| {
+            ActuatorError::Failed(format!("cannot start {}: {e}", self.bin.display()))
+        })?;
+        Ok(Worker { child, consumer })
     }
 
     /// Ask `child` to drain and stop (SIGTERM), keeping it until it exits.
@@ -137,6 +164,7 @@ impl Local {
         target: &Region,
         spill: Option<&str>,
         desired: u32,
+        held: &Held,
     ) -> Result<(), ActuatorError> {
         let desired = desired as usize;
         loop {
@@ -149,19 +177,22 @@ impl Local {
             }
             if len < desired {
                 pools.next += 1;
-                let child = self.spawn(target, pools.next)?;
+                let worker = self.spawn(target, pools.next)?;
                 match spill {
-                    None => pools.own.push(child),
-                    Some(k) => pools.spill.entry(k.to_owned()).or_default().push(child),
+                    None => pools.own.push(worker),
+                    Some(k) => pools.spill.entry(k.to_owned()).or_default().push(worker),
                 }
             } else {
-                // The newest first: the oldest have warmed up.
-                let child = match spill {
-                    None => pools.own.pop(),
-                    Some(k) => pools.spill.get_mut(k).and_then(Vec::pop),
+                let pool = match spill {
+                    None => Some(&mut pools.own),
+                    Some(k) => pools.spill.get_mut(k),
                 };
-                if let Some(child) = child {
-                    Self::retire(pools, child);
+                let worker = pool.and_then(|pool| {
+                    let names: Vec<&str> = pool.iter().map(|w| w.consumer.as_str()).collect();
+                    idlest(&names, held).map(|i| pool.remove(i))
+                });
+                if let Some(worker) = worker {
+                    Self::retire(pools, worker.child);
                 }
             }
         }
@@ -171,9 +202,9 @@ impl Local {
     fn reap(pools: &mut Pools) {
         let alive = |c: &mut Child| matches!(c.try_wait(), Ok(None));
         pools.draining.retain_mut(alive);
-        pools.own.retain_mut(alive);
+        pools.own.retain_mut(|w| alive(&mut w.child));
         for v in pools.spill.values_mut() {
-            v.retain_mut(alive);
+            v.retain_mut(|w| alive(&mut w.child));
         }
     }
 
@@ -181,9 +212,9 @@ impl Local {
     pub async fn shutdown(&self) {
         let mut children = {
             let mut p = self.lock();
-            let mut all: Vec<Child> = p.own.drain(..).collect();
+            let mut all: Vec<Child> = p.own.drain(..).map(|w| w.child).collect();
             for (_, v) in std::mem::take(&mut p.spill) {
-                all.extend(v);
+                all.extend(v.into_iter().map(|w| w.child));
             }
             for c in all {
                 Self::retire(&mut p, c);
@@ -204,15 +235,58 @@ impl Actuator for Local {
         Ok(p.own.len() as u32)
     }
 
-    async fn scale(&self, desired: u32) -> Result<(), ActuatorError> {
+    async fn scale(&self, desired: u32, held: &Held) -> Result<(), ActuatorError> {
         let mut p = self.lock();
         Self::reap(&mut p);
-        self.resize(&mut p, &self.region, None, desired)
+        self.resize(&mut p, &self.region, None, desired, held)
     }
 
-    async fn spill(&self, from: &Region, workers: u32) -> Result<(), ActuatorError> {
+    async fn spill(&self, from: &Region, workers: u32, held: &Held) -> Result<(), ActuatorError> {
         let mut p = self.lock();
         Self::reap(&mut p);
-        self.resize(&mut p, from, Some(&from.name), workers)
+        self.resize(&mut p, from, Some(&from.name), workers, held)
+    }
+}
+
+/// Which of `consumers` (a pool, oldest first) to stop: the one holding the fewest jobs, and of those the newest
+/// (the older ones have warmed up). `None` for an empty pool.
+pub fn idlest(consumers: &[&str], held: &Held) -> Option<usize> {
+    consumers
+        .iter()
+        .enumerate()
+        .rev()
+        .min_by_key(|(_, c)| held.get(**c).copied().unwrap_or(0))
+        .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(pairs: &[(&str, u64)]) -> Held {
+        pairs.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect()
+    }
+
+    #[test]
+    fn the_worker_holding_the_fewest_jobs_goes_first() {
+        let pool = ["a", "b", "c"];
+        assert_eq!(
+            idlest(&pool, &held(&[("a", 2), ("b", 0), ("c", 5)])),
+            Some(1)
+        );
+        // Absent from the leases: holds none.
+        assert_eq!(idlest(&pool, &held(&[("b", 1), ("c", 5)])), Some(0));
+        // Leases of consumers outside the pool change nothing.
+        assert_eq!(
+            idlest(&pool, &held(&[("a", 1), ("b", 1), ("c", 1), ("zz", 0)])),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn among_equally_idle_workers_the_newest_goes_first() {
+        assert_eq!(idlest(&["a", "b", "c"], &Held::new()), Some(2));
+        assert_eq!(idlest(&["a", "b", "c"], &held(&[("c", 3)])), Some(1));
+        assert_eq!(idlest(&[], &Held::new()), None);
     }
 }

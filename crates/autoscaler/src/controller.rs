@@ -14,7 +14,7 @@ use ferry_core::QueueName;
 use ferry_telemetry::prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
-use crate::actuator::Actuator;
+use crate::actuator::{Actuator, Held};
 use crate::config::Region;
 use crate::policy::{self, Decision, History};
 use crate::signals::{self, RateMeter};
@@ -354,7 +354,13 @@ impl Autoscaler {
         if self.dry_run {
             return;
         }
-        if let Err(e) = r.actuator.scale(d.desired).await {
+        // Only a scale-down chooses workers to stop.
+        let held = if d.desired < d.current {
+            held_jobs(&r.config, r.broker.as_ref()).await
+        } else {
+            Held::new()
+        };
+        if let Err(e) = r.actuator.scale(d.desired, &held).await {
             tracing::warn!(region = %d.region, error = %e, "cannot scale the region's workers");
             if let Some(m) = &self.metrics {
                 m.errors.with_label_values(&[&d.region, "actuator"]).inc();
@@ -364,7 +370,12 @@ impl Autoscaler {
             let Some(helped) = self.regions.iter().find(|x| x.config.name == *to) else {
                 continue;
             };
-            if let Err(e) = r.actuator.spill(&helped.config, *n).await {
+            let held = if *n > 0 {
+                held_jobs(&helped.config, helped.broker.as_ref()).await
+            } else {
+                Held::new()
+            };
+            if let Err(e) = r.actuator.spill(&helped.config, *n, &held).await {
                 tracing::warn!(region = %d.region, helped = %to, error = %e, "cannot run spill-over workers");
                 if let Some(m) = &self.metrics {
                     m.errors.with_label_values(&[&d.region, "actuator"]).inc();
@@ -372,6 +383,27 @@ impl Autoscaler {
             }
         }
     }
+}
+
+/// The jobs each consumer holds over `region`'s queues, read from its broker. Empty, with a warning, when the
+/// broker cannot say: the actuator then stops workers by its own choice (the newest, or the ReplicaSet's pick).
+async fn held_jobs(region: &Region, broker: &dyn Broker) -> Held {
+    let mut held = Held::new();
+    for q in region.queue_names() {
+        match broker.leases_by_consumer(&q).await {
+            Ok(by) => {
+                for (consumer, n) in by {
+                    *held.entry(consumer).or_insert(0) += n;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(region = %region.name, queue = %q, error = %e,
+                    "cannot read which workers hold jobs; stopping workers without that");
+                return Held::new();
+            }
+        }
+    }
+    held
 }
 
 async fn decide_region(

@@ -2,7 +2,8 @@
 //! (kube-rs), and of an optional spill-over Deployment.
 //!
 //! A scale-down first marks the Deployment's pods with `controller.kubernetes.io/pod-deletion-cost` so that the
-//! ReplicaSet removes the idlest pods, then lowers the replicas. Removed pods get SIGTERM, which a `ferry worker`
+//! ReplicaSet removes the idlest pods (by the jobs each pod's worker holds, from the broker), then lowers the
+//! replicas. Removed pods get SIGTERM, which a `ferry worker`
 //! answers by draining.
 //!
 //! What the actuator's service account needs (RBAC, in the namespace): `get` and `patch` on
@@ -18,14 +19,21 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::Selector;
 
-use crate::actuator::{Actuator, ActuatorError};
+use crate::actuator::{Actuator, ActuatorError, Held};
 use crate::config::{KubernetesActuator, Region};
 
 /// The annotation the ReplicaSet controller reads to choose which pods to remove first (lowest cost first).
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
-/// The highest deletion cost given (seconds since the pod started: about 11.6 days).
-pub const MAX_COST: u64 = 1_000_000;
+/// What each job a pod's worker holds adds to its deletion cost: more than any age, so the busiest pods survive.
+pub const JOB_COST: u64 = 1_000_000;
+
+/// Jobs counted per pod at most (the cost must stay within the annotation's 32-bit range).
+pub const MAX_JOBS: u64 = 2_000;
+
+/// The highest age part of a cost (seconds since the pod started: about 11.6 days), the tie-breaker between
+/// pods holding as many jobs.
+pub const MAX_AGE_COST: u64 = JOB_COST - 1;
 
 /// If set, the bearer token file used with `api-url` (with no `api-url`, the kubeconfig or in-cluster
 /// configuration says how to authenticate).
@@ -117,14 +125,19 @@ impl Kubernetes {
     }
 
     /// Set `deployment`'s replicas to `desired`; lowering them marks the pods first (see [`Self::mark_pods`]).
-    async fn resize(&self, deployment: &str, desired: u32) -> Result<(), ActuatorError> {
+    async fn resize(
+        &self,
+        deployment: &str,
+        desired: u32,
+        held: &Held,
+    ) -> Result<(), ActuatorError> {
         let current = self.replicas(deployment).await?;
         if current == desired {
             return Ok(());
         }
         if desired < current {
             // Best effort: without the costs the ReplicaSet still removes pods, by its own choice.
-            if let Err(e) = self.mark_pods(deployment).await {
+            if let Err(e) = self.mark_pods(deployment, held).await {
                 tracing::warn!(
                     region = %self.region,
                     error = %e,
@@ -150,7 +163,7 @@ impl Kubernetes {
 
     /// Give every pod of `deployment` a deletion cost reflecting how busy it is (see [`deletion_cost`]), so that
     /// the coming scale-down removes the idlest.
-    async fn mark_pods(&self, deployment: &str) -> Result<(), ActuatorError> {
+    async fn mark_pods(&self, deployment: &str, held: &Held) -> Result<(), ActuatorError> {
         let d = self
             .deployments
             .get(deployment)
@@ -185,7 +198,7 @@ impl Kubernetes {
             if pod.metadata.deletion_timestamp.is_some() {
                 continue; // Already going.
             }
-            let cost = deletion_cost(&pod, now);
+            let cost = deletion_cost(&pod, now, pod_jobs(&name, held));
             let patch = serde_json::json!({
                 "metadata": { "annotations": { DELETION_COST: cost.to_string() } }
             });
@@ -206,19 +219,27 @@ impl Kubernetes {
     }
 }
 
-/// How much removing `pod` would cost, at `now` (Unix seconds): a heuristic for how busy it is.
+/// The jobs held by the workers of the pod named `pod`: a worker's default consumer name is
+/// `<hostname>-<pid>-<random>`, and a pod's hostname is its name.
+pub fn pod_jobs(pod: &str, held: &Held) -> u64 {
+    held.iter()
+        .filter(|(consumer, _)| {
+            consumer
+                .strip_prefix(pod)
+                .is_some_and(|rest| rest.starts_with('-'))
+        })
+        .map(|(_, n)| *n)
+        .sum()
+}
+
+/// How much removing `pod` would cost, at `now` (Unix seconds), when its workers hold `jobs` jobs.
 ///
 /// * 0 for a pod that is not Ready (starting, failing its probe, or with a container not ready): it does little
 ///   or nothing, so it goes first.
-/// * Otherwise the seconds since it started, from 1 up to [`MAX_COST`]: the older, warmed-up pods are the likelier
-///   to be in the middle of jobs, and they survive.
-///
-/// Where the real signal would plug in: a worker's consumer name starts with its pod's name (a worker's default
-/// consumer is `<hostname>-<pid>-<random>`, and a pod's hostname is its name), so per-consumer pending counts
-/// from the region's broker (jobs delivered to that consumer and not yet acknowledged) would give each pod's
-/// in-flight work directly. `ferry_broker::Broker` does not offer them today; when it does, the cost should be
-/// the pod's pending count (scaled, with this age as the tie-breaker).
-pub fn deletion_cost(pod: &Pod, now: i64) -> u64 {
+/// * Otherwise [`JOB_COST`] per job held (up to [`MAX_JOBS`]), plus the seconds since it started (1 up to
+///   [`MAX_AGE_COST`]): the idlest go first, and of pods holding as many jobs the youngest, since the older have
+///   warmed up.
+pub fn deletion_cost(pod: &Pod, now: i64, jobs: u64) -> u64 {
     let status = pod.status.as_ref();
     let ready = status
         .and_then(|s| s.conditions.as_ref())
@@ -233,7 +254,7 @@ pub fn deletion_cost(pod: &Pod, now: i64) -> u64 {
         .and_then(|s| s.start_time.as_ref())
         .map(|t| t.0.as_second());
     let age = started.map_or(0, |s| now.saturating_sub(s).max(0) as u64);
-    age.clamp(1, MAX_COST)
+    jobs.min(MAX_JOBS) * JOB_COST + age.clamp(1, MAX_AGE_COST)
 }
 
 #[async_trait]
@@ -242,13 +263,13 @@ impl Actuator for Kubernetes {
         self.replicas(&self.config.deployment).await
     }
 
-    async fn scale(&self, desired: u32) -> Result<(), ActuatorError> {
-        self.resize(&self.config.deployment, desired).await
+    async fn scale(&self, desired: u32, held: &Held) -> Result<(), ActuatorError> {
+        self.resize(&self.config.deployment, desired, held).await
     }
 
     /// Scale `spill-deployment` to `workers`. That Deployment's pods must be set up (by whoever deploys them) to
     /// consume `from`'s Redis and queues; it runs for one helped region at a time.
-    async fn spill(&self, from: &Region, workers: u32) -> Result<(), ActuatorError> {
+    async fn spill(&self, from: &Region, workers: u32, held: &Held) -> Result<(), ActuatorError> {
         let Some(deployment) = self.config.spill_deployment.as_deref() else {
             if workers == 0 {
                 return Ok(());
@@ -276,6 +297,6 @@ impl Actuator for Kubernetes {
                 _ => *serving = (workers > 0).then(|| from.name.clone()),
             }
         }
-        self.resize(deployment, workers).await
+        self.resize(deployment, workers, held).await
     }
 }

@@ -12,6 +12,6 @@ pub mod kubernetes;
 pub mod policy;
 pub mod signals;
 
-pub use actuator::{Actuator, ActuatorError};
+pub use actuator::{Actuator, ActuatorError, Held};
 pub use config::RegionsFile;
 pub use controller::{Autoscaler, Metrics, RegionControl, RegionDecision};

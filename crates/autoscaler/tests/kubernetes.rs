@@ -10,8 +10,9 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use ferry_autoscaler::Actuator;
+use ferry_autoscaler::actuator::Held;
 use ferry_autoscaler::config::{ActuatorConfig, KubernetesActuator, Region};
-use ferry_autoscaler::kubernetes::{DELETION_COST, Kubernetes};
+use ferry_autoscaler::kubernetes::{DELETION_COST, JOB_COST, Kubernetes, MAX_AGE_COST};
 use serde_json::{Value, json};
 
 const NS: &str = "ferry";
@@ -409,7 +410,7 @@ async fn current_reads_the_scale_subresource() {
 #[tokio::test]
 async fn scaling_up_patches_only_the_scale() {
     let f = Fixture::new(None).await;
-    f.actuator.scale(7).await.unwrap();
+    f.actuator.scale(7, &Held::new()).await.unwrap();
     let log = f.take_log();
     assert_eq!(
         calls(&log),
@@ -429,7 +430,7 @@ async fn scaling_up_patches_only_the_scale() {
 #[tokio::test]
 async fn scaling_to_the_current_size_changes_nothing() {
     let f = Fixture::new(None).await;
-    f.actuator.scale(4).await.unwrap();
+    f.actuator.scale(4, &Held::new()).await.unwrap();
     assert_eq!(calls(&f.take_log()), [format!("GET {SCALE}")]);
     assert_eq!(f.replicas("ferry-worker"), Some(4));
 }
@@ -437,7 +438,19 @@ async fn scaling_to_the_current_size_changes_nothing() {
 #[tokio::test]
 async fn scaling_down_marks_the_idlest_pods_then_lowers_the_replicas() {
     let f = Fixture::new(None).await;
-    f.actuator.scale(1).await.unwrap();
+    // Jobs held per consumer, as the broker reports them: the young pod's two workers hold 3, the stuck pod's
+    // worker 1 (it is not Ready, so it goes first all the same). The ancient pod's worker holds none, and
+    // "ferry-worker-7d9f-old2"'s consumer is not the old pod's (a pod's consumers are "<pod>-…").
+    let held: Held = [
+        ("ferry-worker-7d9f-young-7-1a2b3c4d", 2),
+        ("ferry-worker-7d9f-young-8-5e6f7a8b", 1),
+        ("ferry-worker-7d9f-stuck-7-0f0f0f0f", 1),
+        ("ferry-worker-7d9f-old2-7-00000000", 5),
+    ]
+    .into_iter()
+    .map(|(c, n)| (c.to_owned(), n))
+    .collect();
+    f.actuator.scale(1, &held).await.unwrap();
     let log = f.take_log();
     let c = calls(&log);
     assert_eq!(
@@ -498,14 +511,17 @@ async fn scaling_down_marks_the_idlest_pods_then_lowers_the_replicas() {
     );
     assert_eq!(f.replicas("ferry-worker"), Some(1));
 
-    // Costs: not Ready 0; otherwise the age in seconds, capped; the oldest the highest.
+    // Costs: not Ready 0; otherwise a million per job held plus the age in seconds (capped), so the pod holding
+    // jobs survives the idle ones, and of idle pods the oldest survives.
     let cost = |p: &str| -> u64 { f.cost(p).unwrap().parse().unwrap() };
     assert_eq!(cost("ferry-worker-7d9f-stuck"), 0);
     let young = cost("ferry-worker-7d9f-young");
     let old = cost("ferry-worker-7d9f-old");
-    assert!((600..700).contains(&young), "{young}");
+    let ancient = cost("ferry-worker-7d9f-ancient");
+    assert!((600..700).contains(&(young - 3 * JOB_COST)), "{young}");
     assert!((7200..7300).contains(&old), "{old}");
-    assert_eq!(cost("ferry-worker-7d9f-ancient"), 1_000_000);
+    assert_eq!(ancient, MAX_AGE_COST);
+    assert!(young > ancient && ancient > old, "{young} {ancient} {old}");
     assert_eq!(
         f.cost("ferry-spill-55c1-a"),
         None,
@@ -517,7 +533,7 @@ async fn scaling_down_marks_the_idlest_pods_then_lowers_the_replicas() {
 async fn a_scale_down_happens_even_when_pods_cannot_be_annotated() {
     let f = Fixture::new(None).await;
     f.cluster.lock().unwrap().pod_patch_fails = Some(StatusCode::FORBIDDEN);
-    f.actuator.scale(2).await.unwrap();
+    f.actuator.scale(2, &Held::new()).await.unwrap();
     let c = calls(&f.take_log());
     assert_eq!(c.last().unwrap(), &format!("PATCH {SCALE}"));
     assert_eq!(f.replicas("ferry-worker"), Some(2));
@@ -545,7 +561,7 @@ async fn spill_scales_the_spill_deployment() {
         },
     );
 
-    f.actuator.spill(&busy, 3).await.unwrap();
+    f.actuator.spill(&busy, 3, &Held::new()).await.unwrap();
     let log = f.take_log();
     let spill_scale = "/apis/apps/v1/namespaces/ferry/deployments/ferry-spill/scale";
     assert_eq!(
@@ -562,17 +578,22 @@ async fn spill_scales_the_spill_deployment() {
     );
 
     // It serves one region at a time.
-    let e = f.actuator.spill(&third, 2).await.unwrap_err().to_string();
+    let e = f
+        .actuator
+        .spill(&third, 2, &Held::new())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("ferry-spill") && e.contains("us-east") && e.contains("ap-south"),
         "{e}"
     );
-    f.actuator.spill(&third, 0).await.unwrap();
+    f.actuator.spill(&third, 0, &Held::new()).await.unwrap();
     assert!(f.take_log().is_empty());
     assert_eq!(f.replicas("ferry-spill"), Some(3));
 
     // Back to zero: the spill deployment's pods are marked, then it scales down.
-    f.actuator.spill(&busy, 0).await.unwrap();
+    f.actuator.spill(&busy, 0, &Held::new()).await.unwrap();
     let c = calls(&f.take_log());
     assert_eq!(c.last().unwrap(), &format!("PATCH {spill_scale}"));
     assert!(
@@ -581,7 +602,7 @@ async fn spill_scales_the_spill_deployment() {
     );
     assert_eq!(f.replicas("ferry-spill"), Some(0));
     // Now free for another region.
-    f.actuator.spill(&third, 1).await.unwrap();
+    f.actuator.spill(&third, 1, &Held::new()).await.unwrap();
     assert_eq!(f.replicas("ferry-spill"), Some(1));
 }
 
@@ -597,8 +618,13 @@ async fn spill_without_a_spill_deployment() {
             api_url: None,
         },
     );
-    f.actuator.spill(&busy, 0).await.unwrap();
-    let e = f.actuator.spill(&busy, 2).await.unwrap_err().to_string();
+    f.actuator.spill(&busy, 0, &Held::new()).await.unwrap();
+    let e = f
+        .actuator
+        .spill(&busy, 2, &Held::new())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("spill-deployment") && e.contains("us-east"),
         "{e}"
@@ -615,7 +641,12 @@ async fn api_errors_name_the_deployment() {
         e.contains("ferry/ferry-worker") && e.contains("not found") && e.contains("404"),
         "{e}"
     );
-    let e = f.actuator.scale(2).await.unwrap_err().to_string();
+    let e = f
+        .actuator
+        .scale(2, &Held::new())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("ferry/ferry-worker") && e.contains("not found"),
         "{e}"

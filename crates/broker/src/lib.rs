@@ -20,6 +20,7 @@ pub use redis::{RedisBroker, RedisOptions, RedisTls};
 pub use shard::ShardRing;
 pub use types::*;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -108,6 +109,13 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Scheduled and retrying jobs of `queue` due within `within` from now, those already due included: work
     /// that will be waiting soon (the autoscaler counts it as backlog).
     async fn scheduled_due(&self, queue: &QueueName, within: Duration) -> Result<u64, BrokerError>;
+
+    /// Jobs of `queue` leased and not yet finished, per consumer holding them; consumers holding none are absent.
+    /// The autoscaler reads it to stop the idlest workers first.
+    async fn leases_by_consumer(
+        &self,
+        queue: &QueueName,
+    ) -> Result<BTreeMap<String, u64>, BrokerError>;
 
     /// Every queue that has received a job.
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError>;

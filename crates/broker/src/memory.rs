@@ -144,6 +144,7 @@ impl MemoryBroker {
                     error: None,
                     run_at: None,
                     lease_deadline: 0,
+                    holder: None,
                     updated_at: now,
                 },
             );
@@ -213,6 +214,8 @@ struct Entry {
     run_at: Option<u64>,
     /// While `active`: when the lease expires unless heartbeated.
     lease_deadline: u64,
+    /// While `active`: the consumer holding the lease.
+    holder: Option<Arc<str>>,
     updated_at: u64,
 }
 
@@ -507,6 +510,7 @@ impl State {
             e.attempts += 1;
             e.epoch += 1;
             e.lease_deadline = deadline;
+            e.holder = Some(consumer.clone());
             e.run_at = None;
             e.updated_at = now;
             out.push(Leased {
@@ -856,6 +860,23 @@ impl Broker for MemoryBroker {
                 .take_while(|(run_at, _)| *run_at <= until)
                 .count() as u64
         }))
+    }
+
+    async fn leases_by_consumer(
+        &self,
+        queue: &QueueName,
+    ) -> Result<BTreeMap<String, u64>, BrokerError> {
+        let st = self.lock()?;
+        let mut out = BTreeMap::new();
+        let Some(q) = st.queues.get(queue) else {
+            return Ok(out);
+        };
+        for (_, id) in &q.active {
+            if let Some(holder) = st.jobs.get(id).and_then(|e| e.holder.as_deref()) {
+                *out.entry(holder.to_owned()).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
     }
 
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {

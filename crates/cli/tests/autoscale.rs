@@ -7,8 +7,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use ferry_autoscaler::Actuator;
+use ferry_autoscaler::actuator::{Held, Local};
+use ferry_autoscaler::config::{ActuatorConfig, RegionsFile};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
-use ferry_core::{Kind, NewJob, QueueName};
+use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::{RedisServer, free_port};
 use serde_json::json;
 use support::{Proc, ferry};
@@ -422,5 +425,76 @@ async fn local_workers_exit_when_the_autoscaler_is_killed() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
+}
+
+/// A scale-down stops the workers holding the fewest jobs, whatever their age. Here the newest worker is the
+/// only busy one (stopping the newest, as before, would have stopped it): it is the one kept, and its job
+/// finishes there on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_stops_the_idlest_worker_not_the_newest() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let q = QueueName::parse("idle")?;
+    let mut file = RegionsFile::parse(&format!(
+        "[[regions]]\nname = \"i\"\nredis = [\"{url}\"]\nqueues = [\"idle\"]\n[regions.actuator]\n\
+         kind = \"local\"\nferry-bin = \"{}\"\nworker-args = [\"--concurrency\", \"1\", \"--batch-size\", \"1\"]\n",
+        env!("CARGO_BIN_EXE_ferry")
+    ))
+    .map_err(anyhow::Error::msg)?;
+    let region = file.regions.remove(0);
+    let ActuatorConfig::Local(config) = region.actuator.clone() else {
+        unreachable!("a local actuator")
+    };
+    let local = Local::new(region, config)?;
+    let sleep_job = |ms: u64| NewJob::new(Kind::parse("ferry.sleep").unwrap(), json!({ "ms": ms }));
+    // Wait until the broker's leases are exactly `want` (consumer → jobs).
+    let leases_become = |want: Held| {
+        let broker = &broker;
+        let q = &q;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let now = broker.leases_by_consumer(q).await?;
+                if now == want {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                assert!(Instant::now() < deadline, "leases {now:?}, never {want:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let one = |c: &str| Held::from([(c.to_owned(), 1)]);
+
+    // The older worker takes a long job; the newer one (the first is full: concurrency 1) a short one.
+    local.scale(1, &Held::new()).await?;
+    let long = broker.enqueue(&q, sleep_job(60_000)).await?.id;
+    let older = local.consumers()[0].clone();
+    leases_become(one(&older)).await?;
+    local.scale(2, &Held::new()).await?;
+    let newer = local.consumers()[1].clone();
+    let short = broker.enqueue(&q, sleep_job(3_000)).await?.id;
+    leases_become(Held::from([(older.clone(), 1), (newer.clone(), 1)])).await?;
+    // The long job is cancelled: the older worker is idle now.
+    broker.cancel(long, Some("test")).await?;
+    leases_become(one(&newer)).await?;
+
+    local
+        .scale(1, &broker.leases_by_consumer(&q).await?)
+        .await?;
+    assert_eq!(local.consumers(), vec![newer], "the busy worker is kept");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = broker.job(short).await?.context("the short job")?;
+        if info.state == JobState::Completed {
+            assert_eq!(info.attempts, 1, "finished where it started: {info:?}");
+            break;
+        }
+        assert_eq!(info.state, JobState::Active, "{info:?}");
+        assert!(Instant::now() < deadline, "never completed: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    local.shutdown().await;
     Ok(())
 }

@@ -1101,6 +1101,40 @@ impl Broker for RedisBroker {
         Ok(n)
     }
 
+    async fn leases_by_consumer(
+        &self,
+        queue: &QueueName,
+    ) -> Result<BTreeMap<String, u64>, BrokerError> {
+        let mut conn = self.conn(queue);
+        let mut out = BTreeMap::new();
+        for key in &QueueKeys::new(queue).streams {
+            // The summary form: [count, min id, max id, [[consumer, count], …]].
+            let summary: Value = match redis::cmd("XPENDING")
+                .arg(key)
+                .arg(GROUP)
+                .query_async(&mut conn)
+                .await
+            {
+                Ok(v) => v,
+                // This priority's stream (and so its group) does not exist yet: nothing leased from it.
+                Err(e) if e.code() == Some("NOGROUP") => continue,
+                Err(e) => return Err(redis_err(e)),
+            };
+            let Some(consumers) = array(&summary)?.get(3) else {
+                continue;
+            };
+            for c in array(consumers)? {
+                let c = array(c)?;
+                let (Some(name), Some(n)) = (c.first(), c.get(1)) else {
+                    continue;
+                };
+                *out.entry(text(name)?).or_insert(0) += int(n)?.max(0) as u64;
+            }
+        }
+        out.retain(|_, n| *n > 0);
+        Ok(out)
+    }
+
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
         let mut all = Vec::new();
         for shard in &self.shards {

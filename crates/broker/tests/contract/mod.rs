@@ -16,7 +16,7 @@
 //! with a deadline, and assert what happened, never how fast. Each case uses its own queue, so an engine may
 //! also share one backing store between cases.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -69,6 +69,7 @@ macro_rules! contract_suite {
             heartbeat_keeps_long_job_leased,
             release_returns_job_without_counting_attempt,
             stats_and_queues,
+            leases_by_consumer_counts_held_jobs,
             finished_jobs_expire_after_retention,
             concurrent_claimers_never_share_a_job,
             slow_subscriber_never_blocks_engine,
@@ -1427,6 +1428,46 @@ pub async fn stats_and_queues<E: Engine>() {
     assert!(all.windows(2).all(|w| w[0] < w[1]), "sorted: {all:?}");
     assert!(all.contains(q) && all.contains(&second), "{all:?}");
     assert!(!all.contains(&idle), "{all:?}");
+}
+
+pub async fn leases_by_consumer_counts_held_jobs<E: Engine>() {
+    let c = setup::<E>("leases.by.consumer").await;
+    let (b, q) = (&c.b, &c.q);
+    let held = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+        pairs.iter().map(|(c, n)| ((*c).to_owned(), *n)).collect()
+    };
+    // A queue nothing was ever sent to holds no leases (and is not an error).
+    assert_eq!(b.leases_by_consumer(q).await.unwrap(), held(&[]));
+    // Leases on every priority count, summed per consumer.
+    for p in [
+        Priority::High,
+        Priority::Normal,
+        Priority::Low,
+        Priority::Normal,
+    ] {
+        b.enqueue(q, with_priority("l", p)).await.unwrap();
+    }
+    let a = b.claim(q, "a", 3, PATIENCE).await.unwrap();
+    assert_eq!(a.len(), 3, "{a:?}");
+    let other = claim_one(b, q, "b").await;
+    assert_eq!(
+        b.leases_by_consumer(q).await.unwrap(),
+        held(&[("a", 3), ("b", 1)])
+    );
+    // Finishing or releasing a job frees its lease; a consumer holding nothing is absent.
+    complete(b, &a[0].lease, json!(1)).await.unwrap();
+    fail(b, &a[1].lease, "x", Retry::Backoff).await.unwrap();
+    assert_eq!(b.release(&[other.lease]).await.unwrap(), vec![true]);
+    assert_eq!(b.leases_by_consumer(q).await.unwrap(), held(&[("a", 1)]));
+    // The released job taken again counts for its new holder.
+    let again = claim_one(b, q, "c").await;
+    assert_eq!(
+        b.leases_by_consumer(q).await.unwrap(),
+        held(&[("a", 1), ("c", 1)])
+    );
+    complete(b, &again.lease, json!(1)).await.unwrap();
+    complete(b, &a[2].lease, json!(1)).await.unwrap();
+    assert_eq!(b.leases_by_consumer(q).await.unwrap(), held(&[]));
 }
 
 pub async fn finished_jobs_expire_after_retention<E: Engine>() {

@@ -375,6 +375,12 @@ impl Broker for Switches {
     ) -> Result<u64, BrokerError> {
         self.inner.scheduled_due(q, within).await
     }
+    async fn leases_by_consumer(
+        &self,
+        q: &QueueName,
+    ) -> Result<std::collections::BTreeMap<String, u64>, BrokerError> {
+        self.inner.leases_by_consumer(q).await
+    }
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
         self.inner.queues().await
     }
