@@ -4,7 +4,7 @@
 //! Spill-over: a region whose need is above its maximum, and whose predicted drain time with its maximum breaks
 //! its target, borrows workers from another region that allows it (`helps-others`) and has headroom under its
 //! own maximum. The helper runs that many extra workers on the busy region's Redis and queues until the busy
-//! region's need is back under its maximum.
+//! region's need is back under its maximum and the helper's scale-down stabilization window has passed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ pub struct RegionControl {
     queues: Vec<QueueControl>,
     /// Workers this region lends, per helped region.
     lending: std::collections::BTreeMap<String, u32>,
+    /// The loans asked for within the stabilization window, per helped region.
+    loans: std::collections::BTreeMap<String, History>,
     /// Workers other regions lend this one (they take its jobs too, so they count in its measured rate).
     borrowed: u32,
 }
@@ -56,6 +58,7 @@ impl RegionControl {
             actuator,
             queues,
             lending: Default::default(),
+            loans: Default::default(),
             borrowed: 0,
         }
     }
@@ -210,7 +213,7 @@ impl Autoscaler {
                 }
             }
         }
-        self.assign_spillover(&mut decisions);
+        self.assign_spillover(&mut decisions, elapsed);
         for d in &decisions {
             self.act(d).await;
         }
@@ -219,21 +222,27 @@ impl Autoscaler {
     }
 
     /// Lend workers from regions with headroom to regions at their maximum whose drain time breaks the target.
-    fn assign_spillover(&mut self, decisions: &mut [RegionDecision]) {
-        let mut lent: std::collections::BTreeMap<(String, String), u32> = Default::default();
+    ///
+    /// A loan shrinks only as the helper's own pool does: to the highest loan of the helper's scale-down
+    /// stabilization window, so a backlog that dips and returns does not start and stop spill workers every
+    /// round. The helper's own need comes first: a loan never exceeds its headroom now.
+    fn assign_spillover(&mut self, decisions: &mut [RegionDecision], elapsed: Duration) {
+        let helps = |name: &str, regions: &[RegionControl]| {
+            regions
+                .iter()
+                .any(|r| r.config.name == name && r.config.helps_others)
+        };
         let mut headroom: Vec<(String, u32)> = decisions
             .iter()
-            .filter(|d| {
-                self.regions
-                    .iter()
-                    .any(|r| r.config.name == d.region && r.config.helps_others)
-            })
+            .filter(|d| helps(&d.region, &self.regions))
             .map(|d| {
                 let max = self.policy_of(&d.region).max_workers;
                 (d.region.clone(), max.saturating_sub(d.desired))
             })
             .collect();
-        for d in decisions.iter_mut() {
+        // What this round's signals ask for: (helper, helped) → workers.
+        let mut asked: std::collections::BTreeMap<(String, String), u32> = Default::default();
+        for d in decisions.iter() {
             let policy = self.policy_of(&d.region).clone();
             let at_max = d.desired >= policy.max_workers;
             let breaks_target = d.queues.iter().any(|(_, _, q)| {
@@ -256,9 +265,49 @@ impl Autoscaler {
                 let n = short.min(*room);
                 *room -= n;
                 short -= n;
-                lent.insert((helper.clone(), d.region.clone()), n);
-                d.borrowed.push((helper.clone(), n));
+                asked.insert((helper.clone(), d.region.clone()), n);
             }
+        }
+        // Stabilized per helper, within its headroom.
+        for r in &mut self.regions {
+            let name = r.config.name.clone();
+            let mut room = match decisions.iter().find(|d| d.region == name) {
+                Some(d) if r.config.helps_others => {
+                    r.config.policy.max_workers.saturating_sub(d.desired)
+                }
+                _ => 0,
+            };
+            let window = r.config.policy.down_stabilization();
+            let mut helped: Vec<String> = r.loans.keys().cloned().collect();
+            for (helper, to) in asked.keys() {
+                if *helper == name && !helped.contains(to) {
+                    helped.push(to.clone());
+                }
+            }
+            let mut now_lending = std::collections::BTreeMap::new();
+            for to in helped {
+                let ask = asked.get(&(name.clone(), to.clone())).copied().unwrap_or(0);
+                let kept = r
+                    .loans
+                    .entry(to.clone())
+                    .or_default()
+                    .record(elapsed, window, ask);
+                let n = kept.min(room);
+                room -= n;
+                // Regions no longer helped stay listed at zero (their spill workers drain).
+                now_lending.insert(to, n);
+            }
+            r.lending = now_lending;
+        }
+        for d in decisions.iter_mut() {
+            d.borrowed = self
+                .regions
+                .iter()
+                .filter_map(|r| {
+                    let n = r.lending.get(&d.region).copied().unwrap_or(0);
+                    (n > 0).then(|| (r.config.name.clone(), n))
+                })
+                .collect();
         }
         for r in &mut self.regions {
             r.borrowed = decisions
@@ -266,17 +315,6 @@ impl Autoscaler {
                 .filter(|d| d.region == r.config.name)
                 .flat_map(|d| d.borrowed.iter().map(|(_, n)| *n))
                 .sum();
-            let mut now_lending = std::collections::BTreeMap::new();
-            for ((helper, to), n) in &lent {
-                if *helper == r.config.name {
-                    now_lending.insert(to.clone(), *n);
-                }
-            }
-            // Regions no longer helped drop to zero (their spill workers drain).
-            for to in r.lending.keys() {
-                now_lending.entry(to.clone()).or_insert(0);
-            }
-            r.lending = now_lending;
         }
     }
 
@@ -435,4 +473,109 @@ async fn decide_region(
         queues,
         borrowed: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_broker::{EngineConfig, MemoryBroker};
+    use ferry_core::{Kind, NewJob};
+
+    use super::*;
+    use crate::actuator::MetricsOnly;
+    use crate::config::RegionsFile;
+
+    /// Region "busy" (at most 1 worker, a backlog of 100 per worker) on `busy`; region "helper" (at most
+    /// `helper_max`, the given scale-down window) on a broker of its own. Both only export their decisions.
+    fn two_regions(busy: Arc<dyn Broker>, helper_max: u32, window_seconds: u32) -> Autoscaler {
+        let file = RegionsFile::parse(&format!(
+            "[[regions]]\nname = \"busy\"\nredis = [\"redis://busy\"]\nqueues = [\"work\"]\nhelps-others = false\n\
+             [regions.policy]\nmin-workers = 1\nmax-workers = 1\nbacklog-per-worker = 100\n\
+             [regions.actuator]\nkind = \"metrics\"\n\
+             [[regions]]\nname = \"helper\"\nredis = [\"redis://helper\"]\nqueues = [\"work\"]\n\
+             [regions.policy]\nmin-workers = 0\nmax-workers = {helper_max}\nbacklog-per-worker = 100\n\
+             scale-down-stabilization-seconds = {window_seconds}\n[regions.actuator]\nkind = \"metrics\"\n"
+        ))
+        .unwrap();
+        let mut regions = file.regions.into_iter();
+        let helper_broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
+        let busy = RegionControl::new(
+            regions.next().unwrap(),
+            busy,
+            Arc::new(MetricsOnly::default()),
+        );
+        let helper = RegionControl::new(
+            regions.next().unwrap(),
+            helper_broker,
+            Arc::new(MetricsOnly::default()),
+        );
+        Autoscaler::new(vec![busy, helper], false, None)
+    }
+
+    async fn enqueue(b: &dyn Broker, n: usize) {
+        let q = QueueName::parse("work").unwrap();
+        let job = NewJob::new(Kind::parse("ferry.noop").unwrap(), serde_json::json!({}));
+        b.enqueue_batch(&q, vec![job; n]).await.unwrap();
+    }
+
+    /// Run every waiting job of `b` to completion: nothing waits or runs any more.
+    async fn finish_all(b: &dyn Broker) {
+        let q = QueueName::parse("work").unwrap();
+        loop {
+            let got = b.claim(&q, "w", 1_000, Duration::ZERO).await.unwrap();
+            if got.is_empty() {
+                return;
+            }
+            let done = got
+                .into_iter()
+                .map(|l| ferry_broker::Completion {
+                    lease: l.lease,
+                    result: serde_json::Value::Null,
+                })
+                .collect();
+            b.complete(done).await.unwrap();
+        }
+    }
+
+    fn lent(a: &Autoscaler) -> Option<u32> {
+        a.regions[1].lending.get("busy").copied()
+    }
+
+    #[tokio::test]
+    async fn a_loan_covers_the_shortfall_within_the_helpers_headroom() {
+        let busy: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
+        let mut a = two_regions(busy.clone(), 4, 0);
+        // 1,000 waiting: busy needs 10, has at most 1; the helper lends all 4 it has room for.
+        enqueue(busy.as_ref(), 1_000).await;
+        let d = a.round().await;
+        assert_eq!(lent(&a), Some(4));
+        assert_eq!(d[0].borrowed, [("helper".to_owned(), 4)]);
+        // The backlog gone, the loan ends (and stays listed at zero, so its workers are stopped). No window here.
+        finish_all(busy.as_ref()).await;
+        let d = a.round().await;
+        assert_eq!(lent(&a), Some(0));
+        assert!(d[0].borrowed.is_empty(), "{:?}", d[0].borrowed);
+        // 250 waiting: short by 2 (no rate is measured: nothing waited at the end of the last round).
+        enqueue(busy.as_ref(), 250).await;
+        let d = a.round().await;
+        assert_eq!(lent(&a), Some(2), "the loan follows the need");
+        assert_eq!(d[0].borrowed, [("helper".to_owned(), 2)]);
+    }
+
+    #[tokio::test]
+    async fn a_loan_shrinks_only_after_the_helpers_window_and_never_beyond_its_headroom() {
+        let busy: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
+        let mut a = two_regions(busy.clone(), 4, 600);
+        enqueue(busy.as_ref(), 1_000).await;
+        a.round().await;
+        assert_eq!(lent(&a), Some(4));
+        // The backlog dips to nothing: within the window the loan stays, ready for the next burst.
+        finish_all(busy.as_ref()).await;
+        let d = a.round().await;
+        assert_eq!(lent(&a), Some(4), "held by the window");
+        assert_eq!(d[0].borrowed, [("helper".to_owned(), 4)]);
+        // The helper's own queue needs 3 of its 4: its own work first, the loan shrinks to the rest.
+        enqueue(a.regions[1].broker.as_ref(), 300).await;
+        a.round().await;
+        assert_eq!(lent(&a), Some(1), "within the helper's headroom");
+    }
 }

@@ -193,7 +193,8 @@ pub struct History {
 }
 
 impl History {
-    fn record(&mut self, now: Duration, window: Duration, recommendation: u32) -> u32 {
+    /// Record `recommendation` at `now` and return the highest of the last `window`.
+    pub(crate) fn record(&mut self, now: Duration, window: Duration, recommendation: u32) -> u32 {
         while let Some(&(at, _)) = self.recent.front() {
             if now.saturating_sub(at) > window {
                 self.recent.pop_front();
