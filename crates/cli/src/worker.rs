@@ -39,6 +39,9 @@ pub struct ResolvedWorker {
     pub exit_with_parent: bool,
 }
 
+/// How long the exit at the shutdown deadline waits for the last spans to be sent.
+const DEADLINE_FLUSH: Duration = Duration::from_secs(2);
+
 /// The default shutdown deadline's room past the drain's own bounds (drain, cancel grace, outcome flush): for
 /// the recorder's last batch and closing the pools.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(10);
@@ -353,6 +356,8 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
                 "shutdown deadline passed: exiting with work still open; these jobs are redelivered when their \
                  leases expire"
             );
+            // The spans of the jobs that did finish, which the exit would otherwise lose.
+            ferry_telemetry::otlp::flush(DEADLINE_FLUSH).await;
             std::process::exit(i32::from(crate::EXIT_SOFTWARE));
         });
     }

@@ -325,3 +325,74 @@ fn bad_endpoint_and_bad_log_filter_exit_64_naming_the_setting() {
         assert!(stderr.contains(needle), "{args:?} {env:?}: {stderr}");
     }
 }
+
+/// A worker that exits at its hard shutdown deadline (Redis frozen with SIGSTOP, so the drain cannot finish)
+/// still sends the spans of the jobs it did finish. The batch delay is set far beyond the test, so only the
+/// exit's own flush can have sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_exiting_at_its_deadline_still_sends_its_finished_spans() {
+    use ferry_broker::{Broker, EngineConfig, RedisBroker};
+    use ferry_core::{JobState, Kind, NewJob, QueueName};
+
+    let (endpoint, received) = receiver().await;
+    let redis = ferry_testkit::RedisServer::start().unwrap();
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default())
+        .await
+        .unwrap();
+    let q = QueueName::parse("deadline").unwrap();
+    let mut worker = Proc::spawn_logged(
+        ferry()
+            .args(["--otlp-endpoint", &endpoint, "worker", "--redis", &url])
+            .args(["--queues", q.as_str(), "--admin-listen", "off"])
+            .args(["--drain-timeout-ms", "300", "--cancel-grace-ms", "100"])
+            .args([
+                "--flush-timeout-ms",
+                "300",
+                "--shutdown-deadline-ms",
+                "2000",
+            ])
+            .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+            .stdout(Stdio::null()),
+    )
+    .unwrap();
+    let job = |kind: &str, payload| NewJob::new(Kind::parse(kind).unwrap(), payload);
+    let done = broker
+        .enqueue(&q, job("ferry.echo", serde_json::json!({"x": 1})))
+        .await
+        .unwrap()
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while broker.job(done).await.unwrap().map(|j| j.state) != Some(JobState::Completed) {
+        assert!(Instant::now() < deadline, "the echo job never completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A job that holds the drain, then Redis frozen under it.
+    broker
+        .enqueue(&q, job("ferry.sleep", serde_json::json!({"ms": 60_000})))
+        .await
+        .unwrap();
+    while broker.stats(&q).await.unwrap().active != 1 {
+        assert!(Instant::now() < deadline, "the sleep job never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        received.requests.lock().unwrap().is_empty(),
+        "nothing is sent before the batch delay"
+    );
+    let pid = redis.pid().unwrap().to_string();
+    let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status().unwrap();
+    assert!(signal("-STOP").success());
+    worker.sigterm().unwrap();
+    let status = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(signal("-CONT").success());
+    let log = worker.log();
+    assert_eq!(status.unwrap().code(), Some(70), "{log}");
+    let spans = received.spans.lock().unwrap().clone();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "job" && s.attr("id") == Some(&done.to_string())),
+        "the finished job's span was not sent: {spans:#?}\n{log}"
+    );
+}

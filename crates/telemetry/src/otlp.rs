@@ -76,6 +76,9 @@ pub fn traces_url(endpoint: &str) -> Result<String, String> {
     }
 }
 
+/// The provider of the installed exporter, for [`flush`] (set by [`TracingGuard::new`], taken by its stop).
+static EXPORTING: Mutex<Option<SdkTracerProvider>> = Mutex::new(None);
+
 /// Keeps the exporter of an installed subscriber; [`shutdown`](Self::shutdown) sends what is still queued.
 /// Without export it holds nothing. Dropping it without `shutdown` also flushes, with the same bound.
 #[derive(Debug, Default)]
@@ -85,6 +88,7 @@ pub struct TracingGuard {
 
 impl TracingGuard {
     pub(crate) fn new(provider: Option<SdkTracerProvider>) -> Self {
+        *EXPORTING.lock().unwrap_or_else(|p| p.into_inner()) = provider.clone();
         Self { provider }
     }
 
@@ -104,6 +108,7 @@ impl TracingGuard {
         let Some(provider) = self.provider.take() else {
             return;
         };
+        EXPORTING.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Err(e) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
             tracing::warn!(error = %e, "trace export did not finish cleanly; the last spans may be lost");
         }
@@ -113,6 +118,25 @@ impl TracingGuard {
 impl Drop for TracingGuard {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Send the spans queued so far, waiting at most `timeout`: for a process about to exit without returning
+/// through its [`TracingGuard`] (the worker's hard shutdown deadline). Nothing to do when spans are not exported.
+/// The flush blocks a thread of its own, so the runtime's threads stay free to run the export requests.
+pub async fn flush(timeout: Duration) {
+    let Some(provider) = EXPORTING.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return;
+    };
+    let flushing = tokio::task::spawn_blocking(move || provider.force_flush());
+    match tokio::time::timeout(timeout, flushing).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "cannot send the last spans"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot send the last spans"),
+        Err(_) => tracing::warn!(
+            timeout_ms = timeout.as_millis() as u64,
+            "the last spans were not sent in time"
+        ),
     }
 }
 
