@@ -123,9 +123,12 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
     }
     let recorder_stop = tokio_util::sync::CancellationToken::new();
     let recorder_task = tokio::spawn(recorder.run(recorder_stop.clone()));
-    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    // The worker drains only once the gateway has: jobs accepted during the gateway's drain delay are run, not
+    // left in an engine that is about to vanish with the process.
+    let worker_stop = tokio_util::sync::CancellationToken::new();
+    let worker_task = tokio::spawn(worker.run(worker_stop.clone()));
     let served = crate::gateway::serve(gateway, broker, shutdown.clone()).await;
-    shutdown.cancel();
+    worker_stop.cancel();
     match worker_task.await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err(CliError::Internal(e.to_string())),

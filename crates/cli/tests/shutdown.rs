@@ -279,6 +279,49 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
     Ok(())
 }
 
+/// `ferry dev` runs the jobs accepted during its gateway's drain delay: its embedded worker drains only after
+/// the gateway has, so nothing accepted is left in the in-memory engine when the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_dev_runs_jobs_accepted_during_the_drain_delay() -> Result<()> {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let base = format!("http://{listen}");
+    let mut dev = Proc::spawn_logged(
+        ferry()
+            .args(["dev", "--listen", &listen])
+            .args(["--drain-delay-ms", "4000", "--ws-close-spread-ms", "100"])
+            .env("FERRY_JWT_SECRET", SECRET)
+            .env_remove("FERRY_CONFIG")
+            .env("FERRY_LOG", "warn,ferry_cli=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    )?;
+    let http = reqwest::Client::new();
+    until_ready(&http, &base, Duration::from_secs(30)).await?;
+    dev.sigterm()?;
+    wait_for_every(POLL, Duration::from_secs(5), "readyz 503", || async {
+        Ok(readyz(&http, &base).await.map(|(s, _)| s).ok() == Some(503))
+    })
+    .await?;
+    let t = token();
+    let (id, _) = support::submit(
+        &http,
+        &base,
+        &t,
+        "default",
+        &json!({"kind": "ferry.echo", "payload": {"late": true}}),
+        &[],
+    )
+    .await?;
+    let job = support::until_completed(&http, &base, &t, &id, Duration::from_secs(3))
+        .await
+        .with_context(|| dev.log())?;
+    assert_eq!(job["result"], json!({"late": true}), "{job}");
+    let status = dev.wait_exit(Duration::from_secs(30)).await?;
+    assert!(status.success(), "{status}\n{}", dev.log());
+    Ok(())
+}
+
 /// A worker whose drain hangs (Redis frozen with SIGSTOP: the claim in progress and the lease release cannot
 /// finish) still exits at `--shutdown-deadline-ms`, with 70, naming the job it still held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
