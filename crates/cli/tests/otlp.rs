@@ -32,6 +32,8 @@ struct Span {
     trace_id: String,
     span_id: String,
     parent_span_id: String,
+    /// OTLP's SpanKind: 2 is SERVER.
+    kind: i32,
     attributes: Vec<(String, String)>,
 }
 
@@ -104,6 +106,7 @@ async fn traces(State(r): State<Received>, headers: HeaderMap, body: Bytes) -> R
                     trace_id: hex(&s.trace_id),
                     span_id: hex(&s.span_id),
                     parent_span_id: hex(&s.parent_span_id),
+                    kind: s.kind,
                     attributes: pairs(&s.attributes),
                 });
             }
@@ -189,6 +192,15 @@ async fn run_one_job(base: &str, log: &std::path::Path) -> String {
     until_completed(&http, base, &token, &id, remaining(deadline))
         .await
         .unwrap();
+    // One lookup in the caller's trace as well.
+    let res = http
+        .get(format!("{base}/v1/jobs/{id}"))
+        .bearer_auth(&token)
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
     returned
 }
 
@@ -229,6 +241,25 @@ async fn spans_of_gateway_and_worker_reach_the_collector_in_one_trace() {
     let context = || format!("spans: {spans:#?}\nrequests: {requests:?}\nlog:\n{log_text}");
 
     let ours: Vec<&Span> = spans.iter().filter(|s| s.trace_id == TRACE_ID).collect();
+    // The request's server span, a child of the caller's.
+    let request = ours
+        .iter()
+        .find(|s| s.name == "POST /v1/queues/{queue}/jobs")
+        .unwrap_or_else(|| panic!("no request span in our trace; {}", context()));
+    assert_eq!(
+        request.parent_span_id,
+        PARENT_ID,
+        "the caller's span is the request span's parent; {}",
+        context()
+    );
+    assert_eq!(request.kind, 2, "a server span; {}", context());
+    for (key, want) in [
+        ("http.request.method", "POST"),
+        ("http.route", "/v1/queues/{queue}/jobs"),
+        ("http.response.status_code", "202"),
+    ] {
+        assert_eq!(request.attr(key), Some(want), "{key}; {}", context());
+    }
     let gateway = ours
         .iter()
         .find(|s| s.name == "submit_job")
@@ -236,8 +267,8 @@ async fn spans_of_gateway_and_worker_reach_the_collector_in_one_trace() {
     assert_eq!(gateway.span_id, gateway_span_id, "{}", context());
     assert_eq!(
         gateway.parent_span_id,
-        PARENT_ID,
-        "the caller's span is the gateway span's parent; {}",
+        request.span_id,
+        "the request span is the submit span's parent; {}",
         context()
     );
     assert_eq!(gateway.attr("queue"), Some("default"), "{}", context());
@@ -252,9 +283,21 @@ async fn spans_of_gateway_and_worker_reach_the_collector_in_one_trace() {
         context()
     );
     assert_eq!(job.attr("kind"), Some("ferry.echo"), "{}", context());
-    for s in [gateway, job] {
+    for s in [request, gateway, job] {
         assert_eq!(s.service.as_deref(), Some("ferry-dev"), "{}", context());
     }
+    // The other routes get their server span too: the job's lookup, in the caller's trace.
+    let lookup = ours
+        .iter()
+        .find(|s| s.name == "GET /v1/jobs/{id}")
+        .unwrap_or_else(|| panic!("no lookup span in our trace; {}", context()));
+    assert_eq!(lookup.parent_span_id, PARENT_ID, "{}", context());
+    assert_eq!(
+        lookup.attr("http.response.status_code"),
+        Some("200"),
+        "{}",
+        context()
+    );
     for r in &requests {
         assert!(
             r.contains("application/x-protobuf") && r.contains("content-encoding=None"),

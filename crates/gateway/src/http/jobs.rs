@@ -22,16 +22,14 @@ const REQUEST_ID: &str = "x-request-id";
 const TRACEPARENT: &str = "traceparent";
 
 /// The request's W3C `traceparent` when valid, else a new trace: stored with the job and returned. With span
-/// export on, `span` joins the request's trace (the header is its remote parent) and the value returned names
-/// `span` as the parent, so the worker's span of the job becomes its child.
+/// export on, `span` is in the request's trace (a child of the request's server span, whose remote parent the
+/// header names) and the value returned names `span` as the parent, so the worker's span of the job becomes its
+/// child.
 fn traceparent(headers: &HeaderMap, span: &tracing::Span) -> String {
     let given = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(ferry_core::trace::TraceParent::parse);
-    if let Some(t) = &given {
-        ferry_telemetry::set_remote_parent(span, &t.to_string());
-    }
     ferry_telemetry::traceparent_of(span).unwrap_or_else(|| {
         given
             .unwrap_or_else(ferry_core::trace::TraceParent::start)

@@ -13,6 +13,7 @@ use axum::response::Response;
 use ferry_telemetry::prometheus::proto::MetricFamily;
 use ferry_telemetry::prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use super::Api;
 
@@ -142,8 +143,9 @@ fn pool_families(p: ferry_store::PoolStats) -> Vec<MetricFamily> {
         .collect()
 }
 
-/// Middleware: count and time every response by its route template (`/v1/jobs/{id}`, not the id), or
-/// `unmatched`.
+/// Middleware: a server span for every request, named `{method} {route}` and joined to the request's W3C
+/// `traceparent` (handlers' own spans, such as `submit_job`, are its children); and every response counted and
+/// timed by its route template (`/v1/jobs/{id}`, not the id), or `unmatched`.
 pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_owned();
     let route = req
@@ -151,14 +153,26 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
-    let started = Instant::now();
-    let res = next.run(req).await;
-    metrics.record(
-        &method,
-        &route,
-        res.status().as_u16(),
-        started.elapsed().as_secs_f64(),
+    let span = tracing::info_span!(
+        "http_request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
     );
+    if let Some(parent) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        ferry_telemetry::set_remote_parent(&span, parent);
+    }
+    let started = Instant::now();
+    let res = next.run(req).instrument(span.clone()).await;
+    let status = res.status().as_u16();
+    span.record("http.response.status_code", status);
+    metrics.record(&method, &route, status, started.elapsed().as_secs_f64());
     res
 }
 
