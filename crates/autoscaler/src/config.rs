@@ -90,7 +90,8 @@ pub struct LocalActuator {
 pub struct KubernetesActuator {
     pub namespace: String,
     pub deployment: String,
-    /// The Deployment of workers that consume another region's queues during spill-over.
+    /// The Deployment of workers that consume another region's queues during spill-over; `{region}` in it is
+    /// replaced by the helped region's name (one Deployment per helped region).
     pub spill_deployment: Option<String>,
     /// The API server (default: in-cluster configuration, then the local kubeconfig).
     pub api_url: Option<String>,

@@ -35,6 +35,9 @@ pub const MAX_JOBS: u64 = 2_000;
 /// pods holding as many jobs.
 pub const MAX_AGE_COST: u64 = JOB_COST - 1;
 
+/// In `spill-deployment`, replaced by the helped region's name: one spill Deployment per helped region.
+pub const REGION_PLACEHOLDER: &str = "{region}";
+
 /// If set, the bearer token file used with `api-url` (with no `api-url`, the kubeconfig or in-cluster
 /// configuration says how to authenticate).
 pub const TOKEN_FILE_ENV: &str = "FERRY_KUBERNETES_TOKEN_FILE";
@@ -268,7 +271,9 @@ impl Actuator for Kubernetes {
     }
 
     /// Scale `spill-deployment` to `workers`. That Deployment's pods must be set up (by whoever deploys them) to
-    /// consume `from`'s Redis and queues; it runs for one helped region at a time.
+    /// consume `from`'s Redis and queues. A name with `{region}` names one Deployment per helped region (the
+    /// placeholder replaced by `from`'s name), so the region can help several at once; a plain name is one
+    /// Deployment, serving one helped region at a time.
     async fn spill(&self, from: &Region, workers: u32, held: &Held) -> Result<(), ActuatorError> {
         let Some(deployment) = self.config.spill_deployment.as_deref() else {
             if workers == 0 {
@@ -280,6 +285,10 @@ impl Actuator for Kubernetes {
                 self.region, from.name
             )));
         };
+        if deployment.contains(REGION_PLACEHOLDER) {
+            let deployment = deployment.replace(REGION_PLACEHOLDER, &from.name);
+            return self.resize(&deployment, workers, held).await;
+        }
         {
             let mut serving = self.spilling_for.lock().unwrap_or_else(|p| p.into_inner());
             match serving.as_deref() {

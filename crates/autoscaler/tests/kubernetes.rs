@@ -607,6 +607,52 @@ async fn spill_scales_the_spill_deployment() {
 }
 
 #[tokio::test]
+async fn a_spill_deployment_per_helped_region_serves_several_at_once() {
+    let f = Fixture::new(Some("ferry-spill-{region}")).await;
+    for name in ["ferry-spill-us-east", "ferry-spill-ap-south"] {
+        f.cluster.lock().unwrap().deployments.insert(
+            name.into(),
+            Deployment {
+                replicas: Some(0),
+                match_labels: labels(name),
+            },
+        );
+    }
+    let helped = |name: &str| {
+        region(
+            name,
+            KubernetesActuator {
+                namespace: NS.into(),
+                deployment: "other".into(),
+                spill_deployment: None,
+                api_url: None,
+            },
+        )
+    };
+    f.actuator
+        .spill(&helped("us-east"), 3, &Held::new())
+        .await
+        .unwrap();
+    f.actuator
+        .spill(&helped("ap-south"), 2, &Held::new())
+        .await
+        .unwrap();
+    assert_eq!(f.replicas("ferry-spill-us-east"), Some(3));
+    assert_eq!(f.replicas("ferry-spill-ap-south"), Some(2));
+    assert_eq!(
+        f.replicas("ferry-spill"),
+        None,
+        "the plain name is not used"
+    );
+    f.actuator
+        .spill(&helped("us-east"), 0, &Held::new())
+        .await
+        .unwrap();
+    assert_eq!(f.replicas("ferry-spill-us-east"), Some(0));
+    assert_eq!(f.replicas("ferry-spill-ap-south"), Some(2));
+}
+
+#[tokio::test]
 async fn spill_without_a_spill_deployment() {
     let f = Fixture::new(None).await;
     let busy = region(
