@@ -421,7 +421,10 @@ async fn step(b: &dyn Broker, q: &QueueName, m: &mut Model, op: Op) -> Result<()
             let Some((idx, lease)) = m.take_held(pick) else {
                 return Ok(());
             };
-            let out = b.release(&[lease.clone()]).await.map_err(fail("release"))?;
+            let out = b
+                .release(std::slice::from_ref(&lease))
+                .await
+                .map_err(fail("release"))?;
             ensure!(out == [true], "release of a current lease answered {out:?}");
             let j = &mut m.jobs[idx];
             // A released attempt is not counted.
