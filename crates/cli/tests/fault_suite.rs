@@ -1,0 +1,345 @@
+//! The fault suite: one scenario per test, each a small cluster of real processes — redis-server (append-only
+//! file, `appendfsync always`), PostgreSQL, two `ferry worker`s each with a recorder — fed a steady stream of
+//! jobs while one fault strikes. The ground truth is PostgreSQL: after the feed ends and the cluster recovers,
+//! every job the engine accepted must be completed in the record exactly once.
+//!
+//! Each scenario prints one row, `FAULT-ROW | scenario | jobs | lost | doubled | stuck | recovery`, where
+//! *lost* is an accepted job that is not completed and that Redis no longer knows, *doubled* one with more than
+//! one `job.completed` row, *stuck* one still unfinished that Redis knows, and *recovery* the time from the end of
+//! the fault until every job accepted before that moment is completed in the record. `scripts/faults.sh` runs
+//! the suite longer and prints the rows as a table; the test suite runs the short version
+//! (`FERRY_FAULT_FEED_SECS`, default 8 s of feed at `FERRY_FAULT_RATE`, default 40 jobs/s).
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_core::{JobId, Kind, NewJob, QueueName};
+use ferry_testkit::{PostgresServer, RedisServer};
+use serde_json::json;
+
+mod support;
+use support::{Proc, ferry};
+
+const QUEUE: &str = "faults";
+/// The workers' visibility timeout: a lease not heartbeated for this long is reclaimed by the other worker.
+const VISIBILITY_MS: u64 = 2_000;
+/// Each job sleeps this long, so faults hit work in flight.
+const JOB_MS: u64 = 40;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Redis, PostgreSQL (migrated) and the workers of one scenario.
+struct Cluster {
+    redis: RedisServer,
+    pg: PostgresServer,
+    db: String,
+    workers: Vec<Proc>,
+}
+
+impl Cluster {
+    fn start() -> Result<Self> {
+        let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])?;
+        let pg = PostgresServer::start()?;
+        let db = pg.create_database("faults")?;
+        let out = ferry().args(["migrate", "--database-url", &db]).output()?;
+        if !out.status.success() {
+            bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut c = Self {
+            redis,
+            pg,
+            db,
+            workers: Vec::new(),
+        };
+        c.add_worker("worker-a")?;
+        c.add_worker("worker-b")?;
+        Ok(c)
+    }
+
+    fn add_worker(&mut self, consumer: &str) -> Result<()> {
+        let url = self.redis.url();
+        let visibility = VISIBILITY_MS.to_string();
+        let w = Proc::spawn_logged(
+            ferry()
+                .args(["worker", "--redis", &url, "--queues", QUEUE])
+                .args(["--database-url", &self.db, "--consumer", consumer])
+                .args([
+                    "--concurrency",
+                    "20",
+                    "--visibility-timeout-ms",
+                    &visibility,
+                ])
+                .args(["--admin-listen", "127.0.0.1:0"])
+                .env("FERRY_LOG", "warn,ferry_cli=info")
+                .env_remove("FERRY_LOG_FORMAT")
+                .env_remove("FERRY_DATABASE_URL")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        )?;
+        self.workers.push(w);
+        Ok(())
+    }
+
+    async fn broker(&self) -> Result<RedisBroker> {
+        let engine = EngineConfig {
+            visibility_timeout: Duration::from_millis(VISIBILITY_MS),
+            ..EngineConfig::default()
+        };
+        Ok(RedisBroker::connect(&[self.redis.url()], engine).await?)
+    }
+
+    /// Per job in the record: its state and how many `job.completed` rows it has.
+    fn record(&self) -> Result<HashMap<JobId, (String, u64)>> {
+        let out = ferry_testkit::psql(
+            &self.db,
+            "select j.id, j.state, (select count(*) from job_events e
+                                    where e.job_id = j.id and e.type = 'job.completed')
+             from jobs j",
+        )?;
+        let mut record = HashMap::new();
+        for line in out.lines().filter(|l| !l.is_empty()) {
+            let mut cols = line.split('|');
+            let (Some(id), Some(state), Some(n)) = (cols.next(), cols.next(), cols.next()) else {
+                bail!("unexpected psql line {line:?}");
+            };
+            let id = JobId(id.parse().with_context(|| format!("job id {id:?}"))?);
+            record.insert(id, (state.to_owned(), n.parse()?));
+        }
+        Ok(record)
+    }
+}
+
+/// Jobs the engine accepted, with when each was accepted.
+type Accepted = Arc<Mutex<Vec<(JobId, Instant)>>>;
+
+/// Enqueues `rate` jobs a second for `secs` seconds, in batches every 100 ms. A batch the engine refuses (Redis
+/// down) is not accepted and not counted; the feed goes on.
+fn feed(broker: RedisBroker, secs: u64, rate: u64) -> (Accepted, tokio::task::JoinHandle<()>) {
+    let accepted: Accepted = Arc::default();
+    let out = accepted.clone();
+    let task = tokio::spawn(async move {
+        let q = QueueName::parse(QUEUE).unwrap();
+        let job = NewJob::new(Kind::parse("ferry.sleep").unwrap(), json!({ "ms": JOB_MS }));
+        let per_tick = (rate / 10).max(1) as usize;
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while start.elapsed() < Duration::from_secs(secs) {
+            tick.tick().await;
+            let batch = vec![job.clone(); per_tick];
+            let Ok(Ok(done)) =
+                tokio::time::timeout(Duration::from_secs(2), broker.enqueue_batch(&q, batch)).await
+            else {
+                continue;
+            };
+            let now = Instant::now();
+            out.lock()
+                .unwrap()
+                .extend(done.into_iter().map(|e| (e.id, now)));
+        }
+    });
+    (accepted, task)
+}
+
+/// One row of the table.
+#[derive(Debug)]
+struct Row {
+    scenario: &'static str,
+    jobs: usize,
+    lost: usize,
+    doubled: usize,
+    stuck: usize,
+    recovery: Duration,
+}
+
+/// Feeds the cluster, strikes with `fault` once a third of the feed has gone by (it returns when the fault is
+/// over: the process restarted, the signal sent), then measures and prints the row and asserts nothing was
+/// lost, doubled or stuck.
+async fn scenario<F, Fut>(name: &'static str, fault: F) -> Result<Row>
+where
+    F: FnOnce(Cluster) -> Fut,
+    Fut: Future<Output = Result<Cluster>>,
+{
+    let secs = env_u64("FERRY_FAULT_FEED_SECS", 8);
+    let rate = env_u64("FERRY_FAULT_RATE", 40);
+    let c = Cluster::start()?;
+    let (accepted, feeder) = feed(c.broker().await?, secs, rate);
+    tokio::time::sleep(Duration::from_millis(secs * 1000 / 3)).await;
+    let c = fault(c).await?;
+    let fault_over = Instant::now();
+    feeder.await?;
+    let accepted: Vec<(JobId, Instant)> = accepted.lock().unwrap().clone();
+    let before_fault: HashSet<JobId> = accepted
+        .iter()
+        .filter(|(_, at)| *at <= fault_over)
+        .map(|(id, _)| *id)
+        .collect();
+    let all: HashSet<JobId> = accepted.iter().map(|(id, _)| *id).collect();
+
+    // Recovery: every job accepted before the fault ended is completed in the record.
+    let mut recovery = None;
+    let within = Duration::from_secs(60 + secs);
+    let deadline = Instant::now() + within;
+    let done = |record: &HashMap<JobId, (String, u64)>, ids: &HashSet<JobId>| {
+        ids.iter()
+            .filter(|id| record.get(id).is_some_and(|(s, _)| s == "completed"))
+            .count()
+            == ids.len()
+    };
+    let res = loop {
+        // PostgreSQL may be starting again; an error here is a poll that did not answer, not a failure.
+        if let Ok(record) = c.record() {
+            if recovery.is_none() && done(&record, &before_fault) {
+                recovery = Some(fault_over.elapsed());
+            }
+            if done(&record, &all) {
+                break Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            break Err(anyhow::anyhow!(
+                "not every accepted job was completed in the record within {within:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // Late duplicates show up after the last completion; give them a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let record = c.record()?;
+    let broker = c.broker().await?;
+    let (mut lost, mut stuck, mut doubled) = (0, 0, 0);
+    for id in &all {
+        let (state, completions) = record
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| ("absent".into(), 0));
+        if completions > 1 {
+            doubled += 1;
+        }
+        if state != "completed" {
+            match broker.job(*id).await? {
+                Some(_) => stuck += 1,
+                None => lost += 1,
+            }
+        }
+    }
+    let row = Row {
+        scenario: name,
+        jobs: all.len(),
+        lost,
+        doubled,
+        stuck,
+        recovery: recovery.unwrap_or(within),
+    };
+    println!(
+        "FAULT-ROW | {} | {} | {} | {} | {} | {:.1} s",
+        row.scenario,
+        row.jobs,
+        row.lost,
+        row.doubled,
+        row.stuck,
+        row.recovery.as_secs_f64()
+    );
+    if let Err(e) = res {
+        for (i, w) in c.workers.iter().enumerate() {
+            eprintln!("--- worker {i} ---\n{}", w.log());
+        }
+        return Err(e.context(format!("{row:?}")));
+    }
+    assert!(row.jobs > 0, "the feed was accepted: {row:?}");
+    assert_eq!(
+        (row.lost, row.doubled, row.stuck),
+        (0, 0, 0),
+        "nothing lost, doubled or stuck: {row:?}"
+    );
+    Ok(row)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_worker_kill_9() -> Result<()> {
+    scenario("worker kill -9", async |mut c| {
+        c.workers[0].kill9();
+        Ok(c)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_worker_sigstop_past_the_lease() -> Result<()> {
+    scenario("worker SIGSTOP past the lease", async |c| {
+        let pid = c.workers[0].pid().to_string();
+        signal("-STOP", &pid)?;
+        tokio::time::sleep(Duration::from_millis(3 * VISIBILITY_MS)).await;
+        signal("-CONT", &pid)?;
+        Ok(c)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_redis_kill_9_and_restart() -> Result<()> {
+    scenario("redis kill -9 + restart", async |mut c| {
+        c.redis.kill();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.redis.restart()?;
+        Ok(c)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_redis_graceful_restart() -> Result<()> {
+    scenario("redis graceful restart", async |mut c| {
+        c.redis.stop()?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.redis.restart()?;
+        Ok(c)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_postgres_stopped() -> Result<()> {
+    scenario("postgres stopped 10 s", async |mut c| {
+        c.pg.stop()?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        c.pg.start_again()?;
+        Ok(c)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_worker_sigterm_under_load() -> Result<()> {
+    scenario("worker SIGTERM under load", async |mut c| {
+        let status = c.workers[0].stop(Duration::from_secs(60)).await?;
+        assert!(status.success(), "the worker drains and exits 0: {status}");
+        Ok(c)
+    })
+    .await?;
+    Ok(())
+}
+
+fn signal(sig: &str, pid: &str) -> Result<()> {
+    let ok = std::process::Command::new("kill")
+        .args([sig, pid])
+        .status()?
+        .success();
+    if !ok {
+        bail!("kill {sig} {pid} failed");
+    }
+    Ok(())
+}
