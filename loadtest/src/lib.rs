@@ -15,6 +15,8 @@
 //!   Node peer processes, tokens, RSS; [`hist`]: the latency histogram the client processes ship.
 //! * [`autoscale`]: `ferry autoscaler` (local actuator) under a burst of jobs: backlog and workers over time,
 //!   and their plot.
+//! * [`soak`]: a whole cluster under mixed load for a set time (submits of every kind, cancels, WebSocket churn,
+//!   publishes), sampled for RSS, open files and Redis/PostgreSQL memory, then checked for lost or doubled jobs.
 //!
 //! Every load loop here is bounded in count and time, and all traffic goes to 127.0.0.1.
 
@@ -28,5 +30,6 @@ pub mod procs;
 pub mod redis_cpu;
 pub mod report;
 pub mod server;
+pub mod soak;
 pub mod stats;
 pub mod wsbench;

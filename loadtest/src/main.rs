@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use loadtest::{api, autoscale, bullmq, ferry, procs, redis_cpu, report, wsbench};
+use loadtest::{api, autoscale, bullmq, ferry, procs, redis_cpu, report, soak, wsbench};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -39,6 +39,10 @@ enum Cmd {
     /// `ferry autoscaler` (local actuator) under a burst: backlog and workers over time until the pool is
     /// back at its minimum; JSON, CSV and a PNG plot.
     Autoscale(AutoscaleArgs),
+    /// A whole cluster under mixed load for a set time (submits of every kind, cancels, WebSocket churn,
+    /// publishes): RSS, open files and Redis/PostgreSQL memory sampled, then every accepted job checked in the
+    /// record (none lost, none doubled, none in the wrong final state).
+    Soak(SoakArgs),
     /// Internal: one process of WebSocket clients for `ws` (driven over stdin/stdout).
     #[command(hide = true)]
     WsClient(WsClientArgs),
@@ -92,6 +96,35 @@ struct WsArgs {
     out: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     wait_quiet: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct SoakArgs {
+    /// How long the load runs, in seconds.
+    #[arg(long, default_value_t = 300)]
+    secs: u64,
+    /// Submit requests per second (a batch of 10 counts as one).
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    /// WebSocket clients, each reconnecting every 2-10 s.
+    #[arg(long, default_value_t = 200)]
+    ws_clients: usize,
+    /// Publishes per second on `app:soak`.
+    #[arg(long, default_value_t = 20)]
+    publish_rate: u64,
+    /// Share of submits followed by a cancel, in percent.
+    #[arg(long, default_value_t = 5)]
+    cancel_percent: u32,
+    /// Largest `ferry.echo` payload, in KiB.
+    #[arg(long, default_value_t = 20)]
+    max_payload_kib: usize,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 10)]
+    sample_secs: u64,
+    #[arg(long)]
+    ferry_bin: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -332,6 +365,7 @@ fn main() -> anyhow::Result<()> {
                 Cmd::Ws(args) => ws(args).await,
                 Cmd::Api(args) => api_cmd(args).await,
                 Cmd::Autoscale(args) => autoscale_cmd(args).await,
+                Cmd::Soak(args) => soak_cmd(args).await,
                 Cmd::WsClient(_) => unreachable!("handled above"),
             }
         })
@@ -405,6 +439,28 @@ async fn ws(a: WsArgs) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(&doc)?;
     println!("{text}");
     write_out(a.out.as_ref(), &text)
+}
+
+async fn soak_cmd(a: SoakArgs) -> anyhow::Result<()> {
+    let p = soak::Params {
+        secs: a.secs,
+        rate: a.rate,
+        ws_clients: a.ws_clients,
+        publish_rate: a.publish_rate,
+        cancel_percent: a.cancel_percent.min(100),
+        max_payload_kib: a.max_payload_kib.min(512),
+        sample_secs: a.sample_secs.max(1),
+        ferry_bin: ferry_bin(a.ferry_bin.clone()).await?,
+    };
+    let r = soak::run(&p).await?;
+    let text = serde_json::to_string_pretty(&r)?;
+    write_out(a.out.as_ref(), &text)?;
+    println!("{}", serde_json::to_string_pretty(&r["summary"])?);
+    let s = &r["summary"];
+    if s["lost"] != 0 || s["doubled"] != 0 || s["wrong_final_state"] != 0 {
+        bail!("the soak lost, doubled or misplaced jobs (see the summary)");
+    }
+    Ok(())
 }
 
 async fn api_cmd(a: ApiArgs) -> anyhow::Result<()> {
