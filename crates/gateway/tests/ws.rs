@@ -925,3 +925,23 @@ async fn job_event_with_a_huge_result_leaves_it_out() {
         "{m}"
     );
 }
+
+/// Control frames cost the server a write each (tungstenite answers every ping), so they count against the
+/// frame rate: a ping flood ends in 4008 like a text flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_flood_closes_4008() {
+    let limits = LimitsConfig {
+        ws_rate_per_sec: 1,
+        ws_burst: 2,
+        ws_sustained_violations: 3,
+        ..LimitsConfig::default()
+    };
+    let node = gateway(memory(), limits).await;
+    let mut ws = connect(&node, &token("alice", ALL, Duration::from_secs(60))).await;
+    for _ in 0..50 {
+        ws.send(Message::Ping(Default::default())).await.unwrap();
+    }
+    assert_eq!(close_code(&mut ws).await, 4008);
+    let m = metrics(&node).await;
+    assert!(m.contains("ferry_ws_closes_total{code=\"4008\"} 1"), "{m}");
+}

@@ -304,7 +304,13 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
                             break Some((close::POLICY, "frames must be JSON text"));
                         }
                         Some(Ok(Message::Close(_))) => break None,
-                        Some(Ok(_)) => continue,
+                        // tungstenite answers a ping by itself, so control frames cost the server a write
+                        // each like any request: they count against the frame rate, and a ping flood ends in
+                        // 4008 like a text flood (no reply frame: a ping has no id).
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => match c.charge() {
+                            Err(ending) => break Some(ending),
+                            Ok(_) => continue,
+                        },
                     };
                     // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
                     c.hub.count_frame_in();
@@ -404,6 +410,21 @@ fn reply_err(id: &Value, e: &ApiError) -> String {
 }
 
 impl Conn {
+    /// Take one frame (text, ping or pong) from the connection's rate budget: `Ok(true)` within it, `Ok(false)`
+    /// over it (counted), the 4008 close once it has been over it `ws_sustained_violations` frames in a row.
+    fn charge(&mut self) -> Result<bool, (u16, &'static str)> {
+        if self.limiter.check().is_ok() {
+            self.violations = 0;
+            return Ok(true);
+        }
+        self.hub.count_rate_limited_frame();
+        self.violations += 1;
+        if self.violations > self.hub.limits().ws_sustained_violations {
+            return Err((close::RATE_LIMITED, "rate limited"));
+        }
+        Ok(false)
+    }
+
     /// Handle one client frame: the reply to send, or the close code that ends the connection.
     async fn frame(&mut self, text: &str) -> Result<Option<String>, (u16, &'static str)> {
         let parsed: Result<Value, _> = serde_json::from_str(text);
@@ -412,18 +433,12 @@ impl Conn {
             .ok()
             .and_then(|v| v.get("id").cloned())
             .unwrap_or(Value::Null);
-        if self.limiter.check().is_err() {
-            self.hub.count_rate_limited_frame();
-            self.violations += 1;
-            if self.violations > self.hub.limits().ws_sustained_violations {
-                return Err((close::RATE_LIMITED, "rate limited"));
-            }
+        if !self.charge()? {
             let e = ApiError::RateLimited {
                 retry_after_secs: 1,
             };
             return Ok(Some(reply_err(&id, &e)));
         }
-        self.violations = 0;
         let v = match parsed {
             Ok(v @ Value::Object(_)) => v,
             _ => {

@@ -49,7 +49,7 @@
 //! whether the peer stopped reading or only reads too slowly, and 1001 to every connection when the node shuts
 //! down (each connection's kill token is a child of the hub's shutdown token). The connection itself closes with
 //! 1008 on a binary frame, 1009 on a frame over `max_frame_bytes`, 4001 on expiry, 4008 on a sustained flood
-//! 4009 when a write finds its write buffer full and
+//! (text, ping and pong frames all count against the rate), 4009 when a write finds its write buffer full and
 //! 1013 when it was over the connection limits. A close frame gets 1 s to go out; a peer that does not read by
 //! then loses it and sees the socket closed.
 //!
