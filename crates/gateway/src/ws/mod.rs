@@ -700,14 +700,16 @@ impl Hub {
         keys.push(format!("job:{}", e.job));
         keys.push(format!("queue:{}", e.queue));
         let payload = Payload::of(e, self.limits.max_publish_bytes);
-        if let Payload::Omitted(_) = payload {
-            self.counters.oversized.with_label_values(&["event"]).inc();
-        }
         let channels = self.lock();
+        let mut pushed = false;
         for key in &keys {
             if let Some(subs) = channels.get(key) {
+                pushed = true;
                 self.fan_out(subs, |view| render_event(view, e, payload));
             }
+        }
+        if pushed && matches!(payload, Payload::Omitted(_)) {
+            self.counters.oversized.with_label_values(&["event"]).inc();
         }
     }
 
