@@ -190,6 +190,10 @@ pub struct LimitsArgs {
     /// Largest WebSocket frame accepted, bytes.
     #[arg(long, value_name = "BYTES", env = "FERRY_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
+    /// Largest payload pushed to WebSocket subscribers, bytes (compact JSON): a publish over it is refused (413,
+    /// `too_large`); a job event's result, error or progress over it is left out (`result_omitted`, …).
+    #[arg(long, value_name = "BYTES", env = "FERRY_MAX_PUBLISH_BYTES", default_value_t = 64 * 1024)]
+    pub max_publish_bytes: usize,
     /// Messages queued for one connection before it is closed as a slow consumer (4009).
     #[arg(
         long,

@@ -194,6 +194,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
             l.max_connections_per_subject as u64,
         ),
         ("--max-frame-bytes", l.max_frame_bytes as u64),
+        ("--max-publish-bytes", l.max_publish_bytes as u64),
         ("--send-queue", l.send_queue as u64),
     ])?;
     config.limits.max_body_bytes = l.max_body_bytes;
@@ -205,6 +206,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     config.limits.max_connections = l.max_connections;
     config.limits.max_connections_per_subject = l.max_connections_per_subject;
     config.limits.max_frame_bytes = l.max_frame_bytes;
+    config.limits.max_publish_bytes = l.max_publish_bytes;
     config.limits.send_queue = l.send_queue;
     let engine = crate::engine_config(&a.engine)?;
     let database = crate::store::resolve(a.database)?;

@@ -130,6 +130,11 @@ pub struct LimitsConfig {
     pub unauth_upgrades_per_sec_per_ip: u32,
     /// Largest WebSocket frame accepted (default 64 KiB).
     pub max_frame_bytes: usize,
+    /// Largest payload the gateway pushes to a WebSocket: a published message's `data` (compact JSON) is refused
+    /// over it (413, `too_large`), and a job event leaves out a `result`, `error` or `progress` over it (saying
+    /// so with `result_omitted` …). Default 64 KiB, the same as `max_frame_bytes`. Every connection's write
+    /// buffer is sized to take the largest frame this allows, so a push never fails a subscriber's write.
+    pub max_publish_bytes: usize,
     /// Messages queued for one connection before it is a slow consumer, closed with 4009 (default 256).
     pub send_queue: usize,
     /// Server ping interval; a peer that does not answer within two is dropped (default 20 s).
@@ -152,6 +157,7 @@ impl Default for LimitsConfig {
             max_connections_per_subject: 100,
             unauth_upgrades_per_sec_per_ip: 10,
             max_frame_bytes: 64 * 1024,
+            max_publish_bytes: 64 * 1024,
             send_queue: 256,
             ping_interval: Duration::from_secs(20),
             max_subscriptions: 100,

@@ -81,7 +81,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload-too-large",
                 "Payload too large",
-                "bad_request",
+                "too_large",
             ),
             Self::RateLimited { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -120,8 +120,8 @@ impl ApiError {
         self.row().0
     }
 
-    /// The WebSocket error code (`bad_request`, `unauthorized`, `forbidden`, `not_found`, `rate_limited`,
-    /// `unavailable`, `overloaded`, `conflict`, `internal`).
+    /// The WebSocket error code (`bad_request`, `unauthorized`, `forbidden`, `not_found`, `too_large`,
+    /// `rate_limited`, `unavailable`, `overloaded`, `conflict`, `internal`).
     pub fn ws_code(&self) -> &'static str {
         self.row().3
     }

@@ -727,3 +727,221 @@ async fn burst_over_the_send_queue_gets_the_4009_close_frame() {
     }
     assert_eq!(close_code(&mut ws).await, 4009);
 }
+
+/// `POST path` with a bearer token and a JSON body: the status, the content type and the body.
+async fn post(node: &Node, token: &str, path: &str, body: &Value) -> (u16, String, Value) {
+    let res = reqwest::Client::new()
+        .post(format!("http://{}{path}", node.addr))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    let status = res.status().as_u16();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let text = res.text().await.unwrap();
+    (
+        status,
+        ct,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+async fn metrics(node: &Node) -> String {
+    reqwest::get(format!("http://{}/metrics", node.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A JSON string whose compact JSON is exactly `n` bytes.
+fn json_of_len(n: usize) -> Value {
+    json!("x".repeat(n - 2))
+}
+
+/// One message larger than a subscriber's write buffer used to fail that subscriber's write and drop it (no close
+/// frame) while the sender got 202. Now it is refused at the sender and a subscriber never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_publish_is_refused_and_subscribers_stay() {
+    let node = gateway(memory(), LimitsConfig::default()).await;
+    let mut sub = connect(&node, &token("bob", "subscribe", Duration::from_secs(60))).await;
+    let r = ask(
+        &mut sub,
+        "s",
+        json!({"op": "subscribe", "channel": "app:big"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let publisher = token("alice", "publish", Duration::from_secs(60));
+    // Under the 1 MiB body limit, over the 64 KiB publish limit.
+    let (status, ct, body) = post(
+        &node,
+        &publisher,
+        "/v1/channels/big/publish",
+        &json!({"pad": "x".repeat(400_000)}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(ct, "application/problem+json");
+    assert_eq!(
+        body["type"], "urn:ferry:problem:payload-too-large",
+        "{body}"
+    );
+    assert!(body["detail"].as_str().unwrap().contains("65536"), "{body}");
+    // Exactly at the limit: delivered, whole.
+    let at_limit = json_of_len(64 * 1024);
+    let (status, _, body) = post(&node, &publisher, "/v1/channels/big/publish", &at_limit).await;
+    assert_eq!(status, 202, "{body}");
+    let v = next_json(&mut sub).await;
+    assert_eq!(v["channel"], "app:big");
+    assert_eq!(v["data"], at_limit);
+    // Nothing else was queued for the subscriber, and it is still connected.
+    assert_eq!(drain(&mut sub).await, Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_limit_applies_to_the_ws_op_and_other_publishers() {
+    let broker = memory();
+    let limits = LimitsConfig {
+        max_publish_bytes: 1000,
+        ..LimitsConfig::default()
+    };
+    let node = gateway(broker.clone(), limits).await;
+    let mut sub = connect(&node, &token("bob", "subscribe", Duration::from_secs(60))).await;
+    let r = ask(
+        &mut sub,
+        "s",
+        json!({"op": "subscribe", "channel": "app:room"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let mut publisher = connect(&node, &token("alice", "publish", Duration::from_secs(60))).await;
+    let r = ask(
+        &mut publisher,
+        "over",
+        json!({"op": "publish", "channel": "app:room", "data": json_of_len(1001)}),
+    )
+    .await;
+    assert_eq!(
+        (r["ok"].clone(), r["error"]["code"].clone()),
+        (json!(false), json!("too_large")),
+        "{r}"
+    );
+    let r = ask(
+        &mut publisher,
+        "at",
+        json!({"op": "publish", "channel": "app:room", "data": json_of_len(1000)}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    // The HTTP route holds the same limit.
+    let (status, _, body) = post(
+        &node,
+        &token("alice", "publish", Duration::from_secs(60)),
+        "/v1/channels/room/publish",
+        &json_of_len(1001),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    // A message over the limit from another publisher on the broker (a node configured with a larger limit) is
+    // not forwarded.
+    broker
+        .publish("room", json_of_len(5000).to_string())
+        .await
+        .unwrap();
+    let v = next_json(&mut sub).await;
+    assert_eq!(v["data"], json_of_len(1000));
+    assert_eq!(drain(&mut sub).await, Vec::<Value>::new());
+    let m = metrics(&node).await;
+    assert!(
+        m.contains("ferry_ws_oversized_pushes_total{kind=\"message\"} 1"),
+        "{m}"
+    );
+}
+
+/// A `ferry.echo` job whose result is larger than a subscriber's write buffer used to drop every `queue:`
+/// watcher. Its `job.completed` event now leaves the result out and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_event_with_a_huge_result_leaves_it_out() {
+    let broker = memory();
+    let node = gateway(broker.clone(), LimitsConfig::default()).await;
+    let _w = worker(broker, "bigq");
+    let mut watcher = connect(
+        &node,
+        &token("carol", "queues:read", Duration::from_secs(60)),
+    )
+    .await;
+    let r = ask(
+        &mut watcher,
+        "q",
+        json!({"op": "subscribe", "channel": "queue:bigq"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let submitter = token("alice", "jobs:submit jobs:read", Duration::from_secs(60));
+    let pad = "x".repeat(400_000);
+    let (status, _, body) = post(
+        &node,
+        &submitter,
+        "/v1/queues/bigq/jobs",
+        &json!({"kind": "ferry.echo", "payload": {"pad": pad}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let done = loop {
+        let v = next_json(&mut watcher).await;
+        if v["event"] == "job.completed" {
+            break v;
+        }
+    };
+    assert_eq!(done["data"]["id"], id.as_str());
+    assert_eq!(done["data"]["result_omitted"], true, "{done}");
+    assert!(done["data"].get("result").is_none());
+    // Still connected, and the result is where the event points the client.
+    assert_eq!(
+        ask(&mut watcher, "p", json!({"op": "ping"})).await["ok"],
+        true
+    );
+    let job: Value = reqwest::Client::new()
+        .get(format!("http://{}/v1/jobs/{id}", node.addr))
+        .bearer_auth(&submitter)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["result"]["pad"].as_str().map(str::len), Some(400_000));
+    let m = metrics(&node).await;
+    assert!(
+        m.contains("ferry_ws_oversized_pushes_total{kind=\"event\"} 1"),
+        "{m}"
+    );
+}
+
+/// Control frames cost the server a write each (tungstenite answers every ping), so they count against the
+/// frame rate: a ping flood ends in 4008 like a text flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_flood_closes_4008() {
+    let limits = LimitsConfig {
+        ws_rate_per_sec: 1,
+        ws_burst: 2,
+        ws_sustained_violations: 3,
+        ..LimitsConfig::default()
+    };
+    let node = gateway(memory(), limits).await;
+    let mut ws = connect(&node, &token("alice", ALL, Duration::from_secs(60))).await;
+    for _ in 0..50 {
+        ws.send(Message::Ping(Default::default())).await.unwrap();
+    }
+    assert_eq!(close_code(&mut ws).await, 4008);
+    let m = metrics(&node).await;
+    assert!(m.contains("ferry_ws_closes_total{code=\"4008\"} 1"), "{m}");
+}

@@ -40,9 +40,11 @@ pub async fn publish(
     let target = app_channel(&p, &channel)?;
     // Delivery is at most once and asynchronous (other nodes get it through the broker), so the answer is
     // "accepted", not "delivered".
+    // Over `max_publish_bytes`: 413 here, before the broker, so nothing is delivered.
+    let message = api.app.hub.prepare_publish(&target, &data)?;
     api.app
         .resilience
-        .broker(api.app.hub.publish(&target, data))
+        .broker(api.app.hub.publish(message))
         .await?;
     Ok(StatusCode::ACCEPTED)
 }

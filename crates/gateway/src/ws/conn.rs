@@ -25,7 +25,7 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::{ConnSlot, Hub, View, close, user_key};
+use super::{ConnSlot, Hub, View, close, user_key, write_buffer_cap};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::error::ApiError;
 use crate::http::{channels, tenancy};
@@ -76,9 +76,9 @@ pub async fn upgrade(
     };
     let limits = hub.limits();
     let max = limits.max_frame_bytes;
-    // Bounded so a peer that stops reading cannot make tungstenite buffer without limit; a frame over it fails
-    // the write and ends the connection.
-    let max_write = (limits.send_queue.max(1) * 1024).max(2 * max) + max;
+    // Bounded so a peer that stops reading cannot make tungstenite buffer without limit, and large enough for
+    // any frame the server writes (pushes are bounded by `max_publish_bytes`).
+    let max_write = write_buffer_cap(limits);
     let slot = hub.admit(subject_key(&principal));
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
@@ -263,7 +263,7 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
                     closing = Some(Instant::now() + delay);
                     let frame = json!({"type": "goaway", "reconnect_after_ms": delay.as_millis() as u64});
                     if let Err(ending) =
-                        send(&mut socket, &handle, Message::Text(frame.to_string().into()), closing).await
+                        send(&mut socket, &hub, &handle, Message::Text(frame.to_string().into()), closing).await
                     {
                         break ending;
                     }
@@ -280,12 +280,12 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
                         // Dead peer: nobody to say goodbye to.
                         break None;
                     }
-                    if let Err(ending) = send(&mut socket, &handle, Message::Ping(Default::default()), closing).await {
+                    if let Err(ending) = send(&mut socket, &hub, &handle, Message::Ping(Default::default()), closing).await {
                         break ending;
                     }
                 }
                 frame = handle.outbox.pop() => {
-                    if let Err(ending) = send(&mut socket, &handle, Message::Text(frame), closing).await {
+                    if let Err(ending) = send(&mut socket, &hub, &handle, Message::Text(frame), closing).await {
                         break ending;
                     }
                 }
@@ -304,14 +304,20 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
                             break Some((close::POLICY, "frames must be JSON text"));
                         }
                         Some(Ok(Message::Close(_))) => break None,
-                        Some(Ok(_)) => continue,
+                        // tungstenite answers a ping by itself, so control frames cost the server a write
+                        // each like any request: they count against the frame rate, and a ping flood ends in
+                        // 4008 like a text flood (no reply frame: a ping has no id).
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => match c.charge() {
+                            Err(ending) => break Some(ending),
+                            Ok(_) => continue,
+                        },
                     };
                     // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
                     c.hub.count_frame_in();
                     match Box::pin(c.frame(text.as_str())).await {
                         Ok(Some(reply)) => {
                             c.hub.count_frame_out();
-                            if let Err(ending) = send(&mut socket, &handle, Message::Text(reply.into()), closing).await {
+                            if let Err(ending) = send(&mut socket, &hub, &handle, Message::Text(reply.into()), closing).await {
                                 break ending;
                             }
                         }
@@ -336,10 +342,18 @@ fn is_capacity(e: &axum::Error) -> bool {
     e.to_string().contains("Space limit exceeded")
 }
 
+/// tungstenite refused a frame because its write buffer would exceed `max_write_buffer_size` (recognised by its
+/// message, as [`is_capacity`] is). The frame was not queued and the connection is still usable.
+fn is_write_buffer_full(e: &axum::Error) -> bool {
+    e.to_string().contains("Write buffer is full")
+}
+
 /// Write one frame, giving up if the hub closes the connection meanwhile (a peer that does not read, or
 /// shutdown). On failure, the ending: the hub's close frame when it killed the connection (a write blocked by a
 /// slow consumer is exactly when the hub does, and the peer must still learn why: tungstenite keeps the
-/// half-written frame and sends it before the close frame), nothing when the write itself failed. A write still
+/// half-written frame and sends it before the close frame); 4009 when the write buffer is full (the peer left
+/// that much unread; the buffer is sized for every frame the server writes, see [`write_buffer_cap`], and a
+/// close frame still fits); nothing when the write itself failed (the peer is gone; counted). A write still
 /// blocked when a draining connection's close time (`closing`) comes is abandoned for the 1001 close.
 ///
 /// Boxed: the write's state (the frame, a timer, the kill wait: about 600 bytes) would otherwise be part of
@@ -347,15 +361,17 @@ fn is_capacity(e: &axum::Error) -> bool {
 /// sent costs less than that on every connection.
 fn send<'a>(
     socket: &'a mut WebSocket,
+    hub: &'a Hub,
     handle: &'a super::ConnHandle,
     msg: Message,
     closing: Option<Instant>,
 ) -> BoxFuture<'a, Result<(), Ending>> {
-    send_inline(socket, handle, msg, closing).boxed()
+    send_inline(socket, hub, handle, msg, closing).boxed()
 }
 
 async fn send_inline(
     socket: &mut WebSocket,
+    hub: &Hub,
     handle: &super::ConnHandle,
     msg: Message,
     closing: Option<Instant>,
@@ -370,7 +386,14 @@ async fn send_inline(
         // The write first: a frame that can go out at once does, even at the close time (a goaway frame with
         // no delay).
         biased;
-        r = socket.send(msg) => r.map_err(|_| None),
+        r = socket.send(msg) => r.map_err(|e| {
+            if is_write_buffer_full(&e) {
+                Some((close::SLOW_CONSUMER, "slow consumer"))
+            } else {
+                hub.count_write_error();
+                None
+            }
+        }),
         _ = handle.killed() => Err(Some(handle.ending())),
         _ = closed => Err(Some((close::GOING_AWAY, "server shutting down"))),
     }
@@ -387,6 +410,21 @@ fn reply_err(id: &Value, e: &ApiError) -> String {
 }
 
 impl Conn {
+    /// Take one frame (text, ping or pong) from the connection's rate budget: `Ok(true)` within it, `Ok(false)`
+    /// over it (counted), the 4008 close once it has been over it `ws_sustained_violations` frames in a row.
+    fn charge(&mut self) -> Result<bool, (u16, &'static str)> {
+        if self.limiter.check().is_ok() {
+            self.violations = 0;
+            return Ok(true);
+        }
+        self.hub.count_rate_limited_frame();
+        self.violations += 1;
+        if self.violations > self.hub.limits().ws_sustained_violations {
+            return Err((close::RATE_LIMITED, "rate limited"));
+        }
+        Ok(false)
+    }
+
     /// Handle one client frame: the reply to send, or the close code that ends the connection.
     async fn frame(&mut self, text: &str) -> Result<Option<String>, (u16, &'static str)> {
         let parsed: Result<Value, _> = serde_json::from_str(text);
@@ -395,18 +433,12 @@ impl Conn {
             .ok()
             .and_then(|v| v.get("id").cloned())
             .unwrap_or(Value::Null);
-        if self.limiter.check().is_err() {
-            self.hub.count_rate_limited_frame();
-            self.violations += 1;
-            if self.violations > self.hub.limits().ws_sustained_violations {
-                return Err((close::RATE_LIMITED, "rate limited"));
-            }
+        if !self.charge()? {
             let e = ApiError::RateLimited {
                 retry_after_secs: 1,
             };
             return Ok(Some(reply_err(&id, &e)));
         }
-        self.violations = 0;
         let v = match parsed {
             Ok(v @ Value::Object(_)) => v,
             _ => {
@@ -462,10 +494,11 @@ impl Conn {
             "publish" => {
                 let channel = str_field("channel")?;
                 let key = self.authorize(channel, true).await?;
-                let data = v.get("data").cloned().unwrap_or(Value::Null);
+                let data = v.get("data").unwrap_or(&Value::Null);
+                let message = self.hub.prepare_publish(&key, data)?;
                 self.state
                     .resilience
-                    .broker(self.hub.publish(&key, data))
+                    .broker(self.hub.publish(message))
                     .await?;
                 Ok(json!({"channel": channel}))
             }

@@ -28,6 +28,12 @@
 //! dead, `progress` for progress), and `{"channel": "app:chat", "event": "message", "data": <published JSON>}`
 //! for application messages. A frame is rendered once per message and shared by every connection that gets it.
 //!
+//! Pushes are bounded so that no message can fail a subscriber's write (which would drop it for someone else's
+//! doing): a publish whose `data` is over `max_publish_bytes` is refused at its sender ([`Hub::prepare_publish`])
+//! and one from elsewhere is not forwarded; a job event's `result` / `error` / `progress` over it is left out and
+//! replaced by `"<field>_omitted": true`. Every connection's write buffer ([`write_buffer_cap`]) takes the
+//! largest frame that leaves.
+//!
 //! # Token refresh
 //!
 //! A connection closes with 4001 when its token's `exp` passes. `{"id", "op": "refresh", "token"}` before then
@@ -42,7 +48,8 @@
 //! The hub ends a connection through its `ConnHandle`: 4009 when its send queue (`send_queue` frames) is full,
 //! whether the peer stopped reading or only reads too slowly, and 1001 to every connection when the node shuts
 //! down (each connection's kill token is a child of the hub's shutdown token). The connection itself closes with
-//! 1008 on a binary frame, 1009 on a frame over `max_frame_bytes`, 4001 on expiry, 4008 on a sustained flood and
+//! 1008 on a binary frame, 1009 on a frame over `max_frame_bytes`, 4001 on expiry, 4008 on a sustained flood
+//! (text, ping and pong frames all count against the rate), 4009 when a write finds its write buffer full and
 //! 1013 when it was over the connection limits. A close frame gets 1 s to go out; a peer that does not read by
 //! then loses it and sees the socket closed.
 //!
@@ -541,15 +548,31 @@ impl Hub {
         self.shutdown.cancel();
     }
 
-    /// Publish `data` on a hub channel `app:<broker name>` (as [`crate::http::channels::app_channel`] maps it),
-    /// to its subscribers on every node.
-    pub async fn publish(&self, channel: &str, data: Value) -> Result<(), ApiError> {
+    /// Check a message for [`Hub::publish`]: the channel must be an `app:` hub channel (as
+    /// [`crate::http::channels::app_channel`] maps it) and `data`, as compact JSON, at most `max_publish_bytes`.
+    /// Checked before anything reaches the broker, so an oversized message is refused at its sender (413,
+    /// `too_large`) and never delivered: a subscriber's write buffer is sized for pushes within the limit.
+    pub fn prepare_publish(&self, channel: &str, data: &Value) -> Result<Publication, ApiError> {
         let Some(name) = channel.strip_prefix("app:") else {
             return Err(ApiError::bad_request(format!(
                 "only app: channels can be published to, not {channel:?}"
             )));
         };
-        self.broker.publish(name, data.to_string()).await?;
+        let max = self.limits.max_publish_bytes;
+        if json_len_over(data, max) {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "a published message's data may be at most {max} bytes of JSON"
+            )));
+        }
+        Ok(Publication {
+            name: name.to_owned(),
+            payload: data.to_string(),
+        })
+    }
+
+    /// Publish a checked message to the subscribers of its channel on every node.
+    pub async fn publish(&self, p: Publication) -> Result<(), ApiError> {
+        self.broker.publish(&p.name, p.payload).await?;
         Ok(())
     }
 
@@ -676,11 +699,17 @@ impl Hub {
         }
         keys.push(format!("job:{}", e.job));
         keys.push(format!("queue:{}", e.queue));
+        let payload = Payload::of(e, self.limits.max_publish_bytes);
         let channels = self.lock();
+        let mut pushed = false;
         for key in &keys {
             if let Some(subs) = channels.get(key) {
-                self.fan_out(subs, |view| render_event(view, e));
+                pushed = true;
+                self.fan_out(subs, |view| render_event(view, e, payload));
             }
+        }
+        if pushed && matches!(payload, Payload::Omitted(_)) {
+            self.counters.oversized.with_label_values(&["event"]).inc();
         }
     }
 
@@ -696,6 +725,16 @@ impl Hub {
             tracing::debug!(channel = %m.channel, "non-JSON channel message dropped");
             return;
         };
+        // This node's publishers are held to the limit; another node with a larger one, or another publisher on
+        // the same Redis, is not. Forwarding it could overflow every subscriber's write buffer.
+        if data.get().len() > self.limits.max_publish_bytes {
+            self.counters
+                .oversized
+                .with_label_values(&["message"])
+                .inc();
+            tracing::debug!(channel = %m.channel, bytes = data.get().len(), "oversized channel message dropped");
+            return;
+        }
         let key = format!("app:{}", m.channel);
         let channels = self.lock();
         if let Some(subs) = channels.get(&key) {
@@ -751,7 +790,77 @@ fn client_queue<'a>(tenant: Option<&str>, queue: &'a str) -> &'a str {
         .unwrap_or(queue)
 }
 
-fn render_event(view: &View, e: &Event) -> String {
+/// A message checked by [`Hub::prepare_publish`]: the broker channel name and the payload.
+#[derive(Debug)]
+pub struct Publication {
+    name: String,
+    payload: String,
+}
+
+/// Room in a pushed frame for everything but its payload: the channel name, the event name and a job event's
+/// short fields (id, queue, kind, state, attempt, time). Names are at most a few hundred bytes.
+pub(crate) const PUSH_ENVELOPE_BYTES: usize = 4 * 1024;
+
+/// The most a connection's write buffer may hold (tungstenite's `max_write_buffer_size`): what is left of a
+/// write abandoned half-way (a close interrupting it, at most one frame) plus the frame being written. Every
+/// frame the server writes fits: a push is at most `max_publish_bytes` plus its envelope, a reply at most about
+/// a client frame (it echoes the frame's `id`). Were a write to fail anyway, the connection is closed 4009 (the
+/// peer holds that much unread), with a close frame.
+pub(crate) fn write_buffer_cap(limits: &LimitsConfig) -> usize {
+    let frame = limits.max_frame_bytes.max(limits.max_publish_bytes) + PUSH_ENVELOPE_BYTES;
+    (limits.send_queue.max(1) * 1024).max(2 * frame) + frame
+}
+
+/// True when `v` as compact JSON is over `max` bytes; serializes no further than that.
+fn json_len_over(v: &Value, max: usize) -> bool {
+    struct Count {
+        n: usize,
+        max: usize,
+    }
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.n += b.len();
+            if self.n > self.max {
+                // Stops the serializer: the answer is known.
+                return Err(std::io::Error::other("over"));
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count { n: 0, max };
+    serde_json::to_writer(&mut c, v).is_err()
+}
+
+/// The payload field of a job event's pushed `data`, decided once per event (not once per subscriber).
+#[derive(Debug, Clone, Copy)]
+enum Payload<'a> {
+    None,
+    /// `result`, `error` or `progress`, and its value.
+    Field(&'static str, &'a Value),
+    /// Over `max_publish_bytes`: left out, and `<field>_omitted: true` says so (the client reads the job).
+    Omitted(&'static str),
+}
+
+impl<'a> Payload<'a> {
+    fn of(e: &'a Event, max: usize) -> Self {
+        let field = match e.ty {
+            EventType::Completed => "result",
+            EventType::Retrying | EventType::Dead => "error",
+            EventType::Progress => "progress",
+            _ => return Self::None,
+        };
+        match &e.data {
+            None => Self::None,
+            Some(d) if json_len_over(d, max) => Self::Omitted(field),
+            Some(d) => Self::Field(field, d),
+        }
+    }
+}
+
+fn render_event(view: &View, e: &Event, payload: Payload<'_>) -> String {
     let mut data = json!({
         "id": e.job,
         "queue": client_queue(view.tenant.as_deref(), e.queue.as_str()),
@@ -760,16 +869,10 @@ fn render_event(view: &View, e: &Event) -> String {
         "attempt": e.attempt,
         "at": e.at,
     });
-    if let Some(d) = &e.data {
-        let field = match e.ty {
-            EventType::Completed => Some("result"),
-            EventType::Retrying | EventType::Dead => Some("error"),
-            EventType::Progress => Some("progress"),
-            _ => None,
-        };
-        if let Some(field) = field {
-            data[field] = d.clone();
-        }
+    match payload {
+        Payload::None => {}
+        Payload::Field(field, d) => data[field] = d.clone(),
+        Payload::Omitted(field) => data[format!("{field}_omitted")] = Value::Bool(true),
     }
     json!({"channel": view.channel, "event": e.ty.as_str(), "data": data}).to_string()
 }
@@ -839,11 +942,46 @@ mod tests {
             channel: "queue:emails".into(),
             tenant: Some("acme".into()),
         };
-        let v: Value = serde_json::from_str(&render_event(&view, &e)).unwrap();
+        let v: Value =
+            serde_json::from_str(&render_event(&view, &e, Payload::of(&e, 1024))).unwrap();
         assert_eq!(v["channel"], "queue:emails");
         assert_eq!(v["event"], "job.completed");
         assert_eq!(v["data"]["queue"], "emails");
         assert_eq!(v["data"]["result"], json!({"ok": true}));
+        assert!(v["data"].get("result_omitted").is_none(), "{v}");
+
+        // `{"ok":true}` is 11 bytes: at the limit it is sent, one byte under the limit it is left out.
+        assert!(matches!(Payload::of(&e, 11), Payload::Field("result", _)));
+        let v: Value = serde_json::from_str(&render_event(&view, &e, Payload::of(&e, 10))).unwrap();
+        assert!(v["data"].get("result").is_none(), "{v}");
+        assert_eq!(v["data"]["result_omitted"], true);
+        assert_eq!(v["data"]["id"], json!(e.job));
+    }
+
+    #[test]
+    fn json_length_is_measured_compact_and_stops_early() {
+        let v = json!({"a": [1, 2, 3]});
+        let n = v.to_string().len();
+        assert!(!json_len_over(&v, n));
+        assert!(json_len_over(&v, n - 1));
+        assert!(json_len_over(&json!("x".repeat(1 << 20)), 10));
+    }
+
+    #[test]
+    fn the_write_buffer_takes_the_largest_push() {
+        for limits in [
+            LimitsConfig::default(),
+            LimitsConfig {
+                send_queue: 1,
+                max_frame_bytes: 1024,
+                max_publish_bytes: 1 << 20,
+                ..LimitsConfig::default()
+            },
+        ] {
+            let push = limits.max_publish_bytes + PUSH_ENVELOPE_BYTES;
+            // After a write abandoned half-way (up to one frame left), a maximal push still fits.
+            assert!(write_buffer_cap(&limits) >= 2 * push, "{limits:?}");
+        }
     }
 }
 
@@ -862,6 +1000,10 @@ struct WsCounters {
     /// [`Hub::count_frame_out`].
     frames_out: prometheus::IntCounter,
     slow_consumer_closes: prometheus::IntCounter,
+    /// Pushes over `max_publish_bytes`, by kind: `event` (sent with its payload left out), `message` (dropped).
+    oversized: prometheus::IntCounterVec,
+    /// Connections dropped because a write failed (the peer is gone), with no close frame.
+    write_errors: prometheus::IntCounter,
     /// Event time (`at`) to fan-out on this node.
     pubsub_lag: prometheus::Histogram,
 }
@@ -900,6 +1042,19 @@ impl Default for WsCounters {
                 "ferry_ws_slow_consumer_closes_total",
                 "Connections closed 4009 (slow consumer).",
             ),
+            oversized: IntCounterVec::new(
+                Opts::new(
+                    "ferry_ws_oversized_pushes_total",
+                    "Pushes over max-publish-bytes: event (a job event sent with its result, error or progress \
+                     left out), message (a channel message from another publisher, dropped).",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            write_errors: counter(
+                "ferry_ws_write_errors_total",
+                "Connections dropped because a write to the peer failed.",
+            ),
             pubsub_lag: Histogram::with_opts(
                 HistogramOpts::new(
                     "ferry_pubsub_lag_seconds",
@@ -928,6 +1083,11 @@ impl Hub {
                 .inc(),
             _ => {}
         }
+    }
+
+    /// A write to a peer failed and the connection was dropped without a close frame.
+    pub(crate) fn count_write_error(&self) {
+        self.counters.write_errors.inc();
     }
 
     pub(crate) fn count_rate_limited_frame(&self) {
@@ -978,6 +1138,8 @@ impl Hub {
         out.extend(c.frames_in.collect());
         out.extend(c.frames_out.collect());
         out.extend(c.slow_consumer_closes.collect());
+        out.extend(c.oversized.collect());
+        out.extend(c.write_errors.collect());
         out.extend(c.pubsub_lag.collect());
         out
     }
