@@ -58,6 +58,7 @@ macro_rules! contract_suite {
             permanent_error_goes_dead,
             idempotency_key_returns_first_job,
             idempotency_key_expires_after_ttl,
+            idempotency_key_is_scoped_to_the_subject,
             cancel_queued_job,
             cancel_scheduled_and_retrying_jobs,
             cancel_active_job_revokes_lease,
@@ -916,6 +917,42 @@ pub async fn idempotency_key_returns_first_job<E: Engine>() {
     complete(b, &leased.lease, json!(1)).await.unwrap();
     let after = b.enqueue(q, keyed(Some("acme"))).await.unwrap();
     assert_eq!((after.id, after.duplicate), (first.id, true));
+}
+
+/// Two subjects of one tenant using the same key get a job each: neither learns nor takes the other's id,
+/// whoever comes first.
+pub async fn idempotency_key_is_scoped_to_the_subject<E: Engine>() {
+    let c = setup::<E>("idempotency_subject").await;
+    let (b, q) = (&c.b, &c.q);
+    let keyed = |owner: Option<&str>| NewJob {
+        idempotency_key: Some("order-42".into()),
+        tenant: Some("acme".into()),
+        owner: owner.map(str::to_owned),
+        ..job("charge")
+    };
+    let alice = b.enqueue(q, keyed(Some("alice"))).await.unwrap();
+    assert!(!alice.duplicate);
+    let bob = b.enqueue(q, keyed(Some("bob"))).await.unwrap();
+    assert!(!bob.duplicate, "bob's submit must not be alice's duplicate");
+    assert_ne!(bob.id, alice.id);
+    // In a batch as well, and each subject still finds their own job.
+    let again = b
+        .enqueue_batch(q, vec![keyed(Some("bob")), keyed(Some("bob"))])
+        .await
+        .unwrap();
+    assert!(again.iter().all(|e| e.duplicate && e.id == bob.id));
+    let again = b.enqueue(q, keyed(Some("alice"))).await.unwrap();
+    assert_eq!((again.id, again.duplicate), (alice.id, true));
+    // A job submitted without an owner (an operator's `ferry enqueue`) is nobody's duplicate either.
+    let anonymous = b.enqueue(q, keyed(None)).await.unwrap();
+    assert!(!anonymous.duplicate);
+    assert!(anonymous.id != alice.id && anonymous.id != bob.id);
+    // Both jobs exist, each with its own owner.
+    for (id, owner) in [(alice.id, "alice"), (bob.id, "bob")] {
+        let info = b.job(id).await.unwrap().expect("the job was stored");
+        assert_eq!(info.spec.owner.as_deref(), Some(owner));
+    }
+    assert_eq!(b.stats(q).await.unwrap().depth, 3);
 }
 
 pub async fn idempotency_key_expires_after_ttl<E: Engine>() {
