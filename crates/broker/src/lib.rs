@@ -30,8 +30,9 @@ use ferry_core::{JobId, JobInfo, NewJob, QueueName};
 /// transition fenced by a [`Lease`] is applied only while that lease is still the job's current one.
 #[async_trait]
 pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
-    /// Submit one job. A job with an `idempotency_key` already used in the same queue and tenant returns the
-    /// first job's id with `duplicate: true`, and nothing new is stored.
+    /// Submit one job. A job with an `idempotency_key` already used in the same queue by the same tenant and
+    /// owner (the submitting subject) returns the first job's id with `duplicate: true`, and nothing new is
+    /// stored. Another subject's identical key is another job.
     async fn enqueue(&self, queue: &QueueName, job: NewJob) -> Result<Enqueued, BrokerError> {
         let mut v = self.enqueue_batch(queue, vec![job]).await?;
         v.pop()

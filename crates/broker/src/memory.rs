@@ -112,10 +112,12 @@ impl MemoryBroker {
         let mut out = Vec::with_capacity(jobs.len());
         let mut any_ready = false;
         for mut job in jobs {
+            // Scoped to the submitter: a key shared across subjects would let one subject learn (or take) the
+            // id of another's job.
             let idem_key = job
                 .idempotency_key
                 .take()
-                .map(|key| (job.tenant.clone(), key));
+                .map(|key| (job.tenant.clone(), job.owner.clone(), key));
             if let Some(key) = &idem_key
                 && let Some(seen) = st.queue(queue).idempotency.get(key)
                 && seen.expires_at > now
@@ -228,7 +230,8 @@ struct Seen {
     expires_at: u64,
 }
 
-type IdemKey = (Option<String>, String);
+/// (tenant, owner, key): a key is one submitter's, never shared by the subjects of a tenant.
+type IdemKey = (Option<String>, Option<String>, String);
 
 /// One queue's indexes. Each job id appears in at most one of them: the one matching its state.
 #[derive(Debug, Default)]

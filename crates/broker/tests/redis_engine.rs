@@ -183,6 +183,51 @@ async fn depth_survives_deleted_entries() {
     assert!(leased.iter().all(|l| l.job.id != ids[2].id));
 }
 
+/// Past the 1,000 entries `stats` counts per stream, a backlog with cancelled jobs is Redis's own figure when it
+/// has one (never below the jobs waiting, too high by at most the jobs cancelled), counted on when it has none;
+/// back under the bound it is exact again.
+#[tokio::test]
+async fn depth_of_a_long_backlog_with_cancels_stays_close_and_bounded() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("long");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let batch = b
+            .enqueue_batch(&queue, (0..400).map(|_| noop()).collect())
+            .await
+            .unwrap();
+        ids.extend(batch.into_iter().map(|e| e.id));
+    }
+    let claim = |n: usize| {
+        let (b, queue) = (b.clone(), queue.clone());
+        async move {
+            let mut claimed = 0;
+            while claimed < n {
+                let want = (n - claimed).min(100);
+                claimed += b
+                    .claim(&queue, "c", want, Duration::ZERO)
+                    .await
+                    .unwrap()
+                    .len();
+            }
+        }
+    };
+    claim(50).await;
+    for id in &ids[100..105] {
+        b.cancel(*id, None).await.unwrap();
+    }
+    // 1,145 wait; Redis's figure (entries added - entries read) still counts the 5 cancelled.
+    let depth = b.stats(&queue).await.unwrap().depth;
+    assert!((1145..=1150).contains(&depth), "{depth}");
+    // Read with a deletion ahead, Redis 7.0 loses its read counter: counted.
+    claim(10).await;
+    let depth = b.stats(&queue).await.unwrap().depth;
+    assert!((1135..=1140).contains(&depth), "{depth}");
+    claim(300).await;
+    assert_eq!(b.stats(&queue).await.unwrap().depth, 835);
+}
+
 /// Queues spread over three shards; every queue's keys live on exactly one of them.
 #[tokio::test]
 async fn queues_spread_over_three_shards() {

@@ -152,7 +152,7 @@ pub struct NewJob {
     /// Per-attempt time limit; the worker's default applies when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
-    /// A second submit with the same key (same tenant and queue) returns the first job's id.
+    /// A second submit with the same key (same queue, tenant and owner) returns the first job's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

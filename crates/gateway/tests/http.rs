@@ -112,6 +112,62 @@ async fn idempotent_submits_report_the_duplicate() {
     assert_eq!(b.body["duplicate"], true);
 }
 
+/// Two subjects of one tenant using the same idempotency key: each gets their own job, and neither learns the
+/// other's id, whoever submits first; on both engines.
+#[tokio::test]
+async fn idempotency_keys_are_per_subject() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let on_redis = RedisBroker::connect(&[redis.url()], EngineConfig::default())
+        .await
+        .expect("connects");
+    let engines: [Arc<dyn Broker>; 2] = [
+        Arc::new(MemoryBroker::new(EngineConfig::default())),
+        Arc::new(on_redis),
+    ];
+    for broker in engines {
+        let app = TestApp::start(broker, |_| {}).await;
+        let alice = token("alice", USER, Some("acme"));
+        let bob = token("bob", USER, Some("acme"));
+        let once = json!({"kind": "k", "idempotency_key": "order-42"});
+        let submit = |t: String| {
+            let (app, once) = (&app, once.clone());
+            async move { app.post("/v1/queues/q/jobs", &t, once).await }
+        };
+
+        // Bob first: alice's submit must create her job, not hand her bob's id.
+        let by_bob = submit(bob.clone()).await;
+        let by_alice = submit(alice.clone()).await;
+        for r in [&by_bob, &by_alice] {
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+            assert!(r.body.get("duplicate").is_none(), "{:?}", r.body);
+        }
+        assert_ne!(by_alice.body["id"], by_bob.body["id"]);
+        let id = by_alice.body["id"].as_str().unwrap();
+        let got = app.get(&format!("/v1/jobs/{id}"), &alice).await;
+        assert_eq!(got.status, StatusCode::OK, "{:?}", got.body);
+        // Bob's reuse (also in a batch) is his own duplicate: it never names alice's job.
+        let again = submit(bob.clone()).await;
+        assert_eq!(again.body["id"], by_bob.body["id"]);
+        assert_eq!(again.body["duplicate"], true);
+        let batch = app
+            .post(
+                "/v1/queues/q/jobs/batch",
+                &bob,
+                json!({"jobs": [once.clone()]}),
+            )
+            .await;
+        assert_eq!(
+            batch.body["ids"],
+            json!([by_bob.body["id"]]),
+            "{:?}",
+            batch.body
+        );
+        let again = submit(alice.clone()).await;
+        assert_eq!(again.body["id"], by_alice.body["id"]);
+        assert_eq!(again.body["duplicate"], true);
+    }
+}
+
 #[tokio::test]
 async fn batch_submit_with_its_limits() {
     let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));

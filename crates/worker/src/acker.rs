@@ -125,7 +125,7 @@ async fn flush_completes(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationT
                     Err(_) => {
                         tracing::debug!(job = %ack.slot.lease.job, "completion rejected: lease no longer held");
                         core.counters.lost(1);
-                        ack.slot.metrics.lost.inc();
+                        crate::metrics::lease_gone(core, &ack.slot.lease, &ack.slot.metrics);
                     }
                 }
             }
@@ -177,7 +177,7 @@ async fn flush_fails(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationToken
                     Err(_) => {
                         tracing::debug!(job = %lease.job, "failure rejected: lease no longer held");
                         core.counters.lost(1);
-                        ack.slot.metrics.lost.inc();
+                        crate::metrics::lease_gone(core, &ack.slot.lease, &ack.slot.metrics);
                     }
                 }
             }
@@ -202,7 +202,7 @@ async fn flush_releases(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationTo
             let released = results.iter().filter(|r| **r).count();
             for (ack, held) in acks.iter().zip(&results) {
                 if !held {
-                    ack.slot.metrics.lost.inc();
+                    crate::metrics::lease_gone(core, &ack.slot.lease, &ack.slot.metrics);
                 }
             }
             core.counters.released(released);

@@ -5,6 +5,10 @@
 //! Counting is cheap on the job path: each (queue, kind) pair resolves its labelled children once and caches
 //! them ([`JobMetrics`]); a job carries an `Arc` to its pair's handles, so an outcome is an atomic add.
 //!
+//! A lease that is gone before its outcome counts ([`lease_gone`]) is told apart by asking the broker for the
+//! job: cancelled by someone (`ferry_jobs_cancelled_while_running_total`, ordinary use) or lost to a reclaim
+//! after missed heartbeats (`ferry_jobs_lost_total`, worth an alert).
+//!
 //! `ferry_job_queue_wait_seconds` is observed for first attempts only, from the job's `spec.created_at` to the
 //! start of the attempt: the worker does not know when a retried job became due, and counting its backoff as
 //! waiting would make failing queues look congested. A job submitted with a delay includes its delay.
@@ -13,12 +17,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use ferry_core::{Kind, QueueName, now_ms};
+use ferry_broker::Lease;
+use ferry_core::{JobState, Kind, QueueName, now_ms};
 use ferry_telemetry::metrics::JOB_SECONDS_BUCKETS;
 use ferry_telemetry::prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
     Registry,
 };
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::Core;
@@ -30,7 +36,8 @@ pub(crate) struct JobMetrics {
     pub(crate) completed: IntCounter,
     pub(crate) retried: IntCounter,
     pub(crate) dead: IntCounter,
-    pub(crate) lost: IntCounter,
+    lost: IntCounter,
+    cancelled_running: IntCounter,
     pub(crate) processing: Histogram,
     pub(crate) wait: Histogram,
 }
@@ -74,6 +81,7 @@ pub(crate) struct WorkerMetrics {
     retried: IntCounterVec,
     dead: IntCounterVec,
     lost: IntCounterVec,
+    cancelled_running: IntCounterVec,
     processing: HistogramVec,
     wait: HistogramVec,
     queues: QueueGauges,
@@ -81,7 +89,13 @@ pub(crate) struct WorkerMetrics {
     handles: Mutex<Handles>,
     /// Set once registered: the queue poller runs only then.
     registered: AtomicBool,
+    /// Bounds the job lookups of [`lease_gone`] in flight, so a mass cancel costs the broker a few lookups at a
+    /// time rather than one per job at once.
+    lookups: Arc<Semaphore>,
 }
+
+/// Job lookups [`lease_gone`] makes at once.
+const LOOKUPS_IN_FLIGHT: usize = 8;
 
 fn counter(name: &str, help: &str) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), &["queue", "kind"]).expect("valid metric")
@@ -114,7 +128,11 @@ impl WorkerMetrics {
             dead: counter("ferry_jobs_dead_total", "Jobs dead-lettered."),
             lost: counter(
                 "ferry_jobs_lost_total",
-                "Outcomes rejected or discarded because the lease was gone (cancelled, reclaimed).",
+                "Attempts whose lease was lost (reclaimed after missed heartbeats): outcome discarded.",
+            ),
+            cancelled_running: counter(
+                "ferry_jobs_cancelled_while_running_total",
+                "Attempts stopped because their job was cancelled while running: outcome discarded.",
             ),
             processing: histogram(
                 "ferry_job_processing_seconds",
@@ -140,6 +158,7 @@ impl WorkerMetrics {
             },
             handles: Mutex::new(HashMap::new()),
             registered: AtomicBool::new(false),
+            lookups: Arc::new(Semaphore::new(LOOKUPS_IN_FLIGHT)),
         }
     }
 
@@ -157,6 +176,7 @@ impl WorkerMetrics {
             retried: self.retried.with_label_values(&labels),
             dead: self.dead.with_label_values(&labels),
             lost: self.lost.with_label_values(&labels),
+            cancelled_running: self.cancelled_running.with_label_values(&labels),
             processing: self.processing.with_label_values(&labels),
             wait: self.wait.with_label_values(&labels),
         });
@@ -173,6 +193,7 @@ impl WorkerMetrics {
         r.register(Box::new(self.retried.clone()))?;
         r.register(Box::new(self.dead.clone()))?;
         r.register(Box::new(self.lost.clone()))?;
+        r.register(Box::new(self.cancelled_running.clone()))?;
         r.register(Box::new(self.processing.clone()))?;
         r.register(Box::new(self.wait.clone()))?;
         for g in [
@@ -192,6 +213,39 @@ impl WorkerMetrics {
     pub(crate) fn registered(&self) -> bool {
         self.registered.load(Ordering::Acquire)
     }
+}
+
+/// The lease of an attempt this worker ran is gone, so its outcome was discarded or rejected: count it as
+/// cancelled while running or as lost. The broker answers both the same way (a heartbeat `false`, a
+/// `Rejected`), so the job tells them apart: cancelled with no attempt after this one is a cancellation;
+/// anything else (queued or active again after a reclaim, dead after one on its last attempt, or cancelled
+/// only after another attempt started) a lost lease. A lookup that fails or times out counts as lost, the
+/// side that gets looked at. Runs in its own task, bounded by `broker_call_timeout`, so neither the acker nor
+/// a job slot waits for it.
+pub(crate) fn lease_gone(core: &Core, lease: &Lease, metrics: &Arc<JobMetrics>) {
+    let broker = core.broker.clone();
+    let lookups = core.metrics.lookups.clone();
+    let timeout = core.config.broker_call_timeout;
+    let (job, attempt, metrics) = (lease.job, lease.attempt, metrics.clone());
+    tokio::spawn(async move {
+        // Never closed, so acquiring fails only if that changes; count the lease in any case.
+        let _permit = lookups.acquire_owned().await;
+        let cancelled = match tokio::time::timeout(timeout, broker.job(job)).await {
+            Ok(Ok(info)) => {
+                info.is_some_and(|i| i.state == JobState::Cancelled && i.attempts <= attempt)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%job, error = %e, "lease gone: job lookup failed; counted as lost");
+                false
+            }
+            Err(_) => false,
+        };
+        if cancelled {
+            metrics.cancelled_running.inc();
+        } else {
+            metrics.lost.inc();
+        }
+    });
 }
 
 /// Refresh the queue gauges of the worker's queues every `queue_metrics_interval` (at once first) until `stop`. A failed

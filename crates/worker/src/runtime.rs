@@ -657,7 +657,7 @@ async fn run_job(run: Arc<RunCtx>, job: Job, slot: Arc<JobSlot>, permit: OwnedSe
             tracing::info!("lease no longer held; outcome discarded");
             core.inflight.remove(&slot.lease);
             core.counters.lost(1);
-            slot.metrics.lost.inc();
+            crate::metrics::lease_gone(core, &slot.lease, &slot.metrics);
             drop(permit);
         }
     }

@@ -40,10 +40,15 @@ impl QueueKeys {
         }
     }
 
-    /// Idempotency key for (tenant, key); the tenant is length-prefixed so no pair can collide with another.
-    pub fn idempotency(&self, tenant: Option<&str>, key: &str) -> String {
-        let t = tenant.unwrap_or("");
-        format!("{}idem:{}:{t}:{key}", self.prefix, t.len())
+    /// Idempotency key for (tenant, owner, key): one submitter's key, never shared by the subjects of a tenant.
+    /// Tenant and owner are length-prefixed, so no triple can collide with another whatever `:` they hold.
+    ///
+    /// The segment is `idem2:`, not the `idem:` of the (tenant, key) keys written before keys were scoped per
+    /// owner: an old key can never be read as a new one (its key part could spell out an owner's length and
+    /// name). Old keys are left alone and expire within `idempotency_ttl`.
+    pub fn idempotency(&self, tenant: Option<&str>, owner: Option<&str>, key: &str) -> String {
+        let (t, o) = (tenant.unwrap_or(""), owner.unwrap_or(""));
+        format!("{}idem2:{}:{t}:{}:{o}:{key}", self.prefix, t.len(), o.len())
     }
 }
 
@@ -61,9 +66,36 @@ mod tests {
         {
             assert!(key.starts_with("ferry:{mail}:"), "{key}");
         }
+        assert!(k.idempotency(None, None, "k").starts_with("ferry:{mail}:"));
+    }
+
+    #[test]
+    fn idempotency_keys_never_collide_across_tenants_and_owners() {
+        let k = QueueKeys::new(&QueueName::parse("mail").unwrap());
+        // Every way of splitting "a:b:c" over tenant, owner and key names a different Redis key.
+        let triples = [
+            (Some("a:b"), Some("c"), "k"),
+            (Some("a"), Some("b:c"), "k"),
+            (Some("a"), Some("b"), "c:k"),
+            (Some("a:b:c"), None, "k"),
+            (None, Some("a:b:c"), "k"),
+            (None, None, "a:b:c:k"),
+            (Some("a"), None, "b:c:k"),
+            (None, Some("a"), "b:c:k"),
+        ];
+        let keys: std::collections::HashSet<String> = triples
+            .iter()
+            .map(|(t, o, key)| k.idempotency(*t, *o, key))
+            .collect();
+        assert_eq!(keys.len(), triples.len(), "{keys:?}");
+        // The same key of two subjects of one tenant: two keys.
         assert_ne!(
-            k.idempotency(Some("a:b"), "c"),
-            k.idempotency(Some("a"), "b:c")
+            k.idempotency(Some("acme"), Some("alice"), "order-42"),
+            k.idempotency(Some("acme"), Some("bob"), "order-42")
         );
+        // A key written before keys were scoped per owner (`idem:<len>:<tenant>:<key>`) cannot be mistaken for
+        // a new one, even when its key part spells out an owner.
+        let old = "ferry:{mail}:idem:4:acme:5:alice:order-42";
+        assert_ne!(k.idempotency(Some("acme"), Some("alice"), "order-42"), old);
     }
 }

@@ -523,7 +523,7 @@ impl RedisBroker {
             let idem = job
                 .idempotency_key
                 .as_deref()
-                .map(|k| keys.idempotency(job.tenant.as_deref(), k))
+                .map(|k| keys.idempotency(job.tenant.as_deref(), job.owner.as_deref(), k))
                 .unwrap_or_default();
             let spec = job.into_spec(now);
             let p = spec.priority.index();

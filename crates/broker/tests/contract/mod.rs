@@ -58,7 +58,9 @@ macro_rules! contract_suite {
             permanent_error_goes_dead,
             idempotency_key_returns_first_job,
             idempotency_key_expires_after_ttl,
+            idempotency_key_is_scoped_to_the_subject,
             cancel_queued_job,
+            depth_counts_only_jobs_left_after_cancels,
             cancel_scheduled_and_retrying_jobs,
             cancel_active_job_revokes_lease,
             pause_and_resume,
@@ -918,6 +920,42 @@ pub async fn idempotency_key_returns_first_job<E: Engine>() {
     assert_eq!((after.id, after.duplicate), (first.id, true));
 }
 
+/// Two subjects of one tenant using the same key get a job each: neither learns nor takes the other's id,
+/// whoever comes first.
+pub async fn idempotency_key_is_scoped_to_the_subject<E: Engine>() {
+    let c = setup::<E>("idempotency_subject").await;
+    let (b, q) = (&c.b, &c.q);
+    let keyed = |owner: Option<&str>| NewJob {
+        idempotency_key: Some("order-42".into()),
+        tenant: Some("acme".into()),
+        owner: owner.map(str::to_owned),
+        ..job("charge")
+    };
+    let alice = b.enqueue(q, keyed(Some("alice"))).await.unwrap();
+    assert!(!alice.duplicate);
+    let bob = b.enqueue(q, keyed(Some("bob"))).await.unwrap();
+    assert!(!bob.duplicate, "bob's submit must not be alice's duplicate");
+    assert_ne!(bob.id, alice.id);
+    // In a batch as well, and each subject still finds their own job.
+    let again = b
+        .enqueue_batch(q, vec![keyed(Some("bob")), keyed(Some("bob"))])
+        .await
+        .unwrap();
+    assert!(again.iter().all(|e| e.duplicate && e.id == bob.id));
+    let again = b.enqueue(q, keyed(Some("alice"))).await.unwrap();
+    assert_eq!((again.id, again.duplicate), (alice.id, true));
+    // A job submitted without an owner (an operator's `ferry enqueue`) is nobody's duplicate either.
+    let anonymous = b.enqueue(q, keyed(None)).await.unwrap();
+    assert!(!anonymous.duplicate);
+    assert!(anonymous.id != alice.id && anonymous.id != bob.id);
+    // Both jobs exist, each with its own owner.
+    for (id, owner) in [(alice.id, "alice"), (bob.id, "bob")] {
+        let info = b.job(id).await.unwrap().expect("the job was stored");
+        assert_eq!(info.spec.owner.as_deref(), Some(owner));
+    }
+    assert_eq!(b.stats(q).await.unwrap().depth, 3);
+}
+
 pub async fn idempotency_key_expires_after_ttl<E: Engine>() {
     let config = EngineConfig {
         idempotency_ttl: Duration::from_millis(300),
@@ -941,6 +979,56 @@ pub async fn idempotency_key_expires_after_ttl<E: Engine>() {
         assert_eq!(e.id, first.id);
         patience.tick().await;
     }
+}
+
+/// Cancelled queued jobs never count as waiting, however the cancels and claims interleave, and a drained
+/// queue is at depth 0. (Redis 7.0's consumer-group lag stays too high after a cancelled entry is skipped.)
+pub async fn depth_counts_only_jobs_left_after_cancels<E: Engine>() {
+    let c = setup::<E>("depth_cancels").await;
+    let (b, q) = (&c.b, &c.q);
+    let depth = || async { b.stats(q).await.unwrap() };
+    let ids: Vec<JobId> = b
+        .enqueue_batch(q, (0..6).map(|_| job("d")).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let first = claim_one(b, q, "w").await;
+    assert_eq!(first.job.id, ids[0]);
+    let mut leases = vec![first.lease];
+    // Cancel the next queued job, then claim past it; twice.
+    for (cancelled, next, waiting) in [(ids[1], ids[2], 3), (ids[3], ids[4], 1)] {
+        assert_eq!(
+            b.cancel(cancelled, None).await.unwrap(),
+            CancelOutcome::Cancelled(JobState::Queued)
+        );
+        assert_eq!(depth().await.depth, waiting + 1);
+        let l = claim_one(b, q, "w").await;
+        assert_eq!(l.job.id, next);
+        leases.push(l.lease);
+        let s = depth().await;
+        assert_eq!((s.depth, s.active), (waiting, leases.len() as u64), "{s:?}");
+    }
+    // The newest job cancelled too: nothing waits, though the stream's newest entry was never read.
+    b.cancel(ids[5], None).await.unwrap();
+    let s = depth().await;
+    assert_eq!((s.depth, s.lag_ms), (0, 0), "{s:?}");
+    for l in &leases {
+        complete(b, l, json!(null)).await.unwrap();
+    }
+    b.maintain(q).await.unwrap();
+    let s = depth().await;
+    assert_eq!((s.depth, s.active, s.lag_ms), (0, 0, 0), "drained: {s:?}");
+    // New work after the cancels is counted exactly.
+    b.enqueue_batch(q, (0..2).map(|_| job("d")).collect())
+        .await
+        .unwrap();
+    let l = claim_one(b, q, "w").await;
+    assert_eq!(depth().await.depth, 1);
+    complete(b, &l.lease, json!(null)).await.unwrap();
+    claim_one(b, q, "w").await;
+    assert_eq!(depth().await.depth, 0);
 }
 
 pub async fn cancel_queued_job<E: Engine>() {

@@ -1,17 +1,19 @@
 //! Prometheus metrics after a real workload on a real Redis, and the admin listener over HTTP.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry_broker::redis::RedisOptions;
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_core::JobState;
 use ferry_testkit::RedisServer;
 use ferry_worker::admin::{self, Admin};
 use ferry_worker::{HandlerRegistry, Worker};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{config, eventually, job, queue};
+use crate::common::{Faulty, config, enqueue, eventually, job, memory, queue, wait_state};
 
 async fn redis_broker(redis: &RedisServer) -> Arc<dyn Broker> {
     let options = RedisOptions {
@@ -101,10 +103,16 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
         value(&text, &format!("ferry_jobs_retried_total{labels_fail}")),
         Some(3.0)
     );
-    assert_eq!(
-        value(&text, &format!("ferry_jobs_lost_total{labels_noop}")),
-        Some(0.0)
-    );
+    for name in [
+        "ferry_jobs_lost_total",
+        "ferry_jobs_cancelled_while_running_total",
+    ] {
+        assert_eq!(
+            value(&text, &format!("{name}{labels_noop}")),
+            Some(0.0),
+            "{text}"
+        );
+    }
     assert_eq!(
         value(
             &text,
@@ -188,5 +196,80 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(20), run).await???;
     admin_stop.cancel();
     tokio::time::timeout(Duration::from_secs(5), server).await???;
+    Ok(())
+}
+
+/// A running job that someone cancels is counted as cancelled while running, never as lost; a lease lost to
+/// the reaper (heartbeats not reaching the broker past the visibility timeout) is counted as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_of_running_jobs_are_not_lost_leases() -> anyhow::Result<()> {
+    let inner = memory();
+    let faulty = Faulty::new(inner.clone());
+    let q = queue("cancel-vs-lost");
+    let registry = Arc::new(ferry_telemetry::metrics::registry());
+    let worker = Worker::new(faulty.clone(), HandlerRegistry::with_builtins(), config(&q))?;
+    worker.register_metrics(&registry)?;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(worker.run(shutdown.clone()));
+    let sample = |name: &str| {
+        let labels = "{kind=\"ferry.sleep\",queue=\"cancel-vs-lost\"}";
+        let text = ferry_telemetry::metrics::render(&registry);
+        value(&text, &format!("{name}{labels}")).unwrap_or(0.0)
+    };
+    let (cancelled, lost) = (
+        "ferry_jobs_cancelled_while_running_total",
+        "ferry_jobs_lost_total",
+    );
+    let long = || job("ferry.sleep", json!({"ms": 60_000}));
+    let patience = Duration::from_secs(10);
+
+    // Cancelled while running: ordinary use.
+    let id = enqueue(&*inner, &q, long()).await;
+    wait_state(&*inner, id, JobState::Active, patience).await?;
+    inner.cancel(id, Some("alice")).await?;
+    eventually(patience, "the cancel counted", || async {
+        sample(cancelled) == 1.0
+    })
+    .await?;
+    assert_eq!(sample(lost), 0.0);
+
+    // Lost: heartbeats fail until the reaper has requeued the job and it runs again.
+    faulty.fail_heartbeat.store(true, Ordering::SeqCst);
+    let mut j = long();
+    j.max_attempts = Some(10);
+    let id = enqueue(&*inner, &q, j).await;
+    eventually(
+        patience,
+        "the lease reclaimed and the job claimed again",
+        || async {
+            inner
+                .job(id)
+                .await
+                .unwrap()
+                .is_some_and(|j| j.attempts >= 2)
+        },
+    )
+    .await?;
+    faulty.fail_heartbeat.store(false, Ordering::SeqCst);
+    // The attempt running now keeps its lease; every earlier one was lost. Cancel it to end the case.
+    wait_state(&*inner, id, JobState::Active, patience).await?;
+    inner.cancel(id, Some("alice")).await?;
+    let attempts = inner.job(id).await?.expect("job kept").attempts;
+    eventually(
+        patience,
+        "the lost leases and the cancel counted",
+        || async { sample(lost) == f64::from(attempts - 1) && sample(cancelled) == 2.0 },
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: lost {}, cancelled {}",
+            sample(lost),
+            sample(cancelled)
+        )
+    })?;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), run).await???;
     Ok(())
 }
