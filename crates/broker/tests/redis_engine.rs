@@ -447,3 +447,124 @@ async fn event_log_is_trimmed_below_what_the_recorder_has_not_acknowledged() {
     b.maintain(&queue).await.unwrap();
     assert!(xlen() <= 6);
 }
+
+/// `total_connections_received` of a server: how many connections it has accepted so far.
+fn connections_received(server: &RedisServer) -> u64 {
+    let info = server.cli(&["INFO", "stats"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO stats without total_connections_received")
+}
+
+/// A claim's events are dated by Redis's clock when the script runs, not by the client's when it sent the call:
+/// a request held up on the way (here the server is paused for 1.5 s, as a partition holds requests in a socket)
+/// used to carry the time it was sent, up to the whole delay before it took effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_events_are_dated_when_redis_runs_the_claim() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("dated");
+    b.enqueue(&queue, noop()).await.unwrap();
+    let sent = ferry_core::now_ms();
+    server.cli(&["CLIENT", "PAUSE", "1500", "ALL"]).unwrap();
+    let leased = b.claim(&queue, "c", 1, Duration::ZERO).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let entries = b
+        .read_log(0, "dating", "t", 100, Duration::ZERO, None)
+        .await
+        .unwrap();
+    let active = entries
+        .iter()
+        .flat_map(|e| &e.events)
+        .find(|e| e.ty == ferry_core::EventType::Active)
+        .expect("a job.active event");
+    // Redis's clock and this process's are the same machine clock here; the pause ended 1.5 s after `sent`.
+    assert!(
+        active.at >= sent + 1_400,
+        "job.active dated {} ms after the call was sent, before the claim could run (paused 1500 ms)",
+        active.at as i64 - sent as i64
+    );
+}
+
+/// A claim whose caller gave up before Redis ran it (held up by a paused server, as a partition holds requests
+/// in a socket) takes nothing for good: once it runs, the job is handed back at once with its attempt uncharged,
+/// instead of staying leased to a worker that is no longer waiting for it until the visibility timeout (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_given_up_before_it_ran_leaves_the_job_free_and_uncharged() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("ghost");
+    let id = b.enqueue(&queue, noop()).await.unwrap().id;
+    // Load the claim script first, so the held-up request is the claim itself (EVALSHA), not a NOSCRIPT miss.
+    b.claim(&q("warm-up"), "gone", 1, Duration::ZERO)
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    server.cli(&["CLIENT", "PAUSE", "1000", "ALL"]).unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        b.claim(&queue, "gone", 1, Duration::ZERO),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the claim returned while Redis was paused"
+    );
+    tokio::time::sleep_until(started + Duration::from_millis(1_200)).await;
+    // Far below the visibility timeout: nothing may stay leased to the consumer that gave up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = b.leases_by_consumer(&queue).await.unwrap();
+        let info = b.job(id).await.unwrap().unwrap();
+        if !held.contains_key("gone") && info.state == JobState::Queued {
+            assert_eq!(info.attempts, 0, "the abandoned claim charged an attempt");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job stayed {:?}, leased to the consumer that gave up ({held:?})",
+            info.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leased = b
+        .claim(&queue, "live", 1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1, "the job is claimable again");
+    assert_eq!((leased[0].job.id, leased[0].job.attempt), (id, 1));
+}
+
+/// A reply that timed out retires its connection: later calls go through a new one instead of queueing behind
+/// requests that may be stuck in it (after a partition they would wait for TCP's retransmission backoff, and the
+/// stuck ones would run long after their callers gave up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_timed_out_retires_its_connection() {
+    let server = RedisServer::start().unwrap();
+    let b = RedisBroker::connect_with(
+        &[server.url()],
+        EngineConfig::default(),
+        ferry_broker::RedisOptions {
+            response_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    b.ping().await.unwrap();
+    let before = connections_received(&server);
+    server.cli(&["CLIENT", "PAUSE", "600", "ALL"]).unwrap();
+    assert!(
+        b.ping().await.is_err(),
+        "PING answered while Redis was paused"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    b.ping().await.unwrap();
+    // redis-cli's own connection (INFO) counts too: one for PAUSE, one for this INFO, one new broker connection.
+    assert_eq!(
+        connections_received(&server) - before,
+        3,
+        "the call after the timeout did not open a new connection"
+    );
+}

@@ -20,7 +20,9 @@
 //! standalone Redis shards are supported: per-shard keys (`ferry:events`) are touched by the same scripts as a
 //! queue's keys, which Redis Cluster would refuse.
 
+mod abandon;
 mod codec;
+mod conn;
 mod events;
 mod keys;
 mod log;
@@ -38,7 +40,9 @@ use ferry_core::{
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, TlsCertificates, Value};
 
+use self::abandon::{Abandoned, Abandons};
 use self::codec::{Fields, Record, array, bad, int, text};
+use self::conn::Conn;
 use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
 use self::scripts::Scripts;
 use crate::{
@@ -143,7 +147,10 @@ struct Shard {
     /// The URL without credentials, for messages.
     name: String,
     client: Client,
-    conn: ConnectionManager,
+    /// Commands and scripts; replaced after a reply times out (see [`conn`]).
+    conn: Conn,
+    /// Claim calls given up before their reply was read, to be handed back (see [`abandon`]).
+    abandons: Arc<Abandons>,
     /// Connections for blocking reads, kept apart from `conn`: a BLOCK on a multiplexed connection would stall
     /// every command queued behind it. Each is used by one waiter at a time and returned afterwards.
     blocking: Mutex<Vec<MultiplexedConnection>>,
@@ -254,6 +261,7 @@ impl RedisBroker {
         if let Some(ca) = &tls.ca_pem {
             check_ca_pem(ca)?;
         }
+        let scripts = Scripts::new();
         let mut shards = Vec::with_capacity(urls.len());
         for (i, url) in urls.iter().enumerate() {
             let name = redact(url);
@@ -270,13 +278,21 @@ impl RedisBroker {
                 .set_connection_timeout(Some(options.connection_timeout))
                 .set_number_of_retries(3)
                 .set_max_delay(Duration::from_secs(2));
-            let conn = ConnectionManager::new_with_config(client.clone(), cm_config)
+            let first = ConnectionManager::new_with_config(client.clone(), cm_config.clone())
                 .await
                 .map_err(|e| BrokerError::Unavailable(format!("{name}: {e}")))?;
+            let conn = Conn::new(name.clone(), client.clone(), cm_config, first);
+            let abandons = Abandons::new(
+                name.clone(),
+                conn.clone(),
+                scripts.abandon.clone(),
+                config.event_stream_max,
+            );
             shards.push(Shard {
                 name,
                 client,
                 conn,
+                abandons,
                 blocking: Mutex::new(Vec::new()),
                 log_groups: Mutex::new(HashSet::new()),
             });
@@ -289,7 +305,7 @@ impl RedisBroker {
             shards,
             ring,
             config,
-            scripts: Scripts::new(),
+            scripts,
         };
         broker.ping().await?;
         Ok(broker)
@@ -299,7 +315,7 @@ impl RedisBroker {
         &self.shards[self.ring.shard_for(queue.as_str())]
     }
 
-    fn conn(&self, queue: &QueueName) -> ConnectionManager {
+    fn conn(&self, queue: &QueueName) -> Conn {
         self.shard(queue).conn.clone()
     }
 
@@ -393,7 +409,7 @@ impl RedisBroker {
 
     async fn entry(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         key: &str,
         eid: &str,
     ) -> Result<Option<Fields>, BrokerError> {
@@ -510,7 +526,6 @@ impl RedisBroker {
             .key(EVENTS)
             .key(QUEUES);
         inv.arg(queue.as_str())
-            .arg(now)
             .arg(jobs.len())
             .arg(self.evmax())
             .arg(self.config.idempotency_ttl.as_millis() as u64);
@@ -581,6 +596,34 @@ impl RedisBroker {
             }
         }
         Ok(result)
+    }
+}
+
+/// A claim script call whose reply has not been read yet. Dropped unsettled — the caller stopped waiting, the
+/// reply timed out, was lost with its connection or could not be read — it retires the connection (requests may
+/// be stuck in it) and queues the call for abandon.lua, which hands back whatever the script leased, without
+/// charging the attempt, or keeps it from leasing anything should its request still arrive.
+struct ClaimGuard<'a> {
+    shard: &'a Shard,
+    generation: u64,
+    item: Option<Abandoned>,
+}
+
+impl ClaimGuard<'_> {
+    /// The reply was read: whatever the script leased is the caller's.
+    fn settle(mut self) {
+        self.item = None;
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(item) = self.item.take() {
+            self.shard
+                .conn
+                .retire(self.generation, "a claim's reply did not arrive in time");
+            self.shard.abandons.push(item);
+        }
     }
 }
 
@@ -682,15 +725,33 @@ impl Broker for RedisBroker {
         let actor = actor_arg(Some(consumer));
         let consumer: Arc<str> = Arc::from(consumer);
         let deadline = tokio::time::Instant::now() + wait;
+        // One token per call (its script runs are sequential, and only the last can take jobs): the key under
+        // which the script notes what it leased, for abandon.lua should this call be given up.
+        let claim_key = keys.claim(&format!("{:032x}", rand::random::<u128>()));
+        let claim_ttl = self.config.visibility_timeout.as_millis().max(1) as u64;
         loop {
             let mut inv = self.scripts.claim.prepare_invoke();
-            inv.key(&keys.streams[..]).key(&keys.paused).key(EVENTS);
+            inv.key(&keys.streams[..])
+                .key(&keys.paused)
+                .key(EVENTS)
+                .key(&claim_key);
             inv.arg(&*consumer)
                 .arg(max)
-                .arg(now_ms())
                 .arg(self.evmax())
-                .arg(&actor);
+                .arg(&actor)
+                .arg(claim_ttl);
             let mut conn = shard.conn.clone();
+            // Armed until the reply is read: if this future is dropped (the caller timed out) or the reply is
+            // lost or unreadable, whatever the script leased is handed back uncharged.
+            let guard = ClaimGuard {
+                shard,
+                generation: shard.conn.generation(),
+                item: Some(Abandoned {
+                    queue: queue.clone(),
+                    claim_key: claim_key.clone(),
+                    actor: actor.clone(),
+                }),
+            };
             let v: Value = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
             let v = array(&v)?;
             match v.first().map(text).transpose()?.as_deref() {
@@ -723,9 +784,11 @@ impl Broker for RedisBroker {
                         };
                         out.push(Leased { job, lease });
                     }
+                    guard.settle();
                     return Ok(out);
                 }
                 Some(kind @ ("paused" | "empty")) => {
+                    guard.settle();
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
                         return Ok(Vec::new());
@@ -739,6 +802,11 @@ impl Broker for RedisBroker {
                         self.block_until_new(shard, &keys.streams, &after, left)
                             .await?;
                     }
+                }
+                // Only a call given up can meet its own abandoned mark, and this one is still waiting.
+                Some("abandoned") => {
+                    guard.settle();
+                    return Err(bad("claim refused as abandoned while still waiting"));
                 }
                 _ => return Err(bad("claim reply")),
             }
@@ -788,8 +856,7 @@ impl Broker for RedisBroker {
         let keys = QueueKeys::new(&lease.queue);
         let mut inv = self.scripts.progress.prepare_invoke();
         inv.key(&keys.streams[p]).key(EVENTS);
-        inv.arg(now_ms())
-            .arg(self.evmax())
+        inv.arg(self.evmax())
             .arg(eid)
             .arg(lease.attempt)
             .arg(m)
@@ -812,7 +879,7 @@ impl Broker for RedisBroker {
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = self.scripts.complete.prepare_invoke();
                 inv.key(&keys.streams[..]).key(&keys.jobs).key(EVENTS);
-                inv.arg(now_ms()).arg(chunk.len()).arg(self.evmax());
+                inv.arg(chunk.len()).arg(self.evmax());
                 for &i in chunk {
                     let c = &items[i];
                     let (p, eid, m) = token(&c.lease)?;
@@ -859,8 +926,7 @@ impl Broker for RedisBroker {
                     .key(&keys.sched)
                     .key(EVENTS)
                     .key(&keys.dead);
-                inv.arg(now)
-                    .arg(chunk.len())
+                inv.arg(chunk.len())
                     .arg(self.evmax())
                     .arg(self.config.dead_letter_max);
                 for &i in chunk {
@@ -899,7 +965,7 @@ impl Broker for RedisBroker {
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = self.scripts.release.prepare_invoke();
                 inv.key(&keys.streams[..]).key(&keys.jobs).key(EVENTS);
-                inv.arg(now_ms()).arg(chunk.len()).arg(self.evmax());
+                inv.arg(chunk.len()).arg(self.evmax());
                 for &i in chunk {
                     let (p, eid, m) = token(&leases[i])?;
                     inv.arg(p).arg(eid).arg(leases[i].job.to_string()).arg(m);
@@ -933,7 +999,6 @@ impl Broker for RedisBroker {
             .key(&keys.fin)
             .key(EVENTS);
         inv.arg(id.to_string())
-            .arg(now_ms())
             .arg(self.evmax())
             .arg(hint_p)
             .arg(hint_eid)
@@ -963,7 +1028,7 @@ impl Broker for RedisBroker {
             .key(&keys.jobs)
             .key(&keys.sched)
             .key(EVENTS);
-        inv.arg(now_ms()).arg(max).arg(self.evmax());
+        inv.arg(max).arg(self.evmax());
         let n: i64 = inv
             .invoke_async(&mut self.conn(queue))
             .await
@@ -982,8 +1047,7 @@ impl Broker for RedisBroker {
             .key(&keys.jobs)
             .key(EVENTS)
             .key(&keys.dead);
-        inv.arg(now_ms())
-            .arg(self.config.visibility_timeout.as_millis() as u64)
+        inv.arg(self.config.visibility_timeout.as_millis() as u64)
             .arg(max)
             .arg(self.evmax())
             .arg(self.config.dead_letter_max);
@@ -1042,7 +1106,7 @@ impl Broker for RedisBroker {
             .key(&keys.jobs)
             .key(&keys.dead)
             .key(EVENTS);
-        inv.arg(id.to_string()).arg(now_ms()).arg(self.evmax());
+        inv.arg(id.to_string()).arg(self.evmax());
         let v: Vec<String> = inv
             .invoke_async(&mut self.conn(&queue))
             .await
@@ -1071,7 +1135,6 @@ impl Broker for RedisBroker {
             .key(&keys.sched)
             .key(&keys.dead)
             .key(&keys.paused);
-        inv.arg(now_ms());
         let v: Vec<i64> = inv
             .invoke_async(&mut self.conn(queue))
             .await
@@ -1217,8 +1280,7 @@ impl Broker for RedisBroker {
         let keys = QueueKeys::new(queue);
         let mut inv = self.scripts.maintain.prepare_invoke();
         inv.key(&keys.streams[..]).key(&keys.jobs).key(&keys.fin);
-        inv.arg(now_ms())
-            .arg(self.config.finished_retention.as_millis() as u64)
+        inv.arg(self.config.finished_retention.as_millis() as u64)
             .arg(1000);
         let _: i64 = inv
             .invoke_async(&mut self.conn(queue))

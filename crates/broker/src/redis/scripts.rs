@@ -13,6 +13,7 @@ fn script(body: &str) -> Script {
 pub struct Scripts {
     pub enqueue: Script,
     pub claim: Script,
+    pub abandon: Script,
     pub complete: Script,
     pub fail: Script,
     pub release: Script,
@@ -30,6 +31,7 @@ impl Scripts {
         Self {
             enqueue: script(include_str!("lua/enqueue.lua")),
             claim: script(include_str!("lua/claim.lua")),
+            abandon: script(include_str!("lua/abandon.lua")),
             complete: script(include_str!("lua/complete.lua")),
             fail: script(include_str!("lua/fail.lua")),
             release: script(include_str!("lua/release.lua")),

@@ -1,13 +1,13 @@
 -- KEYS: p0 p1 p2 jobs sched fin events
--- ARGV: id now evmax p eid by  (p and eid: where the caller found a job that has no record yet, or empty; by:
+-- ARGV: id evmax p eid by  (p and eid: where the caller found a job that has no record yet, or empty; by:
 -- the actor as a JSON string, or empty)
 -- Returns {'nf'}, {'final', state_letter} or {'ok', previous_state}.
-local id, now, evmax = ARGV[1], ARGV[2], ARGV[3]
+local id, evmax, now = ARGV[1], ARGV[2], clock_ms()
 local rec = redis.call('HGET', KEYS[4], id)
 if not rec then
   -- Still in the entry it was enqueued as (no transition has written a record yet).
-  if ARGV[5] == nil or ARGV[5] == '' then return { 'nf' } end
-  rec = '["q",' .. ARGV[4] .. ',"' .. ARGV[5] .. '"]'
+  if ARGV[4] == nil or ARGV[4] == '' then return { 'nf' } end
+  rec = '["q",' .. ARGV[3] .. ',"' .. ARGV[4] .. '"]'
 end
 local st = state_of(rec)
 local prev, att, pk, m
@@ -40,5 +40,5 @@ redis.call('HSET', KEYS[4], id, '["x",' .. now .. ',' .. att .. ',' .. cjson.enc
 redis.call('ZADD', KEYS[6], now, id)
 local g = group('job.cancelled', 'cancelled', now)
 add(g, m, att)
-emit(KEYS[7], evmax, { g }, ARGV[6])
+emit(KEYS[7], evmax, { g }, ARGV[5])
 return { 'ok', prev }

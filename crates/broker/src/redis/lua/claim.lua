@@ -1,10 +1,17 @@
--- KEYS: p0 p1 p2 paused events
--- ARGV: consumer max now evmax actor
--- Returns {'paused'}, {'empty', last0, last1, last2} (ids to block on), or {'jobs', p, eid, id, a, j, ...}
--- (the caller rebuilds `m` from the spec: returning it would cost Redis more than it saves the caller).
--- The claim itself is XREADGROUP: the pending entry (owner + delivery) is the lease, so no per-job write here.
+-- KEYS: p0 p1 p2 paused events claim
+-- ARGV: consumer max evmax actor claim_ttl_ms
+-- Returns {'abandoned'}, {'paused'}, {'empty', last0, last1, last2} (ids to block on), or
+-- {'jobs', p, eid, id, a, j, ...} (the caller rebuilds `m` from the spec: returning it would cost Redis more
+-- than it saves the caller).
+-- The claim itself is XREADGROUP: the pending entry (owner + delivery) is the lease, so no per-job write here
+-- (one per call: the claim key below).
+-- KEYS[6] is this claim call's own key (a token the caller draws per call): the leases taken are noted there for
+-- claim_ttl_ms, so that if the caller gives up on the call (its reply timed out or never came) abandon.lua can
+-- hand them back uncharged; a claim that arrives after abandon.lua marked the key takes nothing.
+if redis.call('EXISTS', KEYS[6]) == 1 then return { 'abandoned' } end
 if redis.call('EXISTS', KEYS[4]) == 1 then return { 'paused' } end
-local consumer, remaining, now, evmax = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local consumer, remaining, evmax = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local now, taken = clock_ms(), {}
 local out, active = { 'jobs' }, group('job.active', 'active', now)
 for p = 0, 2 do
   if remaining <= 0 then break end
@@ -26,6 +33,7 @@ for p = 0, 2 do
       out[#out + 1] = id
       out[#out + 1] = a
       out[#out + 1] = j
+      taken[#taken + 1] = p .. '|' .. eid
       add(active, m, a + 1)
     end
     remaining = remaining - #entries
@@ -39,5 +47,6 @@ if #active.jobs == 0 then
   end
   return last
 end
-emit(KEYS[5], evmax, { active }, ARGV[5])
+redis.call('SET', KEYS[6], table.concat(taken, ' '), 'PX', ARGV[5])
+emit(KEYS[5], evmax, { active }, ARGV[4])
 return out

@@ -1,5 +1,5 @@
 -- KEYS: p0 p1 p2 jobs sched events queues
--- ARGV: queue now n evmax idem_ttl_ms, then 9 per job: mode(q|s) p run_at idem_key x j a1 a2 a3, then the actor
+-- ARGV: queue n evmax idem_ttl_ms, then 9 per job: mode(q|s) p run_at idem_key x j a1 a2 a3, then the actor
 --   queued (q):    a1 = id tail ("7xxx-yxxx-xxxxxxxxxxxx"), a2 = the `m` object without its leading `{"job":"…"`
 --   scheduled (s): a1 = id, a2 = m, a3 = the record
 -- Returns per job: 'n', id (new) or 'd', id (an idempotency key matched an earlier job).
@@ -8,20 +8,17 @@
 -- entry of the batch is added as "<ms>-*" with one ms, the later of the server clock and the newest entry of
 -- the streams used). So the id alone tells where the entry is, and no lookup record is written at enqueue: a
 -- hash insert per job cost more Redis CPU than anything else in the enqueue.
-local queue, now, n, evmax, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local queue, n, evmax, ttl, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], clock_ms()
 if redis.call('SADD', KEYS[7], queue) == 1 then
   for p = 1, 3 do redis.pcall('XGROUP', 'CREATE', KEYS[p], 'workers', '0', 'MKSTREAM') end
 end
 local ms, prefix, seen = nil, nil, {}
 for k = 1, n do
-  local i = 6 + (k - 1) * 9
+  local i = 5 + (k - 1) * 9
   local p = ARGV[i + 1]
   if ARGV[i] == 'q' and not seen[p] then
     seen[p] = true
-    if not ms then
-      local t = redis.call('TIME')
-      ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    end
+    if not ms then ms = now end
     local r = redis.call('XREVRANGE', KEYS[tonumber(p) + 1], '+', '-', 'COUNT', 1)
     if #r > 0 then
       local last = id_parts(r[1][1])
@@ -34,7 +31,7 @@ local out = {}
 local hset = { 'HSET', KEYS[4] }
 local queued, scheduled = group('job.queued', 'queued', now), group('job.scheduled', 'scheduled', now)
 for k = 1, n do
-  local i = 6 + (k - 1) * 9
+  local i = 5 + (k - 1) * 9
   local mode, p, run_at, idem, x, j = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local id
   if mode == 'q' then id = prefix .. ARGV[i + 6] else id = ARGV[i + 6] end
@@ -64,5 +61,5 @@ for k = 1, n do
   end
 end
 if #hset > 2 then redis.call(unpack(hset)) end
-emit(KEYS[6], evmax, { queued, scheduled }, ARGV[6 + n * 9])
+emit(KEYS[6], evmax, { queued, scheduled }, ARGV[5 + n * 9])
 return out

@@ -1,8 +1,9 @@
 -- KEYS: p0 p1 p2 jobs sched events dead
--- ARGV: now n evmax deadmax, then 7 per job: p eid id attempt m err(JSON string) run_at (0 = dead-letter), then
+-- ARGV: n evmax deadmax, then 7 per job: p eid id attempt m err(JSON string) run_at (0 = dead-letter), then
 --   the actor
-local now, n, evmax, deadmax = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local rejected, i = {}, 5
+-- run_at is the client's (its backoff decision, reported back to the caller); the events' time is Redis's.
+local n, evmax, deadmax, now = tonumber(ARGV[1]), ARGV[2], ARGV[3], clock_ms()
+local rejected, i = {}, 4
 local dead, retrying = group('job.dead', 'dead', now), group('job.retrying', 'retrying', now)
 for k = 1, n do
   local p, eid, id, att, m, err, run_at = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
@@ -23,5 +24,5 @@ for k = 1, n do
     rejected[#rejected + 1] = k
   end
 end
-emit(KEYS[6], evmax, { dead, retrying }, ARGV[5 + n * 7])
+emit(KEYS[6], evmax, { dead, retrying }, ARGV[4 + n * 7])
 return rejected

@@ -1,10 +1,11 @@
 -- KEYS: p0 p1 p2 jobs fin
--- ARGV: now retention_ms batch
+-- ARGV: retention_ms batch
 -- Trims acknowledged entries older than the retention (never a pending or undelivered one: the cut is below
 -- both the oldest pending id and the group's next undelivered id), dropping the completed records that point
 -- at them; expires cancelled records. At most `batch` entries per key per call. (The dead-letter stream is
 -- capped when a job is buried.)
-local now, ret, batch = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+-- Redis's clock, as the stream entry ids it is compared with are.
+local now, ret, batch = clock_ms(), tonumber(ARGV[1]), tonumber(ARGV[2])
 local removed = 0
 local function drop_records(entries, letter)
   for _, e in ipairs(entries) do

@@ -11,6 +11,16 @@
 --   {"type":T,"state":S,"at":MS,"jobs":[M,...],"attempts":[N,...],"data":[D,...]}
 -- where M is the job's `m` field (a JSON object with job, queue, kind, owner, tenant) taken as is: per job, the
 -- scripts only append strings they already hold, which is what keeps events cheap in Redis CPU.
+-- The time of this call by Redis's clock, in ms. Scripts never take "now" from the client: a request held up on
+-- the way (a partition, a stalled connection, a paused server) would date its events, and compare its deadlines,
+-- by when it was sent rather than when it took effect, and clients' clocks disagree. TIME may precede writes
+-- because Redis 7 replicates scripts by their effects. Only times that are the client's to choose (a job's run-at,
+-- its created_at) still come from the client.
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 local function group(ty, state, now)
   return { ty = ty, state = state, at = now, jobs = {}, attempts = {}, data = nil }
 end

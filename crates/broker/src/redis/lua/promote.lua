@@ -1,6 +1,7 @@
 -- KEYS: p0 p1 p2 jobs sched events
--- ARGV: now max evmax
-local now, max, evmax = ARGV[1], ARGV[2], ARGV[3]
+-- ARGV: max evmax
+-- Due by Redis's clock, one clock for every promoter however far their own clocks drift.
+local max, evmax, now = ARGV[1], ARGV[2], clock_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, max)
 local queued = group('job.queued', 'queued', now)
 for _, id in ipairs(due) do

@@ -1,9 +1,9 @@
 -- KEYS: p0 p1 p2 jobs events dead
--- ARGV: now min_idle_ms max evmax deadmax
+-- ARGV: min_idle_ms max evmax deadmax
 -- Entries pending longer than the visibility timeout without a heartbeat: requeue them as new entries, or
 -- dead-letter them when their attempts are used up. Claim + acknowledge happen in this one script, so an entry
 -- never stays owned by the reaper and the stale holder's XACK (its completion) returns 0.
-local now, idle, max, evmax, deadmax = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local idle, max, evmax, deadmax, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], clock_ms()
 local requeued, dead = 0, 0
 local gq, gd = group('job.queued', 'queued', now), group('job.dead', 'dead', now)
 for p = 0, 2 do

@@ -1,8 +1,8 @@
 -- KEYS: p0 p1 p2 jobs events
--- ARGV: now n evmax, then 4 per lease: p eid id m, then the actor
+-- ARGV: n evmax, then 4 per lease: p eid id m, then the actor
 -- Gives leased jobs back at the tail of their stream; the attempt is not counted (the entry's `a` is unchanged).
-local now, n, evmax = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local released, i = {}, 4
+local n, evmax, now = tonumber(ARGV[1]), ARGV[2], clock_ms()
+local released, i = {}, 3
 local queued = group('job.queued', 'queued', now)
 for k = 1, n do
   local p, eid, id, m = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -16,5 +16,5 @@ for k = 1, n do
     released[#released + 1] = k
   end
 end
-emit(KEYS[5], evmax, { queued }, ARGV[4 + n * 4])
+emit(KEYS[5], evmax, { queued }, ARGV[3 + n * 4])
 return released

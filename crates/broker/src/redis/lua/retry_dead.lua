@@ -1,6 +1,6 @@
 -- KEYS: p0 p1 p2 jobs dead events
--- ARGV: id now evmax
-local id, now, evmax = ARGV[1], ARGV[2], ARGV[3]
+-- ARGV: id evmax
+local id, evmax, now = ARGV[1], ARGV[2], clock_ms()
 local rec = redis.call('HGET', KEYS[4], id)
 if not rec then return { 'nf' } end
 if state_of(rec) ~= 'd' then return { 'nd', state_of(rec) } end

@@ -1,5 +1,5 @@
 -- KEYS: p0 p1 p2 sched dead paused
--- ARGV: now
+-- ARGV: none (lag is measured by Redis's clock, the one stream ids carry)
 -- Returns {depth, active, lag_ms, scheduled, dead, paused, delivered}.
 --
 -- Depth is the number of entries after the group's last-delivered-id. The group's `lag` says so exactly only
@@ -42,7 +42,7 @@ local function waiting(key, g)
   return #redis.call('XRANGE', key, from, '+', 'COUNT', FAR_MAX)
 end
 
-local now = tonumber(ARGV[1])
+local now = clock_ms()
 local depth, active, oldest, delivered = 0, 0, nil, 0
 for p = 1, 3 do
   local key = KEYS[p]
