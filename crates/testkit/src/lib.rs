@@ -5,6 +5,8 @@
 //!
 //! * [`redis`]: the `redis-server` wrapper and a `redis-cli` helper.
 //! * [`postgres`]: the PostgreSQL wrapper and a `psql` helper.
+//! * [`netns`]: a private network namespace linked to the test's by a veth pair, for real partitions
+//!   ([`Netns::cut`], [`Netns::heal`]); needs root and `ip`, and says so when they are missing.
 //! * [`tls`]: throwaway certificates ([`TestCerts`]) for TLS servers ([`RedisServer::start_tls`],
 //!   [`PostgresServer::start_tls`]).
 //! * [`free_port`]: an unused loopback port.
@@ -15,6 +17,7 @@
 //! is private to one test, and nothing here mocks a server.
 
 mod guard;
+pub mod netns;
 pub mod postgres;
 pub mod redis;
 pub mod tls;
@@ -23,6 +26,7 @@ use std::collections::HashSet;
 use std::net::TcpListener;
 use std::sync::Mutex;
 
+pub use netns::{Netns, NetnsError};
 pub use postgres::{PostgresServer, psql};
 pub use redis::{RedisServer, redis_cli};
 pub use tls::TestCerts;
