@@ -48,6 +48,10 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 
     /// Lease up to `max` jobs for `consumer`, high priority first. Waits up to `wait` when none is ready; a
     /// paused queue hands out nothing. Each returned job's attempt counter has been incremented.
+    ///
+    /// A call that does not return its jobs (the caller dropped it, its reply timed out or was lost) leaves none
+    /// of them leased: the engine hands back whatever it took, at once and without counting the attempt, as soon
+    /// as its store answers again (Redis: `lua/abandon.lua`).
     async fn claim(
         &self,
         queue: &QueueName,

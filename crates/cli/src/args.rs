@@ -512,7 +512,7 @@ pub struct RedisArgs {
     pub redis: Vec<String>,
 
     /// Longest wait for a Redis reply (blocking reads excepted); a slower reply fails the call, which is
-    /// retried or reported.
+    /// retried or reported, and retires its connection (later calls use a new one).
     #[arg(
         long,
         value_name = "MS",
