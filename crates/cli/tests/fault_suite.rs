@@ -7,7 +7,8 @@
 //! *lost* is an accepted job that is not completed and that Redis no longer knows, *doubled* one with more than
 //! one `job.completed` row, *stuck* one still unfinished that Redis knows, and *recovery* the time from the end of
 //! the fault until every job accepted before that moment is completed in the record. `scripts/faults.sh` runs
-//! the suite longer and prints the rows as a table; the test suite runs the short version
+//! the suite longer and prints the rows as a table (the partition scenario needs root and `ip`, as in CI, and
+//! fails elsewhere); the test suite runs the short version
 //! (`FERRY_FAULT_FEED_SECS`, default 8 s of feed at `FERRY_FAULT_RATE`, default 40 jobs/s).
 
 use std::collections::{HashMap, HashSet};
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{JobId, Kind, NewJob, QueueName};
-use ferry_testkit::{PostgresServer, RedisServer};
+use ferry_testkit::{Netns, NetnsError, PostgresServer, RedisServer};
 use serde_json::json;
 
 mod support;
@@ -43,11 +44,24 @@ struct Cluster {
     pg: PostgresServer,
     db: String,
     workers: Vec<Proc>,
+    /// The network namespace worker-a runs in, for the partition scenario.
+    netns: Option<Netns>,
 }
 
 impl Cluster {
     fn start() -> Result<Self> {
-        let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])?;
+        Self::start_with(None)
+    }
+
+    /// With `netns`, worker-a runs inside it and reaches Redis over its veth link (without a recorder: the
+    /// database listens on loopback only; worker-b records everything).
+    fn start_with(netns: Option<Netns>) -> Result<Self> {
+        let mut args = vec!["--appendonly", "yes", "--appendfsync", "always"];
+        let host = netns.as_ref().map(|ns| ns.host_ip().to_string());
+        if let Some(host) = &host {
+            args.extend(["--bind", "127.0.0.1", host, "--protected-mode", "no"]);
+        }
+        let redis = RedisServer::start_with(&args)?;
         let pg = PostgresServer::start()?;
         let db = pg.create_database("faults")?;
         let out = ferry().args(["migrate", "--database-url", &db]).output()?;
@@ -59,10 +73,49 @@ impl Cluster {
             pg,
             db,
             workers: Vec::new(),
+            netns,
         };
-        c.add_worker("worker-a")?;
+        if c.netns.is_some() {
+            c.add_worker_in_netns("worker-a")?;
+        } else {
+            c.add_worker("worker-a")?;
+        }
         c.add_worker("worker-b")?;
         Ok(c)
+    }
+
+    fn add_worker_in_netns(&mut self, consumer: &str) -> Result<()> {
+        let ns = self.netns.as_ref().context("no namespace")?;
+        let url = format!("redis://{}:{}", ns.host_ip(), self.redis.port());
+        let visibility = VISIBILITY_MS.to_string();
+        let w = Proc::spawn_logged(
+            ns.command(env!("CARGO_BIN_EXE_ferry"))
+                .args([
+                    "worker",
+                    "--redis",
+                    &url,
+                    "--queues",
+                    QUEUE,
+                    "--no-recorder",
+                ])
+                .args(["--consumer", consumer, "--concurrency", "20"])
+                .args(["--visibility-timeout-ms", &visibility])
+                .args(["--admin-listen", "127.0.0.1:0"])
+                .args([
+                    "--redis-timeout-ms",
+                    "1000",
+                    "--redis-connect-timeout-ms",
+                    "1000",
+                ])
+                .args(["--broker-call-timeout-ms", "1000"])
+                .env("FERRY_LOG", "warn,ferry_cli=info")
+                .env_remove("FERRY_LOG_FORMAT")
+                .env_remove("FERRY_DATABASE_URL")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        )?;
+        self.workers.push(w);
+        Ok(())
     }
 
     fn add_worker(&mut self, consumer: &str) -> Result<()> {
@@ -168,9 +221,16 @@ where
     F: FnOnce(Cluster) -> Fut,
     Fut: Future<Output = Result<Cluster>>,
 {
+    scenario_on(name, Cluster::start()?, fault).await
+}
+
+async fn scenario_on<F, Fut>(name: &'static str, c: Cluster, fault: F) -> Result<Row>
+where
+    F: FnOnce(Cluster) -> Fut,
+    Fut: Future<Output = Result<Cluster>>,
+{
     let secs = env_u64("FERRY_FAULT_FEED_SECS", 8);
     let rate = env_u64("FERRY_FAULT_RATE", 40);
-    let c = Cluster::start()?;
     let (accepted, feeder) = feed(c.broker().await?, secs, rate);
     tokio::time::sleep(Duration::from_millis(secs * 1000 / 3)).await;
     let c = fault(c).await?;
@@ -327,6 +387,28 @@ async fn fault_worker_sigterm_under_load() -> Result<()> {
     scenario("worker SIGTERM under load", async |mut c| {
         let status = c.workers[0].stop(Duration::from_secs(60)).await?;
         assert!(status.success(), "the worker drains and exits 0: {status}");
+        Ok(c)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_network_partition_of_a_worker() -> Result<()> {
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        // A test that cannot run fails, saying why, rather than passing without having run.
+        Err(NetnsError::Unavailable(why)) => {
+            bail!("this scenario needs network namespaces (root and `ip`, as in CI): {why}")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let c = Cluster::start_with(Some(ns))?;
+    scenario_on("network partition of a worker 10 s", c, async |c| {
+        let ns = c.netns.as_ref().context("namespace")?;
+        ns.cut()?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        ns.heal()?;
         Ok(c)
     })
     .await?;
