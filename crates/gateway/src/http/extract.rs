@@ -26,6 +26,9 @@ impl FromRequestParts<Api> for Authed {
         let token = bearer(&parts.headers)?;
         // Waits for a key refresh when the token names a key id not seen yet (a rotation at the issuer).
         let principal = api.app.auth.verify_or_refresh(token).await?;
+        if let Some(conn) = parts.extensions.get::<crate::connection::Handle>() {
+            conn.authenticated();
+        }
         // Limited after authentication so the key is the verified subject: a forged token cannot spend
         // someone else's budget.
         api.limiter.check(&principal)?;
