@@ -1,6 +1,6 @@
 //! Connections that stall or pile up, driven over raw sockets against a gateway on 127.0.0.1:0 with short
 //! timeouts: a silent socket, partial headers, a partial body, an idle keep-alive, the budget of
-//! unauthenticated connections per address (health still answered).
+//! unauthenticated connections per address (health still answered), and failed authentication over HTTP.
 
 mod support;
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry_gateway::GatewayConfig;
 use ferry_gateway::config::ConnectionConfig;
 use serde_json::Value;
-use support::{ADMIN, TestApp, token};
+use support::{ADMIN, TestApp, is_problem, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -243,4 +243,34 @@ async fn unauthenticated_connections_per_address_are_capped_and_health_still_ans
     assert_eq!(get(&mut s, "/v1/queues", Some(&alice)).await.status, 200);
     let mut c = connect(&app).await;
     assert_eq!(get(&mut c, "/v1/queues", Some(&alice)).await.status, 200);
+}
+
+#[tokio::test]
+async fn failed_authentication_over_http_is_limited_per_address() {
+    let app = start(|c| c.limits.unauth_upgrades_per_sec_per_ip = 1).await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let r = app.get("/v1/queues", "not-a-token").await;
+        statuses.push(r.status.as_u16());
+        if r.status == 429 {
+            is_problem(&r, 429, "rate-limited");
+            assert_eq!(r.retry_after(), Some(1));
+        }
+    }
+    assert_eq!(statuses[0], 401, "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    // No token at all is a failure too.
+    let mut anon = Vec::new();
+    for _ in 0..3 {
+        anon.push(app.anon("/v1/queues").await.status.as_u16());
+    }
+    assert!(anon.contains(&429), "{anon:?}");
+    // A valid token from the same address is still served.
+    let alice = token("alice", ADMIN, None);
+    assert_eq!(app.get("/v1/queues", &alice).await.status, 200);
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("ferry_http_auth_failures_total{outcome=\"too_many_failures\"}"),
+        "{metrics}"
+    );
 }
