@@ -35,6 +35,8 @@ use axum::body::Body;
 use axum::extract::connect_info::ConnectInfo;
 use axum::http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use axum::response::IntoResponse;
+use ferry_telemetry::prometheus::proto::MetricFamily;
+use ferry_telemetry::prometheus::{IntCounter, IntCounterVec, Opts};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -55,7 +57,7 @@ pub const LIMITED: usize = 64;
 /// How long a connection told to close (timeout, node draining) may take to say goodbye before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// The node's connection budgets.
+/// The node's connection budgets, and their metrics.
 #[derive(Debug)]
 pub struct Budget {
     cfg: ConnectionConfig,
@@ -63,6 +65,9 @@ pub struct Budget {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     unauthenticated: AtomicUsize,
     limited: AtomicUsize,
+    /// By reason: `header_timeout`, `idle_timeout`, `body_timeout`, `no_slot` (closed on accept).
+    closed: IntCounterVec,
+    accept_errors: IntCounter,
 }
 
 impl Budget {
@@ -73,7 +78,49 @@ impl Budget {
             per_ip: Mutex::new(HashMap::new()),
             unauthenticated: AtomicUsize::new(0),
             limited: AtomicUsize::new(0),
+            closed: IntCounterVec::new(
+                Opts::new(
+                    "ferry_http_connections_closed_total",
+                    "HTTP connections closed by the gateway, by reason: header_timeout, idle_timeout, \
+                     body_timeout (after a 408), no_slot (over the budgets with no limited slot left).",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            accept_errors: IntCounter::new(
+                "ferry_http_accept_errors_total",
+                "Failed accepts (out of file descriptors and the like), each followed by a back-off.",
+            )
+            .expect("valid metric"),
         })
+    }
+
+    /// The connection metrics, read at scrape time.
+    pub fn metric_families(&self) -> Vec<MetricFamily> {
+        use ferry_telemetry::metrics::{FnCollector, FnKind};
+        use ferry_telemetry::prometheus::core::Collector;
+        let states = [
+            ("unauthenticated", self.unauthenticated() as f64),
+            ("limited", self.limited() as f64),
+        ];
+        let mut out = Vec::new();
+        let gauge = FnCollector::new(
+            "ferry_http_connections",
+            "Open HTTP connections not yet authenticated (unauthenticated), and over the budgets (limited).",
+            FnKind::Gauge,
+            &["state"],
+            move |out| out.extend(states.iter().map(|(s, n)| (vec![(*s).to_owned()], *n))),
+        );
+        if let Ok(c) = gauge {
+            out.extend(c.collect());
+        }
+        out.extend(self.closed.collect());
+        out.extend(self.accept_errors.collect());
+        out
+    }
+
+    fn count_close(&self, reason: &str) {
+        self.closed.with_label_values(&[reason]).inc();
     }
 
     /// Unauthenticated connections open now.
@@ -204,16 +251,16 @@ impl Conn {
         let cfg = &self.budget.cfg;
         let at = |ms: u64| self.opened + Duration::from_millis(ms);
         if self.served.load(Ordering::Acquire) == 0 {
-            return Some((self.opened + cfg.header_timeout, "header timeout"));
+            return Some((self.opened + cfg.header_timeout, "header_timeout"));
         }
         let idle = at(self.idle_since_ms.load(Ordering::Acquire));
         if self.limited {
-            return Some((idle, "limited connection served"));
+            return Some((idle, "limited_served"));
         }
         match self.read_since_idle_ms.load(Ordering::Acquire) {
-            0 => Some((idle + cfg.idle_timeout, "idle timeout")),
-            _ if self.h2.load(Ordering::Acquire) => Some((idle + cfg.idle_timeout, "idle timeout")),
-            n => Some((at(n - 1) + cfg.header_timeout, "header timeout")),
+            0 => Some((idle + cfg.idle_timeout, "idle_timeout")),
+            _ if self.h2.load(Ordering::Acquire) => Some((idle + cfg.idle_timeout, "idle_timeout")),
+            n => Some((at(n - 1) + cfg.header_timeout, "header_timeout")),
         }
     }
 }
@@ -417,6 +464,7 @@ async fn respond(
                 Err(never) => match never {},
             };
             if timed_out.load(Ordering::Acquire) {
+                conn.budget.count_close("body_timeout");
                 let e = ApiError::RequestTimeout(format!(
                     "the request body did not arrive within {} ms",
                     cfg.body_timeout.as_millis()
@@ -510,6 +558,7 @@ pub async fn serve(
             }
             Err(e) if per_connection(&e) => continue,
             Err(e) => {
+                budget.accept_errors.inc();
                 let wait = backoff.failed();
                 if wait == AcceptBackoff::FIRST {
                     // Once per streak: out of file descriptors repeats until something closes.
@@ -522,6 +571,7 @@ pub async fn serve(
             }
         };
         let Some(conn) = budget.admit(peer.ip()) else {
+            budget.count_close("no_slot");
             tracing::debug!(%peer, "connection refused: connection budgets and limited slots spent");
             continue;
         };
@@ -605,6 +655,9 @@ async fn serve_one<I>(
     };
     if let Some(why) = reason {
         tracing::debug!(%peer, reason = why, "closing connection");
+        if why != "limited_served" {
+            conn.budget.count_close(why);
+        }
     }
     served.as_mut().graceful_shutdown();
     if reason.is_some() {

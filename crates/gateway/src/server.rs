@@ -91,7 +91,9 @@ impl Gateway {
                 })?;
         let hub = Hub::new(broker.clone(), config.limits.clone());
         let resilience = Resilience::new(config.resilience.clone());
+        let connections = Budget::new(config.connections.clone(), config.limits.max_body_bytes);
         let state = AppState {
+            connections,
             broker,
             auth,
             config: Arc::new(config),
@@ -138,15 +140,11 @@ impl Gateway {
         ));
         // Cancelled once the drain delay is over: stop accepting, finish what is in flight.
         let stop_accepting = CancellationToken::new();
-        let budget = Budget::new(
-            self.state.config.connections.clone(),
-            self.state.config.limits.max_body_bytes,
-        );
         let mut serving = tokio::spawn(connection::serve(
             self.listener,
             self.tls,
             app,
-            budget,
+            self.state.connections.clone(),
             stop_accepting.clone(),
         ));
         let finish = async |result: std::io::Result<()>| {

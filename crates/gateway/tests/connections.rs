@@ -112,6 +112,13 @@ async fn get(s: &mut TcpStream, path: &str, token: Option<&str>) -> Raw {
     response(s).await
 }
 
+/// The gateway counted a connection it closed for `reason`.
+async fn closed_for(app: &TestApp, reason: &str) {
+    let metrics = app.metrics().await;
+    let line = format!("ferry_http_connections_closed_total{{reason=\"{reason}\"}} ");
+    assert!(metrics.contains(&line), "{line}in {metrics}");
+}
+
 fn problem(r: &Raw, status: u16, slug: &str) {
     assert_eq!(r.status, status, "{:?}", r.body);
     assert!(
@@ -127,6 +134,7 @@ async fn a_silent_socket_is_closed_after_the_header_timeout() {
     let app = start(short).await;
     let mut s = connect(&app).await;
     until_closed(&mut s).await.expect("closed");
+    closed_for(&app, "header_timeout").await;
 }
 
 #[tokio::test]
@@ -161,6 +169,7 @@ async fn a_partial_body_is_answered_408_within_the_body_timeout() {
     problem(&r, 408, "request-timeout");
     assert!(r.head.contains("connection: close"), "{}", r.head);
     until_closed(&mut s).await.expect("closed after the 408");
+    closed_for(&app, "body_timeout").await;
 }
 
 #[tokio::test]
@@ -194,6 +203,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert!(!r.head.contains("connection: close"), "{}", r.head);
     until_closed(&mut s).await.expect("closed when idle");
+    closed_for(&app, "idle_timeout").await;
 }
 
 #[tokio::test]
