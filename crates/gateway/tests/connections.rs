@@ -207,6 +207,21 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_websocket_outlives_the_http_timeouts() {
+    let app = start(short).await;
+    let alice = token("alice", ADMIN, None);
+    let mut ws = app.ws(&alice).await;
+    // Well past the header, body and idle timeouts: the WebSocket has its own pings instead.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let frame = support::ws_call(
+        &mut ws,
+        serde_json::json!({"id": "s", "op": "submit", "queue": "q", "job": {"kind": "k"}}),
+    )
+    .await;
+    assert_eq!(frame["ok"], true, "{frame}");
+}
+
+#[tokio::test]
 async fn unauthenticated_connections_per_address_are_capped_and_health_still_answers() {
     const CAP: usize = 3;
     let app = start(|c| {
