@@ -123,6 +123,28 @@ impl Budget {
         self.closed.with_label_values(&[reason]).inc();
     }
 
+    /// Warn when the budgets cannot protect anything: a process that runs out of file descriptors before the
+    /// unauthenticated budget is spent cannot accept the health probes either.
+    pub fn check_open_file_limit(&self) {
+        let Some(limit) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .as_deref()
+            .and_then(soft_open_file_limit)
+        else {
+            return;
+        };
+        let wanted = (self.cfg.max_unauthenticated + LIMITED) as u64;
+        if wanted >= limit {
+            tracing::warn!(
+                open_file_limit = limit,
+                max_unauthenticated_connections = self.cfg.max_unauthenticated,
+                "the open-file limit (ulimit -n) is not above max-unauthenticated-connections plus {LIMITED} \
+                 limited slots: stalled connections can use every descriptor before the budget refuses them; \
+                 raise the limit or lower the budget"
+            );
+        }
+    }
+
     /// Unauthenticated connections open now.
     pub fn unauthenticated(&self) -> usize {
         self.unauthenticated.load(Ordering::Relaxed)
@@ -185,6 +207,16 @@ impl Budget {
         }
         self.unauthenticated.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The soft "Max open files" of a `/proc/<pid>/limits` text; `None` when absent or unlimited.
+fn soft_open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// One connection's state, shared by its socket, its requests and its watchdog. Dropped with the socket (the
@@ -683,6 +715,18 @@ mod tests {
         for _ in 0..100 {
             assert!(b.failed() <= Duration::from_secs(1));
         }
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max processes             63707                63707                processes \n\
+                    Max open files            256                  524288               files     \n";
+        assert_eq!(soft_open_file_limit(text), Some(256));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(soft_open_file_limit(unlimited), None);
+        assert_eq!(soft_open_file_limit(""), None);
     }
 
     #[test]

@@ -92,6 +92,7 @@ impl Gateway {
         let hub = Hub::new(broker.clone(), config.limits.clone());
         let resilience = Resilience::new(config.resilience.clone());
         let connections = Budget::new(config.connections.clone(), config.limits.max_body_bytes);
+        connections.check_open_file_limit();
         let state = AppState {
             connections,
             broker,
