@@ -10,8 +10,8 @@
 //!   ([`Handle::authenticated`], called by [`crate::http::extract::Authed`]) or it is upgraded to a WebSocket
 //!   (only a verified token gets a 101). At most `max_unauthenticated` such connections per node and
 //!   `max_unauthenticated_per_ip` per client address. A connection over either budget is *limited*: it may send
-//!   one request; `/healthz` and `/readyz` are answered as usual (so probes keep working while the budget is
-//!   spent), anything else gets 429 `too-many-connections`, and the connection closes. At most [`LIMITED`]
+//!   one request; `/healthz`, `/readyz` and `/metrics` are answered as usual (so probes and scrapes keep working
+//!   while the budget is spent), anything else gets 429 `too-many-connections`, and the connection closes. At most [`LIMITED`]
 //!   limited connections are open at once; past that a new connection is closed as soon as it is accepted.
 //! * **Accept errors** (out of file descriptors and the like) back off, 10 ms doubling to 1 s, and are logged
 //!   once per streak.
@@ -461,7 +461,8 @@ async fn respond(
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let health = matches!(req.uri().path(), "/healthz" | "/readyz");
+    // Probes and scrapes keep working while the budgets are spent: that is when they matter.
+    let health = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
     let early = if conn.limited && !health {
         Some(ApiError::TooManyConnections {
             detail: "too many connections from this address, or on this node, have not \
@@ -663,7 +664,10 @@ async fn serve_one<I>(
     }
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
-    let reason = loop {
+    // Draining: asked to close once its requests are done (idle ones close at once); the deadlines still
+    // apply, so a stalled one does not hold the drain until the shutdown's hard deadline.
+    let mut draining = false;
+    let why = loop {
         let deadline = conn.deadline();
         let expired = async {
             match deadline {
@@ -673,31 +677,29 @@ async fn serve_one<I>(
         };
         tokio::select! {
             _ = served.as_mut() => return,
-            _ = stop.cancelled() => break None,
+            _ = stop.cancelled(), if !draining => {
+                draining = true;
+                served.as_mut().graceful_shutdown();
+            }
             _ = conn.changed.notified() => continue,
             _ = expired => {
                 // The deadline may have moved while this task slept; only a deadline still past counts.
                 if let Some((at, why)) = conn.deadline()
                     && at <= Instant::now()
                 {
-                    break Some(why);
+                    break why;
                 }
             }
         }
     };
-    if let Some(why) = reason {
-        tracing::debug!(%peer, reason = why, "closing connection");
-        if why != "limited_served" {
-            conn.budget.count_close(why);
-        }
+    tracing::debug!(%peer, reason = why, "closing connection");
+    if why != "limited_served" {
+        conn.budget.count_close(why);
     }
-    served.as_mut().graceful_shutdown();
-    if reason.is_some() {
-        let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
-    } else {
-        // Draining: in-flight requests finish (the shutdown's hard deadline bounds them).
-        let _ = served.await;
+    if !draining {
+        served.as_mut().graceful_shutdown();
     }
+    let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
 }
 
 #[cfg(test)]

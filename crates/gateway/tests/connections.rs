@@ -246,7 +246,7 @@ async fn unauthenticated_connections_per_address_are_capped_and_health_still_ans
         .await
         .expect("limited connection closed");
 
-    for path in ["/healthz", "/readyz"] {
+    for path in ["/healthz", "/readyz", "/metrics"] {
         let mut probe = connect(&app).await;
         let r = get(&mut probe, path, None).await;
         assert_eq!(r.status, 200, "{path}: {:?}", r.body);
