@@ -1011,7 +1011,8 @@ pub struct GatewayTuningArgs {
     )]
     pub ws_rate_violations: u32,
 
-    /// Failed (unauthenticated) WebSocket upgrades per second per client IP.
+    /// Failed authentications per second per client IP, HTTP requests and WebSocket upgrades alike; past it
+    /// they are answered 429.
     #[arg(
         long,
         value_name = "N",
@@ -1019,6 +1020,53 @@ pub struct GatewayTuningArgs {
         default_value_t = 10
     )]
     pub unauth_upgrade_rate: u32,
+
+    /// Time a new connection has to send its first request's headers (TLS handshake included), and a
+    /// kept-alive one to finish a request's headers after their first byte; past it the connection is closed.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_timeout_ms: u64,
+
+    /// Time a request body has to arrive, from the end of its headers; past it 408 and the connection closes.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_BODY_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub body_timeout_ms: u64,
+
+    /// A kept-alive HTTP connection with no request in flight is closed after this (not WebSockets).
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_IDLE_TIMEOUT_MS",
+        default_value_t = 75_000
+    )]
+    pub idle_timeout_ms: u64,
+
+    /// Connections on this node that have not yet completed an authenticated request or upgrade; past it new
+    /// ones get only /healthz and /readyz (429 otherwise). Keep it well under the open-file limit.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_MAX_UNAUTHENTICATED_CONNECTIONS",
+        default_value_t = 4096
+    )]
+    pub max_unauthenticated_connections: usize,
+
+    /// The same per client address (behind a proxy every client has the proxy's address: raise it there).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_MAX_UNAUTHENTICATED_PER_IP",
+        default_value_t = 256
+    )]
+    pub max_unauthenticated_per_ip: usize,
 }
 
 #[derive(Debug, Args)]

@@ -165,6 +165,17 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
         ("--max-subscriptions", t.max_subscriptions as u64),
         ("--ws-rate-violations", u64::from(t.ws_rate_violations)),
         ("--unauth-upgrade-rate", u64::from(t.unauth_upgrade_rate)),
+        ("--header-timeout-ms", t.header_timeout_ms),
+        ("--body-timeout-ms", t.body_timeout_ms),
+        ("--idle-timeout-ms", t.idle_timeout_ms),
+        (
+            "--max-unauthenticated-connections",
+            t.max_unauthenticated_connections as u64,
+        ),
+        (
+            "--max-unauthenticated-per-ip",
+            t.max_unauthenticated_per_ip as u64,
+        ),
     ])?;
     let r = &mut config.resilience;
     r.broker_timeout = Duration::from_millis(a.broker_timeout_ms);
@@ -179,6 +190,13 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     config.limits.max_subscriptions = t.max_subscriptions;
     config.limits.ws_sustained_violations = t.ws_rate_violations;
     config.limits.unauth_upgrades_per_sec_per_ip = t.unauth_upgrade_rate;
+    config.connections = ferry_gateway::config::ConnectionConfig {
+        header_timeout: Duration::from_millis(t.header_timeout_ms),
+        body_timeout: Duration::from_millis(t.body_timeout_ms),
+        idle_timeout: Duration::from_millis(t.idle_timeout_ms),
+        max_unauthenticated: t.max_unauthenticated_connections,
+        max_unauthenticated_per_ip: t.max_unauthenticated_per_ip,
+    };
     config.resilience.backlog_high_water = Some(a.backlog_high_water).filter(|&n| n > 0);
     let l = &a.limits;
     crate::at_least_one(&[

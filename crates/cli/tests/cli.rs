@@ -185,6 +185,18 @@ fn bad_input_exits_64_naming_the_flag_before_connecting() {
             ],
             "invalid --ws-ping-interval-ms: must be at least 1",
         ),
+        (
+            &[
+                "gateway",
+                "--redis",
+                r,
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--header-timeout-ms",
+                "0",
+            ],
+            "invalid --header-timeout-ms: must be at least 1",
+        ),
     ];
     for (args, expected) in cases {
         let out = ferry(args, &[]);
@@ -383,7 +395,7 @@ fn config_files_are_checked_and_printed_without_secrets() {
     // check-config: the effective settings with their sources; variables over the file; secrets hidden.
     let path = write(
         "ok.toml",
-        "redis = [\"redis://:pw123@10.0.0.1:6379\"]\n[gateway]\njwt-secret = \"0123456789abcdef0123456789abcdef\"\nmax-batch = 50\n",
+        "redis = [\"redis://:pw123@10.0.0.1:6379\"]\n[gateway]\njwt-secret = \"0123456789abcdef0123456789abcdef\"\nmax-batch = 50\nmax-unauthenticated-per-ip = 512\n",
     );
     let out = ferry(
         &["check-config", "--config", &path, "--role", "gateway"],
@@ -398,6 +410,11 @@ fn config_files_are_checked_and_printed_without_secrets() {
     );
     assert!(
         text.contains("max-body-bytes = 1048576  # default"),
+        "{text}"
+    );
+    assert!(
+        text.contains("max-unauthenticated-per-ip = 512  # file")
+            && text.contains("idle-timeout-ms = 75000  # default"),
         "{text}"
     );
     assert!(

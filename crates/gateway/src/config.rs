@@ -27,6 +27,43 @@ pub struct GatewayConfig {
     pub readiness: ReadinessConfig,
     /// Serve `GET /debug/pprof/profile` (CPU profiles, `admin` scope). Off by default: the route then answers 404.
     pub profiling: bool,
+    /// Timeouts and budgets of client connections before and between requests ([`crate::connection`]).
+    pub connections: ConnectionConfig,
+}
+
+/// What a client connection may cost before it has shown a valid token, and how long it may stall, with
+/// defaults operators know from nginx and HAProxy.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// A new connection must deliver its first request's headers (and finish the TLS handshake) within this;
+    /// a kept-alive one gets the same time from the first byte of each later request (default 10 s, HAProxy's
+    /// usual `timeout http-request`; nginx's `client_header_timeout` is 60 s). Past it the connection is closed.
+    pub header_timeout: Duration,
+    /// The whole request body must arrive within this of the request's headers (default 60 s, nginx's
+    /// `client_body_timeout`, which nginx counts between two reads). Past it: 408, and the connection closes.
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no request in flight is closed after this (default 75 s, nginx's
+    /// `keepalive_timeout`; longer than the 60 s idle timeout of the usual cloud load balancers, so the
+    /// balancer, not the gateway, closes an idle pooled connection). WebSockets have their own pings instead.
+    pub idle_timeout: Duration,
+    /// Connections open on this node that have not yet completed an authenticated request or upgrade
+    /// (default 4096). Keep it well under the process's open-file limit (`ulimit -n`).
+    pub max_unauthenticated: usize,
+    /// The same count per client address (default 256). Behind a proxy every client has the proxy's address:
+    /// raise it there.
+    pub max_unauthenticated_per_ip: usize,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
+            max_unauthenticated: 4096,
+            max_unauthenticated_per_ip: 256,
+        }
+    }
 }
 
 /// The drain sequence run when the gateway's token is cancelled (see [`crate::server`]), with defaults.
@@ -126,7 +163,8 @@ pub struct LimitsConfig {
     /// Connections per node (default 100,000) and per subject (default 100).
     pub max_connections: usize,
     pub max_connections_per_subject: usize,
-    /// Failed (unauthenticated) upgrades per second per IP (default 10).
+    /// Failed authentications (HTTP requests and WebSocket upgrades alike) per second per IP (default 10);
+    /// past it they are answered 429.
     pub unauth_upgrades_per_sec_per_ip: u32,
     /// Largest WebSocket frame accepted (default 64 KiB).
     pub max_frame_bytes: usize,
@@ -178,6 +216,7 @@ impl GatewayConfig {
             shutdown: ShutdownConfig::default(),
             readiness: ReadinessConfig::default(),
             profiling: false,
+            connections: ConnectionConfig::default(),
         }
     }
 }

@@ -32,6 +32,15 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("rate limit exceeded")]
     RateLimited { retry_after_secs: u64 },
+    /// The request body did not arrive within the body timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// The client's address (or the node) holds too many connections that have not authenticated yet.
+    #[error("{detail}")]
+    TooManyConnections {
+        detail: String,
+        retry_after_secs: u64,
+    },
     /// A dependency (Redis) is unavailable or shedding load; retry later.
     #[error("{detail}")]
     Unavailable {
@@ -89,6 +98,18 @@ impl ApiError {
                 "Too many requests",
                 "rate_limited",
             ),
+            Self::RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request timeout",
+                "bad_request",
+            ),
+            Self::TooManyConnections { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-connections",
+                "Too many connections",
+                "rate_limited",
+            ),
             Self::Unavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -129,6 +150,9 @@ impl ApiError {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Self::RateLimited { retry_after_secs }
+            | Self::TooManyConnections {
+                retry_after_secs, ..
+            }
             | Self::Unavailable {
                 retry_after_secs, ..
             }

@@ -10,10 +10,12 @@
 //! * [`http`]: the `/v1` JSON API, OpenAPI document, health and metrics routes.
 //! * [`resilience`]: timeouts and circuit breakers around Redis and the store, shedding on event-log backlog.
 //! * [`ws`]: `GET /v1/ws`, the per-node hub that fans events out to connections.
+//! * [`connection`]: the accept loop; header, body and idle timeouts; budgets of unauthenticated connections.
 //! * [`server`]: `Gateway::build(config, broker)` (a store, if any, is `config.store`) binds (plain or TLS), `local_addr()`, `run(shutdown)`.
 
 pub mod auth;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod http;
 pub mod resilience;

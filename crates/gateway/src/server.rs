@@ -17,6 +17,9 @@
 //! 4. `run` returns `Ok` once no HTTP connection and no WebSocket is left, or, at `hard_deadline` after the
 //!    signal, logs at error level what was still open, closes the rest and returns an error saying so.
 //!
+//! Plain TCP and TLS share one accept loop, [`crate::connection::serve`], which also enforces the header, body
+//! and idle timeouts and the budgets of unauthenticated connections.
+//!
 //! TLS is rustls with the ring provider passed explicitly, so the library installs nothing global; certificates
 //! and keys are read from PEM files with `rustls::pki_types`.
 
@@ -25,23 +28,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use ferry_broker::Broker;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::config::TlsConfig;
+use crate::connection::{self, Budget};
 use crate::resilience::Resilience;
 use crate::state::AppState;
 use crate::ws::Hub;
@@ -92,7 +91,10 @@ impl Gateway {
                 })?;
         let hub = Hub::new(broker.clone(), config.limits.clone());
         let resilience = Resilience::new(config.resilience.clone());
+        let connections = Budget::new(config.connections.clone(), config.limits.max_body_bytes);
+        connections.check_open_file_limit();
         let state = AppState {
+            connections,
             broker,
             auth,
             config: Arc::new(config),
@@ -139,23 +141,13 @@ impl Gateway {
         ));
         // Cancelled once the drain delay is over: stop accepting, finish what is in flight.
         let stop_accepting = CancellationToken::new();
-        let mut serving = tokio::spawn({
-            let stop_accepting = stop_accepting.clone();
-            let (listener, tls) = (self.listener, self.tls);
-            async move {
-                match tls {
-                    None => {
-                        axum::serve(
-                            listener,
-                            app.into_make_service_with_connect_info::<SocketAddr>(),
-                        )
-                        .with_graceful_shutdown(stop_accepting.cancelled_owned())
-                        .await
-                    }
-                    Some(tls) => serve_tls(listener, tls, app, stop_accepting).await,
-                }
-            }
-        });
+        let mut serving = tokio::spawn(connection::serve(
+            self.listener,
+            self.tls,
+            app,
+            self.state.connections.clone(),
+            stop_accepting.clone(),
+        ));
         let finish = async |result: std::io::Result<()>| {
             stop.cancel();
             let _ = hub_task.await;
@@ -255,55 +247,4 @@ fn tls_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, GatewayError> {
         .map_err(|e| bad("certificate and key", &e))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-async fn serve_tls(
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    app: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let connections = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (tls, app, shutdown) = (tls.clone(), app.clone(), shutdown.clone());
-        connections.spawn(async move {
-            let stream =
-                match tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let service = TowerToHyperService::new(app.layer(axum::Extension(ConnectInfo(peer))));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
-    connections.close();
-    connections.wait().await;
-    Ok(())
 }

@@ -19,6 +19,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Timeouts, breakers and shedding: every broker and store call made for a client goes through it.
     pub resilience: Arc<Resilience>,
+    /// The budgets of client connections (read by `/metrics`).
+    pub connections: Arc<crate::connection::Budget>,
 }
 
 impl AppState {

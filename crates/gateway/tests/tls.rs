@@ -31,6 +31,7 @@ async fn https_with_a_generated_certificate() {
         cert_pem: cert_path,
         key_pem: key_path,
     });
+    config.connections.header_timeout = Duration::from_millis(500);
     let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
     let gateway = Gateway::build(config, broker).await.unwrap();
     let port = gateway.local_addr().port();
@@ -71,6 +72,24 @@ async fn https_with_a_generated_certificate() {
             .map(|r| r.status() != 200)
             .unwrap_or(true)
     );
+
+    // A socket that never completes its handshake is closed after the header timeout, whether silent or
+    // stalled inside its ClientHello.
+    for first in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01][..]] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(first).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(n) = s.read(&mut buf).await
+                && n > 0
+            {}
+        })
+        .await;
+        assert!(closed.is_ok(), "still open after 10 s ({first:?} sent)");
+    }
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), served)

@@ -2,7 +2,10 @@
 //! [`Authed`] (bearer token → [`Principal`], then the per-subject rate limit), [`Json`] (body limit → 413,
 //! malformed JSON → 400) and [`Path`]. [`from_value`] deserializes a JSON value and names the bad field.
 
+use std::net::SocketAddr;
+
 use axum::body::Bytes;
+use axum::extract::ConnectInfo;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -23,9 +26,32 @@ impl FromRequestParts<Api> for Authed {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, ApiError> {
-        let token = bearer(&parts.headers)?;
-        // Waits for a key refresh when the token names a key id not seen yet (a rotation at the issuer).
-        let principal = api.app.auth.verify_or_refresh(token).await?;
+        let verified = match bearer(&parts.headers) {
+            // Waits for a key refresh when the token names a key id not seen yet (a rotation at the issuer).
+            Ok(token) => api.app.auth.verify_or_refresh(token).await,
+            Err(e) => Err(e),
+        };
+        let principal = match verified {
+            Ok(p) => p,
+            Err(e) => {
+                // Failures cost the address, as failed upgrades do (the same budget): guessing is slowed and
+                // an address that keeps failing gets 429 instead of a verification each time.
+                let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+                if let Some(ConnectInfo(peer)) = peer
+                    && !api.app.hub.auth_failure_allowed(peer.ip())
+                {
+                    api.metrics.count_auth_failure("too_many_failures");
+                    return Err(ApiError::RateLimited {
+                        retry_after_secs: 1,
+                    });
+                }
+                api.metrics.count_auth_failure("unauthorized");
+                return Err(e.into());
+            }
+        };
+        if let Some(conn) = parts.extensions.get::<crate::connection::Handle>() {
+            conn.authenticated();
+        }
         // Limited after authentication so the key is the verified subject: a forged token cannot spend
         // someone else's budget.
         api.limiter.check(&principal)?;

@@ -23,6 +23,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     enqueued: IntCounterVec,
+    auth_failures: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -53,7 +54,16 @@ impl Default for Metrics {
             &["queue"],
         )
         .expect("valid metric");
-        for c in [requests.clone(), enqueued.clone()] {
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "ferry_http_auth_failures_total",
+                "HTTP requests refused for their token, by outcome: unauthorized (401), too_many_failures (429 \
+                 after repeated failures from one address).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for c in [requests.clone(), enqueued.clone(), auth_failures.clone()] {
             ferry_telemetry::metrics::register_or_log(&registry, Box::new(c));
         }
         ferry_telemetry::metrics::register_or_log(&registry, Box::new(duration.clone()));
@@ -62,6 +72,7 @@ impl Default for Metrics {
             requests,
             duration,
             enqueued,
+            auth_failures,
         }
     }
 }
@@ -83,6 +94,11 @@ impl Metrics {
         }
     }
 
+    /// Count a request refused for its token (`unauthorized` or `too_many_failures`).
+    pub fn count_auth_failure(&self, outcome: &str) {
+        self.auth_failures.with_label_values(&[outcome]).inc();
+    }
+
     /// The router's registry (process, runtime, HTTP and submission metrics).
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -98,6 +114,7 @@ impl Metrics {
 pub fn render_all(api: &Api) -> String {
     let mut families: Vec<MetricFamily> = api.metrics.registry.gather();
     families.extend(api.app.hub.metric_families());
+    families.extend(api.app.connections.metric_families());
     let store = api.app.config.store.as_ref();
     families.extend(api.app.resilience.metric_families(store.is_some()));
     if let Some(p) = store.and_then(|s| s.pool_stats()) {

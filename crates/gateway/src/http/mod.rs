@@ -2,7 +2,7 @@
 //! The contract is docs/api.md; `openapi.json` describes the same routes.
 //!
 //! Every `/v1` request goes through the same steps, in this order: bearer token → [`Principal`]
-//! ([`extract::Authed`], 401), the subject's rate limit ([`limit`], 429), the body (limit 413, JSON syntax 400),
+//! ([`extract::Authed`], 401; 429 once the client's address has failed too often), the subject's rate limit ([`limit`], 429), the body (limit 413, JSON syntax 400),
 //! then in the handler the route's scope (403) and the fields and names (400). Handlers only translate between HTTP and the [`ferry_broker::Broker`] (or the
 //! [`ferry_store::Store`]), every call through [`crate::resilience`]; they must not decide job semantics.
 //!

@@ -455,9 +455,15 @@ impl Hub {
         self.connections.load(Ordering::Relaxed)
     }
 
+    /// Count a failed authentication from `ip`, over HTTP or an upgrade (one budget for both, so alternating
+    /// does not double it); `false` once the IP is over its budget.
+    pub(crate) fn auth_failure_allowed(&self, ip: IpAddr) -> bool {
+        self.unauth.check_key(&ip).is_ok()
+    }
+
     /// Count a failed upgrade from `ip`; `false` once the IP is over its budget.
     pub(crate) fn unauth_allowed(&self, ip: IpAddr) -> bool {
-        let allowed = self.unauth.check_key(&ip).is_ok();
+        let allowed = self.auth_failure_allowed(ip);
         let reason = if allowed {
             "unauthorized"
         } else {
