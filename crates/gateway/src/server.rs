@@ -145,12 +145,21 @@ impl Gateway {
             async move {
                 match tls {
                     None => {
-                        axum::serve(
-                            listener,
-                            app.into_make_service_with_connect_info::<SocketAddr>(),
-                        )
-                        .with_graceful_shutdown(stop_accepting.cancelled_owned())
-                        .await
+                        // hyper's own 414/431 answers leave as problem+json (http::wire); the peer address
+                        // is attached per connection as the TLS path does.
+                        let make = tower::service_fn(
+                            move |incoming: axum::serve::IncomingStream<
+                                '_,
+                                http::wire::ProblemListener,
+                            >| {
+                                let peer = ConnectInfo(*incoming.remote_addr());
+                                let svc = app.clone().layer(axum::Extension(peer));
+                                async move { Ok::<_, std::convert::Infallible>(svc) }
+                            },
+                        );
+                        axum::serve(http::wire::ProblemListener(listener), make)
+                            .with_graceful_shutdown(stop_accepting.cancelled_owned())
+                            .await
                     }
                     Some(tls) => serve_tls(listener, tls, app, stop_accepting).await,
                 }
@@ -292,7 +301,8 @@ async fn serve_tls(
                 };
             let service = TowerToHyperService::new(app.layer(axum::Extension(ConnectInfo(peer))));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let io = TokioIo::new(http::wire::ProblemIo::new(stream));
+            let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
