@@ -41,9 +41,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
-# Python tools for the container, Kubernetes and Terraform checks, each in its own virtualenv under
-# target/tools (never committed): kubernetes-validate (the Kubernetes schemas, offline) and checkov (static
-# analysis). The tests look for them there (FERRY_TOOLS_DIR).
+# Python tools for the container, Kubernetes and Terraform checks and the API fuzzer, each in its own
+# virtualenv under target/tools (never committed): kubernetes-validate (the Kubernetes schemas, offline),
+# checkov (static analysis) and schemathesis (OpenAPI-driven fuzzing of `ferry dev`,
+# crates/cli/tests/openapi_fuzz.rs). The tests look for them there (FERRY_TOOLS_DIR).
 py_tool() {
   local name=$1 version=$2 cmd=$3 dir=target/tools/$1
   [ -x "$dir/bin/$cmd" ] && return 0
@@ -56,6 +57,7 @@ py_tool() {
 }
 py_tool kubernetes-validate 1.37.0 kubernetes-validate
 py_tool checkov 3.3.30 checkov
+py_tool schemathesis 4.32.5 schemathesis
 export FERRY_TOOLS_DIR="$PWD/target/tools"
 
 if command -v rustup >/dev/null; then

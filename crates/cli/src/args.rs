@@ -276,10 +276,21 @@ pub struct JwtArgs {
     )]
     pub jwt_secret: Option<String>,
 
-    /// PEM file with a public key (RSA, EC P-256 or Ed25519) that verifies tokens; repeatable.
+    /// The `kid` of --jwt-secret. Without one, the secret also verifies tokens naming a kid no other key has.
+    #[arg(
+        long,
+        value_name = "KID",
+        env = "FERRY_JWT_SECRET_KID",
+        requires = "jwt_secret"
+    )]
+    pub jwt_secret_kid: Option<String>,
+
+    /// PEM file with a public key (RSA, EC P-256 or Ed25519) that verifies tokens, as `FILE` or `KID=FILE`
+    /// (a `=` before the first `/`); repeatable. Without a kid, the key also verifies tokens naming a kid no
+    /// other key has.
     #[arg(
         long = "jwt-public-key",
-        value_name = "FILE",
+        value_name = "[KID=]FILE",
         env = "FERRY_JWT_PUBLIC_KEYS",
         value_delimiter = ','
     )]

@@ -45,11 +45,19 @@ pub fn auth_config(a: JwtArgs) -> Result<AuthConfig, CliError> {
     if let Some(s) = &a.jwt_secret {
         check_secret("--jwt-secret", s.as_bytes())?;
     }
-    let public_key_pems = a
+    let (public_key_kids, public_key_pems): (Vec<_>, Vec<_>) = a
         .jwt_public_keys
         .iter()
-        .map(|p| read("--jwt-public-key", p))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|p| {
+            let (kid, path) = key_id(p);
+            read("--jwt-public-key", &path).map(|pem| (kid, pem))
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
+    if a.jwt_secret_kid.as_deref() == Some("") {
+        return Err(CliError::usage("--jwt-secret-kid", "must not be empty"));
+    }
     let jwks_json = a
         .jwks_file
         .as_deref()
@@ -70,7 +78,9 @@ pub fn auth_config(a: JwtArgs) -> Result<AuthConfig, CliError> {
     }
     Ok(AuthConfig {
         hs_secret: a.jwt_secret.map(String::into_bytes),
+        hs_secret_kid: a.jwt_secret_kid,
         public_key_pems,
+        public_key_kids,
         jwks_json,
         jwks_url: a.jwks_url,
         jwks_refresh: Duration::ZERO,
@@ -78,6 +88,18 @@ pub fn auth_config(a: JwtArgs) -> Result<AuthConfig, CliError> {
         audience: a.jwt_audience,
         leeway: Duration::from_secs(30),
     })
+}
+
+/// `KID=FILE` → the kid and the file; a `=` after the first `/` is part of the path (write `./a=b.pem` for a
+/// file whose name holds one).
+fn key_id(value: &std::path::Path) -> (Option<String>, std::path::PathBuf) {
+    let text = value.to_string_lossy();
+    match text.split_once('=') {
+        Some((kid, path)) if !kid.is_empty() && !kid.contains('/') => {
+            (Some(kid.to_owned()), std::path::PathBuf::from(path))
+        }
+        _ => (None, value.to_owned()),
+    }
 }
 
 /// Only http(s): the URL is fetched by the gateway, and any other scheme is a typo or a file path that belongs
@@ -320,6 +342,32 @@ mod tests {
             assert!(err.to_string().contains("--jwks-url"), "{err}");
         }
         auth_config(jwt_args(&["--jwks-url", "HTTP://127.0.0.1:9/jwks"])).expect("http");
+    }
+
+    #[test]
+    fn keys_may_be_given_a_kid() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = "-----BEGIN PUBLIC KEY-----\nAA==\n-----END PUBLIC KEY-----\n";
+        let (a, b) = (dir.path().join("a.pem"), dir.path().join("k=b.pem"));
+        std::fs::write(&a, pem).unwrap();
+        std::fs::write(&b, pem).unwrap();
+        let auth = auth_config(jwt_args(&[
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--jwt-secret-kid",
+            "hs-1",
+            "--jwt-public-key",
+            &format!("rsa-1={}", a.display()),
+            "--jwt-public-key",
+            &b.display().to_string(),
+        ]))
+        .expect("accepted");
+        assert_eq!(auth.hs_secret_kid.as_deref(), Some("hs-1"));
+        assert_eq!(auth.public_key_kids, vec![Some("rsa-1".to_owned()), None]);
+        assert_eq!(auth.public_key_pems, vec![pem.to_owned(), pem.to_owned()]);
+        let err = auth_config(jwt_args(&["--jwt-public-key", "k1=/nonexistent/key.pem"]))
+            .expect_err("missing file");
+        assert!(err.to_string().contains("/nonexistent/key.pem"), "{err}");
     }
 
     #[test]

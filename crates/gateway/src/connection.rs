@@ -662,7 +662,9 @@ async fn serve_one<I>(
     if conn.limited {
         builder.http1().keep_alive(false);
     }
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    // hyper's own 414 and 431 answers leave as problem+json (http::wire), like every other error.
+    let io = TokioIo::new(crate::http::wire::ProblemIo::new(io));
+    let served = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(served);
     // Draining: asked to close once its requests are done (idle ones close at once); the deadlines still
     // apply, so a stalled one does not hold the drain until the shutdown's hard deadline.

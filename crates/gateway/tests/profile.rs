@@ -41,10 +41,13 @@ async fn fetch(
 async fn off_by_default_answers_404_saying_how_to_turn_it_on() {
     let app = gateway(false).await;
     let admin = token("ops", ADMIN, None);
+    // Authentication comes first, as openapi.json documents: 401 without a token, 403 without `admin`.
+    is_problem(&app.anon(PATH).await, 401, "unauthorized");
+    let reader = token("ops", "jobs:read", None);
+    is_problem(&app.get(PATH, &reader).await, 403, "forbidden");
     for r in [
         app.get(PATH, &admin).await,
         app.get(&format!("{PATH}?seconds=1"), &admin).await,
-        app.anon(PATH).await,
     ] {
         is_problem(&r, 404, "not-found");
         let detail = r.body["detail"].as_str().unwrap();

@@ -29,7 +29,7 @@ const HMAC_ALGS: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm
 /// One key and the algorithms it may verify.
 #[derive(Clone)]
 pub(super) struct VerifyKey {
-    /// The JWKS `kid`; PEM keys and the shared secret have none.
+    /// The JWKS `kid`, or the one configured for the shared secret or a PEM key (none by default).
     pub kid: Option<String>,
     /// Where the key came from, for start-up errors and `Debug` (never the key bytes).
     pub origin: String,
@@ -74,7 +74,7 @@ impl KeySet {
         if let Some(kid) = &key.kid {
             // Two keys under one kid would make "the key this token names" ambiguous.
             if self.by_kid.insert(kid.clone(), self.keys.len()).is_some() {
-                return Err(AuthError::Config(format!("jwks: duplicate kid {kid:?}")));
+                return Err(AuthError::Config(format!("duplicate kid {kid:?}")));
             }
         }
         self.keys.push(key);
@@ -83,46 +83,59 @@ impl KeySet {
 
     /// The keys that may verify a token with this header, in configuration order.
     ///
-    /// A token naming a `kid` gets that key only; one without gets every key pinned to its `alg`. An unknown kid
-    /// is an error rather than a fallback, so a token cannot steer verification to another key. The shared
-    /// secret and PEM keys have no kid, so a token naming one is only verified against the JWKS.
-    pub fn candidates(&self, header: &Header) -> Result<Vec<&VerifyKey>, AuthError> {
-        match &header.kid {
-            Some(kid) => {
-                let key = self
-                    .by_kid
-                    .get(kid)
-                    .map(|&i| &self.keys[i])
-                    .ok_or_else(|| AuthError::Invalid(UNKNOWN_KID.into()))?;
-                if !key.accepts(header.alg) {
-                    return Err(AuthError::Invalid(
-                        "algorithm does not match the key".into(),
-                    ));
-                }
-                Ok(vec![key])
+    /// A token naming a `kid` that a key has gets that key only, so a token cannot steer verification to another
+    /// key. A token naming a kid no key has is tried against the keys configured *without* a kid, pinned to the
+    /// header's `alg` as always: identity providers set a `kid` on every token, and a secret or PEM key given
+    /// without one must still verify them. [`Candidates::unknown_kid`] says so, so that a failure can be reported
+    /// as an unknown key id (which a JWKS refresh may cure). A token without a kid gets every key pinned to its
+    /// `alg`.
+    pub fn candidates(&self, header: &Header) -> Result<Candidates<'_>, AuthError> {
+        if let Some(kid) = &header.kid
+            && let Some(&i) = self.by_kid.get(kid)
+        {
+            let key = &self.keys[i];
+            if !key.accepts(header.alg) {
+                return Err(AuthError::Invalid(
+                    "algorithm does not match the key".into(),
+                ));
             }
-            None => {
-                let keys: Vec<&VerifyKey> =
-                    self.keys.iter().filter(|k| k.accepts(header.alg)).collect();
-                if keys.is_empty() {
-                    return Err(AuthError::Invalid(format!(
-                        "no key accepts {:?} tokens",
-                        header.alg
-                    )));
-                }
-                Ok(keys)
-            }
+            return Ok(Candidates {
+                keys: vec![key],
+                unknown_kid: false,
+            });
+        }
+        let unknown_kid = header.kid.is_some();
+        let keys: Vec<&VerifyKey> = self
+            .keys
+            .iter()
+            .filter(|k| k.accepts(header.alg) && !(unknown_kid && k.kid.is_some()))
+            .collect();
+        match (keys.is_empty(), unknown_kid) {
+            (true, true) => Err(AuthError::Invalid(UNKNOWN_KID.into())),
+            (true, false) => Err(AuthError::Invalid(format!(
+                "no key accepts {:?} tokens",
+                header.alg
+            ))),
+            (false, _) => Ok(Candidates { keys, unknown_kid }),
         }
     }
 }
 
+/// The keys [`KeySet::candidates`] found for a token.
+#[derive(Debug)]
+pub(super) struct Candidates<'a> {
+    pub keys: Vec<&'a VerifyKey>,
+    /// The token named a kid no key has; `keys` are the ones configured without a kid.
+    pub unknown_kid: bool,
+}
+
 /// The shared secret, pinned to HS256/384/512.
-pub(super) fn hs_key(secret: &[u8]) -> Result<VerifyKey, AuthError> {
+pub(super) fn hs_key(secret: &[u8], kid: Option<&str>) -> Result<VerifyKey, AuthError> {
     check_hs_secret(secret)?;
     let key = DecodingKey::from_secret(secret)
         .map_err(|_| AuthError::Config("hs secret: unusable".into()))?;
     Ok(VerifyKey {
-        kid: None,
+        kid: kid.map(str::to_owned),
         origin: "hs secret".into(),
         algs: HMAC_ALGS.to_vec(),
         key,
@@ -141,7 +154,7 @@ pub(super) fn check_hs_secret(secret: &[u8]) -> Result<(), AuthError> {
 
 /// A PEM public key, pinned to the one algorithm its key type implies: RSA → RS256, EC P-256 → ES256,
 /// EC P-384 → ES384, Ed25519 → EdDSA.
-pub(super) fn pem_key(index: usize, pem: &str) -> Result<VerifyKey, AuthError> {
+pub(super) fn pem_key(index: usize, pem: &str, kid: Option<&str>) -> Result<VerifyKey, AuthError> {
     let origin = format!("public key #{}", index + 1);
     let bad = |why: &str| AuthError::Config(format!("{origin}: {why}"));
     let tag = pem
@@ -174,7 +187,7 @@ pub(super) fn pem_key(index: usize, pem: &str) -> Result<VerifyKey, AuthError> {
         _ => return Err(bad("expected a PUBLIC KEY block")),
     };
     let key = VerifyKey {
-        kid: None,
+        kid: kid.map(str::to_owned),
         origin,
         algs: vec![alg],
         key,

@@ -28,6 +28,7 @@ use claims::{MintedClaims, TokenClaims};
 use keys::{KeySet, VerifyKey};
 use remote::RemoteJwks;
 
+pub use claims::{MAX_TENANT_LEN, tenant_ok};
 pub use keys::MIN_HS_SECRET_BYTES;
 pub use remote::{
     DEFAULT_JWKS_REFRESH, JWKS_MIN_CONFIGURED_REFRESH, JWKS_MIN_REFRESH, JWKS_UNKNOWN_KID_COOLDOWN,
@@ -153,6 +154,9 @@ pub enum AuthError {
     Expired,
     #[error("invalid token: {0}")]
     Invalid(String),
+    /// A genuine token that cannot be served: its tenant names no usable namespace (403, not 401).
+    #[error("{0}")]
+    Forbidden(String),
     /// Bad key material or settings, found at start-up (or in a fetched JWKS).
     #[error("invalid auth configuration: {0}")]
     Config(String),
@@ -163,7 +167,10 @@ pub enum AuthError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        ApiError::Unauthorized(e.to_string())
+        match e {
+            AuthError::Forbidden(why) => ApiError::Forbidden(why),
+            e => ApiError::Unauthorized(e.to_string()),
+        }
     }
 }
 
@@ -174,8 +181,13 @@ impl From<AuthError> for ApiError {
 pub struct AuthConfig {
     /// Shared secret for HS256/384/512.
     pub hs_secret: Option<Vec<u8>>,
+    /// The `kid` of the shared secret. Without one the secret verifies tokens naming any kid no other key has.
+    pub hs_secret_kid: Option<String>,
     /// PEM public keys (RSA, EC P-256, Ed25519), each pinned to its algorithm.
     pub public_key_pems: Vec<String>,
+    /// The `kid` of each of `public_key_pems`, by position; a key without one (`None`, or past the end) verifies
+    /// tokens naming any kid no other key has.
+    pub public_key_kids: Vec<Option<String>>,
     /// A JWKS document (JSON text) loaded from a file.
     pub jwks_json: Option<String>,
     /// An http(s) URL serving a JWKS, fetched by [`Authenticator::start`] and kept fresh in the background.
@@ -195,7 +207,9 @@ impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
             .field("hs_secret", &self.hs_secret.as_ref().map(|_| "[redacted]"))
+            .field("hs_secret_kid", &self.hs_secret_kid)
             .field("public_key_pems", &self.public_key_pems.len())
+            .field("public_key_kids", &self.public_key_kids)
             .field("jwks_json", &self.jwks_json.is_some())
             .field("jwks_url", &self.jwks_url)
             .field("jwks_refresh", &self.jwks_refresh)
@@ -230,10 +244,11 @@ impl Authenticator {
     pub fn new(config: AuthConfig) -> Result<Self, AuthError> {
         let mut keys = KeySet::default();
         if let Some(secret) = &config.hs_secret {
-            keys.push(keys::hs_key(secret)?)?;
+            keys.push(keys::hs_key(secret, config.hs_secret_kid.as_deref())?)?;
         }
         for (i, pem) in config.public_key_pems.iter().enumerate() {
-            keys.push(keys::pem_key(i, pem)?)?;
+            let kid = config.public_key_kids.get(i).and_then(Option::as_deref);
+            keys.push(keys::pem_key(i, pem, kid)?)?;
         }
         if let Some(json) = &config.jwks_json {
             for key in keys::jwks_keys(json)? {
@@ -372,7 +387,8 @@ impl Authenticator {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed header or unsupported algorithm".into()))?;
         let keys = self.current_keys();
-        for key in keys.candidates(&header)? {
+        let candidates = keys.candidates(&header)?;
+        for key in &candidates.keys {
             match self.verify_with(token, key) {
                 // Several keys of one algorithm (a rotation): a signature mismatch means "try the next".
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
@@ -380,7 +396,14 @@ impl Authenticator {
                 Ok(claims) => return self.check_iat(claims)?.into_principal(),
             }
         }
-        Err(AuthError::Invalid("bad signature".into()))
+        // No kid-less key signed a token naming an unknown kid: it is most likely from a key the JWKS URL has
+        // rotated in, and saying so lets `verify` fetch it.
+        let reason = if candidates.unknown_kid {
+            keys::UNKNOWN_KID
+        } else {
+            "bad signature"
+        };
+        Err(AuthError::Invalid(reason.into()))
     }
 
     fn verify_with(
@@ -456,7 +479,7 @@ pub struct MintClaims {
 /// `exp = now + ttl` and `iss`/`aud` if given.
 ///
 /// Refuses (with [`AuthError::Config`]) what [`Authenticator::verify`] would reject anyway: a secret shorter than
-/// [`MIN_HS_SECRET_BYTES`], an empty `sub` or `tenant`, a zero `ttl`, and scopes that are empty or contain
+/// [`MIN_HS_SECRET_BYTES`], an empty `sub`, a tenant that is not `[A-Za-z0-9._-]{1,64}`, a zero `ttl`, and scopes that are empty or contain
 /// whitespace (they would split into other scopes).
 pub fn mint(secret: &[u8], claims: &MintClaims) -> Result<String, AuthError> {
     keys::check_hs_secret(secret)?;
@@ -464,12 +487,10 @@ pub fn mint(secret: &[u8], claims: &MintClaims) -> Result<String, AuthError> {
     if claims.sub.trim().is_empty() {
         return Err(bad("sub must not be empty"));
     }
-    if claims
-        .tenant
-        .as_deref()
-        .is_some_and(|t| t.trim().is_empty())
-    {
-        return Err(bad("tenant must not be empty"));
+    if claims.tenant.as_deref().is_some_and(|t| !tenant_ok(t)) {
+        return Err(bad(&format!(
+            "tenant must be 1 to {MAX_TENANT_LEN} characters of ASCII letters, digits, '.', '_' or '-'"
+        )));
     }
     if claims
         .scopes

@@ -493,6 +493,96 @@ fn jwks_selects_by_kid() {
     assert!(auth.verify(&hs(Algorithm::HS256, &claims())).is_ok());
 }
 
+/// Identity providers set a `kid` on every token; a secret or PEM key configured without one must verify them,
+/// still pinned to its algorithm (issue 11, finding 9).
+#[test]
+fn keys_without_a_kid_accept_tokens_naming_any_kid() {
+    let key = EncodingKey::from_secret(SECRET).unwrap();
+    let auth = hs_auth();
+    assert!(
+        auth.verify(&sign(Algorithm::HS256, Some("idp-2026"), &key, &claims()))
+            .is_ok()
+    );
+    let other = EncodingKey::from_secret(b"another-secret-another-secret-another!").unwrap();
+    assert_eq!(
+        invalid(auth.verify(&sign(Algorithm::HS256, Some("idp-2026"), &other, &claims()))),
+        "unknown key id",
+        "no key signed it: the kid is reported unknown, so a JWKS URL would be fetched again"
+    );
+    let rsa = EncodingKey::from_rsa_pem(rsa_key().private_pem.as_bytes()).unwrap();
+    let auth = pem_auth(vec![rsa_key().public_pem.clone()]);
+    assert!(
+        auth.verify(&sign(Algorithm::RS256, Some("k1"), &rsa, &claims()))
+            .is_ok()
+    );
+    // Pinned all the same: the RSA key never verifies an ES256 token, whatever kid it names.
+    assert_eq!(
+        invalid(auth.verify(&es(&ec_key(), Some("k1"), &claims()))),
+        "unknown key id"
+    );
+    // Next to a JWKS: a kid the JWKS has selects that key only; any other kid falls back to the secret.
+    let e1 = ec_key();
+    let auth = Authenticator::new(AuthConfig {
+        hs_secret: Some(SECRET.to_vec()),
+        jwks_json: Some(json!({ "keys": [ec_jwk("e1", &e1)] }).to_string()),
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    assert!(
+        auth.verify(&sign(Algorithm::HS256, Some("other"), &key, &claims()))
+            .is_ok()
+    );
+    assert_eq!(
+        invalid(auth.verify(&sign(Algorithm::HS256, Some("e1"), &key, &claims()))),
+        "algorithm does not match the key"
+    );
+    assert!(auth.verify(&es(&e1, Some("e1"), &claims())).is_ok());
+}
+
+#[test]
+fn a_configured_kid_pins_its_key() {
+    let key = EncodingKey::from_secret(SECRET).unwrap();
+    let rsa = EncodingKey::from_rsa_pem(rsa_key().private_pem.as_bytes()).unwrap();
+    let auth = Authenticator::new(AuthConfig {
+        hs_secret: Some(SECRET.to_vec()),
+        hs_secret_kid: Some("hs1".into()),
+        public_key_pems: vec![rsa_key().public_pem.clone()],
+        public_key_kids: vec![Some("rsa1".into())],
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    assert!(
+        auth.verify(&sign(Algorithm::HS256, Some("hs1"), &key, &claims()))
+            .is_ok()
+    );
+    assert!(
+        auth.verify(&sign(Algorithm::RS256, Some("rsa1"), &rsa, &claims()))
+            .is_ok()
+    );
+    assert!(
+        auth.verify(&hs(Algorithm::HS256, &claims())).is_ok(),
+        "no kid: by alg"
+    );
+    // Every key has a kid, so another kid matches none.
+    assert_eq!(
+        invalid(auth.verify(&sign(Algorithm::HS256, Some("hs2"), &key, &claims()))),
+        "unknown key id"
+    );
+    assert_eq!(
+        invalid(auth.verify(&sign(Algorithm::HS256, Some("rsa1"), &key, &claims()))),
+        "algorithm does not match the key"
+    );
+    // A kid names one key: two keys under one kid are a configuration error.
+    let e = config_err(AuthConfig {
+        hs_secret: Some(SECRET.to_vec()),
+        hs_secret_kid: Some("k".into()),
+        public_key_pems: vec![rsa_key().public_pem.clone()],
+        public_key_kids: vec![Some("k".into())],
+        ..AuthConfig::default()
+    });
+    assert!(e.contains("duplicate kid"), "{e}");
+}
+
 #[test]
 fn jwks_alg_is_inferred_when_absent() {
     let kp = ec_key();
@@ -727,13 +817,22 @@ fn tenant_claim() {
             .as_deref(),
         Some("acme")
     );
-    c["tenant"] = json!("");
-    assert_eq!(
-        invalid(auth.verify(&hs(Algorithm::HS256, &c))),
-        "empty tenant claim"
-    );
-    c["tenant"] = json!(42);
-    invalid(auth.verify(&hs(Algorithm::HS256, &c)));
+    // A genuine token whose tenant names no usable namespace is forbidden (403), as docs/api.md says, not
+    // unauthorized.
+    for bad in [
+        json!(""),
+        json!(" "),
+        json!("a:b"),
+        json!("x".repeat(65)),
+        json!(42),
+    ] {
+        c["tenant"] = bad.clone();
+        let e = auth.verify(&hs(Algorithm::HS256, &c)).unwrap_err();
+        assert!(matches!(e, AuthError::Forbidden(_)), "{bad}: {e:?}");
+        assert_eq!(ApiError::from(e).status().as_u16(), 403, "{bad}");
+    }
+    c["tenant"] = json!(null);
+    assert_eq!(auth.verify(&hs(Algorithm::HS256, &c)).unwrap().tenant, None);
 }
 
 #[test]

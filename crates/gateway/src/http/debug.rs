@@ -2,8 +2,9 @@
 //! format, for operators (`go tool pprof`, pprof-rs tooling). Scope `admin`; one capture at a time per process
 //! (409 for the rest); `seconds` 1–60 (default 10), `hz` 1–1000 (default 99).
 //!
-//! Served only when [`GatewayConfig::profiling`] is on (`--profiling`); otherwise the route answers 404 with a
-//! detail that says how to turn it on, before any authentication. The capture itself is
+//! Served only when [`GatewayConfig::profiling`] is on (`--profiling`); otherwise the route still authenticates
+//! first (401, 403 as when on: the route is documented, and a client must not learn more without a token) and
+//! then answers 404 with a detail that says how to turn it on. The capture itself is
 //! [`ferry_telemetry::profile::Profiler`]: it sleeps on the runtime and symbolizes in `spawn_blocking`.
 
 use std::collections::HashMap;
@@ -42,7 +43,10 @@ pub fn route(config: &GatewayConfig) -> MethodRouter<Api> {
     )
 }
 
-async fn disabled() -> ApiError {
+async fn disabled(Authed(p): Authed) -> ApiError {
+    if let Err(e) = p.require(Scope::Admin) {
+        return e;
+    }
     ApiError::NotFound(DISABLED_DETAIL.into())
 }
 

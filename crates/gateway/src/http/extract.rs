@@ -115,35 +115,59 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T>
     }
 }
 
-/// Deserialize `value` as `T`; on failure the error names the field at fault, prefixed with `prefix`
-/// (`jobs[3]`) when given.
+/// Deserialize `value` as `T`; on failure the error names the field at fault by its full path (`backoff.base_ms`,
+/// `jobs[3].kind`), prefixed with `prefix` when given, and says what was wrong in the API's words: serde's own
+/// messages name Rust types (`expected struct NewJob`, `expected u64`), which mean nothing to a client.
 ///
-/// serde_json reports unknown and missing fields by name but not the field of a type error, and the crate that
-/// tracks paths is not a dependency. So on a type error each top-level key is dropped in turn: the key whose
-/// removal makes the error go away (or turn into "missing field") is the culprit. This runs only on the error
-/// path, over a handful of keys.
+/// Every body the API takes is a JSON object, and `value` must be one: serde would also read a struct from an
+/// array of its fields in order, which no client means.
 pub fn from_value<T: DeserializeOwned>(value: Value, prefix: Option<&str>) -> Result<T, ApiError> {
-    let err = match T::deserialize(&value) {
+    if !value.is_object() {
+        let got = match &value {
+            Value::Array(_) => "an array".to_owned(),
+            Value::String(_) => "a string".to_owned(),
+            Value::Number(n) => format!("the number {n}"),
+            other => other.to_string(),
+        };
+        return Err(ValidationError::field(
+            prefix.unwrap_or("body"),
+            format!("must be a JSON object, got {got}"),
+        )
+        .into());
+    }
+    let err = match serde_path_to_error::deserialize::<_, T>(&value) {
         Ok(t) => return Ok(t),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     };
-    let field = named(&err, "unknown field `")
-        .or_else(|| named(&err, "missing field `"))
-        .or_else(|| culprit::<T>(&value));
-    let field = match (prefix, field) {
-        (Some(p), Some(f)) => format!("{p}.{f}"),
-        (Some(p), None) => p.to_owned(),
-        (None, Some(f)) => f,
-        (None, None) => "body".to_owned(),
+    let raw = err.inner().to_string();
+    let mut path: Vec<String> = prefix.map(str::to_owned).into_iter().collect();
+    for segment in err.path() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => match path.last_mut() {
+                Some(last) => last.push_str(&format!("[{index}]")),
+                None => path.push(format!("[{index}]")),
+            },
+            serde_path_to_error::Segment::Map { key } => path.push(key.clone()),
+            serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    // serde reports a missing or unknown field at its parent; the field itself is the one to name. (An unknown
+    // field is usually on the path already, as the key being read.)
+    if let Some(name) = named(&raw, "missing field `").or_else(|| named(&raw, "unknown field `"))
+        && path.last() != Some(&name)
+    {
+        path.push(name);
+    }
+    let field = if path.is_empty() {
+        "body".to_owned()
+    } else {
+        path.join(".")
     };
-    // Validated names report themselves as `kind: …`; do not say the field twice.
-    let leaf = field.rsplit('.').next().unwrap_or(&field);
-    let message = err
-        .strip_prefix(&format!("{leaf}: "))
-        .unwrap_or(&err)
-        .to_owned();
     Err(ValidationError {
-        errors: vec![FieldError { field, message }],
+        errors: vec![FieldError {
+            message: api_words(&raw, &field),
+            field,
+        }],
     }
     .into())
 }
@@ -153,17 +177,121 @@ fn named(err: &str, marker: &str) -> Option<String> {
     rest.split_once('`').map(|(name, _)| name.to_owned())
 }
 
-fn culprit<T: DeserializeOwned>(value: &Value) -> Option<String> {
-    let obj = value.as_object()?;
-    obj.keys().find_map(|key| {
-        let mut without = obj.clone();
-        without.remove(key);
-        match T::deserialize(&Value::Object(without)) {
-            Ok(_) => Some(key.clone()),
-            Err(e) if e.to_string() == format!("missing field `{key}`") => Some(key.clone()),
-            Err(_) => None,
+/// serde_json's message for a failed deserialization, rewritten without Rust type names.
+fn api_words(raw: &str, field: &str) -> String {
+    if raw.starts_with("missing field `") {
+        return "is required".into();
+    }
+    if raw.starts_with("unknown field `") {
+        return match raw.split_once(", expected ") {
+            Some((_, fields)) => format!("is not a known field (expected {fields})"),
+            None => "is not a known field".into(),
+        };
+    }
+    if let Some(rest) = raw.strip_prefix("unknown variant `") {
+        return match rest.split_once(", expected ") {
+            Some((_, variants)) => format!("must be {variants}"),
+            None => "is not one of the allowed values".into(),
+        };
+    }
+    for marker in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = raw.strip_prefix(marker)
+            && let Some((got, expected)) = rest.rsplit_once(", expected ")
+        {
+            let expected = expected_words(expected);
+            let got = got_words(got);
+            return format!("must be {expected}, got {got}");
         }
-    })
+    }
+    // A message of our own (a validated name says `kind: must be …`): keep it, without the field twice. Anything
+    // else serde may say is kept only if it names no type.
+    let leaf = field.rsplit('.').next().unwrap_or(field);
+    let own = raw.strip_prefix(&format!("{leaf}: ")).unwrap_or(raw);
+    if own.contains("struct ") || own.contains("expected ") {
+        "is not valid here".into()
+    } else {
+        own.to_owned()
+    }
+}
+
+/// What serde expected, in JSON terms.
+fn expected_words(expected: &str) -> String {
+    let words = match expected {
+        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a whole number, 0 or more",
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "a string" | "string" | "a borrowed string" | "char" => "a string",
+        "a boolean" | "bool" => "true or false",
+        "a sequence" | "sequence" => "an array",
+        "unit" => "null",
+        e if e.starts_with("struct ") || e.starts_with("a map") || e == "map" => "a JSON object",
+        e if e.starts_with("one of ") || e.starts_with('`') => return e.to_owned(),
+        _ => "a value of another type",
+    };
+    words.to_owned()
+}
+
+/// What the client sent, in JSON terms (serde says `floating point `1.5``, `map`, `sequence`).
+fn got_words(got: &str) -> String {
+    let quoted = |s: &str| s.split('`').nth(1).map(str::to_owned);
+    if let Some(rest) = got
+        .strip_prefix("integer ")
+        .or_else(|| got.strip_prefix("floating point "))
+    {
+        return match quoted(rest) {
+            Some(n) => format!("the number {n}"),
+            None => "a number".into(),
+        };
+    }
+    if let Some(rest) = got.strip_prefix("boolean ") {
+        return quoted(rest).unwrap_or_else(|| "a boolean".into());
+    }
+    match got {
+        "map" => "an object".into(),
+        "sequence" => "an array".into(),
+        "null" | "unit value" => "null".into(),
+        g if g.starts_with("string ") => "a string".into(),
+        _ => "a value of another type".into(),
+    }
+}
+
+/// Turn every integral float (`50.0`) into an integer, outside `payload`: JSON has one number type, and an
+/// OpenAPI `integer` is any number with no fraction, so `"max_attempts": 50.0` is valid by the document. serde
+/// refuses a float for an integer field, hence this step before deserializing a submitted job. The payload is
+/// the client's own data and is kept exactly as sent.
+pub fn integral_numbers(value: &mut Value) {
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Number(n) => {
+                if let Some(f) = n.as_f64()
+                    && n.is_f64()
+                    && f.fract() == 0.0
+                    && f.abs() < 9_007_199_254_740_992.0
+                {
+                    // Exact below 2^53, and the sign decides the type.
+                    let i = f as i64;
+                    *v = if i >= 0 {
+                        Value::from(i.unsigned_abs())
+                    } else {
+                        Value::from(i)
+                    };
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(walk),
+            Value::Object(o) => o.values_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    match value {
+        Value::Object(o) => {
+            for (k, v) in o.iter_mut() {
+                if k != "payload" {
+                    walk(v);
+                }
+            }
+        }
+        other => walk(other),
+    }
 }
 
 #[cfg(test)]
@@ -200,6 +328,101 @@ mod tests {
         assert_eq!(field(e), "body");
         // Fields the gateway sets are not accepted from the body.
         assert!(from_value::<NewJob>(json!({"kind": "k", "owner": "x"}), None).is_err());
+    }
+
+    fn message(e: &ApiError) -> String {
+        e.problem()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn nested_fields_are_named_by_their_full_path() {
+        let e = from_value::<NewJob>(json!({"kind": "k", "backoff": {"x": 1}}), None).unwrap_err();
+        assert_eq!(field(e.clone()), "backoff.x");
+        assert!(message(&e).contains("not a known field"), "{}", message(&e));
+        let e = from_value::<NewJob>(json!({"kind": "k", "backoff": {"base_ms": 1}}), None)
+            .unwrap_err();
+        assert_eq!(
+            (field(e.clone()), message(&e)),
+            ("backoff.max_ms".to_owned(), "is required".to_owned())
+        );
+        let e = from_value::<NewJob>(
+            json!({"kind": "k", "backoff": {"base_ms": "x", "max_ms": 1}}),
+            Some("jobs[1]"),
+        )
+        .unwrap_err();
+        assert_eq!(field(e), "jobs[1].backoff.base_ms");
+    }
+
+    #[test]
+    fn messages_name_json_types_never_rust_ones() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Batch {
+            jobs: Vec<Value>,
+        }
+        let cases = [
+            from_value::<NewJob>(json!([1]), None).unwrap_err(),
+            from_value::<NewJob>(json!("x"), None).unwrap_err(),
+            from_value::<NewJob>(json!({"kind": "k", "max_attempts": "x"}), None).unwrap_err(),
+            from_value::<NewJob>(json!({"kind": "k", "max_attempts": -1}), None).unwrap_err(),
+            from_value::<NewJob>(json!({"kind": "k", "delay_ms": 1.5}), None).unwrap_err(),
+            from_value::<NewJob>(json!({"kind": "k", "backoff": 3}), None).unwrap_err(),
+            from_value::<NewJob>(json!({"kind": "k", "priority": "urgent"}), None).unwrap_err(),
+            from_value::<NewJob>(json!({"kind": 7}), None).unwrap_err(),
+            from_value::<Batch>(json!([]), None).unwrap_err(),
+            from_value::<Batch>(json!({"jobs": {}}), None).unwrap_err(),
+        ];
+        for e in &cases {
+            let m = message(e);
+            for internal in [
+                "struct",
+                "NewJob",
+                "Batch",
+                "Backoff",
+                "u64",
+                "u32",
+                "i64",
+                "f64",
+                "sequence",
+                "floating point",
+                "map",
+            ] {
+                assert!(!m.contains(internal), "{m:?} names {internal:?}");
+            }
+            assert!(m.starts_with("must") || m.starts_with("is"), "{m:?}");
+        }
+        assert_eq!(message(&cases[0]), "must be a JSON object, got an array");
+        assert_eq!(
+            message(&cases[4]),
+            "must be a whole number, 0 or more, got the number 1.5"
+        );
+        assert!(
+            message(&cases[6]).contains("`high`"),
+            "{}",
+            message(&cases[6])
+        );
+    }
+
+    #[test]
+    fn integral_floats_are_integers_outside_the_payload() {
+        let mut v = json!({"kind": "k", "max_attempts": 50.0, "delay_ms": 0.0,
+            "backoff": {"base_ms": 10.0, "max_ms": 20}, "payload": {"n": 1.0}});
+        integral_numbers(&mut v);
+        let job: NewJob = from_value(v, None).unwrap();
+        assert_eq!(job.max_attempts, Some(50));
+        assert_eq!(job.backoff.unwrap().base_ms, 10);
+        assert_eq!(
+            job.payload,
+            json!({"n": 1.0}),
+            "the payload is kept as sent"
+        );
+        let mut v = json!({"kind": "k", "max_attempts": 50.5});
+        integral_numbers(&mut v);
+        assert!(from_value::<NewJob>(v, None).is_err());
     }
 
     #[test]

@@ -47,6 +47,9 @@ fn rfc3339_ms(s: &str) -> Option<u64> {
     u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
+/// The parameters of `GET /v1/jobs` for which an empty value means absent, as openapi.json documents.
+const EMPTY_IS_ABSENT: [&str; 3] = ["created_after", "created_before", "cursor"];
+
 /// The store query for `p` and the client's parameters; each bad parameter is a 400 naming it.
 fn job_query(p: &Principal, params: Vec<(String, String)>) -> Result<JobQuery, ApiError> {
     let tenant = tenancy::tenant(p)?.map(str::to_owned);
@@ -59,6 +62,11 @@ fn job_query(p: &Principal, params: Vec<(String, String)>) -> Result<JobQuery, A
     };
     let mut errors = Vec::new();
     for (k, v) in params {
+        // An empty cursor or time bound (`?cursor=`, what a form or a generated client sends for "not set")
+        // means absent.
+        if v.is_empty() && EMPTY_IS_ABSENT.contains(&k.as_str()) {
+            continue;
+        }
         let r: Result<(), ApiError> = (|| {
             match k.as_str() {
                 "queue" => q.queue = Some(broker_queue(p, &v)?),
@@ -215,5 +223,38 @@ mod tests {
         }
         let e = parse_time("created_after", "soon").unwrap_err();
         assert_eq!(e.problem()["errors"][0]["field"], "created_after");
+    }
+
+    #[test]
+    fn empty_parameters_are_absent() {
+        let p = Principal {
+            sub: "alice".into(),
+            tenant: None,
+            scopes: crate::auth::Scopes::default(),
+            exp: u64::MAX,
+        };
+        let params = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let q = job_query(
+            &p,
+            params(&[
+                ("created_after", ""),
+                ("created_before", ""),
+                ("cursor", ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (q.created_after, q.created_before, q.after, q.limit),
+            (None, None, None, LIST_DEFAULT)
+        );
+        let e = job_query(&p, params(&[("colour", "")])).unwrap_err();
+        assert_eq!(e.problem()["errors"][0]["field"], "colour");
+        // Elsewhere an empty value is as bad as openapi.json's pattern says.
+        let e = job_query(&p, params(&[("queue", "")])).unwrap_err();
+        assert_eq!(e.problem()["errors"][0]["field"], "queue");
     }
 }

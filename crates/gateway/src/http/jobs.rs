@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tracing::Instrument as _;
 
 use super::Api;
-use super::extract::{Authed, Json, Path, from_value};
+use super::extract::{Authed, Json, Path, from_value, integral_numbers};
 use super::tenancy::{broker_queue, client_queue};
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
@@ -37,13 +37,30 @@ fn traceparent(headers: &HeaderMap, span: &tracing::Span) -> String {
     })
 }
 
-/// `X-Request-Id` when it is a sane token (it ends up in logs and events), else a fresh UUIDv7.
-fn correlation_id(headers: &HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| JobId::new().to_string(), str::to_owned)
+/// Longest accepted `X-Request-Id`, as openapi.json documents it.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// `X-Request-Id` when given, else a fresh UUIDv7. It ends up in logs, events and the record, so one that is not
+/// 1 to [`MAX_REQUEST_ID`] printable ASCII characters is refused (400 naming the header) rather than silently
+/// replaced: the client would otherwise look for its id and not find it.
+fn correlation_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(v) = headers.get(REQUEST_ID) else {
+        return Ok(JobId::new().to_string());
+    };
+    match v.to_str() {
+        Ok(s)
+            if !s.is_empty()
+                && s.len() <= MAX_REQUEST_ID
+                && s.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(s.to_owned())
+        }
+        _ => Err(ValidationError::field(
+            "X-Request-Id",
+            format!("must be 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces"),
+        )
+        .into()),
+    }
 }
 
 /// Parse and check one submitted job, then stamp who submitted it.
@@ -55,6 +72,8 @@ fn new_job(
     correlation: &str,
     trace: &str,
 ) -> Result<NewJob, ApiError> {
+    let mut body = body;
+    integral_numbers(&mut body);
     let mut job: NewJob = from_value(body, prefix)?;
     job.validate(&api.app.config.job_limits)
         .map_err(|e| match prefix {
@@ -88,7 +107,7 @@ pub async fn submit(
     p.require(Scope::JobsSubmit)?;
     api.app.resilience.admit_submission()?;
     let q = broker_queue(&p, &queue)?;
-    let correlation = correlation_id(&headers);
+    let correlation = correlation_id(&headers)?;
     let span = tracing::info_span!("submit_job", queue = %queue, correlation_id = %correlation);
     let trace = traceparent(&headers, &span);
     let job = new_job(&api, &p, body, None, &correlation, &trace)?;
@@ -132,7 +151,7 @@ pub async fn submit_batch(
         )
         .into());
     }
-    let correlation = correlation_id(&headers);
+    let correlation = correlation_id(&headers)?;
     let span = tracing::info_span!("submit_batch", queue = %queue, correlation_id = %correlation);
     let trace = traceparent(&headers, &span);
     // Every bad job is reported at once, so a client fixes a batch in one round.

@@ -10,6 +10,7 @@
 //! * [`tenancy`]: how a tenant's queue names map to broker queues.
 //! * [`jobs`], [`history`], [`queues`], [`channels`]: the `/v1` handlers ([`history`] answers from the store). [`ops`]: health, readiness, metrics, OpenAPI.
 //! * [`limit`], [`metrics`]: per-subject token buckets and request counters, one of each per router.
+//! * [`wire`]: hyper's own 414 and 431 answers, rewritten as problem+json below hyper.
 //! * [`debug`]: `GET /debug/pprof/profile`, CPU profiles for admins, only with `GatewayConfig::profiling`.
 //!
 //! [`Principal`]: crate::auth::Principal
@@ -24,11 +25,14 @@ pub mod metrics;
 pub mod ops;
 pub mod queues;
 pub mod tenancy;
+pub mod wire;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::http::header;
+use axum::response::Response;
 use axum::routing::{get, post};
 
 use crate::error::ApiError;
@@ -105,7 +109,27 @@ pub fn router(state: AppState) -> Router {
             metrics::track,
         ))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::map_response(problem_json))
         .with_state(api)
+}
+
+/// Every error response leaves as problem+json: handlers already answer with [`ApiError`], and this turns what
+/// the router and extractors answer on their own (axum's 405 with its `Allow` header, a rejection in plain
+/// text) into the problem of the same status from the one table.
+async fn problem_json(res: Response) -> Response {
+    let status = res.status();
+    // A JSON error body is one of ours: a problem, or a documented body such as `/readyz`'s 503.
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v == "application/json" || v.ends_with("+json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        ApiError::for_status(status, res.headers())
+    } else {
+        res
+    }
 }
 
 #[cfg(test)]

@@ -11,8 +11,7 @@ use ferry_core::{QueueName, ValidationError};
 use crate::auth::Principal;
 use crate::error::ApiError;
 
-/// Longest tenant accepted; keeps room for the queue name inside the 128-character broker queue name.
-pub const MAX_TENANT_LEN: usize = 64;
+pub use crate::auth::MAX_TENANT_LEN;
 
 /// The separator between tenant and queue in a broker queue name.
 const SEP: char = ':';
@@ -23,11 +22,8 @@ pub fn tenant(p: &Principal) -> Result<Option<&str>, ApiError> {
     let Some(t) = p.tenant.as_deref() else {
         return Ok(None);
     };
-    let ok = !t.is_empty()
-        && t.len() <= MAX_TENANT_LEN
-        && t.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+    // Authentication refuses such tokens already; checked again because namespacing depends on it.
+    if crate::auth::tenant_ok(t) {
         Ok(Some(t))
     } else {
         Err(ApiError::Forbidden(format!(

@@ -14,11 +14,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use ferry_core::{JobId, NewJob};
+use ferry_core::{JobId, NewJob, ValidationError};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota};
@@ -41,7 +42,7 @@ pub async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let hub = state.hub.clone();
     if hub.closing() {
@@ -74,6 +75,11 @@ pub async fn upgrade(
             return ApiError::from(e).into_response();
         }
     };
+    // Authentication first (401 without a token, as on every /v1 route), then the handshake's own headers.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(r) => return upgrade_problem(&r).into_response(),
+    };
     let limits = hub.limits();
     let max = limits.max_frame_bytes;
     // Bounded so a peer that stops reading cannot make tungstenite buffer without limit, and large enough for
@@ -96,6 +102,25 @@ pub async fn upgrade(
                 }
             }
         })
+}
+
+/// A handshake that cannot be upgraded, as problem+json: 426 when it is no upgrade at all (a plain GET), 400
+/// naming the header otherwise.
+fn upgrade_problem(r: &WebSocketUpgradeRejection) -> ApiError {
+    use WebSocketUpgradeRejection as R;
+    let field = |name: &str, message: &str| ApiError::from(ValidationError::field(name, message));
+    match r {
+        R::InvalidConnectionHeader(_)
+        | R::InvalidUpgradeHeader(_)
+        | R::InvalidProtocolPseudoheader(_)
+        | R::ConnectionNotUpgradable(_) => ApiError::UpgradeRequired(
+            "this route speaks WebSocket only: send Connection: Upgrade and Upgrade: websocket"
+                .into(),
+        ),
+        R::InvalidWebSocketVersionHeader(_) => field("Sec-WebSocket-Version", "must be 13"),
+        R::WebSocketKeyHeaderMissing(_) => field("Sec-WebSocket-Key", "is required"),
+        _ => ApiError::bad_request("not a WebSocket handshake"),
+    }
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {

@@ -268,6 +268,8 @@ pub struct Switches {
     pub backlog: AtomicU64,
     pub feed_stalled: Arc<AtomicBool>,
     pub enqueue_stalled: AtomicBool,
+    /// When set, job lookups fail: 1 = the broker is unavailable, 2 = an internal broker error.
+    pub lookups_fail: AtomicU64,
     pub published: Mutex<Vec<String>>,
     /// Channel feeds opened so far; feed number n ends at its next message once `feeds_ended >= n`.
     pub feeds_opened: AtomicU64,
@@ -281,6 +283,7 @@ impl Switches {
             backlog: AtomicU64::new(0),
             feed_stalled: Arc::default(),
             enqueue_stalled: AtomicBool::new(false),
+            lookups_fail: AtomicU64::new(0),
             published: Mutex::default(),
             feeds_opened: AtomicU64::new(0),
             feeds_ended: Arc::default(),
@@ -391,6 +394,11 @@ impl Broker for Switches {
         self.inner.resume(q).await
     }
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
+        match self.lookups_fail.load(Ordering::SeqCst) {
+            1 => return Err(BrokerError::Unavailable("switched off".into())),
+            2 => return Err(BrokerError::Internal("switched off".into())),
+            _ => {}
+        }
         self.inner.job(id).await
     }
     async fn subscribe(&self) -> Result<EventStream, BrokerError> {
