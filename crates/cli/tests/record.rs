@@ -29,6 +29,8 @@ fn spawn(args: &[&str]) -> Result<Proc> {
             .env("FERRY_LOG", "warn,ferry_store=info,ferry_cli=info")
             .env_remove("FERRY_LOG_FORMAT")
             .env_remove("FERRY_DATABASE_URL")
+            // Several workers on one machine: no fixed admin port to fight over.
+            .env("FERRY_ADMIN_LISTEN", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
     )
