@@ -215,6 +215,8 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         r.write_timeout = ms(rt.recorder_write_timeout_ms);
         r.breaker.failure_threshold = rt.recorder_breaker_failures;
         r.breaker.open_for = ms(rt.recorder_breaker_open_ms);
+        r.check()
+            .map_err(|e| CliError::usage("--recorder-reclaim-idle-ms", e))?;
         Some(r)
     };
     Ok(ResolvedWorker {

@@ -319,6 +319,21 @@ fn database_flags_are_checked_and_an_unreachable_database_exits_69() {
             "--recorder-batch",
         ),
         (
+            // The reclaim idle time must exceed what a live recorder may hold: 50 + 2 × 30,000 + 1,000 ms.
+            vec![
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--database-url",
+                "postgres://h/db",
+                "--recorder-write-timeout-ms",
+                "30000",
+            ],
+            "invalid --recorder-reclaim-idle-ms: must exceed max delay + 2 × write timeout + 1000 ms = 61050 ms",
+        ),
+        (
             vec![
                 "gateway",
                 "--redis",

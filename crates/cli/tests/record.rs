@@ -315,6 +315,9 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
             "1000000",
             "--visibility-timeout-ms",
             "2000",
+            // Above its own longest hold (the 60 s delay): it is alive until the kill.
+            "--recorder-reclaim-idle-ms",
+            "120000",
         ],
     )?;
     let broker = c.broker().await?;
@@ -351,6 +354,8 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
             "survivor",
             "--recorder-reclaim-idle-ms",
             "2000",
+            "--recorder-write-timeout-ms",
+            "400",
         ],
     )?;
     c.until_recorded(total, Duration::from_secs(90), "every job recorded")
