@@ -342,14 +342,16 @@ pub(crate) async fn connect(
     tls: ferry_broker::RedisTls,
 ) -> Result<ferry_broker::RedisBroker, CliError> {
     use ferry_broker::Broker;
+    // The URLs as the message shows them: a password inside one is never printed.
+    let shown: Vec<String> = urls.iter().map(|u| config::shown("redis", u)).collect();
+    let shown = shown.join(", ");
     let broker = ferry_broker::RedisBroker::connect_with_tls(urls, config, options, tls)
         .await
-        .map_err(|e| {
-            CliError::Unavailable(format!("cannot reach redis ({}): {e}", urls.join(", ")))
-        })?;
-    broker.ping().await.map_err(|e| {
-        CliError::Unavailable(format!("cannot reach redis ({}): {e}", urls.join(", ")))
-    })?;
+        .map_err(|e| CliError::Unavailable(format!("cannot reach redis ({shown}): {e}")))?;
+    broker
+        .ping()
+        .await
+        .map_err(|e| CliError::Unavailable(format!("cannot reach redis ({shown}): {e}")))?;
     Ok(broker)
 }
 

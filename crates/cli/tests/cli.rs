@@ -210,6 +210,16 @@ fn unreachable_broker_exits_69() {
             "k",
         ][..],
         &["worker", "--redis", "redis://127.0.0.1:1", "--queues", "q"][..],
+        // A password in the URL is never printed.
+        &[
+            "enqueue",
+            "--redis",
+            "redis://:pw-s3cret@127.0.0.1:1",
+            "--queue",
+            "q",
+            "--kind",
+            "k",
+        ][..],
     ] {
         // The worker binds its admin listener first: off, so no other test's port is in the way.
         let out = ferry(args, &[("FERRY_ADMIN_LISTEN", "off")]);
@@ -219,6 +229,7 @@ fn unreachable_broker_exits_69() {
             "{}",
             stderr(&out)
         );
+        assert!(!stderr(&out).contains("pw-s3cret"), "{}", stderr(&out));
     }
 }
 
