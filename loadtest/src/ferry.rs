@@ -324,6 +324,8 @@ fn spawn_worker(
         // Per-job logging is not what is measured; startup and errors still show in the log.
         cmd.env("FERRY_LOG", "warn");
     }
+    // Nothing here reads the worker's admin listener, and a taken default port would stop the worker.
+    cmd.env("FERRY_ADMIN_LISTEN", "off");
     cmd.arg("worker")
         .args(["--redis", url])
         .args(["--queues", &p.queue])

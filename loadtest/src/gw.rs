@@ -183,6 +183,8 @@ pub fn start_worker(
     ];
     let child = raised_nofile(ferry_bin, &args)
         .env("FERRY_LOG", "warn")
+        // Nothing here reads the worker's admin listener, and a taken default port would stop the worker.
+        .env("FERRY_ADMIN_LISTEN", "off")
         .stdout(out)
         .stderr(err)
         .spawn()

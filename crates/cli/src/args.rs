@@ -752,12 +752,13 @@ pub struct WorkerArgs {
     pub recorder_max_delay_ms: u64,
 
     /// Events read by a recorder and not acknowledged for this long are taken over by another recorder (the
-    /// first one died).
+    /// first one died); checked every quarter of it. Must exceed the recorder's max delay + 2 × its write timeout
+    /// + 1 s.
     #[arg(
         long,
         value_name = "MS",
         env = "FERRY_RECORDER_RECLAIM_IDLE_MS",
-        default_value_t = 30_000
+        default_value_t = 10_000
     )]
     pub recorder_reclaim_idle_ms: u64,
     #[command(flatten)]
@@ -918,12 +919,12 @@ pub struct RecorderTuningArgs {
     )]
     pub recorder_writers: usize,
 
-    /// Longest one write to PostgreSQL may take before it counts as failed.
+    /// Longest one write to PostgreSQL may take before it counts as failed (bounded by the reclaim idle time).
     #[arg(
         long,
         value_name = "MS",
         env = "FERRY_RECORDER_WRITE_TIMEOUT_MS",
-        default_value_t = 30_000
+        default_value_t = 4_000
     )]
     pub recorder_write_timeout_ms: u64,
 

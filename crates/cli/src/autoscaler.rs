@@ -49,6 +49,8 @@ pub fn resolve(a: AutoscalerArgs) -> Result<ResolvedAutoscaler, CliError> {
 pub async fn run(cfg: ResolvedAutoscaler) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
+    // First, so a taken address fails the start at once instead of after connecting to every region.
+    let listener = crate::bind_admin(cfg.admin_listen).await?;
     let mut controls = Vec::new();
     let mut locals: Vec<Arc<Local>> = Vec::new();
     for region in cfg.regions.regions {
@@ -80,12 +82,11 @@ pub async fn run(cfg: ResolvedAutoscaler) -> Result<(), CliError> {
         .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
     let autoscaler = Autoscaler::new(controls, cfg.dry_run, Some(metrics));
     let admin_stop = tokio_util::sync::CancellationToken::new();
-    let admin_task = match cfg.admin_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                CliError::Unavailable(format!("cannot listen on {addr} (--admin-listen): {e}"))
-            })?;
-            tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+    let admin_task = match listener {
+        Some(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
+            }
             let admin = ferry_autoscaler::admin::Admin {
                 registry,
                 last_round: autoscaler.last_round(),

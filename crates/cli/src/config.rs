@@ -277,7 +277,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli, clap::Error> {
 }
 
 /// Redact a secret or the password inside a URL.
-fn shown(flag: &str, value: &str) -> String {
+pub(crate) fn shown(flag: &str, value: &str) -> String {
     if SECRET.contains(&flag) {
         return "<redacted>".into();
     }

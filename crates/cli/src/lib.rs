@@ -242,6 +242,32 @@ pub(crate) fn admin_listen(value: &str) -> Result<Option<std::net::SocketAddr>, 
     }
 }
 
+/// Bind the admin listener (`/metrics`, `/healthz`, `/readyz`) of a worker or an autoscaler, before the role connects
+/// to anything. An address that cannot be bound ends the start (exit 69, like a gateway whose `--listen` is
+/// taken): a process running without its probes and metrics looks healthy to nobody and is invisible to
+/// Prometheus, so an operator must choose a free address or say `off` on purpose.
+pub(crate) async fn bind_admin(
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, CliError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+                " (another process holds it: a second worker on this host with the default address?)"
+            } else {
+                ""
+            };
+            CliError::Unavailable(format!(
+                "cannot listen on {addr} (--admin-listen): {e}{why}; give each process its own \
+                 --admin-listen HOST:PORT, or --admin-listen off to run without /metrics, /healthz and /readyz"
+            ))
+        })
+}
+
 /// Refuse the first `(flag, value)` that is zero: counts and durations that must be at least 1.
 pub(crate) fn at_least_one(values: &[(&'static str, u64)]) -> Result<(), CliError> {
     match values.iter().find(|(_, v)| *v == 0) {
@@ -316,14 +342,16 @@ pub(crate) async fn connect(
     tls: ferry_broker::RedisTls,
 ) -> Result<ferry_broker::RedisBroker, CliError> {
     use ferry_broker::Broker;
+    // The URLs as the message shows them: a password inside one is never printed.
+    let shown: Vec<String> = urls.iter().map(|u| config::shown("redis", u)).collect();
+    let shown = shown.join(", ");
     let broker = ferry_broker::RedisBroker::connect_with_tls(urls, config, options, tls)
         .await
-        .map_err(|e| {
-            CliError::Unavailable(format!("cannot reach redis ({}): {e}", urls.join(", ")))
-        })?;
-    broker.ping().await.map_err(|e| {
-        CliError::Unavailable(format!("cannot reach redis ({}): {e}", urls.join(", ")))
-    })?;
+        .map_err(|e| CliError::Unavailable(format!("cannot reach redis ({shown}): {e}")))?;
+    broker
+        .ping()
+        .await
+        .map_err(|e| CliError::Unavailable(format!("cannot reach redis ({shown}): {e}")))?;
     Ok(broker)
 }
 

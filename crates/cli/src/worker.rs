@@ -215,6 +215,8 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         r.write_timeout = ms(rt.recorder_write_timeout_ms);
         r.breaker.failure_threshold = rt.recorder_breaker_failures;
         r.breaker.open_for = ms(rt.recorder_breaker_open_ms);
+        r.check()
+            .map_err(|e| CliError::usage("--recorder-reclaim-idle-ms", e))?;
         Some(r)
     };
     Ok(ResolvedWorker {
@@ -274,6 +276,8 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
     // Registered before connecting, so a SIGTERM during a slow connect is still a graceful stop.
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
+    // First, so a taken address fails the start at once instead of after the connects.
+    let listener = crate::bind_admin(cfg.admin_listen).await?;
     let broker = tokio::select! {
         b = crate::connect(&cfg.urls, cfg.engine.clone(), cfg.redis_options.clone(), cfg.redis_tls.clone()) => b?,
         _ = shutdown.cancelled() => return Ok(()),
@@ -378,19 +382,6 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
     }
     // Stopped last: `/readyz` answers 503 (draining) while the worker drains.
     let admin_stop = tokio_util::sync::CancellationToken::new();
-    // A port already taken (several workers on one host with the default address) costs the admin listener,
-    // not the worker: jobs keep running, and the error says how to fix it.
-    let listener = match cfg.admin_listen {
-        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::error!(%addr, error = %e, "cannot start the admin listener (/metrics, /healthz, /readyz); \
-                    running without it: set --admin-listen to a free address, or off");
-                None
-            }
-        },
-        None => None,
-    };
     let admin_task = listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");

@@ -222,14 +222,26 @@ fn unreachable_broker_exits_69() {
             "k",
         ][..],
         &["worker", "--redis", "redis://127.0.0.1:1", "--queues", "q"][..],
+        // A password in the URL is never printed.
+        &[
+            "enqueue",
+            "--redis",
+            "redis://:pw-s3cret@127.0.0.1:1",
+            "--queue",
+            "q",
+            "--kind",
+            "k",
+        ][..],
     ] {
-        let out = ferry(args, &[]);
+        // The worker binds its admin listener first: off, so no other test's port is in the way.
+        let out = ferry(args, &[("FERRY_ADMIN_LISTEN", "off")]);
         assert_eq!(out.status.code(), Some(69), "{args:?}: {}", stderr(&out));
         assert!(
             stderr(&out).contains("cannot reach redis"),
             "{}",
             stderr(&out)
         );
+        assert!(!stderr(&out).contains("pw-s3cret"), "{}", stderr(&out));
     }
 }
 
@@ -330,6 +342,21 @@ fn database_flags_are_checked_and_an_unreachable_database_exits_69() {
             "--recorder-batch",
         ),
         (
+            // The reclaim idle time must exceed what a live recorder may hold: 50 + 2 × 30,000 + 1,000 ms.
+            vec![
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--database-url",
+                "postgres://h/db",
+                "--recorder-write-timeout-ms",
+                "30000",
+            ],
+            "invalid --recorder-reclaim-idle-ms: must exceed max delay + 2 × write timeout + 1000 ms = 61050 ms",
+        ),
+        (
             vec![
                 "gateway",
                 "--redis",
@@ -421,4 +448,67 @@ fn config_files_are_checked_and_printed_without_secrets() {
         !text.contains("pw123") && !text.contains("0123456789abcdef"),
         "{text}"
     );
+}
+
+/// An admin address another process holds ends the start of a worker and of an autoscaler alike: exit 69 with a
+/// message naming the address, the flag and the way out (`off`), instead of a worker that runs without
+/// `/metrics`, `/healthz` and `/readyz`. `--admin-listen off` runs without the listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_admin_address_fails_the_start_naming_it() -> Result<()> {
+    use std::process::Stdio;
+    use std::time::Duration;
+    let redis = ferry_testkit::RedisServer::start()?;
+    let url = redis.url();
+    // The second worker on the host: the first one holds the address.
+    let held = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = held.local_addr()?.to_string();
+    let regions = redis.dir().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[regions]]\nname = \"z\"\nredis = [\"{url}\"]\nqueues = [\"q\"]\n[regions.actuator]\nkind = \"metrics\"\n"
+        ),
+    )?;
+    let regions = regions.to_str().unwrap().to_owned();
+    for args in [
+        vec!["worker", "--redis", &url, "--queues", "q"],
+        vec!["autoscaler", "--regions", &regions],
+    ] {
+        let mut proc = support::Proc::spawn_logged(
+            support::ferry()
+                .args(&args)
+                .args(["--admin-listen", &addr])
+                .env("FERRY_LOG", "warn")
+                .env_remove("FERRY_CONFIG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        )?;
+        let status = proc.wait_exit(Duration::from_secs(20)).await?;
+        let log = proc.log();
+        assert_eq!(status.code(), Some(69), "{args:?}: {log}");
+        for part in [
+            addr.as_str(),
+            "--admin-listen",
+            "in use",
+            "--admin-listen off",
+        ] {
+            assert!(log.contains(part), "{args:?} names {part:?}: {log}");
+        }
+    }
+    // Opted out: the worker runs.
+    let mut worker = support::Proc::spawn_logged(
+        support::ferry()
+            .args(["worker", "--redis", &url, "--queues", "q"])
+            .args(["--admin-listen", "off"])
+            .env("FERRY_LOG", "warn")
+            .env_remove("FERRY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(worker.alive(), "{}", worker.log());
+    let status = worker.stop(Duration::from_secs(20)).await?;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
+    drop(held);
+    Ok(())
 }

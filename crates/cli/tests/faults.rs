@@ -24,6 +24,8 @@ fn spawn_worker(redis_url: &str, queue: &str, extra: &[&str]) -> Result<Proc> {
             .args(extra)
             .env("FERRY_LOG", "warn,ferry_worker=info,ferry_cli=info")
             .env_remove("FERRY_LOG_FORMAT")
+            // Several workers on one machine: no fixed admin port to fight over.
+            .env("FERRY_ADMIN_LISTEN", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),

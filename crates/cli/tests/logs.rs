@@ -33,6 +33,8 @@ async fn secrets_never_appear_in_logs() {
                 .args(args)
                 .env("FERRY_LOG", "debug")
                 .env("FERRY_LOG_FORMAT", "json")
+                // No fixed admin port to fight over with the other tests.
+                .env("FERRY_ADMIN_LISTEN", "off")
                 .stdout(Stdio::from(
                     std::fs::File::create(dir.path().join(format!("{name}.out"))).unwrap(),
                 ))

@@ -29,6 +29,8 @@ fn spawn(args: &[&str]) -> Result<Proc> {
             .env("FERRY_LOG", "warn,ferry_store=info,ferry_cli=info")
             .env_remove("FERRY_LOG_FORMAT")
             .env_remove("FERRY_DATABASE_URL")
+            // Several workers on one machine: no fixed admin port to fight over.
+            .env("FERRY_ADMIN_LISTEN", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
     )
@@ -313,6 +315,9 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
             "1000000",
             "--visibility-timeout-ms",
             "2000",
+            // Above its own longest hold (the 60 s delay): it is alive until the kill.
+            "--recorder-reclaim-idle-ms",
+            "120000",
         ],
     )?;
     let broker = c.broker().await?;
@@ -349,6 +354,8 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
             "survivor",
             "--recorder-reclaim-idle-ms",
             "2000",
+            "--recorder-write-timeout-ms",
+            "400",
         ],
     )?;
     c.until_recorded(total, Duration::from_secs(90), "every job recorded")
@@ -365,5 +372,99 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
         pending.trim_start().starts_with('0'),
         "nothing left pending: {pending}"
     );
+    Ok(())
+}
+
+/// Readiness means "can serve its traffic": with PostgreSQL stopped, a gateway and a worker stay ready (200),
+/// say `degraded` with the `postgres` check false, still accept and run jobs, and export
+/// `ferry_dependency_up{dependency="postgres"} 0`; with Redis stopped too, both are unready (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()> {
+    let mut c = Cluster::start()?;
+    let gw = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let redis = c.redis.url();
+    let _gateway = spawn(&[
+        "gateway",
+        "--redis",
+        &redis,
+        "--listen",
+        &gw,
+        "--jwt-secret",
+        SECRET,
+        "--database-url",
+        &c.db,
+    ])?;
+    let _worker = c.worker("degraded", &["--admin-listen", &admin])?;
+    let http = reqwest::Client::new();
+    let (gw, admin) = (format!("http://{gw}"), format!("http://{admin}"));
+    for base in [&gw, &admin] {
+        let body = support::until_ready(&http, base, Duration::from_secs(30)).await?;
+        assert_eq!(body["status"], "ready", "{base}: {body}");
+        assert_eq!(body["checks"]["postgres"]["ok"], true, "{base}: {body}");
+    }
+
+    c.pg.stop()?;
+    for base in [&gw, &admin] {
+        wait_for_every(POLL, Duration::from_secs(30), "postgres seen down", || {
+            let http = &http;
+            async move {
+                let (_, body) = support::readyz(http, base).await?;
+                Ok(body["checks"]["postgres"]["ok"] == false)
+            }
+        })
+        .await?;
+        // PostgreSQL stays down: this answer is the degraded one.
+        let (status, body) = support::readyz(&http, base).await?;
+        assert_eq!(body["checks"]["postgres"]["ok"], false, "{base}: {body}");
+        assert_eq!(status, 200, "{base}: {body}");
+        assert_eq!(body["status"], "degraded", "{base}: {body}");
+        assert_eq!(body["checks"]["redis"]["ok"], true, "{base}: {body}");
+        let metrics = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        assert!(
+            metrics.contains("ferry_dependency_up{dependency=\"postgres\"} 0")
+                && metrics.contains("ferry_dependency_up{dependency=\"redis\"} 1"),
+            "{base}: {metrics}"
+        );
+    }
+    // Jobs are still accepted and run.
+    let token = support::token(
+        SECRET,
+        "submitter",
+        &["jobs:submit", "jobs:read"],
+        Duration::from_secs(3600),
+    );
+    let (id, _) = support::submit(
+        &http,
+        &gw,
+        &token,
+        "degraded",
+        &json!({"kind": "ferry.noop"}),
+        &[],
+    )
+    .await?;
+    support::until_completed(&http, &gw, &token, &id, Duration::from_secs(30)).await?;
+
+    c.redis.stop()?;
+    for base in [&gw, &admin] {
+        wait_for_every(
+            POLL,
+            Duration::from_secs(30),
+            "unready without redis",
+            || {
+                let http = &http;
+                async move { Ok(support::readyz(http, base).await?.0 == 503) }
+            },
+        )
+        .await?;
+        let (_, body) = support::readyz(&http, base).await?;
+        assert_eq!(body["status"], "unready", "{base}: {body}");
+        assert_eq!(body["checks"]["redis"]["ok"], false, "{base}: {body}");
+    }
     Ok(())
 }

@@ -50,6 +50,7 @@ async fn worker_runs_a_job_over_tls_and_records_it_over_tls() -> Result<()> {
             .env_remove("FERRY_LOG_FORMAT")
             .env_remove("FERRY_DATABASE_URL")
             .env_remove("FERRY_REDIS_URLS")
+            .env("FERRY_ADMIN_LISTEN", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
     )?;

@@ -6,8 +6,15 @@
 //!
 //! * a crash between commit and acknowledgement redelivers the batch, which the store skips (event ids are
 //!   unique): at least once on the wire, exactly once in the table;
-//! * entries a dead recorder read and never acknowledged stay pending in the group; every `reclaim_idle / 2`
-//!   each recorder asks for entries pending longer than `reclaim_idle` and takes them over;
+//! * entries a dead recorder read and never acknowledged stay pending in the group; every `reclaim_idle / 4`
+//!   each recorder asks for entries pending longer than `reclaim_idle` and takes them over, so a dead
+//!   recorder's events reach the store at most `reclaim_idle × 1.25` after it read them (12.5 s by default, under
+//!   the engine's 30 s visibility timeout: [`RecorderConfig::takeover_within`]);
+//! * a live recorder acknowledges what it read within [`RecorderConfig::longest_hold`] while the store answers
+//!   (gathering, waiting for a writer, one write, each write bounded by `write_timeout`), and `reclaim_idle` must
+//!   exceed that ([`RecorderConfig::check`]), so entries are only taken from a recorder that died or whose store
+//!   fails. Taking over from one whose store fails is harmless: the store skips events it already holds, and
+//!   the recorder that took them cannot write them either until the store is back;
 //! * several recorders (one per worker node) share the log; their batches can commit out of order, which the
 //!   store's order-key rule makes harmless.
 //!
@@ -42,9 +49,10 @@ pub struct RecorderConfig {
     /// previous one commits. At most this many batches, plus the one being gathered, are held in memory.
     pub writers: usize,
     /// Entries pending (read, not acknowledged) this long belonged to a recorder that died; take them over
-    /// (default 30 s).
+    /// (default 10 s; checked every quarter of it). Must exceed [`RecorderConfig::longest_hold`].
     pub reclaim_idle: Duration,
-    /// Longest one store write may take before it counts as failed (default 30 s).
+    /// Longest one store write may take before it counts as failed (default 4 s: a batch is two set-based
+    /// statements, which take milliseconds; the bound keeps a live recorder's entries from looking abandoned).
     pub write_timeout: Duration,
     pub breaker: BreakerConfig,
 }
@@ -57,12 +65,48 @@ impl RecorderConfig {
             max_delay: Duration::from_millis(50),
             read_count: 256,
             writers: 2,
-            reclaim_idle: Duration::from_secs(30),
-            write_timeout: Duration::from_secs(30),
+            reclaim_idle: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(4),
             breaker: BreakerConfig::default(),
         }
     }
+
+    /// How often a recorder looks for entries a dead recorder left: a quarter of `reclaim_idle`.
+    pub fn reclaim_every(&self) -> Duration {
+        self.reclaim_idle / 4
+    }
+
+    /// Longest after a recorder read entries and died before another running recorder takes them over: they
+    /// must be `reclaim_idle` old, and are found at the next check.
+    pub fn takeover_within(&self) -> Duration {
+        self.reclaim_idle + self.reclaim_every()
+    }
+
+    /// Longest a live recorder holds entries before acknowledging them while its store answers: `max_delay`
+    /// gathering them, one write of another batch to wait for (every writer busy), its own write (each bounded by
+    /// `write_timeout`), and [`ACK_ALLOWANCE`] for the acknowledgement and its retries.
+    pub fn longest_hold(&self) -> Duration {
+        self.max_delay + self.write_timeout * 2 + ACK_ALLOWANCE
+    }
+
+    /// `reclaim_idle` must exceed [`longest_hold`](Self::longest_hold), or live recorders take each other's
+    /// entries during ordinary slow writes. The error says which settings to change.
+    pub fn check(&self) -> Result<(), String> {
+        if self.reclaim_idle <= self.longest_hold() {
+            return Err(format!(
+                "must exceed max delay + 2 × write timeout + {} ms = {} ms, or recorders that are alive take each \
+                 other's entries; raise it or lower the write timeout",
+                ACK_ALLOWANCE.as_millis(),
+                self.longest_hold().as_millis()
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// What [`RecorderConfig::longest_hold`] allows for acknowledging a written batch (its call and up to four
+/// retries 50–400 ms apart).
+pub const ACK_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// Register `ferry_db_pool_connections{state}` and `ferry_db_pool_max` for `store`, read at scrape time (nothing
 /// is reported for a store without a pool).
@@ -247,7 +291,7 @@ impl Recorder {
                 Some(t) => self.config.max_delay.saturating_sub(t.elapsed()),
             };
             let reclaim = (tokio::time::Instant::now() >= next_reclaim).then(|| {
-                next_reclaim = tokio::time::Instant::now() + self.config.reclaim_idle / 2;
+                next_reclaim = tokio::time::Instant::now() + self.config.reclaim_every();
                 self.config.reclaim_idle
             });
             let read = self.broker.read_log(
@@ -426,6 +470,26 @@ mod tests {
 
     use super::*;
     use crate::MemoryStore;
+
+    /// After a crash, a recorder's events reach the store before a job lease held by the same worker would be
+    /// reclaimed (the engine's visibility timeout), and live recorders never look dead to each other.
+    #[test]
+    fn default_takeover_is_within_the_visibility_timeout() {
+        let c = RecorderConfig::new("c");
+        assert!(
+            c.takeover_within() < EngineConfig::default().visibility_timeout,
+            "{:?}",
+            c.takeover_within()
+        );
+        assert!(c.longest_hold() < c.reclaim_idle);
+        assert_eq!(c.check(), Ok(()));
+        let slow = RecorderConfig {
+            write_timeout: Duration::from_secs(30),
+            ..RecorderConfig::new("c")
+        };
+        let e = slow.check().unwrap_err();
+        assert!(e.contains("61050 ms"), "{e}");
+    }
 
     #[test]
     fn metrics_are_read_at_scrape_time() {

@@ -1,10 +1,13 @@
 //! The worker's admin listener (`ferry worker --admin-listen`, default `127.0.0.1:9464`):
 //!
-//! * `GET /metrics`: the process registry in the Prometheus text format;
+//! * `GET /metrics`: the process registry in the Prometheus text format, after the readiness round trips that
+//!   set `ferry_dependency_up`;
 //! * `GET /healthz`: 200 while the process runs;
-//! * `GET /readyz`: 200 when Redis (and the store, when a recorder runs) answer a ping within
-//!   [`Admin::ready_budget`] and the worker is not draining; otherwise 503 with the same body shape as the gateway's
-//!   `/readyz`: `{"status": "unready", "checks": {"redis": {"ok", "ms", "error"}, ...}}`.
+//! * `GET /readyz`: 200 when Redis answers a ping within [`Admin::ready_budget`] and the worker is not draining;
+//!   otherwise 503, with the same body shape as the gateway's `/readyz`:
+//!   `{"status": "unready", "checks": {"redis": {"ok", "ms", "error"}, ...}}`. The store (while a recorder runs)
+//!   is checked too, but jobs run without it (the event log keeps what the recorder has not written), so a store
+//!   that does not answer leaves the worker ready, `"status": "degraded"` (see [`ferry_telemetry::health`]).
 //!
 //! * `GET /debug/pprof/profile?seconds=10&hz=99`: a CPU profile of the process in the pprof protobuf format
 //!   (`go tool pprof`), only when [`Admin::profiling`] is on (`--profiling`); otherwise 404 saying how to turn
@@ -27,6 +30,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use ferry_broker::Broker;
+use ferry_telemetry::health::{DependencyUp, Need};
 use ferry_telemetry::profile::{DISABLED_DETAIL, ProfileError, Profiler};
 use ferry_telemetry::prometheus::Registry;
 use serde_json::{Value, json};
@@ -48,7 +52,8 @@ pub struct Admin {
     pub registry: Arc<Registry>,
     pub broker: Arc<dyn Broker>,
     pub worker: WorkerMonitor,
-    /// Extra dependencies by name (`postgres` while a recorder runs).
+    /// Extra dependencies by name (`postgres` while a recorder runs). The worker runs jobs without them: a
+    /// failed one makes `/readyz` say `degraded`, not unready.
     pub checks: Vec<(&'static str, ReadyCheck)>,
     /// Serve `GET /debug/pprof/profile` (CPU profiles). Off: the route answers 404.
     pub profiling: bool,
@@ -69,8 +74,16 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-/// The admin routes.
+/// What the handlers share: the settings, and the `ferry_dependency_up` gauge registered once per router.
+#[derive(Clone)]
+struct Shared {
+    admin: Admin,
+    up: DependencyUp,
+}
+
+/// The admin routes (registers `ferry_dependency_up` in the admin's registry).
 pub fn router(admin: Admin) -> Router {
+    let up = DependencyUp::register(&admin.registry);
     let profile = if admin.profiling {
         let profiler = Arc::new(Profiler::new());
         get(
@@ -92,7 +105,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/debug/pprof/profile", profile)
-        .with_state(admin)
+        .with_state(Shared { admin, up })
 }
 
 /// Serve the admin routes on `listener` until `shutdown`.
@@ -178,7 +191,10 @@ fn problem(status: StatusCode, detail: String, errors: Option<Value>) -> Respons
     res
 }
 
-async fn metrics(State(admin): State<Admin>) -> Response {
+async fn metrics(State(shared): State<Shared>) -> Response {
+    // The round trips set `ferry_dependency_up`, so the scrape reports the dependencies as they answer now.
+    dependencies(&shared).await;
+    let admin = &shared.admin;
     (
         [(
             header::CONTENT_TYPE,
@@ -189,7 +205,9 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(admin): State<Admin>) -> Response {
+/// Every dependency's check, by name, with what its failure means; each one also sets `ferry_dependency_up`.
+async fn dependencies(shared: &Shared) -> Vec<(&'static str, Need, bool, Value)> {
+    let admin = &shared.admin;
     let redis = ferry_telemetry::health::check(admin.ready_budget, admin.broker.ping());
     let others = futures::future::join_all(admin.checks.iter().map(|(name, f)| async move {
         (
@@ -198,24 +216,40 @@ async fn readyz(State(admin): State<Admin>) -> Response {
         )
     }));
     let ((redis_ok, redis), others) = tokio::join!(redis, others);
-    let mut ready = redis_ok;
-    let mut checks = json!({ "redis": redis });
-    for (name, (ok, v)) in others {
+    let mut all = vec![("redis", Need::Required, redis_ok, redis)];
+    all.extend(
+        others
+            .into_iter()
+            .map(|(name, (ok, v))| (name, Need::Degraded, ok, v)),
+    );
+    for (name, _, ok, _) in &all {
+        shared.up.set(name, *ok);
+    }
+    all
+}
+
+async fn readyz(State(shared): State<Shared>) -> Response {
+    let admin = &shared.admin;
+    let deps = dependencies(&shared).await;
+    let mut checks = json!({});
+    let mut needs = Vec::with_capacity(deps.len() + 1);
+    for (name, need, ok, v) in deps {
         checks[name] = v;
-        ready &= ok;
+        needs.push((need, ok));
     }
     let draining = admin.worker.draining();
     checks["worker"] = json!({
         "ok": !draining,
         "error": draining.then_some("draining"),
     });
-    ready &= !draining;
+    needs.push((Need::Required, !draining));
+    let (ready, status) = ferry_telemetry::health::verdict(needs);
     if ready {
-        axum::Json(json!({"status": "ready", "checks": checks})).into_response()
+        axum::Json(json!({"status": status, "checks": checks})).into_response()
     } else {
         let mut res = (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "unready", "checks": checks})),
+            axum::Json(json!({"status": status, "checks": checks})),
         )
             .into_response();
         res.headers_mut()

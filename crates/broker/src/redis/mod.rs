@@ -27,6 +27,7 @@ mod events;
 mod keys;
 mod log;
 mod pubsub;
+mod refusal;
 mod scripts;
 
 use std::collections::{BTreeMap, HashSet};
@@ -209,6 +210,10 @@ impl std::fmt::Debug for RedisBroker {
 }
 
 fn redis_err(e: redis::RedisError) -> BrokerError {
+    // A refusal (OOM, MISCONF, a password…) lasts until an operator acts, and the message says how.
+    if let Some(m) = refusal::explain(None, &e.to_string()) {
+        return BrokerError::Unavailable(m);
+    }
     let transient = e.is_io_error()
         || e.is_connection_dropped()
         || e.is_timeout()
@@ -219,6 +224,17 @@ fn redis_err(e: redis::RedisError) -> BrokerError {
     } else {
         BrokerError::Internal(e.to_string())
     }
+}
+
+/// A failed connect or first PING to the shard `name`: unavailable, with the refusal named when Redis refused
+/// the client ([`refusal::diagnose`]: protected mode, a missing or wrong password, …).
+async fn refused(client: &Client, name: &str, e: redis::RedisError) -> BrokerError {
+    let text = e.to_string();
+    BrokerError::Unavailable(
+        refusal::diagnose(client, name, &text)
+            .await
+            .unwrap_or_else(|| format!("{name}: {text}")),
+    )
 }
 
 fn redact(url: &str) -> String {
@@ -278,9 +294,11 @@ impl RedisBroker {
                 .set_connection_timeout(Some(options.connection_timeout))
                 .set_number_of_retries(3)
                 .set_max_delay(Duration::from_secs(2));
-            let first = ConnectionManager::new_with_config(client.clone(), cm_config.clone())
-                .await
-                .map_err(|e| BrokerError::Unavailable(format!("{name}: {e}")))?;
+            let first =
+                match ConnectionManager::new_with_config(client.clone(), cm_config.clone()).await {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(refused(&client, &name, e).await),
+                };
             let conn = Conn::new(name.clone(), client.clone(), cm_config, first);
             let abandons = Abandons::new(
                 name.clone(),
@@ -307,7 +325,14 @@ impl RedisBroker {
             config,
             scripts,
         };
-        broker.ping().await?;
+        for shard in &broker.shards {
+            if let Err(e) = redis::cmd("PING")
+                .query_async::<String>(&mut shard.conn.clone())
+                .await
+            {
+                return Err(refused(&shard.client, &shard.name, e).await);
+            }
+        }
         Ok(broker)
     }
 
@@ -1307,7 +1332,13 @@ impl Broker for RedisBroker {
             let _: String = redis::cmd("PING")
                 .query_async(&mut shard.conn.clone())
                 .await
-                .map_err(|e| BrokerError::Unavailable(format!("{}: {e}", shard.name)))?;
+                .map_err(|e| {
+                    let e = e.to_string();
+                    BrokerError::Unavailable(
+                        refusal::explain(Some(&shard.name), &e)
+                            .unwrap_or_else(|| format!("{}: {e}", shard.name)),
+                    )
+                })?;
         }
         Ok(())
     }

@@ -24,6 +24,8 @@ pub struct Metrics {
     duration: HistogramVec,
     enqueued: IntCounterVec,
     auth_failures: IntCounterVec,
+    /// `ferry_dependency_up`, set by `/readyz` and by each scrape ([`super::ops`]).
+    pub(crate) dependency_up: ferry_telemetry::health::DependencyUp,
 }
 
 impl Default for Metrics {
@@ -67,7 +69,9 @@ impl Default for Metrics {
             ferry_telemetry::metrics::register_or_log(&registry, Box::new(c));
         }
         ferry_telemetry::metrics::register_or_log(&registry, Box::new(duration.clone()));
+        let dependency_up = ferry_telemetry::health::DependencyUp::register(&registry);
         Self {
+            dependency_up,
             registry,
             requests,
             duration,

@@ -1,11 +1,12 @@
 //! Unauthenticated operational routes: `/healthz` (the process answers, even while draining), `/readyz` (not
-//! draining; Redis and the store, if any, answer a real round trip within a budget; the pub/sub canary comes
-//! back through this node's channel feed), `/metrics` and the OpenAPI document. They must stay cheap: probes hit
-//! them often.
+//! draining; Redis answers a real round trip within a budget; the pub/sub canary comes back through this node's
+//! channel feed; the store, if any, is checked and reported but only degrades), `/metrics` and the OpenAPI
+//! document. They must stay cheap: probes hit them often.
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use ferry_telemetry::health::Need;
 use serde_json::{Value, json};
 
 use super::Api;
@@ -19,16 +20,9 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when the node is not draining, Redis and (if the gateway has one) the store each answer a ping within
-/// their call timeout (`ResilienceConfig::broker_timeout` / `store_timeout`), and the pub/sub canary
-/// ([`crate::ws::Hub::probe_pubsub`]) comes back within `ReadinessConfig::pubsub_budget`, all at once. The
-/// breakers are not consulted: readiness reports what the dependencies answer now. A draining node answers 503
-/// `draining` at once, without checking anything.
-pub async fn readyz(State(api): State<Api>) -> Response {
-    let hub = &api.app.hub;
-    if hub.is_draining() {
-        return unready(json!({"status": "draining", "checks": {}}));
-    }
+/// Redis's and (if the gateway has one) the store's round trips within their call timeouts
+/// (`ResilienceConfig::broker_timeout` / `store_timeout`), at once; each sets `ferry_dependency_up`.
+async fn dependencies(api: &Api) -> ((bool, Value), Option<(bool, Value)>) {
     let r = &api.app.resilience.config;
     let redis = ferry_telemetry::health::check(r.broker_timeout, api.app.broker.ping());
     let store = async {
@@ -39,25 +33,47 @@ pub async fn readyz(State(api): State<Api>) -> Response {
             None => None,
         }
     };
+    let (redis, store) = tokio::join!(redis, store);
+    let up = &api.metrics.dependency_up;
+    up.set("redis", redis.0);
+    if let Some((ok, _)) = &store {
+        up.set("postgres", *ok);
+    }
+    (redis, store)
+}
+
+/// Ready when the node is not draining, Redis answers a ping within its call timeout and the pub/sub canary
+/// ([`crate::ws::Hub::probe_pubsub`]) comes back within `ReadinessConfig::pubsub_budget`, all checked at once.
+/// The store is checked alongside, but submissions, lookups of live jobs and fan-out need only Redis: a store
+/// that does not answer leaves the node ready, `"status": "degraded"` with the `postgres` check false (see
+/// [`ferry_telemetry::health`]), so a load balancer keeps the gateways through a database outage. The breakers
+/// are not consulted: readiness reports what the dependencies answer now. A draining node answers 503
+/// `draining` at once, without checking anything.
+pub async fn readyz(State(api): State<Api>) -> Response {
+    let hub = &api.app.hub;
+    if hub.is_draining() {
+        return unready(json!({"status": "draining", "checks": {}}));
+    }
     let pubsub = hub.probe_pubsub(api.app.config.readiness.pubsub_budget);
-    let ((redis_ok, redis), store, pubsub) = tokio::join!(redis, store, pubsub);
+    let (((redis_ok, redis), store), pubsub) = tokio::join!(dependencies(&api), pubsub);
     let mut checks = json!({
         "redis": redis,
         "pubsub": {"ok": pubsub.ok, "ms": pubsub.ms, "error": pubsub.error},
     });
-    let mut ready = redis_ok && pubsub.ok;
+    let mut needs = vec![(Need::Required, redis_ok), (Need::Required, pubsub.ok)];
     if let Some((ok, pg)) = store {
         checks["postgres"] = pg;
-        ready &= ok;
+        needs.push((Need::Degraded, ok));
     }
     if hub.is_draining() {
         // Started draining while the checks ran.
         return unready(json!({"status": "draining", "checks": checks}));
     }
+    let (ready, status) = ferry_telemetry::health::verdict(needs);
     if ready {
-        axum::Json(json!({"status": "ready", "checks": checks})).into_response()
+        axum::Json(json!({"status": status, "checks": checks})).into_response()
     } else {
-        unready(json!({"status": "unready", "checks": checks}))
+        unready(json!({"status": status, "checks": checks}))
     }
 }
 
@@ -69,6 +85,9 @@ fn unready(body: Value) -> Response {
 }
 
 pub async fn metrics(State(api): State<Api>) -> Response {
+    // The round trips set `ferry_dependency_up`, so the scrape reports the dependencies as they answer now,
+    // whether or not anything probes `/readyz`.
+    dependencies(&api).await;
     (
         [(
             header::CONTENT_TYPE,
