@@ -33,7 +33,10 @@ async fn store_on(server: &PostgresServer, cfg: impl FnOnce(&mut PgConfig)) -> P
     c.wait_timeout = Duration::from_secs(2);
     cfg(&mut c);
     let store = PgStore::connect(c).expect("pool builds");
-    assert_eq!(store.migrate().await.expect("migrates"), ["V1__jobs"]);
+    assert_eq!(
+        store.migrate().await.expect("migrates"),
+        ["V1__jobs", "V2__jobs_open"]
+    );
     store
 }
 
