@@ -1,13 +1,16 @@
 //! The durable record: every job's current state (`jobs`) and its append-only audit trail (`job_events`), kept
 //! in PostgreSQL ([`pg`]) or, for `ferry dev`, in memory ([`memory`]), behind one [`Store`] trait and one
-//! contract; and the [`recorder`] that fills it from the engine's durable event log.
+//! contract; the [`recorder`] that fills it from the engine's durable event log; and the [`reconciler`] that
+//! hands the engine back jobs it lost (Redis data loss) from this record.
 //!
 //! This crate owns the schema, its migrations and the rule that a job's record never moves backwards. It must
-//! not change job state in the engine (Redis stays the source of truth for live work) and must not speak HTTP:
-//! the gateway answers queries through [`Store`].
+//! not change job state in the engine (Redis stays the source of truth for live work; the reconciler only asks
+//! the engine's `restore`, which refuses any job it knows) and must not speak HTTP: the gateway answers queries
+//! through [`Store`].
 
 pub mod memory;
 pub mod pg;
+pub mod reconciler;
 pub mod recorder;
 pub mod tls;
 
