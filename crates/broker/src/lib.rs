@@ -109,6 +109,34 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Put a dead job back in its queue with a fresh attempt budget.
     async fn retry_dead(&self, id: JobId) -> Result<RetryOutcome, BrokerError>;
 
+    /// Put back jobs the durable record holds and the engine has lost (Redis data loss: an AOF that missed its
+    /// last second, a failover to a replica that lagged), each as the record has it: same id, queue, spec,
+    /// priority and attempts used (an `active` job's attempt in flight is given back: its outcome never
+    /// reached the engine). A job is queued now, or scheduled / retrying again when it was and its `run_at` is
+    /// still ahead. A job the engine still knows (any record or entry of its id) is left alone: `false`. The
+    /// check and the restore are one atomic step, so a job in the middle of a transition is never doubled. The
+    /// events (`job.queued`, `job.scheduled`, `job.retrying`) carry `"restored": true` in their data and the
+    /// actor [`RESTORE_ACTOR`].
+    async fn restore(&self, _jobs: Vec<JobInfo>) -> Result<Vec<bool>, BrokerError> {
+        Err(BrokerError::Internal(
+            "restore is not implemented by this engine".into(),
+        ))
+    }
+
+    /// Take the lease `name` for `ttl` as `holder` unless someone holds it (Redis: `SET … NX PX` on the shard
+    /// the name hashes to). `true` when taken. Leader-free loops use it so one node at a time does work that is
+    /// safe but wasteful in parallel; it expires on its own, so a node that dies holding it blocks nobody.
+    async fn try_lease(
+        &self,
+        _name: &str,
+        _holder: &str,
+        _ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        Err(BrokerError::Internal(
+            "leases are not implemented by this engine".into(),
+        ))
+    }
+
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError>;
 
     /// Scheduled and retrying jobs of `queue` due within `within` from now, those already due included: work
@@ -185,6 +213,9 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// 0 when the group does not exist.
     async fn log_backlog(&self, group: &str) -> Result<u64, BrokerError>;
 }
+
+/// The actor of the events of [`Broker::restore`].
+pub const RESTORE_ACTOR: &str = "reconciler";
 
 /// The consumer group of the recorder, which copies the event log into the durable store.
 pub const RECORDER_GROUP: &str = "recorder";

@@ -83,6 +83,7 @@ impl MemoryBroker {
                     cap: config.event_stream_max,
                 },
                 actor: None,
+                leases: HashMap::new(),
             }),
             app: broadcast::channel(CHANNEL_CAPACITY).0,
         }
@@ -199,6 +200,8 @@ struct State {
     events: Events,
     /// The actor of the transition being made (set by the caller for the length of one critical section).
     actor: Option<Arc<str>>,
+    /// [`Broker::try_lease`]: name → (holder, until).
+    leases: HashMap<String, (String, tokio::time::Instant)>,
 }
 
 /// One job as the engine holds it.
@@ -880,6 +883,93 @@ impl Broker for MemoryBroker {
             }
         }
         Ok(out)
+    }
+
+    async fn restore(&self, jobs: Vec<JobInfo>) -> Result<Vec<bool>, BrokerError> {
+        let now = now_ms();
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        st.actor = Some(Arc::from(crate::RESTORE_ACTOR));
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if st.jobs.contains_key(&job.id) {
+                out.push(false);
+                continue;
+            }
+            // The same rules as the Redis engine's restore script.
+            let attempts = match job.state {
+                JobState::Active => job.attempts.saturating_sub(1),
+                _ => job.attempts,
+            };
+            let waiting = match (job.state, job.run_at) {
+                (s @ (JobState::Scheduled | JobState::Retrying), Some(t)) if t > now => {
+                    Some((s, t))
+                }
+                _ => None,
+            };
+            let error = job
+                .error
+                .filter(|_| waiting.is_some_and(|(s, _)| s == JobState::Retrying));
+            st.queue(&job.queue).received = true;
+            st.jobs.insert(
+                job.id,
+                Entry {
+                    queue: job.queue.clone(),
+                    spec: job.spec,
+                    state: JobState::Queued,
+                    attempts,
+                    epoch: 0,
+                    result: None,
+                    error: error.clone(),
+                    run_at: None,
+                    lease_deadline: 0,
+                    holder: None,
+                    updated_at: now,
+                },
+            );
+            match waiting {
+                None => {
+                    st.enter_queued(job.id, now, Some(json!({"restored": true})));
+                    st.queue(&job.queue).notify.notify_waiters();
+                }
+                Some((state, run_at)) => {
+                    if let Some(e) = st.jobs.get_mut(&job.id) {
+                        e.state = state;
+                        e.run_at = Some(run_at);
+                    }
+                    st.queue(&job.queue).scheduled.insert((run_at, job.id));
+                    let (ty, data) = if state == JobState::Retrying {
+                        let data = json!({"error": error, "run_at": run_at, "restored": true});
+                        (EventType::Retrying, data)
+                    } else {
+                        let data = json!({"run_at": run_at, "restored": true});
+                        (EventType::Scheduled, data)
+                    };
+                    st.emit(job.id, ty, Some(data));
+                }
+            }
+            out.push(true);
+        }
+        st.actor = None;
+        Ok(out)
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let now = tokio::time::Instant::now();
+        let mut st = self.lock()?;
+        match st.leases.get(name) {
+            Some((_, until)) if *until > now => Ok(false),
+            _ => {
+                st.leases
+                    .insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
     }
 
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {

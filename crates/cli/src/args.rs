@@ -761,6 +761,28 @@ pub struct WorkerArgs {
         default_value_t = 10_000
     )]
     pub recorder_reclaim_idle_ms: u64,
+
+    /// How often one worker (whichever takes the lease in Redis) puts back jobs that PostgreSQL holds as not
+    /// finished and Redis has lost (a crash that dropped the AOF's last second, a failover to a replica that
+    /// lagged); 0 turns the reconciler off. Needs --database-url.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_RECONCILE_INTERVAL_MS",
+        default_value_t = 60_000
+    )]
+    pub reconcile_interval_ms: u64,
+
+    /// The reconciler looks at a job once its PostgreSQL record has not moved for this long (so a record that
+    /// is merely behind is left alone).
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_RECONCILE_GRACE_MS",
+        default_value_t = 300_000
+    )]
+    pub reconcile_grace_ms: u64,
+
     #[command(flatten)]
     pub recorder_tuning: RecorderTuningArgs,
 

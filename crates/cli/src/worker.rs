@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ferry_broker::EngineConfig;
 use ferry_core::{Kind, QueueName};
+use ferry_store::reconciler::{Reconciler, ReconcilerConfig};
 use ferry_store::recorder::{Recorder, RecorderConfig};
 use ferry_worker::{HandlerRegistry, WebhookConfig, Worker, WorkerConfig, WorkerError};
 
@@ -27,6 +28,8 @@ pub struct ResolvedWorker {
     pub database: Option<crate::store::ResolvedDatabase>,
     /// The recorder's settings (its consumer name is the worker's, filled in at start).
     pub recorder: Option<RecorderConfig>,
+    /// The reconciler's settings (its lease holder is the worker's consumer name); `None` when off.
+    pub reconciler: Option<ReconcilerConfig>,
     /// Where the admin listener (`/metrics`, `/healthz`, `/readyz`) binds; `None` when `off`.
     pub admin_listen: Option<std::net::SocketAddr>,
     /// Whether the admin listener serves `/debug/pprof/profile` (`--profiling`).
@@ -219,6 +222,12 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
             .map_err(|e| CliError::usage("--recorder-reclaim-idle-ms", e))?;
         Some(r)
     };
+    let reconciler = (database.is_some() && a.reconcile_interval_ms > 0).then(|| {
+        let mut r = ReconcilerConfig::new(String::new());
+        r.interval = ms(a.reconcile_interval_ms);
+        r.grace = ms(a.reconcile_grace_ms);
+        r
+    });
     Ok(ResolvedWorker {
         urls,
         redis_options,
@@ -228,6 +237,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         registry,
         database,
         recorder,
+        reconciler,
         admin_listen,
         profiling: a.profiling,
         ready_budget,
@@ -297,6 +307,18 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
         .register_metrics(&metrics)
         .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
     let mut ready_checks: Vec<(&'static str, ferry_worker::admin::ReadyCheck)> = Vec::new();
+    // The reconciler stops with the signal: a pass cut short is simply run again by another node.
+    let reconcile_task = match (&store, cfg.reconciler) {
+        (Some(store), Some(mut rc)) => {
+            rc.holder = worker.monitor().consumer().to_owned();
+            let reconciler = Reconciler::new(broker.clone(), Arc::new(store.clone()), rc);
+            reconciler
+                .register_metrics(&metrics)
+                .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
+            Some(tokio::spawn(reconciler.run(shutdown.clone())))
+        }
+        _ => None,
+    };
     // The recorder stops after the worker has drained (its own token), so the drain's events are recorded too.
     let recorder_stop = tokio_util::sync::CancellationToken::new();
     let recorder_task = match (store, cfg.recorder) {
@@ -407,6 +429,9 @@ pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
     let report = worker.run(shutdown).await;
     recorder_stop.cancel();
     if let Some(t) = recorder_task {
+        let _ = t.await;
+    }
+    if let Some(t) = reconcile_task {
         let _ = t.await;
     }
     admin_stop.cancel();

@@ -25,6 +25,10 @@ pub enum EventType {
     Cancelled,
     #[serde(rename = "job.scheduled")]
     Scheduled,
+    /// Never emitted by an engine: the durable store's name for a `job.completed` of a job that already has
+    /// one recorded (the job ran again after Redis lost its completion), so the trail keeps one completion.
+    #[serde(rename = "job.duplicate_completion")]
+    DuplicateCompletion,
 }
 
 impl EventType {
@@ -38,6 +42,7 @@ impl EventType {
             Self::Dead => "job.dead",
             Self::Cancelled => "job.cancelled",
             Self::Scheduled => "job.scheduled",
+            Self::DuplicateCompletion => "job.duplicate_completion",
         }
     }
 }

@@ -1,13 +1,16 @@
 //! The durable record: every job's current state (`jobs`) and its append-only audit trail (`job_events`), kept
 //! in PostgreSQL ([`pg`]) or, for `ferry dev`, in memory ([`memory`]), behind one [`Store`] trait and one
-//! contract; and the [`recorder`] that fills it from the engine's durable event log.
+//! contract; the [`recorder`] that fills it from the engine's durable event log; and the [`reconciler`] that
+//! hands the engine back jobs it lost (Redis data loss) from this record.
 //!
 //! This crate owns the schema, its migrations and the rule that a job's record never moves backwards. It must
-//! not change job state in the engine (Redis stays the source of truth for live work) and must not speak HTTP:
-//! the gateway answers queries through [`Store`].
+//! not change job state in the engine (Redis stays the source of truth for live work; the reconciler only asks
+//! the engine's `restore`, which refuses any job it knows) and must not speak HTTP: the gateway answers queries
+//! through [`Store`].
 
 pub mod memory;
 pub mod pg;
+pub mod reconciler;
 pub mod recorder;
 pub mod tls;
 
@@ -24,8 +27,26 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Record a batch of events in one transaction: each event is appended to the audit log once (an event
     /// whose id is already there is skipped, so redelivery is harmless), and each job's record is moved to the
     /// newest of its events by [`Event::order_key`] (an older event never moves it backwards, but does fill in
-    /// what the record lacks, such as the spec carried by `job.queued`). Returns how many events were new.
+    /// what the record lacks, such as the spec carried by `job.queued`). A completed record never moves again,
+    /// and a `job.completed` of a job that already has one is stored as `job.duplicate_completion` (the job ran
+    /// again after the engine lost its first completion). Returns how many events were new.
     async fn record(&self, events: &[Event]) -> Result<u64, StoreError>;
+
+    /// How many `job.completed` events this store has recorded as `job.duplicate_completion` (the job already
+    /// had a completion: it ran again after the engine lost the first one), for a metric.
+    fn duplicate_completions(&self) -> u64 {
+        0
+    }
+
+    /// The reconciler's candidates: jobs whose record is not final (scheduled, queued, active, retrying), has
+    /// not moved since `updated_before` (ms since the epoch) and holds the spec, in id order after `after`, at
+    /// most `limit`.
+    async fn unfinished(
+        &self,
+        updated_before: u64,
+        after: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<JobInfo>, StoreError>;
 
     /// A job's record.
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, StoreError>;

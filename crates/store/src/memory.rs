@@ -7,6 +7,7 @@
 //! its newest event. PostgreSQL applies the same [`JobFold`] in one set-based upsert.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -115,11 +116,20 @@ impl JobFold<'_> {
 }
 
 /// Collapse a batch into one [`JobFold`] per job, sorted by job id (so concurrent writers lock rows in the same
-/// order and cannot deadlock each other).
+/// order and cannot deadlock each other). A job's first completion (by order key) is its newest event whatever
+/// follows it: nothing legitimately leaves `completed`, so later events are a rerun after the engine lost the
+/// completion (see [`duplicate_completions`]) and must not move the record.
 pub(crate) fn fold(events: &[Event]) -> Vec<JobFold<'_>> {
     let mut by_job: BTreeMap<JobId, JobFold<'_>> = BTreeMap::new();
+    let mut first_done: BTreeMap<JobId, (&Event, OrderKey)> = BTreeMap::new();
     for e in events {
         let key = order_key(e);
+        if e.ty == EventType::Completed {
+            let done = first_done.entry(e.job).or_insert((e, key));
+            if key < done.1 {
+                *done = (e, key);
+            }
+        }
         let f = by_job.entry(e.job).or_insert_with(|| JobFold {
             newest: e,
             key,
@@ -145,7 +155,47 @@ pub(crate) fn fold(events: &[Event]) -> Vec<JobFold<'_>> {
             f.correlation_id = f.correlation_id.or(e.correlation_id.as_deref());
         }
     }
+    for (job, (e, key)) in first_done {
+        if let Some(f) = by_job.get_mut(&job) {
+            f.newest = e;
+            f.key = key;
+        }
+    }
     by_job.into_values().collect()
+}
+
+/// The completions of a batch to record as `job.duplicate_completion`: each `job.completed` of a job that
+/// already has one, recorded before (`recorded`: per job, the ids of its recorded `job.completed` and
+/// `job.duplicate_completion` events, and whether one is a `job.completed`) or earlier in the batch by order
+/// key. An event already recorded (same id: a redelivery) is not a duplicate; the store skips it anyway.
+pub(crate) fn duplicate_completions<'a>(
+    events: &[&'a Event],
+    recorded: &HashMap<JobId, (HashSet<String>, bool)>,
+) -> HashSet<(JobId, &'a str)> {
+    let mut done: Vec<&Event> = events
+        .iter()
+        .copied()
+        .filter(|e| e.ty == EventType::Completed)
+        .collect();
+    done.sort_by_key(|e| (e.job, order_key(e)));
+    let mut completed: HashSet<JobId> = recorded
+        .iter()
+        .filter(|(_, (_, any))| *any)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut out = HashSet::new();
+    for e in done {
+        if recorded
+            .get(&e.job)
+            .is_some_and(|(ids, _)| ids.contains(&e.id))
+        {
+            continue;
+        }
+        if !completed.insert(e.job) {
+            out.insert((e.job, e.id.as_str()));
+        }
+    }
+    out
 }
 
 /// The spec fields of a record: unknown until an event carrying the spec is recorded.
@@ -212,7 +262,8 @@ impl Rec {
     /// Apply one job's fold: move to its newest event if that is newer, fill in the spec if it is missing. The
     /// same rules as the `ON CONFLICT` clause of the PostgreSQL upsert.
     fn apply(&mut self, f: &JobFold<'_>) {
-        if f.key > self.key {
+        // A completed record stays as its first completion recorded it (see `fold`).
+        if f.key > self.key && self.state != JobState::Completed {
             self.state = f.newest.state;
             self.attempts = f.newest.attempt;
             self.outcome = f.outcome();
@@ -271,6 +322,7 @@ struct State {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    duplicate_completions: AtomicU64,
 }
 
 impl MemoryStore {
@@ -290,19 +342,40 @@ impl Store for MemoryStore {
     async fn record(&self, events: &[Event]) -> Result<u64, StoreError> {
         let recorded_at = now_ms();
         let mut st = self.lock()?;
+        let distinct = distinct_events(events);
+        let mut recorded: HashMap<JobId, (HashSet<String>, bool)> = HashMap::new();
+        for e in distinct.iter().filter(|e| e.ty == EventType::Completed) {
+            if recorded.contains_key(&e.job) {
+                continue;
+            }
+            let mut seen = (HashSet::new(), false);
+            for r in st.trails.get(&e.job).into_iter().flat_map(|t| t.values()) {
+                if matches!(r.ty, EventType::Completed | EventType::DuplicateCompletion) {
+                    seen.0.insert(r.id.clone());
+                    seen.1 |= r.ty == EventType::Completed;
+                }
+            }
+            recorded.insert(e.job, seen);
+        }
+        let duplicates = duplicate_completions(&distinct, &recorded);
         let mut new = 0;
-        for e in events {
+        for e in distinct {
             let trail = st.trails.entry(e.job).or_default();
             let slot = (order_key(e), e.id.clone());
             if trail.contains_key(&slot) {
                 continue;
             }
+            let ty = if duplicates.contains(&(e.job, e.id.as_str())) {
+                EventType::DuplicateCompletion
+            } else {
+                e.ty
+            };
             trail.insert(
                 slot,
                 EventRecord {
                     id: e.id.clone(),
                     job_id: e.job,
-                    ty: e.ty,
+                    ty,
                     state: e.state,
                     attempt: e.attempt,
                     at: e.at,
@@ -322,7 +395,35 @@ impl Store for MemoryStore {
                 }
             }
         }
+        self.duplicate_completions
+            .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
         Ok(new)
+    }
+
+    fn duplicate_completions(&self) -> u64 {
+        self.duplicate_completions.load(Ordering::Relaxed)
+    }
+
+    async fn unfinished(
+        &self,
+        updated_before: u64,
+        after: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<JobInfo>, StoreError> {
+        let st = self.lock()?;
+        let range = match after {
+            Some(a) => st
+                .jobs
+                .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => st.jobs.range(..),
+        };
+        Ok(range
+            .filter(|(_, r)| {
+                !r.state.is_final() && r.spec.is_some() && r.updated_at < updated_before
+            })
+            .take(limit)
+            .map(|(id, r)| r.info(*id))
+            .collect())
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, StoreError> {

@@ -190,7 +190,8 @@ impl Recorder {
     }
 
     /// Register the recorder's metrics in `registry`, read at scrape time: `ferry_recorder_lag_seconds`,
-    /// `ferry_recorder_events_total`, `ferry_recorder_write_failures_total`, `ferry_breaker_state` and
+    /// `ferry_recorder_events_total`, `ferry_recorder_write_failures_total`,
+    /// `ferry_jobs_duplicate_completions_total`, `ferry_breaker_state` and
     /// `ferry_breaker_opened_total` (`dependency="postgres"`), and the store's pool gauges.
     pub fn register_metrics(
         &self,
@@ -217,6 +218,13 @@ impl Recorder {
             "Failed batch writes (retried).",
             FnKind::Counter,
             move || s.write_failures.load(Ordering::Relaxed) as f64,
+        )?))?;
+        let st = self.store.clone();
+        registry.register(Box::new(FnCollector::single(
+            "ferry_jobs_duplicate_completions_total",
+            "Completions of jobs already completed, recorded as job.duplicate_completion (a rerun after Redis lost the first).",
+            FnKind::Counter,
+            move || st.duplicate_completions() as f64,
         )?))?;
         let b = self.breaker.clone();
         registry.register(Box::new(FnCollector::new(

@@ -33,7 +33,10 @@ async fn store_on(server: &PostgresServer, cfg: impl FnOnce(&mut PgConfig)) -> P
     c.wait_timeout = Duration::from_secs(2);
     cfg(&mut c);
     let store = PgStore::connect(c).expect("pool builds");
-    assert_eq!(store.migrate().await.expect("migrates"), ["V1__jobs"]);
+    assert_eq!(
+        store.migrate().await.expect("migrates"),
+        ["V1__jobs", "V2__jobs_open"]
+    );
     store
 }
 
@@ -77,6 +80,39 @@ async fn works_without_statement_cache() {
         );
     }
     assert_eq!(store.events(id, 10).await.unwrap().len(), 1);
+}
+
+/// `jobs_open` (the reconciler's candidates) holds exactly the jobs whose record is not final: an id goes in
+/// when its job is recorded open and leaves when the job becomes final (in the same batch or a later one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_open_holds_exactly_the_open_jobs() {
+    let server = tokio::task::block_in_place(server);
+    let url = tokio::task::block_in_place(|| fresh_db(server));
+    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    store.migrate().await.unwrap();
+    let (a, b, c) = (JobId::new(), JobId::new(), JobId::new());
+    let done =
+        |id, eid: &str| contract::ev(id, eid, EventType::Completed, JobState::Completed, 1, 3_000);
+    store
+        .record(&[
+            contract::queued(a, "1-0/0", 1_000),
+            contract::queued(b, "1-1/0", 1_000),
+            contract::queued(c, "1-2/0", 1_000),
+            done(c, "2-0/0"),
+        ])
+        .await
+        .unwrap();
+    let open = || {
+        let rows = ferry_testkit::psql(&url, "select id from jobs_open order by id").unwrap();
+        let mut ids: Vec<String> = rows.split_whitespace().map(str::to_owned).collect();
+        ids.sort();
+        ids
+    };
+    let mut want = vec![a.to_string(), b.to_string()];
+    want.sort();
+    assert_eq!(tokio::task::block_in_place(open), want);
+    store.record(&[done(a, "3-0/0")]).await.unwrap();
+    assert_eq!(tokio::task::block_in_place(open), [b.to_string()]);
 }
 
 /// A batch of a few thousand events is two statements, whatever its size.

@@ -35,6 +35,13 @@ resource "aws_elasticache_parameter_group" "this" {
   family      = "redis7"
   description = "ferry ${var.region}: Redis 7 settings"
 
+  # Persistence, chosen on purpose (docs/architecture.md, "Redis persistence"): ElastiCache for Redis 7 has no
+  # AOF; durability is the Multi-AZ replicas below. Replication is asynchronous, so a failover can lose the
+  # primary's last writes (typically well under a second). ferry accepts that: the workers' reconciler puts
+  # back, from PostgreSQL, every job the recorder had copied and the new primary does not know
+  # (--reconcile-grace-ms, --reconcile-interval-ms). For no loss at all, MemoryDB (a multi-AZ transaction log)
+  # is the managed option.
+
   # Queues and the event log must never be evicted.
   parameter {
     name  = "maxmemory-policy"

@@ -686,6 +686,65 @@ where
     groups
 }
 
+/// The 11 script arguments of one job of `restore.lua`: id, its millisecond, mode (`q`, or `s` / `r` for a job
+/// still waiting for its run_at), priority, attempts used, max attempts, spec, `m`, event data, run_at and
+/// record (the last two empty when queued).
+fn restore_args(job: &JobInfo, now: u64) -> Result<[String; 11], BrokerError> {
+    let spec = &job.spec;
+    let p = spec.priority.index();
+    // An active job's attempt in flight never reported an outcome to the engine: it is given back.
+    let attempts = match job.state {
+        JobState::Active => job.attempts.saturating_sub(1),
+        _ => job.attempts,
+    };
+    let j = serde_json::to_string(spec).map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let m = codec::meta(job.id, &job.queue, spec);
+    let waiting = match (job.state, job.run_at) {
+        (JobState::Scheduled, Some(t)) if t > now => Some(("s", t)),
+        (JobState::Retrying, Some(t)) if t > now => Some(("r", t)),
+        _ => None,
+    };
+    let (mode, data, run_at, record) = match waiting {
+        None => (
+            "q",
+            r#"{"restored":true}"#.to_owned(),
+            String::new(),
+            String::new(),
+        ),
+        Some((letter, run_at)) => {
+            let pack = serde_json::json!({
+                "id": job.id.to_string(), "m": m, "a": attempts.to_string(),
+                "x": spec.max_attempts.to_string(), "j": j, "p": p.to_string(),
+            })
+            .to_string();
+            let error = match (letter, &job.error) {
+                ("r", Some(e)) => serde_json::Value::String(e.clone()),
+                _ => serde_json::Value::Null,
+            };
+            let data = if letter == "r" {
+                serde_json::json!({"error": error, "run_at": run_at, "restored": true})
+            } else {
+                serde_json::json!({"run_at": run_at, "restored": true})
+            };
+            let record = serde_json::json!([letter, run_at, attempts, pack, error]).to_string();
+            (letter, data.to_string(), run_at.to_string(), record)
+        }
+    };
+    Ok([
+        job.id.to_string(),
+        codec::id_ms_of(job.id).to_string(),
+        mode.to_owned(),
+        p.to_string(),
+        attempts.to_string(),
+        spec.max_attempts.to_string(),
+        j,
+        m,
+        data,
+        run_at,
+        record,
+    ])
+}
+
 /// The actor argument of a script: a JSON string, or empty for none.
 fn actor_arg(actor: Option<&str>) -> String {
     actor
@@ -1151,6 +1210,62 @@ impl Broker for RedisBroker {
             }
             _ => RetryOutcome::NotFound,
         })
+    }
+
+    async fn restore(&self, jobs: Vec<JobInfo>) -> Result<Vec<bool>, BrokerError> {
+        let mut out = vec![false; jobs.len()];
+        let mut by_queue: BTreeMap<&QueueName, Vec<usize>> = BTreeMap::new();
+        for (i, j) in jobs.iter().enumerate() {
+            by_queue.entry(&j.queue).or_default().push(i);
+        }
+        let now = now_ms();
+        for (queue, idx) in by_queue {
+            let keys = QueueKeys::new(queue);
+            for chunk in idx.chunks(SCRIPT_CHUNK) {
+                let mut inv = self.scripts.restore.prepare_invoke();
+                inv.key(&keys.streams[..])
+                    .key(&keys.jobs)
+                    .key(&keys.sched)
+                    .key(EVENTS)
+                    .key(QUEUES);
+                inv.arg(queue.as_str()).arg(self.evmax()).arg(chunk.len());
+                for &i in chunk {
+                    for value in restore_args(&jobs[i], now)? {
+                        inv.arg(value);
+                    }
+                }
+                inv.arg(actor_arg(Some(crate::RESTORE_ACTOR)));
+                let restored: Vec<i64> = inv
+                    .invoke_async(&mut self.conn(queue))
+                    .await
+                    .map_err(redis_err)?;
+                for (k, r) in restored.into_iter().enumerate() {
+                    if let Some(&i) = chunk.get(k) {
+                        out[i] = r == 1;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let shard = &self.shards[self.ring.shard_for(name)];
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("ferry:lease:{name}"))
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut shard.conn.clone())
+            .await
+            .map_err(redis_err)?;
+        Ok(set.is_some())
     }
 
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError> {

@@ -22,6 +22,7 @@ pub struct Scripts {
     pub reclaim: Script,
     pub cancel: Script,
     pub retry_dead: Script,
+    pub restore: Script,
     pub stats: Script,
     pub maintain: Script,
 }
@@ -40,6 +41,7 @@ impl Scripts {
             reclaim: script(include_str!("lua/reclaim.lua")),
             cancel: script(include_str!("lua/cancel.lua")),
             retry_dead: script(include_str!("lua/retry_dead.lua")),
+            restore: script(include_str!("lua/restore.lua")),
             stats: script(include_str!("lua/stats.lua")),
             maintain: script(include_str!("lua/maintain.lua")),
         }

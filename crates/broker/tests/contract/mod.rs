@@ -26,7 +26,7 @@ use ferry_broker::{
     Failure, Lease, Leased, Reclaimed, Rejected, Retry, RetryOutcome,
 };
 use ferry_core::{
-    Backoff, Event, EventType, JobId, JobState, Kind, NewJob, Priority, QueueName, now_ms,
+    Backoff, Event, EventType, JobId, JobInfo, JobState, Kind, NewJob, Priority, QueueName, now_ms,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -79,6 +79,9 @@ macro_rules! contract_suite {
             channel_unsubscribed_is_not_delivered,
             log_holds_every_event_with_spec_and_actor,
             log_unacknowledged_entries_are_taken_over,
+            restore_puts_back_lost_jobs_as_recorded,
+            restore_leaves_every_job_the_engine_knows,
+            lease_has_one_holder_until_it_expires,
         );
     };
     (@cases $engine:ty; $($case:ident),* $(,)?) => {
@@ -1873,4 +1876,181 @@ pub async fn log_unacknowledged_entries_are_taken_over<E: Engine>() {
     assert_eq!(again.len(), first.len(), "each event once more, no more");
     b.ack_log(GROUP, &positions).await.unwrap();
     assert_eq!(b.log_backlog(GROUP).await.unwrap(), 0);
+}
+
+/// A job as the durable record would hold it after the engine lost it.
+fn recorded(q: &QueueName, state: JobState, attempts: u32, priority: Priority) -> JobInfo {
+    let mut n = with_priority("lost", priority);
+    n.payload = json!({"n": attempts, "p": format!("{priority:?}")});
+    n.max_attempts = Some(4);
+    n.owner = Some("alice".into());
+    n.tenant = Some("acme".into());
+    let id = JobId::new();
+    let now = now_ms();
+    JobInfo {
+        id,
+        queue: q.clone(),
+        state,
+        attempts,
+        spec: n.into_spec(now),
+        result: None,
+        error: None,
+        run_at: None,
+        updated_at: now,
+    }
+}
+
+/// Jobs the engine has never heard of (as after a Redis data loss) come back as the record has them: same id,
+/// spec, priority and attempts (an active job's attempt in flight given back), queued now, or still waiting when
+/// their run_at is ahead; `job.queued` / `job.scheduled` / `job.retrying` with `restored: true` by `reconciler`.
+/// A second restore of the same job is refused: it is known now.
+pub async fn restore_puts_back_lost_jobs_as_recorded<E: Engine>() {
+    let c = setup::<E>("restore").await;
+    let mut feed = Feed::subscribe(&c.b).await;
+    let low = recorded(&c.q, JobState::Queued, 1, Priority::Low);
+    let high = recorded(&c.q, JobState::Active, 2, Priority::High);
+    let mut later = recorded(&c.q, JobState::Scheduled, 0, Priority::Normal);
+    later.run_at = Some(now_ms() + 3_600_000);
+    let mut retry = recorded(&c.q, JobState::Retrying, 1, Priority::Normal);
+    retry.run_at = Some(now_ms() + 3_600_000);
+    retry.error = Some("smtp timeout".into());
+    let mut due = recorded(&c.q, JobState::Retrying, 1, Priority::Normal);
+    due.run_at = Some(now_ms() - 1);
+    let all = vec![
+        low.clone(),
+        high.clone(),
+        later.clone(),
+        retry.clone(),
+        due.clone(),
+    ];
+    assert_eq!(c.b.restore(all.clone()).await.unwrap(), [true; 5]);
+
+    let e = feed.next_for(low.id, 1).await;
+    assert_eq!(types(&e), [EventType::Queued]);
+    assert_eq!(e[0].data, Some(json!({"restored": true})));
+    assert_eq!(e[0].actor.as_deref(), Some(ferry_broker::RESTORE_ACTOR));
+    assert_eq!(e[0].attempt, 1);
+    assert_eq!(e[0].tenant.as_deref(), Some("acme"));
+    let e = feed.next_for(later.id, 1).await;
+    assert_eq!(types(&e), [EventType::Scheduled]);
+    assert_eq!(e[0].data.as_ref().unwrap()["restored"], json!(true));
+    let e = feed.next_for(retry.id, 1).await;
+    assert_eq!(types(&e), [EventType::Retrying]);
+    assert_eq!(e[0].data.as_ref().unwrap()["error"], json!("smtp timeout"));
+    assert_eq!(state(&c.b, later.id).await, JobState::Scheduled);
+    assert_eq!(state(&c.b, retry.id).await, JobState::Retrying);
+    assert_eq!(state(&c.b, low.id).await, JobState::Queued);
+
+    // Claimed by priority, with the recorded spec and the attempts the record had used.
+    let first = claim_one(&c.b, &c.q, "w1").await;
+    assert_eq!(first.job.id, high.id);
+    assert_eq!(first.job.attempt, 2, "the attempt in flight is given back");
+    assert_eq!(first.job.spec, high.spec);
+    let second = claim_one(&c.b, &c.q, "w1").await;
+    assert_eq!(second.job.id, due.id, "a retry already due is queued");
+    assert_eq!(second.job.attempt, 2);
+    let third = claim_one(&c.b, &c.q, "w1").await;
+    assert_eq!(third.job.id, low.id);
+    assert_eq!(third.job.attempt, 2);
+    assert_eq!(third.job.spec, low.spec);
+    claim_none(&c.b, &c.q).await;
+    complete(&c.b, &third.lease, json!("done")).await.unwrap();
+    assert_eq!(state(&c.b, low.id).await, JobState::Completed);
+
+    assert_eq!(c.b.restore(all).await.unwrap(), [false; 5], "known now");
+    claim_none(&c.b, &c.q).await;
+}
+
+/// Whatever state a job is in, a restore of it changes nothing and emits nothing: the engine knows it. (The
+/// queued job has had no transition since its enqueue, so only its stream entry tells.)
+pub async fn restore_leaves_every_job_the_engine_knows<E: Engine>() {
+    let c = setup::<E>("restore_known").await;
+    let b = &c.b;
+    let queued = b
+        .enqueue(&c.q, with_priority("queued", Priority::Low))
+        .await
+        .unwrap()
+        .id;
+    let mut delayed = job("delayed");
+    delayed.delay_ms = Some(3_600_000);
+    let scheduled = b.enqueue(&c.q, delayed).await.unwrap().id;
+    let cancelled = b.enqueue(&c.q, job("cancelled")).await.unwrap().id;
+    b.cancel(cancelled, None).await.unwrap();
+    for kind in ["active", "completed", "retrying", "dead"] {
+        b.enqueue(&c.q, with_priority(kind, Priority::High))
+            .await
+            .unwrap();
+    }
+    let leased = b.claim(&c.q, "w", 4, PATIENCE).await.unwrap();
+    assert_eq!(leased.len(), 4);
+    let by_kind = |k: &str| {
+        leased
+            .iter()
+            .find(|l| l.job.spec.kind.as_str() == k)
+            .unwrap()
+            .lease
+            .clone()
+    };
+    complete(b, &by_kind("completed"), json!(1)).await.unwrap();
+    fail(b, &by_kind("retrying"), "again", Retry::After(3_600_000))
+        .await
+        .unwrap();
+    fail(b, &by_kind("dead"), "no", Retry::Never).await.unwrap();
+    let ids = [
+        queued,
+        scheduled,
+        cancelled,
+        by_kind("active").job,
+        by_kind("completed").job,
+        by_kind("retrying").job,
+        by_kind("dead").job,
+    ];
+    let mut infos = Vec::new();
+    for id in ids {
+        infos.push(b.job(id).await.unwrap().expect("held"));
+    }
+    let before: Vec<JobState> = infos.iter().map(|i| i.state).collect();
+    assert_eq!(
+        before,
+        [
+            JobState::Queued,
+            JobState::Scheduled,
+            JobState::Cancelled,
+            JobState::Active,
+            JobState::Completed,
+            JobState::Retrying,
+            JobState::Dead
+        ]
+    );
+    let mut feed = Feed::subscribe(b).await;
+    assert_eq!(b.restore(infos).await.unwrap(), [false; 7]);
+    for id in ids {
+        feed.assert_quiet(b, &c.q, id).await;
+    }
+    let mut after = Vec::new();
+    for id in ids {
+        after.push(state(b, id).await);
+    }
+    assert_eq!(after, before);
+    // The queued job is in line once, not twice (the quiet checks' markers are in line too).
+    let rest = b
+        .claim(&c.q, "w2", 100, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let ours = rest.iter().filter(|l| l.job.id == queued).count();
+    assert_eq!(ours, 1);
+}
+
+/// One holder at a time; free again once the ttl has passed.
+pub async fn lease_has_one_holder_until_it_expires<E: Engine>() {
+    let c = setup::<E>("lease").await;
+    let name = format!("reconcile.{}", c.q);
+    let ttl = Duration::from_millis(300);
+    assert!(c.b.try_lease(&name, "a", ttl).await.unwrap());
+    assert!(!c.b.try_lease(&name, "b", ttl).await.unwrap());
+    assert!(!c.b.try_lease(&name, "a", ttl).await.unwrap());
+    let p = Patience::new("the lease to expire");
+    while !c.b.try_lease(&name, "b", ttl).await.unwrap() {
+        p.tick().await;
+    }
 }

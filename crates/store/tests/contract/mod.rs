@@ -42,6 +42,8 @@ macro_rules! contract_suite {
             pagination_returns_every_job_once,
             created_after_and_before,
             events_trail_in_order,
+            second_completion_is_a_duplicate,
+            unfinished_lists_stale_open_jobs,
         );
     };
     (@cases $backend:ty; $($case:ident),* $(,)?) => {
@@ -712,4 +714,145 @@ pub async fn events_trail_in_order<B: Backend>() {
     .await
     .unwrap();
     assert_eq!(s.events(id, 100).await.unwrap().len(), order.len());
+}
+
+/// A job that ran again after the engine lost its completion (Redis data loss) gets a second `job.completed`
+/// with another event id: it is stored as `job.duplicate_completion`, counted, and the record keeps its first
+/// completion; the rerun's other events are in the trail but do not move the record. Redelivery of either is
+/// still harmless, and two completions in one batch are told apart by order key.
+pub async fn second_completion_is_a_duplicate<B: Backend>() {
+    let b = B::start().await;
+    let s = b.store();
+    let (id, other) = (JobId::new(), JobId::new());
+    let done = |job, eid: &str, at, result: Value| {
+        with_data(
+            ev(job, eid, EventType::Completed, JobState::Completed, 1, at),
+            result,
+        )
+    };
+    s.record(&[
+        queued(id, "1-0/0", T0),
+        ev(id, "2-0/0", EventType::Active, JobState::Active, 1, T0 + 1),
+        done(id, "3-0/0", T0 + 2, json!("first")),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.duplicate_completions(), 0);
+    let rerun = [
+        ev(id, "7-0/0", EventType::Active, JobState::Active, 1, T0 + 7),
+        done(id, "8-0/0", T0 + 8, json!("second")),
+    ];
+    assert_eq!(s.record(&rerun).await.unwrap(), 2);
+    assert_eq!(s.record(&rerun).await.unwrap(), 0, "redelivery");
+    assert_eq!(s.duplicate_completions(), 1, "counted once");
+    let types: Vec<(String, EventType)> = s
+        .events(id, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.ty))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("1-0/0".to_owned(), EventType::Queued),
+            ("2-0/0".to_owned(), EventType::Active),
+            ("3-0/0".to_owned(), EventType::Completed),
+            ("7-0/0".to_owned(), EventType::Active),
+            ("8-0/0".to_owned(), EventType::DuplicateCompletion),
+        ]
+    );
+    let j = get(&s, id).await;
+    assert_eq!(j.state, JobState::Completed);
+    assert_eq!(
+        j.result,
+        Some(json!("first")),
+        "the first completion stands"
+    );
+    assert_eq!(j.updated_at, T0 + 2);
+
+    // Both completions in one batch, the later one first: the earlier by order key is the completion.
+    s.record(&[
+        queued(other, "1-0/0", T0),
+        done(other, "9-0/0", T0 + 9, json!("late")),
+        done(other, "4-0/0", T0 + 4, json!("early")),
+    ])
+    .await
+    .unwrap();
+    let trail = s.events(other, 100).await.unwrap();
+    let kinds: Vec<EventType> = trail.iter().map(|e| e.ty).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventType::Queued,
+            EventType::Completed,
+            EventType::DuplicateCompletion
+        ]
+    );
+    assert_eq!(get(&s, other).await.result, Some(json!("early")));
+    assert_eq!(s.duplicate_completions(), 2);
+}
+
+/// The reconciler's candidates: open (not final) jobs with their spec, not moved since the cutoff, by id.
+pub async fn unfinished_lists_stale_open_jobs<B: Backend>() {
+    let b = B::start().await;
+    let s = b.store();
+    let ids: Vec<JobId> = (0..6).map(|n| id_at(T0, n)).collect();
+    s.record(&[
+        // 0: queued long ago; 1: active long ago; 2: retrying long ago.
+        queued(ids[0], "1-0/0", T0),
+        queued(ids[1], "1-1/0", T0),
+        ev(
+            ids[1],
+            "2-0/0",
+            EventType::Active,
+            JobState::Active,
+            1,
+            T0 + 1,
+        ),
+        queued(ids[2], "1-2/0", T0),
+        with_data(
+            ev(
+                ids[2],
+                "3-0/0",
+                EventType::Retrying,
+                JobState::Retrying,
+                1,
+                T0 + 2,
+            ),
+            json!({"error": "e", "run_at": T0 + 50}),
+        ),
+        // 3: completed; 4: queued recently; 5: no spec recorded (only its job.active).
+        queued(ids[3], "1-3/0", T0),
+        ev(
+            ids[3],
+            "4-0/0",
+            EventType::Completed,
+            JobState::Completed,
+            1,
+            T0 + 3,
+        ),
+        queued(ids[4], "5-0/0", T0 + 1_000),
+        ev(ids[5], "6-0/0", EventType::Active, JobState::Active, 1, T0),
+    ])
+    .await
+    .unwrap();
+    let all = s.unfinished(T0 + 500, None, 100).await.unwrap();
+    let got: Vec<(JobId, JobState, u32)> =
+        all.iter().map(|j| (j.id, j.state, j.attempts)).collect();
+    assert_eq!(
+        got,
+        [
+            (ids[0], JobState::Queued, 0),
+            (ids[1], JobState::Active, 1),
+            (ids[2], JobState::Retrying, 1),
+        ]
+    );
+    assert_eq!(all[0].spec.payload, json!({"to": "a@example.com"}));
+    assert_eq!(all[0].spec.priority, Priority::High);
+    assert_eq!(all[0].spec.tenant.as_deref(), Some("acme"));
+    assert_eq!(all[2].run_at, Some(T0 + 50));
+    let page = s.unfinished(T0 + 500, Some(ids[0]), 1).await.unwrap();
+    assert_eq!(page.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[1]]);
+    assert!(s.unfinished(T0, None, 100).await.unwrap().is_empty());
 }
