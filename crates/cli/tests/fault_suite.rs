@@ -3,16 +3,18 @@
 //! jobs while one fault strikes. The ground truth is PostgreSQL: after the feed ends and the cluster recovers,
 //! every job the engine accepted must be completed in the record exactly once.
 //!
-//! Each scenario prints one row, `FAULT-ROW | scenario | jobs | lost | doubled | stuck | recovery`, where
+//! Each scenario prints one row, `FAULT-ROW | scenario | jobs | lost | doubled | stuck | recovery | restored`, where
 //! *lost* is an accepted job that is not completed and that Redis no longer knows, *doubled* one with more than
 //! one `job.completed` row, *stuck* one still unfinished that Redis knows, and *recovery* the time from the end of
-//! the fault until every job accepted before that moment is completed in the record. `scripts/faults.sh` runs
+//! the fault until every job accepted before that moment is completed in the record; *restored* counts the jobs
+//! the reconciler put back from the record because Redis had lost them. `scripts/faults.sh` runs
 //! the suite longer and prints the rows as a table (the partition scenario needs root and `ip`, as in CI, and
 //! fails elsewhere); the test suite runs the short version
 //! (`FERRY_FAULT_FEED_SECS`, default 8 s of feed at `FERRY_FAULT_RATE`, default 40 jobs/s).
 
 use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +48,10 @@ struct Cluster {
     workers: Vec<Proc>,
     /// The network namespace worker-a runs in, for the partition scenario.
     netns: Option<Netns>,
+    /// Set by a fault that needs the feed to stop for a moment.
+    feed_paused: Arc<AtomicBool>,
+    /// Jobs may run twice (Redis lost their completion): counted, not a failure.
+    reruns_expected: bool,
 }
 
 impl Cluster {
@@ -74,6 +80,8 @@ impl Cluster {
             db,
             workers: Vec::new(),
             netns,
+            feed_paused: Arc::default(),
+            reruns_expected: false,
         };
         if c.netns.is_some() {
             c.add_worker_in_netns("worker-a")?;
@@ -132,6 +140,14 @@ impl Cluster {
                     &visibility,
                 ])
                 .args(["--admin-listen", "127.0.0.1:0"])
+                // The reconciler puts back jobs Redis lost, from the record: quick here, so a scenario that
+                // loses Redis writes recovers within its wait.
+                .args([
+                    "--reconcile-grace-ms",
+                    "3000",
+                    "--reconcile-interval-ms",
+                    "1000",
+                ])
                 .env("FERRY_LOG", "warn,ferry_cli=info")
                 .env_remove("FERRY_LOG_FORMAT")
                 .env_remove("FERRY_DATABASE_URL")
@@ -150,12 +166,14 @@ impl Cluster {
         Ok(RedisBroker::connect(&[self.redis.url()], engine).await?)
     }
 
-    /// Per job in the record: its state and how many `job.completed` rows it has.
+    /// Per job in the record: its state and how many completions it has (`job.completed` rows, and
+    /// `job.duplicate_completion` rows: the job ran again after a first completion).
     fn record(&self) -> Result<HashMap<JobId, (String, u64)>> {
         let out = ferry_testkit::psql(
             &self.db,
             "select j.id, j.state, (select count(*) from job_events e
-                                    where e.job_id = j.id and e.type = 'job.completed')
+                                    where e.job_id = j.id
+                                      and e.type in ('job.completed', 'job.duplicate_completion'))
              from jobs j",
         )?;
         let mut record = HashMap::new();
@@ -176,7 +194,12 @@ type Accepted = Arc<Mutex<Vec<(JobId, Instant)>>>;
 
 /// Enqueues `rate` jobs a second for `secs` seconds, in batches every 100 ms. A batch the engine refuses (Redis
 /// down) is not accepted and not counted; the feed goes on.
-fn feed(broker: RedisBroker, secs: u64, rate: u64) -> (Accepted, tokio::task::JoinHandle<()>) {
+fn feed(
+    broker: RedisBroker,
+    secs: u64,
+    rate: u64,
+    paused: Arc<AtomicBool>,
+) -> (Accepted, tokio::task::JoinHandle<()>) {
     let accepted: Accepted = Arc::default();
     let out = accepted.clone();
     let task = tokio::spawn(async move {
@@ -187,6 +210,9 @@ fn feed(broker: RedisBroker, secs: u64, rate: u64) -> (Accepted, tokio::task::Jo
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         while start.elapsed() < Duration::from_secs(secs) {
             tick.tick().await;
+            if paused.load(Ordering::Relaxed) {
+                continue;
+            }
             let batch = vec![job.clone(); per_tick];
             let Ok(Ok(done)) =
                 tokio::time::timeout(Duration::from_secs(2), broker.enqueue_batch(&q, batch)).await
@@ -211,6 +237,8 @@ struct Row {
     doubled: usize,
     stuck: usize,
     recovery: Duration,
+    /// Jobs the reconciler put back from the record (Redis had lost them).
+    restored: u64,
 }
 
 /// Feeds the cluster, strikes with `fault` once a third of the feed has gone by (it returns when the fault is
@@ -231,7 +259,7 @@ where
 {
     let secs = env_u64("FERRY_FAULT_FEED_SECS", 8);
     let rate = env_u64("FERRY_FAULT_RATE", 40);
-    let (accepted, feeder) = feed(c.broker().await?, secs, rate);
+    let (accepted, feeder) = feed(c.broker().await?, secs, rate, c.feed_paused.clone());
     tokio::time::sleep(Duration::from_millis(secs * 1000 / 3)).await;
     let c = fault(c).await?;
     let fault_over = Instant::now();
@@ -275,6 +303,7 @@ where
     tokio::time::sleep(Duration::from_secs(2)).await;
     let record = c.record()?;
     let broker = c.broker().await?;
+    let reruns_expected = c.reruns_expected;
     let (mut lost, mut stuck, mut doubled) = (0, 0, 0);
     for id in &all {
         let (state, completions) = record
@@ -291,7 +320,15 @@ where
             }
         }
     }
+    let restored = ferry_testkit::psql(
+        &c.db,
+        "select count(distinct job_id) from job_events where actor = 'reconciler'",
+    )?
+    .trim()
+    .parse()
+    .unwrap_or(0);
     let row = Row {
+        restored,
         scenario: name,
         jobs: all.len(),
         lost,
@@ -300,13 +337,14 @@ where
         recovery: recovery.unwrap_or(within),
     };
     println!(
-        "FAULT-ROW | {} | {} | {} | {} | {} | {:.1} s",
+        "FAULT-ROW | {} | {} | {} | {} | {} | {:.1} s | {}",
         row.scenario,
         row.jobs,
         row.lost,
         row.doubled,
         row.stuck,
-        row.recovery.as_secs_f64()
+        row.recovery.as_secs_f64(),
+        row.restored
     );
     if let Err(e) = res {
         for (i, w) in c.workers.iter().enumerate() {
@@ -316,10 +354,13 @@ where
     }
     assert!(row.jobs > 0, "the feed was accepted: {row:?}");
     assert_eq!(
-        (row.lost, row.doubled, row.stuck),
-        (0, 0, 0),
-        "nothing lost, doubled or stuck: {row:?}"
+        (row.lost, row.stuck),
+        (0, 0),
+        "nothing lost or stuck: {row:?}"
     );
+    if !reruns_expected {
+        assert_eq!(row.doubled, 0, "nothing ran twice: {row:?}");
+    }
     Ok(row)
 }
 
@@ -413,6 +454,58 @@ async fn fault_network_partition_of_a_worker() -> Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// A machine crash with `appendfsync everysec`. Claims are paused for a moment first, so a backlog of queued
+/// jobs is in the record (and in the newest part of the file); then the feed stops briefly (so the recorder has
+/// copied every accepted job: a job Redis loses before the recorder copied it cannot be repaired, see
+/// docs/architecture.md), Redis is killed, the newest 40 % of its append-only file is cut off, and it starts
+/// again from what is left. Jobs whose enqueue was lost come back through the reconciler (same id, from the
+/// record: *restored*); jobs whose completion was lost run again, recorded once as `job.completed` and then as
+/// `job.duplicate_completion`, and counted as *doubled*: the price of `everysec`, which the record makes
+/// visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_redis_aof_tail_lost() -> Result<()> {
+    let mut c = Cluster::start()?;
+    c.redis.cli(&["CONFIG", "SET", "appendfsync", "everysec"])?;
+    c.reruns_expected = true;
+    scenario_on("redis crash, AOF tail lost", c, async |mut c| {
+        let q = QueueName::parse(QUEUE)?;
+        c.broker().await?.pause(&q).await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.feed_paused.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        c.redis.kill();
+        let cut = cut_aof_tail(c.redis.dir(), 0.4)?;
+        eprintln!("cut {cut} bytes off the append-only file");
+        c.redis.restart()?;
+        // The pause may or may not have survived the cut.
+        c.broker().await?.resume(&q).await?;
+        c.feed_paused.store(false, Ordering::Relaxed);
+        Ok(c)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Cuts the last `share` of the newest incremental append-only file (Redis 7's `appendonlydir`), as a crash
+/// loses what was written but not yet on disk; Redis loads a file cut mid-command (`aof-load-truncated`).
+fn cut_aof_tail(dir: &std::path::Path, share: f64) -> Result<u64> {
+    let aof_dir = dir.join("appendonlydir");
+    let incr = std::fs::read_dir(&aof_dir)
+        .with_context(|| format!("{}", aof_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".incr.aof"))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .context("an incremental append-only file")?;
+    let len = std::fs::metadata(&incr)?.len();
+    let keep = len - (len as f64 * share) as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&incr)?
+        .set_len(keep)?;
+    Ok(len - keep)
 }
 
 fn signal(sig: &str, pid: &str) -> Result<()> {
