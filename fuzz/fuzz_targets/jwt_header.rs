@@ -15,7 +15,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(raw) = std::str::from_utf8(data) {
         let _ = h.auth.verify(raw);
     }
-    let claims = serde_json::json!({ "sub": "fuzzer", "exp": 4_000_000_000u64, "scope": "jobs:read" });
+    let claims =
+        serde_json::json!({ "sub": "fuzzer", "exp": 4_000_000_000u64, "scope": "jobs:read" });
     let signing_input = format!(
         "{}.{}",
         B64.encode(data),
@@ -23,10 +24,16 @@ fuzz_target!(|data: &[u8]| {
     );
     let mut mac = Hmac::<Sha256>::new_from_slice(ferry_fuzz::SECRET).unwrap();
     mac.update(signing_input.as_bytes());
-    let token = format!("{signing_input}.{}", B64.encode(mac.finalize().into_bytes()));
+    let token = format!(
+        "{signing_input}.{}",
+        B64.encode(mac.finalize().into_bytes())
+    );
     if h.auth.verify(&token).is_ok() {
         let header: serde_json::Value =
             serde_json::from_slice(data).expect("an accepted header is JSON");
-        assert_eq!(header["alg"], "HS256", "accepted a token whose header is {header}");
+        assert_eq!(
+            header["alg"], "HS256",
+            "accepted a token whose header is {header}"
+        );
     }
 });

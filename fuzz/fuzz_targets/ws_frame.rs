@@ -11,9 +11,8 @@ use libfuzzer_sys::fuzz_target;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Close codes the API documents (docs/api.md).
 const DOCUMENTED: [u16; 9] = [1000, 1001, 1008, 1009, 1011, 1013, 4001, 4008, 4009];
@@ -29,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
     h.rt.block_on(async {
         if slot.is_none() {
             let url = format!("ws://{}/v1/ws?token={}", h.addr, h.token);
-            let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
+            let (ws, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .expect("upgrade");
             *slot = Some(ws);
         }
         let ws = slot.as_mut().unwrap();
@@ -42,8 +43,8 @@ fuzz_target!(|data: &[u8]| {
             match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
                 Err(_) => return,
                 Ok(Some(Ok(Message::Text(t)))) => {
-                    let v: serde_json::Value =
-                        serde_json::from_str(t.as_str()).expect("frames the gateway sends are JSON");
+                    let v: serde_json::Value = serde_json::from_str(t.as_str())
+                        .expect("frames the gateway sends are JSON");
                     if v.get("channel").is_none() {
                         return;
                     }
@@ -58,7 +59,9 @@ fuzz_target!(|data: &[u8]| {
                     return;
                 }
                 Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(e))) => panic!("socket dropped without a close frame after {text:?}: {e}"),
+                Ok(Some(Err(e))) => {
+                    panic!("socket dropped without a close frame after {text:?}: {e}")
+                }
                 Ok(None) => panic!("socket ended without a close frame after {text:?}"),
             }
         }

@@ -48,7 +48,9 @@ pub fn harness() -> &'static Harness {
         l.ws_burst = 1_000_000;
         let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
         let addr = rt.block_on(async {
-            let gateway = Gateway::build(config, broker).await.expect("gateway builds");
+            let gateway = Gateway::build(config, broker)
+                .await
+                .expect("gateway builds");
             let addr = gateway.local_addr();
             tokio::spawn(gateway.run(CancellationToken::new()));
             addr
@@ -90,7 +92,9 @@ pub fn assert_problem(status: u16, content_type: &str, body: &[u8]) {
     let v: serde_json::Value = serde_json::from_slice(body).expect("problem body is JSON");
     assert_eq!(v["status"].as_u64(), Some(u64::from(status)), "{v}");
     assert!(
-        v["type"].as_str().is_some_and(|t| t.starts_with("urn:ferry:problem:")),
+        v["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("urn:ferry:problem:")),
         "{v}"
     );
     let detail = v["detail"].as_str().unwrap_or_default();
