@@ -95,64 +95,59 @@ impl Cluster {
     fn add_worker_in_netns(&mut self, consumer: &str) -> Result<()> {
         let ns = self.netns.as_ref().context("no namespace")?;
         let url = format!("redis://{}:{}", ns.host_ip(), self.redis.port());
-        let visibility = VISIBILITY_MS.to_string();
-        let w = Proc::spawn_logged(
-            ns.command(env!("CARGO_BIN_EXE_ferry"))
-                .args([
-                    "worker",
-                    "--redis",
-                    &url,
-                    "--queues",
-                    QUEUE,
-                    "--no-recorder",
-                ])
-                .args(["--consumer", consumer, "--concurrency", "20"])
-                .args(["--visibility-timeout-ms", &visibility])
-                .args(["--admin-listen", "127.0.0.1:0"])
-                .args([
-                    "--redis-timeout-ms",
-                    "1000",
-                    "--redis-connect-timeout-ms",
-                    "1000",
-                ])
-                .args(["--broker-call-timeout-ms", "1000"])
-                .env("FERRY_LOG", "warn,ferry_cli=info")
-                .env_remove("FERRY_LOG_FORMAT")
-                .env_remove("FERRY_DATABASE_URL")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null()),
-        )?;
-        self.workers.push(w);
-        Ok(())
+        let mut cmd = ns.command(env!("CARGO_BIN_EXE_ferry"));
+        // Short call timeouts, so claims time out within the cut; no recorder (the database listens on
+        // loopback only, and worker-b records everything).
+        cmd.args(["worker", "--redis", &url, "--no-recorder"])
+            .args([
+                "--redis-timeout-ms",
+                "1000",
+                "--redis-connect-timeout-ms",
+                "1000",
+            ])
+            .args(["--broker-call-timeout-ms", "1000"]);
+        self.spawn_worker(cmd, consumer)
     }
 
     fn add_worker(&mut self, consumer: &str) -> Result<()> {
-        let url = self.redis.url();
+        let mut cmd = ferry();
+        cmd.args([
+            "worker",
+            "--redis",
+            &self.redis.url(),
+            "--database-url",
+            &self.db,
+        ])
+        // The reconciler puts back jobs Redis lost, from the record: quick here, so a scenario that
+        // loses Redis writes recovers within its wait.
+        .args([
+            "--reconcile-grace-ms",
+            "3000",
+            "--reconcile-interval-ms",
+            "1000",
+        ]);
+        self.spawn_worker(cmd, consumer)
+    }
+
+    /// `cmd` (`ferry worker` with where it connects) with the settings every worker of the suite shares.
+    fn spawn_worker(&mut self, mut cmd: std::process::Command, consumer: &str) -> Result<()> {
         let visibility = VISIBILITY_MS.to_string();
         let w = Proc::spawn_logged(
-            ferry()
-                .args(["worker", "--redis", &url, "--queues", QUEUE])
-                .args(["--database-url", &self.db, "--consumer", consumer])
-                .args([
-                    "--concurrency",
-                    "20",
-                    "--visibility-timeout-ms",
-                    &visibility,
-                ])
-                .args(["--admin-listen", "127.0.0.1:0"])
-                // The reconciler puts back jobs Redis lost, from the record: quick here, so a scenario that
-                // loses Redis writes recovers within its wait.
-                .args([
-                    "--reconcile-grace-ms",
-                    "3000",
-                    "--reconcile-interval-ms",
-                    "1000",
-                ])
-                .env("FERRY_LOG", "warn,ferry_cli=info")
-                .env_remove("FERRY_LOG_FORMAT")
-                .env_remove("FERRY_DATABASE_URL")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null()),
+            cmd.args([
+                "--queues",
+                QUEUE,
+                "--consumer",
+                consumer,
+                "--concurrency",
+                "20",
+            ])
+            .args(["--visibility-timeout-ms", &visibility])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .env("FERRY_LOG", "warn,ferry_cli=info")
+            .env_remove("FERRY_LOG_FORMAT")
+            .env_remove("FERRY_DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
         )?;
         self.workers.push(w);
         Ok(())
