@@ -25,7 +25,7 @@ use ferry_testkit::{Netns, NetnsError, PostgresServer, RedisServer};
 use serde_json::json;
 
 mod support;
-use support::{Proc, ferry};
+use support::{Proc, ferry, migrated_database};
 
 const QUEUE: &str = "faults";
 /// The workers' visibility timeout: a lease not heartbeated for this long is reclaimed by the other worker.
@@ -69,11 +69,7 @@ impl Cluster {
         }
         let redis = RedisServer::start_with(&args)?;
         let pg = PostgresServer::start()?;
-        let db = pg.create_database("faults")?;
-        let out = ferry().args(["migrate", "--database-url", &db]).output()?;
-        if !out.status.success() {
-            bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let db = migrated_database(&pg, "faults")?;
         let mut c = Self {
             redis,
             pg,

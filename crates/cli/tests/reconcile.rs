@@ -7,14 +7,14 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::{PostgresServer, RedisServer};
 use serde_json::json;
 
 mod support;
-use support::{Proc, enqueue_many, ferry, wait_for_every};
+use support::{Proc, enqueue_many, ferry, migrated_database, wait_for_every};
 
 const POLL: Duration = Duration::from_millis(250);
 
@@ -29,11 +29,7 @@ impl Cluster {
     fn start() -> Result<Self> {
         let redis = RedisServer::start()?;
         let pg = PostgresServer::start()?;
-        let db = pg.create_database("reconcile")?;
-        let out = ferry().args(["migrate", "--database-url", &db]).output()?;
-        if !out.status.success() {
-            bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let db = migrated_database(&pg, "reconcile")?;
         Ok(Self { redis, _pg: pg, db })
     }
 

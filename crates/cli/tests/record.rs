@@ -6,7 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::{PostgresServer, RedisServer, free_port};
@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 mod support;
 use support::{
-    Proc, completions_total, count_completions, enqueue_many, ferry, until_healthy, wait_for_every,
+    Proc, completions_total, count_completions, enqueue_many, ferry, migrated_database,
+    until_healthy, wait_for_every,
 };
 
 const SECRET: &str = "record-test-secret-0123456789abcdef";
@@ -47,11 +48,7 @@ impl Cluster {
     fn start() -> Result<Self> {
         let redis = RedisServer::start()?;
         let pg = PostgresServer::start()?;
-        let db = pg.create_database("record")?;
-        let out = ferry().args(["migrate", "--database-url", &db]).output()?;
-        if !out.status.success() {
-            bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let db = migrated_database(&pg, "record")?;
         Ok(Self { redis, pg, db })
     }
 

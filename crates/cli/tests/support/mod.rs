@@ -294,6 +294,16 @@ pub async fn until_completed(
     .await
 }
 
+/// A new database `name` on `pg` with ferry's schema applied by `ferry migrate`: its URL.
+pub fn migrated_database(pg: &ferry_testkit::PostgresServer, name: &str) -> Result<String> {
+    let db = pg.create_database(name)?;
+    let out = ferry().args(["migrate", "--database-url", &db]).output()?;
+    if !out.status.success() {
+        bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(db)
+}
+
 /// A private `redis-server` (ferry-testkit), its URL, and a broker on it with the default engine settings.
 pub async fn redis_and_broker() -> Result<(RedisServer, String, RedisBroker)> {
     let redis = RedisServer::start()?;
