@@ -11,6 +11,7 @@
 //! belongs to a role (how many jobs to claim, when to retry a webhook): callers pass those in.
 
 pub mod memory;
+pub mod placement;
 pub mod redis;
 pub mod shard;
 mod types;

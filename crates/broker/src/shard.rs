@@ -59,6 +59,21 @@ impl ShardRing {
         best
     }
 
+    /// Every index, best first: the owner of `key`, then the one that would own it without the owner, and so
+    /// on. Bounded-load placement walks this order (see [`crate::placement`]).
+    pub fn ranked(&self, key: &str) -> Vec<usize> {
+        let key = stable_hash(key.as_bytes());
+        let mut scored: Vec<(u64, usize)> = self
+            .seeds
+            .iter()
+            .enumerate()
+            .map(|(i, seed)| (fmix64(key ^ seed), i))
+            .collect();
+        // Highest score first; equal scores (equal ids) keep list order, as `shard_for` does.
+        scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        scored.into_iter().map(|(_, i)| i).collect()
+    }
+
     /// The id of the shard that owns `queue`, or `None` for an empty ring.
     pub fn shard_id_for(&self, queue: &str) -> Option<&str> {
         self.ids.get(self.shard_for(queue)).map(String::as_str)
@@ -81,7 +96,7 @@ impl ShardRing {
 /// The placement hash: `fmix64(FNV-1a-64(bytes))`. FNV-1a is a fixed, byte-at-a-time definition that any language
 /// can reproduce; on its own it mixes the last bytes of a string poorly, which `fmix64` (a full-avalanche
 /// bijection) repairs, so names such as `queue-1` and `queue-2` land independently.
-fn stable_hash(bytes: &[u8]) -> u64 {
+pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
     fmix64(fnv1a64(bytes))
 }
 
@@ -235,6 +250,27 @@ mod tests {
         );
         for q in names(5_000) {
             assert_eq!(a.shard_id_for(&q), b.shard_id_for(&q));
+        }
+    }
+
+    #[test]
+    fn ranked_starts_with_the_owner_and_lists_everyone_once() {
+        let ring = ShardRing::with_ids(&ids(6));
+        for q in names(2_000) {
+            let order = ring.ranked(&q);
+            assert_eq!(order[0], ring.shard_for(&q));
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..6).collect::<Vec<_>>());
+            // Without the owner, the runner-up owns the key: the order is the fallback order.
+            let rest: Vec<String> = ids(6)
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| *i != order[0])
+                .map(|(_, id)| id)
+                .collect();
+            let smaller = ShardRing::with_ids(&rest);
+            assert_eq!(smaller.shard_id_for(&q), Some(ids(6)[order[1]].as_str()));
         }
     }
 
