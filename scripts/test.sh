@@ -35,7 +35,7 @@ missing=()
 { have_postgres && command -v psql >/dev/null; } || missing+=(postgresql)
 # promtool, for the deploy/prometheus checks (crates/cli/tests/deploy.rs); no Prometheus server is used.
 command -v promtool >/dev/null || missing+=(prometheus)
-# HAProxy runs deploy/haproxy/haproxy.cfg in front of real gateways (crates/cli/tests/haproxy.rs).
+# HAProxy runs deploy/haproxy/haproxy.cfg in front of real gateways (crates/cli/tests/proxies.rs).
 { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null || missing+=(haproxy)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]}" >&2

@@ -1,4 +1,10 @@
-//! deploy/haproxy/haproxy.cfg, run by a real HAProxy (Debian package `haproxy`) in front of three real
+//! The proxy configurations shipped for people who already run a balancer in front of the gateways.
+//!
+//! deploy/envoy/envoy.yaml is checked offline only (Envoy is not installed where these tests run): its structure
+//! must hash WebSocket upgrades on tenant and subject with a balance factor, upgrade WebSockets, and health-check
+//! `/readyz`.
+//!
+//! deploy/haproxy/haproxy.cfg is run by a real HAProxy (Debian package `haproxy`) in front of three real
 //! gateways on one Redis. Only the `server-template` lines (DNS discovery) are replaced by static servers on
 //! loopback; every other directive runs as shipped.
 //!
@@ -74,6 +80,69 @@ fn the_shipped_configuration_is_valid() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+#[test]
+fn the_envoy_configuration_hashes_upgrades_on_the_subject_with_bounded_loads() -> Result<()> {
+    use serde_norway::Value;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/envoy/envoy.yaml");
+    let doc: Value = serde_norway::from_str(&std::fs::read_to_string(path)?)?;
+    let res = &doc["static_resources"];
+    let hcm = &res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    assert_eq!(hcm["upgrade_configs"][0]["upgrade_type"], "websocket");
+    let routes = &hcm["route_config"]["virtual_hosts"][0]["routes"];
+    let ws = &routes[0]["route"];
+    assert_eq!(ws["cluster"], "ferry_gateways_ws");
+    let hashed: Vec<&str> = ws["hash_policy"]
+        .as_sequence()
+        .context("hash_policy")?
+        .iter()
+        .filter_map(|h| h["header"]["header_name"].as_str())
+        .collect();
+    assert_eq!(hashed, ["x-ferry-tenant", "x-ferry-sub"]);
+    // The headers hashed on are the ones jwt_authn fills from the claims, and a failed token still passes.
+    let jwt = &hcm["http_filters"][0]["typed_config"];
+    let provider = &jwt["providers"]["ferry"];
+    let claims: Vec<(&str, &str)> = provider["claim_to_headers"]
+        .as_sequence()
+        .context("claim_to_headers")?
+        .iter()
+        .map(|c| {
+            (
+                c["header_name"].as_str().unwrap_or(""),
+                c["claim_name"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(
+        claims.contains(&("x-ferry-sub", "sub")) && claims.contains(&("x-ferry-tenant", "tenant"))
+    );
+    assert_eq!(provider["forward"], true);
+    assert_eq!(provider["from_params"][0], "token");
+    let any = &jwt["rules"][0]["requires"]["requires_any"]["requirements"];
+    assert!(any[1].get("allow_missing_or_failed").is_some());
+    assert_eq!(
+        hcm["http_filters"][1]["name"], "envoy.filters.http.router",
+        "the router filter must come last"
+    );
+    let clusters = res["clusters"].as_sequence().context("clusters")?;
+    let ws_cluster = clusters
+        .iter()
+        .find(|c| c["name"] == "ferry_gateways_ws")
+        .context("ws cluster")?;
+    assert_eq!(ws_cluster["lb_policy"], "RING_HASH");
+    assert_eq!(
+        ws_cluster["common_lb_config"]["consistent_hashing_lb_config"]["hash_balance_factor"],
+        110
+    );
+    for c in clusters {
+        assert_eq!(
+            c["health_checks"][0]["http_health_check"]["path"], "/readyz",
+            "{:?}",
+            c["name"]
+        );
+    }
     Ok(())
 }
 
