@@ -608,6 +608,12 @@ pub async fn serve(
             tracing::debug!(%peer, "connection refused: connection budgets and limited slots spent");
             continue;
         };
+        // Frames are small and each is written as soon as it is ready: with Nagle's algorithm a frame written
+        // while the previous one is unacknowledged waits for the peer's delayed ACK (40 ms on Linux), which
+        // made fan-out latency p50 ~45 ms at 25 pushes/s per connection.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
         let io = Watched {
             inner: tcp,
             conn: conn.clone(),
