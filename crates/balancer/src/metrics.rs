@@ -113,3 +113,34 @@ impl Metrics {
         Ok(m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_is_in_the_catalogue() {
+        let registry = Registry::new();
+        let m = Metrics::new(&registry).unwrap();
+        m.connections.with_label_values(&["http://x"]).inc();
+        m.connect_errors.with_label_values(&["http://x"]).inc();
+        m.rejected.with_label_values(&["bad_head"]).inc();
+        m.closed.with_label_values(&["closed"]).inc();
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        assert_eq!(names.len(), 9, "{names:?}");
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/metrics.md"),
+        )
+        .unwrap();
+        for n in names {
+            assert!(
+                doc.contains(&format!("`{n}`")),
+                "{n} is not in docs/metrics.md"
+            );
+        }
+    }
+}
