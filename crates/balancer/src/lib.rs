@@ -127,6 +127,9 @@ pub struct Shared {
     draining: AtomicBool,
     /// When the membership was last read successfully.
     last_read: std::sync::Mutex<Option<Instant>>,
+    /// Upstream URLs with a `ferry_balancer_connections` series, so that those of departed gateways are
+    /// removed once they reach 0.
+    upstreams: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -139,6 +142,30 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// A tunnel to `url` opens: its series exists from now on.
+    fn track_upstream(&self, url: &str) {
+        let mut seen = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(url) {
+            seen.insert(url.to_owned());
+        }
+    }
+
+    /// Drop the connection series of gateways that left the membership and hold no tunnel of ours.
+    fn forget_departed(&self, members: &[ferry_broker::placement::NodeInfo]) {
+        let mut seen = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|url| {
+            if members.iter().any(|n| &n.url == url) {
+                return true;
+            }
+            let g = self.metrics.connections.with_label_values(&[url]);
+            if g.get() > 0 {
+                return true;
+            }
+            let _ = self.metrics.connections.remove_label_values(&[url]);
+            false
+        });
+    }
+
     /// Taking connections, with a fresh membership read and at least one eligible gateway.
     pub fn ready(&self) -> (bool, serde_json::Value) {
         let draining = self.draining.load(Ordering::Acquire);
@@ -235,6 +262,7 @@ impl Balancer {
             kill: CancellationToken::new(),
             draining: AtomicBool::new(false),
             last_read: std::sync::Mutex::new(None),
+            upstreams: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         let balancer = Self {
             listener,
@@ -424,6 +452,7 @@ async fn refresh(reader: &MemberReader, shared: &Shared) -> redis::RedisResult<(
     m.with_label_values(&["ready"]).set(ready);
     m.with_label_values(&["draining"]).set(draining);
     m.with_label_values(&["unready"]).set(unready);
+    shared.forget_departed(&nodes);
     shared.router.update(nodes);
     *shared.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     Ok(())

@@ -174,6 +174,8 @@ pub struct Router {
     skipped: Mutex<HashMap<String, Instant>>,
     /// Lookups are serialised so that two concurrent upgrades see each other's placement.
     pick: Mutex<()>,
+    /// Nodes already warned about for an unusable URL (once each, not every read).
+    warned: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Router {
@@ -189,6 +191,7 @@ impl Router {
             })),
             skipped: Mutex::new(HashMap::new()),
             pick: Mutex::new(()),
+            warned: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -217,7 +220,9 @@ impl Router {
                     targets.push(t);
                 }
                 None => {
-                    tracing::warn!(node = %n.id, url = %n.url, "gateway with an unusable URL left out")
+                    if lock(&self.warned).insert(n.id.clone()) {
+                        tracing::warn!(node = %n.id, url = %n.url, "gateway with an unusable URL (not http(s)://host[:port]) left out");
+                    }
                 }
             }
         }

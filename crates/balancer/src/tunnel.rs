@@ -173,6 +173,7 @@ async fn tunnel<C: Io>(
     url: &str,
 ) {
     let m = &shared.metrics;
+    shared.track_upstream(url);
     let gauge = m.connections.with_label_values(&[url]);
     gauge.inc();
     struct Open(ferry_telemetry::prometheus::IntGauge);

@@ -738,6 +738,14 @@ async fn no_gateway_is_a_503_and_unready() {
     )
     .await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    // It leaves: its connection series goes too, once it holds no tunnel.
+    let series = format!(r#"ferry_balancer_connections{{upstream="{}"}}"#, u.url());
+    assert!(metrics(b.admin).await.contains(&series));
+    redis.cli(&["ZREM", "ferry:gw", "late"]).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let m = metrics(b.admin).await;
+    assert!(!m.contains(&series), "{m}");
+    assert_eq!(sample(&m, r#"ferry_balancer_gateways{state="ready"}"#), 0.0);
 }
 
 #[tokio::test]
