@@ -447,6 +447,8 @@ async fn draining_unready_and_expired_gateways_get_nothing() {
     redis
         .cli(&["HSET", "ferry:gw:info", "junk", "{not json"])
         .unwrap();
+    // A live entry whose URL is not http(s)://host[:port]: left out.
+    live(&redis, &node("bad-url", "unix:/run/gw.sock", 0));
     let b = balancer(&redis, |_| {}).await;
     let known: Vec<String> = b
         .shared
