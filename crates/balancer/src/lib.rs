@@ -440,8 +440,12 @@ impl Balancer {
 
 async fn refresh(reader: &MemberReader, shared: &Shared) -> redis::RedisResult<()> {
     let nodes = reader.members().await?;
+    shared.forget_departed(&nodes);
+    shared.router.update(nodes);
+    // Counted from what the router kept (entries with an unusable URL are left out).
+    let snapshot = shared.router.snapshot();
     let (mut ready, mut draining, mut unready) = (0, 0, 0);
-    for n in &nodes {
+    for n in snapshot.placement.nodes() {
         match (n.draining, n.ready) {
             (true, _) => draining += 1,
             (false, true) => ready += 1,
@@ -452,8 +456,6 @@ async fn refresh(reader: &MemberReader, shared: &Shared) -> redis::RedisResult<(
     m.with_label_values(&["ready"]).set(ready);
     m.with_label_values(&["draining"]).set(draining);
     m.with_label_values(&["unready"]).set(unready);
-    shared.forget_departed(&nodes);
-    shared.router.update(nodes);
     *shared.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     Ok(())
 }
