@@ -10,7 +10,8 @@
 //! * [`stats`]: latency percentiles; [`report`]: machine facts and the comparison against the targets.
 //! * [`server`]: the private redis-server of a run (persistence off); [`procs`]: child-process helpers.
 //! * [`wsbench`]: the `ws` scenario (idle connections → RSS per connection; broadcast fan-out at rising
-//!   rates), ferry's gateway beside the Node `ws` peer, with the sockets in `ws-client` child processes.
+//!   rates), ferry's gateway beside the Node `ws` peer, with the sockets in `ws-client` child processes;
+//!   [`proxies`]: `ferry balancer` and HAProxy in front of the gateway (`ws --via`).
 //! * [`api`]: the `api` scenario (HTTP submits, completion over WebSocket). [`gw`]: the gateway, worker and
 //!   Node peer processes, tokens, RSS; [`hist`]: the latency histogram the client processes ship.
 //! * [`autoscale`]: `ferry autoscaler` (local actuator) under a burst of jobs: backlog and workers over time,
@@ -27,6 +28,7 @@ pub mod ferry;
 pub mod gw;
 pub mod hist;
 pub mod procs;
+pub mod proxies;
 pub mod redis_cpu;
 pub mod report;
 pub mod server;

@@ -84,6 +84,10 @@ struct WsArgs {
     /// Run the Node `ws` peer too (`node-ws`) or not (`none`).
     #[arg(long, value_enum, default_value = "node-ws")]
     peer: WsPeer,
+    /// How the clients reach ferry's gateway, each in turn in one run: `direct`, through `ferry balancer`,
+    /// through HAProxy (/usr/sbin/haproxy); e.g. `--via direct,balancer,haproxy` for the proxies' overhead.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct")]
+    via: Vec<loadtest::proxies::Via>,
     /// Skip ferry (measure the peer alone).
     #[arg(long)]
     only_peer: bool,
@@ -391,6 +395,12 @@ async fn ws(a: WsArgs) -> anyhow::Result<()> {
     if a.per_process == 0 || a.per_process > 15_000 {
         bail!("--per-process must be 1..=15000 (the open-file limit is ~20,000 per process)");
     }
+    if a.via.iter().any(|v| *v != loadtest::proxies::Via::Direct) && a.connections > 9_000 {
+        bail!(
+            "--connections must be at most 9000 with --via balancer or haproxy: a proxy holds two sockets per \
+             connection and the open-file limit is ~20,000 per process"
+        );
+    }
     if a.per_subject == 0 || a.per_subject > 100 {
         bail!("--per-subject must be 1..=100 (the gateway's per-subject connection limit)");
     }
@@ -418,6 +428,7 @@ async fn ws(a: WsArgs) -> anyhow::Result<()> {
         ferry_bin,
         peer_dir,
         stop_after_failures: a.stop_after,
+        via: a.via.clone(),
     };
     let r = wsbench::run(&p, !a.only_peer, a.peer == WsPeer::NodeWs).await?;
     let doc = json!({
@@ -430,6 +441,7 @@ async fn ws(a: WsArgs) -> anyhow::Result<()> {
             "phase_secs": a.phase_secs,
             "fd_limit": "children start via sh -c 'ulimit -n \"$(ulimit -Hn)\"; exec …'",
             "node_auth": "none (the Node peer verifies no token; ferry verifies a JWT per connection)",
+            "via": a.via.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
         },
         "machine": machine,
         "busy_cores_before": quiet,

@@ -33,6 +33,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::gw::{self, Server};
 use crate::hist::{AtomicHist, Hist};
+use crate::proxies::{self, Via};
 use crate::redis_cpu::round;
 use crate::server::BenchRedis;
 
@@ -315,6 +316,8 @@ pub struct Params {
     pub peer_dir: PathBuf,
     /// Stop rising after this many rates in a row that were not sustained.
     pub stop_after_failures: usize,
+    /// How the clients reach the ferry gateway, each in turn (the publisher always posts to the gateway).
+    pub via: Vec<Via>,
 }
 
 struct ClientProc {
@@ -524,16 +527,24 @@ async fn publish_phase(
     out
 }
 
+/// Where the clients connect: a proxy's port (and its pid, whose CPU is reported), else the server's.
+#[derive(Debug, Clone, Copy, Default)]
+struct Front {
+    port: Option<u16>,
+    pid: Option<u32>,
+}
+
 /// One system (ferry or node) through both phases.
 async fn run_system(
     system: &'static str,
     server: &mut Server,
+    front: Front,
     publisher: &Publisher,
     with_tokens: bool,
     p: &Params,
     http: &reqwest::Client,
 ) -> anyhow::Result<Value> {
-    let ws_url = format!("ws://127.0.0.1:{}/v1/ws", server.port);
+    let ws_url = format!("ws://127.0.0.1:{}/v1/ws", front.port.unwrap_or(server.port));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = gw::rss_kib(server.pid)?;
     eprintln!(
@@ -569,6 +580,9 @@ async fn run_system(
             c.expect("OK", Duration::from_secs(30)).await?;
         }
         let cpu0 = crate::redis_cpu::proc_cpu_micros(server.pid).unwrap_or(0);
+        let proxy_cpu0 = front
+            .pid
+            .and_then(|pid| crate::redis_cpu::proc_cpu_micros(pid).ok());
         let client_cpu0 = clients_cpu(&clients);
         let sys0 = crate::redis_cpu::system_cpu_ticks().ok();
         let t0 = Instant::now();
@@ -604,6 +618,12 @@ async fn run_system(
         }
         let wall = t0.elapsed();
         let cpu1 = crate::redis_cpu::proc_cpu_micros(server.pid).unwrap_or(0);
+        let proxy_cores = match (front.pid, proxy_cpu0) {
+            (Some(pid), Some(c0)) => crate::redis_cpu::proc_cpu_micros(pid)
+                .ok()
+                .map(|c1| round(c1.saturating_sub(c0) as f64 / 1e6 / wall.as_secs_f64(), 3)),
+            _ => None,
+        };
         let client_cores =
             clients_cpu(&clients).saturating_sub(client_cpu0) as f64 / 1e6 / wall.as_secs_f64();
         let busy_cores = match (sys0, crate::redis_cpu::system_cpu_ticks().ok()) {
@@ -651,12 +671,13 @@ async fn run_system(
         }
         let server_cpu = (cpu1.saturating_sub(cpu0)) as f64 / 1e6 / wall.as_secs_f64();
         eprintln!(
-            "[loadtest] ws/{system}: offered {rate} deliveries/s ({msgs:.2} msg/s): achieved {:.0}/s, delivered {:.4} of expected, p50 {:?} ms, p99 {:?} ms, CPU server {:.2} clients {:.2} machine {:?} cores{}",
+            "[loadtest] ws/{system}: offered {rate} deliveries/s ({msgs:.2} msg/s): achieved {:.0}/s, delivered {:.4} of expected, p50 {:?} ms, p99 {:?} ms, CPU server {:.2} proxy {:?} clients {:.2} machine {:?} cores{}",
             achieved,
             ratio,
             lat.p50_ms,
             lat.p99_ms,
             server_cpu,
+            proxy_cores,
             client_cores,
             busy_cores,
             if sustained { "" } else { " — NOT sustained" }
@@ -676,6 +697,7 @@ async fn run_system(
             "closed_connections": closed,
             "unparsed_frames": other,
             "server_cpu_cores": round(server_cpu, 3),
+            "proxy_cpu_cores": proxy_cores,
             "client_processes_cpu_cores": round(client_cores, 3),
             "system_busy_cores": busy_cores,
             "clock_ticks_per_sec": cpu_ticks,
@@ -725,13 +747,40 @@ pub async fn run(p: &Params, ferry: bool, node: bool) -> anyhow::Result<Value> {
             ),
             tokens,
         };
-        let r = run_system("ferry", &mut gateway, &publisher, true, p, &http).await;
+        for &via in &p.via {
+            let (system, key) = match via {
+                Via::Direct => ("ferry", "ferry".to_owned()),
+                Via::Balancer => ("ferry-via-balancer", "ferry_via_balancer".to_owned()),
+                Via::Haproxy => ("ferry-via-haproxy", "ferry_via_haproxy".to_owned()),
+            };
+            let r = async {
+                let mut proxy = proxies::start(
+                    via,
+                    &p.ferry_bin,
+                    &redis.url(),
+                    gateway.port,
+                    logdir.path(),
+                    &http,
+                )
+                .await?;
+                let front = Front {
+                    port: proxy.as_ref().map(|s| s.port),
+                    pid: proxy.as_ref().map(|s| s.pid),
+                };
+                let r = run_system(system, &mut gateway, front, &publisher, true, p, &http).await;
+                if let Some(s) = proxy.as_mut() {
+                    s.stop().await?;
+                }
+                r
+            }
+            .await;
+            out[key] = match r {
+                Ok(v) => v,
+                Err(e) => json!({"system": system, "error": format!("{e:#}"),
+                                "gateway_log_tail": crate::procs::tail(&gateway.log, 2000)}),
+            };
+        }
         gateway.stop().await?;
-        out["ferry"] = match r {
-            Ok(v) => v,
-            Err(e) => json!({"system": "ferry", "error": format!("{e:#}"),
-                            "gateway_log_tail": crate::procs::tail(&gateway.log, 2000)}),
-        };
     }
     if node {
         let r = async {
@@ -741,7 +790,16 @@ pub async fn run(p: &Params, ferry: bool, node: bool) -> anyhow::Result<Value> {
                 url: format!("http://127.0.0.1:{}/v1/channels/bench/publish", server.port),
                 tokens: Vec::new(),
             };
-            let r = run_system("node-ws", &mut server, &publisher, false, p, &http).await;
+            let r = run_system(
+                "node-ws",
+                &mut server,
+                Front::default(),
+                &publisher,
+                false,
+                p,
+                &http,
+            )
+            .await;
             server.stop().await?;
             r
         }
@@ -752,7 +810,59 @@ pub async fn run(p: &Params, ferry: bool, node: bool) -> anyhow::Result<Value> {
         };
     }
     out["comparison"] = compare(&out);
+    if p.via.len() > 1 {
+        out["proxy_overhead"] = proxy_overhead(&out);
+    }
     Ok(out)
+}
+
+/// Per offered rate, each way in: p50/p99 and deliveries/s achieved, and the proxy's CPU.
+fn proxy_overhead(out: &Value) -> Value {
+    let ways = [
+        ("direct", &out["ferry"]),
+        ("balancer", &out["ferry_via_balancer"]),
+        ("haproxy", &out["ferry_via_haproxy"]),
+    ];
+    let mut rates: Vec<u64> = ways
+        .iter()
+        .filter_map(|(_, v)| v["broadcast"].as_array())
+        .flatten()
+        .filter_map(|x| x["offered_deliveries_per_sec"].as_u64())
+        .collect();
+    rates.sort_unstable();
+    rates.dedup();
+    let rows: Vec<Value> = rates
+        .iter()
+        .map(|&rate| {
+            let mut row = json!({"offered_deliveries_per_sec": rate});
+            for (name, v) in &ways {
+                if let Some(x) = v["broadcast"].as_array().and_then(|a| {
+                    a.iter()
+                        .find(|x| x["offered_deliveries_per_sec"].as_u64() == Some(rate))
+                }) {
+                    row[*name] = json!({
+                        "p50_ms": x["latency"]["p50_ms"],
+                        "p99_ms": x["latency"]["p99_ms"],
+                        "achieved_deliveries_per_sec": x["achieved_deliveries_per_sec"],
+                        "sustained": x["sustained"],
+                        "proxy_cpu_cores": x["proxy_cpu_cores"],
+                    });
+                }
+            }
+            row
+        })
+        .collect();
+    let max: Value = ways
+        .iter()
+        .map(|(name, v)| {
+            (
+                (*name).to_owned(),
+                v["max_sustained_deliveries_per_sec"].clone(),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    json!({"by_rate": rows, "max_sustained_deliveries_per_sec": max})
 }
 
 fn compare(out: &Value) -> Value {

@@ -74,6 +74,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Size the worker fleet of each region from its queues (see docs/autoscaling.md).
     Autoscaler(AutoscalerArgs),
+    /// Run a WebSocket-aware balancer in front of the gateways: each client goes to the gateway that owns its
+    /// subject (see docs/balancer.md).
+    Balancer(BalancerArgs),
     /// Validate a configuration (file, FERRY_* variables) for a role and print the effective settings, each with
     /// where it came from, secrets redacted.
     CheckConfig(CheckConfigArgs),
@@ -94,6 +97,7 @@ pub enum Role {
     Enqueue,
     Migrate,
     Autoscaler,
+    Balancer,
 }
 
 impl Role {
@@ -105,6 +109,7 @@ impl Role {
             Self::Enqueue => "enqueue",
             Self::Migrate => "migrate",
             Self::Autoscaler => "autoscaler",
+            Self::Balancer => "balancer",
         }
     }
 }
@@ -1138,4 +1143,91 @@ pub struct AutoscalerArgs {
 
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BalancerArgs {
+    /// The Redis shards of the cluster (the membership lives on the one that `ferry:gw` hashes to).
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Address to listen on for clients (HTTP and WebSocket, or HTTPS/WSS with --tls-cert).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FERRY_LISTEN",
+        default_value = "127.0.0.1:8000"
+    )]
+    pub listen: String,
+
+    /// PEM certificate chain; with --tls-key, terminate TLS (clients speak HTTPS/WSS to the balancer).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FERRY_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FERRY_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s) trusted for gateways that advertise https:// URLs, instead of the system's roots.
+    #[arg(long, value_name = "FILE", env = "FERRY_UPSTREAM_CA")]
+    pub upstream_ca: Option<std::path::PathBuf>,
+
+    /// Admin listener serving /metrics, /healthz and /readyz, HOST:PORT; `off` disables it.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FERRY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9466"
+    )]
+    pub admin_listen: String,
+
+    /// ε of the load bound: no gateway gets a client while it holds more than ⌈(1 + ε) × mean⌉ connections;
+    /// the gateways must use the same value.
+    #[arg(
+        long,
+        value_name = "EPSILON",
+        env = "FERRY_BALANCE_EPSILON",
+        default_value_t = 0.1
+    )]
+    pub balance_epsilon: f64,
+
+    /// Time a new connection has to complete its TLS handshake and send its request head; past it the
+    /// balancer answers 408 and closes.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_timeout_ms: u64,
+
+    /// A proxied connection with no byte either way for this long is closed (gateways ping WebSockets every
+    /// --ws-ping-interval-ms, 20 s by default, so keep this well above it).
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_IDLE_TIMEOUT_MS",
+        default_value_t = 120_000
+    )]
+    pub idle_timeout_ms: u64,
+
+    /// After SIGTERM/SIGINT: the listener closes and /readyz answers 503 at once; open connections are kept
+    /// up to this long (gateways move their WebSockets away meanwhile), then closed.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_DRAIN_MS",
+        default_value_t = 30_000
+    )]
+    pub drain_ms: u64,
 }

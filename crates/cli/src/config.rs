@@ -24,13 +24,14 @@ use crate::CliError;
 use crate::args::{Cli, Role};
 
 /// The roles a file may configure, as their subcommand names.
-const ROLES: [&str; 6] = [
+const ROLES: [&str; 7] = [
     "dev",
     "gateway",
     "worker",
     "enqueue",
     "migrate",
     "autoscaler",
+    "balancer",
 ];
 
 /// Flags whose values are secret: never printed.
@@ -332,6 +333,7 @@ pub fn check(config: Option<&Path>, role: Role) -> Result<String, CliError> {
         crate::args::Command::Enqueue(a) => crate::enqueue::resolve(a).map(drop)?,
         crate::args::Command::Migrate(a) => crate::store::resolve_migrate(a.database).map(drop)?,
         crate::args::Command::Autoscaler(a) => crate::autoscaler::resolve(a).map(drop)?,
+        crate::args::Command::Balancer(a) => crate::balancer::resolve(a).map(drop)?,
         _ => {}
     }
     let (_, sub) = matches.subcommand().expect("a role was given");

@@ -1,6 +1,6 @@
 //! The `ferry` binary's logic: parse flags and `FERRY_*` variables ([`args`]), validate them into typed
 //! configuration, connect, wire the role crates and wait. Subcommands: [`dev`], [`gateway`], [`worker`],
-//! [`enqueue`], [`token`] and `migrate` ([`store`]).
+//! [`enqueue`], [`token`], [`autoscaler`], [`balancer`] and `migrate` ([`store`]).
 //!
 //! Exit codes follow sysexits: 0 success, 64 bad input (checked before anything connects), 69 a broker that
 //! cannot be reached, 70 an internal error. This crate must not hold job logic of its own: it only parses,
@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod autoscaler;
+pub mod balancer;
 pub mod config;
 pub mod dev;
 pub mod enqueue;
@@ -95,6 +96,9 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         args::Command::Autoscaler(a) => autoscaler::resolve(a)
             .and_then(|cfg| telemetry.serve("autoscaler", autoscaler::run(cfg))),
+        args::Command::Balancer(a) => {
+            balancer::resolve(a).and_then(|cfg| telemetry.serve("balancer", balancer::run(cfg)))
+        }
         args::Command::Migrate(a) => store::resolve_migrate(a.database)
             .and_then(|cfg| telemetry.serve("migrate", store::run_migrate(cfg))),
     };
