@@ -25,6 +25,10 @@ pub struct Scripts {
     pub restore: Script,
     pub stats: Script,
     pub maintain: Script,
+    /// Application channel publish with history (no prelude).
+    pub publish: Script,
+    /// History reads (no prelude).
+    pub missed: Script,
 }
 
 impl Scripts {
@@ -44,6 +48,8 @@ impl Scripts {
             restore: script(include_str!("lua/restore.lua")),
             stats: script(include_str!("lua/stats.lua")),
             maintain: script(include_str!("lua/maintain.lua")),
+            publish: Script::new(include_str!("lua/publish.lua")),
+            missed: Script::new(include_str!("lua/missed.lua")),
         }
     }
 }
