@@ -202,7 +202,7 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
         _scope: EventScope<'_>,
         _since: &StreamPos,
         _scan: usize,
-        _keep: &EventFilter,
+        _keep: &EventFilter<'_>,
     ) -> Result<Missed<Event>, BrokerError> {
         Ok(Missed::lost(None))
     }

@@ -1237,7 +1237,7 @@ impl Broker for MemoryBroker {
         _scope: EventScope<'_>,
         since: &StreamPos,
         scan: usize,
-        keep: &EventFilter,
+        keep: &EventFilter<'_>,
     ) -> Result<Missed<Event>, BrokerError> {
         let epoch = Some(self.epoch.clone());
         let Some(from) = memory_offset(&since.offset).filter(|_| since.epoch == self.epoch) else {

@@ -249,7 +249,7 @@ impl<T> Missed<T> {
 }
 
 /// Which job events a channel gets, for [`Broker::events_missed`](crate::Broker::events_missed).
-pub type EventFilter = dyn Fn(&Event) -> bool + Send + Sync;
+pub type EventFilter<'a> = dyn Fn(&Event) -> bool + Send + Sync + 'a;
 
 /// Where a job-event channel's events come from, for [`Broker::events_missed`](crate::Broker::events_missed).
 #[derive(Debug, Clone, Copy)]

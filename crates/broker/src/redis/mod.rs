@@ -1487,7 +1487,7 @@ impl Broker for RedisBroker {
         scope: EventScope<'_>,
         since: &StreamPos,
         scan: usize,
-        keep: &EventFilter,
+        keep: &EventFilter<'_>,
     ) -> Result<Missed<Event>, BrokerError> {
         let shard = match scope {
             EventScope::Queue(q) => self.ring.shard_for(q.as_str()),
