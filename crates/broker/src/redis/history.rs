@@ -9,7 +9,7 @@
 //! * Job-event channels need no history of their own: the shard's event log `ferry:events` is one, and every
 //!   published batch carries its entry id (`sid`), which is the offset.
 //!
-//! A read (`lua/missed.lua`) returns the epoch, Redis's clock, the stream's floor (the lowest position nothing
+//! A read (an XRANGE, then `lua/missed.lua`) returns the epoch, Redis's clock, the stream's floor (the lowest position nothing
 //! after which was trimmed or deleted: from `max-deleted-entry-id`, the first entry held and the last id
 //! generated) and the entries after the position; the history reaches back iff the epoch is the same, the
 //! position is at or above the floor, younger than the TTL, and the read was not cut by its bound. A position
@@ -25,6 +25,9 @@ use redis::Value;
 
 use super::codec::{array, bad, int, text};
 use crate::{BrokerError, StreamPos, parse_offset};
+
+/// How far a history reaches back (sent with EVAL: history reads are rare, and Redis caches the compiled script).
+pub(super) const MISSED_LUA: &str = include_str!("lua/missed.lua");
 
 /// The shard's epoch key.
 pub(super) const EPOCH: &str = "ferry:epoch";
@@ -88,9 +91,10 @@ pub(super) struct Read<'a> {
     pub entries: &'a Value,
 }
 
-pub(super) fn parse_read(v: &Value) -> Result<Read<'_>, BrokerError> {
-    let parts = array(v)?;
-    if parts.len() != 5 {
+/// A history read: the entries (XRANGE) and what `lua/missed.lua` said.
+pub(super) fn parse_read<'a>(entries: &'a Value, meta: &Value) -> Result<Read<'a>, BrokerError> {
+    let parts = array(meta)?;
+    if parts.len() != 4 {
         return Err(bad("history read: unexpected reply"));
     }
     let floor = text(&parts[3])?;
@@ -100,7 +104,7 @@ pub(super) fn parse_read(v: &Value) -> Result<Read<'_>, BrokerError> {
         exists: int(&parts[2])? == 1,
         floor: parse_offset(&floor)
             .ok_or_else(|| bad(format!("history read: bad floor {floor}")))?,
-        entries: &parts[4],
+        entries,
     })
 }
 

@@ -354,27 +354,36 @@ impl RedisBroker {
         self
     }
 
-    /// Read a history stream of shard `shard`: `lua/missed.lua`, with `max + 1` entries so a cut read shows.
+    /// Read a history stream of shard `shard`: `max + 1` entries after `since` (so a cut read shows), then
+    /// `lua/missed.lua`. Returns (entries, what the script said).
     async fn read_missed(
         &self,
         shard: usize,
         stream: &str,
         since: &StreamPos,
         max: usize,
-    ) -> Result<Value, BrokerError> {
+    ) -> Result<(Value, Value), BrokerError> {
         let sh = &self.shards[shard];
-        let mut inv = self.scripts.missed.prepare_invoke();
-        inv.key(stream).key(history::EPOCH);
         // A position that is no stream id is not recovered (see `reaches_back`); read from the start to learn
         // the epoch all the same.
         let from = match crate::parse_offset(&since.offset) {
             Some(_) => since.offset.as_str(),
             None => "0-0",
         };
-        inv.arg(history::fresh_epoch())
-            .arg(from)
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(stream)
+            .arg(format!("({from}"))
+            .arg("+")
+            .arg("COUNT")
             .arg(max.saturating_add(1));
-        inv.invoke_async(&mut sh.conn.clone())
+        pipe.cmd("EVAL")
+            .arg(history::MISSED_LUA)
+            .arg(2)
+            .arg(stream)
+            .arg(history::EPOCH)
+            .arg(history::fresh_epoch());
+        pipe.query_async(&mut sh.conn.clone())
             .await
             .map_err(redis_err)
     }
@@ -1463,10 +1472,10 @@ impl Broker for RedisBroker {
         max: usize,
     ) -> Result<Missed<HistoryEntry>, BrokerError> {
         let shard = self.ring.shard_for(channel);
-        let v = self
+        let (entries, meta) = self
             .read_missed(shard, &history::app_history_key(channel), since, max)
             .await?;
-        let read = history::parse_read(&v)?;
+        let read = history::parse_read(&entries, &meta)?;
         self.epochs.set(shard, read.epoch.clone());
         if !history::reaches_back(&read, since, self.history.ttl, true) {
             return Ok(Missed::lost(Some(read.epoch)));
@@ -1495,8 +1504,8 @@ impl Broker for RedisBroker {
             // A subject's jobs may sit on any shard, and the shards' offsets are not one order.
             EventScope::All => return Ok(Missed::lost(None)),
         };
-        let v = self.read_missed(shard, EVENTS, since, scan).await?;
-        let read = history::parse_read(&v)?;
+        let (entries, meta) = self.read_missed(shard, EVENTS, since, scan).await?;
+        let read = history::parse_read(&entries, &meta)?;
         self.epochs.set(shard, read.epoch.clone());
         // The event log is never absent while events are written to it: a missing one was lost.
         if !history::reaches_back(&read, since, self.history.ttl, false) {

@@ -27,8 +27,6 @@ pub struct Scripts {
     pub maintain: Script,
     /// Application channel publish with history (no prelude).
     pub publish: Script,
-    /// History reads (no prelude).
-    pub missed: Script,
 }
 
 impl Scripts {
@@ -49,7 +47,6 @@ impl Scripts {
             stats: script(include_str!("lua/stats.lua")),
             maintain: script(include_str!("lua/maintain.lua")),
             publish: Script::new(include_str!("lua/publish.lua")),
-            missed: Script::new(include_str!("lua/missed.lua")),
         }
     }
 }
