@@ -94,3 +94,53 @@ async fn flushall_changes_the_epoch() {
     // The history read refreshed this node's cached epoch for live job events.
     assert_eq!(b.events_epoch(&q).as_deref(), Some(after.epoch.as_str()));
 }
+
+/// The event log trimmed past a position (the recorder's `XTRIM MINID`, or the `MAXLEN ~` cap) is not recovered
+/// from it; a position after the trim still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trimmed_event_log_is_not_recovered() {
+    use ferry_broker::{EventScope, StreamPos, event_offset};
+    use ferry_core::{Kind, NewJob, QueueName};
+    use futures::StreamExt;
+    use std::time::Duration;
+
+    let e = <Redis as contract::Engine>::start(contract::cfg()).await;
+    let b: Arc<dyn Broker> = e.broker.clone();
+    let q = QueueName::parse("trim").unwrap();
+    let mut events = b.subscribe().await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        b.enqueue(
+            &q,
+            NewJob::new(Kind::parse("k").unwrap(), serde_json::json!(null)),
+        )
+        .await
+        .unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(event_offset(&ev).unwrap());
+    }
+    let epoch = b.events_epoch(&q).unwrap();
+    let pos = |o: &str| StreamPos {
+        offset: o.to_owned(),
+        epoch: epoch.clone(),
+    };
+    let all = |_: &ferry_core::Event| true;
+    // Trim the first two entries away, as the recorder's trim does once it has copied them.
+    e._server
+        .cli(&["XTRIM", "ferry:events", "MINID", &seen[2]])
+        .unwrap();
+    let m = b
+        .events_missed(EventScope::Queue(&q), &pos(&seen[0]), 100, &all)
+        .await
+        .unwrap();
+    assert!(!m.recovered && m.entries.is_empty(), "entry 2 is gone");
+    let m = b
+        .events_missed(EventScope::Queue(&q), &pos(&seen[2]), 100, &all)
+        .await
+        .unwrap();
+    assert!(m.recovered, "after the trim");
+    assert_eq!(m.entries.len(), 1);
+}

@@ -152,7 +152,7 @@ fn assert_positions(frames: &[Value], channel: &str) {
 }
 
 /// Run one job of `owner` through queued, active and completed; its id.
-async fn run_job(b: &Arc<RedisBroker>, q: &QueueName, owner: &str) -> String {
+async fn run_job(b: &dyn Broker, q: &QueueName, owner: &str) -> String {
     let mut job = NewJob::new(Kind::parse("k").unwrap(), json!({}));
     job.owner = Some(owner.into());
     let id = b.enqueue(q, job).await.unwrap().id;
@@ -189,7 +189,7 @@ fn lifecycle(id: &str) -> Vec<(String, String)> {
 /// The scenario of both recovery tests: `alice` listens on `app:room` and her `user:` channel through `first`,
 /// disconnects, misses messages and jobs (and bob's job, which is not hers), and comes back through `second`
 /// with `since` while a publisher keeps publishing on `first` — every message and event exactly once, in order.
-async fn disconnect_and_recover(b: &Arc<RedisBroker>, first: &TestApp, second: &TestApp) {
+async fn disconnect_and_recover(b: &dyn Broker, first: &TestApp, second: &TestApp) {
     let q = QueueName::parse("rq").unwrap();
     let alice = token("alice", SCOPES, None);
     let mut publisher = connect(first, &token("pub", SCOPES, None), None).await;
@@ -278,7 +278,15 @@ async fn a_client_that_comes_back_gets_exactly_what_it_missed() {
     let redis = RedisServer::start().expect("redis-server starts");
     let b = redis_broker(&redis, ChannelHistory::default()).await;
     let app = TestApp::start(b.clone(), fast).await;
-    disconnect_and_recover(&b, &app, &app).await;
+    disconnect_and_recover(b.as_ref(), &app, &app).await;
+}
+
+/// `ferry dev`'s engine: the same, in one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_engine_recovers_too() {
+    let b = Arc::new(ferry_broker::MemoryBroker::new(EngineConfig::default()));
+    let app = TestApp::start(b.clone(), fast).await;
+    disconnect_and_recover(b.as_ref(), &app, &app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,7 +295,7 @@ async fn recovery_works_across_gateways() {
     let a = redis_broker(&redis, ChannelHistory::default()).await;
     let gw_a = TestApp::start(a.clone(), fast).await;
     let gw_b = TestApp::start(redis_broker(&redis, ChannelHistory::default()).await, fast).await;
-    disconnect_and_recover(&a, &gw_a, &gw_b).await;
+    disconnect_and_recover(a.as_ref(), &gw_a, &gw_b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +317,7 @@ async fn history_that_does_not_reach_back_is_not_recovered() {
     )
     .await;
     publish(&mut publisher, "room", 0..1).await;
-    let j0 = run_job(&b, &q, "alice").await;
+    let j0 = run_job(b.as_ref(), &q, "alice").await;
     let seen = frames_until(&mut ws, |f| {
         app_numbers(f, "app:room").len() == 1 && user_events(f, "alice").len() == 3
     })
@@ -438,7 +446,7 @@ async fn a_user_channel_over_several_shards_is_not_recovered() {
     assert_eq!(lead["epoch"], Value::Null);
     // Its live frames still carry the position of their shard.
     let q = QueueName::parse("sharded").unwrap();
-    run_job(&b, &q, "alice").await;
+    run_job(b.as_ref(), &q, "alice").await;
     let got = frames_until(&mut ws, |f| user_events(f, "alice").len() == 3).await;
     assert_positions(&got, "user:alice");
     ws.send(Message::Close(None)).await.ok();

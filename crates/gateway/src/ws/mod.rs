@@ -171,6 +171,10 @@ struct Sub {
     /// While the subscriber's missed frames are being read back (see [`replay`]): its live frames, held with
     /// their offsets, to be sent after the replayed ones.
     hold: Option<Vec<Positioned>>,
+    /// After a recovery: the last offset replayed. The live feed may still bring frames the history read already
+    /// had (it lags behind a read on another connection); those are dropped until the first later one passes
+    /// (a channel's frames come in offset order, so none at or below it can follow).
+    floor: Option<(u64, u64)>,
 }
 
 /// A rendered frame with its offset (parsed), when it has one.
@@ -624,6 +628,7 @@ impl Hub {
                     conn: conn.clone(),
                     view: Arc::new(view),
                     hold: hold.then(Vec::new),
+                    floor: None,
                 },
             );
             match app {
@@ -796,6 +801,12 @@ impl Hub {
                     f
                 }
             };
+            if let (Some(floor), Some(o)) = (sub.floor, offset) {
+                if o <= floor {
+                    continue;
+                }
+                sub.floor = None;
+            }
             if let Some(held) = &mut sub.hold {
                 // Bounded like the send queue: a recovery that takes that long makes a slow consumer.
                 if held.len() < self.limits.send_queue.max(1) {

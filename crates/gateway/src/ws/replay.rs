@@ -6,8 +6,10 @@
 //! subscribes it first with its live frames *held*, reads what the channel missed from the broker
 //! ([`Broker::channel_missed`] for `app:`, [`Broker::events_missed`] for `user:`, `job:` and `queue:`), then,
 //! under the hub's lock, queues the missed frames in order, then the held live frames except those at or below
-//! the last position replayed (they were in the history too). So nothing is lost between the history read and
-//! the live subscription, and nothing comes twice.
+//! the last position replayed (they were in the history too). The live feed can lag behind the history read
+//! (another connection), so live frames at or below that position are still dropped after the replay, until the
+//! first later one. So nothing is lost between the history read and the live subscription, and nothing comes
+//! twice.
 //!
 //! The answer says `recovered: true` when every missed frame was replayed, `false` when the history does not
 //! reach back (another epoch, trimmed, older than `--history-ttl-ms`, more than the bound, a `user:` channel over
@@ -274,6 +276,7 @@ impl Hub {
             return;
         };
         let held = sub.hold.take().unwrap_or_default();
+        sub.floor = upto;
         let replayed = frames.into_iter().map(|(_, f)| f);
         let live = held
             .into_iter()
