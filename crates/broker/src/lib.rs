@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferry_core::{JobId, JobInfo, NewJob, QueueName};
+use ferry_core::{Event, JobId, JobInfo, NewJob, QueueName};
 
 /// The job engine. Every method is one atomic step: a transition either happens whole or not at all, and a
 /// transition fenced by a [`Lease`] is applied only while that lease is still the job's current one.
@@ -168,8 +168,50 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 
     /// Publish `payload` on the application channel `channel` to every node listening to it (through a
     /// [`ChannelFeed`]), this one included. At most once: a node that is not subscribed (or is disconnected)
-    /// at that moment does not get it.
+    /// at that moment does not get it. The message is also appended to the channel's bounded history
+    /// ([`Broker::channel_history`]) in the same step, and delivered with its [`StreamPos`], so a listener that
+    /// missed it can read it back ([`Broker::channel_missed`]).
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError>;
+
+    /// How much history application channels keep, and how far back recovery reaches (both engines take it
+    /// from their constructor's caller: `--history-size`, `--history-ttl-ms`).
+    fn channel_history(&self) -> ChannelHistory {
+        ChannelHistory::default()
+    }
+
+    /// What the application channel `channel` missed after `since`: the messages published after it, oldest
+    /// first, at most `max` (more is reported as not recovered). `recovered` is false when the epoch differs, when
+    /// the history was trimmed past `since` (more than `ChannelHistory::size` messages since) or when `since` is
+    /// older than `ChannelHistory::ttl`.
+    async fn channel_missed(
+        &self,
+        _channel: &str,
+        _since: &StreamPos,
+        _max: usize,
+    ) -> Result<Missed<HistoryEntry>, BrokerError> {
+        Ok(Missed::lost(None))
+    }
+
+    /// The job events after `since` that `keep` selects, from the event log of `scope` (Redis: the shard's
+    /// `ferry:events` stream; the memory engine: a ring of recent events), oldest first. At most `scan` log
+    /// entries are read: a channel that missed more is reported as not recovered, as is one whose `since` is from
+    /// another epoch, trimmed from the log or older than `ChannelHistory::ttl`. `EventScope::All` with several
+    /// shards has no single order: never recovered.
+    async fn events_missed(
+        &self,
+        _scope: EventScope<'_>,
+        _since: &StreamPos,
+        _scan: usize,
+        _keep: &EventFilter<'_>,
+    ) -> Result<Missed<Event>, BrokerError> {
+        Ok(Missed::lost(None))
+    }
+
+    /// The epoch of the event log carrying `queue`'s events, as this node last read it (Redis: the shard's
+    /// `ferry:epoch`, read when the event feed (re)connects to it and on every history read). `None` until known.
+    fn events_epoch(&self, _queue: &QueueName) -> Option<String> {
+        None
+    }
 
     /// A feed of application channel messages for this node: it [`ChannelControl::subscribe`]s the channels
     /// local listeners want and yields their messages. One per node is enough; the Redis engine holds one

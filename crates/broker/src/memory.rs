@@ -10,6 +10,12 @@
 //! Application channels ([`Broker::publish`], [`Broker::channels`]) are one more broadcast channel, outside the
 //! state lock; each feed filters it by the channels it subscribed.
 //!
+//! Recovery ([`Broker::channel_missed`], [`Broker::events_missed`]): offsets are `"0-<n>"`, `n` from a counter
+//! (the event sequence for job events, one more counter for channel messages), and the epoch is a UUID drawn
+//! when the broker is made (a new process has lost everything). Each application channel keeps a ring of its
+//! last `ChannelHistory::size` messages, dropped `ChannelHistory::ttl` after its last publish; job events keep
+//! one ring of the last [`EVENT_HISTORY`] events, each for at most the same ttl.
+//!
 //! Layout: one `State` behind one `std::sync::Mutex`. Every job lives in `State::jobs`; each queue keeps
 //! indexes of ids by state (ready deques per priority, scheduled set by due time, active set by lease deadline,
 //! dead list, finished list by finish time). Every transition goes through `State::detach` (remove the job from
@@ -35,6 +41,7 @@ use crate::{
     Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FeedControl, Lease,
     Leased, LogEntry, LogPosition, QueueStats, Reclaimed, Rejected, RetryOutcome,
 };
+use crate::{ChannelHistory, EventFilter, EventScope, HistoryEntry, Missed, StreamPos};
 
 /// Live events buffered per subscriber. A subscriber that falls further behind skips the oldest events (it can
 /// recover them from the durable record) rather than make the engine wait or buffer without bound.
@@ -43,6 +50,9 @@ const EVENT_CAPACITY: usize = 4096;
 /// Application channel messages buffered per feed; a feed that falls further behind skips the oldest (pub/sub
 /// is at most once on the Redis engine too).
 const CHANNEL_CAPACITY: usize = 4096;
+
+/// Job events kept for recovery ([`Broker::events_missed`]), newest last.
+pub const EVENT_HISTORY: usize = 10_000;
 
 /// In-process broker with the same semantics as the Redis engine.
 pub struct MemoryBroker {
@@ -55,6 +65,56 @@ pub struct MemoryBroker {
     /// Every application channel message of the process; feeds filter it. Not under `state`: publishing has
     /// nothing to do with job state and must not wait for a transition.
     app: broadcast::Sender<ChannelMessage>,
+    /// Application channel histories; publishes are numbered and sent under this lock, so offsets rise in the
+    /// order listeners see.
+    app_history: Mutex<AppHistory>,
+    history: ChannelHistory,
+    /// This broker's epoch: a new one per broker (a new process has no history).
+    epoch: String,
+}
+
+/// The application channels' histories.
+#[derive(Debug, Default)]
+struct AppHistory {
+    /// The last offset handed out (`"0-<seq>"`).
+    seq: u64,
+    channels: HashMap<String, ChannelRing>,
+    /// The highest offset of any channel history dropped whole (expired): a channel without history reaches
+    /// back only to here.
+    expired_upto: u64,
+    publishes: u64,
+}
+
+#[derive(Debug, Default)]
+struct ChannelRing {
+    /// (offset, when published in ms, payload), oldest first.
+    entries: VecDeque<(u64, u64, String)>,
+    /// The highest offset dropped from `entries` (trimmed or expired).
+    dropped_upto: u64,
+    last_at: u64,
+}
+
+impl AppHistory {
+    /// Drop expired entries and whole channels idle past `ttl`.
+    fn expire(&mut self, now: u64, ttl: u64) {
+        let mut gone = 0;
+        self.channels.retain(|_, ring| {
+            if ring.last_at.saturating_add(ttl) < now {
+                gone = gone.max(ring.entries.back().map_or(ring.dropped_upto, |e| e.0));
+                return false;
+            }
+            true
+        });
+        self.expired_upto = self.expired_upto.max(gone);
+    }
+}
+
+/// The memory engine's offset `"0-<n>"` as `n`.
+fn memory_offset(offset: &str) -> Option<u64> {
+    match crate::parse_offset(offset)? {
+        (0, n) => Some(n),
+        _ => None,
+    }
 }
 
 impl fmt::Debug for MemoryBroker {
@@ -81,12 +141,30 @@ impl MemoryBroker {
                     groups: HashMap::new(),
                     appended: Arc::new(Notify::new()),
                     cap: config.event_stream_max,
+                    recent: VecDeque::new(),
+                    recent_dropped: 0,
+                    history_ttl: ms(ChannelHistory::default().ttl),
                 },
                 actor: None,
                 leases: HashMap::new(),
             }),
             app: broadcast::channel(CHANNEL_CAPACITY).0,
+            app_history: Mutex::new(AppHistory::default()),
+            history: ChannelHistory::default(),
+            epoch: uuid::Uuid::now_v7().to_string(),
         }
+    }
+
+    /// The same broker with application channel history `history` (`--history-size`, `--history-ttl-ms`).
+    pub fn with_channel_history(mut self, history: ChannelHistory) -> Self {
+        self.history = ChannelHistory {
+            size: history.size.max(1),
+            ttl: history.ttl.max(Duration::from_millis(1)),
+        };
+        if let Ok(mut st) = self.state.lock() {
+            st.events.history_ttl = ms(self.history.ttl);
+        }
+        self
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, BrokerError> {
@@ -276,6 +354,11 @@ struct Events {
     /// Wakes `read_log` calls waiting for new entries.
     appended: Arc<Notify>,
     cap: usize,
+    /// The last [`EVENT_HISTORY`] events (sequence, when emitted, event), for recovery.
+    recent: VecDeque<(u64, u64, Event)>,
+    /// The highest sequence dropped from `recent`.
+    recent_dropped: u64,
+    history_ttl: u64,
 }
 
 /// One consumer group of the log.
@@ -297,6 +380,28 @@ impl Events {
             self.log.pop_front();
         }
         self.appended.notify_waiters();
+    }
+
+    /// Keep `event` for recovery, dropping what is over the size or past the ttl.
+    fn remember(&mut self, seq: u64, event: Event) {
+        let now = now_ms();
+        self.recent.push_back((seq, now, event));
+        if self.recent.len() > EVENT_HISTORY
+            && let Some((s, _, _)) = self.recent.pop_front()
+        {
+            self.recent_dropped = s;
+        }
+        self.expire_recent(now);
+    }
+
+    fn expire_recent(&mut self, now: u64) {
+        while let Some((s, at, _)) = self.recent.front() {
+            if at.saturating_add(self.history_ttl) >= now {
+                break;
+            }
+            self.recent_dropped = *s;
+            self.recent.pop_front();
+        }
     }
 
     /// Drop entries every group has acknowledged.
@@ -360,6 +465,8 @@ impl State {
             actor: self.actor.as_deref().map(str::to_owned),
             spec: None,
         };
+        let seq = self.events.seq;
+        self.events.remember(seq, event.clone());
         if !self.events.groups.is_empty() {
             let mut logged = event.clone();
             if matches!(ty, EventType::Queued | EventType::Scheduled) {
@@ -1008,12 +1115,163 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
-        // No feed at all is not an error: nobody listens, as with a Redis PUBLISH that reaches no one.
+        let now = now_ms();
+        let ttl = ms(self.history.ttl);
+        let mut h = self
+            .app_history
+            .lock()
+            .map_err(|_| BrokerError::Internal("channel history poisoned by a panic".into()))?;
+        h.publishes += 1;
+        if h.publishes % 1024 == 0 {
+            h.expire(now, ttl);
+        }
+        h.seq += 1;
+        let seq = h.seq;
+        let expired_upto = h.expired_upto;
+        // A channel new to the map may have had a history that expired: reach back no further than that.
+        let ring = h
+            .channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| ChannelRing {
+                dropped_upto: expired_upto,
+                ..ChannelRing::default()
+            });
+        // A ring idle past its ttl has expired: what it held is gone.
+        if ring.last_at.saturating_add(ttl) < now
+            && let Some(last) = ring.entries.back().map(|e| e.0)
+        {
+            ring.dropped_upto = last;
+            ring.entries.clear();
+        }
+        ring.entries.push_back((seq, now, payload.clone()));
+        ring.last_at = now;
+        while ring.entries.len() > self.history.size {
+            if let Some((s, _, _)) = ring.entries.pop_front() {
+                ring.dropped_upto = s;
+            }
+        }
+        // No feed at all is not an error: nobody listens, as with a Redis PUBLISH that reaches no one. Sent under
+        // the lock, so listeners see offsets in order.
         let _ = self.app.send(ChannelMessage {
             channel: channel.to_owned(),
             payload,
+            position: Some(StreamPos {
+                offset: format!("0-{seq}"),
+                epoch: self.epoch.clone(),
+            }),
         });
         Ok(())
+    }
+
+    fn channel_history(&self) -> ChannelHistory {
+        self.history
+    }
+
+    async fn channel_missed(
+        &self,
+        channel: &str,
+        since: &StreamPos,
+        max: usize,
+    ) -> Result<Missed<HistoryEntry>, BrokerError> {
+        let epoch = Some(self.epoch.clone());
+        let Some(from) = memory_offset(&since.offset).filter(|_| since.epoch == self.epoch) else {
+            return Ok(Missed::lost(epoch));
+        };
+        let now = now_ms();
+        let ttl = ms(self.history.ttl);
+        let mut h = self
+            .app_history
+            .lock()
+            .map_err(|_| BrokerError::Internal("channel history poisoned by a panic".into()))?;
+        let expired_upto = h.expired_upto;
+        let Some(ring) = h.channels.get_mut(channel) else {
+            return Ok(if from >= expired_upto {
+                Missed {
+                    entries: Vec::new(),
+                    recovered: true,
+                    epoch,
+                }
+            } else {
+                Missed::lost(epoch)
+            });
+        };
+        if ring.last_at.saturating_add(ttl) < now {
+            if let Some(last) = ring.entries.back().map(|e| e.0) {
+                ring.dropped_upto = last;
+            }
+            ring.entries.clear();
+        }
+        while ring
+            .entries
+            .front()
+            .is_some_and(|e| e.1.saturating_add(ttl) < now)
+        {
+            if let Some((s, _, _)) = ring.entries.pop_front() {
+                ring.dropped_upto = s;
+            }
+        }
+        if from < ring.dropped_upto {
+            return Ok(Missed::lost(epoch));
+        }
+        let entries: Vec<HistoryEntry> = ring
+            .entries
+            .iter()
+            .filter(|e| e.0 > from)
+            .map(|(s, _, p)| HistoryEntry {
+                offset: format!("0-{s}"),
+                payload: p.clone(),
+            })
+            .collect();
+        if entries.len() > max {
+            return Ok(Missed::lost(epoch));
+        }
+        Ok(Missed {
+            entries,
+            recovered: true,
+            epoch,
+        })
+    }
+
+    async fn events_missed(
+        &self,
+        _scope: EventScope<'_>,
+        since: &StreamPos,
+        scan: usize,
+        keep: &EventFilter<'_>,
+    ) -> Result<Missed<Event>, BrokerError> {
+        let epoch = Some(self.epoch.clone());
+        let Some(from) = memory_offset(&since.offset).filter(|_| since.epoch == self.epoch) else {
+            return Ok(Missed::lost(epoch));
+        };
+        let mut st = self.lock()?;
+        st.events.expire_recent(now_ms());
+        if from < st.events.recent_dropped {
+            return Ok(Missed::lost(epoch));
+        }
+        let mut scanned = 0;
+        let mut entries: Vec<Event> = Vec::new();
+        for (seq, _, e) in &st.events.recent {
+            if *seq <= from {
+                continue;
+            }
+            scanned += 1;
+            if scanned > scan {
+                return Ok(Missed::lost(epoch));
+            }
+            if keep(e) {
+                entries.push(e.clone());
+            }
+        }
+        drop(st);
+        Ok(Missed {
+            entries,
+            recovered: true,
+            epoch,
+        })
+    }
+
+    fn events_epoch(&self, _queue: &QueueName) -> Option<String> {
+        Some(self.epoch.clone())
     }
 
     async fn channels(&self) -> Result<ChannelFeed, BrokerError> {

@@ -164,6 +164,100 @@ pub struct ChannelMessage {
     /// The channel name as given to `publish`, without any engine prefix.
     pub channel: String,
     pub payload: String,
+    /// Where the message sits in the channel's history; `None` for a message from a publisher that keeps no
+    /// history (an older ferry during a rolling upgrade).
+    pub position: Option<StreamPos>,
+}
+
+/// A place in a channel's history, as pushed frames carry it: `offset` is a Redis stream id `"<ms>-<seq>"`
+/// (the memory engine: `"0-<n>"`), rising within the channel; `epoch` changes when the history was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPos {
+    pub offset: String,
+    pub epoch: String,
+}
+
+/// A stream id `"<ms>-<seq>"` as a comparable pair; `None` when it is not one.
+pub fn parse_offset(offset: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = offset.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(ms) || !digits(seq) {
+        return None;
+    }
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The offset of a job event in its channels: its entry id in the shard's event stream (the part of the event
+/// id before `/`). The memory engine's numeric sequence `n` is written `"0-<n>"`, its offset form.
+pub fn event_offset(e: &ferry_core::Event) -> Option<String> {
+    let sid = e.id.split('/').next().filter(|s| !s.is_empty())?;
+    if sid.contains('-') {
+        parse_offset(sid).map(|_| sid.to_owned())
+    } else {
+        sid.parse::<u64>().ok().map(|n| format!("0-{n}"))
+    }
+}
+
+/// How much history an application channel keeps (`--history-size`, `--history-ttl-ms`), and how far back a
+/// job-event channel may be recovered (the same age).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelHistory {
+    /// Messages kept per application channel (Redis: `XADD MAXLEN ~`, so up to about twice as many stay).
+    pub size: usize,
+    /// A channel's history is dropped this long after its last publish, and no recovery reaches further back.
+    pub ttl: std::time::Duration,
+}
+
+impl Default for ChannelHistory {
+    fn default() -> Self {
+        Self {
+            size: 100,
+            ttl: std::time::Duration::from_millis(300_000),
+        }
+    }
+}
+
+/// One application channel message read back from its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub offset: String,
+    pub payload: String,
+}
+
+/// What a channel missed since a position ([`Broker::channel_missed`](crate::Broker::channel_missed),
+/// [`Broker::events_missed`](crate::Broker::events_missed)).
+#[derive(Debug, Clone)]
+pub struct Missed<T> {
+    /// Everything published after the position, oldest first, when `recovered`; empty otherwise.
+    pub entries: Vec<T>,
+    /// True only when the history reaches back to the position: same epoch, nothing after it trimmed or expired,
+    /// and all of it within the read's bound.
+    pub recovered: bool,
+    /// The channel's current epoch; `None` when the channel has none (a `user:` channel over several shards).
+    pub epoch: Option<String>,
+}
+
+impl<T> Missed<T> {
+    /// Not recoverable: nothing to replay.
+    pub fn lost(epoch: Option<String>) -> Self {
+        Self {
+            entries: Vec::new(),
+            recovered: false,
+            epoch,
+        }
+    }
+}
+
+/// Which job events a channel gets, for [`Broker::events_missed`](crate::Broker::events_missed).
+pub type EventFilter<'a> = dyn Fn(&Event) -> bool + Send + Sync + 'a;
+
+/// Where a job-event channel's events come from, for [`Broker::events_missed`](crate::Broker::events_missed).
+#[derive(Debug, Clone, Copy)]
+pub enum EventScope<'a> {
+    /// The shard carrying this queue (`queue:` and `job:` channels).
+    Queue(&'a QueueName),
+    /// Every shard (`user:` channels: a subject's jobs may be in any queue).
+    All,
 }
 
 /// The messages of application channels, as a stream.

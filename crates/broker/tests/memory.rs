@@ -4,7 +4,7 @@ mod contract;
 
 use std::sync::Arc;
 
-use ferry_broker::{Broker, EngineConfig, MemoryBroker};
+use ferry_broker::{Broker, ChannelHistory, EngineConfig, MemoryBroker};
 
 struct Mem(Arc<MemoryBroker>);
 
@@ -12,6 +12,12 @@ struct Mem(Arc<MemoryBroker>);
 impl contract::Engine for Mem {
     async fn start(config: EngineConfig) -> Self {
         Mem(Arc::new(MemoryBroker::new(config)))
+    }
+
+    async fn start_with_history(config: EngineConfig, history: ChannelHistory) -> Self {
+        Mem(Arc::new(
+            MemoryBroker::new(config).with_channel_history(history),
+        ))
     }
 
     fn broker(&self) -> Arc<dyn Broker> {

@@ -209,6 +209,29 @@ pub struct LimitsArgs {
     pub send_queue: usize,
 }
 
+/// What application channels keep for clients that reconnect (`subscribe` with `since`), and how far back any
+/// channel is recovered.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Messages kept per app: channel for recovery (Redis keeps about this many: `XADD MAXLEN ~`).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_HISTORY_SIZE",
+        default_value_t = 100
+    )]
+    pub history_size: usize,
+    /// How long an app: channel's history lives after its last publish, and the oldest position any channel
+    /// (app:, user:, job:, queue:) is recovered from.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_HISTORY_TTL_MS",
+        default_value_t = 300_000
+    )]
+    pub history_ttl_ms: u64,
+}
+
 /// The durable record in PostgreSQL.
 #[derive(Debug, Args)]
 pub struct DatabaseArgs {
@@ -358,6 +381,9 @@ pub struct GatewayArgs {
     pub limits: LimitsArgs,
 
     #[command(flatten)]
+    pub history: HistoryArgs,
+
+    #[command(flatten)]
     pub engine: EngineArgs,
 
     /// The durable record, for `GET /v1/jobs`, a job's events, and jobs Redis no longer holds.
@@ -471,6 +497,9 @@ pub struct DevArgs {
     /// Serve GET /debug/pprof/profile (CPU profiles in the pprof format) on the gateway, for tokens with the admin scope. Off by default.
     #[arg(long, env = "FERRY_PROFILING")]
     pub profiling: bool,
+
+    #[command(flatten)]
+    pub history: HistoryArgs,
 
     #[command(flatten)]
     pub shutdown: ShutdownArgs,

@@ -22,6 +22,8 @@ pub struct ResolvedDev {
     pub worker: WorkerConfig,
     pub secret: Vec<u8>,
     pub generated_secret: bool,
+    /// `--history-size`, `--history-ttl-ms`.
+    pub history: ferry_broker::ChannelHistory,
 }
 
 pub fn resolve(a: DevArgs) -> Result<ResolvedDev, CliError> {
@@ -53,7 +55,9 @@ pub fn resolve(a: DevArgs) -> Result<ResolvedDev, CliError> {
     gateway.shutdown = crate::gateway::shutdown_config(&a.shutdown)?;
     // The dev gateway serves the whole process (the embedded worker included).
     gateway.profiling = a.profiling;
+    let history = crate::channel_history(&a.history)?;
     Ok(ResolvedDev {
+        history,
         gateway,
         worker: WorkerConfig {
             queues,
@@ -72,7 +76,8 @@ fn hex(bytes: &[u8]) -> String {
 pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
     let shutdown =
         ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
-    let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
+    let broker =
+        Arc::new(MemoryBroker::new(EngineConfig::default()).with_channel_history(cfg.history));
     // The embedded record: the recorder copies every event into memory, so `GET /v1/jobs` and a job's events
     // work as they do against PostgreSQL (and are gone when the process exits).
     let store: Arc<dyn ferry_store::Store> = Arc::new(MemoryStore::new());

@@ -143,6 +143,8 @@ pub struct ResolvedGateway {
     pub redis_options: ferry_broker::RedisOptions,
     pub redis_tls: ferry_broker::RedisTls,
     pub engine: ferry_broker::EngineConfig,
+    /// `--history-size`, `--history-ttl-ms`.
+    pub history: ferry_broker::ChannelHistory,
     pub config: GatewayConfig,
     pub database: Option<crate::store::ResolvedDatabase>,
 }
@@ -250,7 +252,9 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     config.limits.send_queue = l.send_queue;
     let engine = crate::engine_config(&a.engine)?;
     let database = crate::store::resolve(a.database)?;
+    let history = crate::channel_history(&a.history)?;
     Ok(ResolvedGateway {
+        history,
         urls,
         redis_options,
         redis_tls,
@@ -269,7 +273,8 @@ pub async fn run(cfg: ResolvedGateway) -> Result<(), CliError> {
         cfg.redis_options.clone(),
         cfg.redis_tls.clone(),
     )
-    .await?;
+    .await?
+    .with_channel_history(cfg.history);
     let mut config = cfg.config;
     if let Some(db) = &cfg.database {
         let store: Arc<dyn ferry_store::Store> = Arc::new(crate::store::connect(db).await?);

@@ -338,6 +338,20 @@ pub(crate) fn engine_config(a: &args::EngineArgs) -> Result<ferry_broker::Engine
     })
 }
 
+/// `--history-size` and `--history-ttl-ms`.
+pub(crate) fn channel_history(
+    a: &args::HistoryArgs,
+) -> Result<ferry_broker::ChannelHistory, CliError> {
+    at_least_one(&[
+        ("--history-size", a.history_size as u64),
+        ("--history-ttl-ms", a.history_ttl_ms),
+    ])?;
+    Ok(ferry_broker::ChannelHistory {
+        size: a.history_size,
+        ttl: std::time::Duration::from_millis(a.history_ttl_ms),
+    })
+}
+
 /// Connect to every shard; an unreachable one is exit 69.
 pub(crate) async fn connect(
     urls: &[String],

@@ -197,6 +197,22 @@ fn bad_input_exits_64_naming_the_flag_before_connecting() {
             ],
             "invalid --header-timeout-ms: must be at least 1",
         ),
+        (
+            &[
+                "gateway",
+                "--redis",
+                r,
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--history-size",
+                "0",
+            ],
+            "invalid --history-size: must be at least 1",
+        ),
+        (
+            &["dev", "--history-ttl-ms", "0"],
+            "invalid --history-ttl-ms: must be at least 1",
+        ),
     ];
     for (args, expected) in cases {
         let out = ferry(args, &[]);

@@ -68,6 +68,21 @@ fn token(sub: &str, scopes: &str, ttl: Duration) -> String {
 
 const ALL: &str = "jobs:submit jobs:read queues:read publish subscribe";
 
+/// A pushed frame's position (`offset`, `epoch`), taken out so the rest can be compared; true when it had one.
+fn positioned(v: &mut Value) -> bool {
+    let Some(o) = v.as_object_mut() else {
+        return false;
+    };
+    let offset = o.remove("offset");
+    let epoch = o.remove("epoch");
+    offset
+        .as_ref()
+        .and_then(Value::as_str)
+        .and_then(ferry_broker::parse_offset)
+        .is_some()
+        && epoch.as_ref().and_then(Value::as_str).is_some()
+}
+
 async fn connect(node: &Node, token: &str) -> Ws {
     let url = format!("ws://{}/v1/ws?token={token}", node.addr);
     let (ws, _) = tokio_tungstenite::connect_async(url)
@@ -323,7 +338,8 @@ async fn cross_node_app_messages_and_job_events() {
     )
     .await;
     assert_eq!(reply(&mut on_a, "pub").await["ok"], true);
-    let v = next_json(&mut on_b).await;
+    let mut v = next_json(&mut on_b).await;
+    assert!(positioned(&mut v), "{v}");
     assert_eq!(
         v,
         json!({"channel": "app:chat", "event": "message", "data": {"hi": 1}})
@@ -590,7 +606,8 @@ async fn tenants_are_isolated_over_ws() {
     }
     // B got its own message only, and none of A's job events.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen = drain(&mut b).await;
+    let mut seen = drain(&mut b).await;
+    assert!(seen.iter_mut().all(positioned), "{seen:?}");
     assert_eq!(
         seen,
         vec![json!({"channel": "app:room", "event": "message", "data": "from b"})]

@@ -11,8 +11,12 @@
 //!
 //! A shard task ends when the merged stream is dropped.
 //!
+//! Every (re)connect also reads the shard's epoch (see [`super::history`]) into the broker's cache, after the
+//! subscription is confirmed: events published on a Redis that lost its data carry the new epoch from then on.
+//!
 //! [`Broker::subscribe`]: crate::Broker::subscribe
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -21,6 +25,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::history::{Epochs, read_epoch};
 use super::keys::EVENTS;
 use super::parse_published;
 use crate::{BrokerError, EventStream};
@@ -41,22 +46,32 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 type Session = (PubSubSink, PubSubStream);
 
 /// Subscribe every shard (`(name without credentials, client)`) now, then keep each subscribed in its own task.
-pub(super) async fn subscribe(shards: Vec<(String, Client)>) -> Result<EventStream, BrokerError> {
+pub(super) async fn subscribe(
+    shards: Vec<(String, Client)>,
+    epochs: Arc<Epochs>,
+) -> Result<EventStream, BrokerError> {
     let mut sessions = Vec::with_capacity(shards.len());
-    for (name, client) in shards {
-        let session = connect(&client)
+    for (i, (name, client)) in shards.into_iter().enumerate() {
+        let session = connect(&client, i, &epochs)
             .await
             .map_err(|e| BrokerError::Unavailable(format!("{name}: {e}")))?;
-        sessions.push((name, client, session));
+        sessions.push((i, name, client, session));
     }
     let (out, rx) = mpsc::channel(FEED_CAPACITY);
-    for (name, client, session) in sessions {
-        tokio::spawn(run_shard(name, client, session, out.clone()));
+    for (i, name, client, session) in sessions {
+        tokio::spawn(run_shard(
+            i,
+            epochs.clone(),
+            name,
+            client,
+            session,
+            out.clone(),
+        ));
     }
     Ok(ReceiverStream::new(rx).boxed())
 }
 
-async fn connect(client: &Client) -> Result<Session, String> {
+async fn connect(client: &Client, shard: usize, epochs: &Epochs) -> Result<Session, String> {
     let ps = match tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await {
         Ok(Ok(ps)) => ps,
         Ok(Err(e)) => return Err(e.to_string()),
@@ -64,10 +79,21 @@ async fn connect(client: &Client) -> Result<Session, String> {
     };
     let (mut sink, stream) = ps.split();
     match tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(EVENTS)).await {
-        Ok(Ok(())) => Ok((sink, stream)),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("subscribe timed out".into()),
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("subscribe timed out".into()),
     }
+    let epoch = tokio::time::timeout(COMMAND_TIMEOUT, async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        read_epoch(&mut conn).await
+    })
+    .await;
+    match epoch {
+        Ok(Ok(e)) => epochs.set(shard, e),
+        Ok(Err(e)) => return Err(format!("reading the epoch: {e}")),
+        Err(_) => return Err("reading the epoch timed out".into()),
+    }
+    Ok((sink, stream))
 }
 
 /// Why a session ended.
@@ -79,6 +105,8 @@ enum End {
 }
 
 async fn run_shard(
+    shard: usize,
+    epochs: Arc<Epochs>,
     name: String,
     client: Client,
     first: Session,
@@ -101,7 +129,7 @@ async fn run_shard(
             _ = out.closed() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        match connect(&client).await {
+        match connect(&client, shard, &epochs).await {
             Ok(s) => {
                 tracing::info!(shard = %name, "job event feed reconnected and resubscribed");
                 session = Some(s);

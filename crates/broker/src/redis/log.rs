@@ -157,7 +157,7 @@ async fn read_once(
 }
 
 /// `[[sid, [field, value, ...]], ...]` → log entries. A deleted entry reads as `[sid, nil]` and is skipped.
-fn parse_entries(shard: usize, v: &Value) -> Result<Vec<LogEntry>, BrokerError> {
+pub(super) fn parse_entries(shard: usize, v: &Value) -> Result<Vec<LogEntry>, BrokerError> {
     let mut out = Vec::new();
     for e in array(v)? {
         let e = array(e)?;

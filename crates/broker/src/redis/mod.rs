@@ -24,6 +24,7 @@ mod abandon;
 mod codec;
 mod conn;
 mod events;
+mod history;
 mod keys;
 mod log;
 mod pubsub;
@@ -47,9 +48,10 @@ use self::conn::Conn;
 use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
 use self::scripts::Scripts;
 use crate::{
-    Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, EngineConfig, Enqueued,
-    EventStream, FailOutcome, Failure, Lease, Leased, LogEntry, LogPosition, QueueStats, Reclaimed,
-    Rejected, RetryOutcome, ShardRing,
+    Broker, BrokerError, CancelOutcome, ChannelFeed, ChannelHistory, Completion, EngineConfig,
+    Enqueued, EventFilter, EventScope, EventStream, FailOutcome, Failure, HistoryEntry, Lease,
+    Leased, LogEntry, LogPosition, Missed, QueueStats, Reclaimed, Rejected, RetryOutcome,
+    ShardRing, StreamPos,
 };
 
 /// Most jobs sent to one script call; bigger batches are split so one call never holds Redis for long.
@@ -195,6 +197,10 @@ pub struct RedisBroker {
     ring: ShardRing,
     config: EngineConfig,
     scripts: Scripts,
+    /// Application channel history and the recovery horizon (see [`history`]).
+    history: ChannelHistory,
+    /// Each shard's epoch as last read (see [`history`]).
+    epochs: Arc<history::Epochs>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -319,11 +325,14 @@ impl RedisBroker {
         // password or turning TLS on does not move queues.
         let ids: Vec<String> = shards.iter().map(|s: &Shard| ring_id(&s.name)).collect();
         let ring = ShardRing::with_ids(&ids);
+        let epochs = Arc::new(history::Epochs::new(shards.len()));
         let broker = Self {
             shards,
             ring,
             config,
             scripts,
+            history: ChannelHistory::default(),
+            epochs,
         };
         for shard in &broker.shards {
             if let Err(e) = redis::cmd("PING")
@@ -334,6 +343,49 @@ impl RedisBroker {
             }
         }
         Ok(broker)
+    }
+
+    /// The same broker with application channel history `history` (`--history-size`, `--history-ttl-ms`).
+    pub fn with_channel_history(mut self, history: ChannelHistory) -> Self {
+        self.history = ChannelHistory {
+            size: history.size.max(1),
+            ttl: history.ttl.max(Duration::from_millis(1)),
+        };
+        self
+    }
+
+    /// Read a history stream of shard `shard`: `max + 1` entries after `since` (so a cut read shows), then
+    /// `lua/missed.lua`. Returns (entries, what the script said).
+    async fn read_missed(
+        &self,
+        shard: usize,
+        stream: &str,
+        since: &StreamPos,
+        max: usize,
+    ) -> Result<(Value, Value), BrokerError> {
+        let sh = &self.shards[shard];
+        // A position that is no stream id is not recovered (see `reaches_back`); read from the start to learn
+        // the epoch all the same.
+        let from = match crate::parse_offset(&since.offset) {
+            Some(_) => since.offset.as_str(),
+            None => "0-0",
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(stream)
+            .arg(format!("({from}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(max.saturating_add(1));
+        pipe.cmd("EVAL")
+            .arg(history::MISSED_LUA)
+            .arg(2)
+            .arg(stream)
+            .arg(history::EPOCH)
+            .arg(history::fresh_epoch());
+        pipe.query_async(&mut sh.conn.clone())
+            .await
+            .map_err(redis_err)
     }
 
     fn shard(&self, queue: &QueueName) -> &Shard {
@@ -1389,18 +1441,98 @@ impl Broker for RedisBroker {
             .iter()
             .map(|s| (s.name.clone(), s.client.clone()))
             .collect();
-        events::subscribe(shards).await
+        events::subscribe(shards, self.epochs.clone()).await
     }
 
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         let shard = &self.shards[self.ring.shard_for(channel)];
-        let _receivers: i64 = redis::cmd("PUBLISH")
-            .arg(pubsub::redis_channel(channel))
+        let mut inv = self.scripts.publish.prepare_invoke();
+        inv.key(history::app_history_key(channel))
+            .key(history::EPOCH);
+        inv.arg(pubsub::redis_channel(channel))
             .arg(payload)
-            .query_async(&mut shard.conn.clone())
+            .arg(self.history.size)
+            .arg(self.history.ttl.as_millis() as u64)
+            .arg(history::fresh_epoch());
+        let _offset: String = inv
+            .invoke_async(&mut shard.conn.clone())
             .await
             .map_err(redis_err)?;
         Ok(())
+    }
+
+    fn channel_history(&self) -> ChannelHistory {
+        self.history
+    }
+
+    async fn channel_missed(
+        &self,
+        channel: &str,
+        since: &StreamPos,
+        max: usize,
+    ) -> Result<Missed<HistoryEntry>, BrokerError> {
+        let shard = self.ring.shard_for(channel);
+        let (entries, meta) = self
+            .read_missed(shard, &history::app_history_key(channel), since, max)
+            .await?;
+        let read = history::parse_read(&entries, &meta)?;
+        self.epochs.set(shard, read.epoch.clone());
+        if !history::reaches_back(&read, since, self.history.ttl, true) {
+            return Ok(Missed::lost(Some(read.epoch)));
+        }
+        let entries = history::app_entries(read.entries)?;
+        if entries.len() > max {
+            return Ok(Missed::lost(Some(read.epoch)));
+        }
+        Ok(Missed {
+            entries,
+            recovered: true,
+            epoch: Some(read.epoch),
+        })
+    }
+
+    async fn events_missed(
+        &self,
+        scope: EventScope<'_>,
+        since: &StreamPos,
+        scan: usize,
+        keep: &EventFilter<'_>,
+    ) -> Result<Missed<Event>, BrokerError> {
+        let shard = match scope {
+            EventScope::Queue(q) => self.ring.shard_for(q.as_str()),
+            EventScope::All if self.shards.len() == 1 => 0,
+            // A subject's jobs may sit on any shard, and the shards' offsets are not one order.
+            EventScope::All => return Ok(Missed::lost(None)),
+        };
+        let (entries, meta) = self.read_missed(shard, EVENTS, since, scan).await?;
+        let read = history::parse_read(&entries, &meta)?;
+        self.epochs.set(shard, read.epoch.clone());
+        // The event log is never absent while events are written to it: a missing one was lost.
+        if !history::reaches_back(&read, since, self.history.ttl, false) {
+            return Ok(Missed::lost(Some(read.epoch)));
+        }
+        let entries = log::parse_entries(shard, read.entries)?;
+        if entries.len() > scan {
+            return Ok(Missed::lost(Some(read.epoch)));
+        }
+        let mut events: Vec<Event> = entries
+            .into_iter()
+            .flat_map(|e| e.events)
+            .filter(|e| keep(e))
+            .collect();
+        // Live subscribers never see the specs; neither do recovered ones.
+        for e in &mut events {
+            e.spec = None;
+        }
+        Ok(Missed {
+            entries: events,
+            recovered: true,
+            epoch: Some(read.epoch),
+        })
+    }
+
+    fn events_epoch(&self, queue: &QueueName) -> Option<String> {
+        self.epochs.get(self.ring.shard_for(queue.as_str()))
     }
 
     async fn channels(&self) -> Result<ChannelFeed, BrokerError> {

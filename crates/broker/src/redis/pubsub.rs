@@ -1,8 +1,15 @@
 //! Application channels over Redis pub/sub.
 //!
-//! A channel `c` is the Redis channel `ferry:app:{c}` (the braces follow the key layout's hash-tag notation) on
+//! A channel `c` is the Redis channel `ferry:app2:{c}` (the braces follow the key layout's hash-tag notation) on
 //! the shard the [`ShardRing`] picks for `c`, so publishers and subscribers on every node meet on the same
-//! shard. A feed runs one task per shard, each with one dedicated pub/sub connection holding ONE subscription
+//! shard. Its messages are `"<offset> <epoch> <payload>"` (see [`super::history`]).
+//!
+//! Rolling upgrades: ferry before channel history published the bare payload on `ferry:app:{c}`. A new prefix
+//! (rather than a new format on the old channel) keeps an older gateway from pushing `"<offset> <epoch> ..."` to
+//! its clients as if it were the message: it does not get the new messages at all (clients of older gateways
+//! miss what newer ones publish until the upgrade is done). A feed also subscribes the old channel, in the same
+//! command, and delivers its messages without a position, so clients of newer gateways keep getting what older
+//! ones publish. That second subscription can go once no older gateway is left. A feed runs one task per shard, each with one dedicated pub/sub connection holding ONE subscription
 //! per channel that this node's listeners want; the caller counts its listeners and subscribes the feed once.
 //!
 //! The shard task owns the set of wanted channels. When its connection drops (the message stream ends, a
@@ -24,6 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     BrokerError, ChannelControl, ChannelFeed, ChannelMessage, Confirmation, FeedControl, ShardRing,
+    StreamPos,
 };
 
 /// Messages buffered between the shard tasks and the feed's reader. When the reader falls this far behind,
@@ -41,11 +49,45 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The Redis channel carrying the application channel `channel`.
 pub(super) fn redis_channel(channel: &str) -> String {
+    format!("ferry:app2:{{{channel}}}")
+}
+
+/// The channel older ferry published `channel` on, without a position.
+fn legacy_channel(channel: &str) -> String {
     format!("ferry:app:{{{channel}}}")
 }
 
-fn app_channel(redis_channel: &str) -> Option<&str> {
-    redis_channel.strip_prefix("ferry:app:{")?.strip_suffix('}')
+/// The application channel of a Redis channel, and whether it is the legacy one.
+fn app_channel(redis_channel: &str) -> Option<(&str, bool)> {
+    if let Some(c) = redis_channel.strip_prefix("ferry:app2:{") {
+        return Some((c.strip_suffix('}')?, false));
+    }
+    Some((
+        redis_channel
+            .strip_prefix("ferry:app:{")?
+            .strip_suffix('}')?,
+        true,
+    ))
+}
+
+/// Both Redis channels of `channel`.
+fn both(channel: &str) -> Vec<String> {
+    vec![redis_channel(channel), legacy_channel(channel)]
+}
+
+/// A message of the current form, `"<offset> <epoch> <payload>"`, as its position and payload.
+fn split_message(mut message: String) -> Option<(StreamPos, String)> {
+    let (pos, cut) = {
+        let (offset, rest) = message.split_once(' ')?;
+        let (epoch, _) = rest.split_once(' ')?;
+        let pos = StreamPos {
+            offset: offset.to_owned(),
+            epoch: epoch.to_owned(),
+        };
+        (pos, offset.len() + epoch.len() + 2)
+    };
+    let payload = message.split_off(cut);
+    Some((pos, payload))
 }
 
 enum Command {
@@ -167,7 +209,7 @@ async fn session(
     };
     let (mut sink, mut stream) = ps.split();
     if !wanted.is_empty() {
-        let all: Vec<String> = wanted.iter().map(|c| redis_channel(c)).collect();
+        let all: Vec<String> = wanted.iter().flat_map(|c| both(c)).collect();
         match tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&all)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return lost(&e),
@@ -187,7 +229,7 @@ async fn session(
             cmd = cmds.recv() => match cmd {
                 None => return End::Stop,
                 Some(Command::Subscribe(ch, ack)) => {
-                    let rc = redis_channel(&ch);
+                    let rc = both(&ch);
                     // Already wanted means already subscribed on this connection: confirm without a round trip.
                     if !wanted.insert(ch) {
                         let _ = ack.send(Ok(()));
@@ -209,7 +251,7 @@ async fn session(
                 }
                 Some(Command::Unsubscribe(ch)) => {
                     if wanted.remove(&ch) {
-                        match tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(redis_channel(&ch))).await {
+                        match tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(both(&ch))).await {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => return lost(&e),
                             Err(_) => return End::Lost("unsubscribe timed out".into()),
@@ -222,14 +264,25 @@ async fn session(
                     return End::Lost("connection closed".into());
                 };
                 // A message racing an unsubscribe can still arrive: only wanted channels go out.
-                let Some(channel) = app_channel(msg.get_channel_name()).filter(|c| wanted.contains(*c)) else {
+                let Some((channel, legacy)) = app_channel(msg.get_channel_name()).filter(|(c, _)| wanted.contains(*c)) else {
                     continue;
                 };
                 let Ok(payload) = msg.get_payload::<String>() else {
                     tracing::debug!(shard = %name, "non-text channel message dropped");
                     continue;
                 };
-                let m = ChannelMessage { channel: channel.to_owned(), payload };
+                let (position, payload) = if legacy {
+                    (None, payload)
+                } else {
+                    match split_message(payload) {
+                        Some((pos, payload)) => (Some(pos), payload),
+                        None => {
+                            tracing::debug!(shard = %name, "channel message without a position dropped");
+                            continue;
+                        }
+                    }
+                };
+                let m = ChannelMessage { channel: channel.to_owned(), payload, position };
                 if out.send(m).await.is_err() {
                     return End::Stop;
                 }
@@ -251,8 +304,18 @@ mod tests {
 
     #[test]
     fn channel_names_round_trip() {
-        assert_eq!(redis_channel("t/app:chat"), "ferry:app:{t/app:chat}");
-        assert_eq!(app_channel(&redis_channel("a{b}")), Some("a{b}"));
+        assert_eq!(redis_channel("t/app:chat"), "ferry:app2:{t/app:chat}");
+        assert_eq!(app_channel(&redis_channel("a{b}")), Some(("a{b}", false)));
+        assert_eq!(app_channel(&legacy_channel("a{b}")), Some(("a{b}", true)));
         assert_eq!(app_channel("ferry:events"), None);
+    }
+
+    #[test]
+    fn messages_split_into_position_and_payload() {
+        let (pos, payload) = split_message("1-2 e-1 {\"a\": \"b c\"}".into()).unwrap();
+        assert_eq!(pos.offset, "1-2");
+        assert_eq!(pos.epoch, "e-1");
+        assert_eq!(payload, "{\"a\": \"b c\"}");
+        assert!(split_message("no-position".into()).is_none());
     }
 }

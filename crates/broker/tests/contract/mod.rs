@@ -22,8 +22,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferry_broker::{
-    Broker, BrokerError, CancelOutcome, Completion, EngineConfig, EventStream, FailOutcome,
-    Failure, Lease, Leased, Reclaimed, Rejected, Retry, RetryOutcome,
+    Broker, BrokerError, CancelOutcome, ChannelHistory, Completion, EngineConfig, EventScope,
+    EventStream, FailOutcome, Failure, Lease, Leased, Reclaimed, Rejected, Retry, RetryOutcome,
+    StreamPos, event_offset, parse_offset,
 };
 use ferry_core::{
     Backoff, Event, EventType, JobId, JobInfo, JobState, Kind, NewJob, Priority, QueueName, now_ms,
@@ -37,6 +38,8 @@ use tokio::time::{Instant, sleep, timeout};
 pub trait Engine: Send + Sync + Sized + 'static {
     /// A fresh, isolated engine (the Redis one starts its own redis-server). Kept alive for the whole case.
     async fn start(config: EngineConfig) -> Self;
+    /// [`Engine::start`] with this application channel history (and recovery horizon).
+    async fn start_with_history(config: EngineConfig, history: ChannelHistory) -> Self;
     fn broker(&self) -> Arc<dyn Broker>;
 }
 
@@ -82,6 +85,11 @@ macro_rules! contract_suite {
             restore_puts_back_lost_jobs_as_recorded,
             restore_leaves_every_job_the_engine_knows,
             lease_has_one_holder_until_it_expires,
+            channel_offsets_rise_and_history_returns_exactly_the_missed,
+            channel_history_trimmed_or_expired_is_not_recovered,
+            job_events_recover_exactly_the_missed,
+            job_event_history_expired_or_cut_is_not_recovered,
+            another_epoch_is_not_recovered,
         );
     };
     (@cases $engine:ty; $($case:ident),* $(,)?) => {
@@ -2053,4 +2061,285 @@ pub async fn lease_has_one_holder_until_it_expires<E: Engine>() {
     while !c.b.try_lease(&name, "b", ttl).await.unwrap() {
         p.tick().await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Recovery of missed messages and events
+
+/// Publish `n` messages `{"n": i}` (from `first`) on `channel` and collect them from `feed` with their positions.
+async fn publish_and_collect(
+    b: &Arc<dyn Broker>,
+    feed: &mut ferry_broker::ChannelFeed,
+    channel: &str,
+    first: usize,
+    n: usize,
+) -> Vec<(StreamPos, String)> {
+    for i in first..first + n {
+        b.publish(channel, json!({ "n": i }).to_string())
+            .await
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = next_message(feed, PATIENCE)
+            .await
+            .expect("every published message delivered");
+        assert_eq!(m.channel, channel);
+        let pos = m.position.expect("a message with a position");
+        out.push((pos, m.payload));
+    }
+    out
+}
+
+fn history(size: usize, ttl_ms: u64) -> ChannelHistory {
+    ChannelHistory {
+        size,
+        ttl: Duration::from_millis(ttl_ms),
+    }
+}
+
+async fn setup_history<E: Engine>(case: &str, h: ChannelHistory) -> Ctx<E> {
+    let engine = E::start_with_history(cfg(), h).await;
+    let b = engine.broker();
+    Ctx {
+        _engine: engine,
+        b,
+        q: unique_queue(case),
+    }
+}
+
+pub async fn channel_offsets_rise_and_history_returns_exactly_the_missed<E: Engine>() {
+    let c = setup::<E>("channel_offsets").await;
+    let b = &c.b;
+    let mut feed = b.channels().await.unwrap();
+    feed.control().subscribe("room").await.unwrap();
+    let got = publish_and_collect(b, &mut feed, "room", 0, 6).await;
+    let epoch = &got[0].0.epoch;
+    let offsets: Vec<(u64, u64)> = got
+        .iter()
+        .map(|(p, _)| parse_offset(&p.offset).expect("a stream id"))
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    assert!(got.iter().all(|(p, _)| &p.epoch == epoch), "one epoch");
+    assert_eq!(b.channel_history().size, 100, "the default size");
+
+    // A listener that saw the first two missed exactly the last four, in order, with the same offsets.
+    let since = got[1].0.clone();
+    let missed = b.channel_missed("room", &since, 100).await.unwrap();
+    assert!(missed.recovered);
+    assert_eq!(missed.epoch.as_deref(), Some(epoch.as_str()));
+    let want: Vec<(String, String)> = got[2..]
+        .iter()
+        .map(|(p, d)| (p.offset.clone(), d.clone()))
+        .collect();
+    let have: Vec<(String, String)> = missed
+        .entries
+        .iter()
+        .map(|e| (e.offset.clone(), e.payload.clone()))
+        .collect();
+    assert_eq!(have, want);
+
+    // Up to date: nothing missed, and that is a recovery.
+    let last = got[5].0.clone();
+    let none = b.channel_missed("room", &last, 100).await.unwrap();
+    assert!(none.recovered && none.entries.is_empty());
+    // More than the caller's bound: not recovered (the client refetches).
+    let cut = b.channel_missed("room", &got[0].0, 3).await.unwrap();
+    assert!(!cut.recovered && cut.entries.is_empty());
+    // Another channel's history is its own.
+    let other = b.channel_missed("other-room", &since, 100).await.unwrap();
+    assert!(other.recovered && other.entries.is_empty());
+}
+
+pub async fn channel_history_trimmed_or_expired_is_not_recovered<E: Engine>() {
+    let c = setup_history::<E>("channel_trimmed", history(3, 1_500)).await;
+    let b = &c.b;
+    let mut feed = b.channels().await.unwrap();
+    feed.control().subscribe("busy").await.unwrap();
+    // Redis trims `MAXLEN ~` by whole stream nodes (100 entries): publish well past that.
+    let got = publish_and_collect(b, &mut feed, "busy", 0, 250).await;
+    let trimmed = b.channel_missed("busy", &got[0].0, 1000).await.unwrap();
+    assert!(!trimmed.recovered, "the first message was trimmed away");
+    assert!(trimmed.entries.is_empty());
+    let recent = b.channel_missed("busy", &got[246].0, 1000).await.unwrap();
+    assert!(recent.recovered, "the last messages are still held");
+    assert_eq!(
+        recent
+            .entries
+            .iter()
+            .map(|e| &e.payload)
+            .collect::<Vec<_>>(),
+        got[247..].iter().map(|(_, d)| d).collect::<Vec<_>>()
+    );
+
+    // Past the ttl the history is gone, and a position from before it is not recovered.
+    feed.control().subscribe("quiet").await.unwrap();
+    let quiet = publish_and_collect(b, &mut feed, "quiet", 0, 2).await;
+    sleep(Duration::from_millis(2_000)).await;
+    let expired = b.channel_missed("quiet", &quiet[0].0, 100).await.unwrap();
+    assert!(!expired.recovered, "older than the ttl");
+    assert!(expired.entries.is_empty());
+}
+
+/// The live events of `q` until `n` arrived.
+async fn collect_events(events: &mut EventStream, q: &QueueName, n: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let e = timeout(PATIENCE, events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open");
+        if e.queue == *q {
+            out.push(e);
+        }
+    }
+    out
+}
+
+fn owned(owner: &str) -> NewJob {
+    NewJob {
+        owner: Some(owner.into()),
+        ..job("owned")
+    }
+}
+
+pub async fn job_events_recover_exactly_the_missed<E: Engine>() {
+    let c = setup::<E>("events_missed").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = b.subscribe().await.unwrap();
+    b.enqueue(q, owned("alice")).await.unwrap();
+    let first = collect_events(&mut events, q, 1).await.remove(0);
+    let since = StreamPos {
+        offset: event_offset(&first).expect("an event offset"),
+        epoch: b
+            .events_epoch(q)
+            .expect("the epoch is known once subscribed"),
+    };
+    // Missed: one call per job, alternating owners, then a batch (one log entry, several events).
+    for owner in ["bob", "alice", "bob", "alice"] {
+        b.enqueue(q, owned(owner)).await.unwrap();
+    }
+    b.enqueue_batch(q, vec![owned("alice"), owned("bob"), owned("alice")])
+        .await
+        .unwrap();
+    let live = collect_events(&mut events, q, 7).await;
+    let offsets: Vec<(u64, u64)> = std::iter::once(&first)
+        .chain(&live)
+        .map(|e| parse_offset(&event_offset(e).unwrap()).unwrap())
+        .collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] <= w[1]),
+        "offsets never go back: {offsets:?}"
+    );
+    assert!(offsets[0] < offsets[1]);
+    let alice = |e: &Event| e.owner.as_deref() == Some("alice");
+    let want: Vec<&str> = live
+        .iter()
+        .filter(|e| alice(e))
+        .map(|e| e.id.as_str())
+        .collect();
+    for scope in [EventScope::Queue(q), EventScope::All] {
+        let missed = b.events_missed(scope, &since, 1000, &alice).await.unwrap();
+        assert!(missed.recovered, "{scope:?}");
+        assert_eq!(missed.epoch.as_deref(), Some(since.epoch.as_str()));
+        let have: Vec<&str> = missed.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(
+            have, want,
+            "{scope:?}: exactly alice's missed events, in order"
+        );
+        assert!(missed.entries.iter().all(|e| e.spec.is_none()));
+    }
+    // From the last event on: nothing missed.
+    let last = StreamPos {
+        offset: event_offset(live.last().unwrap()).unwrap(),
+        epoch: since.epoch.clone(),
+    };
+    let none = b
+        .events_missed(EventScope::Queue(q), &last, 1000, &alice)
+        .await
+        .unwrap();
+    assert!(none.recovered && none.entries.is_empty());
+}
+
+pub async fn job_event_history_expired_or_cut_is_not_recovered<E: Engine>() {
+    let c = setup_history::<E>("events_expired", history(100, 1_500)).await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = b.subscribe().await.unwrap();
+    b.enqueue(q, job("a")).await.unwrap();
+    let first = collect_events(&mut events, q, 1).await.remove(0);
+    let since = StreamPos {
+        offset: event_offset(&first).unwrap(),
+        epoch: b.events_epoch(q).unwrap(),
+    };
+    for _ in 0..3 {
+        b.enqueue(q, job("b")).await.unwrap();
+    }
+    collect_events(&mut events, q, 3).await;
+    let all = |_: &Event| true;
+    let fine = b
+        .events_missed(EventScope::Queue(q), &since, 10, &all)
+        .await
+        .unwrap();
+    assert!(fine.recovered);
+    assert_eq!(fine.entries.len(), 3);
+    // More log entries than the caller scans: not recovered.
+    let cut = b
+        .events_missed(EventScope::Queue(q), &since, 2, &all)
+        .await
+        .unwrap();
+    assert!(!cut.recovered && cut.entries.is_empty());
+    // Older than the ttl: not recovered.
+    sleep(Duration::from_millis(2_000)).await;
+    let old = b
+        .events_missed(EventScope::Queue(q), &since, 10, &all)
+        .await
+        .unwrap();
+    assert!(!old.recovered && old.entries.is_empty());
+    // A position that is no offset at all is not recovered either (the gateway refuses it before asking).
+    let junk = StreamPos {
+        offset: "yesterday".into(),
+        epoch: since.epoch.clone(),
+    };
+    let junk = b
+        .events_missed(EventScope::Queue(q), &junk, 10, &all)
+        .await
+        .unwrap();
+    assert!(!junk.recovered);
+}
+
+pub async fn another_epoch_is_not_recovered<E: Engine>() {
+    let c = setup::<E>("epoch").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut feed = b.channels().await.unwrap();
+    feed.control().subscribe("room").await.unwrap();
+    let got = publish_and_collect(b, &mut feed, "room", 0, 2).await;
+    let mut events = b.subscribe().await.unwrap();
+    b.enqueue(q, job("a")).await.unwrap();
+    let e = collect_events(&mut events, q, 1).await.remove(0);
+    let ev_since = StreamPos {
+        offset: event_offset(&e).unwrap(),
+        epoch: b.events_epoch(q).unwrap(),
+    };
+    assert_eq!(ev_since.epoch, got[0].0.epoch, "one epoch per store");
+
+    // A fresh engine (a new Redis, a new process) has another epoch: nothing from before it is recoverable, even
+    // with offsets it holds too.
+    let fresh = E::start(cfg()).await;
+    let b2 = fresh.broker();
+    let mut feed2 = b2.channels().await.unwrap();
+    feed2.control().subscribe("room").await.unwrap();
+    let got2 = publish_and_collect(&b2, &mut feed2, "room", 0, 3).await;
+    assert_ne!(got2[0].0.epoch, got[0].0.epoch);
+    let m = b2.channel_missed("room", &got[0].0, 100).await.unwrap();
+    assert!(!m.recovered && m.entries.is_empty());
+    assert_eq!(m.epoch.as_deref(), Some(got2[0].0.epoch.as_str()));
+    let all = |_: &Event| true;
+    let m = b2
+        .events_missed(EventScope::Queue(q), &ev_since, 100, &all)
+        .await
+        .unwrap();
+    assert!(!m.recovered && m.entries.is_empty());
+    // The first engine still recovers its own.
+    let m = b.channel_missed("room", &got[0].0, 100).await.unwrap();
+    assert!(m.recovered && m.entries.len() == 1);
 }

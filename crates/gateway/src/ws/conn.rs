@@ -75,6 +75,11 @@ pub async fn upgrade(
             return ApiError::from(e).into_response();
         }
     };
+    // `since_offset` / `since_epoch`: recover the automatic `user:` channel (400 naming the field when malformed).
+    let since = match super::replay::since_from_query(query.as_deref()) {
+        Ok(s) => s.map(Box::new),
+        Err(e) => return e.into_response(),
+    };
     // Authentication first (401 without a token, as on every /v1 route), then the handshake's own headers.
     let ws = match ws {
         Ok(ws) => ws,
@@ -95,7 +100,9 @@ pub async fn upgrade(
             // A fresh task: the upgrade future (and the request it came from) ends here.
             match slot {
                 Some(slot) => {
-                    tokio::spawn(run(Conn::new(hub, state, principal, slot), socket));
+                    let mut conn = Conn::new(hub, state, principal, slot);
+                    conn.since = since;
+                    tokio::spawn(run(conn, socket));
                 }
                 None => {
                     tokio::spawn(refuse(hub, socket));
@@ -139,7 +146,7 @@ fn query_token(query: Option<&str>) -> Option<String> {
 }
 
 /// JWTs are base64url and dots, so a token needs no decoding unless a client escaped it anyway.
-fn percent_decode(s: &str) -> String {
+pub(super) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -217,6 +224,8 @@ struct Conn {
     limiter: DefaultDirectRateLimiter,
     violations: u32,
     expires: Instant,
+    /// The connect URL's `since` for the automatic `user:` channel, taken when it is subscribed.
+    since: Option<Box<ferry_broker::StreamPos>>,
 }
 
 impl Conn {
@@ -230,6 +239,7 @@ impl Conn {
             limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
             violations: 0,
             expires: expiry(principal.exp),
+            since: None,
             hub,
             state,
             principal,
@@ -265,7 +275,20 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
             tenant: c.principal.tenant.clone(),
         };
         let key = subject_key(&c.principal);
-        if c.hub.subscribe(&c.slot.handle, &key, own).await.is_ok() {
+        let since = c.since.take();
+        if c.hub
+            .subscribe(&c.slot.handle, &key, own, since.is_some())
+            .await
+            .is_ok()
+        {
+            if let Some(since) = since {
+                let view = View {
+                    channel: format!("user:{}", c.principal.sub),
+                    tenant: c.principal.tenant.clone(),
+                };
+                // Boxed: awaited once, it should not size every connection's task.
+                Box::pin(c.hub.recover(&c.slot.handle, &key, &view, &since, true)).await;
+            }
             c.slot.keys.push(key);
         }
         let handle = c.slot.handle.clone();
@@ -489,8 +512,10 @@ impl Conn {
             "ping" => Ok(json!({"pong": true})),
             "subscribe" => {
                 let channel = str_field("channel")?;
+                let since = super::replay::parse_since(v)?;
                 let key = self.authorize(channel, false).await?;
                 if self.slot.keys.contains(&key) {
+                    // Already live: nothing was missed on this connection, and a replay would double frames.
                     return Ok(json!({"channel": channel}));
                 }
                 if self.slot.keys.len() >= self.hub.limits().max_subscriptions {
@@ -503,9 +528,23 @@ impl Conn {
                     channel: channel.to_owned(),
                     tenant: self.principal.tenant.clone(),
                 };
-                self.hub.subscribe(&self.slot.handle, &key, view).await?;
+                let recovering = since.as_ref().map(|_| View {
+                    channel: channel.to_owned(),
+                    tenant: self.principal.tenant.clone(),
+                });
+                self.hub
+                    .subscribe(&self.slot.handle, &key, view, since.is_some())
+                    .await?;
+                let mut out = json!({"channel": channel});
+                if let (Some(since), Some(view)) = (since, recovering) {
+                    let r = self
+                        .hub
+                        .recover(&self.slot.handle, &key, &view, &since, false)
+                        .await;
+                    r.fill(&mut out);
+                }
                 self.slot.keys.push(key);
-                Ok(json!({"channel": channel}))
+                Ok(out)
             }
             "unsubscribe" => {
                 let channel = str_field("channel")?;

@@ -71,6 +71,7 @@
 
 pub mod conn;
 mod outbox;
+mod replay;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -167,7 +168,17 @@ impl ConnHandle {
 struct Sub {
     conn: Arc<ConnHandle>,
     view: Arc<View>,
+    /// While the subscriber's missed frames are being read back (see [`replay`]): its live frames, held with
+    /// their offsets, to be sent after the replayed ones.
+    hold: Option<Vec<Positioned>>,
+    /// After a recovery: the last offset replayed. The live feed may still bring frames the history read already
+    /// had (it lags behind a read on another connection); those are dropped until the first later one passes
+    /// (a channel's frames come in offset order, so none at or below it can follow).
+    floor: Option<(u64, u64)>,
 }
+
+/// A rendered frame with its offset (parsed), when it has one.
+type Positioned = (Option<(u64, u64)>, Utf8Bytes);
 
 /// How one client sees a hub key.
 #[derive(Debug, PartialEq, Eq)]
@@ -598,11 +609,13 @@ impl Hub {
 
     /// Subscribe a connection to a hub key. For an `app:` key, the first local subscriber subscribes this node
     /// at the broker, and the call returns once that is confirmed.
+    /// With `hold`, the connection's live frames of this key are held until [`Hub::end_hold`] (a recovery).
     pub(crate) async fn subscribe(
         &self,
         conn: &Arc<ConnHandle>,
         key: &str,
         view: View,
+        hold: bool,
     ) -> Result<(), ApiError> {
         let app = key.strip_prefix("app:");
         let confirm = {
@@ -614,6 +627,8 @@ impl Hub {
                 Sub {
                     conn: conn.clone(),
                     view: Arc::new(view),
+                    hold: hold.then(Vec::new),
+                    floor: None,
                 },
             );
             match app {
@@ -706,12 +721,18 @@ impl Hub {
         keys.push(format!("job:{}", e.job));
         keys.push(format!("queue:{}", e.queue));
         let payload = Payload::of(e, self.limits.max_publish_bytes);
-        let channels = self.lock();
+        let pos = self.event_position(e);
+        let offset = pos
+            .as_ref()
+            .and_then(|p| ferry_broker::parse_offset(&p.offset));
+        let mut channels = self.lock();
         let mut pushed = false;
         for key in &keys {
-            if let Some(subs) = channels.get(key) {
+            if let Some(subs) = channels.get_mut(key) {
                 pushed = true;
-                self.fan_out(subs, |view| render_event(view, e, payload));
+                self.fan_out(subs, offset, |view| {
+                    render_event(view, e, payload, pos.as_ref())
+                });
             }
         }
         if pushed && matches!(payload, Payload::Omitted(_)) {
@@ -742,30 +763,59 @@ impl Hub {
             return;
         }
         let key = format!("app:{}", m.channel);
-        let channels = self.lock();
-        if let Some(subs) = channels.get(&key) {
-            self.fan_out(subs, |view| {
-                let channel = serde_json::to_string(&view.channel).unwrap_or_default();
-                format!(
-                    r#"{{"channel":{channel},"event":"message","data":{}}}"#,
-                    data.get()
-                )
+        let offset = m
+            .position
+            .as_ref()
+            .and_then(|p| ferry_broker::parse_offset(&p.offset));
+        let mut channels = self.lock();
+        if let Some(subs) = channels.get_mut(&key) {
+            self.fan_out(subs, offset, |view| {
+                render_message(view, data.get(), m.position.as_ref())
             });
         }
     }
 
-    /// Hand one frame to every subscriber, rendering it once per distinct view.
-    fn fan_out(&self, subs: &HashMap<u64, Sub>, render: impl Fn(&View) -> String) {
-        let mut rendered: Vec<(&View, Utf8Bytes)> = Vec::with_capacity(1);
-        for sub in subs.values() {
+    /// The position of a job event in its channels: its entry id, and the epoch of the log it came from.
+    fn event_position(&self, e: &Event) -> Option<ferry_broker::StreamPos> {
+        Some(ferry_broker::StreamPos {
+            offset: ferry_broker::event_offset(e)?,
+            epoch: self.broker.events_epoch(&e.queue)?,
+        })
+    }
+
+    /// Hand one frame to every subscriber, rendering it once per distinct view; a subscriber being recovered
+    /// gets it held (see [`replay`]).
+    fn fan_out(
+        &self,
+        subs: &mut HashMap<u64, Sub>,
+        offset: Option<(u64, u64)>,
+        render: impl Fn(&View) -> String,
+    ) {
+        let mut rendered: Vec<(Arc<View>, Utf8Bytes)> = Vec::with_capacity(1);
+        for sub in subs.values_mut() {
             let frame = match rendered.iter().find(|(v, _)| **v == *sub.view) {
                 Some((_, f)) => f.clone(),
                 None => {
                     let f = Utf8Bytes::from(render(&sub.view));
-                    rendered.push((&sub.view, f.clone()));
+                    rendered.push((sub.view.clone(), f.clone()));
                     f
                 }
             };
+            if let (Some(floor), Some(o)) = (sub.floor, offset) {
+                if o <= floor {
+                    continue;
+                }
+                sub.floor = None;
+            }
+            if let Some(held) = &mut sub.hold {
+                // Bounded like the send queue: a recovery that takes that long makes a slow consumer.
+                if held.len() < self.limits.send_queue.max(1) {
+                    held.push((offset, frame));
+                } else {
+                    sub.conn.close(close::SLOW_CONSUMER);
+                }
+                continue;
+            }
             if sub.conn.outbox.push(frame) {
                 self.counters.frames_out.inc();
             } else {
@@ -866,7 +916,28 @@ impl<'a> Payload<'a> {
     }
 }
 
-fn render_event(view: &View, e: &Event, payload: Payload<'_>) -> String {
+/// An application message as pushed: `{"channel", "event": "message", "data", "offset", "epoch"}` (no position
+/// for a message from a publisher that keeps no history).
+fn render_message(view: &View, data: &str, pos: Option<&ferry_broker::StreamPos>) -> String {
+    let channel = serde_json::to_string(&view.channel).unwrap_or_default();
+    match pos {
+        Some(p) => {
+            let offset = serde_json::to_string(&p.offset).unwrap_or_default();
+            let epoch = serde_json::to_string(&p.epoch).unwrap_or_default();
+            format!(
+                r#"{{"channel":{channel},"event":"message","data":{data},"offset":{offset},"epoch":{epoch}}}"#
+            )
+        }
+        None => format!(r#"{{"channel":{channel},"event":"message","data":{data}}}"#),
+    }
+}
+
+fn render_event(
+    view: &View,
+    e: &Event,
+    payload: Payload<'_>,
+    pos: Option<&ferry_broker::StreamPos>,
+) -> String {
     let mut data = json!({
         "id": e.job,
         "queue": client_queue(view.tenant.as_deref(), e.queue.as_str()),
@@ -880,7 +951,12 @@ fn render_event(view: &View, e: &Event, payload: Payload<'_>) -> String {
         Payload::Field(field, d) => data[field] = d.clone(),
         Payload::Omitted(field) => data[format!("{field}_omitted")] = Value::Bool(true),
     }
-    json!({"channel": view.channel, "event": e.ty.as_str(), "data": data}).to_string()
+    let mut frame = json!({"channel": view.channel, "event": e.ty.as_str(), "data": data});
+    if let Some(p) = pos {
+        frame["offset"] = Value::String(p.offset.clone());
+        frame["epoch"] = Value::String(p.epoch.clone());
+    }
+    frame.to_string()
 }
 
 /// A connection's place in the hub: counted against the limits, subscribed to keys; all of it is given back
@@ -949,7 +1025,7 @@ mod tests {
             tenant: Some("acme".into()),
         };
         let v: Value =
-            serde_json::from_str(&render_event(&view, &e, Payload::of(&e, 1024))).unwrap();
+            serde_json::from_str(&render_event(&view, &e, Payload::of(&e, 1024), None)).unwrap();
         assert_eq!(v["channel"], "queue:emails");
         assert_eq!(v["event"], "job.completed");
         assert_eq!(v["data"]["queue"], "emails");
@@ -958,7 +1034,17 @@ mod tests {
 
         // `{"ok":true}` is 11 bytes: at the limit it is sent, one byte under the limit it is left out.
         assert!(matches!(Payload::of(&e, 11), Payload::Field("result", _)));
-        let v: Value = serde_json::from_str(&render_event(&view, &e, Payload::of(&e, 10))).unwrap();
+        let pos = ferry_broker::StreamPos {
+            offset: "5-1".into(),
+            epoch: "e".into(),
+        };
+        let v: Value =
+            serde_json::from_str(&render_event(&view, &e, Payload::of(&e, 10), Some(&pos)))
+                .unwrap();
+        assert_eq!(
+            (v["offset"].as_str(), v["epoch"].as_str()),
+            (Some("5-1"), Some("e"))
+        );
         assert!(v["data"].get("result").is_none(), "{v}");
         assert_eq!(v["data"]["result_omitted"], true);
         assert_eq!(v["data"]["id"], json!(e.job));
@@ -1010,6 +1096,8 @@ struct WsCounters {
     oversized: prometheus::IntCounterVec,
     /// Connections dropped because a write failed (the peer is gone), with no close frame.
     write_errors: prometheus::IntCounter,
+    /// Recoveries (`since`) by outcome: `recovered`, `not_recovered`.
+    recoveries: prometheus::IntCounterVec,
     /// Event time (`at`) to fan-out on this node.
     pubsub_lag: prometheus::Histogram,
 }
@@ -1061,6 +1149,15 @@ impl Default for WsCounters {
                 "ferry_ws_write_errors_total",
                 "Connections dropped because a write to the peer failed.",
             ),
+            recoveries: IntCounterVec::new(
+                Opts::new(
+                    "ferry_ws_recoveries_total",
+                    "Subscriptions with since, by outcome: recovered (the missed frames were replayed), \
+                     not_recovered (the history did not reach back; the client refetches).",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
             pubsub_lag: Histogram::with_opts(
                 HistogramOpts::new(
                     "ferry_pubsub_lag_seconds",
@@ -1146,6 +1243,7 @@ impl Hub {
         out.extend(c.slow_consumer_closes.collect());
         out.extend(c.oversized.collect());
         out.extend(c.write_errors.collect());
+        out.extend(c.recoveries.collect());
         out.extend(c.pubsub_lag.collect());
         out
     }

@@ -421,6 +421,29 @@ impl Broker for Switches {
     fn channel_shard(&self, channel: &str) -> Option<usize> {
         self.inner.channel_shard(channel)
     }
+    fn channel_history(&self) -> ferry_broker::ChannelHistory {
+        self.inner.channel_history()
+    }
+    async fn channel_missed(
+        &self,
+        channel: &str,
+        since: &ferry_broker::StreamPos,
+        max: usize,
+    ) -> Result<ferry_broker::Missed<ferry_broker::HistoryEntry>, BrokerError> {
+        self.inner.channel_missed(channel, since, max).await
+    }
+    async fn events_missed(
+        &self,
+        scope: ferry_broker::EventScope<'_>,
+        since: &ferry_broker::StreamPos,
+        scan: usize,
+        keep: &ferry_broker::EventFilter<'_>,
+    ) -> Result<ferry_broker::Missed<ferry_core::Event>, BrokerError> {
+        self.inner.events_missed(scope, since, scan, keep).await
+    }
+    fn events_epoch(&self, q: &QueueName) -> Option<String> {
+        self.inner.events_epoch(q)
+    }
     async fn maintain(&self, q: &QueueName) -> Result<(), BrokerError> {
         self.inner.maintain(q).await
     }
