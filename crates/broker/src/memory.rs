@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use ferry_core::{
@@ -33,7 +33,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelControl, ChannelFeed, ChannelMessage, Completion,
     Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FeedControl, Lease,
-    Leased, LogEntry, LogPosition, QueueStats, Reclaimed, Rejected, RetryOutcome,
+    Leased, LogEntry, LogPosition, Member, Membership, NodeInfo, QueueStats, Reclaimed, Rejected,
+    RetryOutcome,
 };
 
 /// Live events buffered per subscriber. A subscriber that falls further behind skips the oldest events (it can
@@ -55,6 +56,8 @@ pub struct MemoryBroker {
     /// Every application channel message of the process; feeds filter it. Not under `state`: publishing has
     /// nothing to do with job state and must not wait for a transition.
     app: broadcast::Sender<ChannelMessage>,
+    /// The gateway membership of this process: id → (info, last heartbeat, expiry).
+    members: Mutex<HashMap<String, (NodeInfo, Instant, Instant)>>,
 }
 
 impl fmt::Debug for MemoryBroker {
@@ -86,6 +89,7 @@ impl MemoryBroker {
                 leases: HashMap::new(),
             }),
             app: broadcast::channel(CHANNEL_CAPACITY).0,
+            members: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1061,6 +1065,10 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    fn membership(&self) -> Option<&dyn Membership> {
+        Some(self)
+    }
+
     async fn ping(&self) -> Result<(), BrokerError> {
         self.lock().map(drop)
     }
@@ -1301,5 +1309,51 @@ mod tests {
         assert!(q.finished.is_empty());
         assert!(q.idempotency.is_empty() && q.idempotency_expiry.is_empty());
         assert!(q.active.is_empty() && q.ready.iter().all(VecDeque::is_empty));
+    }
+}
+
+impl MemoryBroker {
+    fn members_now(&self, beat: Option<(&NodeInfo, Duration)>) -> Result<Vec<Member>, BrokerError> {
+        let now = Instant::now();
+        // Nothing in the map can be half-updated by a panic: keep serving.
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((info, ttl)) = beat {
+            m.insert(info.id.clone(), (info.clone(), now, now + ttl));
+            m.retain(|_, (_, _, expiry)| *expiry > now);
+        }
+        let mut out: Vec<Member> = m
+            .values()
+            .filter(|(_, _, expiry)| *expiry > now)
+            .map(|(info, at, _)| Member {
+                info: info.clone(),
+                age_ms: now.duration_since(*at).as_millis() as u64,
+            })
+            .collect();
+        out.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Membership for MemoryBroker {
+    async fn heartbeat_members(
+        &self,
+        info: &NodeInfo,
+        ttl: Duration,
+    ) -> Result<Vec<Member>, BrokerError> {
+        crate::membership::check_ttl(ttl)?;
+        self.members_now(Some((info, ttl)))
+    }
+
+    async fn live_members(&self) -> Result<Vec<Member>, BrokerError> {
+        self.members_now(None)
+    }
+
+    async fn leave(&self, id: &str) -> Result<(), BrokerError> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
     }
 }

@@ -26,6 +26,7 @@ mod conn;
 mod events;
 mod keys;
 mod log;
+mod members;
 mod pubsub;
 mod refusal;
 mod scripts;
@@ -1414,6 +1415,10 @@ impl Broker for RedisBroker {
 
     fn channel_shard(&self, channel: &str) -> Option<usize> {
         Some(self.ring.shard_for(channel))
+    }
+
+    fn membership(&self) -> Option<&dyn crate::Membership> {
+        Some(self)
     }
 
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {

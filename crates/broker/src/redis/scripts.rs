@@ -25,6 +25,8 @@ pub struct Scripts {
     pub restore: Script,
     pub stats: Script,
     pub maintain: Script,
+    /// Not prefixed by the prelude: the gateway membership touches no job keys.
+    pub members: Script,
 }
 
 impl Scripts {
@@ -44,6 +46,7 @@ impl Scripts {
             restore: script(include_str!("lua/restore.lua")),
             stats: script(include_str!("lua/stats.lua")),
             maintain: script(include_str!("lua/maintain.lua")),
+            members: Script::new(include_str!("lua/members.lua")),
         }
     }
 }

@@ -421,6 +421,9 @@ impl Broker for Switches {
     fn channel_shard(&self, channel: &str) -> Option<usize> {
         self.inner.channel_shard(channel)
     }
+    fn membership(&self) -> Option<&dyn ferry_broker::Membership> {
+        self.inner.membership()
+    }
     async fn maintain(&self, q: &QueueName) -> Result<(), BrokerError> {
         self.inner.maintain(q).await
     }
