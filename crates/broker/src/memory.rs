@@ -1239,6 +1239,52 @@ impl FeedControl for MemoryFeed {
     }
 }
 
+impl MemoryBroker {
+    fn members_now(&self, beat: Option<(&NodeInfo, Duration)>) -> Result<Vec<Member>, BrokerError> {
+        let now = Instant::now();
+        // Nothing in the map can be half-updated by a panic: keep serving.
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((info, ttl)) = beat {
+            m.insert(info.id.clone(), (info.clone(), now, now + ttl));
+            m.retain(|_, (_, _, expiry)| *expiry > now);
+        }
+        let mut out: Vec<Member> = m
+            .values()
+            .filter(|(_, _, expiry)| *expiry > now)
+            .map(|(info, at, _)| Member {
+                info: info.clone(),
+                age_ms: now.duration_since(*at).as_millis() as u64,
+            })
+            .collect();
+        out.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Membership for MemoryBroker {
+    async fn heartbeat_members(
+        &self,
+        info: &NodeInfo,
+        ttl: Duration,
+    ) -> Result<Vec<Member>, BrokerError> {
+        crate::membership::check_ttl(ttl)?;
+        self.members_now(Some((info, ttl)))
+    }
+
+    async fn live_members(&self) -> Result<Vec<Member>, BrokerError> {
+        self.members_now(None)
+    }
+
+    async fn leave(&self, id: &str) -> Result<(), BrokerError> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Memory-engine internals the contract suite cannot see: event id shape and that housekeeping really frees
@@ -1309,51 +1355,5 @@ mod tests {
         assert!(q.finished.is_empty());
         assert!(q.idempotency.is_empty() && q.idempotency_expiry.is_empty());
         assert!(q.active.is_empty() && q.ready.iter().all(VecDeque::is_empty));
-    }
-}
-
-impl MemoryBroker {
-    fn members_now(&self, beat: Option<(&NodeInfo, Duration)>) -> Result<Vec<Member>, BrokerError> {
-        let now = Instant::now();
-        // Nothing in the map can be half-updated by a panic: keep serving.
-        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((info, ttl)) = beat {
-            m.insert(info.id.clone(), (info.clone(), now, now + ttl));
-            m.retain(|_, (_, _, expiry)| *expiry > now);
-        }
-        let mut out: Vec<Member> = m
-            .values()
-            .filter(|(_, _, expiry)| *expiry > now)
-            .map(|(info, at, _)| Member {
-                info: info.clone(),
-                age_ms: now.duration_since(*at).as_millis() as u64,
-            })
-            .collect();
-        out.sort_by(|a, b| a.info.id.cmp(&b.info.id));
-        Ok(out)
-    }
-}
-
-#[async_trait]
-impl Membership for MemoryBroker {
-    async fn heartbeat_members(
-        &self,
-        info: &NodeInfo,
-        ttl: Duration,
-    ) -> Result<Vec<Member>, BrokerError> {
-        crate::membership::check_ttl(ttl)?;
-        self.members_now(Some((info, ttl)))
-    }
-
-    async fn live_members(&self) -> Result<Vec<Member>, BrokerError> {
-        self.members_now(None)
-    }
-
-    async fn leave(&self, id: &str) -> Result<(), BrokerError> {
-        self.members
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        Ok(())
     }
 }
