@@ -21,7 +21,11 @@
 //! from `[0, ws_close_spread)` like the shutdown goaway. Moves are paced by a token bucket: the cluster's
 //! budget `rebalance_rate` (`--rebalance-rate`, reconnects per second, default 100) divided by the number of
 //! eligible nodes, per node, holding at most one heartbeat's worth (at least one move). Each move counts
-//! against the loads before the next is decided, so one heartbeat never moves a node below its place. A node
+//! against the loads before the next is decided, so one heartbeat never moves a node below its place. Since
+//! every node decides on its own from the same snapshot, a node sends a target at most its share of the
+//! target's room below the bound (room / other eligible nodes), and counts its moves still in flight (the close
+//! spread plus two heartbeats) as the target's load and no longer as its own, so together the nodes do not
+//! overshoot a newcomer and then move clients back. A node
 //! that is draining, unready, or absent from the membership (its heartbeat failed) moves nobody: draining has
 //! its own path (every client gets a goaway).
 //!
@@ -63,6 +67,11 @@ pub struct Cluster {
     canary_budget: Duration,
     /// Token bucket of moves: tokens, and when it was last filled.
     bucket: Mutex<(f64, Instant)>,
+    /// Moves made lately, by target node id: counted as the target's load until the target's own heartbeat
+    /// surely shows them (the close spread plus two heartbeats), so the next round does not move them again.
+    pending: Mutex<Vec<(Instant, String)>>,
+    /// The longest delay between a `goaway` and its close.
+    close_spread: Duration,
     /// The last heartbeat failed (logged once per streak).
     failing: AtomicBool,
     nodes: prometheus::IntGaugeVec,
@@ -94,6 +103,7 @@ impl Cluster {
         broker: Arc<dyn Broker>,
         call_timeout: Duration,
         canary_budget: Duration,
+        close_spread: Duration,
     ) -> Arc<Self> {
         use prometheus::{IntCounter, IntGaugeVec, Opts};
         Arc::new(Self {
@@ -105,6 +115,8 @@ impl Cluster {
             call_timeout,
             canary_budget,
             bucket: Mutex::new((0.0, Instant::now())),
+            pending: Mutex::new(Vec::new()),
+            close_spread,
             failing: AtomicBool::new(false),
             nodes: IntGaugeVec::new(
                 Opts::new(
@@ -265,8 +277,28 @@ impl Cluster {
             return;
         }
         let mut loads = placement.loads();
-        // Our own count as it is now, not as announced a moment ago.
-        loads[me] = self.hub.connections() as u64;
+        // Our own count as it is now, not as announced a moment ago, without the connections already leaving.
+        loads[me] = self.hub.connections().saturating_sub(self.hub.moving()) as u64;
+        // Moves still in flight count at their target: its announced count may not show them yet.
+        {
+            let window = self.close_spread + 2 * self.cfg.heartbeat;
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.retain(|(at, _)| at.elapsed() < window);
+            for (_, id) in pending.iter() {
+                if let Some(i) = placement.nodes().iter().position(|n| &n.id == id) {
+                    loads[i] += 1;
+                }
+            }
+        }
+        // Every other eligible node may be moving clients to the same target in this round: each takes at
+        // most its share of the target's room below the bound, so together they do not overshoot it.
+        let bound = placement.bound(&loads, 1);
+        let senders = (eligible - 1).max(1) as u64;
+        let share: Vec<u64> = loads
+            .iter()
+            .map(|&l| bound.saturating_sub(l).div_ceil(senders))
+            .collect();
+        let mut sent = vec![0u64; loads.len()];
         let targets = plan(&placement, &loads, me);
         let cooldown = self.cfg.rebalance_cooldown;
         let candidates = self.hub.movable(budget, |partition, age| {
@@ -280,14 +312,19 @@ impl Cluster {
             let Some(to) = placement.pick(conn.partition, &without) else {
                 continue;
             };
-            if to == me {
+            if to == me || sent[to] >= share[to] {
                 continue;
             }
             if self.hub.move_away(&conn) {
                 loads[me] = loads[me].saturating_sub(1);
                 loads[to] += 1;
+                sent[to] += 1;
                 moved += 1;
                 self.rebalanced.inc();
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((Instant::now(), placement.nodes()[to].id.clone()));
             }
         }
         if moved > 0 {

@@ -110,6 +110,7 @@ impl Gateway {
             broker.clone(),
             config.resilience.broker_timeout,
             config.readiness.pubsub_budget,
+            config.shutdown.ws_close_spread,
         );
         let resilience = Resilience::new(config.resilience.clone());
         let connections = Budget::new(config.connections.clone(), config.limits.max_body_bytes);

@@ -259,6 +259,8 @@ pub struct Hub {
     canary: Canary,
     /// Every open connection by id, for rebalancing (its partition and age are in the handle).
     conns: Mutex<HashMap<u64, Arc<ConnHandle>>>,
+    /// Connections moved away ([`Hub::move_away`]) and not closed yet.
+    moving: AtomicUsize,
     /// Connection ages are counted from here.
     started: Instant,
 }
@@ -349,6 +351,7 @@ impl Hub {
             close_spread_ms: AtomicU64::new(0),
             canary: Canary::new(broker.as_ref()),
             conns: Mutex::new(HashMap::new()),
+            moving: AtomicUsize::new(0),
             started: Instant::now(),
             broker,
         })
@@ -420,8 +423,14 @@ impl Hub {
         if conn.moved.swap(true, Ordering::AcqRel) {
             return false;
         }
+        self.moving.fetch_add(1, Ordering::AcqRel);
         conn.ended.notify_waiters();
         true
+    }
+
+    /// Connections moved away and still open (they no longer count as this node's load).
+    pub(crate) fn moving(&self) -> usize {
+        self.moving.load(Ordering::Acquire)
     }
 
     /// True once [`Hub::goaway`] was called.
@@ -1026,6 +1035,9 @@ impl Drop for ConnSlot {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.handle.id);
+        if self.handle.moved() {
+            self.hub.moving.fetch_sub(1, Ordering::AcqRel);
+        }
         self.hub.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
