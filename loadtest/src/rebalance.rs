@@ -154,6 +154,10 @@ async fn client(
     }
 }
 
+/// One sample: seconds since the first client, connections by node id, max/mean of the eligible nodes, how
+/// many are eligible.
+type Row = (f64, BTreeMap<String, u64>, Option<f64>, usize);
+
 fn max_over_mean(nodes: &[NodeInfo]) -> Option<f64> {
     let loads: Vec<f64> = nodes
         .iter()
@@ -210,7 +214,7 @@ pub async fn run(bin: &Path, p: &Params, csv: &Path) -> anyhow::Result<Value> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let mut rows: Vec<(f64, BTreeMap<String, u64>, Option<f64>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut order: Vec<String> = Vec::new();
     let mut joined_at = None;
     let samples = AtomicU64::new(0);
@@ -229,7 +233,13 @@ pub async fn run(bin: &Path, p: &Params, csv: &Path) -> anyhow::Result<Value> {
             .iter()
             .map(|n| (n.id.clone(), n.connections))
             .collect();
-        rows.push((t0.elapsed().as_secs_f64(), by, max_over_mean(&nodes)));
+        let eligible = nodes.iter().filter(|n| n.eligible()).count();
+        rows.push((
+            t0.elapsed().as_secs_f64(),
+            by,
+            max_over_mean(&nodes),
+            eligible,
+        ));
         samples.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(p.sample).await;
     }
@@ -242,7 +252,7 @@ pub async fn run(bin: &Path, p: &Params, csv: &Path) -> anyhow::Result<Value> {
         out.push_str(&format!(",gw{k}"));
     }
     out.push_str(",max_over_mean\n");
-    for (t, by, ratio) in &rows {
+    for (t, by, ratio, _) in &rows {
         out.push_str(&format!("{t:.2}"));
         for id in &order {
             out.push_str(&format!(",{}", by.get(id).copied().unwrap_or(0)));
@@ -262,12 +272,15 @@ pub async fn run(bin: &Path, p: &Params, csv: &Path) -> anyhow::Result<Value> {
     let before = rows
         .iter()
         .rev()
-        .find(|(t, _, _)| *t < joined)
+        .find(|(t, _, _, _)| *t < joined)
         .and_then(|r| r.2);
+    // From the join to the first sample where the newcomer takes clients and max/mean is within 1.2.
     let settled = rows
         .iter()
-        .find(|(t, by, r)| *t > joined && by.len() > p.gateways && r.is_some_and(|r| r <= 1.2))
-        .map(|(t, _, _)| t - joined);
+        .find(|(t, _, r, eligible)| {
+            *t > joined && *eligible > p.gateways && r.is_some_and(|r| r <= 1.2)
+        })
+        .map(|(t, _, _, _)| t - joined);
     for s in &mut servers {
         let _ = s.stop().await;
     }
