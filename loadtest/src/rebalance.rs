@@ -296,6 +296,7 @@ pub async fn run(bin: &Path, p: &Params, csv: &Path) -> anyhow::Result<Value> {
         "max_over_mean_at_end": rows.last().and_then(|r| r.2),
         "secs_to_max_over_mean_1_2_after_join": settled,
         "rebalance_moves": moves.len(),
+        "rebalance_moves_after_join": moves.iter().filter(|m| **m >= joined).count(),
         "max_moves_in_one_second": per_sec.values().max().copied().unwrap_or(0),
         "samples": samples.load(Ordering::Relaxed),
         "csv": csv.display().to_string(),
