@@ -19,6 +19,9 @@
 //! * [`soak`]: a whole cluster under mixed load for a set time (submits of every kind, cancels, WebSocket churn,
 //!   publishes), sampled for RSS, open files and Redis/PostgreSQL memory, then checked for lost or doubled jobs.
 //!
+//! * [`rebalance`]: N gateways and C WebSocket clients placed as a balancer would, one more gateway joins:
+//!   connections per gateway over time (CSV) as the gateways rebalance.
+//!
 //! Every load loop here is bounded in count and time, and all traffic goes to 127.0.0.1.
 
 pub mod api;
@@ -29,6 +32,7 @@ pub mod gw;
 pub mod hist;
 pub mod procs;
 pub mod proxies;
+pub mod rebalance;
 pub mod redis_cpu;
 pub mod report;
 pub mod server;

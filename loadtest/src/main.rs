@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use loadtest::{api, autoscale, bullmq, ferry, procs, redis_cpu, report, soak, wsbench};
+use loadtest::{api, autoscale, bullmq, ferry, procs, rebalance, redis_cpu, report, soak, wsbench};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -43,6 +43,9 @@ enum Cmd {
     /// publishes): RSS, open files and Redis/PostgreSQL memory sampled, then every accepted job checked in the
     /// record (none lost, none doubled, none in the wrong final state).
     Soak(SoakArgs),
+    /// The gateway tier scaling out: N gateways and C WebSocket clients of distinct subjects (placed as a
+    /// balancer would), then one more gateway joins; connections per gateway over time into a CSV.
+    Rebalance(RebalanceArgs),
     /// Internal: one process of WebSocket clients for `ws` (driven over stdin/stdout).
     #[command(hide = true)]
     WsClient(WsClientArgs),
@@ -100,6 +103,41 @@ struct WsArgs {
     out: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     wait_quiet: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct RebalanceArgs {
+    /// Gateways at the start (one more joins).
+    #[arg(long, default_value_t = 3)]
+    gateways: usize,
+    /// WebSocket clients, one subject each (they live in this process: keep under the open-file limit).
+    #[arg(long, default_value_t = 600)]
+    clients: usize,
+    /// When the extra gateway joins, in seconds from the first client.
+    #[arg(long, default_value_t = 10)]
+    join_after_secs: u64,
+    /// Length of the run, in seconds.
+    #[arg(long, default_value_t = 60)]
+    secs: u64,
+    /// Sampling period of the membership.
+    #[arg(long, default_value_t = 500)]
+    sample_ms: u64,
+    #[arg(long, default_value_t = 0.1)]
+    balance_epsilon: f64,
+    #[arg(long, default_value_t = 100)]
+    rebalance_rate: u32,
+    /// Short by default so a 60 s run shows the move (the gateway's default is 30 s).
+    #[arg(long, default_value_t = 5_000)]
+    rebalance_cooldown_ms: u64,
+    #[arg(long, default_value_t = 2_000)]
+    ws_close_spread_ms: u64,
+    /// Connections per gateway over time.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    #[arg(long)]
+    ferry_bin: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -370,6 +408,7 @@ fn main() -> anyhow::Result<()> {
                 Cmd::Api(args) => api_cmd(args).await,
                 Cmd::Autoscale(args) => autoscale_cmd(args).await,
                 Cmd::Soak(args) => soak_cmd(args).await,
+                Cmd::Rebalance(args) => rebalance_cmd(args).await,
                 Cmd::WsClient(_) => unreachable!("handled above"),
             }
         })
@@ -509,6 +548,32 @@ async fn api_cmd(a: ApiArgs) -> anyhow::Result<()> {
         "result": r,
     });
     let text = serde_json::to_string_pretty(&doc)?;
+    println!("{text}");
+    write_out(a.out.as_ref(), &text)
+}
+
+async fn rebalance_cmd(a: RebalanceArgs) -> anyhow::Result<()> {
+    if a.gateways == 0 || a.gateways > 16 || a.clients == 0 || a.clients > 5_000 {
+        bail!("--gateways must be 1..=16 and --clients 1..=5000");
+    }
+    if a.secs == 0 || a.secs > 3600 || a.join_after_secs >= a.secs || a.sample_ms < 50 {
+        bail!("--secs must be 1..=3600, --join-after-secs below it, --sample-ms at least 50");
+    }
+    let bin = ferry_bin(a.ferry_bin.clone()).await?;
+    let p = rebalance::Params {
+        gateways: a.gateways,
+        clients: a.clients,
+        join_after: Duration::from_secs(a.join_after_secs),
+        run_for: Duration::from_secs(a.secs),
+        sample: Duration::from_millis(a.sample_ms),
+        epsilon: a.balance_epsilon,
+        rebalance_rate: a.rebalance_rate,
+        cooldown_ms: a.rebalance_cooldown_ms,
+        close_spread_ms: a.ws_close_spread_ms,
+    };
+    let csv = a.csv.clone().unwrap_or_else(rebalance::default_csv);
+    let v = rebalance::run(&bin, &p, &csv).await?;
+    let text = serde_json::to_string_pretty(&v)?;
     println!("{text}");
     write_out(a.out.as_ref(), &text)
 }

@@ -10,13 +10,16 @@
 //! This crate owns job state and its transitions. It must not run handlers, speak HTTP or decide policy that
 //! belongs to a role (how many jobs to claim, when to retry a webhook): callers pass those in.
 
+pub mod membership;
 pub mod memory;
 pub mod placement;
 pub mod redis;
 pub mod shard;
 mod types;
 
+pub use membership::{Member, Membership};
 pub use memory::MemoryBroker;
+pub use placement::NodeInfo;
 pub use redis::{RedisBroker, RedisOptions, RedisTls};
 pub use shard::ShardRing;
 pub use types::*;
@@ -222,6 +225,12 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// engine spreads channels over shards; `None` when it does not (one shard, or no such notion). A readiness
     /// canary uses it to pick one channel per shard.
     fn channel_shard(&self, _channel: &str) -> Option<usize> {
+        None
+    }
+
+    /// The gateway membership this engine keeps (Redis: `ferry:gw`; memory: in-process), or `None` when it
+    /// keeps none. Wrappers around an engine should pass their inner engine's on.
+    fn membership(&self) -> Option<&dyn Membership> {
         None
     }
 

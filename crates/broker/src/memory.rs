@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use ferry_core::{
@@ -39,7 +39,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelControl, ChannelFeed, ChannelMessage, Completion,
     Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FeedControl, Lease,
-    Leased, LogEntry, LogPosition, QueueStats, Reclaimed, Rejected, RetryOutcome,
+    Leased, LogEntry, LogPosition, Member, Membership, NodeInfo, QueueStats, Reclaimed, Rejected,
+    RetryOutcome,
 };
 use crate::{ChannelHistory, EventFilter, EventScope, HistoryEntry, Missed, StreamPos};
 
@@ -65,6 +66,8 @@ pub struct MemoryBroker {
     /// Every application channel message of the process; feeds filter it. Not under `state`: publishing has
     /// nothing to do with job state and must not wait for a transition.
     app: broadcast::Sender<ChannelMessage>,
+    /// The gateway membership of this process: id → (info, last heartbeat, expiry).
+    members: Mutex<HashMap<String, (NodeInfo, Instant, Instant)>>,
     /// Application channel histories; publishes are numbered and sent under this lock, so offsets rise in the
     /// order listeners see.
     app_history: Mutex<AppHistory>,
@@ -149,6 +152,7 @@ impl MemoryBroker {
                 leases: HashMap::new(),
             }),
             app: broadcast::channel(CHANNEL_CAPACITY).0,
+            members: Mutex::new(HashMap::new()),
             app_history: Mutex::new(AppHistory::default()),
             history: ChannelHistory::default(),
             epoch: uuid::Uuid::now_v7().to_string(),
@@ -1319,6 +1323,10 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    fn membership(&self) -> Option<&dyn Membership> {
+        Some(self)
+    }
+
     async fn ping(&self) -> Result<(), BrokerError> {
         self.lock().map(drop)
     }
@@ -1486,6 +1494,52 @@ impl FeedControl for MemoryFeed {
         if let Ok(mut c) = self.channels.lock() {
             c.remove(channel);
         }
+    }
+}
+
+impl MemoryBroker {
+    fn members_now(&self, beat: Option<(&NodeInfo, Duration)>) -> Result<Vec<Member>, BrokerError> {
+        let now = Instant::now();
+        // Nothing in the map can be half-updated by a panic: keep serving.
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((info, ttl)) = beat {
+            m.insert(info.id.clone(), (info.clone(), now, now + ttl));
+            m.retain(|_, (_, _, expiry)| *expiry > now);
+        }
+        let mut out: Vec<Member> = m
+            .values()
+            .filter(|(_, _, expiry)| *expiry > now)
+            .map(|(info, at, _)| Member {
+                info: info.clone(),
+                age_ms: now.duration_since(*at).as_millis() as u64,
+            })
+            .collect();
+        out.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Membership for MemoryBroker {
+    async fn heartbeat_members(
+        &self,
+        info: &NodeInfo,
+        ttl: Duration,
+    ) -> Result<Vec<Member>, BrokerError> {
+        crate::membership::check_ttl(ttl)?;
+        self.members_now(Some((info, ttl)))
+    }
+
+    async fn live_members(&self) -> Result<Vec<Member>, BrokerError> {
+        self.members_now(None)
+    }
+
+    async fn leave(&self, id: &str) -> Result<(), BrokerError> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
     }
 }
 

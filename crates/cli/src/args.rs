@@ -418,7 +418,71 @@ pub struct GatewayArgs {
     pub shutdown: ShutdownArgs,
 
     #[command(flatten)]
+    pub cluster: ClusterArgs,
+
+    #[command(flatten)]
     pub tuning: GatewayTuningArgs,
+}
+
+/// The gateway tier: membership and rebalancing of WebSocket clients.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Where balancers send this gateway's clients, announced in the membership (http:// or https://).
+    /// Default: http://<listen address> (https:// with --tls-cert); set it when listening on 0.0.0.0.
+    #[arg(long, value_name = "URL", env = "FERRY_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// Region announced in the membership (free text, e.g. eu-west-1).
+    #[arg(long, value_name = "NAME", env = "FERRY_REGION")]
+    pub region: Option<String>,
+
+    /// ε of the load bound of placement: no gateway above ceil((1 + ε) × mean) WebSocket connections.
+    /// Give every gateway and balancer the same value.
+    #[arg(
+        long,
+        value_name = "EPSILON",
+        env = "FERRY_BALANCE_EPSILON",
+        default_value_t = 0.1
+    )]
+    pub balance_epsilon: f64,
+
+    /// How often the gateway announces itself in the membership and rebalances its WebSocket clients.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_HEARTBEAT_MS",
+        default_value_t = 1_000
+    )]
+    pub heartbeat_ms: u64,
+
+    /// How long one announcement lasts: a gateway that stops announcing (killed) leaves the membership after
+    /// it. Must exceed --heartbeat-ms.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_MEMBERSHIP_TTL_MS",
+        default_value_t = 5_000
+    )]
+    pub membership_ttl_ms: u64,
+
+    /// Rebalancing reconnects per second for the whole cluster, shared by the eligible gateways; 0 turns
+    /// rebalancing off.
+    #[arg(
+        long,
+        value_name = "PER_SEC",
+        env = "FERRY_REBALANCE_RATE",
+        default_value_t = 100
+    )]
+    pub rebalance_rate: u32,
+
+    /// A WebSocket connection younger than this is never moved by rebalancing (no client moves twice within it).
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FERRY_REBALANCE_COOLDOWN_MS",
+        default_value_t = 30_000
+    )]
+    pub rebalance_cooldown_ms: u64,
 }
 
 /// How the gateway drains on SIGTERM/SIGINT.

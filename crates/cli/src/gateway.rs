@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use ferry_gateway::GatewayConfig;
 use ferry_gateway::auth::AuthConfig;
-use ferry_gateway::config::TlsConfig;
+use ferry_gateway::config::{ClusterConfig, TlsConfig};
 
 use crate::CliError;
-use crate::args::{GatewayArgs, JwtArgs, ShutdownArgs};
+use crate::args::{ClusterArgs, GatewayArgs, JwtArgs, ShutdownArgs};
 
 /// Shortest shared secret accepted: HS256 with less than 256 bits of key is guessable offline.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -136,6 +136,75 @@ pub fn shutdown_config(
     })
 }
 
+/// The membership and rebalancing settings, checked (each error names its flag).
+pub fn cluster_config(a: &ClusterArgs, tls: bool) -> Result<ClusterConfig, CliError> {
+    if let Some(url) = &a.advertise_url {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        match rest {
+            Some(host)
+                if !host.is_empty()
+                    && !host.starts_with('/')
+                    && !url.contains(char::is_whitespace) => {}
+            _ => {
+                return Err(CliError::usage(
+                    "--advertise-url",
+                    format!("{url:?} is not an http:// or https:// URL with a host"),
+                ));
+            }
+        }
+        if tls && url.starts_with("http://") {
+            tracing::warn!(%url, "--advertise-url is http:// while the gateway serves TLS");
+        }
+    }
+    if a.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+        return Err(CliError::usage("--region", "must not be empty when given"));
+    }
+    if !a.balance_epsilon.is_finite() || a.balance_epsilon <= 0.0 || a.balance_epsilon > 10.0 {
+        return Err(CliError::usage(
+            "--balance-epsilon",
+            format!(
+                "must be above 0 and at most 10 (0.1 allows 10 % above the mean), got {}",
+                a.balance_epsilon
+            ),
+        ));
+    }
+    crate::at_least_one(&[
+        ("--heartbeat-ms", a.heartbeat_ms),
+        ("--membership-ttl-ms", a.membership_ttl_ms),
+    ])?;
+    if a.membership_ttl_ms <= a.heartbeat_ms {
+        return Err(CliError::usage(
+            "--membership-ttl-ms",
+            format!(
+                "must be greater than --heartbeat-ms ({} ms; 5 heartbeats is usual), got {}",
+                a.heartbeat_ms, a.membership_ttl_ms
+            ),
+        ));
+    }
+    if a.membership_ttl_ms > ferry_broker::membership::MAX_TTL.as_millis() as u64 {
+        return Err(CliError::usage(
+            "--membership-ttl-ms",
+            format!(
+                "must be at most {} (a day), got {}",
+                ferry_broker::membership::MAX_TTL.as_millis(),
+                a.membership_ttl_ms
+            ),
+        ));
+    }
+    Ok(ClusterConfig {
+        advertise_url: a.advertise_url.clone(),
+        region: a.region.clone(),
+        balance_epsilon: a.balance_epsilon,
+        heartbeat: Duration::from_millis(a.heartbeat_ms),
+        membership_ttl: Duration::from_millis(a.membership_ttl_ms),
+        rebalance_rate: a.rebalance_rate,
+        rebalance_cooldown: Duration::from_millis(a.rebalance_cooldown_ms),
+        ..ClusterConfig::default()
+    })
+}
+
 #[derive(Debug)]
 pub struct ResolvedGateway {
     pub urls: Vec<String>,
@@ -250,6 +319,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     config.limits.max_frame_bytes = l.max_frame_bytes;
     config.limits.max_publish_bytes = l.max_publish_bytes;
     config.limits.send_queue = l.send_queue;
+    config.cluster = cluster_config(&a.cluster, config.tls.is_some())?;
     let engine = crate::engine_config(&a.engine)?;
     let database = crate::store::resolve(a.database)?;
     let history = crate::channel_history(&a.history)?;

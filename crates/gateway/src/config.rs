@@ -29,6 +29,47 @@ pub struct GatewayConfig {
     pub profiling: bool,
     /// Timeouts and budgets of client connections before and between requests ([`crate::connection`]).
     pub connections: ConnectionConfig,
+    /// Membership of the gateway tier and rebalancing of WebSocket clients ([`crate::cluster`]).
+    pub cluster: ClusterConfig,
+}
+
+/// This node in the gateway tier: what it announces in the membership, how often, and how it moves its
+/// WebSocket clients to where placement puts them ([`crate::cluster`]), with defaults.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Unique per process: a UUIDv7 drawn at start.
+    pub node_id: String,
+    /// Where balancers send this node's clients (`--advertise-url`); `None`: `http://` (or `https://` with TLS)
+    /// and the bound listen address.
+    pub advertise_url: Option<String>,
+    /// `--region`, announced as is.
+    pub region: Option<String>,
+    /// ε of the load bound: no node above ⌈(1 + ε) × mean⌉ connections (default 0.1).
+    pub balance_epsilon: f64,
+    /// How often the node announces itself and looks at where its clients belong (default 1 s).
+    pub heartbeat: Duration,
+    /// How long an announcement lasts: a node that stops announcing leaves the membership after it (default 5 s).
+    pub membership_ttl: Duration,
+    /// Rebalancing reconnects per second for the whole cluster, shared equally by the eligible nodes
+    /// (default 100); 0 turns rebalancing off.
+    pub rebalance_rate: u32,
+    /// A connection younger than this is never moved, so no client moves twice within it (default 30 s).
+    pub rebalance_cooldown: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: uuid::Uuid::now_v7().to_string(),
+            advertise_url: None,
+            region: None,
+            balance_epsilon: ferry_broker::placement::DEFAULT_EPSILON,
+            heartbeat: Duration::from_secs(1),
+            membership_ttl: Duration::from_secs(5),
+            rebalance_rate: 100,
+            rebalance_cooldown: Duration::from_secs(30),
+        }
+    }
 }
 
 /// What a client connection may cost before it has shown a valid token, and how long it may stall, with
@@ -217,6 +258,7 @@ impl GatewayConfig {
             readiness: ReadinessConfig::default(),
             profiling: false,
             connections: ConnectionConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }

@@ -11,9 +11,12 @@
 //! * [`resilience`]: timeouts and circuit breakers around Redis and the store, shedding on event-log backlog.
 //! * [`ws`]: `GET /v1/ws`, the per-node hub that fans events out to connections.
 //! * [`connection`]: the accept loop; header, body and idle timeouts; budgets of unauthenticated connections.
+//! * [`cluster`]: this node's heartbeat in the gateway membership, rebalancing of its WebSocket clients,
+//!   `GET /v1/cluster`.
 //! * [`server`]: `Gateway::build(config, broker)` (a store, if any, is `config.store`) binds (plain or TLS), `local_addr()`, `run(shutdown)`.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;

@@ -39,6 +39,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Authenticator};
+use crate::cluster::Cluster;
 use crate::config::TlsConfig;
 use crate::connection::{self, Budget};
 use crate::resilience::Resilience;
@@ -90,6 +91,27 @@ impl Gateway {
                     source,
                 })?;
         let hub = Hub::new(broker.clone(), config.limits.clone());
+        hub.set_close_spread(config.shutdown.ws_close_spread);
+        let url = match &config.cluster.advertise_url {
+            Some(url) => url.clone(),
+            None => {
+                let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{addr}")
+            }
+        };
+        let cluster = Cluster::new(
+            config.cluster.clone(),
+            url,
+            hub.clone(),
+            broker.clone(),
+            config.resilience.broker_timeout,
+            config.readiness.pubsub_budget,
+            config.shutdown.ws_close_spread,
+        );
         let resilience = Resilience::new(config.resilience.clone());
         let connections = Budget::new(config.connections.clone(), config.limits.max_body_bytes);
         connections.check_open_file_limit();
@@ -100,6 +122,7 @@ impl Gateway {
             config: Arc::new(config),
             hub,
             resilience,
+            cluster,
         };
         Ok(Self {
             listener,
@@ -134,6 +157,13 @@ impl Gateway {
                 .clone()
                 .poll_backlog(self.state.broker.clone(), stop.clone()),
         );
+        // Announces the node (draining as soon as `shutdown` is cancelled) and leaves at the very end.
+        let cluster_task = tokio::spawn(
+            self.state
+                .cluster
+                .clone()
+                .run(shutdown.clone(), stop.clone()),
+        );
         let in_flight = Arc::new(AtomicUsize::new(0));
         let app = http::router(self.state.clone()).layer(axum::middleware::from_fn_with_state(
             in_flight.clone(),
@@ -152,6 +182,7 @@ impl Gateway {
             stop.cancel();
             let _ = hub_task.await;
             let _ = backlog.await;
+            let _ = cluster_task.await;
             result
         };
 

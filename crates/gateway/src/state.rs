@@ -21,6 +21,8 @@ pub struct AppState {
     pub resilience: Arc<Resilience>,
     /// The budgets of client connections (read by `/metrics`).
     pub connections: Arc<crate::connection::Budget>,
+    /// This node in the gateway membership.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 impl AppState {

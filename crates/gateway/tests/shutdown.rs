@@ -181,6 +181,7 @@ async fn drain_flips_readiness_serves_through_the_delay_then_goaway_and_1001() {
     };
     let goaway = goaway.expect("a goaway frame before the close");
     assert_eq!(code, 1001);
+    assert_eq!(goaway["reason"], "shutdown", "{goaway}");
     let after = goaway["reconnect_after_ms"].as_u64().expect("a delay");
     assert!(after < 800, "{goaway}");
     assert!(

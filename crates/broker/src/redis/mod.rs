@@ -27,6 +27,7 @@ mod events;
 mod history;
 mod keys;
 mod log;
+mod members;
 mod pubsub;
 mod refusal;
 mod scripts;
@@ -1546,6 +1547,10 @@ impl Broker for RedisBroker {
 
     fn channel_shard(&self, channel: &str) -> Option<usize> {
         Some(self.ring.shard_for(channel))
+    }
+
+    fn membership(&self) -> Option<&dyn crate::Membership> {
+        Some(self)
     }
 
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {

@@ -27,6 +27,8 @@ pub struct Scripts {
     pub maintain: Script,
     /// Application channel publish with history (no prelude).
     pub publish: Script,
+    /// Not prefixed by the prelude: the gateway membership touches no job keys.
+    pub members: Script,
 }
 
 impl Scripts {
@@ -47,6 +49,7 @@ impl Scripts {
             stats: script(include_str!("lua/stats.lua")),
             maintain: script(include_str!("lua/maintain.lua")),
             publish: Script::new(include_str!("lua/publish.lua")),
+            members: Script::new(include_str!("lua/members.lua")),
         }
     }
 }

@@ -90,6 +90,7 @@ macro_rules! contract_suite {
             job_events_recover_exactly_the_missed,
             job_event_history_expired_or_cut_is_not_recovered,
             another_epoch_is_not_recovered,
+            membership_lists_live_gateways_until_they_expire_or_leave,
         );
     };
     (@cases $engine:ty; $($case:ident),* $(,)?) => {
@@ -100,6 +101,61 @@ macro_rules! contract_suite {
             }
         )*
     };
+}
+
+pub async fn membership_lists_live_gateways_until_they_expire_or_leave<E: Engine>() {
+    use ferry_broker::NodeInfo;
+    let c = setup::<E>("membership").await;
+    let m = c.b.membership().expect("the engine keeps a membership");
+    let node = |id: &str, connections: u64| NodeInfo {
+        id: id.into(),
+        url: format!("http://{id}:8080"),
+        region: Some("eu".into()),
+        connections,
+        partitions: 3,
+        draining: false,
+        ready: true,
+        started_at_ms: 42,
+    };
+    let ids = |v: &[NodeInfo]| {
+        let mut ids: Vec<String> = v.iter().map(|n| n.id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    assert!(m.members().await.unwrap().is_empty());
+    let a = node("a", 7);
+    let live = m.heartbeat(&a, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(live, vec![a.clone()], "the heartbeat answers with itself");
+    // A short-lived member: listed until its ttl passes, then gone (and dropped by the next heartbeat).
+    let b = node("b", 1);
+    let live = m.heartbeat(&b, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(ids(&live), ["a", "b"]);
+    let aged = m.live_members().await.unwrap();
+    assert!(aged.iter().all(|x| x.age_ms < 5_000), "{aged:?}");
+    // A heartbeat replaces the node's entry.
+    let a2 = NodeInfo {
+        draining: true,
+        connections: 9,
+        ..a.clone()
+    };
+    m.heartbeat(&a2, Duration::from_secs(30)).await.unwrap();
+    let listed = m.members().await.unwrap();
+    assert!(listed.contains(&a2), "{listed:?}");
+    assert!(!listed.contains(&a), "{listed:?}");
+    sleep(Duration::from_millis(400)).await;
+    assert_eq!(ids(&m.members().await.unwrap()), ["a"], "b expired");
+    let live = m.heartbeat(&a2, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(ids(&live), ["a"]);
+    // The age grows between heartbeats.
+    sleep(Duration::from_millis(150)).await;
+    let aged = m.live_members().await.unwrap();
+    assert!(aged[0].age_ms >= 100, "{aged:?}");
+    m.leave("a").await.unwrap();
+    assert!(m.members().await.unwrap().is_empty());
+    assert!(
+        m.heartbeat(&a, Duration::ZERO).await.is_err(),
+        "a zero ttl is refused"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ impl Metrics {
 pub fn render_all(api: &Api) -> String {
     let mut families: Vec<MetricFamily> = api.metrics.registry.gather();
     families.extend(api.app.hub.metric_families());
+    families.extend(api.app.cluster.metric_families());
     families.extend(api.app.connections.metric_families());
     let store = api.app.config.store.as_ref();
     families.extend(api.app.resilience.metric_families(store.is_some()));

@@ -72,6 +72,7 @@ pub const PATHS: &[&str] = &[
     "/v1/jobs/{id}/events",
     "/v1/jobs/{id}/retry",
     "/v1/channels/{channel}/publish",
+    "/v1/cluster",
     "/v1/ws",
 ];
 
@@ -101,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(history::events))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/channels/{channel}/publish", post(channels::publish))
+        .route("/v1/cluster", get(crate::cluster::handler))
         // WebSocket (owned by crate::ws; the upgrade handler takes `State<AppState>` through `FromRef`).
         .route("/v1/ws", get(crate::ws::upgrade))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })

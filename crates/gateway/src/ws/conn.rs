@@ -26,7 +26,7 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::{ConnSlot, Hub, View, close, user_key, write_buffer_cap};
+use super::{ConnSlot, Hub, View, Wake, close, user_key, write_buffer_cap};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::error::ApiError;
 use crate::http::{channels, tenancy};
@@ -90,7 +90,9 @@ pub async fn upgrade(
     // Bounded so a peer that stops reading cannot make tungstenite buffer without limit, and large enough for
     // any frame the server writes (pushes are bounded by `max_publish_bytes`).
     let max_write = write_buffer_cap(limits);
-    let slot = hub.admit(subject_key(&principal));
+    let partition =
+        ferry_broker::placement::partition_of(principal.tenant.as_deref(), &principal.sub);
+    let slot = hub.admit(subject_key(&principal), partition);
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_write_buffer_size(max_write)
@@ -298,27 +300,35 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
         // timer on every idle connection).
         let mut next_ping = Instant::now() + ping_interval;
         let mut last_seen = Instant::now();
-        // Set when the node drains (see `Hub::goaway`): when this connection closes with 1001.
+        // Set when the node drains (see `Hub::goaway`) or moves this connection away (`Hub::move_away`): when
+        // it closes with 1001.
         let mut closing: Option<Instant> = None;
         let ending: Ending = loop {
             let expires = c.expires;
             let wake = closing.map_or(next_ping.min(expires), |t| t.min(next_ping).min(expires));
             tokio::select! {
-                // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`.
-                _ = handle.killed() => break Some(handle.ending()),
+                // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`. Or moved away by
+                // rebalancing, which says goodbye like a drain does.
+                w = handle.wake(closing.is_none()) => match w {
+                    Wake::Kill => break Some(handle.ending()),
+                    Wake::Move => {
+                        let delay = hub.close_delay();
+                        closing = Some(Instant::now() + delay);
+                        if let Err(ending) = send(&mut socket, &hub, &handle, goaway("rebalance", delay), closing).await {
+                            break ending;
+                        }
+                    }
+                },
                 _ = hub.goaway_called(), if closing.is_none() => {
                     let delay = hub.close_delay();
                     closing = Some(Instant::now() + delay);
-                    let frame = json!({"type": "goaway", "reconnect_after_ms": delay.as_millis() as u64});
-                    if let Err(ending) =
-                        send(&mut socket, &hub, &handle, Message::Text(frame.to_string().into()), closing).await
-                    {
+                    if let Err(ending) = send(&mut socket, &hub, &handle, goaway("shutdown", delay), closing).await {
                         break ending;
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if closing.is_some_and(|t| Instant::now() >= t) {
-                        break Some((close::GOING_AWAY, "server shutting down"));
+                        break Some(handle.going_away());
                     }
                     if Instant::now() >= expires {
                         break Some((close::TOKEN_EXPIRED, "token expired"));
@@ -443,8 +453,15 @@ async fn send_inline(
             }
         }),
         _ = handle.killed() => Err(Some(handle.ending())),
-        _ = closed => Err(Some((close::GOING_AWAY, "server shutting down"))),
+        _ = closed => Err(Some(handle.going_away())),
     }
+}
+
+/// `{"type": "goaway", "reason", "reconnect_after_ms"}`: connect again (elsewhere) after the delay.
+fn goaway(reason: &str, delay: Duration) -> Message {
+    let frame =
+        json!({"type": "goaway", "reason": reason, "reconnect_after_ms": delay.as_millis() as u64});
+    Message::Text(frame.to_string().into())
 }
 
 fn reply_ok(id: &Value, mut extra: Value) -> String {

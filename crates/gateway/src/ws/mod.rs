@@ -57,9 +57,15 @@
 //!
 //! A node that shuts down first reports itself draining ([`Hub::start_draining`]: `/readyz` answers 503), then
 //! calls [`Hub::goaway`]: new upgrades are refused with 503, and every connection is sent
-//! `{"type": "goaway", "reconnect_after_ms": N}` and closed with 1001 N ms later, N drawn uniformly from
-//! `[0, ws_close_spread)` per connection so clients do not reconnect in lockstep. Frames keep flowing until the
-//! close. The hub's own shutdown (the token given to [`Hub::run`]) still closes whatever is left at once.
+//! `{"type": "goaway", "reason": "shutdown", "reconnect_after_ms": N}` and closed with 1001 N ms later, N drawn
+//! uniformly from `[0, ws_close_spread)` per connection so clients do not reconnect in lockstep. Frames keep
+//! flowing until the close. The hub's own shutdown (the token given to [`Hub::run`]) still closes whatever is
+//! left at once.
+//!
+//! Rebalancing ([`crate::cluster`]) moves single connections the same way: [`Hub::move_away`] wakes the
+//! connection, which sends `{"type": "goaway", "reason": "rebalance", …}` and closes 1001 (reason `rebalance`)
+//! after its own delay. The hub keeps every connection's handle by id ([`Hub::movable`]), with its subject's
+//! placement partition and admission time.
 //!
 //! # Pub/sub canary
 //!
@@ -117,9 +123,25 @@ pub(crate) struct ConnHandle {
     /// Set by [`ConnHandle::close`]; `ended` wakes the connection, even while it waits on a blocked write.
     killed: AtomicBool,
     ended: Notify,
+    /// Set by [`Hub::move_away`]: the connection says `goaway` (`"reason": "rebalance"`) and closes.
+    moved: AtomicBool,
+    /// The placement partition of the connection's subject.
+    pub(crate) partition: u16,
+    /// When it was admitted, in ms since the hub's start (a `u32` would do for 49 days; 8 bytes is no cost
+    /// beside the rest).
+    since_ms: u64,
     /// The hub's shutdown token, shared: a child token per connection would be one more allocation and
     /// registration on every idle connection.
     shutdown: CancellationToken,
+}
+
+/// What woke a connection waiting on its [`ConnHandle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// Close now: [`ConnHandle::ending`] says with what.
+    Kill,
+    /// Placement moved it to another node: say `goaway` and close after a delay.
+    Move,
 }
 
 impl ConnHandle {
@@ -134,21 +156,50 @@ impl ConnHandle {
 
     /// Resolves once the connection must end: [`ConnHandle::close`] was called or the node is shutting down.
     pub(crate) async fn killed(&self) {
-        loop {
+        self.wake(false).await;
+    }
+
+    /// Resolves with [`Wake::Kill`] once the connection must end, or (when `moves`) with [`Wake::Move`] once
+    /// the hub moved it away ([`Hub::move_away`]).
+    pub(crate) async fn wake(&self, moves: bool) -> Wake {
+        let woken = || {
             if self.killed.load(Ordering::Acquire) {
-                return;
+                Some(Wake::Kill)
+            } else if moves && self.moved.load(Ordering::Acquire) {
+                Some(Wake::Move)
+            } else {
+                None
+            }
+        };
+        loop {
+            if let Some(w) = woken() {
+                return w;
             }
             let ended = self.ended.notified();
             tokio::pin!(ended);
             // Registered before the second check, so a close in between is not missed.
             ended.as_mut().enable();
-            if self.killed.load(Ordering::Acquire) {
-                return;
+            if let Some(w) = woken() {
+                return w;
             }
             tokio::select! {
                 _ = ended => {}
-                _ = self.shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return Wake::Kill,
             }
+        }
+    }
+
+    /// True once the hub moved this connection away.
+    pub(crate) fn moved(&self) -> bool {
+        self.moved.load(Ordering::Acquire)
+    }
+
+    /// The reason of the 1001 close that ends a `goaway`.
+    pub(crate) fn going_away(&self) -> (u16, &'static str) {
+        if self.moved() {
+            (close::GOING_AWAY, "rebalance")
+        } else {
+            (close::GOING_AWAY, "server shutting down")
         }
     }
 
@@ -217,6 +268,12 @@ pub struct Hub {
     goaway: CancellationToken,
     close_spread_ms: AtomicU64,
     canary: Canary,
+    /// Every open connection by id, for rebalancing (its partition and age are in the handle).
+    conns: Mutex<HashMap<u64, Arc<ConnHandle>>>,
+    /// Connections moved away ([`Hub::move_away`]) and not closed yet.
+    moving: AtomicUsize,
+    /// Connection ages are counted from here.
+    started: Instant,
 }
 
 /// What one pub/sub canary probe found.
@@ -304,6 +361,9 @@ impl Hub {
             goaway: CancellationToken::new(),
             close_spread_ms: AtomicU64::new(0),
             canary: Canary::new(broker.as_ref()),
+            conns: Mutex::new(HashMap::new()),
+            moving: AtomicUsize::new(0),
+            started: Instant::now(),
             broker,
         })
     }
@@ -330,6 +390,58 @@ impl Hub {
         self.close_spread_ms
             .store(spread.as_millis() as u64, Ordering::Release);
         self.goaway.cancel();
+    }
+
+    /// The spread of `goaway` closes before [`Hub::goaway`] sets it (rebalancing uses it too).
+    pub fn set_close_spread(&self, spread: Duration) {
+        self.close_spread_ms
+            .store(spread.as_millis() as u64, Ordering::Release);
+    }
+
+    /// Connections by partition of their subject and age, for rebalancing: up to `max` of those `pick`
+    /// accepts (given partition and age), skipping connections already moving or closing.
+    pub(crate) fn movable(
+        &self,
+        max: usize,
+        mut pick: impl FnMut(u16, Duration) -> bool,
+    ) -> Vec<Arc<ConnHandle>> {
+        if max == 0 {
+            return Vec::new();
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for c in conns.values() {
+            if c.moved() || c.killed.load(Ordering::Acquire) {
+                continue;
+            }
+            if pick(
+                c.partition,
+                Duration::from_millis(now.saturating_sub(c.since_ms)),
+            ) {
+                out.push(c.clone());
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Move one connection to another node: it gets `{"type": "goaway", "reason": "rebalance", …}` and is
+    /// closed with 1001 after its own delay within the close spread. `false` when it was already moving.
+    pub(crate) fn move_away(&self, conn: &ConnHandle) -> bool {
+        if conn.moved.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.moving.fetch_add(1, Ordering::AcqRel);
+        conn.ended.notify_waiters();
+        true
+    }
+
+    /// Connections moved away and still open (they no longer count as this node's load).
+    pub(crate) fn moving(&self) -> usize {
+        self.moving.load(Ordering::Acquire)
     }
 
     /// True once [`Hub::goaway`] was called.
@@ -680,7 +792,7 @@ impl Hub {
     }
 
     /// Take a connection slot for `subject`; `None` over the node or subject limit.
-    pub(crate) fn admit(self: &Arc<Self>, subject: String) -> Option<ConnSlot> {
+    pub(crate) fn admit(self: &Arc<Self>, subject: String, partition: u16) -> Option<ConnSlot> {
         let n = self.connections.fetch_add(1, Ordering::AcqRel);
         if n >= self.limits.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
@@ -700,8 +812,15 @@ impl Hub {
             close_code: AtomicU16::new(0),
             killed: AtomicBool::new(false),
             ended: Notify::new(),
+            moved: AtomicBool::new(false),
+            partition,
+            since_ms: self.started.elapsed().as_millis() as u64,
             shutdown: self.shutdown.clone(),
         });
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.id, handle.clone());
         self.counters.connects.inc();
         Some(ConnSlot {
             hub: self.clone(),
@@ -987,6 +1106,14 @@ impl Drop for ConnSlot {
             }
         }
         drop(per);
+        self.hub
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.handle.id);
+        if self.handle.moved() {
+            self.hub.moving.fetch_sub(1, Ordering::AcqRel);
+        }
         self.hub.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -444,6 +444,9 @@ impl Broker for Switches {
     fn events_epoch(&self, q: &QueueName) -> Option<String> {
         self.inner.events_epoch(q)
     }
+    fn membership(&self) -> Option<&dyn ferry_broker::Membership> {
+        self.inner.membership()
+    }
     async fn maintain(&self, q: &QueueName) -> Result<(), BrokerError> {
         self.inner.maintain(q).await
     }

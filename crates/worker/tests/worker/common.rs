@@ -270,6 +270,9 @@ impl Broker for Faulty {
     fn log_shards(&self) -> usize {
         self.inner.log_shards()
     }
+    fn membership(&self) -> Option<&dyn ferry_broker::Membership> {
+        self.inner.membership()
+    }
 
     async fn read_log(
         &self,

@@ -1,0 +1,361 @@
+//! The gateway tier on one real Redis: gateways announce themselves in the membership, `GET /v1/cluster` shows
+//! it, a node joining makes the others move (paced, never before the cooldown) exactly the connections whose
+//! place moved to it, and a node that shuts down is announced draining at once and leaves at the end.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_broker::placement::{Placement, partition_of};
+use ferry_broker::{Broker, EngineConfig, NodeInfo, RedisBroker};
+use ferry_gateway::{Gateway, GatewayConfig};
+use ferry_testkit::RedisServer;
+use futures::StreamExt;
+use serde_json::Value;
+use support::{ADMIN, TestApp, USER, eventually, is_problem, token};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+async fn broker(redis: &RedisServer) -> Arc<dyn Broker> {
+    Arc::new(
+        RedisBroker::connect(&[redis.url()], EngineConfig::default())
+            .await
+            .expect("connects"),
+    )
+}
+
+/// Fast heartbeats and a short cooldown, so a test sees several rounds in a few seconds.
+fn clustered(id: &'static str, epsilon: f64) -> impl FnOnce(&mut GatewayConfig) {
+    move |c| {
+        c.cluster.node_id = id.into();
+        c.cluster.region = Some("test-1".into());
+        c.cluster.heartbeat = Duration::from_millis(100);
+        c.cluster.membership_ttl = Duration::from_millis(3_000);
+        c.cluster.balance_epsilon = epsilon;
+        c.cluster.rebalance_rate = 10;
+        c.cluster.rebalance_cooldown = Duration::from_millis(1_500);
+        c.shutdown.ws_close_spread = Duration::from_millis(300);
+    }
+}
+
+async fn cluster(app: &TestApp) -> Value {
+    let r = app.get("/v1/cluster", &token("ops", ADMIN, None)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+/// Ids of the nodes `/v1/cluster` lists, with their `self` flag.
+fn ids(v: &Value) -> BTreeMap<String, bool> {
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap().to_owned(), n["self"] == true))
+        .collect()
+}
+
+fn ready(id: &str) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        url: String::new(),
+        region: None,
+        connections: 0,
+        partitions: 0,
+        draining: false,
+        ready: true,
+        started_at_ms: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_lists_every_live_gateway_for_admins_only() {
+    let redis = RedisServer::start().unwrap();
+    let a = TestApp::start(broker(&redis).await, clustered("gw-a", 0.1)).await;
+    let b = TestApp::start(broker(&redis).await, clustered("gw-b", 0.1)).await;
+    let v = eventually(
+        Duration::from_secs(15),
+        "both nodes ready in the membership",
+        || async {
+            let v = cluster(&a).await;
+            let n = v["nodes"].as_array().unwrap();
+            (n.len() == 2 && n.iter().all(|n| n["ready"] == true)).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(
+        ids(&v),
+        BTreeMap::from([("gw-a".into(), true), ("gw-b".into(), false)])
+    );
+    assert_eq!(v["self"], "gw-a");
+    assert_eq!(v["epsilon"], 0.1);
+    assert_eq!(v["partitions"], 1024);
+    assert_eq!(v["eligible"], 2);
+    // No connections: the bound for the next client is ⌈1.1 × 1 / 2⌉ = 1.
+    assert_eq!(v["bound"], 1, "{v}");
+    let mut owned = BTreeSet::new();
+    for n in v["nodes"].as_array().unwrap() {
+        let list: Vec<u64> = serde_json::from_value(n["owned"].clone()).unwrap();
+        assert_eq!(n["owned_partitions"], list.len(), "{n}");
+        // Rendezvous spreads 1024 partitions evenly: each of two nodes owns far more than a quarter.
+        assert!(list.len() > 256, "{n}");
+        owned.extend(list);
+        assert_eq!(n["region"], "test-1");
+        assert_eq!(n["draining"], false);
+        assert!(n["heartbeat_age_ms"].as_u64().unwrap() < 3_000, "{n}");
+        assert!(n["started_at_ms"].as_u64().unwrap() > 0, "{n}");
+        let url = n["url"].as_str().unwrap();
+        let addr = if n["id"] == "gw-a" { a.addr } else { b.addr };
+        assert_eq!(url, format!("http://{addr}"));
+    }
+    assert_eq!(owned.len(), 1024, "every partition has one owner");
+    // The other node sees the same membership, itself as self.
+    assert_eq!(
+        ids(&cluster(&b).await),
+        BTreeMap::from([("gw-a".into(), false), ("gw-b".into(), true)])
+    );
+    // A connection shows in the count at the next heartbeat.
+    let _ws = a.ws(&token("alice", USER, None)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the connection counted",
+        || async {
+            let v = cluster(&b).await;
+            let n = v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["id"] == "gw-a")
+                .cloned();
+            n.filter(|n| n["connections"] == 1).map(|_| ())
+        },
+    )
+    .await;
+    let metrics = a.metrics().await;
+    assert!(
+        metrics.contains("ferry_cluster_nodes{state=\"ready\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferry_cluster_heartbeat_errors_total 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ferry_ws_rebalanced_total 0"), "{metrics}");
+
+    // Admin only, as problem+json.
+    let r = a.get("/v1/cluster", &token("alice", USER, None)).await;
+    is_problem(&r, 403, "forbidden");
+    let r = a.anon("/v1/cluster").await;
+    is_problem(&r, 401, "unauthorized");
+}
+
+/// What one test client saw.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    connected: Option<Instant>,
+    goaway: Option<(Instant, Value)>,
+    closed: Option<(Instant, u16)>,
+}
+
+/// A client of `sub` on `addr` that records its goaway and its close.
+async fn client(addr: std::net::SocketAddr, sub: String, seen: Arc<Mutex<Seen>>) {
+    let url = format!("ws://{addr}/v1/ws?token={}", token(&sub, USER, None));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade");
+    seen.lock().unwrap().connected = Some(Instant::now());
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] == "goaway" {
+                        seen.lock().unwrap().goaway = Some((Instant::now(), v));
+                    }
+                }
+                Message::Close(f) => {
+                    let code = f.map_or(0, |f| u16::from(f.code));
+                    seen.lock().unwrap().closed = Some((Instant::now(), code));
+                    break;
+                }
+                _ => {}
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_gets_only_the_clients_whose_place_moved_paced_after_the_cooldown() {
+    let redis = RedisServer::start().unwrap();
+    // ε = 10: bounds never bite, so a client's place is its partition's owner and the test knows it ahead.
+    let a = TestApp::start(broker(&redis).await, clustered("gw-a", 10.0)).await;
+    let both = Placement::new(vec![ready("gw-a"), ready("gw-b")], 10.0);
+    let owner = |sub: &str| both.owner(partition_of(None, sub)).unwrap().id.clone();
+    let subjects: Vec<String> = (0..).map(|i| format!("s-{i}")).take(200).collect();
+    let movers: Vec<&String> = subjects
+        .iter()
+        .filter(|s| owner(s) == "gw-b")
+        .take(16)
+        .collect();
+    let stayers: Vec<&String> = subjects
+        .iter()
+        .filter(|s| owner(s) == "gw-a")
+        .take(8)
+        .collect();
+    let (old_movers, young_movers) = movers.split_at(12);
+
+    let mut seen: BTreeMap<String, Arc<Mutex<Seen>>> = BTreeMap::new();
+    for s in old_movers.iter().chain(&stayers) {
+        let rec = Arc::new(Mutex::new(Seen::default()));
+        client(a.addr, s.to_string(), rec.clone()).await;
+        seen.insert(s.to_string(), rec);
+    }
+    // Alone, the node moves nobody, however old its connections.
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    assert!(seen.values().all(|s| s.lock().unwrap().goaway.is_none()));
+
+    let b = TestApp::start(broker(&redis).await, clustered("gw-b", 10.0)).await;
+    eventually(
+        Duration::from_secs(15),
+        "gw-b ready in gw-a's view",
+        || async {
+            let v = cluster(&a).await;
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["id"] == "gw-b" && n["ready"] == true)
+                .then_some(())
+        },
+    )
+    .await;
+    // Connections made now are younger than the cooldown: they move only once they are old enough.
+    for s in young_movers {
+        let rec = Arc::new(Mutex::new(Seen::default()));
+        client(a.addr, s.to_string(), rec.clone()).await;
+        seen.insert(s.to_string(), rec);
+    }
+    let snapshot = || -> BTreeMap<String, Seen> {
+        seen.iter()
+            .map(|(k, v)| (k.clone(), v.lock().unwrap().clone()))
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "every mover told to go away and closed",
+        || async {
+            let s = snapshot();
+            movers
+                .iter()
+                .all(|m| s[m.as_str()].goaway.is_some() && s[m.as_str()].closed.is_some())
+                .then_some(())
+        },
+    )
+    .await;
+    // Rounds keep running; nothing else moves.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let s = snapshot();
+    for st in &stayers {
+        assert!(
+            s[st.as_str()].goaway.is_none(),
+            "{st} stays on its owner: {:?}",
+            s[st.as_str()]
+        );
+        assert!(
+            s[st.as_str()].closed.is_none(),
+            "{st}: {:?}",
+            s[st.as_str()]
+        );
+    }
+    let mut times = Vec::new();
+    for m in &movers {
+        let seen = &s[m.as_str()];
+        let (at, frame) = seen.goaway.clone().unwrap();
+        assert_eq!(frame["reason"], "rebalance", "{frame}");
+        let after = frame["reconnect_after_ms"].as_u64().expect("a delay");
+        assert!(after < 300, "within the close spread: {frame}");
+        let (closed_at, code) = seen.closed.unwrap();
+        assert_eq!(code, 1001, "{m}");
+        assert!(closed_at >= at);
+        // Never before the cooldown.
+        let age = at - seen.connected.unwrap();
+        assert!(
+            age >= Duration::from_millis(1_500),
+            "{m} moved at age {age:?}"
+        );
+        times.push(at);
+    }
+    // Paced: 10/s for the cluster, 2 eligible nodes, so at most 5/s from gw-a, plus a bucket of at most one
+    // move and slack for delivery.
+    times.sort();
+    for i in 0..times.len() {
+        for j in i..times.len() {
+            let secs = (times[j] - times[i]).as_secs_f64();
+            let n = (j - i + 1) as f64;
+            assert!(
+                n <= 5.0 * secs + 3.0,
+                "{n} moves within {secs:.2} s: {times:?}"
+            );
+        }
+    }
+    let metrics = a.metrics().await;
+    assert!(
+        metrics.contains("ferry_ws_rebalanced_total 16"),
+        "{metrics}"
+    );
+    assert!(b.metrics().await.contains("ferry_ws_rebalanced_total 0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_announces_draining_at_once_and_leaves_at_the_end() {
+    let redis = RedisServer::start().unwrap();
+    let watcher = broker(&redis).await;
+    let mut config = GatewayConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        ferry_gateway::auth::AuthConfig {
+            hs_secret: Some(support::SECRET.to_vec()),
+            ..Default::default()
+        },
+    );
+    clustered("gw-drain", 0.1)(&mut config);
+    // A long heartbeat: the draining announcement must not wait for the next tick.
+    config.cluster.heartbeat = Duration::from_secs(2);
+    config.cluster.membership_ttl = Duration::from_secs(60);
+    config.shutdown.drain_delay = Duration::from_millis(1_500);
+    config.shutdown.hard_deadline = Duration::from_secs(10);
+    let gw = Gateway::build(config, broker(&redis).await).await.unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(gw.run(stop.clone()));
+    let m = watcher.membership().unwrap();
+    let members = eventually(Duration::from_secs(10), "the node announced", || async {
+        let v = m.members().await.unwrap();
+        (!v.is_empty()).then_some(v)
+    })
+    .await;
+    assert_eq!(members[0].id, "gw-drain");
+    assert!(!members[0].draining);
+    // Past the first tick, so the next regular one is ~2 s away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    stop.cancel();
+    eventually(Duration::from_secs(10), "announced draining", || async {
+        let v = m.members().await.unwrap();
+        v.iter().any(|n| n.draining && !n.ready).then_some(())
+    })
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(1_500),
+        "draining shows within the drain delay, before the next heartbeat: {:?}",
+        t0.elapsed()
+    );
+    // Still listed through the drain, then gone although the ttl (60 s) is far off.
+    assert_eq!(m.members().await.unwrap().len(), 1);
+    tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .expect("run returns")
+        .unwrap()
+        .expect("clean drain");
+    assert!(m.members().await.unwrap().is_empty(), "left the membership");
+}
