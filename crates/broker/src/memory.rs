@@ -32,8 +32,9 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelControl, ChannelFeed, ChannelMessage, Completion,
-    Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FeedControl, Lease,
-    Leased, LogEntry, LogPosition, QueueStats, Reclaimed, Rejected, RetryOutcome,
+    Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FedEvent, FeedControl,
+    JobFeed, JobFeedControl, Lease, Leased, LogEntry, LogPosition, QueueStats, Reclaimed, Rejected,
+    RetryOutcome, Topic, TopicControl, Via,
 };
 
 /// Live events buffered per subscriber. A subscriber that falls further behind skips the oldest events (it can
@@ -1007,6 +1008,18 @@ impl Broker for MemoryBroker {
         Ok(Box::pin(BroadcastStream::new(rx).filter_map(Result::ok)))
     }
 
+    async fn job_feed(&self) -> Result<JobFeed, BrokerError> {
+        // One process: every event is already here, so the feed yields all of them whatever is watched.
+        let events = self.subscribe().await?.map(|event| FedEvent {
+            via: Via::All,
+            event,
+        });
+        Ok(JobFeed::new(
+            JobFeedControl::new(Arc::new(WatchAll)),
+            Box::pin(events),
+        ))
+    }
+
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         // No feed at all is not an error: nobody listens, as with a Redis PUBLISH that reaches no one.
         let _ = self.app.send(ChannelMessage {
@@ -1198,6 +1211,18 @@ impl Broker for MemoryBroker {
             unread + g.pending.len() as u64
         }))
     }
+}
+
+/// The control of a memory job feed: the feed already yields everything.
+#[derive(Debug)]
+struct WatchAll;
+
+impl TopicControl for WatchAll {
+    fn watch(&self, _topic: &Topic) -> Confirmation {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unwatch(&self, _topic: &Topic) {}
 }
 
 /// The channels one memory feed listens to.

@@ -29,6 +29,7 @@ mod log;
 mod pubsub;
 mod refusal;
 mod scripts;
+mod topics;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -48,8 +49,8 @@ use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
 use self::scripts::Scripts;
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, EngineConfig, Enqueued,
-    EventStream, FailOutcome, Failure, Lease, Leased, LogEntry, LogPosition, QueueStats, Reclaimed,
-    Rejected, RetryOutcome, ShardRing,
+    EventStream, FailOutcome, Failure, JobFeed, Lease, Leased, LogEntry, LogPosition, QueueStats,
+    Reclaimed, Rejected, RetryOutcome, ShardRing,
 };
 
 /// Most jobs sent to one script call; bigger batches are split so one call never holds Redis for long.
@@ -1390,6 +1391,15 @@ impl Broker for RedisBroker {
             .map(|s| (s.name.clone(), s.client.clone()))
             .collect();
         events::subscribe(shards).await
+    }
+
+    async fn job_feed(&self) -> Result<JobFeed, BrokerError> {
+        let shards = self
+            .shards
+            .iter()
+            .map(|s| (s.name.clone(), s.client.clone()))
+            .collect();
+        Ok(topics::feed(shards, self.ring.clone()))
     }
 
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
