@@ -26,7 +26,7 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::{ConnSlot, Hub, View, close, user_key, write_buffer_cap};
+use super::{ConnSlot, Hub, View, close, job_topic, key_topic, user_key, write_buffer_cap};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::error::ApiError;
 use crate::http::{channels, tenancy};
@@ -265,7 +265,12 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
             tenant: c.principal.tenant.clone(),
         };
         let key = subject_key(&c.principal);
-        if c.hub.subscribe(&c.slot.handle, &key, own).await.is_ok() {
+        let topic = key_topic(&key);
+        if c.hub
+            .subscribe(&c.slot.handle, &key, own, topic)
+            .await
+            .is_ok()
+        {
             c.slot.keys.push(key);
         }
         let handle = c.slot.handle.clone();
@@ -489,7 +494,7 @@ impl Conn {
             "ping" => Ok(json!({"pong": true})),
             "subscribe" => {
                 let channel = str_field("channel")?;
-                let key = self.authorize(channel, false).await?;
+                let (key, topic) = self.authorize(channel, false).await?;
                 if self.slot.keys.contains(&key) {
                     return Ok(json!({"channel": channel}));
                 }
@@ -503,7 +508,9 @@ impl Conn {
                     channel: channel.to_owned(),
                     tenant: self.principal.tenant.clone(),
                 };
-                self.hub.subscribe(&self.slot.handle, &key, view).await?;
+                self.hub
+                    .subscribe(&self.slot.handle, &key, view, topic)
+                    .await?;
                 self.slot.keys.push(key);
                 Ok(json!({"channel": channel}))
             }
@@ -518,7 +525,7 @@ impl Conn {
             }
             "publish" => {
                 let channel = str_field("channel")?;
-                let key = self.authorize(channel, true).await?;
+                let (key, _) = self.authorize(channel, true).await?;
                 let data = v.get("data").unwrap_or(&Value::Null);
                 let message = self.hub.prepare_publish(&key, data)?;
                 self.state
@@ -584,8 +591,13 @@ impl Conn {
         })
     }
 
-    /// The hub key of a channel this principal may subscribe to (or publish on).
-    async fn authorize(&self, channel: &str, publish: bool) -> Result<String, ApiError> {
+    /// The hub key of a channel this principal may subscribe to (or publish on), with the job feed topic a
+    /// subscription to it needs (see [`Hub::subscribe`]).
+    async fn authorize(
+        &self,
+        channel: &str,
+        publish: bool,
+    ) -> Result<(String, Option<ferry_broker::Topic>), ApiError> {
         let p = &self.principal;
         let key = self.key(channel)?;
         let (kind, name) = channel.split_once(':').unwrap_or_default();
@@ -606,20 +618,30 @@ impl Conn {
                     .broker(self.state.broker.job(id))
                     .await?
                 {
-                    Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => Ok(key),
+                    Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => {
+                        // The job's events come through its owner's partition.
+                        let topic = job_topic(j.spec.owner.as_deref(), j.spec.tenant.as_deref());
+                        Ok((key, Some(topic)))
+                    }
                     // Someone else's job is not found, as on the HTTP API.
                     _ => Err(ApiError::NotFound(format!("no job {id}"))),
                 }
             }
-            "queue" => p.require(Scope::QueuesRead).map(|_| key),
+            "queue" => p.require(Scope::QueuesRead).map(|_| {
+                let topic = key_topic(&key);
+                (key, topic)
+            }),
             "app" => p
                 .require(if publish {
                     Scope::Publish
                 } else {
                     Scope::Subscribe
                 })
-                .map(|_| key),
-            _ => Ok(key),
+                .map(|_| (key, None)),
+            _ => {
+                let topic = key_topic(&key);
+                Ok((key, topic))
+            }
         }
     }
 }
