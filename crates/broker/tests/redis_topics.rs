@@ -115,11 +115,14 @@ async fn a_feed_gets_the_partitions_and_queues_it_watches_and_nothing_else() {
     ids.dedup();
     assert_eq!(ids.len(), 5);
 
-    // Swap the partition for a queue: the queue's events, all owners, marked for queue subscribers.
+    // Swap the partition for a queue: the queue's events, all owners, marked for queue subscribers. Another
+    // feed keeps alice's partition, to see her share of calls that mix both owners, results included.
     control.unwatch(&Topic::Partition(pa));
     control.watch(&Topic::Queue(mail.clone())).await.unwrap();
     assert_eq!(numsub(&server, &format!("ferry:ev:p:{pa}")), 0);
     assert_eq!(numsub(&server, "ferry:ev:q:{mail}"), 1);
+    let (keep, mut partition_feed) = b.job_feed().await.unwrap().into_parts();
+    keep.watch(&Topic::Partition(pa)).await.unwrap();
     b.enqueue(&other, job_of(alice)).await.unwrap();
     let leased = b.claim(&mail, "w", 10, Duration::ZERO).await.unwrap();
     assert_eq!(leased.len(), 4);
@@ -128,7 +131,7 @@ async fn a_feed_gets_the_partitions_and_queues_it_watches_and_nothing_else() {
             .iter()
             .map(|l| Completion {
                 lease: l.lease.clone(),
-                result: json!(null),
+                result: json!({"of": l.job.id}),
             })
             .collect(),
     )
@@ -144,6 +147,41 @@ async fn a_feed_gets_the_partitions_and_queues_it_watches_and_nothing_else() {
         got.iter()
             .all(|e| e.via == Via::Queue && e.event.queue == mail)
     );
+
+    // Alice's share: her two jobs' active and completed, each result with its own job, ids as in the log.
+    let alices = [mixed[0].id, mixed[2].id];
+    let got = until(&mut partition_feed, |e: &FedEvent| {
+        e.event.job == alices[1] && e.event.ty == EventType::Completed
+    })
+    .await;
+    // (Her job in the other queue, enqueued first, comes too: it is hers.)
+    assert_eq!(got[0].event.queue, other);
+    let got = &got[1..];
+    let seen: Vec<(JobId, EventType)> = got.iter().map(|e| (e.event.job, e.event.ty)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (alices[0], EventType::Active),
+            (alices[1], EventType::Active),
+            (alices[0], EventType::Completed),
+            (alices[1], EventType::Completed),
+        ]
+    );
+    for e in got.iter().filter(|e| e.event.ty == EventType::Completed) {
+        assert_eq!(e.event.data, Some(json!({"of": e.event.job})), "{e:?}");
+    }
+    let log: Vec<(String, JobId, EventType)> = b
+        .read_log(0, "check2", "c", 100, Duration::ZERO, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|e| e.events)
+        .map(|e| (e.id, e.job, e.ty))
+        .collect();
+    for e in got {
+        let key = (e.event.id.clone(), e.event.job, e.event.ty);
+        assert!(log.contains(&key), "{key:?} in the log");
+    }
 }
 
 /// Rewrite a queued job as an older ferry wrote it: the same entry fields with no `pt` in `m`.
