@@ -39,6 +39,9 @@ pub struct Params {
     /// Run the worker's recorder against a PostgreSQL of its own (durable settings: fsync and synchronous
     /// commit on), and report how fast and how far behind it records.
     pub record: bool,
+    /// `ferry gateway` processes attached to the run's Redis for the whole run, with no clients (the
+    /// gateways-attached scenario: what idle gateways cost Redis per job).
+    pub gateways: usize,
 }
 
 /// Recorder lag: from an event's time (`at`) to its row's commit (`recorded_at`), over a phase's events.
@@ -119,10 +122,24 @@ pub struct LatencyResult {
     pub started_at_ms: u64,
 }
 
+/// The gateways attached to a run.
+#[derive(Debug, Serialize)]
+pub struct GatewaysResult {
+    pub count: usize,
+    /// CPU of all the gateway processes together over the processing phase, per job: what receiving (or
+    /// not receiving) the job events costs them.
+    pub cpu_usec_per_job_processing: f64,
+    /// Partitions the gateways were subscribed to at the end (`ferry_gateway_partitions`, summed).
+    pub partitions: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct RunResult {
     pub system: &'static str,
     pub batch_size: u32,
+    /// With `--gateways`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<GatewaysResult>,
     pub recorder: bool,
     pub worker_args: Vec<String>,
     pub enqueue: EnqueueResult,
@@ -167,6 +184,29 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         None
     };
 
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let mut gateways = Vec::with_capacity(p.gateways);
+    for i in 0..p.gateways {
+        let dir = logdir.path().join(format!("gateway-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        gateways.push(
+            crate::gw::start_gateway(&p.ferry_bin, &redis.url(), &dir, &http)
+                .await
+                .with_context(|| format!("starting gateway {i}"))?,
+        );
+    }
+    if p.gateways > 0 {
+        eprintln!("[loadtest] ferry: {} gateways attached", p.gateways);
+    }
+    let gateways_cpu = || -> anyhow::Result<u64> {
+        gateways
+            .iter()
+            .map(|g| redis_cpu::proc_cpu_micros(g.pid).map_err(anyhow::Error::from))
+            .sum()
+    };
+
     eprintln!("[loadtest] ferry: enqueue {} jobs", p.jobs);
     let enqueue = enqueue_phase(&broker, &queue, &mut admin, redis.pid(), p).await?;
     eprintln!(
@@ -175,8 +215,23 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
     );
 
     let log = logdir.path().join("worker.log");
+    let gw_cpu0 = gateways_cpu()?;
     let (mut processing, mut worker) =
         processing_phase(&broker, &queue, &mut admin, &redis, p, pg.as_ref(), &log).await?;
+    let gateways_result = if p.gateways > 0 {
+        let cpu = gateways_cpu()?.saturating_sub(gw_cpu0);
+        let mut partitions = 0.0;
+        for g in &gateways {
+            partitions += gateway_partitions(&http, g.port).await.unwrap_or(f64::NAN);
+        }
+        Some(GatewaysResult {
+            count: p.gateways,
+            cpu_usec_per_job_processing: round(cpu as f64 / p.jobs as f64, 3),
+            partitions,
+        })
+    } else {
+        None
+    };
     if let Some(pg) = &pg {
         let r = pg.await_recorded(p.jobs, processing.spawned_at_ms).await?;
         eprintln!(
@@ -235,15 +290,32 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         latency.push(l);
     }
     procs::stop(&mut worker, Duration::from_secs(15)).await?;
+    for g in &mut gateways {
+        g.stop().await?;
+    }
     Ok(RunResult {
         system: "ferry",
         batch_size: p.batch_size,
+        gateways: gateways_result,
         recorder: p.record,
         worker_args: p.worker_args.clone(),
         enqueue,
         processing,
         latency,
     })
+}
+
+/// A gateway's `ferry_gateway_partitions` from its `/metrics`.
+async fn gateway_partitions(http: &reqwest::Client, port: u16) -> anyhow::Result<f64> {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ferry_gateway_partitions ")?.parse().ok())
+        .context("no ferry_gateway_partitions in /metrics")
 }
 
 /// ferry's Redis engine with its default configuration (events and fencing on, as in production).

@@ -333,6 +333,14 @@ struct JobsArgs {
     /// PostgreSQL of the run's own; one full run each per batch size.
     #[arg(long, value_delimiter = ',', default_value = "off")]
     recorder: Vec<String>,
+    /// Gateways-attached scenario: for each count, one more ferry run (the first batch size, recorder off,
+    /// no latency phases) with that many `ferry gateway` processes attached to its Redis and no clients, e.g.
+    /// `1,4,8,16`. Reports Redis CPU per job and jobs/s per count (and against BullMQ with `--peer bullmq`).
+    #[arg(long, value_delimiter = ',')]
+    gateways: Vec<usize>,
+    /// Skip the ordinary ferry runs (with `--gateways`: only the gateways-attached runs and the peer).
+    #[arg(long)]
+    only_gateways: bool,
     /// Jobs per enqueue batch in the enqueue phase.
     #[arg(long, default_value_t = 1000)]
     enqueue_chunk: usize,
@@ -376,6 +384,12 @@ impl JobsArgs {
         }
         if self.recorder.is_empty() || self.recorder.iter().any(|r| r != "off" && r != "on") {
             bail!("--recorder values must be off and/or on");
+        }
+        if self.gateways.len() > 16 || self.gateways.iter().any(|&g| g > 64) {
+            bail!("--gateways takes at most 16 counts of 0..=64 gateways");
+        }
+        if self.only_gateways && self.gateways.is_empty() {
+            bail!("--only-gateways needs --gateways");
         }
         Ok(())
     }
@@ -716,6 +730,7 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
     let mut failed = false;
 
     let mut ferry_runs: Vec<Value> = Vec::new();
+    let mut gateway_runs: Vec<Value> = Vec::new();
     if !a.only_peer {
         match ferry_bin(a.ferry_bin.clone()).await {
             Err(e) => {
@@ -724,8 +739,12 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                 failed = true;
             }
             Ok(bin) => {
-                for (&batch_size, record) in a
-                    .batch_size
+                let ordinary = if a.only_gateways {
+                    &[][..]
+                } else {
+                    &a.batch_size[..]
+                };
+                for (&batch_size, record) in ordinary
                     .iter()
                     .flat_map(|b| a.recorder.iter().map(move |r| (b, r == "on")))
                 {
@@ -745,6 +764,7 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                             .map(str::to_owned)
                             .collect(),
                         record,
+                        gateways: 0,
                     };
                     let quiet = quiet_before(a.wait_quiet).await?;
                     match ferry::run(&p).await {
@@ -761,6 +781,46 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                                 "system": "ferry",
                                 "batch_size": batch_size,
                                 "recorder": record,
+                                "error": format!("{e:#}"),
+                            }));
+                            failed = true;
+                        }
+                    }
+                }
+                for &gateways in &a.gateways {
+                    let p = ferry::Params {
+                        jobs: a.jobs,
+                        concurrency: a.concurrency,
+                        batch_size: a.batch_size[0],
+                        rates: Vec::new(),
+                        latency_secs: 0,
+                        enqueue_chunk: a.enqueue_chunk,
+                        enqueue_tasks: a.enqueue_tasks,
+                        queue: a.queue.clone(),
+                        ferry_bin: bin.clone(),
+                        worker_args: a
+                            .worker_args
+                            .split_whitespace()
+                            .map(str::to_owned)
+                            .collect(),
+                        record: false,
+                        gateways,
+                    };
+                    eprintln!("[loadtest] ferry with {gateways} gateways attached");
+                    let quiet = quiet_before(a.wait_quiet).await?;
+                    match ferry::run(&p).await {
+                        Ok(r) => {
+                            let mut v = serde_json::to_value(r)?;
+                            v["busy_cores_before"] = json!(quiet);
+                            gateway_runs.push(v);
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "[loadtest] ferry run with {gateways} gateways failed: {e:#}"
+                            );
+                            gateway_runs.push(json!({
+                                "system": "ferry",
+                                "gateways": { "count": gateways },
                                 "error": format!("{e:#}"),
                             }));
                             failed = true;
@@ -828,7 +888,11 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
         }
     }
 
-    for run in ferry_runs.iter_mut().chain(peer_runs.iter_mut()) {
+    for run in ferry_runs
+        .iter_mut()
+        .chain(gateway_runs.iter_mut())
+        .chain(peer_runs.iter_mut())
+    {
         let p = report::problems(run);
         for line in &p {
             eprintln!(
@@ -839,16 +903,19 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
         run["problems"] = json!(p);
     }
     let ok = |v: &&Value| v.get("error").is_none();
-    let comparison = match (
-        ferry_runs.iter().find(ok),
-        peer_runs
-            .iter()
-            .filter(ok)
-            .find(|r| r.get("variant_label") == Some(&json!("default")))
-            .or_else(|| peer_runs.iter().find(ok)),
-    ) {
+    let bullmq_default = peer_runs
+        .iter()
+        .filter(ok)
+        .find(|r| r.get("variant_label") == Some(&json!("default")))
+        .or_else(|| peer_runs.iter().find(ok));
+    let comparison = match (ferry_runs.iter().find(ok), bullmq_default) {
         (Some(f), Some(b)) => report::compare(f, b),
         _ => Value::Null,
+    };
+    let gateways = if gateway_runs.is_empty() {
+        Value::Null
+    } else {
+        report::compare_gateways(&gateway_runs, bullmq_default)
     };
 
     let doc = json!({
@@ -864,14 +931,17 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
             "queue": a.queue,
             "worker_args": a.worker_args,
             "peer": format!("{:?}", a.peer).to_lowercase(),
+            "gateways": a.gateways,
             "redis_persistence": "off (--appendonly no, no RDB)",
         },
         "machine": machine,
         "ferry_binary": ferry_binary,
         "loadavg_after": report::loadavg(),
         "ferry": ferry_runs,
+        "ferry_with_gateways": gateway_runs,
         "peer": peer_runs,
         "comparison": comparison,
+        "gateways": gateways,
     });
     let text = serde_json::to_string_pretty(&doc)?;
     println!("{text}");

@@ -12,6 +12,10 @@ pub const TARGET_REDIS_CPU_USEC_PER_JOB: f64 = 15.0;
 pub const TARGET_P99_RATIO: f64 = 0.2;
 /// The offered rate at which the p99 target applies.
 pub const TARGET_P99_RATE: u64 = 5000;
+/// Targets of the gateway tier (issue 12): Redis CPU per job with 8 gateways attached at most this many times
+/// that with 1, and processing with 4 attached at least this many times BullMQ's.
+pub const TARGET_GATEWAYS_8_CPU_RATIO: f64 = 1.15;
+pub const TARGET_GATEWAYS_4_THROUGHPUT_RATIO: f64 = 2.5;
 
 /// What the machine was and how busy it was.
 #[derive(Debug, Serialize)]
@@ -114,7 +118,12 @@ pub fn problems(run: &Value) -> Vec<String> {
         f(run, &["processing", "redis", "redis_cpu_utilisation"]),
         f(run, &["processing", "worker_cpu_utilisation"]),
     ) {
-        let other = busy - redis - worker;
+        // Gateways attached to the run are part of it, not other work.
+        let gateways = f(run, &["gateways", "cpu_usec_per_job_processing"])
+            .zip(f(run, &["processing", "jobs"]))
+            .zip(f(run, &["processing", "secs"]))
+            .map_or(0.0, |((c, n), s)| c * n / 1e6 / s.max(1e-6));
+        let other = busy - redis - worker - gateways;
         if other > OTHER_CORES_ALLOWED {
             out.push(format!(
                 "processing: {other:.2} cores of other work on the machine (busy {busy}, Redis {redis}, \
@@ -152,6 +161,59 @@ pub fn problems(run: &Value) -> Vec<String> {
         }
     }
     out
+}
+
+/// The gateways-attached runs side by side: Redis CPU per job and throughput per gateway count, against the
+/// run with the fewest gateways and against BullMQ's default run, with the targets of issue 12.
+pub fn compare_gateways(runs: &[Value], bullmq: Option<&Value>) -> Value {
+    let count = |r: &Value| f(r, &["gateways", "count"]);
+    let ok: Vec<&Value> = runs.iter().filter(|r| r.get("error").is_none()).collect();
+    let cpu = |r: &Value| f(r, &["processing", "redis", "redis_cpu_usec_per_job"]);
+    let base = ok
+        .iter()
+        .min_by(|a, b| count(a).unwrap_or(0.0).total_cmp(&count(b).unwrap_or(0.0)))
+        .copied();
+    let base_cpu = base.and_then(cpu);
+    let bt = bullmq.and_then(|b| f(b, &["processing", "jobs_per_sec"]));
+    let rows: Vec<Value> = ok
+        .iter()
+        .map(|r| {
+            let t = f(r, &["processing", "jobs_per_sec"]);
+            let c = cpu(r);
+            let e = f(r, &["enqueue", "redis", "redis_cpu_usec_per_job"]);
+            json!({
+                "gateways": count(r),
+                "processing_jobs_per_sec": t,
+                "redis_cpu_usec_per_job_processing": c,
+                "redis_cpu_usec_per_job_enqueue": e,
+                "redis_cpu_usec_per_job_total": c.zip(e).map(|(c, e)| round(c + e, 2)),
+                "gateways_cpu_usec_per_job_processing": f(r, &["gateways", "cpu_usec_per_job_processing"]),
+                "cpu_ratio_to_fewest_gateways": c.zip(base_cpu).map(|(c, b)| round(c / b, 3)),
+                "throughput_ratio_to_bullmq": t.zip(bt).map(|(t, b)| round(t / b, 3)),
+                "problems": problems(r),
+            })
+        })
+        .collect();
+    let at = |n: f64, field: &str| {
+        rows.iter()
+            .find(|r| r["gateways"].as_f64() == Some(n))
+            .and_then(|r| r[field].as_f64())
+    };
+    let one = at(1.0, "redis_cpu_usec_per_job_processing");
+    let eight = at(8.0, "redis_cpu_usec_per_job_processing");
+    let cpu_8_over_1 = eight.zip(one).map(|(e, o)| round(e / o, 3));
+    let four_vs_bullmq = at(4.0, "throughput_ratio_to_bullmq");
+    json!({
+        "bullmq_processing_jobs_per_sec": bt,
+        "bullmq_variant": bullmq.and_then(|b| b.get("variant_label")),
+        "runs": rows,
+        "cpu_8_over_1": cpu_8_over_1,
+        "throughput_4_over_bullmq": four_vs_bullmq,
+        "targets": {
+            "cpu_8_over_1_at_most_1_15": cpu_8_over_1.map(|r| r <= TARGET_GATEWAYS_8_CPU_RATIO),
+            "throughput_4_at_least_2_5_bullmq": four_vs_bullmq.map(|r| r >= TARGET_GATEWAYS_4_THROUGHPUT_RATIO),
+        },
+    })
 }
 
 /// ferry's run (first batch size) against BullMQ's default run, with each target met or not.
@@ -192,6 +254,43 @@ pub fn compare(ferry: &Value, bullmq: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compares_gateway_counts_against_the_targets() {
+        let run = |g: u64, cpu: f64, jobs_per_sec: f64| {
+            json!({
+                "system": "ferry",
+                "gateways": {"count": g, "cpu_usec_per_job_processing": 1.0},
+                "enqueue": {"redis": {"redis_cpu_usec_per_job": 5.0}},
+                "processing": {"jobs": 1000, "secs": 1.0, "jobs_per_sec": jobs_per_sec,
+                               "redis": {"redis_cpu_usec_per_job": cpu}},
+            })
+        };
+        let bullmq = json!({"variant_label": "default", "processing": {"jobs_per_sec": 10000.0}});
+        let runs = [
+            run(1, 20.0, 40000.0),
+            run(4, 21.0, 26000.0),
+            run(8, 23.0, 30000.0),
+        ];
+        let c = compare_gateways(&runs, Some(&bullmq));
+        assert_eq!(c["cpu_8_over_1"], 1.15);
+        assert_eq!(c["throughput_4_over_bullmq"], 2.6);
+        assert_eq!(c["targets"]["cpu_8_over_1_at_most_1_15"], true);
+        assert_eq!(c["targets"]["throughput_4_at_least_2_5_bullmq"], true);
+        assert_eq!(c["runs"][1]["redis_cpu_usec_per_job_total"], 26.0);
+        let runs = [
+            run(1, 20.0, 40000.0),
+            run(4, 21.0, 24000.0),
+            run(8, 23.2, 30000.0),
+        ];
+        let c = compare_gateways(&runs, Some(&bullmq));
+        assert_eq!(c["targets"]["cpu_8_over_1_at_most_1_15"], false);
+        assert_eq!(c["targets"]["throughput_4_at_least_2_5_bullmq"], false);
+        // Without the peer the throughput target is unknown, not met.
+        assert!(
+            compare_gateways(&runs, None)["targets"]["throughput_4_at_least_2_5_bullmq"].is_null()
+        );
+    }
 
     #[test]
     fn compares_against_targets() {

@@ -165,9 +165,16 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// retention).
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError>;
 
-    /// Live lifecycle events from now on. Slow subscribers lose events (they can recover from the durable log)
-    /// rather than slow the engine down.
+    /// Every live lifecycle event from now on, whatever any [`Broker::job_feed`] watches. Slow subscribers lose
+    /// events (they can recover from the durable log) rather than slow the engine down.
     async fn subscribe(&self) -> Result<EventStream, BrokerError>;
+
+    /// A feed of job events for this node, limited to the [`Topic`]s its [`JobFeedControl`] watches: the
+    /// partitions of the subjects its clients are, the queues they follow. The Redis engine publishes each call's
+    /// events per partition of the jobs' owners, per queue, and (jobs enqueued by an older ferry) on the legacy
+    /// channel, so a node receives only what it watches; each event comes tagged with the kind of topic it came
+    /// through ([`Via`]). An engine with a single process may deliver everything ([`Via::All`]).
+    async fn job_feed(&self) -> Result<JobFeed, BrokerError>;
 
     /// Publish `payload` on the application channel `channel` to every node listening to it (through a
     /// [`ChannelFeed`]), this one included. At most once: a node that is not subscribed (or is disconnected)

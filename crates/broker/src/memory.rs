@@ -38,9 +38,9 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelControl, ChannelFeed, ChannelMessage, Completion,
-    Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FeedControl, Lease,
-    Leased, LogEntry, LogPosition, Member, Membership, NodeInfo, QueueStats, Reclaimed, Rejected,
-    RetryOutcome,
+    Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FedEvent, FeedControl,
+    JobFeed, JobFeedControl, Lease, Leased, LogEntry, LogPosition, Member, Membership, NodeInfo,
+    QueueStats, Reclaimed, Rejected, RetryOutcome, Topic, TopicControl, Via,
 };
 use crate::{ChannelHistory, EventFilter, EventScope, HistoryEntry, Missed, StreamPos};
 
@@ -1118,6 +1118,18 @@ impl Broker for MemoryBroker {
         Ok(Box::pin(BroadcastStream::new(rx).filter_map(Result::ok)))
     }
 
+    async fn job_feed(&self) -> Result<JobFeed, BrokerError> {
+        // One process: every event is already here, so the feed yields all of them whatever is watched.
+        let events = self.subscribe().await?.map(|event| FedEvent {
+            via: Via::All,
+            event,
+        });
+        Ok(JobFeed::new(
+            JobFeedControl::new(Arc::new(WatchAll)),
+            Box::pin(events),
+        ))
+    }
+
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         let now = now_ms();
         let ttl = ms(self.history.ttl);
@@ -1464,6 +1476,18 @@ impl Broker for MemoryBroker {
             unread + g.pending.len() as u64
         }))
     }
+}
+
+/// The control of a memory job feed: the feed already yields everything.
+#[derive(Debug)]
+struct WatchAll;
+
+impl TopicControl for WatchAll {
+    fn watch(&self, _topic: &Topic) -> Confirmation {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unwatch(&self, _topic: &Topic) {}
 }
 
 /// The channels one memory feed listens to.

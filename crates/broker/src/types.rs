@@ -340,6 +340,116 @@ impl Stream for ChannelFeed {
     }
 }
 
+/// A set of job events a [`JobFeed`] can be told to deliver (see [`Broker::job_feed`](crate::Broker::job_feed)).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Events of the jobs whose owner is in this partition ([`crate::placement::partition_of`] of the job's
+    /// tenant and owner, `""` for no owner).
+    Partition(u16),
+    /// Every event of this queue (the broker's name, tenant prefix included).
+    Queue(QueueName),
+    /// Events of jobs enqueued by a ferry that did not yet record the owner's partition in the job.
+    Legacy,
+}
+
+/// Which of a node's subscriptions an event from a [`JobFeed`] is for. The Redis engine delivers an event once
+/// per kind of topic that carries it (its owner's partition or [`Topic::Legacy`], and its queue), so a reader
+/// routes each copy to one kind of subscriber and never delivers an event twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Through the owner's partition (or the legacy topic): for the owner's and the job's subscribers.
+    Owner,
+    /// Through the queue's topic: for the queue's subscribers.
+    Queue,
+    /// The engine delivers every event once, whatever is watched (the memory engine): for every subscriber.
+    All,
+}
+
+/// One event of a [`JobFeed`].
+#[derive(Debug, Clone)]
+pub struct FedEvent {
+    pub via: Via,
+    pub event: Event,
+}
+
+/// The events of a [`JobFeed`], as a stream.
+pub type FedEventStream = Pin<Box<dyn Stream<Item = FedEvent> + Send>>;
+
+/// What an engine implements to steer a [`JobFeed`]. Commands take effect in call order (each is queued
+/// synchronously before the call returns).
+pub trait TopicControl: Send + Sync + std::fmt::Debug {
+    fn watch(&self, topic: &Topic) -> Confirmation;
+    fn unwatch(&self, topic: &Topic);
+}
+
+/// Watches and unwatches the topics of a [`JobFeed`]; cheap to clone and usable while the feed is being read.
+#[derive(Debug, Clone)]
+pub struct JobFeedControl(Arc<dyn TopicControl>);
+
+impl JobFeedControl {
+    pub fn new(inner: Arc<dyn TopicControl>) -> Self {
+        Self(inner)
+    }
+
+    /// Start receiving `topic`'s events. The command is queued before this returns; the returned future
+    /// resolves once the engine confirmed it (events published after that are delivered), and not before an
+    /// earlier watch of the same topic was confirmed. Watching twice is harmless; a failed watch is remembered
+    /// and made again after a reconnect.
+    pub fn watch(&self, topic: &Topic) -> Confirmation {
+        self.0.watch(topic)
+    }
+
+    /// Stop receiving `topic` (queued before this returns). The engine keeps no count: one unwatch undoes any
+    /// number of watches, so the caller counts its own interest.
+    pub fn unwatch(&self, topic: &Topic) {
+        self.0.unwatch(topic)
+    }
+}
+
+/// This node's job events, limited to the [`Topic`]s it watches (one engine subscription per topic, whatever
+/// the number of local listeners, which the caller counts). The Redis engine resubscribes every topic after a
+/// reconnect; events published while disconnected are lost (pub/sub is at most once). Dropping the feed ends
+/// its subscriptions.
+pub struct JobFeed {
+    control: JobFeedControl,
+    events: FedEventStream,
+}
+
+impl std::fmt::Debug for JobFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobFeed")
+            .field("control", &self.control)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobFeed {
+    /// For engines: a feed from its control and its event stream.
+    pub fn new(control: JobFeedControl, events: FedEventStream) -> Self {
+        Self { control, events }
+    }
+
+    pub fn control(&self) -> JobFeedControl {
+        self.control.clone()
+    }
+
+    /// The control (to share with whoever watches) and the stream (for the one reader).
+    pub fn into_parts(self) -> (JobFeedControl, FedEventStream) {
+        (self.control, self.events)
+    }
+}
+
+impl Stream for JobFeed {
+    type Item = FedEvent;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<FedEvent>> {
+        self.events.as_mut().poll_next(cx)
+    }
+}
+
 /// Where a log entry is: its shard and its stream entry id (the memory engine has one shard and numeric ids).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LogPosition {

@@ -50,9 +50,6 @@ use crate::http::Api;
 use crate::http::extract::Authed;
 use crate::ws::Hub;
 
-/// The gauge another part of the node keeps for the partitions it is subscribed to.
-const PARTITIONS_GAUGE: &str = "ferry_gateway_partitions";
-
 /// This node's membership and rebalancing.
 pub struct Cluster {
     cfg: ClusterConfig,
@@ -161,7 +158,7 @@ impl Cluster {
             url: self.url.clone(),
             region: self.cfg.region.clone(),
             connections: self.hub.connections() as u64,
-            partitions: partitions_gauge(&self.hub),
+            partitions: self.hub.partitions() as u64,
             // Shutdown may have started while the canary ran.
             draining: self.hub.is_draining(),
             ready: ready && !self.hub.is_draining(),
@@ -371,21 +368,6 @@ fn plan(placement: &Placement, loads: &[u64], me: usize) -> Vec<Option<usize>> {
     (0..PARTITIONS)
         .map(|p| placement.pick(p, &without))
         .collect()
-}
-
-/// The `ferry_gateway_partitions` gauge among the hub's metrics or the process registry's; 0 when neither has
-/// it.
-fn partitions_gauge(hub: &Hub) -> u64 {
-    let find = |families: &[prometheus::proto::MetricFamily]| {
-        families
-            .iter()
-            .find(|f| f.name() == PARTITIONS_GAUGE)
-            .and_then(|f| f.get_metric().first())
-            .map(|m| m.get_gauge().get_value().max(0.0) as u64)
-    };
-    find(&hub.metric_families())
-        .or_else(|| find(&prometheus::default_registry().gather()))
-        .unwrap_or(0)
 }
 
 /// `GET /v1/cluster` (scope `admin`): the membership as this node's store answers now, with what placement

@@ -120,8 +120,14 @@ pub fn meta(id: JobId, queue: &QueueName, spec: &JobSpec) -> String {
 }
 
 /// `m` after its leading `{"job":"<id>"`: what the enqueue script appends to the id it makes.
+///
+/// `pt` (the partition of the job's owner, [`crate::placement::partition_of`]) comes first, right after the
+/// id, so the scripts find it with one anchored match per job (`emit` in `lua/prelude.lua` publishes a job's
+/// events on its partition's channel). A job whose `m` has no `pt` was enqueued by an older ferry.
 pub fn meta_rest(queue: &QueueName, spec: &JobSpec) -> String {
-    let mut m = format!(r#","queue":"{queue}","kind":"{}""#, spec.kind);
+    let pt =
+        crate::placement::partition_of(spec.tenant.as_deref(), spec.owner.as_deref().unwrap_or(""));
+    let mut m = format!(r#","pt":{pt},"queue":"{queue}","kind":"{}""#, spec.kind);
     if let Some(o) = &spec.owner {
         m.push_str(",\"owner\":");
         m.push_str(&Json::String(o.clone()).to_string());
@@ -195,19 +201,25 @@ struct Group {
     /// Job specs, on the durable stream's `job.queued` / `job.scheduled` groups.
     #[serde(default)]
     specs: Option<Vec<JobSpec>>,
+    /// The positions of the group's jobs among the call's events, when it holds only some of them (a
+    /// partition's share of a call, published on the partition's channel).
+    #[serde(default)]
+    n: Option<Vec<usize>>,
 }
 
 /// Expand a packed entry (the JSON array of groups stored under `e`) into events with ids `<sid>/<n>`, n
-/// counting across groups in order.
+/// counting across groups in order (or, for a group that says, its jobs' positions in the whole entry).
 pub fn unpack_events(sid: &str, body: &str) -> Result<Vec<ferry_core::Event>, serde_json::Error> {
     let groups: Vec<Group> = serde_json::from_str(body)?;
     let mut out = Vec::new();
     for g in groups {
         let mut data = g.data.map(Vec::into_iter);
         let mut specs = g.specs.map(Vec::into_iter);
+        let mut ns = g.n.map(Vec::into_iter);
         for (meta, attempt) in g.jobs.into_iter().zip(g.attempts) {
+            let n = ns.as_mut().and_then(Iterator::next).unwrap_or(out.len());
             out.push(ferry_core::Event {
-                id: format!("{sid}/{}", out.len()),
+                id: format!("{sid}/{n}"),
                 ty: g.ty,
                 job: meta.job,
                 queue: meta.queue,
@@ -391,6 +403,17 @@ mod tests {
         let v: Json = serde_json::from_str(&m).unwrap();
         assert_eq!(v["owner"], "a\"b");
         assert_eq!(v["job"], id.to_string());
+        // The partition right after the id, where the scripts' anchored match looks for it.
+        let pt = crate::placement::partition_of(None, "a\"b");
+        assert!(
+            m.starts_with(&format!(r#"{{"job":"{id}","pt":{pt},"queue":"q""#)),
+            "{m}"
+        );
+        spec.owner = None;
+        spec.tenant = Some("t".into());
+        let v: Json =
+            serde_json::from_str(&meta(id, &QueueName::parse("q").unwrap(), &spec)).unwrap();
+        assert_eq!(v["pt"], crate::placement::partition_of(Some("t"), ""));
     }
 }
 

@@ -1,4 +1,8 @@
-//! The job event feed ([`Broker::subscribe`]): one pub/sub connection per shard on `ferry:events`, merged.
+//! The feed of every job event ([`Broker::subscribe`]): one pub/sub connection per shard, merged, subscribed to
+//! the partition channels (`PSUBSCRIBE ferry:ev:p:*`) and to `ferry:events` (the events of jobs enqueued by an
+//! older ferry, whose `m` carries no partition). Each event is published on exactly one of them; the queue
+//! channels (`ferry:ev:q:{…}`) carry the same events again and are left out. See [`super::topics`] for the
+//! feed a gateway uses, limited to the topics it watches.
 //!
 //! Each shard is served by a task of its own. When a shard's connection drops (the message stream ends, or a
 //! periodic PING goes unanswered: a half-open TCP connection would otherwise stay silent forever) only that
@@ -28,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::history::{Epochs, read_epoch};
 use super::keys::EVENTS;
 use super::parse_published;
+use super::topics::PARTITION_PREFIX;
 use crate::{BrokerError, EventStream};
 
 /// Events buffered between the shard tasks and the stream's reader; a reader this far behind makes the shard
@@ -78,7 +83,11 @@ async fn connect(client: &Client, shard: usize, epochs: &Epochs) -> Result<Sessi
         Err(_) => return Err("connect timed out".into()),
     };
     let (mut sink, stream) = ps.split();
-    match tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(EVENTS)).await {
+    let both = async {
+        sink.subscribe(EVENTS).await?;
+        sink.psubscribe(format!("{PARTITION_PREFIX}*")).await
+    };
+    match tokio::time::timeout(COMMAND_TIMEOUT, both).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("subscribe timed out".into()),

@@ -31,6 +31,7 @@ mod members;
 mod pubsub;
 mod refusal;
 mod scripts;
+mod topics;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -50,8 +51,8 @@ use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
 use self::scripts::Scripts;
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelFeed, ChannelHistory, Completion, EngineConfig,
-    Enqueued, EventFilter, EventScope, EventStream, FailOutcome, Failure, HistoryEntry, Lease,
-    Leased, LogEntry, LogPosition, Missed, QueueStats, Reclaimed, Rejected, RetryOutcome,
+    Enqueued, EventFilter, EventScope, EventStream, FailOutcome, Failure, HistoryEntry, JobFeed,
+    Lease, Leased, LogEntry, LogPosition, Missed, QueueStats, Reclaimed, Rejected, RetryOutcome,
     ShardRing, StreamPos,
 };
 
@@ -1443,6 +1444,15 @@ impl Broker for RedisBroker {
             .map(|s| (s.name.clone(), s.client.clone()))
             .collect();
         events::subscribe(shards, self.epochs.clone()).await
+    }
+
+    async fn job_feed(&self) -> Result<JobFeed, BrokerError> {
+        let shards = self
+            .shards
+            .iter()
+            .map(|s| (s.name.clone(), s.client.clone()))
+            .collect();
+        Ok(topics::feed(shards, self.ring.clone(), self.epochs.clone()))
     }
 
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {

@@ -80,6 +80,7 @@ macro_rules! contract_suite {
             slow_subscriber_never_blocks_engine,
             channel_publish_reaches_subscriber,
             channel_unsubscribed_is_not_delivered,
+            job_feed_delivers_what_it_watches,
             log_holds_every_event_with_spec_and_actor,
             log_unacknowledged_entries_are_taken_over,
             restore_puts_back_lost_jobs_as_recorded,
@@ -1737,6 +1738,49 @@ pub async fn slow_subscriber_never_blocks_engine<E: Engine>() {
         .expect("an event")
         .expect("stream open");
     assert_eq!(e.queue, *q);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Job feed
+
+/// A job feed watching a subject's partition gets that subject's job events (for owner subscribers), and one
+/// watching a queue that queue's (for queue subscribers); an engine may deliver more (the memory engine
+/// delivers everything, as [`ferry_broker::Via::All`]).
+pub async fn job_feed_delivers_what_it_watches<E: Engine>() {
+    use ferry_broker::{Topic, Via, placement::partition_of};
+    let c = setup::<E>("job_feed").await;
+    let (b, q) = (&c.b, &c.q);
+    let (owners, mut owners_feed) = b.job_feed().await.unwrap().into_parts();
+    owners
+        .watch(&Topic::Partition(partition_of(Some("acme"), "alice")))
+        .await
+        .unwrap();
+    let (queues, mut queues_feed) = b.job_feed().await.unwrap().into_parts();
+    queues.watch(&Topic::Queue(q.clone())).await.unwrap();
+    let mut j = job("watched");
+    j.owner = Some("alice".into());
+    j.tenant = Some("acme".into());
+    let id = b.enqueue(q, j).await.unwrap().id;
+    for (feed, via) in [
+        (&mut owners_feed, Via::Owner),
+        (&mut queues_feed, Via::Queue),
+    ] {
+        let e = loop {
+            let e = timeout(PATIENCE, feed.next())
+                .await
+                .expect("the event in time")
+                .expect("feed open");
+            if e.event.job == id {
+                break e;
+            }
+        };
+        assert!(e.via == via || e.via == Via::All, "{e:?}");
+        assert_eq!(e.event.ty, EventType::Queued);
+        assert_eq!(
+            (e.event.owner.as_deref(), e.event.tenant.as_deref()),
+            (Some("alice"), Some("acme"))
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

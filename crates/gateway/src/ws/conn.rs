@@ -26,7 +26,7 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::{ConnSlot, Hub, View, Wake, close, user_key, write_buffer_cap};
+use super::{ConnSlot, Hub, View, Wake, close, job_topic, key_topic, user_key, write_buffer_cap};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::error::ApiError;
 use crate::http::{channels, tenancy};
@@ -278,8 +278,9 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
         };
         let key = subject_key(&c.principal);
         let since = c.since.take();
+        let topic = key_topic(&key);
         if c.hub
-            .subscribe(&c.slot.handle, &key, own, since.is_some())
+            .subscribe(&c.slot.handle, &key, own, topic, since.is_some())
             .await
             .is_ok()
         {
@@ -530,7 +531,7 @@ impl Conn {
             "subscribe" => {
                 let channel = str_field("channel")?;
                 let since = super::replay::parse_since(v)?;
-                let key = self.authorize(channel, false).await?;
+                let (key, topic) = self.authorize(channel, false).await?;
                 if self.slot.keys.contains(&key) {
                     // Already live: nothing was missed on this connection, and a replay would double frames.
                     return Ok(json!({"channel": channel}));
@@ -550,7 +551,7 @@ impl Conn {
                     tenant: self.principal.tenant.clone(),
                 });
                 self.hub
-                    .subscribe(&self.slot.handle, &key, view, since.is_some())
+                    .subscribe(&self.slot.handle, &key, view, topic, since.is_some())
                     .await?;
                 let mut out = json!({"channel": channel});
                 if let (Some(since), Some(view)) = (since, recovering) {
@@ -574,7 +575,7 @@ impl Conn {
             }
             "publish" => {
                 let channel = str_field("channel")?;
-                let key = self.authorize(channel, true).await?;
+                let (key, _) = self.authorize(channel, true).await?;
                 let data = v.get("data").unwrap_or(&Value::Null);
                 let message = self.hub.prepare_publish(&key, data)?;
                 self.state
@@ -640,8 +641,13 @@ impl Conn {
         })
     }
 
-    /// The hub key of a channel this principal may subscribe to (or publish on).
-    async fn authorize(&self, channel: &str, publish: bool) -> Result<String, ApiError> {
+    /// The hub key of a channel this principal may subscribe to (or publish on), with the job feed topic a
+    /// subscription to it needs (see [`Hub::subscribe`]).
+    async fn authorize(
+        &self,
+        channel: &str,
+        publish: bool,
+    ) -> Result<(String, Option<ferry_broker::Topic>), ApiError> {
         let p = &self.principal;
         let key = self.key(channel)?;
         let (kind, name) = channel.split_once(':').unwrap_or_default();
@@ -662,20 +668,30 @@ impl Conn {
                     .broker(self.state.broker.job(id))
                     .await?
                 {
-                    Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => Ok(key),
+                    Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => {
+                        // The job's events come through its owner's partition.
+                        let topic = job_topic(j.spec.owner.as_deref(), j.spec.tenant.as_deref());
+                        Ok((key, Some(topic)))
+                    }
                     // Someone else's job is not found, as on the HTTP API.
                     _ => Err(ApiError::NotFound(format!("no job {id}"))),
                 }
             }
-            "queue" => p.require(Scope::QueuesRead).map(|_| key),
+            "queue" => p.require(Scope::QueuesRead).map(|_| {
+                let topic = key_topic(&key);
+                (key, topic)
+            }),
             "app" => p
                 .require(if publish {
                     Scope::Publish
                 } else {
                     Scope::Subscribe
                 })
-                .map(|_| key),
-            _ => Ok(key),
+                .map(|_| (key, None)),
+            _ => {
+                let topic = key_topic(&key);
+                Ok((key, topic))
+            }
         }
     }
 }

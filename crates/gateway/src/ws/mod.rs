@@ -1,9 +1,10 @@
 //! WebSockets (`GET /v1/ws`, in [`conn`]) and the per-node [`Hub`] that fans job events and application channel
 //! messages out to this node's connections.
 //!
-//! The hub consumes two feeds from the broker: every job lifecycle event ([`Broker::subscribe`]) and the
-//! application channels this node's clients subscribed to ([`Broker::channels`], one broker subscription per
-//! channel per node, taken on the first local subscriber and dropped after the last). Each message is routed
+//! The hub consumes two feeds from the broker: the job lifecycle events of the topics this node watches
+//! ([`Broker::job_feed`]) and the application channels this node's clients subscribed to ([`Broker::channels`],
+//! one broker subscription per channel per node, taken on the first local subscriber and dropped after the
+//! last). Each message is routed
 //! through per-channel subscriber sets and handed to each connection's bounded send queue with `try_send`: the
 //! hub never waits for a connection, and a connection whose queue is full is closed with 4009 (slow consumer).
 //!
@@ -20,6 +21,17 @@
 //! * `job:<id>`: ids are global; a subscription is allowed only to the job's owner (same tenant) or an admin.
 //!
 //! Pushed frames use the name the client subscribed with, and the queue as the client names it.
+//!
+//! # Which job events reach this node
+//!
+//! Only those it has a subscriber for. Each hub key with local subscribers holds one [`Topic`] of the job feed,
+//! counted per topic and unwatched when the last key holding it goes: `user:` keys the partition of their
+//! subject ([`partition_of`]; every connection joins its own on connect), `job:` keys the partition of the job's
+//! owner (known from the lookup that authorizes the subscription), `queue:` keys their queue. The legacy topic
+//! (jobs enqueued by an older ferry, whose events carry no partition) is watched for the node's life. An event
+//! comes once through the owner's partition (or the legacy topic) and once through its queue; the first copy
+//! goes to `user:` and `job:` subscribers only, the second to `queue:` subscribers only ([`Via`]), so no one
+//! gets it twice.
 //!
 //! # Pushed frames
 //!
@@ -87,7 +99,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use ferry_broker::{Broker, ChannelControl, ChannelMessage};
+use ferry_broker::placement::partition_of;
+use ferry_broker::{Broker, ChannelControl, ChannelMessage, FedEvent, JobFeedControl, Topic, Via};
 use ferry_core::{Event, EventType};
 use ferry_telemetry::prometheus;
 use futures::StreamExt;
@@ -251,6 +264,11 @@ pub struct Hub {
     /// reopened; always taken after `channels` when both are held, so a reopen resubscribes exactly the keys
     /// that have local subscribers.
     feed: RwLock<Option<ChannelControl>>,
+    /// The control of the broker's job event feed while `run` has one open; like `feed`, replaced when the feed
+    /// is reopened and taken after `channels` (and `watching`) when they are held together.
+    job_feed: RwLock<Option<JobFeedControl>>,
+    /// The job feed topics the hub keys with local subscribers hold. Taken after `channels`.
+    watching: Mutex<Watching>,
     connections: AtomicUsize,
     /// Rejections and closes, for `/metrics`.
     counters: WsCounters,
@@ -274,6 +292,62 @@ pub struct Hub {
     moving: AtomicUsize,
     /// Connection ages are counted from here.
     started: Instant,
+}
+
+/// Which hub keys hold which job feed topic, and how many keys hold each topic.
+#[derive(Debug, Default)]
+struct Watching {
+    /// Hub key (with local subscribers) → its topic.
+    of_key: HashMap<String, Topic>,
+    /// Topic → keys holding it (never 0: a topic no key holds is removed and unwatched).
+    keys: HashMap<Topic, usize>,
+    /// How many of `keys` are partitions (the `ferry_gateway_partitions` gauge).
+    partitions: usize,
+}
+
+impl Watching {
+    /// `key` (just given its first subscriber) holds `topic`; true when the topic was not watched yet.
+    fn hold(&mut self, key: &str, topic: Topic) -> bool {
+        self.of_key.insert(key.to_owned(), topic.clone());
+        let n = self.keys.entry(topic.clone()).or_insert(0);
+        *n += 1;
+        let first = *n == 1;
+        if first && matches!(topic, Topic::Partition(_)) {
+            self.partitions += 1;
+        }
+        first
+    }
+
+    /// `key` lost its last subscriber: the topic it held when no other key holds it any more.
+    fn release(&mut self, key: &str) -> Option<Topic> {
+        let topic = self.of_key.remove(key)?;
+        let n = self.keys.get_mut(&topic)?;
+        *n -= 1;
+        if *n > 0 {
+            return None;
+        }
+        self.keys.remove(&topic);
+        if matches!(topic, Topic::Partition(_)) {
+            self.partitions -= 1;
+        }
+        Some(topic)
+    }
+}
+
+/// The job feed topic a `user:` or `queue:` hub key holds (a `job:` key's comes from the job's lookup).
+pub(crate) fn key_topic(key: &str) -> Option<Topic> {
+    if let Some(rest) = key.strip_prefix("user:") {
+        // `user:<tenant>/<sub>`: a tenant holds no `/`, so the first one ends it.
+        let (tenant, sub) = rest.split_once('/')?;
+        return Some(Topic::Partition(partition_of(Some(tenant), sub)));
+    }
+    let q = key.strip_prefix("queue:")?;
+    ferry_core::QueueName::parse(q).ok().map(Topic::Queue)
+}
+
+/// The job feed topic of a `job:` key: the partition of the job's owner.
+pub(crate) fn job_topic(owner: Option<&str>, tenant: Option<&str>) -> Topic {
+    Topic::Partition(partition_of(tenant, owner.unwrap_or("")))
 }
 
 /// What one pub/sub canary probe found.
@@ -351,6 +425,8 @@ impl Hub {
             limits,
             channels: Mutex::new(HashMap::new()),
             feed: RwLock::new(None),
+            job_feed: RwLock::new(None),
+            watching: Mutex::new(Watching::default()),
             connections: AtomicUsize::new(0),
             counters: WsCounters::default(),
             per_subject: Mutex::new(HashMap::new()),
@@ -606,10 +682,26 @@ impl Hub {
         let mut messages = None;
         loop {
             if events.is_none() {
-                match self.broker.subscribe().await {
-                    Ok(s) => events = Some(s),
+                match self.broker.job_feed().await {
+                    Ok(feed) => {
+                        let (control, stream) = feed.into_parts();
+                        // Confirmations not awaited: the commands are queued, and a failure shows in the
+                        // engine's own log and reconnect loop (which subscribes them again).
+                        drop(control.watch(&Topic::Legacy));
+                        // A reopened feed watches nothing: give it every topic that local keys still hold,
+                        // under the locks so no (un)subscribe slips in between.
+                        {
+                            let _channels = self.lock();
+                            let watching = self.watching();
+                            for topic in watching.keys.keys() {
+                                drop(control.watch(topic));
+                            }
+                            *self.job_feed_slot() = Some(control);
+                        }
+                        events = Some(stream);
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot subscribe to job events, retrying")
+                        tracing::warn!(error = %e, "cannot open the job event feed, retrying")
                     }
                 }
             }
@@ -649,9 +741,11 @@ impl Hub {
                     _ = shutdown.cancelled() => break,
                     e = ev.next() => match e {
                         Some(e) => self.dispatch_event(&e),
-                        // The event subscription ended (its Redis connection dropped): subscribe again.
+                        // The job feed ended: open a new one, which watches everything still wanted.
                         None => {
-                            tracing::warn!("job event feed ended, resubscribing");
+                            tracing::warn!("job event feed ended, reopening");
+                            let _channels = self.lock();
+                            *self.job_feed_slot() = None;
                             events = None;
                         }
                     },
@@ -709,6 +803,26 @@ impl Hub {
         self.feed.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn job_feed_slot(&self) -> std::sync::RwLockWriteGuard<'_, Option<JobFeedControl>> {
+        self.job_feed.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn job_feed_control(&self) -> Option<JobFeedControl> {
+        self.job_feed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn watching(&self) -> MutexGuard<'_, Watching> {
+        self.watching.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Partitions whose job events this node receives (the `ferry_gateway_partitions` gauge).
+    pub fn partitions(&self) -> usize {
+        self.watching().partitions
+    }
+
     /// The open channel feed's control, if any.
     fn feed_control(&self) -> Option<ChannelControl> {
         self.feed.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -720,16 +834,21 @@ impl Hub {
     }
 
     /// Subscribe a connection to a hub key. For an `app:` key, the first local subscriber subscribes this node
-    /// at the broker, and the call returns once that is confirmed.
-    /// With `hold`, the connection's live frames of this key are held until [`Hub::end_hold`] (a recovery).
+    /// at the broker, and the call returns once that is confirmed. A key holding a job feed `topic`
+    /// ([`key_topic`], [`job_topic`]) has it watched, and the call returns once the feed confirmed it (or
+    /// failed to: the engine watches it again after its reconnect, and job events were never more than at most
+    /// once). With `hold`, the connection's live frames of this key are held until [`Hub::end_hold`] (a
+    /// recovery).
     pub(crate) async fn subscribe(
         &self,
         conn: &Arc<ConnHandle>,
         key: &str,
         view: View,
+        topic: Option<Topic>,
         hold: bool,
     ) -> Result<(), ApiError> {
         let app = key.strip_prefix("app:");
+        let mut watched = None;
         let confirm = {
             let mut channels = self.lock();
             let subs = channels.entry(key.to_owned()).or_default();
@@ -743,6 +862,14 @@ impl Hub {
                     floor: None,
                 },
             );
+            if let Some(topic) = topic {
+                if first {
+                    self.watching().hold(key, topic.clone());
+                }
+                // Every subscriber asks (a round trip only for the first): the engine confirms in order, so
+                // none returns before the topic is watched. Queued under the lock, like app subscriptions.
+                watched = self.job_feed_control().map(|feed| feed.watch(&topic));
+            }
             match app {
                 // Queued under the lock so broker (un)subscribes reach the engine in the order of local counts.
                 Some(name) if first => match self.feed_control() {
@@ -762,14 +889,28 @@ impl Hub {
             self.unsubscribe(conn.id, key);
             return Err(unavailable());
         }
+        if let Some(confirm) = watched
+            && let Err(e) = confirm.await
+        {
+            tracing::warn!(error = %e, key, "job event topic not confirmed yet");
+        }
         Ok(())
     }
 
     /// Remove a connection from a hub key; the last local subscriber of an `app:` key unsubscribes this node.
+    /// The last local subscriber of a key holding a job feed topic releases it, and the last key holding the
+    /// topic unwatches it.
     pub(crate) fn unsubscribe(&self, conn: u64, key: &str) {
         let mut channels = self.lock();
-        if Self::remove(&mut channels, key, conn)
-            && let Some(name) = key.strip_prefix("app:")
+        if !Self::remove(&mut channels, key, conn) {
+            return;
+        }
+        if let Some(topic) = self.watching().release(key)
+            && let Some(feed) = self.job_feed_control()
+        {
+            feed.unwatch(&topic);
+        }
+        if let Some(name) = key.strip_prefix("app:")
             && let Some(feed) = self.feed_control()
         {
             feed.unsubscribe(name);
@@ -830,15 +971,27 @@ impl Hub {
         })
     }
 
-    fn dispatch_event(&self, e: &Event) {
-        let lag_ms = ferry_core::now_ms().saturating_sub(e.at);
-        self.counters.pubsub_lag.observe(lag_ms as f64 / 1000.0);
+    fn dispatch_event(&self, fed: &FedEvent) {
+        let e = &fed.event;
         let mut keys = Vec::with_capacity(3);
-        if let Some(owner) = &e.owner {
-            keys.push(user_key(e.tenant.as_deref(), owner));
+        // Each copy of an event goes to one kind of subscriber (see "Which job events reach this node").
+        let (owner, queue) = match fed.via {
+            Via::Owner => (true, false),
+            Via::Queue => (false, true),
+            Via::All => (true, true),
+        };
+        if owner {
+            // Observed once per event: the owner's copy is the one every event has.
+            let lag_ms = ferry_core::now_ms().saturating_sub(e.at);
+            self.counters.pubsub_lag.observe(lag_ms as f64 / 1000.0);
+            if let Some(owner) = &e.owner {
+                keys.push(user_key(e.tenant.as_deref(), owner));
+            }
+            keys.push(format!("job:{}", e.job));
         }
-        keys.push(format!("job:{}", e.job));
-        keys.push(format!("queue:{}", e.queue));
+        if queue {
+            keys.push(format!("queue:{}", e.queue));
+        }
         let payload = Payload::of(e, self.limits.max_publish_bytes);
         let pos = self.event_position(e);
         let offset = pos
@@ -1353,6 +1506,12 @@ impl Hub {
                 "ferry_ws_connections_max",
                 "The node's WebSocket connection limit.",
                 self.limits.max_connections as f64,
+            ),
+            (
+                "ferry_gateway_partitions",
+                "Subject partitions whose job events this node receives (those of its clients' subjects and of \
+                 the jobs they follow).",
+                self.partitions() as f64,
             ),
         ];
         for (name, help, v) in gauges {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ferry_broker::{
     Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, EngineConfig, Enqueued,
-    EventStream, FailOutcome, Failure, Lease, Leased, LogEntry, LogPosition, MemoryBroker,
+    EventStream, FailOutcome, Failure, JobFeed, Lease, Leased, LogEntry, LogPosition, MemoryBroker,
     QueueStats, Reclaimed, Rejected, RetryOutcome,
 };
 use ferry_core::{JobId, JobInfo, NewJob, QueueName};
@@ -403,6 +403,9 @@ impl Broker for Switches {
     }
     async fn subscribe(&self) -> Result<EventStream, BrokerError> {
         self.inner.subscribe().await
+    }
+    async fn job_feed(&self) -> Result<JobFeed, BrokerError> {
+        self.inner.job_feed().await
     }
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         self.published.lock().unwrap().push(channel.to_owned());

@@ -260,6 +260,9 @@ impl Broker for Faulty {
     async fn subscribe(&self) -> Result<EventStream, BrokerError> {
         self.inner.subscribe().await
     }
+    async fn job_feed(&self) -> Result<ferry_broker::JobFeed, BrokerError> {
+        self.inner.job_feed().await
+    }
     async fn maintain(&self, q: &QueueName) -> Result<(), BrokerError> {
         self.inner.maintain(q).await
     }

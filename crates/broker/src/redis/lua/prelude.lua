@@ -1,5 +1,5 @@
 -- Shared helpers, prepended to every script.
--- Job stream entries have five fields in a fixed order: id, m (pre-rendered JSON object with job, queue, kind,
+-- Job stream entries have five fields in a fixed order: id, m (pre-rendered JSON object with job, pt, queue, kind,
 -- owner, tenant), a (attempts made before this entry), x (max attempts), j (the job spec as JSON).
 -- Records in the jobs hash are JSON arrays whose first element is the state letter:
 --   ["q",P,"EID"]                        queued or active (active = the entry is pending in the group)
@@ -9,8 +9,9 @@
 --   ["d",AT,ATTEMPTS,"DEAD_EID",ERR]     dead; the spec is in the dead-letter stream entry
 -- Events of a batch are grouped by type, and each group is written as
 --   {"type":T,"state":S,"at":MS,"jobs":[M,...],"attempts":[N,...],"data":[D,...]}
--- where M is the job's `m` field (a JSON object with job, queue, kind, owner, tenant) taken as is: per job, the
--- scripts only append strings they already hold, which is what keeps events cheap in Redis CPU.
+-- where M is the job's `m` field (a JSON object with job, pt, queue, kind, owner, tenant; pt, the partition of
+-- the owner, is absent from jobs enqueued by an older ferry) taken as is: per job, the scripts only append
+-- strings they already hold (and match its pt once), which is what keeps events cheap in Redis CPU.
 -- The time of this call by Redis's clock, in ms. Scripts never take "now" from the client: a request held up on
 -- the way (a partition, a stalled connection, a paused server) would date its events, and compare its deadlines,
 -- by when it was sent rather than when it took effect, and clients' clocks disagree. TIME may precede writes
@@ -41,21 +42,54 @@ local function add(g, m, attempt, data)
   end
 end
 
--- Append the non-empty groups as ONE entry of the durable per-shard stream, and publish the same once, without
--- the specs: those are for the recorder, which reads the stream. `by` (the actor, a JSON string) may be nil.
+-- One group as published, without its closing brace, over the jobs (with their attempts and data) given. `ns`,
+-- when the jobs are only some of the call's, are their positions among all the call's events (0-based, across
+-- groups in order): event ids are `<sid>/<position>` whatever channel carried them.
+local function head(g, jobs, attempts, data, by, ns)
+  local s = '{"type":"' .. g.ty .. '","state":"' .. g.state .. '","at":' .. g.at .. ',"jobs":[' ..
+    table.concat(jobs, ',') .. '],"attempts":[' .. table.concat(attempts, ',') .. ']'
+  if data then s = s .. ',"data":[' .. table.concat(data, ',') .. ']' end
+  if by and by ~= '' then s = s .. ',"by":' .. by end
+  if ns then s = s .. ',"n":[' .. table.concat(ns, ',') .. ']' end
+  return s
+end
+
+-- Append the non-empty groups as ONE entry of the durable per-shard stream, then publish them, without the
+-- specs (those are for the recorder, which reads the stream), as {"sid":SID,"events":[groups]}:
+--   * on 'ferry:ev:p:<N>' per partition N of the jobs' owners, each with only that partition's jobs (N is the
+--     "pt" the Rust side writes into `m` right after the job id; when a call has jobs of several partitions,
+--     each group says which of the call's events it holds, "n":[positions], so event ids stay the log's);
+--   * on 'ferry:ev:q:{<queue>}' once, with all of them (a script call touches one queue);
+--   * jobs whose m has no pt (enqueued by an older ferry) on evkey, 'ferry:events', as before partitions.
+-- So a gateway subscribes to the partitions of its clients and the queues they follow, and gets nothing else.
+-- `by` (the actor, a JSON string) may be nil.
 local function emit(evkey, evmax, groups, by)
-  local heads, specs = {}, nil
+  local heads, specs, ng = {}, nil, {}
+  -- The partition of the first job ('' for none), whether any other differs, and the call's queue.
+  local first, mixed, queue = nil, false, nil
   for _, g in ipairs(groups) do
     if #g.jobs > 0 then
-      local s = '{"type":"' .. g.ty .. '","state":"' .. g.state .. '","at":' .. g.at .. ',"jobs":[' ..
-        table.concat(g.jobs, ',') .. '],"attempts":[' .. table.concat(g.attempts, ',') .. ']'
-      if g.data then s = s .. ',"data":[' .. table.concat(g.data, ',') .. ']' end
-      if by and by ~= '' then s = s .. ',"by":' .. by end
-      heads[#heads + 1] = s
+      ng[#ng + 1] = g
+      heads[#heads + 1] = head(g, g.jobs, g.attempts, g.data, by)
       if g.specs then
         specs = specs or {}
         specs[#heads] = ',"specs":[' .. table.concat(g.specs, ',') .. ']'
       end
+      local pts = {}
+      for k, m in ipairs(g.jobs) do
+        -- m is {"job":"<id>","pt":N,... (or {"job":"<id>","queue":... from an older ferry): find the id's
+        -- closing quote, look at one byte, read the digits; cheaper than one pattern over the prefix.
+        local pt, e = '', string.find(m, '"', 9, true)
+        if e and string.byte(m, e + 3) == 112 then pt = string.match(m, '^%d+', e + 7) or '' end
+        pts[k] = pt
+        if first == nil then
+          first = pt
+          queue = string.match(m, '"queue":"([^"]*)"')
+        elseif pt ~= first then
+          mixed = true
+        end
+      end
+      g.pts = pts
     end
   end
   if #heads == 0 then return end
@@ -67,7 +101,49 @@ local function emit(evkey, evmax, groups, by)
     stored = '[' .. table.concat(parts, ',') .. ']'
   end
   local sid = redis.call('XADD', evkey, 'MAXLEN', '~', evmax, '*', 'e', stored)
-  redis.call('PUBLISH', evkey, '{"sid":"' .. sid .. '","events":' .. body .. '}')
+  local pre = '{"sid":"' .. sid .. '","events":'
+  local all = pre .. body .. '}'
+  local function channel(pt)
+    if pt == '' then return evkey end
+    return 'ferry:ev:p:' .. pt
+  end
+  if not mixed then
+    redis.call('PUBLISH', channel(first), all)
+  else
+    -- Per partition, per group (in group order): its jobs, with their positions among the call's events.
+    local order, parts, before = {}, {}, 0
+    for gi, g in ipairs(ng) do
+      for k, pt in ipairs(g.pts) do
+        local part = parts[pt]
+        if not part then
+          part = {}
+          parts[pt] = part
+          order[#order + 1] = pt
+        end
+        local sel = part[gi]
+        if not sel then
+          sel = { jobs = {}, attempts = {}, ns = {} }
+          if g.data then sel.data = {} end
+          part[gi] = sel
+        end
+        local n = #sel.jobs + 1
+        sel.jobs[n] = g.jobs[k]
+        sel.attempts[n] = g.attempts[k]
+        sel.ns[n] = before + k - 1
+        if g.data then sel.data[n] = g.data[k] end
+      end
+      before = before + #g.jobs
+    end
+    for _, pt in ipairs(order) do
+      local part, hs = parts[pt], {}
+      for gi = 1, #ng do
+        local sel = part[gi]
+        if sel then hs[#hs + 1] = head(ng[gi], sel.jobs, sel.attempts, sel.data, by, sel.ns) end
+      end
+      redis.call('PUBLISH', channel(pt), pre .. '[' .. table.concat(hs, '},') .. '}]}')
+    end
+  end
+  if queue then redis.call('PUBLISH', 'ferry:ev:q:{' .. queue .. '}', all) end
 end
 
 -- Fields of one stream entry as a table, or nil when the entry is gone.
