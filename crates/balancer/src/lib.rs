@@ -110,7 +110,7 @@ pub enum BalancerError {
     #[error("cannot reach redis ({shard}): {source}")]
     Redis {
         shard: String,
-        source: redis::RedisError,
+        source: ferry_broker::BrokerError,
     },
     #[error("metrics: {0}")]
     Metrics(#[from] ferry_telemetry::prometheus::Error),
@@ -276,7 +276,7 @@ impl Balancer {
             .refresh()
             .await
             .map_err(|source| BalancerError::Redis {
-                shard: balancer.reader.shard().to_owned(),
+                shard: "membership shard".into(),
                 source,
             })?;
         Ok(balancer)
@@ -296,7 +296,7 @@ impl Balancer {
         self.shared.clone()
     }
 
-    async fn refresh(&self) -> redis::RedisResult<()> {
+    async fn refresh(&self) -> Result<(), ferry_broker::BrokerError> {
         refresh(&self.reader, &self.shared).await
     }
 
@@ -341,7 +341,7 @@ impl Balancer {
                             shared.metrics.membership_errors.inc();
                             if !failing {
                                 failing = true;
-                                tracing::warn!(error = %e, shard = reader.shard(), "cannot read the gateway membership; the last read stays in use");
+                                tracing::warn!(error = %e, "cannot read the gateway membership; the last read stays in use");
                             }
                         }
                     }
@@ -438,7 +438,7 @@ impl Balancer {
     }
 }
 
-async fn refresh(reader: &MemberReader, shared: &Shared) -> redis::RedisResult<()> {
+async fn refresh(reader: &MemberReader, shared: &Shared) -> Result<(), ferry_broker::BrokerError> {
     let nodes = reader.members().await?;
     shared.forget_departed(&nodes);
     shared.router.update(nodes);
