@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Result;
 use ferry_broker::placement::{NodeInfo, Placement, partition_of};
@@ -44,8 +44,7 @@ async fn websockets_reach_the_owning_gateway_through_ferry_balancer() -> Result<
         .timeout(Duration::from_secs(10))
         .build()?;
     let mut gateways = Vec::new();
-    let mut nodes = Vec::new();
-    for id in ["gw-a", "gw-b"] {
+    for _ in 0..2 {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let p = spawn(&[
@@ -56,25 +55,26 @@ async fn websockets_reach_the_owning_gateway_through_ferry_balancer() -> Result<
             &listen,
             "--jwt-secret",
             SECRET,
+            // A bound that never binds: every client goes to its partition's owner.
+            "--balance-epsilon",
+            "10",
         ])?;
         until_ready(&http, &format!("http://{listen}"), Duration::from_secs(20)).await?;
-        // Plenty of room on both: every client goes to its partition's owner.
-        let info = NodeInfo {
-            id: id.into(),
-            url: format!("http://{listen}"),
-            region: None,
-            connections: 1_000,
-            partitions: 0,
-            draining: false,
-            ready: true,
-            started_at_ms: 0,
-        };
-        let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() + 600_000;
-        redis.cli(&["ZADD", "ferry:gw", &expiry.to_string(), id])?;
-        redis.cli(&["HSET", "ferry:gw:info", id, &serde_json::to_string(&info)?])?;
         gateways.push((p, listen));
-        nodes.push(info);
     }
+    // The gateways announce themselves; placement is computed from what they announced.
+    let broker =
+        ferry_broker::RedisBroker::connect(&[redis.url()], ferry_broker::EngineConfig::default())
+            .await?;
+    let mut nodes: Vec<NodeInfo> = Vec::new();
+    for _ in 0..100 {
+        nodes = ferry_broker::Membership::members(&broker).await?;
+        if nodes.len() == 2 && nodes.iter().all(|n| n.eligible()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
     let (port, admin) = (free_port(), free_port());
     let listen = format!("127.0.0.1:{port}");
     let admin = format!("127.0.0.1:{admin}");
@@ -88,10 +88,26 @@ async fn websockets_reach_the_owning_gateway_through_ferry_balancer() -> Result<
         &admin,
         "--drain-ms",
         "1000",
+        "--balance-epsilon",
+        "10",
     ])?;
     until_ready(&http, &format!("http://{admin}"), Duration::from_secs(20)).await?;
+    support::wait_for(
+        Duration::from_secs(10),
+        "the balancer sees both gateways",
+        || async {
+            let text = http
+                .get(format!("http://{admin}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            Ok(gauge(&text, r#"ferry_balancer_gateways{state="ready"}"#) == 2.0)
+        },
+    )
+    .await?;
 
-    let placement = Placement::new(nodes.clone(), 0.1);
+    let placement = Placement::new(nodes.clone(), 10.0);
     let mut expected: HashMap<String, f64> = HashMap::new();
     let mut open = Vec::new();
     for i in 0..12 {

@@ -569,7 +569,7 @@ fn compose_ferry_services_are_accepted_by_the_binary() {
             continue;
         }
         let out = check_config(role, args, &env);
-        if matches!(role.as_str(), "gateway" | "worker") {
+        if matches!(role.as_str(), "gateway" | "worker" | "balancer") {
             let deadline = shutdown_deadline_ms(role, &out);
             let grace = svc["stop_grace_period"]
                 .as_str()
@@ -595,7 +595,9 @@ fn compose_ferry_services_are_accepted_by_the_binary() {
     }
     assert_eq!(
         roles,
-        BTreeSet::from(["autoscaler", "gateway", "migrate", "worker"].map(String::from))
+        BTreeSet::from(
+            ["autoscaler", "balancer", "gateway", "migrate", "worker"].map(String::from)
+        )
     );
 }
 
@@ -764,6 +766,7 @@ fn compose_prometheus_config_is_valid_and_scrapes_every_ferry_service() {
             "gateway" => 8080,
             "worker" => 9464,
             "autoscaler" => 9465,
+            "balancer" => 9466,
             _ => continue,
         };
         want.insert(format!("{name}:{port}"));

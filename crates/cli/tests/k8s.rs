@@ -231,6 +231,12 @@ fn container_env(docs: &[Value], c: &Value) -> BTreeMap<String, String> {
         } else {
             panic!("env {name}: unsupported source {e:?}")
         };
+        // `$(NAME)` refers to a variable listed earlier, as Kubernetes expands it.
+        let value = env
+            .iter()
+            .fold(value, |v, (k, earlier): (&String, &String)| {
+                v.replace(&format!("$({k})"), earlier)
+            });
         env.insert(name, value);
     }
     assert!(
@@ -475,7 +481,7 @@ fn every_container_is_hardened_and_probed() {
 fn ferry_containers_are_accepted_by_the_binary_and_drain_in_time() {
     for (overlay, docs) in rendered() {
         let mut seen = BTreeSet::new();
-        for role in ["gateway", "worker", "migrate"] {
+        for role in ["gateway", "balancer", "worker", "migrate"] {
             for (workload, c) in role_container(&docs, role) {
                 let at = format!("{overlay}: {}", kind_name(workload).1);
                 let pod = &workload["spec"]["template"]["spec"];
@@ -529,7 +535,7 @@ fn ferry_containers_are_accepted_by_the_binary_and_drain_in_time() {
         }
         assert_eq!(
             seen,
-            BTreeSet::from(["gateway", "worker", "migrate"]),
+            BTreeSet::from(["gateway", "balancer", "worker", "migrate"]),
             "{overlay}"
         );
     }
@@ -957,7 +963,8 @@ fn secrets_are_only_referenced_and_ingress_is_denied_by_default() {
             "{overlay}: unexpected secret references {refs:?}"
         );
 
-        // NetworkPolicies: a default deny; the gateway's 8080 open; anything else only from `monitoring`.
+        // NetworkPolicies: a default deny; the gateway's and the balancer's 8080 open; anything else only from
+        // `monitoring`.
         let policies: Vec<&Value> = docs
             .iter()
             .filter(|d| d["kind"] == "NetworkPolicy")
@@ -984,11 +991,12 @@ fn secrets_are_only_referenced_and_ingress_is_denied_by_default() {
                         [8080],
                         "{overlay}: {name} opens {ports:?} to everyone"
                     );
-                    assert_eq!(
+                    let component =
                         p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-                            .as_str(),
-                        Some("gateway"),
-                        "{overlay}: {name}: only gateways take traffic from anywhere"
+                            .as_str();
+                    assert!(
+                        matches!(component, Some("gateway" | "balancer")),
+                        "{overlay}: {name}: only gateways and balancers take traffic from anywhere"
                     );
                 } else {
                     for f in seq(&rule["from"]) {
@@ -1004,7 +1012,7 @@ fn secrets_are_only_referenced_and_ingress_is_denied_by_default() {
         }
 
         // Disruption budgets select the pods they protect.
-        for target in ["ferry-gateway", "ferry-worker"] {
+        for target in ["ferry-gateway", "ferry-balancer", "ferry-worker"] {
             let dep = get(&docs, "Deployment", target);
             let labels = &dep["spec"]["template"]["metadata"]["labels"];
             let pdb = docs

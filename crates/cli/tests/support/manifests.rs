@@ -17,6 +17,8 @@ pub fn shutdown_deadline_ms(role: &str, out: &str) -> u64 {
     };
     match (role, setting(out, "shutdown-deadline-ms")) {
         (_, Some(v)) => v.parse().unwrap(),
+        // The balancer keeps open tunnels for --drain-ms after the signal, then closes them and exits.
+        ("balancer", None) => n("drain-ms") + 1_000,
         ("worker", None) => {
             n("drain-timeout-ms") + n("cancel-grace-ms") + n("flush-timeout-ms") + 10_000
         }
