@@ -32,9 +32,7 @@ fn spawn(args: &[&str]) -> Result<Proc> {
 }
 
 fn gauge(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(-1.0)
+    support::sample(text, name).unwrap_or(-1.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,9 +185,7 @@ async fn connections(http: &reqwest::Client, base: &str) -> Result<u64> {
         .await?
         .text()
         .await?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("ferry_ws_connections "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
+    support::sample(&text, "ferry_ws_connections")
         .map(|v| v as u64)
         .context("no ferry_ws_connections in /metrics")
 }

@@ -29,7 +29,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::history::{Epochs, read_epoch};
+use super::history::{Epochs, refresh_epoch};
 use super::keys::EVENTS;
 use super::parse_published;
 use super::topics::PARTITION_PREFIX;
@@ -92,16 +92,7 @@ async fn connect(client: &Client, shard: usize, epochs: &Epochs) -> Result<Sessi
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("subscribe timed out".into()),
     }
-    let epoch = tokio::time::timeout(COMMAND_TIMEOUT, async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        read_epoch(&mut conn).await
-    })
-    .await;
-    match epoch {
-        Ok(Ok(e)) => epochs.set(shard, e),
-        Ok(Err(e)) => return Err(format!("reading the epoch: {e}")),
-        Err(_) => return Err("reading the epoch timed out".into()),
-    }
+    refresh_epoch(client, shard, epochs, COMMAND_TIMEOUT).await?;
     Ok((sink, stream))
 }
 

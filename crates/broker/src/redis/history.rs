@@ -81,6 +81,30 @@ pub(super) async fn read_epoch<C: redis::aio::ConnectionLike>(
     Ok(old.unwrap_or(fresh))
 }
 
+/// Read shard `shard`'s epoch over a connection of its own into `epochs`, bounded by `within`: what a job event
+/// feed does on every (re)connect, so its live frames carry the epoch of the history they can be recovered
+/// from (a Redis that lost its data has a new one). The error says what failed.
+pub(super) async fn refresh_epoch(
+    client: &redis::Client,
+    shard: usize,
+    epochs: &Epochs,
+    within: std::time::Duration,
+) -> Result<(), String> {
+    let epoch = tokio::time::timeout(within, async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        read_epoch(&mut conn).await
+    })
+    .await;
+    match epoch {
+        Ok(Ok(e)) => {
+            epochs.set(shard, e);
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("reading the epoch: {e}")),
+        Err(_) => Err("reading the epoch timed out".into()),
+    }
+}
+
 /// A history read as `lua/missed.lua` answers it.
 pub(super) struct Read<'a> {
     pub epoch: String,

@@ -25,7 +25,7 @@ use redis::Client;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::history::{Epochs, read_epoch};
+use super::history::{Epochs, refresh_epoch};
 use super::keys::EVENTS;
 use super::parse_published;
 use crate::{
@@ -230,15 +230,8 @@ async fn session(
         Ok(Err(e)) => return lost(&e),
         Err(_) => return End::Lost("connect timed out".into()),
     };
-    let epoch = tokio::time::timeout(COMMAND_TIMEOUT, async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        read_epoch(&mut conn).await
-    })
-    .await;
-    match epoch {
-        Ok(Ok(e)) => epochs.set(shard, e),
-        Ok(Err(e)) => return End::Lost(format!("reading the epoch: {e}")),
-        Err(_) => return End::Lost("reading the epoch timed out".into()),
+    if let Err(why) = refresh_epoch(client, shard, epochs, COMMAND_TIMEOUT).await {
+        return End::Lost(why);
     }
     let (mut sink, mut stream) = ps.split();
     if !wanted.is_empty() {

@@ -5,7 +5,8 @@
 //!   ([`Proc::wait_exit`]; both: [`Proc::stop`]), SIGKILLed and reaped when dropped. [`Proc::spawn_logged`] sends its stderr to a
 //!   file of its own ([`Proc::log`]), printed when the test panics.
 //! - [`wait_for`] / [`wait_for_every`]: poll a check until it holds, or fail after a bound naming what was awaited.
-//! - [`token`]: a signed bearer token. Ports come from `ferry_testkit::free_port`.
+//! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. Ports come from
+//!   `ferry_testkit::free_port`.
 //! - HTTP: [`until_healthy`] (`/healthz` answers), [`readyz`] and [`until_ready`] (`/readyz` is 200),
 //!   [`submit`] (POST a job, 202) and [`poll_json`] / [`until_completed`] (GET until a condition holds).
 //! - Broker: [`redis_and_broker`], [`enqueue_many`], [`states`] (jobs by state), [`until_drained`] (a queue is empty),
@@ -32,6 +33,14 @@ use ferry_gateway::auth::{MintClaims, mint};
 use ferry_testkit::RedisServer;
 use futures::StreamExt;
 use serde_json::Value;
+
+/// The value of one series in a Prometheus text exposition (`series` is the name with its labels as written,
+/// e.g. `ferry_balancer_gateways{state="ready"}`), or `None` when it is absent.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
 
 /// The `ferry` binary under test, with nothing set: callers add arguments, environment and stdio.
 pub fn ferry() -> Command {
