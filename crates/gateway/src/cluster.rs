@@ -13,10 +13,14 @@
 //!
 //! # Rebalancing
 //!
-//! After each heartbeat the node builds a [`Placement`] from the membership and, for every partition, where
+//! After each heartbeat the node builds a [`Placement`] from the membership. A node within the bound
+//! (⌈(1 + ε) × mean⌉ of the eligible nodes) moves nobody: arrivals fill nodes up to it, and moving clients
+//! whenever loads shift inside it would move them back and forth. A node above it (a node joined, or one died and
+//! its clients refilled the others) moves its excess and no more: for every partition it works out where
 //! [`Placement::pick`] would put a client of it now, with the node's own load one lower (the client being
-//! placed is taken out of it). A local connection whose pick is another node, and that is older than
-//! `rebalance_cooldown` (`--rebalance-cooldown-ms`, default 30 s, so no client moves twice within it), is moved:
+//! placed is taken out of it), and a local connection whose pick is another node, and that is older than
+//! `rebalance_cooldown` (`--rebalance-cooldown-ms`, default 30 s, so no client moves twice within it), is moved
+//! (those away from their partition's owner first, so a move also brings a client home):
 //! `{"type": "goaway", "reason": "rebalance", "reconnect_after_ms": N}` and a 1001 close N ms later, N drawn
 //! from `[0, ws_close_spread)` like the shutdown goaway. Moves are paced by a token bucket: the cluster's
 //! budget `rebalance_rate` (`--rebalance-rate`, reconnects per second, default 100) divided by the number of
@@ -27,12 +31,13 @@
 //! spread plus two heartbeats) as the target's load and no longer as its own, so together the nodes do not
 //! overshoot a newcomer and then move clients back. A node
 //! that is draining, unready, or absent from the membership (its heartbeat failed) moves nobody: draining has
-//! its own path (every client gets a goaway).
+//! its own path (every client gets a goaway). A node whose last heartbeat is older than three heartbeats is
+//! taken as gone for rebalancing (a killed node stays listed until its ttl passes): nobody is sent to it.
 //!
 //! Per-connection state is the handle's partition (2 bytes) and admission time (8 bytes) and one entry in the
 //! hub's map of connections; the plan is per partition (1,024 picks per heartbeat), not per connection.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -67,6 +72,8 @@ pub struct Cluster {
     /// Moves made lately, by target node id: counted as the target's load until the target's own heartbeat
     /// surely shows them (the close spread plus two heartbeats), so the next round does not move them again.
     pending: Mutex<Vec<(Instant, String)>>,
+    /// This node's connections at the previous round.
+    previous: AtomicU64,
     /// The longest delay between a `goaway` and its close.
     close_spread: Duration,
     /// The last heartbeat failed (logged once per streak).
@@ -113,6 +120,7 @@ impl Cluster {
             canary_budget,
             bucket: Mutex::new((0.0, Instant::now())),
             pending: Mutex::new(Vec::new()),
+            previous: AtomicU64::new(0),
             close_spread,
             failing: AtomicBool::new(false),
             nodes: IntGaugeVec::new(
@@ -226,7 +234,17 @@ impl Cluster {
         }
         self.count_states(&members);
         if info.eligible() {
-            self.rebalance(members.into_iter().map(|m| m.info).collect());
+            // A node that missed three heartbeats is most likely dead (its entry lasts until its ttl): no
+            // client is sent there and it does not count in the mean.
+            let stale = 3 * self.cfg.heartbeat.as_millis() as u64;
+            let nodes = members
+                .into_iter()
+                .map(|m| NodeInfo {
+                    ready: m.info.ready && m.age_ms <= stale,
+                    ..m.info
+                })
+                .collect();
+            self.rebalance(nodes);
         } else {
             // Moves resume from an empty bucket.
             *self.bucket.lock().unwrap_or_else(|p| p.into_inner()) = (0.0, Instant::now());
@@ -257,6 +275,8 @@ impl Cluster {
             return;
         }
         let placement = Placement::new(nodes, self.cfg.balance_epsilon);
+        let now = self.hub.connections() as u64;
+        let previous = self.previous.swap(now, Ordering::AcqRel);
         let Some(me) = placement
             .nodes()
             .iter()
@@ -274,8 +294,10 @@ impl Cluster {
             return;
         }
         let mut loads = placement.loads();
-        // Our own count as it is now, not as announced a moment ago, without the connections already leaving.
-        loads[me] = self.hub.connections().saturating_sub(self.hub.moving()) as u64;
+        // Our own count without the connections already leaving. The others' counts are up to a heartbeat old,
+        // so while clients pour in (a node died and they come back) our fresh count would look over a bound
+        // computed from their stale ones: the lower of now and a round ago compares like with like.
+        loads[me] = now.min(previous).saturating_sub(self.hub.moving() as u64);
         // Moves still in flight count at their target: its announced count may not show them yet.
         {
             let window = self.close_spread + 2 * self.cfg.heartbeat;
@@ -287,6 +309,14 @@ impl Cluster {
                 }
             }
         }
+        // Hysteresis: a node within the bound moves nobody. Arrivals fill nodes up to the bound, so a node
+        // below it holds what placement allows; moving its clients "home" whenever the loads shift would move
+        // them back and forth. Above it (a node joined, or one left and the balancer refilled the others), the
+        // excess moves, and no more.
+        let over = placement.bound(&loads, 0);
+        if loads[me] <= over {
+            return;
+        }
         // Every other eligible node may be moving clients to the same target in this round: each takes at
         // most its share of the target's room below the bound, so together they do not overshoot it.
         let bound = placement.bound(&loads, 1);
@@ -297,31 +327,48 @@ impl Cluster {
             .collect();
         let mut sent = vec![0u64; loads.len()];
         let targets = plan(&placement, &loads, me);
+        let owners: Vec<Option<usize>> = (0..PARTITIONS)
+            .map(|p| placement.ranked(p).first().copied())
+            .collect();
         let cooldown = self.cfg.rebalance_cooldown;
-        let candidates = self.hub.movable(budget, |partition, age| {
-            age >= cooldown && targets[partition as usize].is_some_and(|t| t != me)
-        });
+        let budget = budget.min((loads[me] - over) as usize);
         let mut moved = 0;
-        for conn in candidates {
-            // Decided again with the moves made so far counted.
-            let mut without = loads.clone();
-            without[me] = without[me].saturating_sub(1);
-            let Some(to) = placement.pick(conn.partition, &without) else {
-                continue;
-            };
-            if to == me || sent[to] >= share[to] {
-                continue;
+        // Clients away from their partition's owner go first (a move that also brings a client home), then
+        // the others whose place is elsewhere.
+        for away_first in [true, false] {
+            let candidates = self.hub.movable(budget - moved, |partition, age| {
+                let p = partition as usize;
+                age >= cooldown
+                    && targets[p].is_some_and(|t| t != me)
+                    && (!away_first || owners[p] != Some(me))
+            });
+            for conn in candidates {
+                if loads[me] <= over {
+                    break;
+                }
+                // Decided again with the moves made so far counted.
+                let mut without = loads.clone();
+                without[me] = without[me].saturating_sub(1);
+                let Some(to) = placement.pick(conn.partition, &without) else {
+                    continue;
+                };
+                if to == me || sent[to] >= share[to] {
+                    continue;
+                }
+                if self.hub.move_away(&conn) {
+                    loads[me] = loads[me].saturating_sub(1);
+                    loads[to] += 1;
+                    sent[to] += 1;
+                    moved += 1;
+                    self.rebalanced.inc();
+                    self.pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((Instant::now(), placement.nodes()[to].id.clone()));
+                }
             }
-            if self.hub.move_away(&conn) {
-                loads[me] = loads[me].saturating_sub(1);
-                loads[to] += 1;
-                sent[to] += 1;
-                moved += 1;
-                self.rebalanced.inc();
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((Instant::now(), placement.nodes()[to].id.clone()));
+            if moved >= budget || loads[me] <= over {
+                break;
             }
         }
         if moved > 0 {

@@ -1,6 +1,6 @@
 //! The gateway tier on one real Redis: gateways announce themselves in the membership, `GET /v1/cluster` shows
-//! it, a node joining makes the others move (paced, never before the cooldown) exactly the connections whose
-//! place moved to it, and a node that shuts down is announced draining at once and leaves at the end.
+//! it, a node joining makes the node above the load bound move its excess to it (paced, never before the
+//! cooldown, clients away from their owner first), and a node that shuts down is announced draining at once and leaves at the end.
 
 mod support;
 
@@ -159,10 +159,14 @@ struct Seen {
     closed: Option<(Instant, u16)>,
 }
 
-/// A client of `sub` on `addr` that records its goaway and its close.
-async fn client(addr: std::net::SocketAddr, sub: String, seen: Arc<Mutex<Seen>>) {
-    let url = format!("ws://{addr}/v1/ws?token={}", token(&sub, USER, None));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+/// Where a moved client reconnects: set once that node exists.
+type Then = Arc<Mutex<Option<std::net::SocketAddr>>>;
+
+/// A client of `sub` on `addr` that records its goaway and its close and, once closed, reconnects to `then`
+/// (as a balancer would send it) and stays there.
+async fn client(addr: std::net::SocketAddr, then: Then, sub: String, seen: Arc<Mutex<Seen>>) {
+    let tok = token(&sub, USER, None);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={tok}"))
         .await
         .expect("upgrade");
     seen.lock().unwrap().connected = Some(Instant::now());
@@ -183,17 +187,22 @@ async fn client(addr: std::net::SocketAddr, sub: String, seen: Arc<Mutex<Seen>>)
                 _ => {}
             }
         }
+        let to = then.lock().unwrap().expect("a node to reconnect to");
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{to}/v1/ws?token={tok}"))
+            .await
+            .expect("upgrade at the new place");
+        while let Some(Ok(_)) = ws.next().await {}
     });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_joining_node_gets_only_the_clients_whose_place_moved_paced_after_the_cooldown() {
+async fn a_joining_node_gets_the_excess_over_the_bound_paced_after_the_cooldown() {
     let redis = RedisServer::start().unwrap();
-    // ε = 10: bounds never bite, so a client's place is its partition's owner and the test knows it ahead.
-    let a = TestApp::start(broker(&redis).await, clustered("gw-a", 10.0)).await;
-    let both = Placement::new(vec![ready("gw-a"), ready("gw-b")], 10.0);
+    let a = TestApp::start(broker(&redis).await, clustered("gw-a", 0.1)).await;
+    let both = Placement::new(vec![ready("gw-a"), ready("gw-b")], 0.1);
     let owner = |sub: &str| both.owner(partition_of(None, sub)).unwrap().id.clone();
     let subjects: Vec<String> = (0..).map(|i| format!("s-{i}")).take(200).collect();
+    // Clients whose partition gw-b owns: away from their owner while on gw-a, so they are the ones to move.
     let movers: Vec<&String> = subjects
         .iter()
         .filter(|s| owner(s) == "gw-b")
@@ -205,36 +214,27 @@ async fn a_joining_node_gets_only_the_clients_whose_place_moved_paced_after_the_
         .take(8)
         .collect();
     let (old_movers, young_movers) = movers.split_at(12);
+    // gw-b's address, once it starts.
+    let b_addr = Then::default();
 
     let mut seen: BTreeMap<String, Arc<Mutex<Seen>>> = BTreeMap::new();
     for s in old_movers.iter().chain(&stayers) {
         let rec = Arc::new(Mutex::new(Seen::default()));
-        client(a.addr, s.to_string(), rec.clone()).await;
+        client(a.addr, b_addr.clone(), s.to_string(), rec.clone()).await;
         seen.insert(s.to_string(), rec);
     }
     // Alone, the node moves nobody, however old its connections.
     tokio::time::sleep(Duration::from_millis(1_800)).await;
     assert!(seen.values().all(|s| s.lock().unwrap().goaway.is_none()));
 
-    let b = TestApp::start(broker(&redis).await, clustered("gw-b", 10.0)).await;
-    eventually(
-        Duration::from_secs(15),
-        "gw-b ready in gw-a's view",
-        || async {
-            let v = cluster(&a).await;
-            v["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|n| n["id"] == "gw-b" && n["ready"] == true)
-                .then_some(())
-        },
-    )
-    .await;
+    // While gw-b is not listed, nobody moves; 20 old connections on gw-a already, 4 young ones to come: 24
+    // over two nodes, a bound of ⌈1.1 × 12⌉ = 14, so gw-a moves exactly 10.
+    let b = TestApp::start(broker(&redis).await, clustered("gw-b", 0.1)).await;
+    *b_addr.lock().unwrap() = Some(b.addr);
     // Connections made now are younger than the cooldown: they move only once they are old enough.
     for s in young_movers {
         let rec = Arc::new(Mutex::new(Seen::default()));
-        client(a.addr, s.to_string(), rec.clone()).await;
+        client(a.addr, b_addr.clone(), s.to_string(), rec.clone()).await;
         seen.insert(s.to_string(), rec);
     }
     let snapshot = || -> BTreeMap<String, Seen> {
@@ -244,33 +244,35 @@ async fn a_joining_node_gets_only_the_clients_whose_place_moved_paced_after_the_
     };
     eventually(
         Duration::from_secs(30),
-        "every mover told to go away and closed",
+        "ten clients told to go away and closed",
         || async {
             let s = snapshot();
-            movers
-                .iter()
-                .all(|m| s[m.as_str()].goaway.is_some() && s[m.as_str()].closed.is_some())
+            (s.values()
+                .filter(|c| c.goaway.is_some() && c.closed.is_some())
+                .count()
+                >= 10)
                 .then_some(())
         },
     )
     .await;
-    // Rounds keep running; nothing else moves.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // Rounds keep running; with gw-a at the bound, nothing else moves.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     let s = snapshot();
     for st in &stayers {
         assert!(
-            s[st.as_str()].goaway.is_none(),
+            s[st.as_str()].goaway.is_none() && s[st.as_str()].closed.is_none(),
             "{st} stays on its owner: {:?}",
             s[st.as_str()]
         );
-        assert!(
-            s[st.as_str()].closed.is_none(),
-            "{st}: {:?}",
-            s[st.as_str()]
-        );
     }
+    let moved: Vec<&String> = movers
+        .iter()
+        .copied()
+        .filter(|m| s[m.as_str()].goaway.is_some())
+        .collect();
+    assert_eq!(moved.len(), 10, "{s:?}");
     let mut times = Vec::new();
-    for m in &movers {
+    for m in &moved {
         let seen = &s[m.as_str()];
         let (at, frame) = seen.goaway.clone().unwrap();
         assert_eq!(frame["reason"], "rebalance", "{frame}");
@@ -302,7 +304,7 @@ async fn a_joining_node_gets_only_the_clients_whose_place_moved_paced_after_the_
     }
     let metrics = a.metrics().await;
     assert!(
-        metrics.contains("ferry_ws_rebalanced_total 16"),
+        metrics.contains("ferry_ws_rebalanced_total 10"),
         "{metrics}"
     );
     assert!(b.metrics().await.contains("ferry_ws_rebalanced_total 0"));
