@@ -31,6 +31,7 @@ mod members;
 mod pubsub;
 mod refusal;
 mod scripts;
+mod subscriber;
 mod topics;
 
 use std::collections::{BTreeMap, HashSet};
