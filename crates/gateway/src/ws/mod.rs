@@ -232,8 +232,16 @@ impl ConnHandle {
 struct Sub {
     conn: Arc<ConnHandle>,
     view: Arc<View>,
-    /// While the subscriber's missed frames are being read back (see [`replay`]): its live frames, held with
-    /// their offsets, to be sent after the replayed ones.
+    /// Only around a recovery, so boxed: every idle connection holds a `Sub` in its `user:` key's map (a map of
+    /// one entry allocates four slots), and inline this state made each slot 48 bytes larger.
+    recovery: Option<Box<Recovery>>,
+}
+
+/// A subscriber's state around a recovery (see [`replay`]).
+#[derive(Debug, Default)]
+struct Recovery {
+    /// While its missed frames are being read back: its live frames, held with their offsets, to be sent after
+    /// the replayed ones.
     hold: Option<Vec<Positioned>>,
     /// After a recovery: the last offset replayed. The live feed may still bring frames the history read already
     /// had (it lags behind a read on another connection); those are dropped until the first later one passes
@@ -297,7 +305,8 @@ pub struct Hub {
 /// Which hub keys hold which job feed topic, and how many keys hold each topic.
 #[derive(Debug, Default)]
 struct Watching {
-    /// Hub key (with local subscribers) → its topic.
+    /// Hub key (with local subscribers) → its topic, for `job:` keys only: a `user:` or `queue:` key's topic
+    /// is [`key_topic`] of the key, and storing it would cost every idle connection about 100 bytes.
     of_key: HashMap<String, Topic>,
     /// Topic → keys holding it (never 0: a topic no key holds is removed and unwatched).
     keys: HashMap<Topic, usize>,
@@ -308,7 +317,12 @@ struct Watching {
 impl Watching {
     /// `key` (just given its first subscriber) holds `topic`; true when the topic was not watched yet.
     fn hold(&mut self, key: &str, topic: Topic) -> bool {
-        self.of_key.insert(key.to_owned(), topic.clone());
+        match key_topic(key) {
+            Some(derived) => debug_assert_eq!(derived, topic, "{key} holds its own topic"),
+            None => {
+                self.of_key.insert(key.to_owned(), topic.clone());
+            }
+        }
         let n = self.keys.entry(topic.clone()).or_insert(0);
         *n += 1;
         let first = *n == 1;
@@ -320,7 +334,10 @@ impl Watching {
 
     /// `key` lost its last subscriber: the topic it held when no other key holds it any more.
     fn release(&mut self, key: &str) -> Option<Topic> {
-        let topic = self.of_key.remove(key)?;
+        let topic = match key_topic(key) {
+            Some(t) => t,
+            None => self.of_key.remove(key)?,
+        };
         let n = self.keys.get_mut(&topic)?;
         *n -= 1;
         if *n > 0 {
@@ -858,8 +875,12 @@ impl Hub {
                 Sub {
                     conn: conn.clone(),
                     view: Arc::new(view),
-                    hold: hold.then(Vec::new),
-                    floor: None,
+                    recovery: hold.then(|| {
+                        Box::new(Recovery {
+                            hold: Some(Vec::new()),
+                            floor: None,
+                        })
+                    }),
                 },
             );
             if let Some(topic) = topic {
@@ -1073,20 +1094,26 @@ impl Hub {
                     f
                 }
             };
-            if let (Some(floor), Some(o)) = (sub.floor, offset) {
-                if o <= floor {
+            if let Some(r) = &mut sub.recovery {
+                if let (Some(floor), Some(o)) = (r.floor, offset) {
+                    if o <= floor {
+                        continue;
+                    }
+                    r.floor = None;
+                }
+                if let Some(held) = &mut r.hold {
+                    // Bounded like the send queue: a recovery that takes that long makes a slow consumer.
+                    if held.len() < self.limits.send_queue.max(1) {
+                        held.push((offset, frame));
+                    } else {
+                        sub.conn.close(close::SLOW_CONSUMER);
+                    }
                     continue;
                 }
-                sub.floor = None;
-            }
-            if let Some(held) = &mut sub.hold {
-                // Bounded like the send queue: a recovery that takes that long makes a slow consumer.
-                if held.len() < self.limits.send_queue.max(1) {
-                    held.push((offset, frame));
-                } else {
-                    sub.conn.close(close::SLOW_CONSUMER);
+                if r.floor.is_none() {
+                    // Recovered and past the floor: back to the plain subscriber.
+                    sub.recovery = None;
                 }
-                continue;
             }
             if sub.conn.outbox.push(frame) {
                 self.counters.frames_out.inc();

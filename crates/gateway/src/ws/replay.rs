@@ -275,8 +275,12 @@ impl Hub {
             // Unsubscribed (or closed) meanwhile: nothing to deliver.
             return;
         };
-        let held = sub.hold.take().unwrap_or_default();
-        sub.floor = upto;
+        let r = sub.recovery.get_or_insert_with(Box::default);
+        let held = r.hold.take().unwrap_or_default();
+        r.floor = upto;
+        if upto.is_none() {
+            sub.recovery = None;
+        }
         let replayed = frames.into_iter().map(|(_, f)| f);
         let live = held
             .into_iter()
