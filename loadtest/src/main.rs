@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use loadtest::{api, autoscale, bullmq, ferry, procs, rebalance, redis_cpu, report, soak, wsbench};
+use loadtest::{
+    api, autoscale, bullmq, ferry, procs, proxies, rebalance, redis_cpu, report, soak, wsbench,
+};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -131,6 +133,21 @@ struct RebalanceArgs {
     rebalance_cooldown_ms: u64,
     #[arg(long, default_value_t = 2_000)]
     ws_close_spread_ms: u64,
+    /// Clients leaving on their own (and reconnecting at once) per second, for the whole population.
+    #[arg(long, default_value_t = 5.0)]
+    churn: f64,
+    /// Fronts to run, one after the other: `balancer` (ferry balancer, gateways rebalancing) and `haproxy`
+    /// (HAProxy leastconn, no rebalancing: the peer).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "balancer,haproxy"
+    )]
+    via: Vec<proxies::Via>,
+    /// Draw connections per gateway over time, one panel per front, to this PNG (needs fonts-dejavu-core).
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Connections per gateway over time.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -573,6 +590,12 @@ async fn rebalance_cmd(a: RebalanceArgs) -> anyhow::Result<()> {
     if a.secs == 0 || a.secs > 3600 || a.join_after_secs >= a.secs || a.sample_ms < 50 {
         bail!("--secs must be 1..=3600, --join-after-secs below it, --sample-ms at least 50");
     }
+    if !(0.0..=1000.0).contains(&a.churn) {
+        bail!("--churn must be 0..=1000 leaves per second");
+    }
+    if a.via.is_empty() || a.via.contains(&proxies::Via::Direct) {
+        bail!("--via takes balancer and/or haproxy (the scenario needs a front)");
+    }
     let bin = ferry_bin(a.ferry_bin.clone()).await?;
     let p = rebalance::Params {
         gateways: a.gateways,
@@ -584,9 +607,11 @@ async fn rebalance_cmd(a: RebalanceArgs) -> anyhow::Result<()> {
         rebalance_rate: a.rebalance_rate,
         cooldown_ms: a.rebalance_cooldown_ms,
         close_spread_ms: a.ws_close_spread_ms,
+        churn_per_sec: a.churn,
+        fronts: a.via.clone(),
     };
     let csv = a.csv.clone().unwrap_or_else(rebalance::default_csv);
-    let v = rebalance::run(&bin, &p, &csv).await?;
+    let v = rebalance::run(&bin, &p, &csv, a.plot.as_deref()).await?;
     let text = serde_json::to_string_pretty(&v)?;
     println!("{text}");
     write_out(a.out.as_ref(), &text)
