@@ -45,8 +45,9 @@ enum Cmd {
     /// publishes): RSS, open files and Redis/PostgreSQL memory sampled, then every accepted job checked in the
     /// record (none lost, none doubled, none in the wrong final state).
     Soak(SoakArgs),
-    /// The gateway tier scaling out: N gateways and C WebSocket clients of distinct subjects (placed as a
-    /// balancer would), then one more gateway joins; connections per gateway over time into a CSV.
+    /// The gateway tier scaling out behind a front (`ferry balancer` with rebalancing, HAProxy leastconn as the
+    /// peer): N gateways and C WebSocket clients of distinct subjects, then one more gateway joins; connections
+    /// per gateway over time into a CSV and a plot.
     Rebalance(RebalanceArgs),
     /// Internal: one process of WebSocket clients for `ws` (driven over stdin/stdout).
     #[command(hide = true)]

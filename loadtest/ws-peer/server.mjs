@@ -3,8 +3,9 @@
 // * WebSocket at ws://127.0.0.1:PORT/v1/ws. A client frame {"id":1,"op":"subscribe","channel":"app:bench"} adds
 //   the socket to the channel's Set and is answered {"id":1,"ok":true,"channel":"app:bench"}, like ferry.
 // * HTTP POST /v1/channels/<name>/publish (or POST /publish, channel app:bench) with a JSON body: the frame
-//   {"channel":"app:<name>","event":"message","data":<body>} is serialised once and sent to every subscriber
-//   with ws.send() — the same frame ferry's gateway pushes. Answers 202.
+//   {"channel":"app:<name>","event":"message","data":<body>,"offset":"<ms>-<n>","epoch":"<uuid>"} is serialised
+//   once and sent to every subscriber with ws.send() — the same frame ferry's gateway pushes, position included
+//   (kept in memory only: this server recovers nothing), so a client parses as many bytes from both. Answers 202.
 // * GET /healthz → 200 ok.
 //
 // No authentication (ferry verifies a JWT on every upgrade; this server does not): that favours Node.
@@ -14,6 +15,9 @@ import { WebSocketServer } from 'ws';
 
 const port = Number(process.argv[2] ?? 0);
 const channels = new Map(); // channel -> Set<WebSocket>
+// A frame's position, shaped like ferry's (a stream id and a UUIDv7 epoch).
+const epoch = '0193a8f2-7c41-7d3e-9b5a-2f4c6e8a1b3d';
+let seq = 0;
 
 function publish(channel, body, res) {
   let data;
@@ -23,7 +27,8 @@ function publish(channel, body, res) {
     res.writeHead(400).end('bad json');
     return;
   }
-  const frame = JSON.stringify({ channel, event: 'message', data });
+  const offset = `${Date.now()}-${seq++}`;
+  const frame = JSON.stringify({ channel, event: 'message', data, offset, epoch });
   const subs = channels.get(channel);
   if (subs) {
     for (const ws of subs) {
