@@ -194,7 +194,8 @@ impl Scaler {
     }
 }
 
-async fn fetch_metrics(http: &reqwest::Client, port: u16) -> Option<String> {
+/// `GET http://127.0.0.1:<port>/metrics`, `None` when it does not answer with a success.
+pub async fn fetch_metrics(http: &reqwest::Client, port: u16) -> Option<String> {
     http.get(format!("http://127.0.0.1:{port}/metrics"))
         .send()
         .await

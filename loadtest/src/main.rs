@@ -770,27 +770,33 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                 } else {
                     &a.batch_size[..]
                 };
+                // What every ferry run shares; each run below overrides what it varies.
+                let base = ferry::Params {
+                    jobs: a.jobs,
+                    concurrency: a.concurrency,
+                    batch_size: a.batch_size[0],
+                    rates: a.rates.clone(),
+                    latency_secs: a.latency_secs,
+                    enqueue_chunk: a.enqueue_chunk,
+                    enqueue_tasks: a.enqueue_tasks,
+                    queue: a.queue.clone(),
+                    ferry_bin: bin.clone(),
+                    worker_args: a
+                        .worker_args
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect(),
+                    record: false,
+                    gateways: 0,
+                };
                 for (&batch_size, record) in ordinary
                     .iter()
                     .flat_map(|b| a.recorder.iter().map(move |r| (b, r == "on")))
                 {
                     let p = ferry::Params {
-                        jobs: a.jobs,
-                        concurrency: a.concurrency,
                         batch_size,
-                        rates: a.rates.clone(),
-                        latency_secs: a.latency_secs,
-                        enqueue_chunk: a.enqueue_chunk,
-                        enqueue_tasks: a.enqueue_tasks,
-                        queue: a.queue.clone(),
-                        ferry_bin: bin.clone(),
-                        worker_args: a
-                            .worker_args
-                            .split_whitespace()
-                            .map(str::to_owned)
-                            .collect(),
                         record,
-                        gateways: 0,
+                        ..base.clone()
                     };
                     let quiet = quiet_before(a.wait_quiet).await?;
                     match ferry::run(&p).await {
@@ -815,22 +821,10 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                 }
                 for &gateways in &a.gateways {
                     let p = ferry::Params {
-                        jobs: a.jobs,
-                        concurrency: a.concurrency,
-                        batch_size: a.batch_size[0],
                         rates: Vec::new(),
                         latency_secs: 0,
-                        enqueue_chunk: a.enqueue_chunk,
-                        enqueue_tasks: a.enqueue_tasks,
-                        queue: a.queue.clone(),
-                        ferry_bin: bin.clone(),
-                        worker_args: a
-                            .worker_args
-                            .split_whitespace()
-                            .map(str::to_owned)
-                            .collect(),
-                        record: false,
                         gateways,
+                        ..base.clone()
                     };
                     eprintln!("[loadtest] ferry with {gateways} gateways attached");
                     let quiet = quiet_before(a.wait_quiet).await?;

@@ -1,13 +1,13 @@
 //! Proxies in front of the gateway under test, for `loadtest ws --via`: `ferry balancer` (with the gateway
-//! registered in the membership as a gateway's heartbeat would) and HAProxy (Debian's `/usr/sbin/haproxy`, HTTP
+//! announced in the membership through `Membership::heartbeat`) and HAProxy (Debian's `/usr/sbin/haproxy`, HTTP
 //! mode, WebSocket tunnels), each a child process on a free loopback port.
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
-use ferry_broker::placement::NodeInfo;
+use ferry_broker::{Broker, EngineConfig, NodeInfo, RedisBroker};
 
 use crate::gw::{Server, free_port, raised_nofile};
 use crate::procs;
@@ -35,32 +35,17 @@ impl Via {
 
 pub const HAPROXY: &str = "/usr/sbin/haproxy";
 
-/// Write the gateway's membership entry (ZSET `ferry:gw` + HASH `ferry:gw:info`), valid for an hour.
+/// Announce the gateway in the membership as its own heartbeat would, valid for an hour.
 async fn register(redis_url: &str, gateway_port: u16) -> anyhow::Result<()> {
-    let info = NodeInfo {
-        id: "loadtest-gateway".into(),
-        url: format!("http://127.0.0.1:{gateway_port}"),
-        region: None,
-        connections: 0,
-        partitions: 0,
-        draining: false,
-        ready: true,
-        started_at_ms: 0,
-    };
-    let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64 + 3_600_000;
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    redis::cmd("ZADD")
-        .arg("ferry:gw")
-        .arg(expiry)
-        .arg(&info.id)
-        .query_async::<()>(&mut conn)
-        .await?;
-    redis::cmd("HSET")
-        .arg("ferry:gw:info")
-        .arg(&info.id)
-        .arg(serde_json::to_string(&info)?)
-        .query_async::<()>(&mut conn)
+    let info = NodeInfo::new(
+        "loadtest-gateway",
+        format!("http://127.0.0.1:{gateway_port}"),
+    );
+    let broker = RedisBroker::connect(&[redis_url.to_owned()], EngineConfig::default()).await?;
+    broker
+        .membership()
+        .context("the Redis engine keeps a membership")?
+        .heartbeat(&info, Duration::from_secs(3_600))
         .await?;
     Ok(())
 }

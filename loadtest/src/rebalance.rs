@@ -22,6 +22,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::autoscale::{fetch_metrics, metric_value};
 use crate::gw;
 use crate::procs;
 use crate::proxies::{HAPROXY, Via};
@@ -260,25 +261,14 @@ async fn client(
 /// `ferry_ws_connections` of each gateway port (0 when it does not answer).
 async fn connections(http: &reqwest::Client, ports: &[u16], up: usize) -> Vec<u64> {
     let mut out = Vec::with_capacity(ports.len());
-    for (k, p) in ports.iter().enumerate() {
-        if k >= up {
-            out.push(0);
-            continue;
-        }
-        let text = match http
-            .get(format!("http://127.0.0.1:{p}/metrics"))
-            .send()
-            .await
-        {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
+    for (k, &p) in ports.iter().enumerate() {
+        let text = if k < up {
+            fetch_metrics(http, p).await
+        } else {
+            None
         };
-        let v = text
-            .lines()
-            .find_map(|l| l.strip_prefix("ferry_ws_connections "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
-        out.push(v as u64);
+        let v = text.and_then(|t| metric_value(&t, "ferry_ws_connections", &[]));
+        out.push(v.unwrap_or(0.0) as u64);
     }
     out
 }

@@ -335,14 +335,8 @@ mod tests {
 
     fn node(id: &str, connections: u64) -> NodeInfo {
         NodeInfo {
-            id: id.into(),
-            url: format!("http://{id}:80"),
-            region: None,
             connections,
-            partitions: 0,
-            draining: false,
-            ready: true,
-            started_at_ms: 0,
+            ..NodeInfo::new(id, format!("http://{id}:80"))
         }
     }
 

@@ -161,14 +161,9 @@ where
 
 fn node(id: &str, url: &str, connections: u64) -> NodeInfo {
     NodeInfo {
-        id: id.into(),
-        url: url.into(),
-        region: None,
         connections,
-        partitions: 0,
-        draining: false,
-        ready: true,
         started_at_ms: now_ms(),
+        ..NodeInfo::new(id, url)
     }
 }
 

@@ -66,6 +66,21 @@ fn yes() -> bool {
 }
 
 impl NodeInfo {
+    /// A node as it announces itself at start: ready, not draining, no connections or partitions yet, no
+    /// region, start time unknown (0). Callers set the rest with struct update syntax.
+    pub fn new(id: impl Into<String>, url: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            url: url.into(),
+            region: None,
+            connections: 0,
+            partitions: 0,
+            draining: false,
+            ready: true,
+            started_at_ms: 0,
+        }
+    }
+
     /// Takes new clients.
     pub fn eligible(&self) -> bool {
         self.ready && !self.draining
@@ -160,14 +175,8 @@ mod tests {
 
     fn node(id: &str, connections: u64) -> NodeInfo {
         NodeInfo {
-            id: id.into(),
-            url: format!("http://{id}"),
-            region: None,
             connections,
-            partitions: 0,
-            draining: false,
-            ready: true,
-            started_at_ms: 0,
+            ..NodeInfo::new(id, format!("http://{id}"))
         }
     }
 

@@ -90,20 +90,7 @@ async fn websockets_reach_the_owning_gateway_through_ferry_balancer() -> Result<
         "10",
     ])?;
     until_ready(&http, &format!("http://{admin}"), Duration::from_secs(20)).await?;
-    support::wait_for(
-        Duration::from_secs(10),
-        "the balancer sees both gateways",
-        || async {
-            let text = http
-                .get(format!("http://{admin}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
-            Ok(gauge(&text, r#"ferry_balancer_gateways{state="ready"}"#) == 2.0)
-        },
-    )
-    .await?;
+    support::until_balancer_sees(&http, &admin, 2, Duration::from_secs(10)).await?;
 
     let placement = Placement::new(nodes.clone(), 10.0);
     let mut expected: HashMap<String, f64> = HashMap::new();

@@ -261,20 +261,7 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
         &admin,
     ])?;
     until_ready(&http, &format!("http://{admin}"), Duration::from_secs(30)).await?;
-    wait_for(
-        Duration::from_secs(15),
-        "the balancer sees three ready gateways",
-        || async {
-            let text = http
-                .get(format!("http://{admin}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
-            Ok(support::sample(&text, r#"ferry_balancer_gateways{state="ready"}"#) == Some(3.0))
-        },
-    )
-    .await?;
+    support::until_balancer_sees(&http, &admin, 3, Duration::from_secs(15)).await?;
 
     // 1. Three gateways, 3,000 clients.
     let shared = Arc::new(Shared {

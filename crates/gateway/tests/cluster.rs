@@ -57,19 +57,6 @@ fn ids(v: &Value) -> BTreeMap<String, bool> {
         .collect()
 }
 
-fn ready(id: &str) -> NodeInfo {
-    NodeInfo {
-        id: id.into(),
-        url: String::new(),
-        region: None,
-        connections: 0,
-        partitions: 0,
-        draining: false,
-        ready: true,
-        started_at_ms: 0,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_lists_every_live_gateway_for_admins_only() {
     let redis = RedisServer::start().unwrap();
@@ -199,7 +186,10 @@ async fn client(addr: std::net::SocketAddr, then: Then, sub: String, seen: Arc<M
 async fn a_joining_node_gets_the_excess_over_the_bound_paced_after_the_cooldown() {
     let redis = RedisServer::start().unwrap();
     let a = TestApp::start(broker(&redis).await, clustered("gw-a", 0.1)).await;
-    let both = Placement::new(vec![ready("gw-a"), ready("gw-b")], 0.1);
+    let both = Placement::new(
+        vec![NodeInfo::new("gw-a", ""), NodeInfo::new("gw-b", "")],
+        0.1,
+    );
     let owner = |sub: &str| both.owner(partition_of(None, sub)).unwrap().id.clone();
     let subjects: Vec<String> = (0..).map(|i| format!("s-{i}")).take(200).collect();
     // Clients whose partition gw-b owns: away from their owner while on gw-a, so they are the ones to move.

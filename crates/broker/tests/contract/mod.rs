@@ -109,14 +109,11 @@ pub async fn membership_lists_live_gateways_until_they_expire_or_leave<E: Engine
     let c = setup::<E>("membership").await;
     let m = c.b.membership().expect("the engine keeps a membership");
     let node = |id: &str, connections: u64| NodeInfo {
-        id: id.into(),
-        url: format!("http://{id}:8080"),
         region: Some("eu".into()),
         connections,
         partitions: 3,
-        draining: false,
-        ready: true,
         started_at_ms: 42,
+        ..NodeInfo::new(id, format!("http://{id}:8080"))
     };
     let ids = |v: &[NodeInfo]| {
         let mut ids: Vec<String> = v.iter().map(|n| n.id.clone()).collect();

@@ -8,7 +8,8 @@
 //! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. Ports come from
 //!   `ferry_testkit::free_port`.
 //! - HTTP: [`until_healthy`] (`/healthz` answers), [`readyz`] and [`until_ready`] (`/readyz` is 200),
-//!   [`submit`] (POST a job, 202) and [`poll_json`] / [`until_completed`] (GET until a condition holds).
+//!   [`submit`] (POST a job, 202) and [`poll_json`] / [`until_completed`] (GET until a condition holds);
+//!   [`until_balancer_sees`] (a `ferry balancer` counts N ready gateways).
 //! - Broker: [`redis_and_broker`], [`enqueue_many`], [`states`] (jobs by state), [`until_drained`] (a queue is empty),
 //!   [`count_completions`] (`job.completed` per job), [`completions_total`] and
 //!   [`assert_completed_once`].
@@ -206,6 +207,30 @@ pub async fn until_healthy(http: &reqwest::Client, base: &str, within: Duration)
         || {
             let r = http.get(format!("{base}/healthz")).send();
             async move { Ok(r.await.is_ok_and(|r| r.status().is_success())) }
+        },
+    )
+    .await
+}
+
+/// Waits until the balancer whose admin listener is `admin` (`HOST:PORT`) counts `n` ready gateways in its
+/// membership (`ferry_balancer_gateways{state="ready"}`); an error after `within`.
+pub async fn until_balancer_sees(
+    http: &reqwest::Client,
+    admin: &str,
+    n: usize,
+    within: Duration,
+) -> Result<()> {
+    wait_for(
+        within,
+        &format!("the balancer at {admin} sees {n} ready gateways"),
+        || async {
+            let text = http
+                .get(format!("http://{admin}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            Ok(sample(&text, r#"ferry_balancer_gateways{state="ready"}"#) == Some(n as f64))
         },
     )
     .await
