@@ -7,7 +7,10 @@
 //
 // With --secret, each socket gets an HS256 token of its own subject (`fanout-<n>`, scope `subscribe`) in the
 // `token` query parameter, and the publisher one with scope `publish`; without it (the Node peer) no token.
-// Prints one JSON line: deliveries, expected, lost, deliveries/s, p50/p90/p99/max in ms, client CPU seconds.
+// Prints one JSON line: deliveries, expected, lost, deliveries/s, p50/p90/p99/max in ms, client CPU seconds, and
+// per message the latency of its first and of its last delivery (first_p50/last_p50: medians over messages). The
+// first delivery shows the server's own delay from publish to first write; the spread to the last one is mostly
+// this client's, which reads every delivery in one event loop.
 import crypto from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import WebSocket from 'ws';
@@ -36,6 +39,9 @@ function token(sub, scope) {
 const nowMs = () => performance.timeOrigin + performance.now();
 
 const latencies = [];
+// Per measured message: its earliest and latest delivery latency.
+const first = new Map();
+const last = new Map();
 let measuring = false;
 let received = 0;
 
@@ -51,8 +57,11 @@ function open(i) {
       if (msg.id === 1 && msg.ok) return resolve(ws);
       if (msg.event === 'message' && msg.data && typeof msg.data.t === 'number') {
         if (msg.data.w === 0) {
+          const l = at - msg.data.t;
           received += 1;
-          latencies.push(at - msg.data.t);
+          latencies.push(l);
+          if (!(first.get(msg.data.s) <= l)) first.set(msg.data.s, l);
+          if (!(last.get(msg.data.s) >= l)) last.set(msg.data.s, l);
         }
       }
     });
@@ -102,6 +111,10 @@ const cpu = process.cpuUsage(cpuStart);
 latencies.sort((a, b) => a - b);
 const q = (p) => (latencies.length ? latencies[Math.min(latencies.length - 1, Math.floor(p * latencies.length))] : null);
 const r2 = (x) => (x === null ? null : Math.round(x * 10) / 10);
+const median = (m) => {
+  const v = [...m.values()].sort((a, b) => a - b);
+  return v.length ? v[v.length >> 1] : null;
+};
 console.log(
   JSON.stringify({
     sockets,
@@ -116,6 +129,8 @@ console.log(
     p90_ms: r2(q(0.9)),
     p99_ms: r2(q(0.99)),
     max_ms: r2(latencies[latencies.length - 1] ?? null),
+    first_p50_ms: r2(median(first)),
+    last_p50_ms: r2(median(last)),
     client_cpu_s: Math.round(((cpu.user + cpu.system) / 1e6) * 10) / 10,
   }),
 );

@@ -9,11 +9,17 @@
 // * GET /healthz → 200 ok.
 //
 // No authentication (ferry verifies a JWT on every upgrade; this server does not): that favours Node.
-// Listens on 127.0.0.1 only. Usage: node server.mjs PORT
+// Listens on 127.0.0.1 only. Usage: node server.mjs PORT [--answer-first]
+//
+// By default the 202 goes out after the last ws.send(), as a plain broadcast server does. With --answer-first it
+// goes out first and the sends follow on the next turn of the event loop, as ferry's gateway does (its hub fans
+// out on a task of its own): with a one-process client, which also reads the publisher's responses, the order
+// alone moves every delivery (loadtest/README.md, fan-out latency).
 import http from 'node:http';
 import { WebSocketServer } from 'ws';
 
 const port = Number(process.argv[2] ?? 0);
+const answerFirst = process.argv.includes('--answer-first');
 const channels = new Map(); // channel -> Set<WebSocket>
 // A frame's position, shaped like ferry's (a stream id and a UUIDv7 epoch).
 const epoch = '0193a8f2-7c41-7d3e-9b5a-2f4c6e8a1b3d';
@@ -29,13 +35,18 @@ function publish(channel, body, res) {
   }
   const offset = `${Date.now()}-${seq++}`;
   const frame = JSON.stringify({ channel, event: 'message', data, offset, epoch });
-  const subs = channels.get(channel);
-  if (subs) {
-    for (const ws of subs) {
+  const send = () => {
+    for (const ws of channels.get(channel) ?? []) {
       if (ws.readyState === ws.OPEN) ws.send(frame);
     }
+  };
+  if (answerFirst) {
+    res.writeHead(202).end();
+    setImmediate(send);
+  } else {
+    send();
+    res.writeHead(202).end();
   }
-  res.writeHead(202).end();
 }
 
 const server = http.createServer((req, res) => {
