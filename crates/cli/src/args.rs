@@ -562,6 +562,16 @@ pub struct DevArgs {
     #[arg(long, env = "FERRY_PROFILING")]
     pub profiling: bool,
 
+    /// Failed authentications per second per client IP, HTTP requests and WebSocket upgrades alike; past it
+    /// they are answered 429 (as `ferry gateway --unauth-upgrade-rate`).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_UNAUTH_UPGRADE_RATE",
+        default_value_t = 10
+    )]
+    pub unauth_upgrade_rate: u32,
+
     #[command(flatten)]
     pub history: HistoryArgs,
 
