@@ -2,8 +2,8 @@
 //! latency-routed DNS in front). Providers cannot be downloaded everywhere the tests run, so `terraform
 //! validate` is not run here; instead:
 //!
-//! 1. `terraform fmt -check -recursive terraform/` when a `terraform` binary is on PATH (otherwise a visible
-//!    `SKIPPED: terraform not installed` line on stderr, and that part passes);
+//! 1. `terraform fmt -check -recursive terraform/` (terraform must be on PATH, as it is on the machine image; the
+//!    test fails, saying so, without it);
 //! 2. checkov (installed by `scripts/test.sh` into `$FERRY_TOOLS_DIR/checkov`, by default
 //!    `target/tools/checkov`) over `terraform/` with `terraform/.checkov.yaml`, offline, with zero failed checks
 //!    (deliberate exceptions are inline `#checkov:skip=ID:reason` comments, each listed in the README);
@@ -56,17 +56,16 @@ fn terraform_fmt_is_clean() -> Result<()> {
     let mut cmd = Command::new("terraform");
     cmd.args(["fmt", "-check", "-recursive", "-diff", "terraform/"])
         .current_dir(repo());
-    let (ok, text) = match command_output(&mut cmd) {
-        Ok(r) => r,
-        Err(e)
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
+    // A missing terraform fails the test (a check that cannot run must not pass): the machine image has it.
+    let (ok, text) = command_output(&mut cmd).map_err(|e| {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
         {
-            eprintln!("SKIPPED: terraform not installed (terraform fmt -check not run)");
-            return Ok(());
+            e.context("terraform is not on PATH: `terraform fmt -check` cannot run")
+        } else {
+            e
         }
-        Err(e) => return Err(e),
-    };
+    })?;
     ensure!(
         ok,
         "`terraform fmt -check -recursive terraform/` found unformatted files (run `terraform fmt -recursive terraform/`):\n{text}"

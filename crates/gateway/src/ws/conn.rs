@@ -63,7 +63,7 @@ pub async fn upgrade(
     let principal = match verified {
         Some(Ok(p)) => p,
         failed => {
-            hub.count_refused_upgrade();
+            // Counted by reason in `unauth_allowed` (whether the address is over its failure budget decides it).
             if !hub.unauth_allowed(peer.ip()) {
                 return ApiError::RateLimited {
                     retry_after_secs: 1,
@@ -306,54 +306,34 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
         // Set when the node drains (see `Hub::goaway`) or moves this connection away (`Hub::move_away`): when
         // it closes with 1001.
         let mut closing: Option<Instant> = None;
-        // The waits that rarely end live across iterations: created in every `select!`, each would register
-        // with its `Notify`, cancellation token or timer wheel and deregister again on every frame sent (about
-        // 8 % of a fan-out profile's samples). Only the outbox and the socket are polled afresh.
-        let mut due = next_ping.min(c.expires);
-        let timer = tokio::time::sleep_until(due);
-        let kill = handle.wake(true);
-        let goaway_called = hub.goaway_called();
-        tokio::pin!(timer, kill, goaway_called);
         let ending: Ending = loop {
-            let next = closing.map_or(next_ping.min(c.expires), |t| {
-                t.min(next_ping).min(c.expires)
-            });
-            if next != due {
-                due = next;
-                timer.as_mut().reset(due);
-            }
+            let expires = c.expires;
+            let wake = closing.map_or(next_ping.min(expires), |t| t.min(next_ping).min(expires));
             tokio::select! {
                 // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`. Or moved away by
                 // rebalancing, which says goodbye like a drain does.
-                w = &mut kill => match w {
+                w = handle.wake(closing.is_none()) => match w {
                     Wake::Kill => break Some(handle.ending()),
                     Wake::Move => {
                         let delay = hub.close_delay();
                         closing = Some(Instant::now() + delay);
-                        // From now on only a kill ends the wait.
-                        kill.set(handle.wake(false));
                         if let Err(ending) = send(&mut socket, &hub, &handle, goaway("rebalance", delay), closing).await {
                             break ending;
                         }
                     }
                 },
-                // Guarded: once it has fired `closing` is set, and a finished future is never polled again.
-                _ = &mut goaway_called, if closing.is_none() => {
+                _ = hub.goaway_called(), if closing.is_none() => {
                     let delay = hub.close_delay();
                     closing = Some(Instant::now() + delay);
-                    // Draining already: a move changes nothing, only a kill ends the wait.
-                    kill.set(handle.wake(false));
                     if let Err(ending) = send(&mut socket, &hub, &handle, goaway("shutdown", delay), closing).await {
                         break ending;
                     }
                 }
-                // Every outcome below either ends the loop or moves `next_ping`, so the timer is reset before
-                // it is polled again.
-                _ = &mut timer => {
+                _ = tokio::time::sleep_until(wake) => {
                     if closing.is_some_and(|t| Instant::now() >= t) {
                         break Some(handle.going_away());
                     }
-                    if Instant::now() >= c.expires {
+                    if Instant::now() >= expires {
                         break Some((close::TOKEN_EXPIRED, "token expired"));
                     }
                     next_ping += ping_interval;
@@ -446,21 +426,63 @@ fn is_write_buffer_full(e: &axum::Error) -> bool {
 /// close frame still fits); nothing when the write itself failed (the peer is gone; counted). A write still
 /// blocked when a draining connection's close time (`closing`) comes is abandoned for the 1001 close.
 ///
-/// A frame the socket takes at once (nearly every one) is written here, with nothing allocated and no wait
-/// registered; only a blocked write goes on to [`send_blocked`].
-async fn send(
-    socket: &mut WebSocket,
-    hub: &Hub,
-    handle: &super::ConnHandle,
+/// A frame the socket takes at once (nearly every one) is written in the first poll, with nothing allocated;
+/// only a blocked write goes on to [`send_blocked`]. A hand-written future rather than an `async fn`: the
+/// connection task stores it at each of its call sites, and an async fn's state was twice as large.
+fn send<'a>(
+    socket: &'a mut WebSocket,
+    hub: &'a Hub,
+    handle: &'a super::ConnHandle,
     msg: Message,
     closing: Option<Instant>,
-) -> Result<(), Ending> {
-    let mut msg = Some(msg);
-    let tried = std::future::poll_fn(|cx| Poll::Ready(try_send(socket, cx, &mut msg))).await;
-    match tried {
-        Ok(true) => Ok(()),
-        Ok(false) => send_blocked(socket, hub, handle, msg, closing).await,
-        Err(e) => Err(write_failed(hub, &e)),
+) -> SendFrame<'a> {
+    SendFrame {
+        socket: Some(socket),
+        hub,
+        handle,
+        msg: Some(msg),
+        closing,
+        blocked: None,
+    }
+}
+
+/// See [`send`].
+struct SendFrame<'a> {
+    /// Until the first poll, which writes or hands it to `blocked`.
+    socket: Option<&'a mut WebSocket>,
+    hub: &'a Hub,
+    handle: &'a super::ConnHandle,
+    msg: Option<Message>,
+    closing: Option<Instant>,
+    blocked: Option<BoxFuture<'a, Result<(), Ending>>>,
+}
+
+impl Future for SendFrame<'_> {
+    type Output = Result<(), Ending>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every field is Unpin (references, a message, a boxed future).
+        let this = self.get_mut();
+        if let Some(socket) = this.socket.take() {
+            match try_send(socket, cx, &mut this.msg) {
+                Ok(true) => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(write_failed(this.hub, &e))),
+                Ok(false) => {
+                    this.blocked = Some(send_blocked(
+                        socket,
+                        this.hub,
+                        this.handle,
+                        this.msg.take(),
+                        this.closing,
+                    ));
+                }
+            }
+        }
+        match &mut this.blocked {
+            Some(blocked) => blocked.as_mut().poll(cx),
+            // Polled again after it finished: a bug in the caller, answered as a failed write.
+            None => Poll::Ready(Err(None)),
+        }
     }
 }
 

@@ -1607,10 +1607,6 @@ impl Hub {
         self.counters.rate_limited_frames.inc();
     }
 
-    /// A refused upgrade. Counted by reason in [`Hub::unauth_allowed`], which the upgrade calls next (whether
-    /// the address is over its failure budget decides the reason).
-    pub(crate) fn count_refused_upgrade(&self) {}
-
     /// A frame received from a client.
     pub fn count_frame_in(&self) {
         self.counters.frames_in.inc();
