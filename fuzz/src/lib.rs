@@ -57,14 +57,7 @@ pub fn harness() -> &'static Harness {
         });
         let token = mint(
             SECRET,
-            &MintClaims {
-                sub: "fuzzer".into(),
-                scopes: vec!["admin".into()],
-                tenant: None,
-                ttl: Duration::from_secs(86_400),
-                issuer: None,
-                audience: None,
-            },
+            &MintClaims::new("fuzzer", "admin", Duration::from_secs(86_400)),
         )
         .expect("token");
         let verifier = ferry_gateway::auth::Authenticator::new(auth).expect("authenticator");

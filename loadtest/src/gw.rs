@@ -59,14 +59,7 @@ pub fn token(sub: &str, scopes: &[&str]) -> anyhow::Result<String> {
 pub fn token_with(secret: &[u8], sub: &str, scopes: &[&str]) -> anyhow::Result<String> {
     mint(
         secret,
-        &MintClaims {
-            sub: sub.to_owned(),
-            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-            tenant: None,
-            ttl: Duration::from_secs(4 * 3600),
-            issuer: None,
-            audience: None,
-        },
+        &MintClaims::new(sub, &scopes.join(" "), Duration::from_secs(4 * 3600)),
     )
     .map_err(|e| anyhow::anyhow!("minting a token: {e}"))
 }

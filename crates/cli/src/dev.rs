@@ -109,14 +109,8 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
         .map(|q| q.to_string())
         .unwrap_or_default();
     if cfg.generated_secret {
-        let admin = MintClaims {
-            sub: "dev-admin".into(),
-            scopes: Scope::ALL.iter().map(|s| s.as_str().to_owned()).collect(),
-            tenant: None,
-            ttl: Duration::from_secs(24 * 3600),
-            issuer: None,
-            audience: None,
-        };
+        let all: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+        let admin = MintClaims::new("dev-admin", &all.join(" "), Duration::from_secs(24 * 3600));
         let token = mint(&cfg.secret, &admin).map_err(|e| CliError::Internal(e.to_string()))?;
         let secret = String::from_utf8_lossy(&cfg.secret);
         println!("ferry dev: no FERRY_JWT_SECRET given, generated one for this run:");

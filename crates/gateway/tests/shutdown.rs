@@ -25,14 +25,11 @@ const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
 fn token() -> String {
     mint(
         SECRET,
-        &MintClaims {
-            sub: "alice".into(),
-            scopes: vec!["jobs:submit".into(), "jobs:read".into(), "subscribe".into()],
-            tenant: None,
-            ttl: Duration::from_secs(3600),
-            issuer: None,
-            audience: None,
-        },
+        &MintClaims::new(
+            "alice",
+            "jobs:submit jobs:read subscribe",
+            Duration::from_secs(3600),
+        ),
     )
     .unwrap()
 }

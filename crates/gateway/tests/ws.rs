@@ -52,18 +52,7 @@ async fn gateway(broker: Arc<dyn Broker>, limits: LimitsConfig) -> Node {
 }
 
 fn token(sub: &str, scopes: &str, ttl: Duration) -> String {
-    mint(
-        SECRET,
-        &MintClaims {
-            sub: sub.into(),
-            scopes: scopes.split_whitespace().map(String::from).collect(),
-            tenant: None,
-            ttl,
-            issuer: None,
-            audience: None,
-        },
-    )
-    .expect("mints")
+    mint(SECRET, &MintClaims::new(sub, scopes, ttl)).expect("mints")
 }
 
 const ALL: &str = "jobs:submit jobs:read queues:read publish subscribe";
@@ -366,14 +355,7 @@ async fn cross_node_app_messages_and_job_events() {
 fn tenant_token(sub: &str, tenant: &str, scopes: &str, ttl: Duration) -> String {
     mint(
         SECRET,
-        &MintClaims {
-            sub: sub.into(),
-            scopes: scopes.split_whitespace().map(String::from).collect(),
-            tenant: Some(tenant.into()),
-            ttl,
-            issuer: None,
-            audience: None,
-        },
+        &MintClaims::new(sub, scopes, ttl).in_tenant(Some(tenant)),
     )
     .expect("mints")
 }

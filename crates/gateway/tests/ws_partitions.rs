@@ -72,14 +72,7 @@ async fn worker(redis: &RedisServer, queue: &str) -> CancellationToken {
 fn token(sub: &str, scopes: &str) -> String {
     mint(
         SECRET,
-        &MintClaims {
-            sub: sub.into(),
-            scopes: scopes.split_whitespace().map(String::from).collect(),
-            tenant: None,
-            ttl: Duration::from_secs(300),
-            issuer: None,
-            audience: None,
-        },
+        &MintClaims::new(sub, scopes, Duration::from_secs(300)),
     )
     .expect("mints")
 }

@@ -186,14 +186,7 @@ pub fn remaining(deadline: Instant) -> Duration {
 pub fn token(secret: &str, sub: &str, scopes: &[&str], ttl: Duration) -> String {
     mint(
         secret.as_bytes(),
-        &MintClaims {
-            sub: sub.into(),
-            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-            tenant: None,
-            ttl,
-            issuer: None,
-            audience: None,
-        },
+        &MintClaims::new(sub, &scopes.join(" "), ttl),
     )
     .expect("mint a token")
 }

@@ -475,6 +475,29 @@ pub struct MintClaims {
     pub audience: Option<String>,
 }
 
+impl MintClaims {
+    /// Claims for `sub` with `scopes` (space-separated, as a token's `scope` claim), valid for `ttl`; no tenant,
+    /// issuer or audience.
+    pub fn new(sub: impl Into<String>, scopes: &str, ttl: Duration) -> Self {
+        Self {
+            sub: sub.into(),
+            scopes: scopes.split_whitespace().map(str::to_owned).collect(),
+            tenant: None,
+            ttl,
+            issuer: None,
+            audience: None,
+        }
+    }
+
+    /// The same claims within `tenant` (none: without one).
+    pub fn in_tenant(self, tenant: Option<&str>) -> Self {
+        Self {
+            tenant: tenant.map(str::to_owned),
+            ..self
+        }
+    }
+}
+
 /// Sign an HS256 token with `sub`, `scope` (space-separated, omitted when empty), `tenant` (if any), `iat`,
 /// `exp = now + ttl` and `iss`/`aud` if given.
 ///

@@ -205,14 +205,7 @@ impl TestApp {
 pub fn token(sub: &str, scopes: &str, tenant: Option<&str>) -> String {
     mint(
         SECRET,
-        &MintClaims {
-            sub: sub.into(),
-            scopes: scopes.split_whitespace().map(str::to_owned).collect(),
-            tenant: tenant.map(str::to_owned),
-            ttl: Duration::from_secs(3600),
-            issuer: None,
-            audience: None,
-        },
+        &MintClaims::new(sub, scopes, Duration::from_secs(3600)).in_tenant(tenant),
     )
     .expect("token minted")
 }
