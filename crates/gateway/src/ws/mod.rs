@@ -1084,9 +1084,8 @@ impl Hub {
     /// given a turn in between: the connections handed the frame write it while the rest are still being
     /// handed it. In one go, the first write waited for every hand-over: with 2,000 subscribers the first
     /// delivery came 3.2–3.5 ms after the publish, in turns 2.1–2.3 ms (fan-out benchmark, loadtest/README.md).
-    /// A subscriber that leaves meanwhile is
-    /// skipped; one that joins meanwhile is not served this frame (it subscribed after it, as far as this
-    /// node can tell; its `since` recovers it).
+    /// A subscriber that leaves meanwhile is skipped; one that joins meanwhile is not served this frame (it
+    /// subscribed after it, as far as this node can tell; its `since` recovers it).
     async fn fan_out(
         &self,
         key: &str,
@@ -1099,6 +1098,12 @@ impl Hub {
             let Some(subs) = channels.get_mut(key) else {
                 return false;
             };
+            if subs.len() == 1 {
+                // A `user:` or `job:` key's usual audience: nothing to order, nothing to allocate.
+                subs.values_mut()
+                    .for_each(|sub| self.deliver(sub, offset, &mut rendered, &render));
+                return true;
+            }
             if subs.len() <= FAN_OUT_TURN {
                 let mut subs: Vec<(u64, &mut Sub)> =
                     subs.iter_mut().map(|(id, sub)| (*id, sub)).collect();
