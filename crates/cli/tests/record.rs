@@ -184,14 +184,24 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         c.count("select count(*) from jobs where owner = 'submitter' and correlation_id like 'batch-%' and attempts = 1")?,
         total
     );
-    // The row updates of a job's life write no index (docs/store.md): PostgreSQL counts them as HOT.
-    wait_for_every(POLL, Duration::from_secs(15), "HOT updates of jobs rows", || async {
-        let hot = c.sql(
-            "select coalesce(round(100.0 * n_tup_hot_upd / nullif(n_tup_upd, 0)), 0) from pg_stat_user_tables where relname = 'jobs'",
+    // The row updates of a job's life write no index (docs/store.md): PostgreSQL counts them as HOT. Measured
+    // 94-98 % here, alone or with both cores busy; an index on a column that a transition changes makes it 0 %.
+    // The rest are updates that found their page full because a snapshot (an autoanalyze, a slow recorder
+    // transaction) held off pruning, which a loaded CI machine makes longer: 90 % failed there once, so the bar
+    // is 75 %, still far from what a wrong index gives.
+    let seen = std::cell::RefCell::new(String::new());
+    let hot = wait_for_every(POLL, Duration::from_secs(15), "HOT updates of jobs rows", || async {
+        let row = c.sql(
+            "select n_tup_upd || ' ' || n_tup_hot_upd from pg_stat_user_tables where relname = 'jobs'",
         )?;
-        Ok(hot.parse::<f64>().unwrap_or(0.0) >= 90.0)
+        let (upd, hot) = row.split_once(' ').context("two counts")?;
+        let (upd, hot): (f64, f64) = (upd.parse()?, hot.parse()?);
+        *seen.borrow_mut() = format!("{hot} of {upd} updates HOT");
+        Ok(upd > 0.0 && hot >= 0.75 * upd)
     })
-    .await?;
+    .await;
+    eprintln!("jobs: {}", seen.borrow());
+    hot.with_context(|| seen.borrow().clone())?;
     // The gateway answers from the record: every job once through the pages, and a job's trail.
     let mut seen = std::collections::HashSet::new();
     let mut cursor: Option<String> = None;
