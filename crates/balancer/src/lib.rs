@@ -167,8 +167,8 @@ impl Shared {
     }
 
     /// Taking connections, with a fresh membership read and at least one eligible gateway.
-    pub fn ready(&self) -> (bool, serde_json::Value) {
-        let draining = self.draining.load(Ordering::Acquire);
+    /// The readiness checks' reports: the membership read is fresh, some gateway is eligible.
+    pub fn ready(&self) -> (serde_json::Value, serde_json::Value) {
         let age = self
             .last_read
             .lock()
@@ -183,16 +183,10 @@ impl Shared {
             .iter()
             .filter(|n| n.eligible())
             .count();
-        let ok = !draining && fresh && eligible > 0;
-        let body = serde_json::json!({
-            "status": if ok { "ready" } else { "unready" },
-            "draining": draining,
-            "checks": {
-                "membership": {"ok": fresh, "last_read_ms_ago": age.map(|a| a.as_millis() as u64)},
-                "gateways": {"ok": eligible > 0, "eligible": eligible, "known": snapshot.placement.nodes().len()},
-            },
-        });
-        (ok, body)
+        (
+            serde_json::json!({"ok": fresh, "last_read_ms_ago": age.map(|a| a.as_millis() as u64)}),
+            serde_json::json!({"ok": eligible > 0, "eligible": eligible, "known": snapshot.placement.nodes().len()}),
+        )
     }
 }
 

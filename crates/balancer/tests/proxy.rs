@@ -789,7 +789,7 @@ async fn shutdown_drains_then_closes() {
     )
     .await;
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
-    assert!(ready.contains(r#""draining":true"#), "{ready}");
+    assert!(ready.contains(r#""status":"draining""#), "{ready}");
     ws.send(Message::text("during drain")).await.unwrap();
     let echo = ws.next().await.unwrap().unwrap();
     assert_eq!(echo.into_text().unwrap().as_str(), "during drain");

@@ -4,9 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_autoscaler::actuator::{Local, MetricsOnly};
-use ferry_autoscaler::config::ActuatorConfig;
-use ferry_autoscaler::{Actuator, Autoscaler, RegionControl, RegionsFile};
+use ferry_autoscaler::{AutoscalerNode, RegionsFile};
 
 use crate::CliError;
 use crate::args::AutoscalerArgs;
@@ -46,72 +44,28 @@ pub fn resolve(a: AutoscalerArgs) -> Result<ResolvedAutoscaler, CliError> {
     })
 }
 
+/// Longest the autoscaler's shutdown may take: the local workers it started drain first.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(120);
+
 pub async fn run(cfg: ResolvedAutoscaler) -> Result<(), CliError> {
-    let shutdown =
-        ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
+    let runner = crate::runner(SHUTDOWN_DEADLINE)?;
+    let shutdown = runner.shutdown();
     // First, so a taken address fails the start at once instead of after connecting to every region.
     let listener = crate::bind_admin(cfg.admin_listen).await?;
-    let mut controls = Vec::new();
-    let mut locals: Vec<Arc<Local>> = Vec::new();
+    let mut regions = Vec::new();
     for region in cfg.regions.regions {
+        let options = ferry_broker::RedisOptions::default();
         let broker = tokio::select! {
-            b = crate::connect(&region.redis, cfg.engine.clone(), ferry_broker::RedisOptions::default(), cfg.redis_tls.clone()) => b?,
+            b = crate::connect(&region.redis, cfg.engine.clone(), options, cfg.redis_tls.clone()) => b?,
             _ = shutdown.cancelled() => return Ok(()),
         };
-        let actuator: Arc<dyn Actuator> = match &region.actuator {
-            ActuatorConfig::Metrics(_) => Arc::new(MetricsOnly::default()),
-            ActuatorConfig::Local(l) => {
-                let local = Arc::new(
-                    Local::new(region.clone(), l.clone())
-                        .map_err(|e| CliError::Internal(e.to_string()))?,
-                );
-                locals.push(local.clone());
-                local
-            }
-            ActuatorConfig::Kubernetes(k) => Arc::new(
-                ferry_autoscaler::kubernetes::Kubernetes::new(region.clone(), k.clone())
-                    .await
-                    .map_err(|e| CliError::Unavailable(e.to_string()))?,
-            ),
-        };
-        tracing::info!(region = %region.name, actuator = region.actuator.kind(), queues = ?region.queues, "region");
-        controls.push(RegionControl::new(region, Arc::new(broker), actuator));
+        regions.push((region, Arc::new(broker) as Arc<dyn ferry_broker::Broker>));
     }
-    let registry = Arc::new(ferry_telemetry::metrics::registry());
-    let metrics = ferry_autoscaler::Metrics::new(&registry)
-        .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
-    let autoscaler = Autoscaler::new(controls, cfg.dry_run, Some(metrics));
-    let admin_stop = tokio_util::sync::CancellationToken::new();
-    let admin_task = match listener {
-        Some(listener) => {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
-            }
-            let admin = ferry_autoscaler::admin::Admin {
-                registry,
-                last_round: autoscaler.last_round(),
-                interval: cfg.interval,
-            };
-            Some(tokio::spawn(ferry_autoscaler::admin::serve(
-                listener,
-                admin,
-                admin_stop.clone(),
-            )))
-        }
-        None => None,
-    };
-    if cfg.dry_run {
-        tracing::info!("dry run: decisions are logged, nothing is scaled");
-    }
-    autoscaler.run(cfg.interval, shutdown).await;
-    // Workers this process started drain before it exits (their jobs finish or are released).
-    for l in &locals {
-        l.shutdown().await;
-    }
-    admin_stop.cancel();
-    if let Some(t) = admin_task {
-        let _ = t.await;
-    }
-    tracing::info!("autoscaler stopped");
+    let node = AutoscalerNode::build(regions, cfg.interval, cfg.dry_run, runner.registry())
+        .await
+        .map_err(|e| CliError::Unavailable(e.to_string()))?;
+    let admin = listener.map(|l| runner.serve_admin(l, node.admin()));
+    node.run(shutdown).await;
+    runner.finish(admin).await;
     Ok(())
 }

@@ -57,9 +57,10 @@ pub fn resolve(a: BalancerArgs) -> Result<BalancerConfig, CliError> {
 }
 
 pub async fn run(cfg: BalancerConfig) -> Result<(), CliError> {
-    let shutdown =
-        ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
-    let registry = Arc::new(ferry_telemetry::metrics::registry());
+    // The balancer's drain keeps tunnels up to its drain time; past that and a margin, the process exits 70.
+    let runner = crate::runner(cfg.drain + std::time::Duration::from_secs(5))?;
+    let shutdown = runner.shutdown();
+    let registry = Arc::new(runner.registry());
     let balancer = tokio::select! {
         b = Balancer::build(cfg, registry) => b.map_err(|e| match e {
             ferry_balancer::BalancerError::Tls(m) => CliError::Usage(m),
@@ -74,5 +75,6 @@ pub async fn run(cfg: BalancerConfig) -> Result<(), CliError> {
         "balancer listening"
     );
     balancer.run(shutdown).await;
+    runner.finish(None).await;
     Ok(())
 }

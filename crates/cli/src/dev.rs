@@ -10,8 +10,8 @@ use ferry_core::QueueName;
 use ferry_gateway::GatewayConfig;
 use ferry_gateway::auth::{AuthConfig, MintClaims, Scope, mint};
 use ferry_store::MemoryStore;
-use ferry_store::recorder::{Recorder, RecorderConfig};
-use ferry_worker::{HandlerRegistry, Worker, WorkerConfig};
+use ferry_store::recorder::RecorderConfig;
+use ferry_worker::{HandlerRegistry, WorkerConfig, WorkerDeps, WorkerNode, WorkerNodeConfig};
 
 use crate::CliError;
 use crate::args::DevArgs;
@@ -76,8 +76,14 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
-    let shutdown =
-        ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
+    // The gateway drains first, then the worker (see below); past both, the process exits 70.
+    let w = &cfg.worker;
+    let deadline = cfg.gateway.shutdown.hard_deadline
+        + w.drain_timeout
+        + w.cancel_grace
+        + w.flush_timeout
+        + Duration::from_secs(10);
+    let runner = crate::runner(deadline)?;
     let broker =
         Arc::new(MemoryBroker::new(EngineConfig::default()).with_channel_history(cfg.history));
     // The embedded record: the recorder copies every event into memory, so `GET /v1/jobs` and a job's events
@@ -85,57 +91,64 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
     let store: Arc<dyn ferry_store::Store> = Arc::new(MemoryStore::new());
     let mut gateway = cfg.gateway;
     gateway.store = Some(store.clone());
-    let worker = Worker::new(
-        broker.clone(),
-        HandlerRegistry::with_builtins(),
-        cfg.worker.clone(),
-    )
-    .map_err(|e| CliError::Usage(e.to_string()))?;
-    let recorder = Recorder::new(
-        broker.clone(),
-        store,
-        RecorderConfig::new(worker.monitor().consumer().to_owned()),
-    );
+    // One registry: the gateway's `/metrics` shows the embedded worker and recorder too.
+    gateway.registry = Some(runner.registry());
+    let mut node = WorkerNodeConfig::new(cfg.worker.clone());
+    node.recorder = Some(RecorderConfig::new(String::new()));
+    let deps = WorkerDeps {
+        broker: broker.clone(),
+        store: Some(store),
+        registry: runner.registry(),
+    };
+    let worker = WorkerNode::build(node, HandlerRegistry::with_builtins(), deps)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let monitor = worker.monitor();
+    runner.on_deadline(move |deadline| ferry_worker::node::report_held(&monitor, deadline));
+    if cfg.generated_secret {
+        print_start(&cfg.secret, &gateway, &cfg.worker)?;
+    }
+    // The worker drains only once the gateway has: jobs accepted during the gateway's drain delay are run, not
+    // left in an engine that is about to vanish with the process.
+    let worker_stop = tokio_util::sync::CancellationToken::new();
+    let worker_task = tokio::spawn(worker.run(worker_stop.clone()));
+    let served = crate::gateway::serve(gateway, broker, runner.shutdown()).await;
+    worker_stop.cancel();
+    let drained = match worker_task.await {
+        Ok(r) => r.map(drop).map_err(|e| CliError::Internal(e.to_string())),
+        Err(e) => Err(CliError::Internal(e.to_string())),
+    };
+    runner.finish(None).await;
+    served.and(drained)
+}
+
+/// The generated secret, an admin token and a curl line that submits a job.
+fn print_start(
+    secret: &[u8],
+    gateway: &GatewayConfig,
+    worker: &WorkerConfig,
+) -> Result<(), CliError> {
     let listen = gateway.listen;
     let scheme = if gateway.tls.is_some() {
         "https"
     } else {
         "http"
     };
-    let queue = cfg
-        .worker
+    let queue = worker
         .queues
         .first()
         .map(|q| q.to_string())
         .unwrap_or_default();
-    if cfg.generated_secret {
-        let all: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
-        let admin = MintClaims::new("dev-admin", &all.join(" "), Duration::from_secs(24 * 3600));
-        let token = mint(&cfg.secret, &admin).map_err(|e| CliError::Internal(e.to_string()))?;
-        let secret = String::from_utf8_lossy(&cfg.secret);
-        println!("ferry dev: no FERRY_JWT_SECRET given, generated one for this run:");
-        println!("  export FERRY_JWT_SECRET={secret}");
-        println!("admin token (24 h):");
-        println!("  export FERRY_TOKEN={token}");
-        println!("submit a job:");
-        println!(
-            "  curl -s -X POST {scheme}://{listen}/v1/queues/{queue}/jobs -H \"Authorization: Bearer $FERRY_TOKEN\" -H 'Content-Type: application/json' -d '{{\"kind\":\"ferry.echo\",\"payload\":{{\"hello\":\"world\"}}}}'"
-        );
-    }
-    let recorder_stop = tokio_util::sync::CancellationToken::new();
-    let recorder_task = tokio::spawn(recorder.run(recorder_stop.clone()));
-    // The worker drains only once the gateway has: jobs accepted during the gateway's drain delay are run, not
-    // left in an engine that is about to vanish with the process.
-    let worker_stop = tokio_util::sync::CancellationToken::new();
-    let worker_task = tokio::spawn(worker.run(worker_stop.clone()));
-    let served = crate::gateway::serve(gateway, broker, shutdown.clone()).await;
-    worker_stop.cancel();
-    match worker_task.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(CliError::Internal(e.to_string())),
-        Err(e) => return Err(CliError::Internal(e.to_string())),
-    }
-    recorder_stop.cancel();
-    let _ = recorder_task.await;
-    served
+    let all: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+    let admin = MintClaims::new("dev-admin", &all.join(" "), Duration::from_secs(24 * 3600));
+    let token = mint(secret, &admin).map_err(|e| CliError::Internal(e.to_string()))?;
+    let secret = String::from_utf8_lossy(secret);
+    println!("ferry dev: no FERRY_JWT_SECRET given, generated one for this run:");
+    println!("  export FERRY_JWT_SECRET={secret}");
+    println!("admin token (24 h):");
+    println!("  export FERRY_TOKEN={token}");
+    println!("submit a job:");
+    println!(
+        "  curl -s -X POST {scheme}://{listen}/v1/queues/{queue}/jobs -H \"Authorization: Bearer $FERRY_TOKEN\" -H 'Content-Type: application/json' -d '{{\"kind\":\"ferry.echo\",\"payload\":{{\"hello\":\"world\"}}}}'"
+    );
+    Ok(())
 }

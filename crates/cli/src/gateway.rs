@@ -335,23 +335,32 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
 }
 
 pub async fn run(cfg: ResolvedGateway) -> Result<(), CliError> {
-    let shutdown =
-        ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
-    let broker = crate::connect(
-        &cfg.urls,
-        cfg.engine.clone(),
-        cfg.redis_options.clone(),
-        cfg.redis_tls.clone(),
-    )
-    .await?
-    .with_channel_history(cfg.history);
+    // The gateway's own drain ends at its hard deadline; the process exits 70 shortly after if it has not.
+    let runner = crate::runner(cfg.config.shutdown.hard_deadline + DEADLINE_MARGIN)?;
+    let connect = async {
+        let broker =
+            crate::connect(&cfg.urls, cfg.engine, cfg.redis_options, cfg.redis_tls).await?;
+        let store: Option<Arc<dyn ferry_store::Store>> = match &cfg.database {
+            Some(db) => Some(Arc::new(crate::store::connect(db).await?)),
+            None => None,
+        };
+        Ok::<_, CliError>((broker.with_channel_history(cfg.history), store))
+    };
+    let shutdown = runner.shutdown();
+    let (broker, store) = tokio::select! {
+        c = connect => c?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let mut config = cfg.config;
-    if let Some(db) = &cfg.database {
-        let store: Arc<dyn ferry_store::Store> = Arc::new(crate::store::connect(db).await?);
-        config.store = Some(store);
-    }
-    serve(config, Arc::new(broker), shutdown).await
+    config.store = store;
+    config.registry = Some(runner.registry());
+    let served = serve(config, Arc::new(broker), shutdown).await;
+    runner.finish(None).await;
+    served
 }
+
+/// The room the process deadline leaves past the gateway's own hard deadline (closing the pools, last spans).
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Bind and serve until `shutdown`; shared with `ferry dev`.
 pub async fn serve(

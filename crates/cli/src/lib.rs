@@ -26,7 +26,7 @@ pub const EXIT_USAGE: u8 = 64;
 /// EX_UNAVAILABLE: a service the command needs (Redis) cannot be reached.
 pub const EXIT_UNAVAILABLE: u8 = 69;
 /// EX_SOFTWARE: an internal error.
-pub const EXIT_SOFTWARE: u8 = 70;
+pub const EXIT_SOFTWARE: u8 = ferry_telemetry::runner::EXIT_SOFTWARE;
 
 /// Why a command failed, which decides the exit code.
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +231,13 @@ pub(crate) fn check_redis_urls(urls: &[String]) -> Result<Vec<String>, CliError>
         return Err(CliError::usage("--redis", format!("{dup} is listed twice")));
     }
     Ok(urls)
+}
+
+/// The process runner (signals, deadline, registry) for a role whose shutdown may take up to `deadline`.
+pub(crate) fn runner(
+    deadline: std::time::Duration,
+) -> Result<ferry_telemetry::runner::Runner, CliError> {
+    ferry_telemetry::runner::Runner::new(deadline).map_err(|e| CliError::Internal(e.to_string()))
 }
 
 /// `--admin-listen`: HOST:PORT, or `off` for no listener.

@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use ferry_broker::EngineConfig;
 use ferry_core::{Kind, QueueName};
-use ferry_store::reconciler::{Reconciler, ReconcilerConfig};
-use ferry_store::recorder::{Recorder, RecorderConfig};
-use ferry_worker::{HandlerRegistry, WebhookConfig, Worker, WorkerConfig, WorkerError};
+use ferry_store::reconciler::ReconcilerConfig;
+use ferry_store::recorder::RecorderConfig;
+use ferry_worker::{
+    HandlerRegistry, WebhookConfig, WorkerConfig, WorkerDeps, WorkerError, WorkerNode,
+    WorkerNodeConfig,
+};
 
 use crate::CliError;
 use crate::args::WorkerArgs;
@@ -22,28 +25,18 @@ pub struct ResolvedWorker {
     pub redis_options: ferry_broker::RedisOptions,
     pub redis_tls: ferry_broker::RedisTls,
     pub engine: EngineConfig,
-    pub worker: WorkerConfig,
-    pub registry: HandlerRegistry,
-    /// The durable record; the recorder runs when it is set.
+    /// The node: worker, recorder and reconciler settings, profiling, readiness budget.
+    pub node: WorkerNodeConfig,
+    pub handlers: HandlerRegistry,
+    /// The durable record; the recorder and the reconciler run when it is set.
     pub database: Option<crate::store::ResolvedDatabase>,
-    /// The recorder's settings (its consumer name is the worker's, filled in at start).
-    pub recorder: Option<RecorderConfig>,
-    /// The reconciler's settings (its lease holder is the worker's consumer name); `None` when off.
-    pub reconciler: Option<ReconcilerConfig>,
     /// Where the admin listener (`/metrics`, `/healthz`, `/readyz`) binds; `None` when `off`.
     pub admin_listen: Option<std::net::SocketAddr>,
-    /// Whether the admin listener serves `/debug/pprof/profile` (`--profiling`).
-    pub profiling: bool,
-    /// Longest wait for each `/readyz` check of the admin listener.
-    pub ready_budget: Duration,
     /// Longest the shutdown may take after the signal before the process exits 70, naming what it still held.
     pub shutdown_deadline: Duration,
     /// Drain and stop when the parent process goes away (`--exit-with-parent`).
     pub exit_with_parent: bool,
 }
-
-/// How long the exit at the shutdown deadline waits for the last spans to be sent.
-const DEADLINE_FLUSH: Duration = Duration::from_secs(2);
 
 /// The default shutdown deadline's room past the drain's own bounds (drain, cancel grace, outcome flush): for
 /// the recorder's last batch and closing the pools.
@@ -233,14 +226,16 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         redis_options,
         redis_tls,
         engine,
-        worker,
-        registry,
+        node: WorkerNodeConfig {
+            worker,
+            recorder,
+            reconciler,
+            profiling: a.profiling,
+            ready_budget,
+        },
+        handlers: registry,
         database,
-        recorder,
-        reconciler,
         admin_listen,
-        profiling: a.profiling,
-        ready_budget,
         shutdown_deadline,
         exit_with_parent: a.exit_with_parent,
     })
@@ -281,163 +276,41 @@ fn first(e: &ferry_core::ValidationError) -> String {
         .unwrap_or_else(|| e.to_string())
 }
 
-/// Connect, run until a signal, drain.
+/// Connect, run the node until a signal, drain.
 pub async fn run(cfg: ResolvedWorker) -> Result<(), CliError> {
-    // Registered before connecting, so a SIGTERM during a slow connect is still a graceful stop.
-    let shutdown =
-        ferry_telemetry::shutdown_token().map_err(|e| CliError::Internal(e.to_string()))?;
+    let runner = crate::runner(cfg.shutdown_deadline)?;
+    if cfg.exit_with_parent {
+        runner.exit_with_parent();
+    }
+    let shutdown = runner.shutdown();
     // First, so a taken address fails the start at once instead of after the connects.
     let listener = crate::bind_admin(cfg.admin_listen).await?;
-    let broker = tokio::select! {
-        b = crate::connect(&cfg.urls, cfg.engine.clone(), cfg.redis_options.clone(), cfg.redis_tls.clone()) => b?,
+    let connect = async {
+        let broker =
+            crate::connect(&cfg.urls, cfg.engine, cfg.redis_options, cfg.redis_tls).await?;
+        let store: Option<Arc<dyn ferry_store::Store>> = match &cfg.database {
+            Some(db) => Some(Arc::new(crate::store::connect(db).await?)),
+            None => None,
+        };
+        Ok::<_, CliError>((Arc::new(broker) as Arc<dyn ferry_broker::Broker>, store))
+    };
+    let (broker, store) = tokio::select! {
+        c = connect => c?,
         _ = shutdown.cancelled() => return Ok(()),
     };
-    let broker: Arc<dyn ferry_broker::Broker> = Arc::new(broker);
-    let store = match &cfg.database {
-        Some(db) => Some(tokio::select! {
-            s = crate::store::connect(db) => s?,
-            _ = shutdown.cancelled() => return Ok(()),
-        }),
-        None => None,
+    let registry = runner.registry();
+    let deps = WorkerDeps {
+        broker,
+        store,
+        registry,
     };
-    let worker = Worker::new(broker.clone(), cfg.registry, cfg.worker)
+    let node = WorkerNode::build(cfg.node, cfg.handlers, deps)
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    let metrics = Arc::new(ferry_telemetry::metrics::registry());
-    worker
-        .register_metrics(&metrics)
-        .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
-    let mut ready_checks: Vec<(&'static str, ferry_worker::admin::ReadyCheck)> = Vec::new();
-    // The reconciler stops with the signal: a pass cut short is simply run again by another node.
-    let reconcile_task = match (&store, cfg.reconciler) {
-        (Some(store), Some(mut rc)) => {
-            rc.holder = worker.monitor().consumer().to_owned();
-            let reconciler = Reconciler::new(broker.clone(), Arc::new(store.clone()), rc);
-            reconciler
-                .register_metrics(&metrics)
-                .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
-            Some(tokio::spawn(reconciler.run(shutdown.clone())))
-        }
-        _ => None,
-    };
-    // The recorder stops after the worker has drained (its own token), so the drain's events are recorded too.
-    let recorder_stop = tokio_util::sync::CancellationToken::new();
-    let recorder_task = match (store, cfg.recorder) {
-        (Some(store), Some(mut rc)) => {
-            rc.consumer = worker.monitor().consumer().to_owned();
-            let store: Arc<dyn ferry_store::Store> = Arc::new(store);
-            let recorder = Recorder::new(broker.clone(), store.clone(), rc);
-            recorder
-                .register_metrics(&metrics)
-                .map_err(|e| CliError::Internal(format!("metrics: {e}")))?;
-            let ping: ferry_worker::admin::ReadyCheck = Arc::new(move || {
-                let store = store.clone();
-                Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
-            });
-            ready_checks.push(("postgres", ping));
-            Some(tokio::spawn(recorder.run(recorder_stop.clone())))
-        }
-        (None, _) => {
-            tracing::warn!("no --database-url: job events are not recorded in PostgreSQL");
-            None
-        }
-        (Some(_), None) => {
-            tracing::info!("recorder off (--no-recorder)");
-            None
-        }
-    };
-    // A worker started by the autoscaler's local actuator drains when that parent is gone (killed, crashed):
-    // it is re-parented, and its parent id changes.
-    if cfg.exit_with_parent {
-        let shutdown = shutdown.clone();
-        let parent = std::os::unix::process::parent_id();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-                if std::os::unix::process::parent_id() != parent {
-                    tracing::warn!(parent, "the parent process is gone: draining");
-                    shutdown.cancel();
-                    return;
-                }
-            }
-        });
-    }
-    // The hard deadline: whatever hangs (a handler ignoring cancellation, a store that never answers), the
-    // process ends, and says which jobs it still held (their leases expire and they are redelivered).
-    {
-        let shutdown = shutdown.clone();
-        let monitor = worker.monitor();
-        let deadline = cfg.shutdown_deadline;
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(deadline).await;
-            let running = monitor.running();
-            let shown: Vec<String> = running.iter().take(20).map(|j| j.to_string()).collect();
-            tracing::error!(
-                deadline_ms = deadline.as_millis() as u64,
-                jobs_held = running.len(),
-                jobs = %shown.join(", "),
-                "shutdown deadline passed: exiting with work still open; these jobs are redelivered when their \
-                 leases expire"
-            );
-            // The spans of the jobs that did finish, which the exit would otherwise lose.
-            ferry_telemetry::otlp::flush(DEADLINE_FLUSH).await;
-            std::process::exit(i32::from(crate::EXIT_SOFTWARE));
-        });
-    }
-    // A second signal while draining means "now": exit without waiting for the drain.
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            if let Ok(again) = ferry_telemetry::shutdown_signal() {
-                let sig = again.await;
-                tracing::warn!(
-                    signal = sig.name(),
-                    "second signal: exiting without finishing the drain"
-                );
-                std::process::exit(i32::from(crate::EXIT_SOFTWARE));
-            }
-        });
-    }
-    // Stopped last: `/readyz` answers 503 (draining) while the worker drains.
-    let admin_stop = tokio_util::sync::CancellationToken::new();
-    let admin_task = listener.map(|listener| {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "admin listener (/metrics, /healthz, /readyz)");
-            if cfg.profiling && !addr.ip().is_loopback() {
-                tracing::warn!(%addr, "/debug/pprof/profile is served without authentication on a \
-                    non-loopback address: keep the admin listener off public interfaces");
-            }
-        }
-        let admin = ferry_worker::admin::Admin {
-            registry: metrics.clone(),
-            broker: broker.clone(),
-            worker: worker.monitor(),
-            checks: ready_checks,
-            profiling: cfg.profiling,
-            ready_budget: cfg.ready_budget,
-        };
-        tokio::spawn(ferry_worker::admin::serve(
-            listener,
-            admin,
-            admin_stop.clone(),
-        ))
-    });
-    let report = worker.run(shutdown).await;
-    recorder_stop.cancel();
-    if let Some(t) = recorder_task {
-        let _ = t.await;
-    }
-    if let Some(t) = reconcile_task {
-        let _ = t.await;
-    }
-    admin_stop.cancel();
-    if let Some(t) = admin_task {
-        let _ = t.await;
-    }
+    let monitor = node.monitor();
+    runner.on_deadline(move |deadline| ferry_worker::node::report_held(&monitor, deadline));
+    let admin = listener.map(|l| runner.serve_admin(l, node.admin()));
+    let report = node.run(shutdown).await;
+    runner.finish(admin).await;
     let report = report.map_err(|e| CliError::Internal(e.to_string()))?;
     tracing::info!(
         completed = report.completed_during_drain,

@@ -93,6 +93,27 @@ async fn dev_runs_a_submitted_job_end_to_end() {
         .await
         .unwrap();
     assert_eq!(list["jobs"][0]["id"], id.as_str(), "{list}");
+    // One registry for the process: `/metrics` shows the embedded worker and recorder beside the gateway.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "ferry_http_requests_total",
+        r#"ferry_jobs_completed_total{kind="ferry.echo",queue="default"} 1"#,
+        "ferry_queue_depth",
+        "ferry_recorder_",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
     // Without a token: a problem+json 401.
     let res = http
         .get(format!("{base}/v1/jobs/{id}"))

@@ -184,9 +184,15 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
         .position(|(_, s)| s.is_none())
         .context("the listener closed")?;
     assert!(first_503 < first_refused, "{samples:?}");
+    // A probe that reaches the process before the signal has been handled may still be answered 200 (the
+    // signal is asynchronous; a loaded machine has measured 8 ms); from the first 503 on, never ready again.
     assert!(
-        samples.iter().all(|(_, s)| *s != Some(200)),
-        "never ready again after the signal: {samples:?}"
+        samples[first_503..].iter().all(|(_, s)| *s != Some(200)),
+        "never ready again once draining: {samples:?}"
+    );
+    assert!(
+        samples[first_503].0 < Duration::from_millis(DELAY / 2),
+        "readiness turned at once: {samples:?}"
     );
     assert!(
         samples[first_refused].0 >= Duration::from_millis(DELAY - 100),

@@ -31,6 +31,9 @@ pub struct GatewayConfig {
     pub connections: ConnectionConfig,
     /// Membership of the gateway tier and rebalancing of WebSocket clients ([`crate::cluster`]).
     pub cluster: ClusterConfig,
+    /// The process's metrics registry, shared with the other nodes of the process (`ferry dev`'s embedded
+    /// worker): `/metrics` serves all of it. `None`: a registry of the gateway's own.
+    pub registry: Option<ferry_telemetry::prometheus::Registry>,
 }
 
 /// This node in the gateway tier: what it announces in the membership, how often, and how it moves its
@@ -259,6 +262,7 @@ impl GatewayConfig {
             profiling: false,
             connections: ConnectionConfig::default(),
             cluster: ClusterConfig::default(),
+            registry: None,
         }
     }
 }

@@ -10,14 +10,20 @@
 //! [`otlp`] optionally exports spans to an OpenTelemetry collector (OTLP/HTTP) and links them across the
 //! gateway and the worker through the jobs' `traceparent`.
 //!
+//! [`runner`] is the process runner every role runs under (root token, second signal, hard deadline, one
+//! registry, the admin listener), and [`admin`] the one admin router (`/metrics`, `/healthz`, `/readyz`,
+//! `/debug/pprof/profile`) the roles serve.
+//!
 //! This crate must not hold global state of its own: the only global it touches is the tracing subscriber, and
 //! only when the binary calls [`install_tracing`] (or [`init_tracing`]). Libraries and tests never call it, so
 //! several nodes can run in one test process.
 
+pub mod admin;
 pub mod health;
 pub mod metrics;
 pub mod otlp;
 pub mod profile;
+pub mod runner;
 
 pub use prometheus;
 

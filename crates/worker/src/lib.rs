@@ -8,18 +8,19 @@
 //! * [`builtins`]: `ferry.noop`, `ferry.sleep`, `ferry.echo`, `ferry.fail`.
 //! * [`webhook`]: the HTTP webhook executor.
 //! * [`config`]: [`WorkerConfig`] and its defaults.
-//! * [`metrics`]: the worker's Prometheus metrics; [`admin`]: the admin listener (`/metrics`, `/healthz`,
-//!   `/readyz`).
+//! * [`metrics`]: the worker's Prometheus metrics.
+//! * [`node`]: [`WorkerNode`], the whole node `ferry worker` runs: the worker, the recorder and reconciler
+//!   beside it, and what its admin listener serves.
 //!
 //! This crate owns *when* jobs run and what is reported about them. It must not decide job state itself (the
 //! broker does, atomically and fenced by leases), keep unbounded buffers, or read configuration from the
 //! environment (the binary resolves that and passes a [`WorkerConfig`]).
 
-pub mod admin;
 pub mod builtins;
 pub mod config;
 pub mod handler;
 pub mod metrics;
+pub mod node;
 pub mod runtime;
 pub mod webhook;
 
@@ -29,6 +30,7 @@ mod scheduler;
 
 pub use config::WorkerConfig;
 pub use handler::{FnHandler, Handler, HandlerRegistry, JobContext, JobError, handler_fn};
+pub use node::{WorkerDeps, WorkerNode, WorkerNodeConfig};
 pub use runtime::{DrainReport, RunningJob, Worker, WorkerCounters, WorkerMonitor};
 pub use webhook::{WebhookConfig, WebhookHandler};
 

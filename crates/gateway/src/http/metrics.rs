@@ -1,5 +1,6 @@
-//! The gateway's Prometheus metrics, served by `GET /metrics` (names in `docs/metrics.md`). One registry per
-//! router (never the global default registry), so several gateways can run in one test process. It holds the
+//! The gateway's Prometheus metrics, served by `GET /metrics` (names in `docs/metrics.md`). The registry is the
+//! process's ([`crate::GatewayConfig::registry`], shared with `ferry dev`'s embedded worker) or one per router,
+//! never the global default registry, so several gateways can run in one test process. It holds the
 //! process and runtime collectors (see [`ferry_telemetry::metrics`]), `ferry_http_requests_total` and
 //! `ferry_http_request_duration_seconds` by method and route template, and `ferry_jobs_enqueued_total` by broker
 //! queue (the tenant-prefixed name, e.g. `acme:emails`: the name workers and the queue gauges use). The hub, the
@@ -30,7 +31,14 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let registry = ferry_telemetry::metrics::registry();
+        Self::new(ferry_telemetry::metrics::registry())
+    }
+}
+
+impl Metrics {
+    /// The gateway's series, registered in `registry` (which should hold the process collectors: see
+    /// [`ferry_telemetry::metrics::registry`]).
+    pub fn new(registry: Registry) -> Self {
         let requests = IntCounterVec::new(
             Opts::new(
                 "ferry_http_requests_total",

@@ -81,7 +81,10 @@ pub fn router(state: AppState) -> Router {
     let limits = &state.config.limits;
     let api = Api {
         limiter: Arc::new(limit::RateLimit::new(limits)),
-        metrics: Arc::new(metrics::Metrics::default()),
+        metrics: Arc::new(match &state.config.registry {
+            Some(r) => metrics::Metrics::new(r.clone()),
+            None => metrics::Metrics::default(),
+        }),
         app: state.clone(),
     };
     Router::new()

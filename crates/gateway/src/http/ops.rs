@@ -4,8 +4,9 @@
 //! document. They must stay cheap: probes hit them often.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use ferry_telemetry::admin::{Check, metrics_response, ready_response};
 use ferry_telemetry::health::Need;
 use serde_json::{Value, json};
 
@@ -52,50 +53,30 @@ async fn dependencies(api: &Api) -> ((bool, Value), Option<(bool, Value)>) {
 pub async fn readyz(State(api): State<Api>) -> Response {
     let hub = &api.app.hub;
     if hub.is_draining() {
-        return unready(json!({"status": "draining", "checks": {}}));
+        return ready_response(Vec::new(), true);
     }
     let pubsub = hub.probe_pubsub(api.app.config.readiness.pubsub_budget);
-    let (((redis_ok, redis), store), pubsub) = tokio::join!(dependencies(&api), pubsub);
-    let mut checks = json!({
-        "redis": redis,
-        "pubsub": {"ok": pubsub.ok, "ms": pubsub.ms, "error": pubsub.error},
-    });
-    let mut needs = vec![(Need::Required, redis_ok), (Need::Required, pubsub.ok)];
-    if let Some((ok, pg)) = store {
-        checks["postgres"] = pg;
-        needs.push((Need::Degraded, ok));
+    let ((redis, store), pubsub) = tokio::join!(dependencies(&api), pubsub);
+    let mut checks = vec![
+        Check::dependency("redis", Need::Required, redis),
+        Check::state(
+            "pubsub",
+            pubsub.ok,
+            json!({"ok": pubsub.ok, "ms": pubsub.ms, "error": pubsub.error}),
+        ),
+    ];
+    if let Some(pg) = store {
+        checks.push(Check::dependency("postgres", Need::Degraded, pg));
     }
-    if hub.is_draining() {
-        // Started draining while the checks ran.
-        return unready(json!({"status": "draining", "checks": checks}));
-    }
-    let (ready, status) = ferry_telemetry::health::verdict(needs);
-    if ready {
-        axum::Json(json!({"status": status, "checks": checks})).into_response()
-    } else {
-        unready(json!({"status": status, "checks": checks}))
-    }
-}
-
-fn unready(body: Value) -> Response {
-    let mut res = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
-    res.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(1));
-    res
+    // Draining may have started while the checks ran.
+    ready_response(checks, hub.is_draining())
 }
 
 pub async fn metrics(State(api): State<Api>) -> Response {
     // The round trips set `ferry_dependency_up`, so the scrape reports the dependencies as they answer now,
     // whether or not anything probes `/readyz`.
     dependencies(&api).await;
-    (
-        [(
-            header::CONTENT_TYPE,
-            ferry_telemetry::metrics::TEXT_CONTENT_TYPE,
-        )],
-        super::metrics::render_all(&api),
-    )
-        .into_response()
+    metrics_response(super::metrics::render_all(&api))
 }
 
 pub async fn openapi() -> Response {

@@ -8,8 +8,7 @@ use ferry_broker::redis::RedisOptions;
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::JobState;
 use ferry_testkit::RedisServer;
-use ferry_worker::admin::{self, Admin};
-use ferry_worker::{HandlerRegistry, Worker};
+use ferry_worker::{HandlerRegistry, Worker, WorkerDeps, WorkerNode, WorkerNodeConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -46,26 +45,26 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
         j.max_attempts = Some(2);
         broker.enqueue(&q, j).await?;
     }
-    let registry = Arc::new(ferry_telemetry::metrics::registry());
-    let worker = Worker::new(broker.clone(), HandlerRegistry::with_builtins(), config(&q))?;
-    worker.register_metrics(&registry)?;
-    let monitor = worker.monitor();
+    // The whole node, as `ferry worker` runs it: its admin routes over the node's own registry.
+    let node = WorkerNode::build(
+        WorkerNodeConfig::new(config(&q)),
+        HandlerRegistry::with_builtins(),
+        WorkerDeps {
+            broker: broker.clone(),
+            store: None,
+            registry: ferry_telemetry::metrics::registry(),
+        },
+    )?;
+    let admin = node.admin();
     let shutdown = CancellationToken::new();
-    let run = tokio::spawn(worker.run(shutdown.clone()));
+    let run = tokio::spawn(node.run(shutdown.clone()));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let admin_stop = CancellationToken::new();
-    let server = tokio::spawn(admin::serve(
+    let server = tokio::spawn(ferry_telemetry::admin::serve(
         listener,
-        Admin {
-            registry: registry.clone(),
-            broker: broker.clone(),
-            worker: monitor.clone(),
-            checks: Vec::new(),
-            profiling: false,
-            ready_budget: ferry_worker::admin::DEFAULT_READY_BUDGET,
-        },
+        admin,
         admin_stop.clone(),
     ));
     let http = reqwest::Client::new();

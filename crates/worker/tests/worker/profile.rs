@@ -3,12 +3,10 @@
 //!
 //! One test holds every capture: the sampler is process-wide, and this binary's tests may share a process.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_telemetry::profile::protos::{Message, Profile};
-use ferry_worker::admin::{self, Admin};
-use ferry_worker::{HandlerRegistry, Worker};
+use ferry_worker::{HandlerRegistry, WorkerDeps, WorkerNode, WorkerNodeConfig};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -16,25 +14,23 @@ use crate::common::{config, memory, queue};
 
 /// An admin listener on 127.0.0.1:0 with profiling on or off; its base URL and the token that stops it.
 async fn listener(profiling: bool) -> anyhow::Result<(String, CancellationToken)> {
-    let broker = memory();
-    let worker = Worker::new(
-        broker.clone(),
+    let mut config = WorkerNodeConfig::new(config(&queue("profile")));
+    config.profiling = profiling;
+    let node = WorkerNode::build(
+        config,
         HandlerRegistry::with_builtins(),
-        config(&queue("profile")),
+        WorkerDeps {
+            broker: memory(),
+            store: None,
+            registry: ferry_telemetry::metrics::registry(),
+        },
     )?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let stop = CancellationToken::new();
-    tokio::spawn(admin::serve(
+    tokio::spawn(ferry_telemetry::admin::serve(
         listener,
-        Admin {
-            registry: Arc::new(ferry_telemetry::metrics::registry()),
-            broker,
-            worker: worker.monitor(),
-            checks: Vec::new(),
-            profiling,
-            ready_budget: admin::DEFAULT_READY_BUDGET,
-        },
+        node.admin(),
         stop.clone(),
     ));
     Ok((base, stop))
