@@ -10,12 +10,16 @@
 //! * [`tls`]: throwaway certificates ([`TestCerts`]) for TLS servers ([`RedisServer::start_tls`],
 //!   [`PostgresServer::start_tls`]).
 //! * [`free_port`]: an unused loopback port.
+//! * `cluster` (feature `cluster`): an in-process ferry cluster — Redis shards, PostgreSQL, gateways, workers and
+//!   a balancer built from the role libraries on port 0 — with typed clients, for multi-node tests.
 //!
-//! The API is synchronous on purpose, so that sync tests and tokio tests use it alike (a start takes a few
+//! The servers' API is synchronous on purpose (the cluster harness, which runs async nodes, is async), so that sync tests and tokio tests use it alike (a start takes a few
 //! hundred milliseconds; call it before entering the runtime or accept the brief block). This crate must never
 //! touch the machine's own services (the system Redis on 6379 and PostgreSQL on 5432): every server it starts
 //! is private to one test, and nothing here mocks a server.
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod guard;
 pub mod netns;
 pub mod postgres;
