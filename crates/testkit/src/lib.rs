@@ -10,6 +10,8 @@
 //! * [`tls`]: throwaway certificates ([`TestCerts`]) for TLS servers ([`RedisServer::start_tls`],
 //!   [`PostgresServer::start_tls`]).
 //! * [`free_port`]: an unused loopback port.
+//! * `faulty` (feature `faults`): `FaultyBroker`, a real engine behind a switch per broker method, the one broker
+//!   test double.
 //! * `cluster` (feature `cluster`): an in-process ferry cluster — Redis shards, PostgreSQL, gateways, workers and
 //!   a balancer built from the role libraries on port 0 — with typed clients, for multi-node tests.
 //!
@@ -20,6 +22,8 @@
 
 #[cfg(feature = "cluster")]
 pub mod cluster;
+#[cfg(feature = "faults")]
+pub mod faulty;
 mod guard;
 pub mod netns;
 pub mod postgres;

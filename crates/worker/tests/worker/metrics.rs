@@ -1,18 +1,18 @@
 //! Prometheus metrics after a real workload on a real Redis, and the admin listener over HTTP.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry_broker::redis::RedisOptions;
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::JobState;
 use ferry_testkit::RedisServer;
+use ferry_testkit::faulty::{Fault, FaultyBroker, Method};
 use ferry_worker::{HandlerRegistry, Worker, WorkerDeps, WorkerNode, WorkerNodeConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{Faulty, config, enqueue, eventually, job, memory, queue, wait_state};
+use crate::common::{config, enqueue, eventually, job, memory, queue, wait_state};
 
 async fn redis_broker(redis: &RedisServer) -> Arc<dyn Broker> {
     let options = RedisOptions {
@@ -203,7 +203,7 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_of_running_jobs_are_not_lost_leases() -> anyhow::Result<()> {
     let inner = memory();
-    let faulty = Faulty::new(inner.clone());
+    let faulty = FaultyBroker::new(inner.clone());
     let q = queue("cancel-vs-lost");
     let registry = Arc::new(ferry_telemetry::metrics::registry());
     let worker = Worker::new(faulty.clone(), HandlerRegistry::with_builtins(), config(&q))?;
@@ -233,7 +233,7 @@ async fn cancels_of_running_jobs_are_not_lost_leases() -> anyhow::Result<()> {
     assert_eq!(sample(lost), 0.0);
 
     // Lost: heartbeats fail until the reaper has requeued the job and it runs again.
-    faulty.fail_heartbeat.store(true, Ordering::SeqCst);
+    faulty.switch(Method::Heartbeat, Fault::Unavailable, true);
     let mut j = long();
     j.max_attempts = Some(10);
     let id = enqueue(&*inner, &q, j).await;
@@ -249,7 +249,7 @@ async fn cancels_of_running_jobs_are_not_lost_leases() -> anyhow::Result<()> {
         },
     )
     .await?;
-    faulty.fail_heartbeat.store(false, Ordering::SeqCst);
+    faulty.switch(Method::Heartbeat, Fault::Unavailable, false);
     // The attempt running now keeps its lease; every earlier one was lost. Cancel it to end the case.
     wait_state(&*inner, id, JobState::Active, patience).await?;
     inner.cancel(id, Some("alice")).await?;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use ferry_broker::Broker;
 use ferry_core::{EventType, JobState, Kind};
+use ferry_testkit::faulty::{Fault, FaultyBroker, Method};
 use ferry_worker::{HandlerRegistry, JobError, Worker, WorkerConfig, WorkerError, handler_fn};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -181,7 +182,7 @@ async fn cancelling_an_active_job_fires_ctx_cancelled() -> Result<()> {
 #[tokio::test]
 async fn lost_lease_cancels_the_handler_and_discards_its_result() -> Result<()> {
     let inner = memory();
-    let faulty = Faulty::new(inner.clone());
+    let faulty = FaultyBroker::new(inner.clone());
     let q = queue("lost");
     let saw_cancel = Arc::new(AtomicBool::new(false));
     let mut registry = HandlerRegistry::new();
@@ -208,12 +209,12 @@ async fn lost_lease_cancels_the_handler_and_discards_its_result() -> Result<()> 
     wait_state(&*inner, id, JobState::Active, T).await?;
     // The worker's heartbeats stop reaching the broker (a pause, a partition) until its lease expires and
     // another consumer takes the job over.
-    faulty.fail_heartbeat.store(true, Ordering::SeqCst);
+    faulty.switch(Method::Heartbeat, Fault::Unavailable, true);
     tokio::time::sleep(VISIBILITY + Duration::from_millis(100)).await;
     assert_eq!(inner.reclaim_expired(&q, 10).await?.requeued, 1);
     let thief = inner.claim(&q, "thief", 1, Duration::from_secs(1)).await?;
     assert_eq!(thief.len(), 1);
-    faulty.fail_heartbeat.store(false, Ordering::SeqCst);
+    faulty.switch(Method::Heartbeat, Fault::Unavailable, false);
     eventually(Duration::from_secs(3), "handler cancelled", || async {
         saw_cancel.load(Ordering::SeqCst)
     })
@@ -379,9 +380,9 @@ async fn drain_timeout_releases_the_rest_for_immediate_pickup() -> Result<()> {
 #[tokio::test]
 async fn failed_ack_batch_releases_everything_it_held() -> Result<()> {
     let inner = memory();
-    let faulty = Faulty::new(inner.clone());
+    let faulty = FaultyBroker::new(inner.clone());
     let q = queue("ack-outage");
-    faulty.fail_complete.store(true, Ordering::SeqCst);
+    faulty.switch(Method::Complete, Fault::Unavailable, true);
     let first: Vec<_> = {
         let mut v = Vec::new();
         for _ in 0..2 {
@@ -395,7 +396,7 @@ async fn failed_ack_batch_releases_everything_it_held() -> Result<()> {
     let w = Running::start(faulty.clone(), HandlerRegistry::with_builtins(), cfg);
     // The completions are retried (kept, not dropped) while the broker refuses them...
     eventually(T, "retries", || async {
-        faulty.complete_calls.load(Ordering::SeqCst) >= 2
+        faulty.calls(Method::Complete) >= 2
     })
     .await?;
     assert_eq!(w.monitor.in_flight(), 2, "held while retrying");
@@ -405,7 +406,7 @@ async fn failed_ack_batch_releases_everything_it_held() -> Result<()> {
     })
     .await?;
     assert_eq!(w.monitor.in_flight(), 0);
-    faulty.fail_complete.store(false, Ordering::SeqCst);
+    faulty.switch(Method::Complete, Fault::Unavailable, false);
     // The slots came back: with concurrency 2, new work runs at once...
     let fresh = enqueue(&*inner, &q, job("ferry.noop", Value::Null)).await;
     wait_state(&*inner, fresh, JobState::Completed, T).await?;
@@ -421,9 +422,9 @@ async fn failed_ack_batch_releases_everything_it_held() -> Result<()> {
 #[tokio::test]
 async fn claim_outage_is_retried_and_the_worker_resumes() -> Result<()> {
     let inner = memory();
-    let faulty = Faulty::new(inner.clone());
+    let faulty = FaultyBroker::new(inner.clone());
     let q = queue("claim-outage");
-    faulty.fail_claim.store(true, Ordering::SeqCst);
+    faulty.switch(Method::Claim, Fault::Unavailable, true);
     let w = Running::start(faulty.clone(), HandlerRegistry::with_builtins(), config(&q));
     let id = enqueue(&*inner, &q, job("ferry.noop", Value::Null)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -432,7 +433,7 @@ async fn claim_outage_is_retried_and_the_worker_resumes() -> Result<()> {
         "an outage does not stop the worker"
     );
     assert_eq!(inner.job(id).await?.unwrap().state, JobState::Queued);
-    faulty.fail_claim.store(false, Ordering::SeqCst);
+    faulty.switch(Method::Claim, Fault::Unavailable, false);
     wait_state(&*inner, id, JobState::Completed, T).await?;
     w.stop().await;
     Ok(())
@@ -475,9 +476,9 @@ fn invalid_config_is_rejected_before_running() {
 #[tokio::test]
 async fn stopping_during_an_outage_gives_up_outcomes_after_flush_timeout() -> Result<()> {
     let inner = memory();
-    let faulty = Faulty::new(inner.clone());
+    let faulty = FaultyBroker::new(inner.clone());
     let q = queue("stop-in-outage");
-    faulty.fail_complete.store(true, Ordering::SeqCst);
+    faulty.switch(Method::Complete, Fault::Unavailable, true);
     let mut cfg = config(&q);
     // Long enough that only the shutdown path can end the retries.
     cfg.ack_retry_timeout = Some(Duration::from_secs(60));
@@ -485,7 +486,7 @@ async fn stopping_during_an_outage_gives_up_outcomes_after_flush_timeout() -> Re
     let w = Running::start(faulty.clone(), HandlerRegistry::with_builtins(), cfg);
     let id = enqueue(&*inner, &q, job("ferry.noop", Value::Null)).await;
     eventually(T, "completion attempted", || async {
-        faulty.complete_calls.load(Ordering::SeqCst) >= 1
+        faulty.calls(Method::Complete) >= 1
     })
     .await?;
     let started = std::time::Instant::now();
