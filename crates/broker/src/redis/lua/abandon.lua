@@ -15,7 +15,7 @@ for p, eid in string.gmatch(rec, '(%d)|(%S+)') do
   local t = entry(key, eid)
   -- Still pending means still this claim's lease: only the reaper (which acknowledges at once) or a holder that
   -- knows the lease could have moved it, and the caller never learnt of it.
-  if t and redis.call('XACK', key, 'workers', eid) == 1 then
+  if t and redis.call('XACK', key, GROUP, eid) == 1 then
     local nid = redis.call('XADD', key, '*', 'id', t.id, 'm', t.m, 'a', t.a, 'x', t.x, 'j', t.j)
     redis.call('HSET', KEYS[4], t.id, '["q",' .. p .. ',"' .. nid .. '"]')
     add(queued, t.m, t.a, '{"released":true}')

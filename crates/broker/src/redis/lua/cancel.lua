@@ -18,7 +18,7 @@ if st == 'q' then
   if not t or t.id ~= id then return { 'nf' } end
   if pending(key, eid) then
     -- Active: acknowledging revokes the lease (heartbeat and completion of the holder now fail).
-    redis.call('XACK', key, 'workers', eid)
+    redis.call('XACK', key, GROUP, eid)
     prev, att = 'active', tonumber(t.a) + 1
   else
     -- Queued: delete the undelivered entry so no worker ever claims it.

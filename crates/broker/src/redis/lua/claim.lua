@@ -16,11 +16,11 @@ local out, active = { 'jobs' }, group('job.active', 'active', now)
 for p = 0, 2 do
   if remaining <= 0 then break end
   local key = KEYS[p + 1]
-  local res = redis.pcall('XREADGROUP', 'GROUP', 'workers', consumer, 'COUNT', remaining, 'STREAMS', key, '>')
+  local res = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', remaining, 'STREAMS', key, '>')
   if type(res) == 'table' and res.err then
     -- The group does not exist yet (stream created by a promote or retry before any enqueue registered it).
-    redis.call('XGROUP', 'CREATE', key, 'workers', '0', 'MKSTREAM')
-    res = redis.call('XREADGROUP', 'GROUP', 'workers', consumer, 'COUNT', remaining, 'STREAMS', key, '>')
+    redis.call('XGROUP', 'CREATE', key, GROUP, '0', 'MKSTREAM')
+    res = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', remaining, 'STREAMS', key, '>')
   end
   if res then
     local entries = res[1][2]

@@ -11,7 +11,7 @@ local i = 3
 for k = 1, n do
   local p, eid, id, att, m, result = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   i = i + 6
-  if redis.call('XACK', KEYS[tonumber(p) + 1], 'workers', eid) == 1 then
+  if redis.call('XACK', KEYS[tonumber(p) + 1], GROUP, eid) == 1 then
     hset[#hset + 1] = id
     hset[#hset + 1] = '["c",' .. now .. ',' .. att .. ',' .. p .. ',"' .. eid .. '",' .. result .. ']'
     add(completed, m, att, result)

@@ -10,7 +10,7 @@
 -- hash insert per job cost more Redis CPU than anything else in the enqueue.
 local queue, n, evmax, ttl, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], clock_ms()
 if redis.call('SADD', KEYS[7], queue) == 1 then
-  for p = 1, 3 do redis.pcall('XGROUP', 'CREATE', KEYS[p], 'workers', '0', 'MKSTREAM') end
+  for p = 1, 3 do redis.pcall('XGROUP', 'CREATE', KEYS[p], GROUP, '0', 'MKSTREAM') end
 end
 local ms, prefix, seen = nil, nil, {}
 for k = 1, n do

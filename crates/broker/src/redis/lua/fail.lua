@@ -10,7 +10,7 @@ for k = 1, n do
   i = i + 7
   local key = KEYS[p + 1]
   local t = entry(key, eid)
-  if t and redis.call('XACK', key, 'workers', eid) == 1 then
+  if t and redis.call('XACK', key, GROUP, eid) == 1 then
     if run_at == '0' then
       bury(KEYS[7], KEYS[4], deadmax, t, att, p, err, now)
       add(dead, m, att, '{"error":' .. err .. '}')

@@ -26,7 +26,7 @@ for p = 1, 3 do
       local undelivered = id_next(g['last-delivered-id'])
       if id_lt(undelivered, minid) then minid = undelivered end
       if g.pending > 0 then
-        local oldest = redis.call('XPENDING', key, 'workers')[2]
+        local oldest = redis.call('XPENDING', key, GROUP)[2]
         if id_lt(oldest, minid) then minid = oldest end
       end
       local old = redis.call('XRANGE', key, '-', '(' .. minid, 'COUNT', batch)

@@ -9,13 +9,13 @@ local gq, gd = group('job.queued', 'queued', now), group('job.dead', 'dead', now
 for p = 0, 2 do
   local key = KEYS[p + 1]
   if max > 0 and redis.call('EXISTS', key) == 1 then
-    local r = redis.pcall('XAUTOCLAIM', key, 'workers', 'ferry-reaper', idle, '0-0', 'COUNT', max)
+    local r = redis.pcall('XAUTOCLAIM', key, GROUP, 'ferry-reaper', idle, '0-0', 'COUNT', max)
     if type(r) == 'table' and not r.err then
       for _, e in ipairs(r[2]) do
         local eid, f = e[1], e[2]
         local t = {}
         for i = 1, #f, 2 do t[f[i]] = f[i + 1] end
-        redis.call('XACK', key, 'workers', eid)
+        redis.call('XACK', key, GROUP, eid)
         local att = tonumber(t.a) + 1
         if att >= tonumber(t.x) then
           local err = '"lease expired after ' .. att .. ' attempts"'

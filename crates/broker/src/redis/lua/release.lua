@@ -9,7 +9,7 @@ for k = 1, n do
   i = i + 4
   local key = KEYS[p + 1]
   local t = entry(key, eid)
-  if t and redis.call('XACK', key, 'workers', eid) == 1 then
+  if t and redis.call('XACK', key, GROUP, eid) == 1 then
     local nid = redis.call('XADD', key, '*', 'id', t.id, 'm', t.m, 'a', t.a, 'x', t.x, 'j', t.j)
     redis.call('HSET', KEYS[4], id, '["q",' .. p .. ',"' .. nid .. '"]')
     add(queued, m, t.a, '{"released":true}')

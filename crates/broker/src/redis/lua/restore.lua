@@ -11,7 +11,7 @@ local queue, evmax, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 -- Events are dated by Redis (see prelude.lua); the client's clock only chose whether a job waits again.
 local now = clock_ms()
 if redis.call('SADD', KEYS[7], queue) == 1 then
-  for p = 1, 3 do redis.pcall('XGROUP', 'CREATE', KEYS[p], 'workers', '0', 'MKSTREAM') end
+  for p = 1, 3 do redis.pcall('XGROUP', 'CREATE', KEYS[p], GROUP, '0', 'MKSTREAM') end
 end
 local function known(id, ms)
   if redis.call('HEXISTS', KEYS[4], id) == 1 then return true end
