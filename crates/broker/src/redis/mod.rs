@@ -40,7 +40,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferry_core::{
-    Event, JobId, JobInfo, JobState, Limits, NewJob, QueueName, ValidationError, now_ms,
+    Event, JobId, JobInfo, JobState, Limits, NewJob, QueueName, Redactor, ValidationError, now_ms,
+    redact_url,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, TlsCertificates, Value};
@@ -145,17 +146,30 @@ fn check_ca_pem(ca: &[u8]) -> Result<(), BrokerError> {
 }
 
 /// The shard's identity on the ring: its URL without credentials, and without TLS (`rediss://` counts as
-/// `redis://`), so turning TLS on for a server does not move its queues.
-fn ring_id(name: &str) -> String {
-    match name.strip_prefix("rediss://") {
+/// `redis://`), so rotating a password or turning TLS on for a server does not move its queues.
+///
+/// Not [`redact_url`]: this is an identity, and must stay byte for byte what every earlier ferry computed, or
+/// queues would move to other shards on upgrade. It is the display form ferry used before `redact_url` existed:
+/// everything up to the first `@` became `scheme://***`.
+fn ring_id(url: &str) -> String {
+    let id = match url.split_once('@') {
+        Some((scheme_creds, host)) => {
+            let scheme = scheme_creds.split("://").next().unwrap_or("redis");
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_owned(),
+    };
+    match id.strip_prefix("rediss://") {
         Some(rest) => format!("redis://{rest}"),
-        None => name.to_owned(),
+        None => id,
     }
 }
 
 struct Shard {
-    /// The URL without credentials, for messages.
+    /// The URL with its credentials redacted ([`redact_url`]), for messages.
     name: String,
+    /// Scrubs the URL's password from driver messages.
+    redactor: Redactor,
     client: Client,
     /// Commands and scripts; replaced after a reply times out (see [`conn`]).
     conn: Conn,
@@ -241,24 +255,20 @@ fn redis_err(e: redis::RedisError) -> BrokerError {
 }
 
 /// A failed connect or first PING to the shard `name`: unavailable, with the refusal named when Redis refused
-/// the client ([`refusal::diagnose`]: protected mode, a missing or wrong password, …).
-async fn refused(client: &Client, name: &str, e: redis::RedisError) -> BrokerError {
-    let text = e.to_string();
+/// the client ([`refusal::diagnose`]: protected mode, a missing or wrong password, …). The driver's text goes
+/// through `redactor` (the shard URL's password), like every message that may quote it.
+async fn refused(
+    client: &Client,
+    name: &str,
+    redactor: &Redactor,
+    e: redis::RedisError,
+) -> BrokerError {
+    let text = redactor.apply(&e.to_string());
     BrokerError::Unavailable(
         refusal::diagnose(client, name, &text)
             .await
             .unwrap_or_else(|| format!("{name}: {text}")),
     )
-}
-
-fn redact(url: &str) -> String {
-    match url.split_once('@') {
-        Some((scheme_creds, host)) => {
-            let scheme = scheme_creds.split("://").next().unwrap_or("redis");
-            format!("{scheme}://***@{host}")
-        }
-        None => url.to_owned(),
-    }
 }
 
 impl RedisBroker {
@@ -294,13 +304,15 @@ impl RedisBroker {
         let scripts = Arc::new(Scripts::new());
         let mut shards = Vec::with_capacity(urls.len());
         for (i, url) in urls.iter().enumerate() {
-            let name = redact(url);
+            let name = redact_url(url);
+            let redactor = Redactor::for_url(url);
             let client = open_client(url, &tls).map_err(|e| {
                 let what = if tls.ca_pem.is_some() && url.starts_with("rediss://") {
                     "invalid Redis URL or CA certificate for"
                 } else {
                     "invalid Redis URL"
                 };
+                let e = redactor.apply(&e.to_string());
                 ValidationError::field(format!("redis[{i}]"), format!("{what} {name}: {e}"))
             })?;
             let cm_config = ConnectionManagerConfig::new()
@@ -311,7 +323,7 @@ impl RedisBroker {
             let first =
                 match ConnectionManager::new_with_config(client.clone(), cm_config.clone()).await {
                     Ok(conn) => conn,
-                    Err(e) => return Err(refused(&client, &name, e).await),
+                    Err(e) => return Err(refused(&client, &name, &redactor, e).await),
                 };
             let conn = Conn::new(name.clone(), client.clone(), cm_config, first);
             let abandons = Abandons::new(
@@ -322,6 +334,7 @@ impl RedisBroker {
             );
             shards.push(Shard {
                 name,
+                redactor,
                 client,
                 conn,
                 abandons,
@@ -331,7 +344,7 @@ impl RedisBroker {
         }
         // Shards are identified by their URL without credentials (nor TLS): reordering the list, rotating a
         // password or turning TLS on does not move queues.
-        let ids: Vec<String> = shards.iter().map(|s: &Shard| ring_id(&s.name)).collect();
+        let ids: Vec<String> = urls.iter().map(|u| ring_id(u)).collect();
         let ring = ShardRing::with_ids(&ids);
         let epochs = Arc::new(history::Epochs::new(shards.len()));
         let broker = Self {
@@ -347,7 +360,7 @@ impl RedisBroker {
                 .query_async::<String>(&mut shard.conn.clone())
                 .await
             {
-                return Err(refused(&shard.client, &shard.name, e).await);
+                return Err(refused(&shard.client, &shard.name, &shard.redactor, e).await);
             }
         }
         Ok(broker)
@@ -1678,7 +1691,7 @@ impl Broker for RedisBroker {
                 .query_async(&mut shard.conn.clone())
                 .await
                 .map_err(|e| {
-                    let e = e.to_string();
+                    let e = shard.redactor.apply(&e.to_string());
                     BrokerError::Unavailable(
                         refusal::explain(Some(&shard.name), &e)
                             .unwrap_or_else(|| format!("{}: {e}", shard.name)),
@@ -1748,5 +1761,30 @@ pub fn parse_published(payload: &str) -> Vec<Event> {
             tracing::warn!(error = %e, "undecodable event batch");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_ids_stay_what_they_were() {
+        // Pinned: a change here moves queues between shards on upgrade.
+        for (url, id) in [
+            ("redis://10.0.0.1:6379", "redis://10.0.0.1:6379"),
+            (
+                "rediss://cache.example:6380/0",
+                "redis://cache.example:6380/0",
+            ),
+            ("redis://:pw@10.0.0.1:6379", "redis://***@10.0.0.1:6379"),
+            ("rediss://user:pw@h:1/2", "redis://***@h:1/2"),
+            ("redis://user@h:1", "redis://***@h:1"),
+            ("redis://u:p@ss@h:1", "redis://***@ss@h:1"),
+        ] {
+            assert_eq!(ring_id(url), id, "{url}");
+        }
+        // Rotating the password or turning TLS on keeps the id.
+        assert_eq!(ring_id("redis://:old@h:1"), ring_id("rediss://:new@h:1"));
     }
 }
