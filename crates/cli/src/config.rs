@@ -19,6 +19,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Command, CommandFactory, FromArgMatches};
+use ferry_core::{REDACTED, redact_url};
 
 use crate::CliError;
 use crate::args::{Cli, Role};
@@ -277,22 +278,14 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli, clap::Error> {
     Cli::from_arg_matches(&matches)
 }
 
-/// Redact a secret or the password inside a URL.
+/// A value as `check` and error messages show it: a secret as [`REDACTED`], a URL with its credentials redacted
+/// by the rule every crate uses ([`redact_url`]).
 pub(crate) fn shown(flag: &str, value: &str) -> String {
     if SECRET.contains(&flag) {
-        return "<redacted>".into();
+        return REDACTED.into();
     }
-    if URLS.contains(&flag)
-        && let Some((scheme, rest)) = value.split_once("://")
-        && let Some((creds, host)) = rest.rsplit_once('@')
-    {
-        let user = creds.split(':').next().unwrap_or("");
-        let masked = if creds.contains(':') {
-            format!("{user}:<redacted>")
-        } else {
-            user.to_owned()
-        };
-        return format!("{scheme}://{masked}@{host}");
+    if URLS.contains(&flag) {
+        return redact_url(value);
     }
     value.to_owned()
 }

@@ -367,16 +367,20 @@ pub(crate) async fn connect(
     tls: ferry_broker::RedisTls,
 ) -> Result<ferry_broker::RedisBroker, CliError> {
     use ferry_broker::Broker;
-    // The URLs as the message shows them: a password inside one is never printed.
+    // The URLs as the message shows them: a password inside one is never printed, nor in the error after them.
     let shown: Vec<String> = urls.iter().map(|u| config::shown("redis", u)).collect();
     let shown = shown.join(", ");
+    let redactor = urls
+        .iter()
+        .fold(ferry_core::Redactor::new(), |r, u| r.url(u));
+    let unavailable = |e: ferry_broker::BrokerError| {
+        let e = redactor.apply(&e.to_string());
+        CliError::Unavailable(format!("cannot reach redis ({shown}): {e}"))
+    };
     let broker = ferry_broker::RedisBroker::connect_with_tls(urls, config, options, tls)
         .await
-        .map_err(|e| CliError::Unavailable(format!("cannot reach redis ({shown}): {e}")))?;
-    broker
-        .ping()
-        .await
-        .map_err(|e| CliError::Unavailable(format!("cannot reach redis ({shown}): {e}")))?;
+        .map_err(unavailable)?;
+    broker.ping().await.map_err(unavailable)?;
     Ok(broker)
 }
 

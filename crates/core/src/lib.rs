@@ -11,6 +11,7 @@
 //! * [`error`]: `FieldError` / `ValidationError`, which name the bad field.
 //! * [`trace`]: the W3C `traceparent` a job carries from its request to its worker.
 //! * [`breaker`]: a pure, thread-safe circuit breaker (closed / open / half-open) around a dependency.
+//! * [`redact`]: the one rule for hiding the credentials of connection URLs, in URLs shown and in messages.
 
 pub mod backoff;
 pub mod breaker;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod event;
 pub mod job;
 pub mod names;
+pub mod redact;
 pub mod trace;
 
 pub use backoff::Backoff;
@@ -27,3 +29,4 @@ pub use job::{
     DEFAULT_MAX_ATTEMPTS, Job, JobId, JobInfo, JobSpec, JobState, Limits, NewJob, Priority, now_ms,
 };
 pub use names::{Kind, QueueName};
+pub use redact::{REDACTED, Redactor, redact_url};

@@ -23,7 +23,7 @@ use deadpool_postgres::{
 };
 use ferry_core::{
     Backoff, DEFAULT_MAX_ATTEMPTS, Event, EventType, JobId, JobInfo, JobSpec, JobState, Kind,
-    Priority, QueueName,
+    Priority, QueueName, Redactor, redact_url,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -82,7 +82,7 @@ impl PgConfig {
 impl fmt::Debug for PgConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgConfig")
-            .field("url", &Redactor::from_url(&self.url).apply(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
@@ -93,44 +93,12 @@ impl fmt::Debug for PgConfig {
     }
 }
 
-/// Replaces the URL's password (as written and percent-decoded) in anything that leaves this module.
-#[derive(Clone, Default)]
-struct Redactor(Vec<String>);
-
-impl Redactor {
-    /// The password of `scheme://user:password@host/...`, if any.
-    fn from_url(url: &str) -> Self {
-        let secret = url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split(['/', '?']).next())
-            .and_then(|authority| authority.rsplit_once('@'))
-            .and_then(|(userinfo, _)| userinfo.split_once(':'))
-            .map(|(_, pw)| pw.to_owned());
-        Self(secret.into_iter().filter(|s| !s.is_empty()).collect())
-    }
-
-    fn with(mut self, secret: Option<&[u8]>) -> Self {
-        if let Some(s) = secret
-            .map(String::from_utf8_lossy)
-            .filter(|s| !s.is_empty())
-        {
-            self.0.push(s.into_owned());
-        }
-        self
-    }
-
-    fn apply(&self, text: &str) -> String {
-        self.0
-            .iter()
-            .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "***"))
-    }
-}
-
 /// The PostgreSQL [`Store`].
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
     statement_cache: bool,
+    /// Scrubs the URL's password from anything that leaves this module (driver errors quote it).
     redactor: Redactor,
     /// `job.completed` events stored as `job.duplicate_completion` by this store.
     duplicate_completions: std::sync::Arc<AtomicU64>,
@@ -150,7 +118,7 @@ impl fmt::Debug for PgStore {
 impl PgStore {
     /// Build the pool. No connection is opened yet: the database need not be up (see [`Store::ping`]).
     pub fn connect(cfg: PgConfig) -> Result<Self, StoreError> {
-        let url_redactor = Redactor::from_url(&cfg.url);
+        let url_redactor = Redactor::for_url(&cfg.url);
         let (url, ssl_mode) = tls::split_sslmode(&cfg.url).map_err(|e| {
             StoreError::Internal(url_redactor.apply(&format!("invalid PostgreSQL URL: {e}")))
         })?;
@@ -160,7 +128,11 @@ impl PgStore {
         pg.ssl_mode(ssl_mode.driver());
         let connector = tls::connector(ssl_mode, cfg.ca_file.as_deref())
             .map_err(|e| StoreError::Internal(format!("PostgreSQL TLS: {e}")))?;
-        let redactor = url_redactor.with(pg.get_password());
+        // The password as the driver parsed it too (decoded, or from a `key=value` string).
+        let redactor = match pg.get_password() {
+            Some(pw) => url_redactor.secret(&String::from_utf8_lossy(pw)),
+            None => url_redactor,
+        };
         let statement_timeout =
             format!("-c statement_timeout={}", cfg.statement_timeout.as_millis());
         let options = match pg.get_options() {
@@ -826,11 +798,28 @@ mod tests {
 
     #[test]
     fn redacts_the_password() {
-        let r = Redactor::from_url("postgres://u:s3cret@h:5/db?x=1");
-        assert_eq!(r.apply("oops s3cret here"), "oops *** here");
-        assert!(Redactor::from_url("postgres://u@h/db").0.is_empty());
+        let r = Redactor::for_url("postgres://u:s3cret@h:5/db?x=1");
+        assert_eq!(r.apply("oops s3cret here"), "oops <redacted> here");
+        // A user alone is not looked for in messages (it would blank out every word that spells it).
+        let r = Redactor::for_url("postgres://u@h/db");
+        assert_eq!(r.apply("role u"), "role u");
         let cfg = PgConfig::new("postgres://u:s3cret@h/db");
         assert!(!format!("{cfg:?}").contains("s3cret"));
+        let cfg = PgConfig::new("host=h user=u password=s3cret");
+        assert!(!format!("{cfg:?}").contains("s3cret"), "{cfg:?}");
+    }
+
+    #[test]
+    fn driver_errors_lose_the_password() {
+        // The driver's own parse (percent-decoded) is scrubbed as well as the URL's text.
+        let store = PgStore::connect(PgConfig::new("postgres://u:p%40ss@127.0.0.1:1/db")).unwrap();
+        assert_eq!(
+            store.redactor.apply("x p@ss p%40ss"),
+            "x <redacted> <redacted>"
+        );
+        let store =
+            PgStore::connect(PgConfig::new("host=127.0.0.1 port=1 password='a b'")).unwrap();
+        assert_eq!(store.redactor.apply("x a b"), "x <redacted>");
     }
 
     #[test]

@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ferry_core::QueueName;
-use redis::Script;
 use tokio::time::Instant;
 
 use super::conn::Conn;
 use super::keys::{EVENTS, QueueKeys};
+use super::scripts::{Abandon, Loaded, Scripts};
 
 /// How long an abandoned claim's mark is kept: longer than a request can sit in a live TCP connection's buffers
 /// (Linux gives up retransmitting after about 15 minutes with the default `tcp_retries2`).
@@ -52,7 +52,7 @@ pub(super) struct Abandoned {
 pub(super) struct Abandons {
     name: String,
     conn: Conn,
-    script: Script,
+    scripts: Arc<Scripts>,
     evmax: usize,
     /// A std mutex: only pushed to and swapped out, never held across an await.
     pending: Mutex<Vec<(Abandoned, Instant)>>,
@@ -61,11 +61,11 @@ pub(super) struct Abandons {
 }
 
 impl Abandons {
-    pub(super) fn new(name: String, conn: Conn, script: Script, evmax: usize) -> Arc<Self> {
+    pub(super) fn new(name: String, conn: Conn, scripts: Arc<Scripts>, evmax: usize) -> Arc<Self> {
         Arc::new(Self {
             name,
             conn,
-            script,
+            scripts,
             evmax,
             pending: Mutex::new(Vec::new()),
             running: AtomicBool::new(false),
@@ -154,14 +154,16 @@ impl Abandons {
 
     async fn abandon(&self, item: &Abandoned) -> Result<i64, String> {
         let keys = QueueKeys::new(&item.queue);
-        let mut inv = self.script.prepare_invoke();
-        inv.key(&keys.streams[..])
-            .key(&keys.jobs)
-            .key(EVENTS)
-            .key(&item.claim_key);
-        inv.arg(self.evmax)
-            .arg(MARK_TTL.as_millis() as u64)
-            .arg(&item.actor);
+        let inv = Abandon {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            events_key: EVENTS,
+            claim_key: &item.claim_key,
+            evmax: self.evmax,
+            mark_ttl_ms: MARK_TTL.as_millis() as u64,
+            actor: &item.actor,
+        }
+        .invoke(&self.scripts);
         let mut conn = self.conn.clone();
         match tokio::time::timeout(CALL_LIMIT, inv.invoke_async::<i64>(&mut conn)).await {
             Ok(Ok(n)) => Ok(n),

@@ -26,9 +26,6 @@ use redis::Value;
 use super::codec::{array, bad, int, text};
 use crate::{BrokerError, StreamPos, parse_offset};
 
-/// How far a history reaches back (sent with EVAL: history reads are rare, and Redis caches the compiled script).
-pub(super) const MISSED_LUA: &str = include_str!("lua/missed.lua");
-
 /// The shard's epoch key.
 pub(super) const EPOCH: &str = "ferry:epoch";
 

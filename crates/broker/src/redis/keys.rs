@@ -7,7 +7,8 @@ use ferry_core::{Priority, QueueName};
 pub const EVENTS: &str = "ferry:events";
 /// Set of queue names that ever received a job on this shard.
 pub const QUEUES: &str = "ferry:queues";
-/// The consumer group every worker joins.
+/// The consumer group every worker joins. The Lua scripts are given it when they are loaded (see `scripts.rs`),
+/// so this is the one place the name is written.
 pub const GROUP: &str = "workers";
 
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 
+use super::scripts::{Loaded, Members};
 use super::{RedisBroker, redis_err};
 use crate::BrokerError;
 use crate::membership::{MEMBERSHIP_KEY, Member, Membership, check_ttl};
@@ -26,18 +27,27 @@ struct Stored {
 }
 
 impl RedisBroker {
-    async fn members_call(&self, args: &[String]) -> Result<Vec<Member>, BrokerError> {
+    /// One call of the script; `node_id`, `node_info` and `ttl_ms` empty (0) where `op` does not use them.
+    async fn members_call(
+        &self,
+        op: &str,
+        node_id: &str,
+        node_info: &str,
+        ttl_ms: u64,
+    ) -> Result<Value, BrokerError> {
         let shard = &self.shards[self.ring.shard_for(MEMBERSHIP_KEY)];
-        let mut inv = self.scripts.members.prepare_invoke();
-        inv.key(MEMBERSHIP_KEY).key(INFO_KEY);
-        for a in args {
-            inv.arg(a);
+        Members {
+            members_key: MEMBERSHIP_KEY,
+            info_key: INFO_KEY,
+            op,
+            node_id,
+            node_info,
+            ttl_ms,
         }
-        let v: Value = inv
-            .invoke_async(&mut shard.conn.clone())
-            .await
-            .map_err(redis_err)?;
-        parse(v)
+        .invoke(&self.scripts)
+        .invoke_async(&mut shard.conn.clone())
+        .await
+        .map_err(redis_err)
     }
 }
 
@@ -78,22 +88,15 @@ impl Membership for RedisBroker {
     ) -> Result<Vec<Member>, BrokerError> {
         let ttl = check_ttl(ttl)?;
         let json = serde_json::to_string(info).map_err(|e| BrokerError::Internal(e.to_string()))?;
-        self.members_call(&["beat".into(), info.id.clone(), json, ttl.to_string()])
-            .await
+        parse(self.members_call("beat", &info.id, &json, ttl).await?)
     }
 
     async fn live_members(&self) -> Result<Vec<Member>, BrokerError> {
-        self.members_call(&["list".into()]).await
+        parse(self.members_call("list", "", "", 0).await?)
     }
 
     async fn leave(&self, id: &str) -> Result<(), BrokerError> {
-        let shard = &self.shards[self.ring.shard_for(MEMBERSHIP_KEY)];
-        let mut inv = self.scripts.members.prepare_invoke();
-        inv.key(MEMBERSHIP_KEY).key(INFO_KEY).arg("leave").arg(id);
-        let _: Value = inv
-            .invoke_async(&mut shard.conn.clone())
-            .await
-            .map_err(redis_err)?;
+        self.members_call("leave", id, "", 0).await?;
         Ok(())
     }
 }

@@ -40,7 +40,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferry_core::{
-    Event, JobId, JobInfo, JobState, Limits, NewJob, QueueName, ValidationError, now_ms,
+    Event, JobId, JobInfo, JobState, Limits, NewJob, QueueName, Redactor, ValidationError, now_ms,
+    redact_url,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, TlsCertificates, Value};
@@ -49,7 +50,11 @@ use self::abandon::{Abandoned, Abandons};
 use self::codec::{Fields, Record, array, bad, int, text};
 use self::conn::Conn;
 use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
-use self::scripts::Scripts;
+use self::scripts::{
+    Call, Cancel, Claim, Complete, CompleteJob, Enqueue, EnqueueJob, Fail, FailJob, HistoryReach,
+    Loaded, Maintain, Progress, Promote, Publish, Reclaim, Release, ReleaseJob, Restore,
+    RestoreJob, RetryDead, Scripts, Stats,
+};
 use crate::{
     Broker, BrokerError, CancelOutcome, ChannelFeed, ChannelHistory, Completion, EngineConfig,
     Enqueued, EventFilter, EventScope, EventStream, FailOutcome, Failure, HistoryEntry, JobFeed,
@@ -141,17 +146,30 @@ fn check_ca_pem(ca: &[u8]) -> Result<(), BrokerError> {
 }
 
 /// The shard's identity on the ring: its URL without credentials, and without TLS (`rediss://` counts as
-/// `redis://`), so turning TLS on for a server does not move its queues.
-fn ring_id(name: &str) -> String {
-    match name.strip_prefix("rediss://") {
+/// `redis://`), so rotating a password or turning TLS on for a server does not move its queues.
+///
+/// Not [`redact_url`]: this is an identity, and must stay byte for byte what every earlier ferry computed, or
+/// queues would move to other shards on upgrade. It is the display form ferry used before `redact_url` existed:
+/// everything up to the first `@` became `scheme://***`.
+fn ring_id(url: &str) -> String {
+    let id = match url.split_once('@') {
+        Some((scheme_creds, host)) => {
+            let scheme = scheme_creds.split("://").next().unwrap_or("redis");
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_owned(),
+    };
+    match id.strip_prefix("rediss://") {
         Some(rest) => format!("redis://{rest}"),
-        None => name.to_owned(),
+        None => id,
     }
 }
 
 struct Shard {
-    /// The URL without credentials, for messages.
+    /// The URL with its credentials redacted ([`redact_url`]), for messages.
     name: String,
+    /// Scrubs the URL's password from driver messages.
+    redactor: Redactor,
     client: Client,
     /// Commands and scripts; replaced after a reply times out (see [`conn`]).
     conn: Conn,
@@ -199,7 +217,8 @@ pub struct RedisBroker {
     shards: Vec<Shard>,
     ring: ShardRing,
     config: EngineConfig,
-    scripts: Scripts,
+    /// Shared with each shard's [`Abandons`].
+    scripts: Arc<Scripts>,
     /// Application channel history and the recovery horizon (see [`history`]).
     history: ChannelHistory,
     /// Each shard's epoch as last read (see [`history`]).
@@ -236,24 +255,20 @@ fn redis_err(e: redis::RedisError) -> BrokerError {
 }
 
 /// A failed connect or first PING to the shard `name`: unavailable, with the refusal named when Redis refused
-/// the client ([`refusal::diagnose`]: protected mode, a missing or wrong password, …).
-async fn refused(client: &Client, name: &str, e: redis::RedisError) -> BrokerError {
-    let text = e.to_string();
+/// the client ([`refusal::diagnose`]: protected mode, a missing or wrong password, …). The driver's text goes
+/// through `redactor` (the shard URL's password), like every message that may quote it.
+async fn refused(
+    client: &Client,
+    name: &str,
+    redactor: &Redactor,
+    e: redis::RedisError,
+) -> BrokerError {
+    let text = redactor.apply(&e.to_string());
     BrokerError::Unavailable(
         refusal::diagnose(client, name, &text)
             .await
             .unwrap_or_else(|| format!("{name}: {text}")),
     )
-}
-
-fn redact(url: &str) -> String {
-    match url.split_once('@') {
-        Some((scheme_creds, host)) => {
-            let scheme = scheme_creds.split("://").next().unwrap_or("redis");
-            format!("{scheme}://***@{host}")
-        }
-        None => url.to_owned(),
-    }
 }
 
 impl RedisBroker {
@@ -286,16 +301,18 @@ impl RedisBroker {
         if let Some(ca) = &tls.ca_pem {
             check_ca_pem(ca)?;
         }
-        let scripts = Scripts::new();
+        let scripts = Arc::new(Scripts::new());
         let mut shards = Vec::with_capacity(urls.len());
         for (i, url) in urls.iter().enumerate() {
-            let name = redact(url);
+            let name = redact_url(url);
+            let redactor = Redactor::for_url(url);
             let client = open_client(url, &tls).map_err(|e| {
                 let what = if tls.ca_pem.is_some() && url.starts_with("rediss://") {
                     "invalid Redis URL or CA certificate for"
                 } else {
                     "invalid Redis URL"
                 };
+                let e = redactor.apply(&e.to_string());
                 ValidationError::field(format!("redis[{i}]"), format!("{what} {name}: {e}"))
             })?;
             let cm_config = ConnectionManagerConfig::new()
@@ -306,17 +323,18 @@ impl RedisBroker {
             let first =
                 match ConnectionManager::new_with_config(client.clone(), cm_config.clone()).await {
                     Ok(conn) => conn,
-                    Err(e) => return Err(refused(&client, &name, e).await),
+                    Err(e) => return Err(refused(&client, &name, &redactor, e).await),
                 };
             let conn = Conn::new(name.clone(), client.clone(), cm_config, first);
             let abandons = Abandons::new(
                 name.clone(),
                 conn.clone(),
-                scripts.abandon.clone(),
+                scripts.clone(),
                 config.event_stream_max,
             );
             shards.push(Shard {
                 name,
+                redactor,
                 client,
                 conn,
                 abandons,
@@ -326,7 +344,7 @@ impl RedisBroker {
         }
         // Shards are identified by their URL without credentials (nor TLS): reordering the list, rotating a
         // password or turning TLS on does not move queues.
-        let ids: Vec<String> = shards.iter().map(|s: &Shard| ring_id(&s.name)).collect();
+        let ids: Vec<String> = urls.iter().map(|u| ring_id(u)).collect();
         let ring = ShardRing::with_ids(&ids);
         let epochs = Arc::new(history::Epochs::new(shards.len()));
         let broker = Self {
@@ -342,7 +360,7 @@ impl RedisBroker {
                 .query_async::<String>(&mut shard.conn.clone())
                 .await
             {
-                return Err(refused(&shard.client, &shard.name, e).await);
+                return Err(refused(&shard.client, &shard.name, &shard.redactor, e).await);
             }
         }
         Ok(broker)
@@ -380,12 +398,12 @@ impl RedisBroker {
             .arg("+")
             .arg("COUNT")
             .arg(max.saturating_add(1));
-        pipe.cmd("EVAL")
-            .arg(history::MISSED_LUA)
-            .arg(2)
-            .arg(stream)
-            .arg(history::EPOCH)
-            .arg(history::fresh_epoch());
+        HistoryReach {
+            stream_key: stream,
+            epoch_key: history::EPOCH,
+            fresh_epoch: &history::fresh_epoch(),
+        }
+        .eval_in(&mut pipe);
         pipe.query_async(&mut sh.conn.clone())
             .await
             .map_err(redis_err)
@@ -599,18 +617,21 @@ impl RedisBroker {
         jobs: Vec<NewJob>,
     ) -> Result<Vec<Enqueued>, BrokerError> {
         let now = now_ms();
-        let mut inv = self.scripts.enqueue.prepare_invoke();
-        inv.key(&keys.streams[..])
-            .key(&keys.jobs)
-            .key(&keys.sched)
-            .key(EVENTS)
-            .key(QUEUES);
-        inv.arg(queue.as_str())
-            .arg(jobs.len())
-            .arg(self.evmax())
-            .arg(self.config.idempotency_ttl.as_millis() as u64);
         // The submitter: the gateway submits one caller's jobs per call.
         let actor = actor_arg(jobs.first().and_then(|j| j.owner.as_deref()));
+        let mut inv = Enqueue {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            sched_key: &keys.sched,
+            events_key: EVENTS,
+            queues_key: QUEUES,
+            queue: queue.as_str(),
+            n: jobs.len(),
+            evmax: self.evmax(),
+            idem_ttl_ms: self.config.idempotency_ttl.as_millis() as u64,
+            actor: &actor,
+        }
+        .invoke(&self.scripts);
         let mut states = Vec::with_capacity(jobs.len());
         let mut tails = codec::id_tails(jobs.len()).into_iter();
         for job in jobs {
@@ -639,16 +660,35 @@ impl RedisBroker {
                     ..Default::default()
                 };
                 let record = codec::scheduled_record(run_at, &fields, p);
-                inv.arg("s").arg(p).arg(run_at).arg(idem).arg(&x).arg(&j);
-                inv.arg(&fields.id).arg(&fields.m).arg(record);
+                EnqueueJob {
+                    mode: "s",
+                    p,
+                    run_at,
+                    idem: &idem,
+                    x: &x,
+                    j: &j,
+                    a1: &fields.id,
+                    a2: &fields.m,
+                    a3: &record,
+                }
+                .push(&mut inv);
                 states.push(JobState::Scheduled);
             } else {
-                inv.arg("q").arg(p).arg(now).arg(idem).arg(&x).arg(&j);
-                inv.arg(tail).arg(codec::meta_rest(queue, &spec)).arg("");
+                EnqueueJob {
+                    mode: "q",
+                    p,
+                    run_at: now,
+                    idem: &idem,
+                    x: &x,
+                    j: &j,
+                    a1: &tail,
+                    a2: &codec::meta_rest(queue, &spec),
+                    a3: "",
+                }
+                .push(&mut inv);
                 states.push(JobState::Queued);
             }
         }
-        inv.arg(actor);
         let mut conn = self.conn(queue);
         let out: Vec<String> = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
         if out.len() != states.len() * 2 {
@@ -741,10 +781,14 @@ where
     groups
 }
 
-/// The 11 script arguments of one job of `restore.lua`: id, its millisecond, mode (`q`, or `s` / `r` for a job
-/// still waiting for its run_at), priority, attempts used, max attempts, spec, `m`, event data, run_at and
-/// record (the last two empty when queued).
-fn restore_args(job: &JobInfo, now: u64) -> Result<[String; 11], BrokerError> {
+/// One job of `restore.lua`, appended to `inv`: its id, the id's millisecond, mode (`q`, or `s` / `r` for a job
+/// still waiting for its run_at), priority, attempts used, max attempts, spec, `m`, event data, run_at and record
+/// (the last two empty when queued).
+fn push_restore(
+    inv: &mut redis::ScriptInvocation<'_>,
+    job: &JobInfo,
+    now: u64,
+) -> Result<(), BrokerError> {
     let spec = &job.spec;
     let p = spec.priority.index();
     // An active job's attempt in flight never reported an outcome to the engine: it is given back.
@@ -785,19 +829,21 @@ fn restore_args(job: &JobInfo, now: u64) -> Result<[String; 11], BrokerError> {
             (letter, data.to_string(), run_at.to_string(), record)
         }
     };
-    Ok([
-        job.id.to_string(),
-        codec::id_ms_of(job.id).to_string(),
-        mode.to_owned(),
-        p.to_string(),
-        attempts.to_string(),
-        spec.max_attempts.to_string(),
-        j,
-        m,
-        data,
-        run_at,
-        record,
-    ])
+    RestoreJob {
+        id: &job.id.to_string(),
+        ms: codec::id_ms_of(job.id),
+        mode,
+        p,
+        a: attempts,
+        x: spec.max_attempts,
+        j: &j,
+        m: &m,
+        data: &data,
+        run_at: &run_at,
+        rec: &record,
+    }
+    .push(inv);
+    Ok(())
 }
 
 /// The actor argument of a script: a JSON string, or empty for none.
@@ -869,16 +915,18 @@ impl Broker for RedisBroker {
         let claim_key = keys.claim(&format!("{:032x}", rand::random::<u128>()));
         let claim_ttl = self.config.visibility_timeout.as_millis().max(1) as u64;
         loop {
-            let mut inv = self.scripts.claim.prepare_invoke();
-            inv.key(&keys.streams[..])
-                .key(&keys.paused)
-                .key(EVENTS)
-                .key(&claim_key);
-            inv.arg(&*consumer)
-                .arg(max)
-                .arg(self.evmax())
-                .arg(&actor)
-                .arg(claim_ttl);
+            let inv = Claim {
+                streams: &keys.streams,
+                paused_key: &keys.paused,
+                events_key: EVENTS,
+                claim_key: &claim_key,
+                consumer: &consumer,
+                max,
+                evmax: self.evmax(),
+                actor: &actor,
+                claim_ttl_ms: claim_ttl,
+            }
+            .invoke(&self.scripts);
             let mut conn = shard.conn.clone();
             // Armed until the reply is read: if this future is dropped (the caller timed out) or the reply is
             // lost or unreadable, whatever the script leased is handed back uncharged.
@@ -993,14 +1041,17 @@ impl Broker for RedisBroker {
     async fn progress(&self, lease: &Lease, data: serde_json::Value) -> Result<bool, BrokerError> {
         let (p, eid, m) = token(lease)?;
         let keys = QueueKeys::new(&lease.queue);
-        let mut inv = self.scripts.progress.prepare_invoke();
-        inv.key(&keys.streams[p]).key(EVENTS);
-        inv.arg(self.evmax())
-            .arg(eid)
-            .arg(lease.attempt)
-            .arg(m)
-            .arg(data.to_string())
-            .arg(actor_arg(Some(&lease.consumer)));
+        let inv = Progress {
+            stream_key: &keys.streams[p],
+            events_key: EVENTS,
+            evmax: self.evmax(),
+            eid,
+            att: lease.attempt,
+            m,
+            data: &data.to_string(),
+            actor: &actor_arg(Some(&lease.consumer)),
+        }
+        .invoke(&self.scripts);
         let r: i64 = inv
             .invoke_async(&mut self.conn(&lease.queue))
             .await
@@ -1016,20 +1067,28 @@ impl Broker for RedisBroker {
         for ((queue, consumer), idx) in by_queue(&items, |c| &c.lease) {
             let keys = QueueKeys::new(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
-                let mut inv = self.scripts.complete.prepare_invoke();
-                inv.key(&keys.streams[..]).key(&keys.jobs).key(EVENTS);
-                inv.arg(chunk.len()).arg(self.evmax());
+                let mut inv = Complete {
+                    streams: &keys.streams,
+                    jobs_key: &keys.jobs,
+                    events_key: EVENTS,
+                    n: chunk.len(),
+                    evmax: self.evmax(),
+                    actor: &actor_arg(Some(consumer)),
+                }
+                .invoke(&self.scripts);
                 for &i in chunk {
                     let c = &items[i];
                     let (p, eid, m) = token(&c.lease)?;
-                    inv.arg(p)
-                        .arg(eid)
-                        .arg(c.lease.job.to_string())
-                        .arg(c.lease.attempt)
-                        .arg(m);
-                    inv.arg(c.result.to_string());
+                    CompleteJob {
+                        p,
+                        eid,
+                        id: &c.lease.job.to_string(),
+                        att: c.lease.attempt,
+                        m,
+                        result: &c.result.to_string(),
+                    }
+                    .push(&mut inv);
                 }
-                inv.arg(actor_arg(Some(consumer)));
                 let rejected: Vec<i64> = inv
                     .invoke_async(&mut self.conn(queue))
                     .await
@@ -1059,15 +1118,18 @@ impl Broker for RedisBroker {
         for ((queue, consumer), idx) in by_queue(&items, |f| &f.lease) {
             let keys = QueueKeys::new(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
-                let mut inv = self.scripts.fail.prepare_invoke();
-                inv.key(&keys.streams[..])
-                    .key(&keys.jobs)
-                    .key(&keys.sched)
-                    .key(EVENTS)
-                    .key(&keys.dead);
-                inv.arg(chunk.len())
-                    .arg(self.evmax())
-                    .arg(self.config.dead_letter_max);
+                let mut inv = Fail {
+                    streams: &keys.streams,
+                    jobs_key: &keys.jobs,
+                    sched_key: &keys.sched,
+                    events_key: EVENTS,
+                    dead_key: &keys.dead,
+                    n: chunk.len(),
+                    evmax: self.evmax(),
+                    deadmax: self.config.dead_letter_max,
+                    actor: &actor_arg(Some(consumer)),
+                }
+                .invoke(&self.scripts);
                 for &i in chunk {
                     let f = &items[i];
                     let (p, eid, m) = token(&f.lease)?;
@@ -1076,15 +1138,17 @@ impl Broker for RedisBroker {
                         // run_at 0 means dead-letter to the script; a due-now retry is 1 ms in.
                         FailOutcome::Retrying { run_at } => run_at.max(1),
                     };
-                    inv.arg(p)
-                        .arg(eid)
-                        .arg(f.lease.job.to_string())
-                        .arg(f.lease.attempt)
-                        .arg(m);
-                    inv.arg(serde_json::Value::String(f.error.clone()).to_string())
-                        .arg(run_at);
+                    FailJob {
+                        p,
+                        eid,
+                        id: &f.lease.job.to_string(),
+                        att: f.lease.attempt,
+                        m,
+                        err: &serde_json::Value::String(f.error.clone()).to_string(),
+                        run_at,
+                    }
+                    .push(&mut inv);
                 }
-                inv.arg(actor_arg(Some(consumer)));
                 let rejected: Vec<i64> = inv
                     .invoke_async(&mut self.conn(queue))
                     .await
@@ -1102,14 +1166,25 @@ impl Broker for RedisBroker {
         for ((queue, consumer), idx) in by_queue(leases, |l| l) {
             let keys = QueueKeys::new(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
-                let mut inv = self.scripts.release.prepare_invoke();
-                inv.key(&keys.streams[..]).key(&keys.jobs).key(EVENTS);
-                inv.arg(chunk.len()).arg(self.evmax());
+                let mut inv = Release {
+                    streams: &keys.streams,
+                    jobs_key: &keys.jobs,
+                    events_key: EVENTS,
+                    n: chunk.len(),
+                    evmax: self.evmax(),
+                    actor: &actor_arg(Some(consumer)),
+                }
+                .invoke(&self.scripts);
                 for &i in chunk {
                     let (p, eid, m) = token(&leases[i])?;
-                    inv.arg(p).arg(eid).arg(leases[i].job.to_string()).arg(m);
+                    ReleaseJob {
+                        p,
+                        eid,
+                        id: &leases[i].job.to_string(),
+                        m,
+                    }
+                    .push(&mut inv);
                 }
-                inv.arg(actor_arg(Some(consumer)));
                 let released: Vec<i64> = inv
                     .invoke_async(&mut self.conn(queue))
                     .await
@@ -1131,17 +1206,19 @@ impl Broker for RedisBroker {
             _ => (String::new(), String::new()),
         };
         let keys = QueueKeys::new(&queue);
-        let mut inv = self.scripts.cancel.prepare_invoke();
-        inv.key(&keys.streams[..])
-            .key(&keys.jobs)
-            .key(&keys.sched)
-            .key(&keys.fin)
-            .key(EVENTS);
-        inv.arg(id.to_string())
-            .arg(self.evmax())
-            .arg(hint_p)
-            .arg(hint_eid)
-            .arg(actor_arg(by));
+        let inv = Cancel {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            sched_key: &keys.sched,
+            fin_key: &keys.fin,
+            events_key: EVENTS,
+            id: &id.to_string(),
+            evmax: self.evmax(),
+            hint_p: &hint_p,
+            hint_eid: &hint_eid,
+            by: &actor_arg(by),
+        }
+        .invoke(&self.scripts);
         let v: Vec<String> = inv
             .invoke_async(&mut self.conn(&queue))
             .await
@@ -1162,12 +1239,15 @@ impl Broker for RedisBroker {
 
     async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<usize, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = self.scripts.promote.prepare_invoke();
-        inv.key(&keys.streams[..])
-            .key(&keys.jobs)
-            .key(&keys.sched)
-            .key(EVENTS);
-        inv.arg(max).arg(self.evmax());
+        let inv = Promote {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            sched_key: &keys.sched,
+            events_key: EVENTS,
+            max,
+            evmax: self.evmax(),
+        }
+        .invoke(&self.scripts);
         let n: i64 = inv
             .invoke_async(&mut self.conn(queue))
             .await
@@ -1181,15 +1261,17 @@ impl Broker for RedisBroker {
         max: usize,
     ) -> Result<Reclaimed, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = self.scripts.reclaim.prepare_invoke();
-        inv.key(&keys.streams[..])
-            .key(&keys.jobs)
-            .key(EVENTS)
-            .key(&keys.dead);
-        inv.arg(self.config.visibility_timeout.as_millis() as u64)
-            .arg(max)
-            .arg(self.evmax())
-            .arg(self.config.dead_letter_max);
+        let inv = Reclaim {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            events_key: EVENTS,
+            dead_key: &keys.dead,
+            min_idle_ms: self.config.visibility_timeout.as_millis() as u64,
+            max,
+            evmax: self.evmax(),
+            deadmax: self.config.dead_letter_max,
+        }
+        .invoke(&self.scripts);
         let v: Vec<i64> = inv
             .invoke_async(&mut self.conn(queue))
             .await
@@ -1240,12 +1322,15 @@ impl Broker for RedisBroker {
             });
         }
         let keys = QueueKeys::new(&queue);
-        let mut inv = self.scripts.retry_dead.prepare_invoke();
-        inv.key(&keys.streams[..])
-            .key(&keys.jobs)
-            .key(&keys.dead)
-            .key(EVENTS);
-        inv.arg(id.to_string()).arg(self.evmax());
+        let inv = RetryDead {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            dead_key: &keys.dead,
+            events_key: EVENTS,
+            id: &id.to_string(),
+            evmax: self.evmax(),
+        }
+        .invoke(&self.scripts);
         let v: Vec<String> = inv
             .invoke_async(&mut self.conn(&queue))
             .await
@@ -1277,19 +1362,21 @@ impl Broker for RedisBroker {
         for (queue, idx) in by_queue {
             let keys = QueueKeys::new(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
-                let mut inv = self.scripts.restore.prepare_invoke();
-                inv.key(&keys.streams[..])
-                    .key(&keys.jobs)
-                    .key(&keys.sched)
-                    .key(EVENTS)
-                    .key(QUEUES);
-                inv.arg(queue.as_str()).arg(self.evmax()).arg(chunk.len());
-                for &i in chunk {
-                    for value in restore_args(&jobs[i], now)? {
-                        inv.arg(value);
-                    }
+                let mut inv = Restore {
+                    streams: &keys.streams,
+                    jobs_key: &keys.jobs,
+                    sched_key: &keys.sched,
+                    events_key: EVENTS,
+                    queues_key: QUEUES,
+                    queue: queue.as_str(),
+                    evmax: self.evmax(),
+                    n: chunk.len(),
+                    actor: &actor_arg(Some(crate::RESTORE_ACTOR)),
                 }
-                inv.arg(actor_arg(Some(crate::RESTORE_ACTOR)));
+                .invoke(&self.scripts);
+                for &i in chunk {
+                    push_restore(&mut inv, &jobs[i], now)?;
+                }
                 let restored: Vec<i64> = inv
                     .invoke_async(&mut self.conn(queue))
                     .await
@@ -1325,11 +1412,13 @@ impl Broker for RedisBroker {
 
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = self.scripts.stats.prepare_invoke();
-        inv.key(&keys.streams[..])
-            .key(&keys.sched)
-            .key(&keys.dead)
-            .key(&keys.paused);
+        let inv = Stats {
+            streams: &keys.streams,
+            sched_key: &keys.sched,
+            dead_key: &keys.dead,
+            paused_key: &keys.paused,
+        }
+        .invoke(&self.scripts);
         let v: Vec<i64> = inv
             .invoke_async(&mut self.conn(queue))
             .await
@@ -1458,14 +1547,16 @@ impl Broker for RedisBroker {
 
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         let shard = &self.shards[self.ring.shard_for(channel)];
-        let mut inv = self.scripts.publish.prepare_invoke();
-        inv.key(history::app_history_key(channel))
-            .key(history::EPOCH);
-        inv.arg(pubsub::redis_channel(channel))
-            .arg(payload)
-            .arg(self.history.size)
-            .arg(self.history.ttl.as_millis() as u64)
-            .arg(history::fresh_epoch());
+        let inv = Publish {
+            history_key: &history::app_history_key(channel),
+            epoch_key: history::EPOCH,
+            channel: &pubsub::redis_channel(channel),
+            payload: &payload,
+            size: self.history.size,
+            ttl_ms: self.history.ttl.as_millis() as u64,
+            fresh_epoch: &history::fresh_epoch(),
+        }
+        .invoke(&self.scripts);
         let _offset: String = inv
             .invoke_async(&mut shard.conn.clone())
             .await
@@ -1566,10 +1657,14 @@ impl Broker for RedisBroker {
 
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
         let keys = QueueKeys::new(queue);
-        let mut inv = self.scripts.maintain.prepare_invoke();
-        inv.key(&keys.streams[..]).key(&keys.jobs).key(&keys.fin);
-        inv.arg(self.config.finished_retention.as_millis() as u64)
-            .arg(1000);
+        let inv = Maintain {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            fin_key: &keys.fin,
+            retention_ms: self.config.finished_retention.as_millis() as u64,
+            batch: 1000,
+        }
+        .invoke(&self.scripts);
         let _: i64 = inv
             .invoke_async(&mut self.conn(queue))
             .await
@@ -1596,7 +1691,7 @@ impl Broker for RedisBroker {
                 .query_async(&mut shard.conn.clone())
                 .await
                 .map_err(|e| {
-                    let e = e.to_string();
+                    let e = shard.redactor.apply(&e.to_string());
                     BrokerError::Unavailable(
                         refusal::explain(Some(&shard.name), &e)
                             .unwrap_or_else(|| format!("{}: {e}", shard.name)),
@@ -1666,5 +1761,30 @@ pub fn parse_published(payload: &str) -> Vec<Event> {
             tracing::warn!(error = %e, "undecodable event batch");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_ids_stay_what_they_were() {
+        // Pinned: a change here moves queues between shards on upgrade.
+        for (url, id) in [
+            ("redis://10.0.0.1:6379", "redis://10.0.0.1:6379"),
+            (
+                "rediss://cache.example:6380/0",
+                "redis://cache.example:6380/0",
+            ),
+            ("redis://:pw@10.0.0.1:6379", "redis://***@10.0.0.1:6379"),
+            ("rediss://user:pw@h:1/2", "redis://***@h:1/2"),
+            ("redis://user@h:1", "redis://***@h:1"),
+            ("redis://u:p@ss@h:1", "redis://***@ss@h:1"),
+        ] {
+            assert_eq!(ring_id(url), id, "{url}");
+        }
+        // Rotating the password or turning TLS on keeps the id.
+        assert_eq!(ring_id("redis://:old@h:1"), ring_id("rediss://:new@h:1"));
     }
 }

@@ -1,26 +1,31 @@
--- KEYS: p0 p1 p2 jobs events claim
--- ARGV: evmax mark_ttl_ms actor
 -- A claim call whose caller gave up on it (the reply timed out, or the caller stopped waiting): hand back the
 -- jobs it leased, if it ran, without charging the attempt (like release.lua), and mark its key so that, if its
 -- request is still on the way (queued behind a dead link), it takes nothing when it arrives. Both scripts are
 -- atomic, so whichever runs first the other sees it: no job stays leased to a caller that is not waiting for it.
 -- Returns how many jobs were handed back.
-local rec = redis.call('GET', KEYS[6])
-redis.call('SET', KEYS[6], 'x', 'PX', ARGV[2])
+local streams = { KEYS[1], KEYS[2], KEYS[3] } -- by priority: high, normal, low
+local jobs_key = KEYS[4]
+local events_key = KEYS[5]
+local claim_key = KEYS[6]
+local evmax = ARGV[1]
+local mark_ttl_ms = ARGV[2]
+local actor = ARGV[3] -- the claiming consumer, as a JSON string
+local rec = redis.call('GET', claim_key)
+redis.call('SET', claim_key, 'x', 'PX', mark_ttl_ms)
 if not rec or rec == 'x' then return 0 end
 local queued = group('job.queued', 'queued', clock_ms())
 local n = 0
 for p, eid in string.gmatch(rec, '(%d)|(%S+)') do
-  local key = KEYS[tonumber(p) + 1]
+  local key = streams[tonumber(p) + 1]
   local t = entry(key, eid)
   -- Still pending means still this claim's lease: only the reaper (which acknowledges at once) or a holder that
   -- knows the lease could have moved it, and the caller never learnt of it.
-  if t and redis.call('XACK', key, 'workers', eid) == 1 then
+  if t and redis.call('XACK', key, GROUP, eid) == 1 then
     local nid = redis.call('XADD', key, '*', 'id', t.id, 'm', t.m, 'a', t.a, 'x', t.x, 'j', t.j)
-    redis.call('HSET', KEYS[4], t.id, '["q",' .. p .. ',"' .. nid .. '"]')
+    redis.call('HSET', jobs_key, t.id, '["q",' .. p .. ',"' .. nid .. '"]')
     add(queued, t.m, t.a, '{"released":true}')
     n = n + 1
   end
 end
-emit(KEYS[5], ARGV[1], { queued }, ARGV[3])
+emit(events_key, evmax, { queued }, actor)
 return n

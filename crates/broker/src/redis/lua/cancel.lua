@@ -1,24 +1,31 @@
--- KEYS: p0 p1 p2 jobs sched fin events
--- ARGV: id evmax p eid by  (p and eid: where the caller found a job that has no record yet, or empty; by:
--- the actor as a JSON string, or empty)
 -- Returns {'nf'}, {'final', state_letter} or {'ok', previous_state}.
-local id, evmax, now = ARGV[1], ARGV[2], clock_ms()
-local rec = redis.call('HGET', KEYS[4], id)
+local streams = { KEYS[1], KEYS[2], KEYS[3] } -- by priority: high, normal, low
+local jobs_key = KEYS[4]
+local sched_key = KEYS[5]
+local fin_key = KEYS[6]
+local events_key = KEYS[7]
+local id = ARGV[1]
+local evmax = ARGV[2]
+local hint_p = ARGV[3] -- hint_p and hint_eid: where the caller found a job that has no record yet, or empty
+local hint_eid = ARGV[4]
+local by = ARGV[5] -- the actor as a JSON string, or empty
+local now = clock_ms()
+local rec = redis.call('HGET', jobs_key, id)
 if not rec then
   -- Still in the entry it was enqueued as (no transition has written a record yet).
-  if ARGV[4] == nil or ARGV[4] == '' then return { 'nf' } end
-  rec = '["q",' .. ARGV[3] .. ',"' .. ARGV[4] .. '"]'
+  if hint_eid == nil or hint_eid == '' then return { 'nf' } end
+  rec = '["q",' .. hint_p .. ',"' .. hint_eid .. '"]'
 end
 local st = state_of(rec)
 local prev, att, pk, m
 if st == 'q' then
   local p, eid = parse_q(rec)
-  local key = KEYS[p + 1]
+  local key = streams[p + 1]
   local t = entry(key, eid)
   if not t or t.id ~= id then return { 'nf' } end
   if pending(key, eid) then
     -- Active: acknowledging revokes the lease (heartbeat and completion of the holder now fail).
-    redis.call('XACK', key, 'workers', eid)
+    redis.call('XACK', key, GROUP, eid)
     prev, att = 'active', tonumber(t.a) + 1
   else
     -- Queued: delete the undelivered entry so no worker ever claims it.
@@ -28,7 +35,7 @@ if st == 'q' then
   pk, m = pack(t, p), t.m
 elseif st == 's' or st == 'r' then
   local r = cjson.decode(rec)
-  redis.call('ZREM', KEYS[5], id)
+  redis.call('ZREM', sched_key, id)
   prev = (st == 's') and 'scheduled' or 'retrying'
   pk = r[4]
   att = cjson.decode(pk).a
@@ -36,9 +43,9 @@ elseif st == 's' or st == 'r' then
 else
   return { 'final', st }
 end
-redis.call('HSET', KEYS[4], id, '["x",' .. now .. ',' .. att .. ',' .. cjson.encode(pk) .. ']')
-redis.call('ZADD', KEYS[6], now, id)
+redis.call('HSET', jobs_key, id, '["x",' .. now .. ',' .. att .. ',' .. cjson.encode(pk) .. ']')
+redis.call('ZADD', fin_key, now, id)
 local g = group('job.cancelled', 'cancelled', now)
 add(g, m, att)
-emit(KEYS[7], evmax, { g }, ARGV[5])
+emit(events_key, evmax, { g }, by)
 return { 'ok', prev }

@@ -1,28 +1,38 @@
--- KEYS: p0 p1 p2 jobs sched events dead
--- ARGV: n evmax deadmax, then 7 per job: p eid id attempt m err(JSON string) run_at (0 = dead-letter), then
---   the actor
+-- Per job: p eid id att m err (a JSON string) run_at (0 = dead-letter).
 -- run_at is the client's (its backoff decision, reported back to the caller); the events' time is Redis's.
-local n, evmax, deadmax, now = tonumber(ARGV[1]), ARGV[2], ARGV[3], clock_ms()
-local rejected, i = {}, 4
+-- Returns the 1-based positions of the rejected jobs.
+local streams = { KEYS[1], KEYS[2], KEYS[3] } -- by priority: high, normal, low
+local jobs_key = KEYS[4]
+local sched_key = KEYS[5]
+local events_key = KEYS[6]
+local dead_key = KEYS[7]
+local n = tonumber(ARGV[1])
+local evmax = ARGV[2]
+local deadmax = ARGV[3]
+local actor = ARGV[4] -- the lease holder as a JSON string
+local FIRST, EACH = 5, 7 -- n jobs from ARGV[FIRST] on, EACH values apiece (see above)
+local now = clock_ms()
+local rejected, i = {}, FIRST
 local dead, retrying = group('job.dead', 'dead', now), group('job.retrying', 'retrying', now)
 for k = 1, n do
-  local p, eid, id, att, m, err, run_at = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-  i = i + 7
-  local key = KEYS[p + 1]
+  local p, eid, id, att, m, err, run_at = unpack(ARGV, i, i + EACH - 1)
+  p = tonumber(p)
+  i = i + EACH
+  local key = streams[p + 1]
   local t = entry(key, eid)
-  if t and redis.call('XACK', key, 'workers', eid) == 1 then
+  if t and redis.call('XACK', key, GROUP, eid) == 1 then
     if run_at == '0' then
-      bury(KEYS[7], KEYS[4], deadmax, t, att, p, err, now)
+      bury(dead_key, jobs_key, deadmax, t, att, p, err, now)
       add(dead, m, att, '{"error":' .. err .. '}')
     else
       t.a = att
-      redis.call('ZADD', KEYS[5], run_at, id)
-      redis.call('HSET', KEYS[4], id, '["r",' .. run_at .. ',' .. att .. ',' .. cjson.encode(pack(t, p)) .. ',' .. err .. ']')
+      redis.call('ZADD', sched_key, run_at, id)
+      redis.call('HSET', jobs_key, id, '["r",' .. run_at .. ',' .. att .. ',' .. cjson.encode(pack(t, p)) .. ',' .. err .. ']')
       add(retrying, m, att, '{"error":' .. err .. ',"run_at":' .. run_at .. '}')
     end
   else
     rejected[#rejected + 1] = k
   end
 end
-emit(KEYS[6], evmax, { dead, retrying }, ARGV[4 + n * 7])
+emit(events_key, evmax, { dead, retrying }, actor)
 return rejected

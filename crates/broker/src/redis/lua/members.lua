@@ -1,42 +1,42 @@
 -- The gateway membership (see redis/members.rs). Not prefixed by the prelude: it touches no job keys.
 --
--- KEYS[1] ferry:gw       ZSET node id -> expiry, ms by this server's TIME
--- KEYS[2] ferry:gw:info  HASH node id -> NodeInfo JSON with "heartbeat_ms" (this server's TIME) spliced in
--- ARGV[1] op: "beat" (ARGV[2] id, ARGV[3] NodeInfo JSON object, ARGV[4] ttl ms), "list", "leave" (ARGV[2] id)
---
 -- beat and list return {now_ms, json, json, ...}: every member whose expiry is still ahead. beat also drops
 -- the expired members from both keys. leave returns 1.
+local members_key = KEYS[1] -- ferry:gw: ZSET node id -> expiry, ms by this server's TIME
+local info_key = KEYS[2] -- ferry:gw:info: HASH node id -> NodeInfo JSON with "heartbeat_ms" (this server's TIME)
+local op = ARGV[1] -- "beat", "list" or "leave"
+local node_id = ARGV[2] -- beat and leave (else empty)
+local node_info = ARGV[3] -- beat: the NodeInfo JSON object (else empty)
+local ttl_ms = ARGV[4] -- beat (else 0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local op = ARGV[1]
 
 if op == 'leave' then
-  redis.call('ZREM', KEYS[1], ARGV[2])
-  redis.call('HDEL', KEYS[2], ARGV[2])
+  redis.call('ZREM', members_key, node_id)
+  redis.call('HDEL', info_key, node_id)
   return 1
 end
 
 if op == 'beat' then
-  local ttl = tonumber(ARGV[4])
-  local info = ARGV[3]
-  if string.sub(info, 1, 1) ~= '{' or string.len(info) < 3 then
+  local ttl = tonumber(ttl_ms)
+  if string.sub(node_info, 1, 1) ~= '{' or string.len(node_info) < 3 then
     return redis.error_reply('ERR membership: NodeInfo must be a non-empty JSON object')
   end
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
-  redis.call('HSET', KEYS[2], ARGV[2], '{"heartbeat_ms":' .. now .. ',' .. string.sub(info, 2))
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+  redis.call('ZADD', members_key, now + ttl, node_id)
+  redis.call('HSET', info_key, node_id, '{"heartbeat_ms":' .. now .. ',' .. string.sub(node_info, 2))
+  local dead = redis.call('ZRANGEBYSCORE', members_key, '-inf', now)
   for _, id in ipairs(dead) do
-    redis.call('HDEL', KEYS[2], id)
+    redis.call('HDEL', info_key, id)
   end
   if #dead > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', members_key, '-inf', now)
   end
 end
 
 local out = {now}
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+local live = redis.call('ZRANGEBYSCORE', members_key, '(' .. now, '+inf')
 for _, id in ipairs(live) do
-  local info = redis.call('HGET', KEYS[2], id)
+  local info = redis.call('HGET', info_key, id)
   if info then
     out[#out + 1] = info
   end

@@ -1,6 +1,4 @@
--- How far a channel's history reaches back (no prelude). KEYS[1] the history stream (an application channel's,
--- or the shard's ferry:events), KEYS[2] the shard's epoch key ferry:epoch. ARGV[1] an epoch to set when the
--- shard has none.
+-- How far a channel's history reaches back (no prelude).
 -- Returns {epoch, now_ms, stream exists (0/1), floor}: the history reaches back to a position iff it is at or
 -- above the floor. The entries themselves are read by an XRANGE sent just before this script, outside Lua
 -- (converting a long reply to Lua tables and back costs Redis ten times the XRANGE itself); anything trimmed in
@@ -8,17 +6,20 @@
 -- max-deleted-entry-id (only XDEL does), so the floor is the highest of: max-deleted-entry-id; the first entry
 -- held, when any entry was ever removed (entries-added above the length); the last id ever generated, when
 -- every entry was removed.
-local epoch = redis.call('GET', KEYS[2])
+local stream_key = KEYS[1] -- the history stream (an application channel's, or the shard's ferry:events)
+local epoch_key = KEYS[2] -- the shard's epoch key, ferry:epoch
+local fresh_epoch = ARGV[1] -- an epoch to set when the shard has none
+local epoch = redis.call('GET', epoch_key)
 if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[2], epoch)
+  epoch = fresh_epoch
+  redis.call('SET', epoch_key, epoch)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('EXISTS', stream_key) == 0 then
   return { epoch, now, 0, '0-0' }
 end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local info = redis.call('XINFO', 'STREAM', stream_key)
 local f = {}
 for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
 local floor = f['max-deleted-entry-id']

@@ -1,4 +1,6 @@
 -- Shared helpers, prepended to every script.
+-- GROUP, the consumer group every worker joins, is not spelled here: the loader (scripts.rs) puts
+-- `local GROUP = '<keys::GROUP>'` before this prelude, so the Rust constant is the only place the name is written.
 -- Job stream entries have five fields in a fixed order: id, m (pre-rendered JSON object with job, pt, queue, kind,
 -- owner, tenant), a (attempts made before this entry), x (max attempts), j (the job spec as JSON).
 -- Records in the jobs hash are JSON arrays whose first element is the state letter:
@@ -168,9 +170,9 @@ local function parse_q(rec)
   return tonumber(p), eid
 end
 
--- Is the entry pending (leased) in the workers group?
+-- Is the entry pending (leased) in the consumer group?
 local function pending(key, eid)
-  local r = redis.call('XPENDING', key, 'workers', eid, eid, 1)
+  local r = redis.call('XPENDING', key, GROUP, eid, eid, 1)
   return #r > 0
 end
 
@@ -191,12 +193,12 @@ local function id_next(id)
   return ms .. '-' .. (tonumber(seq) + 1)
 end
 
--- The workers group of a stream as a table (name, pending, last-delivered-id, lag, ...), or nil.
+-- The consumer group of a stream as a table (name, pending, last-delivered-id, lag, ...), or nil.
 local function cgroup(key)
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
     local t = {}
     for i = 1, #g, 2 do t[g[i]] = g[i + 1] end
-    if t.name == 'workers' then return t end
+    if t.name == GROUP then return t end
   end
   return nil
 end

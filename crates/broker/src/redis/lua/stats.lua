@@ -1,6 +1,5 @@
--- KEYS: p0 p1 p2 sched dead paused
--- ARGV: none (lag is measured by Redis's clock, the one stream ids carry)
--- Returns {depth, active, lag_ms, scheduled, dead, paused, delivered}.
+-- Returns {depth, active, lag_ms, scheduled, dead, paused, delivered}. No ARGV: lag is measured by Redis's clock,
+-- the one stream ids carry.
 --
 -- Depth is the number of entries after the group's last-delivered-id. The group's `lag` says so exactly only
 -- while no entry of the stream was ever deleted: a cancelled queued job is deleted (XDEL) before any worker
@@ -18,6 +17,10 @@
 -- never below the bound, and on Redis 7.0 possibly too high by the jobs cancelled while queued. Only where
 -- Redis has no figure at all (a deletion ahead of a group whose read counter it lost) does the count go on,
 -- up to FAR_MAX as it always did: a figure stuck at COUNT_MAX would hide a large backlog from the autoscaler.
+local streams = { KEYS[1], KEYS[2], KEYS[3] } -- by priority: high, normal, low
+local sched_key = KEYS[4]
+local dead_key = KEYS[5]
+local paused_key = KEYS[6]
 local COUNT_MAX, FAR_MAX = 1000, 100000
 
 local function fields(t)
@@ -45,7 +48,7 @@ end
 local now = clock_ms()
 local depth, active, oldest, delivered = 0, 0, nil, 0
 for p = 1, 3 do
-  local key = KEYS[p]
+  local key = streams[p]
   if redis.call('EXISTS', key) == 1 then
     local g = cgroup(key)
     local from = '-'
@@ -68,5 +71,5 @@ end
 local lag_ms = 0
 if oldest and now > oldest then lag_ms = now - oldest end
 local dead = 0
-if redis.call('EXISTS', KEYS[5]) == 1 then dead = redis.call('XLEN', KEYS[5]) end
-return { depth, active, lag_ms, redis.call('ZCARD', KEYS[4]), dead, redis.call('EXISTS', KEYS[6]), delivered }
+if redis.call('EXISTS', dead_key) == 1 then dead = redis.call('XLEN', dead_key) end
+return { depth, active, lag_ms, redis.call('ZCARD', sched_key), dead, redis.call('EXISTS', paused_key), delivered }
