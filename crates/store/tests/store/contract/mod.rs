@@ -1,6 +1,6 @@
 //! The store contract: what every [`Store`] must do, written once and run unchanged against each backend.
 //!
-//! A backend's test file implements [`Backend`] (a fresh, empty store per case) and expands
+//! A backend's test module implements [`Backend`] (a fresh, empty store per case) and expands
 //! [`contract_suite!`](crate::contract_suite) with that type, which generates one `#[tokio::test]` per case.
 //! Cases build events by hand (ids `<ms>-<seq>/<n>` choose the order) and assert only what the trait promises.
 

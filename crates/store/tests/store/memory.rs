@@ -1,10 +1,10 @@
-//! The store contract (`tests/contract/`) run against the in-memory store.
-
-mod contract;
+//! The store contract (`tests/store/contract/`) run against the in-memory store.
 
 use std::sync::Arc;
 
 use ferry_store::{MemoryStore, Store};
+
+use crate::{contract, contract_suite};
 
 struct Mem(Arc<MemoryStore>);
 

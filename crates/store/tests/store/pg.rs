@@ -1,10 +1,8 @@
-//! The store contract (`tests/contract/`) against PostgreSQL, plus what only the PostgreSQL store has:
+//! The store contract (`tests/store/contract/`) against PostgreSQL, plus what only the PostgreSQL store has:
 //! migrations, recovery after a server restart, error classification and password hygiene.
 //!
-//! One PostgreSQL cluster per test binary (nextest runs each test in its own process, so in practice one per
+//! One PostgreSQL cluster per test process (nextest runs each test in its own process, so in practice one per
 //! test), and a fresh database per case, so cases are isolated and parallel-safe.
-
-mod contract;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,7 +11,9 @@ use ferry_core::{EventType, JobId, JobState};
 use ferry_store::{PgConfig, PgStore, Store, StoreError};
 use ferry_testkit::PostgresServer;
 
-/// The binary's shared cluster (stopped by the testkit's watchdog when the process exits).
+use crate::{contract, contract_suite};
+
+/// The process's shared cluster (stopped by the testkit's watchdog when the process exits).
 fn server() -> &'static PostgresServer {
     static SERVER: OnceLock<PostgresServer> = OnceLock::new();
     SERVER.get_or_init(|| PostgresServer::start().expect("PostgreSQL starts"))
