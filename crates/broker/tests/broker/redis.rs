@@ -1,11 +1,11 @@
 //! The shared contract suite against the Redis Streams engine, each case on its own redis-server.
 
-mod contract;
-
 use std::sync::Arc;
 
 use ferry_broker::{Broker, ChannelHistory, EngineConfig, RedisBroker};
 use ferry_testkit::RedisServer;
+
+use crate::{contract, contract_suite};
 
 struct Redis {
     _server: RedisServer,

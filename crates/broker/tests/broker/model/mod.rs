@@ -1,5 +1,5 @@
-//! Model-based property test of the engine, shared by both engines (`tests/model_memory.rs`,
-//! `tests/model_redis.rs`).
+//! Model-based property test of the engine, shared by both engines (`model_memory.rs`,
+//! `model_redis.rs` beside this directory).
 //!
 //! proptest generates random sequences of enqueue, claim, heartbeat, complete, fail (retry or permanent), release,
 //! cancel, promote, lease expiry with reclaim, and completions with stale leases. Each step runs against the engine

@@ -1,10 +1,10 @@
-//! The broker contract (`tests/contract/`) run against the in-process engine.
-
-mod contract;
+//! The broker contract (`tests/broker/contract/`) run against the in-process engine.
 
 use std::sync::Arc;
 
 use ferry_broker::{Broker, ChannelHistory, EngineConfig, MemoryBroker};
+
+use crate::{contract, contract_suite};
 
 struct Mem(Arc<MemoryBroker>);
 

@@ -1,11 +1,11 @@
-//! The model-based property test (`tests/model/`) against the Redis Streams engine, on its own redis-server.
-
-mod model;
+//! The model-based property test (`tests/broker/model/`) against the Redis Streams engine, on its own redis-server.
 
 use std::sync::Arc;
 
 use ferry_broker::RedisBroker;
 use ferry_testkit::RedisServer;
+
+use crate::model;
 
 #[test]
 fn redis_engine_follows_the_model() {

@@ -1,10 +1,10 @@
 //! The broker contract: what every [`Broker`] engine must do, written once and run unchanged against each engine.
 //!
-//! An engine's test file implements [`Engine`] (start a fresh, isolated engine; hand out its broker) and expands
+//! An engine's test module implements [`Engine`] (start a fresh, isolated engine; hand out its broker) and expands
 //! [`contract_suite!`](crate::contract_suite) with that type, which generates one `#[tokio::test]` per case:
 //!
 //! ```ignore
-//! mod contract;
+//! use crate::{contract, contract_suite};
 //! struct Mem(Arc<MemoryBroker>);
 //! #[async_trait::async_trait]
 //! impl contract::Engine for Mem { /* start, broker */ }

@@ -1,10 +1,10 @@
-//! The model-based property test (`tests/model/`) against the in-process engine.
-
-mod model;
+//! The model-based property test (`tests/broker/model/`) against the in-process engine.
 
 use std::sync::Arc;
 
 use ferry_broker::MemoryBroker;
+
+use crate::model;
 
 #[test]
 fn memory_engine_follows_the_model() {
