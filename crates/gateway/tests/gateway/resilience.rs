@@ -1,8 +1,6 @@
 //! The gateway when a dependency is not there or the recorder falls behind: a real redis-server stopped and
 //! started again under a running gateway, and load shedding on the event-log backlog.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +8,8 @@ use ferry_broker::{Broker, EngineConfig, MemoryBroker, RedisBroker};
 use ferry_core::breaker::BreakerConfig;
 use ferry_testkit::RedisServer;
 use serde_json::json;
-use support::{Backlogged, Switches, TestApp, USER, eventually, is_problem, token, ws_call};
+
+use crate::support::{Backlogged, Switches, TestApp, USER, eventually, is_problem, token, ws_call};
 
 /// Generous: the test machine may be compiling on every core.
 const RECOVERY: Duration = Duration::from_secs(20);

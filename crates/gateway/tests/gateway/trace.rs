@@ -1,14 +1,13 @@
 //! W3C trace context: a submission's `traceparent` is kept with the job and returned; without one the gateway
 //! starts a trace.
 
-mod support;
-
 use std::sync::Arc;
 
 use ferry_broker::{Broker, EngineConfig, MemoryBroker};
 use ferry_core::JobId;
 use serde_json::json;
-use support::{TestApp, USER, token};
+
+use crate::support::{TestApp, USER, token};
 
 #[tokio::test]
 async fn traceparent_is_taken_or_started_stored_and_returned() {

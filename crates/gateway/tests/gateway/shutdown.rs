@@ -1,8 +1,6 @@
 //! Graceful shutdown and readiness, in-process: a real gateway on 127.0.0.1:0, real HTTP and WebSocket clients,
 //! and a broker wrapper that can stall what a test needs stalled (the channel feed, submissions).
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use support::Switches;
+use crate::support::Switches;
 
 const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
 

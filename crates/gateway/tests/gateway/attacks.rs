@@ -8,8 +8,6 @@
 //! bodies for every status (`errors.rs`), idempotency keys per subject (`http.rs`), the verifier's own cases
 //! with real RSA, EC and Ed25519 keys (`src/auth/tests.rs`), and fuzzing of bodies, frames and headers (`fuzz/`).
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,7 +15,8 @@ use ferry_broker::{Broker, EngineConfig, MemoryBroker};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{SECRET, TestApp, USER, is_problem, token};
+
+use crate::support::{SECRET, TestApp, USER, is_problem, token};
 
 fn now() -> u64 {
     SystemTime::now()

@@ -2,8 +2,6 @@
 //! WebSocket (tokio-tungstenite), real HS256 tokens, and a broker wrapper with switches (the event-log backlog it
 //! reports, a stalled channel feed, stalled submissions).
 
-#![allow(dead_code)]
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,14 +1,14 @@
 //! Out of file descriptors: the gateway's accept fails with EMFILE, backs off instead of spinning, and serves
 //! again once its stalled connections have timed out. The test lowers its own process's open-file limit with
-//! util-linux `prlimit` (no unsafe code), so it lives alone in this binary: nextest and `cargo test` alike run
-//! no other test in this process.
-
-mod support;
+//! util-linux `prlimit` (no unsafe code), so it must be the only test in its process: nextest runs each test in
+//! a process of its own; anywhere else (`cargo test` runs the binary's tests side by side as threads) it runs
+//! itself again, alone, in a child process.
 
 use std::time::Duration;
 
-use support::TestApp;
 use tokio::net::TcpStream;
+
+use crate::support::{self, TestApp};
 
 fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd")
@@ -16,8 +16,45 @@ fn open_fds() -> u64 {
         .unwrap_or(0)
 }
 
+/// Set in the child process of [`alone`].
+const ALONE: &str = "FERRY_TEST_ALONE";
+
+/// Whether this test may lower the process's limit: it is the only test in this process (nextest, or the child
+/// below). Otherwise it runs the test in a child process of this binary, filtered to exactly this test, and
+/// fails with the child's output if the child fails.
+async fn alone(test: &str) -> bool {
+    if std::env::var_os("NEXTEST_EXECUTION_MODE").is_some_and(|m| m == "process-per-test")
+        || std::env::var_os(ALONE).is_some()
+    {
+        return true;
+    }
+    // module_path!() starts with the crate's name; test names do not.
+    let name = match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::{test}"),
+        None => test.to_owned(),
+    };
+    let out =
+        tokio::process::Command::new(std::env::current_exe().expect("the test binary's path"))
+            .args([name.as_str(), "--exact", "--test-threads=1"])
+            .env(ALONE, "1")
+            .output()
+            .await
+            .expect("the test binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name} in a process of its own: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
+}
+
 #[tokio::test]
 async fn accept_errors_back_off_and_the_gateway_recovers() {
+    if !alone("accept_errors_back_off_and_the_gateway_recovers").await {
+        return;
+    }
     let broker = std::sync::Arc::new(ferry_broker::MemoryBroker::new(
         ferry_broker::EngineConfig::default(),
     ));

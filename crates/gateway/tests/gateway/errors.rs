@@ -2,8 +2,6 @@
 //! the error table over real sockets, another walks the OpenAPI document and checks that each documented route
 //! exists and answers its documented errors as problems.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -13,8 +11,9 @@ use ferry_core::QueueName;
 use ferry_gateway::error::ApiError;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Reply, SECRET, Switches, TestApp, USER, eventually, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{Reply, SECRET, Switches, TestApp, USER, eventually, token};
 
 /// Asserts a problem+json answer of this status and problem type.
 fn problem(r: &Reply, status: u16, slug: &str) {
@@ -247,7 +246,7 @@ async fn every_status_of_the_error_table_is_problem_json() {
                 vec![r]
             }
             // Connection-level rows need their own connection settings (a short body timeout, a budget of one
-            // connection per address): tests/connections.rs provokes each over raw sockets and checks its
+            // connection per address): connections.rs provokes each over raw sockets and checks its
             // problem body (a_partial_body_is_answered_408_within_the_body_timeout,
             // unauthenticated_connections_per_address_are_capped_and_health_still_answers).
             "request-timeout" | "too-many-connections" => vec![],

@@ -1,8 +1,6 @@
 //! Recovery of missed frames end to end: real redis-servers (testkit), real gateways (support), a real WebSocket
 //! client that disconnects, misses `app:` messages and its own jobs' events, and comes back with `since`.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +10,9 @@ use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::RedisServer;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::{TestApp, Ws, token, ws_call};
 use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{TestApp, Ws, token, ws_call};
 
 const SCOPES: &str = "subscribe publish jobs:read";
 const PATIENCE: Duration = Duration::from_secs(15);

@@ -4,14 +4,13 @@
 //! Every capture happens in one test: the sampler is process-wide, so captures in tests running side by side in
 //! one process (`cargo test`) would collide.
 
-mod support;
-
 use std::sync::Arc;
 
 use ferry_broker::{EngineConfig, MemoryBroker};
 use ferry_telemetry::profile::protos::{Message, Profile};
 use reqwest::Method;
-use support::{ADMIN, TestApp, USER, is_problem, token};
+
+use crate::support::{ADMIN, TestApp, USER, is_problem, token};
 
 const PATH: &str = "/debug/pprof/profile";
 

@@ -1,8 +1,6 @@
 //! The HTTP API against a real gateway on an ephemeral port, over real HTTP (reqwest): one gateway per test,
 //! the memory engine unless the test is about Redis going away.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +10,8 @@ use ferry_core::QueueName;
 use ferry_testkit::RedisServer;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Reply, SECRET, TestApp, token};
+
+use crate::support::{Reply, SECRET, TestApp, token};
 
 const USER: &str = "jobs:submit jobs:read jobs:cancel";
 

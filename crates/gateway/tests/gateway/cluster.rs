@@ -2,8 +2,6 @@
 //! it, a node joining makes the node above the load bound move its excess to it (paced, never before the
 //! cooldown, clients away from their owner first), and a node that shuts down is announced draining at once and leaves at the end.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,10 +12,11 @@ use ferry_gateway::{Gateway, GatewayConfig};
 use ferry_testkit::RedisServer;
 use futures::StreamExt;
 use serde_json::Value;
-use support::{ADMIN, TestApp, USER, eventually, is_problem, token};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, ADMIN, TestApp, USER, eventually, is_problem, token};
 
 async fn broker(redis: &RedisServer) -> Arc<dyn Broker> {
     Arc::new(

@@ -2,16 +2,15 @@
 //! timeouts: a silent socket, partial headers, a partial body, an idle keep-alive, the budget of
 //! unauthenticated connections per address (health still answered), and failed authentication over HTTP.
 
-mod support;
-
 use std::time::Duration;
 
 use ferry_gateway::GatewayConfig;
 use ferry_gateway::config::ConnectionConfig;
 use serde_json::Value;
-use support::{ADMIN, TestApp, is_problem, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::support::{self, ADMIN, TestApp, is_problem, token};
 
 /// Far above every configured timeout here: a connection still open after it was never going to close.
 const PATIENCE: Duration = Duration::from_secs(10);

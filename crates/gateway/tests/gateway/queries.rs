@@ -2,8 +2,6 @@
 //! falling back to the store for a job the broker no longer holds. The store is the in-memory [`MemoryStore`],
 //! filled the way the recorder fills it ([`Store::record`] with lifecycle events).
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -12,7 +10,8 @@ use ferry_core::{Event, EventType, JobId, JobSpec, JobState, Kind, QueueName};
 use ferry_store::{MemoryStore, Store};
 use ferry_testkit::RedisServer;
 use serde_json::{Value, json};
-use support::{ADMIN, TestApp, USER, is_problem, token};
+
+use crate::support::{ADMIN, TestApp, USER, is_problem, token};
 
 /// 2023-11-14T22:13:20Z.
 const T: u64 = 1_700_000_000_000;
