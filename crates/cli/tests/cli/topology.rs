@@ -2,15 +2,14 @@
 //! workers with recorders, the autoscaler (metrics actuator) and a Prometheus server scraping them all. No
 //! container engine runs here; the compose file's own checks are in container.rs.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ferry_testkit::{PostgresServer, RedisServer, free_port};
 use serde_json::{Value, json};
-use support::{Proc, ferry, submit, token, until_completed, until_ready, wait_for};
+
+use crate::support::{Proc, ferry, submit, token, until_completed, until_ready, wait_for};
 
 const SECRET: &str = "topology-test-secret-topology-test-secret";
 

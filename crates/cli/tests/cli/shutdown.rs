@@ -13,10 +13,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-mod support;
-use support::{
-    Proc, assert_completed_once, count_completions, enqueue_many, ferry, readyz, redis_and_broker,
-    states, until_drained, until_ready, wait_for_every,
+use crate::support::{
+    self, Proc, assert_completed_once, count_completions, enqueue_many, ferry, readyz,
+    redis_and_broker, states, until_drained, until_ready, wait_for_every,
 };
 
 const SECRET: &str = "shutdown-test-secret-shutdown-test-secret";

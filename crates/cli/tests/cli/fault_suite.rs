@@ -24,8 +24,7 @@ use ferry_core::{JobId, Kind, NewJob, QueueName};
 use ferry_testkit::{Netns, NetnsError, PostgresServer, RedisServer};
 use serde_json::json;
 
-mod support;
-use support::{Proc, ferry, migrated_database};
+use crate::support::{Proc, ferry, migrated_database};
 
 const QUEUE: &str = "faults";
 /// The workers' visibility timeout: a lease not heartbeated for this long is reclaimed by the other worker.

@@ -13,8 +13,6 @@
 //! * A draining gateway (SIGTERM, `/readyz` 503) gets no new connection once the health check has seen it, and
 //!   keeps the ones it has until it moves them itself.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -22,9 +20,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ferry_testkit::{RedisServer, free_port};
 use futures::{SinkExt, StreamExt};
-use support::{Proc, ferry, token, until_ready, wait_for};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::support::{self, Proc, ferry, token, until_ready, wait_for};
 
 const SECRET: &str = "haproxy-test-secret-haproxy-test-secret-0123";
 

@@ -17,8 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 
-mod support;
-use support::{Proc, remaining, submit, until_completed, until_healthy};
+use crate::support::{self, Proc, remaining, submit, until_completed, until_healthy};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-otlp-test";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

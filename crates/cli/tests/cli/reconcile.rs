@@ -13,8 +13,7 @@ use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::{PostgresServer, RedisServer};
 use serde_json::json;
 
-mod support;
-use support::{Proc, enqueue_many, ferry, migrated_database, wait_for_every};
+use crate::support::{Proc, enqueue_many, ferry, migrated_database, wait_for_every};
 
 const POLL: Duration = Duration::from_millis(250);
 

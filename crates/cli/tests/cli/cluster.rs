@@ -10,8 +10,7 @@ use ferry_broker::{Broker, EngineConfig, NodeInfo, RedisBroker};
 use ferry_testkit::{RedisServer, free_port};
 use serde_json::Value;
 
-mod support;
-use support::{Proc, ferry, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, until_ready, wait_for};
 
 const SECRET: &str = "cluster-test-secret-cluster-test-secret!";
 

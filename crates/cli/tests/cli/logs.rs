@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use ferry_testkit::{PostgresServer, RedisServer, free_port};
 use serde_json::json;
 
-mod support;
-use support::{Proc, ferry, poll_json, remaining, submit, until_ready};
+use crate::support::{self, Proc, ferry, poll_json, remaining, submit, until_ready};
 
 const SECRET: &str = "log-test-secret-0123456789abcdefghij";
 const DB_PASSWORD: &str = "db-pass-Zq8w";

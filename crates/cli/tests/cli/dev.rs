@@ -4,8 +4,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-mod support;
-use support::{Proc, ferry, poll_json, remaining, submit, until_completed, until_healthy};
+use crate::support::{Proc, ferry, poll_json, remaining, submit, until_completed, until_healthy};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-dev-test";
 

@@ -10,8 +10,7 @@ use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::RedisServer;
 use serde_json::json;
 
-mod support;
-use support::{
+use crate::support::{
     Proc, assert_completed_once, count_completions, enqueue_many, ferry, redis_and_broker, states,
     until_drained, wait_for,
 };

@@ -1,7 +1,7 @@
 //! The OpenAPI document and the server agree (issue 11, finding 18): schemathesis, an OpenAPI-driven fuzzer,
 //! generates requests from `/v1/openapi.json` and runs every check against `ferry dev` with an admin token, a
 //! bounded number of examples per operation. The few rules a JSON Schema cannot state are listed, with their
-//! reasons, in `tests/openapi/schemathesis.toml`.
+//! reasons, in `tests/cli/openapi/schemathesis.toml`.
 //!
 //! Tool: schemathesis, installed by `scripts/test.sh` into `$FERRY_TOOLS_DIR/schemathesis` (by default
 //! `target/tools/schemathesis`). Without it the test fails, naming the script.
@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-mod support;
-use support::{Proc, ferry, remaining, token, until_healthy};
+use crate::support::{Proc, ferry, remaining, token, until_healthy};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-openapi-fuzz";
 /// Examples per operation and phase: enough to find a disagreement in a field, bounded so the run stays short.
@@ -69,7 +68,7 @@ async fn schemathesis_finds_no_disagreement_between_the_document_and_the_server(
         .current_dir(work.path())
         .arg("--no-color")
         .arg("--config-file")
-        .arg(repo().join("crates/cli/tests/openapi/schemathesis.toml"))
+        .arg(repo().join("crates/cli/tests/cli/openapi/schemathesis.toml"))
         .arg("run")
         .arg(format!("{base}/v1/openapi.json"))
         .args(["--header", &format!("Authorization: Bearer {admin}")])

@@ -17,17 +17,15 @@
 //! Tools: kubectl (with kustomize v5) on PATH; kubernetes-validate in `$FERRY_TOOLS_DIR/kubernetes-validate`
 //! or `target/tools/kubernetes-validate` (scripts/test.sh installs it).
 
-mod support;
-
-use support::manifests::{
-    config_with_flags, read, repo, role_env_names, scalar, setting, shutdown_deadline_ms,
-};
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_norway::Value;
+
+use crate::support::manifests::{
+    config_with_flags, read, repo, role_env_names, scalar, setting, shutdown_deadline_ms,
+};
 
 const KUBERNETES_VERSION: &str = "1.31.0";
 

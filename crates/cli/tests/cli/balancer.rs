@@ -13,8 +13,7 @@ use ferry_testkit::{RedisServer, free_port};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-mod support;
-use support::{Proc, ferry, until_ready};
+use crate::support::{self, Proc, ferry, until_ready};
 
 const SECRET: &str = "balancer-test-secret-balancer-test-secret";
 

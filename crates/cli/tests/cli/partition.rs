@@ -18,8 +18,7 @@ use ferry_testkit::{Netns, NetnsError, RedisServer};
 use futures::StreamExt;
 use serde_json::json;
 
-mod support;
-use support::{Proc, enqueue_many, wait_for};
+use crate::support::{Proc, enqueue_many, wait_for};
 
 fn noop() -> NewJob {
     NewJob::new(Kind::parse("ferry.noop").unwrap(), json!({}))

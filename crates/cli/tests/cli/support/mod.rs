@@ -1,4 +1,4 @@
-//! Helpers shared by the `ferry` binary's integration tests (`mod support;` in each test file).
+//! Helpers shared by the `ferry` binary's integration tests (`use crate::support::...` in each test module).
 //!
 //! - [`ferry`]: a `Command` for the binary under test; each test sets its own environment and stdio on it.
 //! - [`Proc`]: a spawned `ferry` child: SIGTERM ([`Proc::sigterm`]), a bounded wait for its exit
@@ -13,9 +13,6 @@
 //! - Broker: [`redis_and_broker`], [`enqueue_many`], [`states`] (jobs by state), [`until_drained`] (a queue is empty),
 //!   [`count_completions`] (`job.completed` per job), [`completions_total`] and
 //!   [`assert_completed_once`].
-//!
-//! Each test binary uses a subset, hence the `dead_code` allowance.
-#![allow(dead_code)]
 
 pub mod manifests;
 

@@ -10,8 +10,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use ferry_testkit::{PostgresServer, RedisServer, TestCerts};
 
-mod support;
-use support::{Proc, ferry, wait_for_every};
+use crate::support::{Proc, ferry, wait_for_every};
 
 fn path(p: &std::path::Path) -> &str {
     p.to_str().expect("UTF-8 temp path")

@@ -9,17 +9,15 @@
 //!   the role's own shutdown deadline; the autoscaler (a role still being written) gets structural checks;
 //! * the Prometheus config inlined in compose passes `promtool check config` with `deploy/prometheus/alerts.yml`.
 
-mod support;
-
-use support::manifests::{
-    config_with_flags, read, repo, role_env_names, scalar, setting, shutdown_deadline_ms,
-};
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use std::process::Command;
 
 use serde_norway::Value;
+
+use crate::support::manifests::{
+    config_with_flags, read, repo, role_env_names, scalar, setting, shutdown_deadline_ms,
+};
 
 // ---- Dockerfile ------------------------------------------------------------------------------------------------
 

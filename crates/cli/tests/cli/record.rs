@@ -12,9 +12,8 @@ use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::{PostgresServer, RedisServer, free_port};
 use serde_json::{Value, json};
 
-mod support;
-use support::{
-    Proc, completions_total, count_completions, enqueue_many, ferry, migrated_database,
+use crate::support::{
+    self, Proc, completions_total, count_completions, enqueue_many, ferry, migrated_database,
     until_healthy, wait_for_every,
 };
 

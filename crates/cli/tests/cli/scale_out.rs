@@ -23,8 +23,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-mod support;
-use support::{Proc, ferry, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, until_ready, wait_for};
 
 const SECRET: &str = "scale-out-test-secret-scale-out-test-secret";
 const CLIENTS: usize = 3_000;

@@ -7,7 +7,7 @@ use anyhow::Result;
 use ferry_broker::Broker;
 use ferry_core::{JobId, JobState, Priority, QueueName};
 
-mod support;
+use crate::support;
 
 fn ferry(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = support::ferry();

@@ -1,8 +1,6 @@
 //! `ferry autoscaler` with the `local` actuator, as real processes: the autoscaler binary starts and stops real
 //! `ferry worker` processes against real redis-servers (ferry-testkit), and is observed through its `/metrics`.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,7 +12,8 @@ use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::{RedisServer, free_port};
 use serde_json::json;
-use support::{Proc, ferry};
+
+use crate::support::{Proc, ferry};
 
 /// `ferry autoscaler` on `regions`, deciding every 500 ms, its admin listener on `port`, with `extra` flags; its
 /// log captured (read with [`Proc::log`], printed if the test fails).
