@@ -16,8 +16,9 @@ use std::process::Command;
 use serde_norway::Value;
 
 use crate::support::manifests::{
-    config_with_flags, read, repo, role_env_names, scalar, setting, shutdown_deadline_ms,
+    config_with_flags, role_env_names, scalar, setting, shutdown_deadline_ms,
 };
+use crate::support::{read, repo};
 
 // ---- Dockerfile ------------------------------------------------------------------------------------------------
 

@@ -4,19 +4,11 @@
 //! be in the catalogue, `docs/metrics.md`, so neither can drift from what the binaries export.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn read(rel: &str) -> String {
-    let path = repo().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
+use crate::support::{read, repo};
 
 /// Runs `promtool` with `args` from the repository root and panics with its output unless it succeeds.
 fn promtool(args: &[&str]) -> String {

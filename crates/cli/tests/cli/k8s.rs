@@ -24,8 +24,9 @@ use std::process::Command;
 use serde_norway::Value;
 
 use crate::support::manifests::{
-    config_with_flags, read, repo, role_env_names, scalar, setting, shutdown_deadline_ms,
+    config_with_flags, role_env_names, scalar, setting, shutdown_deadline_ms,
 };
+use crate::support::{read, repo};
 
 const KUBERNETES_VERSION: &str = "1.31.0";
 

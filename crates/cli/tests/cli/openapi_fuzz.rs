@@ -6,19 +6,15 @@
 //! Tool: schemathesis, installed by `scripts/test.sh` into `$FERRY_TOOLS_DIR/schemathesis` (by default
 //! `target/tools/schemathesis`). Without it the test fails, naming the script.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::{Proc, ferry, remaining, token, until_healthy};
+use crate::support::{Proc, ferry, remaining, repo, token, until_healthy};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-openapi-fuzz";
 /// Examples per operation and phase: enough to find a disagreement in a field, bounded so the run stays short.
 const MAX_EXAMPLES: &str = "20";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// `$FERRY_TOOLS_DIR/schemathesis/bin/schemathesis`, else under target/tools.
 fn schemathesis() -> PathBuf {

@@ -13,7 +13,7 @@
 //! * A draining gateway (SIGTERM, `/readyz` 503) gets no new connection once the health check has seen it, and
 //!   keeps the ones it has until it moves them itself.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{self, Proc, ferry, token, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, read, repo, token, until_ready, wait_for};
 
 const SECRET: &str = "haproxy-test-secret-haproxy-test-secret-0123";
 
@@ -40,7 +40,7 @@ fn haproxy_bin() -> Result<PathBuf> {
 }
 
 fn shipped() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/haproxy/haproxy.cfg")
+    repo().join("deploy/haproxy/haproxy.cfg")
 }
 
 /// The shipped configuration with its `server-template` lines replaced by `servers`.
@@ -85,8 +85,7 @@ fn the_shipped_configuration_is_valid() -> Result<()> {
 #[test]
 fn the_envoy_configuration_hashes_upgrades_on_the_subject_with_bounded_loads() -> Result<()> {
     use serde_norway::Value;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/envoy/envoy.yaml");
-    let doc: Value = serde_norway::from_str(&std::fs::read_to_string(path)?)?;
+    let doc: Value = serde_norway::from_str(&read("deploy/envoy/envoy.yaml"))?;
     let res = &doc["static_resources"];
     let hcm = &res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     assert_eq!(hcm["upgrade_configs"][0]["upgrade_type"], "websocket");

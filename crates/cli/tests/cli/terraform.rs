@@ -16,9 +16,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use crate::support::repo;
 
 fn terraform_dir() -> PathBuf {
     repo().join("terraform")

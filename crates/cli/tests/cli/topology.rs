@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use ferry_testkit::{PostgresServer, RedisServer, free_port};
 use serde_json::{Value, json};
 
-use crate::support::{Proc, ferry, submit, token, until_completed, until_ready, wait_for};
+use crate::support::{Proc, ferry, read, submit, token, until_completed, until_ready, wait_for};
 
 const SECRET: &str = "topology-test-secret-topology-test-secret";
 
@@ -218,9 +218,7 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
         .await?
         .text()
         .await?;
-    let catalogue = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/metrics.md"),
-    )?;
+    let catalogue = read("docs/metrics.md");
     let names: std::collections::BTreeSet<&str> = text
         .lines()
         .filter(|l| l.starts_with("ferry_autoscaler_"))

@@ -1,8 +1,7 @@
-//! What the deployment checks (container.rs, k8s.rs) share: the repository's files, YAML scalars, and
-//! `ferry check-config` / `ferry <role> --help` read back.
+//! What the deployment checks (container.rs, k8s.rs) share: YAML scalars, and `ferry check-config` /
+//! `ferry <role> --help` read back. The repository's files come from [`super::read`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_norway::Value;
@@ -59,18 +58,6 @@ pub fn role_env_names(role: &str) -> BTreeSet<String> {
         .skip(1)
         .map(|s| s.split(['=', ']']).next().unwrap().to_string())
         .collect()
-}
-
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-pub fn read(rel: &str) -> String {
-    let path = repo().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
 /// The config file `base` (if any) with the long flags of `args` layered into `[role]` (the process-wide ones at

@@ -5,6 +5,7 @@
 //!   ([`Proc::wait_exit`]; both: [`Proc::stop`]), SIGKILLed and reaped when dropped. [`Proc::spawn_logged`] sends its stderr to a
 //!   file of its own ([`Proc::log`]), printed when the test panics.
 //! - [`wait_for`] / [`wait_for_every`]: poll a check until it holds, or fail after a bound naming what was awaited.
+//! - [`repo`] / [`read`]: the repository's root and its files.
 //! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. Ports come from
 //!   `ferry_testkit::free_port`.
 //! - HTTP: [`until_healthy`] (`/healthz` answers), [`readyz`] and [`until_ready`] (`/readyz` is 200),
@@ -19,7 +20,7 @@ pub mod manifests;
 use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +32,20 @@ use ferry_gateway::auth::{MintClaims, mint};
 use ferry_testkit::RedisServer;
 use futures::StreamExt;
 use serde_json::Value;
+
+/// The repository's root directory.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A file of the repository (`rel` from its root), as text.
+pub fn read(rel: &str) -> String {
+    let path = repo().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
 
 /// The value of one series in a Prometheus text exposition (`series` is the name with its labels as written,
 /// e.g. `ferry_balancer_gateways{state="ready"}`), or `None` when it is absent.
