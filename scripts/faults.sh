@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fault suite (crates/cli/tests/fault_suite.rs) at a larger size, printed as a table:
+# The fault suite (crates/cli/tests/cli/fault_suite.rs) at a larger size, printed as a table:
 #   scenario | jobs | lost | doubled | stuck | recovery | restored
 # Each scenario runs a small cluster of real processes (redis-server, PostgreSQL, two workers with recorders)
 # under a steady feed of jobs while one fault strikes; the ground truth is PostgreSQL. The test suite runs the
@@ -10,7 +10,8 @@ export FERRY_FAULT_FEED_SECS=${1:-30} FERRY_FAULT_RATE=${2:-200}
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 status=0
-cargo nextest run -p ferry-cli --test fault_suite --no-capture --no-fail-fast 2>&1 | tee "$out" || status=$?
+cargo nextest run -p ferry-cli --test cli -E 'test(/^fault_suite::/)' --no-capture --no-fail-fast 2>&1 \
+  | tee "$out" || status=$?
 echo
 echo "feed: ${FERRY_FAULT_FEED_SECS} s at ${FERRY_FAULT_RATE} jobs/s"
 echo "| scenario | jobs | lost | doubled | stuck | recovery | restored |"

@@ -33,9 +33,9 @@ have_postgres() {
 missing=()
 { command -v redis-server && command -v redis-cli; } >/dev/null || missing+=(redis-server)
 { have_postgres && command -v psql >/dev/null; } || missing+=(postgresql)
-# promtool, for the deploy/prometheus checks (crates/cli/tests/deploy.rs); no Prometheus server is used.
+# promtool, for the deploy/prometheus checks (crates/cli/tests/cli/deploy.rs); no Prometheus server is used.
 command -v promtool >/dev/null || missing+=(prometheus)
-# HAProxy runs deploy/haproxy/haproxy.cfg in front of real gateways (crates/cli/tests/proxies.rs).
+# HAProxy runs deploy/haproxy/haproxy.cfg in front of real gateways (crates/cli/tests/cli/proxies.rs).
 { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null || missing+=(haproxy)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]}" >&2
@@ -46,7 +46,7 @@ fi
 # Python tools for the container, Kubernetes and Terraform checks and the API fuzzer, each in its own
 # virtualenv under target/tools (never committed): kubernetes-validate (the Kubernetes schemas, offline),
 # checkov (static analysis) and schemathesis (OpenAPI-driven fuzzing of `ferry dev`,
-# crates/cli/tests/openapi_fuzz.rs). The tests look for them there (FERRY_TOOLS_DIR).
+# crates/cli/tests/cli/openapi_fuzz.rs). The tests look for them there (FERRY_TOOLS_DIR).
 py_tool() {
   local name=$1 version=$2 cmd=$3 dir=target/tools/$1
   [ -x "$dir/bin/$cmd" ] && return 0

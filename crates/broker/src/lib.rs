@@ -4,7 +4,7 @@
 //! * [`redis`]: Redis 7 Streams with consumer groups, Lua scripts for every multi-key transition, queues spread
 //!   over N standalone Redis shards by rendezvous hashing ([`shard`]).
 //!
-//! The behaviour both engines must show is one contract suite (`tests/contract/`) that runs unchanged against
+//! The behaviour both engines must show is one contract suite (`tests/broker/contract/`) that runs unchanged against
 //! each engine.
 //!
 //! This crate owns job state and its transitions. It must not run handlers, speak HTTP or decide policy that

@@ -1,5 +1,5 @@
 //! The in-process engine: every queue, job, lease and idempotency key of one process, in memory, with the same
-//! observable semantics as the Redis engine (the contract suite in `tests/contract/` runs against both).
+//! observable semantics as the Redis engine (the contract suite in `tests/broker/contract/` runs against both).
 //!
 //! It owns job state for `ferry dev`, single-node deployments and fast tests. It must not persist anything, do
 //! network I/O or run handlers: a restart loses every job, by design. Its memory stays bounded by the engine
@@ -1570,7 +1570,7 @@ impl Membership for MemoryBroker {
 #[cfg(test)]
 mod tests {
     //! Memory-engine internals the contract suite cannot see: event id shape and that housekeeping really frees
-    //! memory. Behaviour shared with the Redis engine is tested in `tests/contract/`.
+    //! memory. Behaviour shared with the Redis engine is tested in `tests/broker/contract/`.
 
     use super::*;
     use crate::Retry;

@@ -903,7 +903,7 @@ fn owns_respects_owner_tenant_and_admin() {
     assert!(global_admin.owns(None, None));
 }
 
-// ---- JWKS URL schedule (the fetching itself is tested against a real server in tests/jwks_url.rs) -----------
+// ---- JWKS URL schedule (the fetching itself is tested against a real server in tests/gateway/jwks_url.rs) --------
 
 #[test]
 fn cache_control_max_age_is_parsed() {

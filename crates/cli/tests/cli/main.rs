@@ -1,0 +1,32 @@
+//! The `ferry` binary's integration tests: real `ferry` processes (`env!("CARGO_BIN_EXE_ferry")`) against real
+//! redis-server and PostgreSQL (ferry-testkit), one module per area: the command line (`cli`), each role and
+//! `ferry dev` end to end, shutdown, faults and partitions, the durable record, scale-out, OpenTelemetry export,
+//! the OpenAPI fuzzer, and the deployment artefacts (`container`, `deploy`, `k8s`, `proxies`, `terraform`,
+//! `topology`). `support` holds what they share (spawned processes, waits, tokens, broker helpers), and
+//! `support::manifests` what the deployment checks share.
+//!
+//! One test binary for the crate, so its dependencies link once rather than once per file.
+
+mod autoscale;
+mod balancer;
+mod cli;
+mod cluster;
+mod container;
+mod deploy;
+mod dev;
+mod fault_suite;
+mod faults;
+mod k8s;
+mod logs;
+mod openapi_fuzz;
+mod otlp;
+mod partition;
+mod proxies;
+mod reconcile;
+mod record;
+mod scale_out;
+mod shutdown;
+mod support;
+mod terraform;
+mod tls_deps;
+mod topology;

@@ -1,0 +1,448 @@
+//! Helpers shared by the `ferry` binary's integration tests (`use crate::support::...` in each test module).
+//!
+//! - [`ferry`]: a `Command` for the binary under test; each test sets its own environment and stdio on it.
+//! - [`Proc`]: a spawned `ferry` child: SIGTERM ([`Proc::sigterm`]), a bounded wait for its exit
+//!   ([`Proc::wait_exit`]; both: [`Proc::stop`]), SIGKILLed and reaped when dropped. [`Proc::spawn_logged`] sends its stderr to a
+//!   file of its own ([`Proc::log`]), printed when the test panics.
+//! - [`wait_for`] / [`wait_for_every`]: poll a check until it holds, or fail after a bound naming what was awaited.
+//! - [`repo`] / [`read`]: the repository's root and its files.
+//! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. Ports come from
+//!   `ferry_testkit::free_port`.
+//! - HTTP: [`until_healthy`] (`/healthz` answers), [`readyz`] and [`until_ready`] (`/readyz` is 200),
+//!   [`submit`] (POST a job, 202) and [`poll_json`] / [`until_completed`] (GET until a condition holds);
+//!   [`until_balancer_sees`] (a `ferry balancer` counts N ready gateways).
+//! - Broker: [`redis_and_broker`], [`enqueue_many`], [`states`] (jobs by state), [`until_drained`] (a queue is empty),
+//!   [`count_completions`] (`job.completed` per job), [`completions_total`] and
+//!   [`assert_completed_once`].
+
+pub mod manifests;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_core::{EventType, JobId, JobState, NewJob, QueueName};
+use ferry_gateway::auth::{MintClaims, mint};
+use ferry_testkit::RedisServer;
+use futures::StreamExt;
+use serde_json::Value;
+
+/// The repository's root directory.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A file of the repository (`rel` from its root), as text.
+pub fn read(rel: &str) -> String {
+    let path = repo().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The value of one series in a Prometheus text exposition (`series` is the name with its labels as written,
+/// e.g. `ferry_balancer_gateways{state="ready"}`), or `None` when it is absent.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `ferry` binary under test, with nothing set: callers add arguments, environment and stdio.
+pub fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// A running `ferry` child process, SIGKILLed (and reaped) if the test ends without stopping it.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    /// Where its stderr goes, when [`Proc::spawn_logged`] captured it; printed if the test panics.
+    log: Option<PathBuf>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Proc {
+    /// Spawns `cmd` exactly as configured (environment, stdio).
+    pub fn spawn(cmd: &mut Command) -> Result<Self> {
+        let child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
+        Ok(Self {
+            child,
+            log: None,
+            _dir: None,
+        })
+    }
+
+    /// Spawns `cmd` with its stderr going to a file in a temporary directory of its own: read it with
+    /// [`Proc::log`]; it is printed if the test panics while the process is alive.
+    pub fn spawn_logged(cmd: &mut Command) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("stderr.log");
+        let mut proc = Self::spawn(cmd.stderr(Stdio::from(File::create(&log)?)))?;
+        proc.log = Some(log);
+        proc._dir = Some(dir);
+        Ok(proc)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// What it wrote to stderr so far, when spawned with [`Proc::spawn_logged`]; empty otherwise.
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as an orchestrator or an operator sends it (`kill -TERM`).
+    pub fn sigterm(&self) -> Result<()> {
+        let pid = self.pid().to_string();
+        if !Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success()
+        {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then [`Proc::wait_exit`].
+    pub async fn stop(&mut self, within: Duration) -> Result<ExitStatus> {
+        self.sigterm()?;
+        self.wait_exit(within).await
+    }
+
+    /// Its exit status, once it exits; an error when it is still running after `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("ferry {} did not exit within {within:?}", self.pid());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if self.log.is_some() && std::thread::panicking() {
+            eprintln!("--- log of ferry {} ---\n{}", self.pid(), self.log());
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it answers true; an error naming `what` after `within`, or the check's own.
+pub async fn wait_for<F, Fut>(within: Duration, what: &str, check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    wait_for_every(Duration::from_millis(100), within, what, check).await
+}
+
+/// [`wait_for`], polling every `every`: shorter for timing-sensitive checks, longer for costly ones.
+pub async fn wait_for_every<F, Fut>(
+    every: Duration,
+    within: Duration,
+    what: &str,
+    mut check: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// What is left of `within` counted from a `deadline`: for a wait that shares one deadline with others.
+pub fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// A bearer token signed with `secret` (HS256), for `sub` with `scopes`, valid for `ttl`.
+pub fn token(secret: &str, sub: &str, scopes: &[&str], ttl: Duration) -> String {
+    mint(
+        secret.as_bytes(),
+        &MintClaims::new(sub, &scopes.join(" "), ttl),
+    )
+    .expect("mint a token")
+}
+
+/// Waits until `{base}/healthz` answers with a success, polling every 50 ms; an error after `within`.
+pub async fn until_healthy(http: &reqwest::Client, base: &str, within: Duration) -> Result<()> {
+    wait_for_every(
+        Duration::from_millis(50),
+        within,
+        &format!("{base}/healthz"),
+        || {
+            let r = http.get(format!("{base}/healthz")).send();
+            async move { Ok(r.await.is_ok_and(|r| r.status().is_success())) }
+        },
+    )
+    .await
+}
+
+/// Waits until the balancer whose admin listener is `admin` (`HOST:PORT`) counts `n` ready gateways in its
+/// membership (`ferry_balancer_gateways{state="ready"}`); an error after `within`.
+pub async fn until_balancer_sees(
+    http: &reqwest::Client,
+    admin: &str,
+    n: usize,
+    within: Duration,
+) -> Result<()> {
+    wait_for(
+        within,
+        &format!("the balancer at {admin} sees {n} ready gateways"),
+        || async {
+            let text = http
+                .get(format!("http://{admin}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            Ok(sample(&text, r#"ferry_balancer_gateways{state="ready"}"#) == Some(n as f64))
+        },
+    )
+    .await
+}
+
+/// One `GET {base}/readyz`: the status and the JSON body (`null` when it is not JSON).
+pub async fn readyz(http: &reqwest::Client, base: &str) -> reqwest::Result<(u16, Value)> {
+    let res = http.get(format!("{base}/readyz")).send().await?;
+    let status = res.status().as_u16();
+    Ok((status, res.json().await.unwrap_or(Value::Null)))
+}
+
+/// Waits until `{base}/readyz` answers 200, polling every 50 ms: its body; an error with the last answer after
+/// `within`.
+pub async fn until_ready(http: &reqwest::Client, base: &str, within: Duration) -> Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = readyz(http, base).await;
+        if let Ok((200, body)) = &last {
+            return Ok(body.clone());
+        }
+        if Instant::now() >= deadline {
+            bail!("not ready within {within:?}: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Submits `job` (`{"kind": …, "payload": …}`) to `queue` with `headers`; asserts 202. The job's id and the
+/// response's headers.
+pub async fn submit(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    queue: &str,
+    job: &Value,
+    headers: &[(&str, &str)],
+) -> Result<(String, reqwest::header::HeaderMap)> {
+    let mut req = http
+        .post(format!("{base}/v1/queues/{queue}/jobs"))
+        .bearer_auth(token)
+        .json(job);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = req.send().await?;
+    assert_eq!(res.status(), 202);
+    let headers = res.headers().clone();
+    let body: Value = res.json().await?;
+    let id = body["id"].as_str().context("an id")?.to_owned();
+    Ok((id, headers))
+}
+
+/// GETs `url` with `token` every 50 ms until `done` holds for its JSON body, and returns that body; an error
+/// naming `what` with the last body after `within`.
+pub async fn poll_json(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut(&Value) -> bool,
+) -> Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let v: Value = http
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if done(&v) {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `GET {base}/v1/jobs/{id}` until the job is completed: the job.
+pub async fn until_completed(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    id: &str,
+    within: Duration,
+) -> Result<Value> {
+    let url = format!("{base}/v1/jobs/{id}");
+    poll_json(http, &url, token, within, "job never completed", |j| {
+        j["state"] == "completed"
+    })
+    .await
+}
+
+/// A new database `name` on `pg` with ferry's schema applied by `ferry migrate`: its URL.
+pub fn migrated_database(pg: &ferry_testkit::PostgresServer, name: &str) -> Result<String> {
+    let db = pg.create_database(name)?;
+    let out = ferry().args(["migrate", "--database-url", &db]).output()?;
+    if !out.status.success() {
+        bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(db)
+}
+
+/// A private `redis-server` (ferry-testkit), its URL, and a broker on it with the default engine settings.
+pub async fn redis_and_broker() -> Result<(RedisServer, String, RedisBroker)> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    Ok((redis, url, broker))
+}
+
+/// `n` copies of `job` in `q`, enqueued in batches of at most 500: their ids.
+pub async fn enqueue_many(
+    broker: &dyn Broker,
+    q: &QueueName,
+    n: usize,
+    job: NewJob,
+) -> Result<Vec<JobId>> {
+    let mut ids = Vec::with_capacity(n);
+    while ids.len() < n {
+        let batch = (n - ids.len()).min(500);
+        let done = broker.enqueue_batch(q, vec![job.clone(); batch]).await?;
+        ids.extend(done.into_iter().map(|e| e.id));
+    }
+    Ok(ids)
+}
+
+/// How many of `ids` are in each state (many lookups at once: one at a time, 2,000 of them take a minute on a
+/// debug build).
+pub async fn states(broker: &dyn Broker, ids: &[JobId]) -> Result<HashMap<JobState, usize>> {
+    let infos: Vec<_> = futures::stream::iter(ids)
+        .map(|id| async move { (id, broker.job(*id).await) })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut out = HashMap::new();
+    for (id, info) in infos {
+        let info = info?.with_context(|| format!("job {id} exists"))?;
+        *out.entry(info.state).or_default() += 1;
+    }
+    Ok(out)
+}
+
+/// `job.completed` events seen per job.
+pub type Completions = Arc<Mutex<HashMap<JobId, u32>>>;
+
+/// `job.completed` events per job from the live feed, counted from now on.
+pub async fn count_completions(broker: &dyn Broker) -> Result<Completions> {
+    let completed: Completions = Arc::default();
+    let mut events = broker.subscribe().await?;
+    let counts = completed.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events.next().await {
+            if e.ty == EventType::Completed {
+                *counts.lock().unwrap().entry(e.job).or_default() += 1;
+            }
+        }
+    });
+    Ok(completed)
+}
+
+/// How many `job.completed` events were seen in all.
+pub fn completions_total(completed: &Completions) -> u64 {
+    completed
+        .lock()
+        .unwrap()
+        .values()
+        .map(|n| u64::from(*n))
+        .sum()
+}
+
+/// Waits (up to 10 s) until `ids.len()` jobs have a `job.completed`, gives anything late `settle` to show up as
+/// a second completion, then asserts every one of `ids` completed exactly once: none lost, none twice.
+pub async fn assert_completed_once(
+    completed: &Completions,
+    ids: &[JobId],
+    settle: Duration,
+) -> Result<()> {
+    wait_for_every(
+        Duration::from_millis(20),
+        Duration::from_secs(10),
+        &format!("{} completion events", ids.len()),
+        || async { Ok(completed.lock().unwrap().len() == ids.len()) },
+    )
+    .await?;
+    tokio::time::sleep(settle).await;
+    let counts = completed.lock().unwrap().clone();
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "completed more than once: {twice:?}");
+    assert!(ids.iter().all(|id| counts.contains_key(id)));
+    Ok(())
+}
+
+/// Waits (up to `within`) until `q` is empty: nothing queued, active, scheduled or dead.
+pub async fn until_drained(
+    broker: &dyn Broker,
+    q: &QueueName,
+    within: Duration,
+    what: &str,
+) -> Result<()> {
+    wait_for_every(Duration::from_millis(50), within, what, || async {
+        let s = broker.stats(q).await?;
+        Ok(s.depth == 0 && s.active == 0 && s.scheduled == 0 && s.dead == 0)
+    })
+    .await
+}
