@@ -1,6 +1,6 @@
 //! The `ferry` binary's integration tests: real `ferry` processes (`env!("CARGO_BIN_EXE_ferry")`) against real
 //! redis-server and PostgreSQL (ferry-testkit), one module per area: the command line (`cli`), each role and
-//! `ferry dev` end to end, shutdown, faults and partitions, the durable record, scale-out, OpenTelemetry export,
+//! `ferry dev` end to end, the in-process cluster harness (`harness`), shutdown, faults and partitions, the durable record, scale-out, OpenTelemetry export,
 //! the OpenAPI fuzzer, and the deployment artefacts (`container`, `deploy`, `k8s`, `proxies`, `terraform`,
 //! `topology`). `support` holds what they share (spawned processes, waits, tokens, broker helpers), and
 //! `support::manifests` what the deployment checks share.
@@ -16,6 +16,7 @@ mod deploy;
 mod dev;
 mod fault_suite;
 mod faults;
+mod harness;
 mod k8s;
 mod logs;
 mod openapi_fuzz;
