@@ -10,6 +10,8 @@ pub mod args;
 pub mod autoscaler;
 pub mod balancer;
 pub mod config;
+#[cfg(test)]
+mod defaults;
 pub mod dev;
 pub mod enqueue;
 pub mod gateway;
