@@ -5,6 +5,10 @@
 //! (`WorkerConfig::default()`, `LimitsConfig::default()`, ...), so the two cannot drift apart; the drift test
 //! (`defaults.rs`) resolves every role with no optional flag and compares the result with the libraries'
 //! defaults. Literals remain only where no library field exists (listen addresses, the autoscaler's interval).
+//!
+//! A flag whose name differs from the library field it sets carries that field's name as its id
+//! (`--job-timeout-ms` is `id = "default_job_timeout_ms"`; a duration's id ends in `_ms`), so an error a library
+//! reports by field name finds its flag (`flag_of` in the crate root).
 
 use std::time::Duration;
 
@@ -783,7 +787,8 @@ pub struct WorkerArgs {
 
     /// Time limit of an attempt whose job sets no timeout.
     #[arg(
-        long,
+        id = "default_job_timeout_ms",
+        long = "job-timeout-ms",
         value_name = "MS",
         env = "FERRY_JOB_TIMEOUT_MS",
         default_value_t = ms(WorkerConfig::default().default_job_timeout)

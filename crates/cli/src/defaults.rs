@@ -2,6 +2,10 @@
 //! resolved (which connects to nothing), must give exactly the libraries' own defaults. The flags read their
 //! defaults from those libraries (see [`crate::args`]); this catches a setting resolved from the wrong flag, a
 //! flag left with a literal, or a resolve step that changes a value on the way.
+//!
+//! Also: every field the worker's validation can name maps to a real flag (`flag_of`).
+
+use std::collections::BTreeSet;
 
 use clap::Parser;
 use ferry_balancer::BalancerConfig;
@@ -114,4 +118,60 @@ fn balancer_defaults_are_the_libraries() {
     let mut expected = BalancerConfig::new(r.listen, vec![REDIS.to_owned()]);
     expected.admin_listen = r.admin_listen;
     assert_eq!(dbg(&r), dbg(&expected));
+}
+
+/// Snake-case string literals in `source` that are names of `pub` fields declared in `source`: the field
+/// names a validation can report.
+fn reported_fields(source: &str) -> BTreeSet<String> {
+    let fields: BTreeSet<&str> = source
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub ")?.split_once(':'))
+        .map(|(name, _)| name.trim())
+        .filter(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    source
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|lit| fields.contains(lit))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn validation_of(source: &str, start: &str) -> String {
+    let from = source.find(start).expect("validation found");
+    let to = source[from..]
+        .find("#[cfg(test)]")
+        .map_or(source.len(), |i| from + i);
+    // The field declarations too, so that literals can be told from messages.
+    let decls: String = source
+        .lines()
+        .filter(|l| l.trim().starts_with("pub ") && l.contains(':'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!("{decls}\n{}", &source[from..to])
+}
+
+#[test]
+fn every_worker_field_validate_reports_has_a_flag() {
+    let source = include_str!("../../worker/src/config.rs");
+    let fields = reported_fields(&validation_of(source, "pub fn validate(&self)"));
+    for must in [
+        "queues",
+        "default_job_timeout",
+        "heartbeat_interval",
+        "consumer",
+    ] {
+        assert!(fields.contains(must), "{must} not found in {fields:?}");
+    }
+    for field in &fields {
+        let flag = crate::flag_of("worker", field);
+        assert_ne!(flag, "configuration", "{field} has no flag");
+    }
+    assert_eq!(
+        crate::flag_of("worker", "default_job_timeout"),
+        "--job-timeout-ms"
+    );
+    assert_eq!(crate::flag_of("worker", "concurrency"), "--concurrency");
+    assert_eq!(crate::flag_of("worker", "no_such_field"), "configuration");
 }

@@ -281,6 +281,26 @@ pub(crate) async fn bind_admin(
         })
 }
 
+/// The `--long` flag of `role` that sets the library setting `field`: the argument (flattened groups included)
+/// whose id is the field's name, or the name with `_ms` (durations are given in milliseconds). Read from clap
+/// itself, so a renamed or added flag cannot leave a stale table behind; `configuration` when no flag sets it.
+pub(crate) fn flag_of(role: &str, field: &str) -> String {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let with_ms = format!("{field}_ms");
+    cli.find_subcommand(role)
+        .and_then(|cmd| {
+            cmd.get_arguments()
+                .find(|a| {
+                    let id = a.get_id().as_str();
+                    id == field || id == with_ms
+                })
+                .and_then(|a| a.get_long())
+                .map(|long| format!("--{long}"))
+        })
+        .unwrap_or_else(|| "configuration".to_owned())
+}
+
 /// Refuse the first `(flag, value)` that is zero: counts and durations that must be at least 1.
 pub(crate) fn at_least_one(values: &[(&'static str, u64)]) -> Result<(), CliError> {
     match values.iter().find(|(_, v)| *v == 0) {
