@@ -7,7 +7,7 @@
 //! defaults. Literals remain only where no library field exists (listen addresses, the autoscaler's interval).
 //!
 //! A flag whose name differs from the library field it sets carries that field's name as its id
-//! (`--job-timeout-ms` is `id = "default_job_timeout_ms"`; a duration's id ends in `_ms`), so an error a library
+//! (`--http-rate` is `id = "http_rate_per_sec"`; a duration's id ends in `_ms`), so an error a library
 //! reports by field name finds its flag (`flag_of` in the crate root).
 
 use std::time::Duration;
@@ -215,7 +215,8 @@ pub struct LimitsArgs {
     pub max_batch: usize,
     /// HTTP requests per second per subject, sustained.
     #[arg(
-        long,
+        id = "http_rate_per_sec",
+        long = "http-rate",
         value_name = "N",
         env = "FERRY_HTTP_RATE",
         default_value_t = LimitsConfig::default().http_rate_per_sec
@@ -231,7 +232,8 @@ pub struct LimitsArgs {
     pub http_burst: u32,
     /// WebSocket frames per second per connection, sustained.
     #[arg(
-        long,
+        id = "ws_rate_per_sec",
+        long = "ws-rate",
         value_name = "N",
         env = "FERRY_WS_RATE",
         default_value_t = LimitsConfig::default().ws_rate_per_sec
@@ -644,7 +646,8 @@ pub struct DevArgs {
     /// Failed authentications per second per client IP, HTTP requests and WebSocket upgrades alike; past it
     /// they are answered 429 (as `ferry gateway --unauth-upgrade-rate`).
     #[arg(
-        long,
+        id = "unauth_upgrades_per_sec_per_ip",
+        long = "unauth-upgrade-rate",
         value_name = "N",
         env = "FERRY_UNAUTH_UPGRADE_RATE",
         default_value_t = LimitsConfig::default().unauth_upgrades_per_sec_per_ip
@@ -1213,7 +1216,8 @@ pub struct GatewayTuningArgs {
 
     /// WebSocket ping period; a client that answers none of two pings is dropped.
     #[arg(
-        long,
+        id = "ping_interval_ms",
+        long = "ws-ping-interval-ms",
         value_name = "MS",
         env = "FERRY_WS_PING_INTERVAL_MS",
         default_value_t = ms(LimitsConfig::default().ping_interval)
@@ -1231,7 +1235,8 @@ pub struct GatewayTuningArgs {
 
     /// Rate-limited WebSocket frames in a row before the connection is closed (4008).
     #[arg(
-        long,
+        id = "ws_sustained_violations",
+        long = "ws-rate-violations",
         value_name = "N",
         env = "FERRY_WS_RATE_VIOLATIONS",
         default_value_t = LimitsConfig::default().ws_sustained_violations
@@ -1241,7 +1246,8 @@ pub struct GatewayTuningArgs {
     /// Failed authentications per second per client IP, HTTP requests and WebSocket upgrades alike; past it
     /// they are answered 429.
     #[arg(
-        long,
+        id = "unauth_upgrades_per_sec_per_ip",
+        long = "unauth-upgrade-rate",
         value_name = "N",
         env = "FERRY_UNAUTH_UPGRADE_RATE",
         default_value_t = LimitsConfig::default().unauth_upgrades_per_sec_per_ip
@@ -1279,7 +1285,8 @@ pub struct GatewayTuningArgs {
     /// Connections on this node that have not yet completed an authenticated request or upgrade; past it new
     /// ones get only /healthz and /readyz (429 otherwise). Keep it well under the open-file limit.
     #[arg(
-        long,
+        id = "max_unauthenticated",
+        long = "max-unauthenticated-connections",
         value_name = "N",
         env = "FERRY_MAX_UNAUTHENTICATED_CONNECTIONS",
         default_value_t = ConnectionConfig::default().max_unauthenticated

@@ -3,7 +3,7 @@
 //! defaults from those libraries (see [`crate::args`]); this catches a setting resolved from the wrong flag, a
 //! flag left with a literal, or a resolve step that changes a value on the way.
 //!
-//! Also: every field the worker's validation can name maps to a real flag (`flag_of`).
+//! Also: every field a library's validation can name maps to a real flag of its role (`flag_of`).
 
 use std::collections::BTreeSet;
 
@@ -174,4 +174,60 @@ fn every_worker_field_validate_reports_has_a_flag() {
     );
     assert_eq!(crate::flag_of("worker", "concurrency"), "--concurrency");
     assert_eq!(crate::flag_of("worker", "no_such_field"), "configuration");
+}
+
+#[test]
+fn every_gateway_field_validate_reports_has_a_flag() {
+    let source = include_str!("../../gateway/src/config.rs");
+    let fields = reported_fields(&validation_of(source, "pub struct ConfigError"));
+    for must in [
+        "max_connections",
+        "ping_interval",
+        "membership_ttl",
+        "idle_timeout",
+    ] {
+        assert!(fields.contains(must), "{must} not found in {fields:?}");
+    }
+    for field in &fields {
+        let flag = crate::flag_of("gateway", field);
+        assert_ne!(flag, "configuration", "{field} has no flag");
+    }
+    assert_eq!(
+        crate::flag_of("gateway", "http_rate_per_sec"),
+        "--http-rate"
+    );
+    assert_eq!(
+        crate::flag_of("gateway", "ping_interval"),
+        "--ws-ping-interval-ms"
+    );
+    assert_eq!(
+        crate::flag_of("dev", "unauth_upgrades_per_sec_per_ip"),
+        "--unauth-upgrade-rate"
+    );
+}
+
+#[test]
+fn gateway_limits_are_refused_naming_the_flag() {
+    for (flag, value) in [
+        ("--max-connections", "0"),
+        ("--http-rate", "0"),
+        ("--ws-ping-interval-ms", "0"),
+        ("--max-unauthenticated-connections", "0"),
+        ("--membership-ttl-ms", "1000"),
+        ("--balance-epsilon", "0"),
+    ] {
+        let Command::Gateway(a) = parse(&[
+            "gateway",
+            "--redis",
+            REDIS,
+            "--jwt-secret",
+            SECRET,
+            flag,
+            value,
+        ]) else {
+            panic!("not a gateway");
+        };
+        let err = crate::gateway::resolve(a).expect_err(flag).to_string();
+        assert!(err.starts_with(&format!("invalid {flag}: ")), "{err}");
+    }
 }

@@ -301,6 +301,11 @@ pub(crate) fn flag_of(role: &str, field: &str) -> String {
         .unwrap_or_else(|| "configuration".to_owned())
 }
 
+/// A gateway setting that breaks a rule of the gateway's own validation, as a usage error naming `role`'s flag.
+pub(crate) fn gateway_config_error(role: &str, e: ferry_gateway::config::ConfigError) -> CliError {
+    CliError::usage(&flag_of(role, e.field), e.message)
+}
+
 /// Refuse the first `(flag, value)` that is zero: counts and durations that must be at least 1.
 pub(crate) fn at_least_one(values: &[(&'static str, u64)]) -> Result<(), CliError> {
     match values.iter().find(|(_, v)| *v == 0) {
