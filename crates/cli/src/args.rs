@@ -1,7 +1,56 @@
 //! Command-line flags, each with its `FERRY_*` environment variable. These are raw strings and numbers as typed;
 //! [`crate::worker`] and [`crate::enqueue`] turn them into validated configuration before anything connects.
+//!
+//! A flag that sets a field of a library's configuration takes its default from that library's own default
+//! (`WorkerConfig::default()`, `LimitsConfig::default()`, ...), so the two cannot drift apart; the drift test
+//! (`defaults.rs`) resolves every role with no optional flag and compares the result with the libraries'
+//! defaults. Literals remain only where no library field exists (listen addresses, the autoscaler's interval).
+//!
+//! A flag whose name differs from the library field it sets carries that field's name as its id
+//! (`--http-rate` is `id = "http_rate_per_sec"`; a duration's id ends in `_ms`), so an error a library
+//! reports by field name finds its flag (`flag_of` in the crate root).
+
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_balancer::BalancerConfig;
+use ferry_broker::placement::DEFAULT_EPSILON;
+use ferry_broker::{ChannelHistory, EngineConfig, RedisOptions};
+use ferry_gateway::config::{
+    ClusterConfig, ConnectionConfig, LimitsConfig, ReadinessConfig, ResilienceConfig,
+    ShutdownConfig,
+};
+use ferry_store::PgConfig;
+use ferry_store::reconciler::ReconcilerConfig;
+use ferry_store::recorder::RecorderConfig;
+use ferry_worker::node::DEFAULT_READY_BUDGET;
+use ferry_worker::{WebhookConfig, WorkerConfig};
+
+/// A library default given in milliseconds on the command line. `default_value_t` shows the number in
+/// `--help`; clap evaluates it when it builds the command.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The store's defaults (the URL is not one of them).
+fn pg() -> PgConfig {
+    PgConfig::new(String::new())
+}
+
+/// The recorder's defaults (the consumer name is drawn at start).
+fn recorder() -> RecorderConfig {
+    RecorderConfig::new(String::new())
+}
+
+/// The reconciler's defaults (the lease holder is drawn at start).
+fn reconciler() -> ReconcilerConfig {
+    ReconcilerConfig::new(String::new())
+}
+
+/// The balancer's defaults (its listen address and shards are required flags).
+fn balancer() -> BalancerConfig {
+    BalancerConfig::new(([127, 0, 0, 1], 0).into(), Vec::new())
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -122,7 +171,7 @@ pub struct EngineArgs {
         long,
         value_name = "N",
         env = "FERRY_DEAD_LETTER_MAX",
-        default_value_t = 10_000
+        default_value_t = EngineConfig::default().dead_letter_max
     )]
     pub dead_letter_max: usize,
 
@@ -131,7 +180,7 @@ pub struct EngineArgs {
         long,
         value_name = "N",
         env = "FERRY_EVENT_LOG_MAX",
-        default_value_t = 1_000_000
+        default_value_t = EngineConfig::default().event_stream_max
     )]
     pub event_log_max: usize,
 
@@ -140,7 +189,7 @@ pub struct EngineArgs {
         long,
         value_name = "MS",
         env = "FERRY_IDEMPOTENCY_TTL_MS",
-        default_value_t = 86_400_000
+        default_value_t = ms(EngineConfig::default().idempotency_ttl)
     )]
     pub idempotency_ttl_ms: u64,
 }
@@ -149,39 +198,61 @@ pub struct EngineArgs {
 #[derive(Debug, Args)]
 pub struct LimitsArgs {
     /// Largest request body, bytes.
-    #[arg(long, value_name = "BYTES", env = "FERRY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "FERRY_MAX_BODY_BYTES",
+        default_value_t = LimitsConfig::default().max_body_bytes
+    )]
     pub max_body_bytes: usize,
     /// Most jobs in one batch submit.
     #[arg(
         long,
         value_name = "N",
         env = "FERRY_MAX_BATCH",
-        default_value_t = 1000
+        default_value_t = LimitsConfig::default().max_batch
     )]
     pub max_batch: usize,
     /// HTTP requests per second per subject, sustained.
-    #[arg(long, value_name = "N", env = "FERRY_HTTP_RATE", default_value_t = 100)]
+    #[arg(
+        id = "http_rate_per_sec",
+        long = "http-rate",
+        value_name = "N",
+        env = "FERRY_HTTP_RATE",
+        default_value_t = LimitsConfig::default().http_rate_per_sec
+    )]
     pub http_rate: u32,
     /// HTTP request burst per subject.
     #[arg(
         long,
         value_name = "N",
         env = "FERRY_HTTP_BURST",
-        default_value_t = 200
+        default_value_t = LimitsConfig::default().http_burst
     )]
     pub http_burst: u32,
     /// WebSocket frames per second per connection, sustained.
-    #[arg(long, value_name = "N", env = "FERRY_WS_RATE", default_value_t = 50)]
+    #[arg(
+        id = "ws_rate_per_sec",
+        long = "ws-rate",
+        value_name = "N",
+        env = "FERRY_WS_RATE",
+        default_value_t = LimitsConfig::default().ws_rate_per_sec
+    )]
     pub ws_rate: u32,
     /// WebSocket frame burst per connection.
-    #[arg(long, value_name = "N", env = "FERRY_WS_BURST", default_value_t = 100)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_WS_BURST",
+        default_value_t = LimitsConfig::default().ws_burst
+    )]
     pub ws_burst: u32,
     /// WebSocket connections per node.
     #[arg(
         long,
         value_name = "N",
         env = "FERRY_MAX_CONNECTIONS",
-        default_value_t = 100_000
+        default_value_t = LimitsConfig::default().max_connections
     )]
     pub max_connections: usize,
     /// WebSocket connections per subject.
@@ -189,22 +260,32 @@ pub struct LimitsArgs {
         long,
         value_name = "N",
         env = "FERRY_MAX_CONNECTIONS_PER_SUBJECT",
-        default_value_t = 100
+        default_value_t = LimitsConfig::default().max_connections_per_subject
     )]
     pub max_connections_per_subject: usize,
     /// Largest WebSocket frame accepted, bytes.
-    #[arg(long, value_name = "BYTES", env = "FERRY_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "FERRY_MAX_FRAME_BYTES",
+        default_value_t = LimitsConfig::default().max_frame_bytes
+    )]
     pub max_frame_bytes: usize,
     /// Largest payload pushed to WebSocket subscribers, bytes (compact JSON): a publish over it is refused (413,
     /// `too_large`); a job event's result, error or progress over it is left out (`result_omitted`, …).
-    #[arg(long, value_name = "BYTES", env = "FERRY_MAX_PUBLISH_BYTES", default_value_t = 64 * 1024)]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "FERRY_MAX_PUBLISH_BYTES",
+        default_value_t = LimitsConfig::default().max_publish_bytes
+    )]
     pub max_publish_bytes: usize,
     /// Messages queued for one connection before it is closed as a slow consumer (4009).
     #[arg(
         long,
         value_name = "N",
         env = "FERRY_SEND_QUEUE",
-        default_value_t = 256
+        default_value_t = LimitsConfig::default().send_queue
     )]
     pub send_queue: usize,
 }
@@ -218,7 +299,7 @@ pub struct HistoryArgs {
         long,
         value_name = "N",
         env = "FERRY_HISTORY_SIZE",
-        default_value_t = 100
+        default_value_t = ChannelHistory::default().size
     )]
     pub history_size: usize,
     /// How long an app: channel's history lives after its last publish, and the oldest position any channel
@@ -227,7 +308,7 @@ pub struct HistoryArgs {
         long,
         value_name = "MS",
         env = "FERRY_HISTORY_TTL_MS",
-        default_value_t = 300_000
+        default_value_t = ms(ChannelHistory::default().ttl)
     )]
     pub history_ttl_ms: u64,
 }
@@ -250,7 +331,7 @@ pub struct DatabaseArgs {
         long,
         value_name = "N",
         env = "FERRY_DATABASE_POOL_SIZE",
-        default_value_t = 16
+        default_value_t = pg().pool_size
     )]
     pub database_pool_size: usize,
 
@@ -259,7 +340,7 @@ pub struct DatabaseArgs {
         long,
         value_name = "MS",
         env = "FERRY_DATABASE_TIMEOUT_MS",
-        default_value_t = 5_000
+        default_value_t = ms(pg().connect_timeout)
     )]
     pub database_timeout_ms: u64,
 
@@ -268,7 +349,7 @@ pub struct DatabaseArgs {
         long,
         value_name = "MS",
         env = "FERRY_DATABASE_STATEMENT_TIMEOUT_MS",
-        default_value_t = 30_000
+        default_value_t = ms(pg().statement_timeout)
     )]
     pub database_statement_timeout_ms: u64,
 
@@ -396,7 +477,7 @@ pub struct GatewayArgs {
         long,
         value_name = "MS",
         env = "FERRY_BROKER_TIMEOUT_MS",
-        default_value_t = 2_000
+        default_value_t = ms(ResilienceConfig::default().broker_timeout)
     )]
     pub broker_timeout_ms: u64,
 
@@ -406,7 +487,7 @@ pub struct GatewayArgs {
         long,
         value_name = "ENTRIES",
         env = "FERRY_BACKLOG_HIGH_WATER",
-        default_value_t = 200_000
+        default_value_t = ResilienceConfig::default().backlog_high_water.unwrap_or(0)
     )]
     pub backlog_high_water: u64,
 
@@ -442,7 +523,7 @@ pub struct ClusterArgs {
         long,
         value_name = "EPSILON",
         env = "FERRY_BALANCE_EPSILON",
-        default_value_t = 0.1
+        default_value_t = DEFAULT_EPSILON
     )]
     pub balance_epsilon: f64,
 
@@ -451,7 +532,7 @@ pub struct ClusterArgs {
         long,
         value_name = "MS",
         env = "FERRY_HEARTBEAT_MS",
-        default_value_t = 1_000
+        default_value_t = ms(ClusterConfig::default().heartbeat)
     )]
     pub heartbeat_ms: u64,
 
@@ -461,7 +542,7 @@ pub struct ClusterArgs {
         long,
         value_name = "MS",
         env = "FERRY_MEMBERSHIP_TTL_MS",
-        default_value_t = 5_000
+        default_value_t = ms(ClusterConfig::default().membership_ttl)
     )]
     pub membership_ttl_ms: u64,
 
@@ -471,7 +552,7 @@ pub struct ClusterArgs {
         long,
         value_name = "PER_SEC",
         env = "FERRY_REBALANCE_RATE",
-        default_value_t = 100
+        default_value_t = ClusterConfig::default().rebalance_rate
     )]
     pub rebalance_rate: u32,
 
@@ -480,7 +561,7 @@ pub struct ClusterArgs {
         long,
         value_name = "MS",
         env = "FERRY_REBALANCE_COOLDOWN_MS",
-        default_value_t = 30_000
+        default_value_t = ms(ClusterConfig::default().rebalance_cooldown)
     )]
     pub rebalance_cooldown_ms: u64,
 }
@@ -494,7 +575,7 @@ pub struct ShutdownArgs {
         long,
         value_name = "MS",
         env = "FERRY_DRAIN_DELAY_MS",
-        default_value_t = 5_000
+        default_value_t = ms(ShutdownConfig::default().drain_delay)
     )]
     pub drain_delay_ms: u64,
 
@@ -504,7 +585,7 @@ pub struct ShutdownArgs {
         long,
         value_name = "MS",
         env = "FERRY_WS_CLOSE_SPREAD_MS",
-        default_value_t = 10_000
+        default_value_t = ms(ShutdownConfig::default().ws_close_spread)
     )]
     pub ws_close_spread_ms: u64,
 
@@ -514,7 +595,7 @@ pub struct ShutdownArgs {
         long,
         value_name = "MS",
         env = "FERRY_SHUTDOWN_DEADLINE_MS",
-        default_value_t = 30_000
+        default_value_t = ms(ShutdownConfig::default().hard_deadline)
     )]
     pub shutdown_deadline_ms: u64,
 }
@@ -554,7 +635,7 @@ pub struct DevArgs {
         long,
         value_name = "N",
         env = "FERRY_CONCURRENCY",
-        default_value_t = 10
+        default_value_t = WorkerConfig::default().concurrency
     )]
     pub concurrency: usize,
 
@@ -565,10 +646,11 @@ pub struct DevArgs {
     /// Failed authentications per second per client IP, HTTP requests and WebSocket upgrades alike; past it
     /// they are answered 429 (as `ferry gateway --unauth-upgrade-rate`).
     #[arg(
-        long,
+        id = "unauth_upgrades_per_sec_per_ip",
+        long = "unauth-upgrade-rate",
         value_name = "N",
         env = "FERRY_UNAUTH_UPGRADE_RATE",
-        default_value_t = 10
+        default_value_t = LimitsConfig::default().unauth_upgrades_per_sec_per_ip
     )]
     pub unauth_upgrade_rate: u32,
 
@@ -636,7 +718,7 @@ pub struct RedisArgs {
         long,
         value_name = "MS",
         env = "FERRY_REDIS_TIMEOUT_MS",
-        default_value_t = 5_000
+        default_value_t = ms(RedisOptions::default().response_timeout)
     )]
     pub redis_timeout_ms: u64,
 
@@ -645,7 +727,7 @@ pub struct RedisArgs {
         long,
         value_name = "MS",
         env = "FERRY_REDIS_CONNECT_TIMEOUT_MS",
-        default_value_t = 2_000
+        default_value_t = ms(RedisOptions::default().connection_timeout)
     )]
     pub redis_connect_timeout_ms: u64,
 
@@ -675,7 +757,7 @@ pub struct WorkerArgs {
         long,
         value_name = "N",
         env = "FERRY_CONCURRENCY",
-        default_value_t = 10
+        default_value_t = WorkerConfig::default().concurrency
     )]
     pub concurrency: usize,
 
@@ -689,7 +771,12 @@ pub struct WorkerArgs {
     pub queue_concurrency: Vec<String>,
 
     /// Most jobs claimed in one call (never more than the free slots).
-    #[arg(long, value_name = "N", env = "FERRY_BATCH_SIZE", default_value_t = 10)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_BATCH_SIZE",
+        default_value_t = WorkerConfig::default().batch_size
+    )]
     pub batch_size: usize,
 
     /// Longest a claim waits for work; bounds how long shutdown takes to notice.
@@ -697,16 +784,17 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_CLAIM_WAIT_MS",
-        default_value_t = 1_000
+        default_value_t = ms(WorkerConfig::default().claim_wait)
     )]
     pub claim_wait_ms: u64,
 
     /// Time limit of an attempt whose job sets no timeout.
     #[arg(
-        long,
+        id = "default_job_timeout_ms",
+        long = "job-timeout-ms",
         value_name = "MS",
         env = "FERRY_JOB_TIMEOUT_MS",
-        default_value_t = 30_000
+        default_value_t = ms(WorkerConfig::default().default_job_timeout)
     )]
     pub job_timeout_ms: u64,
 
@@ -716,7 +804,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_VISIBILITY_TIMEOUT_MS",
-        default_value_t = 30_000
+        default_value_t = ms(WorkerConfig::default().visibility_timeout)
     )]
     pub visibility_timeout_ms: u64,
 
@@ -729,7 +817,7 @@ pub struct WorkerArgs {
         long,
         value_name = "N",
         env = "FERRY_ACK_BATCH_SIZE",
-        default_value_t = 100
+        default_value_t = WorkerConfig::default().ack_batch_size
     )]
     pub ack_batch_size: usize,
 
@@ -738,7 +826,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_ACK_MAX_DELAY_MS",
-        default_value_t = 0
+        default_value_t = ms(WorkerConfig::default().ack_max_delay)
     )]
     pub ack_max_delay_ms: u64,
 
@@ -747,7 +835,7 @@ pub struct WorkerArgs {
         long,
         value_name = "N",
         env = "FERRY_ACK_CONCURRENCY",
-        default_value_t = 2
+        default_value_t = WorkerConfig::default().ack_concurrency
     )]
     pub ack_concurrency: usize,
 
@@ -756,7 +844,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_SCHEDULER_INTERVAL_MS",
-        default_value_t = 250
+        default_value_t = ms(WorkerConfig::default().scheduler_interval)
     )]
     pub scheduler_interval_ms: u64,
 
@@ -765,7 +853,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_MAINTAIN_INTERVAL_MS",
-        default_value_t = 5_000
+        default_value_t = ms(WorkerConfig::default().maintain_interval)
     )]
     pub maintain_interval_ms: u64,
 
@@ -774,7 +862,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_DRAIN_TIMEOUT_MS",
-        default_value_t = 30_000
+        default_value_t = ms(WorkerConfig::default().drain_timeout)
     )]
     pub drain_timeout_ms: u64,
 
@@ -783,7 +871,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_FINISHED_RETENTION_MS",
-        default_value_t = 3_600_000
+        default_value_t = ms(EngineConfig::default().finished_retention)
     )]
     pub finished_retention_ms: u64,
 
@@ -823,7 +911,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_WEBHOOK_TIMEOUT_MS",
-        default_value_t = 30_000
+        default_value_t = ms(WebhookConfig::new(String::new()).timeout)
     )]
     pub webhook_timeout_ms: u64,
 
@@ -846,7 +934,7 @@ pub struct WorkerArgs {
         long,
         value_name = "N",
         env = "FERRY_RECORDER_BATCH",
-        default_value_t = 2_000
+        default_value_t = recorder().batch_max
     )]
     pub recorder_batch: usize,
 
@@ -855,7 +943,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_RECORDER_MAX_DELAY_MS",
-        default_value_t = 50
+        default_value_t = ms(recorder().max_delay)
     )]
     pub recorder_max_delay_ms: u64,
 
@@ -866,7 +954,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_RECORDER_RECLAIM_IDLE_MS",
-        default_value_t = 10_000
+        default_value_t = ms(recorder().reclaim_idle)
     )]
     pub recorder_reclaim_idle_ms: u64,
 
@@ -877,7 +965,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_RECONCILE_INTERVAL_MS",
-        default_value_t = 60_000
+        default_value_t = ms(reconciler().interval)
     )]
     pub reconcile_interval_ms: u64,
 
@@ -887,7 +975,7 @@ pub struct WorkerArgs {
         long,
         value_name = "MS",
         env = "FERRY_RECONCILE_GRACE_MS",
-        default_value_t = 300_000
+        default_value_t = ms(reconciler().grace)
     )]
     pub reconcile_grace_ms: u64,
 
@@ -959,7 +1047,7 @@ pub struct WorkerTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_CANCEL_GRACE_MS",
-        default_value_t = 1_000
+        default_value_t = ms(WorkerConfig::default().cancel_grace)
     )]
     pub cancel_grace_ms: u64,
 
@@ -968,7 +1056,7 @@ pub struct WorkerTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_FLUSH_TIMEOUT_MS",
-        default_value_t = 5_000
+        default_value_t = ms(WorkerConfig::default().flush_timeout)
     )]
     pub flush_timeout_ms: u64,
 
@@ -982,7 +1070,7 @@ pub struct WorkerTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_BROKER_CALL_TIMEOUT_MS",
-        default_value_t = 10_000
+        default_value_t = ms(WorkerConfig::default().broker_call_timeout)
     )]
     pub broker_call_timeout_ms: u64,
 
@@ -991,7 +1079,7 @@ pub struct WorkerTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_RETRY_MAX_DELAY_MS",
-        default_value_t = 2_000
+        default_value_t = ms(WorkerConfig::default().retry_max_delay)
     )]
     pub retry_max_delay_ms: u64,
 
@@ -1005,7 +1093,7 @@ pub struct WorkerTuningArgs {
         long,
         value_name = "N",
         env = "FERRY_SCHEDULER_BATCH",
-        default_value_t = 1_000
+        default_value_t = WorkerConfig::default().scheduler_batch
     )]
     pub scheduler_batch: usize,
 
@@ -1014,7 +1102,7 @@ pub struct WorkerTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_QUEUE_METRICS_INTERVAL_MS",
-        default_value_t = 5_000
+        default_value_t = ms(WorkerConfig::default().queue_metrics_interval)
     )]
     pub queue_metrics_interval_ms: u64,
 
@@ -1023,7 +1111,7 @@ pub struct WorkerTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_READY_BUDGET_MS",
-        default_value_t = 2_000
+        default_value_t = ms(DEFAULT_READY_BUDGET)
     )]
     pub ready_budget_ms: u64,
 }
@@ -1036,7 +1124,7 @@ pub struct RecorderTuningArgs {
         long,
         value_name = "N",
         env = "FERRY_RECORDER_READ_COUNT",
-        default_value_t = 256
+        default_value_t = recorder().read_count
     )]
     pub recorder_read_count: usize,
 
@@ -1045,7 +1133,7 @@ pub struct RecorderTuningArgs {
         long,
         value_name = "N",
         env = "FERRY_RECORDER_WRITERS",
-        default_value_t = 2
+        default_value_t = recorder().writers
     )]
     pub recorder_writers: usize,
 
@@ -1054,7 +1142,7 @@ pub struct RecorderTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_RECORDER_WRITE_TIMEOUT_MS",
-        default_value_t = 4_000
+        default_value_t = ms(recorder().write_timeout)
     )]
     pub recorder_write_timeout_ms: u64,
 
@@ -1063,7 +1151,7 @@ pub struct RecorderTuningArgs {
         long,
         value_name = "N",
         env = "FERRY_RECORDER_BREAKER_FAILURES",
-        default_value_t = 5
+        default_value_t = recorder().breaker.failure_threshold
     )]
     pub recorder_breaker_failures: u32,
 
@@ -1072,7 +1160,7 @@ pub struct RecorderTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_RECORDER_BREAKER_OPEN_MS",
-        default_value_t = 5_000
+        default_value_t = ms(recorder().breaker.open_for)
     )]
     pub recorder_breaker_open_ms: u64,
 }
@@ -1085,7 +1173,7 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_STORE_TIMEOUT_MS",
-        default_value_t = 2_000
+        default_value_t = ms(ResilienceConfig::default().store_timeout)
     )]
     pub store_timeout_ms: u64,
 
@@ -1095,7 +1183,7 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "N",
         env = "FERRY_BREAKER_FAILURES",
-        default_value_t = 5
+        default_value_t = ResilienceConfig::default().broker_breaker.failure_threshold
     )]
     pub breaker_failures: u32,
 
@@ -1104,7 +1192,7 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_BREAKER_OPEN_MS",
-        default_value_t = 5_000
+        default_value_t = ms(ResilienceConfig::default().broker_breaker.open_for)
     )]
     pub breaker_open_ms: u64,
 
@@ -1113,7 +1201,7 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_BACKLOG_POLL_MS",
-        default_value_t = 1_000
+        default_value_t = ms(ResilienceConfig::default().backlog_poll)
     )]
     pub backlog_poll_ms: u64,
 
@@ -1122,16 +1210,17 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_CANARY_BUDGET_MS",
-        default_value_t = 2_000
+        default_value_t = ms(ReadinessConfig::default().pubsub_budget)
     )]
     pub canary_budget_ms: u64,
 
     /// WebSocket ping period; a client that answers none of two pings is dropped.
     #[arg(
-        long,
+        id = "ping_interval_ms",
+        long = "ws-ping-interval-ms",
         value_name = "MS",
         env = "FERRY_WS_PING_INTERVAL_MS",
-        default_value_t = 20_000
+        default_value_t = ms(LimitsConfig::default().ping_interval)
     )]
     pub ws_ping_interval_ms: u64,
 
@@ -1140,26 +1229,28 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "N",
         env = "FERRY_MAX_SUBSCRIPTIONS",
-        default_value_t = 100
+        default_value_t = LimitsConfig::default().max_subscriptions
     )]
     pub max_subscriptions: usize,
 
     /// Rate-limited WebSocket frames in a row before the connection is closed (4008).
     #[arg(
-        long,
+        id = "ws_sustained_violations",
+        long = "ws-rate-violations",
         value_name = "N",
         env = "FERRY_WS_RATE_VIOLATIONS",
-        default_value_t = 20
+        default_value_t = LimitsConfig::default().ws_sustained_violations
     )]
     pub ws_rate_violations: u32,
 
     /// Failed authentications per second per client IP, HTTP requests and WebSocket upgrades alike; past it
     /// they are answered 429.
     #[arg(
-        long,
+        id = "unauth_upgrades_per_sec_per_ip",
+        long = "unauth-upgrade-rate",
         value_name = "N",
         env = "FERRY_UNAUTH_UPGRADE_RATE",
-        default_value_t = 10
+        default_value_t = LimitsConfig::default().unauth_upgrades_per_sec_per_ip
     )]
     pub unauth_upgrade_rate: u32,
 
@@ -1169,7 +1260,7 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_HEADER_TIMEOUT_MS",
-        default_value_t = 10_000
+        default_value_t = ms(ConnectionConfig::default().header_timeout)
     )]
     pub header_timeout_ms: u64,
 
@@ -1178,7 +1269,7 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_BODY_TIMEOUT_MS",
-        default_value_t = 60_000
+        default_value_t = ms(ConnectionConfig::default().body_timeout)
     )]
     pub body_timeout_ms: u64,
 
@@ -1187,17 +1278,18 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "MS",
         env = "FERRY_IDLE_TIMEOUT_MS",
-        default_value_t = 75_000
+        default_value_t = ms(ConnectionConfig::default().idle_timeout)
     )]
     pub idle_timeout_ms: u64,
 
     /// Connections on this node that have not yet completed an authenticated request or upgrade; past it new
     /// ones get only /healthz and /readyz (429 otherwise). Keep it well under the open-file limit.
     #[arg(
-        long,
+        id = "max_unauthenticated",
+        long = "max-unauthenticated-connections",
         value_name = "N",
         env = "FERRY_MAX_UNAUTHENTICATED_CONNECTIONS",
-        default_value_t = 4096
+        default_value_t = ConnectionConfig::default().max_unauthenticated
     )]
     pub max_unauthenticated_connections: usize,
 
@@ -1206,7 +1298,7 @@ pub struct GatewayTuningArgs {
         long,
         value_name = "N",
         env = "FERRY_MAX_UNAUTHENTICATED_PER_IP",
-        default_value_t = 256
+        default_value_t = ConnectionConfig::default().max_unauthenticated_per_ip
     )]
     pub max_unauthenticated_per_ip: usize,
 }
@@ -1300,7 +1392,7 @@ pub struct BalancerArgs {
         long,
         value_name = "EPSILON",
         env = "FERRY_BALANCE_EPSILON",
-        default_value_t = 0.1
+        default_value_t = balancer().epsilon
     )]
     pub balance_epsilon: f64,
 
@@ -1310,7 +1402,7 @@ pub struct BalancerArgs {
         long,
         value_name = "MS",
         env = "FERRY_HEADER_TIMEOUT_MS",
-        default_value_t = 10_000
+        default_value_t = ms(balancer().header_timeout)
     )]
     pub header_timeout_ms: u64,
 
@@ -1320,17 +1412,12 @@ pub struct BalancerArgs {
         long,
         value_name = "MS",
         env = "FERRY_IDLE_TIMEOUT_MS",
-        default_value_t = 120_000
+        default_value_t = ms(balancer().idle_timeout)
     )]
     pub idle_timeout_ms: u64,
 
     /// After SIGTERM/SIGINT: the listener closes and /readyz answers 503 at once; open connections are kept
     /// up to this long (gateways move their WebSockets away meanwhile), then closed.
-    #[arg(
-        long,
-        value_name = "MS",
-        env = "FERRY_DRAIN_MS",
-        default_value_t = 30_000
-    )]
+    #[arg(long, value_name = "MS", env = "FERRY_DRAIN_MS", default_value_t = ms(balancer().drain))]
     pub drain_ms: u64,
 }

@@ -55,8 +55,10 @@ pub fn resolve(a: DevArgs) -> Result<ResolvedDev, CliError> {
     gateway.shutdown = crate::gateway::shutdown_config(&a.shutdown)?;
     // The dev gateway serves the whole process (the embedded worker included).
     gateway.profiling = a.profiling;
-    crate::at_least_one(&[("--unauth-upgrade-rate", u64::from(a.unauth_upgrade_rate))])?;
     gateway.limits.unauth_upgrades_per_sec_per_ip = a.unauth_upgrade_rate;
+    gateway
+        .validate()
+        .map_err(|e| crate::gateway_config_error("dev", e))?;
     let history = crate::channel_history(&a.history)?;
     Ok(ResolvedDev {
         history,

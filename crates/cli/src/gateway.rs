@@ -136,64 +136,16 @@ pub fn shutdown_config(
     })
 }
 
-/// The membership and rebalancing settings, checked (each error names its flag).
-pub fn cluster_config(a: &ClusterArgs, tls: bool) -> Result<ClusterConfig, CliError> {
-    if let Some(url) = &a.advertise_url {
-        let rest = url
-            .strip_prefix("http://")
-            .or_else(|| url.strip_prefix("https://"));
-        match rest {
-            Some(host)
-                if !host.is_empty()
-                    && !host.starts_with('/')
-                    && !url.contains(char::is_whitespace) => {}
-            _ => {
-                return Err(CliError::usage(
-                    "--advertise-url",
-                    format!("{url:?} is not an http:// or https:// URL with a host"),
-                ));
-            }
-        }
-        if tls && url.starts_with("http://") {
-            tracing::warn!(%url, "--advertise-url is http:// while the gateway serves TLS");
-        }
+/// The membership and rebalancing settings; their rules are the gateway's own ([`ClusterConfig::validate`],
+/// run with the rest in [`resolve`]).
+pub fn cluster_config(a: &ClusterArgs, tls: bool) -> ClusterConfig {
+    if let Some(url) = &a.advertise_url
+        && tls
+        && url.starts_with("http://")
+    {
+        tracing::warn!(%url, "--advertise-url is http:// while the gateway serves TLS");
     }
-    if a.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
-        return Err(CliError::usage("--region", "must not be empty when given"));
-    }
-    if !a.balance_epsilon.is_finite() || a.balance_epsilon <= 0.0 || a.balance_epsilon > 10.0 {
-        return Err(CliError::usage(
-            "--balance-epsilon",
-            format!(
-                "must be above 0 and at most 10 (0.1 allows 10 % above the mean), got {}",
-                a.balance_epsilon
-            ),
-        ));
-    }
-    crate::at_least_one(&[
-        ("--heartbeat-ms", a.heartbeat_ms),
-        ("--membership-ttl-ms", a.membership_ttl_ms),
-    ])?;
-    if a.membership_ttl_ms <= a.heartbeat_ms {
-        return Err(CliError::usage(
-            "--membership-ttl-ms",
-            format!(
-                "must be greater than --heartbeat-ms ({} ms; 5 heartbeats is usual), got {}",
-                a.heartbeat_ms, a.membership_ttl_ms
-            ),
-        ));
-    }
-    if a.membership_ttl_ms > ferry_broker::membership::MAX_TTL.as_millis() as u64 {
-        return Err(CliError::usage(
-            "--membership-ttl-ms",
-            format!(
-                "must be at most {} (a day), got {}",
-                ferry_broker::membership::MAX_TTL.as_millis(),
-                a.membership_ttl_ms
-            ),
-        ));
-    }
-    Ok(ClusterConfig {
+    ClusterConfig {
         advertise_url: a.advertise_url.clone(),
         region: a.region.clone(),
         balance_epsilon: a.balance_epsilon,
@@ -202,7 +154,7 @@ pub fn cluster_config(a: &ClusterArgs, tls: bool) -> Result<ClusterConfig, CliEr
         rebalance_rate: a.rebalance_rate,
         rebalance_cooldown: Duration::from_millis(a.rebalance_cooldown_ms),
         ..ClusterConfig::default()
-    })
+    }
 }
 
 #[derive(Debug)]
@@ -254,21 +206,6 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
         ("--breaker-open-ms", t.breaker_open_ms),
         ("--backlog-poll-ms", t.backlog_poll_ms),
         ("--canary-budget-ms", t.canary_budget_ms),
-        ("--ws-ping-interval-ms", t.ws_ping_interval_ms),
-        ("--max-subscriptions", t.max_subscriptions as u64),
-        ("--ws-rate-violations", u64::from(t.ws_rate_violations)),
-        ("--unauth-upgrade-rate", u64::from(t.unauth_upgrade_rate)),
-        ("--header-timeout-ms", t.header_timeout_ms),
-        ("--body-timeout-ms", t.body_timeout_ms),
-        ("--idle-timeout-ms", t.idle_timeout_ms),
-        (
-            "--max-unauthenticated-connections",
-            t.max_unauthenticated_connections as u64,
-        ),
-        (
-            "--max-unauthenticated-per-ip",
-            t.max_unauthenticated_per_ip as u64,
-        ),
     ])?;
     let r = &mut config.resilience;
     r.broker_timeout = Duration::from_millis(a.broker_timeout_ms);
@@ -292,22 +229,6 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     };
     config.resilience.backlog_high_water = Some(a.backlog_high_water).filter(|&n| n > 0);
     let l = &a.limits;
-    crate::at_least_one(&[
-        ("--max-body-bytes", l.max_body_bytes as u64),
-        ("--max-batch", l.max_batch as u64),
-        ("--http-rate", u64::from(l.http_rate)),
-        ("--http-burst", u64::from(l.http_burst)),
-        ("--ws-rate", u64::from(l.ws_rate)),
-        ("--ws-burst", u64::from(l.ws_burst)),
-        ("--max-connections", l.max_connections as u64),
-        (
-            "--max-connections-per-subject",
-            l.max_connections_per_subject as u64,
-        ),
-        ("--max-frame-bytes", l.max_frame_bytes as u64),
-        ("--max-publish-bytes", l.max_publish_bytes as u64),
-        ("--send-queue", l.send_queue as u64),
-    ])?;
     config.limits.max_body_bytes = l.max_body_bytes;
     config.limits.max_batch = l.max_batch;
     config.limits.http_rate_per_sec = l.http_rate;
@@ -319,7 +240,12 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     config.limits.max_frame_bytes = l.max_frame_bytes;
     config.limits.max_publish_bytes = l.max_publish_bytes;
     config.limits.send_queue = l.send_queue;
-    config.cluster = cluster_config(&a.cluster, config.tls.is_some())?;
+    config.cluster = cluster_config(&a.cluster, config.tls.is_some());
+    // The limits', connections' and cluster's rules are the gateway's own, so an in-process gateway built with
+    // the same values fails the same way; the error names the field, mapped here to its flag.
+    config
+        .validate()
+        .map_err(|e| crate::gateway_config_error("gateway", e))?;
     let engine = crate::engine_config(&a.engine)?;
     let database = crate::store::resolve(a.database)?;
     let history = crate::channel_history(&a.history)?;

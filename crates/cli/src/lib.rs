@@ -10,6 +10,8 @@ pub mod args;
 pub mod autoscaler;
 pub mod balancer;
 pub mod config;
+#[cfg(test)]
+mod defaults;
 pub mod dev;
 pub mod enqueue;
 pub mod gateway;
@@ -277,6 +279,31 @@ pub(crate) async fn bind_admin(
                  --admin-listen HOST:PORT, or --admin-listen off to run without /metrics, /healthz and /readyz"
             ))
         })
+}
+
+/// The `--long` flag of `role` that sets the library setting `field`: the argument (flattened groups included)
+/// whose id is the field's name, or the name with `_ms` (durations are given in milliseconds). Read from clap
+/// itself, so a renamed or added flag cannot leave a stale table behind; `configuration` when no flag sets it.
+pub(crate) fn flag_of(role: &str, field: &str) -> String {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let with_ms = format!("{field}_ms");
+    cli.find_subcommand(role)
+        .and_then(|cmd| {
+            cmd.get_arguments()
+                .find(|a| {
+                    let id = a.get_id().as_str();
+                    id == field || id == with_ms
+                })
+                .and_then(|a| a.get_long())
+                .map(|long| format!("--{long}"))
+        })
+        .unwrap_or_else(|| "configuration".to_owned())
+}
+
+/// A gateway setting that breaks a rule of the gateway's own validation, as a usage error naming `role`'s flag.
+pub(crate) fn gateway_config_error(role: &str, e: ferry_gateway::config::ConfigError) -> CliError {
+    CliError::usage(&flag_of(role, e.field), e.message)
 }
 
 /// Refuse the first `(flag, value)` that is zero: counts and durations that must be at least 1.

@@ -126,7 +126,9 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         ..WorkerConfig::default()
     };
     worker.validate().map_err(|e| match e {
-        WorkerError::Config { field, message } => CliError::usage(flag_of(field), message),
+        WorkerError::Config { field, message } => {
+            CliError::usage(&crate::flag_of("worker", field), message)
+        }
         other => CliError::Usage(other.to_string()),
     })?;
 
@@ -239,34 +241,6 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         shutdown_deadline,
         exit_with_parent: a.exit_with_parent,
     })
-}
-
-/// The flag that sets a `WorkerConfig` field, for error messages.
-fn flag_of(field: &str) -> &'static str {
-    match field {
-        "queues" => "--queues",
-        "concurrency" => "--concurrency",
-        "queue_concurrency" => "--queue-concurrency",
-        "batch_size" => "--batch-size",
-        "claim_wait" => "--claim-wait-ms",
-        "default_job_timeout" => "--job-timeout-ms",
-        "visibility_timeout" => "--visibility-timeout-ms",
-        "heartbeat_interval" => "--heartbeat-interval-ms",
-        "ack_batch_size" => "--ack-batch-size",
-        "ack_max_delay" => "--ack-max-delay-ms",
-        "scheduler_interval" => "--scheduler-interval-ms",
-        "maintain_interval" => "--maintain-interval-ms",
-        "drain_timeout" => "--drain-timeout-ms",
-        "cancel_grace" => "--cancel-grace-ms",
-        "flush_timeout" => "--flush-timeout-ms",
-        "broker_call_timeout" => "--broker-call-timeout-ms",
-        "retry_max_delay" => "--retry-max-delay-ms",
-        "scheduler_batch" => "--scheduler-batch",
-        "queue_metrics_interval" => "--queue-metrics-interval-ms",
-        "ack_concurrency" => "--ack-concurrency",
-        "consumer" => "--consumer",
-        _ => "configuration",
-    }
 }
 
 fn first(e: &ferry_core::ValidationError) -> String {

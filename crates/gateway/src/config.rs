@@ -1,4 +1,5 @@
-//! Gateway settings, resolved and validated before anything binds.
+//! Gateway settings, their defaults and the rules they must satisfy ([`GatewayConfig::validate`]), checked by
+//! [`Gateway::build`](crate::server::Gateway::build) before anything binds.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -263,6 +264,213 @@ impl GatewayConfig {
             connections: ConnectionConfig::default(),
             cluster: ClusterConfig::default(),
             registry: None,
+        }
+    }
+}
+
+/// A setting that breaks a rule, named by its field (`max_connections`, `membership_ttl`, ...): a caller
+/// names its own spelling of it (the cli, the flag whose id is the field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError {
+        field,
+        message: message.into(),
+    })
+}
+
+/// The first of `values` that is zero: counts, rates and durations that must be at least 1.
+fn at_least_one(values: &[(&'static str, u64)]) -> Result<(), ConfigError> {
+    match values.iter().find(|(_, v)| *v == 0) {
+        Some((field, _)) => bad(field, "must be at least 1"),
+        None => Ok(()),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl LimitsConfig {
+    /// Every limit must be at least 1: a zero would refuse every request, frame or connection, which is
+    /// never what a setting of 0 meant.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        at_least_one(&[
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("max_batch", self.max_batch as u64),
+            ("http_rate_per_sec", u64::from(self.http_rate_per_sec)),
+            ("http_burst", u64::from(self.http_burst)),
+            ("ws_rate_per_sec", u64::from(self.ws_rate_per_sec)),
+            ("ws_burst", u64::from(self.ws_burst)),
+            (
+                "ws_sustained_violations",
+                u64::from(self.ws_sustained_violations),
+            ),
+            ("max_connections", self.max_connections as u64),
+            (
+                "max_connections_per_subject",
+                self.max_connections_per_subject as u64,
+            ),
+            (
+                "unauth_upgrades_per_sec_per_ip",
+                u64::from(self.unauth_upgrades_per_sec_per_ip),
+            ),
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("max_publish_bytes", self.max_publish_bytes as u64),
+            ("send_queue", self.send_queue as u64),
+            ("ping_interval", millis(self.ping_interval)),
+            ("max_subscriptions", self.max_subscriptions as u64),
+        ])
+    }
+}
+
+impl ConnectionConfig {
+    /// Every timeout and budget must be at least 1 (ms, connection): zero would close every connection.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        at_least_one(&[
+            ("header_timeout", millis(self.header_timeout)),
+            ("body_timeout", millis(self.body_timeout)),
+            ("idle_timeout", millis(self.idle_timeout)),
+            ("max_unauthenticated", self.max_unauthenticated as u64),
+            (
+                "max_unauthenticated_per_ip",
+                self.max_unauthenticated_per_ip as u64,
+            ),
+        ])
+    }
+}
+
+/// The largest ε of the load bound accepted: past it placement barely bounds anything.
+pub const MAX_BALANCE_EPSILON: f64 = 10.0;
+
+impl ClusterConfig {
+    /// The advertised URL must be one a balancer can reach, ε a usable bound, and an announcement must outlive
+    /// the heartbeat that renews it (else the node blinks out of the membership between two heartbeats).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.advertise_url {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            let ok = rest.is_some_and(|host| {
+                !host.is_empty() && !host.starts_with('/') && !url.contains(char::is_whitespace)
+            });
+            if !ok {
+                return bad(
+                    "advertise_url",
+                    format!("{url:?} is not an http:// or https:// URL with a host"),
+                );
+            }
+        }
+        if self.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return bad("region", "must not be empty when given");
+        }
+        let e = self.balance_epsilon;
+        if !e.is_finite() || e <= 0.0 || e > MAX_BALANCE_EPSILON {
+            return bad(
+                "balance_epsilon",
+                format!(
+                    "must be above 0 and at most {MAX_BALANCE_EPSILON} (0.1 allows 10 % above the mean), got {e}"
+                ),
+            );
+        }
+        at_least_one(&[
+            ("heartbeat", millis(self.heartbeat)),
+            ("membership_ttl", millis(self.membership_ttl)),
+        ])?;
+        if self.membership_ttl <= self.heartbeat {
+            return bad(
+                "membership_ttl",
+                format!(
+                    "must be greater than the heartbeat ({} ms; 5 heartbeats is usual), got {}",
+                    self.heartbeat.as_millis(),
+                    self.membership_ttl.as_millis()
+                ),
+            );
+        }
+        let max = ferry_broker::membership::MAX_TTL;
+        if self.membership_ttl > max {
+            return bad(
+                "membership_ttl",
+                format!(
+                    "must be at most {} (a day), got {}",
+                    max.as_millis(),
+                    self.membership_ttl.as_millis()
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl GatewayConfig {
+    /// Check the limits, the connection budgets and the cluster settings; the first broken rule is reported
+    /// with its field name. [`Gateway::build`](crate::server::Gateway::build) calls it, so a gateway built in
+    /// process fails the same way as `ferry gateway` with the same values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits.validate()?;
+        self.connections.validate()?;
+        self.cluster.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        LimitsConfig::default().validate().unwrap();
+        ConnectionConfig::default().validate().unwrap();
+        ClusterConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn rules_name_the_field() {
+        let mut limits = LimitsConfig {
+            max_connections: 0,
+            ..LimitsConfig::default()
+        };
+        assert_eq!(limits.validate().unwrap_err().field, "max_connections");
+        limits.max_connections = 1;
+        limits.ping_interval = Duration::ZERO;
+        assert_eq!(limits.validate().unwrap_err().field, "ping_interval");
+        let conns = ConnectionConfig {
+            idle_timeout: Duration::ZERO,
+            ..ConnectionConfig::default()
+        };
+        assert_eq!(conns.validate().unwrap_err().field, "idle_timeout");
+        let mut cluster = ClusterConfig {
+            membership_ttl: Duration::from_secs(1),
+            ..ClusterConfig::default()
+        };
+        assert_eq!(cluster.validate().unwrap_err().field, "membership_ttl");
+        cluster.membership_ttl = Duration::from_secs(5);
+        cluster.balance_epsilon = 0.0;
+        assert_eq!(cluster.validate().unwrap_err().field, "balance_epsilon");
+        cluster.balance_epsilon = 0.1;
+        cluster.advertise_url = Some("ftp://x".into());
+        assert_eq!(cluster.validate().unwrap_err().field, "advertise_url");
+    }
+
+    #[tokio::test]
+    async fn an_in_process_gateway_with_a_bad_limit_is_refused_at_build() {
+        let auth = AuthConfig {
+            hs_secret: Some(b"0123456789abcdef0123456789abcdef".to_vec()),
+            ..AuthConfig::default()
+        };
+        let mut config = GatewayConfig::new("127.0.0.1:0".parse().unwrap(), auth);
+        config.limits.send_queue = 0;
+        let broker = Arc::new(ferry_broker::MemoryBroker::new(
+            ferry_broker::EngineConfig::default(),
+        ));
+        match crate::Gateway::build(config, broker).await {
+            Err(crate::server::GatewayError::Config(e)) => assert_eq!(e.field, "send_queue"),
+            other => panic!("expected a configuration error, got {other:?}"),
         }
     }
 }

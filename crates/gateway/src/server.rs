@@ -53,6 +53,9 @@ pub enum GatewayError {
     Auth(#[from] AuthError),
     #[error("invalid TLS configuration: {0}")]
     Tls(String),
+    /// A setting breaks a rule of [`GatewayConfig::validate`].
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -81,6 +84,8 @@ impl Gateway {
         config: GatewayConfig,
         broker: Arc<dyn Broker>,
     ) -> Result<Self, GatewayError> {
+        // First: a bad limit fails here, in process as under `ferry gateway`, before anything is fetched or bound.
+        config.validate()?;
         let auth = Arc::new(Authenticator::start(config.auth.clone()).await?);
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener =
