@@ -110,7 +110,7 @@ worker-args = ["--concurrency", "20", "--batch-size", "20"]
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let completed = support::count_completions(&broker).await?;
+    let completed = crate::support::count_completions(&broker).await?;
     let t0 = Instant::now();
     enqueue_sleeps(&broker, &q, 20_000, 10).await?;
     let mut peak = 1.0_f64;
