@@ -3,7 +3,6 @@
 //! exists and answers its documented errors as problems.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry_broker::{Broker, Completion, EngineConfig, MemoryBroker};
@@ -13,7 +12,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Reply, SECRET, Switches, TestApp, USER, eventually, token};
+use crate::support::{Reply, SECRET, TestApp, USER, eventually, switched, token};
+use ferry_testkit::faulty::{Fault, Method as Call};
 
 /// Asserts a problem+json answer of this status and problem type.
 fn problem(r: &Reply, status: u16, slug: &str) {
@@ -117,7 +117,7 @@ async fn completed_job(app: &TestApp, broker: &dyn Broker, tok: &str) -> String 
 #[tokio::test]
 async fn every_status_of_the_error_table_is_problem_json() {
     let memory: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
-    let broker = Switches::new(memory.clone());
+    let broker = switched(memory.clone());
     let app = TestApp::start(broker.clone(), |c| {
         // Low enough that a burst of concurrent requests of one subject is sure to go over it.
         c.limits.http_rate_per_sec = 20;
@@ -221,13 +221,13 @@ async fn every_status_of_the_error_table_is_problem_json() {
                 ]
             }
             "unavailable" => {
-                broker.lookups_fail.store(1, Ordering::SeqCst);
+                broker.set(Call::Job, Fault::Unavailable);
                 let r = app.get(missing, &alice).await;
-                broker.lookups_fail.store(0, Ordering::SeqCst);
+                broker.clear(Call::Job);
                 vec![r]
             }
             "overloaded" => {
-                broker.set(5000);
+                broker.set_backlog(Some(5000));
                 let r = eventually(Duration::from_secs(10), "shedding", || async {
                     let r = app
                         .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
@@ -235,14 +235,14 @@ async fn every_status_of_the_error_table_is_problem_json() {
                     (r.status == 503).then_some(r)
                 })
                 .await;
-                broker.set(0);
+                broker.set_backlog(Some(0));
                 vec![r]
             }
             "no-store" => vec![app.get("/v1/jobs", &alice).await],
             "internal" => {
-                broker.lookups_fail.store(2, Ordering::SeqCst);
+                broker.set(Call::Job, Fault::Internal);
                 let r = app.get(missing, &alice).await;
-                broker.lookups_fail.store(0, Ordering::SeqCst);
+                broker.clear(Call::Job);
                 vec![r]
             }
             // Connection-level rows need their own connection settings (a short body timeout, a budget of one

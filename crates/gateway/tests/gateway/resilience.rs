@@ -9,7 +9,7 @@ use ferry_core::breaker::BreakerConfig;
 use ferry_testkit::RedisServer;
 use serde_json::json;
 
-use crate::support::{Backlogged, Switches, TestApp, USER, eventually, is_problem, token, ws_call};
+use crate::support::{TestApp, USER, eventually, is_problem, switched, token, ws_call};
 
 /// Generous: the test machine may be compiling on every core.
 const RECOVERY: Duration = Duration::from_secs(20);
@@ -124,7 +124,7 @@ async fn redis_stopped_answers_503_within_the_timeout_and_recovers_by_itself() {
 
 #[tokio::test]
 async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
-    let broker = Backlogged::new(Arc::new(MemoryBroker::new(EngineConfig::default())));
+    let broker = switched(Arc::new(MemoryBroker::new(EngineConfig::default())));
     let app = TestApp::start(broker.clone(), |c| {
         c.resilience.backlog_poll = Duration::from_millis(50);
         c.resilience.backlog_high_water = Some(1000);
@@ -139,7 +139,7 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
     let mut ws = app.ws(&alice).await;
 
     // At the mark is still fine.
-    broker.set(1000);
+    broker.set_backlog(Some(1000));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         app.post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
@@ -148,7 +148,7 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
         202
     );
 
-    broker.set(1001);
+    broker.set_backlog(Some(1001));
     let shed = eventually(RECOVERY, "shedding starts", || async {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
@@ -199,7 +199,7 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
         "{metrics}"
     );
 
-    broker.set(10);
+    broker.set_backlog(Some(10));
     eventually(RECOVERY, "shedding stops", || async {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
@@ -217,8 +217,8 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
 
 #[tokio::test]
 async fn shedding_can_be_disabled() {
-    let broker = Backlogged::new(Arc::new(MemoryBroker::new(EngineConfig::default())));
-    broker.set(u64::MAX);
+    let broker = switched(Arc::new(MemoryBroker::new(EngineConfig::default())));
+    broker.set_backlog(Some(u64::MAX));
     let inner: Arc<dyn Broker> = broker.clone();
     let app = TestApp::start(inner, |c| {
         c.resilience.backlog_poll = Duration::from_millis(20);
@@ -341,7 +341,7 @@ async fn a_channel_feed_that_ends_is_reopened_with_its_subscriptions() {
     use futures::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
 
-    let broker = Switches::new(Arc::new(MemoryBroker::new(EngineConfig::default())));
+    let broker = switched(Arc::new(MemoryBroker::new(EngineConfig::default())));
     let app = TestApp::start(broker.clone(), |_| {}).await;
     let mut ws = app.ws(&token("alice", USER, None)).await;
     let r = ws_call(
@@ -354,20 +354,14 @@ async fn a_channel_feed_that_ends_is_reopened_with_its_subscriptions() {
     broker.end_feeds();
     // The next message ends the feed (and is lost with it: pub/sub is at most once).
     broker
-        .inner
+        .inner()
         .publish("news", "\"lost\"".into())
         .await
         .unwrap();
     eventually(
         Duration::from_secs(10),
         "the hub to reopen its feed",
-        || async {
-            (broker
-                .feeds_opened
-                .load(std::sync::atomic::Ordering::SeqCst)
-                >= 2)
-                .then_some(())
-        },
+        || async { (broker.feeds_opened() >= 2).then_some(()) },
     )
     .await;
 
@@ -379,7 +373,7 @@ async fn a_channel_feed_that_ends_is_reopened_with_its_subscriptions() {
             "no message after the feed was reopened"
         );
         broker
-            .inner
+            .inner()
             .publish("news", "\"after\"".into())
             .await
             .unwrap();

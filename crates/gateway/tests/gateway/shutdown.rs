@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ferry_broker::{Broker, EngineConfig, MemoryBroker, RedisBroker};
@@ -16,7 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::Switches;
+use crate::support::{canary_publishes, switched};
+use ferry_testkit::faulty::{Fault, Method};
 
 const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
 
@@ -196,10 +196,10 @@ async fn drain_flips_readiness_serves_through_the_delay_then_goaway_and_1001() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_requests_finish_after_the_listener_closes() {
-    let broker = Switches::new(memory());
+    let broker = switched(memory());
     let mut node = Node::start(broker.clone(), shutdown(100, 100, 10_000)).await;
     node.until_ready().await;
-    broker.enqueue_stalled.store(true, Ordering::SeqCst);
+    broker.set(Method::Enqueue, Fault::Stall);
     let slow = {
         let (http, addr) = (node.http.clone(), node.addr);
         tokio::spawn(async move {
@@ -217,7 +217,7 @@ async fn in_flight_requests_finish_after_the_listener_closes() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(tokio::net::TcpStream::connect(node.addr).await.is_err());
     assert!(!node.run.is_finished(), "waits for the request in flight");
-    broker.enqueue_stalled.store(false, Ordering::SeqCst);
+    broker.clear(Method::Enqueue);
     assert_eq!(slow.await.unwrap().expect("answered"), 202);
     let r = tokio::time::timeout(Duration::from_secs(5), &mut node.run)
         .await
@@ -228,7 +228,7 @@ async fn in_flight_requests_finish_after_the_listener_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hard_deadline_reports_what_was_still_open() {
-    let broker = Switches::new(memory());
+    let broker = switched(memory());
     let mut node = Node::start(broker.clone(), |c| {
         shutdown(100, 100, 800)(c);
         // The request must outlive the deadline, not be cut by the broker timeout.
@@ -236,7 +236,7 @@ async fn the_hard_deadline_reports_what_was_still_open() {
     })
     .await;
     node.until_ready().await;
-    broker.enqueue_stalled.store(true, Ordering::SeqCst);
+    broker.set(Method::Enqueue, Fault::Stall);
     let _slow = {
         let (http, addr) = (node.http.clone(), node.addr);
         tokio::spawn(async move {
@@ -268,19 +268,19 @@ async fn the_hard_deadline_reports_what_was_still_open() {
     let msg = e.to_string();
     assert!(msg.contains("1 HTTP request"), "{msg}");
     assert!(msg.contains("0 WebSocket"), "{msg}");
-    broker.enqueue_stalled.store(false, Ordering::SeqCst);
+    broker.clear(Method::Enqueue);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_channel_feed_makes_the_node_unready_and_probes_are_shared() {
-    let broker = Switches::new(memory());
+    let broker = switched(memory());
     let node = Node::start(broker.clone(), |c| {
         c.readiness.pubsub_budget = Duration::from_millis(400);
     })
     .await;
     node.until_ready().await;
 
-    broker.feed_stalled.store(true, Ordering::SeqCst);
+    broker.stall_feeds(true);
     let (status, body) = node.get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "unready");
@@ -297,7 +297,7 @@ async fn a_stuck_channel_feed_makes_the_node_unready_and_probes_are_shared() {
     );
 
     // Concurrent calls share one probe: one canary publish for all of them.
-    let before = broker.canary_publishes();
+    let before = canary_publishes(&broker);
     let node = Arc::new(node);
     let calls: Vec<_> = (0..5)
         .map(|_| {
@@ -308,10 +308,10 @@ async fn a_stuck_channel_feed_makes_the_node_unready_and_probes_are_shared() {
     for c in calls {
         assert_eq!(c.await.unwrap(), 503);
     }
-    let probes = broker.canary_publishes() - before;
+    let probes = canary_publishes(&broker) - before;
     assert!((1..=2).contains(&probes), "{probes} probes for 5 calls");
 
-    broker.feed_stalled.store(false, Ordering::SeqCst);
+    broker.stall_feeds(false);
     let ready = node.until_ready().await;
     assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
 }
@@ -326,7 +326,7 @@ async fn the_canary_covers_every_redis_shard() {
     let redis = RedisBroker::connect(&[a.url(), b.url(), c.url()], EngineConfig::default())
         .await
         .unwrap();
-    let broker = Switches::new(Arc::new(redis));
+    let broker = switched(Arc::new(redis));
     let node = Node::start(broker.clone(), |_| {}).await;
     let shards: BTreeSet<usize> = node
         .canary_channels
@@ -342,9 +342,7 @@ async fn the_canary_covers_every_redis_shard() {
     let ready = node.until_ready().await;
     assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
     let published: BTreeSet<String> = broker
-        .published
-        .lock()
-        .unwrap()
+        .published()
         .iter()
         .filter(|c| c.starts_with("ferry.canary."))
         .cloned()
@@ -353,7 +351,7 @@ async fn the_canary_covers_every_redis_shard() {
     assert_eq!(published, expected);
 
     // One shard's pub/sub silently stuck is enough to be unready, and the error names the shard.
-    broker.feed_stalled.store(true, Ordering::SeqCst);
+    broker.stall_feeds(true);
     let (status, body) = node.get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     let error = body["checks"]["pubsub"]["error"].as_str().unwrap();

@@ -2,19 +2,13 @@
 //! WebSocket (tokio-tungstenite), real HS256 tokens, and a broker wrapper with switches (the event-log backlog it
 //! reports, a stalled channel feed, stalled submissions).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use ferry_broker::{
-    Broker, BrokerError, CancelOutcome, ChannelFeed, Completion, EngineConfig, Enqueued,
-    EventStream, FailOutcome, Failure, JobFeed, Lease, Leased, LogEntry, LogPosition, MemoryBroker,
-    QueueStats, Reclaimed, Rejected, RetryOutcome,
-};
-use ferry_core::{JobId, JobInfo, NewJob, QueueName};
+use ferry_broker::{Broker, EngineConfig, MemoryBroker};
 use ferry_gateway::auth::{AuthConfig, MintClaims, mint};
 use ferry_gateway::{Gateway, GatewayConfig};
+use ferry_testkit::faulty::FaultyBroker;
 use futures::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -250,226 +244,19 @@ where
     }
 }
 
-/// A real broker with switches: a stalled feed silently drops every channel message (a subscription that is
-/// stuck while the connection still answers PING); stalled submissions hang. Publishes are recorded.
-#[derive(Debug)]
-pub struct Switches {
-    pub inner: Arc<dyn Broker>,
-    /// What `log_backlog` answers (the recorder's backlog, for shedding tests).
-    pub backlog: AtomicU64,
-    pub feed_stalled: Arc<AtomicBool>,
-    pub enqueue_stalled: AtomicBool,
-    /// When set, job lookups fail: 1 = the broker is unavailable, 2 = an internal broker error.
-    pub lookups_fail: AtomicU64,
-    pub published: Mutex<Vec<String>>,
-    /// Channel feeds opened so far; feed number n ends at its next message once `feeds_ended >= n`.
-    pub feeds_opened: AtomicU64,
-    feeds_ended: Arc<AtomicU64>,
+/// A real broker behind switches (`ferry_testkit::faulty::FaultyBroker`), reporting no recorder backlog unless a
+/// test sets one: these gateways run without a recorder, so the engine's own backlog would only grow.
+pub fn switched(inner: Arc<dyn Broker>) -> Arc<FaultyBroker> {
+    let broker = FaultyBroker::new(inner);
+    broker.set_backlog(Some(0));
+    broker
 }
 
-impl Switches {
-    pub fn new(inner: Arc<dyn Broker>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            backlog: AtomicU64::new(0),
-            feed_stalled: Arc::default(),
-            enqueue_stalled: AtomicBool::new(false),
-            lookups_fail: AtomicU64::new(0),
-            published: Mutex::default(),
-            feeds_opened: AtomicU64::new(0),
-            feeds_ended: Arc::default(),
-        })
-    }
-
-    /// End every channel feed opened so far, at its next message (as a feed whose engine task died would).
-    pub fn end_feeds(&self) {
-        self.feeds_ended
-            .store(self.feeds_opened.load(Ordering::SeqCst), Ordering::SeqCst);
-    }
-
-    /// Set the backlog `log_backlog` reports.
-    pub fn set(&self, n: u64) {
-        self.backlog.store(n, Ordering::SeqCst);
-    }
-
-    pub fn canary_publishes(&self) -> usize {
-        self.published
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| c.starts_with("ferry.canary."))
-            .count()
-    }
+/// Publishes of the pub/sub canary so far.
+pub fn canary_publishes(broker: &FaultyBroker) -> usize {
+    broker
+        .published()
+        .iter()
+        .filter(|c| c.starts_with("ferry.canary."))
+        .count()
 }
-
-#[async_trait]
-impl Broker for Switches {
-    async fn enqueue_batch(
-        &self,
-        q: &QueueName,
-        jobs: Vec<NewJob>,
-    ) -> Result<Vec<Enqueued>, BrokerError> {
-        while self.enqueue_stalled.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.inner.enqueue_batch(q, jobs).await
-    }
-    async fn claim(
-        &self,
-        q: &QueueName,
-        c: &str,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<Leased>, BrokerError> {
-        self.inner.claim(q, c, max, wait).await
-    }
-    async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
-        self.inner.heartbeat(leases).await
-    }
-    async fn progress(&self, lease: &Lease, data: Value) -> Result<bool, BrokerError> {
-        self.inner.progress(lease, data).await
-    }
-    async fn complete(
-        &self,
-        items: Vec<Completion>,
-    ) -> Result<Vec<Result<(), Rejected>>, BrokerError> {
-        self.inner.complete(items).await
-    }
-    async fn fail(
-        &self,
-        items: Vec<Failure>,
-    ) -> Result<Vec<Result<FailOutcome, Rejected>>, BrokerError> {
-        self.inner.fail(items).await
-    }
-    async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
-        self.inner.release(leases).await
-    }
-    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError> {
-        self.inner.cancel(id, by).await
-    }
-    async fn promote_due(&self, q: &QueueName, max: usize) -> Result<usize, BrokerError> {
-        self.inner.promote_due(q, max).await
-    }
-    async fn reclaim_expired(&self, q: &QueueName, max: usize) -> Result<Reclaimed, BrokerError> {
-        self.inner.reclaim_expired(q, max).await
-    }
-    async fn dead_letters(&self, q: &QueueName, limit: usize) -> Result<Vec<JobInfo>, BrokerError> {
-        self.inner.dead_letters(q, limit).await
-    }
-    async fn retry_dead(&self, id: JobId) -> Result<RetryOutcome, BrokerError> {
-        self.inner.retry_dead(id).await
-    }
-    async fn stats(&self, q: &QueueName) -> Result<QueueStats, BrokerError> {
-        self.inner.stats(q).await
-    }
-    async fn scheduled_due(
-        &self,
-        q: &QueueName,
-        within: std::time::Duration,
-    ) -> Result<u64, BrokerError> {
-        self.inner.scheduled_due(q, within).await
-    }
-    async fn leases_by_consumer(
-        &self,
-        q: &QueueName,
-    ) -> Result<std::collections::BTreeMap<String, u64>, BrokerError> {
-        self.inner.leases_by_consumer(q).await
-    }
-    async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
-        self.inner.queues().await
-    }
-    async fn pause(&self, q: &QueueName) -> Result<(), BrokerError> {
-        self.inner.pause(q).await
-    }
-    async fn resume(&self, q: &QueueName) -> Result<(), BrokerError> {
-        self.inner.resume(q).await
-    }
-    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
-        match self.lookups_fail.load(Ordering::SeqCst) {
-            1 => return Err(BrokerError::Unavailable("switched off".into())),
-            2 => return Err(BrokerError::Internal("switched off".into())),
-            _ => {}
-        }
-        self.inner.job(id).await
-    }
-    async fn subscribe(&self) -> Result<EventStream, BrokerError> {
-        self.inner.subscribe().await
-    }
-    async fn job_feed(&self) -> Result<JobFeed, BrokerError> {
-        self.inner.job_feed().await
-    }
-    async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
-        self.published.lock().unwrap().push(channel.to_owned());
-        self.inner.publish(channel, payload).await
-    }
-    async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
-        let (control, stream) = self.inner.channels().await?.into_parts();
-        let stalled = self.feed_stalled.clone();
-        let n = self.feeds_opened.fetch_add(1, Ordering::SeqCst) + 1;
-        let ended = self.feeds_ended.clone();
-        let stream = stream
-            .take_while(move |_| std::future::ready(ended.load(Ordering::SeqCst) < n))
-            .filter(move |_| std::future::ready(!stalled.load(Ordering::SeqCst)));
-        Ok(ChannelFeed::new(control, Box::pin(stream)))
-    }
-    fn channel_shard(&self, channel: &str) -> Option<usize> {
-        self.inner.channel_shard(channel)
-    }
-    fn channel_history(&self) -> ferry_broker::ChannelHistory {
-        self.inner.channel_history()
-    }
-    async fn channel_missed(
-        &self,
-        channel: &str,
-        since: &ferry_broker::StreamPos,
-        max: usize,
-    ) -> Result<ferry_broker::Missed<ferry_broker::HistoryEntry>, BrokerError> {
-        self.inner.channel_missed(channel, since, max).await
-    }
-    async fn events_missed(
-        &self,
-        scope: ferry_broker::EventScope<'_>,
-        since: &ferry_broker::StreamPos,
-        scan: usize,
-        keep: &ferry_broker::EventFilter<'_>,
-    ) -> Result<ferry_broker::Missed<ferry_core::Event>, BrokerError> {
-        self.inner.events_missed(scope, since, scan, keep).await
-    }
-    fn events_epoch(&self, q: &QueueName) -> Option<String> {
-        self.inner.events_epoch(q)
-    }
-    fn membership(&self) -> Option<&dyn ferry_broker::Membership> {
-        self.inner.membership()
-    }
-    async fn maintain(&self, q: &QueueName) -> Result<(), BrokerError> {
-        self.inner.maintain(q).await
-    }
-    async fn ping(&self) -> Result<(), BrokerError> {
-        self.inner.ping().await
-    }
-    fn log_shards(&self) -> usize {
-        self.inner.log_shards()
-    }
-    async fn read_log(
-        &self,
-        shard: usize,
-        group: &str,
-        consumer: &str,
-        max: usize,
-        wait: Duration,
-        reclaim_idle: Option<Duration>,
-    ) -> Result<Vec<LogEntry>, BrokerError> {
-        self.inner
-            .read_log(shard, group, consumer, max, wait, reclaim_idle)
-            .await
-    }
-    async fn ack_log(&self, group: &str, entries: &[LogPosition]) -> Result<(), BrokerError> {
-        self.inner.ack_log(group, entries).await
-    }
-    async fn log_backlog(&self, _group: &str) -> Result<u64, BrokerError> {
-        Ok(self.backlog.load(Ordering::SeqCst))
-    }
-}
-
-/// The shedding tests' name for the same wrapper.
-pub type Backlogged = Switches;
