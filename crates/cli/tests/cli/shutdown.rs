@@ -106,9 +106,38 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
             .await
             .context("upgrade")?;
 
+    // Times are from the signal on.
+    let t0 = Instant::now();
+    // The client reads all along: the batch below pushes 1000 `submitted` events to its own `user:` channel,
+    // and a client that stopped reading would rightly be closed 4009 (slow consumer) before any goaway.
+    let reader = tokio::spawn(async move {
+        let mut goaway_at = None;
+        let mut events = 0usize;
+        let code = loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .context("a frame in time")?
+                .context("stream open")??;
+            match m {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str())?;
+                    if v["type"] == "goaway" {
+                        assert!(v["reconnect_after_ms"].as_u64().unwrap() < SPREAD, "{v}");
+                        goaway_at = Some(t0.elapsed());
+                    } else {
+                        events += 1;
+                    }
+                }
+                Message::Close(Some(f)) => break u16::from(f.code),
+                Message::Close(None) => bail!("closed without a code"),
+                _ => {}
+            }
+        };
+        anyhow::Ok((goaway_at, code, t0.elapsed(), events))
+    });
+
     // Probe readiness every 20 ms from the signal on: (time since the signal, status or None if refused).
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
-    let t0 = Instant::now();
     gw.sigterm()?;
     let prober = {
         let (samples, http, base) = (samples.clone(), http.clone(), base.clone());
@@ -138,28 +167,15 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
     assert!(res.status().is_success(), "{}", res.status());
 
     // goaway, then 1001.
-    let mut goaway_at = None;
-    let code = loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .context("a frame in time")?
-            .context("stream open")??;
-        match m {
-            Message::Text(t) => {
-                let v: Value = serde_json::from_str(t.as_str())?;
-                if v["type"] == "goaway" {
-                    assert!(v["reconnect_after_ms"].as_u64().unwrap() < SPREAD, "{v}");
-                    goaway_at = Some(t0.elapsed());
-                }
-            }
-            Message::Close(Some(f)) => break u16::from(f.code),
-            Message::Close(None) => bail!("closed without a code"),
-            _ => {}
-        }
-    };
-    let closed_at = t0.elapsed();
-    let goaway_at = goaway_at.context("a goaway frame before the close")?;
+    let (goaway_at, code, closed_at, events) = reader.await??;
+    let goaway_at = goaway_at.with_context(|| {
+        format!("a goaway frame before the close (closed {code} after {events} events)")
+    })?;
     assert_eq!(code, 1001);
+    assert!(
+        events >= 1000,
+        "the client heard every job of the batch: {events} events"
+    );
     assert!(
         goaway_at >= Duration::from_millis(DELAY - 100),
         "goaway only after the drain delay: {goaway_at:?}"
