@@ -68,12 +68,12 @@ if command -v rustup >/dev/null; then
 fi
 cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
 
-# A full test build takes about 6 GB under target/ (lints, test binaries, tools). Say so up front rather than
+# A full test build takes about 3 GB under target/ (lints, test binaries, tools). Say so up front rather than
 # letting the linker fail half-way with "No space left on device".
 mkdir -p target
 free_kb=$(df -Pk target | awk 'NR == 2 { print $4 }')
-if [ "${free_kb:-0}" -lt $((6 * 1024 * 1024)) ]; then
-  echo "scripts/test.sh: warning: only $((free_kb / 1024)) MB free under target/; a full test build needs about 6 GB" >&2
+if [ "${free_kb:-0}" -lt $((4 * 1024 * 1024)) ]; then
+  echo "scripts/test.sh: warning: only $((free_kb / 1024)) MB free under target/; a full test build needs about 3 GB, 4 GB to be safe" >&2
 fi
 
 set -x

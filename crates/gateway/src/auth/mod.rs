@@ -20,6 +20,7 @@ mod tests;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_core::redact::{REDACTED, redact_url};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 
@@ -176,7 +177,7 @@ impl From<AuthError> for ApiError {
 
 /// Key material and checks.
 ///
-/// `Debug` is implemented by hand so the shared secret never reaches a log.
+/// `Debug` is implemented by hand so the shared secret and the JWKS URL's credentials never reach a log.
 #[derive(Clone, Default)]
 pub struct AuthConfig {
     /// Shared secret for HS256/384/512.
@@ -206,12 +207,12 @@ pub struct AuthConfig {
 impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
-            .field("hs_secret", &self.hs_secret.as_ref().map(|_| "[redacted]"))
+            .field("hs_secret", &self.hs_secret.as_ref().map(|_| REDACTED))
             .field("hs_secret_kid", &self.hs_secret_kid)
             .field("public_key_pems", &self.public_key_pems.len())
             .field("public_key_kids", &self.public_key_kids)
             .field("jwks_json", &self.jwks_json.is_some())
-            .field("jwks_url", &self.jwks_url)
+            .field("jwks_url", &self.jwks_url.as_deref().map(redact_url))
             .field("jwks_refresh", &self.jwks_refresh)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
@@ -316,9 +317,9 @@ impl Authenticator {
         let mut auth = Self::new(config)?;
         if let Some(remote) = auth.remote.clone() {
             remote.refresh().await?;
-            if remote.url().starts_with("http://") {
+            if remote.is_plain_http() {
                 tracing::warn!(
-                    url = remote.url(),
+                    url = remote.shown_url(),
                     "jwks url is plain http: anyone on the path can substitute signing keys"
                 );
             }

@@ -43,10 +43,12 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The cached key set of one JWKS URL, merged with the statically configured keys.
-#[derive(Debug)]
+/// The cached key set of one JWKS URL, merged with the statically configured keys. `Debug` by hand: it shows
+/// the URL redacted.
 pub(super) struct RemoteJwks {
     url: reqwest::Url,
+    /// The URL as logs and errors show it: a JWKS URL may carry a token (`https://TOKEN@host`, `user:pw@`).
+    shown: String,
     client: reqwest::Client,
     /// Secret, PEM and JWKS-file keys: part of every key set, so kid clashes with them are caught per fetch.
     static_keys: KeySet,
@@ -63,10 +65,21 @@ pub(super) struct RemoteJwks {
     fetching: tokio::sync::Mutex<()>,
 }
 
+impl std::fmt::Debug for RemoteJwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteJwks")
+            .field("url", &self.shown)
+            .field("refresh_every", &self.refresh_every)
+            .field("keys", &self.current().len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl RemoteJwks {
     /// Check the URL and build the HTTP client; nothing is fetched yet.
     pub fn new(url: &str, refresh: Duration, static_keys: KeySet) -> Result<Self, AuthError> {
-        let bad = |why: &str| AuthError::Config(format!("jwks url {url:?}: {why}"));
+        let shown = ferry_core::redact::redact_url(url);
+        let bad = |why: &str| AuthError::Config(format!("jwks url {shown:?}: {why}"));
         let parsed = reqwest::Url::parse(url).map_err(|_| bad("not a URL"))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(bad("only http and https URLs are supported"));
@@ -94,6 +107,7 @@ impl RemoteJwks {
             .map_err(|e| bad(&format!("cannot build an HTTP client ({e})")))?;
         Ok(Self {
             url: parsed,
+            shown,
             client,
             current: RwLock::new(Arc::new(static_keys.clone())),
             static_keys,
@@ -105,8 +119,13 @@ impl RemoteJwks {
         })
     }
 
-    pub fn url(&self) -> &str {
-        self.url.as_str()
+    /// The URL with its credentials redacted, for logs and errors.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
+    }
+
+    pub fn is_plain_http(&self) -> bool {
+        self.url.scheme() == "http"
     }
 
     /// The key set to verify with now. Cheap: an `Arc` clone under a read lock held for no longer than that.
@@ -145,7 +164,7 @@ impl RemoteJwks {
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
                 let after = refresh_after(max_age, self.refresh_every);
                 *lock(&self.next_due) = now + after;
-                tracing::debug!(url = %self.url, keys = count, next_in = ?after, "jwks loaded");
+                tracing::debug!(url = %self.shown, keys = count, next_in = ?after, "jwks loaded");
                 Ok(())
             }
             Err(e) => {
@@ -157,7 +176,7 @@ impl RemoteJwks {
 
     async fn fetch(&self) -> Result<(KeySet, Option<Duration>), AuthError> {
         let unavailable =
-            |why: String| AuthError::Unavailable(format!("jwks url {}: {why}", self.url));
+            |why: String| AuthError::Unavailable(format!("jwks url {}: {why}", self.shown));
         let mut response = self
             .client
             .get(self.url.clone())
@@ -198,9 +217,9 @@ impl RemoteJwks {
             body.extend_from_slice(&chunk);
         }
         let text = String::from_utf8(body)
-            .map_err(|_| AuthError::Config(format!("jwks url {}: not UTF-8", self.url)))?;
+            .map_err(|_| AuthError::Config(format!("jwks url {}: not UTF-8", self.shown)))?;
         let in_url = |e: AuthError| match e {
-            AuthError::Config(why) => AuthError::Config(format!("jwks url {}: {why}", self.url)),
+            AuthError::Config(why) => AuthError::Config(format!("jwks url {}: {why}", self.shown)),
             other => other,
         };
         let mut set = self.static_keys.clone();

@@ -968,3 +968,21 @@ fn jwks_url_config_is_checked_without_io() {
     let debug = format!("{:?}", url("https://id.example/jwks"));
     assert!(debug.contains("id.example"), "{debug}");
 }
+
+#[tokio::test]
+async fn jwks_url_credentials_never_show_in_errors_or_debug() {
+    let url = |u: &str| AuthConfig {
+        jwks_url: Some(u.into()),
+        ..AuthConfig::default()
+    };
+    let config = config_err(url("ftp://reader:hunter2@id.example/jwks"));
+    assert!(!config.contains("hunter2"), "{config}");
+    assert!(config.contains("reader:<redacted>@id.example"), "{config}");
+    // Nothing listens on port 1: the fetch fails and its message names the URL, redacted.
+    let auth = Authenticator::new(url("http://s3cr3t-token@127.0.0.1:1/jwks")).unwrap();
+    let err = auth.refresh().await.unwrap_err().to_string();
+    assert!(!err.contains("s3cr3t-token"), "{err}");
+    assert!(err.contains("<redacted>@127.0.0.1:1"), "{err}");
+    let debug = format!("{auth:?} {:?}", url("http://s3cr3t-token@127.0.0.1:1/jwks"));
+    assert!(!debug.contains("s3cr3t-token"), "{debug}");
+}
