@@ -231,3 +231,31 @@ fn gateway_limits_are_refused_naming_the_flag() {
         assert!(err.starts_with(&format!("invalid {flag}: ")), "{err}");
     }
 }
+
+#[test]
+fn every_recorder_field_check_reports_has_a_flag() {
+    use clap::CommandFactory;
+    let source = include_str!("../../store/src/recorder.rs");
+    let check = &source[source.find("pub fn check(&self)").expect("check found")..];
+    let check = &check[..check.find("\n    }\n").expect("end of check")];
+    let fields: Vec<&str> = check
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|lit| {
+            lit.chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+        })
+        .collect();
+    assert!(fields.len() >= 7, "{fields:?}");
+    let cli = crate::args::Cli::command();
+    let worker = cli.find_subcommand("worker").expect("worker");
+    for field in fields {
+        let flag = crate::worker::recorder_flag(field);
+        let long = flag.trim_start_matches("--");
+        assert!(
+            worker.get_arguments().any(|a| a.get_long() == Some(long)),
+            "{field} → {flag}, which `ferry worker` does not have"
+        );
+    }
+}

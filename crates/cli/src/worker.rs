@@ -184,26 +184,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
     let recorder = if a.no_recorder || database.is_none() {
         None
     } else {
-        if a.recorder_batch == 0 {
-            return Err(CliError::usage("--recorder-batch", "must be at least 1"));
-        }
-        if a.recorder_reclaim_idle_ms == 0 {
-            return Err(CliError::usage(
-                "--recorder-reclaim-idle-ms",
-                "must be greater than zero",
-            ));
-        }
         let rt = &a.recorder_tuning;
-        crate::at_least_one(&[
-            ("--recorder-read-count", rt.recorder_read_count as u64),
-            ("--recorder-writers", rt.recorder_writers as u64),
-            ("--recorder-write-timeout-ms", rt.recorder_write_timeout_ms),
-            (
-                "--recorder-breaker-failures",
-                u64::from(rt.recorder_breaker_failures),
-            ),
-            ("--recorder-breaker-open-ms", rt.recorder_breaker_open_ms),
-        ])?;
         let mut r = RecorderConfig::new(String::new());
         r.batch_max = a.recorder_batch;
         r.max_delay = ms(a.recorder_max_delay_ms);
@@ -214,7 +195,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         r.breaker.failure_threshold = rt.recorder_breaker_failures;
         r.breaker.open_for = ms(rt.recorder_breaker_open_ms);
         r.check()
-            .map_err(|e| CliError::usage("--recorder-reclaim-idle-ms", e))?;
+            .map_err(|e| CliError::usage(recorder_flag(e.field), e.message))?;
         Some(r)
     };
     let reconciler = (database.is_some() && a.reconcile_interval_ms > 0).then(|| {
@@ -241,6 +222,21 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         shutdown_deadline,
         exit_with_parent: a.exit_with_parent,
     })
+}
+
+/// The flag of a field [`RecorderConfig::check`] names.
+pub(crate) fn recorder_flag(field: &str) -> &'static str {
+    match field {
+        "batch_max" => "--recorder-batch",
+        "max_delay" => "--recorder-max-delay-ms",
+        "read_count" => "--recorder-read-count",
+        "writers" => "--recorder-writers",
+        "write_timeout" => "--recorder-write-timeout-ms",
+        "breaker.failure_threshold" => "--recorder-breaker-failures",
+        "breaker.open_for" => "--recorder-breaker-open-ms",
+        "reclaim_idle" => "--recorder-reclaim-idle-ms",
+        _ => "configuration",
+    }
 }
 
 fn first(e: &ferry_core::ValidationError) -> String {

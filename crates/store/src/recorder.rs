@@ -89,19 +89,50 @@ impl RecorderConfig {
         self.max_delay + self.write_timeout * 2 + ACK_ALLOWANCE
     }
 
-    /// `reclaim_idle` must exceed [`longest_hold`](Self::longest_hold), or live recorders take each other's
-    /// entries during ordinary slow writes. The error says which settings to change.
-    pub fn check(&self) -> Result<(), String> {
+    /// Check every rule; the first broken one is reported with its field (as written in this struct,
+    /// `breaker.` fields with their prefix). Counts and durations must be at least 1, and `reclaim_idle` must
+    /// exceed [`longest_hold`](Self::longest_hold), or live recorders take each other's entries during ordinary
+    /// slow writes; that error says which settings to change. [`Recorder::new`] does not check:
+    /// `ferry_worker::WorkerNode::build` does, and so does the cli before it connects.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let at_least_one: [(&'static str, u128); 6] = [
+            ("batch_max", self.batch_max as u128),
+            ("read_count", self.read_count as u128),
+            ("writers", self.writers as u128),
+            ("write_timeout", self.write_timeout.as_millis()),
+            (
+                "breaker.failure_threshold",
+                u128::from(self.breaker.failure_threshold),
+            ),
+            ("breaker.open_for", self.breaker.open_for.as_millis()),
+        ];
+        if let Some((field, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError {
+                field,
+                message: "must be at least 1".into(),
+            });
+        }
         if self.reclaim_idle <= self.longest_hold() {
-            return Err(format!(
-                "must exceed max delay + 2 × write timeout + {} ms = {} ms, or recorders that are alive take each \
-                 other's entries; raise it or lower the write timeout",
-                ACK_ALLOWANCE.as_millis(),
-                self.longest_hold().as_millis()
-            ));
+            return Err(ConfigError {
+                field: "reclaim_idle",
+                message: format!(
+                    "must exceed max delay + 2 × write timeout + {} ms = {} ms, or recorders that are alive take \
+                     each other's entries; raise it or lower the write timeout",
+                    ACK_ALLOWANCE.as_millis(),
+                    self.longest_hold().as_millis()
+                ),
+            });
         }
         Ok(())
     }
+}
+
+/// A [`RecorderConfig`] that breaks a rule: the field (as named in the struct) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("recorder {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
 }
 
 /// What [`RecorderConfig::longest_hold`] allows for acknowledging a written batch (its call and up to four
@@ -496,7 +527,40 @@ mod tests {
             ..RecorderConfig::new("c")
         };
         let e = slow.check().unwrap_err();
-        assert!(e.contains("61050 ms"), "{e}");
+        assert_eq!(e.field, "reclaim_idle");
+        assert!(e.message.contains("61050 ms"), "{e}");
+        for (broken, field) in [
+            (
+                RecorderConfig {
+                    batch_max: 0,
+                    ..RecorderConfig::new("c")
+                },
+                "batch_max",
+            ),
+            (
+                RecorderConfig {
+                    writers: 0,
+                    ..RecorderConfig::new("c")
+                },
+                "writers",
+            ),
+            (
+                RecorderConfig {
+                    read_count: 0,
+                    ..RecorderConfig::new("c")
+                },
+                "read_count",
+            ),
+            (
+                RecorderConfig {
+                    write_timeout: Duration::ZERO,
+                    ..RecorderConfig::new("c")
+                },
+                "write_timeout",
+            ),
+        ] {
+            assert_eq!(broken.check().unwrap_err().field, field);
+        }
     }
 
     #[test]

@@ -117,6 +117,12 @@ impl WorkerNode {
             store,
             registry,
         } = deps;
+        if let Some(rc) = &config.recorder {
+            rc.check().map_err(|e| WorkerError::Config {
+                field: "recorder",
+                message: format!("{}: {}", e.field, e.message),
+            })?;
+        }
         let worker = Worker::new(broker.clone(), handlers, config.worker)?;
         worker.register_metrics(&registry).map_err(metrics_err)?;
         let consumer = worker.monitor().consumer().to_owned();

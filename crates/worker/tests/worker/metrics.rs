@@ -272,3 +272,25 @@ async fn cancels_of_running_jobs_are_not_lost_leases() -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(20), run).await???;
     Ok(())
 }
+
+/// A library user gets the recorder's rules checked by `build`, as `ferry worker` does before it connects.
+#[tokio::test]
+async fn build_refuses_a_recorder_that_breaks_a_rule() {
+    let q = queue("node-config");
+    let mut config = WorkerNodeConfig::new(config(&q));
+    let mut recorder = ferry_store::recorder::RecorderConfig::new("c");
+    recorder.writers = 0;
+    config.recorder = Some(recorder);
+    let deps = WorkerDeps {
+        broker: memory(),
+        store: Some(Arc::new(ferry_store::MemoryStore::new())),
+        registry: ferry_telemetry::metrics::registry(),
+    };
+    let err = WorkerNode::build(config, HandlerRegistry::with_builtins(), deps)
+        .err()
+        .expect("refused");
+    assert_eq!(
+        err.to_string(),
+        "invalid worker config: recorder writers: must be at least 1"
+    );
+}

@@ -347,8 +347,17 @@ pub fn migrated_database(pg: &ferry_testkit::PostgresServer, name: &str) -> Resu
 pub async fn redis_and_broker() -> Result<(RedisServer, String, RedisBroker)> {
     let redis = RedisServer::start()?;
     let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
-    Ok((redis, url, broker))
+    Ok((redis, url.clone(), test_broker(&url).await?))
+}
+
+/// The test's own connection to `url`. Its calls wait up to 10 s, not the client's default 500 ms: it is not
+/// under test, and on a loaded machine a burst of lookups (see [`states`]) can take longer than that.
+pub async fn test_broker(url: &str) -> Result<RedisBroker> {
+    let options = ferry_broker::RedisOptions {
+        response_timeout: Duration::from_secs(10),
+        connection_timeout: Duration::from_secs(5),
+    };
+    Ok(RedisBroker::connect_with(&[url.to_owned()], EngineConfig::default(), options).await?)
 }
 
 /// `n` copies of `job` in `q`, enqueued in batches of at most 500: their ids.
