@@ -259,3 +259,17 @@ fn every_recorder_field_check_reports_has_a_flag() {
         );
     }
 }
+
+#[test]
+fn every_job_field_validate_reports_has_an_enqueue_flag() {
+    let source = include_str!("../../core/src/job.rs");
+    let fields = reported_fields(&validation_of(source, "pub fn validate(&self, limits"));
+    for must in ["payload", "max_attempts", "timeout_ms", "delay_ms"] {
+        assert!(fields.contains(must), "{must} not found in {fields:?}");
+    }
+    for field in &fields {
+        let flag = crate::flag_of("enqueue", field);
+        assert_ne!(flag, "configuration", "{field} has no flag");
+    }
+    assert_eq!(crate::flag_of("enqueue", "timeout_ms"), "--timeout-ms");
+}

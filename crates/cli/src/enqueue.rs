@@ -27,19 +27,6 @@ pub struct ResolvedEnqueue {
     pub count: Option<u64>,
 }
 
-/// The flag behind each `NewJob` field, for error messages.
-fn flag_of(field: &str) -> &'static str {
-    match field {
-        "kind" => "--kind",
-        "payload" => "--payload",
-        "max_attempts" => "--max-attempts",
-        "timeout_ms" => "--timeout-ms",
-        "delay_ms" => "--delay-ms",
-        "idempotency_key" => "--idempotency-key",
-        _ => "job",
-    }
-}
-
 pub fn resolve(a: EnqueueArgs) -> Result<ResolvedEnqueue, CliError> {
     let urls = crate::check_redis_urls(&a.redis.redis)?;
     let redis_options = crate::redis_options(&a.redis)?;
@@ -71,7 +58,8 @@ pub fn resolve(a: EnqueueArgs) -> Result<ResolvedEnqueue, CliError> {
     job.idempotency_key = a.idempotency_key;
     job.validate(&Limits::default()).map_err(|e| {
         let f = &e.errors[0];
-        CliError::usage(flag_of(&f.field), &f.message)
+        // `NewJob`'s fields are named as `ferry enqueue`'s flags are.
+        CliError::usage(&crate::flag_of("enqueue", &f.field), &f.message)
     })?;
     Ok(ResolvedEnqueue {
         urls,
