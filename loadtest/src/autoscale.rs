@@ -18,7 +18,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{EngineConfig, Jobs, Operations, RedisBroker};
 use ferry_core::{Kind, NewJob, QueueName};
 use serde::Serialize;
 use serde_json::json;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
-use ferry_broker::{Broker, EngineConfig, NodeInfo, RedisBroker};
+use ferry_broker::{EngineConfig, NodeInfo, PubSub, RedisBroker};
 
 use crate::gw::{Server, free_port, raised_nofile};
 use crate::procs;

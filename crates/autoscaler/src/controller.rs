@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_broker::Broker;
+use ferry_broker::Operations;
 use ferry_core::QueueName;
 use ferry_telemetry::prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,8 @@ use crate::signals::{self, RateMeter};
 #[derive(Debug)]
 pub struct RegionControl {
     pub config: Region,
-    pub broker: Arc<dyn Broker>,
+    /// What the region's queues are read from (stats, jobs coming due, leases per consumer).
+    pub broker: Arc<dyn Operations>,
     pub actuator: Arc<dyn Actuator>,
     queues: Vec<QueueControl>,
     /// Workers this region lends, per helped region.
@@ -42,7 +43,7 @@ struct QueueControl {
 }
 
 impl RegionControl {
-    pub fn new(config: Region, broker: Arc<dyn Broker>, actuator: Arc<dyn Actuator>) -> Self {
+    pub fn new(config: Region, broker: Arc<dyn Operations>, actuator: Arc<dyn Actuator>) -> Self {
         let queues = config
             .queue_names()
             .into_iter()
@@ -425,7 +426,7 @@ impl Autoscaler {
 
 /// The jobs each consumer holds over `region`'s queues, read from its broker. Empty, with a warning, when the
 /// broker cannot say: the actuator then stops workers by its own choice (the newest, or the ReplicaSet's pick).
-async fn held_jobs(region: &Region, broker: &dyn Broker) -> Held {
+async fn held_jobs(region: &Region, broker: &dyn Operations) -> Held {
     let mut held = Held::new();
     for q in region.queue_names() {
         match broker.leases_by_consumer(&q).await {
@@ -477,7 +478,7 @@ async fn decide_region(
 
 #[cfg(test)]
 mod tests {
-    use ferry_broker::{EngineConfig, MemoryBroker};
+    use ferry_broker::{Broker, EngineConfig, MemoryBroker};
     use ferry_core::{Kind, NewJob};
 
     use super::*;
@@ -485,8 +486,13 @@ mod tests {
     use crate::config::RegionsFile;
 
     /// Region "busy" (at most 1 worker, a backlog of 100 per worker) on `busy`; region "helper" (at most
-    /// `helper_max`, the given scale-down window) on a broker of its own. Both only export their decisions.
-    fn two_regions(busy: Arc<dyn Broker>, helper_max: u32, window_seconds: u32) -> Autoscaler {
+    /// `helper_max`, the given scale-down window) on a broker of its own, returned too. Both only export their
+    /// decisions.
+    fn two_regions(
+        busy: Arc<dyn Broker>,
+        helper_max: u32,
+        window_seconds: u32,
+    ) -> (Autoscaler, Arc<dyn Broker>) {
         let file = RegionsFile::parse(&format!(
             "[[regions]]\nname = \"busy\"\nredis = [\"redis://busy\"]\nqueues = [\"work\"]\nhelps-others = false\n\
              [regions.policy]\nmin-workers = 1\nmax-workers = 1\nbacklog-per-worker = 100\n\
@@ -505,10 +511,13 @@ mod tests {
         );
         let helper = RegionControl::new(
             regions.next().unwrap(),
-            helper_broker,
+            helper_broker.clone(),
             Arc::new(MetricsOnly::default()),
         );
-        Autoscaler::new(vec![busy, helper], false, None)
+        (
+            Autoscaler::new(vec![busy, helper], false, None),
+            helper_broker,
+        )
     }
 
     async fn enqueue(b: &dyn Broker, n: usize) {
@@ -543,7 +552,7 @@ mod tests {
     #[tokio::test]
     async fn a_loan_covers_the_shortfall_within_the_helpers_headroom() {
         let busy: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
-        let mut a = two_regions(busy.clone(), 4, 0);
+        let (mut a, _) = two_regions(busy.clone(), 4, 0);
         // 1,000 waiting: busy needs 10, has at most 1; the helper lends all 4 it has room for.
         enqueue(busy.as_ref(), 1_000).await;
         let d = a.round().await;
@@ -564,7 +573,7 @@ mod tests {
     #[tokio::test]
     async fn a_loan_shrinks_only_after_the_helpers_window_and_never_beyond_its_headroom() {
         let busy: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
-        let mut a = two_regions(busy.clone(), 4, 600);
+        let (mut a, helper) = two_regions(busy.clone(), 4, 600);
         enqueue(busy.as_ref(), 1_000).await;
         a.round().await;
         assert_eq!(lent(&a), Some(4));
@@ -574,7 +583,7 @@ mod tests {
         assert_eq!(lent(&a), Some(4), "held by the window");
         assert_eq!(d[0].borrowed, [("helper".to_owned(), 4)]);
         // The helper's own queue needs 3 of its 4: its own work first, the loan shrinks to the rest.
-        enqueue(a.regions[1].broker.as_ref(), 300).await;
+        enqueue(helper.as_ref(), 300).await;
         a.round().await;
         assert_eq!(lent(&a), Some(1), "within the helper's headroom");
     }

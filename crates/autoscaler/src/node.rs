@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use ferry_broker::Broker;
+use ferry_broker::Operations;
 use ferry_telemetry::admin::{Admin, Check, Readiness};
 use ferry_telemetry::prometheus::Registry;
 use serde_json::json;
@@ -31,7 +31,7 @@ impl AutoscalerNode {
     /// One control per `(region, broker)`, its actuator made from the region's settings (the Kubernetes one
     /// reads its cluster configuration); metrics registered in `registry`. `dry_run` logs decisions only.
     pub async fn build(
-        regions: Vec<(Region, Arc<dyn Broker>)>,
+        regions: Vec<(Region, Arc<dyn Operations>)>,
         interval: Duration,
         dry_run: bool,
         registry: Registry,

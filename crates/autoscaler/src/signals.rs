@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_broker::{Broker, BrokerError};
+use ferry_broker::{BrokerError, Operations};
 use ferry_core::QueueName;
 
 use crate::policy::Signals;
@@ -10,7 +10,7 @@ use crate::policy::Signals;
 /// Read what the policy needs about `queue`: waiting, active, oldest wait, and scheduled jobs coming due within
 /// `horizon`; plus the delivery counter the rate is measured from.
 pub async fn read(
-    broker: &dyn Broker,
+    broker: &dyn Operations,
     queue: &QueueName,
     horizon: Duration,
 ) -> Result<(Signals, u64), BrokerError> {

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_broker::{Broker, Completion, EngineConfig, RedisBroker};
+use ferry_broker::{Completion, EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::RedisServer;
 

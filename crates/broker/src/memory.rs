@@ -3,14 +3,14 @@
 //!
 //! It owns job state for `ferry dev`, single-node deployments and fast tests. It must not persist anything, do
 //! network I/O or run handlers: a restart loses every job, by design. Its memory stays bounded by the engine
-//! settings: finished jobs leave after `finished_retention` (on [`Broker::maintain`]), the dead-letter list of a
+//! settings: finished jobs leave after `finished_retention` (on [`Housekeeping::maintain`]), the dead-letter list of a
 //! queue holds at most `dead_letter_max` jobs, idempotency keys expire after `idempotency_ttl`, and live events
 //! go through a bounded broadcast channel that drops events for lagging subscribers instead of growing.
 //!
-//! Application channels ([`Broker::publish`], [`Broker::channels`]) are one more broadcast channel, outside the
+//! Application channels ([`PubSub::publish`], [`PubSub::channels`]) are one more broadcast channel, outside the
 //! state lock; each feed filters it by the channels it subscribed.
 //!
-//! Recovery ([`Broker::channel_missed`], [`Broker::events_missed`]): offsets are `"0-<n>"`, `n` from a counter
+//! Recovery ([`PubSub::channel_missed`], [`EventFeed::events_missed`]): offsets are `"0-<n>"`, `n` from a counter
 //! (the event sequence for job events, one more counter for channel messages), and the epoch is a UUID drawn
 //! when the broker is made (a new process has lost everything). Each application channel keeps a ring of its
 //! last `ChannelHistory::size` messages, dropped `ChannelHistory::ttl` after its last publish; job events keep
@@ -36,8 +36,9 @@ use tokio::sync::{Notify, broadcast};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 
+use crate::prelude::*;
 use crate::{
-    Broker, BrokerError, CancelOutcome, ChannelControl, ChannelFeed, ChannelMessage, Completion,
+    BrokerError, CancelOutcome, ChannelControl, ChannelFeed, ChannelMessage, Completion,
     Confirmation, EngineConfig, Enqueued, EventStream, FailOutcome, Failure, FedEvent, FeedControl,
     JobFeed, JobFeedControl, Lease, Leased, LogEntry, LogPosition, Member, Membership, NodeInfo,
     QueueStats, Reclaimed, Rejected, RetryOutcome, Topic, TopicControl, Via,
@@ -52,7 +53,7 @@ const EVENT_CAPACITY: usize = 4096;
 /// is at most once on the Redis engine too).
 const CHANNEL_CAPACITY: usize = 4096;
 
-/// Job events kept for recovery ([`Broker::events_missed`]), newest last.
+/// Job events kept for recovery ([`EventFeed::events_missed`]), newest last.
 pub const EVENT_HISTORY: usize = 10_000;
 
 /// In-process broker with the same semantics as the Redis engine.
@@ -282,7 +283,7 @@ struct State {
     events: Events,
     /// The actor of the transition being made (set by the caller for the length of one critical section).
     actor: Option<Arc<str>>,
-    /// [`Broker::try_lease`]: name → (holder, until).
+    /// [`Housekeeping::try_lease`]: name → (holder, until).
     leases: HashMap<String, (String, tokio::time::Instant)>,
 }
 
@@ -670,7 +671,7 @@ impl State {
 }
 
 #[async_trait]
-impl Broker for MemoryBroker {
+impl Jobs for MemoryBroker {
     async fn enqueue(&self, queue: &QueueName, job: NewJob) -> Result<Enqueued, BrokerError> {
         // Validated here, not through `enqueue_batch`, so a single job's error names `kind`, not `jobs[0].kind`.
         job.validate(&Limits::default())?;
@@ -693,6 +694,31 @@ impl Broker for MemoryBroker {
         self.insert(queue, jobs)
     }
 
+    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError> {
+        let now = now_ms();
+        let mut st = self.lock()?;
+        let Some(e) = st.jobs.get(&id) else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let previous = e.state;
+        if previous.is_final() {
+            return Ok(CancelOutcome::AlreadyFinal(previous));
+        }
+        // Detaching an active job bumps its epoch: its worker's lease is dead from here on.
+        st.detach(id);
+        st.actor = by.map(Arc::from);
+        st.enter_finished(id, JobState::Cancelled, None, now);
+        st.actor = None;
+        Ok(CancelOutcome::Cancelled(previous))
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
+        Ok(self.lock()?.info(id))
+    }
+}
+
+#[async_trait]
+impl Leasing for MemoryBroker {
     async fn claim(
         &self,
         queue: &QueueName,
@@ -828,25 +854,10 @@ impl Broker for MemoryBroker {
         }
         Ok(out)
     }
+}
 
-    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError> {
-        let now = now_ms();
-        let mut st = self.lock()?;
-        let Some(e) = st.jobs.get(&id) else {
-            return Ok(CancelOutcome::NotFound);
-        };
-        let previous = e.state;
-        if previous.is_final() {
-            return Ok(CancelOutcome::AlreadyFinal(previous));
-        }
-        // Detaching an active job bumps its epoch: its worker's lease is dead from here on.
-        st.detach(id);
-        st.actor = by.map(Arc::from);
-        st.enter_finished(id, JobState::Cancelled, None, now);
-        st.actor = None;
-        Ok(CancelOutcome::Cancelled(previous))
-    }
-
+#[async_trait]
+impl Housekeeping for MemoryBroker {
     async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<usize, BrokerError> {
         let now = now_ms();
         let mut st = self.lock()?;
@@ -904,6 +915,129 @@ impl Broker for MemoryBroker {
         Ok(counts)
     }
 
+    async fn restore(&self, jobs: Vec<JobInfo>) -> Result<Vec<bool>, BrokerError> {
+        let now = now_ms();
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
+        st.actor = Some(Arc::from(crate::RESTORE_ACTOR));
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if st.jobs.contains_key(&job.id) {
+                out.push(false);
+                continue;
+            }
+            // The same rules as the Redis engine's restore script.
+            let attempts = match job.state {
+                JobState::Active => job.attempts.saturating_sub(1),
+                _ => job.attempts,
+            };
+            let waiting = match (job.state, job.run_at) {
+                (s @ (JobState::Scheduled | JobState::Retrying), Some(t)) if t > now => {
+                    Some((s, t))
+                }
+                _ => None,
+            };
+            let error = job
+                .error
+                .filter(|_| waiting.is_some_and(|(s, _)| s == JobState::Retrying));
+            st.queue(&job.queue).received = true;
+            st.jobs.insert(
+                job.id,
+                Entry {
+                    queue: job.queue.clone(),
+                    spec: job.spec,
+                    state: JobState::Queued,
+                    attempts,
+                    epoch: 0,
+                    result: None,
+                    error: error.clone(),
+                    run_at: None,
+                    lease_deadline: 0,
+                    holder: None,
+                    updated_at: now,
+                },
+            );
+            match waiting {
+                None => {
+                    st.enter_queued(job.id, now, Some(json!({"restored": true})));
+                    st.queue(&job.queue).notify.notify_waiters();
+                }
+                Some((state, run_at)) => {
+                    if let Some(e) = st.jobs.get_mut(&job.id) {
+                        e.state = state;
+                        e.run_at = Some(run_at);
+                    }
+                    st.queue(&job.queue).scheduled.insert((run_at, job.id));
+                    let (ty, data) = if state == JobState::Retrying {
+                        let data = json!({"error": error, "run_at": run_at, "restored": true});
+                        (EventType::Retrying, data)
+                    } else {
+                        let data = json!({"run_at": run_at, "restored": true});
+                        (EventType::Scheduled, data)
+                    };
+                    st.emit(job.id, ty, Some(data));
+                }
+            }
+            out.push(true);
+        }
+        st.actor = None;
+        Ok(out)
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let now = tokio::time::Instant::now();
+        let mut st = self.lock()?;
+        match st.leases.get(name) {
+            Some((_, until)) if *until > now => Ok(false),
+            _ => {
+                st.leases
+                    .insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
+        let now = now_ms();
+        let retention = ms(self.config.finished_retention);
+        let mut st = self.lock()?;
+        let st = &mut *st;
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(());
+        };
+        while let Some(&(finished_at, id)) = q.finished.front() {
+            if finished_at.saturating_add(retention) > now {
+                break;
+            }
+            q.finished.pop_front();
+            st.jobs.remove(&id);
+        }
+        while let Some((expires_at, _)) = q.idempotency_expiry.front() {
+            if *expires_at > now {
+                break;
+            }
+            let Some((expires_at, key)) = q.idempotency_expiry.pop_front() else {
+                break;
+            };
+            // The key may have been taken again after it expired: only the matching record goes.
+            if q.idempotency
+                .get(&key)
+                .is_some_and(|s| s.expires_at == expires_at)
+            {
+                q.idempotency.remove(&key);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Operations for MemoryBroker {
     async fn dead_letters(
         &self,
         queue: &QueueName,
@@ -996,93 +1130,6 @@ impl Broker for MemoryBroker {
         Ok(out)
     }
 
-    async fn restore(&self, jobs: Vec<JobInfo>) -> Result<Vec<bool>, BrokerError> {
-        let now = now_ms();
-        let mut guard = self.lock()?;
-        let st = &mut *guard;
-        st.actor = Some(Arc::from(crate::RESTORE_ACTOR));
-        let mut out = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            if st.jobs.contains_key(&job.id) {
-                out.push(false);
-                continue;
-            }
-            // The same rules as the Redis engine's restore script.
-            let attempts = match job.state {
-                JobState::Active => job.attempts.saturating_sub(1),
-                _ => job.attempts,
-            };
-            let waiting = match (job.state, job.run_at) {
-                (s @ (JobState::Scheduled | JobState::Retrying), Some(t)) if t > now => {
-                    Some((s, t))
-                }
-                _ => None,
-            };
-            let error = job
-                .error
-                .filter(|_| waiting.is_some_and(|(s, _)| s == JobState::Retrying));
-            st.queue(&job.queue).received = true;
-            st.jobs.insert(
-                job.id,
-                Entry {
-                    queue: job.queue.clone(),
-                    spec: job.spec,
-                    state: JobState::Queued,
-                    attempts,
-                    epoch: 0,
-                    result: None,
-                    error: error.clone(),
-                    run_at: None,
-                    lease_deadline: 0,
-                    holder: None,
-                    updated_at: now,
-                },
-            );
-            match waiting {
-                None => {
-                    st.enter_queued(job.id, now, Some(json!({"restored": true})));
-                    st.queue(&job.queue).notify.notify_waiters();
-                }
-                Some((state, run_at)) => {
-                    if let Some(e) = st.jobs.get_mut(&job.id) {
-                        e.state = state;
-                        e.run_at = Some(run_at);
-                    }
-                    st.queue(&job.queue).scheduled.insert((run_at, job.id));
-                    let (ty, data) = if state == JobState::Retrying {
-                        let data = json!({"error": error, "run_at": run_at, "restored": true});
-                        (EventType::Retrying, data)
-                    } else {
-                        let data = json!({"run_at": run_at, "restored": true});
-                        (EventType::Scheduled, data)
-                    };
-                    st.emit(job.id, ty, Some(data));
-                }
-            }
-            out.push(true);
-        }
-        st.actor = None;
-        Ok(out)
-    }
-
-    async fn try_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<bool, BrokerError> {
-        let now = tokio::time::Instant::now();
-        let mut st = self.lock()?;
-        match st.leases.get(name) {
-            Some((_, until)) if *until > now => Ok(false),
-            _ => {
-                st.leases
-                    .insert(name.to_owned(), (holder.to_owned(), now + ttl));
-                Ok(true)
-            }
-        }
-    }
-
     async fn queues(&self) -> Result<Vec<QueueName>, BrokerError> {
         let st = self.lock()?;
         Ok(st
@@ -1107,10 +1154,13 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
-        Ok(self.lock()?.info(id))
+    async fn ping(&self) -> Result<(), BrokerError> {
+        self.lock().map(drop)
     }
+}
 
+#[async_trait]
+impl EventFeed for MemoryBroker {
     async fn subscribe(&self) -> Result<EventStream, BrokerError> {
         // Subscribed under the lock, so the stream starts exactly after the last transition already made.
         let rx = self.lock()?.events.tx.subscribe();
@@ -1130,6 +1180,51 @@ impl Broker for MemoryBroker {
         ))
     }
 
+    async fn events_missed(
+        &self,
+        _scope: EventScope<'_>,
+        since: &StreamPos,
+        scan: usize,
+        keep: &EventFilter<'_>,
+    ) -> Result<Missed<Event>, BrokerError> {
+        let epoch = Some(self.epoch.clone());
+        let Some(from) = memory_offset(&since.offset).filter(|_| since.epoch == self.epoch) else {
+            return Ok(Missed::lost(epoch));
+        };
+        let mut st = self.lock()?;
+        st.events.expire_recent(now_ms());
+        if from < st.events.recent_dropped {
+            return Ok(Missed::lost(epoch));
+        }
+        let mut scanned = 0;
+        let mut entries: Vec<Event> = Vec::new();
+        for (seq, _, e) in &st.events.recent {
+            if *seq <= from {
+                continue;
+            }
+            scanned += 1;
+            if scanned > scan {
+                return Ok(Missed::lost(epoch));
+            }
+            if keep(e) {
+                entries.push(e.clone());
+            }
+        }
+        drop(st);
+        Ok(Missed {
+            entries,
+            recovered: true,
+            epoch,
+        })
+    }
+
+    fn events_epoch(&self, _queue: &QueueName) -> Option<String> {
+        Some(self.epoch.clone())
+    }
+}
+
+#[async_trait]
+impl PubSub for MemoryBroker {
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         let now = now_ms();
         let ttl = ms(self.history.ttl);
@@ -1248,48 +1343,6 @@ impl Broker for MemoryBroker {
         })
     }
 
-    async fn events_missed(
-        &self,
-        _scope: EventScope<'_>,
-        since: &StreamPos,
-        scan: usize,
-        keep: &EventFilter<'_>,
-    ) -> Result<Missed<Event>, BrokerError> {
-        let epoch = Some(self.epoch.clone());
-        let Some(from) = memory_offset(&since.offset).filter(|_| since.epoch == self.epoch) else {
-            return Ok(Missed::lost(epoch));
-        };
-        let mut st = self.lock()?;
-        st.events.expire_recent(now_ms());
-        if from < st.events.recent_dropped {
-            return Ok(Missed::lost(epoch));
-        }
-        let mut scanned = 0;
-        let mut entries: Vec<Event> = Vec::new();
-        for (seq, _, e) in &st.events.recent {
-            if *seq <= from {
-                continue;
-            }
-            scanned += 1;
-            if scanned > scan {
-                return Ok(Missed::lost(epoch));
-            }
-            if keep(e) {
-                entries.push(e.clone());
-            }
-        }
-        drop(st);
-        Ok(Missed {
-            entries,
-            recovered: true,
-            epoch,
-        })
-    }
-
-    fn events_epoch(&self, _queue: &QueueName) -> Option<String> {
-        Some(self.epoch.clone())
-    }
-
     async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
         let wanted = Arc::new(MemoryFeed::default());
         let filter = wanted.clone();
@@ -1302,47 +1355,13 @@ impl Broker for MemoryBroker {
         ))
     }
 
-    async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
-        let now = now_ms();
-        let retention = ms(self.config.finished_retention);
-        let mut st = self.lock()?;
-        let st = &mut *st;
-        let Some(q) = st.queues.get_mut(queue) else {
-            return Ok(());
-        };
-        while let Some(&(finished_at, id)) = q.finished.front() {
-            if finished_at.saturating_add(retention) > now {
-                break;
-            }
-            q.finished.pop_front();
-            st.jobs.remove(&id);
-        }
-        while let Some((expires_at, _)) = q.idempotency_expiry.front() {
-            if *expires_at > now {
-                break;
-            }
-            let Some((expires_at, key)) = q.idempotency_expiry.pop_front() else {
-                break;
-            };
-            // The key may have been taken again after it expired: only the matching record goes.
-            if q.idempotency
-                .get(&key)
-                .is_some_and(|s| s.expires_at == expires_at)
-            {
-                q.idempotency.remove(&key);
-            }
-        }
-        Ok(())
-    }
-
     fn membership(&self) -> Option<&dyn Membership> {
         Some(self)
     }
+}
 
-    async fn ping(&self) -> Result<(), BrokerError> {
-        self.lock().map(drop)
-    }
-
+#[async_trait]
+impl EventLog for MemoryBroker {
     fn log_shards(&self) -> usize {
         1
     }

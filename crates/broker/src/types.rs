@@ -7,7 +7,7 @@ use ferry_core::{Backoff, Event, Job, JobId, JobState, QueueName, ValidationErro
 use futures::Stream;
 use serde::Serialize;
 
-/// Live events; see [`Broker::subscribe`](crate::Broker::subscribe).
+/// Live events; see [`EventFeed::subscribe`](crate::EventFeed::subscribe).
 pub type EventStream = Pin<Box<dyn Stream<Item = Event> + Send>>;
 
 /// Proof that a consumer holds a job's current attempt. Every fenced call presents it; the engine applies the
@@ -158,7 +158,7 @@ pub enum BrokerError {
     Internal(String),
 }
 
-/// A message published on an application channel (see [`Broker::publish`](crate::Broker::publish)).
+/// A message published on an application channel (see [`PubSub::publish`](crate::PubSub::publish)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelMessage {
     /// The channel name as given to `publish`, without any engine prefix.
@@ -224,8 +224,8 @@ pub struct HistoryEntry {
     pub payload: String,
 }
 
-/// What a channel missed since a position ([`Broker::channel_missed`](crate::Broker::channel_missed),
-/// [`Broker::events_missed`](crate::Broker::events_missed)).
+/// What a channel missed since a position ([`PubSub::channel_missed`](crate::PubSub::channel_missed),
+/// [`EventFeed::events_missed`](crate::EventFeed::events_missed)).
 #[derive(Debug, Clone)]
 pub struct Missed<T> {
     /// Everything published after the position, oldest first, when `recovered`; empty otherwise.
@@ -248,10 +248,10 @@ impl<T> Missed<T> {
     }
 }
 
-/// Which job events a channel gets, for [`Broker::events_missed`](crate::Broker::events_missed).
+/// Which job events a channel gets, for [`EventFeed::events_missed`](crate::EventFeed::events_missed).
 pub type EventFilter<'a> = dyn Fn(&Event) -> bool + Send + Sync + 'a;
 
-/// Where a job-event channel's events come from, for [`Broker::events_missed`](crate::Broker::events_missed).
+/// Where a job-event channel's events come from, for [`EventFeed::events_missed`](crate::EventFeed::events_missed).
 #[derive(Debug, Clone, Copy)]
 pub enum EventScope<'a> {
     /// The shard carrying this queue (`queue:` and `job:` channels).
@@ -340,7 +340,7 @@ impl Stream for ChannelFeed {
     }
 }
 
-/// A set of job events a [`JobFeed`] can be told to deliver (see [`Broker::job_feed`](crate::Broker::job_feed)).
+/// A set of job events a [`JobFeed`] can be told to deliver (see [`EventFeed::job_feed`](crate::EventFeed::job_feed)).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Topic {
     /// Events of the jobs whose owner is in this partition ([`crate::placement::partition_of`] of the job's

@@ -59,7 +59,10 @@ pub async fn run(cfg: ResolvedAutoscaler) -> Result<(), CliError> {
             b = crate::connect(&region.redis, cfg.engine.clone(), options, cfg.redis_tls.clone()) => b?,
             _ = shutdown.cancelled() => return Ok(()),
         };
-        regions.push((region, Arc::new(broker) as Arc<dyn ferry_broker::Broker>));
+        regions.push((
+            region,
+            Arc::new(broker) as Arc<dyn ferry_broker::Operations>,
+        ));
     }
     let node = AutoscalerNode::build(regions, cfg.interval, cfg.dry_run, runner.registry())
         .await

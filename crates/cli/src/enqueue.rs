@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use ferry_broker::{Broker, BrokerError, EngineConfig};
+use ferry_broker::{BrokerError, EngineConfig, Jobs};
 use ferry_core::{Kind, Limits, NewJob, Priority, QueueName};
 
 use crate::CliError;

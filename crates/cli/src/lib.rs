@@ -393,7 +393,7 @@ pub(crate) async fn connect(
     options: ferry_broker::RedisOptions,
     tls: ferry_broker::RedisTls,
 ) -> Result<ferry_broker::RedisBroker, CliError> {
-    use ferry_broker::Broker;
+    use ferry_broker::Operations;
     // The URLs as the message shows them: a password inside one is never printed, nor in the error after them.
     let shown: Vec<String> = urls.iter().map(|u| config::shown("redis", u)).collect();
     let shown = shown.join(", ");

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use ferry_broker::placement::{PARTITIONS, Placement};
-use ferry_broker::{Broker, Member, NodeInfo};
+use ferry_broker::{Member, NodeInfo, PubSub};
 use ferry_telemetry::prometheus;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -62,7 +62,8 @@ pub struct Cluster {
     url: String,
     started_at_ms: u64,
     hub: Arc<Hub>,
-    broker: Arc<dyn Broker>,
+    /// Only for its membership.
+    broker: Arc<dyn PubSub>,
     /// Longest wait for one membership call.
     call_timeout: Duration,
     /// The pub/sub canary's budget (readiness).
@@ -104,7 +105,7 @@ impl Cluster {
         cfg: ClusterConfig,
         url: String,
         hub: Arc<Hub>,
-        broker: Arc<dyn Broker>,
+        broker: Arc<dyn PubSub>,
         call_timeout: Duration,
         canary_budget: Duration,
         close_spread: Duration,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferry_broker::{Broker, BrokerError};
+use ferry_broker::{BrokerError, EventLog};
 use ferry_core::breaker::{Breaker, BreakerState};
 use ferry_store::StoreError;
 use tokio_util::sync::CancellationToken;
@@ -213,7 +213,7 @@ impl Resilience {
     /// failed or timed-out poll keeps the last known value.
     pub async fn poll_backlog(
         self: Arc<Self>,
-        broker: Arc<dyn Broker>,
+        broker: Arc<dyn EventLog>,
         shutdown: CancellationToken,
     ) {
         if self.high_water().is_none() {

@@ -4,9 +4,10 @@
 //! replication), so a machine crash or a failover can lose the last second of accepted jobs and transitions.
 //! PostgreSQL still holds every job the recorder copied. Every `interval`, one node (whichever takes the broker
 //! lease [`LEASE`] first; leader-free, like the reaper) walks the jobs whose record is not final and has not
-//! moved for `grace` ([`Store::unfinished`]) and hands them to [`Broker::restore`], which puts back exactly those
-//! the engine does not know, atomically, and leaves the rest alone. So the lease only saves work: two passes at
-//! once (a pass longer than the lease) still cannot double a job.
+//! moved for `grace` ([`Store::unfinished`]) and hands them to [`Housekeeping::restore`], which puts back exactly
+//! those the engine does not know, atomically, and leaves the rest alone. So the lease only saves work: two passes
+//! at once (a pass longer than the lease) still cannot double a job. The reconciler needs no more of the engine
+//! than [`Housekeeping`] (the lease and the restore).
 //!
 //! The grace period keeps the pass off jobs whose record is merely behind (the recorder lags) and off the
 //! in-between moments of a transition; the restore's own check is what makes it safe. This module must not
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferry_broker::{Broker, BrokerError};
+use ferry_broker::{BrokerError, Housekeeping};
 use ferry_core::{JobId, now_ms};
 use tokio_util::sync::CancellationToken;
 
@@ -71,14 +72,18 @@ pub enum ReconcileError {
 /// The reconciler of one process. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Reconciler {
-    broker: Arc<dyn Broker>,
+    broker: Arc<dyn Housekeeping>,
     store: Arc<dyn Store>,
     config: Arc<ReconcilerConfig>,
     stats: Arc<ReconcilerStats>,
 }
 
 impl Reconciler {
-    pub fn new(broker: Arc<dyn Broker>, store: Arc<dyn Store>, config: ReconcilerConfig) -> Self {
+    pub fn new(
+        broker: Arc<dyn Housekeeping>,
+        store: Arc<dyn Store>,
+        config: ReconcilerConfig,
+    ) -> Self {
         Self {
             broker,
             store,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferry_broker::{Broker, LogEntry, LogPosition, RECORDER_GROUP};
+use ferry_broker::{EventLog, LogEntry, LogPosition, RECORDER_GROUP};
 use ferry_core::breaker::{Breaker, BreakerConfig, BreakerState};
 use ferry_core::{Event, now_ms};
 use tokio_util::sync::CancellationToken;
@@ -192,7 +192,7 @@ pub struct RecorderStats {
 /// The recorder of one process. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    broker: Arc<dyn Broker>,
+    broker: Arc<dyn EventLog>,
     store: Arc<dyn Store>,
     config: Arc<RecorderConfig>,
     breaker: Breaker,
@@ -200,7 +200,7 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(broker: Arc<dyn Broker>, store: Arc<dyn Store>, config: RecorderConfig) -> Self {
+    pub fn new(broker: Arc<dyn EventLog>, store: Arc<dyn Store>, config: RecorderConfig) -> Self {
         let breaker = Breaker::new(config.breaker);
         Self {
             broker,
@@ -565,7 +565,7 @@ mod tests {
 
     #[test]
     fn metrics_are_read_at_scrape_time() {
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
+        let broker: Arc<dyn EventLog> = Arc::new(MemoryBroker::new(EngineConfig::default()));
         let r = Recorder::new(
             broker,
             Arc::new(MemoryStore::new()),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferry_broker::{Broker, BrokerError, Lease, Retry};
+use ferry_broker::{BrokerError, Lease, Leasing, Retry};
 use ferry_core::{Job, JobId, Kind};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -126,7 +126,8 @@ impl JobSlot {
 pub struct JobContext {
     job: Arc<Job>,
     slot: Arc<JobSlot>,
-    broker: Arc<dyn Broker>,
+    /// Only for [`progress`](Self::progress), the one engine call a handler makes.
+    broker: Arc<dyn Leasing>,
 }
 
 impl fmt::Debug for JobContext {
@@ -142,7 +143,12 @@ impl fmt::Debug for JobContext {
 impl JobContext {
     /// A context outside the runtime, to drive a handler directly (tests, embedding). `cancel` is the token
     /// [`cancelled`](Self::cancelled) returns.
-    pub fn new(job: Job, lease: Lease, broker: Arc<dyn Broker>, cancel: CancellationToken) -> Self {
+    pub fn new(
+        job: Job,
+        lease: Lease,
+        broker: Arc<dyn Leasing>,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             job: Arc::new(job),
             slot: Arc::new(JobSlot::new(
@@ -154,7 +160,7 @@ impl JobContext {
         }
     }
 
-    pub(crate) fn from_slot(job: Arc<Job>, slot: Arc<JobSlot>, broker: Arc<dyn Broker>) -> Self {
+    pub(crate) fn from_slot(job: Arc<Job>, slot: Arc<JobSlot>, broker: Arc<dyn Leasing>) -> Self {
         Self { job, slot, broker }
     }
 

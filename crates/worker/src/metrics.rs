@@ -1,5 +1,5 @@
 //! The worker's Prometheus metrics (names from `docs/metrics.md`): per (queue, kind) job counters and
-//! histograms, and per-queue gauges polled from [`Broker::stats`](ferry_broker::Broker::stats) every
+//! histograms, and per-queue gauges polled from [`Operations::stats`](ferry_broker::Operations::stats) every
 //! [`WorkerConfig::queue_metrics_interval`](crate::WorkerConfig::queue_metrics_interval).
 //!
 //! Counting is cheap on the job path: each (queue, kind) pair resolves its labelled children once and caches

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferry_broker::Broker;
+use ferry_broker::{Broker, Operations};
 use ferry_store::Store;
 use ferry_store::reconciler::{Reconciler, ReconcilerConfig};
 use ferry_store::recorder::{Recorder, RecorderConfig};
@@ -216,7 +216,7 @@ pub fn report_held(monitor: &WorkerMonitor, deadline: Duration) {
 }
 
 struct WorkerReadiness {
-    broker: Arc<dyn Broker>,
+    broker: Arc<dyn Operations>,
     store: Option<Arc<dyn Store>>,
     worker: WorkerMonitor,
     budget: Duration,

@@ -1,4 +1,4 @@
-//! The feed of every job event ([`Broker::subscribe`]): one pub/sub connection per shard, merged, subscribed to
+//! The feed of every job event ([`EventFeed::subscribe`]): one pub/sub connection per shard, merged, subscribed to
 //! the partition channels (`PSUBSCRIBE ferry:ev:p:*`) and to `ferry:events` (the events of jobs enqueued by an
 //! older ferry, whose `m` carries no partition). Each event is published on exactly one of them; the queue
 //! channels (`ferry:ev:q:{…}`) carry the same events again and are left out. See [`super::topics`] for the
@@ -18,7 +18,7 @@
 //! Every (re)connect also reads the shard's epoch (see [`super::history`]) into the broker's cache, after the
 //! subscription is confirmed: events published on a Redis that lost its data carry the new epoch from then on.
 //!
-//! [`Broker::subscribe`]: crate::Broker::subscribe
+//! [`EventFeed::subscribe`]: crate::EventFeed::subscribe
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The durable event log as a consumer group reads it ([`Broker::read_log`](crate::Broker::read_log)): each
+//! The durable event log as a consumer group reads it ([`EventLog::read_log`](crate::EventLog::read_log)): each
 //! shard's `ferry:events` stream, read with XREADGROUP, acknowledged with XACK, dead readers' entries taken
 //! over with XAUTOCLAIM. The recorder is the group's user; the log's trimming (see `maintain`) keeps every
 //! entry the group has not acknowledged, up to the hard cap `EngineConfig::event_stream_max`.

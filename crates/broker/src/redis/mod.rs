@@ -13,8 +13,8 @@
 //!   undelivered entry, once older than the finished-job retention; a completed job's record points into its
 //!   entry until then.
 //!
-//! Job events ([`Broker::subscribe`]): see [`events`]. Application channels ([`Broker::publish`],
-//! [`Broker::channels`]): see [`pubsub`].
+//! Job events ([`EventFeed::subscribe`]): see [`events`]. Application channels ([`PubSub::publish`],
+//! [`PubSub::channels`]): see [`pubsub`].
 //!
 //! Keys: see [`keys`]; record forms: `lua/prelude.lua`. Queues are placed on shards by [`ShardRing`]. Only
 //! standalone Redis shards are supported: per-shard keys (`ferry:events`) are touched by the same scripts as a
@@ -55,10 +55,11 @@ use self::scripts::{
     Loaded, Maintain, Progress, Promote, Publish, Reclaim, Release, ReleaseJob, Restore,
     RestoreJob, RetryDead, Scripts, Stats,
 };
+use crate::prelude::*;
 use crate::{
-    Broker, BrokerError, CancelOutcome, ChannelFeed, ChannelHistory, Completion, EngineConfig,
-    Enqueued, EventFilter, EventScope, EventStream, FailOutcome, Failure, HistoryEntry, JobFeed,
-    Lease, Leased, LogEntry, LogPosition, Missed, QueueStats, Reclaimed, Rejected, RetryOutcome,
+    BrokerError, CancelOutcome, ChannelFeed, ChannelHistory, Completion, EngineConfig, Enqueued,
+    EventFilter, EventScope, EventStream, FailOutcome, Failure, HistoryEntry, JobFeed, Lease,
+    Leased, LogEntry, LogPosition, Missed, QueueStats, Reclaimed, Rejected, RetryOutcome,
     ShardRing, StreamPos,
 };
 
@@ -862,7 +863,7 @@ fn positions(v: &[i64]) -> HashSet<usize> {
 }
 
 #[async_trait]
-impl Broker for RedisBroker {
+impl Jobs for RedisBroker {
     async fn enqueue(&self, queue: &QueueName, job: NewJob) -> Result<Enqueued, BrokerError> {
         job.validate(&Limits::default())?;
         let keys = QueueKeys::new(queue);
@@ -895,6 +896,56 @@ impl Broker for RedisBroker {
         Ok(out)
     }
 
+    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError> {
+        let Some((queue, record)) = self.locate(id).await? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let (hint_p, hint_eid) = match record {
+            Record::Queued { p, eid } => (p.to_string(), eid),
+            _ => (String::new(), String::new()),
+        };
+        let keys = QueueKeys::new(&queue);
+        let inv = Cancel {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            sched_key: &keys.sched,
+            fin_key: &keys.fin,
+            events_key: EVENTS,
+            id: &id.to_string(),
+            evmax: self.evmax(),
+            hint_p: &hint_p,
+            hint_eid: &hint_eid,
+            by: &actor_arg(by),
+        }
+        .invoke(&self.scripts);
+        let v: Vec<String> = inv
+            .invoke_async(&mut self.conn(&queue))
+            .await
+            .map_err(redis_err)?;
+        Ok(match v.first().map(String::as_str) {
+            Some("ok") => CancelOutcome::Cancelled(match v.get(1).map(String::as_str) {
+                Some("active") => JobState::Active,
+                Some("scheduled") => JobState::Scheduled,
+                Some("retrying") => JobState::Retrying,
+                _ => JobState::Queued,
+            }),
+            Some("final") => CancelOutcome::AlreadyFinal(Record::state_from_letter(
+                v.get(1).map(String::as_str).unwrap_or(""),
+            )),
+            _ => CancelOutcome::NotFound,
+        })
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
+        match self.locate(id).await? {
+            Some((queue, record)) => self.info(&queue, record).await,
+            None => Ok(None),
+        }
+    }
+}
+
+#[async_trait]
+impl Leasing for RedisBroker {
     async fn claim(
         &self,
         queue: &QueueName,
@@ -1196,47 +1247,10 @@ impl Broker for RedisBroker {
         }
         Ok(out)
     }
+}
 
-    async fn cancel(&self, id: JobId, by: Option<&str>) -> Result<CancelOutcome, BrokerError> {
-        let Some((queue, record)) = self.locate(id).await? else {
-            return Ok(CancelOutcome::NotFound);
-        };
-        let (hint_p, hint_eid) = match record {
-            Record::Queued { p, eid } => (p.to_string(), eid),
-            _ => (String::new(), String::new()),
-        };
-        let keys = QueueKeys::new(&queue);
-        let inv = Cancel {
-            streams: &keys.streams,
-            jobs_key: &keys.jobs,
-            sched_key: &keys.sched,
-            fin_key: &keys.fin,
-            events_key: EVENTS,
-            id: &id.to_string(),
-            evmax: self.evmax(),
-            hint_p: &hint_p,
-            hint_eid: &hint_eid,
-            by: &actor_arg(by),
-        }
-        .invoke(&self.scripts);
-        let v: Vec<String> = inv
-            .invoke_async(&mut self.conn(&queue))
-            .await
-            .map_err(redis_err)?;
-        Ok(match v.first().map(String::as_str) {
-            Some("ok") => CancelOutcome::Cancelled(match v.get(1).map(String::as_str) {
-                Some("active") => JobState::Active,
-                Some("scheduled") => JobState::Scheduled,
-                Some("retrying") => JobState::Retrying,
-                _ => JobState::Queued,
-            }),
-            Some("final") => CancelOutcome::AlreadyFinal(Record::state_from_letter(
-                v.get(1).map(String::as_str).unwrap_or(""),
-            )),
-            _ => CancelOutcome::NotFound,
-        })
-    }
-
+#[async_trait]
+impl Housekeeping for RedisBroker {
     async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<usize, BrokerError> {
         let keys = QueueKeys::new(queue);
         let inv = Promote {
@@ -1282,6 +1296,97 @@ impl Broker for RedisBroker {
         })
     }
 
+    async fn restore(&self, jobs: Vec<JobInfo>) -> Result<Vec<bool>, BrokerError> {
+        let mut out = vec![false; jobs.len()];
+        let mut by_queue: BTreeMap<&QueueName, Vec<usize>> = BTreeMap::new();
+        for (i, j) in jobs.iter().enumerate() {
+            by_queue.entry(&j.queue).or_default().push(i);
+        }
+        let now = now_ms();
+        for (queue, idx) in by_queue {
+            let keys = QueueKeys::new(queue);
+            for chunk in idx.chunks(SCRIPT_CHUNK) {
+                let mut inv = Restore {
+                    streams: &keys.streams,
+                    jobs_key: &keys.jobs,
+                    sched_key: &keys.sched,
+                    events_key: EVENTS,
+                    queues_key: QUEUES,
+                    queue: queue.as_str(),
+                    evmax: self.evmax(),
+                    n: chunk.len(),
+                    actor: &actor_arg(Some(crate::RESTORE_ACTOR)),
+                }
+                .invoke(&self.scripts);
+                for &i in chunk {
+                    push_restore(&mut inv, &jobs[i], now)?;
+                }
+                let restored: Vec<i64> = inv
+                    .invoke_async(&mut self.conn(queue))
+                    .await
+                    .map_err(redis_err)?;
+                for (k, r) in restored.into_iter().enumerate() {
+                    if let Some(&i) = chunk.get(k) {
+                        out[i] = r == 1;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let shard = &self.shards[self.ring.shard_for(name)];
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("ferry:lease:{name}"))
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut shard.conn.clone())
+            .await
+            .map_err(redis_err)?;
+        Ok(set.is_some())
+    }
+
+    async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
+        let keys = QueueKeys::new(queue);
+        let inv = Maintain {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            fin_key: &keys.fin,
+            retention_ms: self.config.finished_retention.as_millis() as u64,
+            batch: 1000,
+        }
+        .invoke(&self.scripts);
+        let _: i64 = inv
+            .invoke_async(&mut self.conn(queue))
+            .await
+            .map_err(redis_err)?;
+        // The event log: once the recorder has acknowledged entries they are trimmed (the hard cap on every
+        // XADD still bounds the log when nobody reads it).
+        let shard = self.shard(queue);
+        if let Some(floor) = log::group_floor(shard, crate::RECORDER_GROUP).await? {
+            let _: i64 = redis::cmd("XTRIM")
+                .arg(EVENTS)
+                .arg("MINID")
+                .arg("~")
+                .arg(&floor)
+                .query_async(&mut shard.conn.clone())
+                .await
+                .map_err(redis_err)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Operations for RedisBroker {
     async fn dead_letters(
         &self,
         queue: &QueueName,
@@ -1350,64 +1455,6 @@ impl Broker for RedisBroker {
             }
             _ => RetryOutcome::NotFound,
         })
-    }
-
-    async fn restore(&self, jobs: Vec<JobInfo>) -> Result<Vec<bool>, BrokerError> {
-        let mut out = vec![false; jobs.len()];
-        let mut by_queue: BTreeMap<&QueueName, Vec<usize>> = BTreeMap::new();
-        for (i, j) in jobs.iter().enumerate() {
-            by_queue.entry(&j.queue).or_default().push(i);
-        }
-        let now = now_ms();
-        for (queue, idx) in by_queue {
-            let keys = QueueKeys::new(queue);
-            for chunk in idx.chunks(SCRIPT_CHUNK) {
-                let mut inv = Restore {
-                    streams: &keys.streams,
-                    jobs_key: &keys.jobs,
-                    sched_key: &keys.sched,
-                    events_key: EVENTS,
-                    queues_key: QUEUES,
-                    queue: queue.as_str(),
-                    evmax: self.evmax(),
-                    n: chunk.len(),
-                    actor: &actor_arg(Some(crate::RESTORE_ACTOR)),
-                }
-                .invoke(&self.scripts);
-                for &i in chunk {
-                    push_restore(&mut inv, &jobs[i], now)?;
-                }
-                let restored: Vec<i64> = inv
-                    .invoke_async(&mut self.conn(queue))
-                    .await
-                    .map_err(redis_err)?;
-                for (k, r) in restored.into_iter().enumerate() {
-                    if let Some(&i) = chunk.get(k) {
-                        out[i] = r == 1;
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn try_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<bool, BrokerError> {
-        let shard = &self.shards[self.ring.shard_for(name)];
-        let set: Option<String> = redis::cmd("SET")
-            .arg(format!("ferry:lease:{name}"))
-            .arg(holder)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
-            .query_async(&mut shard.conn.clone())
-            .await
-            .map_err(redis_err)?;
-        Ok(set.is_some())
     }
 
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError> {
@@ -1518,13 +1565,25 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, BrokerError> {
-        match self.locate(id).await? {
-            Some((queue, record)) => self.info(&queue, record).await,
-            None => Ok(None),
+    async fn ping(&self) -> Result<(), BrokerError> {
+        for shard in &self.shards {
+            let _: String = redis::cmd("PING")
+                .query_async(&mut shard.conn.clone())
+                .await
+                .map_err(|e| {
+                    let e = shard.redactor.apply(&e.to_string());
+                    BrokerError::Unavailable(
+                        refusal::explain(Some(&shard.name), &e)
+                            .unwrap_or_else(|| format!("{}: {e}", shard.name)),
+                    )
+                })?;
         }
+        Ok(())
     }
+}
 
+#[async_trait]
+impl EventFeed for RedisBroker {
     async fn subscribe(&self) -> Result<EventStream, BrokerError> {
         // One task per shard, each reconnecting on its own: a shard whose connection drops must not end (or
         // silently drop out of) the merged stream. See [`events`].
@@ -1545,6 +1604,53 @@ impl Broker for RedisBroker {
         Ok(topics::feed(shards, self.ring.clone(), self.epochs.clone()))
     }
 
+    async fn events_missed(
+        &self,
+        scope: EventScope<'_>,
+        since: &StreamPos,
+        scan: usize,
+        keep: &EventFilter<'_>,
+    ) -> Result<Missed<Event>, BrokerError> {
+        let shard = match scope {
+            EventScope::Queue(q) => self.ring.shard_for(q.as_str()),
+            EventScope::All if self.shards.len() == 1 => 0,
+            // A subject's jobs may sit on any shard, and the shards' offsets are not one order.
+            EventScope::All => return Ok(Missed::lost(None)),
+        };
+        let (entries, meta) = self.read_missed(shard, EVENTS, since, scan).await?;
+        let read = history::parse_read(&entries, &meta)?;
+        self.epochs.set(shard, read.epoch.clone());
+        // The event log is never absent while events are written to it: a missing one was lost.
+        if !history::reaches_back(&read, since, self.history.ttl, false) {
+            return Ok(Missed::lost(Some(read.epoch)));
+        }
+        let entries = log::parse_entries(shard, read.entries)?;
+        if entries.len() > scan {
+            return Ok(Missed::lost(Some(read.epoch)));
+        }
+        let mut events: Vec<Event> = entries
+            .into_iter()
+            .flat_map(|e| e.events)
+            .filter(|e| keep(e))
+            .collect();
+        // Live subscribers never see the specs; neither do recovered ones.
+        for e in &mut events {
+            e.spec = None;
+        }
+        Ok(Missed {
+            entries: events,
+            recovered: true,
+            epoch: Some(read.epoch),
+        })
+    }
+
+    fn events_epoch(&self, queue: &QueueName) -> Option<String> {
+        self.epochs.get(self.ring.shard_for(queue.as_str()))
+    }
+}
+
+#[async_trait]
+impl PubSub for RedisBroker {
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         let shard = &self.shards[self.ring.shard_for(channel)];
         let inv = Publish {
@@ -1594,50 +1700,6 @@ impl Broker for RedisBroker {
         })
     }
 
-    async fn events_missed(
-        &self,
-        scope: EventScope<'_>,
-        since: &StreamPos,
-        scan: usize,
-        keep: &EventFilter<'_>,
-    ) -> Result<Missed<Event>, BrokerError> {
-        let shard = match scope {
-            EventScope::Queue(q) => self.ring.shard_for(q.as_str()),
-            EventScope::All if self.shards.len() == 1 => 0,
-            // A subject's jobs may sit on any shard, and the shards' offsets are not one order.
-            EventScope::All => return Ok(Missed::lost(None)),
-        };
-        let (entries, meta) = self.read_missed(shard, EVENTS, since, scan).await?;
-        let read = history::parse_read(&entries, &meta)?;
-        self.epochs.set(shard, read.epoch.clone());
-        // The event log is never absent while events are written to it: a missing one was lost.
-        if !history::reaches_back(&read, since, self.history.ttl, false) {
-            return Ok(Missed::lost(Some(read.epoch)));
-        }
-        let entries = log::parse_entries(shard, read.entries)?;
-        if entries.len() > scan {
-            return Ok(Missed::lost(Some(read.epoch)));
-        }
-        let mut events: Vec<Event> = entries
-            .into_iter()
-            .flat_map(|e| e.events)
-            .filter(|e| keep(e))
-            .collect();
-        // Live subscribers never see the specs; neither do recovered ones.
-        for e in &mut events {
-            e.spec = None;
-        }
-        Ok(Missed {
-            entries: events,
-            recovered: true,
-            epoch: Some(read.epoch),
-        })
-    }
-
-    fn events_epoch(&self, queue: &QueueName) -> Option<String> {
-        self.epochs.get(self.ring.shard_for(queue.as_str()))
-    }
-
     async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
         let shards = self
             .shards
@@ -1654,53 +1716,10 @@ impl Broker for RedisBroker {
     fn membership(&self) -> Option<&dyn crate::Membership> {
         Some(self)
     }
+}
 
-    async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
-        let keys = QueueKeys::new(queue);
-        let inv = Maintain {
-            streams: &keys.streams,
-            jobs_key: &keys.jobs,
-            fin_key: &keys.fin,
-            retention_ms: self.config.finished_retention.as_millis() as u64,
-            batch: 1000,
-        }
-        .invoke(&self.scripts);
-        let _: i64 = inv
-            .invoke_async(&mut self.conn(queue))
-            .await
-            .map_err(redis_err)?;
-        // The event log: once the recorder has acknowledged entries they are trimmed (the hard cap on every
-        // XADD still bounds the log when nobody reads it).
-        let shard = self.shard(queue);
-        if let Some(floor) = log::group_floor(shard, crate::RECORDER_GROUP).await? {
-            let _: i64 = redis::cmd("XTRIM")
-                .arg(EVENTS)
-                .arg("MINID")
-                .arg("~")
-                .arg(&floor)
-                .query_async(&mut shard.conn.clone())
-                .await
-                .map_err(redis_err)?;
-        }
-        Ok(())
-    }
-
-    async fn ping(&self) -> Result<(), BrokerError> {
-        for shard in &self.shards {
-            let _: String = redis::cmd("PING")
-                .query_async(&mut shard.conn.clone())
-                .await
-                .map_err(|e| {
-                    let e = shard.redactor.apply(&e.to_string());
-                    BrokerError::Unavailable(
-                        refusal::explain(Some(&shard.name), &e)
-                            .unwrap_or_else(|| format!("{}: {e}", shard.name)),
-                    )
-                })?;
-        }
-        Ok(())
-    }
-
+#[async_trait]
+impl EventLog for RedisBroker {
     fn log_shards(&self) -> usize {
         self.shards.len()
     }

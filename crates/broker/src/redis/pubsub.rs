@@ -13,9 +13,9 @@
 //!
 //! Each shard's channels are held by its task of [`super::subscriber`] (reconnects, resubscription, PING).
 //! Messages published while it was disconnected are lost: pub/sub is at most once, and so is the contract of
-//! [`Broker::publish`].
+//! [`PubSub::publish`].
 //!
-//! [`Broker::publish`]: crate::Broker::publish
+//! [`PubSub::publish`]: crate::PubSub::publish
 
 use std::collections::HashSet;
 

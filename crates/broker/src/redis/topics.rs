@@ -1,4 +1,4 @@
-//! The controllable job event feed ([`Broker::job_feed`]): job events of the topics a node watches.
+//! The controllable job event feed ([`EventFeed::job_feed`]): job events of the topics a node watches.
 //!
 //! Every script call publishes its events (see `lua/prelude.lua`, `emit`) on
 //!
@@ -12,7 +12,7 @@
 //! (reconnects, resubscription, PING; events published while a shard is disconnected are lost). Every
 //! (re)connect also reads that shard's epoch.
 //!
-//! [`Broker::job_feed`]: crate::Broker::job_feed
+//! [`EventFeed::job_feed`]: crate::EventFeed::job_feed
 
 use std::collections::HashSet;
 

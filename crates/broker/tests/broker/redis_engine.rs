@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_broker::{Broker, Completion, EngineConfig, RedisBroker};
+use ferry_broker::{Completion, EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::RedisServer;
 use serde_json::json;

@@ -1,7 +1,7 @@
 //! Redis refusing a client, provoked on real servers (ferry-testkit): the error names the cause and the fix
 //! instead of the driver's `broken pipe` / `NOAUTH` / `AuthenticationFailed` wording.
 
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::RedisServer;
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_broker::{Broker, Completion, EngineConfig, RedisBroker, RedisOptions, RedisTls};
+use ferry_broker::{Completion, EngineConfig, RedisBroker, RedisOptions, RedisTls, prelude::*};
 use ferry_core::{EventType, Kind, NewJob, QueueName};
 use ferry_testkit::{RedisServer, TestCerts};
 use futures::StreamExt;

@@ -1,13 +1,13 @@
-//! The controllable job event feed on Redis ([`Broker::job_feed`]): a feed gets the events of the partitions and
+//! The controllable job event feed on Redis ([`EventFeed::job_feed`]): a feed gets the events of the partitions and
 //! queues it watches and nothing else, jobs enqueued by an older ferry (no partition in `m`) still reach it
-//! through the legacy topic, [`Broker::subscribe`] still gets every event exactly once, and a reconnect watches
+//! through the legacy topic, [`EventFeed::subscribe`] still gets every event exactly once, and a reconnect watches
 //! everything again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_broker::placement::partition_of;
-use ferry_broker::{Broker, Completion, EngineConfig, FedEvent, RedisBroker, Topic, Via};
+use ferry_broker::{Completion, EngineConfig, FedEvent, RedisBroker, Topic, Via, prelude::*};
 use ferry_core::{Event, EventType, JobId, Kind, NewJob, QueueName};
 use ferry_testkit::RedisServer;
 use futures::{Stream, StreamExt};

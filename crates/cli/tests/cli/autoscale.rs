@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use ferry_autoscaler::Actuator;
 use ferry_autoscaler::actuator::{Held, Local};
 use ferry_autoscaler::config::{ActuatorConfig, RegionsFile};
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::{RedisServer, free_port};
 use serde_json::json;

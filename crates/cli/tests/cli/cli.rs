@@ -4,7 +4,7 @@
 use std::process::Output;
 
 use anyhow::Result;
-use ferry_broker::Broker;
+use ferry_broker::prelude::*;
 use ferry_core::{JobId, JobState, Priority, QueueName};
 
 use crate::support;

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ferry_broker::{Broker, EngineConfig, NodeInfo, RedisBroker};
+use ferry_broker::{EngineConfig, NodeInfo, RedisBroker, prelude::*};
 use ferry_testkit::{RedisServer, free_port};
 use serde_json::Value;
 

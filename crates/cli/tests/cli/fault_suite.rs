@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{JobId, Kind, NewJob, QueueName};
 use ferry_testkit::{Netns, NetnsError, PostgresServer, RedisServer};
 use serde_json::json;

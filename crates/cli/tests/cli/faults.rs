@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Result;
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::RedisServer;
 use serde_json::json;

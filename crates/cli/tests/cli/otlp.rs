@@ -373,7 +373,7 @@ fn bad_endpoint_and_bad_log_filter_exit_64_naming_the_setting() {
 /// exit's own flush can have sent them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_exiting_at_its_deadline_still_sends_its_finished_spans() {
-    use ferry_broker::{Broker, EngineConfig, RedisBroker};
+    use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
     use ferry_core::{JobState, Kind, NewJob, QueueName};
 
     let (endpoint, received) = receiver().await;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{EventType, JobId, Kind, NewJob, QueueName};
 use ferry_testkit::{Netns, NetnsError, RedisServer};
 use futures::StreamExt;

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::{PostgresServer, RedisServer, free_port};
 use serde_json::{Value, json};

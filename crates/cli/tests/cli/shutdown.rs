@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ferry_broker::Broker;
+use ferry_broker::prelude::*;
 use ferry_core::{JobId, JobState, Kind, NewJob, QueueName};
 use ferry_testkit::{RedisServer, free_port};
 use futures::StreamExt;

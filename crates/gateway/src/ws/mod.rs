@@ -2,9 +2,9 @@
 //! messages out to this node's connections.
 //!
 //! The hub consumes two feeds from the broker: the job lifecycle events of the topics this node watches
-//! ([`Broker::job_feed`]) and the application channels this node's clients subscribed to ([`Broker::channels`],
-//! one broker subscription per channel per node, taken on the first local subscriber and dropped after the
-//! last). Each message is routed
+//! ([`EventFeed::job_feed`]) and the application channels this node's clients subscribed to
+//! ([`PubSub::channels`], one broker subscription per channel per node, taken on the first local subscriber and
+//! dropped after the last). Each message is routed
 //! through per-channel subscriber sets and handed to each connection's bounded send queue with `try_send`: the
 //! hub never waits for a connection, and a connection whose queue is full is closed with 4009 (slow consumer).
 //!
@@ -83,9 +83,14 @@
 //!
 //! The hub holds one subscription of its own, kept open, on node-private application channels
 //! `ferry.canary.<node>.<k>`: one channel per shard when the engine says which shard carries a channel
-//! ([`Broker::channel_shard`]), one channel otherwise. [`Hub::probe_pubsub`] publishes a unique payload on each
-//! through [`Broker::publish`] and waits for it to come back through this node's channel feed, the same feed
+//! ([`PubSub::channel_shard`]), one channel otherwise. [`Hub::probe_pubsub`] publishes a unique payload on each
+//! through [`PubSub::publish`] and waits for it to come back through this node's channel feed, the same feed
 //! that serves clients, so a silently stuck subscription makes the node unready. Concurrent probes share one.
+//!
+//! [`EventFeed::job_feed`]: ferry_broker::EventFeed::job_feed
+//! [`PubSub::channels`]: ferry_broker::PubSub::channels
+//! [`PubSub::channel_shard`]: ferry_broker::PubSub::channel_shard
+//! [`PubSub::publish`]: ferry_broker::PubSub::publish
 
 pub mod conn;
 mod outbox;

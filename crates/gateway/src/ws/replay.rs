@@ -4,7 +4,7 @@
 //! Every pushed channel frame carries `offset` (rising within the channel) and `epoch` (changes when the
 //! channel's history was lost). A client that comes back gives the last position it saw; the gateway
 //! subscribes it first with its live frames *held*, reads what the channel missed from the broker
-//! ([`Broker::channel_missed`] for `app:`, [`Broker::events_missed`] for `user:`, `job:` and `queue:`), then,
+//! ([`PubSub::channel_missed`] for `app:`, [`EventFeed::events_missed`] for `user:`, `job:` and `queue:`), then,
 //! under the hub's lock, queues the missed frames in order, then the held live frames except those at or below
 //! the last position replayed (they were in the history too). The live feed can lag behind the history read
 //! (another connection), so live frames at or below that position are still dropped after the replay, until the
@@ -16,8 +16,8 @@
 //! several Redis shards, or the broker did not answer): then nothing is replayed and the client refetches over
 //! HTTP. A replay is bounded by half the connection's send queue, so it never makes a slow consumer by itself.
 //!
-//! [`Broker::channel_missed`]: ferry_broker::Broker::channel_missed
-//! [`Broker::events_missed`]: ferry_broker::Broker::events_missed
+//! [`PubSub::channel_missed`]: ferry_broker::PubSub::channel_missed
+//! [`EventFeed::events_missed`]: ferry_broker::EventFeed::events_missed
 
 use std::sync::Arc;
 use std::time::Duration;

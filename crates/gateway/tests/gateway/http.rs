@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_broker::prelude::*;
 use ferry_broker::redis::RedisOptions;
-use ferry_broker::{Broker, Completion, EngineConfig, MemoryBroker, RedisBroker};
+use ferry_broker::{Completion, EngineConfig, MemoryBroker, RedisBroker};
 use ferry_core::QueueName;
 use ferry_testkit::RedisServer;
 use reqwest::{Method, StatusCode};

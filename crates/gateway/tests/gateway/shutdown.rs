@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_broker::{Broker, EngineConfig, MemoryBroker, RedisBroker};
+use ferry_broker::prelude::*;
+use ferry_broker::{EngineConfig, MemoryBroker, RedisBroker};
 use ferry_gateway::auth::{AuthConfig, MintClaims, mint};
 use ferry_gateway::{Gateway, GatewayConfig};
 use ferry_testkit::RedisServer;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use ferry_broker::{Broker, EngineConfig, MemoryBroker};
+use ferry_broker::{EngineConfig, MemoryBroker, prelude::*};
 use ferry_core::JobId;
 use serde_json::json;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ferry_broker::{Broker, EngineConfig, RECORDER_GROUP, RedisBroker};
+use ferry_broker::{EngineConfig, RECORDER_GROUP, RedisBroker, prelude::*};
 use ferry_core::{Kind, NewJob, QueueName};
 use ferry_store::recorder::{Recorder, RecorderConfig};
 use ferry_store::{MemoryStore, Store};

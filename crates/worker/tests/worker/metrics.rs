@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_broker::prelude::*;
 use ferry_broker::redis::RedisOptions;
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{EngineConfig, RedisBroker};
 use ferry_core::JobState;
 use ferry_testkit::RedisServer;
 use ferry_testkit::faulty::{Fault, FaultyBroker, Method};

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
-use ferry_broker::Broker;
+use ferry_broker::prelude::*;
 use ferry_core::{EventType, JobState, Kind};
 use ferry_testkit::faulty::{Fault, FaultyBroker, Method};
 use ferry_worker::{HandlerRegistry, JobError, Worker, WorkerConfig, WorkerError, handler_fn};
