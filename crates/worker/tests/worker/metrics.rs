@@ -287,9 +287,9 @@ async fn build_refuses_a_recorder_that_breaks_a_rule() {
         store: Some(Arc::new(ferry_store::MemoryStore::new())),
         registry: ferry_telemetry::metrics::registry(),
     };
-    let err = WorkerNode::build(config, HandlerRegistry::with_builtins(), deps)
-        .err()
-        .expect("refused");
+    let Err(err) = WorkerNode::build(config, HandlerRegistry::with_builtins(), deps) else {
+        panic!("a recorder with no writers was accepted");
+    };
     assert_eq!(
         err.to_string(),
         "invalid worker config: recorder writers: must be at least 1"
