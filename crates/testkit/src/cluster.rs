@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::{PostgresServer, RedisServer};
+use crate::{PostgresServer, RedisServer, eventually};
 
 /// The HS256 secret every gateway of a test cluster verifies tokens with.
 pub const SECRET: &[u8] = b"ferry-testkit-cluster-secret-0123456789";
@@ -526,32 +526,5 @@ impl Session {
                 _ => {}
             }
         }
-    }
-}
-
-/// Poll `check` every 20 ms until it yields `Some`, for at most `within`; the error names `what`. The one
-/// "eventually" of the tests that use this crate.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    let mut last_error = None;
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_error = Some(e),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            match last_error {
-                Some(e) => {
-                    bail!("timed out after {within:?} waiting for {what} (last error: {e:#})")
-                }
-                None => bail!("timed out after {within:?} waiting for {what}"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferry_broker::{Broker, EngineConfig, NodeInfo, RedisBroker};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::{RedisServer, eventually, free_port};
 use serde_json::Value;
 
-use crate::support::{self, Proc, ferry, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, until_ready};
 
 const SECRET: &str = "cluster-test-secret-cluster-test-secret!";
 
@@ -83,12 +83,12 @@ async fn killed_gateways_expire_and_stopped_ones_drain_then_leave() -> Result<()
         Duration::from_secs(30),
     )
     .await?;
-    wait_for(
+    eventually(
         Duration::from_secs(15),
         "both gateways listed and ready",
         || async {
             let m = members(&broker).await;
-            Ok(m.len() == 2 && m.iter().all(|n| n.ready && !n.draining))
+            Ok((m.len() == 2 && m.iter().all(|n| n.ready && !n.draining)).then_some(()))
         },
     )
     .await?;
@@ -113,10 +113,10 @@ async fn killed_gateways_expire_and_stopped_ones_drain_then_leave() -> Result<()
     let killed = Instant::now();
     b.kill9();
     assert!(members(&broker).await.iter().any(|n| n.id == b_info.id));
-    wait_for(
+    eventually(
         Duration::from_secs(15),
         "the killed gateway expired",
-        || async { Ok(!members(&broker).await.iter().any(|n| n.id == b_info.id)) },
+        || async { Ok((!members(&broker).await.iter().any(|n| n.id == b_info.id)).then_some(())) },
     )
     .await?;
     assert!(
@@ -128,14 +128,15 @@ async fn killed_gateways_expire_and_stopped_ones_drain_then_leave() -> Result<()
     // SIGTERM: draining at once (within the 2 s drain delay), listed through the drain, gone after exit.
     let stopped = Instant::now();
     a.sigterm()?;
-    wait_for(
+    eventually(
         Duration::from_secs(10),
         "the stopping gateway announced draining",
         || async {
-            Ok(members(&broker)
+            Ok((members(&broker)
                 .await
                 .iter()
                 .any(|n| n.id == a_info.id && n.draining && !n.ready))
+            .then_some(()))
         },
     )
     .await?;
@@ -199,7 +200,7 @@ async fn a_gateway_process_shows_itself_in_v1_cluster() -> Result<()> {
     until_ready(&http, &base, Duration::from_secs(30)).await?;
     let admin = support::token(SECRET, "ops", &["admin"], Duration::from_secs(600));
     let last = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
-    let seen = wait_for(Duration::from_secs(10), "itself listed, ready", || {
+    let seen = eventually(Duration::from_secs(10), "itself listed, ready", || {
         let (http, base, admin, last) = (http.clone(), base.clone(), admin.clone(), last.clone());
         async move {
             let v: Value = http
@@ -211,7 +212,7 @@ async fn a_gateway_process_shows_itself_in_v1_cluster() -> Result<()> {
                 .await?;
             let ok = v["nodes"][0]["self"] == true && v["nodes"][0]["ready"] == true;
             *last.lock().unwrap() = v;
-            Ok(ok)
+            Ok(ok.then_some(()))
         }
     })
     .await;

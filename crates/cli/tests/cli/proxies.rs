@@ -18,12 +18,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::{RedisServer, eventually, free_port};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{self, Proc, ferry, read, repo, token, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, read, repo, token, until_ready};
 
 const SECRET: &str = "haproxy-test-secret-haproxy-test-secret-0123";
 
@@ -249,12 +249,12 @@ async fn haproxy_hashes_subjects_with_bounded_loads_and_skips_draining_gateways(
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let _haproxy = Proc::spawn_logged(&mut cmd)?;
-    wait_for(Duration::from_secs(20), "HAProxy answers", || async {
+    eventually(Duration::from_secs(20), "HAProxy answers", || async {
         let r = http
             .get(format!("http://{front}/haproxy/healthz"))
             .send()
             .await;
-        Ok(matches!(r, Ok(ref r) if r.status().is_success()))
+        Ok((matches!(r, Ok(ref r) if r.status().is_success())).then_some(()))
     })
     .await?;
     // `rise 2` × `inter 2 s`: every server is up after its first two checks.
@@ -294,14 +294,11 @@ async fn haproxy_hashes_subjects_with_bounded_loads_and_skips_draining_gateways(
     // Drain gateway 0: /readyz turns 503 and HAProxy stops sending it clients, while its sockets stay.
     let held = connections(&http, &gws[0].base).await?;
     gws[0].proc.sigterm()?;
-    wait_for(
+    eventually(
         Duration::from_secs(10),
         "gateway 0 reports draining",
         || async {
-            Ok(matches!(
-                support::readyz(&http, &gws[0].base).await,
-                Ok((503, _))
-            ))
+            Ok((matches!(support::readyz(&http, &gws[0].base).await, Ok((503, _)))).then_some(()))
         },
     )
     .await?;

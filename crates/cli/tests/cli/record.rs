@@ -6,20 +6,18 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{Kind, NewJob, QueueName};
-use ferry_testkit::{PostgresServer, RedisServer, free_port};
+use ferry_testkit::{PostgresServer, RedisServer, eventually, free_port};
 use serde_json::{Value, json};
 
 use crate::support::{
     self, Proc, completions_total, count_completions, enqueue_many, ferry, migrated_database,
-    until_healthy, wait_for_every,
+    until_healthy,
 };
 
 const SECRET: &str = "record-test-secret-0123456789abcdef";
-/// How often the waits poll: most checks run `psql`.
-const POLL: Duration = Duration::from_millis(250);
 
 /// A `ferry` child process whose stderr goes to a file (read by the test, printed if it fails).
 fn spawn(args: &[&str]) -> Result<Proc> {
@@ -82,11 +80,14 @@ impl Cluster {
     /// Waits (up to `within`) until `jobs` jobs are completed in PostgreSQL with three events each, lets any
     /// straggling redelivery land, then checks them with [`Cluster::assert_recorded_exactly`].
     async fn until_recorded(&self, jobs: u64, within: Duration, what: &str) -> Result<()> {
-        wait_for_every(POLL, within, what, || async {
-            Ok(
-                self.count("select count(*) from jobs where state = 'completed'")? == jobs
-                    && self.count("select count(*) from job_events")? == jobs * 3,
-            )
+        eventually(within, what, || async {
+            let completed = self.count("select count(*) from jobs where state = 'completed'")?;
+            let events = self.count("select count(*) from job_events")?;
+            ensure!(
+                completed == jobs && events == jobs * 3,
+                "{completed} completed jobs and {events} events recorded"
+            );
+            Ok(Some(()))
         })
         .await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -189,14 +190,14 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
     // transaction) held off pruning, which a loaded CI machine makes longer: 90 % failed there once, so the bar
     // is 75 %, still far from what a wrong index gives.
     let seen = std::cell::RefCell::new(String::new());
-    let hot = wait_for_every(POLL, Duration::from_secs(15), "HOT updates of jobs rows", || async {
+    let hot = eventually(Duration::from_secs(15), "HOT updates of jobs rows", || async {
         let row = c.sql(
             "select n_tup_upd || ' ' || n_tup_hot_upd from pg_stat_user_tables where relname = 'jobs'",
         )?;
         let (upd, hot) = row.split_once(' ').context("two counts")?;
         let (upd, hot): (f64, f64) = (upd.parse()?, hot.parse()?);
         *seen.borrow_mut() = format!("{hot} of {upd} updates HOT");
-        Ok(upd > 0.0 && hot >= 0.75 * upd)
+        Ok((upd > 0.0 && hot >= 0.75 * upd).then_some(()))
     })
     .await;
     eprintln!("jobs: {}", seen.borrow());
@@ -273,8 +274,8 @@ async fn postgres_outage_of_thirty_seconds_loses_nothing() -> Result<()> {
             anyhow::Ok(sent)
         })
     };
-    wait_for_every(POLL, Duration::from_secs(30), "the first rows", || async {
-        Ok(c.count("select count(*) from jobs where state = 'completed'")? > 0)
+    eventually(Duration::from_secs(30), "the first rows", || async {
+        Ok((c.count("select count(*) from jobs where state = 'completed'")? > 0).then_some(()))
     })
     .await?;
 
@@ -332,8 +333,7 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
     let total = 2000u64;
     enqueue_many(&broker, &q, 2000, noop()).await?;
     // The victim's recorder has read entries and sits on them.
-    wait_for_every(
-        POLL,
+    eventually(
         Duration::from_secs(60),
         "the victim to hold log entries",
         || async {
@@ -346,7 +346,10 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
                 "10",
                 "victim",
             ])?;
-            Ok(!pending.trim().is_empty() && completions_total(&completed) == total)
+            Ok(
+                (!pending.trim().is_empty() && completions_total(&completed) == total)
+                    .then_some(()),
+            )
         },
     )
     .await?;
@@ -412,11 +415,11 @@ async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()
 
     c.pg.stop()?;
     for base in [&gw, &admin] {
-        wait_for_every(POLL, Duration::from_secs(30), "postgres seen down", || {
+        eventually(Duration::from_secs(30), "postgres seen down", || {
             let http = &http;
             async move {
                 let (_, body) = support::readyz(http, base).await?;
-                Ok(body["checks"]["postgres"]["ok"] == false)
+                Ok((body["checks"]["postgres"]["ok"] == false).then_some(()))
             }
         })
         .await?;
@@ -458,15 +461,10 @@ async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()
 
     c.redis.stop()?;
     for base in [&gw, &admin] {
-        wait_for_every(
-            POLL,
-            Duration::from_secs(30),
-            "unready without redis",
-            || {
-                let http = &http;
-                async move { Ok(support::readyz(http, base).await?.0 == 503) }
-            },
-        )
+        eventually(Duration::from_secs(30), "unready without redis", || {
+            let http = &http;
+            async move { Ok((support::readyz(http, base).await?.0 == 503).then_some(())) }
+        })
         .await?;
         let (_, body) = support::readyz(&http, base).await?;
         assert_eq!(body["status"], "unready", "{base}: {body}");

@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::{RedisServer, eventually, free_port};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{self, Proc, ferry, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, until_ready};
 
 const SECRET: &str = "scale-out-test-secret-scale-out-test-secret";
 const CLIENTS: usize = 3_000;
@@ -281,10 +281,10 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    wait_for(
+    eventually(
         Duration::from_secs(60),
         "every client subscribed",
-        || async { Ok(shared.subscribed.load(Ordering::SeqCst) == CLIENTS) },
+        || async { Ok((shared.subscribed.load(Ordering::SeqCst) == CLIENTS).then_some(())) },
     )
     .await?;
     let three = connections(&http, &addrs[..3]).await;
@@ -376,16 +376,16 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
     let moves_before_kill = shared.moves.lock().unwrap().len();
     let killed = Instant::now();
     gateways[1].kill9();
-    wait_for(
+    eventually(
         Duration::from_secs(5),
         "the killed gateway's clients noticed",
-        || async { Ok(shared.subscribed.load(Ordering::SeqCst) < CLIENTS) },
+        || async { Ok((shared.subscribed.load(Ordering::SeqCst) < CLIENTS).then_some(())) },
     )
     .await?;
-    wait_for(
+    eventually(
         Duration::from_secs(15).saturating_sub(killed.elapsed()),
         "every client back within 15 s of the kill",
-        || async { Ok(shared.subscribed.load(Ordering::SeqCst) == CLIENTS) },
+        || async { Ok((shared.subscribed.load(Ordering::SeqCst) == CLIENTS).then_some(())) },
     )
     .await?;
     let back_after = killed.elapsed();
@@ -413,14 +413,15 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
     stop_publisher.cancel();
     let published = publisher.await??;
     ensure!(published > 0, "nothing published");
-    wait_for(
+    eventually(
         Duration::from_secs(30),
         "every client received every message",
         || async {
-            Ok(shared
+            Ok((shared
                 .received
                 .iter()
                 .all(|r| r.load(Ordering::SeqCst) >= published as usize))
+            .then_some(()))
         },
     )
     .await?;

@@ -8,19 +8,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{JobId, JobState, Kind, NewJob, QueueName};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::{RedisServer, eventually, free_port};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{
     self, Proc, assert_completed_once, count_completions, enqueue_many, ferry, readyz,
-    redis_and_broker, states, until_drained, until_ready, wait_for_every,
+    redis_and_broker, states, until_drained, until_ready,
 };
 
 const SECRET: &str = "shutdown-test-secret-shutdown-test-secret";
-/// How often the waits poll: the tests time what happens after a signal.
-const POLL: Duration = Duration::from_millis(20);
 
 /// A `ferry` child process, its log inherited, so the test runner shows it next to a failure.
 fn spawn(args: &[&str]) -> Result<Proc> {
@@ -265,8 +263,8 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
     let mut first = worker(&["--concurrency", "50", "--drain-timeout-ms", "20000"])?;
     let mut second = worker(&["--concurrency", "50"])?;
     // Mid-load: some jobs done, plenty still waiting.
-    wait_for_every(POLL, Duration::from_secs(30), "100 completions", || async {
-        Ok(completed.lock().unwrap().len() >= 100)
+    eventually(Duration::from_secs(30), "100 completions", || async {
+        Ok((completed.lock().unwrap().len() >= 100).then_some(()))
     })
     .await?;
     first.sigterm()?;
@@ -320,8 +318,8 @@ async fn sigterm_dev_runs_jobs_accepted_during_the_drain_delay() -> Result<()> {
     let http = reqwest::Client::new();
     until_ready(&http, &base, Duration::from_secs(30)).await?;
     dev.sigterm()?;
-    wait_for_every(POLL, Duration::from_secs(5), "readyz 503", || async {
-        Ok(readyz(&http, &base).await.map(|(s, _)| s).ok() == Some(503))
+    eventually(Duration::from_secs(5), "readyz 503", || async {
+        Ok((readyz(&http, &base).await.map(|(s, _)| s).ok() == Some(503)).then_some(()))
     })
     .await?;
     let t = token();
@@ -376,12 +374,9 @@ async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() ->
         ],
         log,
     )?;
-    wait_for_every(
-        POLL,
-        Duration::from_secs(20),
-        "the job to start",
-        || async { Ok(broker.stats(&q).await?.active == 1) },
-    )
+    eventually(Duration::from_secs(20), "the job to start", || async {
+        Ok((broker.stats(&q).await?.active == 1).then_some(()))
+    })
     .await?;
     let pid = redis.pid().context("redis pid")?.to_string();
     let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status();

@@ -6,10 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ferry_testkit::{PostgresServer, RedisServer, free_port};
+use ferry_testkit::{PostgresServer, RedisServer, eventually, free_port};
 use serde_json::{Value, json};
 
-use crate::support::{Proc, ferry, read, submit, token, until_completed, until_ready, wait_for};
+use crate::support::{Proc, ferry, read, submit, token, until_completed, until_ready};
 
 const SECRET: &str = "topology-test-secret-topology-test-secret";
 
@@ -176,7 +176,7 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
         .await?;
     }
     // The recorders wrote every job: the durable listing holds all 200, completed.
-    wait_for(Duration::from_secs(30), "200 recorded jobs", || async {
+    eventually(Duration::from_secs(30), "200 recorded jobs", || async {
         let page: Value = http
             .get(format!(
                 "{}/v1/jobs?queue=default&state=completed&limit=500",
@@ -187,7 +187,7 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
             .await?
             .json()
             .await?;
-        Ok(page["jobs"].as_array().map_or(0, Vec::len) == 200)
+        Ok((page["jobs"].as_array().map_or(0, Vec::len) == 200).then_some(()))
     })
     .await?;
 

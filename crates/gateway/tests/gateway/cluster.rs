@@ -9,14 +9,14 @@ use std::time::Duration;
 use ferry_broker::placement::{Placement, partition_of};
 use ferry_broker::{Broker, EngineConfig, NodeInfo, RedisBroker};
 use ferry_gateway::{Gateway, GatewayConfig};
-use ferry_testkit::RedisServer;
+use ferry_testkit::{RedisServer, eventually};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{self, ADMIN, TestApp, USER, eventually, is_problem, token};
+use crate::support::{self, ADMIN, TestApp, USER, is_problem, token};
 
 async fn broker(redis: &RedisServer) -> Arc<dyn Broker> {
     Arc::new(
@@ -67,10 +67,11 @@ async fn cluster_lists_every_live_gateway_for_admins_only() {
         || async {
             let v = cluster(&a).await;
             let n = v["nodes"].as_array().unwrap();
-            (n.len() == 2 && n.iter().all(|n| n["ready"] == true)).then_some(v)
+            Ok((n.len() == 2 && n.iter().all(|n| n["ready"] == true)).then_some(v))
         },
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         ids(&v),
         BTreeMap::from([("gw-a".into(), true), ("gw-b".into(), false)])
@@ -115,10 +116,11 @@ async fn cluster_lists_every_live_gateway_for_admins_only() {
                 .iter()
                 .find(|n| n["id"] == "gw-a")
                 .cloned();
-            n.filter(|n| n["connections"] == 1).map(|_| ())
+            Ok(n.filter(|n| n["connections"] == 1).map(|_| ()))
         },
     )
-    .await;
+    .await
+    .unwrap();
     let metrics = a.metrics().await;
     assert!(
         metrics.contains("ferry_cluster_nodes{state=\"ready\"} 2"),
@@ -236,14 +238,16 @@ async fn a_joining_node_gets_the_excess_over_the_bound_paced_after_the_cooldown(
         "ten clients told to go away and closed",
         || async {
             let s = snapshot();
-            (s.values()
+            Ok((s
+                .values()
                 .filter(|c| c.goaway.is_some() && c.closed.is_some())
                 .count()
                 >= 10)
-                .then_some(())
+                .then_some(()))
         },
     )
-    .await;
+    .await
+    .unwrap();
     // Rounds keep running; with gw-a at the bound, nothing else moves.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let s = snapshot();
@@ -322,9 +326,10 @@ async fn shutdown_announces_draining_at_once_and_leaves_at_the_end() {
     let m = watcher.membership().unwrap();
     let members = eventually(Duration::from_secs(10), "the node announced", || async {
         let v = m.members().await.unwrap();
-        (!v.is_empty()).then_some(v)
+        Ok((!v.is_empty()).then_some(v))
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(members[0].id, "gw-drain");
     assert!(!members[0].draining);
     // Past the first tick, so the next regular one is ~2 s away.
@@ -333,9 +338,10 @@ async fn shutdown_announces_draining_at_once_and_leaves_at_the_end() {
     stop.cancel();
     eventually(Duration::from_secs(10), "announced draining", || async {
         let v = m.members().await.unwrap();
-        v.iter().any(|n| n.draining && !n.ready).then_some(())
+        Ok(v.iter().any(|n| n.draining && !n.ready).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     assert!(
         t0.elapsed() < Duration::from_millis(1_500),
         "draining shows within the drain delay, before the next heartbeat: {:?}",

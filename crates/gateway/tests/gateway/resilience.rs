@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use ferry_broker::{Broker, EngineConfig, MemoryBroker, RedisBroker};
 use ferry_core::breaker::BreakerConfig;
-use ferry_testkit::RedisServer;
+use ferry_testkit::{RedisServer, eventually};
 use serde_json::json;
 
-use crate::support::{TestApp, USER, eventually, is_problem, switched, token, ws_call};
+use crate::support::{TestApp, USER, is_problem, switched, token, ws_call};
 
 /// Generous: the test machine may be compiling on every core.
 const RECOVERY: Duration = Duration::from_secs(20);
@@ -98,15 +98,17 @@ async fn redis_stopped_answers_503_within_the_timeout_and_recovers_by_itself() {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        (r.status == 202).then_some(r)
+        Ok((r.status == 202).then_some(r))
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(submitted.body["state"], "queued");
     eventually(RECOVERY, "readiness recovers", || async {
         let r = app.anon("/readyz").await;
-        (r.status == 200).then_some(())
+        Ok((r.status == 200).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     // The job submitted before the outage survived the graceful stop (append-only file).
     assert_eq!(app.get(&format!("/v1/jobs/{id}"), &alice).await.status, 200);
     let metrics = app.metrics().await;
@@ -153,9 +155,10 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        (r.status == 503).then_some(r)
+        Ok((r.status == 503).then_some(r))
     })
-    .await;
+    .await
+    .unwrap();
     is_problem(&shed, 503, "overloaded");
     assert!(shed.retry_after().is_some_and(|s| s >= 1));
     let detail = shed.body["detail"].as_str().unwrap();
@@ -204,9 +207,10 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        (r.status == 202).then_some(())
+        Ok((r.status == 202).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     let frame = ws_call(
         &mut ws,
         json!({"id": "s2", "op": "submit", "queue": "q", "job": {"kind": "k"}}),
@@ -282,9 +286,10 @@ async fn a_redis_that_does_not_answer_is_cut_off_at_the_broker_timeout() {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        (r.status == 202).then_some(())
+        Ok((r.status == 202).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
 }
 
 /// With Redis down, a job the record knows is still answered (from PostgreSQL's stand-in here).
@@ -361,9 +366,10 @@ async fn a_channel_feed_that_ends_is_reopened_with_its_subscriptions() {
     eventually(
         Duration::from_secs(10),
         "the hub to reopen its feed",
-        || async { (broker.feeds_opened() >= 2).then_some(()) },
+        || async { Ok((broker.feeds_opened() >= 2).then_some(())) },
     )
-    .await;
+    .await
+    .unwrap();
 
     // Published until one arrives: the resubscription is queued, not awaited, by the reopen.
     let deadline = Instant::now() + Duration::from_secs(10);

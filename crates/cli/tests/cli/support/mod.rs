@@ -4,7 +4,7 @@
 //! - [`Proc`]: a spawned `ferry` child: SIGTERM ([`Proc::sigterm`]), a bounded wait for its exit
 //!   ([`Proc::wait_exit`]; both: [`Proc::stop`]), SIGKILLed and reaped when dropped. [`Proc::spawn_logged`] sends its stderr to a
 //!   file of its own ([`Proc::log`]), printed when the test panics.
-//! - [`wait_for`] / [`wait_for_every`]: poll a check until it holds, or fail after a bound naming what was awaited.
+//! - Waits are `ferry_testkit::eventually`, the workspace's one poll-until-it-holds helper.
 //! - [`repo`] / [`read`]: the repository's root and its files.
 //! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. Ports come from
 //!   `ferry_testkit::free_port`.
@@ -19,17 +19,17 @@ pub mod manifests;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{EventType, JobId, JobState, NewJob, QueueName};
 use ferry_gateway::auth::{MintClaims, mint};
 use ferry_testkit::RedisServer;
+use ferry_testkit::eventually;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -157,38 +157,6 @@ impl Drop for Proc {
     }
 }
 
-/// Polls `check` every 100 ms until it answers true; an error naming `what` after `within`, or the check's own.
-pub async fn wait_for<F, Fut>(within: Duration, what: &str, check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    wait_for_every(Duration::from_millis(100), within, what, check).await
-}
-
-/// [`wait_for`], polling every `every`: shorter for timing-sensitive checks, longer for costly ones.
-pub async fn wait_for_every<F, Fut>(
-    every: Duration,
-    within: Duration,
-    what: &str,
-    mut check: F,
-) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
 /// What is left of `within` counted from a `deadline`: for a wait that shares one deadline with others.
 pub fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
@@ -203,17 +171,12 @@ pub fn token(secret: &str, sub: &str, scopes: &[&str], ttl: Duration) -> String 
     .expect("mint a token")
 }
 
-/// Waits until `{base}/healthz` answers with a success, polling every 50 ms; an error after `within`.
+/// Waits until `{base}/healthz` answers with a success; an error after `within`.
 pub async fn until_healthy(http: &reqwest::Client, base: &str, within: Duration) -> Result<()> {
-    wait_for_every(
-        Duration::from_millis(50),
-        within,
-        &format!("{base}/healthz"),
-        || {
-            let r = http.get(format!("{base}/healthz")).send();
-            async move { Ok(r.await.is_ok_and(|r| r.status().is_success())) }
-        },
-    )
+    eventually(within, &format!("{base}/healthz"), || {
+        let r = http.get(format!("{base}/healthz")).send();
+        async move { Ok(r.await?.status().is_success().then_some(())) }
+    })
     .await
 }
 
@@ -225,7 +188,7 @@ pub async fn until_balancer_sees(
     n: usize,
     within: Duration,
 ) -> Result<()> {
-    wait_for(
+    eventually(
         within,
         &format!("the balancer at {admin} sees {n} ready gateways"),
         || async {
@@ -235,7 +198,9 @@ pub async fn until_balancer_sees(
                 .await?
                 .text()
                 .await?;
-            Ok(sample(&text, r#"ferry_balancer_gateways{state="ready"}"#) == Some(n as f64))
+            let ready = sample(&text, r#"ferry_balancer_gateways{state="ready"}"#);
+            ensure!(ready == Some(n as f64), "it counts {ready:?}");
+            Ok(Some(()))
         },
     )
     .await
@@ -418,11 +383,14 @@ pub async fn assert_completed_once(
     ids: &[JobId],
     settle: Duration,
 ) -> Result<()> {
-    wait_for_every(
-        Duration::from_millis(20),
+    eventually(
         Duration::from_secs(10),
         &format!("{} completion events", ids.len()),
-        || async { Ok(completed.lock().unwrap().len() == ids.len()) },
+        || async {
+            let seen = completed.lock().unwrap().len();
+            ensure!(seen == ids.len(), "{seen} jobs completed");
+            Ok(Some(()))
+        },
     )
     .await?;
     tokio::time::sleep(settle).await;
@@ -440,9 +408,13 @@ pub async fn until_drained(
     within: Duration,
     what: &str,
 ) -> Result<()> {
-    wait_for_every(Duration::from_millis(50), within, what, || async {
+    eventually(within, what, || async {
         let s = broker.stats(q).await?;
-        Ok(s.depth == 0 && s.active == 0 && s.scheduled == 0 && s.dead == 0)
+        ensure!(
+            s.depth == 0 && s.active == 0 && s.scheduled == 0 && s.dead == 0,
+            "{s:?}"
+        );
+        Ok(Some(()))
     })
     .await
 }
