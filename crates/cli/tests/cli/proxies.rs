@@ -149,29 +149,30 @@ struct Gateway {
     base: String,
 }
 
-fn gateway(redis: &str) -> Result<Gateway> {
-    let listen = format!("127.0.0.1:{}", free_port());
+/// A `ferry gateway` on port 0, once it listens.
+async fn gateway(redis: &str) -> Result<Gateway> {
     let mut cmd = ferry();
     cmd.args([
         "gateway",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         // Long enough for the test to watch HAProxy take a draining gateway out while it still serves.
         "--drain-delay-ms",
         "30000",
         "--shutdown-deadline-ms",
         "60000",
     ])
-    .env("FERRY_LOG", "warn")
+    .env("FERRY_LOG", "warn,ferry_cli=info")
     .env("FERRY_REDIS_URLS", redis)
     .env("FERRY_JWT_SECRET", SECRET)
     .env_remove("FERRY_CONFIG")
     .env_remove("FERRY_LOG_FORMAT")
     .stdin(Stdio::null())
     .stdout(Stdio::null());
+    let (proc, line) = Proc::spawn_listening(&mut cmd, "gateway listening").await?;
     Ok(Gateway {
-        proc: Proc::spawn_logged(&mut cmd)?,
-        base: format!("http://{listen}"),
+        proc,
+        base: format!("http://{}", support::announced(&line, "listen")?),
     })
 }
 
@@ -228,7 +229,7 @@ async fn haproxy_hashes_subjects_with_bounded_loads_and_skips_draining_gateways(
     let http = reqwest::Client::new();
     let mut gws = Vec::new();
     for _ in 0..3 {
-        gws.push(gateway(&redis.url())?);
+        gws.push(gateway(&redis.url()).await?);
     }
     for g in &gws {
         until_ready(&http, &g.base, Duration::from_secs(30)).await?;

@@ -3,7 +3,7 @@
 //! recorders are killed; afterwards every job has exactly one `jobs` row in its final state and exactly its
 //! events in `job_events`.
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -21,17 +21,38 @@ const SECRET: &str = "record-test-secret-0123456789abcdef";
 
 /// A `ferry` child process whose stderr goes to a file (read by the test, printed if it fails).
 fn spawn(args: &[&str]) -> Result<Proc> {
-    Proc::spawn_logged(
-        ferry()
-            .args(args)
-            .env("FERRY_LOG", "warn,ferry_store=info,ferry_cli=info")
-            .env_remove("FERRY_LOG_FORMAT")
-            .env_remove("FERRY_DATABASE_URL")
-            // Several workers on one machine: no fixed admin port to fight over.
-            .env("FERRY_ADMIN_LISTEN", "off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null()),
-    )
+    Proc::spawn_logged(&mut command(args))
+}
+
+/// A `ferry gateway` on port 0 on `redis`, with the record at `db`, once it listens: the process and its
+/// address. Its stderr is kept the same way.
+async fn spawn_gateway(redis: &str, db: &str) -> Result<(Proc, String)> {
+    let args = [
+        "gateway",
+        "--redis",
+        redis,
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        SECRET,
+        "--database-url",
+        db,
+    ];
+    let (proc, line) = Proc::spawn_listening(&mut command(&args), "gateway listening").await?;
+    Ok((proc, support::announced(&line, "listen")?))
+}
+
+fn command(args: &[&str]) -> Command {
+    let mut cmd = ferry();
+    cmd.args(args)
+        .env("FERRY_LOG", "warn,ferry_store=info,ferry_cli=info")
+        .env_remove("FERRY_LOG_FORMAT")
+        .env_remove("FERRY_DATABASE_URL")
+        // Several workers on one machine: no fixed admin port to fight over.
+        .env("FERRY_ADMIN_LISTEN", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
 }
 
 /// Redis + a migrated database.
@@ -128,20 +149,7 @@ fn noop() -> NewJob {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Result<()> {
     let c = Cluster::start()?;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let redis = c.redis.url();
-    let _gateway = spawn(&[
-        "gateway",
-        "--redis",
-        &redis,
-        "--listen",
-        &listen,
-        "--jwt-secret",
-        SECRET,
-        "--database-url",
-        &c.db,
-    ])?;
+    let (_gateway, listen) = spawn_gateway(&c.redis.url(), &c.db).await?;
     let w1 = c.worker("bulk", &["--consumer", "worker-a"])?;
     let w2 = c.worker("bulk", &["--consumer", "worker-b"])?;
 
@@ -390,20 +398,9 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()> {
     let mut c = Cluster::start()?;
-    let gw = format!("127.0.0.1:{}", free_port());
+    let (_gateway, gw) = spawn_gateway(&c.redis.url(), &c.db).await?;
+    // The worker's admin listener logs no address it bound, so its port is picked here.
     let admin = format!("127.0.0.1:{}", free_port());
-    let redis = c.redis.url();
-    let _gateway = spawn(&[
-        "gateway",
-        "--redis",
-        &redis,
-        "--listen",
-        &gw,
-        "--jwt-secret",
-        SECRET,
-        "--database-url",
-        &c.db,
-    ])?;
     let _worker = c.worker("degraded", &["--admin-listen", &admin])?;
     let http = reqwest::Client::new();
     let (gw, admin) = (format!("http://{gw}"), format!("http://{admin}"));

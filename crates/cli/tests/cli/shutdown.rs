@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{JobId, JobState, Kind, NewJob, QueueName};
-use ferry_testkit::{RedisServer, eventually, free_port};
+use ferry_testkit::{RedisServer, eventually};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -27,21 +27,23 @@ fn spawn(args: &[&str]) -> Result<Proc> {
 
 /// With the log going to `stderr` instead of the test's own.
 fn spawn_to(args: &[&str], stderr: impl Into<Stdio>) -> Result<Proc> {
-    Proc::spawn(
-        ferry()
-            .args(args)
-            .env(
-                "FERRY_LOG",
-                "warn,ferry_gateway=info,ferry_worker=info,ferry_cli=info",
-            )
-            .env_remove("FERRY_LOG_FORMAT")
-            .env_remove("FERRY_CONFIG")
-            // Two workers on one machine: no fixed admin port to fight over.
-            .env("FERRY_ADMIN_LISTEN", "off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr),
-    )
+    Proc::spawn(command(args).stderr(stderr))
+}
+
+fn command(args: &[&str]) -> Command {
+    let mut cmd = ferry();
+    cmd.args(args)
+        .env(
+            "FERRY_LOG",
+            "warn,ferry_gateway=info,ferry_worker=info,ferry_cli=info",
+        )
+        .env_remove("FERRY_LOG_FORMAT")
+        .env_remove("FERRY_CONFIG")
+        // Two workers on one machine: no fixed admin port to fight over.
+        .env("FERRY_ADMIN_LISTEN", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
 }
 
 /// A readiness probe: when (since the signal) and the status, `None` when the connection was refused.
@@ -56,19 +58,20 @@ fn token() -> String {
     )
 }
 
-fn spawn_gateway(redis: &str, port: u16, extra: &[&str]) -> Result<Proc> {
-    let listen = format!("127.0.0.1:{port}");
+/// A `ferry gateway` on port 0, once it listens: the process (its log goes on to the test's) and its address.
+async fn spawn_gateway(redis: &str, extra: &[&str]) -> Result<(Proc, String)> {
     let mut args = vec![
         "gateway",
         "--redis",
         redis,
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--jwt-secret",
         SECRET,
     ];
     args.extend_from_slice(extra);
-    spawn(&args)
+    let (proc, line) = Proc::spawn_listening(&mut command(&args), "gateway listening").await?;
+    Ok((proc, support::announced(&line, "listen")?))
 }
 
 /// SIGTERM with a WebSocket client connected: /readyz goes 503 while the listener still answers, a batch of
@@ -79,11 +82,8 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
     const DELAY: u64 = 1_500;
     const SPREAD: u64 = 1_000;
     let redis = RedisServer::start()?;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut gw = spawn_gateway(
+    let (mut gw, addr) = spawn_gateway(
         &redis.url(),
-        port,
         &[
             "--drain-delay-ms",
             &DELAY.to_string(),
@@ -92,7 +92,9 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
             "--shutdown-deadline-ms",
             "15000",
         ],
-    )?;
+    )
+    .await?;
+    let base = format!("http://{addr}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
@@ -100,7 +102,7 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
     assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
 
     let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/ws?token={}", token()))
+        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={}", token()))
             .await
             .context("upgrade")?;
 
@@ -302,19 +304,19 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
 /// the gateway has, so nothing accepted is left in the in-memory engine when the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_dev_runs_jobs_accepted_during_the_drain_delay() -> Result<()> {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let base = format!("http://{listen}");
-    let mut dev = Proc::spawn_logged(
+    let (mut dev, line) = Proc::spawn_listening(
         ferry()
-            .args(["dev", "--listen", &listen])
+            .args(["dev", "--listen", "127.0.0.1:0"])
             .args(["--drain-delay-ms", "4000", "--ws-close-spread-ms", "100"])
             .env("FERRY_JWT_SECRET", SECRET)
             .env_remove("FERRY_CONFIG")
             .env("FERRY_LOG", "warn,ferry_cli=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
-    )?;
+        "gateway listening",
+    )
+    .await?;
+    let base = format!("http://{}", support::announced(&line, "listen")?);
     let http = reqwest::Client::new();
     until_ready(&http, &base, Duration::from_secs(30)).await?;
     dev.sigterm()?;
@@ -414,9 +416,8 @@ async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_while_pubsub_is_broken_and_ping_works() -> Result<()> {
     let redis = RedisServer::start()?;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let _gw = spawn_gateway(&redis.url(), port, &["--drain-delay-ms", "0"])?;
+    let (_gw, addr) = spawn_gateway(&redis.url(), &["--drain-delay-ms", "0"]).await?;
+    let base = format!("http://{addr}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

@@ -4,10 +4,14 @@
 //! - [`Proc`]: a spawned `ferry` child: SIGTERM ([`Proc::sigterm`]), a bounded wait for its exit
 //!   ([`Proc::wait_exit`]; both: [`Proc::stop`]), SIGKILLed and reaped when dropped. [`Proc::spawn_logged`] sends its stderr to a
 //!   file of its own ([`Proc::log`]), printed when the test panics.
+//! - [`Proc::spawn_listening`]: a role started on port 0 (`--listen 127.0.0.1:0`), returned once it logged the
+//!   address it bound ([`announced`] reads it from the line), so no other process can take the port between a
+//!   pick and the bind.
 //! - Waits are `ferry_testkit::eventually`, the workspace's one poll-until-it-holds helper.
 //! - [`repo`] / [`read`]: the repository's root and its files.
-//! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. Ports come from
-//!   `ferry_testkit::free_port`.
+//! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. `ferry_testkit::free_port`
+//!   is left for listeners whose process does not log what it bound: a worker's or an autoscaler's
+//!   `--admin-listen`, and other programs (HAProxy, Prometheus).
 //! - HTTP: [`until_healthy`] (`/healthz` answers), [`readyz`] and [`until_ready`] (`/readyz` is 200),
 //!   [`submit`] (POST a job, 202) and [`poll_json`] / [`until_completed`] (GET until a condition holds);
 //!   [`until_balancer_sees`] (a `ferry balancer` counts N ready gateways).
@@ -19,6 +23,7 @@ pub mod manifests;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -66,6 +71,8 @@ pub struct Proc {
     child: Child,
     /// Where its stderr goes, when [`Proc::spawn_logged`] captured it; printed if the test panics.
     log: Option<PathBuf>,
+    /// Its stderr so far, when [`Proc::spawn_listening`] reads it.
+    lines: Option<Arc<Mutex<String>>>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -76,8 +83,58 @@ impl Proc {
         Ok(Self {
             child,
             log: None,
+            lines: None,
             _dir: None,
         })
+    }
+
+    /// Spawns `cmd`, which binds its listeners to port 0, and waits (30 s) until it logs the INFO line that
+    /// contains `announce` (`"gateway listening"`, `"balancer listening"`): the process and that line, whose
+    /// addresses [`announced`] reads. No port is chosen before the process binds it, so none can be taken in
+    /// between.
+    ///
+    /// Its stderr is read line by line: each line goes on to the test's stderr (the test runner shows it with a
+    /// failure) and is kept for [`Proc::log`].
+    pub async fn spawn_listening(cmd: &mut Command, announce: &str) -> Result<(Self, String)> {
+        let mut proc = Self::spawn(cmd.stderr(Stdio::piped()))?;
+        let stderr = proc.child.stderr.take().context("a piped stderr")?;
+        let lines = Arc::new(Mutex::new(String::new()));
+        proc.lines = Some(lines.clone());
+        let pid = proc.pid();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[ferry {pid}] {line}");
+                let mut all = lines.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        let line = eventually(
+            Duration::from_secs(30),
+            &format!("ferry {pid} to log {announce:?}"),
+            || {
+                let exited = proc.child.try_wait();
+                let line = proc
+                    .log()
+                    .lines()
+                    .find(|l| l.contains(announce))
+                    .map(str::to_owned);
+                async move {
+                    if let Some(line) = line {
+                        return Ok(Some(Ok(line)));
+                    }
+                    match exited? {
+                        Some(status) => Ok(Some(Err(anyhow::anyhow!(
+                            "ferry {pid} exited ({status}) before it logged {announce:?}"
+                        )))),
+                        None => Ok(None),
+                    }
+                }
+            },
+        )
+        .await??;
+        Ok((proc, line))
     }
 
     /// Spawns `cmd` with its stderr going to a file in a temporary directory of its own: read it with
@@ -100,8 +157,12 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// What it wrote to stderr so far, when spawned with [`Proc::spawn_logged`]; empty otherwise.
+    /// What it wrote to stderr so far, when spawned with [`Proc::spawn_logged`] or [`Proc::spawn_listening`];
+    /// empty otherwise.
     pub fn log(&self) -> String {
+        if let Some(lines) = &self.lines {
+            return lines.lock().unwrap().clone();
+        }
         self.log
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -155,6 +216,27 @@ impl Drop for Proc {
             eprintln!("--- log of ferry {} ---\n{}", self.pid(), self.log());
         }
     }
+}
+
+/// The address `key` names in an announcing log line ([`Proc::spawn_listening`]), as `HOST:PORT`: from
+/// `key=127.0.0.1:4000` or `key=Some(127.0.0.1:4000)` in a text line, `"key":"127.0.0.1:4000"` in a JSON one.
+pub fn announced(line: &str, key: &str) -> Result<String> {
+    let value = if let Some((_, rest)) = line.split_once(&format!("{key}=")) {
+        rest.split_whitespace().next().unwrap_or_default()
+    } else if let Some((_, rest)) = line.split_once(&format!("\"{key}\":\"")) {
+        rest.split('"').next().unwrap_or_default()
+    } else {
+        bail!("no {key} in {line:?}");
+    };
+    let value = value
+        .strip_prefix("Some(")
+        .and_then(|v| v.strip_suffix(')'))
+        .unwrap_or(value);
+    let addr: std::net::SocketAddr = value
+        .parse()
+        .with_context(|| format!("{key} in {line:?} is not HOST:PORT"))?;
+    ensure!(addr.port() != 0, "{key} in {line:?} is port 0");
+    Ok(addr.to_string())
 }
 
 /// What is left of `within` counted from a `deadline`: for a wait that shares one deadline with others.
