@@ -34,6 +34,7 @@ use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{EventType, JobId, JobState, NewJob, QueueName};
 use ferry_gateway::auth::{MintClaims, mint};
 use ferry_testkit::RedisServer;
+pub use ferry_testkit::cluster::sample;
 use ferry_testkit::eventually;
 use futures::StreamExt;
 use serde_json::Value;
@@ -50,14 +51,6 @@ pub fn repo() -> PathBuf {
 pub fn read(rel: &str) -> String {
     let path = repo().join(rel);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// The value of one series in a Prometheus text exposition (`series` is the name with its labels as written,
-/// e.g. `ferry_balancer_gateways{state="ready"}`), or `None` when it is absent.
-pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The `ferry` binary under test, with nothing set: callers add arguments, environment and stdio.
