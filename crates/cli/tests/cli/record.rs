@@ -1,7 +1,10 @@
-//! The durable record end to end, with real processes: `ferry gateway` and `ferry worker`s (each running a
-//! recorder) against a real redis-server and a real PostgreSQL (ferry-testkit). Jobs flow, PostgreSQL stops,
-//! recorders are killed; afterwards every job has exactly one `jobs` row in its final state and exactly its
-//! events in `job_events`.
+//! The durable record end to end: a gateway and workers (each running a recorder) against a real redis-server
+//! and a real PostgreSQL (ferry-testkit). Jobs flow, PostgreSQL stops, recorders are killed; afterwards every
+//! job has exactly one `jobs` row in its final state and exactly its events in `job_events`.
+//!
+//! The 10,000-job run is an in-process cluster (`ferry_testkit::cluster`). The others are about processes and
+//! stay `ferry` processes: the recorder's breaker is read from a worker's log, a recorder is killed with -9,
+//! and readiness is read from a worker's admin listener.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -9,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{Kind, NewJob, QueueName};
+use ferry_testkit::cluster::Cluster as InProcess;
 use ferry_testkit::{PostgresServer, RedisServer, eventually, free_port};
 use serde_json::{Value, json};
 
@@ -55,11 +59,19 @@ fn command(args: &[&str]) -> Command {
     cmd
 }
 
-/// Redis + a migrated database.
+/// Redis + a migrated database, for `ferry` processes; reads the record through [`Record`].
 struct Cluster {
     redis: RedisServer,
     pg: PostgresServer,
-    db: String,
+    record: Record,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Record;
+
+    fn deref(&self) -> &Record {
+        &self.record
+    }
 }
 
 impl Cluster {
@@ -67,7 +79,11 @@ impl Cluster {
         let redis = RedisServer::start()?;
         let pg = PostgresServer::start()?;
         let db = migrated_database(&pg, "record")?;
-        Ok(Self { redis, pg, db })
+        Ok(Self {
+            redis,
+            pg,
+            record: Record { db },
+        })
     }
 
     fn worker(&self, queue: &str, extra: &[&str]) -> Result<Proc> {
@@ -79,12 +95,23 @@ impl Cluster {
             "--queues",
             queue,
             "--database-url",
-            &self.db,
+            &self.record.db,
         ];
         args.extend_from_slice(extra);
         spawn(&args)
     }
 
+    async fn broker(&self) -> Result<RedisBroker> {
+        Ok(RedisBroker::connect(&[self.redis.url()], EngineConfig::default()).await?)
+    }
+}
+
+/// The record's database (its URL), read with `psql`.
+struct Record {
+    db: String,
+}
+
+impl Record {
     fn sql(&self, q: &str) -> Result<String> {
         Ok(ferry_testkit::psql(&self.db, q)?.trim().to_owned())
     }
@@ -94,12 +121,8 @@ impl Cluster {
         s.parse().with_context(|| format!("{q} answered {s:?}"))
     }
 
-    async fn broker(&self) -> Result<RedisBroker> {
-        Ok(RedisBroker::connect(&[self.redis.url()], EngineConfig::default()).await?)
-    }
-
     /// Waits (up to `within`) until `jobs` jobs are completed in PostgreSQL with three events each, lets any
-    /// straggling redelivery land, then checks them with [`Cluster::assert_recorded_exactly`].
+    /// straggling redelivery land, then checks them with [`Record::assert_recorded_exactly`].
     async fn until_recorded(&self, jobs: u64, within: Duration, what: &str) -> Result<()> {
         eventually(within, what, || async {
             let completed = self.count("select count(*) from jobs where state = 'completed'")?;
@@ -145,23 +168,23 @@ fn noop() -> NewJob {
     NewJob::new(Kind::parse("ferry.noop").unwrap(), json!({ "n": 1 }))
 }
 
-/// 10,000 jobs submitted through a gateway and run by two workers, each with a recorder.
+/// 10,000 jobs submitted through a gateway and run by two workers, each with a recorder: an in-process
+/// cluster (`ferry_testkit::cluster`), as nothing here is about the processes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Result<()> {
-    let c = Cluster::start()?;
-    let (_gateway, listen) = spawn_gateway(&c.redis.url(), &c.db).await?;
-    let w1 = c.worker("bulk", &["--consumer", "worker-a"])?;
-    let w2 = c.worker("bulk", &["--consumer", "worker-b"])?;
-
-    let token = support::token(
-        SECRET,
-        "submitter",
-        &["jobs:submit", "jobs:read"],
-        Duration::from_secs(3600),
-    );
-    let http = reqwest::Client::new();
-    let base = format!("http://{listen}");
-    until_healthy(&http, &base, Duration::from_secs(30)).await?;
+    let cluster = InProcess::builder()
+        .postgres()
+        .worker(&["bulk"])
+        .worker(&["bulk"])
+        .start()
+        .await?;
+    let c = Record {
+        db: cluster.postgres.as_ref().context("a PostgreSQL")?.url(),
+    };
+    let (worker_a, worker_b) = (cluster.worker(0).consumer(), cluster.worker(1).consumer());
+    let client = cluster.client(0, "submitter", "jobs:submit jobs:read");
+    let (http, base, token) = (&client.http, &client.base, &client.token);
+    until_healthy(http, base, Duration::from_secs(30)).await?;
     let total = 10_000u64;
     for b in 0..10 {
         let jobs: Vec<Value> = (0..1000)
@@ -169,7 +192,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
             .collect();
         let r = http
             .post(format!("{base}/v1/queues/bulk/jobs/batch"))
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .header("x-request-id", format!("batch-{b}"))
             .json(&json!({ "jobs": jobs }))
             .send()
@@ -185,7 +208,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         total
     );
     assert_eq!(
-        c.count("select count(*) from job_events where type <> 'job.queued' and actor in ('worker-a', 'worker-b')")?,
+        c.count(&format!("select count(*) from job_events where type <> 'job.queued' and actor in ('{worker_a}', '{worker_b}')"))?,
         total * 2
     );
     assert_eq!(
@@ -220,7 +243,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         }
         let page: Value = http
             .get(url)
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .send()
             .await?
             .json()
@@ -237,7 +260,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
     let id = seen.iter().next().context("a job")?;
     let trail: Value = http
         .get(format!("{base}/v1/jobs/{id}/events"))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .send()
         .await?
         .json()
@@ -253,7 +276,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         ["job.queued", "job.active", "job.completed"],
         "{trail}"
     );
-    drop((w1, w2));
+    cluster.shutdown().await;
     Ok(())
 }
 
@@ -398,7 +421,7 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()> {
     let mut c = Cluster::start()?;
-    let (_gateway, gw) = spawn_gateway(&c.redis.url(), &c.db).await?;
+    let (_gateway, gw) = spawn_gateway(&c.redis.url(), &c.record.db).await?;
     // The worker's admin listener logs no address it bound, so its port is picked here.
     let admin = format!("127.0.0.1:{}", free_port());
     let _worker = c.worker("degraded", &["--admin-listen", &admin])?;
