@@ -64,8 +64,9 @@ pub struct Proc {
     child: Child,
     /// Where its stderr goes, when [`Proc::spawn_logged`] captured it; printed if the test panics.
     log: Option<PathBuf>,
-    /// Its stderr so far, when [`Proc::spawn_listening`] reads it.
+    /// Its stderr so far, when [`Proc::spawn_listening`] reads it, and the thread reading it.
     lines: Option<Arc<Mutex<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -77,6 +78,7 @@ impl Proc {
             child,
             log: None,
             lines: None,
+            reader: None,
             _dir: None,
         })
     }
@@ -87,14 +89,14 @@ impl Proc {
     /// between.
     ///
     /// Its stderr is read line by line: each line goes on to the test's stderr (the test runner shows it with a
-    /// failure) and is kept for [`Proc::log`].
+    /// failure) and is kept for [`Proc::log`], which has all of it once [`Proc::wait_exit`] returned.
     pub async fn spawn_listening(cmd: &mut Command, announce: &str) -> Result<(Self, String)> {
         let mut proc = Self::spawn(cmd.stderr(Stdio::piped()))?;
         let stderr = proc.child.stderr.take().context("a piped stderr")?;
         let lines = Arc::new(Mutex::new(String::new()));
         proc.lines = Some(lines.clone());
         let pid = proc.pid();
-        std::thread::spawn(move || {
+        proc.reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("[ferry {pid}] {line}");
@@ -102,7 +104,7 @@ impl Proc {
                 all.push_str(&line);
                 all.push('\n');
             }
-        });
+        }));
         let line = eventually(
             Duration::from_secs(30),
             &format!("ferry {pid} to log {announce:?}"),
@@ -192,6 +194,10 @@ impl Proc {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {
+                // Its stderr ends with it: read to the end, so the log is whole.
+                if let Some(reader) = self.reader.take() {
+                    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+                }
                 return Ok(status);
             }
             if Instant::now() >= deadline {
