@@ -499,3 +499,19 @@ pub async fn until_drained(
     })
     .await
 }
+
+#[test]
+fn announced_reads_the_bound_address_from_text_and_json_lines() {
+    let gateway = "2026-01-01T00:00:00.000Z  INFO ferry_cli::gateway: gateway listening listen=127.0.0.1:4100";
+    assert_eq!(announced(gateway, "listen").unwrap(), "127.0.0.1:4100");
+    let balancer = "2026-01-01T00:00:00.000Z  INFO ferry_cli::balancer: balancer listening \
+                    addr=127.0.0.1:4101 admin=Some(127.0.0.1:4102)";
+    assert_eq!(announced(balancer, "addr").unwrap(), "127.0.0.1:4101");
+    assert_eq!(announced(balancer, "admin").unwrap(), "127.0.0.1:4102");
+    let json = r#"{"timestamp":"2026-01-01T00:00:00.000Z","level":"INFO","message":"gateway listening","listen":"127.0.0.1:4103","target":"ferry_cli::gateway"}"#;
+    assert_eq!(announced(json, "listen").unwrap(), "127.0.0.1:4103");
+    // No admin listener, an unbound port, no such field: errors, not a made-up address.
+    assert!(announced("balancer listening addr=127.0.0.1:4101 admin=None", "admin").is_err());
+    assert!(announced("gateway listening listen=127.0.0.1:0", "listen").is_err());
+    assert!(announced("gateway listening", "listen").is_err());
+}
