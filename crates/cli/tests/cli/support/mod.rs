@@ -294,20 +294,14 @@ pub async fn readyz(http: &reqwest::Client, base: &str) -> reqwest::Result<(u16,
     Ok((status, res.json().await.unwrap_or(Value::Null)))
 }
 
-/// Waits until `{base}/readyz` answers 200, polling every 50 ms: its body; an error with the last answer after
-/// `within`.
+/// Waits until `{base}/readyz` answers 200: its body; an error with the last answer after `within`.
 pub async fn until_ready(http: &reqwest::Client, base: &str, within: Duration) -> Result<Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = readyz(http, base).await;
-        if let Ok((200, body)) = &last {
-            return Ok(body.clone());
-        }
-        if Instant::now() >= deadline {
-            bail!("not ready within {within:?}: {last:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(within, &format!("{base}/readyz 200"), || async {
+        let (status, body) = readyz(http, base).await?;
+        ensure!(status == 200, "{status}: {body}");
+        Ok(Some(body))
+    })
+    .await
 }
 
 /// Submits `job` (`{"kind": …, "payload": …}`) to `queue` with `headers`; asserts 202. The job's id and the
@@ -335,18 +329,17 @@ pub async fn submit(
     Ok((id, headers))
 }
 
-/// GETs `url` with `token` every 50 ms until `done` holds for its JSON body, and returns that body; an error
-/// naming `what` with the last body after `within`.
+/// GETs `url` with `token` until `done` holds for its JSON body, and returns that body; an error naming `what`
+/// with the last body after `within`.
 pub async fn poll_json(
     http: &reqwest::Client,
     url: &str,
     token: &str,
     within: Duration,
     what: &str,
-    mut done: impl FnMut(&Value) -> bool,
+    done: impl Fn(&Value) -> bool,
 ) -> Result<Value> {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually(within, what, || async {
         let v: Value = http
             .get(url)
             .bearer_auth(token)
@@ -354,14 +347,10 @@ pub async fn poll_json(
             .await?
             .json()
             .await?;
-        if done(&v) {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: {v}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ensure!(done(&v), "{v}");
+        Ok(Some(v))
+    })
+    .await
 }
 
 /// Polls `GET {base}/v1/jobs/{id}` until the job is completed: the job.
