@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::{PostgresServer, RedisServer};
+use crate::{PostgresServer, RedisServer, eventually};
 
 /// The HS256 secret every gateway of a test cluster verifies tokens with.
 pub const SECRET: &[u8] = b"ferry-testkit-cluster-secret-0123456789";
@@ -246,6 +246,15 @@ impl Cluster {
 
     /// Start one more gateway on 127.0.0.1:0; returns its index.
     pub async fn add_gateway(&mut self) -> Result<usize> {
+        self.add_gateway_with(|_| {}).await
+    }
+
+    /// [`Cluster::add_gateway`] with `tweak` applied to this node's configuration last (after
+    /// [`ClusterBuilder::configure_gateways`]): its node id, region, or anything only this node has.
+    pub async fn add_gateway_with(
+        &mut self,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Result<usize> {
         let auth = AuthConfig {
             hs_secret: Some(SECRET.to_vec()),
             ..AuthConfig::default()
@@ -255,9 +264,10 @@ impl Cluster {
         // Test drains are short: nobody is behind a load balancer that needs time to notice.
         config.shutdown.drain_delay = Duration::ZERO;
         config.shutdown.ws_close_spread = Duration::from_millis(100);
-        if let Some(tweak) = &self.gateway_tweak {
-            tweak(&mut config);
+        if let Some(all) = &self.gateway_tweak {
+            all(&mut config);
         }
+        tweak(&mut config);
         // Each node its own connections, as separate processes have (two hubs sharing one broker's pub/sub
         // would each see the other's subscriptions).
         let gateway = Gateway::build(config, self.connect().await?).await?;
@@ -460,6 +470,21 @@ impl Client {
         Ok(job)
     }
 
+    /// `GET /metrics` (no token): the Prometheus text; read one series with [`sample`].
+    pub async fn metrics(&self) -> Result<String> {
+        let res = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?;
+        let status = res.status();
+        let text = res.text().await?;
+        if !status.is_success() {
+            bail!("/metrics answered {status}: {text}");
+        }
+        Ok(text)
+    }
+
     /// Open a WebSocket session (token in the query, as browsers do).
     pub async fn ws(&self) -> Result<Session> {
         let url = format!(
@@ -514,6 +539,31 @@ impl Session {
         self.next_frame(tokio::time::Instant::now() + within).await
     }
 
+    /// Pushed frames (replies to calls skipped) up to and including the first for which `last` holds; an
+    /// error, with the frames seen, when none does within `within`.
+    pub async fn pushed_until(
+        &mut self,
+        within: Duration,
+        last: impl Fn(&Value) -> bool,
+    ) -> Result<Vec<Value>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let frame = self
+                .next_frame(deadline)
+                .await
+                .with_context(|| format!("pushed so far: {out:?}"))?;
+            if frame.get("id").is_some() {
+                continue;
+            }
+            let done = last(&frame);
+            out.push(frame);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
     async fn next_frame(&mut self, deadline: tokio::time::Instant) -> Result<Value> {
         loop {
             let msg = tokio::time::timeout_at(deadline, self.ws.next())
@@ -529,29 +579,10 @@ impl Session {
     }
 }
 
-/// Poll `check` every 20 ms until it yields `Some`, for at most `within`; the error names `what`. The one
-/// "eventually" of the tests that use this crate.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    let mut last_error = None;
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_error = Some(e),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            match last_error {
-                Some(e) => {
-                    bail!("timed out after {within:?} waiting for {what} (last error: {e:#})")
-                }
-                None => bail!("timed out after {within:?} waiting for {what}"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// The value of one series in a Prometheus text exposition (`series` is the name with its labels as written,
+/// e.g. `ferry_gateway_partitions` or `ferry_balancer_gateways{state="ready"}`), or `None` when it is absent.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }

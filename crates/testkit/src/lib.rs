@@ -9,6 +9,8 @@
 //!   ([`Netns::cut`], [`Netns::heal`]); needs root and `ip`, and says so when they are missing.
 //! * [`tls`]: throwaway certificates ([`TestCerts`]) for TLS servers ([`RedisServer::start_tls`],
 //!   [`PostgresServer::start_tls`]).
+//! * [`eventually`]: poll an async check until it holds, or fail naming what was awaited; the one such helper
+//!   of the workspace's tests.
 //! * [`free_port`]: an unused loopback port.
 //! * `faulty` (feature `faults`): `FaultyBroker`, a real engine behind a switch per broker method, the one broker
 //!   test double.
@@ -22,6 +24,7 @@
 
 #[cfg(feature = "cluster")]
 pub mod cluster;
+mod eventually;
 #[cfg(feature = "faults")]
 pub mod faulty;
 mod guard;
@@ -34,6 +37,7 @@ use std::collections::HashSet;
 use std::net::TcpListener;
 use std::sync::Mutex;
 
+pub use eventually::eventually;
 pub use netns::{Netns, NetnsError};
 pub use postgres::{PostgresServer, psql};
 pub use redis::{RedisServer, redis_cli};

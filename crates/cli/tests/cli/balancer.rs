@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use ferry_broker::placement::{NodeInfo, Placement, partition_of};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::RedisServer;
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -17,8 +17,9 @@ use crate::support::{self, Proc, ferry, until_ready};
 
 const SECRET: &str = "balancer-test-secret-balancer-test-secret";
 
-fn spawn(args: &[&str]) -> Result<Proc> {
-    Proc::spawn_logged(
+/// `ferry ARGS` listening on port 0, once it logged `announce`: the process and that line.
+async fn spawn(args: &[&str], announce: &str) -> Result<(Proc, String)> {
+    Proc::spawn_listening(
         ferry()
             .args(args)
             .env("FERRY_LOG", "warn,ferry_balancer=debug,ferry_cli=info")
@@ -27,7 +28,9 @@ fn spawn(args: &[&str]) -> Result<Proc> {
             .env_remove("FERRY_ADMIN_LISTEN")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
+        announce,
     )
+    .await
 }
 
 fn gauge(text: &str, name: &str) -> f64 {
@@ -42,20 +45,23 @@ async fn websockets_reach_the_owning_gateway_through_ferry_balancer() -> Result<
         .build()?;
     let mut gateways = Vec::new();
     for _ in 0..2 {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let p = spawn(&[
-            "gateway",
-            "--redis",
-            &redis.url(),
-            "--listen",
-            &listen,
-            "--jwt-secret",
-            SECRET,
-            // A bound that never binds: every client goes to its partition's owner.
-            "--balance-epsilon",
-            "10",
-        ])?;
+        let (p, line) = spawn(
+            &[
+                "gateway",
+                "--redis",
+                &redis.url(),
+                "--listen",
+                "127.0.0.1:0",
+                "--jwt-secret",
+                SECRET,
+                // A bound that never binds: every client goes to its partition's owner.
+                "--balance-epsilon",
+                "10",
+            ],
+            "gateway listening",
+        )
+        .await?;
+        let listen = support::announced(&line, "listen")?;
         until_ready(&http, &format!("http://{listen}"), Duration::from_secs(20)).await?;
         gateways.push((p, listen));
     }
@@ -72,22 +78,27 @@ async fn websockets_reach_the_owning_gateway_through_ferry_balancer() -> Result<
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(nodes.len(), 2, "{nodes:?}");
-    let (port, admin) = (free_port(), free_port());
-    let listen = format!("127.0.0.1:{port}");
-    let admin = format!("127.0.0.1:{admin}");
-    let mut balancer = spawn(&[
-        "balancer",
-        "--redis",
-        &redis.url(),
-        "--listen",
-        &listen,
-        "--admin-listen",
-        &admin,
-        "--drain-ms",
-        "1000",
-        "--balance-epsilon",
-        "10",
-    ])?;
+    let (mut balancer, line) = spawn(
+        &[
+            "balancer",
+            "--redis",
+            &redis.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--drain-ms",
+            "1000",
+            "--balance-epsilon",
+            "10",
+        ],
+        "balancer listening",
+    )
+    .await?;
+    let (listen, admin) = (
+        support::announced(&line, "addr")?,
+        support::announced(&line, "admin")?,
+    );
     until_ready(&http, &format!("http://{admin}"), Duration::from_secs(20)).await?;
     support::until_balancer_sees(&http, &admin, 2, Duration::from_secs(10)).await?;
 

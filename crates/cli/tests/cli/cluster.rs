@@ -7,21 +7,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferry_broker::{EngineConfig, NodeInfo, RedisBroker, prelude::*};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::{RedisServer, eventually};
 use serde_json::Value;
 
-use crate::support::{self, Proc, ferry, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, until_ready};
 
 const SECRET: &str = "cluster-test-secret-cluster-test-secret!";
 
-fn spawn_gateway(redis: &str, port: u16, extra: &[&str]) -> Result<Proc> {
-    let listen = format!("127.0.0.1:{port}");
+/// A `ferry gateway` on port 0 with `extra` flags, once it listens: the process and its `http://` base URL.
+async fn spawn_gateway(redis: &str, extra: &[&str]) -> Result<(Proc, String)> {
     let mut args = vec![
         "gateway",
         "--redis",
         redis,
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--jwt-secret",
         SECRET,
         "--heartbeat-ms",
@@ -30,15 +30,19 @@ fn spawn_gateway(redis: &str, port: u16, extra: &[&str]) -> Result<Proc> {
         "2000",
     ];
     args.extend_from_slice(extra);
-    Proc::spawn_logged(
+    let (proc, line) = Proc::spawn_listening(
         ferry()
             .args(&args)
-            .env("FERRY_LOG", "warn,ferry_gateway=info")
+            .env("FERRY_LOG", "warn,ferry_gateway=info,ferry_cli=info")
             .env_remove("FERRY_LOG_FORMAT")
             .env_remove("FERRY_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
+        "gateway listening",
     )
+    .await?;
+    let base = format!("http://{}", support::announced(&line, "listen")?);
+    Ok((proc, base))
 }
 
 async fn members(broker: &RedisBroker) -> Vec<NodeInfo> {
@@ -57,10 +61,8 @@ async fn killed_gateways_expire_and_stopped_ones_drain_then_leave() -> Result<()
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let (pa, pb) = (free_port(), free_port());
-    let mut a = spawn_gateway(
+    let (mut a, base_a) = spawn_gateway(
         &redis.url(),
-        pa,
         &[
             "--region",
             "r1",
@@ -69,26 +71,17 @@ async fn killed_gateways_expire_and_stopped_ones_drain_then_leave() -> Result<()
             "--drain-delay-ms",
             "2000",
         ],
-    )?;
-    let mut b = spawn_gateway(&redis.url(), pb, &[])?;
-    until_ready(
-        &http,
-        &format!("http://127.0.0.1:{pa}"),
-        Duration::from_secs(30),
     )
     .await?;
-    until_ready(
-        &http,
-        &format!("http://127.0.0.1:{pb}"),
-        Duration::from_secs(30),
-    )
-    .await?;
-    wait_for(
+    let (mut b, base_b) = spawn_gateway(&redis.url(), &[]).await?;
+    until_ready(&http, &base_a, Duration::from_secs(30)).await?;
+    until_ready(&http, &base_b, Duration::from_secs(30)).await?;
+    eventually(
         Duration::from_secs(15),
         "both gateways listed and ready",
         || async {
             let m = members(&broker).await;
-            Ok(m.len() == 2 && m.iter().all(|n| n.ready && !n.draining))
+            Ok((m.len() == 2 && m.iter().all(|n| n.ready && !n.draining)).then_some(()))
         },
     )
     .await?;
@@ -103,20 +96,16 @@ async fn killed_gateways_expire_and_stopped_ones_drain_then_leave() -> Result<()
     assert_eq!(a_info.id.len(), 36, "{}", a_info.id);
     assert_eq!(&a_info.id[14..15], "7", "{}", a_info.id);
     let b_info = m.iter().find(|n| n.id != a_info.id).unwrap().clone();
-    assert_eq!(
-        b_info.url,
-        format!("http://127.0.0.1:{pb}"),
-        "the default URL"
-    );
+    assert_eq!(b_info.url, base_b, "the default URL: the bound address");
 
     // SIGKILL: no leave, so b is listed until its ttl (2 s) passes, then gone.
     let killed = Instant::now();
     b.kill9();
     assert!(members(&broker).await.iter().any(|n| n.id == b_info.id));
-    wait_for(
+    eventually(
         Duration::from_secs(15),
         "the killed gateway expired",
-        || async { Ok(!members(&broker).await.iter().any(|n| n.id == b_info.id)) },
+        || async { Ok((!members(&broker).await.iter().any(|n| n.id == b_info.id)).then_some(())) },
     )
     .await?;
     assert!(
@@ -128,14 +117,15 @@ async fn killed_gateways_expire_and_stopped_ones_drain_then_leave() -> Result<()
     // SIGTERM: draining at once (within the 2 s drain delay), listed through the drain, gone after exit.
     let stopped = Instant::now();
     a.sigterm()?;
-    wait_for(
+    eventually(
         Duration::from_secs(10),
         "the stopping gateway announced draining",
         || async {
-            Ok(members(&broker)
+            Ok((members(&broker)
                 .await
                 .iter()
                 .any(|n| n.id == a_info.id && n.draining && !n.ready))
+            .then_some(()))
         },
     )
     .await?;
@@ -190,16 +180,14 @@ fn bad_cluster_flags_are_refused_naming_the_flag() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_process_shows_itself_in_v1_cluster() -> Result<()> {
     let redis = RedisServer::start()?;
-    let port = free_port();
-    let _gw = spawn_gateway(&redis.url(), port, &["--balance-epsilon", "0.25"])?;
+    let (_gw, base) = spawn_gateway(&redis.url(), &["--balance-epsilon", "0.25"]).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let base = format!("http://127.0.0.1:{port}");
     until_ready(&http, &base, Duration::from_secs(30)).await?;
     let admin = support::token(SECRET, "ops", &["admin"], Duration::from_secs(600));
     let last = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
-    let seen = wait_for(Duration::from_secs(10), "itself listed, ready", || {
+    let seen = eventually(Duration::from_secs(10), "itself listed, ready", || {
         let (http, base, admin, last) = (http.clone(), base.clone(), admin.clone(), last.clone());
         async move {
             let v: Value = http
@@ -211,7 +199,7 @@ async fn a_gateway_process_shows_itself_in_v1_cluster() -> Result<()> {
                 .await?;
             let ok = v["nodes"][0]["self"] == true && v["nodes"][0]["ready"] == true;
             *last.lock().unwrap() = v;
-            Ok(ok)
+            Ok(ok.then_some(()))
         }
     })
     .await;

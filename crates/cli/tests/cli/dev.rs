@@ -4,22 +4,25 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::{Proc, ferry, poll_json, remaining, submit, until_completed, until_healthy};
+use crate::support::{
+    Proc, announced, ferry, poll_json, remaining, submit, until_completed, until_healthy,
+};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-dev-test";
 
 #[tokio::test]
 async fn dev_runs_a_submitted_job_end_to_end() {
-    let port = ferry_testkit::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let _dev = Proc::spawn(
+    let (_dev, line) = Proc::spawn_listening(
         ferry()
-            .args(["dev", "--listen", &listen])
+            .args(["dev", "--listen", "127.0.0.1:0"])
             .env("FERRY_JWT_SECRET", SECRET)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+            .env("FERRY_LOG", "warn,ferry_cli=info")
+            .stdout(Stdio::null()),
+        "gateway listening",
     )
+    .await
     .expect("ferry dev starts");
+    let listen = announced(&line, "listen").unwrap();
     let out = ferry()
         .args([
             "token",

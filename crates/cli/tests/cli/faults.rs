@@ -7,12 +7,12 @@ use std::time::Duration;
 use anyhow::Result;
 use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
-use ferry_testkit::RedisServer;
+use ferry_testkit::{RedisServer, eventually};
 use serde_json::json;
 
 use crate::support::{
     Proc, assert_completed_once, count_completions, enqueue_many, ferry, redis_and_broker, states,
-    until_drained, wait_for,
+    until_drained,
 };
 
 /// A `ferry worker` on `queue`, its log inherited, so the test runner shows it next to a failure.
@@ -59,10 +59,10 @@ async fn kill_9_worker_holding_1000_jobs_loses_none_and_completes_none_twice() -
         "2000",
     ];
     let mut first = spawn_worker(&url, q.as_str(), &args)?;
-    wait_for(
+    eventually(
         Duration::from_secs(30),
         "the first worker to hold all 1000 jobs",
-        || async { Ok(broker.stats(&q).await?.active == 1000) },
+        || async { Ok((broker.stats(&q).await?.active == 1000).then_some(())) },
     )
     .await?;
     first.kill9();
@@ -100,10 +100,15 @@ async fn worker_survives_a_redis_restart_and_resumes() -> Result<()> {
 
     let mut worker = spawn_worker(&url, q.as_str(), &["--concurrency", "20"])?;
     let before = enqueue_many(&broker, &q, 50, noop.clone()).await?;
-    wait_for(
+    eventually(
         Duration::from_secs(30),
         "jobs before the restart",
-        || async { Ok(states(&broker, &before).await?.get(&JobState::Completed) == Some(&50)) },
+        || async {
+            Ok(
+                (states(&broker, &before).await?.get(&JobState::Completed) == Some(&50))
+                    .then_some(()),
+            )
+        },
     )
     .await?;
 
@@ -124,10 +129,15 @@ async fn worker_survives_a_redis_restart_and_resumes() -> Result<()> {
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    wait_for(
+    eventually(
         Duration::from_secs(60),
         "jobs after the restart",
-        || async { Ok(states(&broker, &after).await?.get(&JobState::Completed) == Some(&50)) },
+        || async {
+            Ok(
+                (states(&broker, &after).await?.get(&JobState::Completed) == Some(&50))
+                    .then_some(()),
+            )
+        },
     )
     .await?;
     // Data written before the restart survived it (AOF).
@@ -152,8 +162,8 @@ async fn sigterm_drains_in_flight_jobs_and_exits_0() -> Result<()> {
         q.as_str(),
         &["--concurrency", "5", "--drain-timeout-ms", "10000"],
     )?;
-    wait_for(Duration::from_secs(30), "5 running jobs", || async {
-        Ok(broker.stats(&q).await?.active == 5)
+    eventually(Duration::from_secs(30), "5 running jobs", || async {
+        Ok((broker.stats(&q).await?.active == 5).then_some(()))
     })
     .await?;
     let status = worker.stop(Duration::from_secs(20)).await?;

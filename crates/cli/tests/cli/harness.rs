@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use ferry_testkit::cluster::{Cluster, eventually};
+use ferry_testkit::cluster::Cluster;
+use ferry_testkit::eventually;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

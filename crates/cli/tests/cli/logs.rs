@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ferry_testkit::{PostgresServer, RedisServer, free_port};
+use ferry_testkit::{PostgresServer, RedisServer};
 use serde_json::json;
 
 use crate::support::{self, Proc, ferry, poll_json, remaining, submit, until_ready};
@@ -25,40 +25,49 @@ async fn secrets_never_appear_in_logs() {
     );
     assert!(db.contains(DB_PASSWORD), "{db}");
     let dir = tempfile::tempdir().unwrap();
+    let command = |name: &str, args: &[&str]| {
+        let mut cmd = ferry();
+        cmd.args(args)
+            .env("FERRY_LOG", "debug")
+            .env("FERRY_LOG_FORMAT", "json")
+            // No fixed admin port to fight over with the other tests.
+            .env("FERRY_ADMIN_LISTEN", "off")
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.path().join(format!("{name}.out"))).unwrap(),
+            ));
+        cmd
+    };
     let spawn = |name: &str, args: &[&str]| {
         let log = dir.path().join(format!("{name}.log"));
         let child = Proc::spawn(
-            ferry()
-                .args(args)
-                .env("FERRY_LOG", "debug")
-                .env("FERRY_LOG_FORMAT", "json")
-                // No fixed admin port to fight over with the other tests.
-                .env("FERRY_ADMIN_LISTEN", "off")
-                .stdout(Stdio::from(
-                    std::fs::File::create(dir.path().join(format!("{name}.out"))).unwrap(),
-                ))
-                .stderr(Stdio::from(std::fs::File::create(&log).unwrap())),
+            command(name, args).stderr(Stdio::from(std::fs::File::create(&log).unwrap())),
         )
         .unwrap();
         (child, log)
     };
-    let listen = format!("127.0.0.1:{}", free_port());
     let url = redis.url();
-    let (mut gw, gw_log) = spawn(
-        "gateway",
-        &[
+    // The gateway on port 0: its stderr is read (Proc::log) for the address it bound.
+    let (mut gw, line) = Proc::spawn_listening(
+        &mut command(
             "gateway",
-            "--redis",
-            &url,
-            "--listen",
-            &listen,
-            "--jwt-secret",
-            SECRET,
-            "--database-url",
-            &db,
-            "--migrate",
-        ],
-    );
+            &[
+                "gateway",
+                "--redis",
+                &url,
+                "--listen",
+                "127.0.0.1:0",
+                "--jwt-secret",
+                SECRET,
+                "--database-url",
+                &db,
+                "--migrate",
+            ],
+        ),
+        "gateway listening",
+    )
+    .await
+    .unwrap();
+    let listen = support::announced(&line, "listen").unwrap();
     let (mut wk, wk_log) = spawn(
         "worker",
         &[
@@ -134,8 +143,14 @@ async fn secrets_never_appear_in_logs() {
         span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
         "{line}"
     );
-    for log in [gw_log, wk_log] {
-        let text = std::fs::read_to_string(&log).unwrap();
+    let logs = [
+        ("the gateway's stderr", gw.log()),
+        (
+            "the worker's stderr",
+            std::fs::read_to_string(&wk_log).unwrap(),
+        ),
+    ];
+    for (log, text) in logs {
         assert!(
             text.lines().count() > 3,
             "debug logging produced lines: {text}"
@@ -143,17 +158,12 @@ async fn secrets_never_appear_in_logs() {
         for secret in [SECRET, DB_PASSWORD, token.as_str(), bad.as_str()] {
             assert!(
                 !text.contains(secret),
-                "{} leaked into {}:\n{text}",
+                "{} leaked into {log}:\n{text}",
                 &secret[..8],
-                log.display()
             );
         }
         // The token's signature alone must not show either.
         let sig = token.rsplit('.').next().unwrap();
-        assert!(
-            !text.contains(sig),
-            "a token signature leaked into {}",
-            log.display()
-        );
+        assert!(!text.contains(sig), "a token signature leaked into {log}");
     }
 }

@@ -145,30 +145,30 @@ fn ferry() -> Command {
     c
 }
 
-/// `ferry dev` on a free port, with `extra` flags; stderr goes to `log`.
-fn start_dev(extra: &[&str], log: &std::path::Path) -> (Proc, String) {
-    let listen = format!("127.0.0.1:{}", ferry_testkit::free_port());
-    let dev = Proc::spawn(
+/// `ferry dev` on port 0, with `extra` flags, once it listens: the process (its stderr in [`Proc::log`]) and its
+/// base URL.
+async fn start_dev(extra: &[&str]) -> (Proc, String) {
+    let (dev, line) = Proc::spawn_listening(
         ferry()
-            .args(["dev", "--listen", &listen])
+            .args(["dev", "--listen", "127.0.0.1:0"])
             .args(extra)
             .env("FERRY_JWT_SECRET", SECRET)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(log).unwrap())),
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null()),
+        "gateway listening",
     )
+    .await
     .expect("ferry dev starts");
-    (dev, format!("http://{listen}"))
+    let base = format!("http://{}", support::announced(&line, "listen").unwrap());
+    (dev, base)
 }
 
 /// Submit one echo job with our traceparent, wait until it completed; the traceparent the gateway returned.
-async fn run_one_job(base: &str, log: &std::path::Path) -> String {
+async fn run_one_job(base: &str, dev: &Proc) -> String {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     if let Err(e) = until_healthy(&http, base, remaining(deadline)).await {
-        panic!(
-            "ferry dev never listened ({e}):\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
+        panic!("ferry dev never listened ({e}):\n{}", dev.log());
     }
     let token = support::token(
         SECRET,
@@ -203,28 +203,25 @@ async fn run_one_job(base: &str, log: &std::path::Path) -> String {
     returned
 }
 
-/// SIGTERM, then wait (bounded) for a clean exit.
-async fn stop(mut dev: Proc, log: &std::path::Path) {
-    let exit = dev.stop(Duration::from_secs(30)).await.unwrap_or_else(|e| {
-        panic!(
-            "ferry dev did not stop ({e}):\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        )
-    });
+/// SIGTERM, then wait (bounded) for a clean exit: its whole log.
+async fn stop(mut dev: Proc) -> String {
+    let exit = dev
+        .stop(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("ferry dev did not stop ({e}):\n{}", dev.log()));
     assert!(
         exit.success(),
         "ferry dev exited with {exit}:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
+        dev.log()
     );
+    dev.log()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_of_gateway_and_worker_reach_the_collector_in_one_trace() {
     let (endpoint, received) = receiver().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("dev.log");
-    let (dev, base) = start_dev(&["--otlp-endpoint", &endpoint], &log);
-    let returned = run_one_job(&base, &log).await;
+    let (dev, base) = start_dev(&["--otlp-endpoint", &endpoint]).await;
+    let returned = run_one_job(&base, &dev).await;
     // The traceparent handed back (and stored with the job) is in the caller's trace and names the gateway's
     // span as the parent, not the caller's.
     let parts: Vec<&str> = returned.split('-').collect();
@@ -233,8 +230,7 @@ async fn spans_of_gateway_and_worker_reach_the_collector_in_one_trace() {
     assert_ne!(parts[2], PARENT_ID, "{returned}");
     let gateway_span_id = parts[2].to_owned();
     // Shutdown flushes what is still queued: everything is there once the process is gone.
-    stop(dev, &log).await;
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let log_text = stop(dev).await;
     let spans = received.spans.lock().unwrap().clone();
     let requests = received.requests.lock().unwrap().clone();
     let context = || format!("spans: {spans:#?}\nrequests: {requests:?}\nlog:\n{log_text}");
@@ -308,13 +304,11 @@ async fn spans_of_gateway_and_worker_reach_the_collector_in_one_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_endpoint_nothing_is_exported_and_the_traceparent_is_kept() {
     let (endpoint, received) = receiver().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("dev.log");
     // A receiver is listening, but the process is not told about it.
-    let (dev, base) = start_dev(&["--otlp-service-name", "ignored"], &log);
-    let returned = run_one_job(&base, &log).await;
+    let (dev, base) = start_dev(&["--otlp-service-name", "ignored"]).await;
+    let returned = run_one_job(&base, &dev).await;
     assert_eq!(returned, format!("00-{TRACE_ID}-{PARENT_ID}-01"));
-    stop(dev, &log).await;
+    stop(dev).await;
     assert!(
         received.requests.lock().unwrap().is_empty(),
         "{endpoint} got requests without --otlp-endpoint"

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{EventType, JobId, Kind, NewJob, QueueName};
-use ferry_testkit::{Netns, NetnsError, RedisServer};
+use ferry_testkit::{Netns, NetnsError, RedisServer, eventually};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::support::{Proc, enqueue_many, wait_for};
+use crate::support::{Proc, enqueue_many};
 
 fn noop() -> NewJob {
     NewJob::new(Kind::parse("ferry.noop").unwrap(), json!({}))
@@ -86,10 +86,10 @@ async fn partitioned_worker_leaves_no_ghost_claims_requires_netns() -> Result<()
     };
 
     let warm = enqueue_many(&broker, &q, 1, noop()).await?;
-    wait_for(
+    eventually(
         Duration::from_secs(30),
         "the worker in the namespace to complete a first job",
-        || async { Ok(count(&warm) == 1) },
+        || async { Ok((count(&warm) == 1).then_some(())) },
     )
     .await?;
 
@@ -104,10 +104,10 @@ async fn partitioned_worker_leaves_no_ghost_claims_requires_netns() -> Result<()
 
     // Every job completes well before a visibility timeout (30 s) has passed since the heal: none waits out a
     // lease taken by a claim nobody was waiting for.
-    let done = wait_for(
+    let done = eventually(
         Duration::from_secs(15),
         "every job to complete after the heal",
-        || async { Ok(count(&ids) == ids.len()) },
+        || async { Ok((count(&ids) == ids.len()).then_some(())) },
     )
     .await;
     if let Err(e) = done {

@@ -18,12 +18,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::{RedisServer, eventually, free_port};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{self, Proc, ferry, read, repo, token, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, read, repo, token, until_ready};
 
 const SECRET: &str = "haproxy-test-secret-haproxy-test-secret-0123";
 
@@ -149,29 +149,30 @@ struct Gateway {
     base: String,
 }
 
-fn gateway(redis: &str) -> Result<Gateway> {
-    let listen = format!("127.0.0.1:{}", free_port());
+/// A `ferry gateway` on port 0, once it listens.
+async fn gateway(redis: &str) -> Result<Gateway> {
     let mut cmd = ferry();
     cmd.args([
         "gateway",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         // Long enough for the test to watch HAProxy take a draining gateway out while it still serves.
         "--drain-delay-ms",
         "30000",
         "--shutdown-deadline-ms",
         "60000",
     ])
-    .env("FERRY_LOG", "warn")
+    .env("FERRY_LOG", "warn,ferry_cli=info")
     .env("FERRY_REDIS_URLS", redis)
     .env("FERRY_JWT_SECRET", SECRET)
     .env_remove("FERRY_CONFIG")
     .env_remove("FERRY_LOG_FORMAT")
     .stdin(Stdio::null())
     .stdout(Stdio::null());
+    let (proc, line) = Proc::spawn_listening(&mut cmd, "gateway listening").await?;
     Ok(Gateway {
-        proc: Proc::spawn_logged(&mut cmd)?,
-        base: format!("http://{listen}"),
+        proc,
+        base: format!("http://{}", support::announced(&line, "listen")?),
     })
 }
 
@@ -228,7 +229,7 @@ async fn haproxy_hashes_subjects_with_bounded_loads_and_skips_draining_gateways(
     let http = reqwest::Client::new();
     let mut gws = Vec::new();
     for _ in 0..3 {
-        gws.push(gateway(&redis.url())?);
+        gws.push(gateway(&redis.url()).await?);
     }
     for g in &gws {
         until_ready(&http, &g.base, Duration::from_secs(30)).await?;
@@ -249,12 +250,12 @@ async fn haproxy_hashes_subjects_with_bounded_loads_and_skips_draining_gateways(
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let _haproxy = Proc::spawn_logged(&mut cmd)?;
-    wait_for(Duration::from_secs(20), "HAProxy answers", || async {
+    eventually(Duration::from_secs(20), "HAProxy answers", || async {
         let r = http
             .get(format!("http://{front}/haproxy/healthz"))
             .send()
             .await;
-        Ok(matches!(r, Ok(ref r) if r.status().is_success()))
+        Ok((matches!(r, Ok(ref r) if r.status().is_success())).then_some(()))
     })
     .await?;
     // `rise 2` × `inter 2 s`: every server is up after its first two checks.
@@ -294,14 +295,11 @@ async fn haproxy_hashes_subjects_with_bounded_loads_and_skips_draining_gateways(
     // Drain gateway 0: /readyz turns 503 and HAProxy stops sending it clients, while its sockets stay.
     let held = connections(&http, &gws[0].base).await?;
     gws[0].proc.sigterm()?;
-    wait_for(
+    eventually(
         Duration::from_secs(10),
         "gateway 0 reports draining",
         || async {
-            Ok(matches!(
-                support::readyz(&http, &gws[0].base).await,
-                Ok((503, _))
-            ))
+            Ok((matches!(support::readyz(&http, &gws[0].base).await, Ok((503, _)))).then_some(()))
         },
     )
     .await?;

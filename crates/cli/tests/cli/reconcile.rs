@@ -10,12 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
-use ferry_testkit::{PostgresServer, RedisServer};
+use ferry_testkit::{PostgresServer, RedisServer, eventually};
 use serde_json::json;
 
-use crate::support::{Proc, enqueue_many, ferry, migrated_database, wait_for_every};
-
-const POLL: Duration = Duration::from_millis(250);
+use crate::support::{Proc, enqueue_many, ferry, migrated_database};
 
 /// Redis + a migrated database.
 struct Cluster {
@@ -92,12 +90,9 @@ async fn jobs_redis_lost_before_any_worker_ran_complete_exactly_once() -> Result
 
     // A recorder (in a worker serving another queue, reconciler off) copies the submissions to PostgreSQL.
     let mut recorder = c.worker("elsewhere", &["--reconcile-interval-ms", "0"])?;
-    wait_for_every(
-        POLL,
-        Duration::from_secs(30),
-        "105 recorded jobs",
-        || async { Ok(c.count("select count(*) from jobs where payload is not null")? == 105) },
-    )
+    eventually(Duration::from_secs(30), "105 recorded jobs", || async {
+        Ok((c.count("select count(*) from jobs where payload is not null")? == 105).then_some(()))
+    })
     .await?;
     recorder.stop(Duration::from_secs(20)).await?;
 
@@ -116,12 +111,9 @@ async fn jobs_redis_lost_before_any_worker_ran_complete_exactly_once() -> Result
     let _b = c.worker("lost", &reconcile)?;
     // Slow machines: room for the processes to start and the jobs to run, on top of grace plus one interval.
     let slack = Duration::from_secs(30);
-    wait_for_every(
-        POLL,
-        grace + interval + slack,
-        "100 completed jobs",
-        || async { Ok(c.count("select count(*) from jobs where state = 'completed'")? == 100) },
-    )
+    eventually(grace + interval + slack, "100 completed jobs", || async {
+        Ok((c.count("select count(*) from jobs where state = 'completed'")? == 100).then_some(()))
+    })
     .await?;
     eprintln!(
         "all restored jobs completed {:?} after the workers started",
@@ -195,11 +187,15 @@ async fn jobs_redis_still_knows_are_never_restored() -> Result<()> {
             "500",
         ],
     )?;
-    wait_for_every(
-        POLL,
+    eventually(
         Duration::from_secs(30),
         "the slow jobs to complete",
-        || async { Ok(c.count("select count(*) from jobs where state = 'completed'")? == 2) },
+        || async {
+            Ok(
+                (c.count("select count(*) from jobs where state = 'completed'")? == 2)
+                    .then_some(()),
+            )
+        },
     )
     .await?;
     let passes = w.log().matches("reconcile pass: nothing lost").count();
@@ -214,12 +210,9 @@ async fn jobs_redis_still_knows_are_never_restored() -> Result<()> {
     );
 
     broker.resume(&held).await?;
-    wait_for_every(
-        POLL,
-        Duration::from_secs(30),
-        "22 completed jobs",
-        || async { Ok(c.count("select count(*) from jobs where state = 'completed'")? == 22) },
-    )
+    eventually(Duration::from_secs(30), "22 completed jobs", || async {
+        Ok((c.count("select count(*) from jobs where state = 'completed'")? == 22).then_some(()))
+    })
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(

@@ -1,46 +1,77 @@
-//! The durable record end to end, with real processes: `ferry gateway` and `ferry worker`s (each running a
-//! recorder) against a real redis-server and a real PostgreSQL (ferry-testkit). Jobs flow, PostgreSQL stops,
-//! recorders are killed; afterwards every job has exactly one `jobs` row in its final state and exactly its
-//! events in `job_events`.
+//! The durable record end to end: a gateway and workers (each running a recorder) against a real redis-server
+//! and a real PostgreSQL (ferry-testkit). Jobs flow, PostgreSQL stops, recorders are killed; afterwards every
+//! job has exactly one `jobs` row in its final state and exactly its events in `job_events`.
+//!
+//! The 10,000-job run is an in-process cluster (`ferry_testkit::cluster`). The others are about processes and
+//! stay `ferry` processes: the recorder's breaker is read from a worker's log, a recorder is killed with -9,
+//! and readiness is read from a worker's admin listener.
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
 use ferry_core::{Kind, NewJob, QueueName};
-use ferry_testkit::{PostgresServer, RedisServer, free_port};
+use ferry_testkit::cluster::Cluster as InProcess;
+use ferry_testkit::{PostgresServer, RedisServer, eventually, free_port};
 use serde_json::{Value, json};
 
 use crate::support::{
     self, Proc, completions_total, count_completions, enqueue_many, ferry, migrated_database,
-    until_healthy, wait_for_every,
+    until_healthy,
 };
 
 const SECRET: &str = "record-test-secret-0123456789abcdef";
-/// How often the waits poll: most checks run `psql`.
-const POLL: Duration = Duration::from_millis(250);
 
 /// A `ferry` child process whose stderr goes to a file (read by the test, printed if it fails).
 fn spawn(args: &[&str]) -> Result<Proc> {
-    Proc::spawn_logged(
-        ferry()
-            .args(args)
-            .env("FERRY_LOG", "warn,ferry_store=info,ferry_cli=info")
-            .env_remove("FERRY_LOG_FORMAT")
-            .env_remove("FERRY_DATABASE_URL")
-            // Several workers on one machine: no fixed admin port to fight over.
-            .env("FERRY_ADMIN_LISTEN", "off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null()),
-    )
+    Proc::spawn_logged(&mut command(args))
 }
 
-/// Redis + a migrated database.
+/// A `ferry gateway` on port 0 on `redis`, with the record at `db`, once it listens: the process and its
+/// address. Its stderr is kept the same way.
+async fn spawn_gateway(redis: &str, db: &str) -> Result<(Proc, String)> {
+    let args = [
+        "gateway",
+        "--redis",
+        redis,
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        SECRET,
+        "--database-url",
+        db,
+    ];
+    let (proc, line) = Proc::spawn_listening(&mut command(&args), "gateway listening").await?;
+    Ok((proc, support::announced(&line, "listen")?))
+}
+
+fn command(args: &[&str]) -> Command {
+    let mut cmd = ferry();
+    cmd.args(args)
+        .env("FERRY_LOG", "warn,ferry_store=info,ferry_cli=info")
+        .env_remove("FERRY_LOG_FORMAT")
+        .env_remove("FERRY_DATABASE_URL")
+        // Several workers on one machine: no fixed admin port to fight over.
+        .env("FERRY_ADMIN_LISTEN", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// Redis + a migrated database, for `ferry` processes; reads the record through [`Record`].
 struct Cluster {
     redis: RedisServer,
     pg: PostgresServer,
-    db: String,
+    record: Record,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Record;
+
+    fn deref(&self) -> &Record {
+        &self.record
+    }
 }
 
 impl Cluster {
@@ -48,7 +79,11 @@ impl Cluster {
         let redis = RedisServer::start()?;
         let pg = PostgresServer::start()?;
         let db = migrated_database(&pg, "record")?;
-        Ok(Self { redis, pg, db })
+        Ok(Self {
+            redis,
+            pg,
+            record: Record { db },
+        })
     }
 
     fn worker(&self, queue: &str, extra: &[&str]) -> Result<Proc> {
@@ -60,12 +95,23 @@ impl Cluster {
             "--queues",
             queue,
             "--database-url",
-            &self.db,
+            &self.record.db,
         ];
         args.extend_from_slice(extra);
         spawn(&args)
     }
 
+    async fn broker(&self) -> Result<RedisBroker> {
+        Ok(RedisBroker::connect(&[self.redis.url()], EngineConfig::default()).await?)
+    }
+}
+
+/// The record's database (its URL), read with `psql`.
+struct Record {
+    db: String,
+}
+
+impl Record {
     fn sql(&self, q: &str) -> Result<String> {
         Ok(ferry_testkit::psql(&self.db, q)?.trim().to_owned())
     }
@@ -75,18 +121,17 @@ impl Cluster {
         s.parse().with_context(|| format!("{q} answered {s:?}"))
     }
 
-    async fn broker(&self) -> Result<RedisBroker> {
-        Ok(RedisBroker::connect(&[self.redis.url()], EngineConfig::default()).await?)
-    }
-
     /// Waits (up to `within`) until `jobs` jobs are completed in PostgreSQL with three events each, lets any
-    /// straggling redelivery land, then checks them with [`Cluster::assert_recorded_exactly`].
+    /// straggling redelivery land, then checks them with [`Record::assert_recorded_exactly`].
     async fn until_recorded(&self, jobs: u64, within: Duration, what: &str) -> Result<()> {
-        wait_for_every(POLL, within, what, || async {
-            Ok(
-                self.count("select count(*) from jobs where state = 'completed'")? == jobs
-                    && self.count("select count(*) from job_events")? == jobs * 3,
-            )
+        eventually(within, what, || async {
+            let completed = self.count("select count(*) from jobs where state = 'completed'")?;
+            let events = self.count("select count(*) from job_events")?;
+            ensure!(
+                completed == jobs && events == jobs * 3,
+                "{completed} completed jobs and {events} events recorded"
+            );
+            Ok(Some(()))
         })
         .await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -123,36 +168,23 @@ fn noop() -> NewJob {
     NewJob::new(Kind::parse("ferry.noop").unwrap(), json!({ "n": 1 }))
 }
 
-/// 10,000 jobs submitted through a gateway and run by two workers, each with a recorder.
+/// 10,000 jobs submitted through a gateway and run by two workers, each with a recorder: an in-process
+/// cluster (`ferry_testkit::cluster`), as nothing here is about the processes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Result<()> {
-    let c = Cluster::start()?;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let redis = c.redis.url();
-    let _gateway = spawn(&[
-        "gateway",
-        "--redis",
-        &redis,
-        "--listen",
-        &listen,
-        "--jwt-secret",
-        SECRET,
-        "--database-url",
-        &c.db,
-    ])?;
-    let w1 = c.worker("bulk", &["--consumer", "worker-a"])?;
-    let w2 = c.worker("bulk", &["--consumer", "worker-b"])?;
-
-    let token = support::token(
-        SECRET,
-        "submitter",
-        &["jobs:submit", "jobs:read"],
-        Duration::from_secs(3600),
-    );
-    let http = reqwest::Client::new();
-    let base = format!("http://{listen}");
-    until_healthy(&http, &base, Duration::from_secs(30)).await?;
+    let cluster = InProcess::builder()
+        .postgres()
+        .worker(&["bulk"])
+        .worker(&["bulk"])
+        .start()
+        .await?;
+    let c = Record {
+        db: cluster.postgres.as_ref().context("a PostgreSQL")?.url(),
+    };
+    let (worker_a, worker_b) = (cluster.worker(0).consumer(), cluster.worker(1).consumer());
+    let client = cluster.client(0, "submitter", "jobs:submit jobs:read");
+    let (http, base, token) = (&client.http, &client.base, &client.token);
+    until_healthy(http, base, Duration::from_secs(30)).await?;
     let total = 10_000u64;
     for b in 0..10 {
         let jobs: Vec<Value> = (0..1000)
@@ -160,7 +192,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
             .collect();
         let r = http
             .post(format!("{base}/v1/queues/bulk/jobs/batch"))
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .header("x-request-id", format!("batch-{b}"))
             .json(&json!({ "jobs": jobs }))
             .send()
@@ -176,7 +208,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         total
     );
     assert_eq!(
-        c.count("select count(*) from job_events where type <> 'job.queued' and actor in ('worker-a', 'worker-b')")?,
+        c.count(&format!("select count(*) from job_events where type <> 'job.queued' and actor in ('{worker_a}', '{worker_b}')"))?,
         total * 2
     );
     assert_eq!(
@@ -189,14 +221,14 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
     // transaction) held off pruning, which a loaded CI machine makes longer: 90 % failed there once, so the bar
     // is 75 %, still far from what a wrong index gives.
     let seen = std::cell::RefCell::new(String::new());
-    let hot = wait_for_every(POLL, Duration::from_secs(15), "HOT updates of jobs rows", || async {
+    let hot = eventually(Duration::from_secs(15), "HOT updates of jobs rows", || async {
         let row = c.sql(
             "select n_tup_upd || ' ' || n_tup_hot_upd from pg_stat_user_tables where relname = 'jobs'",
         )?;
         let (upd, hot) = row.split_once(' ').context("two counts")?;
         let (upd, hot): (f64, f64) = (upd.parse()?, hot.parse()?);
         *seen.borrow_mut() = format!("{hot} of {upd} updates HOT");
-        Ok(upd > 0.0 && hot >= 0.75 * upd)
+        Ok((upd > 0.0 && hot >= 0.75 * upd).then_some(()))
     })
     .await;
     eprintln!("jobs: {}", seen.borrow());
@@ -211,7 +243,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         }
         let page: Value = http
             .get(url)
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .send()
             .await?
             .json()
@@ -228,7 +260,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
     let id = seen.iter().next().context("a job")?;
     let trail: Value = http
         .get(format!("{base}/v1/jobs/{id}/events"))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .send()
         .await?
         .json()
@@ -244,7 +276,7 @@ async fn ten_thousand_jobs_through_a_cluster_are_recorded_exactly_once() -> Resu
         ["job.queued", "job.active", "job.completed"],
         "{trail}"
     );
-    drop((w1, w2));
+    cluster.shutdown().await;
     Ok(())
 }
 
@@ -273,8 +305,8 @@ async fn postgres_outage_of_thirty_seconds_loses_nothing() -> Result<()> {
             anyhow::Ok(sent)
         })
     };
-    wait_for_every(POLL, Duration::from_secs(30), "the first rows", || async {
-        Ok(c.count("select count(*) from jobs where state = 'completed'")? > 0)
+    eventually(Duration::from_secs(30), "the first rows", || async {
+        Ok((c.count("select count(*) from jobs where state = 'completed'")? > 0).then_some(()))
     })
     .await?;
 
@@ -332,8 +364,7 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
     let total = 2000u64;
     enqueue_many(&broker, &q, 2000, noop()).await?;
     // The victim's recorder has read entries and sits on them.
-    wait_for_every(
-        POLL,
+    eventually(
         Duration::from_secs(60),
         "the victim to hold log entries",
         || async {
@@ -346,7 +377,10 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
                 "10",
                 "victim",
             ])?;
-            Ok(!pending.trim().is_empty() && completions_total(&completed) == total)
+            Ok(
+                (!pending.trim().is_empty() && completions_total(&completed) == total)
+                    .then_some(()),
+            )
         },
     )
     .await?;
@@ -387,20 +421,9 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()> {
     let mut c = Cluster::start()?;
-    let gw = format!("127.0.0.1:{}", free_port());
+    let (_gateway, gw) = spawn_gateway(&c.redis.url(), &c.record.db).await?;
+    // The worker's admin listener logs no address it bound, so its port is picked here.
     let admin = format!("127.0.0.1:{}", free_port());
-    let redis = c.redis.url();
-    let _gateway = spawn(&[
-        "gateway",
-        "--redis",
-        &redis,
-        "--listen",
-        &gw,
-        "--jwt-secret",
-        SECRET,
-        "--database-url",
-        &c.db,
-    ])?;
     let _worker = c.worker("degraded", &["--admin-listen", &admin])?;
     let http = reqwest::Client::new();
     let (gw, admin) = (format!("http://{gw}"), format!("http://{admin}"));
@@ -412,11 +435,11 @@ async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()
 
     c.pg.stop()?;
     for base in [&gw, &admin] {
-        wait_for_every(POLL, Duration::from_secs(30), "postgres seen down", || {
+        eventually(Duration::from_secs(30), "postgres seen down", || {
             let http = &http;
             async move {
                 let (_, body) = support::readyz(http, base).await?;
-                Ok(body["checks"]["postgres"]["ok"] == false)
+                Ok((body["checks"]["postgres"]["ok"] == false).then_some(()))
             }
         })
         .await?;
@@ -458,15 +481,10 @@ async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()
 
     c.redis.stop()?;
     for base in [&gw, &admin] {
-        wait_for_every(
-            POLL,
-            Duration::from_secs(30),
-            "unready without redis",
-            || {
-                let http = &http;
-                async move { Ok(support::readyz(http, base).await?.0 == 503) }
-            },
-        )
+        eventually(Duration::from_secs(30), "unready without redis", || {
+            let http = &http;
+            async move { Ok((support::readyz(http, base).await?.0 == 503).then_some(())) }
+        })
         .await?;
         let (_, body) = support::readyz(&http, base).await?;
         assert_eq!(body["status"], "unready", "{base}: {body}");

@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::{RedisServer, eventually};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{self, Proc, ferry, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, until_ready};
 
 const SECRET: &str = "scale-out-test-secret-scale-out-test-secret";
 const CLIENTS: usize = 3_000;
@@ -33,8 +33,9 @@ const RATE: usize = 200;
 const COOLDOWN_MS: u64 = 2_000;
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 
-fn spawn(args: &[&str]) -> Result<Proc> {
-    Proc::spawn_logged(
+/// `ferry ARGS` listening on port 0, once it logged `announce`: the process and that line.
+async fn spawn(args: &[&str], announce: &str) -> Result<(Proc, String)> {
+    Proc::spawn_listening(
         ferry()
             .args(args)
             .env("FERRY_LOG", "warn,ferry_cli=info")
@@ -43,18 +44,21 @@ fn spawn(args: &[&str]) -> Result<Proc> {
             .env_remove("FERRY_ADMIN_LISTEN")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
+        announce,
     )
+    .await
 }
 
-fn spawn_gateway(redis: &str, listen: &str) -> Result<Proc> {
+/// A `ferry gateway` on port 0, once it listens: the process and its address.
+async fn spawn_gateway(redis: &str) -> Result<(Proc, String)> {
     let rate = RATE.to_string();
     let cooldown = COOLDOWN_MS.to_string();
-    spawn(&[
+    let args = [
         "gateway",
         "--redis",
         redis,
         "--listen",
-        listen,
+        "127.0.0.1:0",
         "--jwt-secret",
         SECRET,
         "--heartbeat-ms",
@@ -70,7 +74,9 @@ fn spawn_gateway(redis: &str, listen: &str) -> Result<Proc> {
         // Every client comes from the balancer's address.
         "--max-unauthenticated-per-ip",
         "100000",
-    ])
+    ];
+    let (proc, line) = spawn(&args, "gateway listening").await?;
+    Ok((proc, support::announced(&line, "listen")?))
 }
 
 /// What one client saw over the whole run.
@@ -238,27 +244,33 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let addrs: Vec<String> = (0..4)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
+    let mut addrs: Vec<String> = Vec::new();
     let mut gateways: Vec<Proc> = Vec::new();
-    for a in &addrs[..3] {
-        gateways.push(spawn_gateway(&redis.url(), a)?);
+    for _ in 0..3 {
+        let (proc, addr) = spawn_gateway(&redis.url()).await?;
+        gateways.push(proc);
+        addrs.push(addr);
     }
-    for a in &addrs[..3] {
+    for a in &addrs {
         until_ready(&http, &format!("http://{a}"), Duration::from_secs(30)).await?;
     }
-    let front = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
-    let _balancer = spawn(&[
-        "balancer",
-        "--redis",
-        &redis.url(),
-        "--listen",
-        &front,
-        "--admin-listen",
-        &admin,
-    ])?;
+    let (_balancer, line) = spawn(
+        &[
+            "balancer",
+            "--redis",
+            &redis.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        "balancer listening",
+    )
+    .await?;
+    let (front, admin) = (
+        support::announced(&line, "addr")?,
+        support::announced(&line, "admin")?,
+    );
     until_ready(&http, &format!("http://{admin}"), Duration::from_secs(30)).await?;
     support::until_balancer_sees(&http, &admin, 3, Duration::from_secs(15)).await?;
 
@@ -281,10 +293,10 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    wait_for(
+    eventually(
         Duration::from_secs(60),
         "every client subscribed",
-        || async { Ok(shared.subscribed.load(Ordering::SeqCst) == CLIENTS) },
+        || async { Ok((shared.subscribed.load(Ordering::SeqCst) == CLIENTS).then_some(())) },
     )
     .await?;
     let three = connections(&http, &addrs[..3]).await;
@@ -335,7 +347,9 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
 
     // 2. A fourth gateway joins.
     let joined = Instant::now();
-    gateways.push(spawn_gateway(&redis.url(), &addrs[3])?);
+    let (proc, addr) = spawn_gateway(&redis.url()).await?;
+    gateways.push(proc);
+    addrs.push(addr);
     let mut four = Vec::new();
     let mut balanced_after = None;
     while joined.elapsed() < Duration::from_secs(60) {
@@ -376,16 +390,16 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
     let moves_before_kill = shared.moves.lock().unwrap().len();
     let killed = Instant::now();
     gateways[1].kill9();
-    wait_for(
+    eventually(
         Duration::from_secs(5),
         "the killed gateway's clients noticed",
-        || async { Ok(shared.subscribed.load(Ordering::SeqCst) < CLIENTS) },
+        || async { Ok((shared.subscribed.load(Ordering::SeqCst) < CLIENTS).then_some(())) },
     )
     .await?;
-    wait_for(
+    eventually(
         Duration::from_secs(15).saturating_sub(killed.elapsed()),
         "every client back within 15 s of the kill",
-        || async { Ok(shared.subscribed.load(Ordering::SeqCst) == CLIENTS) },
+        || async { Ok((shared.subscribed.load(Ordering::SeqCst) == CLIENTS).then_some(())) },
     )
     .await?;
     let back_after = killed.elapsed();
@@ -413,14 +427,15 @@ async fn three_thousand_clients_stay_balanced_as_gateways_join_and_die() -> Resu
     stop_publisher.cancel();
     let published = publisher.await??;
     ensure!(published > 0, "nothing published");
-    wait_for(
+    eventually(
         Duration::from_secs(30),
         "every client received every message",
         || async {
-            Ok(shared
+            Ok((shared
                 .received
                 .iter()
                 .all(|r| r.load(Ordering::SeqCst) >= published as usize))
+            .then_some(()))
         },
     )
     .await?;

@@ -8,19 +8,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ferry_broker::prelude::*;
 use ferry_core::{JobId, JobState, Kind, NewJob, QueueName};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::{RedisServer, eventually};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{
     self, Proc, assert_completed_once, count_completions, enqueue_many, ferry, readyz,
-    redis_and_broker, states, until_drained, until_ready, wait_for_every,
+    redis_and_broker, states, until_drained, until_ready,
 };
 
 const SECRET: &str = "shutdown-test-secret-shutdown-test-secret";
-/// How often the waits poll: the tests time what happens after a signal.
-const POLL: Duration = Duration::from_millis(20);
 
 /// A `ferry` child process, its log inherited, so the test runner shows it next to a failure.
 fn spawn(args: &[&str]) -> Result<Proc> {
@@ -29,21 +27,23 @@ fn spawn(args: &[&str]) -> Result<Proc> {
 
 /// With the log going to `stderr` instead of the test's own.
 fn spawn_to(args: &[&str], stderr: impl Into<Stdio>) -> Result<Proc> {
-    Proc::spawn(
-        ferry()
-            .args(args)
-            .env(
-                "FERRY_LOG",
-                "warn,ferry_gateway=info,ferry_worker=info,ferry_cli=info",
-            )
-            .env_remove("FERRY_LOG_FORMAT")
-            .env_remove("FERRY_CONFIG")
-            // Two workers on one machine: no fixed admin port to fight over.
-            .env("FERRY_ADMIN_LISTEN", "off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr),
-    )
+    Proc::spawn(command(args).stderr(stderr))
+}
+
+fn command(args: &[&str]) -> Command {
+    let mut cmd = ferry();
+    cmd.args(args)
+        .env(
+            "FERRY_LOG",
+            "warn,ferry_gateway=info,ferry_worker=info,ferry_cli=info",
+        )
+        .env_remove("FERRY_LOG_FORMAT")
+        .env_remove("FERRY_CONFIG")
+        // Two workers on one machine: no fixed admin port to fight over.
+        .env("FERRY_ADMIN_LISTEN", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
 }
 
 /// A readiness probe: when (since the signal) and the status, `None` when the connection was refused.
@@ -62,19 +62,20 @@ fn token_for(sub: &str) -> String {
     )
 }
 
-fn spawn_gateway(redis: &str, port: u16, extra: &[&str]) -> Result<Proc> {
-    let listen = format!("127.0.0.1:{port}");
+/// A `ferry gateway` on port 0, once it listens: the process (its log goes on to the test's) and its address.
+async fn spawn_gateway(redis: &str, extra: &[&str]) -> Result<(Proc, String)> {
     let mut args = vec![
         "gateway",
         "--redis",
         redis,
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--jwt-secret",
         SECRET,
     ];
     args.extend_from_slice(extra);
-    spawn(&args)
+    let (proc, line) = Proc::spawn_listening(&mut command(&args), "gateway listening").await?;
+    Ok((proc, support::announced(&line, "listen")?))
 }
 
 /// SIGTERM with a WebSocket client connected: /readyz goes 503 while the listener still answers, a batch of
@@ -85,11 +86,8 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
     const DELAY: u64 = 1_500;
     const SPREAD: u64 = 1_000;
     let redis = RedisServer::start()?;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut gw = spawn_gateway(
+    let (mut gw, addr) = spawn_gateway(
         &redis.url(),
-        port,
         &[
             "--drain-delay-ms",
             &DELAY.to_string(),
@@ -98,7 +96,9 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
             "--shutdown-deadline-ms",
             "15000",
         ],
-    )?;
+    )
+    .await?;
+    let base = format!("http://{addr}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
@@ -106,7 +106,7 @@ async fn sigterm_gateway_drains_websockets_and_http_then_exits_0() -> Result<()>
     assert_eq!(ready["checks"]["pubsub"]["ok"], true, "{ready}");
 
     let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/ws?token={}", token()))
+        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={}", token()))
             .await
             .context("upgrade")?;
 
@@ -261,8 +261,8 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
     let mut first = worker(&["--concurrency", "50", "--drain-timeout-ms", "20000"])?;
     let mut second = worker(&["--concurrency", "50"])?;
     // Mid-load: some jobs done, plenty still waiting.
-    wait_for_every(POLL, Duration::from_secs(30), "100 completions", || async {
-        Ok(completed.lock().unwrap().len() >= 100)
+    eventually(Duration::from_secs(30), "100 completions", || async {
+        Ok((completed.lock().unwrap().len() >= 100).then_some(()))
     })
     .await?;
     first.sigterm()?;
@@ -300,24 +300,24 @@ async fn sigterm_worker_under_load_loses_no_job() -> Result<()> {
 /// the gateway has, so nothing accepted is left in the in-memory engine when the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_dev_runs_jobs_accepted_during_the_drain_delay() -> Result<()> {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let base = format!("http://{listen}");
-    let mut dev = Proc::spawn_logged(
+    let (mut dev, line) = Proc::spawn_listening(
         ferry()
-            .args(["dev", "--listen", &listen])
+            .args(["dev", "--listen", "127.0.0.1:0"])
             .args(["--drain-delay-ms", "4000", "--ws-close-spread-ms", "100"])
             .env("FERRY_JWT_SECRET", SECRET)
             .env_remove("FERRY_CONFIG")
             .env("FERRY_LOG", "warn,ferry_cli=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
-    )?;
+        "gateway listening",
+    )
+    .await?;
+    let base = format!("http://{}", support::announced(&line, "listen")?);
     let http = reqwest::Client::new();
     until_ready(&http, &base, Duration::from_secs(30)).await?;
     dev.sigterm()?;
-    wait_for_every(POLL, Duration::from_secs(5), "readyz 503", || async {
-        Ok(readyz(&http, &base).await.map(|(s, _)| s).ok() == Some(503))
+    eventually(Duration::from_secs(5), "readyz 503", || async {
+        Ok((readyz(&http, &base).await.map(|(s, _)| s).ok() == Some(503)).then_some(()))
     })
     .await?;
     let t = token();
@@ -372,12 +372,9 @@ async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() ->
         ],
         log,
     )?;
-    wait_for_every(
-        POLL,
-        Duration::from_secs(20),
-        "the job to start",
-        || async { Ok(broker.stats(&q).await?.active == 1) },
-    )
+    eventually(Duration::from_secs(20), "the job to start", || async {
+        Ok((broker.stats(&q).await?.active == 1).then_some(()))
+    })
     .await?;
     let pid = redis.pid().context("redis pid")?.to_string();
     let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status();
@@ -415,9 +412,8 @@ async fn worker_past_its_shutdown_deadline_exits_70_naming_the_jobs_it_held() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_while_pubsub_is_broken_and_ping_works() -> Result<()> {
     let redis = RedisServer::start()?;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let _gw = spawn_gateway(&redis.url(), port, &["--drain-delay-ms", "0"])?;
+    let (_gw, addr) = spawn_gateway(&redis.url(), &["--drain-delay-ms", "0"]).await?;
+    let base = format!("http://{addr}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

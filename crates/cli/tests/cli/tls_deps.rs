@@ -8,9 +8,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use ferry_testkit::{PostgresServer, RedisServer, TestCerts};
+use ferry_testkit::{PostgresServer, RedisServer, TestCerts, eventually};
 
-use crate::support::{Proc, ferry, wait_for_every};
+use crate::support::{Proc, ferry};
 
 fn path(p: &std::path::Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
@@ -84,15 +84,15 @@ async fn worker_runs_a_job_over_tls_and_records_it_over_tls() -> Result<()> {
             .trim()
             .to_owned())
     };
-    let recorded = wait_for_every(
-        Duration::from_millis(250),
+    let recorded = eventually(
         Duration::from_secs(60),
         "the job completed and recorded in PostgreSQL",
         || async {
-            Ok(sql(&format!(
+            Ok((sql(&format!(
                 "select state || '/' || (select count(*) from job_events where job_id = '{id}') \
                  from jobs where id = '{id}'"
             ))? == "completed/3")
+                .then_some(()))
         },
     )
     .await;

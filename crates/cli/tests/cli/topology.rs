@@ -6,23 +6,27 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ferry_testkit::{PostgresServer, RedisServer, free_port};
+use ferry_testkit::{PostgresServer, RedisServer, eventually, free_port};
 use serde_json::{Value, json};
 
-use crate::support::{Proc, ferry, read, submit, token, until_completed, until_ready, wait_for};
+use crate::support::{self, Proc, ferry, read, submit, token, until_completed, until_ready};
 
 const SECRET: &str = "topology-test-secret-topology-test-secret";
 
-fn role(args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = ferry();
     cmd.args(args)
-        .env("FERRY_LOG", "warn")
+        .env("FERRY_LOG", "warn,ferry_cli=info")
         .env_remove("FERRY_CONFIG")
         .env_remove("FERRY_LOG_FORMAT")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    Proc::spawn_logged(&mut cmd)
+    cmd
+}
+
+fn role(args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+    Proc::spawn_logged(&mut command(args, env))
 }
 
 /// One instant query against Prometheus: the first sample's value.
@@ -65,13 +69,22 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
     let mut procs = Vec::new();
     let mut gateways = Vec::new();
     for _ in 0..2 {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        procs.push(role(
-            &["gateway", "--listen", &listen, "--drain-delay-ms", "0"],
-            &[shared[0], shared[1], ("FERRY_JWT_SECRET", SECRET)],
-        )?);
-        gateways.push(format!("http://{listen}"));
+        let (proc, line) = Proc::spawn_listening(
+            &mut command(
+                &[
+                    "gateway",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--drain-delay-ms",
+                    "0",
+                ],
+                &[shared[0], shared[1], ("FERRY_JWT_SECRET", SECRET)],
+            ),
+            "gateway listening",
+        )
+        .await?;
+        procs.push(proc);
+        gateways.push(format!("http://{}", support::announced(&line, "listen")?));
     }
     let mut admin = Vec::new();
     for _ in 0..2 {
@@ -176,7 +189,7 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
         .await?;
     }
     // The recorders wrote every job: the durable listing holds all 200, completed.
-    wait_for(Duration::from_secs(30), "200 recorded jobs", || async {
+    eventually(Duration::from_secs(30), "200 recorded jobs", || async {
         let page: Value = http
             .get(format!(
                 "{}/v1/jobs?queue=default&state=completed&limit=500",
@@ -187,7 +200,7 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
             .await?
             .json()
             .await?;
-        Ok(page["jobs"].as_array().map_or(0, Vec::len) == 200)
+        Ok((page["jobs"].as_array().map_or(0, Vec::len) == 200).then_some(()))
     })
     .await?;
 

@@ -1,4 +1,4 @@
-//! The gateway tier on one real Redis: gateways announce themselves in the membership, `GET /v1/cluster` shows
+//! The gateway tier on one real Redis (the multi-node tests on `ferry_testkit::cluster::Cluster`): gateways announce themselves in the membership, `GET /v1/cluster` shows
 //! it, a node joining makes the node above the load bound move its excess to it (paced, never before the
 //! cooldown, clients away from their owner first), and a node that shuts down is announced draining at once and leaves at the end.
 
@@ -9,14 +9,15 @@ use std::time::Duration;
 use ferry_broker::placement::{Placement, partition_of};
 use ferry_broker::{Broker, EngineConfig, NodeInfo, RedisBroker};
 use ferry_gateway::{Gateway, GatewayConfig};
-use ferry_testkit::RedisServer;
+use ferry_testkit::cluster::Cluster;
+use ferry_testkit::{RedisServer, eventually};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{self, ADMIN, TestApp, USER, eventually, is_problem, token};
+use crate::support::{self, ADMIN, Reply, USER, is_problem};
 
 async fn broker(redis: &RedisServer) -> Arc<dyn Broker> {
     Arc::new(
@@ -40,10 +41,36 @@ fn clustered(id: &'static str, epsilon: f64) -> impl FnOnce(&mut GatewayConfig) 
     }
 }
 
-async fn cluster(app: &TestApp) -> Value {
-    let r = app.get("/v1/cluster", &token("ops", ADMIN, None)).await;
+/// `GET /v1/cluster` of gateway `i`, as `sub` with `scopes` (no token when `scopes` is `None`).
+async fn get_cluster(cluster: &Cluster, i: usize, who: Option<(&str, &str)>) -> Reply {
+    let mut req = reqwest::Client::new().get(format!("{}/v1/cluster", cluster.gateway_url(i)));
+    if let Some((sub, scopes)) = who {
+        req = req.bearer_auth(cluster.token(sub, scopes));
+    }
+    let res = req.send().await.expect("request answered");
+    let (status, headers) = (res.status(), res.headers().clone());
+    let body = res.json().await.unwrap_or(Value::Null);
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// `GET /v1/cluster` of gateway `i` as an admin.
+async fn view(cluster: &Cluster, i: usize) -> Value {
+    let r = get_cluster(cluster, i, Some(("ops", ADMIN))).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     r.body
+}
+
+/// Gateway `i`'s `/metrics`.
+async fn metrics(cluster: &Cluster, i: usize) -> String {
+    cluster
+        .client(i, "ops", ADMIN)
+        .metrics()
+        .await
+        .expect("metrics")
 }
 
 /// Ids of the nodes `/v1/cluster` lists, with their `self` flag.
@@ -58,19 +85,20 @@ fn ids(v: &Value) -> BTreeMap<String, bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_lists_every_live_gateway_for_admins_only() {
-    let redis = RedisServer::start().unwrap();
-    let a = TestApp::start(broker(&redis).await, clustered("gw-a", 0.1)).await;
-    let b = TestApp::start(broker(&redis).await, clustered("gw-b", 0.1)).await;
+    let mut c = Cluster::builder().gateways(0).start().await.unwrap();
+    let a = c.add_gateway_with(clustered("gw-a", 0.1)).await.unwrap();
+    let b = c.add_gateway_with(clustered("gw-b", 0.1)).await.unwrap();
     let v = eventually(
         Duration::from_secs(15),
         "both nodes ready in the membership",
         || async {
-            let v = cluster(&a).await;
+            let v = view(&c, a).await;
             let n = v["nodes"].as_array().unwrap();
-            (n.len() == 2 && n.iter().all(|n| n["ready"] == true)).then_some(v)
+            Ok((n.len() == 2 && n.iter().all(|n| n["ready"] == true)).then_some(v))
         },
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         ids(&v),
         BTreeMap::from([("gw-a".into(), true), ("gw-b".into(), false)])
@@ -93,33 +121,34 @@ async fn cluster_lists_every_live_gateway_for_admins_only() {
         assert!(n["heartbeat_age_ms"].as_u64().unwrap() < 3_000, "{n}");
         assert!(n["started_at_ms"].as_u64().unwrap() > 0, "{n}");
         let url = n["url"].as_str().unwrap();
-        let addr = if n["id"] == "gw-a" { a.addr } else { b.addr };
+        let addr = c.gateway_addr(if n["id"] == "gw-a" { a } else { b });
         assert_eq!(url, format!("http://{addr}"));
     }
     assert_eq!(owned.len(), 1024, "every partition has one owner");
     // The other node sees the same membership, itself as self.
     assert_eq!(
-        ids(&cluster(&b).await),
+        ids(&view(&c, b).await),
         BTreeMap::from([("gw-a".into(), false), ("gw-b".into(), true)])
     );
     // A connection shows in the count at the next heartbeat.
-    let _ws = a.ws(&token("alice", USER, None)).await;
+    let _ws = c.client(a, "alice", USER).ws().await.unwrap();
     eventually(
         Duration::from_secs(10),
         "the connection counted",
         || async {
-            let v = cluster(&b).await;
+            let v = view(&c, b).await;
             let n = v["nodes"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .find(|n| n["id"] == "gw-a")
                 .cloned();
-            n.filter(|n| n["connections"] == 1).map(|_| ())
+            Ok(n.filter(|n| n["connections"] == 1).map(|_| ()))
         },
     )
-    .await;
-    let metrics = a.metrics().await;
+    .await
+    .unwrap();
+    let metrics = metrics(&c, a).await;
     assert!(
         metrics.contains("ferry_cluster_nodes{state=\"ready\"} 2"),
         "{metrics}"
@@ -131,10 +160,11 @@ async fn cluster_lists_every_live_gateway_for_admins_only() {
     assert!(metrics.contains("ferry_ws_rebalanced_total 0"), "{metrics}");
 
     // Admin only, as problem+json.
-    let r = a.get("/v1/cluster", &token("alice", USER, None)).await;
+    let r = get_cluster(&c, a, Some(("alice", USER))).await;
     is_problem(&r, 403, "forbidden");
-    let r = a.anon("/v1/cluster").await;
+    let r = get_cluster(&c, a, None).await;
     is_problem(&r, 401, "unauthorized");
+    c.shutdown().await;
 }
 
 /// What one test client saw.
@@ -148,10 +178,9 @@ struct Seen {
 /// Where a moved client reconnects: set once that node exists.
 type Then = Arc<Mutex<Option<std::net::SocketAddr>>>;
 
-/// A client of `sub` on `addr` that records its goaway and its close and, once closed, reconnects to `then`
-/// (as a balancer would send it) and stays there.
-async fn client(addr: std::net::SocketAddr, then: Then, sub: String, seen: Arc<Mutex<Seen>>) {
-    let tok = token(&sub, USER, None);
+/// A client with token `tok` on `addr` that records its goaway and its close and, once closed, reconnects to
+/// `then` (as a balancer would send it) and stays there.
+async fn client(addr: std::net::SocketAddr, then: Then, tok: String, seen: Arc<Mutex<Seen>>) {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={tok}"))
         .await
         .expect("upgrade");
@@ -183,8 +212,9 @@ async fn client(addr: std::net::SocketAddr, then: Then, sub: String, seen: Arc<M
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_node_gets_the_excess_over_the_bound_paced_after_the_cooldown() {
-    let redis = RedisServer::start().unwrap();
-    let a = TestApp::start(broker(&redis).await, clustered("gw-a", 0.1)).await;
+    let mut c = Cluster::builder().gateways(0).start().await.unwrap();
+    let a = c.add_gateway_with(clustered("gw-a", 0.1)).await.unwrap();
+    let a_addr = c.gateway_addr(a);
     let both = Placement::new(
         vec![NodeInfo::new("gw-a", ""), NodeInfo::new("gw-b", "")],
         0.1,
@@ -209,7 +239,7 @@ async fn a_joining_node_gets_the_excess_over_the_bound_paced_after_the_cooldown(
     let mut seen: BTreeMap<String, Arc<Mutex<Seen>>> = BTreeMap::new();
     for s in old_movers.iter().chain(&stayers) {
         let rec = Arc::new(Mutex::new(Seen::default()));
-        client(a.addr, b_addr.clone(), s.to_string(), rec.clone()).await;
+        client(a_addr, b_addr.clone(), c.token(s, USER), rec.clone()).await;
         seen.insert(s.to_string(), rec);
     }
     // Alone, the node moves nobody, however old its connections.
@@ -218,12 +248,12 @@ async fn a_joining_node_gets_the_excess_over_the_bound_paced_after_the_cooldown(
 
     // While gw-b is not listed, nobody moves; 20 old connections on gw-a already, 4 young ones to come: 24
     // over two nodes, a bound of ⌈1.1 × 12⌉ = 14, so gw-a moves exactly 10.
-    let b = TestApp::start(broker(&redis).await, clustered("gw-b", 0.1)).await;
-    *b_addr.lock().unwrap() = Some(b.addr);
+    let b = c.add_gateway_with(clustered("gw-b", 0.1)).await.unwrap();
+    *b_addr.lock().unwrap() = Some(c.gateway_addr(b));
     // Connections made now are younger than the cooldown: they move only once they are old enough.
     for s in young_movers {
         let rec = Arc::new(Mutex::new(Seen::default()));
-        client(a.addr, b_addr.clone(), s.to_string(), rec.clone()).await;
+        client(a_addr, b_addr.clone(), c.token(s, USER), rec.clone()).await;
         seen.insert(s.to_string(), rec);
     }
     let snapshot = || -> BTreeMap<String, Seen> {
@@ -236,14 +266,16 @@ async fn a_joining_node_gets_the_excess_over_the_bound_paced_after_the_cooldown(
         "ten clients told to go away and closed",
         || async {
             let s = snapshot();
-            (s.values()
+            Ok((s
+                .values()
                 .filter(|c| c.goaway.is_some() && c.closed.is_some())
                 .count()
                 >= 10)
-                .then_some(())
+                .then_some(()))
         },
     )
-    .await;
+    .await
+    .unwrap();
     // Rounds keep running; with gw-a at the bound, nothing else moves.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let s = snapshot();
@@ -291,12 +323,11 @@ async fn a_joining_node_gets_the_excess_over_the_bound_paced_after_the_cooldown(
             );
         }
     }
-    let metrics = a.metrics().await;
-    assert!(
-        metrics.contains("ferry_ws_rebalanced_total 10"),
-        "{metrics}"
-    );
-    assert!(b.metrics().await.contains("ferry_ws_rebalanced_total 0"));
+    let from_a = metrics(&c, a).await;
+    assert!(from_a.contains("ferry_ws_rebalanced_total 10"), "{from_a}");
+    let from_b = metrics(&c, b).await;
+    assert!(from_b.contains("ferry_ws_rebalanced_total 0"), "{from_b}");
+    c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,9 +353,10 @@ async fn shutdown_announces_draining_at_once_and_leaves_at_the_end() {
     let m = watcher.membership().unwrap();
     let members = eventually(Duration::from_secs(10), "the node announced", || async {
         let v = m.members().await.unwrap();
-        (!v.is_empty()).then_some(v)
+        Ok((!v.is_empty()).then_some(v))
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(members[0].id, "gw-drain");
     assert!(!members[0].draining);
     // Past the first tick, so the next regular one is ~2 s away.
@@ -333,9 +365,10 @@ async fn shutdown_announces_draining_at_once_and_leaves_at_the_end() {
     stop.cancel();
     eventually(Duration::from_secs(10), "announced draining", || async {
         let v = m.members().await.unwrap();
-        v.iter().any(|n| n.draining && !n.ready).then_some(())
+        Ok(v.iter().any(|n| n.draining && !n.ready).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     assert!(
         t0.elapsed() < Duration::from_millis(1_500),
         "draining shows within the drain delay, before the next heartbeat: {:?}",

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ferry_gateway::GatewayConfig;
 use ferry_gateway::config::ConnectionConfig;
+use ferry_testkit::eventually;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -253,11 +254,12 @@ async fn unauthenticated_connections_per_address_are_capped_and_health_still_ans
 
     // The silent ones gone, a new connection is served again; once authenticated it no longer counts.
     drop(silent);
-    let mut s = support::eventually(PATIENCE, "budget given back", || async {
+    let mut s = eventually(PATIENCE, "budget given back", || async {
         let mut s = connect(&app).await;
-        (get(&mut s, "/v1/queues", Some(&alice)).await.status == 200).then_some(s)
+        Ok((get(&mut s, "/v1/queues", Some(&alice)).await.status == 200).then_some(s))
     })
-    .await;
+    .await
+    .unwrap();
     let mut more: Vec<TcpStream> = Vec::new();
     for _ in 0..CAP - 1 {
         let mut c = connect(&app).await;

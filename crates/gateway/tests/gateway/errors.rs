@@ -12,7 +12,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Reply, SECRET, TestApp, USER, eventually, switched, token};
+use crate::support::{Reply, SECRET, TestApp, USER, switched, token};
+use ferry_testkit::eventually;
 use ferry_testkit::faulty::{Fault, Method as Call};
 
 /// Asserts a problem+json answer of this status and problem type.
@@ -232,9 +233,10 @@ async fn every_status_of_the_error_table_is_problem_json() {
                     let r = app
                         .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
                         .await;
-                    (r.status == 503).then_some(r)
+                    Ok((r.status == 503).then_some(r))
                 })
-                .await;
+                .await
+.unwrap();
                 broker.set_backlog(Some(0));
                 vec![r]
             }

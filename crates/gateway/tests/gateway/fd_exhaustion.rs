@@ -6,9 +6,10 @@
 
 use std::time::Duration;
 
+use ferry_testkit::eventually;
 use tokio::net::TcpStream;
 
-use crate::support::{self, TestApp};
+use crate::support::TestApp;
 
 fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd")
@@ -96,19 +97,19 @@ async fn accept_errors_back_off_and_the_gateway_recovers() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(clients);
     // The accepted ends time out (header timeout), the backlog drains, and the node answers again.
-    let metrics = support::eventually(Duration::from_secs(30), "the gateway serves again", || {
+    let metrics = eventually(Duration::from_secs(30), "the gateway serves again", || {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
-            .build()
-            .ok();
+            .build();
         let url = format!("{}/metrics", app.base);
         async move {
-            let res = client?.get(url).send().await.ok()?;
-            (res.status() == 200).then_some(())?;
-            res.text().await.ok()
+            let res = client?.get(url).send().await?;
+            anyhow::ensure!(res.status() == 200, "/metrics answered {}", res.status());
+            Ok(Some(res.text().await?))
         }
     })
-    .await;
+    .await
+    .unwrap();
     let errors = metrics
         .lines()
         .find_map(|l| l.strip_prefix("ferry_http_accept_errors_total "))

@@ -15,6 +15,7 @@ use ferry_broker::{EngineConfig, MemoryBroker};
 use ferry_gateway::auth::{AuthConfig, AuthError, Authenticator};
 use ferry_gateway::server::GatewayError;
 use ferry_gateway::{Gateway, GatewayConfig};
+use ferry_testkit::eventually;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -164,17 +165,6 @@ fn unknown_kid(r: Result<ferry_gateway::auth::Principal, AuthError>) {
     assert_eq!(r, Err(AuthError::Invalid("unknown key id".into())));
 }
 
-/// Poll `f` until it holds; the background refresher runs on its own schedule.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 // ---- tests ---------------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -216,7 +206,11 @@ async fn rotation_is_picked_up_when_a_token_names_the_new_kid() {
     let token = ed(&new, "new");
     // `verify` cannot wait: the first sight of the new kid is rejected and wakes the refresher.
     unknown_kid(auth.verify(&token));
-    eventually("the rotated key", || auth.verify(&token).is_ok()).await;
+    eventually(Duration::from_secs(5), "the rotated key", || async {
+        Ok(auth.verify(&token).is_ok().then_some(()))
+    })
+    .await
+    .unwrap();
     assert_eq!(idp.requests(), 2);
     // The old key left the set, so its tokens no longer verify (and, inside the cooldown, fetch nothing).
     unknown_kid(auth.verify(&es(&old, "old")));
@@ -275,8 +269,16 @@ async fn keys_are_refreshed_periodically() {
     .unwrap();
     idp.serve(jwks(&[ec_jwk("a", &a), ec_jwk("b", &b)]));
     // No token asks for it: the schedule alone fetches again.
-    eventually("a scheduled fetch", || idp.requests() >= 2).await;
-    eventually("the new key", || auth.verify(&es(&b, "b")).is_ok()).await;
+    eventually(Duration::from_secs(5), "a scheduled fetch", || async {
+        Ok((idp.requests() >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "the new key", || async {
+        Ok(auth.verify(&es(&b, "b")).is_ok().then_some(()))
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

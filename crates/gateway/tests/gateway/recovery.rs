@@ -1,18 +1,21 @@
-//! Recovery of missed frames end to end: real redis-servers (testkit), real gateways (support), a real WebSocket
+//! Recovery of missed frames end to end: real redis-servers (testkit), real gateways (support; two of
+//! `ferry_testkit::cluster::Cluster` for the test across gateways), a real WebSocket
 //! client that disconnects, misses `app:` messages and its own jobs' events, and comes back with `since`.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_broker::{Broker, ChannelHistory, Completion, EngineConfig, RedisBroker};
 use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::RedisServer;
+use ferry_testkit::cluster::Cluster;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{TestApp, Ws, token, ws_call};
+use crate::support::{SECRET, TestApp, Ws, token, ws_call};
 
 const SCOPES: &str = "subscribe publish jobs:read";
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -32,9 +35,9 @@ fn fast(c: &mut ferry_gateway::GatewayConfig) {
     c.limits.ws_burst = 100_000;
 }
 
-/// A WebSocket on `app`, with `since` for the automatic `user:` channel as URL parameters.
-async fn connect(app: &TestApp, tok: &str, since: Option<(&str, &str)>) -> Ws {
-    let mut url = format!("ws://{}/v1/ws?token={tok}", app.addr);
+/// A WebSocket on the gateway at `addr`, with `since` for the automatic `user:` channel as URL parameters.
+async fn connect(addr: SocketAddr, tok: &str, since: Option<(&str, &str)>) -> Ws {
+    let mut url = format!("ws://{addr}/v1/ws?token={tok}");
     if let Some((offset, epoch)) = since {
         url.push_str(&format!("&since_offset={offset}&since_epoch={epoch}"));
     }
@@ -188,7 +191,7 @@ fn lifecycle(id: &str) -> Vec<(String, String)> {
 /// The scenario of both recovery tests: `alice` listens on `app:room` and her `user:` channel through `first`,
 /// disconnects, misses messages and jobs (and bob's job, which is not hers), and comes back through `second`
 /// with `since` while a publisher keeps publishing on `first` — every message and event exactly once, in order.
-async fn disconnect_and_recover(b: &dyn Broker, first: &TestApp, second: &TestApp) {
+async fn disconnect_and_recover(b: &dyn Broker, first: SocketAddr, second: SocketAddr) {
     let q = QueueName::parse("rq").unwrap();
     let alice = token("alice", SCOPES, None);
     let mut publisher = connect(first, &token("pub", SCOPES, None), None).await;
@@ -277,7 +280,7 @@ async fn a_client_that_comes_back_gets_exactly_what_it_missed() {
     let redis = RedisServer::start().expect("redis-server starts");
     let b = redis_broker(&redis, ChannelHistory::default()).await;
     let app = TestApp::start(b.clone(), fast).await;
-    disconnect_and_recover(b.as_ref(), &app, &app).await;
+    disconnect_and_recover(b.as_ref(), app.addr, app.addr).await;
 }
 
 /// `ferry dev`'s engine: the same, in one process.
@@ -285,16 +288,26 @@ async fn a_client_that_comes_back_gets_exactly_what_it_missed() {
 async fn the_memory_engine_recovers_too() {
     let b = Arc::new(ferry_broker::MemoryBroker::new(EngineConfig::default()));
     let app = TestApp::start(b.clone(), fast).await;
-    disconnect_and_recover(b.as_ref(), &app, &app).await;
+    disconnect_and_recover(b.as_ref(), app.addr, app.addr).await;
 }
 
+/// Two gateways of an in-process cluster (each its own connections, the default channel history): gone from
+/// one, back through the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_works_across_gateways() {
-    let redis = RedisServer::start().expect("redis-server starts");
-    let a = redis_broker(&redis, ChannelHistory::default()).await;
-    let gw_a = TestApp::start(a.clone(), fast).await;
-    let gw_b = TestApp::start(redis_broker(&redis, ChannelHistory::default()).await, fast).await;
-    disconnect_and_recover(a.as_ref(), &gw_a, &gw_b).await;
+    let cluster = Cluster::builder()
+        .gateways(2)
+        .configure_gateways(|c| {
+            fast(c);
+            // The scenario's tokens are support's.
+            c.auth.hs_secret = Some(SECRET.to_vec());
+        })
+        .start()
+        .await
+        .expect("the cluster starts");
+    let (first, second) = (cluster.gateway_addr(0), cluster.gateway_addr(1));
+    disconnect_and_recover(cluster.broker().as_ref(), first, second).await;
+    cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,8 +321,8 @@ async fn history_that_does_not_reach_back_is_not_recovered() {
     let app = TestApp::start(b.clone(), fast).await;
     let q = QueueName::parse("rq").unwrap();
     let alice = token("alice", SCOPES, None);
-    let mut publisher = connect(&app, &token("pub", SCOPES, None), None).await;
-    let mut ws = connect(&app, &alice, None).await;
+    let mut publisher = connect(app.addr, &token("pub", SCOPES, None), None).await;
+    let mut ws = connect(app.addr, &alice, None).await;
     ws_call(
         &mut ws,
         json!({"id": 1, "op": "subscribe", "channel": "app:room"}),
@@ -329,7 +342,7 @@ async fn history_that_does_not_reach_back_is_not_recovered() {
     // Far more than the history holds (`MAXLEN ~` trims whole stream nodes of 100).
     publish(&mut publisher, "room", 1..260).await;
 
-    let mut ws = connect(&app, &alice, None).await;
+    let mut ws = connect(app.addr, &alice, None).await;
     let r = ws_call(
         &mut ws,
         json!({"id": 2, "op": "subscribe", "channel": "app:room",
@@ -350,7 +363,7 @@ async fn history_that_does_not_reach_back_is_not_recovered() {
     drop(ws);
 
     // Another epoch (another Redis, or one that lost its data), on both kinds of channel.
-    let mut ws = connect(&app, &alice, Some((&user_off, "another-epoch"))).await;
+    let mut ws = connect(app.addr, &alice, Some((&user_off, "another-epoch"))).await;
     let lead = next(&mut ws, PATIENCE).await.unwrap();
     assert_eq!(
         (lead["type"].as_str(), lead["recovered"].as_bool()),
@@ -438,7 +451,7 @@ async fn a_user_channel_over_several_shards_is_not_recovered() {
     );
     let app = TestApp::start(b.clone(), fast).await;
     let alice = token("alice", SCOPES, None);
-    let mut ws = connect(&app, &alice, Some(("1-0", "e"))).await;
+    let mut ws = connect(app.addr, &alice, Some(("1-0", "e"))).await;
     let lead = next(&mut ws, PATIENCE).await.unwrap();
     assert_eq!(lead["type"], "recovery");
     assert_eq!(lead["recovered"], false, "{lead}");

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_broker::{Broker, EngineConfig, MemoryBroker, RedisBroker};
+use ferry_broker::{Broker, EngineConfig, MemoryBroker, RedisBroker, RedisOptions};
 use ferry_core::breaker::BreakerConfig;
-use ferry_testkit::RedisServer;
+use ferry_testkit::faulty::{FaultyBroker, Method};
+use ferry_testkit::{RedisServer, eventually};
 use serde_json::json;
 
-use crate::support::{TestApp, USER, eventually, is_problem, switched, token, ws_call};
+use crate::support::{TestApp, USER, is_problem, switched, token, ws_call};
 
 /// Generous: the test machine may be compiling on every core.
 const RECOVERY: Duration = Duration::from_secs(20);
@@ -45,39 +46,34 @@ async fn redis_stopped_answers_503_within_the_timeout_and_recovers_by_itself() {
 
     redis.stop().expect("redis-server stops");
 
-    // Every kind of call is answered in about the timeout, never left hanging, until the breaker opens.
+    // Every kind of call is answered 503, never left hanging, until the breaker opens and after. Answered at
+    // all is the point: the test client gives up after 20 s, so a call left hanging fails the test. How fast
+    // an answer comes is not asserted here (a loaded CI machine stretches any bound); the cut-off at the
+    // timeout is `a_redis_that_does_not_answer_is_cut_off_at_the_broker_timeout`.
     for _ in 0..4 {
-        let started = Instant::now();
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        let took = started.elapsed();
         is_problem(&r, 503, "unavailable");
-        assert!(took < Duration::from_secs(4), "answered after {took:?}");
         assert!(r.retry_after().is_some_and(|s| s >= 1), "{:?}", r.headers);
         assert!(!r.body["detail"].as_str().unwrap().contains("127.0.0.1"));
     }
-    let started = Instant::now();
     let r = app.get(&format!("/v1/jobs/{id}"), &alice).await;
     is_problem(&r, 503, "unavailable");
-    assert!(started.elapsed() < Duration::from_secs(4));
     let r = app.delete(&format!("/v1/jobs/{id}"), &alice).await;
     is_problem(&r, 503, "unavailable");
-    let started = Instant::now();
     let ready = app.anon("/readyz").await;
-    assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(ready.status, 503, "{:?}", ready.body);
     assert_eq!(ready.body["status"], "unready");
     assert_eq!(ready.body["checks"]["redis"]["ok"], false);
     assert!(ready.body["checks"]["redis"]["error"].is_string());
     assert!(ready.headers.contains_key("retry-after"));
-    let started = Instant::now();
+    // `ws_call` waits 15 s for the reply: a submit left hanging fails there.
     let frame = ws_call(
         &mut ws,
         json!({"id": "s1", "op": "submit", "queue": "q", "job": {"kind": "k"}}),
     )
     .await;
-    assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(frame["ok"], false, "{frame}");
     assert_eq!(frame["error"]["code"], "unavailable", "{frame}");
     assert!(frame["error"]["message"].is_string());
@@ -98,15 +94,17 @@ async fn redis_stopped_answers_503_within_the_timeout_and_recovers_by_itself() {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        (r.status == 202).then_some(r)
+        Ok((r.status == 202).then_some(r))
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(submitted.body["state"], "queued");
     eventually(RECOVERY, "readiness recovers", || async {
         let r = app.anon("/readyz").await;
-        (r.status == 200).then_some(())
+        Ok((r.status == 200).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     // The job submitted before the outage survived the graceful stop (append-only file).
     assert_eq!(app.get(&format!("/v1/jobs/{id}"), &alice).await.status, 200);
     let metrics = app.metrics().await;
@@ -138,9 +136,9 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
     let id = before.body["id"].as_str().unwrap().to_owned();
     let mut ws = app.ws(&alice).await;
 
-    // At the mark is still fine.
+    // At the mark is still fine, once the gateway has seen it.
     broker.set_backlog(Some(1000));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    backlog_polled(&broker).await;
     assert_eq!(
         app.post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await
@@ -153,9 +151,10 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        (r.status == 503).then_some(r)
+        Ok((r.status == 503).then_some(r))
     })
-    .await;
+    .await
+    .unwrap();
     is_problem(&shed, 503, "overloaded");
     assert!(shed.retry_after().is_some_and(|s| s >= 1));
     let detail = shed.body["detail"].as_str().unwrap();
@@ -204,9 +203,10 @@ async fn a_backlog_above_the_high_water_mark_sheds_submissions_only() {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        (r.status == 202).then_some(())
+        Ok((r.status == 202).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
     let frame = ws_call(
         &mut ws,
         json!({"id": "s2", "op": "submit", "queue": "q", "job": {"kind": "k"}}),
@@ -225,19 +225,25 @@ async fn shedding_can_be_disabled() {
         c.resilience.backlog_high_water = None;
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let alice = token("alice", USER, None);
     let r = app
         .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
         .await;
     assert_eq!(r.status, 202, "{:?}", r.body);
+    // Not by luck of timing: with no high-water mark the gateway never asks for the backlog at all.
+    assert_eq!(broker.calls(Method::LogBacklog), 0);
 }
 
 #[tokio::test]
 async fn a_redis_that_does_not_answer_is_cut_off_at_the_broker_timeout() {
     let redis = RedisServer::start().expect("redis-server starts");
-    // The engine itself would wait 5 s for a reply; the gateway must not.
-    let broker = RedisBroker::connect(&[redis.url()], EngineConfig::default())
+    // The engine itself waits a minute for a reply, longer than the test client (20 s): an answer to a call
+    // Redis never replied to can only come from the gateway's own timeout.
+    let options = RedisOptions {
+        response_timeout: Duration::from_secs(60),
+        ..RedisOptions::default()
+    };
+    let broker = RedisBroker::connect_with(&[redis.url()], EngineConfig::default(), options)
         .await
         .expect("connects");
     let app = TestApp::start(Arc::new(broker), |c| {
@@ -251,25 +257,17 @@ async fn a_redis_that_does_not_answer_is_cut_off_at_the_broker_timeout() {
             .status,
         202
     );
-    // Every client of the server waits (the connection stays up, nothing is refused).
-    redis
-        .cli(&["CLIENT", "PAUSE", "4000", "ALL"])
-        .expect("pause");
-    let started = Instant::now();
+    // Redis stops answering: the process is frozen (SIGSTOP), its connections stay up, nothing is refused,
+    // and it stays so until the checks below are done, however long a loaded machine takes over them.
+    let frozen = Frozen::new(redis.pid().expect("redis-server runs"));
     let r = app
         .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
         .await;
-    let took = started.elapsed();
     is_problem(&r, 503, "unavailable");
     assert!(r.retry_after().is_some_and(|s| s >= 1));
-    assert!(
-        took < Duration::from_millis(2500),
-        "answered after {took:?}"
-    );
-    let started = Instant::now();
     let ready = app.anon("/readyz").await;
     assert_eq!(ready.status, 503, "{:?}", ready.body);
-    assert!(started.elapsed() < Duration::from_millis(2500));
+    // The check failed at the gateway's timeout, not the engine's.
     assert!(
         ready.body["checks"]["redis"]["error"]
             .as_str()
@@ -278,13 +276,49 @@ async fn a_redis_that_does_not_answer_is_cut_off_at_the_broker_timeout() {
         "{:?}",
         ready.body
     );
+    drop(frozen);
     eventually(RECOVERY, "submissions recover after the pause", || async {
         let r = app
             .post("/v1/queues/q/jobs", &alice, json!({"kind": "k"}))
             .await;
-        (r.status == 202).then_some(())
+        Ok((r.status == 202).then_some(()))
     })
-    .await;
+    .await
+    .unwrap();
+}
+
+/// Waits until the gateway has polled the backlog twice more: the second poll starts only after the first
+/// was applied, so the gateway acts on what the broker reports now.
+async fn backlog_polled(broker: &FaultyBroker) {
+    let polls = broker.calls(Method::LogBacklog);
+    eventually(RECOVERY, "two more backlog polls", || async {
+        Ok((broker.calls(Method::LogBacklog) >= polls + 2).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+/// A process stopped with SIGSTOP until this is dropped (SIGCONT), so a failing test does not leave it frozen.
+struct Frozen(String);
+
+impl Frozen {
+    fn new(pid: u32) -> Self {
+        let pid = pid.to_string();
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(stopped.success(), "kill -STOP {pid}");
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
 }
 
 /// With Redis down, a job the record knows is still answered (from PostgreSQL's stand-in here).
@@ -361,9 +395,10 @@ async fn a_channel_feed_that_ends_is_reopened_with_its_subscriptions() {
     eventually(
         Duration::from_secs(10),
         "the hub to reopen its feed",
-        || async { (broker.feeds_opened() >= 2).then_some(()) },
+        || async { Ok((broker.feeds_opened() >= 2).then_some(())) },
     )
-    .await;
+    .await
+    .unwrap();
 
     // Published until one arrives: the resubscription is queued, not awaited, by the reopen.
     let deadline = Instant::now() + Duration::from_secs(10);

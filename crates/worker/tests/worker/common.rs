@@ -1,12 +1,14 @@
-//! Shared helpers: an engine, a worker running in the background, and polling helpers with deadlines. Faults
-//! are injected with `ferry_testkit::faulty::FaultyBroker`, the workspace's one broker double.
+//! Shared helpers: an engine, a worker running in the background, and a wait for a job's state (built on
+//! `ferry_testkit::eventually`, the workspace's one poll-until-it-holds helper). Faults are injected with
+//! `ferry_testkit::faulty::FaultyBroker`, the workspace's one broker double.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, ensure};
 use ferry_broker::{Broker, EngineConfig, MemoryBroker};
 use ferry_core::{Backoff, JobId, JobInfo, JobState, Kind, NewJob, QueueName};
+use ferry_testkit::eventually;
 use ferry_worker::{
     DrainReport, HandlerRegistry, Worker, WorkerConfig, WorkerError, WorkerMonitor,
 };
@@ -86,44 +88,22 @@ impl Running {
     }
 }
 
-/// Poll until `check` holds or `within` passes.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Wait until job `id` is in `state`; returns its record.
+/// Wait until job `id` is in `state`; returns its record. A timeout says the state it was last in.
 pub async fn wait_state(
     broker: &dyn Broker,
     id: JobId,
     state: JobState,
     within: Duration,
 ) -> anyhow::Result<JobInfo> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
+    eventually(within, &format!("job {id} {state}"), || async {
         let info = broker.job(id).await?.context("job exists")?;
-        if info.state == state {
-            return Ok(info);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "job {id} is {} (error {:?}), expected {state}",
-                info.state,
-                info.error
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        ensure!(
+            info.state == state,
+            "job {id} is {} (error {:?})",
+            info.state,
+            info.error
+        );
+        Ok(Some(info))
+    })
+    .await
 }

@@ -13,7 +13,8 @@ use ferry_worker::{HandlerRegistry, Worker, WorkerDeps, WorkerNode, WorkerNodeCo
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{config, enqueue, eventually, job, memory, queue, wait_state};
+use crate::common::{config, enqueue, job, memory, queue, wait_state};
+use ferry_testkit::eventually;
 
 async fn redis_broker(redis: &RedisServer) -> Arc<dyn Broker> {
     let options = RedisOptions {
@@ -83,7 +84,7 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
     let dead = "ferry_jobs_dead_total{kind=\"ferry.fail\",queue=\"metrics\"}";
     eventually(Duration::from_secs(20), "all jobs finished", || async {
         let t = scrape().await;
-        value(&t, done) == Some(20.0) && value(&t, dead) == Some(3.0)
+        Ok((value(&t, done) == Some(20.0) && value(&t, dead) == Some(3.0)).then_some(()))
     })
     .await?;
     let text = scrape().await;
@@ -146,12 +147,15 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
     // Queue gauges: polled at start and every 5 s; after the next poll the queue is empty and 3 jobs are dead.
     eventually(Duration::from_secs(12), "queue gauges", || async {
         let t = scrape().await;
-        value(&t, "ferry_queue_dead{queue=\"metrics\"}") == Some(3.0)
-            && value(&t, "ferry_queue_depth{queue=\"metrics\"}") == Some(0.0)
-            && value(&t, "ferry_queue_active{queue=\"metrics\"}") == Some(0.0)
-            && value(&t, "ferry_queue_scheduled{queue=\"metrics\"}") == Some(0.0)
-            && value(&t, "ferry_queue_paused{queue=\"metrics\"}") == Some(0.0)
-            && value(&t, "ferry_queue_oldest_waiting_seconds{queue=\"metrics\"}") == Some(0.0)
+        Ok(
+            (value(&t, "ferry_queue_dead{queue=\"metrics\"}") == Some(3.0)
+                && value(&t, "ferry_queue_depth{queue=\"metrics\"}") == Some(0.0)
+                && value(&t, "ferry_queue_active{queue=\"metrics\"}") == Some(0.0)
+                && value(&t, "ferry_queue_scheduled{queue=\"metrics\"}") == Some(0.0)
+                && value(&t, "ferry_queue_paused{queue=\"metrics\"}") == Some(0.0)
+                && value(&t, "ferry_queue_oldest_waiting_seconds{queue=\"metrics\"}") == Some(0.0))
+            .then_some(()),
+        )
     })
     .await?;
 
@@ -182,7 +186,7 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
 
     redis.restart()?;
     eventually(Duration::from_secs(10), "ready again", || async {
-        get("/readyz").await.0 == 200
+        Ok((get("/readyz").await.0 == 200).then_some(()))
     })
     .await?;
 
@@ -190,7 +194,7 @@ async fn real_workload_metrics_and_admin_listener() -> anyhow::Result<()> {
     shutdown.cancel();
     eventually(Duration::from_secs(5), "unready while draining", || async {
         let (status, body) = get("/readyz").await;
-        status == 503 && body.contains("draining")
+        Ok((status == 503 && body.contains("draining")).then_some(()))
     })
     .await?;
     tokio::time::timeout(Duration::from_secs(20), run).await???;
@@ -228,7 +232,7 @@ async fn cancels_of_running_jobs_are_not_lost_leases() -> anyhow::Result<()> {
     wait_state(&*inner, id, JobState::Active, patience).await?;
     inner.cancel(id, Some("alice")).await?;
     eventually(patience, "the cancel counted", || async {
-        sample(cancelled) == 1.0
+        Ok((sample(cancelled) == 1.0).then_some(()))
     })
     .await?;
     assert_eq!(sample(lost), 0.0);
@@ -242,11 +246,12 @@ async fn cancels_of_running_jobs_are_not_lost_leases() -> anyhow::Result<()> {
         patience,
         "the lease reclaimed and the job claimed again",
         || async {
-            inner
+            Ok((inner
                 .job(id)
                 .await
                 .unwrap()
-                .is_some_and(|j| j.attempts >= 2)
+                .is_some_and(|j| j.attempts >= 2))
+            .then_some(()))
         },
     )
     .await?;
@@ -258,7 +263,9 @@ async fn cancels_of_running_jobs_are_not_lost_leases() -> anyhow::Result<()> {
     eventually(
         patience,
         "the lost leases and the cancel counted",
-        || async { sample(lost) == f64::from(attempts - 1) && sample(cancelled) == 2.0 },
+        || async {
+            Ok((sample(lost) == f64::from(attempts - 1) && sample(cancelled) == 2.0).then_some(()))
+        },
     )
     .await
     .map_err(|e| {

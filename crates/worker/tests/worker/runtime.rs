@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use ferry_broker::prelude::*;
 use ferry_core::{EventType, JobState, Kind};
+use ferry_testkit::eventually;
 use ferry_testkit::faulty::{Fault, FaultyBroker, Method};
 use ferry_worker::{HandlerRegistry, JobError, Worker, WorkerConfig, WorkerError, handler_fn};
 use futures::StreamExt;
@@ -123,7 +124,9 @@ async fn per_queue_concurrency_overrides_the_default() -> Result<()> {
     }
     let w = Running::start(broker.clone(), HandlerRegistry::with_builtins(), cfg);
     eventually(T, "both queues busy", || async {
-        broker.stats(&a).await.unwrap().active == 3 && broker.stats(&b).await.unwrap().active == 1
+        Ok((broker.stats(&a).await.unwrap().active == 3
+            && broker.stats(&b).await.unwrap().active == 1)
+            .then_some(()))
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -164,10 +167,13 @@ async fn cancelling_an_active_job_fires_ctx_cancelled() -> Result<()> {
     eventually(
         Duration::from_secs(3),
         "handler sees cancellation",
-        || async { saw_cancel.load(Ordering::SeqCst) },
+        || async { Ok(saw_cancel.load(Ordering::SeqCst).then_some(())) },
     )
     .await?;
-    eventually(T, "lease dropped", || async { w.monitor.in_flight() == 0 }).await?;
+    eventually(T, "lease dropped", || async {
+        Ok((w.monitor.in_flight() == 0).then_some(()))
+    })
+    .await?;
     let info = broker.job(id).await?.unwrap();
     assert_eq!(
         info.state,
@@ -216,10 +222,13 @@ async fn lost_lease_cancels_the_handler_and_discards_its_result() -> Result<()> 
     assert_eq!(thief.len(), 1);
     faulty.switch(Method::Heartbeat, Fault::Unavailable, false);
     eventually(Duration::from_secs(3), "handler cancelled", || async {
-        saw_cancel.load(Ordering::SeqCst)
+        Ok(saw_cancel.load(Ordering::SeqCst).then_some(()))
     })
     .await?;
-    eventually(T, "discarded", || async { w.monitor.counters().lost == 1 }).await?;
+    eventually(T, "discarded", || async {
+        Ok((w.monitor.counters().lost == 1).then_some(()))
+    })
+    .await?;
     assert_eq!(w.monitor.in_flight(), 0);
     // The new holder's outcome is the one that counts.
     let done = inner
@@ -317,7 +326,7 @@ async fn drain_finishes_in_flight_jobs() -> Result<()> {
     }
     let w = Running::start(broker.clone(), HandlerRegistry::with_builtins(), config(&q));
     eventually(T, "all three running", || async {
-        broker.stats(&q).await.unwrap().active == 3
+        Ok((broker.stats(&q).await.unwrap().active == 3).then_some(()))
     })
     .await?;
     // Enqueued after shutdown begins: must not be claimed.
@@ -352,7 +361,7 @@ async fn drain_timeout_releases_the_rest_for_immediate_pickup() -> Result<()> {
     cfg.drain_timeout = Duration::from_millis(300);
     let w = Running::start(broker.clone(), HandlerRegistry::with_builtins(), cfg);
     eventually(T, "slow jobs running", || async {
-        broker.stats(&q).await.unwrap().active == 2
+        Ok((broker.stats(&q).await.unwrap().active == 2).then_some(()))
     })
     .await?;
     wait_state(&*broker, quick, JobState::Completed, T).await?;
@@ -396,13 +405,13 @@ async fn failed_ack_batch_releases_everything_it_held() -> Result<()> {
     let w = Running::start(faulty.clone(), HandlerRegistry::with_builtins(), cfg);
     // The completions are retried (kept, not dropped) while the broker refuses them...
     eventually(T, "retries", || async {
-        faulty.calls(Method::Complete) >= 2
+        Ok((faulty.calls(Method::Complete) >= 2).then_some(()))
     })
     .await?;
     assert_eq!(w.monitor.in_flight(), 2, "held while retrying");
     // ...and given up after ack_retry_timeout, releasing their leases and slots.
     eventually(T, "given up", || async {
-        w.monitor.counters().undelivered == 2
+        Ok((w.monitor.counters().undelivered == 2).then_some(()))
     })
     .await?;
     assert_eq!(w.monitor.in_flight(), 0);
@@ -486,7 +495,7 @@ async fn stopping_during_an_outage_gives_up_outcomes_after_flush_timeout() -> Re
     let w = Running::start(faulty.clone(), HandlerRegistry::with_builtins(), cfg);
     let id = enqueue(&*inner, &q, job("ferry.noop", Value::Null)).await;
     eventually(T, "completion attempted", || async {
-        faulty.calls(Method::Complete) >= 1
+        Ok((faulty.calls(Method::Complete) >= 1).then_some(()))
     })
     .await?;
     let started = std::time::Instant::now();

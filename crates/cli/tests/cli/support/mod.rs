@@ -4,10 +4,14 @@
 //! - [`Proc`]: a spawned `ferry` child: SIGTERM ([`Proc::sigterm`]), a bounded wait for its exit
 //!   ([`Proc::wait_exit`]; both: [`Proc::stop`]), SIGKILLed and reaped when dropped. [`Proc::spawn_logged`] sends its stderr to a
 //!   file of its own ([`Proc::log`]), printed when the test panics.
-//! - [`wait_for`] / [`wait_for_every`]: poll a check until it holds, or fail after a bound naming what was awaited.
+//! - [`Proc::spawn_listening`]: a role started on port 0 (`--listen 127.0.0.1:0`), returned once it logged the
+//!   address it bound ([`announced`] reads it from the line), so no other process can take the port between a
+//!   pick and the bind.
+//! - Waits are `ferry_testkit::eventually`, the workspace's one poll-until-it-holds helper.
 //! - [`repo`] / [`read`]: the repository's root and its files.
-//! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. Ports come from
-//!   `ferry_testkit::free_port`.
+//! - [`token`]: a signed bearer token; [`sample`]: one series of a `/metrics` text. `ferry_testkit::free_port`
+//!   is left for listeners whose process does not log what it bound: a worker's or an autoscaler's
+//!   `--admin-listen`, and other programs (HAProxy, Prometheus).
 //! - HTTP: [`until_healthy`] (`/healthz` answers), [`readyz`] and [`until_ready`] (`/readyz` is 200),
 //!   [`submit`] (POST a job, 202) and [`poll_json`] / [`until_completed`] (GET until a condition holds);
 //!   [`until_balancer_sees`] (a `ferry balancer` counts N ready gateways).
@@ -19,17 +23,19 @@ pub mod manifests;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use ferry_broker::{Broker, EngineConfig, RedisBroker};
 use ferry_core::{EventType, JobId, JobState, NewJob, QueueName};
 use ferry_gateway::auth::{MintClaims, mint};
 use ferry_testkit::RedisServer;
+pub use ferry_testkit::cluster::sample;
+use ferry_testkit::eventually;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -47,14 +53,6 @@ pub fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// The value of one series in a Prometheus text exposition (`series` is the name with its labels as written,
-/// e.g. `ferry_balancer_gateways{state="ready"}`), or `None` when it is absent.
-pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// The `ferry` binary under test, with nothing set: callers add arguments, environment and stdio.
 pub fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -66,6 +64,9 @@ pub struct Proc {
     child: Child,
     /// Where its stderr goes, when [`Proc::spawn_logged`] captured it; printed if the test panics.
     log: Option<PathBuf>,
+    /// Its stderr so far, when [`Proc::spawn_listening`] reads it, and the thread reading it.
+    lines: Option<Arc<Mutex<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -76,8 +77,59 @@ impl Proc {
         Ok(Self {
             child,
             log: None,
+            lines: None,
+            reader: None,
             _dir: None,
         })
+    }
+
+    /// Spawns `cmd`, which binds its listeners to port 0, and waits (30 s) until it logs the INFO line that
+    /// contains `announce` (`"gateway listening"`, `"balancer listening"`): the process and that line, whose
+    /// addresses [`announced`] reads. No port is chosen before the process binds it, so none can be taken in
+    /// between.
+    ///
+    /// Its stderr is read line by line: each line goes on to the test's stderr (the test runner shows it with a
+    /// failure) and is kept for [`Proc::log`], which has all of it once [`Proc::wait_exit`] returned.
+    pub async fn spawn_listening(cmd: &mut Command, announce: &str) -> Result<(Self, String)> {
+        let mut proc = Self::spawn(cmd.stderr(Stdio::piped()))?;
+        let stderr = proc.child.stderr.take().context("a piped stderr")?;
+        let lines = Arc::new(Mutex::new(String::new()));
+        proc.lines = Some(lines.clone());
+        let pid = proc.pid();
+        proc.reader = Some(std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[ferry {pid}] {line}");
+                let mut all = lines.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        }));
+        let line = eventually(
+            Duration::from_secs(30),
+            &format!("ferry {pid} to log {announce:?}"),
+            || {
+                let exited = proc.child.try_wait();
+                let line = proc
+                    .log()
+                    .lines()
+                    .find(|l| l.contains(announce))
+                    .map(str::to_owned);
+                async move {
+                    if let Some(line) = line {
+                        return Ok(Some(Ok(line)));
+                    }
+                    match exited? {
+                        Some(status) => Ok(Some(Err(anyhow::anyhow!(
+                            "ferry {pid} exited ({status}) before it logged {announce:?}"
+                        )))),
+                        None => Ok(None),
+                    }
+                }
+            },
+        )
+        .await??;
+        Ok((proc, line))
     }
 
     /// Spawns `cmd` with its stderr going to a file in a temporary directory of its own: read it with
@@ -100,8 +152,12 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// What it wrote to stderr so far, when spawned with [`Proc::spawn_logged`]; empty otherwise.
+    /// What it wrote to stderr so far, when spawned with [`Proc::spawn_logged`] or [`Proc::spawn_listening`];
+    /// empty otherwise.
     pub fn log(&self) -> String {
+        if let Some(lines) = &self.lines {
+            return lines.lock().unwrap().clone();
+        }
         self.log
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -138,6 +194,10 @@ impl Proc {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait()? {
+                // Its stderr ends with it: read to the end, so the log is whole.
+                if let Some(reader) = self.reader.take() {
+                    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+                }
                 return Ok(status);
             }
             if Instant::now() >= deadline {
@@ -157,36 +217,25 @@ impl Drop for Proc {
     }
 }
 
-/// Polls `check` every 100 ms until it answers true; an error naming `what` after `within`, or the check's own.
-pub async fn wait_for<F, Fut>(within: Duration, what: &str, check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    wait_for_every(Duration::from_millis(100), within, what, check).await
-}
-
-/// [`wait_for`], polling every `every`: shorter for timing-sensitive checks, longer for costly ones.
-pub async fn wait_for_every<F, Fut>(
-    every: Duration,
-    within: Duration,
-    what: &str,
-    mut check: F,
-) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(every).await;
-    }
+/// The address `key` names in an announcing log line ([`Proc::spawn_listening`]), as `HOST:PORT`: from
+/// `key=127.0.0.1:4000` or `key=Some(127.0.0.1:4000)` in a text line, `"key":"127.0.0.1:4000"` in a JSON one.
+pub fn announced(line: &str, key: &str) -> Result<String> {
+    let value = if let Some((_, rest)) = line.split_once(&format!("{key}=")) {
+        rest.split_whitespace().next().unwrap_or_default()
+    } else if let Some((_, rest)) = line.split_once(&format!("\"{key}\":\"")) {
+        rest.split('"').next().unwrap_or_default()
+    } else {
+        bail!("no {key} in {line:?}");
+    };
+    let value = value
+        .strip_prefix("Some(")
+        .and_then(|v| v.strip_suffix(')'))
+        .unwrap_or(value);
+    let addr: std::net::SocketAddr = value
+        .parse()
+        .with_context(|| format!("{key} in {line:?} is not HOST:PORT"))?;
+    ensure!(addr.port() != 0, "{key} in {line:?} is port 0");
+    Ok(addr.to_string())
 }
 
 /// What is left of `within` counted from a `deadline`: for a wait that shares one deadline with others.
@@ -203,17 +252,12 @@ pub fn token(secret: &str, sub: &str, scopes: &[&str], ttl: Duration) -> String 
     .expect("mint a token")
 }
 
-/// Waits until `{base}/healthz` answers with a success, polling every 50 ms; an error after `within`.
+/// Waits until `{base}/healthz` answers with a success; an error after `within`.
 pub async fn until_healthy(http: &reqwest::Client, base: &str, within: Duration) -> Result<()> {
-    wait_for_every(
-        Duration::from_millis(50),
-        within,
-        &format!("{base}/healthz"),
-        || {
-            let r = http.get(format!("{base}/healthz")).send();
-            async move { Ok(r.await.is_ok_and(|r| r.status().is_success())) }
-        },
-    )
+    eventually(within, &format!("{base}/healthz"), || {
+        let r = http.get(format!("{base}/healthz")).send();
+        async move { Ok(r.await?.status().is_success().then_some(())) }
+    })
     .await
 }
 
@@ -225,7 +269,7 @@ pub async fn until_balancer_sees(
     n: usize,
     within: Duration,
 ) -> Result<()> {
-    wait_for(
+    eventually(
         within,
         &format!("the balancer at {admin} sees {n} ready gateways"),
         || async {
@@ -235,7 +279,9 @@ pub async fn until_balancer_sees(
                 .await?
                 .text()
                 .await?;
-            Ok(sample(&text, r#"ferry_balancer_gateways{state="ready"}"#) == Some(n as f64))
+            let ready = sample(&text, r#"ferry_balancer_gateways{state="ready"}"#);
+            ensure!(ready == Some(n as f64), "it counts {ready:?}");
+            Ok(Some(()))
         },
     )
     .await
@@ -248,20 +294,14 @@ pub async fn readyz(http: &reqwest::Client, base: &str) -> reqwest::Result<(u16,
     Ok((status, res.json().await.unwrap_or(Value::Null)))
 }
 
-/// Waits until `{base}/readyz` answers 200, polling every 50 ms: its body; an error with the last answer after
-/// `within`.
+/// Waits until `{base}/readyz` answers 200: its body; an error with the last answer after `within`.
 pub async fn until_ready(http: &reqwest::Client, base: &str, within: Duration) -> Result<Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = readyz(http, base).await;
-        if let Ok((200, body)) = &last {
-            return Ok(body.clone());
-        }
-        if Instant::now() >= deadline {
-            bail!("not ready within {within:?}: {last:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(within, &format!("{base}/readyz 200"), || async {
+        let (status, body) = readyz(http, base).await?;
+        ensure!(status == 200, "{status}: {body}");
+        Ok(Some(body))
+    })
+    .await
 }
 
 /// Submits `job` (`{"kind": …, "payload": …}`) to `queue` with `headers`; asserts 202. The job's id and the
@@ -289,18 +329,17 @@ pub async fn submit(
     Ok((id, headers))
 }
 
-/// GETs `url` with `token` every 50 ms until `done` holds for its JSON body, and returns that body; an error
-/// naming `what` with the last body after `within`.
+/// GETs `url` with `token` until `done` holds for its JSON body, and returns that body; an error naming `what`
+/// with the last body after `within`.
 pub async fn poll_json(
     http: &reqwest::Client,
     url: &str,
     token: &str,
     within: Duration,
     what: &str,
-    mut done: impl FnMut(&Value) -> bool,
+    done: impl Fn(&Value) -> bool,
 ) -> Result<Value> {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually(within, what, || async {
         let v: Value = http
             .get(url)
             .bearer_auth(token)
@@ -308,14 +347,10 @@ pub async fn poll_json(
             .await?
             .json()
             .await?;
-        if done(&v) {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: {v}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ensure!(done(&v), "{v}");
+        Ok(Some(v))
+    })
+    .await
 }
 
 /// Polls `GET {base}/v1/jobs/{id}` until the job is completed: the job.
@@ -427,11 +462,14 @@ pub async fn assert_completed_once(
     ids: &[JobId],
     settle: Duration,
 ) -> Result<()> {
-    wait_for_every(
-        Duration::from_millis(20),
+    eventually(
         Duration::from_secs(10),
         &format!("{} completion events", ids.len()),
-        || async { Ok(completed.lock().unwrap().len() == ids.len()) },
+        || async {
+            let seen = completed.lock().unwrap().len();
+            ensure!(seen == ids.len(), "{seen} jobs completed");
+            Ok(Some(()))
+        },
     )
     .await?;
     tokio::time::sleep(settle).await;
@@ -449,9 +487,29 @@ pub async fn until_drained(
     within: Duration,
     what: &str,
 ) -> Result<()> {
-    wait_for_every(Duration::from_millis(50), within, what, || async {
+    eventually(within, what, || async {
         let s = broker.stats(q).await?;
-        Ok(s.depth == 0 && s.active == 0 && s.scheduled == 0 && s.dead == 0)
+        ensure!(
+            s.depth == 0 && s.active == 0 && s.scheduled == 0 && s.dead == 0,
+            "{s:?}"
+        );
+        Ok(Some(()))
     })
     .await
+}
+
+#[test]
+fn announced_reads_the_bound_address_from_text_and_json_lines() {
+    let gateway = "2026-01-01T00:00:00.000Z  INFO ferry_cli::gateway: gateway listening listen=127.0.0.1:4100";
+    assert_eq!(announced(gateway, "listen").unwrap(), "127.0.0.1:4100");
+    let balancer = "2026-01-01T00:00:00.000Z  INFO ferry_cli::balancer: balancer listening \
+                    addr=127.0.0.1:4101 admin=Some(127.0.0.1:4102)";
+    assert_eq!(announced(balancer, "addr").unwrap(), "127.0.0.1:4101");
+    assert_eq!(announced(balancer, "admin").unwrap(), "127.0.0.1:4102");
+    let json = r#"{"timestamp":"2026-01-01T00:00:00.000Z","level":"INFO","message":"gateway listening","listen":"127.0.0.1:4103","target":"ferry_cli::gateway"}"#;
+    assert_eq!(announced(json, "listen").unwrap(), "127.0.0.1:4103");
+    // No admin listener, an unbound port, no such field: errors, not a made-up address.
+    assert!(announced("balancer listening addr=127.0.0.1:4101 admin=None", "admin").is_err());
+    assert!(announced("gateway listening listen=127.0.0.1:0", "listen").is_err());
+    assert!(announced("gateway listening", "listen").is_err());
 }

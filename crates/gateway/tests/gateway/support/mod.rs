@@ -225,25 +225,6 @@ pub async fn ws_call(ws: &mut Ws, frame: Value) -> Value {
     }
 }
 
-/// Poll `f` until it returns `Some`, for at most `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A real broker behind switches (`ferry_testkit::faulty::FaultyBroker`), reporting no recorder backlog unless a
 /// test sets one: these gateways run without a recorder, so the engine's own backlog would only grow.
 pub fn switched(inner: Arc<dyn Broker>) -> Arc<FaultyBroker> {
