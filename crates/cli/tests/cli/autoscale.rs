@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use ferry_autoscaler::Actuator;
 use ferry_autoscaler::actuator::{Held, Local};
 use ferry_autoscaler::config::{ActuatorConfig, RegionsFile};
-use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
+use ferry_broker::{RedisBroker, prelude::*};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::{RedisServer, free_port};
 use serde_json::json;
@@ -67,7 +67,7 @@ async fn enqueue_sleeps(broker: &RedisBroker, q: &QueueName, n: usize, ms: u64) 
 async fn a_burst_scales_local_workers_up_then_back_to_the_minimum() -> Result<()> {
     let redis = RedisServer::start()?;
     let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let broker = crate::support::test_broker(&url).await?;
     let q = QueueName::parse("burst")?;
     let regions = redis.dir().join("regions.toml");
     std::fs::write(
@@ -183,8 +183,7 @@ worker-args = ["--concurrency", "20", "--batch-size", "20"]
 async fn a_region_at_its_maximum_borrows_workers_from_another() -> Result<()> {
     let (busy_redis, idle_redis) = (RedisServer::start()?, RedisServer::start()?);
     let (busy_url, idle_url) = (busy_redis.url(), idle_redis.url());
-    let busy =
-        RedisBroker::connect(std::slice::from_ref(&busy_url), EngineConfig::default()).await?;
+    let busy = crate::support::test_broker(&busy_url).await?;
     let q = QueueName::parse("work")?;
     let regions = busy_redis.dir().join("regions.toml");
     std::fs::write(
@@ -278,7 +277,7 @@ worker-args = ["--concurrency", "5"]
 async fn a_queue_at_zero_wakes_on_its_first_job_and_returns_to_zero() -> Result<()> {
     let redis = RedisServer::start()?;
     let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let broker = crate::support::test_broker(&url).await?;
     let q = QueueName::parse("sparse")?;
     let regions = redis.dir().join("regions.toml");
     std::fs::write(
@@ -340,7 +339,7 @@ async fn a_queue_at_zero_wakes_on_its_first_job_and_returns_to_zero() -> Result<
 async fn dry_run_logs_decisions_and_acts_on_none() -> Result<()> {
     let redis = RedisServer::start()?;
     let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let broker = crate::support::test_broker(&url).await?;
     let q = QueueName::parse("dry")?;
     enqueue_sleeps(&broker, &q, 3_000, 10).await?;
     let regions = redis.dir().join("regions.toml");
@@ -444,7 +443,7 @@ async fn local_workers_exit_when_the_autoscaler_is_killed() -> Result<()> {
 async fn a_scale_down_stops_the_idlest_worker_not_the_newest() -> Result<()> {
     let redis = RedisServer::start()?;
     let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default()).await?;
+    let broker = crate::support::test_broker(&url).await?;
     let q = QueueName::parse("idle")?;
     let mut file = RegionsFile::parse(&format!(
         "[[regions]]\nname = \"i\"\nredis = [\"{url}\"]\nqueues = [\"idle\"]\n[regions.actuator]\n\

@@ -66,9 +66,7 @@ async fn websockets_reach_the_owning_gateway_through_ferry_balancer() -> Result<
         gateways.push((p, listen));
     }
     // The gateways announce themselves; placement is computed from what they announced.
-    let broker =
-        ferry_broker::RedisBroker::connect(&[redis.url()], ferry_broker::EngineConfig::default())
-            .await?;
+    let broker = crate::support::test_broker(&redis.url()).await?;
     let mut nodes: Vec<NodeInfo> = Vec::new();
     for _ in 0..100 {
         nodes = ferry_broker::Membership::members(&broker).await?;

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ferry_broker::{EngineConfig, NodeInfo, RedisBroker, prelude::*};
+use ferry_broker::{NodeInfo, RedisBroker, prelude::*};
 use ferry_testkit::{RedisServer, eventually};
 use serde_json::Value;
 
@@ -57,7 +57,7 @@ async fn members(broker: &RedisBroker) -> Vec<NodeInfo> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_gateways_expire_and_stopped_ones_drain_then_leave() -> Result<()> {
     let redis = RedisServer::start()?;
-    let broker = RedisBroker::connect(&[redis.url()], EngineConfig::default()).await?;
+    let broker = crate::support::test_broker(&redis.url()).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

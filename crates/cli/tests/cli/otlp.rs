@@ -367,15 +367,13 @@ fn bad_endpoint_and_bad_log_filter_exit_64_naming_the_setting() {
 /// exit's own flush can have sent them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_exiting_at_its_deadline_still_sends_its_finished_spans() {
-    use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
+    use ferry_broker::prelude::*;
     use ferry_core::{JobState, Kind, NewJob, QueueName};
 
     let (endpoint, received) = receiver().await;
     let redis = ferry_testkit::RedisServer::start().unwrap();
     let url = redis.url();
-    let broker = RedisBroker::connect(std::slice::from_ref(&url), EngineConfig::default())
-        .await
-        .unwrap();
+    let broker = crate::support::test_broker(&url).await.unwrap();
     let q = QueueName::parse("deadline").unwrap();
     let mut worker = Proc::spawn_logged(
         ferry()

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
+use ferry_broker::prelude::*;
 use ferry_core::{EventType, JobId, Kind, NewJob, QueueName};
 use ferry_testkit::{Netns, NetnsError, RedisServer, eventually};
 use futures::StreamExt;
@@ -42,8 +42,7 @@ async fn partitioned_worker_leaves_no_ghost_claims_requires_netns() -> Result<()
     let redis = RedisServer::start_with(&["--bind", "127.0.0.1", &host, "--protected-mode", "no"])?;
     let url_inside = format!("redis://{host}:{}", redis.port());
     // The default visibility timeout (30 s): what a ghost claim's jobs would wait after the heal.
-    let broker =
-        RedisBroker::connect(std::slice::from_ref(&redis.url()), EngineConfig::default()).await?;
+    let broker = crate::support::test_broker(&redis.url()).await?;
     let q = QueueName::parse("partition")?;
 
     // Short call timeouts, so claims time out well within a cut of a few seconds. Eight claim loops

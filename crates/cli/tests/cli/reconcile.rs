@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
+use ferry_broker::{RedisBroker, prelude::*};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
 use ferry_testkit::{PostgresServer, RedisServer, eventually};
 use serde_json::json;
@@ -62,7 +62,7 @@ impl Cluster {
     }
 
     async fn broker(&self) -> Result<RedisBroker> {
-        Ok(RedisBroker::connect(&[self.redis.url()], EngineConfig::default()).await?)
+        crate::support::test_broker(&self.redis.url()).await
     }
 }
 

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ferry_broker::{EngineConfig, RedisBroker, prelude::*};
+use ferry_broker::{RedisBroker, prelude::*};
 use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::cluster::Cluster as InProcess;
 use ferry_testkit::{PostgresServer, RedisServer, eventually, free_port};
@@ -102,7 +102,7 @@ impl Cluster {
     }
 
     async fn broker(&self) -> Result<RedisBroker> {
-        Ok(RedisBroker::connect(&[self.redis.url()], EngineConfig::default()).await?)
+        crate::support::test_broker(&self.redis.url()).await
     }
 }
 
