@@ -265,20 +265,21 @@ pub(crate) async fn bind_admin(
     let Some(addr) = addr else {
         return Ok(None);
     };
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map(Some)
-        .map_err(|e| {
-            let why = if e.kind() == std::io::ErrorKind::AddrInUse {
-                " (another process holds it: a second worker on this host with the default address?)"
-            } else {
-                ""
-            };
-            CliError::Unavailable(format!(
-                "cannot listen on {addr} (--admin-listen): {e}{why}; give each process its own \
-                 --admin-listen HOST:PORT, or --admin-listen off to run without /metrics, /healthz and /readyz"
-            ))
-        })
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process holds it: a second worker on this host with the default address?)"
+        } else {
+            ""
+        };
+        CliError::Unavailable(format!(
+            "cannot listen on {addr} (--admin-listen): {e}{why}; give each process its own \
+             --admin-listen HOST:PORT, or --admin-listen off to run without /metrics, /healthz and /readyz"
+        ))
+    })?;
+    // The address really bound (port 0 picks one): what an operator, or a test, connects to.
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(admin = %bound, "admin listening");
+    Ok(Some(listener))
 }
 
 /// The `--long` flag of `role` that sets the library setting `field`: the argument (flattened groups included)

@@ -10,30 +10,35 @@ use ferry_autoscaler::actuator::{Held, Local};
 use ferry_autoscaler::config::{ActuatorConfig, RegionsFile};
 use ferry_broker::{RedisBroker, prelude::*};
 use ferry_core::{JobState, Kind, NewJob, QueueName};
-use ferry_testkit::{RedisServer, free_port};
+use ferry_testkit::RedisServer;
 use serde_json::json;
 
 use crate::support::{Proc, ferry};
 
 /// `ferry autoscaler` on `regions`, deciding every 500 ms, its admin listener on `port`, with `extra` flags; its
 /// log captured (read with [`Proc::log`], printed if the test fails).
-fn autoscaler_with(regions: &std::path::Path, port: u16, extra: &[&str]) -> Result<Proc> {
+/// A `ferry autoscaler` whose admin listener is on port 0, once it listens: the process and that port.
+async fn autoscaler_with(regions: &std::path::Path, extra: &[&str]) -> Result<(Proc, u16)> {
     let mut cmd = ferry();
     cmd.args(["autoscaler", "--regions"])
         .arg(regions)
-        .args(["--interval-ms", "500", "--admin-listen"])
-        .arg(format!("127.0.0.1:{port}"))
+        .args(["--interval-ms", "500", "--admin-listen", "127.0.0.1:0"])
         .args(extra)
         .env("FERRY_LOG", "warn,ferry_autoscaler=info,ferry_cli=info")
         .env_remove("FERRY_CONFIG")
         .env_remove("FERRY_LOG_FORMAT")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    Proc::spawn_logged(&mut cmd)
+    let (proc, line) = Proc::spawn_listening(&mut cmd, "admin listening").await?;
+    let port = crate::support::announced(&line, "admin")?
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .context("a port")?;
+    Ok((proc, port))
 }
 
-fn autoscaler(regions: &std::path::Path, port: u16) -> Result<Proc> {
-    autoscaler_with(regions, port, &[])
+async fn autoscaler(regions: &std::path::Path) -> Result<(Proc, u16)> {
+    autoscaler_with(regions, &[]).await
 }
 
 /// One series of the autoscaler's `/metrics` (labels as written, e.g. `region="a"`), or `None` before it exists.
@@ -90,8 +95,7 @@ worker-args = ["--concurrency", "20", "--batch-size", "20"]
 "#
         ),
     )?;
-    let port = free_port();
-    let mut scaler = autoscaler(&regions, port)?;
+    let (mut scaler, port) = autoscaler(&regions).await?;
     let http = reqwest::Client::new();
     let current = |http: reqwest::Client| async move {
         metric(
@@ -218,8 +222,7 @@ worker-args = ["--concurrency", "5"]
 "#
         ),
     )?;
-    let port = free_port();
-    let mut scaler = autoscaler(&regions, port)?;
+    let (mut scaler, port) = autoscaler(&regions).await?;
     let http = reqwest::Client::new();
     // 3,000 jobs of 20 ms: one worker with 5 slots needs about 12 s, far above the 2 s target.
     enqueue_sleeps(&busy, &q, 3_000, 20).await?;
@@ -288,8 +291,7 @@ async fn a_queue_at_zero_wakes_on_its_first_job_and_returns_to_zero() -> Result<
              [regions.actuator]\nkind = \"local\"\n"
         ),
     )?;
-    let port = free_port();
-    let mut scaler = autoscaler(&regions, port)?;
+    let (mut scaler, port) = autoscaler(&regions).await?;
     let http = reqwest::Client::new();
     let workers = |http: reqwest::Client| async move {
         metric(
@@ -350,9 +352,8 @@ async fn dry_run_logs_decisions_and_acts_on_none() -> Result<()> {
              [regions.actuator]\nkind = \"local\"\n"
         ),
     )?;
-    let port = free_port();
     // The log is read afterwards.
-    let mut scaler = autoscaler_with(&regions, port, &["--dry-run"])?;
+    let (mut scaler, port) = autoscaler_with(&regions, &["--dry-run"]).await?;
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -399,8 +400,7 @@ async fn local_workers_exit_when_the_autoscaler_is_killed() -> Result<()> {
              min-workers = 2\nmax-workers = 2\n[regions.actuator]\nkind = \"local\"\n"
         ),
     )?;
-    let port = free_port();
-    let mut scaler = autoscaler(&regions, port)?;
+    let (mut scaler, port) = autoscaler(&regions).await?;
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while metric(

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use ferry_broker::{RedisBroker, prelude::*};
 use ferry_core::{Kind, NewJob, QueueName};
 use ferry_testkit::cluster::Cluster as InProcess;
-use ferry_testkit::{PostgresServer, RedisServer, eventually, free_port};
+use ferry_testkit::{PostgresServer, RedisServer, eventually};
 use serde_json::{Value, json};
 
 use crate::support::{
@@ -99,6 +99,24 @@ impl Cluster {
         ];
         args.extend_from_slice(extra);
         spawn(&args)
+    }
+
+    /// A worker on `queue` whose admin listener is on port 0, once it listens: the process and that address.
+    async fn worker_listening(&self, queue: &str) -> Result<(Proc, String)> {
+        let url = self.redis.url();
+        let args = [
+            "worker",
+            "--redis",
+            &url,
+            "--queues",
+            queue,
+            "--database-url",
+            &self.record.db,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        let (proc, line) = Proc::spawn_listening(&mut command(&args), "admin listening").await?;
+        Ok((proc, support::announced(&line, "admin")?))
     }
 
     async fn broker(&self) -> Result<RedisBroker> {
@@ -422,9 +440,7 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
 async fn postgres_down_degrades_readiness_and_redis_down_fails_it() -> Result<()> {
     let mut c = Cluster::start()?;
     let (_gateway, gw) = spawn_gateway(&c.redis.url(), &c.record.db).await?;
-    // The worker's admin listener logs no address it bound, so its port is picked here.
-    let admin = format!("127.0.0.1:{}", free_port());
-    let _worker = c.worker("degraded", &["--admin-listen", &admin])?;
+    let (_worker, admin) = c.worker_listening("degraded").await?;
     let http = reqwest::Client::new();
     let (gw, admin) = (format!("http://{gw}"), format!("http://{admin}"));
     for base in [&gw, &admin] {

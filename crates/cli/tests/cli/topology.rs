@@ -25,10 +25,6 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     cmd
 }
 
-fn role(args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
-    Proc::spawn_logged(&mut command(args, env))
-}
-
 /// One instant query against Prometheus: the first sample's value.
 async fn query(http: &reqwest::Client, prom: &str, q: &str) -> Result<Option<f64>> {
     let v: Value = http
@@ -88,12 +84,22 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
     }
     let mut admin = Vec::new();
     for _ in 0..2 {
-        let addr = format!("127.0.0.1:{}", free_port());
-        procs.push(role(
-            &["worker", "--queues", "default", "--admin-listen", &addr],
-            &shared,
-        )?);
-        admin.push(addr);
+        let (proc, line) = Proc::spawn_listening(
+            &mut command(
+                &[
+                    "worker",
+                    "--queues",
+                    "default",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                ],
+                &shared,
+            ),
+            "admin listening",
+        )
+        .await?;
+        procs.push(proc);
+        admin.push(support::announced(&line, "admin")?);
     }
     let regions = redis.dir().join("regions.toml");
     std::fs::write(
@@ -103,21 +109,26 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
              [regions.actuator]\nkind = \"metrics\"\n"
         ),
     )?;
-    let autoscaler = format!("127.0.0.1:{}", free_port());
-    procs.push(role(
-        &[
-            "autoscaler",
-            "--regions",
-            &regions.display().to_string(),
-            "--interval-ms",
-            "500",
-            "--admin-listen",
-            &autoscaler,
-        ],
-        &[],
-    )?);
+    let (proc, line) = Proc::spawn_listening(
+        &mut command(
+            &[
+                "autoscaler",
+                "--regions",
+                &regions.display().to_string(),
+                "--interval-ms",
+                "500",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            &[],
+        ),
+        "admin listening",
+    )
+    .await?;
+    procs.push(proc);
+    let autoscaler = support::announced(&line, "admin")?;
 
-    // Prometheus scrapes every role each second.
+    // Prometheus scrapes every role each second. (Its own port is picked here: it is not ferry's to announce.)
     let prom_port = free_port();
     let prom_dir = tempfile::tempdir()?;
     let targets = |list: Vec<String>| serde_json::to_string(&list).unwrap();
