@@ -245,3 +245,32 @@ async fn dev_reports_what_it_has_and_says_how_it_stops() {
         "{log}"
     );
 }
+
+/// `ferry token --help` lists what minting a token uses, not the process-wide logging and tracing flags.
+#[test]
+fn token_help_lists_only_its_own_flags() {
+    let out = ferry().args(["token", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--sub", "--scope", "--ttl", "--secret"] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+    for flag in [
+        "--log",
+        "--otlp-endpoint",
+        "--otlp-service-name",
+        "--log-format",
+    ] {
+        assert!(!help.contains(flag), "{flag} listed:\n{help}");
+    }
+    // Still accepted (a shared environment or script may pass them), and ignored.
+    let out = ferry()
+        .args(["token", "--sub", "a", "--log", "debug", "--secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
