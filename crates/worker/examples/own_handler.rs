@@ -40,7 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = args
         .next()
         .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
-    let queue = QueueName::parse(&args.next().unwrap_or_else(|| "default".into()))?;
+    let queue = QueueName::parse(args.next().unwrap_or_else(|| "default".into()))?;
 
     let mut handlers = HandlerRegistry::with_builtins();
     handlers.register(Kind::parse("email.send")?, handler_fn(send_email));
