@@ -696,6 +696,25 @@ pub struct TokenArgs {
     /// `aud` claim to include.
     #[arg(long, value_name = "AUD", env = "FERRY_JWT_AUDIENCE")]
     pub audience: Option<String>,
+
+    #[command(flatten)]
+    pub unused: Untraced,
+}
+
+/// The process-wide logging and span-export flags, for a command that neither logs nor exports spans
+/// (`ferry token`). Declared under the global flags' ids, they take their place (clap does not propagate a global
+/// flag to a subcommand that has its own), so `ferry token --help` lists only what minting a token uses; hidden,
+/// without their variables, they are still accepted on the command line and ignored.
+#[derive(Debug, Args)]
+pub struct Untraced {
+    #[arg(long, value_enum, hide = true)]
+    pub log_format: Option<LogFormat>,
+    #[arg(long, hide = true)]
+    pub log: Option<String>,
+    #[arg(long, hide = true)]
+    pub otlp_endpoint: Option<String>,
+    #[arg(long, hide = true)]
+    pub otlp_service_name: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -122,14 +122,14 @@ fn check_values(path: &Path, key: &str, arg: &clap::Arg, vs: &[String]) -> Resul
             .clone()
             .try_get_matches_from(["probe", "--v", v])
             .map_err(|e| {
+                // "invalid value 'lots' for '--v <v>': invalid digit…" → "invalid value 'lots': invalid digit…"
                 let why = e
                     .to_string()
                     .lines()
                     .next()
                     .unwrap_or("invalid value")
                     .trim_start_matches("error: ")
-                    .replace("'--v <v>'", "it")
-                    .replace("for '--v <v>'", "");
+                    .replace(" for '--v <v>'", "");
                 err(path, format!("{key}: {why}"))
             })?;
     }
@@ -263,19 +263,61 @@ pub fn file_in(args: &[OsString]) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// Why [`parse`] failed: the command line itself (clap's message, with its usage and help), or the
+/// configuration file (a message of its own: a usage block would say nothing about the file).
+#[derive(Debug)]
+pub enum ParseError {
+    Args(clap::Error),
+    Config(CliError),
+}
+
+impl From<clap::Error> for ParseError {
+    fn from(e: clap::Error) -> Self {
+        Self::Args(e)
+    }
+}
+
 /// Parse `args` with the config file layered in.
-pub fn parse(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+pub fn parse(args: Vec<OsString>) -> Result<Cli, ParseError> {
     let cmd = match file_in(&args) {
-        Some(path) => match load(&path) {
-            Ok(file) => layered(&file),
-            Err(e) => {
-                return Err(Cli::command().error(clap::error::ErrorKind::ValueValidation, e));
-            }
-        },
+        Some(path) => layered(&load(&path).map_err(ParseError::Config)?),
         None => Cli::command(),
     };
     let matches = cmd.try_get_matches_from(args)?;
-    Cli::from_arg_matches(&matches)
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// The message of a clap error without its `error: ` prefix and usage block, naming the `FERRY_*` variable the
+/// bad value came from when it came from one (clap names only the flag).
+fn clap_message(cmd: &Command, e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let text = e.to_string();
+    let mut msg = text
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.trim().trim_start_matches("error: "))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some(ContextValue::String(flag)) = e.get(ContextKind::InvalidArg) {
+        let long = flag
+            .trim_start_matches("--")
+            .split(' ')
+            .next()
+            .unwrap_or_default();
+        let var = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env())
+            .filter(|v| std::env::var_os(v).is_some());
+        if let Some(var) = var {
+            msg = msg.replacen(
+                &format!("'{flag}'"),
+                &format!("'{flag}' (from {})", var.to_string_lossy()),
+                1,
+            );
+        }
+    }
+    msg
 }
 
 /// A value as `check` and error messages show it: a secret as [`REDACTED`], a URL with its credentials redacted
@@ -309,13 +351,8 @@ pub fn check(config: Option<&Path>, role: Role) -> Result<String, CliError> {
         .try_get_matches_from(["ferry", name])
         .map_err(|e| {
             // The error without its usage block: "the following required arguments were not provided: --redis".
-            let text = e.to_string();
-            let msg: Vec<&str> = text
-                .lines()
-                .take_while(|l| !l.is_empty())
-                .map(|l| l.trim().trim_start_matches("error: "))
-                .collect();
-            CliError::Usage(format!("ferry {name}: {}", msg.join(" ")))
+            let sc = cmd.find_subcommand(name).expect("role");
+            CliError::Usage(format!("{name}: {}", clap_message(sc, &e)))
         })?;
     let cli = Cli::from_arg_matches(&matches).map_err(|e| CliError::Usage(e.to_string()))?;
     // The role's own validation, exactly as at start (nothing connects).
@@ -342,7 +379,21 @@ pub fn check(config: Option<&Path>, role: Role) -> Result<String, CliError> {
         .as_ref()
         .map(|f| f.global.keys().cloned().collect())
         .unwrap_or_default();
-    for arg in cmd.get_arguments().filter(|a| a.is_global_set()) {
+    // In the order `--help` lists them: `layered` moves each argument the file sets to the end of its command.
+    let plain = Cli::command();
+    let in_order = |plain: &Command, layered: &Command| -> Vec<clap::Arg> {
+        plain
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter_map(|long| {
+                layered
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .cloned()
+            })
+            .collect()
+    };
+    for arg in in_order(&plain, &cmd).iter().filter(|a| a.is_global_set()) {
         let Some(long) = arg.get_long() else { continue };
         if matches!(long, "help" | "version" | "config") {
             continue;
@@ -350,17 +401,19 @@ pub fn check(config: Option<&Path>, role: Role) -> Result<String, CliError> {
         out.push_str(&setting(arg, long, &matches, &global_from_file));
     }
     out.push_str(&format!("[{name}]\n"));
-    for arg in sc.get_arguments() {
+    let plain_sc = plain.find_subcommand(name).expect("role");
+    for arg in in_order(plain_sc, sc) {
         let Some(long) = arg.get_long() else { continue };
-        if matches!(long, "help" | "config" | "log-format") {
+        if matches!(long, "help" | "version" | "config" | "log-format") {
             continue;
         }
-        out.push_str(&setting(arg, long, sub, &from_file));
+        out.push_str(&setting(&arg, long, sub, &from_file));
     }
     Ok(out)
 }
 
-/// One line of [`check`]: `long = value  # source`.
+/// One line of [`check`]: `long = value  # source`, or `# long = …  # unset` for a setting with no value (a
+/// comment, so the output is a valid config file).
 fn setting(
     arg: &clap::Arg,
     long: &str,
@@ -380,7 +433,7 @@ fn setting(
         None => "unset",
     };
     let rendered = match values.as_slice() {
-        [] => "# (not set)".to_owned(),
+        [] => return format!("# {long} = …  # {source}\n"),
         [one]
             if arg.get_num_args().is_none_or(|n| n.max_values() <= 1)
                 && arg.get_value_delimiter().is_none() =>
@@ -509,6 +562,41 @@ mod tests {
         let (_f, p) = file("log-format = \"yaml\"\n");
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("log-format") && e.contains("yaml"), "{e}");
+    }
+
+    /// The values of `check`'s output, without sources: `key = value` and `# key = …` lines.
+    fn values(out: &str) -> Vec<&str> {
+        out.lines()
+            .filter(|l| l.contains(" = "))
+            .map(|l| l.rsplit_once("  # ").map_or(l, |(v, _)| v))
+            .collect()
+    }
+
+    #[test]
+    fn check_prints_a_config_file_in_help_order() {
+        let (_f, p) = file(
+            "redis = [\"redis://10.0.0.1:6379\"]\nlog = \"debug\"\n[worker]\nqueues = [\"a\", \"b\"]\nconcurrency = 7\nwebhook-timeout-ms = 10\n",
+        );
+        let out = check(Some(&p), Role::Worker).unwrap();
+        // Valid TOML, unset settings as comments.
+        let table: toml::Table = out.parse().unwrap_or_else(|e| panic!("{e}\n{out}"));
+        assert_eq!(table["worker"]["concurrency"].as_integer(), Some(7));
+        assert!(out.contains("\n# otlp-endpoint = …  # unset\n"), "{out}");
+        assert!(out.contains("\n# consumer = …  # unset\n"), "{out}");
+        // Fed back as the config file, it is the same configuration.
+        let (_g, q) = file(&out);
+        let again = check(Some(&q), Role::Worker).unwrap();
+        assert_eq!(values(&again), values(&out), "{again}");
+        // Settings from the file stand where they stand without it (the order of `--help`).
+        let (_h, r) = file("redis = [\"redis://10.0.0.1:6379\"]\n[worker]\nqueues = [\"a\"]\n");
+        let keys = |o: &str| -> Vec<String> {
+            o.lines()
+                .filter_map(|l| l.split_once(" = "))
+                .map(|(k, _)| k.trim_start_matches("# ").to_owned())
+                .collect()
+        };
+        assert_eq!(keys(&out), keys(&check(Some(&r), Role::Worker).unwrap()));
+        assert!(out.contains("concurrency = 7  # file\n"), "{out}");
     }
 
     #[test]

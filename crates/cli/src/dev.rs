@@ -55,6 +55,8 @@ pub fn resolve(a: DevArgs) -> Result<ResolvedDev, CliError> {
     gateway.shutdown = crate::gateway::shutdown_config(&a.shutdown)?;
     // The dev gateway serves the whole process (the embedded worker included).
     gateway.profiling = a.profiling;
+    // `/readyz` names the embedded engine and store, not Redis and PostgreSQL.
+    gateway.readiness.embedded = true;
     gateway.limits.unauth_upgrades_per_sec_per_ip = a.unauth_upgrade_rate;
     gateway
         .validate()
@@ -86,6 +88,17 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
         + w.flush_timeout
         + Duration::from_secs(10);
     let runner = crate::runner(deadline)?;
+    // Ctrl-C starts a drain that takes the gateway's drain delay before anything closes: say so, and how to skip it.
+    let drain_delay = cfg.gateway.shutdown.drain_delay;
+    let signalled = runner.shutdown();
+    tokio::spawn(async move {
+        signalled.cancelled().await;
+        tracing::info!(
+            "stopping: draining for {} s (--drain-delay-ms) before the listener closes, then running jobs \
+             finish; a second Ctrl-C exits at once",
+            drain_delay.as_secs_f64()
+        );
+    });
     let broker =
         Arc::new(MemoryBroker::new(EngineConfig::default()).with_channel_history(cfg.history));
     // The embedded record: the recorder copies every event into memory, so `GET /v1/jobs` and a job's events
@@ -149,8 +162,9 @@ fn print_start(
     println!("admin token (24 h):");
     println!("  export FERRY_TOKEN={token}");
     println!("submit a job:");
+    // `-w '\n'`: the answer ends its line instead of running into the prompt.
     println!(
-        "  curl -s -X POST {scheme}://{listen}/v1/queues/{queue}/jobs -H \"Authorization: Bearer $FERRY_TOKEN\" -H 'Content-Type: application/json' -d '{{\"kind\":\"ferry.echo\",\"payload\":{{\"hello\":\"world\"}}}}'"
+        "  curl -s -w '\\n' -X POST {scheme}://{listen}/v1/queues/{queue}/jobs -H \"Authorization: Bearer $FERRY_TOKEN\" -H 'Content-Type: application/json' -d '{{\"kind\":\"ferry.echo\",\"payload\":{{\"hello\":\"world\"}}}}'"
     );
     Ok(())
 }

@@ -59,13 +59,19 @@ impl CliError {
 /// Parse the process arguments; a parse error is printed and exits 64 (help and version exit 0).
 pub fn parse_args() -> Result<Cli, ExitCode> {
     use clap::error::ErrorKind;
-    config::parse(std::env::args_os().collect()).map_err(|e| {
-        let _ = e.print();
-        match e.kind() {
-            ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => ExitCode::SUCCESS,
-            _ => ExitCode::from(EXIT_USAGE),
+    config::parse(std::env::args_os().collect()).map_err(|e| match e {
+        config::ParseError::Config(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::from(e.exit_code())
+        }
+        config::ParseError::Args(e) => {
+            let _ = e.print();
+            match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_USAGE),
+            }
         }
     })
 }

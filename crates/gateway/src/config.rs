@@ -142,12 +142,17 @@ pub struct ReadinessConfig {
     /// Longest wait for the pub/sub canary: a message published on this node's private application channel(s)
     /// must come back through the node's channel feed within it (default 2 s).
     pub pubsub_budget: Duration,
+    /// The broker and the store run inside this process (`ferry dev`: the embedded engine and the in-memory
+    /// record): `/readyz` names its checks `engine`, `pubsub` and `store` instead of `redis`, `pubsub` and
+    /// `postgres`, and `ferry_dependency_up` (which counts external dependencies) is not set (default false).
+    pub embedded: bool,
 }
 
 impl Default for ReadinessConfig {
     fn default() -> Self {
         Self {
             pubsub_budget: Duration::from_secs(2),
+            embedded: false,
         }
     }
 }

@@ -433,8 +433,39 @@ fn config_files_are_checked_and_printed_without_secrets() {
         let path = write("bad.toml", text);
         let out = ferry(&["--config", &path, "worker"], &[]);
         assert_eq!(out.status.code(), Some(64), "{text}: {}", stderr(&out));
-        assert!(stderr(&out).contains(message), "{text}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(message), "{text}: {err}");
+        // One prefix, no usage block: the file is at fault, not the command line.
+        assert!(
+            err.starts_with("ferry: ") && !err.contains("ferry: ferry"),
+            "{text}: {err}"
+        );
+        assert!(
+            !err.contains("Usage:") && !err.contains(" it:"),
+            "{text}: {err}"
+        );
     }
+    // check-config's errors: one prefix, and a bad variable named.
+    let path = write(
+        "env.toml",
+        "redis = [\"redis://127.0.0.1:1\"]\n[worker]\nqueues = [\"q\"]\n",
+    );
+    let out = ferry(
+        &["check-config", "--config", &path, "--role", "worker"],
+        &[("FERRY_CONCURRENCY", "lots")],
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "ferry: worker: invalid value 'lots' for '--concurrency <N>' (from FERRY_CONCURRENCY): invalid digit found in string"
+    );
+    let out = ferry(&["check-config", "--role", "worker"], &[]);
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("ferry: worker: the following required arguments were not provided")
+            && !err.contains("ferry: ferry"),
+        "{err}"
+    );
     // check-config: the effective settings with their sources; variables over the file; secrets hidden.
     let path = write(
         "ok.toml",

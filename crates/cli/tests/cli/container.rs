@@ -713,17 +713,11 @@ fn compose_prometheus_config_is_valid_and_scrapes_every_ferry_service() {
         dir.path().join("alerts.yml"),
     )
     .unwrap();
-    let out = match Command::new("promtool")
+    let out = Command::new(crate::support::promtool())
         .args(["check", "config"])
         .arg(dir.path().join("prometheus.yml"))
         .output()
-    {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "promtool is not on PATH: run scripts/test.sh, which installs it (Debian package `prometheus`)"
-        ),
-        Err(e) => panic!("cannot run promtool: {e}"),
-    };
+        .unwrap_or_else(|e| panic!("cannot run promtool: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

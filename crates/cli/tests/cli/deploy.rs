@@ -1,5 +1,5 @@
 //! The monitoring artefacts in `deploy/`: the Prometheus alert rules and their unit tests, the example scrape
-//! config and the Grafana dashboard. `promtool` (Debian package `prometheus`, installed by `scripts/test.sh`)
+//! config and the Grafana dashboard. `promtool` (from the Debian package `prometheus`, unpacked by `scripts/test.sh`)
 //! checks the Prometheus files; the dashboard is parsed here. Every metric the alerts and the dashboard use must
 //! be in the catalogue, `docs/metrics.md`, so neither can drift from what the binaries export.
 
@@ -8,22 +8,15 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{read, repo};
+use crate::support::{promtool as promtool_path, read, repo};
 
 /// Runs `promtool` with `args` from the repository root and panics with its output unless it succeeds.
 fn promtool(args: &[&str]) -> String {
-    let out = match Command::new("promtool")
+    let out = Command::new(promtool_path())
         .args(args)
         .current_dir(repo())
         .output()
-    {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "promtool is not on PATH: run scripts/test.sh, which installs it (Debian package `prometheus`), \
-             or `apt-get install prometheus`"
-        ),
-        Err(e) => panic!("cannot run promtool: {e}"),
-    };
+        .unwrap_or_else(|e| panic!("cannot run promtool: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

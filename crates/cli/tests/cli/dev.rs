@@ -148,3 +148,132 @@ fn token_rejects_bad_input_naming_the_flag() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--secret"));
 }
+
+/// What a newcomer sees of `ferry dev` beyond the happy path: the printed curl line ends its output with a
+/// newline; `/readyz` checks what dev has (the embedded engine, pub/sub, the in-memory store), not Redis and
+/// PostgreSQL; a job of a kind with no handler dies, and its `job.dead` frame on the `user:` channel carries
+/// the same error string as `GET /v1/jobs/{id}`; a signal says how long the drain takes and how to skip it.
+#[tokio::test]
+async fn dev_reports_what_it_has_and_says_how_it_stops() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let port = ferry_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = dir.path().join("stdout");
+    let mut dev = Proc::spawn_logged(
+        ferry()
+            .args(["dev", "--listen", &listen, "--drain-delay-ms", "300"])
+            .env_remove("FERRY_JWT_SECRET")
+            .env("FERRY_LOG", "info")
+            .stdout(std::fs::File::create(&stdout).unwrap()),
+    )
+    .expect("ferry dev starts");
+    let http = reqwest::Client::new();
+    let base = format!("http://{listen}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    until_healthy(&http, &base, remaining(deadline))
+        .await
+        .expect("ferry dev never listened");
+    let printed = std::fs::read_to_string(&stdout).unwrap();
+    assert!(printed.contains("curl -s -w '\\n' -X POST"), "{printed}");
+    let token = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export FERRY_TOKEN="))
+        .expect("an admin token")
+        .to_owned();
+
+    let ready: serde_json::Value = http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let checks: Vec<&String> = ready["checks"].as_object().unwrap().keys().collect();
+    assert_eq!(checks, ["engine", "pubsub", "store"], "{ready}");
+    assert_eq!(ready["status"], "ready", "{ready}");
+
+    // Connect first, then submit: the `user:` channel carries every event of the subject's jobs.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{listen}/v1/ws?token={token}"))
+            .await
+            .unwrap();
+    ws.send(Message::text(r#"{"id":1,"op":"ping"}"#))
+        .await
+        .unwrap();
+    let (id, _) = submit(
+        &http,
+        &base,
+        &token,
+        "default",
+        &serde_json::json!({"kind": "email.send", "payload": {}, "max_attempts": 1}),
+        &[],
+    )
+    .await
+    .unwrap();
+    let dead = loop {
+        let frame = tokio::time::timeout(remaining(deadline), ws.next())
+            .await
+            .expect("no job.dead frame")
+            .unwrap()
+            .unwrap();
+        let Message::Text(text) = frame else { continue };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if v["event"] == "job.dead" && v["data"]["id"] == id.as_str() {
+            break v;
+        }
+    };
+    let job = poll_json(
+        &http,
+        &format!("{base}/v1/jobs/{id}"),
+        &token,
+        remaining(deadline),
+        "job never dead",
+        |j| j["state"] == "dead",
+    )
+    .await
+    .unwrap();
+    assert!(job["error"].is_string(), "{job}");
+    assert_eq!(dead["data"]["error"], job["error"], "{dead}\n{job}");
+
+    dev.sigterm().unwrap();
+    let status = dev.wait_exit(Duration::from_secs(20)).await.unwrap();
+    assert!(status.success(), "{status:?}\n{}", dev.log());
+    let log = dev.log();
+    assert!(
+        log.contains("draining for 0.3 s") && log.contains("a second Ctrl-C exits at once"),
+        "{log}"
+    );
+}
+
+/// `ferry token --help` lists what minting a token uses, not the process-wide logging and tracing flags.
+#[test]
+fn token_help_lists_only_its_own_flags() {
+    let out = ferry().args(["token", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--sub", "--scope", "--ttl", "--secret"] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+    for flag in [
+        "--log",
+        "--otlp-endpoint",
+        "--otlp-service-name",
+        "--log-format",
+    ] {
+        assert!(!help.contains(flag), "{flag} listed:\n{help}");
+    }
+    // Still accepted (a shared environment or script may pass them), and ignored.
+    let out = ferry()
+        .args(["token", "--sub", "a", "--log", "debug", "--secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -35,10 +35,12 @@ async fn dependencies(api: &Api) -> ((bool, Value), Option<(bool, Value)>) {
         }
     };
     let (redis, store) = tokio::join!(redis, store);
-    let up = &api.metrics.dependency_up;
-    up.set("redis", redis.0);
-    if let Some((ok, _)) = &store {
-        up.set("postgres", *ok);
+    if !api.app.config.readiness.embedded {
+        let up = &api.metrics.dependency_up;
+        up.set("redis", redis.0);
+        if let Some((ok, _)) = &store {
+            up.set("postgres", *ok);
+        }
     }
     (redis, store)
 }
@@ -57,8 +59,14 @@ pub async fn readyz(State(api): State<Api>) -> Response {
     }
     let pubsub = hub.probe_pubsub(api.app.config.readiness.pubsub_budget);
     let ((redis, store), pubsub) = tokio::join!(dependencies(&api), pubsub);
+    // `ferry dev` has neither Redis nor PostgreSQL: its checks name what it has.
+    let (broker_check, store_check) = if api.app.config.readiness.embedded {
+        ("engine", "store")
+    } else {
+        ("redis", "postgres")
+    };
     let mut checks = vec![
-        Check::dependency("redis", Need::Required, redis),
+        Check::dependency(broker_check, Need::Required, redis),
         Check::state(
             "pubsub",
             pubsub.ok,
@@ -66,7 +74,7 @@ pub async fn readyz(State(api): State<Api>) -> Response {
         ),
     ];
     if let Some(pg) = store {
-        checks.push(Check::dependency("postgres", Need::Degraded, pg));
+        checks.push(Check::dependency(store_check, Need::Degraded, pg));
     }
     // Draining may have started while the checks ran.
     ready_response(checks, hub.is_draining())

@@ -37,7 +37,8 @@
 //!
 //! `{"channel": "user:alice", "event": "job.completed", "data": {"id", "queue", "kind", "state", "attempt",
 //! "at", "result" | "error" | "progress"}}` for job events (`result` for completed, `error` for retrying and
-//! dead, `progress` for progress), and `{"channel": "app:chat", "event": "message", "data": <published JSON>}`
+//! dead: the error text, a string as in `GET /v1/jobs/{id}`, with `run_at` for retrying; `progress` for
+//! progress), and `{"channel": "app:chat", "event": "message", "data": <published JSON>}`
 //! for application messages. A frame is rendered once per message and shared by every connection that gets it.
 //!
 //! Pushes are bounded so that no message can fail a subscriber's write (which would drop it for someone else's
@@ -1272,7 +1273,13 @@ impl<'a> Payload<'a> {
             EventType::Progress => "progress",
             _ => return Self::None,
         };
-        match &e.data {
+        // A failure's data is `{"error": "<text>", "run_at": ms}` in the engines; clients get the text as
+        // `error`, the same string `GET /v1/jobs/{id}` shows (and `run_at` beside it, see `render_event`).
+        let value = |d: &'a Value| match field {
+            "error" => d.get("error").unwrap_or(d),
+            _ => d,
+        };
+        match e.data.as_ref().map(value) {
             None => Self::None,
             Some(d) if json_len_over(d, max) => Self::Omitted(field),
             Some(d) => Self::Field(field, d),
@@ -1314,6 +1321,12 @@ fn render_event(
         Payload::None => {}
         Payload::Field(field, d) => data[field] = d.clone(),
         Payload::Omitted(field) => data[format!("{field}_omitted")] = Value::Bool(true),
+    }
+    // When a retrying job runs again, as `GET /v1/jobs/{id}` has it.
+    if e.ty == EventType::Retrying
+        && let Some(run_at) = e.data.as_ref().and_then(|d| d.get("run_at"))
+    {
+        data["run_at"] = run_at.clone();
     }
     let mut frame = json!({"channel": view.channel, "event": e.ty.as_str(), "data": data});
     if let Some(p) = pos {
@@ -1420,6 +1433,48 @@ mod tests {
         assert!(v["data"].get("result").is_none(), "{v}");
         assert_eq!(v["data"]["result_omitted"], true);
         assert_eq!(v["data"]["id"], json!(e.job));
+    }
+
+    #[test]
+    fn failure_frames_carry_the_error_as_the_job_does() {
+        let mut e = Event {
+            id: String::new(),
+            ty: EventType::Dead,
+            job: JobId::new(),
+            queue: QueueName::parse("q").unwrap(),
+            kind: Kind::parse("k").unwrap(),
+            state: JobState::Dead,
+            attempt: 3,
+            at: 5,
+            owner: None,
+            tenant: None,
+            data: Some(json!({"error": "no handler for kind"})),
+            correlation_id: None,
+            actor: None,
+            spec: None,
+        };
+        let view = View {
+            channel: "user:alice".into(),
+            tenant: None,
+        };
+        let frame = |e: &Event, max| -> Value {
+            serde_json::from_str(&render_event(&view, e, Payload::of(e, max), None)).unwrap()
+        };
+        let v = frame(&e, 1024);
+        assert_eq!(v["data"]["error"], "no handler for kind", "{v}");
+        assert!(v["data"].get("run_at").is_none(), "{v}");
+        e.ty = EventType::Retrying;
+        e.state = JobState::Retrying;
+        e.data = Some(json!({"error": "boom", "run_at": 1234}));
+        let v = frame(&e, 1024);
+        assert_eq!(
+            (&v["data"]["error"], &v["data"]["run_at"]),
+            (&json!("boom"), &json!(1234)),
+            "{v}"
+        );
+        // The limit applies to the text: `"boom"` is 6 bytes.
+        assert!(matches!(Payload::of(&e, 6), Payload::Field("error", _)));
+        assert_eq!(frame(&e, 5)["data"]["error_omitted"], true);
     }
 
     #[tokio::test]

@@ -47,6 +47,27 @@ pub fn repo() -> PathBuf {
         .unwrap()
 }
 
+/// The `promtool` to run: the one on PATH, else the one `scripts/test.sh` unpacks (without installing Prometheus)
+/// into `$FERRY_TOOLS_DIR/prometheus`, by default target/tools/prometheus.
+pub fn promtool() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("promtool").is_file()))
+        .unwrap_or(false);
+    if on_path {
+        return PathBuf::from("promtool");
+    }
+    let tools = std::env::var_os("FERRY_TOOLS_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| repo().join("target/tools"), PathBuf::from);
+    let unpacked = tools.join("prometheus/bin/promtool");
+    assert!(
+        unpacked.is_file(),
+        "promtool is neither on PATH nor at {}: run scripts/test.sh, which unpacks it there",
+        unpacked.display()
+    );
+    unpacked
+}
+
 /// A file of the repository (`rel` from its root), as text.
 pub fn read(rel: &str) -> String {
     let path = repo().join(rel);
