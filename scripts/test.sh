@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite in one command, the same on a laptop and in CI (.ci/run calls exactly this).
 # Installs redis-server, PostgreSQL and HAProxy from Debian packages only when they are missing (the tests start
-# their own private servers on ephemeral ports; the system services are never used) and unpacks promtool without
-# installing Prometheus, then checks formatting and lints
+# their own private servers on ephemeral ports; the system services are never used) and unpacks promtool and
+# prometheus without installing Prometheus, then checks formatting and lints
 # and runs every test. Extra arguments go to `cargo nextest run` (e.g. `scripts/test.sh -E 'test(restart)'`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,21 +42,28 @@ if [ "${#missing[@]}" -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
-# promtool, for the deploy/prometheus checks (crates/cli/tests/cli/deploy.rs, container.rs). No Prometheus server
-# is used, so the Debian package `prometheus` is not installed (it pulls in dozens of packages and enables
-# prometheus.service and node-exporter timers): its .deb is downloaded and only unpacked, into
-# target/tools/prometheus, where the tests look for promtool (FERRY_TOOLS_DIR) when it is not on PATH.
-promtool_dir=target/tools/prometheus
-if ! command -v promtool >/dev/null && [ ! -x "$promtool_dir/bin/promtool" ]; then
-  echo "scripts/test.sh: unpacking promtool from the Debian package prometheus into $promtool_dir" >&2
-  rm -rf "$promtool_dir/deb" && mkdir -p "$promtool_dir/deb" "$promtool_dir/bin"
-  if ! (cd "$promtool_dir/deb" && apt-get download -q prometheus); then
+# promtool, for the deploy/prometheus checks (crates/cli/tests/cli/deploy.rs, container.rs), and the Prometheus
+# server, which scrapes every role of the compose topology (crates/cli/tests/cli/topology.rs) as a private process
+# on a port of its own. The Debian package `prometheus` is not installed (it pulls in dozens of packages and
+# enables prometheus.service and node-exporter timers): its .deb is downloaded and only unpacked, into
+# target/tools/prometheus, where the tests look (FERRY_TOOLS_DIR) for what is not on PATH.
+prom_dir=target/tools/prometheus
+prom_ready=true
+for tool in promtool prometheus; do
+  command -v "$tool" >/dev/null || [ -x "$prom_dir/bin/$tool" ] || prom_ready=false
+done
+if [ "$prom_ready" = false ]; then
+  echo "scripts/test.sh: unpacking promtool and prometheus from the Debian package prometheus into $prom_dir" >&2
+  rm -rf "$prom_dir/deb" && mkdir -p "$prom_dir/deb" "$prom_dir/bin"
+  if ! (cd "$prom_dir/deb" && apt-get download -q prometheus); then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    (cd "$promtool_dir/deb" && apt-get download -q prometheus)
+    (cd "$prom_dir/deb" && apt-get download -q prometheus)
   fi
-  dpkg-deb -x "$promtool_dir"/deb/prometheus_*.deb "$promtool_dir/deb/root"
-  install -m 755 "$promtool_dir/deb/root/usr/bin/promtool" "$promtool_dir/bin/promtool"
-  rm -rf "$promtool_dir/deb"
+  dpkg-deb -x "$prom_dir"/deb/prometheus_*.deb "$prom_dir/deb/root"
+  for tool in promtool prometheus; do
+    install -m 755 "$prom_dir/deb/root/usr/bin/$tool" "$prom_dir/bin/$tool"
+  done
+  rm -rf "$prom_dir/deb"
 fi
 
 # Python tools for the container, Kubernetes and Terraform checks and the API fuzzer, each in its own

@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use ferry_testkit::{PostgresServer, RedisServer, eventually, free_port};
 use serde_json::{Value, json};
 
@@ -41,10 +41,7 @@ async fn query(http: &reqwest::Client, prom: &str, q: &str) -> Result<Option<f64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_compose_topology_runs_as_processes() -> Result<()> {
-    let prometheus_bin = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .context("the prometheus server is not installed (Debian package prometheus; scripts/test.sh installs it)")?;
+    let prometheus_bin = support::prometheus_tool("prometheus");
     let redis = RedisServer::start()?;
     let pg = PostgresServer::start()?;
     let (redis_url, db) = (redis.url(), pg.url());

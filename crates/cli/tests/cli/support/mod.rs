@@ -47,22 +47,27 @@ pub fn repo() -> PathBuf {
         .unwrap()
 }
 
-/// The `promtool` to run: the one on PATH, else the one `scripts/test.sh` unpacks (without installing Prometheus)
-/// into `$FERRY_TOOLS_DIR/prometheus`, by default target/tools/prometheus.
+/// The `promtool` to run: see [`prometheus_tool`].
 pub fn promtool() -> PathBuf {
+    prometheus_tool("promtool")
+}
+
+/// `promtool` or `prometheus`: the one on PATH, else the one `scripts/test.sh` unpacks (without installing the
+/// Debian package) into `$FERRY_TOOLS_DIR/prometheus/bin`, by default target/tools/prometheus/bin. Neither is a
+/// failure naming both places.
+pub fn prometheus_tool(name: &str) -> PathBuf {
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("promtool").is_file()))
-        .unwrap_or(false);
-    if on_path {
-        return PathBuf::from("promtool");
+        .and_then(|p| std::env::split_paths(&p).find(|d| d.join(name).is_file()));
+    if let Some(dir) = on_path {
+        return dir.join(name);
     }
     let tools = std::env::var_os("FERRY_TOOLS_DIR")
         .filter(|d| !d.is_empty())
         .map_or_else(|| repo().join("target/tools"), PathBuf::from);
-    let unpacked = tools.join("prometheus/bin/promtool");
+    let unpacked = tools.join("prometheus/bin").join(name);
     assert!(
         unpacked.is_file(),
-        "promtool is neither on PATH nor at {}: run scripts/test.sh, which unpacks it there",
+        "{name} is neither on PATH nor at {}: run scripts/test.sh, which unpacks it there",
         unpacked.display()
     );
     unpacked
