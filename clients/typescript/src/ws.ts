@@ -188,9 +188,14 @@ export class Session {
   async refresh(token?: string): Promise<number> {
     const t = token ?? (this.o.refreshToken ? await this.o.refreshToken() : undefined);
     if (!t) throw new FerryWsError("bad_request", "no token to refresh with (give one, or the refreshToken option)");
-    this.o.setToken(t);
-    if (this.state !== "open") return (expiresAt(t) ?? 0) / 1000;
+    if (this.state !== "open") {
+      // Not connected: the next connection uses it.
+      this.o.setToken(t);
+      return (expiresAt(t) ?? 0) / 1000;
+    }
+    // Only a token the gateway accepted replaces the current one.
     const r = await this.request({ op: "refresh", token: t });
+    this.o.setToken(t);
     this.scheduleRefresh();
     return r["exp"] as number;
   }
