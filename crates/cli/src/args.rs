@@ -491,6 +491,17 @@ pub struct GatewayArgs {
     )]
     pub backlog_high_water: u64,
 
+    /// Browser origins allowed to call the HTTP API from pages of another origin (CORS), e.g.
+    /// https://app.example.com; repeat the flag or separate with commas; `*` allows any origin. Default: none
+    /// (no CORS headers).
+    #[arg(
+        long,
+        value_name = "ORIGIN",
+        env = "FERRY_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origin: Vec<String>,
+
     /// Serve GET /debug/pprof/profile (CPU profiles in the pprof format), for tokens with the admin scope. Off by default.
     #[arg(long, env = "FERRY_PROFILING")]
     pub profiling: bool,
@@ -638,6 +649,17 @@ pub struct DevArgs {
         default_value_t = WorkerConfig::default().concurrency
     )]
     pub concurrency: usize,
+
+    /// Browser origins allowed to call the HTTP API from pages of another origin (CORS), e.g.
+    /// https://app.example.com; repeat the flag or separate with commas; `*` allows any origin. Default: none
+    /// (no CORS headers).
+    #[arg(
+        long,
+        value_name = "ORIGIN",
+        env = "FERRY_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origin: Vec<String>,
 
     /// Serve GET /debug/pprof/profile (CPU profiles in the pprof format) on the gateway, for tokens with the admin scope. Off by default.
     #[arg(long, env = "FERRY_PROFILING")]

@@ -93,6 +93,50 @@ fn gateway_defaults_are_the_libraries() {
     assert_eq!(dbg(&r.engine), dbg(&EngineConfig::default()));
     assert_eq!(dbg(&r.redis_options), dbg(&RedisOptions::default()));
     assert_eq!(r.history, ChannelHistory::default());
+    assert_eq!(c.cors_origin, library_cors_origin());
+}
+
+/// `GatewayConfig::new`'s CORS origins (none).
+fn library_cors_origin() -> Vec<String> {
+    let auth = ferry_gateway::auth::AuthConfig::default();
+    ferry_gateway::GatewayConfig::new("127.0.0.1:0".parse().unwrap(), auth).cors_origin
+}
+
+#[test]
+fn cors_origin_is_repeatable_and_a_comma_list_and_checked() {
+    let Command::Dev(a) = parse(&[
+        "dev",
+        "--jwt-secret",
+        SECRET,
+        "--cors-origin",
+        "http://127.0.0.1:1,http://127.0.0.1:2",
+        "--cors-origin",
+        "https://app.example.com",
+    ]) else {
+        panic!("not dev");
+    };
+    let r = crate::dev::resolve(a).expect("resolves");
+    assert_eq!(
+        r.gateway.cors_origin,
+        [
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+            "https://app.example.com"
+        ]
+    );
+    let Command::Gateway(a) = parse(&[
+        "gateway",
+        "--redis",
+        REDIS,
+        "--jwt-secret",
+        SECRET,
+        "--cors-origin",
+        "app.example.com",
+    ]) else {
+        panic!("not a gateway");
+    };
+    let e = crate::gateway::resolve(a).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("--cors-origin"), "{e}");
 }
 
 #[test]
@@ -106,6 +150,7 @@ fn dev_defaults_are_the_libraries() {
     assert_eq!(dbg(&r.gateway.limits), dbg(&LimitsConfig::default()));
     assert_eq!(dbg(&r.gateway.shutdown), dbg(&ShutdownConfig::default()));
     assert_eq!(r.history, ChannelHistory::default());
+    assert_eq!(r.gateway.cors_origin, library_cors_origin());
 }
 
 #[test]

@@ -55,6 +55,7 @@ pub fn resolve(a: DevArgs) -> Result<ResolvedDev, CliError> {
     gateway.shutdown = crate::gateway::shutdown_config(&a.shutdown)?;
     // The dev gateway serves the whole process (the embedded worker included).
     gateway.profiling = a.profiling;
+    gateway.cors_origin = a.cors_origin;
     // `/readyz` names the embedded engine and store, not Redis and PostgreSQL.
     gateway.readiness.embedded = true;
     gateway.limits.unauth_upgrades_per_sec_per_ip = a.unauth_upgrade_rate;

@@ -182,6 +182,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     let mut config = GatewayConfig::new(listen, auth);
     config.shutdown = shutdown_config(&a.shutdown)?;
     config.profiling = a.profiling;
+    config.cors_origin = a.cors_origin;
     if let (Some(cert_pem), Some(key_pem)) = (a.tls_cert, a.tls_key) {
         for (flag, p) in [("--tls-cert", &cert_pem), ("--tls-key", &key_pem)] {
             if !p.is_file() {

@@ -35,6 +35,10 @@ pub struct GatewayConfig {
     /// The process's metrics registry, shared with the other nodes of the process (`ferry dev`'s embedded
     /// worker): `/metrics` serves all of it. `None`: a registry of the gateway's own.
     pub registry: Option<ferry_telemetry::prometheus::Registry>,
+    /// Origins allowed to call the HTTP API from a browser page of another origin (CORS): each an exact
+    /// origin (`https://app.example.com`, scheme, host and port if not the default) or `*` alone (any origin).
+    /// Empty (the default): no CORS headers at all, so browsers keep cross-origin pages out.
+    pub cors_origin: Vec<String>,
 }
 
 /// This node in the gateway tier: what it announces in the membership, how often, and how it moves its
@@ -269,6 +273,7 @@ impl GatewayConfig {
             connections: ConnectionConfig::default(),
             cluster: ClusterConfig::default(),
             registry: None,
+            cors_origin: Vec::new(),
         }
     }
 }
@@ -419,8 +424,39 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.limits.validate()?;
         self.connections.validate()?;
-        self.cluster.validate()
+        self.cluster.validate()?;
+        validate_cors_origin(&self.cors_origin)
     }
+}
+
+/// `*` alone, or origins of the form `scheme://host[:port]` (no path, no trailing slash), as browsers send
+/// them in `Origin`.
+fn validate_cors_origin(origins: &[String]) -> Result<(), ConfigError> {
+    if origins.iter().any(|o| o == "*") {
+        if origins.len() > 1 {
+            return bad("cors_origin", "`*` allows any origin: give it alone");
+        }
+        return Ok(());
+    }
+    for o in origins {
+        let rest = o
+            .strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"));
+        let ok = rest.is_some_and(|r| {
+            !r.is_empty()
+                && !r.contains(['/', '?', '#', ' ', '@'])
+                && axum::http::HeaderValue::from_str(o).is_ok()
+        });
+        if !ok {
+            return bad(
+                "cors_origin",
+                format!(
+                    "{o:?} is not an origin (http:// or https://, a host, an optional port, no path)"
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -460,6 +496,23 @@ mod tests {
         cluster.balance_epsilon = 0.1;
         cluster.advertise_url = Some("ftp://x".into());
         assert_eq!(cluster.validate().unwrap_err().field, "advertise_url");
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins_or_a_lone_star() {
+        let v =
+            |o: &[&str]| validate_cors_origin(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        v(&[]).unwrap();
+        v(&["*"]).unwrap();
+        v(&["http://127.0.0.1:5173", "https://app.example.com"]).unwrap();
+        for bad in [
+            &["*", "http://a"][..],
+            &["app.example.com"],
+            &["https://a/"],
+            &["ftp://a"],
+        ] {
+            assert_eq!(v(bad).unwrap_err().field, "cors_origin", "{bad:?}");
+        }
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ use axum::http::header;
 use axum::response::Response;
 use axum::routing::{get, post};
 
+use tower_http::cors::CorsLayer;
+
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -87,7 +89,7 @@ pub fn router(state: AppState) -> Router {
         }),
         app: state.clone(),
     };
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -114,8 +116,48 @@ pub fn router(state: AppState) -> Router {
             metrics::track,
         ))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(axum::middleware::map_response(problem_json))
-        .with_state(api)
+        .layer(axum::middleware::map_response(problem_json));
+    // Outermost, so a preflight is answered before authentication and rate limits.
+    let router = match cors(&state.config.cors_origin) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    router.with_state(api)
+}
+
+/// The headers the API reads from a request besides the CORS-safelisted ones (`Authorization`, `Content-Type`
+/// for JSON bodies, `X-Request-Id` and `traceparent` on submits). Idempotency keys travel in the body.
+pub const CORS_ALLOW_HEADERS: [&str; 4] = [
+    "authorization",
+    "content-type",
+    "x-request-id",
+    "traceparent",
+];
+
+/// CORS for the origins of `GatewayConfig::cors_origin`; none configured: no layer.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    use axum::http::{HeaderValue, Method};
+    use tower_http::cors::AllowOrigin;
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers(CORS_ALLOW_HEADERS.map(header::HeaderName::from_static))
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::HeaderName::from_static("x-request-id"),
+                header::HeaderName::from_static("traceparent"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Every error response leaves as problem+json: handlers already answer with [`ApiError`], and this turns what

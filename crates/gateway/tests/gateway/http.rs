@@ -642,3 +642,102 @@ async fn publish_to_an_app_channel() {
         .await;
     is_problem(&r, 403);
 }
+
+/// CORS: with an allowed origin a preflight is answered before authentication, naming the headers the API reads
+/// and the methods it serves, and real answers carry `Access-Control-Allow-Origin`; another origin gets none.
+#[tokio::test]
+async fn cors_preflight_for_allowed_origins_only() {
+    let page = "http://127.0.0.1:5173";
+    let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
+    let app = TestApp::start(broker, |c| c.cors_origin = vec![page.to_owned()]).await;
+    let preflight = |origin: &str| {
+        app.client
+            .request(
+                Method::OPTIONS,
+                format!("{}/v1/queues/emails/jobs", app.base),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type,x-request-id",
+            )
+            .send()
+    };
+    let res = preflight(page).await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let h = res.headers();
+    assert_eq!(h["access-control-allow-origin"], page);
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for name in ["authorization", "content-type", "x-request-id"] {
+        assert!(allowed.contains(name), "{name} not in {allowed}");
+    }
+    let methods = h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for m in ["GET", "POST", "DELETE"] {
+        assert!(methods.contains(m), "{m} not in {methods}");
+    }
+    // Another origin: no grant.
+    let res = preflight("http://evil.example").await.unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    // A real request from the page's origin carries the grant (an unauthenticated one too, so the page can
+    // read the problem).
+    let res = app
+        .client
+        .get(format!("{}/v1/queues", app.base))
+        .header("origin", page)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["access-control-allow-origin"], page);
+
+    // `*`: any origin.
+    let broker = Arc::new(MemoryBroker::new(EngineConfig::default()));
+    let any = TestApp::start(broker, |c| c.cors_origin = vec!["*".to_owned()]).await;
+    let res = any
+        .client
+        .get(format!("{}/healthz", any.base))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["access-control-allow-origin"], "*");
+}
+
+/// No CORS origin configured (the default): no CORS headers, preflight or not.
+#[tokio::test]
+async fn no_cors_headers_by_default() {
+    let (app, _) = TestApp::memory().await;
+    let res = app
+        .client
+        .request(
+            Method::OPTIONS,
+            format!("{}/v1/queues/emails/jobs", app.base),
+        )
+        .header("origin", "http://127.0.0.1:5173")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .unwrap();
+    let cors: Vec<_> = res
+        .headers()
+        .keys()
+        .filter(|k| k.as_str().starts_with("access-control-"))
+        .collect();
+    assert!(cors.is_empty(), "{cors:?}");
+    let res = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .header("origin", "http://127.0.0.1:5173")
+        .send()
+        .await
+        .unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+}
