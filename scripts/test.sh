@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite in one command, the same on a laptop and in CI (.ci/run calls exactly this).
-# Installs redis-server, PostgreSQL and HAProxy from Debian packages only when they are missing (the tests start
+# Installs redis-server, PostgreSQL, HAProxy and chromium from Debian packages only when they are missing (the tests start
 # their own private servers on ephemeral ports; the system services are never used) and unpacks promtool and
 # prometheus without installing Prometheus, then checks formatting and lints
 # and runs every test. Extra arguments go to `cargo nextest run` (e.g. `scripts/test.sh -E 'test(restart)'`).
@@ -84,6 +84,18 @@ py_tool kubernetes-validate 1.37.0 kubernetes-validate
 py_tool checkov 3.3.30 checkov
 py_tool schemathesis 4.32.5 schemathesis
 export FERRY_TOOLS_DIR="$PWD/target/tools"
+
+# The TypeScript client (clients/typescript), tested by crates/cli/tests/cli/ts_client.rs through node --test:
+# Node 20+ and npm must be on PATH (not installed here). Its browser test drives Debian's chromium through
+# puppeteer-core, which never downloads a browser: install the package when it is missing. Then install the
+# client's devDependencies exactly as locked and compile it (tsc) into clients/typescript/dist, which the tests
+# import. node_modules/ and dist/ are never committed.
+if ! command -v chromium >/dev/null; then
+  echo "scripts/test.sh: installing chromium (the TypeScript client's browser test)" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
+(cd clients/typescript && npm ci --no-audit --no-fund && npm run build)
 
 if command -v rustup >/dev/null; then
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt

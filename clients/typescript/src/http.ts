@@ -67,6 +67,7 @@ export class Http {
       auth?: boolean;
       signal?: AbortSignal;
       text?: boolean;
+      binary?: boolean;
     } = {},
   ): Promise<T> {
     const headers: Record<string, string> = {};
@@ -79,6 +80,7 @@ export class Http {
       body: opts.body === undefined ? undefined : JSON.stringify(opts.body),
       signal: opts.signal,
     });
+    if (res.ok && opts.binary) return (await res.arrayBuffer()) as T;
     const text = await res.text();
     if (!res.ok) {
       let problem: Problem | undefined;
@@ -198,6 +200,10 @@ export class OpsApi {
   /** `GET /v1/openapi.json` (no token). */
   openapi(): Promise<Record<string, unknown>> {
     return this.http.request("GET", "/v1/openapi.json", { auth: false });
+  }
+  /** `GET /debug/pprof/profile?seconds=&hz=` (`admin`, gateways started with `--profiling`): a pprof protobuf. */
+  profile(query: Query<operations["cpuProfile"]> = {}): Promise<ArrayBuffer> {
+    return this.http.request("GET", "/debug/pprof/profile", { query, binary: true });
   }
   /** `GET /v1/cluster` (`admin`). */
   cluster(): Promise<Cluster> {

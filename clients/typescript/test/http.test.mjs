@@ -76,6 +76,8 @@ test("publish, cluster and the operations routes", async () => {
   assert.equal(await client.ops.healthz(), "ok");
   assert.equal((await client.ops.readyz()).status, "ready");
   assert.match(await client.ops.metrics(), /ferry_/);
+  // Profiling is off in this ferry dev: 404 saying so.
+  await assert.rejects(client.ops.profile({ seconds: 1 }), (e) => e instanceof FerryError && e.status === 404);
   const doc = await client.ops.openapi();
   assert.ok(String(doc.openapi).startsWith("3.1"));
 });
