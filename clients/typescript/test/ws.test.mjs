@@ -68,7 +68,8 @@ test("submit over WS and job events on the user channel and job channel", async 
 });
 
 test("submitAndWait: completed, dead, cancelled, timeout", async () => {
-  const c = client();
+  // No WebSocket option: globalThis.WebSocket, or on Node 20 the dynamic import of the optional peer `ws`.
+  const c = client({ WebSocket: undefined });
   const ok = await c.jobs.submitAndWait("ts-ws", { kind: "ferry.echo", payload: "hi" }, { timeoutMs: 10_000 });
   assert.equal(ok.state, "completed");
   assert.equal(ok.result, "hi");
