@@ -57,6 +57,7 @@ class JobsWithWait extends JobsApi {
       else if (frame.data?.id === id) settle?.(frame);
     });
     let timer: ReturnType<typeof setTimeout> | undefined;
+    let offOpen: (() => void) | undefined;
     try {
       return await new Promise<CompletedJob>((resolve, reject) => {
         timer = setTimeout(
@@ -82,20 +83,36 @@ class JobsWithWait extends JobsApi {
           const state = f.event.replace(/^job\./, "");
           finish(state, f.data);
         };
+        // After a reconnect the job may have finished while recovery could not replay it (recovered: false):
+        // look it up once over HTTP.
+        const lookUp = (jobId: string) =>
+          this.get(jobId).then(
+            (j) =>
+              finish(j.state, {
+                id: j.id,
+                queue: j.queue,
+                kind: j.kind,
+                state: j.state,
+                attempt: j.attempts,
+                at: j.updated_at,
+                result: j.result,
+                error: j.error ?? undefined,
+              }),
+            () => undefined,
+          );
+        offOpen = this.session.onOpen(() => {
+          if (id !== undefined) void lookUp(id);
+        });
         this.submit(queue, job, opts).then((s) => {
           id = s.id;
           for (const f of early.splice(0)) if (f.data?.id === id) settle?.(f);
           // A duplicate may have finished long ago: its events are not coming again.
-          if (s.duplicate) {
-            this.get(s.id).then((j) => {
-              if (j.state === "completed") resolve({ id: j.id, queue: j.queue, kind: j.kind, state: "completed", attempt: j.attempts, at: j.updated_at, result: j.result });
-              else if (j.state === "dead" || j.state === "cancelled") reject(new FerryJobError(j.id, j.state, j.error ?? undefined));
-            }, reject);
-          }
+          if (s.duplicate) void lookUp(s.id);
         }, reject);
       });
     } finally {
       clearTimeout(timer);
+      offOpen?.();
       off();
     }
   }

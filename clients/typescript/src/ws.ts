@@ -115,6 +115,7 @@ export class Session {
   private goawayTimer: ReturnType<typeof setTimeout> | undefined;
   private readyWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   private ctor: Promise<WebSocketCtor> | undefined;
+  private readonly reopenListeners = new Set<() => void>();
 
   constructor(private readonly o: SessionOptions) {}
 
@@ -157,6 +158,12 @@ export class Session {
         }
       }
     };
+  }
+
+  /** Call `listener` on every later (re)connection; returns the function that removes it. */
+  onOpen(listener: () => void): () => void {
+    this.reopenListeners.add(listener);
+    return () => this.reopenListeners.delete(listener);
   }
 
   /** The last position seen on `channel` (what a resubscription asks to recover from). */
@@ -273,6 +280,7 @@ export class Session {
       for (const [name, ch] of this.channels) this.sendSubscribe(name, ch);
       this.scheduleRefresh();
       for (const w of this.readyWaiters.splice(0)) w.resolve();
+      for (const l of [...this.reopenListeners]) l();
     });
     ws.addEventListener("message", (ev) => {
       if (this.ws !== ws) return;

@@ -193,3 +193,28 @@ test("requests fail with disconnected when the connection drops", async () => {
   await assert.rejects(p, (e) => e.code === "disconnected");
   client.close();
 });
+
+test("submitAndWait looks the job up over HTTP after a reconnect (events the history could not replay)", async () => {
+  const { FakeWs, sockets } = fakeServer();
+  const calls = [];
+  const job = { id: "j1", queue: "q", kind: "k", state: "active", priority: "normal", attempts: 1, max_attempts: 3, payload: null, result: null, error: null, created_at: 1, updated_at: 2, run_at: null };
+  const fakeFetch = async (url, init) => {
+    const path = new URL(url).pathname;
+    calls.push(`${init.method} ${path}`);
+    const body = path === "/v1/queues/q/jobs" ? { id: "j1", queue: "q", state: "queued" } : job;
+    return new Response(JSON.stringify(body), { status: path.endsWith("/jobs") ? 202 : 200 });
+  };
+  const client = new FerryClient({ url: "http://gw.test", token: token("a", "jobs:submit jobs:read"), WebSocket: FakeWs, fetch: fakeFetch, reconnect: fast });
+  const waiting = client.jobs.submitAndWait("q", { kind: "k" }, { timeoutMs: 5000 });
+  await eventually(() => calls.includes("POST /v1/queues/q/jobs"), 2000, "submit");
+  await new Promise((r) => setTimeout(r, 10));
+  // The job completes while the connection is down and the history does not reach back.
+  Object.assign(job, { state: "completed", result: { ok: true } });
+  sockets[0].serverClose(1006);
+  await eventually(() => sockets.length === 2, 2000, "reconnect");
+  sockets[1].push({ type: "recovery", channel: "user:a", recovered: false, epoch: null, offset: null });
+  const done = await waiting;
+  assert.deepEqual(done.result, { ok: true });
+  assert.ok(calls.includes("GET /v1/jobs/j1"), calls.join(", "));
+  client.close();
+});
