@@ -136,7 +136,8 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
     served.and(drained)
 }
 
-/// The generated secret, an admin token and a curl line that submits a job.
+/// The generated secret, an admin token, a curl line that submits a job and the dashboard's link (the token in
+/// the fragment, which the page takes and removes from the address bar; a fragment never reaches the server).
 fn print_start(
     secret: &[u8],
     gateway: &GatewayConfig,
@@ -161,6 +162,8 @@ fn print_start(
     println!("  export FERRY_JWT_SECRET={secret}");
     println!("admin token (24 h):");
     println!("  export FERRY_TOKEN={token}");
+    println!("dashboard (admin):");
+    println!("  {scheme}://{listen}/ui/#token={token}");
     println!("submit a job:");
     // `-w '\n'`: the answer ends its line instead of running into the prompt.
     println!(
