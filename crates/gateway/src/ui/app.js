@@ -22,11 +22,22 @@ function queueStats(name) {
   return s;
 }
 
+// A job event reaches the page once per channel it is on (its queue's, the owner's `user:`, `job:<id>`):
+// the tail keeps it once.
+const seen = new Set();
+
 function onEvent(frame) {
   frame.received = Date.now();
-  events.push(frame);
-  if (events.length > TAIL) events.splice(0, events.length - TAIL);
   const d = frame.data || {};
+  const key = d.id ? `${d.id}|${frame.event}|${d.attempt}|${d.at}` : null;
+  if (!key || !seen.has(key)) {
+    if (key) seen.add(key);
+    events.push(frame);
+    if (events.length > TAIL) for (const old of events.splice(0, events.length - TAIL)) {
+      const dd = old.data || {};
+      seen.delete(`${dd.id}|${old.event}|${dd.attempt}|${dd.at}`);
+    }
+  }
   if (typeof d.queue === "string" && frame.channel.startsWith("queue:")) {
     const b = Math.floor((d.at || frame.received) / BUCKET_MS);
     const st = queueStats(d.queue);
@@ -147,7 +158,7 @@ function queuesPage(root) {
   const table = h("div");
   const updated = h("span.muted");
   append(root, h("h1", {}, "Queues ", updated), table,
-    h("p.muted", {}, `Throughput (completions/s) and failure rate (retried or dead among finished attempts) are computed in this browser from the live events, in ${BUCKET_MS / 1000} s buckets over the last ${(BUCKET_MS * BUCKETS) / 60000} minutes.`));
+    h("p.muted", {}, `Completed (jobs in the last minute) and failure rate (retried or dead among the attempts finished in the last minute) are computed in this browser from the live events since it signed in, in ${BUCKET_MS / 1000} s buckets over the last ${(BUCKET_MS * BUCKETS) / 60000} minutes.`));
   let rows = [];
   const render = () => {
     const admin = auth.can("queues:admin");
@@ -162,7 +173,7 @@ function queuesPage(root) {
       { key: "thr", label: "Completed", num: true, value: (r) => series(r.queue).thr.at(-1),
         render: (r) => { const s = series(r.queue).thr; return h("span.sparkcell", {}, sparkline(s, { label: "completions/s" }), ` ${perMinute(s)}/min`); } },
       { key: "fail", label: "Failure rate", num: true, value: (r) => series(r.queue).fail.at(-1),
-        render: (r) => { const s = series(r.queue).fail; return h("span.sparkcell", {}, sparkline(s, { label: "failure rate" }), ` ${(avg(s.slice(-12)) * 100).toFixed(0)}%`); } },
+        render: (r) => { const s = series(r.queue).fail; return h("span.sparkcell", {}, sparkline(s, { label: "failure rate" }), ` ${failedShare(r.queue)}`); } },
       { key: "actions", label: "", sortable: false, value: () => "", render: (r) => actions(r, admin) },
     ];
     clear(table).append(rows.length ? sortableTable(cols, rows, sort, (s) => { sort = s; render(); })
@@ -208,7 +219,17 @@ function queuesPage(root) {
 
 // Completions in the last minute (the series is per second, per bucket).
 const perMinute = (s) => Math.round(s.slice(-(60000 / BUCKET_MS)).reduce((x, y) => x + y, 0) * (BUCKET_MS / 1000));
-const avg = (a) => (a.length ? a.reduce((x, y) => x + y, 0) / a.length : 0);
+// Failed share of the attempts that finished in the last minute.
+function failedShare(name) {
+  const st = queueStats(name);
+  const now = Math.floor(Date.now() / BUCKET_MS);
+  let done = 0, failed = 0;
+  for (let b = now - 60000 / BUCKET_MS + 1; b <= now; b++) {
+    const c = st.buckets.get(b);
+    if (c) (done += c.done), (failed += c.failed);
+  }
+  return done + failed ? `${Math.round((100 * failed) / (done + failed))}%` : "—";
+}
 
 function deadPage(root, name) {
   const queue = decodeURIComponent(name || "");
@@ -372,7 +393,7 @@ function eventsPage(root) {
   const body = h("tbody");
   append(root, h("h1", {}, "Live events"),
     h("div.toolbar", {}, filter, h("label", {}, pause, " pause")),
-    h("p.muted", {}, "Events of every queue listed on the Queues page and of your own jobs, newest first, since this page was opened in this tab."),
+    h("p.muted", {}, "Events of every queue and of your own jobs, newest first, since this tab signed in (the last 500)."),
     h("table.tail", {}, h("thead", {}, h("tr", {}, ["Received", "Channel", "Event", "Job", "Queue", "Kind", "Attempt", "Detail"].map((l) => h("th", {}, l)))), body));
   let queued = false;
   const render = () => {
@@ -385,7 +406,7 @@ function eventsPage(root) {
       const detail = d.error ?? d.result ?? d.progress ?? (f.event === "message" ? d : null);
       const cells = [time(f.received).slice(11), f.channel, f.event, d.id, d.queue, d.kind, d.attempt, detail == null ? "" : text(detail)];
       if (needle && !cells.some((c) => String(c ?? "").toLowerCase().includes(needle))) continue;
-      rows.push(h("tr", {}, cells.map((c, k) => h(k === 3 && c ? "td" : "td", {}, k === 3 && c ? h("a", { href: `#/job/${q(c)}` }, c) : c ?? ""))));
+      rows.push(h("tr", {}, cells.map((c, k) => h(k === 7 ? "td.detail" : "td.nowrap", {}, k === 3 && c ? h("a", { href: `#/job/${q(c)}` }, c) : c ?? ""))));
     }
     clear(body).append(...rows);
   };
@@ -427,6 +448,7 @@ function enqueuePage(root) {
     if (v("max_attempts")) job.max_attempts = Number(v("max_attempts"));
     try {
       const r = await api("POST", `/v1/queues/${q(v("queue"))}/jobs`, job);
+      if (auth.can("queues:read")) live.subscribe(`queue:${r.queue}`);
       clear(out).append(h("div.ok", {}, `${r.duplicate ? "duplicate of" : "enqueued"} `, h("a#enqueued-link", { href: `#/job/${q(r.id)}` }, r.id), ` in ${r.queue} (${r.state})`));
     } catch (e) {
       const fields = (e.problem?.errors || []).map((x) => h("li", {}, `${x.field}: ${x.message}`));
@@ -478,7 +500,7 @@ function route() {
 let stopQueues = () => {};
 function watchQueues() {
   stopQueues();
-  stopQueues = auth.can("queues:read") ? every(POLL_MS * 5, async () => {
+  stopQueues = auth.can("queues:read") ? every(POLL_MS * 2, async () => {
     try {
       for (const r of (await api("GET", "/v1/queues")).queues || []) live.subscribe(`queue:${r.queue}`);
     } catch {
