@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite in one command, the same on a laptop and in CI (.ci/run calls exactly this).
-# Installs redis-server, PostgreSQL and HAProxy from Debian packages only when they are missing (the tests start
+# Installs redis-server, PostgreSQL, HAProxy and chromium (the dashboard's browser test) from Debian packages only when they are missing (the tests start
 # their own private servers on ephemeral ports; the system services are never used) and unpacks promtool and
 # prometheus without installing Prometheus, then checks formatting and lints
 # and runs every test. Extra arguments go to `cargo nextest run` (e.g. `scripts/test.sh -E 'test(restart)'`).
@@ -84,6 +84,22 @@ py_tool kubernetes-validate 1.37.0 kubernetes-validate
 py_tool checkov 3.3.30 checkov
 py_tool schemathesis 4.32.5 schemathesis
 export FERRY_TOOLS_DIR="$PWD/target/tools"
+
+# The web dashboard's browser test (crates/cli/tests/cli/dashboard.rs runs crates/gateway/ui-tests with node):
+# Debian's chromium, driven headless by puppeteer-core, which never downloads a browser of its own. Its
+# node_modules come from the committed package-lock.json (`npm ci`), again only when missing or out of date.
+# Building and running ferry needs neither: the dashboard is plain files embedded in the binary.
+if ! [ -x /usr/bin/chromium ]; then
+  echo "scripts/test.sh: installing chromium" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
+ui_tests=crates/gateway/ui-tests
+if ! [ -d "$ui_tests/node_modules/puppeteer-core" ] \
+  || [ "$ui_tests/package-lock.json" -nt "$ui_tests/node_modules/.package-lock.json" ]; then
+  echo "scripts/test.sh: npm ci in $ui_tests" >&2
+  (cd "$ui_tests" && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund)
+fi
 
 if command -v rustup >/dev/null; then
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
