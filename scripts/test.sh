@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite in one command, the same on a laptop and in CI (.ci/run calls exactly this).
-# Installs redis-server, PostgreSQL, HAProxy and chromium from Debian packages only when they are missing (the tests start
+# Installs redis-server, PostgreSQL, HAProxy and chromium (the browser tests) from Debian packages only when they are missing (the tests start
 # their own private servers on ephemeral ports; the system services are never used) and unpacks promtool and
 # prometheus without installing Prometheus, then checks formatting and lints
 # and runs every test. Extra arguments go to `cargo nextest run` (e.g. `scripts/test.sh -E 'test(restart)'`).
@@ -85,17 +85,25 @@ py_tool checkov 3.3.30 checkov
 py_tool schemathesis 4.32.5 schemathesis
 export FERRY_TOOLS_DIR="$PWD/target/tools"
 
-# The TypeScript client (clients/typescript), tested by crates/cli/tests/cli/ts_client.rs through node --test:
-# Node 20+ and npm must be on PATH (not installed here). Its browser test drives Debian's chromium through
-# puppeteer-core, which never downloads a browser: install the package when it is missing. Then install the
-# client's devDependencies exactly as locked and compile it (tsc) into clients/typescript/dist, which the tests
-# import. node_modules/ and dist/ are never committed.
-if ! command -v chromium >/dev/null; then
-  echo "scripts/test.sh: installing chromium (the TypeScript client's browser test)" >&2
+# The browser tests drive Debian's chromium headless through puppeteer-core, which never downloads a browser of
+# its own: install the package when it is missing. Building and running ferry needs neither chromium nor npm
+# (the dashboard is plain files embedded in the binary); Node 20+ and npm must be on PATH for the tests.
+if ! [ -x /usr/bin/chromium ]; then
+  echo "scripts/test.sh: installing chromium (the browser tests)" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 fi
+# The TypeScript client (clients/typescript), tested by crates/cli/tests/cli/ts_client.rs through node --test:
+# its devDependencies exactly as locked, compiled (tsc) into clients/typescript/dist, which the tests import.
 (cd clients/typescript && npm ci --no-audit --no-fund && npm run build)
+# The web dashboard's browser test (crates/cli/tests/cli/dashboard.rs runs crates/gateway/ui-tests with node):
+# its node_modules from the committed package-lock.json, only when missing or out of date.
+ui_tests=crates/gateway/ui-tests
+if ! [ -d "$ui_tests/node_modules/puppeteer-core" ] \
+  || [ "$ui_tests/package-lock.json" -nt "$ui_tests/node_modules/.package-lock.json" ]; then
+  echo "scripts/test.sh: npm ci in $ui_tests" >&2
+  (cd "$ui_tests" && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund)
+fi
 
 if command -v rustup >/dev/null; then
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt

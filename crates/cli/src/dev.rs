@@ -120,14 +120,30 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let monitor = worker.monitor();
     runner.on_deadline(move |deadline| ferry_worker::node::report_held(&monitor, deadline));
-    if cfg.generated_secret {
-        print_start(&cfg.secret, &gateway, &cfg.worker)?;
-    }
     // The worker drains only once the gateway has: jobs accepted during the gateway's drain delay are run, not
     // left in an engine that is about to vanish with the process.
     let worker_stop = tokio_util::sync::CancellationToken::new();
     let worker_task = tokio::spawn(worker.run(worker_stop.clone()));
-    let served = crate::gateway::serve(gateway, broker, runner.shutdown()).await;
+    // Printed once bound, so the links name the real port also for `--listen 127.0.0.1:0`.
+    let scheme = if gateway.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let queue = cfg
+        .worker
+        .queues
+        .first()
+        .map(|q| q.to_string())
+        .unwrap_or_default();
+    let (secret, generated) = (cfg.secret.clone(), cfg.generated_secret);
+    let served = crate::gateway::serve_then(gateway, broker, runner.shutdown(), |listen| {
+        if generated {
+            print_start(&secret, listen, scheme, &queue)?;
+        }
+        Ok(())
+    })
+    .await;
     worker_stop.cancel();
     let drained = match worker_task.await {
         Ok(r) => r.map(drop).map_err(|e| CliError::Internal(e.to_string())),
@@ -137,23 +153,14 @@ pub async fn run(cfg: ResolvedDev) -> Result<(), CliError> {
     served.and(drained)
 }
 
-/// The generated secret, an admin token and a curl line that submits a job.
+/// The generated secret, an admin token, a curl line that submits a job and the dashboard's link (the token in
+/// the fragment, which the page takes and removes from the address bar; a fragment never reaches the server).
 fn print_start(
     secret: &[u8],
-    gateway: &GatewayConfig,
-    worker: &WorkerConfig,
+    listen: std::net::SocketAddr,
+    scheme: &str,
+    queue: &str,
 ) -> Result<(), CliError> {
-    let listen = gateway.listen;
-    let scheme = if gateway.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let queue = worker
-        .queues
-        .first()
-        .map(|q| q.to_string())
-        .unwrap_or_default();
     let all: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
     let admin = MintClaims::new("dev-admin", &all.join(" "), Duration::from_secs(24 * 3600));
     let token = mint(secret, &admin).map_err(|e| CliError::Internal(e.to_string()))?;
@@ -162,6 +169,8 @@ fn print_start(
     println!("  export FERRY_JWT_SECRET={secret}");
     println!("admin token (24 h):");
     println!("  export FERRY_TOKEN={token}");
+    println!("dashboard (admin):");
+    println!("  {scheme}://{listen}/ui/#token={token}");
     println!("submit a job:");
     // `-w '\n'`: the answer ends its line instead of running into the prompt.
     println!(

@@ -295,6 +295,17 @@ pub async fn serve(
     broker: Arc<dyn ferry_broker::Broker>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), CliError> {
+    serve_then(config, broker, shutdown, |_| Ok(())).await
+}
+
+/// [`serve`], calling `bound` with the address the gateway bound (the real port when asked for port 0) before
+/// it announces `gateway listening` and serves.
+pub async fn serve_then(
+    config: GatewayConfig,
+    broker: Arc<dyn ferry_broker::Broker>,
+    shutdown: tokio_util::sync::CancellationToken,
+    bound: impl FnOnce(std::net::SocketAddr) -> Result<(), CliError>,
+) -> Result<(), CliError> {
     let gateway = ferry_gateway::Gateway::build(config, broker)
         .await
         .map_err(|e| match e {
@@ -305,6 +316,7 @@ pub async fn serve(
             ) => CliError::Unavailable(e.to_string()),
             other => CliError::Usage(other.to_string()),
         })?;
+    bound(gateway.local_addr())?;
     tracing::info!(listen = %gateway.local_addr(), "gateway listening");
     gateway
         .run(shutdown)

@@ -10,6 +10,7 @@
 //! * [`http`]: the `/v1` JSON API, OpenAPI document, health and metrics routes.
 //! * [`resilience`]: timeouts and circuit breakers around Redis and the store, shedding on event-log backlog.
 //! * [`ws`]: `GET /v1/ws`, the per-node hub that fans events out to connections.
+//! * [`ui`]: the web dashboard at `/ui`, static assets embedded in the binary (ES modules, no build step).
 //! * [`connection`]: the accept loop; header, body and idle timeouts; budgets of unauthenticated connections.
 //! * [`cluster`]: this node's heartbeat in the gateway membership, rebalancing of its WebSocket clients,
 //!   `GET /v1/cluster`.
@@ -24,6 +25,7 @@ pub mod http;
 pub mod resilience;
 pub mod server;
 pub mod state;
+pub mod ui;
 pub mod ws;
 
 pub use config::GatewayConfig;

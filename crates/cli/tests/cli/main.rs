@@ -1,7 +1,7 @@
 //! The `ferry` binary's integration tests: real `ferry` processes (`env!("CARGO_BIN_EXE_ferry")`) against real
 //! redis-server and PostgreSQL (ferry-testkit), one module per area: the command line (`cli`), each role and
 //! `ferry dev` end to end, the in-process cluster harness (`harness`), shutdown, faults and partitions, the durable record, scale-out, OpenTelemetry export,
-//! the OpenAPI fuzzer, the TypeScript client's node suites (`ts_client`), and the deployment artefacts (`container`, `deploy`, `k8s`, `proxies`, `terraform`,
+//! the OpenAPI fuzzer, the TypeScript client's node suites (`ts_client`), the web dashboard in headless Chromium (`dashboard`), and the deployment artefacts (`container`, `deploy`, `k8s`, `proxies`, `terraform`,
 //! `topology`). `support` holds what they share (spawned processes, waits, tokens, broker helpers), and
 //! `support::manifests` what the deployment checks share.
 //!
@@ -12,6 +12,7 @@ mod balancer;
 mod cli;
 mod cluster;
 mod container;
+mod dashboard;
 mod deploy;
 mod dev;
 mod fault_suite;

@@ -110,6 +110,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cluster", get(crate::cluster::handler))
         // WebSocket (owned by crate::ws; the upgrade handler takes `State<AppState>` through `FromRef`).
         .route("/v1/ws", get(crate::ws::upgrade))
+        // The dashboard's static assets (crate::ui), outside `/v1`: no token, nothing but embedded files.
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn_with_state(
             api.metrics.clone(),

@@ -741,3 +741,59 @@ async fn no_cors_headers_by_default() {
         .unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
+
+/// The dashboard's embedded assets: each with its content type, the strict CSP, `nosniff` and an `ETag` that
+/// revalidates; `/ui` and `/ui/` are the page; anything else under `/ui/` is a 404 problem, and no token is asked.
+#[tokio::test]
+async fn dashboard_assets_are_served_with_types_and_csp() {
+    let (app, _) = TestApp::memory().await;
+    for (path, content_type) in [
+        ("/ui", "text/html; charset=utf-8"),
+        ("/ui/", "text/html; charset=utf-8"),
+        ("/ui/index.html", "text/html; charset=utf-8"),
+        ("/ui/app.js", "text/javascript; charset=utf-8"),
+        ("/ui/api.js", "text/javascript; charset=utf-8"),
+        ("/ui/dom.js", "text/javascript; charset=utf-8"),
+        ("/ui/app.css", "text/css; charset=utf-8"),
+    ] {
+        let r = app.anon(path).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.headers["content-type"], content_type, "{path}");
+        assert_eq!(
+            r.headers["content-security-policy"],
+            ferry_gateway::ui::CSP,
+            "{path}"
+        );
+        let csp = r.headers["content-security-policy"].to_str().unwrap();
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: {csp}");
+        assert_eq!(r.headers["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(r.headers["cache-control"], "no-cache", "{path}");
+        let etag = r.headers["etag"].clone();
+        let again = app
+            .client
+            .get(format!("{}{path}", app.base))
+            .header("if-none-match", etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304, "{path}");
+    }
+    let page = app.anon("/ui/").await;
+    let html = page.body.as_str().unwrap();
+    assert!(html.contains(r#"<script type="module" src="/ui/app.js">"#));
+    for path in ["/ui/nope.js", "/ui/../Cargo.toml", "/ui/app.js/x"] {
+        let r = app.anon(path).await;
+        is_problem(&r, 404);
+    }
+    let r = app.send(Method::POST, "/ui/app.js", None, None).await;
+    is_problem(&r, 405);
+}
