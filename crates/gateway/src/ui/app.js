@@ -342,9 +342,14 @@ function jobPage(root, id) {
   const detail = h("div");
   const trail = h("div");
   append(root, h("h1", {}, "Job ", h("code#job-id", {}, jobId)), detail, h("h2", {}, "Audit trail"), trail);
+  // The audit trail comes from PostgreSQL, which the recorder fills a moment after the live events: until the
+  // trail has caught up with the job's state, it is read again every second (for at most a minute).
+  let state = null, retrail = null, tries = 0;
   const load = async () => {
+    clearTimeout(retrail);
     try {
       const j = await api("GET", `/v1/jobs/${q(jobId)}`);
+      state = j.state;
       const finished = ["completed", "dead", "cancelled"].includes(j.state);
       const buttons = h("div.toolbar", {},
         auth.can("jobs:cancel") && !finished ? h("button#cancel", { type: "button", on: { click: () => act("DELETE", `/v1/jobs/${q(jobId)}`, "cancelled") } }, "Cancel") : null,
@@ -361,6 +366,8 @@ function jobPage(root, id) {
     }
     try {
       const t = await api("GET", `/v1/jobs/${q(jobId)}/events`);
+      const last = (t.events || []).at(-1);
+      if ((!last || last.state !== state) && tries++ < 60) retrail = setTimeout(load, 1000);
       clear(trail).append((t.events || []).length
         ? h("table.trail", {}, h("thead", {}, h("tr", {}, ["At", "Event", "State", "Attempt", "Actor", "Correlation", "Data"].map((l) => h("th", {}, l)))),
           h("tbody", {}, t.events.map((e) => h("tr", {}, h("td", {}, time(e.at)), h("td", {}, e.type), h("td", {}, e.state), h("td.num", {}, e.attempt),
@@ -384,7 +391,7 @@ function jobPage(root, id) {
   const onFrame = (f) => { if (f.data?.id === jobId) load(); };
   eventListeners.add(onFrame);
   load();
-  return () => { eventListeners.delete(onFrame); live.unsubscribe(channel); };
+  return () => { clearTimeout(retrail); eventListeners.delete(onFrame); live.unsubscribe(channel); };
 }
 
 function eventsPage(root) {
