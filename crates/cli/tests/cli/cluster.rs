@@ -20,8 +20,6 @@ async fn spawn_gateway(redis: &str, extra: &[&str]) -> Result<(Proc, String)> {
         "gateway",
         "--redis",
         redis,
-        "--listen",
-        "127.0.0.1:0",
         "--jwt-secret",
         SECRET,
         "--heartbeat-ms",
@@ -30,7 +28,7 @@ async fn spawn_gateway(redis: &str, extra: &[&str]) -> Result<(Proc, String)> {
         "2000",
     ];
     args.extend_from_slice(extra);
-    let (proc, line) = Proc::spawn_listening(
+    let (proc, addr) = Proc::spawn_gateway(
         ferry()
             .args(&args)
             .env("FERRY_LOG", "warn,ferry_gateway=info,ferry_cli=info")
@@ -38,11 +36,9 @@ async fn spawn_gateway(redis: &str, extra: &[&str]) -> Result<(Proc, String)> {
             .env_remove("FERRY_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
-        "gateway listening",
     )
     .await?;
-    let base = format!("http://{}", support::announced(&line, "listen")?);
-    Ok((proc, base))
+    Ok((proc, format!("http://{addr}")))
 }
 
 async fn members(broker: &RedisBroker) -> Vec<NodeInfo> {

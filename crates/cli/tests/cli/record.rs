@@ -35,15 +35,12 @@ async fn spawn_gateway(redis: &str, db: &str) -> Result<(Proc, String)> {
         "gateway",
         "--redis",
         redis,
-        "--listen",
-        "127.0.0.1:0",
         "--jwt-secret",
         SECRET,
         "--database-url",
         db,
     ];
-    let (proc, line) = Proc::spawn_listening(&mut command(&args), "gateway listening").await?;
-    Ok((proc, support::announced(&line, "listen")?))
+    Proc::spawn_gateway(&mut command(&args)).await
 }
 
 fn command(args: &[&str]) -> Command {

@@ -64,18 +64,9 @@ fn token_for(sub: &str) -> String {
 
 /// A `ferry gateway` on port 0, once it listens: the process (its log goes on to the test's) and its address.
 async fn spawn_gateway(redis: &str, extra: &[&str]) -> Result<(Proc, String)> {
-    let mut args = vec![
-        "gateway",
-        "--redis",
-        redis,
-        "--listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-    ];
+    let mut args = vec!["gateway", "--redis", redis, "--jwt-secret", SECRET];
     args.extend_from_slice(extra);
-    let (proc, line) = Proc::spawn_listening(&mut command(&args), "gateway listening").await?;
-    Ok((proc, support::announced(&line, "listen")?))
+    Proc::spawn_gateway(&mut command(&args)).await
 }
 
 /// SIGTERM with a WebSocket client connected: /readyz goes 503 while the listener still answers, a batch of

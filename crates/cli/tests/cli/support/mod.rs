@@ -158,6 +158,15 @@ impl Proc {
         Ok((proc, line))
     }
 
+    /// Spawns `cmd`, a `ferry gateway` or `ferry dev` command, with `--listen 127.0.0.1:0` added, once it listens:
+    /// the process and the address it bound (see [`Proc::spawn_listening`]).
+    pub async fn spawn_gateway(cmd: &mut Command) -> Result<(Self, String)> {
+        let (proc, line) =
+            Self::spawn_listening(cmd.args(["--listen", "127.0.0.1:0"]), "gateway listening")
+                .await?;
+        Ok((proc, announced(&line, "listen")?))
+    }
+
     /// Spawns `cmd` with its stderr going to a file in a temporary directory of its own: read it with
     /// [`Proc::log`]; it is printed if the test panics while the process is alive.
     pub fn spawn_logged(cmd: &mut Command) -> Result<Self> {
