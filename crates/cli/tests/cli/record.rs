@@ -23,11 +23,6 @@ use crate::support::{
 
 const SECRET: &str = "record-test-secret-0123456789abcdef";
 
-/// A `ferry` child process whose stderr goes to a file (read by the test, printed if it fails).
-fn spawn(args: &[&str]) -> Result<Proc> {
-    Proc::spawn_logged(&mut command(args))
-}
-
 /// A `ferry gateway` on port 0 on `redis`, with the record at `db`, once it listens: the process and its
 /// address. Its stderr is kept the same way.
 async fn spawn_gateway(redis: &str, db: &str) -> Result<(Proc, String)> {
@@ -83,7 +78,8 @@ impl Cluster {
         })
     }
 
-    fn worker(&self, queue: &str, extra: &[&str]) -> Result<Proc> {
+    /// `ferry worker` on `queue`, recording in the database, with `extra` flags.
+    fn worker_command(&self, queue: &str, extra: &[&str]) -> Command {
         let url = self.redis.url();
         let mut args = vec![
             "worker",
@@ -95,24 +91,18 @@ impl Cluster {
             &self.record.db,
         ];
         args.extend_from_slice(extra);
-        spawn(&args)
+        command(&args)
+    }
+
+    /// A worker whose stderr goes to a file (read by the test, printed if it fails).
+    fn worker(&self, queue: &str, extra: &[&str]) -> Result<Proc> {
+        Proc::spawn_logged(&mut self.worker_command(queue, extra))
     }
 
     /// A worker on `queue` whose admin listener is on port 0, once it listens: the process and that address.
     async fn worker_listening(&self, queue: &str) -> Result<(Proc, String)> {
-        let url = self.redis.url();
-        let args = [
-            "worker",
-            "--redis",
-            &url,
-            "--queues",
-            queue,
-            "--database-url",
-            &self.record.db,
-            "--admin-listen",
-            "127.0.0.1:0",
-        ];
-        let (proc, line) = Proc::spawn_listening(&mut command(&args), "admin listening").await?;
+        let mut cmd = self.worker_command(queue, &["--admin-listen", "127.0.0.1:0"]);
+        let (proc, line) = Proc::spawn_listening(&mut cmd, "admin listening").await?;
         Ok((proc, support::announced(&line, "admin")?))
     }
 
