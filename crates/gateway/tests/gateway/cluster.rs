@@ -47,14 +47,7 @@ async fn get_cluster(cluster: &Cluster, i: usize, who: Option<(&str, &str)>) -> 
     if let Some((sub, scopes)) = who {
         req = req.bearer_auth(cluster.token(sub, scopes));
     }
-    let res = req.send().await.expect("request answered");
-    let (status, headers) = (res.status(), res.headers().clone());
-    let body = res.json().await.unwrap_or(Value::Null);
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply::read(req.send().await.expect("request answered")).await
 }
 
 /// `GET /v1/cluster` of gateway `i` as an admin.

@@ -42,6 +42,17 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// A response's status, headers and JSON body (`Null` when the body is not JSON).
+    pub async fn read(res: reqwest::Response) -> Self {
+        let (status, headers) = (res.status(), res.headers().clone());
+        let body = res.json().await.unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
     /// The `field` of the first entry of a problem's `errors`.
     pub fn field(&self) -> &str {
         self.body["errors"][0]["field"].as_str().unwrap_or("")
@@ -152,13 +163,7 @@ impl TestApp {
             .send()
             .await
             .unwrap();
-        let (status, headers) = (res.status(), res.headers().clone());
-        let body = res.json().await.unwrap_or(Value::Null);
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply::read(res).await
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Reply {
