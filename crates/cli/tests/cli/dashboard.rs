@@ -77,17 +77,15 @@ async fn dashboard_works_in_headless_chromium_on_ferry_dev() {
     chromium();
     let tmp = tempfile::tempdir().unwrap();
     let stdout = tmp.path().join("stdout");
-    let (mut dev, line) = Proc::spawn_listening(
+    let (mut dev, listen) = Proc::spawn_gateway(
         ferry()
-            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(["dev"])
             .env_remove("FERRY_JWT_SECRET")
             .env("FERRY_LOG", "warn,ferry_cli=info")
             .stdout(std::fs::File::create(&stdout).unwrap()),
-        "gateway listening",
     )
     .await
     .expect("ferry dev starts");
-    let listen = announced(&line, "listen").unwrap();
     let base = format!("http://{listen}");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);

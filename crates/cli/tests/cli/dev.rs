@@ -4,25 +4,21 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::{
-    Proc, announced, ferry, poll_json, remaining, submit, until_completed, until_healthy,
-};
+use crate::support::{Proc, ferry, poll_json, remaining, submit, until_completed, until_healthy};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-dev-test";
 
 #[tokio::test]
 async fn dev_runs_a_submitted_job_end_to_end() {
-    let (_dev, line) = Proc::spawn_listening(
+    let (_dev, listen) = Proc::spawn_gateway(
         ferry()
-            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(["dev"])
             .env("FERRY_JWT_SECRET", SECRET)
             .env("FERRY_LOG", "warn,ferry_cli=info")
             .stdout(Stdio::null()),
-        "gateway listening",
     )
     .await
     .expect("ferry dev starts");
-    let listen = announced(&line, "listen").unwrap();
     let out = ferry()
         .args([
             "token",

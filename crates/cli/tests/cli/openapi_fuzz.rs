@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::{self, Proc, ferry, remaining, repo, token, until_healthy};
+use crate::support::{Proc, ferry, remaining, repo, token, until_healthy};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-openapi-fuzz";
 /// Examples per operation and phase: enough to find a disagreement in a field, bounded so the run stays short.
@@ -35,20 +35,18 @@ fn schemathesis() -> PathBuf {
 #[tokio::test]
 async fn schemathesis_finds_no_disagreement_between_the_document_and_the_server() {
     let tool = schemathesis();
-    let (_dev, line) = Proc::spawn_listening(
+    let (_dev, listen) = Proc::spawn_gateway(
         ferry()
-            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(["dev"])
             .env("FERRY_JWT_SECRET", SECRET)
             .env("FERRY_LOG", "warn,ferry_cli=info")
             // The fuzzer sends tokenless requests back to back (the 401 checks): the default 10 failed
             // authentications per second per IP would answer some of them 429 instead.
             .env("FERRY_UNAUTH_UPGRADE_RATE", "100000")
             .stdout(Stdio::null()),
-        "gateway listening",
     )
     .await
     .expect("ferry dev starts");
-    let listen = support::announced(&line, "listen").unwrap();
     let base = format!("http://{listen}");
     let http = reqwest::Client::new();
     until_healthy(

@@ -148,19 +148,17 @@ fn ferry() -> Command {
 /// `ferry dev` on port 0, with `extra` flags, once it listens: the process (its stderr in [`Proc::log`]) and its
 /// base URL.
 async fn start_dev(extra: &[&str]) -> (Proc, String) {
-    let (dev, line) = Proc::spawn_listening(
+    let (dev, listen) = Proc::spawn_gateway(
         ferry()
-            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args(["dev"])
             .args(extra)
             .env("FERRY_JWT_SECRET", SECRET)
             .env("FERRY_LOG", "info")
             .stdout(Stdio::null()),
-        "gateway listening",
     )
     .await
     .expect("ferry dev starts");
-    let base = format!("http://{}", support::announced(&line, "listen").unwrap());
-    (dev, base)
+    (dev, format!("http://{listen}"))
 }
 
 /// Submit one echo job with our traceparent, wait until it completed; the traceparent the gateway returned.
