@@ -95,8 +95,9 @@ impl ShardRing {
 
 /// The placement hash: `fmix64(FNV-1a-64(bytes))`. FNV-1a is a fixed, byte-at-a-time definition that any language
 /// can reproduce; on its own it mixes the last bytes of a string poorly, which `fmix64` (a full-avalanche
-/// bijection) repairs, so names such as `queue-1` and `queue-2` land independently.
-pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
+/// bijection) repairs, so names such as `queue-1` and `queue-2` land independently. Also the workspace's one
+/// stable content hash elsewhere (the dashboard's `ETag`s).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
     fmix64(fnv1a64(bytes))
 }
 

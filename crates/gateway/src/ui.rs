@@ -66,14 +66,14 @@ async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
 }
 
 fn serve(name: &str, headers: &HeaderMap) -> Response {
-    let Some(&(_, content_type, body)) = ASSETS.iter().find(|(n, _, _)| *n == name) else {
+    let Some(i) = ASSETS.iter().position(|(n, _, _)| *n == name) else {
         return ApiError::NotFound(format!("no dashboard asset {name:?}")).into_response();
     };
-    let etag = etag(body);
+    let ((_, content_type, body), etag) = (ASSETS[i], &ETAGS[i]);
     let fresh = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag.as_str()));
     let mut res = if fresh {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -95,19 +95,25 @@ fn serve(name: &str, headers: &HeaderMap) -> Response {
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Ok(v) = HeaderValue::from_str(&etag) {
+    if let Ok(v) = HeaderValue::from_str(etag) {
         h.insert(header::ETAG, v);
     }
     res
 }
 
-/// A strong validator from the content (FNV-1a, 64 bits): the same binary always gives the same tag.
-fn etag(body: &str) -> String {
-    let hash = body.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("\"{hash:016x}\"")
-}
+/// A strong validator per asset, by position in [`ASSETS`], from its content (the workspace's stable hash),
+/// computed once: the same binary always gives the same tags.
+static ETAGS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    ASSETS
+        .iter()
+        .map(|(_, _, body)| {
+            format!(
+                "\"{:016x}\"",
+                ferry_broker::shard::stable_hash(body.as_bytes())
+            )
+        })
+        .collect()
+});
 
 #[cfg(test)]
 mod tests {
