@@ -1,11 +1,13 @@
 //! One WebSocket connection: the upgrade (authentication before the handshake, limits, tuned buffers) and the
 //! connection task that reads client frames, answers them, and writes what the [`Hub`](super::Hub) queued.
 //!
-//! Memory per idle connection is what the benchmark watches, so: tungstenite gets a 1 KiB read buffer and no
+//! Memory per idle connection is what the benchmark watches, so: tungstenite gets a small read buffer and no
 //! write buffer (each frame is flushed as it is written), and the connection runs in a task of its own spawned
-//! after the handshake, so nothing of the HTTP request stays alive beside it. One task does both reading and
-//! writing (no split halves, no second task); a write blocked by a peer that does not read is abandoned when the
-//! hub declares the connection a slow consumer.
+//! after the handshake, so nothing of the HTTP request stays alive beside it. The socket lives in the
+//! connection's [`Outbox`](super::outbox::Outbox): the hub writes pushes straight to it when nothing is ahead
+//! of them, and this one task does the rest of the reading and writing (no split halves, no second task); a
+//! write blocked by a peer that does not read is abandoned when the hub declares the connection a slow
+//! consumer.
 //!
 //! The token (header or `?token=`) is never logged.
 
@@ -23,11 +25,12 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use ferry_core::{JobId, NewJob, ValidationError};
 use futures::future::BoxFuture;
-use futures::{FutureExt, Sink, SinkExt};
+use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use super::outbox::{Next, Socket};
 use super::{ConnSlot, Hub, View, Wake, close, job_topic, key_topic, user_key, write_buffer_cap};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::error::ApiError;
@@ -104,9 +107,10 @@ pub async fn upgrade(
             // A fresh task: the upgrade future (and the request it came from) ends here.
             match slot {
                 Some(slot) => {
+                    slot.handle.outbox.attach(socket);
                     let mut conn = Conn::new(hub, state, principal, slot);
                     conn.since = since;
-                    tokio::spawn(run(conn, socket));
+                    tokio::spawn(run(conn));
                 }
                 None => {
                     tokio::spawn(refuse(hub, socket));
@@ -187,12 +191,30 @@ fn expiry(exp: u64) -> Instant {
     Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs()))
 }
 
+/// What the closing handshake needs of a socket: the connection's [`Socket`], or a bare one being refused.
+trait Wire:
+    Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin + Send
+{
+}
+
+impl<T> Wire for T where
+    T: Sink<Message, Error = axum::Error>
+        + Stream<Item = Result<Message, axum::Error>>
+        + Unpin
+        + Send
+{
+}
+
 /// Boxed for the same reason as [`send`]: it runs once, at the end, and should not size every connection's task.
-fn close_with<'a>(socket: &'a mut WebSocket, code: u16, reason: &'static str) -> BoxFuture<'a, ()> {
+fn close_with<'a, S: Wire + 'a>(
+    socket: &'a mut S,
+    code: u16,
+    reason: &'static str,
+) -> BoxFuture<'a, ()> {
     close_inline(socket, code, reason).boxed()
 }
 
-async fn close_inline(socket: &mut WebSocket, code: u16, reason: &'static str) {
+async fn close_inline<S: Wire>(socket: &mut S, code: u16, reason: &'static str) {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
@@ -205,7 +227,7 @@ async fn close_inline(socket: &mut WebSocket, code: u16, reason: &'static str) {
         if socket.send(Message::Close(Some(frame))).await.is_err() {
             return;
         }
-        while let Some(Ok(msg)) = socket.recv().await {
+        while let Some(Ok(msg)) = socket.next().await {
             if matches!(msg, Message::Close(_)) {
                 break;
             }
@@ -269,7 +291,7 @@ async fn refuse(hub: Arc<Hub>, mut socket: WebSocket) {
 /// arguments are captured by an async block and used in place, never moved into new locals (each move is a
 /// second copy in the future), and everything awaited only now and then is boxed.
 #[allow(clippy::manual_async_fn)] // On purpose, see inside.
-fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
+fn run(mut c: Conn) -> impl Future<Output = ()> + Send {
     // Not an `async fn`: an async fn moves its arguments into new locals and so stores them twice (rust-lang
     // issue 62958); an async block uses its captures in place.
     async move {
@@ -297,6 +319,7 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
             c.slot.keys.push(key);
         }
         let handle = c.slot.handle.clone();
+        let mut socket = handle.outbox.socket();
         let hub = c.hub.clone();
         let ping_interval = hub.limits().ping_interval;
         // One timer serves both the ping schedule and the token's expiry (an `Interval` would be a second, boxed
@@ -317,7 +340,7 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
                     Wake::Move => {
                         let delay = hub.close_delay();
                         closing = Some(Instant::now() + delay);
-                        if let Err(ending) = send(&mut socket, &hub, &handle, goaway("rebalance", delay), closing).await {
+                        if let Err(ending) = send_own(&mut socket, &hub, &handle, goaway("rebalance", delay), closing).await {
                             break ending;
                         }
                     }
@@ -325,7 +348,7 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
                 _ = hub.goaway_called(), if closing.is_none() => {
                     let delay = hub.close_delay();
                     closing = Some(Instant::now() + delay);
-                    if let Err(ending) = send(&mut socket, &hub, &handle, goaway("shutdown", delay), closing).await {
+                    if let Err(ending) = send_own(&mut socket, &hub, &handle, goaway("shutdown", delay), closing).await {
                         break ending;
                     }
                 }
@@ -341,16 +364,22 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
                         // Dead peer: nobody to say goodbye to.
                         break None;
                     }
-                    if let Err(ending) = send(&mut socket, &hub, &handle, Message::Ping(Default::default()), closing).await {
+                    if let Err(ending) = send_own(&mut socket, &hub, &handle, Message::Ping(Default::default()), closing).await {
                         break ending;
                     }
                 }
-                frame = handle.outbox.pop() => {
-                    if let Err(ending) = send(&mut socket, &hub, &handle, Message::Text(frame), closing).await {
+                next = handle.outbox.next() => {
+                    let msg = match next {
+                        Next::Frame(frame) => Some(Message::Text(frame)),
+                        Next::Flush => None,
+                    };
+                    let sent = send(&mut socket, &hub, &handle, msg, closing).await;
+                    handle.outbox.done();
+                    if let Err(ending) = sent {
                         break ending;
                     }
                 }
-                msg = socket.recv() => {
+                msg = socket.next() => {
                     last_seen = Instant::now();
                     let text = match msg {
                         None => break None,
@@ -375,25 +404,30 @@ fn run(mut c: Conn, mut socket: WebSocket) -> impl Future<Output = ()> + Send {
                     };
                     // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
                     c.hub.count_frame_in();
-                    match Box::pin(c.frame(text.as_str())).await {
+                    // The hub queues meanwhile, so the answer goes out before anything the request causes (a
+                    // subscription's first message after its `ok`).
+                    handle.outbox.hold();
+                    let answered = match Box::pin(c.frame(text.as_str())).await {
                         Ok(Some(reply)) => {
                             c.hub.count_frame_out();
-                            if let Err(ending) = send(&mut socket, &hub, &handle, Message::Text(reply.into()), closing).await {
-                                break ending;
-                            }
+                            send(&mut socket, &hub, &handle, Some(Message::Text(reply.into())), closing).await
                         }
-                        Ok(None) => {}
-                        Err(ending) => {
-                            break Some(ending);
-                        }
+                        Ok(None) => Ok(()),
+                        Err(ending) => Err(Some(ending)),
+                    };
+                    handle.outbox.done();
+                    if let Err(ending) = answered {
+                        break ending;
                     }
                 }
             }
         };
+        handle.outbox.hold();
         if let Some((code, reason)) = ending {
             c.hub.count_close(code);
             close_with(&mut socket, code, reason).await;
         }
+        drop(handle.outbox.detach());
     }
 }
 
@@ -429,27 +463,27 @@ fn is_write_buffer_full(e: &axum::Error) -> bool {
 /// A frame the socket takes at once (nearly every one) is written in the first poll, with nothing allocated;
 /// only a blocked write goes on to [`send_blocked`]. A hand-written future rather than an `async fn`: the
 /// connection task stores it at each of its call sites, and an async fn's state was twice as large.
-fn send<'a>(
-    socket: &'a mut WebSocket,
+fn send<'a, 's>(
+    socket: &'a mut Socket<'s>,
     hub: &'a Hub,
     handle: &'a super::ConnHandle,
-    msg: Message,
+    msg: Option<Message>,
     closing: Option<Instant>,
-) -> SendFrame<'a> {
+) -> SendFrame<'a, 's> {
     SendFrame {
         socket: Some(socket),
         hub,
         handle,
-        msg: Some(msg),
+        msg,
         closing,
         blocked: None,
     }
 }
 
 /// See [`send`].
-struct SendFrame<'a> {
+struct SendFrame<'a, 's> {
     /// Until the first poll, which writes or hands it to `blocked`.
-    socket: Option<&'a mut WebSocket>,
+    socket: Option<&'a mut Socket<'s>>,
     hub: &'a Hub,
     handle: &'a super::ConnHandle,
     msg: Option<Message>,
@@ -457,7 +491,7 @@ struct SendFrame<'a> {
     blocked: Option<BoxFuture<'a, Result<(), Ending>>>,
 }
 
-impl Future for SendFrame<'_> {
+impl Future for SendFrame<'_, '_> {
     type Output = Result<(), Ending>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -486,10 +520,24 @@ impl Future for SendFrame<'_> {
     }
 }
 
+/// [`send`] for a frame of the connection's own (a ping, a `goaway`): the hub queues while it is written.
+async fn send_own(
+    socket: &mut Socket<'_>,
+    hub: &Hub,
+    handle: &super::ConnHandle,
+    msg: Message,
+    closing: Option<Instant>,
+) -> Result<(), Ending> {
+    handle.outbox.hold();
+    let sent = send(socket, hub, handle, Some(msg), closing).await;
+    handle.outbox.done();
+    sent
+}
+
 /// One attempt at writing `msg` (taken once the sink accepts it) and flushing it: `true` when it went out,
 /// `false` when the sink is not ready for it or its flush is pending (the task is registered for either).
 fn try_send(
-    socket: &mut WebSocket,
+    socket: &mut Socket<'_>,
     cx: &mut Context<'_>,
     msg: &mut Option<Message>,
 ) -> Result<bool, axum::Error> {
@@ -525,7 +573,7 @@ fn write_failed(hub: &Hub, e: &axum::Error) -> Ending {
 /// Boxed: the write's state (the frame, a timer, the kill wait: about 600 bytes) would otherwise be part of
 /// every idle connection's task, which is sized for its largest await.
 fn send_blocked<'a>(
-    socket: &'a mut WebSocket,
+    socket: &'a mut Socket<'_>,
     hub: &'a Hub,
     handle: &'a super::ConnHandle,
     msg: Option<Message>,
@@ -535,7 +583,7 @@ fn send_blocked<'a>(
 }
 
 async fn send_inline(
-    socket: &mut WebSocket,
+    socket: &mut Socket<'_>,
     hub: &Hub,
     handle: &super::ConnHandle,
     msg: Option<Message>,

@@ -1086,11 +1086,10 @@ impl Hub {
     /// the sockets, which reads them in the order it opened them (one Node client holding 2,000 sockets spent
     /// about a fifth more CPU per delivery in random order, loadtest/README.md).
     ///
-    /// A large audience is served [`FAN_OUT_TURN`] subscribers at a time, the lock released and the runtime
-    /// given a turn in between: the connections handed the frame write it while the rest are still being
-    /// handed it. In one go, the first write waited for every hand-over: with 2,000 subscribers the first
-    /// delivery came 3.2–3.5 ms after the publish, in turns 2.1–2.3 ms (fan-out benchmark, loadtest/README.md).
-    /// A subscriber that leaves meanwhile is skipped; one that joins meanwhile is not served this frame (it
+    /// Each frame is written straight to the subscriber's socket when nothing is ahead of it (see [`outbox`]),
+    /// so a fan-out is a loop of writes. A large audience is served [`FAN_OUT_TURN`] subscribers at a time: the
+    /// turn's frames are picked under the lock and written after it, and the runtime gets a turn in between. A
+    /// subscriber that leaves meanwhile is skipped; one that joins meanwhile is not served this frame (it
     /// subscribed after it, as far as this node can tell; its `since` recovers it).
     async fn fan_out(
         &self,
@@ -1106,16 +1105,10 @@ impl Hub {
             };
             if subs.len() == 1 {
                 // A `user:` or `job:` key's usual audience: nothing to order, nothing to allocate.
-                subs.values_mut()
-                    .for_each(|sub| self.deliver(sub, offset, &mut rendered, &render));
-                return true;
-            }
-            if subs.len() <= FAN_OUT_TURN {
-                let mut subs: Vec<(u64, &mut Sub)> =
-                    subs.iter_mut().map(|(id, sub)| (*id, sub)).collect();
-                subs.sort_unstable_by_key(|(id, _)| *id);
-                for (_, sub) in subs {
-                    self.deliver(sub, offset, &mut rendered, &render);
+                for sub in subs.values_mut() {
+                    if let Some(frame) = self.frame_for(sub, offset, &mut rendered, &render) {
+                        self.send(&sub.conn, frame);
+                    }
                 }
                 return true;
             }
@@ -1123,31 +1116,43 @@ impl Hub {
             order.sort_unstable();
             order
         };
+        // The frames of a turn are picked under the lock and written after it, so that subscribing and
+        // unsubscribing never wait for a turn's writes.
+        let mut turn_frames: Vec<(Arc<ConnHandle>, Utf8Bytes)> =
+            Vec::with_capacity(order.len().min(FAN_OUT_TURN));
         for (i, turn) in order.chunks(FAN_OUT_TURN).enumerate() {
             if i > 0 {
                 tokio::task::yield_now().await;
             }
-            let mut channels = self.lock();
-            let Some(subs) = channels.get_mut(key) else {
-                break;
-            };
-            for id in turn {
-                if let Some(sub) = subs.get_mut(id) {
-                    self.deliver(sub, offset, &mut rendered, &render);
+            {
+                let mut channels = self.lock();
+                let Some(subs) = channels.get_mut(key) else {
+                    break;
+                };
+                for id in turn {
+                    if let Some(sub) = subs.get_mut(id)
+                        && let Some(frame) = self.frame_for(sub, offset, &mut rendered, &render)
+                    {
+                        turn_frames.push((sub.conn.clone(), frame));
+                    }
                 }
+            }
+            for (conn, frame) in turn_frames.drain(..) {
+                self.send(&conn, frame);
             }
         }
         true
     }
 
-    /// [`Hub::fan_out`] to one subscriber.
-    fn deliver(
+    /// The frame [`Hub::fan_out`] sends one subscriber: `None` when it is held for a recovery (see [`replay`])
+    /// or dropped as already replayed.
+    fn frame_for(
         &self,
         sub: &mut Sub,
         offset: Option<(u64, u64)>,
         rendered: &mut Vec<(Arc<View>, Utf8Bytes)>,
         render: &impl Fn(&View) -> String,
-    ) {
+    ) -> Option<Utf8Bytes> {
         let frame = match rendered.iter().find(|(v, _)| **v == *sub.view) {
             Some((_, f)) => f.clone(),
             None => {
@@ -1159,7 +1164,7 @@ impl Hub {
         if let Some(r) = &mut sub.recovery {
             if let (Some(floor), Some(o)) = (r.floor, offset) {
                 if o <= floor {
-                    return;
+                    return None;
                 }
                 r.floor = None;
             }
@@ -1170,26 +1175,34 @@ impl Hub {
                 } else {
                     sub.conn.close(close::SLOW_CONSUMER);
                 }
-                return;
+                return None;
             }
             if r.floor.is_none() {
                 // Recovered and past the floor: back to the plain subscriber.
                 sub.recovery = None;
             }
         }
-        if sub.conn.outbox.push(frame) {
-            self.counters.frames_out.inc();
+        Some(frame)
+    }
+
+    /// Hand `frame` to a connection (see [`outbox`]): false when its send queue is full, and the connection is
+    /// closed as a slow consumer, since buffering more would let one slow client grow the node's memory without
+    /// bound.
+    fn send(&self, conn: &ConnHandle, frame: Utf8Bytes) -> bool {
+        if conn.outbox.push(frame) == outbox::Pushed::Full {
+            conn.close(close::SLOW_CONSUMER);
+            false
         } else {
-            // Buffering more would let one slow client grow the node's memory without bound.
-            sub.conn.close(close::SLOW_CONSUMER);
+            self.counters.frames_out.inc();
+            true
         }
     }
 }
 
-/// Subscribers served per turn of a large fan-out (see [`Hub::fan_out`]): enough that the turns cost nothing
-/// beside the writes (a turn hands over 64 frames in a few tens of microseconds, and the writes that follow
-/// take about half a millisecond), few enough that the first writes start at once.
-const FAN_OUT_TURN: usize = 64;
+/// Subscribers served per turn of a large fan-out (see [`Hub::fan_out`]): 256 writes take about a
+/// millisecond, short enough to give the runtime back often, and fewer turns than 64 at a time measured less CPU
+/// (fan-out benchmark, loadtest/README.md).
+const FAN_OUT_TURN: usize = 256;
 
 fn unavailable() -> ApiError {
     ApiError::Unavailable {
@@ -1519,7 +1532,11 @@ mod tests {
             let admitted: Vec<u64> = slots.iter().map(|s| s.handle.id).collect();
             assert_eq!(order.into_inner().unwrap(), admitted, "{n} subscribers");
             for s in &slots {
-                assert_eq!(s.handle.outbox.pop().await.as_str(), "{}");
+                match s.handle.outbox.next().await {
+                    outbox::Next::Frame(f) => assert_eq!(f.as_str(), "{}"),
+                    outbox::Next::Flush => panic!("no socket, nothing written"),
+                }
+                s.handle.outbox.done();
             }
         }
         assert!(!hub.fan_out("app:nobody", None, |_| String::new()).await);

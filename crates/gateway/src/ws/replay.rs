@@ -27,7 +27,7 @@ use ferry_broker::{EventScope, StreamPos, event_offset, parse_offset};
 use ferry_core::{Event, JobId, QueueName, ValidationError};
 use serde_json::{Value, json};
 
-use super::{ConnHandle, Hub, Payload, View, close, render_event, render_message};
+use super::{ConnHandle, Hub, Payload, View, render_event, render_message};
 use crate::error::ApiError;
 
 /// Most event log entries one recovery of a job-event channel reads (each is one engine call's batch of events:
@@ -289,10 +289,7 @@ impl Hub {
                 _ => Some(f),
             });
         for frame in lead.into_iter().chain(replayed).chain(live) {
-            if conn.outbox.push(frame) {
-                self.counters.frames_out.inc();
-            } else {
-                conn.close(close::SLOW_CONSUMER);
+            if !self.send(conn, frame) {
                 return;
             }
         }

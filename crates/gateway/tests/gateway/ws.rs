@@ -701,9 +701,11 @@ async fn shutdown_closes_sockets_1001() {
     assert_eq!(close_code(&mut ws).await, 1001);
 }
 
-/// A burst over the send queue closes the connection with 4009, and the peer (whose socket buffers are not
-/// full) does get the close frame, even though the connection was in the middle of a write when the hub
-/// closed it.
+/// A burst over the send queue closes the connection with 4009, and the peer does get the close frame, even
+/// though the connection was in the middle of a write when the hub closed it. The hub writes a frame straight to
+/// the socket while the socket takes it, so the burst (12 MB, the peer not reading until it is over) first fills
+/// the socket buffers (the client's receive buffer kept small, the server's send buffer at its 4 MB maximum);
+/// only then does the send queue fill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_over_the_send_queue_gets_the_4009_close_frame() {
     let broker = memory();
@@ -712,7 +714,17 @@ async fn burst_over_the_send_queue_gets_the_4009_close_frame() {
         ..LimitsConfig::default()
     };
     let node = gateway(broker.clone(), limits).await;
-    let mut ws = connect(&node, &token("alice", ALL, Duration::from_secs(60))).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let url = format!(
+        "ws://{}/v1/ws?token={}",
+        node.addr,
+        token("alice", ALL, Duration::from_secs(60))
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .expect("upgrade");
     let r = ask(
         &mut ws,
         "s",
@@ -721,7 +733,7 @@ async fn burst_over_the_send_queue_gets_the_4009_close_frame() {
     .await;
     assert_eq!(r["ok"], true);
     let big = json!({"pad": "x".repeat(60_000)}).to_string();
-    for _ in 0..20 {
+    for _ in 0..200 {
         broker.publish("burst", big.clone()).await.unwrap();
     }
     assert_eq!(close_code(&mut ws).await, 4009);
