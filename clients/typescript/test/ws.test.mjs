@@ -1,5 +1,5 @@
-// The WebSocket session against a real `ferry dev`: subscribe/unsubscribe/publish/submit/refresh, submitAndWait,
-// submitAndWait. Recovery across a gateway restart is test/cluster.test.mjs.
+// The WebSocket session against a real `ferry dev`: subscribe/unsubscribe/publish/submit/refresh, submitAndWait.
+// Token expiry is test/expiry.test.mjs; recovery across a gateway restart is test/cluster.test.mjs.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { FerryClient, FerryJobError, FerryWsError } from "../dist/index.js";

@@ -1,9 +1,10 @@
 //! The TypeScript client (clients/typescript) through its own `node --test` suites, against this build of `ferry`
-//! (`FERRY_BIN`): the session rules against a fake WebSocket, every `/v1` route and the generated OpenAPI types
-//! against `ferry dev`, a cluster (redis-server from ferry-testkit as `REDIS_URL`, two gateways, a worker) with a
-//! gateway restarted mid-stream, and the built client in headless Chromium. scripts/test.sh installs the client's
-//! devDependencies (`npm ci`), compiles it (`npm run build`) and installs chromium; a test fails, naming that
-//! step, when they are missing or the build is older than the sources.
+//! (`FERRY_BIN`): the session rules against a fake WebSocket; every `/v1` route, token expiry (refresh before
+//! `exp`, reconnect after 4001) and the generated OpenAPI types against `ferry dev`; a cluster (redis-server from
+//! ferry-testkit as `REDIS_URL`, two gateways, a worker) with a gateway restarted mid-stream; and the built client
+//! in headless Chromium. scripts/test.sh installs the client's devDependencies (`npm ci`), compiles it
+//! (`npm run build`) and installs chromium; a test fails, naming that step, when they are missing or the build is
+//! older than the sources.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -103,6 +104,7 @@ fn ts_client_session_http_openapi_and_ws_against_ferry_dev() {
             "test/http.test.mjs",
             "test/openapi.test.mjs",
             "test/ws.test.mjs",
+            "test/expiry.test.mjs",
         ],
         &[],
     );
