@@ -97,7 +97,25 @@ pub async fn upgrade(
     let max_write = write_buffer_cap(limits);
     let partition =
         ferry_broker::placement::partition_of(principal.tenant.as_deref(), &principal.sub);
-    let slot = hub.admit(subject_key(&principal), partition);
+    let mut slot = hub.admit(subject_key(&principal), partition);
+    // Every connection hears about its own jobs without asking, from the moment its handshake is answered: a
+    // client that submits as soon as it sees the connection open must get every event of that job. So the
+    // `user:` channel is subscribed before the 101; its first frames wait in the outbox for the socket.
+    if let Some(slot) = slot.as_mut() {
+        let key = subject_key(&principal);
+        let own = View {
+            channel: format!("user:{}", principal.sub),
+            tenant: principal.tenant.clone(),
+        };
+        let topic = key_topic(&key);
+        if hub
+            .subscribe(&slot.handle, &key, own, topic, since.is_some())
+            .await
+            .is_ok()
+        {
+            slot.keys.push(key);
+        }
+    }
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_write_buffer_size(max_write)
@@ -295,20 +313,10 @@ fn run(mut c: Conn) -> impl Future<Output = ()> + Send {
     // Not an `async fn`: an async fn moves its arguments into new locals and so stores them twice (rust-lang
     // issue 62958); an async block uses its captures in place.
     async move {
-        // Every connection hears about its own jobs without asking.
-        let own = View {
-            channel: format!("user:{}", c.principal.sub),
-            tenant: c.principal.tenant.clone(),
-        };
-        let key = subject_key(&c.principal);
-        let since = c.since.take();
-        let topic = key_topic(&key);
-        if c.hub
-            .subscribe(&c.slot.handle, &key, own, topic, since.is_some())
-            .await
-            .is_ok()
-        {
-            if let Some(since) = since {
+        // The `user:` channel was subscribed at the upgrade (see there); recovered here.
+        if let Some(since) = c.since.take() {
+            let key = subject_key(&c.principal);
+            if c.slot.keys.contains(&key) {
                 let view = View {
                     channel: format!("user:{}", c.principal.sub),
                     tenant: c.principal.tenant.clone(),
@@ -316,7 +324,6 @@ fn run(mut c: Conn) -> impl Future<Output = ()> + Send {
                 // Boxed: awaited once, it should not size every connection's task.
                 Box::pin(c.hub.recover(&c.slot.handle, &key, &view, &since, true)).await;
             }
-            c.slot.keys.push(key);
         }
         let handle = c.slot.handle.clone();
         let mut socket = handle.outbox.socket();

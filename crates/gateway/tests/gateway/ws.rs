@@ -214,6 +214,33 @@ async fn submit_then_job_completed_on_user_channel() {
     }
 }
 
+/// The `user:` channel is subscribed before the handshake is answered: a job submitted over HTTP the moment the
+/// client sees its connection open has every one of its events delivered, its first (`job.queued`) included.
+/// It used to be subscribed in the connection's task, after the 101: on a loaded machine the task could start
+/// after a quick job had finished, and its events were lost (the TypeScript client's browser test timed out
+/// waiting for a `job.completed` once in CI). In-process the window is too small to hit reliably; this test
+/// holds the contract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_submitted_as_soon_as_the_socket_opens_is_seen_from_its_first_event() {
+    let broker = memory();
+    let node = gateway(broker, LimitsConfig::default()).await;
+    for i in 0..50 {
+        let t = token(&format!("early-{i}"), ALL, Duration::from_secs(60));
+        let mut ws = connect(&node, &t).await;
+        let (status, _, job) = post(
+            &node,
+            &t,
+            "/v1/queues/early/jobs",
+            &json!({"kind": "ferry.echo"}),
+        )
+        .await;
+        assert_eq!(status, 202, "{job}");
+        let first = next_json(&mut ws).await;
+        assert_eq!(first["event"], "job.queued", "connection {i}: {first}");
+        assert_eq!(first["data"]["id"], job["id"], "connection {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_token_closes_4001() {
     let node = gateway(memory(), LimitsConfig::default()).await;
