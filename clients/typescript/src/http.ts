@@ -12,6 +12,7 @@ export type QueueStats = Schemas["QueueStats"];
 export type Paused = Schemas["Paused"];
 export type JobEvent = Schemas["Event"];
 export type Cluster = Schemas["Cluster"];
+export type Autoscalers = Schemas["Autoscalers"];
 export type Ready = Schemas["Ready"];
 
 /** The JSON body of an operation's 200 or 202 answer. */
@@ -208,5 +209,9 @@ export class OpsApi {
   /** `GET /v1/cluster` (`admin`). */
   cluster(): Promise<Cluster> {
     return this.http.request("GET", "/v1/cluster");
+  }
+  /** `GET /v1/autoscaler` (`queues:read`): the last decisions of the autoscalers the gateway is pointed at. */
+  autoscaler(): Promise<Autoscalers> {
+    return this.http.request("GET", "/v1/autoscaler");
   }
 }

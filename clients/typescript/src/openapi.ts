@@ -334,6 +334,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/autoscaler": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The last scaling decisions of the autoscalers this gateway is pointed at
+         * @description Scope `queues:read`. The gateway reads each autoscaler's admin listener (`GET /decisions`, 2 s timeout) when asked; an autoscaler that cannot be read is listed with `ok: false` and the reason. `url` has any credentials removed.
+         */
+        get: operations["autoscaler"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/ws": {
         parameters: {
             query?: never;
@@ -527,6 +547,54 @@ export interface components {
             correlation_id: string | null;
             actor: string | null;
             data: unknown;
+        };
+        Autoscalers: {
+            autoscalers: components["schemas"]["AutoscalerView"][];
+        };
+        AutoscalerView: {
+            /** @description the autoscaler's admin URL (--autoscaler-url), credentials removed */
+            url: string;
+            /** @description false when it could not be read (see error) */
+            ok: boolean;
+            error?: string;
+            /** @description when its last round ended, Unix ms; null before its first round */
+            at?: number | null;
+            /** @description decisions are logged, nothing is scaled */
+            dry_run?: boolean;
+            regions?: components["schemas"]["RegionDecision"][];
+        };
+        RegionDecision: {
+            region: string;
+            /** @description set when the region's queues could not be read this round (no other field then) */
+            error?: string;
+            /** @description workers running */
+            current?: number;
+            /** @description workers from now: the largest of its queues' decisions */
+            desired?: number;
+            /** @description what the neediest queue asked for before the bounds */
+            need?: number;
+            /** @description workers lent by other regions */
+            borrowed?: {
+                from: string;
+                workers: number;
+            }[];
+            queues?: components["schemas"]["QueueDecision"][];
+        };
+        QueueDecision: {
+            queue: string;
+            waiting: number;
+            /** @description scheduled or retrying jobs due within the policy's horizon */
+            due_soon: number;
+            active: number;
+            oldest_wait_seconds: number;
+            /** @description jobs per second per worker, measured while busy; null before that */
+            rate_per_worker?: number | null;
+            need: number;
+            desired: number;
+            /** @description time to drain the backlog with `desired` workers; null without a rate */
+            drain_seconds?: number | null;
+            /** @enum {string} */
+            reason: "need" | "tolerance" | "wake" | "bound" | "step" | "stabilized";
         };
     };
     responses: {
@@ -1189,6 +1257,29 @@ export interface operations {
             403: components["responses"]["Forbidden"];
             429: components["responses"]["RateLimited"];
             503: components["responses"]["Unavailable"];
+        };
+    };
+    autoscaler: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description one entry per --autoscaler-url, in order; none configured: an empty list */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Autoscalers"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            429: components["responses"]["RateLimited"];
         };
     };
     websocket: {

@@ -68,11 +68,13 @@ test("queues: list, get, pause, resume, dead letters, retry", async () => {
   assert.equal(r.state, "queued");
 });
 
-test("publish, cluster and the operations routes", async () => {
+test("publish, cluster, autoscaler and the operations routes", async () => {
   await client.channels.publish("app:news", { hello: 1 });
   await client.channels.publish("news", { hello: 2 });
   const cluster = await client.ops.cluster();
   assert.ok(Array.isArray(cluster.nodes));
+  // ferry dev is pointed at no autoscaler.
+  assert.deepEqual(await client.ops.autoscaler(), { autoscalers: [] });
   assert.equal(await client.ops.healthz(), "ok");
   assert.equal((await client.ops.readyz()).status, "ready");
   assert.match(await client.ops.metrics(), /ferry_/);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ferry_broker::Operations;
 use ferry_core::QueueName;
 use ferry_telemetry::prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::actuator::{Actuator, Held};
@@ -78,6 +79,47 @@ pub struct RegionDecision {
     /// Workers borrowed from other regions (helper → count).
     pub borrowed: Vec<(String, u32)>,
 }
+
+impl RegionDecision {
+    /// As `GET /decisions` shows it (and the dashboard, through the gateway's `GET /v1/autoscaler`).
+    pub fn to_json(&self) -> Value {
+        let queues: Vec<Value> = self
+            .queues
+            .iter()
+            .map(|(q, s, d)| {
+                json!({
+                    "queue": q.as_str(),
+                    "waiting": s.waiting,
+                    "due_soon": s.due_soon,
+                    "active": s.active,
+                    "oldest_wait_seconds": s.oldest_wait_seconds,
+                    "rate_per_worker": s.rate_per_worker,
+                    "need": d.need,
+                    "desired": d.desired,
+                    "drain_seconds": d.drain_seconds,
+                    "reason": d.reason.as_str(),
+                })
+            })
+            .collect();
+        let borrowed: Vec<Value> = self
+            .borrowed
+            .iter()
+            .map(|(from, n)| json!({"from": from, "workers": n}))
+            .collect();
+        json!({
+            "region": self.region,
+            "current": self.current,
+            "desired": self.desired,
+            "need": self.need,
+            "borrowed": borrowed,
+            "queues": queues,
+        })
+    }
+}
+
+/// The last complete round, as JSON: `{"at" (Unix ms), "dry_run", "regions": [...]}`, a region whose queues could
+/// not be read as `{"region", "error"}`. `None` before the first round.
+pub type LastDecisions = Arc<std::sync::Mutex<Option<Value>>>;
 
 /// The `ferry_autoscaler_*` series.
 #[derive(Debug, Clone)]
@@ -167,6 +209,8 @@ pub struct Autoscaler {
     started: Instant,
     /// Set after every complete round (for readiness).
     last_round: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// What the last round decided (for `GET /decisions`).
+    last_decisions: LastDecisions,
 }
 
 impl Autoscaler {
@@ -177,7 +221,13 @@ impl Autoscaler {
             metrics,
             started: Instant::now(),
             last_round: Arc::default(),
+            last_decisions: Arc::default(),
         }
+    }
+
+    /// What the last complete round decided, as JSON (see [`LastDecisions`]).
+    pub fn last_decisions(&self) -> LastDecisions {
+        self.last_decisions.clone()
     }
 
     /// When the last complete round ended.
@@ -201,10 +251,12 @@ impl Autoscaler {
         let now = Instant::now();
         let elapsed = now.duration_since(self.started);
         let mut decisions = Vec::with_capacity(self.regions.len());
+        let mut unread = Vec::new();
         for r in &mut self.regions {
             match decide_region(r, now, elapsed).await {
                 Ok(d) => decisions.push(d),
                 Err(e) => {
+                    unread.push(json!({"region": r.config.name, "error": e.to_string()}));
                     tracing::warn!(region = %r.config.name, error = %e, "cannot read the region's queues; keeping its workers as they are");
                     if let Some(m) = &self.metrics {
                         m.errors
@@ -218,6 +270,19 @@ impl Autoscaler {
         for d in &decisions {
             self.act(d).await;
         }
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let regions: Vec<Value> = decisions
+            .iter()
+            .map(RegionDecision::to_json)
+            .chain(unread)
+            .collect();
+        *self
+            .last_decisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) =
+            Some(json!({"at": at, "dry_run": self.dry_run, "regions": regions}));
         *self.last_round.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         decisions
     }
@@ -547,6 +612,36 @@ mod tests {
 
     fn lent(a: &Autoscaler) -> Option<u32> {
         a.regions[1].lending.get("busy").copied()
+    }
+
+    #[tokio::test]
+    async fn the_last_round_is_kept_as_json_for_the_admin_listener() {
+        let busy: Arc<dyn Broker> = Arc::new(MemoryBroker::new(EngineConfig::default()));
+        let (mut a, _) = two_regions(busy.clone(), 4, 0);
+        let last = a.last_decisions();
+        assert!(
+            last.lock().unwrap().is_none(),
+            "nothing before the first round"
+        );
+        enqueue(busy.as_ref(), 1_000).await;
+        a.round().await;
+        let v = last.lock().unwrap().clone().expect("a round was kept");
+        assert_eq!(v["dry_run"], false);
+        assert!(v["at"].as_u64().unwrap() > 1_700_000_000_000, "{v}");
+        let busy = &v["regions"][0];
+        assert_eq!(busy["region"], "busy");
+        assert_eq!(busy["current"], 0);
+        assert_eq!(busy["desired"], 1);
+        assert_eq!(busy["need"], 10);
+        assert_eq!(busy["borrowed"], json!([{"from": "helper", "workers": 4}]));
+        let q = &busy["queues"][0];
+        assert_eq!(q["queue"], "work");
+        assert_eq!(q["waiting"], 1_000);
+        assert_eq!(q["active"], 0);
+        assert_eq!(q["rate_per_worker"], Value::Null);
+        assert_eq!(q["desired"], 1);
+        assert_eq!(q["reason"], "bound");
+        assert_eq!(v["regions"][1]["region"], "helper");
     }
 
     #[tokio::test]

@@ -56,6 +56,16 @@ impl AutoscalerNode {
         let metrics =
             Metrics::new(&registry).map_err(|e| ActuatorError::Failed(format!("metrics: {e}")))?;
         let autoscaler = Autoscaler::new(controls, dry_run, Some(metrics));
+        let last = autoscaler.last_decisions();
+        let decisions = axum::Router::new().route(
+            "/decisions",
+            axum::routing::get(move || {
+                let last = last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                async move {
+                    axum::Json(last.unwrap_or_else(|| json!({"at": null, "regions": []})))
+                }
+            }),
+        );
         let admin = Admin {
             registry,
             readiness: Arc::new(Rounds {
@@ -64,6 +74,7 @@ impl AutoscalerNode {
             }),
             profiling: false,
             role: "autoscaler",
+            extra: Some(decisions),
         };
         Ok(Self {
             autoscaler,

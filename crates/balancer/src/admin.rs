@@ -24,6 +24,7 @@ pub async fn serve(
         readiness: Arc::new(Ready(shared)),
         profiling: false,
         role: "balancer",
+        extra: None,
     };
     if let Err(e) = ferry_telemetry::admin::serve(listener, admin, stop).await {
         tracing::error!(error = %e, "admin listener failed");

@@ -502,6 +502,16 @@ pub struct GatewayArgs {
     )]
     pub cors_origin: Vec<String>,
 
+    /// Admin listeners of `ferry autoscaler` (e.g. http://ferry-autoscaler:9465) whose last scaling decisions
+    /// GET /v1/autoscaler and the dashboard show; repeat the flag or separate with commas. Default: none.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FERRY_AUTOSCALER_URL",
+        value_delimiter = ','
+    )]
+    pub autoscaler_url: Vec<String>,
+
     /// Serve GET /debug/pprof/profile (CPU profiles in the pprof format), for tokens with the admin scope. Off by default.
     #[arg(long, env = "FERRY_PROFILING")]
     pub profiling: bool,

@@ -183,6 +183,7 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     config.shutdown = shutdown_config(&a.shutdown)?;
     config.profiling = a.profiling;
     config.cors_origin = a.cors_origin;
+    config.autoscaler_url = a.autoscaler_url;
     if let (Some(cert_pem), Some(key_pem)) = (a.tls_cert, a.tls_key) {
         for (flag, p) in [("--tls-cert", &cert_pem), ("--tls-key", &key_pem)] {
             if !p.is_file() {

@@ -39,6 +39,9 @@ pub struct GatewayConfig {
     /// origin (`https://app.example.com`, scheme, host and port if not the default) or `*` alone (any origin).
     /// Empty (the default): no CORS headers at all, so browsers keep cross-origin pages out.
     pub cors_origin: Vec<String>,
+    /// Admin listeners of `ferry autoscaler` (`http://host:9465`), read by `GET /v1/autoscaler` for the
+    /// dashboard: each serves its last scaling decisions at `GET /decisions`. Empty (the default): none.
+    pub autoscaler_url: Vec<String>,
 }
 
 /// This node in the gateway tier: what it announces in the membership, how often, and how it moves its
@@ -274,6 +277,7 @@ impl GatewayConfig {
             cluster: ClusterConfig::default(),
             registry: None,
             cors_origin: Vec::new(),
+            autoscaler_url: Vec::new(),
         }
     }
 }
@@ -425,8 +429,27 @@ impl GatewayConfig {
         self.limits.validate()?;
         self.connections.validate()?;
         self.cluster.validate()?;
-        validate_cors_origin(&self.cors_origin)
+        validate_cors_origin(&self.cors_origin)?;
+        validate_autoscaler_url(&self.autoscaler_url)
     }
+}
+
+/// `http://` or `https://` URLs with a host (the autoscaler's admin listener).
+fn validate_autoscaler_url(urls: &[String]) -> Result<(), ConfigError> {
+    for u in urls {
+        let ok = reqwest::Url::parse(u)
+            .is_ok_and(|p| matches!(p.scheme(), "http" | "https") && p.host().is_some());
+        if !ok {
+            return bad(
+                "autoscaler_url",
+                format!(
+                    "{:?} is not an http:// or https:// URL of an autoscaler's admin listener",
+                    ferry_core::redact::redact_url(u)
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `*` alone, or origins of the form `scheme://host[:port]` (no path, no trailing slash), as browsers send

@@ -7,7 +7,8 @@
 //!
 //! * [`auth`]: JWT verification and scopes → a [`auth::Principal`].
 //! * [`error`]: the one table from errors to HTTP status, problem type and WebSocket error code / close code.
-//! * [`http`]: the `/v1` JSON API, OpenAPI document, health and metrics routes.
+//! * [`http`]: the `/v1` JSON API, OpenAPI document, health and metrics routes, and `GET /v1/autoscaler` (the
+//!   decisions of the autoscalers it is pointed at, read from their admin listeners).
 //! * [`resilience`]: timeouts and circuit breakers around Redis and the store, shedding on event-log backlog.
 //! * [`ws`]: `GET /v1/ws`, the per-node hub that fans events out to connections.
 //! * [`ui`]: the web dashboard at `/ui`, static assets embedded in the binary (ES modules, no build step).

@@ -265,6 +265,21 @@ try {
     await shot(page, "cluster");
   });
 
+  await step("autoscaler page: its last decisions, or how to point the gateway at one", async () => {
+    await page.goto(`${BASE}/ui/#/autoscaler`);
+    if (process.env.FERRY_UI_AUTOSCALER) {
+      await until("a decision row", async () => (await page.$$("table.decisions tbody tr")).length >= 1 || (await page.$("#page-autoscaler .error")));
+      const err = await page.$("#page-autoscaler .error");
+      assert.equal(err, null, err && (await err.evaluate((e) => e.textContent)));
+      assert.match((await texts(page, "table.decisions tbody tr"))[0], /^default/);
+      assert.match(await page.$eval("#page-autoscaler h2", (e) => e.textContent), /dry run/);
+      await shot(page, "autoscaler");
+    } else {
+      await until("the notice", async () => (await page.$("#page-autoscaler .notice")) !== null);
+      assert.match(await page.$eval("#page-autoscaler .notice", (e) => e.textContent), /--autoscaler-url/);
+    }
+  });
+
   await step("a read-only token sees figures but no actions", async () => {
     const ro = await newPage();
     await ro.goto(`${BASE}/ui/`);

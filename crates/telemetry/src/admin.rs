@@ -93,6 +93,8 @@ pub struct Admin {
     pub profiling: bool,
     /// The role's name, in the profile's file name (`ferry-worker-<time>.pb`).
     pub role: &'static str,
+    /// Routes of the role's own, served beside these (the autoscaler's `GET /decisions`).
+    pub extra: Option<Router>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -131,12 +133,17 @@ pub fn router(admin: Admin) -> Router {
     } else {
         get(|| async { problem(StatusCode::NOT_FOUND, DISABLED_DETAIL.to_owned(), None) })
     };
-    Router::new()
+    let extra = admin.extra.clone();
+    let routes = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/debug/pprof/profile", profile)
-        .with_state(Shared { admin, up })
+        .with_state(Shared { admin, up });
+    match extra {
+        Some(extra) => routes.merge(extra),
+        None => routes,
+    }
 }
 
 /// Serve the admin routes on `listener` until `shutdown`.
@@ -318,6 +325,7 @@ mod tests {
             readiness: Arc::new(Fixed(checks, draining)),
             profiling: false,
             role: "test",
+            extra: None,
         })
     }
 

@@ -163,6 +163,7 @@ impl WorkerNode {
             readiness: Arc::new(readiness),
             profiling: config.profiling,
             role: "worker",
+            extra: None,
         };
         Ok(Self {
             worker,

@@ -506,3 +506,88 @@ async fn a_scale_down_stops_the_idlest_worker_not_the_newest() -> Result<()> {
     local.shutdown().await;
     Ok(())
 }
+
+/// A gateway pointed at the autoscaler (`--autoscaler-url`) shows its last round at `GET /v1/autoscaler` (what
+/// the dashboard's autoscaler page reads), and an autoscaler it cannot reach as such; the route needs
+/// `queues:read`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_shows_the_autoscalers_last_decisions() -> Result<()> {
+    const SECRET: &str = "autoscaler-view-secret-autoscaler-view!";
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let broker = crate::support::test_broker(&url).await?;
+    enqueue_sleeps(&broker, &QueueName::parse("seen")?, 2_000, 10).await?;
+    let regions = redis.dir().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[regions]]\nname = \"r1\"\nredis = [\"{url}\"]\nqueues = [\"seen\"]\n\
+             [regions.policy]\nmax-workers = 3\nbacklog-per-worker = 100\n\
+             [regions.actuator]\nkind = \"local\"\n"
+        ),
+    )?;
+    let (_scaler, port) = autoscaler_with(&regions, &["--dry-run"]).await?;
+    // The second URL has nothing listening.
+    let urls = format!("http://127.0.0.1:{port},http://user:pw@127.0.0.1:1");
+    let (_gw, addr) = Proc::spawn_gateway(
+        ferry()
+            .args(["gateway", "--redis", &url, "--jwt-secret", SECRET])
+            .args(["--autoscaler-url", &urls])
+            .env("FERRY_LOG", "warn,ferry_cli=info")
+            .env_remove("FERRY_LOG_FORMAT")
+            .env_remove("FERRY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    )
+    .await?;
+    let http = reqwest::Client::new();
+    let reader = crate::support::token(SECRET, "ops", &["queues:read"], Duration::from_secs(60));
+    let view = ferry_testkit::eventually(Duration::from_secs(20), "a round", || {
+        let r = http
+            .get(format!("http://{addr}/v1/autoscaler"))
+            .bearer_auth(&reader)
+            .send();
+        async move {
+            let v: serde_json::Value = r.await?.error_for_status()?.json().await?;
+            Ok((!v["autoscalers"][0]["at"].is_null()).then_some(v))
+        }
+    })
+    .await?;
+    let [seen, gone] = view["autoscalers"].as_array().context("a list")?.as_slice() else {
+        panic!("two entries: {view}");
+    };
+    assert_eq!(seen["url"], format!("http://127.0.0.1:{port}"));
+    assert_eq!(seen["ok"], true);
+    assert_eq!(seen["dry_run"], true);
+    let region = &seen["regions"][0];
+    assert_eq!(region["region"], "r1", "{view}");
+    assert_eq!(
+        region["desired"], 3,
+        "2,000 waiting at 100 per worker, at most 3: {view}"
+    );
+    assert_eq!(region["need"], 20, "{view}");
+    let q = &region["queues"][0];
+    assert_eq!(
+        (&q["queue"], &q["waiting"]),
+        (&json!("seen"), &json!(2_000)),
+        "{view}"
+    );
+    assert_eq!(q["reason"], "bound", "{view}");
+    assert_eq!(gone["ok"], false);
+    assert_eq!(gone["url"], "http://user:<redacted>@127.0.0.1:1");
+    assert!(
+        gone["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("cannot read it")),
+        "{view}"
+    );
+    // Without queues:read: 403.
+    let other = crate::support::token(SECRET, "ops", &["jobs:read"], Duration::from_secs(60));
+    let r = http
+        .get(format!("http://{addr}/v1/autoscaler"))
+        .bearer_auth(&other)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 403);
+    Ok(())
+}

@@ -2,8 +2,9 @@
 //! puppeteer-core driving Debian's headless Chromium) run with node against `ferry dev` on an ephemeral port,
 //! and against a `ferry gateway` + `ferry worker` on Redis and PostgreSQL (ferry-testkit servers). It signs in
 //! through the link (the one `ferry dev` prints), enqueues from the UI, checks that a payload full of markup
-//! stays inert, pauses and resumes, retries dead letters, searches jobs, reads the cluster page and checks what
-//! a read-only token is offered. `scripts/test.sh` installs Chromium and the test's `node_modules` (`npm ci`);
+//! stays inert, pauses and resumes, retries dead letters, searches jobs, reads the cluster page, reads the
+//! autoscaler page (a `ferry autoscaler --dry-run` beside the Redis gateway; `ferry dev` has none and says how to
+//! point a gateway at one) and checks what a read-only token is offered. `scripts/test.sh` installs Chromium and the test's `node_modules` (`npm ci`);
 //! without them these tests fail saying so.
 
 use std::path::PathBuf;
@@ -37,8 +38,16 @@ fn chromium() -> String {
     chromium
 }
 
-/// Runs the browser test against `base`; panics with node's output and the servers' logs when it fails.
-async fn run_browser_test(base: &str, link: &str, admin: &str, readonly: &str, servers: &[&Proc]) {
+/// Runs the browser test against `base` (whose gateway reads an autoscaler when `autoscaler`); panics with node's
+/// output and the servers' logs when it fails.
+async fn run_browser_test(
+    base: &str,
+    link: &str,
+    admin: &str,
+    readonly: &str,
+    autoscaler: bool,
+    servers: &[&Proc],
+) {
     let chromium = chromium();
     let (base, link, admin, readonly) = (
         base.to_owned(),
@@ -55,6 +64,7 @@ async fn run_browser_test(base: &str, link: &str, admin: &str, readonly: &str, s
             .env("FERRY_UI_ADMIN_TOKEN", &admin)
             .env("FERRY_UI_READONLY_TOKEN", &readonly)
             .env("CHROMIUM", &chromium)
+            .env("FERRY_UI_AUTOSCALER", if autoscaler { "1" } else { "" })
             .stdin(Stdio::null())
             .output()
     })
@@ -116,7 +126,7 @@ async fn dashboard_works_in_headless_chromium_on_ferry_dev() {
         &["queues:read", "jobs:read"],
         Duration::from_secs(600),
     );
-    run_browser_test(&base, &link, &admin, &readonly, &[&dev]).await;
+    run_browser_test(&base, &link, &admin, &readonly, false, &[&dev]).await;
     dev.stop(Duration::from_secs(10))
         .await
         .expect("ferry dev stops");
@@ -128,10 +138,39 @@ async fn dashboard_works_in_headless_chromium_on_redis_and_postgres() {
     let redis = RedisServer::start().expect("redis-server starts");
     let pg = PostgresServer::start().expect("PostgreSQL starts");
     let db = migrated_database(&pg, "dashboard").expect("ferry migrate");
+    // An autoscaler that decides (dry run) for the worker's queue; the gateway shows its decisions.
+    let regions = redis.dir().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[regions]]\nname = \"local\"\nredis = [\"{}\"]\nqueues = [\"default\"]\n\
+             [regions.actuator]\nkind = \"local\"\n",
+            redis.url()
+        ),
+    )
+    .expect("regions file written");
+    let (scaler, scaler_line) = Proc::spawn_listening(
+        ferry()
+            .args(["autoscaler", "--regions"])
+            .arg(&regions)
+            .args([
+                "--dry-run",
+                "--interval-ms",
+                "500",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("FERRY_LOG", "warn,ferry_cli=info"),
+        "admin listening",
+    )
+    .await
+    .expect("ferry autoscaler starts");
+    let scaler_url = format!("http://{}", announced(&scaler_line, "admin").unwrap());
     let (mut gateway, line) = Proc::spawn_listening(
         ferry()
             .args(["gateway", "--redis", &redis.url(), "--database-url", &db])
             .args(["--listen", "127.0.0.1:0", "--jwt-secret", SECRET])
+            .args(["--autoscaler-url", &scaler_url])
             .env("FERRY_LOG", "warn,ferry_cli=info"),
         "gateway listening",
     )
@@ -167,7 +206,15 @@ async fn dashboard_works_in_headless_chromium_on_redis_and_postgres() {
         Duration::from_secs(600),
     );
     let link = format!("{base}/ui/#token={admin}");
-    run_browser_test(&base, &link, &admin, &readonly, &[&gateway, &worker]).await;
+    run_browser_test(
+        &base,
+        &link,
+        &admin,
+        &readonly,
+        true,
+        &[&gateway, &worker, &scaler],
+    )
+    .await;
     worker
         .stop(Duration::from_secs(30))
         .await

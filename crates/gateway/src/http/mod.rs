@@ -15,6 +15,7 @@
 //!
 //! [`Principal`]: crate::auth::Principal
 
+pub mod autoscaler;
 pub mod channels;
 pub mod debug;
 pub mod extract;
@@ -75,6 +76,7 @@ pub const PATHS: &[&str] = &[
     "/v1/jobs/{id}/retry",
     "/v1/channels/{channel}/publish",
     "/v1/cluster",
+    "/v1/autoscaler",
     "/v1/ws",
 ];
 
@@ -108,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/channels/{channel}/publish", post(channels::publish))
         .route("/v1/cluster", get(crate::cluster::handler))
+        .route("/v1/autoscaler", get(autoscaler::handler))
         // WebSocket (owned by crate::ws; the upgrade handler takes `State<AppState>` through `FromRef`).
         .route("/v1/ws", get(crate::ws::upgrade))
         // The dashboard's static assets (crate::ui), outside `/v1`: no token, nothing but embedded files.

@@ -146,6 +146,7 @@ const pages = {
   events: eventsPage,
   enqueue: enqueuePage,
   cluster: clusterPage,
+  autoscaler: autoscalerPage,
 };
 
 let sort = { key: "queue", dir: "asc" };
@@ -477,6 +478,47 @@ function clusterPage(root) {
         h("td.num", {}, n.connections), h("td.num", {}, n.owned_partitions), h("td", {}, h(n.ready ? "span.badge.ok" : "span.badge.warn", {}, n.draining ? "draining" : n.ready ? "ready" : "unready")),
         h("td.num", {}, duration(n.heartbeat_age_ms)), h("td", {}, time(n.started_at_ms))));
       clear(box).append(summary, h("table.nodes", {}, h("thead", {}, h("tr", {}, ["Gateway", "URL", "Region", "Connections", "Owned partitions", "State", "Heartbeat age", "Started"].map((l) => h("th", {}, l)))), h("tbody", {}, rows)));
+    } catch (e) {
+      clear(box).append(errorBox(e));
+    }
+  };
+  return every(POLL_MS * 2, load);
+}
+
+// The last round of each autoscaler the gateway is pointed at (`ferry gateway --autoscaler-url`).
+function autoscalerPage(root) {
+  if (!auth.can("queues:read")) {
+    append(root, h("div.notice", {}, "This token has no queues:read scope: the autoscaler's decisions are not available."));
+    return () => {};
+  }
+  const box = h("div");
+  append(root, h("h1", {}, "Autoscaler decisions"), box);
+  const seconds = (v) => (v === null || v === undefined ? "—" : duration(Math.round(v * 1000)));
+  const load = async () => {
+    try {
+      const { autoscalers = [] } = await api("GET", "/v1/autoscaler");
+      if (!autoscalers.length) {
+        clear(box).append(h("div.notice", {}, "This gateway is pointed at no autoscaler: start it with --autoscaler-url http://AUTOSCALER:9465 (the autoscaler's admin listener)."));
+        return;
+      }
+      clear(box).append(...autoscalers.map((a) => {
+        const head = h("h2", {}, a.url, " ", h(a.ok ? "span.badge.ok" : "span.badge.warn", {}, a.ok ? (a.dry_run ? "dry run" : "acting") : "unreachable"));
+        if (!a.ok) return h("div.autoscaler", {}, head, h("p.error", {}, a.error));
+        if (a.at === null || a.at === undefined) return h("div.autoscaler", {}, head, h("p.muted", {}, "No round yet."));
+        const regions = (a.regions || []).map((r) => {
+          if (r.error) return h("div.region", {}, h("h3", {}, r.region), h("p.error", {}, r.error));
+          const summary = h("dl.fields", {}, [["Workers now", r.current], ["Desired", r.desired], ["Need before bounds", r.need],
+            ["Borrowed", (r.borrowed || []).map((b) => `${b.workers} from ${b.from}`).join(", ") || "—"]]
+            .map(([k, v]) => [h("dt", {}, k), h("dd", {}, text(v))]));
+          const rows = (r.queues || []).map((q) => h("tr", {}, h("td", {}, q.queue), h("td.num", {}, q.waiting), h("td.num", {}, q.due_soon),
+            h("td.num", {}, q.active), h("td.num", {}, seconds(q.oldest_wait_seconds)),
+            h("td.num", {}, q.rate_per_worker === null || q.rate_per_worker === undefined ? "—" : `${q.rate_per_worker.toFixed(1)}/s`),
+            h("td.num", {}, q.need), h("td.num", {}, q.desired), h("td.num", {}, seconds(q.drain_seconds)), h("td", {}, q.reason)));
+          return h("div.region", {}, h("h3", {}, "Region ", r.region), summary,
+            h("table.decisions", {}, h("thead", {}, h("tr", {}, ["Queue", "Waiting", "Due soon", "Active", "Oldest wait", "Rate per worker", "Need", "Desired", "Drain time", "Reason"].map((l) => h("th", {}, l)))), h("tbody", {}, rows)));
+        });
+        return h("div.autoscaler", {}, head, h("p.muted", {}, "Round of ", time(a.at)), ...regions);
+      }));
     } catch (e) {
       clear(box).append(errorBox(e));
     }
