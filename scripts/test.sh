@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite in one command, the same on a laptop and in CI (.ci/run calls exactly this).
-# Installs redis-server, PostgreSQL, HAProxy and chromium (the browser tests) from Debian packages only when they are missing (the tests start
-# their own private servers on ephemeral ports; the system services are never used) and unpacks promtool and
-# prometheus without installing Prometheus, then checks formatting and lints
-# and runs every test. Extra arguments go to `cargo nextest run` (e.g. `scripts/test.sh -E 'test(restart)'`).
+# Installs redis-server, PostgreSQL, HAProxy and chromium (the browser tests) from Debian packages only when they
+# are missing (the tests start their own private servers on ephemeral ports; the system services are never used,
+# nor started by the install), unpacks promtool and prometheus without installing Prometheus, then checks
+# formatting and lints and runs every test. Extra arguments go to `cargo nextest run` (e.g. `scripts/test.sh -E 'test(restart)'`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -16,6 +16,22 @@ as_root() {
     echo "scripts/test.sh: need root or sudo to install: $*" >&2
     exit 1
   fi
+}
+
+# Installs Debian packages without starting their services: redis-server, postgresql and haproxy would otherwise
+# start system-wide daemons on their default ports, and the tests never use them. A policy-rc.d that answers 101
+# ("action forbidden") holds invoke-rc.d back during the install, then goes (one that was there stays).
+apt_install() {
+  local policy=/usr/sbin/policy-rc.d placed=0 rc=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# scripts/test.sh: no service starts while it installs packages.\nexit 101\n' \
+      | as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+    placed=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" || rc=$?
+  if [ "$placed" -eq 1 ]; then as_root rm -f "$policy"; fi
+  return "$rc"
 }
 
 # Debian keeps each PostgreSQL version in /usr/lib/postgresql/<version>/bin, off PATH; testkit looks there too.
@@ -39,7 +55,7 @@ missing=()
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]}" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  apt_install "${missing[@]}"
 fi
 
 # promtool, for the deploy/prometheus checks (crates/cli/tests/cli/deploy.rs, container.rs), and the Prometheus
@@ -75,7 +91,7 @@ py_tool() {
   [ -x "$dir/bin/$cmd" ] && return 0
   echo "scripts/test.sh: installing $name $version into $dir" >&2
   if ! python3 -m venv "$dir" >/dev/null 2>&1; then
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv python3-pip
+    apt_install python3-venv python3-pip
     python3 -m venv "$dir"
   fi
   "$dir/bin/pip" install -q "$name==$version"
@@ -91,7 +107,7 @@ export FERRY_TOOLS_DIR="$PWD/target/tools"
 if ! [ -x /usr/bin/chromium ]; then
   echo "scripts/test.sh: installing chromium (the browser tests)" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  apt_install chromium
 fi
 # The TypeScript client (clients/typescript), tested by crates/cli/tests/cli/ts_client.rs through node --test:
 # its devDependencies exactly as locked, compiled (tsc) into clients/typescript/dist, which the tests import.
