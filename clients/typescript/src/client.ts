@@ -1,6 +1,14 @@
 import { FerryJobError, FerryWsError } from "./errors.js";
 import { ChannelsApi, Http, JobsApi, OpsApi, QueuesApi, type NewJob, type SubmitOptions } from "./http.js";
-import { Session, type JobEventData, type PushedFrame, type RecoveryInfo, type SessionState, type WebSocketCtor } from "./ws.js";
+import {
+  Session,
+  type JobEventData,
+  type PushedFrame,
+  type RecoveryInfo,
+  type SessionState,
+  type SubscribeOptions,
+  type WebSocketCtor,
+} from "./ws.js";
 
 export interface FerryClientOptions {
   /** The gateway (or balancer/load balancer), e.g. `http://127.0.0.1:8080`; `/v1/...` is appended. */
@@ -157,9 +165,10 @@ export class FerryClient {
   }
 
   /** Subscribe `onEvent` to `channel` over the WebSocket (connecting if needed); returns the unsubscribe function.
-   * `job:<id>`, `queue:<name>`, `app:<name>`; `user:` (any suffix) is the automatic channel of your jobs. */
-  subscribe(channel: string, onEvent: (frame: PushedFrame) => void): () => void {
-    return this.ws.subscribe(channel, onEvent);
+   * `job:<id>`, `queue:<name>`, `app:<name>`; `user:` (any suffix) is the automatic channel of your jobs.
+   * `opts.since`: recover from a position your application saved (see `SubscribeOptions`). */
+  subscribe(channel: string, onEvent: (frame: PushedFrame) => void, opts?: SubscribeOptions): () => void {
+    return this.ws.subscribe(channel, onEvent, opts);
   }
 
   /** Open the WebSocket now; resolves once connected. */

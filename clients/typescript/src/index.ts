@@ -8,6 +8,8 @@ export type {
   JobEventData,
   RecoveryInfo,
   SessionState,
+  Position,
+  SubscribeOptions,
 } from "./ws.js";
 export type { Session } from "./ws.js";
 export { fullJitter } from "./backoff.js";

@@ -44,6 +44,20 @@ export interface JobEventData {
   progress_omitted?: boolean;
 }
 
+/** A position in a channel, as every pushed frame carries it (`offset`, `epoch`). */
+export interface Position {
+  offset: string;
+  epoch: string;
+}
+
+export interface SubscribeOptions {
+  /** Recover from a position the application saved (a frame's `offset` and `epoch`): the server replays what the
+   * channel's history still holds after it, and `onRecovered` says whether it reached back (`recovered: false`:
+   * refetch over HTTP). Applies when this call opens the subscription (the first handler of the channel); for
+   * `user:`, before the session's first connection (the connect URL carries it). */
+  since?: Position;
+}
+
 /** What a (re)subscription with `since` answered. */
 export interface RecoveryInfo {
   recovered: boolean;
@@ -134,15 +148,19 @@ export class Session {
 
   /** Register `onEvent` for `channel` (`job:<id>`, `queue:<name>`, `app:<name>`; any `user:…` means the automatic
    * channel of the token's subject). Returns the function that unsubscribes this handler. */
-  subscribe(channel: string, onEvent: (f: PushedFrame) => void): () => void {
+  subscribe(channel: string, onEvent: (f: PushedFrame) => void, opts: SubscribeOptions = {}): () => void {
     if (channel.startsWith(USER)) {
+      if (opts.since && this.state === "idle" && this.user.offset === undefined) {
+        this.user.offset = opts.since.offset;
+        this.user.epoch = opts.since.epoch;
+      }
       this.user.handlers.add(onEvent);
       if (this.state === "idle") this.connect();
       return () => this.user.handlers.delete(onEvent);
     }
     let ch = this.channels.get(channel);
     if (!ch) {
-      ch = { handlers: new Set(), live: false };
+      ch = { handlers: new Set(), live: false, offset: opts.since?.offset, epoch: opts.since?.epoch };
       this.channels.set(channel, ch);
       if (this.state === "open") this.sendSubscribe(channel, ch);
     }

@@ -107,3 +107,33 @@ test("refresh: a new token over the connection, used by HTTP calls too", async (
   assert.equal(c.currentToken, fresh);
   await c.queues.list();
 });
+
+test("since: a position the application saved is recovered, or reported as out of reach", async () => {
+  const a = client();
+  const seen = [];
+  a.subscribe("app:saved", (f) => seen.push(f));
+  await a.connect();
+  await eventually(async () => {
+    await a.ws.publish("app:saved", { n: 0 });
+    return seen.length > 0;
+  }, 5000, "first message");
+  for (const n of [1, 2, 3]) await a.channels.publish("saved", { n });
+  await eventually(() => seen.some((f) => f.data?.n === 3), 5000, "three more");
+  const one = seen.find((f) => f.data?.n === 1);
+  // Another client starts from the saved position of message 1: messages 2 and 3 are replayed.
+  const recoveries = [];
+  const b = client({ onRecovered: (channel, info) => recoveries.push({ channel, ...info }) });
+  const got = [];
+  b.subscribe("app:saved", (f) => got.push(f.data?.n), { since: { offset: one.offset, epoch: one.epoch } });
+  await eventually(() => got.includes(3), 5000, "replayed 2 and 3");
+  assert.deepEqual(got.slice(0, 2), [2, 3]);
+  assert.equal(recoveries.length, 1);
+  assert.equal(recoveries[0].channel, "app:saved");
+  assert.equal(recoveries[0].recovered, true);
+  // A position of another epoch (another history) cannot be recovered: the application is told so.
+  const lost = [];
+  const c = client({ onRecovered: (_, info) => lost.push(info) });
+  c.subscribe("app:saved", () => undefined, { since: { offset: one.offset, epoch: "not-this-epoch" } });
+  await eventually(() => lost.length === 1, 5000, "recovery answer");
+  assert.equal(lost[0].recovered, false);
+});
