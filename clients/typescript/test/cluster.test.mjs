@@ -1,6 +1,7 @@
 // A real cluster: redis-server (REDIS_URL, started by crates/cli/tests/cli/ts_client.rs), two `ferry gateway`, a
 // `ferry worker`. The client's gateway is restarted (SIGTERM: goaway, 1001) while messages and job events keep
-// flowing through the other one: after the reconnect the client recovers with `since` and misses nothing.
+// flowing through the other one: after the reconnect the client recovers with `since` and misses nothing. And a
+// gateway's per-subject connection limit: the session refused with 1013 backs off, then gets in.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { FerryClient } from "../dist/index.js";
@@ -14,10 +15,10 @@ after(() => {
   for (const p of procs) p.kill();
 });
 
-async function gateway(listen = "127.0.0.1:0") {
+async function gateway(listen = "127.0.0.1:0", extra = []) {
   const p = new Proc([
     "gateway", "--redis", redis, "--listen", listen,
-    "--drain-delay-ms", "0", "--ws-close-spread-ms", "300", "--shutdown-deadline-ms", "5000",
+    "--drain-delay-ms", "0", "--ws-close-spread-ms", "300", "--shutdown-deadline-ms", "5000", ...extra,
   ]);
   procs.push(p);
   await p.listening();
@@ -102,4 +103,26 @@ test("a gateway restarted mid-stream: no message or job event lost", { skip: !re
   assert.equal(user?.recovered, true, JSON.stringify(recovered));
   for (const id of submitted) assert.equal(jobEvents.get(id), 1, `job ${id}: job.completed exactly once`);
   assert.ok(submitted.length >= 2);
+});
+
+test("1013 over the per-subject limit: the session backs off at least the floor, then connects once there is room", { skip: !redis && "REDIS_URL not set (run through cargo nextest)" }, async () => {
+  const g = await gateway("127.0.0.1:0", ["--max-connections-per-subject", "1"]);
+  const first = new FerryClient({ url: g.url, token: token("gina", ALL), WebSocket });
+  clients.push(first);
+  await first.connect();
+  const states = [];
+  const second = new FerryClient({
+    url: g.url,
+    token: token("gina", ALL),
+    WebSocket,
+    reconnect: { baseMs: 50, maxMs: 100, backoffFloorMs: 800 },
+    onStateChange: (state, d) => states.push({ state, code: d?.code, delayMs: d?.delayMs }),
+  });
+  clients.push(second);
+  second.subscribe("app:limited", () => undefined);
+  await eventually(() => states.some((x) => x.code === 1013), 5000, "a 1013 close");
+  for (const x of states.filter((x) => x.code === 1013)) assert.ok(x.delayMs >= 800, JSON.stringify(states));
+  assert.notEqual(second.ws.connectionState, "closed");
+  first.close();
+  await eventually(() => second.ws.connectionState === "open", 10_000, `open once there is room: ${JSON.stringify(states)}`);
 });
