@@ -72,19 +72,51 @@ pub fn render(r: &Registry) -> String {
 
 /// Metric families (from [`Registry::gather`] or [`Collector::collect`]) in the text format. Families without
 /// samples (a labelled metric nothing has touched yet) are left out, as [`Registry::gather`] does.
+///
+/// Families of the same name (one process running several roles, as `ferry dev` does: its gateway and its
+/// embedded recorder both export `ferry_breaker_state`) are written as one, the first one's series winning a
+/// label set both have: a name's HELP and TYPE twice make the whole scrape unreadable to Prometheus.
 pub fn render_families(families: &[MetricFamily]) -> String {
     let mut buf = Vec::new();
-    let families: Vec<&MetricFamily> = families
-        .iter()
-        .filter(|f| !f.get_metric().is_empty())
-        .collect();
+    let families = merge_families(families);
     let encoder = TextEncoder::new();
-    for f in families {
+    for f in &families {
         if let Err(e) = encoder.encode(std::slice::from_ref(f), &mut buf) {
             tracing::warn!(error = %e, metric = f.name(), "cannot encode a metric");
         }
     }
     String::from_utf8(buf).unwrap_or_default()
+}
+
+/// `families` without empty ones, those of one name merged (see [`render_families`]), in first-seen order.
+fn merge_families(families: &[MetricFamily]) -> Vec<MetricFamily> {
+    let labels = |m: &proto::Metric| -> Vec<(String, String)> {
+        m.get_label()
+            .iter()
+            .map(|l| (l.name().to_owned(), l.value().to_owned()))
+            .collect()
+    };
+    let mut out: Vec<MetricFamily> = Vec::with_capacity(families.len());
+    for f in families.iter().filter(|f| !f.get_metric().is_empty()) {
+        let Some(first) = out.iter_mut().find(|o| o.name() == f.name()) else {
+            out.push(f.clone());
+            continue;
+        };
+        if first.get_field_type() != f.get_field_type() {
+            tracing::warn!(
+                metric = f.name(),
+                "two metric families of one name and different types: the second is left out"
+            );
+            continue;
+        }
+        for m in f.get_metric() {
+            let l = labels(m);
+            if !first.get_metric().iter().any(|o| labels(o) == l) {
+                first.mut_metric().push(m.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Whether a metric is a gauge or a counter, for [`FnCollector`].
@@ -302,6 +334,54 @@ impl Collector for TokioCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn families_of_one_name_are_rendered_once_first_series_winning() {
+        let family = |kind: FnKind, samples: Vec<(&str, f64)>| {
+            let samples: Vec<(Vec<String>, f64)> = samples
+                .into_iter()
+                .map(|(d, v)| (vec![d.to_owned()], v))
+                .collect();
+            FnCollector::new(
+                "ferry_breaker_state",
+                "State.",
+                kind,
+                &["dependency"],
+                move |out| out.extend(samples.iter().cloned()),
+            )
+            .unwrap()
+            .collect()
+        };
+        let mut all = family(FnKind::Gauge, vec![("redis", 0.0), ("postgres", 2.0)]);
+        all.extend(family(FnKind::Gauge, vec![("postgres", 1.0), ("dns", 0.0)]));
+        all.extend(family(FnKind::Counter, vec![("other", 5.0)]));
+        let text = render_families(&all);
+        assert_eq!(
+            text.matches("# HELP ferry_breaker_state").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE ferry_breaker_state").count(),
+            1,
+            "{text}"
+        );
+        for line in [
+            "ferry_breaker_state{dependency=\"redis\"} 0",
+            "ferry_breaker_state{dependency=\"postgres\"} 2",
+            "ferry_breaker_state{dependency=\"dns\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        assert!(
+            !text.contains("} 1\n"),
+            "the second postgres series is left out:\n{text}"
+        );
+        assert!(
+            !text.contains("other"),
+            "a family of another type is left out:\n{text}"
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn registry_has_process_build_and_tokio_metrics() {

@@ -112,6 +112,23 @@ async fn dev_runs_a_submitted_job_end_to_end() {
             "{series} missing from:\n{metrics}"
         );
     }
+    // And Prometheus reads it without a complaint: the gateway and the recorder both export the breaker
+    // families, written once.
+    let mut check = std::process::Command::new(crate::support::promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "promtool check metrics refuses ferry dev's /metrics: {said}"
+    );
     // Without a token: a problem+json 401.
     let res = http
         .get(format!("{base}/v1/jobs/{id}"))
