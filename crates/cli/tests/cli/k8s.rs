@@ -963,7 +963,7 @@ fn secrets_are_only_referenced_and_ingress_is_denied_by_default() {
         );
 
         // NetworkPolicies: a default deny; the gateway's and the balancer's 8080 open; anything else only from
-        // `monitoring`.
+        // `monitoring`, but for the autoscaler's admin port, which gateway pods read too (GET /v1/autoscaler).
         let policies: Vec<&Value> = docs
             .iter()
             .filter(|d| d["kind"] == "NetworkPolicy")
@@ -998,7 +998,22 @@ fn secrets_are_only_referenced_and_ingress_is_denied_by_default() {
                         "{overlay}: {name}: only gateways and balancers take traffic from anywhere"
                     );
                 } else {
+                    let component =
+                        p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                            .as_str();
                     for f in seq(&rule["from"]) {
+                        let gateways = f["namespaceSelector"].is_null()
+                            && f["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                                .as_str()
+                                == Some("gateway");
+                        if gateways {
+                            assert_eq!(
+                                (component, ports.as_slice()),
+                                (Some("autoscaler"), [9465].as_slice()),
+                                "{overlay}: {name}: gateway pods reach only the autoscaler's admin port"
+                            );
+                            continue;
+                        }
                         assert_eq!(
                             f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
                                 .as_str(),
