@@ -444,7 +444,7 @@ fn validate_autoscaler_url(urls: &[String]) -> Result<(), ConfigError> {
                 "autoscaler_url",
                 format!(
                     "{:?} is not an http:// or https:// URL of an autoscaler's admin listener",
-                    ferry_core::redact::redact_url(u)
+                    ferry_core::redact_url(u)
                 ),
             );
         }

@@ -103,10 +103,7 @@ pub async fn upgrade(
     // `user:` channel is subscribed before the 101; its first frames wait in the outbox for the socket.
     if let Some(slot) = slot.as_mut() {
         let key = subject_key(&principal);
-        let own = View {
-            channel: format!("user:{}", principal.sub),
-            tenant: principal.tenant.clone(),
-        };
+        let own = own_view(&principal);
         let topic = key_topic(&key);
         if hub
             .subscribe(&slot.handle, &key, own, topic, since.is_some())
@@ -191,6 +188,14 @@ pub(super) fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// How the connection's own `user:` channel is shown to it.
+fn own_view(p: &Principal) -> View {
+    View {
+        channel: format!("user:{}", p.sub),
+        tenant: p.tenant.clone(),
+    }
 }
 
 fn subject_key(p: &Principal) -> String {
@@ -317,10 +322,7 @@ fn run(mut c: Conn) -> impl Future<Output = ()> + Send {
         if let Some(since) = c.since.take() {
             let key = subject_key(&c.principal);
             if c.slot.keys.contains(&key) {
-                let view = View {
-                    channel: format!("user:{}", c.principal.sub),
-                    tenant: c.principal.tenant.clone(),
-                };
+                let view = own_view(&c.principal);
                 // Boxed: awaited once, it should not size every connection's task.
                 Box::pin(c.hub.recover(&c.slot.handle, &key, &view, &since, true)).await;
             }
