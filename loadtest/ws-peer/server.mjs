@@ -12,9 +12,10 @@
 // Listens on 127.0.0.1 only. Usage: node server.mjs PORT [--answer-first]
 //
 // By default the 202 goes out after the last ws.send(), as a plain broadcast server does. With --answer-first it
-// goes out first and the sends follow on the next turn of the event loop, as ferry's gateway does (its hub fans
-// out on a task of its own): with a one-process client, which also reads the publisher's responses, the order
-// alone moves every delivery (loadtest/README.md, fan-out latency).
+// goes out first and the sends follow on the next turn of the event loop, as ferry's gateway through Redis does
+// (its hub fans out what comes back from Redis; `ferry dev` answers after its local hand-off): with a one-process
+// client, which also reads the publisher's responses, the order alone moves every delivery (loadtest/README.md,
+// fan-out latency).
 import http from 'node:http';
 import { WebSocketServer } from 'ws';
 

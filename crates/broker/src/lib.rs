@@ -279,6 +279,19 @@ pub trait PubSub: Send + Sync + std::fmt::Debug + 'static {
     /// missed it can read it back ([`PubSub::channel_missed`]).
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError>;
 
+    /// [`PubSub::publish`], returning the message's sequence number when every listener of the engine lives in
+    /// this process (the memory engine): its [`ChannelFeed`]s yield messages in rising sequence across channels,
+    /// at offset `"0-<n>"`, so a publisher can wait until its own node has handed the message on, as an
+    /// in-process broadcast does before it answers. `None` for an engine that delivers through a server (Redis):
+    /// there the answer means "accepted", and waiting for this node's copy would only add a round trip.
+    async fn publish_in_process(
+        &self,
+        channel: &str,
+        payload: String,
+    ) -> Result<Option<u64>, BrokerError> {
+        self.publish(channel, payload).await.map(|()| None)
+    }
+
     /// A feed of application channel messages for this node: it [`ChannelControl::subscribe`]s the channels
     /// local listeners want and yields their messages. One per node is enough; the Redis engine holds one
     /// subscription per channel per feed.

@@ -1226,6 +1226,14 @@ impl EventFeed for MemoryBroker {
 #[async_trait]
 impl PubSub for MemoryBroker {
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
+        self.publish_in_process(channel, payload).await.map(|_| ())
+    }
+
+    async fn publish_in_process(
+        &self,
+        channel: &str,
+        payload: String,
+    ) -> Result<Option<u64>, BrokerError> {
         let now = now_ms();
         let ttl = ms(self.history.ttl);
         let mut h = self
@@ -1271,7 +1279,7 @@ impl PubSub for MemoryBroker {
                 epoch: self.epoch.clone(),
             }),
         });
-        Ok(())
+        Ok(Some(seq))
     }
 
     fn channel_history(&self) -> ChannelHistory {

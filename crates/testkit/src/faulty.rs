@@ -363,6 +363,15 @@ impl PubSub for FaultyBroker {
         self.enter(Method::Publish).await?;
         self.inner.publish(channel, payload).await
     }
+    async fn publish_in_process(
+        &self,
+        channel: &str,
+        payload: String,
+    ) -> Result<Option<u64>, BrokerError> {
+        lock(&self.published).push(channel.to_owned());
+        self.enter(Method::Publish).await?;
+        self.inner.publish_in_process(channel, payload).await
+    }
     fn channel_history(&self) -> ChannelHistory {
         self.inner.channel_history()
     }

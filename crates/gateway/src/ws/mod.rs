@@ -306,6 +306,9 @@ pub struct Hub {
     moving: AtomicUsize,
     /// Connection ages are counted from here.
     started: Instant,
+    /// With an in-process engine: the highest channel message sequence this node has handed to its
+    /// subscribers, which a local publisher waits for ([`Hub::publish`]).
+    handed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Which hub keys hold which job feed topic, and how many keys hold each topic.
@@ -463,6 +466,7 @@ impl Hub {
             conns: Mutex::new(HashMap::new()),
             moving: AtomicUsize::new(0),
             started: Instant::now(),
+            handed: tokio::sync::watch::Sender::new(0),
             broker,
         })
     }
@@ -773,7 +777,10 @@ impl Hub {
                         }
                     },
                     m = msgs.next() => match m {
-                        Some(m) => self.dispatch_message(&m).await,
+                        Some(m) => {
+                            self.dispatch_message(&m).await;
+                            self.handed_on(&m);
+                        }
                         None => {
                             tracing::warn!("channel feed ended, reopening");
                             // Until the new one is open, subscribing to a channel is refused (503).
@@ -817,8 +824,20 @@ impl Hub {
     }
 
     /// Publish a checked message to the subscribers of its channel on every node.
+    ///
+    /// With an in-process engine (`ferry dev`), the call returns once this node's subscribers have the message,
+    /// as an in-process broadcast (Node's `ws`, Centrifugo's memory engine) does before it answers: there is no
+    /// other node, so "accepted" can mean "handed on". The wait is bounded by [`LOCAL_HANDOFF_WAIT`]; a channel
+    /// without local subscribers is not waited for. Through Redis the answer means "accepted", as before.
     pub async fn publish(&self, p: Publication) -> Result<(), ApiError> {
-        self.broker.publish(&p.name, p.payload).await?;
+        let local = self.lock().contains_key(&format!("app:{}", p.name));
+        let seq = self.broker.publish_in_process(&p.name, p.payload).await?;
+        if let Some(seq) = seq.filter(|_| local) {
+            let mut handed = self.handed.subscribe();
+            // Elapsed only when the subscribers left meanwhile (the feed then skips the message) or the feed is
+            // reopening: the message is accepted either way.
+            let _ = tokio::time::timeout(LOCAL_HANDOFF_WAIT, handed.wait_for(|h| *h >= seq)).await;
+        }
         Ok(())
     }
 
@@ -1070,6 +1089,24 @@ impl Hub {
         .await;
     }
 
+    /// Record that an in-process engine's message (offset `"0-<n>"`, see
+    /// [`ferry_broker::PubSub::publish_in_process`]) was handed to every local subscriber.
+    fn handed_on(&self, m: &ChannelMessage) {
+        if let Some((0, seq)) = m
+            .position
+            .as_ref()
+            .and_then(|p| ferry_broker::parse_offset(&p.offset))
+        {
+            self.handed.send_if_modified(|h| {
+                let newer = seq > *h;
+                if newer {
+                    *h = seq;
+                }
+                newer
+            });
+        }
+    }
+
     /// The position of a job event in its channels: its entry id, and the epoch of the log it came from.
     fn event_position(&self, e: &Event) -> Option<ferry_broker::StreamPos> {
         Some(ferry_broker::StreamPos {
@@ -1203,6 +1240,9 @@ impl Hub {
 /// millisecond, short enough to give the runtime back often, and fewer turns than 64 at a time measured less CPU
 /// (fan-out benchmark, loadtest/README.md).
 const FAN_OUT_TURN: usize = 256;
+
+/// How long a publisher on an in-process engine waits for this node's hand-off ([`Hub::publish`]) at most.
+const LOCAL_HANDOFF_WAIT: Duration = Duration::from_millis(100);
 
 fn unavailable() -> ApiError {
     ApiError::Unavailable {
@@ -1540,6 +1580,52 @@ mod tests {
             }
         }
         assert!(!hub.fan_out("app:nobody", None, |_| String::new()).await);
+    }
+
+    /// With the in-process engine a publish answers once this node's subscribers have the message (as an
+    /// in-process broadcast does); without subscribers here it does not wait at all.
+    #[tokio::test]
+    async fn an_in_process_publish_returns_once_local_subscribers_have_it() {
+        let broker = Arc::new(ferry_broker::MemoryBroker::new(Default::default()));
+        let hub = Hub::new(broker, LimitsConfig::default());
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(hub.clone().run(stop.clone()));
+        let slot = hub.admit("alice".into(), 0).expect("admitted");
+        let view = || View {
+            channel: "app:news".into(),
+            tenant: None,
+        };
+        // The feed opens in `run`: retry until it does.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hub
+            .subscribe(&slot.handle, "app:news", view(), None, false)
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the channel feed never opened");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for n in 0..3 {
+            let m = hub.prepare_publish("app:news", &json!({"n": n})).unwrap();
+            hub.publish(m).await.unwrap();
+            // No yield in between: on this one-thread runtime the hub's task has run only if publish waited.
+            match futures::FutureExt::now_or_never(slot.handle.outbox.next()) {
+                Some(outbox::Next::Frame(f)) => {
+                    let v: Value = serde_json::from_str(f.as_str()).unwrap();
+                    assert_eq!(v["data"]["n"], n, "{v}");
+                }
+                Some(outbox::Next::Flush) => panic!("no socket, nothing written"),
+                None => panic!("publish {n} answered before the subscriber had the message"),
+            }
+            slot.handle.outbox.done();
+        }
+        // Nobody here: answered at once, without waiting on anything.
+        let m = hub.prepare_publish("app:empty", &json!(1)).unwrap();
+        let answered = futures::FutureExt::now_or_never(hub.publish(m));
+        assert!(matches!(answered, Some(Ok(()))), "{answered:?}");
+        stop.cancel();
+        drop(slot);
+        run.await.unwrap();
     }
 
     #[test]
