@@ -4,6 +4,7 @@
 //! inject faults (a Redis restart under a running worker, a PostgreSQL outage under the recorder).
 //!
 //! * [`redis`]: the `redis-server` wrapper and a `redis-cli` helper.
+//! * [`redis_cluster`]: a Redis Cluster of such servers ([`RedisCluster`]: masters, replicas, resharding).
 //! * [`postgres`]: the PostgreSQL wrapper and a `psql` helper.
 //! * [`netns`]: a private network namespace linked to the test's by a veth pair, for real partitions
 //!   ([`Netns::cut`], [`Netns::heal`]); needs root and `ip`, and says so when they are missing.
@@ -31,6 +32,7 @@ mod guard;
 pub mod netns;
 pub mod postgres;
 pub mod redis;
+pub mod redis_cluster;
 pub mod tls;
 
 use std::collections::HashSet;
@@ -41,6 +43,7 @@ pub use eventually::eventually;
 pub use netns::{Netns, NetnsError};
 pub use postgres::{PostgresServer, psql};
 pub use redis::{RedisServer, redis_cli};
+pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use tls::TestCerts;
 
 /// Ports this process already handed out. A port is only free until someone binds it; remembering what we gave

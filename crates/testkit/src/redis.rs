@@ -26,6 +26,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
+    /// The cluster bus port of a cluster node ([`start_cluster_node`](Self::start_cluster_node)); `None` for a
+    /// standalone server.
+    bus_port: Option<u16>,
     extra: Vec<String>,
     /// Serves TLS only on `port` (plain TCP is off); the harness itself talks over a unix socket in `dir`.
     tls: bool,
@@ -52,7 +55,14 @@ impl RedisServer {
     /// Like [`start`](Self::start) with extra `redis-server` arguments (`&["--maxmemory", "10mb"]`). They come after
     /// the defaults, so they override them; they are kept for [`restart`](Self::restart).
     pub fn start_with(args: &[&str]) -> anyhow::Result<Self> {
-        Self::start_impl(args, false)
+        Self::start_impl(args, false, false)
+    }
+
+    /// A node for a Redis Cluster (`--cluster-enabled yes`, its `nodes.conf` in its own directory, so a restart
+    /// keeps its identity), with its cluster bus on a port of its own rather than `port + 10000`, which can fall
+    /// outside the port range. It starts empty and alone: [`crate::RedisCluster`] joins nodes into a cluster.
+    pub fn start_cluster_node(args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_impl(args, false, true)
     }
 
     /// A server that speaks only TLS on its port (`--port 0 --tls-port PORT`), with `certs`' server certificate
@@ -80,16 +90,17 @@ impl RedisServer {
             "no",
         ];
         all.extend_from_slice(args);
-        Self::start_impl(&all, true)
+        Self::start_impl(&all, true, false)
     }
 
-    fn start_impl(args: &[&str], tls: bool) -> anyhow::Result<Self> {
+    fn start_impl(args: &[&str], tls: bool, cluster: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ferry-redis-")
             .tempdir()
             .context("cannot create a temp dir for redis-server")?;
         let mut server = Self {
             port: 0,
+            bus_port: None,
             extra: args.iter().map(|a| a.to_string()).collect(),
             tls,
             child: None,
@@ -99,6 +110,9 @@ impl RedisServer {
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {
             server.port = free_port();
+            if cluster {
+                server.bus_port = Some(free_port());
+            }
             match server.launch()? {
                 Launch::Ready => return Ok(server),
                 Launch::PortTaken(e) => last = Some(e),
@@ -121,6 +135,11 @@ impl RedisServer {
     /// Whether the server speaks TLS ([`start_tls`](Self::start_tls)).
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// The cluster bus port of a cluster node.
+    pub fn bus_port(&self) -> Option<u16> {
+        self.bus_port
     }
 
     pub fn port(&self) -> u16 {
@@ -281,6 +300,17 @@ impl RedisServer {
             ]);
         } else {
             cmd.args(["--port", &port]);
+        }
+        if let Some(bus) = self.bus_port {
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-port", &bus.to_string()])
+            // Failure detection in seconds, not the default 15: failover tests wait for it.
+            .args(["--cluster-node-timeout", "2000"]);
         }
         cmd.args(["--bind", "127.0.0.1", "--dir", dir])
             .args([
