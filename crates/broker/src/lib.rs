@@ -25,7 +25,7 @@ mod types;
 pub use membership::{Member, Membership};
 pub use memory::MemoryBroker;
 pub use placement::NodeInfo;
-pub use redis::{RedisBroker, RedisOptions, RedisTls};
+pub use redis::{DEFAULT_VSHARDS, RedisBroker, RedisOptions, RedisTls};
 pub use shard::ShardRing;
 pub use types::*;
 

@@ -19,7 +19,7 @@ use ferry_core::QueueName;
 use tokio::time::Instant;
 
 use super::conn::Conn;
-use super::keys::{EVENTS, QueueKeys};
+use super::keys::Layout;
 use super::scripts::{Abandon, Loaded, Scripts};
 
 /// How long an abandoned claim's mark is kept: longer than a request can sit in a live TCP connection's buffers
@@ -52,6 +52,8 @@ pub(super) struct Abandoned {
 pub(super) struct Abandons {
     name: String,
     conn: Conn,
+    /// The names of the shard's keys.
+    layout: Layout,
     scripts: Arc<Scripts>,
     evmax: usize,
     /// A std mutex: only pushed to and swapped out, never held across an await.
@@ -61,10 +63,17 @@ pub(super) struct Abandons {
 }
 
 impl Abandons {
-    pub(super) fn new(name: String, conn: Conn, scripts: Arc<Scripts>, evmax: usize) -> Arc<Self> {
+    pub(super) fn new(
+        name: String,
+        conn: Conn,
+        layout: Layout,
+        scripts: Arc<Scripts>,
+        evmax: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name,
             conn,
+            layout,
             scripts,
             evmax,
             pending: Mutex::new(Vec::new()),
@@ -153,11 +162,11 @@ impl Abandons {
     }
 
     async fn abandon(&self, item: &Abandoned) -> Result<i64, String> {
-        let keys = QueueKeys::new(&item.queue);
+        let keys = self.layout.queue(&item.queue);
         let inv = Abandon {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
-            events_key: EVENTS,
+            events_key: self.layout.events(),
             claim_key: &item.claim_key,
             evmax: self.evmax,
             mark_ttl_ms: MARK_TTL.as_millis() as u64,

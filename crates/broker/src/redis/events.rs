@@ -29,10 +29,11 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::conn::Link;
 use super::history::{Epochs, refresh_epoch};
-use super::keys::EVENTS;
+use super::keys::Layout;
 use super::parse_published;
-use super::topics::PARTITION_PREFIX;
+use super::topics::partition_pattern;
 use crate::{BrokerError, EventStream};
 
 /// Events buffered between the shard tasks and the stream's reader; a reader this far behind makes the shard
@@ -52,23 +53,24 @@ type Session = (PubSubSink, PubSubStream);
 
 /// Subscribe every shard (`(name without credentials, client)`) now, then keep each subscribed in its own task.
 pub(super) async fn subscribe(
-    shards: Vec<(String, Client)>,
+    shards: Vec<(String, Client, Layout)>,
     epochs: Arc<Epochs>,
 ) -> Result<EventStream, BrokerError> {
     let mut sessions = Vec::with_capacity(shards.len());
-    for (i, (name, client)) in shards.into_iter().enumerate() {
-        let session = connect(&client, i, &epochs)
+    for (i, (name, client, layout)) in shards.into_iter().enumerate() {
+        let session = connect(&client, &layout, i, &epochs)
             .await
             .map_err(|e| BrokerError::Unavailable(format!("{name}: {e}")))?;
-        sessions.push((i, name, client, session));
+        sessions.push((i, name, client, layout, session));
     }
     let (out, rx) = mpsc::channel(FEED_CAPACITY);
-    for (i, name, client, session) in sessions {
+    for (i, name, client, layout, session) in sessions {
         tokio::spawn(run_shard(
             i,
             epochs.clone(),
             name,
             client,
+            layout,
             session,
             out.clone(),
         ));
@@ -76,7 +78,12 @@ pub(super) async fn subscribe(
     Ok(ReceiverStream::new(rx).boxed())
 }
 
-async fn connect(client: &Client, shard: usize, epochs: &Epochs) -> Result<Session, String> {
+async fn connect(
+    client: &Client,
+    layout: &Layout,
+    shard: usize,
+    epochs: &Epochs,
+) -> Result<Session, String> {
     let ps = match tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await {
         Ok(Ok(ps)) => ps,
         Ok(Err(e)) => return Err(e.to_string()),
@@ -84,15 +91,32 @@ async fn connect(client: &Client, shard: usize, epochs: &Epochs) -> Result<Sessi
     };
     let (mut sink, stream) = ps.split();
     let both = async {
-        sink.subscribe(EVENTS).await?;
-        sink.psubscribe(format!("{PARTITION_PREFIX}*")).await
+        sink.subscribe(layout.events()).await?;
+        sink.psubscribe(partition_pattern(layout)).await
     };
     match tokio::time::timeout(COMMAND_TIMEOUT, both).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("subscribe timed out".into()),
     }
-    refresh_epoch(client, shard, epochs, COMMAND_TIMEOUT).await?;
+    let conn = match tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("connect timed out".into()),
+    };
+    refresh_epoch(
+        &mut Link::Plain(conn),
+        layout,
+        shard,
+        epochs,
+        COMMAND_TIMEOUT,
+    )
+    .await?;
     Ok((sink, stream))
 }
 
@@ -109,6 +133,7 @@ async fn run_shard(
     epochs: Arc<Epochs>,
     name: String,
     client: Client,
+    layout: Layout,
     first: Session,
     out: mpsc::Sender<ferry_core::Event>,
 ) {
@@ -129,7 +154,7 @@ async fn run_shard(
             _ = out.closed() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        match connect(&client, shard, &epochs).await {
+        match connect(&client, &layout, shard, &epochs).await {
             Ok(s) => {
                 tracing::info!(shard = %name, "job event feed reconnected and resubscribed");
                 session = Some(s);

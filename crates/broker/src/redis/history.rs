@@ -1,6 +1,6 @@
 //! Recovery of missed channel messages: offsets, epochs and history reads.
 //!
-//! * Every shard has an epoch, the key `ferry:epoch`: a UUIDv7 set when absent (`SET NX`). A Redis that lost its
+//! * Every shard has an epoch, the key `ferry:epoch` (`<prefix>epoch`, see [`Layout`]): a UUIDv7 set when absent (`SET NX`). A Redis that lost its
 //!   data (FLUSHALL, a restart without persistence, a new server) has lost the key too and gets a new epoch, so
 //!   a position from before the loss is never taken for one after it.
 //! * Application channel `c` keeps its history in the stream `ferry:app:{c}:h` on the channel's shard: a publish
@@ -24,15 +24,9 @@ use std::time::Duration;
 use redis::Value;
 
 use super::codec::{array, bad, int, text};
+use super::conn::Link;
+use super::keys::Layout;
 use crate::{BrokerError, StreamPos, parse_offset};
-
-/// The shard's epoch key.
-pub(super) const EPOCH: &str = "ferry:epoch";
-
-/// The history stream of the application channel `channel`.
-pub(super) fn app_history_key(channel: &str) -> String {
-    format!("ferry:app:{{{channel}}}:h")
-}
 
 /// A fresh epoch, for `SET NX`.
 pub(super) fn fresh_epoch() -> String {
@@ -63,13 +57,14 @@ impl Epochs {
     }
 }
 
-/// Read (or set) the epoch of a shard over `conn`.
+/// Read (or set) the epoch of a shard over `conn`; `key` is the shard's [`Layout::epoch`].
 pub(super) async fn read_epoch<C: redis::aio::ConnectionLike>(
     conn: &mut C,
+    key: &str,
 ) -> redis::RedisResult<String> {
     let fresh = fresh_epoch();
     let old: Option<String> = redis::cmd("SET")
-        .arg(EPOCH)
+        .arg(key)
         .arg(&fresh)
         .arg("NX")
         .arg("GET")
@@ -78,20 +73,17 @@ pub(super) async fn read_epoch<C: redis::aio::ConnectionLike>(
     Ok(old.unwrap_or(fresh))
 }
 
-/// Read shard `shard`'s epoch over a connection of its own into `epochs`, bounded by `within`: what a job event
-/// feed does on every (re)connect, so its live frames carry the epoch of the history they can be recovered
-/// from (a Redis that lost its data has a new one). The error says what failed.
+/// Read shard `shard`'s epoch over `conn` into `epochs`, bounded by `within`: what a job event feed does on
+/// every (re)connect, so its live frames carry the epoch of the history they can be recovered from (a Redis
+/// that lost its data has a new one). The error says what failed.
 pub(super) async fn refresh_epoch(
-    client: &redis::Client,
+    conn: &mut Link,
+    layout: &Layout,
     shard: usize,
     epochs: &Epochs,
     within: std::time::Duration,
 ) -> Result<(), String> {
-    let epoch = tokio::time::timeout(within, async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        read_epoch(&mut conn).await
-    })
-    .await;
+    let epoch = tokio::time::timeout(within, read_epoch(conn, layout.epoch())).await;
     match epoch {
         Ok(Ok(e)) => {
             epochs.set(shard, e);

@@ -1,5 +1,5 @@
 //! The durable event log as a consumer group reads it ([`EventLog::read_log`](crate::EventLog::read_log)): each
-//! shard's `ferry:events` stream, read with XREADGROUP, acknowledged with XACK, dead readers' entries taken
+//! shard's `<prefix>events` stream, read with XREADGROUP, acknowledged with XACK, dead readers' entries taken
 //! over with XAUTOCLAIM. The recorder is the group's user; the log's trimming (see `maintain`) keeps every
 //! entry the group has not acknowledged, up to the hard cap `EngineConfig::event_stream_max`.
 
@@ -8,7 +8,6 @@ use std::time::Duration;
 use redis::Value;
 
 use super::codec::{self, array, bad, int, text};
-use super::keys::EVENTS;
 use super::{Shard, redis_err};
 use crate::{BrokerError, LogEntry, LogPosition};
 
@@ -20,7 +19,7 @@ async fn ensure_group(sh: &Shard, group: &str) -> Result<(), BrokerError> {
     }
     let r: redis::RedisResult<Value> = redis::cmd("XGROUP")
         .arg("CREATE")
-        .arg(EVENTS)
+        .arg(sh.layout.events())
         .arg(group)
         .arg("0")
         .arg("MKSTREAM")
@@ -82,7 +81,7 @@ async fn read_once(
     if let Some(idle) = reclaim_idle {
         // XAUTOCLAIM replies [next cursor, [entries], [ids of entries deleted meanwhile]].
         let v: Value = redis::cmd("XAUTOCLAIM")
-            .arg(EVENTS)
+            .arg(sh.layout.events())
             .arg(group)
             .arg(consumer)
             .arg(idle.as_millis() as u64)
@@ -121,7 +120,7 @@ async fn read_once(
         .arg("COUNT")
         .arg(max);
     let v: Value = if wait.is_zero() {
-        cmd.arg("STREAMS").arg(EVENTS).arg(">");
+        cmd.arg("STREAMS").arg(sh.layout.events()).arg(">");
         cmd.query_async(&mut sh.conn.clone())
             .await
             .map_err(redis_err)?
@@ -129,7 +128,7 @@ async fn read_once(
         cmd.arg("BLOCK")
             .arg(wait.as_millis().max(1) as u64)
             .arg("STREAMS")
-            .arg(EVENTS)
+            .arg(sh.layout.events())
             .arg(">");
         let mut conn = sh.blocking_conn().await?;
         // If the guard fires, entries this read was handed stay pending in the group: another read with
@@ -183,7 +182,7 @@ pub(super) fn parse_entries(shard: usize, v: &Value) -> Result<Vec<LogEntry>, Br
 pub(super) async fn ack(sh: &Shard, group: &str, ids: &[&str]) -> Result<(), BrokerError> {
     for chunk in ids.chunks(1000) {
         let _: i64 = redis::cmd("XACK")
-            .arg(EVENTS)
+            .arg(sh.layout.events())
             .arg(group)
             .arg(chunk)
             .query_async(&mut sh.conn.clone())
@@ -199,9 +198,9 @@ pub(super) async fn backlog(sh: &Shard, group: &str) -> Result<u64, BrokerError>
     let mut pipe = redis::pipe();
     pipe.cmd("XINFO")
         .arg("GROUPS")
-        .arg(EVENTS)
+        .arg(sh.layout.events())
         .cmd("XLEN")
-        .arg(EVENTS);
+        .arg(sh.layout.events());
     let r: redis::RedisResult<(Value, i64)> = pipe.query_async(&mut sh.conn.clone()).await;
     let (groups, len) = match r {
         Ok(v) => v,
@@ -235,7 +234,7 @@ pub(super) async fn backlog(sh: &Shard, group: &str) -> Result<u64, BrokerError>
 pub(super) async fn group_floor(sh: &Shard, group: &str) -> Result<Option<String>, BrokerError> {
     let r: redis::RedisResult<Value> = redis::cmd("XINFO")
         .arg("GROUPS")
-        .arg(EVENTS)
+        .arg(sh.layout.events())
         .query_async(&mut sh.conn.clone())
         .await;
     let groups = match r {
@@ -259,7 +258,7 @@ pub(super) async fn group_floor(sh: &Shard, group: &str) -> Result<Option<String
     let Some(last) = last else { return Ok(None) };
     // XPENDING summary: [count, min id, max id, consumers].
     let pending: Value = redis::cmd("XPENDING")
-        .arg(EVENTS)
+        .arg(sh.layout.events())
         .arg(group)
         .query_async(&mut sh.conn.clone())
         .await

@@ -15,8 +15,6 @@ use crate::BrokerError;
 use crate::membership::{MEMBERSHIP_KEY, Member, Membership, check_ttl};
 use crate::placement::NodeInfo;
 
-const INFO_KEY: &str = "ferry:gw:info";
-
 /// The stored form: [`NodeInfo`] plus the server's time of its last heartbeat.
 #[derive(serde::Deserialize)]
 struct Stored {
@@ -36,9 +34,10 @@ impl RedisBroker {
         ttl_ms: u64,
     ) -> Result<Value, BrokerError> {
         let shard = &self.shards[self.ring.shard_for(MEMBERSHIP_KEY)];
+        let (members_key, info_key) = shard.layout.members();
         Members {
-            members_key: MEMBERSHIP_KEY,
-            info_key: INFO_KEY,
+            members_key: &members_key,
+            info_key: &info_key,
             op,
             node_id,
             node_info,

@@ -21,6 +21,7 @@
 //! queue's keys, which Redis Cluster would refuse.
 
 mod abandon;
+mod cluster_feed;
 mod codec;
 mod conn;
 mod events;
@@ -31,6 +32,7 @@ mod members;
 mod pubsub;
 mod refusal;
 mod scripts;
+mod slots;
 mod subscriber;
 mod topics;
 
@@ -43,13 +45,14 @@ use ferry_core::{
     Event, JobId, JobInfo, JobState, Limits, NewJob, QueueName, Redactor, ValidationError, now_ms,
     redact_url,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::{AsyncConnectionConfig, Client, TlsCertificates, Value};
 
 use self::abandon::{Abandoned, Abandons};
 use self::codec::{Fields, Record, array, bad, int, text};
-use self::conn::Conn;
-use self::keys::{EVENTS, GROUP, QUEUES, QueueKeys};
+use self::conn::{Conn, Link};
+use self::keys::{GROUP, Layout, QueueKeys};
 use self::scripts::{
     Call, Cancel, Claim, Complete, CompleteJob, Enqueue, EnqueueJob, Fail, FailJob, HistoryReach,
     Loaded, Maintain, Progress, Promote, Publish, Reclaim, Release, ReleaseJob, Restore,
@@ -171,26 +174,31 @@ struct Shard {
     name: String,
     /// Scrubs the URL's password from driver messages.
     redactor: Redactor,
-    client: Client,
+    /// Where the shard's own connections (blocking reads, pub/sub) are made.
+    endpoint: Endpoint,
     /// Commands and scripts; replaced after a reply times out (see [`conn`]).
     conn: Conn,
     /// Claim calls given up before their reply was read, to be handed back (see [`abandon`]).
     abandons: Arc<Abandons>,
     /// Connections for blocking reads, kept apart from `conn`: a BLOCK on a multiplexed connection would stall
     /// every command queued behind it. Each is used by one waiter at a time and returned afterwards.
-    blocking: Mutex<Vec<MultiplexedConnection>>,
+    blocking: Mutex<Vec<Link>>,
     /// Consumer groups of the event log known to exist on this shard.
     log_groups: Mutex<HashSet<String>>,
+    /// The names of the shard's keys and channels.
+    layout: Layout,
 }
 
 impl Shard {
-    /// A connection for one blocking read: from the pool, or new.
-    async fn blocking_conn(&self) -> Result<MultiplexedConnection, BrokerError> {
+    /// A connection for one blocking read: from the pool, or new. On a Redis Cluster it is a cluster connection
+    /// of its own, so a BLOCK stalls nothing else; it routes the read to the master of the shard's slot.
+    async fn blocking_conn(&self) -> Result<Link, BrokerError> {
         let pooled = self.blocking.lock().map(|mut p| p.pop()).unwrap_or(None);
-        match pooled {
-            Some(c) => Ok(c),
-            None => self
-                .client
+        if let Some(c) = pooled {
+            return Ok(c);
+        }
+        match &self.endpoint {
+            Endpoint::Single(client) => client
                 .get_multiplexed_async_connection_with_config(
                     // No response timeout of its own: the BLOCK bounds the wait, the caller's timeout guards it.
                     &AsyncConnectionConfig::new()
@@ -198,13 +206,29 @@ impl Shard {
                         .set_connection_timeout(Some(Duration::from_secs(2))),
                 )
                 .await
+                .map(Link::Plain)
                 .map_err(redis_err),
+            Endpoint::Cluster { blocking, .. } => blocking
+                .get_async_connection()
+                .await
+                .map(Link::Cluster)
+                .map_err(redis_err),
+        }
+    }
+
+    /// The client of a standalone shard, for its pub/sub feeds; the feeds of a Redis Cluster are not built yet.
+    fn feed_client(&self) -> Result<Client, BrokerError> {
+        match &self.endpoint {
+            Endpoint::Single(client) => Ok(Client::clone(client)),
+            Endpoint::Cluster { .. } => Err(BrokerError::Unavailable(
+                "pub/sub feeds on a Redis Cluster (sharded pub/sub) are not built yet".into(),
+            )),
         }
     }
 
     /// Give back a connection whose blocking read completed (one that timed out is dropped instead: its
     /// reply may still be on the way).
-    fn return_blocking(&self, conn: MultiplexedConnection) {
+    fn return_blocking(&self, conn: Link) {
         if let Ok(mut pool) = self.blocking.lock()
             && pool.len() < 64
         {
@@ -213,7 +237,21 @@ impl Shard {
     }
 }
 
-/// Redis Streams broker over one or more standalone Redis shards.
+/// Where a shard's own connections come from.
+enum Endpoint {
+    /// A standalone Redis (boxed: a client is large next to the cluster variant's pointer).
+    Single(Box<Client>),
+    /// A virtual shard of a Redis Cluster: blocking reads get a cluster connection of their own, from a client
+    /// without a response timeout (the BLOCK bounds the wait).
+    Cluster { blocking: Arc<ClusterClient> },
+}
+
+/// How many virtual shards a Redis Cluster's queues are spread over unless told otherwise: with three masters
+/// holding equal ranges of slots, five or six each.
+pub const DEFAULT_VSHARDS: usize = 16;
+
+/// Redis Streams broker over one or more standalone Redis shards, or over the virtual shards of a Redis Cluster
+/// ([`RedisBroker::connect_cluster`]; see `slots.rs`).
 pub struct RedisBroker {
     shards: Vec<Shard>,
     ring: ShardRing,
@@ -224,6 +262,8 @@ pub struct RedisBroker {
     history: ChannelHistory,
     /// Each shard's epoch as last read (see [`history`]).
     epochs: Arc<history::Epochs>,
+    /// On a Redis Cluster: where its pub/sub feeds connect, and the tags of the virtual shards.
+    cluster: Option<(cluster_feed::Seeds, Vec<String>)>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -327,20 +367,23 @@ impl RedisBroker {
                     Err(e) => return Err(refused(&client, &name, &redactor, e).await),
                 };
             let conn = Conn::new(name.clone(), client.clone(), cm_config, first);
+            let layout = Layout::standalone();
             let abandons = Abandons::new(
                 name.clone(),
                 conn.clone(),
+                layout.clone(),
                 scripts.clone(),
                 config.event_stream_max,
             );
             shards.push(Shard {
                 name,
                 redactor,
-                client,
+                endpoint: Endpoint::Single(Box::new(client)),
                 conn,
                 abandons,
                 blocking: Mutex::new(Vec::new()),
                 log_groups: Mutex::new(HashSet::new()),
+                layout,
             });
         }
         // Shards are identified by their URL without credentials (nor TLS): reordering the list, rotating a
@@ -355,16 +398,165 @@ impl RedisBroker {
             scripts,
             history: ChannelHistory::default(),
             epochs,
+            cluster: None,
         };
         for shard in &broker.shards {
             if let Err(e) = redis::cmd("PING")
                 .query_async::<String>(&mut shard.conn.clone())
                 .await
             {
-                return Err(refused(&shard.client, &shard.name, &shard.redactor, e).await);
+                return Err(match &shard.endpoint {
+                    Endpoint::Single(client) => {
+                        refused(client, &shard.name, &shard.redactor, e).await
+                    }
+                    Endpoint::Cluster { .. } => BrokerError::Unavailable(format!(
+                        "{}: {}",
+                        shard.name,
+                        shard.redactor.apply(&e.to_string())
+                    )),
+                });
             }
         }
         Ok(broker)
+    }
+
+    /// The tags of `n` virtual shards of a Redis Cluster, in ring order: a queue's keys carry the tag of the
+    /// virtual shard the ring picks for it (`ferry:{<tag>}:{<queue>}:…`), and `CLUSTER KEYSLOT <tag>` says where
+    /// they live.
+    pub fn vshard_tags(n: usize) -> Vec<String> {
+        slots::vshard_tags(n)
+    }
+
+    /// Connect to a Redis Cluster through `seeds` (any of its nodes, `redis://host:port`), with its queues spread
+    /// over `vshards` virtual shards ([`DEFAULT_VSHARDS`]), each pinned to one slot by its tag (see `slots.rs`).
+    /// The first ferry to use the cluster records `vshards` in it; a later one with another count is refused,
+    /// since the count decides where every queue lives.
+    pub async fn connect_cluster(
+        seeds: &[String],
+        vshards: usize,
+        config: EngineConfig,
+        options: RedisOptions,
+    ) -> Result<Self, BrokerError> {
+        if seeds.is_empty() {
+            return Err(ValidationError::field(
+                "redis-cluster",
+                "at least one node URL of the Redis Cluster is required",
+            )
+            .into());
+        }
+        if let Some(tls) = seeds.iter().find(|u| u.starts_with("rediss://")) {
+            return Err(ValidationError::field(
+                "redis-cluster",
+                format!(
+                    "TLS to a Redis Cluster is not supported yet: {}",
+                    redact_url(tls)
+                ),
+            )
+            .into());
+        }
+        if !(1..=usize::from(slots::SLOTS)).contains(&vshards) {
+            return Err(ValidationError::field(
+                "redis-cluster-vshards",
+                format!("must be between 1 and {}, not {vshards}", slots::SLOTS),
+            )
+            .into());
+        }
+        let redactor = seeds.iter().fold(Redactor::new(), |r, url| r.url(url));
+        let name = format!(
+            "Redis Cluster {}",
+            seeds
+                .iter()
+                .map(|u| redact_url(u))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let builder = || {
+            ClusterClientBuilder::new(seeds.to_vec())
+                .connection_timeout(options.connection_timeout)
+                .retries(3)
+        };
+        let invalid = |e: redis::RedisError| {
+            BrokerError::from(ValidationError::field(
+                "redis-cluster",
+                format!(
+                    "invalid Redis Cluster URL: {}",
+                    redactor.apply(&e.to_string())
+                ),
+            ))
+        };
+        let client = builder()
+            .response_timeout(options.response_timeout)
+            .build()
+            .map_err(invalid)?;
+        let blocking = Arc::new(builder().build().map_err(invalid)?);
+        let first = client.get_async_connection().await.map_err(|e| {
+            BrokerError::Unavailable(format!("{name}: {}", redactor.apply(&e.to_string())))
+        })?;
+        let conn = Conn::cluster(name.clone(), client, first);
+        let scripts = Arc::new(Scripts::new());
+        let tags = slots::vshard_tags(vshards);
+        let shards = tags
+            .iter()
+            .map(|tag| {
+                let layout = Layout::tagged(tag);
+                let shard = format!("{name} {{{tag}}}");
+                Shard {
+                    abandons: Abandons::new(
+                        shard.clone(),
+                        conn.clone(),
+                        layout.clone(),
+                        scripts.clone(),
+                        config.event_stream_max,
+                    ),
+                    name: shard,
+                    redactor: redactor.clone(),
+                    endpoint: Endpoint::Cluster {
+                        blocking: blocking.clone(),
+                    },
+                    conn: conn.clone(),
+                    blocking: Mutex::new(Vec::new()),
+                    log_groups: Mutex::new(HashSet::new()),
+                    layout,
+                }
+            })
+            .collect::<Vec<_>>();
+        // The count of virtual shards decides where every queue lives: recorded by the first ferry, checked by
+        // every later one.
+        let recorded: Option<usize> = redis::cmd("SET")
+            .arg(format!("{}vshards", shards[0].layout.prefix()))
+            .arg(vshards)
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut conn.clone())
+            .await
+            .map_err(|e| {
+                BrokerError::Unavailable(format!("{name}: {}", redactor.apply(&e.to_string())))
+            })?;
+        if let Some(n) = recorded.filter(|n| *n != vshards) {
+            return Err(ValidationError::field(
+                "redis-cluster-vshards",
+                format!(
+                    "this Redis Cluster holds ferry's queues laid out over {n} virtual shards, not {vshards}: \
+                     start every ferry on it with {n}"
+                ),
+            )
+            .into());
+        }
+        let epochs = Arc::new(history::Epochs::new(shards.len()));
+        let seeds = cluster_feed::Seeds {
+            name,
+            urls: seeds.to_vec(),
+            connection_timeout: options.connection_timeout,
+        };
+        Ok(Self {
+            shards,
+            ring: ShardRing::with_ids(&tags),
+            config,
+            scripts,
+            history: ChannelHistory::default(),
+            epochs,
+            cluster: Some((seeds, tags)),
+        })
     }
 
     /// The same broker with application channel history `history` (`--history-size`, `--history-ttl-ms`).
@@ -401,7 +593,7 @@ impl RedisBroker {
             .arg(max.saturating_add(1));
         HistoryReach {
             stream_key: stream,
-            epoch_key: history::EPOCH,
+            epoch_key: sh.layout.epoch(),
             fresh_epoch: &history::fresh_epoch(),
         }
         .eval_in(&mut pipe);
@@ -412,6 +604,11 @@ impl RedisBroker {
 
     fn shard(&self, queue: &QueueName) -> &Shard {
         &self.shards[self.ring.shard_for(queue.as_str())]
+    }
+
+    /// The keys of `queue` on its shard.
+    fn keys(&self, queue: &QueueName) -> QueueKeys {
+        self.shard(queue).layout.queue(queue)
     }
 
     fn conn(&self, queue: &QueueName) -> Conn {
@@ -465,7 +662,7 @@ impl RedisBroker {
         for shard in &self.shards {
             let mut conn = shard.conn.clone();
             let names: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(QUEUES)
+                .arg(shard.layout.queues())
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_err)?;
@@ -478,7 +675,7 @@ impl RedisBroker {
             }
             let mut pipe = redis::pipe();
             for q in &queues {
-                let keys = QueueKeys::new(q);
+                let keys = self.keys(q);
                 pipe.cmd("HGET").arg(&keys.jobs).arg(&field);
                 for stream in &keys.streams {
                     pipe.cmd("XRANGE").arg(stream).arg(&from).arg(&to);
@@ -530,7 +727,7 @@ impl RedisBroker {
         queue: &QueueName,
         record: Record,
     ) -> Result<Option<JobInfo>, BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let mut conn = self.conn(queue);
         Ok(Some(match record {
             Record::Queued { p, eid } => {
@@ -624,8 +821,8 @@ impl RedisBroker {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
             sched_key: &keys.sched,
-            events_key: EVENTS,
-            queues_key: QUEUES,
+            events_key: self.shard(queue).layout.events(),
+            queues_key: self.shard(queue).layout.queues(),
             queue: queue.as_str(),
             n: jobs.len(),
             evmax: self.evmax(),
@@ -866,7 +1063,7 @@ fn positions(v: &[i64]) -> HashSet<usize> {
 impl Jobs for RedisBroker {
     async fn enqueue(&self, queue: &QueueName, job: NewJob) -> Result<Enqueued, BrokerError> {
         job.validate(&Limits::default())?;
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let mut v = self.enqueue_chunk(queue, &keys, vec![job]).await?;
         v.pop().ok_or_else(|| bad("enqueue returned nothing"))
     }
@@ -886,7 +1083,7 @@ impl Jobs for RedisBroker {
         if !errors.is_empty() {
             return Err(ValidationError { errors }.into());
         }
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let mut out = Vec::with_capacity(jobs.len());
         let mut jobs = jobs.into_iter().peekable();
         while jobs.peek().is_some() {
@@ -904,13 +1101,13 @@ impl Jobs for RedisBroker {
             Record::Queued { p, eid } => (p.to_string(), eid),
             _ => (String::new(), String::new()),
         };
-        let keys = QueueKeys::new(&queue);
+        let keys = self.keys(&queue);
         let inv = Cancel {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
             sched_key: &keys.sched,
             fin_key: &keys.fin,
-            events_key: EVENTS,
+            events_key: self.shard(&queue).layout.events(),
             id: &id.to_string(),
             evmax: self.evmax(),
             hint_p: &hint_p,
@@ -956,7 +1153,7 @@ impl Leasing for RedisBroker {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let shard = self.shard(queue);
         let actor = actor_arg(Some(consumer));
         let consumer: Arc<str> = Arc::from(consumer);
@@ -969,7 +1166,7 @@ impl Leasing for RedisBroker {
             let inv = Claim {
                 streams: &keys.streams,
                 paused_key: &keys.paused,
-                events_key: EVENTS,
+                events_key: self.shard(queue).layout.events(),
                 claim_key: &claim_key,
                 consumer: &consumer,
                 max,
@@ -1054,7 +1251,7 @@ impl Leasing for RedisBroker {
     async fn heartbeat(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
         let mut held = vec![false; leases.len()];
         for ((queue, _), idx) in by_queue(leases, |l| l) {
-            let keys = QueueKeys::new(queue);
+            let keys = self.keys(queue);
             // One XCLAIM per (priority, consumer): JUSTID resets the idle time without counting a delivery,
             // and skips entries no longer pending — exactly the leases that were lost.
             let mut groups: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
@@ -1091,10 +1288,10 @@ impl Leasing for RedisBroker {
 
     async fn progress(&self, lease: &Lease, data: serde_json::Value) -> Result<bool, BrokerError> {
         let (p, eid, m) = token(lease)?;
-        let keys = QueueKeys::new(&lease.queue);
+        let keys = self.keys(&lease.queue);
         let inv = Progress {
             stream_key: &keys.streams[p],
-            events_key: EVENTS,
+            events_key: self.shard(&lease.queue).layout.events(),
             evmax: self.evmax(),
             eid,
             att: lease.attempt,
@@ -1116,12 +1313,12 @@ impl Leasing for RedisBroker {
     ) -> Result<Vec<Result<(), Rejected>>, BrokerError> {
         let mut out = vec![Ok(()); items.len()];
         for ((queue, consumer), idx) in by_queue(&items, |c| &c.lease) {
-            let keys = QueueKeys::new(queue);
+            let keys = self.keys(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = Complete {
                     streams: &keys.streams,
                     jobs_key: &keys.jobs,
-                    events_key: EVENTS,
+                    events_key: self.shard(queue).layout.events(),
                     n: chunk.len(),
                     evmax: self.evmax(),
                     actor: &actor_arg(Some(consumer)),
@@ -1167,13 +1364,13 @@ impl Leasing for RedisBroker {
         let mut out: Vec<Result<FailOutcome, Rejected>> =
             outcomes.iter().copied().map(Ok).collect();
         for ((queue, consumer), idx) in by_queue(&items, |f| &f.lease) {
-            let keys = QueueKeys::new(queue);
+            let keys = self.keys(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = Fail {
                     streams: &keys.streams,
                     jobs_key: &keys.jobs,
                     sched_key: &keys.sched,
-                    events_key: EVENTS,
+                    events_key: self.shard(queue).layout.events(),
                     dead_key: &keys.dead,
                     n: chunk.len(),
                     evmax: self.evmax(),
@@ -1215,12 +1412,12 @@ impl Leasing for RedisBroker {
     async fn release(&self, leases: &[Lease]) -> Result<Vec<bool>, BrokerError> {
         let mut out = vec![false; leases.len()];
         for ((queue, consumer), idx) in by_queue(leases, |l| l) {
-            let keys = QueueKeys::new(queue);
+            let keys = self.keys(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = Release {
                     streams: &keys.streams,
                     jobs_key: &keys.jobs,
-                    events_key: EVENTS,
+                    events_key: self.shard(queue).layout.events(),
                     n: chunk.len(),
                     evmax: self.evmax(),
                     actor: &actor_arg(Some(consumer)),
@@ -1252,12 +1449,12 @@ impl Leasing for RedisBroker {
 #[async_trait]
 impl Housekeeping for RedisBroker {
     async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<usize, BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let inv = Promote {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
             sched_key: &keys.sched,
-            events_key: EVENTS,
+            events_key: self.shard(queue).layout.events(),
             max,
             evmax: self.evmax(),
         }
@@ -1274,11 +1471,11 @@ impl Housekeeping for RedisBroker {
         queue: &QueueName,
         max: usize,
     ) -> Result<Reclaimed, BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let inv = Reclaim {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
-            events_key: EVENTS,
+            events_key: self.shard(queue).layout.events(),
             dead_key: &keys.dead,
             min_idle_ms: self.config.visibility_timeout.as_millis() as u64,
             max,
@@ -1304,14 +1501,14 @@ impl Housekeeping for RedisBroker {
         }
         let now = now_ms();
         for (queue, idx) in by_queue {
-            let keys = QueueKeys::new(queue);
+            let keys = self.keys(queue);
             for chunk in idx.chunks(SCRIPT_CHUNK) {
                 let mut inv = Restore {
                     streams: &keys.streams,
                     jobs_key: &keys.jobs,
                     sched_key: &keys.sched,
-                    events_key: EVENTS,
-                    queues_key: QUEUES,
+                    events_key: self.shard(queue).layout.events(),
+                    queues_key: self.shard(queue).layout.queues(),
                     queue: queue.as_str(),
                     evmax: self.evmax(),
                     n: chunk.len(),
@@ -1343,7 +1540,7 @@ impl Housekeeping for RedisBroker {
     ) -> Result<bool, BrokerError> {
         let shard = &self.shards[self.ring.shard_for(name)];
         let set: Option<String> = redis::cmd("SET")
-            .arg(format!("ferry:lease:{name}"))
+            .arg(shard.layout.lease(name))
             .arg(holder)
             .arg("NX")
             .arg("PX")
@@ -1355,7 +1552,7 @@ impl Housekeeping for RedisBroker {
     }
 
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let inv = Maintain {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
@@ -1373,7 +1570,7 @@ impl Housekeeping for RedisBroker {
         let shard = self.shard(queue);
         if let Some(floor) = log::group_floor(shard, crate::RECORDER_GROUP).await? {
             let _: i64 = redis::cmd("XTRIM")
-                .arg(EVENTS)
+                .arg(shard.layout.events())
                 .arg("MINID")
                 .arg("~")
                 .arg(&floor)
@@ -1392,7 +1589,7 @@ impl Operations for RedisBroker {
         queue: &QueueName,
         limit: usize,
     ) -> Result<Vec<JobInfo>, BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let v: Value = redis::cmd("XREVRANGE")
             .arg(&keys.dead)
             .arg("+")
@@ -1426,12 +1623,12 @@ impl Operations for RedisBroker {
                 None => RetryOutcome::NotFound,
             });
         }
-        let keys = QueueKeys::new(&queue);
+        let keys = self.keys(&queue);
         let inv = RetryDead {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
             dead_key: &keys.dead,
-            events_key: EVENTS,
+            events_key: self.shard(&queue).layout.events(),
             id: &id.to_string(),
             evmax: self.evmax(),
         }
@@ -1458,7 +1655,7 @@ impl Operations for RedisBroker {
     }
 
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats, BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let inv = Stats {
             streams: &keys.streams,
             sched_key: &keys.sched,
@@ -1486,7 +1683,7 @@ impl Operations for RedisBroker {
     async fn scheduled_due(&self, queue: &QueueName, within: Duration) -> Result<u64, BrokerError> {
         let until = now_ms().saturating_add(within.as_millis() as u64);
         let n: u64 = redis::cmd("ZCOUNT")
-            .arg(&QueueKeys::new(queue).sched)
+            .arg(&self.keys(queue).sched)
             .arg("-inf")
             .arg(until)
             .query_async(&mut self.conn(queue))
@@ -1501,7 +1698,7 @@ impl Operations for RedisBroker {
     ) -> Result<BTreeMap<String, u64>, BrokerError> {
         let mut conn = self.conn(queue);
         let mut out = BTreeMap::new();
-        for key in &QueueKeys::new(queue).streams {
+        for key in &self.keys(queue).streams {
             // The summary form: [count, min id, max id, [[consumer, count], …]].
             let summary: Value = match redis::cmd("XPENDING")
                 .arg(key)
@@ -1533,7 +1730,7 @@ impl Operations for RedisBroker {
         let mut all = Vec::new();
         for shard in &self.shards {
             let names: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(QUEUES)
+                .arg(shard.layout.queues())
                 .query_async(&mut shard.conn.clone())
                 .await
                 .map_err(redis_err)?;
@@ -1545,7 +1742,7 @@ impl Operations for RedisBroker {
     }
 
     async fn pause(&self, queue: &QueueName) -> Result<(), BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let _: () = redis::cmd("SET")
             .arg(&keys.paused)
             .arg(1)
@@ -1556,7 +1753,7 @@ impl Operations for RedisBroker {
     }
 
     async fn resume(&self, queue: &QueueName) -> Result<(), BrokerError> {
-        let keys = QueueKeys::new(queue);
+        let keys = self.keys(queue);
         let _: () = redis::cmd("DEL")
             .arg(&keys.paused)
             .query_async(&mut self.conn(queue))
@@ -1585,22 +1782,49 @@ impl Operations for RedisBroker {
 #[async_trait]
 impl EventFeed for RedisBroker {
     async fn subscribe(&self) -> Result<EventStream, BrokerError> {
+        if self.cluster.is_some() {
+            // Sharded pub/sub has no patterns: every partition's channel on every virtual shard, through the
+            // job event feed. Every job carries its owner's partition, so each event comes once.
+            let (control, events) = self.job_feed().await?.into_parts();
+            let watches: Vec<_> = (0..crate::placement::PARTITIONS)
+                .map(|p| control.watch(&crate::Topic::Partition(p)))
+                .collect();
+            for w in futures::future::join_all(watches).await {
+                w?;
+            }
+            return Ok(futures::StreamExt::boxed(futures::StreamExt::map(
+                events,
+                move |fed| {
+                    // The feed's subscriptions live as long as its control.
+                    let _keep = &control;
+                    fed.event
+                },
+            )));
+        }
         // One task per shard, each reconnecting on its own: a shard whose connection drops must not end (or
         // silently drop out of) the merged stream. See [`events`].
         let shards = self
             .shards
             .iter()
-            .map(|s| (s.name.clone(), s.client.clone()))
-            .collect();
+            .map(|s| Ok((s.name.clone(), s.feed_client()?, s.layout.clone())))
+            .collect::<Result<_, BrokerError>>()?;
         events::subscribe(shards, self.epochs.clone()).await
     }
 
     async fn job_feed(&self) -> Result<JobFeed, BrokerError> {
+        if let Some((seeds, tags)) = &self.cluster {
+            return Ok(topics::cluster_feed(
+                tags,
+                seeds.clone(),
+                self.ring.clone(),
+                self.epochs.clone(),
+            ));
+        }
         let shards = self
             .shards
             .iter()
-            .map(|s| (s.name.clone(), s.client.clone()))
-            .collect();
+            .map(|s| Ok((s.name.clone(), s.feed_client()?, s.layout.clone())))
+            .collect::<Result<_, BrokerError>>()?;
         Ok(topics::feed(shards, self.ring.clone(), self.epochs.clone()))
     }
 
@@ -1617,7 +1841,9 @@ impl EventFeed for RedisBroker {
             // A subject's jobs may sit on any shard, and the shards' offsets are not one order.
             EventScope::All => return Ok(Missed::lost(None)),
         };
-        let (entries, meta) = self.read_missed(shard, EVENTS, since, scan).await?;
+        let (entries, meta) = self
+            .read_missed(shard, self.shards[shard].layout.events(), since, scan)
+            .await?;
         let read = history::parse_read(&entries, &meta)?;
         self.epochs.set(shard, read.epoch.clone());
         // The event log is never absent while events are written to it: a missing one was lost.
@@ -1654,9 +1880,9 @@ impl PubSub for RedisBroker {
     async fn publish(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
         let shard = &self.shards[self.ring.shard_for(channel)];
         let inv = Publish {
-            history_key: &history::app_history_key(channel),
-            epoch_key: history::EPOCH,
-            channel: &pubsub::redis_channel(channel),
+            history_key: &shard.layout.app_history(channel),
+            epoch_key: shard.layout.epoch(),
+            channel: &pubsub::redis_channel(&shard.layout, channel),
             payload: &payload,
             size: self.history.size,
             ttl_ms: self.history.ttl.as_millis() as u64,
@@ -1682,7 +1908,12 @@ impl PubSub for RedisBroker {
     ) -> Result<Missed<HistoryEntry>, BrokerError> {
         let shard = self.ring.shard_for(channel);
         let (entries, meta) = self
-            .read_missed(shard, &history::app_history_key(channel), since, max)
+            .read_missed(
+                shard,
+                &self.shards[shard].layout.app_history(channel),
+                since,
+                max,
+            )
             .await?;
         let read = history::parse_read(&entries, &meta)?;
         self.epochs.set(shard, read.epoch.clone());
@@ -1701,11 +1932,14 @@ impl PubSub for RedisBroker {
     }
 
     async fn channels(&self) -> Result<ChannelFeed, BrokerError> {
+        if let Some((seeds, tags)) = &self.cluster {
+            return Ok(pubsub::cluster_feed(tags, seeds.clone(), self.ring.clone()));
+        }
         let shards = self
             .shards
             .iter()
-            .map(|s| (s.name.clone(), s.client.clone()))
-            .collect();
+            .map(|s| Ok((s.name.clone(), s.feed_client()?, s.layout.clone())))
+            .collect::<Result<_, BrokerError>>()?;
         Ok(pubsub::feed(shards, self.ring.clone()))
     }
 

@@ -23,38 +23,42 @@ use redis::Client;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::conn::Link;
+use super::keys::Layout;
 use super::subscriber::{Command, FEED_CAPACITY, Subscriptions, run_shard};
 use crate::{
     BrokerError, ChannelControl, ChannelFeed, ChannelMessage, Confirmation, FeedControl, ShardRing,
     StreamPos,
 };
 
-/// The Redis channel carrying the application channel `channel`.
-pub(super) fn redis_channel(channel: &str) -> String {
-    format!("ferry:app2:{{{channel}}}")
+/// The Redis channel carrying the application channel `channel` on a shard of `layout`.
+pub(super) fn redis_channel(layout: &Layout, channel: &str) -> String {
+    format!("{}app2:{{{channel}}}", layout.prefix())
 }
 
-/// The channel older ferry published `channel` on, without a position.
-fn legacy_channel(channel: &str) -> String {
-    format!("ferry:app:{{{channel}}}")
+/// The channel older ferry published `channel` on, without a position: only on a standalone Redis, where an
+/// older ferry can have run.
+fn legacy_channel(layout: &Layout, channel: &str) -> Option<String> {
+    (!layout.is_tagged()).then(|| format!("ferry:app:{{{channel}}}"))
 }
 
-/// The application channel of a Redis channel, and whether it is the legacy one.
-fn app_channel(redis_channel: &str) -> Option<(&str, bool)> {
-    if let Some(c) = redis_channel.strip_prefix("ferry:app2:{") {
+/// The application channel of a Redis channel of a shard of `layout`, and whether it is the legacy one.
+fn app_channel<'c>(layout: &Layout, redis_channel: &'c str) -> Option<(&'c str, bool)> {
+    let rest = redis_channel.strip_prefix(layout.prefix())?;
+    if let Some(c) = rest.strip_prefix("app2:{") {
         return Some((c.strip_suffix('}')?, false));
     }
-    Some((
-        redis_channel
-            .strip_prefix("ferry:app:{")?
-            .strip_suffix('}')?,
-        true,
-    ))
+    if layout.is_tagged() {
+        return None;
+    }
+    Some((rest.strip_prefix("app:{")?.strip_suffix('}')?, true))
 }
 
-/// Both Redis channels of `channel`.
-fn both(channel: &str) -> Vec<String> {
-    vec![redis_channel(channel), legacy_channel(channel)]
+/// The Redis channels of `channel`: the current one, and the legacy one where there is one.
+fn both(layout: &Layout, channel: &str) -> Vec<String> {
+    let mut all = vec![redis_channel(layout, channel)];
+    all.extend(legacy_channel(layout, channel));
+    all
 }
 
 /// A message of the current form, `"<offset> <epoch> <payload>"`, as its position and payload.
@@ -99,14 +103,20 @@ impl FeedControl for RedisFeed {
     }
 }
 
-/// Start a feed: one task per shard (`(name without credentials, client)`, in ring order).
-pub(super) fn feed(shards: Vec<(String, Client)>, ring: ShardRing) -> ChannelFeed {
+/// Start a feed: one task per shard (`(name without credentials, client, layout)`, in ring order).
+pub(super) fn feed(shards: Vec<(String, Client, Layout)>, ring: ShardRing) -> ChannelFeed {
     let (out, rx) = mpsc::channel(FEED_CAPACITY);
     let mut commands = Vec::with_capacity(shards.len());
-    for (name, client) in shards {
+    for (name, client, layout) in shards {
         let (tx, cmds) = mpsc::unbounded_channel();
         commands.push(tx);
-        tokio::spawn(run_shard(AppChannels, name, client, cmds, out.clone()));
+        tokio::spawn(run_shard(
+            AppChannels { layout },
+            name,
+            client,
+            cmds,
+            out.clone(),
+        ));
     }
     let control = ChannelControl::new(std::sync::Arc::new(RedisFeed {
         ring,
@@ -115,8 +125,41 @@ pub(super) fn feed(shards: Vec<(String, Client)>, ring: ShardRing) -> ChannelFee
     ChannelFeed::new(control, Box::pin(ReceiverStream::new(rx)))
 }
 
+/// Start a feed on a Redis Cluster: one task for every virtual shard (`tags`, in ring order), see
+/// [`super::cluster_feed`].
+pub(super) fn cluster_feed(
+    tags: &[String],
+    seeds: super::cluster_feed::Seeds,
+    ring: ShardRing,
+) -> ChannelFeed {
+    let (out, rx) = mpsc::channel(FEED_CAPACITY);
+    let (mut commands, mut receivers, mut subs) = (Vec::new(), Vec::new(), Vec::new());
+    for tag in tags {
+        let (tx, cmds) = mpsc::unbounded_channel();
+        commands.push(tx);
+        receivers.push(cmds);
+        subs.push(AppChannels {
+            layout: Layout::tagged(tag),
+        });
+    }
+    tokio::spawn(super::cluster_feed::run(
+        subs,
+        tags.to_vec(),
+        seeds,
+        receivers,
+        out,
+    ));
+    let control = ChannelControl::new(std::sync::Arc::new(RedisFeed {
+        ring,
+        shards: commands,
+    }));
+    ChannelFeed::new(control, Box::pin(ReceiverStream::new(rx)))
+}
+
 /// The application channels of one shard.
-struct AppChannels;
+struct AppChannels {
+    layout: Layout,
+}
 
 impl Subscriptions for AppChannels {
     type Key = String;
@@ -124,10 +167,10 @@ impl Subscriptions for AppChannels {
     const WHAT: &'static str = "channel feed";
 
     fn channels(&self, channel: &String) -> Vec<String> {
-        both(channel)
+        both(&self.layout, channel)
     }
 
-    async fn on_connect(&self, _client: &Client) -> Result<(), String> {
+    async fn on_connect(&self, _conn: &mut Link) -> Result<(), String> {
         Ok(())
     }
 
@@ -138,7 +181,7 @@ impl Subscriptions for AppChannels {
         wanted: &HashSet<String>,
     ) -> Vec<ChannelMessage> {
         let Some((channel, legacy)) =
-            app_channel(redis_channel).filter(|(c, _)| wanted.contains(*c))
+            app_channel(&self.layout, redis_channel).filter(|(c, _)| wanted.contains(*c))
         else {
             return Vec::new();
         };
@@ -167,10 +210,25 @@ mod tests {
 
     #[test]
     fn channel_names_round_trip() {
-        assert_eq!(redis_channel("t/app:chat"), "ferry:app2:{t/app:chat}");
-        assert_eq!(app_channel(&redis_channel("a{b}")), Some(("a{b}", false)));
-        assert_eq!(app_channel(&legacy_channel("a{b}")), Some(("a{b}", true)));
-        assert_eq!(app_channel("ferry:events"), None);
+        let l = Layout::standalone();
+        assert_eq!(redis_channel(&l, "t/app:chat"), "ferry:app2:{t/app:chat}");
+        assert_eq!(
+            app_channel(&l, &redis_channel(&l, "a{b}")),
+            Some(("a{b}", false))
+        );
+        let legacy = legacy_channel(&l, "a{b}").unwrap();
+        assert_eq!(app_channel(&l, &legacy), Some(("a{b}", true)));
+        assert_eq!(app_channel(&l, "ferry:events"), None);
+        // A cluster's shard: the tag comes first, and no older ferry ever published there.
+        let t = Layout::tagged("f1");
+        assert_eq!(redis_channel(&t, "a{b}"), "ferry:{f1}:app2:{a{b}}");
+        assert_eq!(
+            app_channel(&t, &redis_channel(&t, "a{b}")),
+            Some(("a{b}", false))
+        );
+        assert_eq!(both(&t, "c"), vec!["ferry:{f1}:app2:{c}".to_owned()]);
+        assert_eq!(app_channel(&t, "ferry:{f1}:app:{c}"), None);
+        assert_eq!(app_channel(&t, &redis_channel(&l, "c")), None);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use futures::StreamExt;
 use redis::Client;
 use tokio::sync::{mpsc, oneshot};
 
+use super::conn::Link;
 use crate::BrokerError;
 
 /// Items buffered between the shard tasks and the feed's reader. When the reader falls this far behind, the
@@ -52,8 +53,9 @@ pub(super) trait Subscriptions: Send + Sync + 'static {
     const WHAT: &'static str;
     /// The Redis channels carrying `key`.
     fn channels(&self, key: &Self::Key) -> Vec<String>;
-    /// Runs on every (re)connect, before the resubscription; an error counts as a lost connection.
-    fn on_connect(&self, client: &Client) -> impl Future<Output = Result<(), String>> + Send;
+    /// Runs on every (re)connect, before the resubscription, with a command connection to the shard; an error
+    /// counts as a lost connection.
+    fn on_connect(&self, conn: &mut Link) -> impl Future<Output = Result<(), String>> + Send;
     /// What a text message on the Redis channel `channel` delivers: nothing unless its key is in `wanted`.
     fn deliver(
         &self,
@@ -141,7 +143,17 @@ impl<S: Subscriptions> Session<'_, S> {
             Ok(Err(e)) => return lost(&e),
             Err(_) => return End::Lost("connect timed out".into()),
         };
-        if let Err(why) = subs.on_connect(self.client).await {
+        let conn = match tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            self.client.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return lost(&e),
+            Err(_) => return End::Lost("connect timed out".into()),
+        };
+        if let Err(why) = subs.on_connect(&mut Link::Plain(conn)).await {
             return End::Lost(why);
         }
         let (mut sink, mut stream) = ps.split();

@@ -11,6 +11,7 @@ mod model;
 mod model_memory;
 mod model_redis;
 mod redis;
+mod redis_cluster;
 mod redis_engine;
 mod redis_refusals;
 mod redis_tls;

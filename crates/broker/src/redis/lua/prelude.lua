@@ -64,6 +64,9 @@ end
 --   * on 'ferry:ev:q:{<queue>}' once, with all of them (a script call touches one queue);
 --   * jobs whose m has no pt (enqueued by an older ferry) on evkey, 'ferry:events', as before partitions.
 -- So a gateway subscribes to the partitions of its clients and the queues they follow, and gets nothing else.
+-- Those are a standalone Redis's names (keys.rs, Layout): the channels take the event log's prefix, which is
+-- 'ferry:' there and 'ferry:{<tag>}:' on a shard of a Redis Cluster, whose channels are then published with
+-- SPUBLISH, in the slot of the shard's keys.
 -- `by` (the actor, a JSON string) may be nil.
 local function emit(evkey, evmax, groups, by)
   local heads, specs, ng = {}, nil, {}
@@ -105,12 +108,16 @@ local function emit(evkey, evmax, groups, by)
   local sid = redis.call('XADD', evkey, 'MAXLEN', '~', evmax, '*', 'e', stored)
   local pre = '{"sid":"' .. sid .. '","events":'
   local all = pre .. body .. '}'
+  -- evkey is '<prefix>events'; 'ferry:{' starts the prefix of a shard of a Redis Cluster.
+  local prefix = string.sub(evkey, 1, #evkey - 6)
+  local publish = 'PUBLISH'
+  if string.byte(evkey, 7) == 123 then publish = 'SPUBLISH' end
   local function channel(pt)
     if pt == '' then return evkey end
-    return 'ferry:ev:p:' .. pt
+    return prefix .. 'ev:p:' .. pt
   end
   if not mixed then
-    redis.call('PUBLISH', channel(first), all)
+    redis.call(publish, channel(first), all)
   else
     -- Per partition, per group (in group order): its jobs, with their positions among the call's events.
     local order, parts, before = {}, {}, 0
@@ -142,10 +149,10 @@ local function emit(evkey, evmax, groups, by)
         local sel = part[gi]
         if sel then hs[#hs + 1] = head(ng[gi], sel.jobs, sel.attempts, sel.data, by, sel.ns) end
       end
-      redis.call('PUBLISH', channel(pt), pre .. '[' .. table.concat(hs, '},') .. '}]}')
+      redis.call(publish, channel(pt), pre .. '[' .. table.concat(hs, '},') .. '}]}')
     end
   end
-  if queue then redis.call('PUBLISH', 'ferry:ev:q:{' .. queue .. '}', all) end
+  if queue then redis.call(publish, prefix .. 'ev:q:{' .. queue .. '}', all) end
 end
 
 -- Fields of one stream entry as a table, or nil when the entry is gone.

@@ -36,6 +36,12 @@ use tokio::time::{Instant, sleep, timeout};
 /// An engine under test.
 #[async_trait::async_trait]
 pub trait Engine: Send + Sync + Sized + 'static {
+    /// Every queue and channel shares one event log and one epoch (the memory engine, one Redis). False where
+    /// they are spread over shards with logs and epochs of their own (the virtual shards of a Redis Cluster):
+    /// there, a position of one shard means nothing on another, and events spread over several logs are not
+    /// recovered by one position (the client refetches).
+    const ONE_LOG: bool = true;
+
     /// A fresh, isolated engine (the Redis one starts its own redis-server). Kept alive for the whole case.
     async fn start(config: EngineConfig) -> Self;
     /// [`Engine::start`] with this application channel history (and recovery horizon).
@@ -2243,9 +2249,11 @@ pub async fn channel_offsets_rise_and_history_returns_exactly_the_missed<E: Engi
     // More than the caller's bound: not recovered (the client refetches).
     let cut = b.channel_missed("room", &got[0].0, 3).await.unwrap();
     assert!(!cut.recovered && cut.entries.is_empty());
-    // Another channel's history is its own.
+    // Another channel's history is its own: nothing of "room" comes back. With one epoch that is a recovery;
+    // on another shard, whose epoch differs, the position is not recognised at all.
     let other = b.channel_missed("other-room", &since, 100).await.unwrap();
-    assert!(other.recovered && other.entries.is_empty());
+    assert!(other.entries.is_empty());
+    assert!(other.recovered || !E::ONE_LOG);
 }
 
 pub async fn channel_history_trimmed_or_expired_is_not_recovered<E: Engine>() {
@@ -2337,6 +2345,11 @@ pub async fn job_events_recover_exactly_the_missed<E: Engine>() {
         .collect();
     for scope in [EventScope::Queue(q), EventScope::All] {
         let missed = b.events_missed(scope, &since, 1000, &alice).await.unwrap();
+        if !E::ONE_LOG && matches!(scope, EventScope::All) {
+            // A subject's jobs may sit on any shard, and the shards' offsets are not one order.
+            assert!(!missed.recovered && missed.entries.is_empty(), "{scope:?}");
+            continue;
+        }
         assert!(missed.recovered, "{scope:?}");
         assert_eq!(missed.epoch.as_deref(), Some(since.epoch.as_str()));
         let have: Vec<&str> = missed.entries.iter().map(|e| e.id.as_str()).collect();
@@ -2417,7 +2430,9 @@ pub async fn another_epoch_is_not_recovered<E: Engine>() {
         offset: event_offset(&e).unwrap(),
         epoch: b.events_epoch(q).unwrap(),
     };
-    assert_eq!(ev_since.epoch, got[0].0.epoch, "one epoch per store");
+    if E::ONE_LOG {
+        assert_eq!(ev_since.epoch, got[0].0.epoch, "one epoch per store");
+    }
 
     // A fresh engine (a new Redis, a new process) has another epoch: nothing from before it is recoverable, even
     // with offsets it holds too.
