@@ -759,9 +759,31 @@ pub struct RedisArgs {
         value_name = "URL",
         env = "FERRY_REDIS_URLS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "redis_cluster",
+        conflicts_with = "redis_cluster"
     )]
     pub redis: Vec<String>,
+
+    /// A Redis Cluster instead of standalone shards: the URL (redis://host:port) of one or more of its nodes,
+    /// from which the rest are found. Queues are spread over the cluster's slots in virtual shards
+    /// (docs/sharding.md). Every process of a ferry cluster must use the same Redis Cluster.
+    #[arg(
+        long = "redis-cluster",
+        value_name = "URL",
+        env = "FERRY_REDIS_CLUSTER",
+        value_delimiter = ','
+    )]
+    pub redis_cluster: Vec<String>,
+
+    /// How many virtual shards queues are spread over on a Redis Cluster. Fixed for the cluster's life: the
+    /// first ferry records it there, and a process started with another count is refused.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_REDIS_CLUSTER_VSHARDS",
+        default_value_t = ferry_broker::DEFAULT_VSHARDS
+    )]
+    pub redis_cluster_vshards: usize,
 
     /// Longest wait for a Redis reply (blocking reads excepted); a slower reply fails the call, which is
     /// retried or reported, and retires its connection (later calls use a new one).

@@ -10,7 +10,7 @@ use crate::CliError;
 use crate::args::BalancerArgs;
 
 pub fn resolve(a: BalancerArgs) -> Result<BalancerConfig, CliError> {
-    let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let urls = crate::redis_urls(&a.redis)?;
     let redis_options = crate::redis_options(&a.redis)?;
     let redis_tls = crate::redis_tls(&urls, a.redis.redis_ca_file.as_deref())?;
     let listen = crate::gateway::parse_listen(&a.listen)?;

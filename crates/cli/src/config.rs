@@ -233,8 +233,17 @@ pub fn layered(file: &FileValues) -> Command {
                     .find(|a| a.get_long() == Some(k.as_str()))
                     .map(|a| a.get_id().clone());
                 if let Some(id) = id {
-                    // A value from the file satisfies a required flag.
-                    sc = sc.mut_arg(id, |a| a.default_values(vs.clone()).required(false));
+                    // A value from the file satisfies a required flag, and the flag it stands in for.
+                    sc = sc.mut_arg(id, |a| {
+                        a.default_values(vs.clone())
+                            .required(false)
+                            .required_unless_present(clap::builder::Resettable::Reset)
+                    });
+                    if k == "redis-cluster" {
+                        sc = sc.mut_arg("redis", |a| {
+                            a.required_unless_present(clap::builder::Resettable::Reset)
+                        });
+                    }
                 }
             }
             sc
@@ -498,6 +507,45 @@ mod tests {
         );
         let (_f, p) = file("[wroker]\nqueues = [\"a\"]\n");
         assert!(load(&p).unwrap_err().to_string().contains("wroker"));
+    }
+
+    #[test]
+    fn a_redis_cluster_from_the_file_or_a_flag_stands_in_for_redis() {
+        let (_f, p) =
+            file("redis-cluster = [\"redis://10.0.0.1:7000\"]\n[worker]\nqueues = [\"a\"]\n");
+        let cli = parse(
+            ["ferry", "--config", p.to_str().unwrap(), "worker"]
+                .iter()
+                .map(OsString::from)
+                .collect(),
+        )
+        .unwrap();
+        let crate::args::Command::Worker(w) = cli.command else {
+            panic!("worker")
+        };
+        assert_eq!(w.redis.redis_cluster, ["redis://10.0.0.1:7000"]);
+        assert!(w.redis.redis.is_empty());
+        let flags = |extra: &[&str]| -> Vec<OsString> {
+            ["ferry", "worker", "--queues", "a"]
+                .iter()
+                .chain(extra)
+                .map(OsString::from)
+                .collect()
+        };
+        assert!(parse(flags(&["--redis-cluster", "redis://h:7000"])).is_ok());
+        let message = |r: Result<crate::args::Cli, ParseError>| match r {
+            Err(ParseError::Args(e)) => e.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let both = message(parse(flags(&[
+            "--redis",
+            "redis://h:1",
+            "--redis-cluster",
+            "redis://h:7000",
+        ])));
+        assert!(both.contains("cannot be used with"), "{both}");
+        let neither = message(parse(flags(&[])));
+        assert!(neither.contains("--redis <URL>"), "{neither}");
     }
 
     #[test]

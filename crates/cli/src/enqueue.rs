@@ -28,7 +28,7 @@ pub struct ResolvedEnqueue {
 }
 
 pub fn resolve(a: EnqueueArgs) -> Result<ResolvedEnqueue, CliError> {
-    let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let urls = crate::redis_urls(&a.redis)?;
     let redis_options = crate::redis_options(&a.redis)?;
     let redis_tls = crate::redis_tls(&urls, a.redis.redis_ca_file.as_deref())?;
     let queue = QueueName::parse(a.queue.trim())

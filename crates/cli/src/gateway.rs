@@ -171,7 +171,7 @@ pub struct ResolvedGateway {
 }
 
 pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
-    let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let urls = crate::redis_urls(&a.redis)?;
     let redis_options = crate::redis_options(&a.redis)?;
     let redis_tls = crate::redis_tls(&urls, a.redis.redis_ca_file.as_deref())?;
     let listen = parse_listen(&a.listen)?;

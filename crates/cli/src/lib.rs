@@ -210,15 +210,27 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError::Internal(format!("cannot start the async runtime: {e}")))
 }
 
+/// The checked URLs of `--redis` or `--redis-cluster`, whichever is given (clap lets only one through).
+pub(crate) fn redis_urls(a: &args::RedisArgs) -> Result<Vec<String>, CliError> {
+    if a.redis_cluster.is_empty() {
+        return check_redis_urls(&a.redis);
+    }
+    check_urls("--redis-cluster", &a.redis_cluster)
+}
+
 /// Check `--redis` URLs without connecting: the engine speaks `redis://` (and `rediss://` for TLS).
 pub(crate) fn check_redis_urls(urls: &[String]) -> Result<Vec<String>, CliError> {
+    check_urls("--redis", urls)
+}
+
+fn check_urls(flag: &str, urls: &[String]) -> Result<Vec<String>, CliError> {
     let urls: Vec<String> = urls
         .iter()
         .map(|u| u.trim().to_owned())
         .filter(|u| !u.is_empty())
         .collect();
     if urls.is_empty() {
-        return Err(CliError::usage("--redis", "at least one URL is required"));
+        return Err(CliError::usage(flag, "at least one URL is required"));
     }
     for u in &urls {
         let Some((scheme, rest)) = u.split_once("://") else {
@@ -236,7 +248,7 @@ pub(crate) fn check_redis_urls(urls: &[String]) -> Result<Vec<String>, CliError>
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = urls.iter().find(|u| !seen.insert(*u)) {
-        return Err(CliError::usage("--redis", format!("{dup} is listed twice")));
+        return Err(CliError::usage(flag, format!("{dup} is listed twice")));
     }
     Ok(urls)
 }
@@ -327,9 +339,25 @@ pub(crate) fn redis_options(a: &args::RedisArgs) -> Result<ferry_broker::RedisOp
         ("--redis-timeout-ms", a.redis_timeout_ms),
         ("--redis-connect-timeout-ms", a.redis_connect_timeout_ms),
     ])?;
+    let cluster_vshards = if a.redis_cluster.is_empty() {
+        None
+    } else {
+        let max = 16_384; // one virtual shard per slot at most
+        if !(1..=max).contains(&a.redis_cluster_vshards) {
+            return Err(CliError::usage(
+                "--redis-cluster-vshards",
+                format!(
+                    "must be between 1 and {max}, got {}",
+                    a.redis_cluster_vshards
+                ),
+            ));
+        }
+        Some(a.redis_cluster_vshards)
+    };
     Ok(ferry_broker::RedisOptions {
         response_timeout: std::time::Duration::from_millis(a.redis_timeout_ms),
         connection_timeout: std::time::Duration::from_millis(a.redis_connect_timeout_ms),
+        cluster_vshards,
     })
 }
 
@@ -408,6 +436,14 @@ pub(crate) async fn connect(
         .iter()
         .fold(ferry_core::Redactor::new(), |r, u| r.url(u));
     let unavailable = |e: ferry_broker::BrokerError| {
+        // A setting the engine refused (a Redis Cluster laid out over another number of virtual shards, TLS to
+        // a cluster) is the command line's fault: exit 64 naming the flag.
+        if let ferry_broker::BrokerError::Invalid(v) = &e
+            && let Some(f) = v.errors.first()
+        {
+            let flag = f.field.split('[').next().unwrap_or(&f.field);
+            return CliError::usage(&format!("--{flag}"), redactor.apply(&f.message));
+        }
         let e = redactor.apply(&e.to_string());
         CliError::Unavailable(format!("cannot reach redis ({shown}): {e}"))
     };

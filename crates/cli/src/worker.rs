@@ -48,7 +48,7 @@ fn ms(v: u64) -> Duration {
 
 /// Turn flags into configuration, naming the flag at fault. Connects to nothing.
 pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
-    let urls = crate::check_redis_urls(&a.redis.redis)?;
+    let urls = crate::redis_urls(&a.redis)?;
     let redis_options = crate::redis_options(&a.redis)?;
     let redis_tls = crate::redis_tls(&urls, a.redis.redis_ca_file.as_deref())?;
     let queues = a

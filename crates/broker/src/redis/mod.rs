@@ -79,6 +79,9 @@ pub struct RedisOptions {
     /// for a large batch script on a busy server.
     pub response_timeout: Duration,
     pub connection_timeout: Duration,
+    /// `Some(n)`: the URLs are seeds of one Redis Cluster, whose queues are spread over `n` virtual shards
+    /// ([`RedisBroker::connect_cluster`]); `None`: each URL is a standalone shard.
+    pub cluster_vshards: Option<usize>,
 }
 
 impl Default for RedisOptions {
@@ -86,6 +89,7 @@ impl Default for RedisOptions {
         Self {
             response_timeout: Duration::from_secs(5),
             connection_timeout: Duration::from_secs(2),
+            cluster_vshards: None,
         }
     }
 }
@@ -338,6 +342,16 @@ impl RedisBroker {
             return Err(
                 ValidationError::field("redis", "at least one Redis URL is required").into(),
             );
+        }
+        if let Some(vshards) = options.cluster_vshards {
+            if tls.ca_pem.is_some() {
+                return Err(ValidationError::field(
+                    "redis-cluster",
+                    "TLS to a Redis Cluster is not supported yet",
+                )
+                .into());
+            }
+            return Self::connect_cluster(urls, vshards, config, options).await;
         }
         if let Some(ca) = &tls.ca_pem {
             check_ca_pem(ca)?;

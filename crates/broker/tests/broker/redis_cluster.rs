@@ -252,3 +252,34 @@ async fn a_reshard_under_load_loses_and_doubles_nothing() {
     assert!(twice.is_empty(), "{} jobs handed out twice", twice.len());
     drop(cluster);
 }
+
+/// Channels on every virtual shard reach their subscriber (sharded pub/sub routed by each shard's slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_on_every_shard_reach_their_subscriber() {
+    use ferry_broker::PubSub;
+    use futures::StreamExt;
+    let e = <Cluster as contract::Engine>::start(contract::cfg()).await;
+    let b = e.broker.clone();
+    let mut feed = b.channels().await.unwrap();
+    let names: Vec<String> = (0..48).map(|i| format!("room-{i}")).collect();
+    let shards: std::collections::HashSet<_> =
+        names.iter().filter_map(|n| b.channel_shard(n)).collect();
+    assert!(
+        shards.len() > 8,
+        "the channels spread over the shards: {shards:?}"
+    );
+    for n in &names {
+        feed.control().subscribe(n).await.unwrap();
+    }
+    for n in &names {
+        b.publish(n, format!("\"{n}\"")).await.unwrap();
+    }
+    let mut got = std::collections::HashSet::new();
+    while got.len() < names.len() {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), feed.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {} arrived: {got:?}", got.len(), names.len()))
+            .unwrap();
+        got.insert(m.channel);
+    }
+}

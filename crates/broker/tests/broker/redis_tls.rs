@@ -28,6 +28,7 @@ async fn connect(url: &str, tls: RedisTls) -> Result<RedisBroker, ferry_broker::
     let options = RedisOptions {
         response_timeout: Duration::from_secs(5),
         connection_timeout: Duration::from_secs(2),
+        cluster_vshards: None,
     };
     RedisBroker::connect_with_tls(&[url.to_owned()], EngineConfig::default(), options, tls).await
 }

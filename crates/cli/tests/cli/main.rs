@@ -26,6 +26,7 @@ mod partition;
 mod proxies;
 mod reconcile;
 mod record;
+mod redis_cluster;
 mod scale_out;
 mod shutdown;
 mod support;

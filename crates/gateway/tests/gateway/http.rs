@@ -582,6 +582,7 @@ async fn redis_down_is_503_with_retry_after() {
     let options = RedisOptions {
         response_timeout: Duration::from_millis(500),
         connection_timeout: Duration::from_millis(300),
+        cluster_vshards: None,
     };
     let broker = RedisBroker::connect_with(&[redis.url()], EngineConfig::default(), options)
         .await

@@ -20,6 +20,7 @@ async fn redis_broker(redis: &RedisServer) -> Arc<dyn Broker> {
     let options = RedisOptions {
         response_timeout: Duration::from_millis(500),
         connection_timeout: Duration::from_millis(300),
+        cluster_vshards: None,
     };
     Arc::new(
         RedisBroker::connect_with(&[redis.url()], EngineConfig::default(), options)

@@ -426,6 +426,7 @@ pub async fn test_broker(url: &str) -> Result<RedisBroker> {
     let options = ferry_broker::RedisOptions {
         response_timeout: Duration::from_secs(10),
         connection_timeout: Duration::from_secs(5),
+        cluster_vshards: None,
     };
     Ok(RedisBroker::connect_with(&[url.to_owned()], EngineConfig::default(), options).await?)
 }

@@ -1,0 +1,186 @@
+//! ferry on a Redis Cluster, as processes: a gateway, a worker with its recorder and `ferry enqueue`, all given
+//! `--redis-cluster` (or `FERRY_REDIS_CLUSTER`) and nothing else about the cluster. Jobs of queues spread over
+//! the virtual shards complete, their events reach a WebSocket client through sharded pub/sub, and the record
+//! in PostgreSQL holds every one.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use ferry_testkit::{PostgresServer, RedisCluster, psql};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{self, Proc, ferry, remaining, submit, token, until_completed, until_ready};
+
+const SECRET: &str = "redis-cluster-test-secret-redis-cluster";
+
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = ferry();
+    cmd.args(args)
+        .env("FERRY_LOG", "warn,ferry_cli=info")
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_REDIS_URLS")
+        .env_remove("FERRY_LOG_FORMAT")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_worker_recorder_and_enqueue_run_on_a_redis_cluster() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let cluster = RedisCluster::start(3, 0)?;
+    let seeds = cluster.urls()[..2].join(",");
+    let pg = PostgresServer::start()?;
+    let db = support::migrated_database(&pg, "cluster")?;
+    let env = [
+        ("FERRY_REDIS_CLUSTER", seeds.as_str()),
+        ("FERRY_DATABASE_URL", db.as_str()),
+    ];
+    let queues: Vec<String> = (0..8).map(|i| format!("q{i}")).collect();
+    let (_gateway, line) = Proc::spawn_listening(
+        &mut command(
+            &[
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--drain-delay-ms",
+                "0",
+            ],
+            &[env[0], env[1], ("FERRY_JWT_SECRET", SECRET)],
+        ),
+        "gateway listening",
+    )
+    .await?;
+    let listen = support::announced(&line, "listen")?;
+    let base = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    until_ready(&http, &base, remaining(deadline)).await?;
+    let _worker = Proc::spawn_logged(&mut command(
+        &["worker", "--queues", &queues.join(",")],
+        &env,
+    ))?;
+
+    let token = token(
+        SECRET,
+        "alice",
+        &["jobs:submit", "jobs:read", "subscribe"],
+        Duration::from_secs(600),
+    );
+    // Connect first, then submit: the `user:` channel carries every event of alice's jobs, from every shard.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{listen}/v1/ws?token={token}")).await?;
+    ws.send(Message::text(r#"{"id":1,"op":"ping"}"#)).await?;
+    let mut ids = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        let (id, _) = submit(
+            &http,
+            &base,
+            &token,
+            q,
+            &json!({"kind": "ferry.echo", "payload": {"n": i}}),
+            &[],
+        )
+        .await?;
+        ids.push(id);
+    }
+    let mut pushed = std::collections::HashSet::new();
+    while pushed.len() < ids.len() {
+        let frame = tokio::time::timeout(remaining(deadline), ws.next())
+            .await
+            .expect("a job.completed frame for every job")
+            .expect("the socket stays open")?;
+        let Message::Text(text) = frame else { continue };
+        let v: Value = serde_json::from_str(&text)?;
+        if v["event"] == "job.completed" {
+            pushed.insert(v["data"]["id"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    for id in &ids {
+        assert!(pushed.contains(id), "{id} pushed");
+        until_completed(&http, &base, &token, id, remaining(deadline)).await?;
+    }
+
+    // `ferry enqueue` on the same cluster, by flag this time.
+    let out = command(
+        &[
+            "enqueue",
+            "--redis-cluster",
+            &cluster.urls()[2],
+            "--queue",
+            "q3",
+            "--kind",
+            "ferry.echo",
+        ],
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout)?.trim().to_owned();
+    // A job enqueued from the command line has no owner: an admin reads it.
+    let admin = support::token(SECRET, "ops", &["admin"], Duration::from_secs(600));
+    until_completed(&http, &base, &admin, &id, remaining(deadline)).await?;
+    ids.push(id);
+
+    // The cluster remembers how its queues are laid out: another count of virtual shards is refused, naming
+    // the flag, and so is TLS, which a cluster does not have here yet.
+    for (args, says) in [
+        (
+            vec!["--redis-cluster-vshards", "8"],
+            "invalid --redis-cluster-vshards: this Redis Cluster holds ferry's queues laid out over 16 virtual \
+             shards, not 8",
+        ),
+        (
+            vec!["--redis-cluster-vshards", "0"],
+            "invalid --redis-cluster-vshards: must be between 1 and 16384, got 0",
+        ),
+    ] {
+        let seed = cluster.urls()[0].clone();
+        let mut all = vec!["enqueue", "--queue", "q1", "--kind", "k"];
+        all.extend(["--redis-cluster", seed.as_str()]);
+        all.extend(args);
+        let out = command(&all, &[]).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+    let tls = format!("rediss://{}", &cluster.urls()[0]["redis://".len()..]);
+    let out = command(
+        &[
+            "enqueue",
+            "--queue",
+            "q1",
+            "--kind",
+            "k",
+            "--redis-cluster",
+            &tls,
+        ],
+        &[],
+    )
+    .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("invalid --redis-cluster: TLS to a Redis Cluster is not supported yet"),
+        "{stderr}"
+    );
+
+    // The recorder read every virtual shard's event log.
+    let recorded = ferry_testkit::eventually(remaining(deadline), "every job recorded", || async {
+        let n = psql(&db, "select count(*) from jobs where state = 'completed'")?;
+        anyhow::ensure!(n.trim() == ids.len().to_string(), "{n} recorded");
+        Ok(Some(n))
+    })
+    .await?;
+    assert_eq!(recorded.trim(), ids.len().to_string());
+    drop(cluster);
+    Ok(())
+}
