@@ -184,3 +184,98 @@ async fn gateway_worker_recorder_and_enqueue_run_on_a_redis_cluster() -> Result<
     drop(cluster);
     Ok(())
 }
+
+/// Moving a ferry from a standalone Redis to a Redis Cluster, the documented way (docs/sharding.md): stop the
+/// workers on the standalone Redis once the recorder has every job, start them on the cluster, and the
+/// reconciler puts every unfinished job back from the record. Queued and scheduled jobs alike complete on the
+/// cluster, each exactly once, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_move_from_a_standalone_redis_to_a_redis_cluster_through_the_record() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let standalone = ferry_testkit::RedisServer::start()?;
+    let cluster = RedisCluster::start(3, 0)?;
+    let pg = PostgresServer::start()?;
+    let db = support::migrated_database(&pg, "migration")?;
+    let recorded = |sql: &str| -> Result<u64> { Ok(psql(&db, sql)?.trim().parse()?) };
+
+    // Before: jobs accepted on the standalone Redis and recorded, none worked yet (this worker only records).
+    let mut old = Proc::spawn_logged(&mut command(
+        &[
+            "worker",
+            "--redis",
+            &standalone.url(),
+            "--queues",
+            "elsewhere",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[("FERRY_DATABASE_URL", db.as_str())],
+    ))?;
+    let standalone_url = standalone.url();
+    for delay in [None, Some("1500")] {
+        let mut args = vec!["enqueue", "--redis", &standalone_url];
+        args.extend([
+            "--queue",
+            "moving",
+            "--kind",
+            "ferry.echo",
+            "--count",
+            "100",
+        ]);
+        if let Some(ms) = delay {
+            args.extend(["--delay-ms", ms]);
+        }
+        let out = command(&args, &[]).output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ferry_testkit::eventually(remaining(deadline), "200 jobs recorded", || async {
+        let n = recorded("select count(*) from jobs")?;
+        anyhow::ensure!(n == 200, "{n}");
+        Ok(Some(()))
+    })
+    .await?;
+    assert!(
+        old.stop(Duration::from_secs(30)).await?.success(),
+        "{}",
+        old.log()
+    );
+
+    // After: a worker on the cluster; its reconciler finds the unfinished jobs missing there and restores them.
+    let _new = Proc::spawn_logged(&mut command(
+        &[
+            "worker",
+            "--redis-cluster",
+            &cluster.urls().join(","),
+            "--queues",
+            "moving",
+            "--reconcile-interval-ms",
+            "500",
+            "--reconcile-grace-ms",
+            "1000",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[("FERRY_DATABASE_URL", db.as_str())],
+    ))?;
+    ferry_testkit::eventually(remaining(deadline), "every job completed", || async {
+        let n = recorded("select count(*) from jobs where state = 'completed'")?;
+        anyhow::ensure!(n == 200, "{n} completed");
+        Ok(Some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let twice = recorded(
+        "select count(*) from (select job_id from job_events where type = 'job.completed'
+                               group by job_id having count(*) > 1) d",
+    )?;
+    assert_eq!(twice, 0, "no job completed twice");
+    let restored =
+        recorded("select count(distinct job_id) from job_events where actor = 'reconciler'")?;
+    assert_eq!(restored, 200, "every job came over through the record");
+    drop(cluster);
+    Ok(())
+}
