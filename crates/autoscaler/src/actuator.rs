@@ -124,8 +124,7 @@ impl Local {
         let consumer = format!("{}-local-{}-{}", self.region.name, std::process::id(), n);
         let mut cmd = Command::new(&self.bin);
         cmd.arg("worker")
-            .arg("--redis")
-            .arg(target.redis.join(","))
+            .args(target.worker_redis_args())
             .arg("--queues")
             .arg(target.queues.join(","))
             .arg("--consumer")
@@ -138,6 +137,8 @@ impl Local {
             // The autoscaler's own settings are not the worker's.
             .env_remove("FERRY_CONFIG")
             .env_remove("FERRY_REDIS_URLS")
+            .env_remove("FERRY_REDIS_CLUSTER")
+            .env_remove("FERRY_REDIS_CLUSTER_VSHARDS")
             .env_remove("FERRY_QUEUES")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

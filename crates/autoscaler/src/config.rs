@@ -4,7 +4,7 @@
 //! ```toml
 //! [[regions]]
 //! name = "eu-west"
-//! redis = ["redis://redis-0.eu-west:6379"]
+//! redis = ["redis://redis-0.eu-west:6379"]   # or redis-cluster = ["redis://node-0.eu-west:6379"]
 //! queues = ["default", "emails"]
 //! [regions.policy]            # every key optional, see `Policy`
 //! min-workers = 1
@@ -34,7 +34,14 @@ pub struct RegionsFile {
 pub struct Region {
     pub name: String,
     /// The region's Redis shard URLs (as `ferry worker --redis`).
+    #[serde(default)]
     pub redis: Vec<String>,
+    /// Or its Redis Cluster: one or more node URLs (as `ferry worker --redis-cluster`).
+    #[serde(default)]
+    pub redis_cluster: Vec<String>,
+    /// The cluster's virtual shards (as `--redis-cluster-vshards`); the default when absent.
+    #[serde(default)]
+    pub redis_cluster_vshards: Option<usize>,
     /// Queues this region's workers serve.
     pub queues: Vec<String>,
     #[serde(default)]
@@ -138,15 +145,32 @@ impl RegionsFile {
             if !names.insert(r.name.as_str()) {
                 return Err(format!("region {:?} is listed twice", r.name));
             }
-            if r.redis.is_empty() {
-                return Err(at("redis: list at least one shard URL".into()));
-            }
+            let key = match (r.redis.is_empty(), r.redis_cluster.is_empty()) {
+                (true, true) => {
+                    return Err(at(
+                        "redis: list at least one shard URL (or redis-cluster: a node of a Redis Cluster)"
+                            .into(),
+                    ));
+                }
+                (false, false) => {
+                    return Err(at(
+                        "redis and redis-cluster: give one of them, not both".into()
+                    ));
+                }
+                (false, true) => "redis",
+                (true, false) => "redis-cluster",
+            };
             if let Some(u) = r
-                .redis
+                .urls()
                 .iter()
                 .find(|u| !u.starts_with("redis://") && !u.starts_with("rediss://"))
             {
-                return Err(at(format!("redis: {u:?} is not a redis:// URL")));
+                return Err(at(format!("{key}: {u:?} is not a redis:// URL")));
+            }
+            if r.redis_cluster_vshards.is_some() && r.redis_cluster.is_empty() {
+                return Err(at(
+                    "redis-cluster-vshards: applies to redis-cluster only".into()
+                ));
             }
             if r.queues.is_empty() {
                 return Err(at("queues: list at least one queue".into()));
@@ -163,6 +187,28 @@ impl RegionsFile {
 }
 
 impl Region {
+    /// The URLs of the region's Redis: its shards, or the nodes of its cluster.
+    pub fn urls(&self) -> &[String] {
+        if self.redis_cluster.is_empty() {
+            &self.redis
+        } else {
+            &self.redis_cluster
+        }
+    }
+
+    /// How a worker of this region is told where its Redis is: `--redis URLS` or `--redis-cluster URLS`
+    /// (with `--redis-cluster-vshards` when the file sets it).
+    pub fn worker_redis_args(&self) -> Vec<String> {
+        if self.redis_cluster.is_empty() {
+            return vec!["--redis".into(), self.redis.join(",")];
+        }
+        let mut args = vec!["--redis-cluster".into(), self.redis_cluster.join(",")];
+        if let Some(n) = self.redis_cluster_vshards {
+            args.extend(["--redis-cluster-vshards".into(), n.to_string()]);
+        }
+        args
+    }
+
     pub fn queue_names(&self) -> Vec<QueueName> {
         self.queues
             .iter()
@@ -212,6 +258,33 @@ worker-args = ["--concurrency", "20"]
     }
 
     #[test]
+    fn a_region_may_run_on_a_redis_cluster() {
+        let text = GOOD.replace(
+            "redis = [\"redis://127.0.0.1:6380\"]",
+            "redis-cluster = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\nredis-cluster-vshards = 8",
+        );
+        let f = RegionsFile::parse(&text).unwrap();
+        let r = &f.regions[1];
+        assert_eq!(
+            r.urls(),
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        assert_eq!(
+            r.worker_redis_args(),
+            [
+                "--redis-cluster",
+                "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+                "--redis-cluster-vshards",
+                "8"
+            ]
+        );
+        assert_eq!(
+            f.regions[0].worker_redis_args(),
+            ["--redis", "redis://127.0.0.1:6379"]
+        );
+    }
+
+    #[test]
     fn bad_files_name_the_problem() {
         let cases = [
             (
@@ -239,6 +312,24 @@ worker-args = ["--concurrency", "20"]
                 "region \"eu-west\": queues",
             ),
             ("".to_owned(), "regions"),
+            (
+                GOOD.replace(
+                    "redis = [\"redis://127.0.0.1:6380\"]",
+                    "redis = [\"redis://127.0.0.1:6380\"]\nredis-cluster = [\"redis://127.0.0.1:7000\"]",
+                ),
+                "region \"us-east\": redis and redis-cluster: give one of them, not both",
+            ),
+            (
+                GOOD.replace("redis = [\"redis://127.0.0.1:6380\"]", ""),
+                "region \"us-east\": redis: list at least one shard URL",
+            ),
+            (
+                GOOD.replace(
+                    "redis = [\"redis://127.0.0.1:6380\"]",
+                    "redis = [\"redis://127.0.0.1:6380\"]\nredis-cluster-vshards = 8",
+                ),
+                "redis-cluster-vshards: applies to redis-cluster only",
+            ),
         ];
         for (text, want) in cases {
             let e = RegionsFile::parse(&text).unwrap_err();

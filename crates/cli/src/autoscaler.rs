@@ -23,13 +23,13 @@ pub struct ResolvedAutoscaler {
 pub fn resolve(a: AutoscalerArgs) -> Result<ResolvedAutoscaler, CliError> {
     let regions = RegionsFile::load(&a.regions).map_err(|e| CliError::usage("--regions", e))?;
     for r in &regions.regions {
-        crate::check_redis_urls(&r.redis)
+        crate::check_redis_urls(r.urls())
             .map_err(|e| CliError::usage("--regions", format!("region {:?}: {e}", r.name)))?;
     }
     let all_urls: Vec<String> = regions
         .regions
         .iter()
-        .flat_map(|r| r.redis.iter().cloned())
+        .flat_map(|r| r.urls().iter().cloned())
         .collect();
     let redis_tls = crate::redis_tls(&all_urls, a.redis_ca_file.as_deref())?;
     crate::at_least_one(&[("--interval-ms", a.interval_ms)])?;
@@ -54,9 +54,16 @@ pub async fn run(cfg: ResolvedAutoscaler) -> Result<(), CliError> {
     let listener = crate::bind_admin(cfg.admin_listen).await?;
     let mut regions = Vec::new();
     for region in cfg.regions.regions {
-        let options = ferry_broker::RedisOptions::default();
+        let options = ferry_broker::RedisOptions {
+            cluster_vshards: (!region.redis_cluster.is_empty()).then(|| {
+                region
+                    .redis_cluster_vshards
+                    .unwrap_or(ferry_broker::DEFAULT_VSHARDS)
+            }),
+            ..Default::default()
+        };
         let broker = tokio::select! {
-            b = crate::connect(&region.redis, cfg.engine.clone(), options, cfg.redis_tls.clone()) => b?,
+            b = crate::connect(region.urls(), cfg.engine.clone(), options, cfg.redis_tls.clone()) => b?,
             _ = shutdown.cancelled() => return Ok(()),
         };
         regions.push((

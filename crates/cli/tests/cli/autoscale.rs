@@ -591,3 +591,71 @@ async fn a_gateway_shows_the_autoscalers_last_decisions() -> Result<()> {
     assert_eq!(r.status(), 403);
     Ok(())
 }
+
+/// A region on a Redis Cluster (`redis-cluster` in the regions file): the autoscaler reads the queue's depth
+/// from the cluster, starts a local worker with `--redis-cluster`, the job runs, and the pool returns to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_on_a_redis_cluster_scales_its_workers() -> Result<()> {
+    let cluster = ferry_testkit::RedisCluster::start(3, 0)?;
+    let seeds = cluster.urls();
+    let broker = RedisBroker::connect_cluster(
+        &seeds,
+        ferry_broker::DEFAULT_VSHARDS,
+        ferry_broker::EngineConfig::default(),
+        ferry_broker::RedisOptions::default(),
+    )
+    .await?;
+    let q = QueueName::parse("clustered")?;
+    let dir = tempfile::tempdir()?;
+    let regions = dir.path().join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[regions]]\nname = \"c\"\nredis-cluster = [\"{}\"]\nqueues = [\"clustered\"]\n\
+             [regions.policy]\nmin-workers = 0\nmax-workers = 1\nscale-down-stabilization-seconds = 2\n\
+             [regions.actuator]\nkind = \"local\"\n",
+            seeds[1]
+        ),
+    )?;
+    let (mut scaler, port) = autoscaler(&regions).await?;
+    let http = reqwest::Client::new();
+    let workers = |http: reqwest::Client| async move {
+        metric(
+            &http,
+            port,
+            "ferry_autoscaler_current_workers",
+            r#"region="c""#,
+        )
+        .await
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while workers(http.clone()).await != Some(0.0) {
+        assert!(Instant::now() < deadline, "no decision exported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = broker
+        .enqueue(&q, NewJob::new(Kind::parse("ferry.echo")?, json!({"n": 1})))
+        .await?
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !broker
+        .job(id)
+        .await?
+        .is_some_and(|j| j.state == JobState::Completed)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the job never ran\n{}",
+            scaler.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workers(http.clone()).await != Some(0.0) {
+        assert!(Instant::now() < deadline, "never went back to zero");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(scaler.stop(Duration::from_secs(30)).await?.code(), Some(0));
+    drop(cluster);
+    Ok(())
+}
