@@ -65,10 +65,27 @@ impl RedisServer {
         Self::start_impl(args, false, true)
     }
 
+    /// A cluster node that speaks only TLS, to clients, to its replicas and on the cluster bus
+    /// (`--tls-cluster yes --tls-replication yes`), with `certs`' server certificate, as
+    /// [`start_tls`](Self::start_tls).
+    pub fn start_tls_cluster_node(certs: &crate::TestCerts, args: &[&str]) -> anyhow::Result<Self> {
+        let mut all = vec!["--tls-cluster", "yes", "--tls-replication", "yes"];
+        all.extend_from_slice(args);
+        Self::start_tls_impl(certs, &all, true)
+    }
+
     /// A server that speaks only TLS on its port (`--port 0 --tls-port PORT`), with `certs`' server certificate
     /// and no client certificates required (`--tls-auth-clients no`); [`url`](Self::url) is `rediss://`. The
     /// harness (readiness, SHUTDOWN, [`cli`](Self::cli)) uses a unix socket in the server's directory instead.
     pub fn start_tls(certs: &crate::TestCerts, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_tls_impl(certs, args, false)
+    }
+
+    fn start_tls_impl(
+        certs: &crate::TestCerts,
+        args: &[&str],
+        cluster: bool,
+    ) -> anyhow::Result<Self> {
         let path = |p: &Path| -> anyhow::Result<String> {
             Ok(p.to_str()
                 .context("certificate path is not UTF-8")?
@@ -90,7 +107,7 @@ impl RedisServer {
             "no",
         ];
         all.extend_from_slice(args);
-        Self::start_impl(&all, true, false)
+        Self::start_impl(&all, true, cluster)
     }
 
     fn start_impl(args: &[&str], tls: bool, cluster: bool) -> anyhow::Result<Self> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::guard::run;
-use crate::redis::{RedisServer, redis_cli};
+use crate::redis::RedisServer;
 
 /// How long the cluster may take to agree on its configuration after a change (create, failover, reshard).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,6 +33,8 @@ pub struct ClusterNode {
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// The CA file `redis-cli --cluster` verifies TLS nodes with; `None` for plain TCP.
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 impl RedisCluster {
@@ -44,20 +46,46 @@ impl RedisCluster {
 
     /// [`start`](Self::start) with extra `redis-server` arguments for every node.
     pub fn start_with(masters: usize, replicas: usize, args: &[&str]) -> anyhow::Result<Self> {
+        Self::create(masters, replicas, None, || {
+            RedisServer::start_cluster_node(args)
+        })
+    }
+
+    /// A cluster whose nodes speak only TLS (clients, replication and the cluster bus), with `certs`' server
+    /// certificate ([`RedisServer::start_tls_cluster_node`]); [`urls`](Self::urls) are `rediss://`.
+    pub fn start_tls(
+        certs: &crate::TestCerts,
+        masters: usize,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
+        Self::create(
+            masters,
+            replicas,
+            Some(certs.ca_file().to_path_buf()),
+            || RedisServer::start_tls_cluster_node(certs, &[]),
+        )
+    }
+
+    fn create(
+        masters: usize,
+        replicas: usize,
+        tls_ca: Option<std::path::PathBuf>,
+        start: impl Fn() -> anyhow::Result<RedisServer>,
+    ) -> anyhow::Result<Self> {
         if masters < 3 {
             bail!("a Redis Cluster needs at least 3 masters, not {masters}");
         }
         let nodes = (0..masters * (1 + replicas))
-            .map(|_| RedisServer::start_cluster_node(args))
+            .map(|_| start())
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, tls_ca };
         let addrs: Vec<String> = cluster
             .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
         let replicas = replicas.to_string();
-        let mut create = std::process::Command::new("redis-cli");
+        let mut create = cluster.redis_cli();
         create.args(["--cluster", "create"]).args(&addrs).args([
             "--cluster-replicas",
             &replicas,
@@ -87,16 +115,25 @@ impl RedisCluster {
         self.nodes.iter().position(|n| n.port() == port)
     }
 
+    /// `redis-cli` with the TLS flags of a TLS cluster, for `--cluster` commands.
+    fn redis_cli(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("redis-cli");
+        if let Some(ca) = &self.tls_ca {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
+        cmd
+    }
+
     /// The cluster as the first running node sees it.
     pub fn topology(&mut self) -> anyhow::Result<Vec<ClusterNode>> {
-        let port = self.running_port()?;
-        parse_nodes(&redis_cli(port, &["CLUSTER", "NODES"])?)
+        let i = self.running()?;
+        parse_nodes(&self.nodes[i].cli(&["CLUSTER", "NODES"])?)
     }
 
     /// The port of the master serving `slot`, as the first running node sees it.
     pub fn master_of_slot(&mut self, slot: u16) -> anyhow::Result<u16> {
-        let port = self.running_port()?;
-        let shards = redis_cli(port, &["CLUSTER", "NODES"])?;
+        let i = self.running()?;
+        let shards = self.nodes[i].cli(&["CLUSTER", "NODES"])?;
         for line in shards.lines() {
             let f: Vec<&str> = line.split(' ').collect();
             if f.len() < 9 || !f[2].contains("master") {
@@ -118,8 +155,9 @@ impl RedisCluster {
 
     /// The hash slot of `key` (`CLUSTER KEYSLOT`, so the server's own CRC16 and hash-tag rules).
     pub fn slot_of(&mut self, key: &str) -> anyhow::Result<u16> {
-        let port = self.running_port()?;
-        redis_cli(port, &["CLUSTER", "KEYSLOT", key])?
+        let i = self.running()?;
+        self.nodes[i]
+            .cli(&["CLUSTER", "KEYSLOT", key])?
             .trim()
             .parse()
             .with_context(|| format!("CLUSTER KEYSLOT {key}"))
@@ -129,10 +167,11 @@ impl RedisCluster {
     /// reshard`, keys included (MIGRATE, so clients see ASK and MOVED meanwhile), then wait until the cluster
     /// agrees.
     pub fn reshard(&mut self, from: &str, to: &str, slots: usize) -> anyhow::Result<()> {
-        let port = self.running_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        let i = self.running()?;
+        let addr = format!("127.0.0.1:{}", self.nodes[i].port());
         let n = slots.to_string();
-        let out = run(std::process::Command::new("redis-cli")
+        let out = run(self
+            .redis_cli()
             .args(["--cluster", "reshard", &addr])
             .args(["--cluster-from", from, "--cluster-to", to])
             .args(["--cluster-slots", &n, "--cluster-yes"])
@@ -164,7 +203,7 @@ impl RedisCluster {
     fn settled(&self) -> anyhow::Result<()> {
         let mut views = Vec::new();
         for n in &self.nodes {
-            let info = match redis_cli(n.port(), &["CLUSTER", "INFO"]) {
+            let info = match n.cli(&["CLUSTER", "INFO"]) {
                 Ok(i) if !i.is_empty() => i,
                 // Killed or paused: it has no say.
                 _ => continue,
@@ -173,16 +212,15 @@ impl RedisCluster {
             {
                 bail!("node {} reports:\n{info}", n.port());
             }
-            let repl = redis_cli(n.port(), &["INFO", "replication"])?;
+            let repl = n.cli(&["INFO", "replication"])?;
             if repl.contains("role:slave") && !repl.contains("master_link_status:up") {
                 bail!("replica {} is not in sync:\n{repl}", n.port());
             }
-            let mut masters: Vec<(u16, usize)> =
-                parse_nodes(&redis_cli(n.port(), &["CLUSTER", "NODES"])?)?
-                    .into_iter()
-                    .filter(|m| m.master && !m.failing && m.slots > 0)
-                    .map(|m| (m.port, m.slots))
-                    .collect();
+            let mut masters: Vec<(u16, usize)> = parse_nodes(&n.cli(&["CLUSTER", "NODES"])?)?
+                .into_iter()
+                .filter(|m| m.master && !m.failing && m.slots > 0)
+                .map(|m| (m.port, m.slots))
+                .collect();
             masters.sort_unstable();
             views.push(masters);
         }
@@ -195,10 +233,11 @@ impl RedisCluster {
         Ok(())
     }
 
-    fn running_port(&mut self) -> anyhow::Result<u16> {
+    /// The index of the first running node.
+    fn running(&mut self) -> anyhow::Result<usize> {
         self.nodes
             .iter_mut()
-            .find_map(|n| n.is_running().then(|| n.port()))
+            .position(|n| n.is_running())
             .context("no node of the cluster is running")
     }
 }

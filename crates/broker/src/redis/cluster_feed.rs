@@ -53,6 +53,8 @@ pub(super) struct Seeds {
     pub name: String,
     pub urls: Vec<String>,
     pub connection_timeout: Duration,
+    /// The CA to verify `rediss://` nodes against instead of the system roots.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// Run the feed's task: `subs[i]` and `cmds[i]` are shard `i`'s, `tags[i]` its tag; every session makes a
@@ -68,6 +70,7 @@ pub(super) async fn run<S: Subscriptions>(
         name,
         urls,
         connection_timeout,
+        ca,
     } = seeds;
     let by_tag: HashMap<String, usize> = tags
         .iter()
@@ -92,6 +95,7 @@ pub(super) async fn run<S: Subscriptions>(
         match session
             .run(
                 &urls,
+                ca.as_deref(),
                 connection_timeout,
                 &mut wanted,
                 &mut cmds,
@@ -138,6 +142,7 @@ impl<S: Subscriptions> Session<'_, S> {
     async fn run<C>(
         &self,
         seeds: &[String],
+        ca: Option<&[u8]>,
         connection_timeout: Duration,
         wanted: &mut [HashSet<S::Key>],
         cmds: &mut C,
@@ -148,13 +153,18 @@ impl<S: Subscriptions> Session<'_, S> {
     {
         let (subs, name) = (self.subs, self.name);
         let (push_tx, mut pushes) = mpsc::unbounded_channel::<PushInfo>();
-        let client = match ClusterClientBuilder::new(seeds.to_vec())
+        let mut builder = ClusterClientBuilder::new(seeds.to_vec())
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(push_tx)
             .connection_timeout(connection_timeout)
-            .response_timeout(COMMAND_TIMEOUT)
-            .build()
-        {
+            .response_timeout(COMMAND_TIMEOUT);
+        if let Some(ca) = ca {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            });
+        }
+        let client = match builder.build() {
             Ok(c) => c,
             Err(e) => return End::Lost(e.to_string()),
         };

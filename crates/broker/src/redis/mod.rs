@@ -343,18 +343,11 @@ impl RedisBroker {
                 ValidationError::field("redis", "at least one Redis URL is required").into(),
             );
         }
-        if let Some(vshards) = options.cluster_vshards {
-            if tls.ca_pem.is_some() {
-                return Err(ValidationError::field(
-                    "redis-cluster",
-                    "TLS to a Redis Cluster is not supported yet",
-                )
-                .into());
-            }
-            return Self::connect_cluster(urls, vshards, config, options).await;
-        }
         if let Some(ca) = &tls.ca_pem {
             check_ca_pem(ca)?;
+        }
+        if let Some(vshards) = options.cluster_vshards {
+            return Self::connect_cluster_with_tls(urls, vshards, config, options, tls).await;
         }
         let scripts = Arc::new(Scripts::new());
         let mut shards = Vec::with_capacity(urls.len());
@@ -451,6 +444,18 @@ impl RedisBroker {
         config: EngineConfig,
         options: RedisOptions,
     ) -> Result<Self, BrokerError> {
+        Self::connect_cluster_with_tls(seeds, vshards, config, options, RedisTls::default()).await
+    }
+
+    /// [`connect_cluster`](Self::connect_cluster) with the TLS settings of `rediss://` seeds (every node is then
+    /// reached over TLS, verified against `tls.ca_pem` or the system roots).
+    pub async fn connect_cluster_with_tls(
+        seeds: &[String],
+        vshards: usize,
+        config: EngineConfig,
+        options: RedisOptions,
+        tls: RedisTls,
+    ) -> Result<Self, BrokerError> {
         if seeds.is_empty() {
             return Err(ValidationError::field(
                 "redis-cluster",
@@ -458,16 +463,15 @@ impl RedisBroker {
             )
             .into());
         }
-        if let Some(tls) = seeds.iter().find(|u| u.starts_with("rediss://")) {
+        let tls_seeds = seeds.iter().filter(|u| u.starts_with("rediss://")).count();
+        if tls_seeds != 0 && tls_seeds != seeds.len() {
             return Err(ValidationError::field(
                 "redis-cluster",
-                format!(
-                    "TLS to a Redis Cluster is not supported yet: {}",
-                    redact_url(tls)
-                ),
+                "either every node URL is rediss:// (TLS) or none is",
             )
             .into());
         }
+        let ca = tls.ca_pem.clone().filter(|_| tls_seeds > 0);
         if !(1..=usize::from(slots::SLOTS)).contains(&vshards) {
             return Err(ValidationError::field(
                 "redis-cluster-vshards",
@@ -485,9 +489,16 @@ impl RedisBroker {
                 .join(",")
         );
         let builder = || {
-            ClusterClientBuilder::new(seeds.to_vec())
+            let b = ClusterClientBuilder::new(seeds.to_vec())
                 .connection_timeout(options.connection_timeout)
-                .retries(3)
+                .retries(3);
+            match &ca {
+                Some(ca) => b.certs(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                }),
+                None => b,
+            }
         };
         let invalid = |e: redis::RedisError| {
             BrokerError::from(ValidationError::field(
@@ -561,6 +572,7 @@ impl RedisBroker {
             name,
             urls: seeds.to_vec(),
             connection_timeout: options.connection_timeout,
+            ca,
         };
         Ok(Self {
             shards,

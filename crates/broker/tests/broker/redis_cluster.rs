@@ -283,3 +283,78 @@ async fn channels_on_every_shard_reach_their_subscriber() {
         got.insert(m.channel);
     }
 }
+
+/// A Redis Cluster that speaks only TLS (clients, replication, cluster bus), reached through `rediss://` seeds and
+/// a private CA: jobs run, and channel messages reach their subscriber through sharded pub/sub over TLS. A
+/// client that does not trust the CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_runs_jobs_and_channels() {
+    use ferry_broker::{Completion, Jobs, Leasing, PubSub, RedisTls};
+    use ferry_core::{Kind, NewJob, QueueName};
+    use futures::StreamExt;
+
+    let certs = ferry_testkit::TestCerts::generate().unwrap();
+    let cluster = RedisCluster::start_tls(&certs, 3, 0).expect("a TLS Redis Cluster starts");
+    let seeds = cluster.urls();
+    assert!(
+        seeds.iter().all(|u| u.starts_with("rediss://")),
+        "{seeds:?}"
+    );
+    let tls = RedisTls {
+        ca_pem: Some(certs.ca_pem().unwrap()),
+    };
+    let b = RedisBroker::connect_cluster_with_tls(
+        &seeds,
+        DEFAULT_VSHARDS,
+        contract::cfg(),
+        RedisOptions::default(),
+        tls,
+    )
+    .await
+    .expect("connects over TLS");
+    let q = QueueName::parse("secure").unwrap();
+    let id = b
+        .enqueue(
+            &q,
+            NewJob::new(Kind::parse("k").unwrap(), serde_json::json!(1)),
+        )
+        .await
+        .unwrap()
+        .id;
+    let leased = b
+        .claim(&q, "w", 1, std::time::Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(leased[0].job.id, id);
+    let done = b
+        .complete(vec![Completion {
+            lease: leased[0].lease.clone(),
+            result: serde_json::json!(null),
+        }])
+        .await
+        .unwrap();
+    assert!(done[0].is_ok());
+
+    let mut feed = b.channels().await.unwrap();
+    feed.control().subscribe("room").await.unwrap();
+    b.publish("room", "\"hi\"".into()).await.unwrap();
+    let m = tokio::time::timeout(std::time::Duration::from_secs(10), feed.next())
+        .await
+        .expect("the message arrives")
+        .unwrap();
+    assert_eq!(m.payload, "\"hi\"");
+
+    // Without the private CA, the system roots do not vouch for the nodes.
+    let untrusted = RedisBroker::connect_cluster(
+        &seeds,
+        DEFAULT_VSHARDS,
+        contract::cfg(),
+        RedisOptions::default(),
+    )
+    .await;
+    assert!(
+        untrusted.is_err(),
+        "a node the client cannot verify is refused"
+    );
+    drop(cluster);
+}
