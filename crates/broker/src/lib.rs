@@ -7,7 +7,8 @@
 //!
 //! * [`memory`]: everything in-process, for `ferry dev`, single nodes and fast tests.
 //! * [`redis`]: Redis 7 Streams with consumer groups, Lua scripts for every multi-key transition, queues spread
-//!   over N standalone Redis shards by rendezvous hashing ([`shard`]).
+//!   by rendezvous hashing ([`shard`]) over N standalone Redis shards, or over the virtual shards of one Redis
+//!   Cluster.
 //!
 //! The behaviour both engines must show is one contract suite (`tests/broker/contract/`) that runs unchanged against
 //! each engine.

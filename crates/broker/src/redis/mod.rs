@@ -16,9 +16,9 @@
 //! Job events ([`EventFeed::subscribe`]): see [`events`]. Application channels ([`PubSub::publish`],
 //! [`PubSub::channels`]): see [`pubsub`].
 //!
-//! Keys: see [`keys`]; record forms: `lua/prelude.lua`. Queues are placed on shards by [`ShardRing`]. Only
-//! standalone Redis shards are supported: per-shard keys (`ferry:events`) are touched by the same scripts as a
-//! queue's keys, which Redis Cluster would refuse.
+//! Keys: see [`keys`]; record forms: `lua/prelude.lua`. Queues are placed on shards by [`ShardRing`]: standalone
+//! Redis shards, or the virtual shards of a Redis Cluster ([`RedisBroker::connect_cluster`]), whose tags keep
+//! every key a script touches in one slot (see `keys.rs` and `slots.rs`; pub/sub: `cluster_feed.rs`).
 
 mod abandon;
 mod cluster_feed;
