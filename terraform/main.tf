@@ -76,6 +76,9 @@ module "eu_west_1" {
   node_max_size                     = var.regions["eu-west-1"].node_max_size
   redis_node_type                   = var.regions["eu-west-1"].redis_node_type
   redis_num_cache_clusters          = var.regions["eu-west-1"].redis_num_cache_clusters
+  redis_cluster_mode                = var.regions["eu-west-1"].redis_cluster_mode
+  redis_num_node_groups             = var.regions["eu-west-1"].redis_num_node_groups
+  redis_replicas_per_node_group     = var.regions["eu-west-1"].redis_replicas_per_node_group
   postgres_instance_class           = var.regions["eu-west-1"].postgres_instance_class
   postgres_allocated_storage_gb     = var.regions["eu-west-1"].postgres_allocated_storage_gb
   postgres_max_allocated_storage_gb = var.regions["eu-west-1"].postgres_max_allocated_storage_gb
@@ -132,6 +135,9 @@ module "us_east_1" {
   node_max_size                     = var.regions["us-east-1"].node_max_size
   redis_node_type                   = var.regions["us-east-1"].redis_node_type
   redis_num_cache_clusters          = var.regions["us-east-1"].redis_num_cache_clusters
+  redis_cluster_mode                = var.regions["us-east-1"].redis_cluster_mode
+  redis_num_node_groups             = var.regions["us-east-1"].redis_num_node_groups
+  redis_replicas_per_node_group     = var.regions["us-east-1"].redis_replicas_per_node_group
   postgres_instance_class           = var.regions["us-east-1"].postgres_instance_class
   postgres_allocated_storage_gb     = var.regions["us-east-1"].postgres_allocated_storage_gb
   postgres_max_allocated_storage_gb = var.regions["us-east-1"].postgres_max_allocated_storage_gb

@@ -1,6 +1,8 @@
-# ElastiCache for Redis: one replication group (cluster mode disabled: ferry shards over several Redis URLs
-# itself), a primary and replicas spread over the zones with automatic failover, TLS in transit, encryption at
-# rest with the region's KMS key, and an AUTH token generated in secrets.tf.
+# ElastiCache for Redis: one replication group, a primary and replicas spread over the zones with automatic
+# failover, TLS in transit, encryption at rest with the region's KMS key, and an AUTH token generated in
+# secrets.tf. Cluster mode is off by default (one shard, `--redis`); with `redis_cluster_mode` the group is a
+# Redis Cluster of `redis_num_node_groups` shards, which ferry spreads its queues over in virtual shards
+# (`--redis-cluster`, docs/sharding.md).
 
 resource "aws_security_group" "redis" {
   name_prefix = "${local.prefix}-redis-"
@@ -31,7 +33,8 @@ resource "aws_elasticache_subnet_group" "this" {
 }
 
 resource "aws_elasticache_parameter_group" "this" {
-  name        = "${local.prefix}-redis7"
+  # A group's cluster-enabled setting cannot change: cluster mode gets a group of its own.
+  name        = var.redis_cluster_mode ? "${local.prefix}-redis7-cluster" : "${local.prefix}-redis7"
   family      = "redis7"
   description = "ferry ${var.region}: Redis 7 settings"
 
@@ -48,6 +51,18 @@ resource "aws_elasticache_parameter_group" "this" {
     value = "noeviction"
   }
 
+  dynamic "parameter" {
+    for_each = var.redis_cluster_mode ? ["yes"] : []
+    content {
+      name  = "cluster-enabled"
+      value = parameter.value
+    }
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+
   tags = local.tags
 }
 
@@ -62,9 +77,11 @@ resource "aws_elasticache_replication_group" "this" {
   subnet_group_name    = aws_elasticache_subnet_group.this.name
   security_group_ids   = [aws_security_group.redis.id]
 
-  # Cluster mode disabled: one shard, a primary and replicas.
-  num_cache_clusters          = var.redis_num_cache_clusters
-  preferred_cache_cluster_azs = [for i in range(var.redis_num_cache_clusters) : local.azs[i % length(local.azs)]]
+  # Cluster mode disabled: one shard, a primary and replicas. Enabled: node groups of a primary and replicas.
+  num_cache_clusters          = var.redis_cluster_mode ? null : var.redis_num_cache_clusters
+  preferred_cache_cluster_azs = var.redis_cluster_mode ? null : [for i in range(var.redis_num_cache_clusters) : local.azs[i % length(local.azs)]]
+  num_node_groups             = var.redis_cluster_mode ? var.redis_num_node_groups : null
+  replicas_per_node_group     = var.redis_cluster_mode ? var.redis_replicas_per_node_group : null
   automatic_failover_enabled  = true
   multi_az_enabled            = true
 

@@ -171,6 +171,34 @@ variable "redis_num_cache_clusters" {
   }
 }
 
+variable "redis_cluster_mode" {
+  description = "Run the region's Redis as a Redis Cluster (ElastiCache cluster mode enabled): `redis_num_node_groups` shards of one primary and `redis_replicas_per_node_group` replicas each, reached by ferry with --redis-cluster. False: one shard of `redis_num_cache_clusters` nodes, reached with --redis."
+  type        = bool
+  default     = false
+}
+
+variable "redis_num_node_groups" {
+  description = "With `redis_cluster_mode`: the number of shards (node groups, each a primary and its replicas) the slots are spread over."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.redis_num_node_groups >= 1 && var.redis_num_node_groups <= 500
+    error_message = "redis_num_node_groups must be from 1 to 500."
+  }
+}
+
+variable "redis_replicas_per_node_group" {
+  description = "With `redis_cluster_mode`: replicas of each shard's primary, spread over the availability zones; at least 1 for automatic failover."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.redis_replicas_per_node_group >= 1 && var.redis_replicas_per_node_group <= 5
+    error_message = "redis_replicas_per_node_group must be from 1 to 5."
+  }
+}
+
 variable "redis_snapshot_retention_days" {
   description = "Days ElastiCache keeps automatic Redis snapshots."
   type        = number

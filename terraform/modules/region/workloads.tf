@@ -8,10 +8,13 @@ locals {
   overlay_path = "${local.k8s_root}/overlays/${var.kustomize_overlay}"
 
   # redis-urls: the engine's comma-separated shard list (FERRY_REDIS_URLS). One replication group is one shard;
-  # rediss:// is Redis over TLS with the AUTH token as password.
+  # rediss:// is Redis over TLS with the AUTH token as password. In cluster mode the secret holds redis-cluster
+  # instead (FERRY_REDIS_CLUSTER): the configuration endpoint, from which ferry finds every node.
+  redis_host = var.redis_cluster_mode ? aws_elasticache_replication_group.this.configuration_endpoint_address : aws_elasticache_replication_group.this.primary_endpoint_address
   redis_urls = join(",", [
-    "rediss://:${random_password.redis_auth.result}@${aws_elasticache_replication_group.this.primary_endpoint_address}:${aws_elasticache_replication_group.this.port}",
+    "rediss://:${random_password.redis_auth.result}@${local.redis_host}:${aws_elasticache_replication_group.this.port}",
   ])
+  redis_key = var.redis_cluster_mode ? "redis-cluster" : "redis-urls"
 
   database_url = format(
     "postgres://%s:%s@%s:%d/%s?sslmode=require",
@@ -58,9 +61,9 @@ resource "kubernetes_secret" "ferry" {
   type = "Opaque"
 
   data = {
-    "jwt-secret"   = var.jwt_secret
-    "database-url" = local.database_url
-    "redis-urls"   = local.redis_urls
+    "jwt-secret"      = var.jwt_secret
+    "database-url"    = local.database_url
+    (local.redis_key) = local.redis_urls
   }
 }
 

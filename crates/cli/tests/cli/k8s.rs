@@ -201,25 +201,50 @@ fn mounted_file(docs: &[Value], pod: &Value, container: &Value, path: &str) -> S
 
 // ---- the real binary -------------------------------------------------------------------------------------------
 
-/// Stand-ins for the keys of the referenced Secrets.
-fn secret_value(name: &str, key: &str) -> String {
-    match (name, key) {
-        (_, "jwt-secret") => "test-jwt-secret-0123456789abcdef0123456789".into(),
-        (_, "database-url") => "postgres://ferry:test@postgres:5432/ferry".into(),
-        (_, "redis-urls") => "redis://redis-0:6379,redis://redis-1:6379".into(),
-        other => panic!("secretKeyRef {other:?} has no test value"),
-    }
+/// Which Redis key the Secrets hold: `redis-urls` (standalone shards) or `redis-cluster` (a Redis Cluster).
+/// The manifests read both, each `optional`, so a pod gets exactly the one the Secret has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RedisSecret {
+    Standalone,
+    Cluster,
 }
 
-/// The container's environment as the pod would see it (secrets replaced by test values).
-fn container_env(docs: &[Value], c: &Value) -> BTreeMap<String, String> {
+/// Stand-ins for the keys of the referenced Secrets; `None` for an optional key the Secret does not hold.
+fn secret_value(name: &str, key: &str, redis: RedisSecret) -> Option<String> {
+    Some(match (name, key) {
+        (_, "jwt-secret") => "test-jwt-secret-0123456789abcdef0123456789".into(),
+        (_, "database-url") => "postgres://ferry:test@postgres:5432/ferry".into(),
+        (_, "redis-urls") if redis == RedisSecret::Standalone => {
+            "redis://redis-0:6379,redis://redis-1:6379".into()
+        }
+        (_, "redis-cluster") if redis == RedisSecret::Cluster => {
+            "redis://redis-cluster-0:6379,redis://redis-cluster-1:6379".into()
+        }
+        (_, "redis-urls" | "redis-cluster") => return None,
+        other => panic!("secretKeyRef {other:?} has no test value"),
+    })
+}
+
+/// The container's environment as the pod would see it (secrets replaced by test values, Redis as `redis`).
+fn container_env(docs: &[Value], c: &Value, redis: RedisSecret) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for e in seq(&c["env"]) {
         let name = scalar(&e["name"]);
         let value = if let Some(v) = e.get("value") {
             scalar(v)
         } else if let Some(r) = e["valueFrom"].get("secretKeyRef") {
-            secret_value(r["name"].as_str().unwrap(), r["key"].as_str().unwrap())
+            let key = r["key"].as_str().unwrap();
+            match secret_value(r["name"].as_str().unwrap(), key, redis) {
+                Some(v) => v,
+                None => {
+                    assert_eq!(
+                        r["optional"].as_bool(),
+                        Some(true),
+                        "env {name}: {key} is absent from one kind of Secret, so it must be optional"
+                    );
+                    continue;
+                }
+            }
         } else if let Some(r) = e["valueFrom"].get("configMapKeyRef") {
             scalar(
                 &get(docs, "ConfigMap", r["name"].as_str().unwrap())["data"]
@@ -485,8 +510,23 @@ fn ferry_containers_are_accepted_by_the_binary_and_drain_in_time() {
                 let at = format!("{overlay}: {}", kind_name(workload).1);
                 let pod = &workload["spec"]["template"]["spec"];
                 let args = strings(&c["args"]);
-                let env = container_env(&docs, c);
-                for secret in ["FERRY_JWT_SECRET", "FERRY_DATABASE_URL", "FERRY_REDIS_URLS"] {
+                // With a Secret for a Redis Cluster too: the role reads FERRY_REDIS_CLUSTER instead.
+                if role != "migrate" {
+                    let env = container_env(&docs, c, RedisSecret::Cluster);
+                    assert!(env.contains_key("FERRY_REDIS_CLUSTER"), "{at}");
+                    assert!(!env.contains_key("FERRY_REDIS_URLS"), "{at}");
+                    let file = env
+                        .get("FERRY_CONFIG")
+                        .map(|p| mounted_file(&docs, pod, c, p));
+                    check_config(role, &args[1..], &env, file.as_deref());
+                }
+                let env = container_env(&docs, c, RedisSecret::Standalone);
+                for secret in [
+                    "FERRY_JWT_SECRET",
+                    "FERRY_DATABASE_URL",
+                    "FERRY_REDIS_URLS",
+                    "FERRY_REDIS_CLUSTER",
+                ] {
                     if env.contains_key(secret) {
                         let e = seq(&c["env"])
                             .into_iter()
@@ -657,7 +697,12 @@ fn scaling_mode_is_consistent_in_every_overlay() {
         }
         let pod = &dep["spec"]["template"]["spec"];
         let file = mounted_file(&docs, pod, c, &flag("--regions"));
-        check_autoscaler(&overlay, &args, &container_env(&docs, c), &file);
+        check_autoscaler(
+            &overlay,
+            &args,
+            &container_env(&docs, c, RedisSecret::Standalone),
+            &file,
+        );
         let rs = regions(&file);
         assert_eq!(
             rs.len(),
@@ -953,7 +998,9 @@ fn secrets_are_only_referenced_and_ingress_is_denied_by_default() {
             ("ferry-secrets", "jwt-secret"),
             ("ferry-secrets", "database-url"),
             ("ferry-secrets", "redis-urls"),
+            ("ferry-secrets", "redis-cluster"),
             ("ferry-spill-redis", "redis-urls"),
+            ("ferry-spill-redis", "redis-cluster"),
         ]
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .into();
