@@ -295,6 +295,8 @@ fn region(name: &str, actuator: KubernetesActuator) -> Region {
     Region {
         name: name.into(),
         redis: vec!["redis://127.0.0.1:6379".into()],
+        redis_cluster: Vec::new(),
+        redis_cluster_vshards: None,
         queues: vec!["default".into()],
         policy: Default::default(),
         actuator: ActuatorConfig::Kubernetes(actuator),
