@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::conn::Link;
-use super::subscriber::{COMMAND_TIMEOUT, Command, Subscriptions};
+use super::subscriber::{COMMAND_TIMEOUT, Command, FEED_CAPACITY, Subscriptions};
 use crate::BrokerError;
 
 /// How often the connection is checked with a PING.
@@ -57,9 +57,27 @@ pub(super) struct Seeds {
     pub ca: Option<Vec<u8>>,
 }
 
+/// A started feed: the command sender of each shard, in ring order, and the receiver of what the feed delivers.
+pub(super) type Started<S> = (
+    Vec<mpsc::UnboundedSender<Command<<S as Subscriptions>::Key>>>,
+    mpsc::Receiver<<S as Subscriptions>::Out>,
+);
+
+/// Start a feed's task over shards `subs` (tags `tags`, in ring order).
+pub(super) fn start<S: Subscriptions>(subs: Vec<S>, tags: &[String], seeds: Seeds) -> Started<S>
+where
+    S::Key: Sync,
+{
+    let (out, rx) = mpsc::channel(FEED_CAPACITY);
+    let (commands, receivers): (Vec<_>, Vec<_>) =
+        subs.iter().map(|_| mpsc::unbounded_channel()).unzip();
+    tokio::spawn(run(subs, tags.to_vec(), seeds, receivers, out));
+    (commands, rx)
+}
+
 /// Run the feed's task: `subs[i]` and `cmds[i]` are shard `i`'s, `tags[i]` its tag; every session makes a
 /// cluster connection of its own from `seeds` (RESP3, with a push channel).
-pub(super) async fn run<S: Subscriptions>(
+async fn run<S: Subscriptions>(
     subs: Vec<S>,
     tags: Vec<String>,
     seeds: Seeds,

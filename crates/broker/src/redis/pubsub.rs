@@ -132,23 +132,13 @@ pub(super) fn cluster_feed(
     seeds: super::cluster_feed::Seeds,
     ring: ShardRing,
 ) -> ChannelFeed {
-    let (out, rx) = mpsc::channel(FEED_CAPACITY);
-    let (mut commands, mut receivers, mut subs) = (Vec::new(), Vec::new(), Vec::new());
-    for tag in tags {
-        let (tx, cmds) = mpsc::unbounded_channel();
-        commands.push(tx);
-        receivers.push(cmds);
-        subs.push(AppChannels {
+    let subs = tags
+        .iter()
+        .map(|tag| AppChannels {
             layout: Layout::tagged(tag),
-        });
-    }
-    tokio::spawn(super::cluster_feed::run(
-        subs,
-        tags.to_vec(),
-        seeds,
-        receivers,
-        out,
-    ));
+        })
+        .collect();
+    let (commands, rx) = super::cluster_feed::start(subs, tags, seeds);
     let control = ChannelControl::new(std::sync::Arc::new(RedisFeed {
         ring,
         shards: commands,

@@ -143,25 +143,16 @@ pub(super) fn cluster_feed(
     ring: ShardRing,
     epochs: std::sync::Arc<Epochs>,
 ) -> JobFeed {
-    let (out, rx) = mpsc::channel(FEED_CAPACITY);
-    let (mut commands, mut receivers, mut subs) = (Vec::new(), Vec::new(), Vec::new());
-    for (shard, tag) in tags.iter().enumerate() {
-        let (tx, cmds) = mpsc::unbounded_channel();
-        commands.push(tx);
-        receivers.push(cmds);
-        subs.push(TopicSubscriptions {
+    let subs = tags
+        .iter()
+        .enumerate()
+        .map(|(shard, tag)| TopicSubscriptions {
             shard,
             layout: Layout::tagged(tag),
             epochs: epochs.clone(),
-        });
-    }
-    tokio::spawn(super::cluster_feed::run(
-        subs,
-        tags.to_vec(),
-        seeds,
-        receivers,
-        out,
-    ));
+        })
+        .collect();
+    let (commands, rx) = super::cluster_feed::start(subs, tags, seeds);
     let control = JobFeedControl::new(std::sync::Arc::new(RedisTopics {
         ring,
         shards: commands,
