@@ -27,13 +27,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::conn::Link;
-use super::subscriber::{COMMAND_TIMEOUT, Command, FEED_CAPACITY, Subscriptions};
+use super::subscriber::{
+    COMMAND_TIMEOUT, Command, FEED_CAPACITY, MAX_BACKOFF, Subscriptions, wait_to_reconnect,
+};
 use crate::BrokerError;
 
 /// How often the connection is checked with a PING.
 const PING_EVERY: Duration = Duration::from_secs(10);
-
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Why a session ended.
 enum End {
@@ -127,23 +127,8 @@ async fn run<S: Subscriptions>(
                 reconnecting = true;
             }
         }
-        let wake = tokio::time::sleep(backoff);
-        tokio::pin!(wake);
-        loop {
-            tokio::select! {
-                _ = &mut wake => break,
-                _ = out.closed() => return,
-                cmd = cmds.next() => match cmd {
-                    None => return,
-                    Some((i, Command::Add(k, ack))) => {
-                        wanted[i].insert(k);
-                        let _ = ack.send(Err(BrokerError::Unavailable(format!("{name}: reconnecting"))));
-                    }
-                    Some((i, Command::Remove(k))) => {
-                        wanted[i].remove(&k);
-                    }
-                },
-            }
+        if !wait_to_reconnect(backoff, &name, &out, &mut cmds, &mut wanted).await {
+            return;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }

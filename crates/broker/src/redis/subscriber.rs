@@ -35,7 +35,7 @@ pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an idle pub/sub connection is checked with a PING.
 const PING_EVERY: Duration = Duration::from_secs(10);
 
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A request to a shard task.
 pub(super) enum Command<K> {
@@ -98,25 +98,47 @@ pub(super) async fn run_shard<S: Subscriptions>(
                 reconnecting = true;
             }
         }
-        let wake = tokio::time::sleep(backoff);
-        tokio::pin!(wake);
-        loop {
-            tokio::select! {
-                _ = &mut wake => break,
-                _ = out.closed() => return,
-                cmd = cmds.recv() => match cmd {
-                    None => return,
-                    Some(Command::Add(k, ack)) => {
-                        wanted.insert(k);
-                        let _ = ack.send(Err(BrokerError::Unavailable(format!("{name}: reconnecting"))));
-                    }
-                    Some(Command::Remove(k)) => {
-                        wanted.remove(&k);
-                    }
-                },
-            }
+        let mut pending =
+            futures::stream::poll_fn(|cx| cmds.poll_recv(cx).map(|c| c.map(|c| (0, c))));
+        let wanted_sets = std::slice::from_mut(&mut wanted);
+        if !wait_to_reconnect(backoff, &name, &out, &mut pending, wanted_sets).await {
+            return;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Wait `backoff` before the next connection attempt of a feed's task, answering its commands meanwhile (`cmds`
+/// yields each with the index of the wanted set it is for): an add is remembered, to be subscribed on
+/// reconnect, and refused as unavailable; a removal is forgotten. False when the feed was dropped.
+pub(super) async fn wait_to_reconnect<K, O, C>(
+    backoff: Duration,
+    name: &str,
+    out: &mpsc::Sender<O>,
+    cmds: &mut C,
+    wanted: &mut [HashSet<K>],
+) -> bool
+where
+    K: Eq + Hash,
+    C: futures::Stream<Item = (usize, Command<K>)> + Unpin,
+{
+    let wake = tokio::time::sleep(backoff);
+    tokio::pin!(wake);
+    loop {
+        tokio::select! {
+            _ = &mut wake => return true,
+            _ = out.closed() => return false,
+            cmd = cmds.next() => match cmd {
+                None => return false,
+                Some((i, Command::Add(k, ack))) => {
+                    wanted[i].insert(k);
+                    let _ = ack.send(Err(BrokerError::Unavailable(format!("{name}: reconnecting"))));
+                }
+                Some((i, Command::Remove(k))) => {
+                    wanted[i].remove(&k);
+                }
+            },
+        }
     }
 }
 
