@@ -294,7 +294,8 @@ pub async fn run(p: &Params) -> anyhow::Result<Value> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let redis = BenchRedis::start().await?;
-    let mut gateway = gw::start_gateway(&p.ferry_bin, &redis.url(), logdir.path(), &http).await?;
+    let mut gateway =
+        gw::start_gateway(&p.ferry_bin, &redis.ferry_args(), logdir.path(), &http).await?;
     let mut worker = gw::start_worker(
         &p.ferry_bin,
         &redis.url(),

@@ -1,5 +1,6 @@
 //! ferry's side of the `jobs` scenario: enqueue, processing by one `ferry worker` process, latency at fixed
-//! offered rates — on a redis-server of its own with persistence off.
+//! offered rates — on a redis-server of its own with persistence off, or on a Redis Cluster of its own, with the
+//! jobs spread over one queue or several.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,17 +10,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ferry_broker::{Broker, EngineConfig, RedisBroker};
+use ferry_broker::{Broker, EngineConfig};
 use ferry_core::{EventType, JobId, Kind, NewJob, QueueName};
 use futures::StreamExt;
-use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 
 use crate::procs;
-use crate::redis_cpu::{self, Meter, PhaseCost, round};
-use crate::server::BenchRedis;
+use crate::redis_cpu::{self, Admin, Meter, PhaseCost, round};
+use crate::server::{BenchRedis, Node, Topology};
 use crate::stats::Latency;
 
 /// Parameters of one ferry run.
@@ -33,6 +33,10 @@ pub struct Params {
     pub enqueue_chunk: usize,
     pub enqueue_tasks: usize,
     pub queue: String,
+    /// Queues the jobs are spread over (round robin by enqueue call): `queue` itself when 1, else `queue-0`…
+    pub queues: usize,
+    /// A standalone Redis or a Redis Cluster.
+    pub topology: Topology,
     pub ferry_bin: PathBuf,
     /// Extra `ferry worker` arguments (tuning experiments).
     pub worker_args: Vec<String>,
@@ -65,6 +69,9 @@ pub struct RecorderResult {
 #[derive(Debug, Serialize)]
 pub struct EnqueueResult {
     pub jobs: u64,
+    /// Jobs enqueued on each queue (the processing phase works them all).
+    #[serde(skip)]
+    pub per_queue: Vec<u64>,
     pub chunk: usize,
     pub tasks: usize,
     pub jobs_per_sec: f64,
@@ -133,9 +140,22 @@ pub struct GatewaysResult {
     pub partitions: f64,
 }
 
+/// Where the run's queues lived.
+#[derive(Debug, Serialize)]
+pub struct ServerPlacement {
+    #[serde(flatten)]
+    pub node: Node,
+    /// Queues whose keys are on this server.
+    pub queues: usize,
+}
+
 #[derive(Debug, Serialize)]
 pub struct RunResult {
     pub system: &'static str,
+    pub redis: Topology,
+    pub queues: usize,
+    /// The servers holding data (one, or each master of the cluster) and the queues on each.
+    pub servers: Vec<ServerPlacement>,
     pub batch_size: u32,
     /// With `--gateways`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,10 +193,34 @@ pub async fn check_worker_bin(bin: &Path) -> anyhow::Result<()> {
 
 /// The whole scenario for one worker batch size, on a fresh redis-server.
 pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
-    let redis = BenchRedis::start().await?;
-    let broker = connect_broker(&redis.url()).await?;
-    let mut admin = redis_cpu::connect(&redis.url()).await?;
-    let queue = QueueName::parse(p.queue.as_str())?;
+    let redis = BenchRedis::start_topology(p.topology).await?;
+    // ferry's Redis engine with its default configuration (events and fencing on, as in production).
+    let broker: Arc<dyn Broker> = Arc::new(redis.broker(EngineConfig::default()).await?);
+    let mut admin = redis.admins().await?;
+    let names = queue_names(p);
+    let queues = names
+        .iter()
+        .map(|q| QueueName::parse(q.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let placement = Placement {
+        server_of: redis.placement(&names).await?,
+        servers: redis.nodes().len(),
+    };
+    let servers = redis
+        .nodes()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| ServerPlacement {
+            node: n.clone(),
+            queues: placement.server_of.iter().filter(|&&s| s == i).count(),
+        })
+        .collect::<Vec<_>>();
+    eprintln!(
+        "[loadtest] ferry: {} queue(s) on {}: {:?} per server",
+        queues.len(),
+        p.topology.label(),
+        servers.iter().map(|s| s.queues).collect::<Vec<_>>()
+    );
     let logdir = tempfile::tempdir()?;
     let pg = if p.record {
         Some(BenchPostgres::start(&p.ferry_bin).await?)
@@ -192,7 +236,7 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         let dir = logdir.path().join(format!("gateway-{i}"));
         std::fs::create_dir_all(&dir)?;
         gateways.push(
-            crate::gw::start_gateway(&p.ferry_bin, &redis.url(), &dir, &http)
+            crate::gw::start_gateway(&p.ferry_bin, &redis.ferry_args(), &dir, &http)
                 .await
                 .with_context(|| format!("starting gateway {i}"))?,
         );
@@ -208,7 +252,7 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
     };
 
     eprintln!("[loadtest] ferry: enqueue {} jobs", p.jobs);
-    let enqueue = enqueue_phase(&broker, &queue, &mut admin, redis.pid(), p).await?;
+    let enqueue = enqueue_phase(&broker, &queues, &placement, &mut admin, p).await?;
     eprintln!(
         "[loadtest] ferry: enqueue {} jobs/s, Redis {} us/job",
         enqueue.jobs_per_sec, enqueue.redis.redis_cpu_usec_per_job
@@ -216,8 +260,16 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
 
     let log = logdir.path().join("worker.log");
     let gw_cpu0 = gateways_cpu()?;
-    let (mut processing, mut worker) =
-        processing_phase(&broker, &queue, &mut admin, &redis, p, pg.as_ref(), &log).await?;
+    let (mut processing, mut worker) = processing_phase(
+        &broker,
+        (&queues, &placement, &enqueue.per_queue),
+        &mut admin,
+        &redis,
+        p,
+        pg.as_ref(),
+        &log,
+    )
+    .await?;
     let gateways_result = if p.gateways > 0 {
         let cpu = gateways_cpu()?.saturating_sub(gw_cpu0);
         let mut partitions = 0.0;
@@ -259,13 +311,7 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
             p.latency_secs
         );
         let l = latency_phase(
-            &broker,
-            &queue,
-            &mut admin,
-            redis.pid(),
-            worker_pid,
-            rate,
-            p,
+            &broker, &queues, &placement, &mut admin, worker_pid, rate, p,
         )
         .await;
         let l = match l {
@@ -295,6 +341,9 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
     }
     Ok(RunResult {
         system: "ferry",
+        redis: p.topology,
+        queues: queues.len(),
+        servers,
         batch_size: p.batch_size,
         gateways: gateways_result,
         recorder: p.record,
@@ -318,12 +367,66 @@ async fn gateway_partitions(http: &reqwest::Client, port: u16) -> anyhow::Result
         .context("no ferry_gateway_partitions in /metrics")
 }
 
-/// ferry's Redis engine with its default configuration (events and fencing on, as in production).
-async fn connect_broker(url: &str) -> anyhow::Result<Arc<dyn Broker>> {
-    let broker = RedisBroker::connect(&[url.to_owned()], EngineConfig::default())
-        .await
-        .context("connecting the ferry broker")?;
-    Ok(Arc::new(broker))
+/// The run's queue names: `queue`, or `queue-0`, `queue-1`… for several.
+fn queue_names(p: &Params) -> Vec<String> {
+    if p.queues <= 1 {
+        vec![p.queue.clone()]
+    } else {
+        (0..p.queues).map(|i| format!("{}-{i}", p.queue)).collect()
+    }
+}
+
+/// Which server each queue lives on, to attribute a phase's jobs to the servers.
+#[derive(Debug)]
+struct Placement {
+    /// Index into the run's servers, per queue.
+    server_of: Vec<usize>,
+    servers: usize,
+}
+
+impl Placement {
+    /// Jobs per server from jobs per queue.
+    fn per_server(&self, per_queue: &[u64]) -> Vec<u64> {
+        let mut out = vec![0; self.servers];
+        for (&s, &n) in self.server_of.iter().zip(per_queue) {
+            out[s] += n;
+        }
+        out
+    }
+}
+
+/// Depth, dead and scheduled summed over the run's queues.
+async fn stats(broker: &Arc<dyn Broker>, queues: &[QueueName]) -> anyhow::Result<QueueTotals> {
+    let mut t = QueueTotals::default();
+    for q in queues {
+        let s = broker.stats(q).await?;
+        t.depth += s.depth;
+        t.dead += s.dead;
+        t.scheduled += s.scheduled;
+    }
+    Ok(t)
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct QueueTotals {
+    depth: u64,
+    dead: u64,
+    scheduled: u64,
+}
+
+/// `used_memory` summed over the servers.
+async fn used_memory(admin: &mut [Admin]) -> anyhow::Result<Option<u64>> {
+    let mut total = 0;
+    for a in admin.iter_mut() {
+        match redis_cpu::info_field(&mut a.con, "memory", "used_memory")
+            .await?
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(m) => total += m,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(total))
 }
 
 fn noop_job() -> anyhow::Result<NewJob> {
@@ -335,23 +438,26 @@ fn noop_job() -> anyhow::Result<NewJob> {
 
 async fn enqueue_phase(
     broker: &Arc<dyn Broker>,
-    queue: &QueueName,
-    admin: &mut MultiplexedConnection,
-    redis_pid: u32,
+    queues: &[QueueName],
+    placement: &Placement,
+    admin: &mut [Admin],
     p: &Params,
 ) -> anyhow::Result<EnqueueResult> {
     let template = noop_job()?;
     let chunks = p.jobs.div_ceil(p.enqueue_chunk as u64);
     let next = Arc::new(AtomicU64::new(0));
-    let meter = Meter::start(admin, redis_pid, None).await?;
+    let per_queue: Arc<Vec<AtomicU64>> =
+        Arc::new(queues.iter().map(|_| AtomicU64::new(0)).collect());
+    let meter = Meter::start(admin, None).await?;
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for _ in 0..p.enqueue_tasks.max(1) {
-        let (broker, queue, next, template) = (
+        let (broker, queues, next, template, per_queue) = (
             broker.clone(),
-            queue.clone(),
+            queues.to_vec(),
             next.clone(),
             template.clone(),
+            per_queue.clone(),
         );
         let (jobs, chunk) = (p.jobs, p.enqueue_chunk as u64);
         tasks.spawn(async move {
@@ -362,7 +468,9 @@ async fn enqueue_phase(
                 }
                 let n = chunk.min(jobs - c * chunk) as usize;
                 let batch = vec![template.clone(); n];
-                let got = broker.enqueue_batch(&queue, batch).await?;
+                let q = (c % queues.len() as u64) as usize;
+                let got = broker.enqueue_batch(&queues[q], batch).await?;
+                per_queue[q].fetch_add(n as u64, Ordering::Relaxed);
                 if got.len() != n {
                     bail!("enqueue_batch returned {} results for {n} jobs", got.len());
                 }
@@ -373,8 +481,14 @@ async fn enqueue_phase(
         r??;
     }
     let secs = started.elapsed().as_secs_f64();
-    let redis = meter.stop(admin, p.jobs).await?;
+    let mut redis = meter.stop(admin, p.jobs).await?;
+    let per_queue: Vec<u64> = per_queue
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .collect();
+    redis.attribute(&placement.per_server(&per_queue));
     Ok(EnqueueResult {
+        per_queue,
         jobs: p.jobs,
         chunk: p.enqueue_chunk,
         tasks: p.enqueue_tasks,
@@ -385,7 +499,7 @@ async fn enqueue_phase(
 
 fn spawn_worker(
     p: &Params,
-    url: &str,
+    redis: &BenchRedis,
     database_url: Option<&str>,
     log: &Path,
 ) -> anyhow::Result<Child> {
@@ -399,8 +513,8 @@ fn spawn_worker(
     // Nothing here reads the worker's admin listener, and a taken default port would stop the worker.
     cmd.env("FERRY_ADMIN_LISTEN", "off");
     cmd.arg("worker")
-        .args(["--redis", url])
-        .args(["--queues", &p.queue])
+        .args(redis.ferry_args())
+        .args(["--queues", &queue_names(p).join(",")])
         .args(["--concurrency", &p.concurrency.to_string()])
         .args(["--batch-size", &p.batch_size.to_string()])
         .args(&p.worker_args)
@@ -417,43 +531,54 @@ fn spawn_worker(
         .with_context(|| format!("starting {} worker", p.ferry_bin.display()))
 }
 
+/// The run's queues, where they live, and the jobs enqueued on each.
+type Work<'a> = (&'a [QueueName], &'a Placement, &'a [u64]);
+
 async fn processing_phase(
     broker: &Arc<dyn Broker>,
-    queue: &QueueName,
-    admin: &mut MultiplexedConnection,
+    (queues, placement, per_queue): Work<'_>,
+    admin: &mut [Admin],
     redis: &BenchRedis,
     p: &Params,
     pg: Option<&BenchPostgres>,
     log: &Path,
 ) -> anyhow::Result<(ProcessingResult, Child)> {
-    let before = broker.stats(queue).await?;
+    let before = stats(broker, queues).await?;
     if before.depth != p.jobs {
         eprintln!(
             "[loadtest] warning: queue depth before processing is {}, expected {}",
             before.depth, p.jobs
         );
     }
-    let mut meter = Meter::start(admin, redis.pid(), None).await?;
+    let mut meter = Meter::start(admin, None).await?;
     let started = Instant::now();
     let spawned_at_ms = ferry_core::now_ms();
-    let mut worker = spawn_worker(p, &redis.url(), pg.map(|pg| pg.url.as_str()), log)?;
+    let mut worker = spawn_worker(p, redis, pg.map(|pg| pg.url.as_str()), log)?;
     meter.count_from_zero(worker.id().context("worker pid")?);
     let deadline = started + Duration::from_secs(120 + p.jobs / 1_000);
     let mut first = None;
-    let mut last = before.clone();
+    // Jobs left (waiting or active) per queue, as last seen. One queue is polled per tick, the first not yet
+    // seen empty (a drained queue stays empty: nothing is enqueued meanwhile), so the poll costs Redis the same
+    // whatever the number of queues.
+    let mut left: Vec<u64> = per_queue.to_vec();
+    let mut next = 0;
     let finished = loop {
-        let s = broker.stats(queue).await?;
-        let left = s.depth + s.active;
-        if first.is_none() && left < p.jobs {
+        let s = broker.stats(&queues[next]).await?;
+        left[next] = s.depth + s.active;
+        if first.is_none() && left[next] < per_queue[next] {
             first = Some(started.elapsed());
         }
-        if left == 0 {
-            break Some(started.elapsed());
+        if left[next] == 0 {
+            next += 1;
+            if next == queues.len() {
+                break Some(started.elapsed());
+            }
+            continue;
         }
-        last = s;
         if let Some(status) = worker.try_wait()? {
             bail!(
-                "ferry worker exited ({status}) with {left} jobs left; log tail:\n{}",
+                "ferry worker exited ({status}) with {} jobs left; log tail:\n{}",
+                left.iter().sum::<u64>(),
                 procs::tail(log, 2000)
             );
         }
@@ -465,17 +590,16 @@ async fn processing_phase(
     let Some(elapsed) = finished else {
         procs::stop(&mut worker, Duration::from_secs(15)).await?;
         bail!(
-            "processing timed out with depth {} and active {}; worker log tail:\n{}",
-            last.depth,
-            last.active,
+            "processing timed out with {} jobs left on {} at the last look; worker log tail:\n{}",
+            left[next],
+            queues[next],
             procs::tail(log, 2000)
         );
     };
-    let cost = meter.stop(admin, p.jobs).await?;
-    let after = broker.stats(queue).await?;
-    let used_memory = redis_cpu::info_field(admin, "memory", "used_memory")
-        .await?
-        .and_then(|v| v.parse::<u64>().ok());
+    let mut cost = meter.stop(admin, p.jobs).await?;
+    cost.attribute(&placement.per_server(per_queue));
+    let after = stats(broker, queues).await?;
+    let used_memory = used_memory(admin).await?;
     let secs = elapsed.as_secs_f64();
     let worker_cpu = cost.other_cpu_usec.unwrap_or(0);
     Ok((
@@ -509,9 +633,9 @@ type Sent = (Instant, anyhow::Result<Vec<JobId>>);
 #[allow(clippy::too_many_arguments)]
 async fn latency_phase(
     broker: &Arc<dyn Broker>,
-    queue: &QueueName,
-    admin: &mut MultiplexedConnection,
-    redis_pid: u32,
+    queues: &[QueueName],
+    placement: &Placement,
+    admin: &mut [Admin],
     worker_pid: u32,
     rate: u64,
     p: &Params,
@@ -546,12 +670,13 @@ async fn latency_phase(
     let duration = Duration::from_secs(p.latency_secs);
     let warmup = (duration / 10).min(Duration::from_secs(1));
     let target = rate * p.latency_secs;
-    let meter = Meter::start(admin, redis_pid, Some(worker_pid)).await?;
+    let meter = Meter::start(admin, Some(worker_pid)).await?;
     let producer_cpu0 = redis_cpu::proc_cpu_micros(std::process::id())?;
     let started = Instant::now();
     let mut sent: HashMap<JobId, Instant> = HashMap::with_capacity(target as usize);
     let mut in_flight: JoinSet<Sent> = JoinSet::new();
     let (mut issued, mut ticks, mut max_in_flight, mut errors) = (0u64, 0u64, 0usize, 0u64);
+    let (mut per_queue, mut batches) = (vec![0u64; queues.len()], 0u64);
     let mut collect = |r: Sent, sent: &mut HashMap<JobId, Instant>| match r {
         (t, Ok(ids)) => sent.extend(ids.into_iter().map(|id| (id, t))),
         (_, Err(e)) => {
@@ -570,9 +695,12 @@ async fn latency_phase(
         let due = (elapsed.as_micros() as u64 * rate / 1_000_000).min(target) - issued;
         if due > 0 && in_flight.len() < 256 {
             let n = due.min(1000);
+            let q = (batches % queues.len() as u64) as usize;
+            batches += 1;
             issued += n;
+            per_queue[q] += n;
             let batch = vec![template.clone(); n as usize];
-            let (broker, queue) = (broker.clone(), queue.clone());
+            let (broker, queue) = (broker.clone(), queues[q].clone());
             let t = Instant::now();
             in_flight.spawn(async move {
                 let r = broker.enqueue_batch(&queue, batch).await;
@@ -599,7 +727,8 @@ async fn latency_phase(
     let completed_events = done_count.load(Ordering::Relaxed);
     let _ = stop_tx.send(());
     let done = collector.await?;
-    let cost = meter.stop(admin, completed_events.max(1)).await?;
+    let mut cost = meter.stop(admin, completed_events.max(1)).await?;
+    cost.attribute(&placement.per_server(&per_queue));
     let producer_cpu =
         redis_cpu::proc_cpu_micros(std::process::id())?.saturating_sub(producer_cpu0);
 

@@ -114,28 +114,28 @@ fn log_files(log: &Path) -> anyhow::Result<(Stdio, Stdio)> {
     Ok((f.try_clone()?.into(), f.into()))
 }
 
-/// `ferry gateway --redis URL --listen 127.0.0.1:PORT --jwt-secret S`, logging at `warn`.
+/// `ferry gateway <redis> --listen 127.0.0.1:PORT --jwt-secret S`, logging at `warn`; `redis` points it at the
+/// run's Redis ([`crate::server::BenchRedis::ferry_args`]: `--redis URL` or `--redis-cluster URL,…`).
 pub async fn start_gateway(
     ferry_bin: &Path,
-    redis_url: &str,
+    redis: &[String],
     logdir: &Path,
     http: &reqwest::Client,
 ) -> anyhow::Result<Server> {
     let port = free_port()?;
     let log = logdir.join("gateway.log");
     let (out, err) = log_files(&log)?;
-    let args: Vec<String> = [
-        "gateway",
-        "--redis",
-        redis_url,
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--jwt-secret",
-        BENCH_SECRET,
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    let mut args = vec!["gateway".to_owned()];
+    args.extend_from_slice(redis);
+    args.extend(
+        [
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--jwt-secret",
+            BENCH_SECRET,
+        ]
+        .map(str::to_owned),
+    );
     let mut child = raised_nofile(ferry_bin, &args)
         .env("FERRY_LOG", "warn")
         .stdout(out)

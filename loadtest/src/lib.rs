@@ -2,13 +2,15 @@
 //! BullMQ doing the same work against a redis-server of the same version, so that the comparison is a ratio
 //! taken in one run.
 //!
-//! * [`ferry`]: enqueue N `ferry.noop` jobs in batches, process them with one `ferry worker` process, then
-//!   measure enqueue→complete latency at fixed offered rates.
+//! * [`ferry`]: enqueue N `ferry.noop` jobs in batches (over one queue or several), process them with one
+//!   `ferry worker` process, then measure enqueue→complete latency at fixed offered rates; on a standalone Redis
+//!   or a Redis Cluster (Redis CPU per master).
 //! * [`bullmq`]: runs `loadtest/bullmq/bench.mjs` (the same three phases with BullMQ) and parses its JSON.
 //! * [`redis_cpu`]: Redis CPU per job from `/proc/<pid>/stat` and `INFO commandstats`, reusable by later
 //!   scenarios.
 //! * [`stats`]: latency percentiles; [`report`]: machine facts and the comparison against the targets.
-//! * [`server`]: the private redis-server of a run (persistence off); [`procs`]: child-process helpers.
+//! * [`server`]: the private redis-server or Redis Cluster of a run (persistence off); [`procs`]: child-process
+//!   helpers.
 //! * [`wsbench`]: the `ws` scenario (idle connections → RSS per connection; broadcast fan-out at rising
 //!   rates), ferry's gateway beside the Node `ws` peer, with the sockets in `ws-client` child processes;
 //!   [`proxies`]: `ferry balancer` and HAProxy in front of the gateway (`ws --via`).

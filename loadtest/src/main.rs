@@ -2,7 +2,8 @@
 //!
 //! `loadtest jobs [--peer bullmq]` enqueues N no-op jobs, processes them with one `ferry worker` process,
 //! measures enqueue→complete latency at fixed offered rates, and — with `--peer bullmq` — does the same with
-//! BullMQ on a redis-server of the same version. `loadtest ws` measures the gateway's WebSocket fan-out (RSS per
+//! BullMQ on a redis-server of the same version (`--redis standalone,cluster` runs ferry's phases on a Redis
+//! Cluster too). `loadtest ws` measures the gateway's WebSocket fan-out (RSS per
 //! idle connection, deliveries/s and latency at rising broadcast rates) beside a Node `ws` server, and
 //! `loadtest api` HTTP submits with completion over WebSocket. `loadtest autoscale` runs `ferry autoscaler` with
 //! the `local` actuator under a burst of jobs and samples backlog and workers until the pool is back at its
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use loadtest::server::Topology;
 use loadtest::{
     api, autoscale, bullmq, ferry, procs, proxies, rebalance, redis_cpu, report, soak, wsbench,
 };
@@ -301,6 +303,12 @@ enum Peer {
     None,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RedisKind {
+    Standalone,
+    Cluster,
+}
+
 #[derive(Debug, clap::Args)]
 struct JobsArgs {
     /// Jobs to enqueue and then process.
@@ -347,6 +355,20 @@ struct JobsArgs {
     /// Queue name used by both systems.
     #[arg(long, default_value = "bench")]
     queue: String,
+    /// ferry spreads the jobs over this many queues (`<queue>-0`, `<queue>-1`…, one enqueue call to each in
+    /// turn); the worker serves them all, `--concurrency` per queue. On a Redis Cluster the queues are what
+    /// spreads the load over the masters.
+    #[arg(long, default_value_t = 1)]
+    queue_count: usize,
+    /// ferry's Redis, one full set of runs each, in one invocation: `standalone` (one redis-server) and/or
+    /// `cluster` (a Redis Cluster of `--cluster-masters` masters, no replicas).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "standalone")]
+    redis: Vec<RedisKind>,
+    #[arg(long, default_value_t = 3)]
+    cluster_masters: usize,
+    /// Virtual shards of the cluster runs (`ferry --redis-cluster-vshards`).
+    #[arg(long, default_value_t = ferry_broker::DEFAULT_VSHARDS)]
+    cluster_vshards: usize,
     /// ferry runs without (`off`) and/or with (`on`) the recorder writing every event to a durable
     /// PostgreSQL of the run's own; one full run each per batch size.
     #[arg(long, value_delimiter = ',', default_value = "off")]
@@ -408,6 +430,18 @@ impl JobsArgs {
         }
         if self.only_gateways && self.gateways.is_empty() {
             bail!("--only-gateways needs --gateways");
+        }
+        if self.queue_count == 0 || self.queue_count > 1_000 {
+            bail!("--queue-count must be 1..=1000");
+        }
+        if self.redis.is_empty() || self.redis.len() > 4 {
+            bail!("--redis takes standalone and/or cluster (at most 4 entries)");
+        }
+        if !(3..=16).contains(&self.cluster_masters) {
+            bail!("--cluster-masters must be 3..=16 (redis-cli --cluster create needs 3)");
+        }
+        if self.cluster_vshards == 0 || self.cluster_vshards > 16_384 {
+            bail!("--cluster-vshards must be 1..=16384");
         }
         Ok(())
     }
@@ -770,80 +804,97 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                 } else {
                     &a.batch_size[..]
                 };
-                // What every ferry run shares; each run below overrides what it varies.
-                let base = ferry::Params {
-                    jobs: a.jobs,
-                    concurrency: a.concurrency,
-                    batch_size: a.batch_size[0],
-                    rates: a.rates.clone(),
-                    latency_secs: a.latency_secs,
-                    enqueue_chunk: a.enqueue_chunk,
-                    enqueue_tasks: a.enqueue_tasks,
-                    queue: a.queue.clone(),
-                    ferry_bin: bin.clone(),
-                    worker_args: a
-                        .worker_args
-                        .split_whitespace()
-                        .map(str::to_owned)
-                        .collect(),
-                    record: false,
-                    gateways: 0,
-                };
-                for (&batch_size, record) in ordinary
-                    .iter()
-                    .flat_map(|b| a.recorder.iter().map(move |r| (b, r == "on")))
-                {
-                    let p = ferry::Params {
-                        batch_size,
-                        record,
-                        ..base.clone()
+                let topologies = a.redis.iter().map(|k| match k {
+                    RedisKind::Standalone => Topology::Standalone,
+                    RedisKind::Cluster => Topology::Cluster {
+                        masters: a.cluster_masters,
+                        vshards: a.cluster_vshards,
+                    },
+                });
+                for topology in topologies {
+                    // What every ferry run shares; each run below overrides what it varies.
+                    let base = ferry::Params {
+                        jobs: a.jobs,
+                        concurrency: a.concurrency,
+                        batch_size: a.batch_size[0],
+                        rates: a.rates.clone(),
+                        latency_secs: a.latency_secs,
+                        enqueue_chunk: a.enqueue_chunk,
+                        enqueue_tasks: a.enqueue_tasks,
+                        queue: a.queue.clone(),
+                        queues: a.queue_count,
+                        topology,
+                        ferry_bin: bin.clone(),
+                        worker_args: a
+                            .worker_args
+                            .split_whitespace()
+                            .map(str::to_owned)
+                            .collect(),
+                        record: false,
+                        gateways: 0,
                     };
-                    let quiet = quiet_before(a.wait_quiet).await?;
-                    match ferry::run(&p).await {
-                        Ok(r) => {
-                            let mut v = serde_json::to_value(r)?;
-                            v["busy_cores_before"] = json!(quiet);
-                            ferry_runs.push(v);
-                        }
-                        Err(e) => {
-                            eprintln!(
-                                "[loadtest] ferry run (batch {batch_size}, recorder {record}) failed: {e:#}"
-                            );
-                            ferry_runs.push(json!({
-                                "system": "ferry",
-                                "batch_size": batch_size,
-                                "recorder": record,
-                                "error": format!("{e:#}"),
-                            }));
-                            failed = true;
+                    for (&batch_size, record) in ordinary
+                        .iter()
+                        .flat_map(|b| a.recorder.iter().map(move |r| (b, r == "on")))
+                    {
+                        let p = ferry::Params {
+                            batch_size,
+                            record,
+                            ..base.clone()
+                        };
+                        let quiet = quiet_before(a.wait_quiet).await?;
+                        match ferry::run(&p).await {
+                            Ok(r) => {
+                                let mut v = serde_json::to_value(r)?;
+                                v["busy_cores_before"] = json!(quiet);
+                                ferry_runs.push(v);
+                            }
+                            Err(e) => {
+                                eprintln!(
+                                    "[loadtest] ferry run (batch {batch_size}, recorder {record}, {}) failed: {e:#}",
+                                    topology.label()
+                                );
+                                ferry_runs.push(json!({
+                                    "system": "ferry",
+                                    "redis": topology,
+                                    "batch_size": batch_size,
+                                    "recorder": record,
+                                    "error": format!("{e:#}"),
+                                }));
+                                failed = true;
+                            }
                         }
                     }
-                }
-                for &gateways in &a.gateways {
-                    let p = ferry::Params {
-                        rates: Vec::new(),
-                        latency_secs: 0,
-                        gateways,
-                        ..base.clone()
-                    };
-                    eprintln!("[loadtest] ferry with {gateways} gateways attached");
-                    let quiet = quiet_before(a.wait_quiet).await?;
-                    match ferry::run(&p).await {
-                        Ok(r) => {
-                            let mut v = serde_json::to_value(r)?;
-                            v["busy_cores_before"] = json!(quiet);
-                            gateway_runs.push(v);
-                        }
-                        Err(e) => {
-                            eprintln!(
-                                "[loadtest] ferry run with {gateways} gateways failed: {e:#}"
-                            );
-                            gateway_runs.push(json!({
-                                "system": "ferry",
-                                "gateways": { "count": gateways },
-                                "error": format!("{e:#}"),
-                            }));
-                            failed = true;
+                    for &gateways in &a.gateways {
+                        let p = ferry::Params {
+                            rates: Vec::new(),
+                            latency_secs: 0,
+                            gateways,
+                            ..base.clone()
+                        };
+                        eprintln!(
+                            "[loadtest] ferry with {gateways} gateways attached ({})",
+                            topology.label()
+                        );
+                        let quiet = quiet_before(a.wait_quiet).await?;
+                        match ferry::run(&p).await {
+                            Ok(r) => {
+                                let mut v = serde_json::to_value(r)?;
+                                v["busy_cores_before"] = json!(quiet);
+                                gateway_runs.push(v);
+                            }
+                            Err(e) => {
+                                eprintln!(
+                                    "[loadtest] ferry run with {gateways} gateways failed: {e:#}"
+                                );
+                                gateway_runs.push(json!({
+                                    "system": "ferry",
+                                    "redis": topology,
+                                    "gateways": { "count": gateways },
+                                    "error": format!("{e:#}"),
+                                }));
+                                failed = true;
+                            }
                         }
                     }
                 }
@@ -937,6 +988,7 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
     } else {
         report::compare_gateways(&gateway_runs, bullmq_default)
     };
+    let topologies: Vec<Value> = ferry_runs.iter().chain(&gateway_runs).cloned().collect();
 
     let doc = json!({
         "scenario": "jobs",
@@ -949,6 +1001,10 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
             "enqueue_chunk": a.enqueue_chunk,
             "enqueue_tasks": a.enqueue_tasks,
             "queue": a.queue,
+            "queue_count": a.queue_count,
+            "redis": a.redis.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>(),
+            "cluster_masters": a.cluster_masters,
+            "cluster_vshards": a.cluster_vshards,
             "worker_args": a.worker_args,
             "peer": format!("{:?}", a.peer).to_lowercase(),
             "gateways": a.gateways,
@@ -962,6 +1018,7 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
         "peer": peer_runs,
         "comparison": comparison,
         "gateways": gateways,
+        "topologies": report::compare_topologies(&topologies),
     });
     let text = serde_json::to_string_pretty(&doc)?;
     println!("{text}");

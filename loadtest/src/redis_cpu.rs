@@ -173,14 +173,41 @@ pub struct CommandCost {
     pub usec_per_job: f64,
 }
 
+/// A redis-server under measurement: a connection for `INFO` and `CONFIG RESETSTAT`, and its pid for `/proc`.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub con: MultiplexedConnection,
+    pub pid: u32,
+    pub port: u16,
+}
+
+/// One server's share of a phase, when the phase ran on several (the masters of a Redis Cluster).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerCost {
+    pub port: u16,
+    pub redis_cpu_usec: u64,
+    /// This server's CPU over every job of the phase.
+    pub redis_cpu_usec_per_job: f64,
+    pub redis_cpu_utilisation: f64,
+    pub commandstats_calls: u64,
+    /// Jobs of the phase whose queue lives on this server, and their share of all (see [`PhaseCost::attribute`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jobs_share: Option<f64>,
+    /// This server's CPU over its own jobs (none when it held none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_cpu_usec_per_own_job: Option<f64>,
+}
+
 /// What one phase cost Redis (and optionally one more process, e.g. the worker).
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseCost {
     pub secs: f64,
-    /// CPU of the redis-server process over the phase (`/proc`).
+    /// CPU of the redis-server process over the phase (`/proc`); of every server together when there are several.
     pub redis_cpu_usec: u64,
     pub redis_cpu_usec_per_job: f64,
-    /// Fraction of one core Redis used over the phase (1.0 = saturated).
+    /// Cores Redis used over the phase (1.0 = one server saturated; all servers together).
     pub redis_cpu_utilisation: f64,
     /// Sum of `commandstats` usec over all commands per job (commands inside scripts counted twice).
     pub commandstats_usec_per_job: f64,
@@ -194,38 +221,54 @@ pub struct PhaseCost {
     pub system_busy_cores: f64,
     /// Cores stolen by the hypervisor over the phase.
     pub system_steal_cores: f64,
+    /// Each server's share, when the phase ran on more than one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_server: Vec<ServerCost>,
+}
+
+impl PhaseCost {
+    /// Attribute the phase's jobs to the servers (`jobs[i]` to `per_server[i]`): each server's share of the jobs
+    /// and its CPU per job of its own. Nothing to do for one server.
+    pub fn attribute(&mut self, jobs: &[u64]) {
+        let total: u64 = jobs.iter().sum();
+        for (s, &n) in self.per_server.iter_mut().zip(jobs) {
+            s.jobs = Some(n);
+            s.jobs_share = Some(round(n as f64 / total.max(1) as f64, 3));
+            s.redis_cpu_usec_per_own_job =
+                (n > 0).then(|| round(s.redis_cpu_usec as f64 / n as f64, 3));
+        }
+    }
 }
 
 /// Measures one phase: start it, run the workload, [`Meter::stop`] with the number of jobs it handled.
 #[derive(Debug)]
 pub struct Meter {
     started: Instant,
-    redis_pid: u32,
-    redis_cpu0: u64,
+    /// (pid, CPU at the start) of each server.
+    servers: Vec<(u32, u64)>,
     other: Option<(u32, u64)>,
     system0: (u64, u64),
 }
 
 impl Meter {
-    /// Reset `commandstats` and take the CPU counters of redis-server (and of `other`, when given).
-    pub async fn start(
-        con: &mut MultiplexedConnection,
-        redis_pid: u32,
-        other: Option<u32>,
-    ) -> anyhow::Result<Self> {
-        let _: () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async(con)
-            .await
-            .context("CONFIG RESETSTAT")?;
+    /// Reset `commandstats` and take the CPU counters of every server (and of `other`, when given).
+    pub async fn start(admins: &mut [Admin], other: Option<u32>) -> anyhow::Result<Self> {
+        let mut servers = Vec::with_capacity(admins.len());
+        for a in admins.iter_mut() {
+            let _: () = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async(&mut a.con)
+                .await
+                .with_context(|| format!("CONFIG RESETSTAT on :{}", a.port))?;
+            servers.push((a.pid, proc_cpu_micros(a.pid)?));
+        }
         let other = match other {
             Some(pid) => Some((pid, proc_cpu_micros(pid)?)),
             None => None,
         };
         Ok(Self {
             started: Instant::now(),
-            redis_pid,
-            redis_cpu0: proc_cpu_micros(redis_pid)?,
+            servers,
             other,
             system0: system_cpu_ticks()?,
         })
@@ -237,13 +280,13 @@ impl Meter {
         self.other = Some((pid, 0));
     }
 
-    pub async fn stop(
-        self,
-        con: &mut MultiplexedConnection,
-        jobs: u64,
-    ) -> anyhow::Result<PhaseCost> {
+    pub async fn stop(self, admins: &mut [Admin], jobs: u64) -> anyhow::Result<PhaseCost> {
         let secs = self.started.elapsed().as_secs_f64();
-        let redis_cpu = proc_cpu_micros(self.redis_pid)?.saturating_sub(self.redis_cpu0);
+        let mut cpus = Vec::with_capacity(self.servers.len());
+        for &(pid, cpu0) in &self.servers {
+            cpus.push(proc_cpu_micros(pid)?.saturating_sub(cpu0));
+        }
+        let redis_cpu: u64 = cpus.iter().sum();
         let other_cpu_usec = match self.other {
             Some((pid, cpu0)) => Some(proc_cpu_micros(pid)?.saturating_sub(cpu0)),
             None => None,
@@ -252,16 +295,40 @@ impl Meter {
         let cores = |ticks: u64| round(ticks as f64 / clock_ticks() as f64 / secs.max(1e-9), 2);
         let system_busy_cores = cores(busy.saturating_sub(self.system0.0));
         let system_steal_cores = cores(steal.saturating_sub(self.system0.1));
-        let stats = commandstats_on(con).await?;
         let per_job = |x: u64| round(x as f64 / jobs.max(1) as f64, 3);
+        let utilisation = |usec: u64| round(usec as f64 / 1e6 / secs.max(1e-9), 3);
         let mut all = 0;
         let mut scripts = 0;
         let mut calls = 0;
-        let mut breakdown = BTreeMap::new();
-        for (name, (c, u)) in stats {
-            if OWN_COMMANDS.contains(&name.as_str()) {
-                continue;
+        let mut summed: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut per_server = Vec::new();
+        for (a, &cpu) in admins.iter_mut().zip(&cpus) {
+            let mut server_calls = 0;
+            for (name, (c, u)) in commandstats_on(&mut a.con).await? {
+                if OWN_COMMANDS.contains(&name.as_str()) {
+                    continue;
+                }
+                server_calls += c;
+                let e = summed.entry(name).or_default();
+                e.0 += c;
+                e.1 += u;
             }
+            per_server.push(ServerCost {
+                port: a.port,
+                redis_cpu_usec: cpu,
+                redis_cpu_usec_per_job: per_job(cpu),
+                redis_cpu_utilisation: utilisation(cpu),
+                commandstats_calls: server_calls,
+                jobs: None,
+                jobs_share: None,
+                redis_cpu_usec_per_own_job: None,
+            });
+        }
+        if per_server.len() < 2 {
+            per_server.clear();
+        }
+        let mut breakdown = BTreeMap::new();
+        for (name, (c, u)) in summed {
             all += u;
             calls += c;
             if SCRIPT_COMMANDS.contains(&name.as_str()) {
@@ -280,7 +347,7 @@ impl Meter {
             secs: round(secs, 4),
             redis_cpu_usec: redis_cpu,
             redis_cpu_usec_per_job: per_job(redis_cpu),
-            redis_cpu_utilisation: round(redis_cpu as f64 / 1e6 / secs.max(1e-9), 3),
+            redis_cpu_utilisation: utilisation(redis_cpu),
             commandstats_usec_per_job: per_job(all),
             commandstats_script_usec_per_job: per_job(scripts),
             commandstats_calls_per_job: per_job(calls),
@@ -288,6 +355,7 @@ impl Meter {
             other_cpu_usec,
             system_busy_cores,
             system_steal_cores,
+            per_server,
         })
     }
 }

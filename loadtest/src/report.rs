@@ -216,6 +216,67 @@ pub fn compare_gateways(runs: &[Value], bullmq: Option<&Value>) -> Value {
     })
 }
 
+/// ferry's runs side by side by Redis topology (standalone, cluster): throughput, Redis CPU per job in total
+/// and per server, and how evenly the jobs and the Redis CPU fell on the servers (`balance`: the busiest
+/// server's share over an even share; 1.0 is perfectly even).
+pub fn compare_topologies(runs: &[Value]) -> Value {
+    let rows: Vec<Value> = runs
+        .iter()
+        .filter(|r| r.get("error").is_none() && r.get("redis").is_some())
+        .map(|r| {
+            let per_server = |phase: &str| -> Vec<Value> {
+                r.get(phase)
+                    .and_then(|p| p.get("redis"))
+                    .and_then(|c| c.get("per_server"))
+                    .and_then(Value::as_array)
+                    .map(|servers| {
+                        servers
+                            .iter()
+                            .map(|s| {
+                                json!({
+                                    "port": s.get("port"),
+                                    "jobs_share": s.get("jobs_share"),
+                                    "redis_cpu_usec_per_job": s.get("redis_cpu_usec_per_job"),
+                                    "redis_cpu_usec_per_own_job": s.get("redis_cpu_usec_per_own_job"),
+                                    "redis_cpu_utilisation": s.get("redis_cpu_utilisation"),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let balance = |servers: &[Value], field: &str| -> Option<f64> {
+                let v: Vec<f64> = servers.iter().filter_map(|s| s[field].as_f64()).collect();
+                let sum: f64 = v.iter().sum();
+                (v.len() > 1 && sum > 0.0).then(|| {
+                    let max = v.iter().copied().fold(0.0, f64::max);
+                    round(max / (sum / v.len() as f64), 3)
+                })
+            };
+            let processing = per_server("processing");
+            let enqueue = f(r, &["enqueue", "redis", "redis_cpu_usec_per_job"]);
+            let proc_cpu = f(r, &["processing", "redis", "redis_cpu_usec_per_job"]);
+            json!({
+                "redis": r.get("redis"),
+                "queues": r.get("queues"),
+                "batch_size": r.get("batch_size"),
+                "gateways": f(r, &["gateways", "count"]).unwrap_or(0.0),
+                "enqueue_jobs_per_sec": f(r, &["enqueue", "jobs_per_sec"]),
+                "processing_jobs_per_sec": f(r, &["processing", "jobs_per_sec"]),
+                "redis_cpu_usec_per_job_enqueue": enqueue,
+                "redis_cpu_usec_per_job_processing": proc_cpu,
+                "redis_cpu_usec_per_job_total": enqueue.zip(proc_cpu).map(|(e, p)| round(e + p, 2)),
+                "per_server_processing": processing,
+                "per_server_enqueue": per_server("enqueue"),
+                "balance_jobs": balance(&processing, "jobs_share"),
+                "balance_redis_cpu": balance(&processing, "redis_cpu_utilisation"),
+                "problems": problems(r),
+            })
+        })
+        .collect();
+    json!({ "runs": rows })
+}
+
 /// ferry's run (first batch size) against BullMQ's default run, with each target met or not.
 pub fn compare(ferry: &Value, bullmq: &Value) -> Value {
     let ft = f(ferry, &["processing", "jobs_per_sec"]);
@@ -254,6 +315,45 @@ pub fn compare(ferry: &Value, bullmq: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compares_topologies_with_balance_across_masters() {
+        let server = |port: u64, share: f64, util: f64| {
+            json!({"port": port, "jobs_share": share, "redis_cpu_usec_per_job": 10.0,
+                   "redis_cpu_usec_per_own_job": 30.0, "redis_cpu_utilisation": util})
+        };
+        let standalone = json!({
+            "system": "ferry", "redis": {"kind": "standalone"}, "queues": 12, "batch_size": 10,
+            "enqueue": {"jobs_per_sec": 90000.0, "redis": {"redis_cpu_usec_per_job": 8.0}},
+            "processing": {"jobs": 1000, "secs": 1.0, "jobs_per_sec": 40000.0,
+                           "redis": {"redis_cpu_usec_per_job": 20.0}},
+        });
+        let cluster = json!({
+            "system": "ferry", "redis": {"kind": "cluster", "masters": 3, "vshards": 16}, "queues": 12,
+            "batch_size": 10,
+            "enqueue": {"jobs_per_sec": 80000.0, "redis": {"redis_cpu_usec_per_job": 10.0}},
+            "processing": {"jobs": 1000, "secs": 1.0, "jobs_per_sec": 30000.0,
+                           "redis": {"redis_cpu_usec_per_job": 30.0, "per_server": [
+                               server(1, 0.25, 0.2), server(2, 0.25, 0.3), server(3, 0.5, 0.4)]}},
+        });
+        let failed = json!({"system": "ferry", "redis": {"kind": "cluster"}, "error": "boom"});
+        let c = compare_topologies(&[standalone, cluster, failed]);
+        let rows = c["runs"].as_array().unwrap();
+        assert_eq!(rows.len(), 2, "a failed run has no row");
+        assert_eq!(rows[0]["redis_cpu_usec_per_job_total"], 28.0);
+        assert_eq!(
+            rows[0]["balance_jobs"],
+            Value::Null,
+            "one server: no balance"
+        );
+        assert_eq!(rows[1]["redis_cpu_usec_per_job_total"], 40.0);
+        assert_eq!(
+            rows[1]["per_server_processing"].as_array().unwrap().len(),
+            3
+        );
+        assert_eq!(rows[1]["balance_jobs"], 1.5);
+        assert_eq!(rows[1]["balance_redis_cpu"], 1.333);
+    }
 
     #[test]
     fn compares_gateway_counts_against_the_targets() {

@@ -736,7 +736,7 @@ pub async fn run(p: &Params, ferry: bool, node: bool) -> anyhow::Result<Value> {
     if ferry {
         let redis = BenchRedis::start().await?;
         let mut gateway =
-            gw::start_gateway(&p.ferry_bin, &redis.url(), logdir.path(), &http).await?;
+            gw::start_gateway(&p.ferry_bin, &redis.ferry_args(), logdir.path(), &http).await?;
         let tokens = (0..16)
             .map(|i| gw::token(&format!("bench-publisher-{i}"), &["publish"]))
             .collect::<anyhow::Result<Vec<_>>>()?;
