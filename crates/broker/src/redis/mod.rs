@@ -22,6 +22,7 @@
 
 mod abandon;
 mod cluster_feed;
+mod coalesce;
 mod codec;
 mod conn;
 mod events;
@@ -268,6 +269,8 @@ pub struct RedisBroker {
     epochs: Arc<history::Epochs>,
     /// On a Redis Cluster: where its pub/sub feeds connect, and the tags of the virtual shards.
     cluster: Option<(cluster_feed::Seeds, Vec<String>)>,
+    /// Concurrent single enqueues to one queue share a script call (see `coalesce.rs`).
+    coalescer: Arc<coalesce::Coalescer>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -406,6 +409,7 @@ impl RedisBroker {
             history: ChannelHistory::default(),
             epochs,
             cluster: None,
+            coalescer: Default::default(),
         };
         for shard in &broker.shards {
             if let Err(e) = redis::cmd("PING")
@@ -582,6 +586,7 @@ impl RedisBroker {
             history: ChannelHistory::default(),
             epochs,
             cluster: Some((seeds, tags)),
+            coalescer: Default::default(),
         })
     }
 
@@ -837,28 +842,101 @@ impl RedisBroker {
     async fn enqueue_chunk(
         &self,
         queue: &QueueName,
-        keys: &QueueKeys,
         jobs: Vec<NewJob>,
     ) -> Result<Vec<Enqueued>, BrokerError> {
+        let replies = self.enqueue_call(queue).run(jobs).await?;
+        let mut out = Vec::with_capacity(replies.len());
+        for r in replies {
+            out.push(self.enqueued(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// One queue's enqueue call, owning what it needs (so the coalescer's task can run it).
+    fn enqueue_call(&self, queue: &QueueName) -> EnqueueCall {
+        let shard = self.shard(queue);
+        EnqueueCall {
+            scripts: self.scripts.clone(),
+            conn: shard.conn.clone(),
+            keys: shard.layout.queue(queue),
+            events_key: shard.layout.events().to_owned(),
+            queues_key: shard.layout.queues().to_owned(),
+            queue: queue.clone(),
+            evmax: self.evmax(),
+            idem_ttl_ms: self.config.idempotency_ttl.as_millis() as u64,
+        }
+    }
+
+    /// A job's answer: a duplicate (its idempotency key matched an earlier job) reports that job's state now.
+    async fn enqueued(&self, r: EnqueueReply) -> Result<Enqueued, BrokerError> {
+        if !r.duplicate {
+            return Ok(Enqueued {
+                id: r.id,
+                state: r.state,
+                duplicate: false,
+            });
+        }
+        let state = match self.locate(r.id).await? {
+            Some((q, rec)) => self
+                .info(&q, rec)
+                .await?
+                .map(|i| i.state)
+                .unwrap_or(r.state),
+            None => r.state,
+        };
+        Ok(Enqueued {
+            id: r.id,
+            state,
+            duplicate: true,
+        })
+    }
+}
+
+/// What the enqueue script answered for one job.
+#[derive(Debug)]
+struct EnqueueReply {
+    id: JobId,
+    /// The state the job was enqueued in (for a duplicate: the state this call would have given it).
+    state: JobState,
+    /// An idempotency key matched an earlier job: `id` is that job's.
+    duplicate: bool,
+}
+
+/// One queue's enqueue script call with everything it needs owned: the coalescer runs it in a task of its own.
+#[derive(Clone)]
+struct EnqueueCall {
+    scripts: Arc<Scripts>,
+    conn: Conn,
+    keys: QueueKeys,
+    events_key: String,
+    queues_key: String,
+    queue: QueueName,
+    evmax: usize,
+    idem_ttl_ms: u64,
+}
+
+impl EnqueueCall {
+    /// Enqueue `jobs` (validated, at most one script chunk) in one script call.
+    async fn run(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueReply>, BrokerError> {
+        let (queue, keys) = (&self.queue, &self.keys);
         let now = now_ms();
-        // The submitter: the gateway submits one caller's jobs per call.
-        let actor = actor_arg(jobs.first().and_then(|j| j.owner.as_deref()));
         let mut inv = Enqueue {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
             sched_key: &keys.sched,
-            events_key: self.shard(queue).layout.events(),
-            queues_key: self.shard(queue).layout.queues(),
+            events_key: &self.events_key,
+            queues_key: &self.queues_key,
             queue: queue.as_str(),
             n: jobs.len(),
-            evmax: self.evmax(),
-            idem_ttl_ms: self.config.idempotency_ttl.as_millis() as u64,
-            actor: &actor,
+            evmax: self.evmax,
+            idem_ttl_ms: self.idem_ttl_ms,
         }
         .invoke(&self.scripts);
         let mut states = Vec::with_capacity(jobs.len());
         let mut tails = codec::id_tails(jobs.len()).into_iter();
         for job in jobs {
+            // Each job's submitter: coalesced single submits put several callers' jobs in one call.
+            let by = actor_arg(job.owner.as_deref());
             let delay = job.delay_ms.unwrap_or(0);
             let idem = job
                 .idempotency_key
@@ -894,6 +972,7 @@ impl RedisBroker {
                     a1: &fields.id,
                     a2: &fields.m,
                     a3: &record,
+                    by: &by,
                 }
                 .push(&mut inv);
                 states.push(JobState::Scheduled);
@@ -908,38 +987,30 @@ impl RedisBroker {
                     a1: &tail,
                     a2: &codec::meta_rest(queue, &spec),
                     a3: "",
+                    by: &by,
                 }
                 .push(&mut inv);
                 states.push(JobState::Queued);
             }
         }
-        let mut conn = self.conn(queue);
-        let out: Vec<String> = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
+        let out: Vec<String> = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_err)?;
         if out.len() != states.len() * 2 {
             return Err(bad(format!("enqueue reply of {} values", out.len())));
         }
-        let mut result = Vec::with_capacity(states.len());
-        for (state, pair) in states.into_iter().zip(out.chunks(2)) {
-            let id = JobId::parse(&pair[1]).map_err(bad)?;
-            if pair[0] == "n" {
-                result.push(Enqueued {
-                    id,
+        states
+            .into_iter()
+            .zip(out.chunks(2))
+            .map(|(state, pair)| {
+                Ok(EnqueueReply {
+                    id: JobId::parse(&pair[1]).map_err(bad)?,
                     state,
-                    duplicate: false,
-                });
-            } else {
-                let state = match self.locate(id).await? {
-                    Some((q, rec)) => self.info(&q, rec).await?.map(|i| i.state).unwrap_or(state),
-                    None => state,
-                };
-                result.push(Enqueued {
-                    id,
-                    state,
-                    duplicate: true,
-                });
-            }
-        }
-        Ok(result)
+                    duplicate: pair[0] != "n",
+                })
+            })
+            .collect()
     }
 }
 
@@ -1088,10 +1159,13 @@ fn positions(v: &[i64]) -> HashSet<usize> {
 #[async_trait]
 impl Jobs for RedisBroker {
     async fn enqueue(&self, queue: &QueueName, job: NewJob) -> Result<Enqueued, BrokerError> {
+        // Checked before it joins others: one caller's bad job must not fail the rest of a coalesced call.
         job.validate(&Limits::default())?;
-        let keys = self.keys(queue);
-        let mut v = self.enqueue_chunk(queue, &keys, vec![job]).await?;
-        v.pop().ok_or_else(|| bad("enqueue returned nothing"))
+        let reply = self
+            .coalescer
+            .enqueue(queue, job, || self.enqueue_call(queue))
+            .await?;
+        self.enqueued(reply).await
     }
 
     async fn enqueue_batch(
@@ -1109,12 +1183,11 @@ impl Jobs for RedisBroker {
         if !errors.is_empty() {
             return Err(ValidationError { errors }.into());
         }
-        let keys = self.keys(queue);
         let mut out = Vec::with_capacity(jobs.len());
         let mut jobs = jobs.into_iter().peekable();
         while jobs.peek().is_some() {
             let chunk: Vec<NewJob> = jobs.by_ref().take(SCRIPT_CHUNK).collect();
-            out.extend(self.enqueue_chunk(queue, &keys, chunk).await?);
+            out.extend(self.enqueue_chunk(queue, chunk).await?);
         }
         Ok(out)
     }

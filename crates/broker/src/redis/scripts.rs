@@ -212,11 +212,12 @@ call! {
             streams: &'a [String; 3], jobs_key: &'a str, sched_key: &'a str, events_key: &'a str,
             queues_key: &'a str,
         }
-        argv { queue: &'a str, n: usize, evmax: usize, idem_ttl_ms: u64, actor: &'a str }
-        /// One job: queued (`q`) or scheduled (`s`); `a1`, `a2`, `a3` as the script's header says.
+        argv { queue: &'a str, n: usize, evmax: usize, idem_ttl_ms: u64 }
+        /// One job: queued (`q`) or scheduled (`s`); `a1`, `a2`, `a3` as the script's header says; `by` its
+        /// submitter (a JSON string, or empty).
         each EnqueueJob {
             mode: &'a str, p: usize, run_at: u64, idem: &'a str, x: &'a str, j: &'a str,
-            a1: &'a str, a2: &'a str, a3: &'a str,
+            a1: &'a str, a2: &'a str, a3: &'a str, by: &'a str,
         }
     }
 }

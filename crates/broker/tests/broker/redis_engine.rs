@@ -568,3 +568,95 @@ async fn a_reply_that_timed_out_retires_its_connection() {
         "the call after the timeout did not open a new connection"
     );
 }
+
+/// Concurrent single enqueues to one queue share script calls (group commit), and each job still carries its
+/// own submitter: its `job.queued` event names its owner as the actor, though several owners' jobs went in one
+/// call.
+#[tokio::test]
+async fn concurrent_single_enqueues_share_calls_and_keep_their_submitters() {
+    use futures::StreamExt;
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("coalesced");
+    b.enqueue(&queue, noop()).await.unwrap(); // scripts loaded, groups created
+    let mut events = b.subscribe().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    let n = 300;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (b, queue) = (b.clone(), queue.clone());
+            tokio::spawn(async move {
+                let mut job = noop();
+                job.owner = Some(format!("user-{i}"));
+                let e = b.enqueue(&queue, job).await.unwrap();
+                (e.id, format!("user-{i}"))
+            })
+        })
+        .collect();
+    let mut owners = std::collections::HashMap::new();
+    for t in tasks {
+        let (id, owner) = t.await.unwrap();
+        assert!(owners.insert(id, owner).is_none(), "ids are distinct");
+    }
+    assert_eq!(b.stats(&queue).await.unwrap().depth, n + 1);
+    let stats = server.cli(&["INFO", "commandstats"]).unwrap();
+    let calls: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|r| r.split(',').next())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (1..n / 2).contains(&calls),
+        "{n} concurrent enqueues took {calls} script calls"
+    );
+    let mut seen = 0;
+    while seen < n {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("every job.queued event arrives")
+            .unwrap();
+        if let Some(owner) = owners.get(&ev.job) {
+            assert_eq!(ev.actor.as_deref(), Some(owner.as_str()), "{ev:?}");
+            seen += 1;
+        }
+    }
+}
+
+/// A caller that stops waiting for a coalesced enqueue cancels nothing: its call runs in the queue's own task,
+/// so the callers behind it are answered, its job is enqueued all the same, and the queue takes enqueues after.
+#[tokio::test]
+async fn an_enqueue_whose_caller_stopped_waiting_still_goes_out() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server, EngineConfig::default()).await;
+    let queue = q("handoff");
+    b.enqueue(&queue, noop()).await.unwrap();
+    // Every client waits for 700 ms: the first call hangs, and the others queue behind it.
+    server.cli(&["CLIENT", "PAUSE", "700", "ALL"]).unwrap();
+    let spawn = || {
+        let (b, queue) = (b.clone(), queue.clone());
+        tokio::spawn(async move { b.enqueue(&queue, noop()).await })
+    };
+    let first = spawn();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiters: Vec<_> = (0..3).map(|_| spawn()).collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.abort();
+    for w in waiters {
+        let r = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("a waiter is answered")
+            .unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+    tokio::time::timeout(Duration::from_secs(5), b.enqueue(&queue, noop()))
+        .await
+        .expect("the lane is free again")
+        .unwrap();
+    assert_eq!(
+        b.stats(&queue).await.unwrap().depth,
+        6,
+        "the abandoned caller's job went out too"
+    );
+}

@@ -67,7 +67,7 @@ end
 -- Those are a standalone Redis's names (keys.rs, Layout): the channels take the event log's prefix, which is
 -- 'ferry:' there and 'ferry:{<tag>}:' on a shard of a Redis Cluster, whose channels are then published with
 -- SPUBLISH, in the slot of the shard's keys.
--- `by` (the actor, a JSON string) may be nil.
+-- `by` (the actor, a JSON string) may be nil; a group's own `by` (g.by) goes before it.
 local function emit(evkey, evmax, groups, by)
   local heads, specs, ng = {}, nil, {}
   -- The partition of the first job ('' for none), whether any other differs, and the call's queue.
@@ -75,7 +75,7 @@ local function emit(evkey, evmax, groups, by)
   for _, g in ipairs(groups) do
     if #g.jobs > 0 then
       ng[#ng + 1] = g
-      heads[#heads + 1] = head(g, g.jobs, g.attempts, g.data, by)
+      heads[#heads + 1] = head(g, g.jobs, g.attempts, g.data, g.by or by)
       if g.specs then
         specs = specs or {}
         specs[#heads] = ',"specs":[' .. table.concat(g.specs, ',') .. ']'
@@ -120,12 +120,14 @@ local function emit(evkey, evmax, groups, by)
     redis.call(publish, channel(first), all)
   else
     -- Per partition, per group (in group order): its jobs, with their positions among the call's events.
+    -- part.gis lists the groups with jobs in the partition, so the work stays linear in the jobs however many
+    -- groups and partitions one call holds (coalesced submits of many owners: a group and a partition each).
     local order, parts, before = {}, {}, 0
     for gi, g in ipairs(ng) do
       for k, pt in ipairs(g.pts) do
         local part = parts[pt]
         if not part then
-          part = {}
+          part = { gis = {} }
           parts[pt] = part
           order[#order + 1] = pt
         end
@@ -134,6 +136,7 @@ local function emit(evkey, evmax, groups, by)
           sel = { jobs = {}, attempts = {}, ns = {} }
           if g.data then sel.data = {} end
           part[gi] = sel
+          part.gis[#part.gis + 1] = gi
         end
         local n = #sel.jobs + 1
         sel.jobs[n] = g.jobs[k]
@@ -145,9 +148,9 @@ local function emit(evkey, evmax, groups, by)
     end
     for _, pt in ipairs(order) do
       local part, hs = parts[pt], {}
-      for gi = 1, #ng do
+      for _, gi in ipairs(part.gis) do
         local sel = part[gi]
-        if sel then hs[#hs + 1] = head(ng[gi], sel.jobs, sel.attempts, sel.data, by, sel.ns) end
+        hs[#hs + 1] = head(ng[gi], sel.jobs, sel.attempts, sel.data, ng[gi].by or by, sel.ns)
       end
       redis.call(publish, channel(pt), pre .. '[' .. table.concat(hs, '},') .. '}]}')
     end
