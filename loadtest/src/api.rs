@@ -46,7 +46,7 @@ pub struct Params {
 
 type Completions = Arc<Mutex<HashMap<String, Instant>>>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -76,10 +76,10 @@ async fn watch_user_channel(
 }
 
 #[derive(Debug, Default)]
-struct Tally {
-    accepted: AtomicU64,
-    rate_limited: AtomicU64,
-    errors: AtomicU64,
+pub(crate) struct Tally {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) errors: AtomicU64,
     first_error: Mutex<Option<String>>,
 }
 
@@ -89,7 +89,7 @@ impl Tally {
         lock(&self.first_error).get_or_insert(e);
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         json!({
             "accepted_requests": self.accepted.load(Ordering::Relaxed),
             "rate_limited_429": self.rate_limited.load(Ordering::Relaxed),
@@ -100,7 +100,7 @@ impl Tally {
 }
 
 /// POST one body; on 202 returns the JSON answer.
-async fn post(
+pub(crate) async fn post(
     http: &reqwest::Client,
     url: &str,
     token: &str,
@@ -140,7 +140,7 @@ async fn post(
     }
 }
 
-const SINGLE_BODY: &str = r#"{"kind":"ferry.noop","payload":{}}"#;
+pub(crate) const SINGLE_BODY: &str = r#"{"kind":"ferry.noop","payload":{}}"#;
 
 async fn latency_phase(
     http: &reqwest::Client,

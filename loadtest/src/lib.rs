@@ -21,6 +21,8 @@
 //! * [`soak`]: a whole cluster under mixed load for a set time (submits of every kind, cancels, WebSocket churn,
 //!   publishes), sampled for RSS, open files and Redis/PostgreSQL memory, then checked for lost or doubled jobs.
 //!
+//! * [`submit`]: single-job HTTP submits with no worker (wrk at the maximum, then paced at half of it),
+//!   ferry's gateway beside Fastify + JWT + BullMQ (`loadtest/submit-peer`).
 //! * [`rebalance`]: N gateways and C WebSocket clients placed as a balancer would, one more gateway joins:
 //!   connections per gateway over time (CSV) as the gateways rebalance.
 //!
@@ -40,4 +42,5 @@ pub mod report;
 pub mod server;
 pub mod soak;
 pub mod stats;
+pub mod submit;
 pub mod wsbench;

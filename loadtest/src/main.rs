@@ -17,7 +17,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use loadtest::server::Topology;
 use loadtest::{
-    api, autoscale, bullmq, ferry, procs, proxies, rebalance, redis_cpu, report, soak, wsbench,
+    api, autoscale, bullmq, ferry, procs, proxies, rebalance, redis_cpu, report, soak, submit,
+    wsbench,
 };
 use serde_json::{Value, json};
 
@@ -40,6 +41,9 @@ enum Cmd {
     Ws(WsArgs),
     /// HTTP submits (single and batch) with completion observed over WebSocket: jobs/s and latency.
     Api(ApiArgs),
+    /// Single-job HTTP submits with no worker, at the maximum (wrk) and at half of it: jobs/s, server and
+    /// Redis CPU per job, latency; ferry's gateway beside Fastify + JWT + BullMQ `queue.add`.
+    Submit(SubmitArgs),
     /// `ferry autoscaler` (local actuator) under a burst: backlog and workers over time until the pool is
     /// back at its minimum; JSON, CSV and a PNG plot.
     Autoscale(AutoscaleArgs),
@@ -187,6 +191,50 @@ struct SoakArgs {
     ferry_bin: Option<PathBuf>,
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct SubmitArgs {
+    /// Systems, each in turn on a fresh redis-server: `ferry` and/or `fastify-bullmq`.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ferry,fastify-bullmq"
+    )]
+    systems: Vec<submit::System>,
+    /// wrk connections; as many tokens, one subject each.
+    #[arg(long, default_value_t = 200)]
+    connections: usize,
+    /// wrk threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Length of the maximum-rate phase.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// wrk warm-up before it (not measured).
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// Length of the phase at half the measured maximum (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    half_rate_secs: u64,
+    /// Requests in flight at most in the half-rate phase.
+    #[arg(long, default_value_t = 512)]
+    in_flight: usize,
+    #[arg(long, default_value = "bench")]
+    queue: String,
+    /// Extra `ferry gateway` flags, space-separated.
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    gateway_args: String,
+    /// The folder with the peer's server.mjs (default loadtest/submit-peer).
+    #[arg(long)]
+    peer_dir: Option<PathBuf>,
+    #[arg(long)]
+    ferry_bin: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    wait_quiet: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -472,6 +520,7 @@ fn main() -> anyhow::Result<()> {
                 Cmd::Jobs(args) => jobs(args).await,
                 Cmd::Ws(args) => ws(args).await,
                 Cmd::Api(args) => api_cmd(args).await,
+                Cmd::Submit(args) => submit_cmd(args).await,
                 Cmd::Autoscale(args) => autoscale_cmd(args).await,
                 Cmd::Soak(args) => soak_cmd(args).await,
                 Cmd::Rebalance(args) => rebalance_cmd(args).await,
@@ -611,6 +660,63 @@ async fn api_cmd(a: ApiArgs) -> anyhow::Result<()> {
         "machine": machine,
         "busy_cores_before": quiet,
         "loadavg_after": report::loadavg(),
+        "result": r,
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    println!("{text}");
+    write_out(a.out.as_ref(), &text)
+}
+
+async fn submit_cmd(a: SubmitArgs) -> anyhow::Result<()> {
+    if a.systems.is_empty() || a.connections == 0 || a.connections > 10_000 {
+        bail!("--systems must name at least one system and --connections be 1..=10000");
+    }
+    if a.threads == 0 || a.threads > 16 || a.threads > a.connections {
+        bail!("--threads must be 1..=16 and at most --connections");
+    }
+    if a.secs == 0 || a.secs > 600 || a.warmup_secs > 60 || a.half_rate_secs > 600 {
+        bail!("--secs must be 1..=600, --warmup-secs at most 60, --half-rate-secs at most 600");
+    }
+    if a.in_flight == 0 || a.in_flight > 4096 {
+        bail!("--in-flight must be 1..=4096");
+    }
+    let machine = report::Machine::probe();
+    let bin = if a.systems.contains(&submit::System::Ferry) {
+        ferry_bin(a.ferry_bin.clone()).await?
+    } else {
+        PathBuf::new()
+    };
+    let quiet = quiet_before(a.wait_quiet).await?;
+    let p = submit::Params {
+        systems: a.systems.clone(),
+        connections: a.connections,
+        threads: a.threads,
+        secs: a.secs,
+        warmup_secs: a.warmup_secs,
+        half_rate_secs: a.half_rate_secs,
+        in_flight: a.in_flight,
+        queue: a.queue.clone(),
+        ferry_bin: bin,
+        gateway_args: a
+            .gateway_args
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        peer_dir: a.peer_dir.clone().unwrap_or_else(submit::default_peer_dir),
+    };
+    let r = submit::run(&p).await?;
+    let doc = json!({
+        "scenario": "submit",
+        "machine": machine,
+        "busy_cores_before": quiet,
+        "loadavg_after": report::loadavg(),
+        "params": {
+            "connections": a.connections,
+            "threads": a.threads,
+            "secs": a.secs,
+            "half_rate_secs": a.half_rate_secs,
+            "gateway_args": a.gateway_args,
+        },
         "result": r,
     });
     let text = serde_json::to_string_pretty(&doc)?;
