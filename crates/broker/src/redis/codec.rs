@@ -198,6 +198,9 @@ struct Group {
     /// The actor of the script call that wrote the group.
     #[serde(default)]
     by: Option<String>,
+    /// Each event's actor is its job's owner (enqueue: one call may carry many submitters' jobs).
+    #[serde(default)]
+    byo: bool,
     /// Job specs, on the durable stream's `job.queued` / `job.scheduled` groups.
     #[serde(default)]
     specs: Option<Vec<JobSpec>>,
@@ -218,6 +221,11 @@ pub fn unpack_events(sid: &str, body: &str) -> Result<Vec<ferry_core::Event>, se
         let mut ns = g.n.map(Vec::into_iter);
         for (meta, attempt) in g.jobs.into_iter().zip(g.attempts) {
             let n = ns.as_mut().and_then(Iterator::next).unwrap_or(out.len());
+            let actor = if g.byo {
+                meta.owner.clone()
+            } else {
+                g.by.clone()
+            };
             out.push(ferry_core::Event {
                 id: format!("{sid}/{n}"),
                 ty: g.ty,
@@ -234,7 +242,7 @@ pub fn unpack_events(sid: &str, body: &str) -> Result<Vec<ferry_core::Event>, se
                     .and_then(Iterator::next)
                     .filter(|d| !d.is_null()),
                 correlation_id: meta.corr,
-                actor: g.by.clone(),
+                actor,
                 spec: specs.as_mut().and_then(Iterator::next).map(Box::new),
             });
         }

@@ -935,8 +935,6 @@ impl EnqueueCall {
         let mut states = Vec::with_capacity(jobs.len());
         let mut tails = codec::id_tails(jobs.len()).into_iter();
         for job in jobs {
-            // Each job's submitter: coalesced single submits put several callers' jobs in one call.
-            let by = actor_arg(job.owner.as_deref());
             let delay = job.delay_ms.unwrap_or(0);
             let idem = job
                 .idempotency_key
@@ -972,7 +970,6 @@ impl EnqueueCall {
                     a1: &fields.id,
                     a2: &fields.m,
                     a3: &record,
-                    by: &by,
                 }
                 .push(&mut inv);
                 states.push(JobState::Scheduled);
@@ -987,7 +984,6 @@ impl EnqueueCall {
                     a1: &tail,
                     a2: &codec::meta_rest(queue, &spec),
                     a3: "",
-                    by: &by,
                 }
                 .push(&mut inv);
                 states.push(JobState::Queued);

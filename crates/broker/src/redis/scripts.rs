@@ -213,11 +213,10 @@ call! {
             queues_key: &'a str,
         }
         argv { queue: &'a str, n: usize, evmax: usize, idem_ttl_ms: u64 }
-        /// One job: queued (`q`) or scheduled (`s`); `a1`, `a2`, `a3` as the script's header says; `by` its
-        /// submitter (a JSON string, or empty).
+        /// One job: queued (`q`) or scheduled (`s`); `a1`, `a2`, `a3` as the script's header says.
         each EnqueueJob {
             mode: &'a str, p: usize, run_at: u64, idem: &'a str, x: &'a str, j: &'a str,
-            a1: &'a str, a2: &'a str, a3: &'a str, by: &'a str,
+            a1: &'a str, a2: &'a str, a3: &'a str,
         }
     }
 }

@@ -1,8 +1,9 @@
--- Per job: mode (q|s) p run_at idem (the idempotency key, or empty) x j a1 a2 a3 by, where
+-- Per job: mode (q|s) p run_at idem (the idempotency key, or empty) x j a1 a2 a3, where
 --   queued (q):    a1 = id tail ("7xxx-yxxx-xxxxxxxxxxxx"), a2 = the `m` object without its leading `{"job":"…"`
 --   scheduled (s): a1 = id, a2 = m, a3 = the record
---   by:            the submitter as a JSON string, or empty (one call may carry several submitters' jobs: the
---                  broker coalesces concurrent single submits; each job's event names its own)
+-- A job's submitter is its owner, which its `m` carries: the groups are marked `byo` (each event's actor is its
+-- job's owner), so one call can carry many submitters' jobs (the broker coalesces concurrent single submits)
+-- in two groups.
 -- Returns per job: 'n', id (new) or 'd', id (an idempotency key matched an earlier job).
 --
 -- A queued job's id is made here: a UUIDv7 whose millisecond is the one its stream entry id carries (every
@@ -18,7 +19,7 @@ local queue = ARGV[1]
 local n = tonumber(ARGV[2])
 local evmax = ARGV[3]
 local idem_ttl_ms = ARGV[4]
-local FIRST, EACH = 5, 10 -- n jobs from ARGV[FIRST] on, EACH values apiece (see above)
+local FIRST, EACH = 5, 9 -- n jobs from ARGV[FIRST] on, EACH values apiece (see above)
 local now = clock_ms()
 if redis.call('SADD', queues_key, queue) == 1 then
   for p = 1, 3 do redis.pcall('XGROUP', 'CREATE', streams[p], GROUP, '0', 'MKSTREAM') end
@@ -40,21 +41,11 @@ end
 if ms then prefix = string.format('%08x-%04x-', math.floor(ms / 65536), ms % 65536) end
 local out = {}
 local hset = { 'HSET', jobs_key }
--- Event groups in job order: a new one whenever the state or the submitter changes from the job before.
-local groups, last_key, last = {}, nil, nil
-local function group_of(mode, by)
-  local key = mode .. by
-  if key ~= last_key then
-    if mode == 'q' then last = group('job.queued', 'queued', now) else last = group('job.scheduled', 'scheduled', now) end
-    last.by = by
-    last_key = key
-    groups[#groups + 1] = last
-  end
-  return last
-end
+local queued, scheduled = group('job.queued', 'queued', now), group('job.scheduled', 'scheduled', now)
+queued.byo, scheduled.byo = true, true
 for k = 1, n do
   local i = FIRST + (k - 1) * EACH
-  local mode, p, run_at, idem, x, j, a1, a2, a3, by = unpack(ARGV, i, i + EACH - 1)
+  local mode, p, run_at, idem, x, j, a1, a2, a3 = unpack(ARGV, i, i + EACH - 1)
   p = tonumber(p)
   local id
   if mode == 'q' then id = prefix .. a1 else id = a1 end
@@ -72,19 +63,17 @@ for k = 1, n do
     if mode == 'q' then
       local m = '{"job":"' .. id .. '"' .. a2
       redis.call('XADD', streams[p + 1], ms .. '-*', 'id', id, 'm', m, 'a', '0', 'x', x, 'j', j)
-      local g = group_of('q', by)
-      add(g, m, 0)
-      add_spec(g, j)
+      add(queued, m, 0)
+      add_spec(queued, j)
     else
       redis.call('ZADD', sched_key, run_at, id)
       hset[#hset + 1] = id
       hset[#hset + 1] = a3
-      local g = group_of('s', by)
-      add(g, a2, 0, '{"run_at":' .. run_at .. '}')
-      add_spec(g, j)
+      add(scheduled, a2, 0, '{"run_at":' .. run_at .. '}')
+      add_spec(scheduled, j)
     end
   end
 end
 if #hset > 2 then redis.call(unpack(hset)) end
-emit(events_key, evmax, groups, '')
+emit(events_key, evmax, { queued, scheduled })
 return out

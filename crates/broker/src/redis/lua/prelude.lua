@@ -52,6 +52,7 @@ local function head(g, jobs, attempts, data, by, ns)
     table.concat(jobs, ',') .. '],"attempts":[' .. table.concat(attempts, ',') .. ']'
   if data then s = s .. ',"data":[' .. table.concat(data, ',') .. ']' end
   if by and by ~= '' then s = s .. ',"by":' .. by end
+  if g.byo then s = s .. ',"byo":true' end
   if ns then s = s .. ',"n":[' .. table.concat(ns, ',') .. ']' end
   return s
 end
@@ -67,7 +68,7 @@ end
 -- Those are a standalone Redis's names (keys.rs, Layout): the channels take the event log's prefix, which is
 -- 'ferry:' there and 'ferry:{<tag>}:' on a shard of a Redis Cluster, whose channels are then published with
 -- SPUBLISH, in the slot of the shard's keys.
--- `by` (the actor, a JSON string) may be nil; a group's own `by` (g.by) goes before it.
+-- `by` (the actor, a JSON string) may be nil; a group marked `byo` says each event's actor is its job's owner.
 local function emit(evkey, evmax, groups, by)
   local heads, specs, ng = {}, nil, {}
   -- The partition of the first job ('' for none), whether any other differs, and the call's queue.
@@ -75,7 +76,7 @@ local function emit(evkey, evmax, groups, by)
   for _, g in ipairs(groups) do
     if #g.jobs > 0 then
       ng[#ng + 1] = g
-      heads[#heads + 1] = head(g, g.jobs, g.attempts, g.data, g.by or by)
+      heads[#heads + 1] = head(g, g.jobs, g.attempts, g.data, by)
       if g.specs then
         specs = specs or {}
         specs[#heads] = ',"specs":[' .. table.concat(g.specs, ',') .. ']'
@@ -150,7 +151,7 @@ local function emit(evkey, evmax, groups, by)
       local part, hs = parts[pt], {}
       for _, gi in ipairs(part.gis) do
         local sel = part[gi]
-        hs[#hs + 1] = head(ng[gi], sel.jobs, sel.attempts, sel.data, ng[gi].by or by, sel.ns)
+        hs[#hs + 1] = head(ng[gi], sel.jobs, sel.attempts, sel.data, by, sel.ns)
       end
       redis.call(publish, channel(pt), pre .. '[' .. table.concat(hs, '},') .. '}]}')
     end
