@@ -865,6 +865,34 @@ async fn quiet_before(limit_secs: u64) -> anyhow::Result<Option<f64>> {
     wait_quiet(Duration::from_secs(limit_secs)).await.map(Some)
 }
 
+/// One ferry run of `jobs` after waiting for a quiet machine: its JSON and true, or, when it failed, `about`
+/// (what the run was) with its topology and the error, and false.
+async fn ferry_run(
+    p: &ferry::Params,
+    wait_quiet: u64,
+    about: Value,
+) -> anyhow::Result<(Value, bool)> {
+    let quiet = quiet_before(wait_quiet).await?;
+    match ferry::run(p).await {
+        Ok(r) => {
+            let mut v = serde_json::to_value(r)?;
+            v["busy_cores_before"] = json!(quiet);
+            Ok((v, true))
+        }
+        Err(e) => {
+            eprintln!(
+                "[loadtest] ferry run ({about}, {}) failed: {e:#}",
+                p.topology.label()
+            );
+            let mut v = about;
+            v["system"] = json!("ferry");
+            v["redis"] = json!(p.topology);
+            v["error"] = json!(format!("{e:#}"));
+            Ok((v, false))
+        }
+    }
+}
+
 /// Find or build the ferry binary and check it has a `worker` subcommand.
 async fn ferry_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let bin = match given {
@@ -948,28 +976,14 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                             record,
                             ..base.clone()
                         };
-                        let quiet = quiet_before(a.wait_quiet).await?;
-                        match ferry::run(&p).await {
-                            Ok(r) => {
-                                let mut v = serde_json::to_value(r)?;
-                                v["busy_cores_before"] = json!(quiet);
-                                ferry_runs.push(v);
-                            }
-                            Err(e) => {
-                                eprintln!(
-                                    "[loadtest] ferry run (batch {batch_size}, recorder {record}, {}) failed: {e:#}",
-                                    topology.label()
-                                );
-                                ferry_runs.push(json!({
-                                    "system": "ferry",
-                                    "redis": topology,
-                                    "batch_size": batch_size,
-                                    "recorder": record,
-                                    "error": format!("{e:#}"),
-                                }));
-                                failed = true;
-                            }
-                        }
+                        let (v, ok) = ferry_run(
+                            &p,
+                            a.wait_quiet,
+                            json!({"batch_size": batch_size, "recorder": record}),
+                        )
+                        .await?;
+                        ferry_runs.push(v);
+                        failed |= !ok;
                     }
                     for &gateways in &a.gateways {
                         let p = ferry::Params {
@@ -982,26 +996,11 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                             "[loadtest] ferry with {gateways} gateways attached ({})",
                             topology.label()
                         );
-                        let quiet = quiet_before(a.wait_quiet).await?;
-                        match ferry::run(&p).await {
-                            Ok(r) => {
-                                let mut v = serde_json::to_value(r)?;
-                                v["busy_cores_before"] = json!(quiet);
-                                gateway_runs.push(v);
-                            }
-                            Err(e) => {
-                                eprintln!(
-                                    "[loadtest] ferry run with {gateways} gateways failed: {e:#}"
-                                );
-                                gateway_runs.push(json!({
-                                    "system": "ferry",
-                                    "redis": topology,
-                                    "gateways": { "count": gateways },
-                                    "error": format!("{e:#}"),
-                                }));
-                                failed = true;
-                            }
-                        }
+                        let (v, ok) =
+                            ferry_run(&p, a.wait_quiet, json!({"gateways": {"count": gateways}}))
+                                .await?;
+                        gateway_runs.push(v);
+                        failed |= !ok;
                     }
                 }
             }

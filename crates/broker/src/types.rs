@@ -146,7 +146,7 @@ pub struct QueueStats {
 }
 
 /// Errors of the engine itself (a job's own failure is not one).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error(transparent)]
     Invalid(#[from] ValidationError),

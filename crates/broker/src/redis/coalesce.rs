@@ -106,7 +106,7 @@ impl Coalescer {
                 }
                 Err(e) => {
                     for tx in txs {
-                        let _ = tx.send(Err(copy(&e)));
+                        let _ = tx.send(Err(e.clone()));
                     }
                 }
             }
@@ -135,14 +135,5 @@ impl Drop for Free<'_> {
         if std::thread::panicking() {
             self.coalescer.lanes().remove(self.queue);
         }
-    }
-}
-
-/// The same error for each job of a failed call.
-fn copy(e: &BrokerError) -> BrokerError {
-    match e {
-        BrokerError::Invalid(v) => BrokerError::Invalid(v.clone()),
-        BrokerError::Unavailable(m) => BrokerError::Unavailable(m.clone()),
-        BrokerError::Internal(m) => BrokerError::Internal(m.clone()),
     }
 }

@@ -903,7 +903,6 @@ struct EnqueueReply {
 }
 
 /// One queue's enqueue script call with everything it needs owned: the coalescer runs it in a task of its own.
-#[derive(Clone)]
 struct EnqueueCall {
     scripts: Arc<Scripts>,
     conn: Conn,

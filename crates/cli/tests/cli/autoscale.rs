@@ -57,6 +57,43 @@ async fn metric(http: &reqwest::Client, port: u16, name: &str, labels: &str) -> 
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Poll the workers the autoscaler reports for `region` (every 100 ms) until they are `want`; `what` is the
+/// failure after `limit`.
+async fn until_workers(
+    http: &reqwest::Client,
+    port: u16,
+    region: &str,
+    want: f64,
+    limit: Duration,
+    what: &str,
+) {
+    let labels = format!(r#"region="{region}""#);
+    let deadline = Instant::now() + limit;
+    while metric(http, port, "ferry_autoscaler_current_workers", &labels).await != Some(want) {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Poll `id` until the broker has it completed; `what` is the failure after `limit`.
+async fn until_job_completed(
+    broker: &RedisBroker,
+    id: ferry_core::JobId,
+    limit: Duration,
+    what: impl Fn() -> String,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !broker
+        .job(id)
+        .await?
+        .is_some_and(|j| j.state == ferry_core::JobState::Completed)
+    {
+        assert!(Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 async fn enqueue_sleeps(broker: &RedisBroker, q: &QueueName, n: usize, ms: u64) -> Result<()> {
     let job = NewJob::new(Kind::parse("ferry.sleep")?, json!({ "ms": ms }));
     for _ in 0..n / 1000 {
@@ -108,11 +145,15 @@ worker-args = ["--concurrency", "20", "--batch-size", "20"]
     };
 
     // Idle: the minimum.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while current(http.clone()).await != Some(1.0) {
-        assert!(Instant::now() < deadline, "never reached 1 worker");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_workers(
+        &http,
+        port,
+        "local",
+        1.0,
+        Duration::from_secs(30),
+        "never reached 1 worker",
+    )
+    .await;
 
     let completed = crate::support::count_completions(&broker).await?;
     let t0 = Instant::now();
@@ -143,11 +184,15 @@ worker-args = ["--concurrency", "20", "--batch-size", "20"]
     );
 
     // Back to the minimum after the window; nothing lost or left behind while workers were stopped.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while current(http.clone()).await != Some(1.0) {
-        assert!(Instant::now() < deadline, "never scaled back to 1");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_workers(
+        &http,
+        port,
+        "local",
+        1.0,
+        Duration::from_secs(60),
+        "never scaled back to 1",
+    )
+    .await;
     let s = broker.stats(&q).await?;
     assert_eq!(
         (s.depth, s.active, s.dead, s.scheduled),
@@ -315,23 +360,19 @@ async fn a_queue_at_zero_wakes_on_its_first_job_and_returns_to_zero() -> Result<
         .enqueue(&q, NewJob::new(Kind::parse("ferry.echo")?, json!({"n": 1})))
         .await?
         .id;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if broker
-            .job(id)
-            .await?
-            .is_some_and(|j| j.state == ferry_core::JobState::Completed)
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the job never ran");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while workers(http.clone()).await != Some(0.0) {
-        assert!(Instant::now() < deadline, "never went back to zero");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_job_completed(&broker, id, Duration::from_secs(30), || {
+        "the job never ran".to_owned()
+    })
+    .await?;
+    until_workers(
+        &http,
+        port,
+        "z",
+        0.0,
+        Duration::from_secs(30),
+        "never went back to zero",
+    )
+    .await;
     assert_eq!(scaler.stop(Duration::from_secs(30)).await?.code(), Some(0));
     Ok(())
 }
@@ -402,19 +443,15 @@ async fn local_workers_exit_when_the_autoscaler_is_killed() -> Result<()> {
     )?;
     let (mut scaler, port) = autoscaler(&regions).await?;
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(
+    until_workers(
         &http,
         port,
-        "ferry_autoscaler_current_workers",
-        r#"region="k""#,
+        "k",
+        2.0,
+        Duration::from_secs(20),
+        "never reached 2 workers",
     )
-    .await
-        != Some(2.0)
-    {
-        assert!(Instant::now() < deadline, "never reached 2 workers");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    .await;
     let children = String::from_utf8(
         Command::new("pgrep")
             .args(["-P", &scaler.pid().to_string()])
@@ -619,42 +656,32 @@ async fn a_region_on_a_redis_cluster_scales_its_workers() -> Result<()> {
     )?;
     let (mut scaler, port) = autoscaler(&regions).await?;
     let http = reqwest::Client::new();
-    let workers = |http: reqwest::Client| async move {
-        metric(
-            &http,
-            port,
-            "ferry_autoscaler_current_workers",
-            r#"region="c""#,
-        )
-        .await
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while workers(http.clone()).await != Some(0.0) {
-        assert!(Instant::now() < deadline, "no decision exported");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_workers(
+        &http,
+        port,
+        "c",
+        0.0,
+        Duration::from_secs(20),
+        "no decision exported",
+    )
+    .await;
     let id = broker
         .enqueue(&q, NewJob::new(Kind::parse("ferry.echo")?, json!({"n": 1})))
         .await?
         .id;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !broker
-        .job(id)
-        .await?
-        .is_some_and(|j| j.state == JobState::Completed)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the job never ran\n{}",
-            scaler.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while workers(http.clone()).await != Some(0.0) {
-        assert!(Instant::now() < deadline, "never went back to zero");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_job_completed(&broker, id, Duration::from_secs(30), || {
+        format!("the job never ran\n{}", scaler.log())
+    })
+    .await?;
+    until_workers(
+        &http,
+        port,
+        "c",
+        0.0,
+        Duration::from_secs(30),
+        "never went back to zero",
+    )
+    .await;
     assert_eq!(scaler.stop(Duration::from_secs(30)).await?.code(), Some(0));
     drop(cluster);
     Ok(())

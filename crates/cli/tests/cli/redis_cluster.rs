@@ -3,7 +3,7 @@
 //! the virtual shards complete, their events reach a WebSocket client through sharded pub/sub, and the record
 //! in PostgreSQL holds every one.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -12,22 +12,9 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{self, Proc, ferry, remaining, submit, token, until_completed, until_ready};
+use crate::support::{self, Proc, remaining, submit, token, until_completed, until_ready};
 
 const SECRET: &str = "redis-cluster-test-secret-redis-cluster";
-
-fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = ferry();
-    cmd.args(args)
-        .env("FERRY_LOG", "warn,ferry_cli=info")
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_REDIS_URLS")
-        .env_remove("FERRY_LOG_FORMAT")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    cmd
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_worker_recorder_and_enqueue_run_on_a_redis_cluster() -> Result<()> {
@@ -42,7 +29,7 @@ async fn gateway_worker_recorder_and_enqueue_run_on_a_redis_cluster() -> Result<
     ];
     let queues: Vec<String> = (0..8).map(|i| format!("q{i}")).collect();
     let (_gateway, line) = Proc::spawn_listening(
-        &mut command(
+        &mut support::role(
             &[
                 "gateway",
                 "--listen",
@@ -59,7 +46,7 @@ async fn gateway_worker_recorder_and_enqueue_run_on_a_redis_cluster() -> Result<
     let base = format!("http://{listen}");
     let http = reqwest::Client::new();
     until_ready(&http, &base, remaining(deadline)).await?;
-    let _worker = Proc::spawn_logged(&mut command(
+    let _worker = Proc::spawn_logged(&mut support::role(
         &["worker", "--queues", &queues.join(",")],
         &env,
     ))?;
@@ -105,7 +92,7 @@ async fn gateway_worker_recorder_and_enqueue_run_on_a_redis_cluster() -> Result<
     }
 
     // `ferry enqueue` on the same cluster, by flag this time.
-    let out = command(
+    let out = support::role(
         &[
             "enqueue",
             "--redis-cluster",
@@ -147,14 +134,14 @@ async fn gateway_worker_recorder_and_enqueue_run_on_a_redis_cluster() -> Result<
         let mut all = vec!["enqueue", "--queue", "q1", "--kind", "k"];
         all.extend(["--redis-cluster", seed.as_str()]);
         all.extend(args);
-        let out = command(&all, &[]).output()?;
+        let out = support::role(&all, &[]).output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{stderr}");
         assert!(stderr.contains(says), "{stderr}");
     }
     let tls = format!("rediss://{}", &cluster.urls()[0]["redis://".len()..]);
     let mixed = format!("{tls},{}", cluster.urls()[1]);
-    let out = command(
+    let out = support::role(
         &[
             "enqueue",
             "--queue",
@@ -202,7 +189,7 @@ async fn jobs_move_from_a_standalone_redis_to_a_redis_cluster_through_the_record
     let recorded = |sql: &str| -> Result<u64> { Ok(psql(&db, sql)?.trim().parse()?) };
 
     // Before: jobs accepted on the standalone Redis and recorded, none worked yet (this worker only records).
-    let mut old = Proc::spawn_logged(&mut command(
+    let mut old = Proc::spawn_logged(&mut support::role(
         &[
             "worker",
             "--redis",
@@ -228,7 +215,7 @@ async fn jobs_move_from_a_standalone_redis_to_a_redis_cluster_through_the_record
         if let Some(ms) = delay {
             args.extend(["--delay-ms", ms]);
         }
-        let out = command(&args, &[]).output()?;
+        let out = support::role(&args, &[]).output()?;
         assert!(
             out.status.success(),
             "{}",
@@ -248,7 +235,7 @@ async fn jobs_move_from_a_standalone_redis_to_a_redis_cluster_through_the_record
     );
 
     // After: a worker on the cluster; its reconciler finds the unfinished jobs missing there and restores them.
-    let _new = Proc::spawn_logged(&mut command(
+    let _new = Proc::spawn_logged(&mut support::role(
         &[
             "worker",
             "--redis-cluster",

@@ -13,18 +13,6 @@ use crate::support::{self, Proc, ferry, read, submit, token, until_completed, un
 
 const SECRET: &str = "topology-test-secret-topology-test-secret";
 
-fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = ferry();
-    cmd.args(args)
-        .env("FERRY_LOG", "warn,ferry_cli=info")
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_LOG_FORMAT")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    cmd
-}
-
 /// One instant query against Prometheus: the first sample's value.
 async fn query(http: &reqwest::Client, prom: &str, q: &str) -> Result<Option<f64>> {
     let v: Value = http
@@ -63,7 +51,7 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
     let mut gateways = Vec::new();
     for _ in 0..2 {
         let (proc, line) = Proc::spawn_listening(
-            &mut command(
+            &mut support::role(
                 &[
                     "gateway",
                     "--listen",
@@ -82,7 +70,7 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
     let mut admin = Vec::new();
     for _ in 0..2 {
         let (proc, line) = Proc::spawn_listening(
-            &mut command(
+            &mut support::role(
                 &[
                     "worker",
                     "--queues",
@@ -107,7 +95,7 @@ async fn the_compose_topology_runs_as_processes() -> Result<()> {
         ),
     )?;
     let (proc, line) = Proc::spawn_listening(
-        &mut command(
+        &mut support::role(
             &[
                 "autoscaler",
                 "--regions",

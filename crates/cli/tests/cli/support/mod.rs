@@ -84,6 +84,22 @@ pub fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }
 
+/// `ferry ARGS` as a role of a test cluster: logging at `warn,ferry_cli=info`, none of the machine's
+/// `FERRY_CONFIG`, `FERRY_REDIS_URLS` or `FERRY_LOG_FORMAT` (so a test's flags and `env` are all it gets), no
+/// stdin, stdout discarded.
+pub fn role(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = ferry();
+    cmd.args(args)
+        .env("FERRY_LOG", "warn,ferry_cli=info")
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_REDIS_URLS")
+        .env_remove("FERRY_LOG_FORMAT")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
 /// A running `ferry` child process, SIGKILLed (and reaped) if the test ends without stopping it.
 #[derive(Debug)]
 pub struct Proc {
