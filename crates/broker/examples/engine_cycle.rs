@@ -115,6 +115,37 @@ async fn bare(jobs: usize, batch: usize) {
     );
 }
 
+/// With `SPLIT` set: claim everything first, then complete it, so the two scripts' costs show apart.
+async fn split(b: &RedisBroker, q: &QueueName, pid: u32, jobs: usize, batch: usize) {
+    let p1 = cpu_micros(pid);
+    let mut leases = Vec::new();
+    loop {
+        let leased = b.claim(q, "c", batch, Duration::ZERO).await.unwrap();
+        if leased.is_empty() {
+            break;
+        }
+        leases.extend(leased.into_iter().map(|l| l.lease));
+    }
+    let p2 = cpu_micros(pid);
+    for chunk in leases.chunks(batch) {
+        let items = chunk
+            .iter()
+            .map(|l| Completion {
+                lease: l.clone(),
+                result: serde_json::Value::Null,
+            })
+            .collect();
+        b.complete(items).await.unwrap();
+    }
+    let p3 = cpu_micros(pid);
+    let per = |a: u64, b: u64| (b - a) as f64 / jobs as f64;
+    println!(
+        "{{\"split\":true,\"jobs\":{jobs},\"batch\":{batch},\"claim_proc_cpu_us_per_job\":{:.2},\"complete_proc_cpu_us_per_job\":{:.2}}}",
+        per(p1, p2),
+        per(p2, p3)
+    );
+}
+
 #[tokio::main]
 async fn main() {
     if std::env::args().any(|a| a == "--bare") {
@@ -156,6 +187,10 @@ async fn main() {
     let (c1, _) = commandstats_usec(&server);
     let p1 = cpu_micros(pid);
 
+    if std::env::var_os("SPLIT").is_some() {
+        split(&b, &q, pid, jobs, batch).await;
+        return;
+    }
     let t1 = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..claimers {

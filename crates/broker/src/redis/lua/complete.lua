@@ -10,6 +10,7 @@ local evmax = ARGV[2]
 local actor = ARGV[3] -- the lease holder as a JSON string
 local FIRST, EACH = 4, 6 -- n jobs from ARGV[FIRST] on, EACH values apiece (p eid id att m result)
 local now = clock_ms()
+local at = tostring(now) -- formatted once: a number in a concatenation is formatted each time
 local hset = { 'HSET', jobs_key }
 local rejected = {}
 local completed = group('job.completed', 'completed', now)
@@ -19,7 +20,7 @@ for k = 1, n do
   i = i + EACH
   if redis.call('XACK', streams[tonumber(p) + 1], GROUP, eid) == 1 then
     hset[#hset + 1] = id
-    hset[#hset + 1] = '["c",' .. now .. ',' .. att .. ',' .. p .. ',"' .. eid .. '",' .. result .. ']'
+    hset[#hset + 1] = '["c",' .. at .. ',' .. att .. ',' .. p .. ',"' .. eid .. '",' .. result .. ']'
     add(completed, m, att, result)
   else
     rejected[#rejected + 1] = k

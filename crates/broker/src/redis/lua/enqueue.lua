@@ -38,7 +38,11 @@ for k = 1, n do
     end
   end
 end
-if ms then prefix = string.format('%08x-%04x-', math.floor(ms / 65536), ms % 65536) end
+local msid -- the entry id pattern, formatted once
+if ms then
+  prefix = string.format('%08x-%04x-', math.floor(ms / 65536), ms % 65536)
+  msid = tostring(ms) .. '-*'
+end
 local out = {}
 local hset = { 'HSET', jobs_key }
 local queued, scheduled = group('job.queued', 'queued', now), group('job.scheduled', 'scheduled', now)
@@ -62,7 +66,7 @@ for k = 1, n do
     out[#out + 1] = id
     if mode == 'q' then
       local m = '{"job":"' .. id .. '"' .. a2
-      redis.call('XADD', streams[p + 1], ms .. '-*', 'id', id, 'm', m, 'a', '0', 'x', x, 'j', j)
+      redis.call('XADD', streams[p + 1], msid, 'id', id, 'm', m, 'a', '0', 'x', x, 'j', j)
       add(queued, m, 0)
       add_spec(queued, j)
     else

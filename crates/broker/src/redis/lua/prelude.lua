@@ -24,8 +24,21 @@ local function clock_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- `at` is kept as text: Lua turns a number into a string with sprintf, which costs more than anything else a
+-- group does per output, so each number is formatted once per call (see also `num`).
 local function group(ty, state, now)
-  return { ty = ty, state = state, at = now, jobs = {}, attempts = {}, data = nil }
+  return { ty = ty, state = state, at = tostring(now), jobs = {}, attempts = {}, data = nil }
+end
+
+-- Small numbers (attempts) as text, each formatted once per call.
+local NUMS = {}
+local function num(n)
+  local s = NUMS[n]
+  if not s then
+    s = tostring(n)
+    NUMS[n] = s
+  end
+  return s
 end
 
 -- `spec` (the job spec JSON) goes to the durable stream only.
@@ -34,9 +47,11 @@ local function add_spec(g, spec)
   g.specs[#g.jobs] = spec
 end
 
+-- `attempt` is text, or a number (formatted here, once per distinct value).
 local function add(g, m, attempt, data)
   local n = #g.jobs + 1
   g.jobs[n] = m
+  if type(attempt) == 'number' then attempt = num(attempt) end
   g.attempts[n] = attempt
   if data then
     g.data = g.data or {}
@@ -44,17 +59,54 @@ local function add(g, m, attempt, data)
   end
 end
 
--- One group as published, without its closing brace, over the jobs (with their attempts and data) given. `ns`,
--- when the jobs are only some of the call's, are their positions among all the call's events (0-based, across
--- groups in order): event ids are `<sid>/<position>` whatever channel carried them.
-local function head(g, jobs, attempts, data, by, ns)
-  local s = '{"type":"' .. g.ty .. '","state":"' .. g.state .. '","at":' .. g.at .. ',"jobs":[' ..
-    table.concat(jobs, ',') .. '],"attempts":[' .. table.concat(attempts, ',') .. ']'
-  if data then s = s .. ',"data":[' .. table.concat(data, ',') .. ']' end
-  if by and by ~= '' then s = s .. ',"by":' .. by end
-  if g.byo then s = s .. ',"byo":true' end
-  if ns then s = s .. ',"n":[' .. table.concat(ns, ',') .. ']' end
-  return s
+-- Append `list` to the pieces `out`, with `sep` (if any) between items.
+local function join(out, list, sep)
+  local o = #out
+  for k = 1, #list do
+    if sep and k > 1 then
+      o = o + 1
+      out[o] = sep
+    end
+    o = o + 1
+    out[o] = list[k]
+  end
+end
+
+-- One group as published, without its closing brace, over the jobs (with their attempts and data) given,
+-- appended to the pieces `out`. `ns`, when the jobs are only some of the call's, are their positions among all
+-- the call's events (0-based, across groups in order): event ids are `<sid>/<position>` whatever channel carried
+-- them.
+-- Everything an event carries is appended as pieces and joined once per message: Redis's Lua hashes every byte
+-- of every string it makes, so each intermediate string (a group's head, the groups joined) would cost the
+-- whole message again.
+local function head(out, g, jobs, attempts, data, by, ns)
+  local o = #out
+  out[o + 1] = '{"type":"'
+  out[o + 2] = g.ty
+  out[o + 3] = '","state":"'
+  out[o + 4] = g.state
+  out[o + 5] = '","at":'
+  out[o + 6] = g.at
+  out[o + 7] = ',"jobs":['
+  join(out, jobs, ',')
+  out[#out + 1] = '],"attempts":['
+  join(out, attempts, ',')
+  out[#out + 1] = ']'
+  if data then
+    out[#out + 1] = ',"data":['
+    join(out, data, ',')
+    out[#out + 1] = ']'
+  end
+  if by and by ~= '' then
+    out[#out + 1] = ',"by":'
+    out[#out + 1] = by
+  end
+  if g.byo then out[#out + 1] = ',"byo":true' end
+  if ns then
+    out[#out + 1] = ',"n":['
+    join(out, ns, ',')
+    out[#out + 1] = ']'
+  end
 end
 
 -- Append the non-empty groups as ONE entry of the durable per-shard stream, then publish them, without the
@@ -70,17 +122,12 @@ end
 -- SPUBLISH, in the slot of the shard's keys.
 -- `by` (the actor, a JSON string) may be nil; a group marked `byo` says each event's actor is its job's owner.
 local function emit(evkey, evmax, groups, by)
-  local heads, specs, ng = {}, nil, {}
+  local ng = {}
   -- The partition of the first job ('' for none), whether any other differs, and the call's queue.
   local first, mixed, queue = nil, false, nil
   for _, g in ipairs(groups) do
     if #g.jobs > 0 then
       ng[#ng + 1] = g
-      heads[#heads + 1] = head(g, g.jobs, g.attempts, g.data, by)
-      if g.specs then
-        specs = specs or {}
-        specs[#heads] = ',"specs":[' .. table.concat(g.specs, ',') .. ']'
-      end
       local pts = {}
       for k, m in ipairs(g.jobs) do
         -- m is {"job":"<id>","pt":N,... (or {"job":"<id>","queue":... from an older ferry): find the id's
@@ -98,17 +145,35 @@ local function emit(evkey, evmax, groups, by)
       g.pts = pts
     end
   end
-  if #heads == 0 then return end
-  local body = '[' .. table.concat(heads, '},') .. '}]'
-  local stored = body
-  if specs then
-    local parts = {}
-    for k, h in ipairs(heads) do parts[k] = h .. (specs[k] or '') .. '}' end
-    stored = '[' .. table.concat(parts, ',') .. ']'
+  if #ng == 0 then return end
+  -- The groups without their closing braces, once; the stored entry and the messages reuse the pieces.
+  local heads = {}
+  for i, g in ipairs(ng) do
+    local h = {}
+    head(h, g, g.jobs, g.attempts, g.data, by)
+    heads[i] = h
   end
-  local sid = redis.call('XADD', evkey, 'MAXLEN', '~', evmax, '*', 'e', stored)
-  local pre = '{"sid":"' .. sid .. '","events":'
-  local all = pre .. body .. '}'
+  local stored = { '[' }
+  for i, g in ipairs(ng) do
+    if i > 1 then stored[#stored + 1] = ',' end
+    join(stored, heads[i])
+    if g.specs then
+      stored[#stored + 1] = ',"specs":['
+      join(stored, g.specs, ',')
+      stored[#stored + 1] = ']'
+    end
+    stored[#stored + 1] = '}'
+  end
+  stored[#stored + 1] = ']'
+  local sid = redis.call('XADD', evkey, 'MAXLEN', '~', evmax, '*', 'e', table.concat(stored))
+  local pre = '{"sid":"' .. sid .. '","events":['
+  local all = { pre }
+  for i = 1, #ng do
+    if i > 1 then all[#all + 1] = '},' end
+    join(all, heads[i])
+  end
+  all[#all + 1] = '}]}'
+  all = table.concat(all)
   -- evkey is '<prefix>events'; 'ferry:{' starts the prefix of a shard of a Redis Cluster.
   local prefix = string.sub(evkey, 1, #evkey - 6)
   local publish = 'PUBLISH'
@@ -148,12 +213,14 @@ local function emit(evkey, evmax, groups, by)
       before = before + #g.jobs
     end
     for _, pt in ipairs(order) do
-      local part, hs = parts[pt], {}
-      for _, gi in ipairs(part.gis) do
+      local part, msg = parts[pt], { pre }
+      for i, gi in ipairs(part.gis) do
+        if i > 1 then msg[#msg + 1] = '},' end
         local sel = part[gi]
-        hs[#hs + 1] = head(ng[gi], sel.jobs, sel.attempts, sel.data, by, sel.ns)
+        head(msg, ng[gi], sel.jobs, sel.attempts, sel.data, by, sel.ns)
       end
-      redis.call(publish, channel(pt), pre .. '[' .. table.concat(hs, '},') .. '}]}')
+      msg[#msg + 1] = '}]}'
+      redis.call(publish, channel(pt), table.concat(msg))
     end
   end
   if queue then redis.call(publish, prefix .. 'ev:q:{' .. queue .. '}', all) end
