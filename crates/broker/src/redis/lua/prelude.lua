@@ -19,15 +19,27 @@
 -- by when it was sent rather than when it took effect, and clients' clocks disagree. TIME may precede writes
 -- because Redis 7 replicates scripts by their effects. Only times that are the client's to choose (a job's run-at,
 -- its created_at) still come from the client.
+-- The same instant as text is kept beside it (NOW_MS, NOW_TEXT): Lua formats a 13-digit number with sprintf at
+-- about 2 µs, more than the whole TIME call, so the text is made from TIME's own digits instead.
+local NOW_MS, NOW_TEXT
 local function clock_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local us = t[2]
+  NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(us) / 1000)
+  NOW_TEXT = t[1] .. string.sub(string.rep('0', 6 - #us) .. us, 1, 3)
+  return NOW_MS
+end
+
+-- A time in ms as text: the clock's own text when it is the clock's reading.
+local function ms_text(ms)
+  if ms == NOW_MS then return NOW_TEXT end
+  return tostring(ms)
 end
 
 -- `at` is kept as text: Lua turns a number into a string with sprintf, which costs more than anything else a
 -- group does per output, so each number is formatted once per call (see also `num`).
 local function group(ty, state, now)
-  return { ty = ty, state = state, at = tostring(now), jobs = {}, attempts = {}, data = nil }
+  return { ty = ty, state = state, at = ms_text(now), jobs = {}, attempts = {}, data = nil }
 end
 
 -- Small numbers (attempts) as text, each formatted once per call.
@@ -72,14 +84,27 @@ local function join(out, list, sep)
   end
 end
 
--- One group as published, without its closing brace, over the jobs (with their attempts and data) given,
--- appended to the pieces `out`. `ns`, when the jobs are only some of the call's, are their positions among all
--- the call's events (0-based, across groups in order): event ids are `<sid>/<position>` whatever channel carried
--- them.
+-- Append the items of `list` at the positions `ks` to the pieces `out`, `sep` between them.
+local function pick(out, list, ks, sep)
+  local o = #out
+  for x = 1, #ks do
+    if x > 1 then
+      o = o + 1
+      out[o] = sep
+    end
+    o = o + 1
+    out[o] = list[ks[x]]
+  end
+end
+
+-- One group as published, without its closing brace, appended to the pieces `out`: all its jobs, or (`ks`)
+-- only those at the positions ks, which also says where they stand among all the call's events ("n", 0-based
+-- across groups in order, `base` being the events before this group): event ids are `<sid>/<position>` whatever
+-- channel carried them.
 -- Everything an event carries is appended as pieces and joined once per message: Redis's Lua hashes every byte
 -- of every string it makes, so each intermediate string (a group's head, the groups joined) would cost the
 -- whole message again.
-local function head(out, g, jobs, attempts, data, by, ns)
+local function head(out, g, by, ks, base)
   local o = #out
   out[o + 1] = '{"type":"'
   out[o + 2] = g.ty
@@ -88,13 +113,13 @@ local function head(out, g, jobs, attempts, data, by, ns)
   out[o + 5] = '","at":'
   out[o + 6] = g.at
   out[o + 7] = ',"jobs":['
-  join(out, jobs, ',')
+  if ks then pick(out, g.jobs, ks, ',') else join(out, g.jobs, ',') end
   out[#out + 1] = '],"attempts":['
-  join(out, attempts, ',')
+  if ks then pick(out, g.attempts, ks, ',') else join(out, g.attempts, ',') end
   out[#out + 1] = ']'
-  if data then
+  if g.data then
     out[#out + 1] = ',"data":['
-    join(out, data, ',')
+    if ks then pick(out, g.data, ks, ',') else join(out, g.data, ',') end
     out[#out + 1] = ']'
   end
   if by and by ~= '' then
@@ -102,9 +127,12 @@ local function head(out, g, jobs, attempts, data, by, ns)
     out[#out + 1] = by
   end
   if g.byo then out[#out + 1] = ',"byo":true' end
-  if ns then
+  if ks then
     out[#out + 1] = ',"n":['
-    join(out, ns, ',')
+    for x = 1, #ks do
+      if x > 1 then out[#out + 1] = ',' end
+      out[#out + 1] = base + ks[x] - 1
+    end
     out[#out + 1] = ']'
   end
 end
@@ -150,7 +178,7 @@ local function emit(evkey, evmax, groups, by)
   local heads = {}
   for i, g in ipairs(ng) do
     local h = {}
-    head(h, g, g.jobs, g.attempts, g.data, by)
+    head(h, g, by)
     heads[i] = h
   end
   local stored = { '[' }
@@ -185,39 +213,34 @@ local function emit(evkey, evmax, groups, by)
   if not mixed then
     redis.call(publish, channel(first), all)
   else
-    -- Per partition, per group (in group order): its jobs, with their positions among the call's events.
-    -- part.gis lists the groups with jobs in the partition, so the work stays linear in the jobs however many
-    -- groups and partitions one call holds (coalesced submits of many owners: a group and a partition each).
-    local order, parts, before = {}, {}, 0
+    -- Per partition, per group (in group order): the positions of its jobs in the partition (a list with the
+    -- group's index as `gi`). Appended in call order, so a partition's positions of one group are one run. The
+    -- work stays linear in the jobs however many groups and partitions one call holds (coalesced submits of
+    -- many owners: a partition each).
+    local order, parts, base, b = {}, {}, {}, 0
     for gi, g in ipairs(ng) do
+      base[gi] = b
+      b = b + #g.jobs
       for k, pt in ipairs(g.pts) do
         local part = parts[pt]
         if not part then
-          part = { gis = {} }
+          part = {}
           parts[pt] = part
           order[#order + 1] = pt
         end
-        local sel = part[gi]
-        if not sel then
-          sel = { jobs = {}, attempts = {}, ns = {} }
-          if g.data then sel.data = {} end
-          part[gi] = sel
-          part.gis[#part.gis + 1] = gi
+        local sel = part[#part]
+        if not sel or sel.gi ~= gi then
+          sel = { gi = gi }
+          part[#part + 1] = sel
         end
-        local n = #sel.jobs + 1
-        sel.jobs[n] = g.jobs[k]
-        sel.attempts[n] = g.attempts[k]
-        sel.ns[n] = before + k - 1
-        if g.data then sel.data[n] = g.data[k] end
+        sel[#sel + 1] = k
       end
-      before = before + #g.jobs
     end
     for _, pt in ipairs(order) do
-      local part, msg = parts[pt], { pre }
-      for i, gi in ipairs(part.gis) do
+      local msg = { pre }
+      for i, sel in ipairs(parts[pt]) do
         if i > 1 then msg[#msg + 1] = '},' end
-        local sel = part[gi]
-        head(msg, ng[gi], sel.jobs, sel.attempts, sel.data, by, sel.ns)
+        head(msg, ng[sel.gi], by, sel, base[sel.gi])
       end
       msg[#msg + 1] = '}]}'
       redis.call(publish, channel(pt), table.concat(msg))
