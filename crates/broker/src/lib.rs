@@ -133,6 +133,26 @@ pub trait Leasing: Send + Sync + std::fmt::Debug + 'static {
         items: Vec<Completion>,
     ) -> Result<Vec<Result<(), Rejected>>, BrokerError>;
 
+    /// Finish jobs successfully, as [`complete`](Self::complete), and lease up to `max` more jobs of `queue`
+    /// for `consumer`, as [`claim`](Self::claim) without waiting: what a worker does when a batch of completions
+    /// frees as many slots. The Redis engine sends the completions of `queue` held by `consumer` and the claim as
+    /// one script call (one round trip and one event log entry for both); the default completes, then claims.
+    async fn complete_and_claim(
+        &self,
+        items: Vec<Completion>,
+        queue: &QueueName,
+        consumer: &str,
+        max: usize,
+    ) -> Result<(Vec<Result<(), Rejected>>, Vec<Leased>), BrokerError> {
+        let done = self.complete(items).await?;
+        let leased = if max == 0 {
+            Vec::new()
+        } else {
+            self.claim(queue, consumer, max, Duration::ZERO).await?
+        };
+        Ok((done, leased))
+    }
+
     /// Fail attempts: retry later (with backoff), or dead-letter when the error is permanent or attempts are
     /// used up.
     async fn fail(

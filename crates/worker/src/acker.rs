@@ -1,6 +1,11 @@
 //! The acker: the one task that reports outcomes to the broker. Finished jobs arrive over a bounded channel and
-//! leave in batches (`complete`, `fail` and `release`, one call each per batch), so a busy worker costs the
-//! broker one round trip per hundred jobs rather than one per job.
+//! leave in batches (`fail` and `release` one call each per batch, completions one call per queue), so a busy
+//! worker costs the broker one round trip per hundred jobs rather than one per job.
+//!
+//! A completion carries its job's concurrency slot, and the call that completes a queue's batch also leases up
+//! to as many new jobs of that queue (`complete_and_claim`), started here in the slots just freed: a busy queue
+//! costs one call per batch instead of a completion and a claim. Slots the call could not fill (nothing ready,
+//! or the worker draining) go back to the queue's claim loops.
 //!
 //! Batches size themselves to the load: the acker takes whatever outcomes are waiting (up to `ack_batch_size`)
 //! and sends them at once, with up to `ack_concurrency` calls in flight (default 2); while those are out, the next batch
@@ -11,18 +16,20 @@
 //! are given up loudly and left to be redelivered when their leases expire (at-least-once). Either way the
 //! batch releases everything it held: the jobs leave the in-flight map (no more heartbeats).
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use ferry_broker::{BrokerError, Completion, FailOutcome, Failure, Lease, Retry};
+use ferry_broker::{BrokerError, Completion, FailOutcome, Failure, Lease, Leased, Retry};
+use ferry_core::QueueName;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::JobSlot;
 use crate::retry::{Health, backoff};
-use crate::runtime::Core;
+use crate::runtime::{Core, RunCtx, start_jobs};
 
 /// A finished job on its way to the broker. Outcomes in memory are bounded by the channel's capacity plus
 /// `ack_concurrency` batches in flight: a job task hands its outcome over (waiting for room if the acker is
@@ -31,6 +38,9 @@ use crate::runtime::Core;
 pub(crate) struct Ack {
     pub(crate) op: AckOp,
     pub(crate) slot: Arc<JobSlot>,
+    /// The job's concurrency slot, carried by a completion: the call that completes the job leases the next
+    /// one into it (`complete_and_claim`), and the slot is freed only if nothing was leased.
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -46,10 +56,26 @@ pub(crate) enum AckOp {
 
 /// Run until every sender is gone and the last batch is flushed. `abort` makes it give up at once on whatever
 /// it still holds (the shutdown deadline passed).
-pub(crate) async fn run(core: Arc<Core>, mut rx: mpsc::Receiver<Ack>, abort: CancellationToken) {
+///
+/// `run` is the worker's run, held weakly (it owns the senders of `rx`): the jobs a completion call leases are
+/// started in it while it lasts.
+pub(crate) async fn run(
+    core: Arc<Core>,
+    mut rx: mpsc::Receiver<Ack>,
+    abort: CancellationToken,
+    run: Weak<RunCtx>,
+) {
     let cfg = core.config.clone();
     let mut flushes = tokio::task::JoinSet::new();
-    while let Some(first) = rx.recv().await {
+    loop {
+        // Room first, then the batch: outcomes that arrive while the calls are out wait in the channel and all
+        // leave in the next batch, so batches grow with the load instead of being fixed before the wait.
+        while flushes.len() >= cfg.ack_concurrency {
+            flushes.join_next().await;
+        }
+        let Some(first) = rx.recv().await else {
+            break;
+        };
         let mut batch = Vec::with_capacity(cfg.ack_batch_size);
         batch.push(first);
         let deadline = tokio::time::Instant::now() + cfg.ack_max_delay;
@@ -67,16 +93,13 @@ pub(crate) async fn run(core: Arc<Core>, mut rx: mpsc::Receiver<Ack>, abort: Can
                 }
             }
         }
-        while flushes.len() >= cfg.ack_concurrency {
-            flushes.join_next().await;
-        }
-        let (core, abort) = (core.clone(), abort.clone());
-        flushes.spawn(async move { flush(&core, batch, &abort).await });
+        let (core, abort, run) = (core.clone(), abort.clone(), run.clone());
+        flushes.spawn(async move { flush(&core, batch, &abort, &run).await });
     }
     while flushes.join_next().await.is_some() {}
 }
 
-async fn flush(core: &Arc<Core>, batch: Vec<Ack>, abort: &CancellationToken) {
+async fn flush(core: &Arc<Core>, batch: Vec<Ack>, abort: &CancellationToken, run: &Weak<RunCtx>) {
     let mut completes = Vec::new();
     let mut fails = Vec::new();
     let mut releases = Vec::new();
@@ -88,17 +111,33 @@ async fn flush(core: &Arc<Core>, batch: Vec<Ack>, abort: &CancellationToken) {
         }
     }
     // The three calls touch disjoint jobs, so they go out together.
+    // Completions go per queue, each call also leasing the next jobs into the slots it frees.
+    let mut by_queue: BTreeMap<QueueName, Vec<Ack>> = BTreeMap::new();
+    for ack in completes {
+        by_queue
+            .entry(ack.slot.lease.queue.clone())
+            .or_default()
+            .push(ack);
+    }
+    let completes = futures::future::join_all(
+        by_queue
+            .into_iter()
+            .map(|(queue, acks)| flush_completes(core, queue, acks, abort, run)),
+    );
     tokio::join!(
-        flush_completes(core, completes, abort),
+        completes,
         flush_fails(core, fails, abort),
         flush_releases(core, releases, abort),
     );
 }
 
-async fn flush_completes(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationToken) {
-    if acks.is_empty() {
-        return;
-    }
+async fn flush_completes(
+    core: &Arc<Core>,
+    queue: QueueName,
+    mut acks: Vec<Ack>,
+    abort: &CancellationToken,
+    run: &Weak<RunCtx>,
+) {
     let items: Vec<Completion> = acks
         .iter()
         .map(|a| Completion {
@@ -109,13 +148,18 @@ async fn flush_completes(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationT
             },
         })
         .collect();
+    // The slots these completions free, filled again by the same call, unless the worker is draining.
+    let mut permits: Vec<OwnedSemaphorePermit> =
+        acks.iter_mut().filter_map(|a| a.permit.take()).collect();
+    let refill = if core.draining() { 0 } else { permits.len() };
     let outcome = with_retry(core, "complete", acks.len(), abort, || {
-        core.broker.complete(items.clone())
+        core.broker
+            .complete_and_claim(items.clone(), &queue, &core.consumer, refill)
     })
     .await;
     let draining = core.draining();
-    match outcome {
-        Some(results) if results.len() == acks.len() => {
+    let leased = match outcome {
+        Some((results, leased)) if results.len() == acks.len() => {
             for (ack, r) in acks.iter().zip(results) {
                 match r {
                     Ok(()) => {
@@ -129,11 +173,60 @@ async fn flush_completes(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationT
                     }
                 }
             }
+            leased
         }
-        Some(results) => mismatch(core, "complete", acks.len(), results.len()),
-        None => core.counters.undelivered(acks.len()),
-    }
+        Some((results, leased)) => {
+            mismatch(core, "complete", acks.len(), results.len());
+            leased
+        }
+        None => {
+            core.counters.undelivered(acks.len());
+            Vec::new()
+        }
+    };
     settle(core, acks);
+    if !leased.is_empty() {
+        start_leased(core, &queue, leased, &mut permits, run).await;
+    }
+    // Slots left unfilled go back to the queue's claim loops.
+    drop(permits);
+}
+
+/// Start the jobs a completion call leased, in the slots it freed; hand back (uncharged) any the worker cannot
+/// start because it is stopping.
+async fn start_leased(
+    core: &Arc<Core>,
+    queue: &QueueName,
+    leased: Vec<Leased>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+    run: &Weak<RunCtx>,
+) {
+    let stopped = match run.upgrade() {
+        Some(run) => start_jobs(&run, queue, leased, permits).await,
+        None => leased,
+    };
+    if stopped.is_empty() {
+        return;
+    }
+    // Released here rather than through the acker's own channel, which this flush must not wait on.
+    let leases: Vec<Lease> = stopped.into_iter().map(|l| l.lease).collect();
+    match tokio::time::timeout(
+        core.config.broker_call_timeout,
+        core.broker.release(&leases),
+    )
+    .await
+    {
+        Ok(Ok(held)) => core.counters.released(held.iter().filter(|h| **h).count()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, jobs = leases.len(), "releasing jobs leased as shutdown began failed; they will be reclaimed")
+        }
+        Err(_) => {
+            tracing::warn!(
+                jobs = leases.len(),
+                "releasing jobs leased as shutdown began timed out; they will be reclaimed"
+            )
+        }
+    }
 }
 
 async fn flush_fails(core: &Arc<Core>, acks: Vec<Ack>, abort: &CancellationToken) {

@@ -3,9 +3,11 @@
 //!
 //! Life of a job here: the claim loop takes a concurrency permit, claims, and spawns the job's task with the
 //! permit; the task registers the lease in the in-flight map (so it is heartbeated), runs the handler under
-//! its timeout and cancellation, and hands the outcome and the permit to the acker; the acker reports the
-//! outcome, removes the lease from the map and drops the permit. So a permit is held from claim to ack, and the
-//! number of jobs a worker holds per queue never exceeds that queue's concurrency, whatever the broker does.
+//! its timeout and cancellation, and hands the outcome to the acker; the acker reports the outcome and removes
+//! the lease from the map. A failure or release gives its permit back at hand-over; a completion's permit rides
+//! with it, and the acker's completion call leases the next job into it (or drops it if none was ready). So a
+//! permit is held from claim to ack, and the number of jobs a worker holds per queue never exceeds that queue's
+//! concurrency, whatever the broker does.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -263,8 +265,9 @@ impl fmt::Display for RunningJob {
     }
 }
 
-/// What one run shares with its claim loops and job tasks. Dropping the last one closes the acker's channel.
-struct RunCtx {
+/// What one run shares with its claim loops and job tasks. Dropping the last one closes the acker's channel
+/// (the acker holds it weakly, to start the jobs its completion calls lease).
+pub(crate) struct RunCtx {
     core: Arc<Core>,
     shutdown: CancellationToken,
     /// Cancelled when the drain timeout passes: every running job's token is a child of it.
@@ -347,7 +350,12 @@ impl Worker {
             jobs: jobs.clone(),
         });
 
-        let acker = tokio::spawn(acker::run(core.clone(), ack_rx, abort.clone()));
+        let acker = tokio::spawn(acker::run(
+            core.clone(),
+            ack_rx,
+            abort.clone(),
+            Arc::downgrade(&run),
+        ));
         let heartbeat = tokio::spawn(heartbeat_loop(core.clone(), heartbeat_stop.clone()));
         let queue_poll = core.metrics.registered().then(|| {
             tokio::spawn(crate::metrics::poll_queues(
@@ -516,7 +524,9 @@ async fn claim_loop(run: Arc<RunCtx>, queue: QueueName) {
                 health.ok();
                 delays = backoff(cfg.retry_max_delay);
                 let empty = jobs.is_empty();
-                start_jobs(&run, &queue, jobs, &mut permits).await;
+                for leased in start_jobs(&run, &queue, jobs, &mut permits).await {
+                    release_claimed(&run, leased).await;
+                }
                 // Unused permits go back to the semaphore here.
                 drop(permits);
                 if empty && started.elapsed() < MIN_EMPTY_CLAIM {
@@ -543,43 +553,33 @@ async fn claim_loop(run: Arc<RunCtx>, queue: QueueName) {
     }
 }
 
-/// Spawn a task per claimed job, each taking one of `permits`.
-async fn start_jobs(
+/// Spawn a task per claimed job, each taking one of `permits` (the rest stay in `permits`). Returns the jobs
+/// not started because shutdown began: the caller hands them back.
+pub(crate) async fn start_jobs(
     run: &Arc<RunCtx>,
     queue: &QueueName,
     jobs: Vec<Leased>,
     permits: &mut Vec<OwnedSemaphorePermit>,
-) {
+) -> Vec<Leased> {
     let core = &run.core;
     core.counters
         .claimed
         .fetch_add(jobs.len() as u64, Ordering::Relaxed);
     let mut excess = Vec::new();
+    let mut stopped = Vec::new();
     for leased in jobs {
-        let Some(permit) = permits.pop() else {
+        if permits.is_empty() {
             excess.push(leased.lease);
             continue;
-        };
+        }
         if run.shutdown.is_cancelled() {
             // Claimed as shutdown began: hand it straight back rather than start work we may not finish.
-            let metrics = core.metrics.job(queue, &leased.job.spec.kind);
-            let slot = Arc::new(JobSlot::new(
-                leased.lease,
-                CancellationToken::new(),
-                metrics,
-            ));
-            core.inflight.insert(slot.clone());
-            send_ack(
-                run,
-                Ack {
-                    op: AckOp::Release,
-                    slot,
-                },
-            )
-            .await;
-            drop(permit);
+            stopped.push(leased);
             continue;
         }
+        let Some(permit) = permits.pop() else {
+            continue;
+        };
         let job = leased.job;
         let span = tracing::info_span!(
             "job",
@@ -618,6 +618,28 @@ async fn start_jobs(
             tracing::warn!(error = %e, "releasing excess jobs failed; they will be reclaimed");
         }
     }
+    stopped
+}
+
+/// Hand a job claimed as shutdown began back through the acker (a `release`, the attempt not counted).
+async fn release_claimed(run: &RunCtx, leased: Leased) {
+    let core = &run.core;
+    let metrics = core.metrics.job(&leased.lease.queue, &leased.job.spec.kind);
+    let slot = Arc::new(JobSlot::new(
+        leased.lease,
+        CancellationToken::new(),
+        metrics,
+    ));
+    core.inflight.insert(slot.clone());
+    send_ack(
+        run,
+        Ack {
+            op: AckOp::Release,
+            slot,
+            permit: None,
+        },
+    )
+    .await;
 }
 
 async fn send_ack(run: &RunCtx, ack: Ack) {
@@ -646,8 +668,22 @@ async fn run_job(run: Arc<RunCtx>, job: Job, slot: Arc<JobSlot>, permit: OwnedSe
         "attempt finished"
     );
     match op {
+        Some(op @ AckOp::Complete(_)) => {
+            // The slot goes with a completion: the acker's call that completes it leases the next job into it
+            // (one call for both), or frees it when the queue has nothing ready.
+            let permit = Some(permit);
+            send_ack(&run, Ack { op, slot, permit }).await;
+        }
         Some(op) => {
-            send_ack(&run, Ack { op, slot }).await;
+            send_ack(
+                &run,
+                Ack {
+                    op,
+                    slot,
+                    permit: None,
+                },
+            )
+            .await;
             // The slot is free once the outcome is handed over: the round trip to the broker no longer holds
             // back the next job, and the bounded channel keeps the outcomes in memory bounded.
             drop(permit);

@@ -7,7 +7,7 @@
 //! running). So every such call is queued here, and `abandon.lua` runs for it as soon as the shard answers: it
 //! hands back what the claim leased, without charging the attempt, and marks the claim so that a request still
 //! on the way takes nothing when it arrives. The two scripts are atomic, so whichever runs first, no job stays
-//! leased to nobody; see `lua/claim.lua` and `lua/abandon.lua`.
+//! leased to nobody; see `lua/complete_claim.lua` and `lua/abandon.lua`.
 //!
 //! One task per shard at most, running only while something is queued; it never blocks a caller.
 

@@ -140,7 +140,7 @@ impl QueueKeys {
 
 impl QueueKeys {
     /// The key of one claim call, named by the token the caller drew for it: what the call leased, then the
-    /// mark of its abandonment (see lua/claim.lua and lua/abandon.lua).
+    /// mark of its abandonment (see lua/complete_claim.lua and lua/abandon.lua).
     pub fn claim(&self, token: &str) -> String {
         format!("{}claim:{token}", self.prefix)
     }

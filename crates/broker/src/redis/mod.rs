@@ -55,7 +55,7 @@ use self::codec::{Fields, Record, array, bad, int, text};
 use self::conn::{Conn, Link};
 use self::keys::{GROUP, Layout, QueueKeys};
 use self::scripts::{
-    Call, Cancel, Claim, Complete, CompleteJob, Enqueue, EnqueueJob, Fail, FailJob, HistoryReach,
+    Call, Cancel, CompleteClaim, CompleteJob, Enqueue, EnqueueJob, Fail, FailJob, HistoryReach,
     Loaded, Maintain, Progress, Promote, Publish, Reclaim, Release, ReleaseJob, Restore,
     RestoreJob, RetryDead, Scripts, Stats,
 };
@@ -1009,6 +1009,181 @@ impl EnqueueCall {
     }
 }
 
+/// What the claim part of lua/complete_claim.lua answered.
+enum ClaimPart {
+    /// No claim was asked (`max` 0).
+    None,
+    Jobs(Vec<Leased>),
+    Paused,
+    /// Nothing to lease: with the newest entry id of each priority stream (to wait after) when the call had no
+    /// completions, else without.
+    Empty(Vec<String>),
+    Abandoned,
+}
+
+/// A fresh claim key of `keys`' queue: one per claim call (see lua/complete_claim.lua).
+fn new_claim_key(keys: &QueueKeys) -> String {
+    keys.claim(&format!("{:032x}", rand::random::<u128>()))
+}
+
+impl RedisBroker {
+    /// One call of lua/complete_claim.lua on `queue`'s shard: the completions `items` (leases of `queue` held by
+    /// `consumer`, `actor` being its JSON string), then up to `max` new leases noted under `claim_key`. Returns
+    /// the positions of the rejected completions and the claim part's answer. With `max` above 0 the call is
+    /// guarded like any claim: if its reply is not read, whatever it leased is handed back uncharged.
+    async fn settle(
+        &self,
+        queue: &QueueName,
+        consumer: &Arc<str>,
+        actor: &str,
+        items: &[&Completion],
+        max: usize,
+        claim_key: &str,
+    ) -> Result<(HashSet<usize>, ClaimPart), BrokerError> {
+        let keys = self.keys(queue);
+        let shard = self.shard(queue);
+        let mut inv = CompleteClaim {
+            streams: &keys.streams,
+            jobs_key: &keys.jobs,
+            paused_key: &keys.paused,
+            events_key: shard.layout.events(),
+            claim_key,
+            n: items.len(),
+            evmax: self.evmax(),
+            actor,
+            consumer,
+            max,
+            claim_ttl_ms: self.config.visibility_timeout.as_millis().max(1) as u64,
+        }
+        .invoke(&self.scripts);
+        for c in items {
+            let (p, eid, m) = token(&c.lease)?;
+            CompleteJob {
+                p,
+                eid,
+                id: &c.lease.job.to_string(),
+                att: c.lease.attempt,
+                m,
+                result: &c.result.to_string(),
+            }
+            .push(&mut inv);
+        }
+        let mut conn = shard.conn.clone();
+        // Armed until the reply is read: if this future is dropped (the caller timed out) or the reply is lost
+        // or unreadable, whatever the script leased is handed back uncharged.
+        let guard = (max > 0).then(|| ClaimGuard {
+            shard,
+            generation: shard.conn.generation(),
+            item: Some(Abandoned {
+                queue: queue.clone(),
+                claim_key: claim_key.to_owned(),
+                actor: actor.to_owned(),
+            }),
+        });
+        let v: Value = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
+        let [rejected, part] = array(&v)? else {
+            return Err(bad("complete_claim reply"));
+        };
+        let rejected: Vec<i64> = array(rejected)?.iter().map(int).collect::<Result<_, _>>()?;
+        let part = claim_part(part, queue, consumer)?;
+        if let Some(g) = guard {
+            g.settle();
+        }
+        Ok((positions(&rejected), part))
+    }
+
+    /// Complete `items` (any queues, in script-sized calls per queue and holder) and, with `refill`, lease up
+    /// to its `max` jobs of its queue for its consumer, in the last call of that queue and holder when there is
+    /// one (else in a call of its own, without waiting).
+    async fn complete_then_claim(
+        &self,
+        items: &[Completion],
+        refill: Option<(&QueueName, &str, usize)>,
+    ) -> Result<(Vec<Result<(), Rejected>>, Vec<Leased>), BrokerError> {
+        let mut out = vec![Ok(()); items.len()];
+        let mut leased = Vec::new();
+        let mut refill_pending = refill;
+        for ((queue, consumer), idx) in by_queue(items, |c| &c.lease) {
+            let actor = actor_arg(Some(consumer));
+            let holder: Arc<str> = Arc::from(consumer);
+            let chunks: Vec<&[usize]> = idx.chunks(SCRIPT_CHUNK).collect();
+            for (n, chunk) in chunks.iter().enumerate() {
+                let max = match refill_pending {
+                    Some((q, c, max)) if q == queue && c == consumer && n + 1 == chunks.len() => {
+                        refill_pending = None;
+                        max
+                    }
+                    _ => 0,
+                };
+                let keys = self.keys(queue);
+                let claim_key = if max > 0 {
+                    new_claim_key(&keys)
+                } else {
+                    // Not touched by a call that claims nothing; any key of the queue's slot will do.
+                    keys.paused.clone()
+                };
+                let batch: Vec<&Completion> = chunk.iter().map(|&i| &items[i]).collect();
+                let (rejected, part) = self
+                    .settle(queue, &holder, &actor, &batch, max, &claim_key)
+                    .await?;
+                for k in rejected {
+                    out[chunk[k]] = Err(Rejected);
+                }
+                if let ClaimPart::Jobs(jobs) = part {
+                    leased = jobs;
+                }
+            }
+        }
+        if let Some((queue, consumer, max)) = refill_pending {
+            leased = self.claim(queue, consumer, max, Duration::ZERO).await?;
+        }
+        Ok((out, leased))
+    }
+}
+
+/// The claim part of a lua/complete_claim.lua reply: the leased jobs rebuilt (each `m` from its spec).
+fn claim_part(v: &Value, queue: &QueueName, consumer: &Arc<str>) -> Result<ClaimPart, BrokerError> {
+    let v = array(v)?;
+    Ok(match v.first().map(text).transpose()?.as_deref() {
+        Some("none") => ClaimPart::None,
+        Some("paused") => ClaimPart::Paused,
+        Some("abandoned") => ClaimPart::Abandoned,
+        Some("empty") => ClaimPart::Empty(v[1..].iter().map(text).collect::<Result<_, _>>()?),
+        Some("jobs") => {
+            let mut out = Vec::with_capacity((v.len() - 1) / 5);
+            for c in v[1..].chunks(5) {
+                let [p, eid, id, a, j] = c else {
+                    return Err(bad("claim reply"));
+                };
+                let (p, eid) = (int(p)? as usize, text(eid)?);
+                let spec: ferry_core::JobSpec =
+                    serde_json::from_str(&text(j)?).map_err(|e| bad(format!("job spec: {e}")))?;
+                let attempt = int(a)? as u32 + 1;
+                let id = JobId::parse(&text(id)?).map_err(bad)?;
+                let m = codec::meta(id, queue, &spec);
+                let lease = Lease {
+                    queue: queue.clone(),
+                    job: id,
+                    consumer: consumer.clone(),
+                    token: format!("{p}|{eid}|{m}"),
+                    attempt,
+                    max_attempts: spec.max_attempts,
+                    backoff: spec.backoff,
+                };
+                let job = ferry_core::Job {
+                    id,
+                    queue: queue.clone(),
+                    spec,
+                    attempt,
+                };
+                out.push(Leased { job, lease });
+            }
+            ClaimPart::Jobs(out)
+        }
+        _ => return Err(bad("claim reply")),
+    })
+}
+
 /// A claim script call whose reply has not been read yet. Dropped unsettled — the caller stopped waiting, the
 /// reply timed out, was lost with its connection or could not be read — it retires the connection (requests may
 /// be stuck in it) and queues the call for abandon.lua, which hands back whatever the script leased, without
@@ -1254,90 +1429,33 @@ impl Leasing for RedisBroker {
         let deadline = tokio::time::Instant::now() + wait;
         // One token per call (its script runs are sequential, and only the last can take jobs): the key under
         // which the script notes what it leased, for abandon.lua should this call be given up.
-        let claim_key = keys.claim(&format!("{:032x}", rand::random::<u128>()));
-        let claim_ttl = self.config.visibility_timeout.as_millis().max(1) as u64;
+        let claim_key = new_claim_key(&keys);
         loop {
-            let inv = Claim {
-                streams: &keys.streams,
-                paused_key: &keys.paused,
-                events_key: self.shard(queue).layout.events(),
-                claim_key: &claim_key,
-                consumer: &consumer,
-                max,
-                evmax: self.evmax(),
-                actor: &actor,
-                claim_ttl_ms: claim_ttl,
-            }
-            .invoke(&self.scripts);
-            let mut conn = shard.conn.clone();
-            // Armed until the reply is read: if this future is dropped (the caller timed out) or the reply is
-            // lost or unreadable, whatever the script leased is handed back uncharged.
-            let guard = ClaimGuard {
-                shard,
-                generation: shard.conn.generation(),
-                item: Some(Abandoned {
-                    queue: queue.clone(),
-                    claim_key: claim_key.clone(),
-                    actor: actor.clone(),
-                }),
-            };
-            let v: Value = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
-            let v = array(&v)?;
-            match v.first().map(text).transpose()?.as_deref() {
-                Some("jobs") => {
-                    let mut out = Vec::with_capacity((v.len() - 1) / 5);
-                    for c in v[1..].chunks(5) {
-                        let [p, eid, id, a, j] = c else {
-                            return Err(bad("claim reply"));
-                        };
-                        let (p, eid) = (int(p)? as usize, text(eid)?);
-                        let spec: ferry_core::JobSpec = serde_json::from_str(&text(j)?)
-                            .map_err(|e| bad(format!("job spec: {e}")))?;
-                        let attempt = int(a)? as u32 + 1;
-                        let id = JobId::parse(&text(id)?).map_err(bad)?;
-                        let m = codec::meta(id, queue, &spec);
-                        let lease = Lease {
-                            queue: queue.clone(),
-                            job: id,
-                            consumer: consumer.clone(),
-                            token: format!("{p}|{eid}|{m}"),
-                            attempt,
-                            max_attempts: spec.max_attempts,
-                            backoff: spec.backoff,
-                        };
-                        let job = ferry_core::Job {
-                            id,
-                            queue: queue.clone(),
-                            spec,
-                            attempt,
-                        };
-                        out.push(Leased { job, lease });
-                    }
-                    guard.settle();
-                    return Ok(out);
-                }
-                Some(kind @ ("paused" | "empty")) => {
-                    guard.settle();
+            let (_, part) = self
+                .settle(queue, &consumer, &actor, &[], max, &claim_key)
+                .await?;
+            match part {
+                ClaimPart::Jobs(jobs) => return Ok(jobs),
+                ClaimPart::Paused | ClaimPart::Empty(_) => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
                         return Ok(Vec::new());
                     }
-                    if kind == "paused" {
+                    match part {
                         // Resuming is rare and only needs to be noticed soon, so a paused queue is polled.
-                        tokio::time::sleep(left.min(PAUSED_POLL)).await;
-                    } else {
-                        let after: Vec<String> =
-                            v[1..].iter().map(text).collect::<Result<_, _>>()?;
-                        self.block_until_new(shard, &keys.streams, &after, left)
-                            .await?;
+                        ClaimPart::Paused => tokio::time::sleep(left.min(PAUSED_POLL)).await,
+                        ClaimPart::Empty(after) if after.len() == 3 => {
+                            self.block_until_new(shard, &keys.streams, &after, left)
+                                .await?
+                        }
+                        _ => return Err(bad("claim reply without the ids to wait after")),
                     }
                 }
                 // Only a call given up can meet its own abandoned mark, and this one is still waiting.
-                Some("abandoned") => {
-                    guard.settle();
+                ClaimPart::Abandoned => {
                     return Err(bad("claim refused as abandoned while still waiting"));
                 }
-                _ => return Err(bad("claim reply")),
+                ClaimPart::None => return Err(bad("claim reply")),
             }
         }
     }
@@ -1405,42 +1523,19 @@ impl Leasing for RedisBroker {
         &self,
         items: Vec<Completion>,
     ) -> Result<Vec<Result<(), Rejected>>, BrokerError> {
-        let mut out = vec![Ok(()); items.len()];
-        for ((queue, consumer), idx) in by_queue(&items, |c| &c.lease) {
-            let keys = self.keys(queue);
-            for chunk in idx.chunks(SCRIPT_CHUNK) {
-                let mut inv = Complete {
-                    streams: &keys.streams,
-                    jobs_key: &keys.jobs,
-                    events_key: self.shard(queue).layout.events(),
-                    n: chunk.len(),
-                    evmax: self.evmax(),
-                    actor: &actor_arg(Some(consumer)),
-                }
-                .invoke(&self.scripts);
-                for &i in chunk {
-                    let c = &items[i];
-                    let (p, eid, m) = token(&c.lease)?;
-                    CompleteJob {
-                        p,
-                        eid,
-                        id: &c.lease.job.to_string(),
-                        att: c.lease.attempt,
-                        m,
-                        result: &c.result.to_string(),
-                    }
-                    .push(&mut inv);
-                }
-                let rejected: Vec<i64> = inv
-                    .invoke_async(&mut self.conn(queue))
-                    .await
-                    .map_err(redis_err)?;
-                for k in positions(&rejected) {
-                    out[chunk[k]] = Err(Rejected);
-                }
-            }
-        }
+        let (out, _) = self.complete_then_claim(&items, None).await?;
         Ok(out)
+    }
+
+    async fn complete_and_claim(
+        &self,
+        items: Vec<Completion>,
+        queue: &QueueName,
+        consumer: &str,
+        max: usize,
+    ) -> Result<(Vec<Result<(), Rejected>>, Vec<Leased>), BrokerError> {
+        let refill = (max > 0).then_some((queue, consumer, max));
+        self.complete_then_claim(&items, refill).await
     }
 
     async fn fail(

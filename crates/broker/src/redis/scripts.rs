@@ -222,12 +222,20 @@ call! {
 }
 
 call! {
-    /// lua/claim.lua
-    Claim("claim.lua", prelude: true, script: claim) {
+    /// lua/complete_claim.lua: complete a batch (`n` items), then lease up to `max` jobs of the same queue; `claim`
+    /// is it with no items, `complete` with `max` 0.
+    CompleteClaim("complete_claim.lua", prelude: true, script: complete_claim) {
         keys {
-            streams: &'a [String; 3], paused_key: &'a str, events_key: &'a str, claim_key: &'a str,
+            streams: &'a [String; 3], jobs_key: &'a str, paused_key: &'a str, events_key: &'a str,
+            claim_key: &'a str,
         }
-        argv { consumer: &'a str, max: usize, evmax: usize, actor: &'a str, claim_ttl_ms: u64 }
+        argv {
+            n: usize, evmax: usize, actor: &'a str, consumer: &'a str, max: usize, claim_ttl_ms: u64,
+        }
+        /// One completion, fenced by its lease (`p`, `eid`).
+        each CompleteJob {
+            p: usize, eid: &'a str, id: &'a str, att: u32, m: &'a str, result: &'a str,
+        }
     }
 }
 
@@ -238,18 +246,6 @@ call! {
             streams: &'a [String; 3], jobs_key: &'a str, events_key: &'a str, claim_key: &'a str,
         }
         argv { evmax: usize, mark_ttl_ms: u64, actor: &'a str }
-    }
-}
-
-call! {
-    /// lua/complete.lua
-    Complete("complete.lua", prelude: true, script: complete) {
-        keys { streams: &'a [String; 3], jobs_key: &'a str, events_key: &'a str }
-        argv { n: usize, evmax: usize, actor: &'a str }
-        /// One completion, fenced by its lease (`p`, `eid`).
-        each CompleteJob {
-            p: usize, eid: &'a str, id: &'a str, att: u32, m: &'a str, result: &'a str,
-        }
     }
 }
 
@@ -387,9 +383,8 @@ call! {
 #[derive(Debug)]
 pub struct Scripts {
     enqueue: Script,
-    claim: Script,
+    complete_claim: Script,
     abandon: Script,
-    complete: Script,
     fail: Script,
     release: Script,
     progress: Script,
@@ -408,9 +403,8 @@ impl Scripts {
     pub fn new() -> Self {
         Self {
             enqueue: Enqueue::LAYOUT.load(),
-            claim: Claim::LAYOUT.load(),
+            complete_claim: CompleteClaim::LAYOUT.load(),
             abandon: Abandon::LAYOUT.load(),
-            complete: Complete::LAYOUT.load(),
             fail: Fail::LAYOUT.load(),
             release: Release::LAYOUT.load(),
             progress: Progress::LAYOUT.load(),
@@ -446,7 +440,7 @@ mod tests {
             .collect();
         files.sort();
         assert!(
-            files.len() >= 18,
+            files.len() >= 17,
             "expected the scripts under {}",
             dir.display()
         );
@@ -485,11 +479,10 @@ mod tests {
     }
 
     /// Every call's layout.
-    const ALL: [Layout; 17] = [
+    const ALL: [Layout; 16] = [
         Enqueue::LAYOUT,
-        Claim::LAYOUT,
+        CompleteClaim::LAYOUT,
         Abandon::LAYOUT,
-        Complete::LAYOUT,
         Fail::LAYOUT,
         Release::LAYOUT,
         Progress::LAYOUT,
@@ -511,7 +504,7 @@ mod tests {
         for l in ALL.iter().filter(|l| !l.prelude) {
             assert!(!uses_identifier(l.source, "GROUP"), "{}", l.file);
         }
-        assert!(uses_identifier(Claim::LAYOUT.source, "GROUP"));
+        assert!(uses_identifier(CompleteClaim::LAYOUT.source, "GROUP"));
         assert!(!uses_identifier(
             "redis.call('XREADGROUP', 'GROUP', g)",
             "GROUP"

@@ -56,6 +56,7 @@ macro_rules! contract_suite {
         $crate::contract_suite!(@cases $engine;
             ping_answers,
             lifecycle_queued_active_completed,
+            complete_and_claim_settles_then_leases,
             enqueue_batch_keeps_order_and_ids,
             invalid_input_names_the_field,
             priorities_high_normal_low_fifo_within,
@@ -376,6 +377,78 @@ pub async fn ping_answers<E: Engine>() {
 
 /// queued → active → (progress) → completed: events in order with every field, the lease and job handed to the
 /// worker, and the lookup afterwards.
+/// A worker's settling step: the completions are fenced as `complete`'s (a revoked lease is rejected), and the
+/// same step leases up to `max` more jobs of the queue, in order, like a claim; with nothing ready it leases
+/// nothing, and with `max` 0 it only completes.
+pub async fn complete_and_claim_settles_then_leases<E: Engine>() {
+    let c = setup::<E>("settle").await;
+    let (b, q) = (&c.b, &c.q);
+    let mut events = Feed::subscribe(b).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(b.enqueue(q, job("report.build")).await.unwrap().id);
+    }
+    let first = b.claim(q, "w", 2, Duration::ZERO).await.unwrap();
+    assert_eq!(first.iter().map(|l| l.job.id).collect::<Vec<_>>(), ids[..2]);
+    b.cancel(ids[1], Some("admin")).await.unwrap();
+    let done = |leased: &[Leased]| -> Vec<Completion> {
+        leased
+            .iter()
+            .map(|l| Completion {
+                lease: l.lease.clone(),
+                result: json!({ "rows": 3 }),
+            })
+            .collect()
+    };
+
+    let (settled, next) = b.complete_and_claim(done(&first), q, "w", 2).await.unwrap();
+    assert_eq!(
+        settled,
+        [Ok(()), Err(Rejected)],
+        "the cancelled job's lease is gone"
+    );
+    assert_eq!(next.iter().map(|l| l.job.id).collect::<Vec<_>>(), ids[2..4]);
+    for l in &next {
+        assert_eq!(l.job.attempt, 1);
+        assert_eq!(&*l.lease.consumer, "w");
+        assert_eq!(state(b, l.job.id).await, JobState::Active);
+    }
+    assert_eq!(state(b, ids[0]).await, JobState::Completed);
+    assert_eq!(state(b, ids[1]).await, JobState::Cancelled);
+    let completed = events.next_for(ids[0], 3).await;
+    assert_eq!(
+        types(&completed),
+        [EventType::Queued, EventType::Active, EventType::Completed]
+    );
+    assert_eq!(completed[2].data, Some(json!({ "rows": 3 })));
+    for id in &ids[2..4] {
+        let evs = events.next_for(*id, 2).await;
+        assert_eq!(types(&evs), [EventType::Queued, EventType::Active]);
+        assert_eq!(evs[1].attempt, 1);
+    }
+
+    // More room than jobs: the last one; then nothing ready, which leases nothing and still completes.
+    let (settled, last) = b.complete_and_claim(done(&next), q, "w", 5).await.unwrap();
+    assert_eq!(settled, [Ok(()), Ok(())]);
+    assert_eq!(last.iter().map(|l| l.job.id).collect::<Vec<_>>(), ids[4..]);
+    let (settled, none) = b.complete_and_claim(done(&last), q, "w", 5).await.unwrap();
+    assert_eq!(settled, [Ok(())]);
+    assert!(none.is_empty(), "{none:?}");
+    for id in &ids[2..] {
+        assert_eq!(state(b, *id).await, JobState::Completed);
+    }
+
+    // `max` 0 completes only, even with jobs ready.
+    let more = b.enqueue(q, job("report.build")).await.unwrap().id;
+    let held = b.claim(q, "w", 1, Duration::ZERO).await.unwrap();
+    b.enqueue(q, job("report.build")).await.unwrap();
+    let (settled, none) = b.complete_and_claim(done(&held), q, "w", 0).await.unwrap();
+    assert_eq!(settled, [Ok(())]);
+    assert!(none.is_empty());
+    assert_eq!(state(b, more).await, JobState::Completed);
+    assert_eq!(b.stats(q).await.unwrap().depth, 1);
+}
+
 pub async fn lifecycle_queued_active_completed<E: Engine>() {
     let c = setup::<E>("lifecycle").await;
     let (b, q) = (&c.b, &c.q);
