@@ -55,10 +55,11 @@ local function claim()
   if max <= 0 then return { 'none' } end
   if redis.call('EXISTS', claim_key) == 1 then return { 'abandoned' } end
   if redis.call('EXISTS', paused_key) == 1 then return { 'paused' } end
-  local remaining, taken, out = max, {}, { 'jobs' }
+  -- `taken` holds the leases as pieces of one string ("p|eid p|eid ..."), joined once for the claim key.
+  local remaining, taken, out, next_attempt = max, {}, { 'jobs' }, {}
   for p = 0, 2 do
     if remaining <= 0 then break end
-    local key = streams[p + 1]
+    local key, ptext = streams[p + 1], tostring(p)
     local res = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', remaining, 'STREAMS', key, '>')
     if type(res) == 'table' and res.err then
       -- The group does not exist yet (stream created by a promote or retry before any enqueue registered it).
@@ -77,8 +78,18 @@ local function claim()
         out[o + 3] = id
         out[o + 4] = a
         out[o + 5] = j
-        taken[#taken + 1] = p .. '|' .. eid
-        add(active, m, a + 1)
+        local t = #taken
+        taken[t + 1] = ptext
+        taken[t + 2] = '|'
+        taken[t + 3] = eid
+        taken[t + 4] = ' '
+        -- The attempt as text, formatted once per distinct value.
+        local an = next_attempt[a]
+        if not an then
+          an = tostring(tonumber(a) + 1)
+          next_attempt[a] = an
+        end
+        add(active, m, an)
       end
       remaining = remaining - #entries
     end
@@ -93,7 +104,8 @@ local function claim()
     end
     return last
   end
-  redis.call('SET', claim_key, table.concat(taken, ' '), 'PX', claim_ttl_ms)
+  taken[#taken] = nil -- the last separator
+  redis.call('SET', claim_key, table.concat(taken), 'PX', claim_ttl_ms)
   return out
 end
 
