@@ -59,11 +59,15 @@ test("a gateway restarted mid-stream: no message or job event lost", { skip: !re
   });
   await c.connect();
   const pub = new FerryClient({ url: b.url, token: token("dave", ALL) });
-  // Wait until the subscription is live (messages published before it are not part of the stream).
+  // Wait until the subscription is live (messages published before it are not part of the stream), then
+  // publish a marker: a probe still in flight arrives before it, so the stream starts after the marker.
+  let probe = 0;
   await eventually(async () => {
-    await pub.channels.publish("feed", { n: -1 });
+    await pub.channels.publish("feed", { n: -1 - probe++ });
     return seen.length > 0;
   }, 5000, "subscription live");
+  await pub.channels.publish("feed", { n: "marker" });
+  await eventually(() => seen.includes("marker"), 5000, "the marker");
   const start = seen.length;
 
   const submitted = [];
