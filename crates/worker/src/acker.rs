@@ -110,7 +110,6 @@ async fn flush(core: &Arc<Core>, batch: Vec<Ack>, abort: &CancellationToken, run
             AckOp::Release => releases.push(ack),
         }
     }
-    // The three calls touch disjoint jobs, so they go out together.
     // Completions go per queue, each call also leasing the next jobs into the slots it frees.
     let mut by_queue: BTreeMap<QueueName, Vec<Ack>> = BTreeMap::new();
     for ack in completes {
@@ -124,6 +123,7 @@ async fn flush(core: &Arc<Core>, batch: Vec<Ack>, abort: &CancellationToken, run
             .into_iter()
             .map(|(queue, acks)| flush_completes(core, queue, acks, abort, run)),
     );
+    // The calls touch disjoint jobs, so they go out together.
     tokio::join!(
         completes,
         flush_fails(core, fails, abort),

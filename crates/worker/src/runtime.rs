@@ -568,18 +568,17 @@ pub(crate) async fn start_jobs(
     let mut excess = Vec::new();
     let mut stopped = Vec::new();
     for leased in jobs {
-        if permits.is_empty() {
+        let Some(permit) = permits.pop() else {
             excess.push(leased.lease);
             continue;
-        }
+        };
         if run.shutdown.is_cancelled() {
-            // Claimed as shutdown began: hand it straight back rather than start work we may not finish.
+            // Claimed as shutdown began: hand it straight back rather than start work we may not finish. Its
+            // slot stays with the caller.
+            permits.push(permit);
             stopped.push(leased);
             continue;
         }
-        let Some(permit) = permits.pop() else {
-            continue;
-        };
         let job = leased.job;
         let span = tracing::info_span!(
             "job",

@@ -1027,21 +1027,21 @@ fn new_claim_key(keys: &QueueKeys) -> String {
 }
 
 impl RedisBroker {
-    /// One call of lua/complete_claim.lua on `queue`'s shard: the completions `items` (leases of `queue` held by
-    /// `consumer`, `actor` being its JSON string), then up to `max` new leases noted under `claim_key`. Returns
+    /// One call of lua/complete_claim.lua on `queue`'s shard (`keys` being its keys): the completions `items`
+    /// (leases of `queue` held by `consumer`), then up to `max` new leases noted under `claim_key`. Returns
     /// the positions of the rejected completions and the claim part's answer. With `max` above 0 the call is
     /// guarded like any claim: if its reply is not read, whatever it leased is handed back uncharged.
     async fn settle(
         &self,
         queue: &QueueName,
+        keys: &QueueKeys,
         consumer: &Arc<str>,
-        actor: &str,
         items: &[&Completion],
         max: usize,
         claim_key: &str,
     ) -> Result<(HashSet<usize>, ClaimPart), BrokerError> {
-        let keys = self.keys(queue);
         let shard = self.shard(queue);
+        let actor = actor_arg(Some(consumer));
         let mut inv = CompleteClaim {
             streams: &keys.streams,
             jobs_key: &keys.jobs,
@@ -1050,7 +1050,7 @@ impl RedisBroker {
             claim_key,
             n: items.len(),
             evmax: self.evmax(),
-            actor,
+            actor: &actor,
             consumer,
             max,
             claim_ttl_ms: self.config.visibility_timeout.as_millis().max(1) as u64,
@@ -1077,7 +1077,7 @@ impl RedisBroker {
             item: Some(Abandoned {
                 queue: queue.clone(),
                 claim_key: claim_key.to_owned(),
-                actor: actor.to_owned(),
+                actor: actor.clone(),
             }),
         });
         let v: Value = inv.invoke_async(&mut conn).await.map_err(redis_err)?;
@@ -1104,8 +1104,8 @@ impl RedisBroker {
         let mut leased = Vec::new();
         let mut refill_pending = refill;
         for ((queue, consumer), idx) in by_queue(items, |c| &c.lease) {
-            let actor = actor_arg(Some(consumer));
             let holder: Arc<str> = Arc::from(consumer);
+            let keys = self.keys(queue);
             let chunks: Vec<&[usize]> = idx.chunks(SCRIPT_CHUNK).collect();
             for (n, chunk) in chunks.iter().enumerate() {
                 let max = match refill_pending {
@@ -1115,7 +1115,6 @@ impl RedisBroker {
                     }
                     _ => 0,
                 };
-                let keys = self.keys(queue);
                 let claim_key = if max > 0 {
                     new_claim_key(&keys)
                 } else {
@@ -1124,7 +1123,7 @@ impl RedisBroker {
                 };
                 let batch: Vec<&Completion> = chunk.iter().map(|&i| &items[i]).collect();
                 let (rejected, part) = self
-                    .settle(queue, &holder, &actor, &batch, max, &claim_key)
+                    .settle(queue, &keys, &holder, &batch, max, &claim_key)
                     .await?;
                 for k in rejected {
                     out[chunk[k]] = Err(Rejected);
@@ -1424,7 +1423,6 @@ impl Leasing for RedisBroker {
         }
         let keys = self.keys(queue);
         let shard = self.shard(queue);
-        let actor = actor_arg(Some(consumer));
         let consumer: Arc<str> = Arc::from(consumer);
         let deadline = tokio::time::Instant::now() + wait;
         // One token per call (its script runs are sequential, and only the last can take jobs): the key under
@@ -1432,7 +1430,7 @@ impl Leasing for RedisBroker {
         let claim_key = new_claim_key(&keys);
         loop {
             let (_, part) = self
-                .settle(queue, &consumer, &actor, &[], max, &claim_key)
+                .settle(queue, &keys, &consumer, &[], max, &claim_key)
                 .await?;
             match part {
                 ClaimPart::Jobs(jobs) => return Ok(jobs),
