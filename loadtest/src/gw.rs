@@ -114,8 +114,9 @@ fn log_files(log: &Path) -> anyhow::Result<(Stdio, Stdio)> {
     Ok((f.try_clone()?.into(), f.into()))
 }
 
-/// `ferry gateway <redis> --listen 127.0.0.1:PORT --jwt-secret S`, logging at `warn`; `redis` points it at the
-/// run's Redis ([`crate::server::BenchRedis::ferry_args`]: `--redis URL` or `--redis-cluster URL,…`).
+/// `ferry gateway <redis> --listen 127.0.0.1:PORT --jwt-secret S --max-unauthenticated-per-ip 4096`, logging at
+/// `warn`; `redis` points it at the run's Redis ([`crate::server::BenchRedis::ferry_args`]: `--redis URL` or
+/// `--redis-cluster URL,…`).
 pub async fn start_gateway(
     ferry_bin: &Path,
     redis: &[String],
@@ -133,6 +134,10 @@ pub async fn start_gateway(
             &format!("127.0.0.1:{port}"),
             "--jwt-secret",
             BENCH_SECRET,
+            // Every benchmark client comes from 127.0.0.1: the per-address budget for connections that have
+            // not yet shown a token (256) would answer 429 to connect bursts from several client processes.
+            "--max-unauthenticated-per-ip",
+            "4096",
         ]
         .map(str::to_owned),
     );

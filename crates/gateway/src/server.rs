@@ -43,7 +43,7 @@ use crate::cluster::Cluster;
 use crate::config::TlsConfig;
 use crate::connection::{self, Budget};
 use crate::resilience::Resilience;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 use crate::ws::Hub;
 use crate::{GatewayConfig, http};
 
@@ -120,7 +120,7 @@ impl Gateway {
         let resilience = Resilience::new(config.resilience.clone());
         let connections = Budget::new(config.connections.clone(), config.limits.max_body_bytes);
         connections.check_open_file_limit();
-        let state = AppState {
+        let state = AppState::new(Shared {
             connections,
             broker,
             auth,
@@ -128,7 +128,7 @@ impl Gateway {
             hub,
             resilience,
             cluster,
-        };
+        });
         Ok(Self {
             listener,
             tls,

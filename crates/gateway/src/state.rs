@@ -1,4 +1,4 @@
-//! What every handler shares. Cloned per request (all fields are `Arc`s).
+//! What every handler shares. Cloned per request (one `Arc`).
 
 use std::sync::Arc;
 
@@ -11,8 +11,14 @@ use crate::error::ApiError;
 use crate::resilience::Resilience;
 use crate::ws::Hub;
 
+/// One pointer: every request clones it, and every WebSocket connection's task holds one (an idle connection's
+/// bytes count, see [`crate::ws`]).
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] points to (reached through `Deref`: `state.broker`).
+#[derive(Debug)]
+pub struct Shared {
     pub broker: Arc<dyn Broker>,
     pub auth: Arc<Authenticator>,
     pub config: Arc<GatewayConfig>,
@@ -25,7 +31,19 @@ pub struct AppState {
     pub cluster: Arc<crate::cluster::Cluster>,
 }
 
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
 impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+
     /// The configured store, or 503 `no-store`.
     pub fn store(&self) -> Result<&Arc<dyn Store>, ApiError> {
         self.config.store.as_ref().ok_or(ApiError::NoStore)

@@ -26,12 +26,15 @@ use axum::response::{IntoResponse, Response};
 use ferry_core::{JobId, NewJob, ValidationError};
 use futures::future::BoxFuture;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota};
+use governor::clock::MonotonicClock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::outbox::{Next, Socket};
-use super::{ConnSlot, Hub, View, Wake, close, job_topic, key_topic, user_key, write_buffer_cap};
+use super::{ConnSlot, Hub, Signal, View, close, job_topic, key_topic, user_key, write_buffer_cap};
 use crate::auth::{AuthError, Principal, Scope};
 use crate::error::ApiError;
 use crate::http::{channels, tenancy};
@@ -40,7 +43,7 @@ use crate::state::AppState;
 /// `GET /v1/ws`.
 /// tungstenite's read buffer, allocated up front on every connection: client frames are small JSON (bigger
 /// ones are read in several chunks), so a small buffer keeps idle connections small.
-const READ_BUFFER: usize = 256;
+const READ_BUFFER: usize = 128;
 
 pub async fn upgrade(
     State(state): State<AppState>,
@@ -123,7 +126,7 @@ pub async fn upgrade(
             match slot {
                 Some(slot) => {
                     slot.handle.outbox.attach(socket);
-                    let mut conn = Conn::new(hub, state, principal, slot);
+                    let mut conn = Conn::new(state, principal, slot);
                     conn.since = since;
                     tokio::spawn(run(conn));
                 }
@@ -209,7 +212,8 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// When the token expires, as an instant.
+/// When the token expires, as an instant: not before it, as whole seconds from now are counted from the start
+/// of the current second.
 fn expiry(exp: u64) -> Instant {
     Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs()))
 }
@@ -266,30 +270,32 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 type Ending = Option<(u16, &'static str)>;
 
 struct Conn {
-    hub: Arc<Hub>,
+    /// The hub is `state.hub`.
     state: AppState,
     principal: Principal,
     slot: ConnSlot,
-    limiter: DefaultDirectRateLimiter,
+    /// On std's clock: governor's default (quanta) clock is 40 bytes of every connection's task, this one none.
+    limiter:
+        RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<std::time::Instant>>,
     violations: u32,
-    expires: Instant,
     /// The connect URL's `since` for the automatic `user:` channel, taken when it is subscribed.
     since: Option<Box<ferry_broker::StreamPos>>,
 }
 
 impl Conn {
-    fn new(hub: Arc<Hub>, state: AppState, principal: Principal, slot: ConnSlot) -> Self {
-        let limits = hub.limits();
+    fn new(state: AppState, principal: Principal, slot: ConnSlot) -> Self {
+        let limits = state.hub.limits();
         let rate = std::num::NonZeroU32::new(limits.ws_rate_per_sec.max(1))
             .unwrap_or(std::num::NonZeroU32::MIN);
         let burst =
             std::num::NonZeroU32::new(limits.ws_burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
         Self {
-            limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            limiter: RateLimiter::direct_with_clock(
+                Quota::per_second(rate).allow_burst(burst),
+                MonotonicClock,
+            ),
             violations: 0,
-            expires: expiry(principal.exp),
             since: None,
-            hub,
             state,
             principal,
             slot,
@@ -324,69 +330,64 @@ fn run(mut c: Conn) -> impl Future<Output = ()> + Send {
             if c.slot.keys.contains(&key) {
                 let view = own_view(&c.principal);
                 // Boxed: awaited once, it should not size every connection's task.
-                Box::pin(c.hub.recover(&c.slot.handle, &key, &view, &since, true)).await;
+                Box::pin(
+                    c.state
+                        .hub
+                        .recover(&c.slot.handle, &key, &view, &since, true),
+                )
+                .await;
             }
         }
+        // The hub is reached as `c.state.hub` throughout, the ping interval and the token's expiry read where
+        // they are used: each local that lives across the loop's wait is part of every idle connection's task.
         let handle = c.slot.handle.clone();
         let mut socket = handle.outbox.socket();
-        let hub = c.hub.clone();
-        let ping_interval = hub.limits().ping_interval;
         // One timer serves both the ping schedule and the token's expiry (an `Interval` would be a second, boxed
         // timer on every idle connection).
-        let mut next_ping = Instant::now() + first_ping(handle.id, ping_interval);
+        let mut next_ping =
+            Instant::now() + first_ping(handle.id, c.state.hub.limits().ping_interval);
         let mut last_seen = Instant::now();
         // Set when the node drains (see `Hub::goaway`) or moves this connection away (`Hub::move_away`): when
         // it closes with 1001.
         let mut closing: Option<Instant> = None;
+        // Each turn waits for one thing, then writes at most one frame at the loop's single write (so the task
+        // holds one write's state, not one per place that writes).
         let ending: Ending = loop {
-            let expires = c.expires;
-            let wake = closing.map_or(next_ping.min(expires), |t| t.min(next_ping).min(expires));
-            tokio::select! {
-                // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`. Or moved away by
-                // rebalancing, which says goodbye like a drain does.
-                w = handle.wake(closing.is_none()) => match w {
-                    Wake::Kill => break Some(handle.ending()),
-                    Wake::Move => {
-                        let delay = hub.close_delay();
+            // The write of this turn: a frame (or, `None`, only a flush). The outbox is held for it: by
+            // `take_next` for the hub's frames, here for the connection's own.
+            let msg: Option<Message> = tokio::select! {
+                // Shutdown (1001) or slow consumer (4009): see `ConnHandle::ending`. Moved away by rebalancing,
+                // or the node drains: say goodbye, and close after a delay. Or a frame to write.
+                s = handle.signal(&c.state.hub, closing.is_none()) => match s {
+                    Signal::Kill => break Some(handle.ending()),
+                    Signal::Move | Signal::Goaway => {
+                        let delay = c.state.hub.close_delay();
                         closing = Some(Instant::now() + delay);
-                        if let Err(ending) = send_own(&mut socket, &hub, &handle, goaway("rebalance", delay), closing).await {
-                            break ending;
-                        }
+                        let reason = if matches!(s, Signal::Move) { "rebalance" } else { "shutdown" };
+                        handle.outbox.hold();
+                        Some(goaway(reason, delay))
                     }
+                    Signal::Write(Next::Frame(frame)) => Some(Message::Text(frame)),
+                    Signal::Write(Next::Flush) => None,
                 },
-                _ = hub.goaway_called(), if closing.is_none() => {
-                    let delay = hub.close_delay();
-                    closing = Some(Instant::now() + delay);
-                    if let Err(ending) = send_own(&mut socket, &hub, &handle, goaway("shutdown", delay), closing).await {
-                        break ending;
-                    }
-                }
-                _ = tokio::time::sleep_until(wake) => {
+                // The next ping, the token's expiry or the close time, whichever comes first (computed in place: a
+                // local would be kept across the wait).
+                _ = tokio::time::sleep_until(wake_at(next_ping, c.principal.exp, closing)) => {
                     if closing.is_some_and(|t| Instant::now() >= t) {
                         break Some(handle.going_away());
                     }
-                    if Instant::now() >= expires {
+                    // The wake for the expiry comes at or after it (see `expiry`).
+                    if now_secs() >= c.principal.exp {
                         break Some((close::TOKEN_EXPIRED, "token expired"));
                     }
+                    let ping_interval = c.state.hub.limits().ping_interval;
                     next_ping += ping_interval;
                     if last_seen.elapsed() > ping_interval * 2 {
                         // Dead peer: nobody to say goodbye to.
                         break None;
                     }
-                    if let Err(ending) = send_own(&mut socket, &hub, &handle, Message::Ping(Default::default()), closing).await {
-                        break ending;
-                    }
-                }
-                next = handle.outbox.next() => {
-                    let msg = match next {
-                        Next::Frame(frame) => Some(Message::Text(frame)),
-                        Next::Flush => None,
-                    };
-                    let sent = send(&mut socket, &hub, &handle, msg, closing).await;
-                    handle.outbox.done();
-                    if let Err(ending) = sent {
-                        break ending;
-                    }
+                    handle.outbox.hold();
+                    Some(Message::Ping(Default::default()))
                 }
                 msg = socket.next() => {
                     last_seen = Instant::now();
@@ -411,33 +412,46 @@ fn run(mut c: Conn) -> impl Future<Output = ()> + Send {
                             Ok(_) => continue,
                         },
                     };
-                    // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
-                    c.hub.count_frame_in();
+                    c.state.hub.count_frame_in();
                     // The hub queues meanwhile, so the answer goes out before anything the request causes (a
                     // subscription's first message after its `ok`).
                     handle.outbox.hold();
-                    let answered = match Box::pin(c.frame(text.as_str())).await {
+                    // Boxed: the frame handler's state would otherwise be part of every idle connection's task.
+                    match Box::pin(c.frame(text.as_str())).await {
                         Ok(Some(reply)) => {
-                            c.hub.count_frame_out();
-                            send(&mut socket, &hub, &handle, Some(Message::Text(reply.into())), closing).await
+                            c.state.hub.count_frame_out();
+                            Some(Message::Text(reply.into()))
                         }
-                        Ok(None) => Ok(()),
-                        Err(ending) => Err(Some(ending)),
-                    };
-                    handle.outbox.done();
-                    if let Err(ending) = answered {
-                        break ending;
+                        Ok(None) => {
+                            handle.outbox.done();
+                            continue;
+                        }
+                        Err(ending) => {
+                            handle.outbox.done();
+                            break Some(ending);
+                        }
                     }
                 }
+            };
+            let sent = send(&mut socket, &c.state.hub, &handle, msg, closing).await;
+            handle.outbox.done();
+            if let Err(ending) = sent {
+                break ending;
             }
         };
         handle.outbox.hold();
         if let Some((code, reason)) = ending {
-            c.hub.count_close(code);
+            c.state.hub.count_close(code);
             close_with(&mut socket, code, reason).await;
         }
         drop(handle.outbox.detach());
     }
+}
+
+/// When the connection's timer must fire: the next ping, the token's expiry or the close time (if closing).
+fn wake_at(next_ping: Instant, exp: u64, closing: Option<Instant>) -> Instant {
+    let t = next_ping.min(expiry(exp));
+    closing.map_or(t, |c| c.min(t))
 }
 
 /// When a connection's first ping is due: somewhere in the second half of the interval, spread by its id, then
@@ -529,20 +543,6 @@ impl Future for SendFrame<'_, '_> {
     }
 }
 
-/// [`send`] for a frame of the connection's own (a ping, a `goaway`): the hub queues while it is written.
-async fn send_own(
-    socket: &mut Socket<'_>,
-    hub: &Hub,
-    handle: &super::ConnHandle,
-    msg: Message,
-    closing: Option<Instant>,
-) -> Result<(), Ending> {
-    handle.outbox.hold();
-    let sent = send(socket, hub, handle, Some(msg), closing).await;
-    handle.outbox.done();
-    sent
-}
-
 /// One attempt at writing `msg` (taken once the sink accepts it) and flushing it: `true` when it went out,
 /// `false` when the sink is not ready for it or its flush is pending (the task is registered for either).
 fn try_send(
@@ -615,7 +615,7 @@ async fn send_inline(
         // no delay).
         biased;
         r = write => r.map_err(|e| write_failed(hub, &e)),
-        _ = handle.killed() => Err(Some(handle.ending())),
+        _ = handle.killed(hub) => Err(Some(handle.ending())),
         _ = closed => Err(Some(handle.going_away())),
     }
 }
@@ -645,9 +645,9 @@ impl Conn {
             self.violations = 0;
             return Ok(true);
         }
-        self.hub.count_rate_limited_frame();
+        self.state.hub.count_rate_limited_frame();
         self.violations += 1;
-        if self.violations > self.hub.limits().ws_sustained_violations {
+        if self.violations > self.state.hub.limits().ws_sustained_violations {
             return Err((close::RATE_LIMITED, "rate limited"));
         }
         Ok(false)
@@ -698,10 +698,10 @@ impl Conn {
                     // Already live: nothing was missed on this connection, and a replay would double frames.
                     return Ok(json!({"channel": channel}));
                 }
-                if self.slot.keys.len() >= self.hub.limits().max_subscriptions {
+                if self.slot.keys.len() >= self.state.hub.limits().max_subscriptions {
                     return Err(ApiError::bad_request(format!(
                         "at most {} subscriptions per connection",
-                        self.hub.limits().max_subscriptions
+                        self.state.hub.limits().max_subscriptions
                     )));
                 }
                 let view = View {
@@ -712,12 +712,14 @@ impl Conn {
                     channel: channel.to_owned(),
                     tenant: self.principal.tenant.clone(),
                 });
-                self.hub
+                self.state
+                    .hub
                     .subscribe(&self.slot.handle, &key, view, topic, since.is_some())
                     .await?;
                 let mut out = json!({"channel": channel});
                 if let (Some(since), Some(view)) = (since, recovering) {
                     let r = self
+                        .state
                         .hub
                         .recover(&self.slot.handle, &key, &view, &since, false)
                         .await;
@@ -731,7 +733,7 @@ impl Conn {
                 let key = self.key(channel)?;
                 if let Some(i) = self.slot.keys.iter().position(|k| *k == key) {
                     self.slot.keys.swap_remove(i);
-                    self.hub.unsubscribe(self.slot.handle.id, &key);
+                    self.state.hub.unsubscribe(self.slot.handle.id, &key);
                 }
                 Ok(json!({"channel": channel}))
             }
@@ -739,10 +741,10 @@ impl Conn {
                 let channel = str_field("channel")?;
                 let (key, _) = self.authorize(channel, true).await?;
                 let data = v.get("data").unwrap_or(&Value::Null);
-                let message = self.hub.prepare_publish(&key, data)?;
+                let message = self.state.hub.prepare_publish(&key, data)?;
                 self.state
                     .resilience
-                    .broker(self.hub.publish(message))
+                    .broker(self.state.hub.publish(message))
                     .await?;
                 Ok(json!({"channel": channel}))
             }
@@ -776,7 +778,6 @@ impl Conn {
                         "a refresh token must be for the same subject and tenant".into(),
                     ));
                 }
-                self.expires = expiry(p.exp);
                 let exp = p.exp;
                 self.principal = p;
                 Ok(json!({"exp": exp}))
@@ -861,6 +862,21 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, R>(_: fn(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_connection_task_fits_640_bytes() {
+        // Every idle connection is one task: tokio allocates the future with a 32-byte header, 24 bytes of
+        // scheduler and id beside it and a 48-byte trailer, aligned to 128 bytes. 537 bytes of future would make
+        // every connection's task 768 bytes.
+        let future = returned_size(run);
+        assert!(future <= 536, "the connection's future is {future} bytes");
+    }
 
     #[test]
     fn first_pings_of_consecutive_connections_spread_over_the_second_half_of_the_interval() {

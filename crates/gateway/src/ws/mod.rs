@@ -60,7 +60,7 @@
 //!
 //! The hub ends a connection through its `ConnHandle`: 4009 when its send queue (`send_queue` frames) is full,
 //! whether the peer stopped reading or only reads too slowly, and 1001 to every connection when the node shuts
-//! down (each connection's kill token is a child of the hub's shutdown token). The connection itself closes with
+//! down (the hub marks and wakes every connection it holds). The connection itself closes with
 //! 1008 on a binary frame, 1009 on a frame over `max_frame_bytes`, 4001 on expiry, 4008 on a sustained flood
 //! (text, ping and pong frames all count against the rate), 4009 when a write finds its write buffer full and
 //! 1013 when it was over the connection limits. A close frame gets 1 s to go out; a peer that does not read by
@@ -113,7 +113,7 @@ use futures::StreamExt;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use serde_json::{Value, json};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 pub use conn::upgrade;
@@ -139,9 +139,9 @@ pub(crate) struct ConnHandle {
     pub(crate) outbox: outbox::Outbox,
     /// Close code asked for by the hub (0: none); set before `kill` is cancelled.
     close_code: AtomicU16,
-    /// Set by [`ConnHandle::close`]; `ended` wakes the connection, even while it waits on a blocked write.
+    /// Set by [`ConnHandle::close`], which wakes the connection through its outbox (see [`ConnHandle::signal`]),
+    /// even while it waits on a blocked write.
     killed: AtomicBool,
-    ended: Notify,
     /// Set by [`Hub::move_away`]: the connection says `goaway` (`"reason": "rebalance"`) and closes.
     moved: AtomicBool,
     /// The placement partition of the connection's subject.
@@ -149,18 +149,19 @@ pub(crate) struct ConnHandle {
     /// When it was admitted, in ms since the hub's start (a `u32` would do for 49 days; 8 bytes is no cost
     /// beside the rest).
     since_ms: u64,
-    /// The hub's shutdown token, shared: a child token per connection would be one more allocation and
-    /// registration on every idle connection.
-    shutdown: CancellationToken,
 }
 
-/// What woke a connection waiting on its [`ConnHandle`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wake {
+/// What a connection waiting on its [`ConnHandle`] must do next.
+#[derive(Debug)]
+pub(crate) enum Signal {
     /// Close now: [`ConnHandle::ending`] says with what.
     Kill,
     /// Placement moved it to another node: say `goaway` and close after a delay.
     Move,
+    /// The node drains ([`Hub::goaway`]): say `goaway` and close after a delay.
+    Goaway,
+    /// Something to write (see [`outbox::Outbox::take_next`]).
+    Write(outbox::Next),
 }
 
 impl ConnHandle {
@@ -170,40 +171,54 @@ impl ConnHandle {
             .close_code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.killed.store(true, Ordering::Release);
-        self.ended.notify_waiters();
+        self.outbox.wake();
     }
 
-    /// Resolves once the connection must end: [`ConnHandle::close`] was called or the node is shutting down.
-    pub(crate) async fn killed(&self) {
-        self.wake(false).await;
+    /// Must the connection end now: [`ConnHandle::close`] was called or the hub shut down?
+    fn must_end(&self, hub: &Hub) -> bool {
+        self.killed.load(Ordering::Acquire) || hub.shutdown.is_cancelled()
     }
 
-    /// Resolves with [`Wake::Kill`] once the connection must end, or (when `moves`) with [`Wake::Move`] once
-    /// the hub moved it away ([`Hub::move_away`]).
-    pub(crate) async fn wake(&self, moves: bool) -> Wake {
-        let woken = || {
-            if self.killed.load(Ordering::Acquire) {
-                Some(Wake::Kill)
-            } else if moves && self.moved.load(Ordering::Acquire) {
-                Some(Wake::Move)
-            } else {
-                None
-            }
-        };
-        loop {
-            if let Some(w) = woken() {
-                return w;
-            }
-            let ended = self.ended.notified();
-            tokio::pin!(ended);
-            // Registered before the second check, so a close in between is not missed.
-            ended.as_mut().enable();
-            if let Some(w) = woken() {
-                return w;
-            }
-            tokio::select! {
-                _ = ended => {}
-                _ = self.shutdown.cancelled() => return Wake::Kill,
+    /// Resolves once the connection must end: [`ConnHandle::close`] was called or the hub shut down.
+    pub(crate) async fn killed(&self, hub: &Hub) {
+        while !self.must_end(hub) {
+            self.outbox.woken().await;
+        }
+    }
+
+    /// What the connection's task must do next, waiting until there is something: end ([`Signal::Kill`]),
+    /// then (only while `open`, i.e. not already saying goodbye) leave ([`Signal::Move`], [`Signal::Goaway`]),
+    /// then write ([`Signal::Write`]).
+    ///
+    /// Everything that concerns the task wakes it through one `Notify`, its outbox's: a close, a move, the
+    /// hub's goaway and shutdown, a queued frame. The wake stores a permit when the task is not waiting, and
+    /// every wait checks all of the state above first, so a wake meant for something else (taken by a blocked
+    /// write's [`ConnHandle::killed`]) is never lost. One small future instead of one per source: each is part
+    /// of every idle connection's task, which is also why this is an async block rather than an `async fn`
+    /// (see [`conn::run`]).
+    #[allow(clippy::manual_async_fn)] // On purpose, see above.
+    pub(crate) fn signal<'a>(
+        &'a self,
+        hub: &'a Hub,
+        open: bool,
+    ) -> impl Future<Output = Signal> + Send + 'a {
+        async move {
+            loop {
+                if self.must_end(hub) {
+                    return Signal::Kill;
+                }
+                if open {
+                    if self.moved() {
+                        return Signal::Move;
+                    }
+                    if hub.closing() {
+                        return Signal::Goaway;
+                    }
+                }
+                if let Some(next) = self.outbox.take_next() {
+                    return Signal::Write(next);
+                }
+                self.outbox.woken().await;
             }
         }
     }
@@ -493,6 +508,20 @@ impl Hub {
         self.close_spread_ms
             .store(spread.as_millis() as u64, Ordering::Release);
         self.goaway.cancel();
+        self.wake_all();
+    }
+
+    /// Wake every connection's task, to look at the hub's state (after a goaway or shutdown). A connection
+    /// admitted after this sees that state before its first wait.
+    fn wake_all(&self) {
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            c.outbox.wake();
+        }
     }
 
     /// The spread of `goaway` closes before [`Hub::goaway`] sets it (rebalancing uses it too).
@@ -538,7 +567,7 @@ impl Hub {
             return false;
         }
         self.moving.fetch_add(1, Ordering::AcqRel);
-        conn.ended.notify_waiters();
+        conn.outbox.wake();
         true
     }
 
@@ -550,11 +579,6 @@ impl Hub {
     /// True once [`Hub::goaway`] was called.
     pub(crate) fn closing(&self) -> bool {
         self.goaway.is_cancelled()
-    }
-
-    /// Resolves once [`Hub::goaway`] was called.
-    pub(crate) async fn goaway_called(&self) {
-        self.goaway.cancelled().await
     }
 
     /// One connection's delay between its `goaway` frame and its close.
@@ -799,6 +823,7 @@ impl Hub {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         self.shutdown.cancel();
+        self.wake_all();
     }
 
     /// Check a message for [`Hub::publish`]: the channel must be an `app:` hub channel (as
@@ -1001,11 +1026,9 @@ impl Hub {
             outbox: outbox::Outbox::new(self.limits.send_queue),
             close_code: AtomicU16::new(0),
             killed: AtomicBool::new(false),
-            ended: Notify::new(),
             moved: AtomicBool::new(false),
             partition,
             since_ms: self.started.elapsed().as_millis() as u64,
-            shutdown: self.shutdown.clone(),
         });
         self.conns
             .lock()
