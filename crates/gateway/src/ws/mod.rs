@@ -137,7 +137,7 @@ pub mod close {
 pub(crate) struct ConnHandle {
     id: u64,
     pub(crate) outbox: outbox::Outbox,
-    /// Close code asked for by the hub (0: none); set before `kill` is cancelled.
+    /// Close code asked for by the hub (0: none); set before `killed`.
     close_code: AtomicU16,
     /// Set by [`ConnHandle::close`], which wakes the connection through its outbox (see [`ConnHandle::signal`]),
     /// even while it waits on a blocked write.
