@@ -90,6 +90,10 @@ struct WsArgs {
     /// Seconds between the last connection and the idle RSS reading.
     #[arg(long, default_value_t = 3)]
     settle_secs: u64,
+    /// Open the connections in two halves and read the RSS after each: the second half's growth per
+    /// connection is the marginal cost, without the fixed part that makes the average spread between runs.
+    #[arg(long)]
+    halves: bool,
     /// Stop rising after this many rates in a row that were not sustained.
     #[arg(long, default_value_t = 2)]
     stop_after: usize,
@@ -583,6 +587,7 @@ async fn ws(a: WsArgs) -> anyhow::Result<()> {
         peer_dir,
         stop_after_failures: a.stop_after,
         via: a.via.clone(),
+        halves: a.halves,
     };
     let r = wsbench::run(&p, !a.only_peer, a.peer == WsPeer::NodeWs).await?;
     let doc = json!({

@@ -318,6 +318,8 @@ pub struct Params {
     pub stop_after_failures: usize,
     /// How the clients reach the ferry gateway, each in turn (the publisher always posts to the gateway).
     pub via: Vec<Via>,
+    /// Open the connections in two halves, reading the RSS after each (see [`run_system`]).
+    pub halves: bool,
 }
 
 struct ClientProc {
@@ -351,16 +353,19 @@ impl ClientProc {
     }
 }
 
+/// Client processes for the connections numbered `from..to`, once all have connected (or failed to).
 async fn spawn_clients(
     p: &Params,
     ws_url: &str,
     with_tokens: bool,
+    from: usize,
+    to: usize,
 ) -> anyhow::Result<(Vec<ClientProc>, Value)> {
     let exe = std::env::current_exe().context("locating the loadtest binary")?;
     let mut procs = Vec::new();
-    let mut first = 0;
-    while first < p.connections {
-        let count = p.per_process.min(p.connections - first);
+    let mut first = from;
+    while first < to {
+        let count = p.per_process.min(to - first);
         let args: Vec<String> = vec![
             "ws-client".into(),
             "--url".into(),
@@ -551,7 +556,36 @@ async fn run_system(
         "[loadtest] ws/{system}: RSS {rss_before} KiB; opening {} connections",
         p.connections
     );
-    let (mut clients, connect) = spawn_clients(p, &ws_url, with_tokens).await?;
+    // With `halves`, the first half is opened and measured on its own: what the second half adds is the
+    // marginal cost of a connection, without what does not grow with them (the process's first connections, the
+    // allocator's keep from the first connect burst), which makes the average move from run to run.
+    let split = if p.halves { p.connections / 2 } else { 0 };
+    let mut clients = Vec::new();
+    let mut half: Option<(u64, u64, u64)> = None;
+    if split > 0 {
+        let (procs, connect) = spawn_clients(p, &ws_url, with_tokens, 0, split).await?;
+        clients = procs;
+        eprintln!("[loadtest] ws/{system}: first half: {connect}");
+        tokio::time::sleep(Duration::from_secs(p.settle_secs)).await;
+        half = Some((
+            connect["connected"].as_u64().unwrap_or(0),
+            gw::rss_kib(server.pid)?,
+            connect["connect_ms"].as_u64().unwrap_or(0),
+        ));
+    }
+    let (procs, rest) = spawn_clients(p, &ws_url, with_tokens, split, p.connections).await?;
+    clients.extend(procs);
+    let connect = match half {
+        None => rest,
+        Some((n, _, ms)) => json!({
+            "processes": clients.len(),
+            "connect_ms": ms + rest["connect_ms"].as_u64().unwrap_or(0),
+            "connected": n + rest["connected"].as_u64().unwrap_or(0),
+            "failed": (split as u64).saturating_sub(n) + rest["failed"].as_u64().unwrap_or(0),
+            "first_error": rest["first_error"],
+            "halves": true,
+        }),
+    };
     let connected = connect["connected"].as_u64().unwrap_or(0);
     eprintln!("[loadtest] ws/{system}: {connect}");
     if connected == 0 {
@@ -565,6 +599,15 @@ async fn run_system(
         "[loadtest] ws/{system}: RSS {rss_idle} KiB with {connected} idle connections: {:.2} KiB/connection",
         per_conn
     );
+    let marginal = half.and_then(|(n, rss_half, _)| {
+        let added = connected.checked_sub(n).filter(|&a| a > 0)?;
+        let m = (rss_idle as f64 - rss_half as f64) / added as f64;
+        eprintln!(
+            "[loadtest] ws/{system}: RSS {rss_half} KiB with the first {n}: the second {added} added {m:.2} KiB each"
+        );
+        Some(json!({"connected_first_half": n, "rss_kib_first_half": rss_half,
+                    "rss_kib_per_connection_second_half": round(m, 3)}))
+    });
 
     let mut phases = Vec::new();
     let mut max_sustained: Option<f64> = None;
@@ -718,6 +761,7 @@ async fn run_system(
         "rss_kib_before": rss_before,
         "rss_kib_idle": rss_idle,
         "rss_kib_per_connection": round(per_conn, 3),
+        "halves": marginal,
         "rss_kib_after_broadcast": rss_after,
         "broadcast": phases,
         "max_sustained_deliveries_per_sec": max_sustained.map(|v| round(v, 0)),
