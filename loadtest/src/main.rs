@@ -91,7 +91,8 @@ struct WsArgs {
     #[arg(long, default_value_t = 3)]
     settle_secs: u64,
     /// Open the connections in two halves and read the RSS after each: the second half's growth per
-    /// connection is the marginal cost, without the fixed part that makes the average spread between runs.
+    /// connection is the marginal cost, without what the first connections cost once (it spreads between
+    /// runs too; loadtest/README.md).
     #[arg(long)]
     halves: bool,
     /// Stop rising after this many rates in a row that were not sustained.
