@@ -106,7 +106,9 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use ferry_broker::placement::partition_of;
-use ferry_broker::{Broker, ChannelControl, ChannelMessage, FedEvent, JobFeedControl, Topic, Via};
+use ferry_broker::{
+    Broker, ChannelControl, ChannelMessage, Confirmation, FedEvent, JobFeedControl, Topic, Via,
+};
 use ferry_core::{Event, EventType};
 use ferry_telemetry::prometheus;
 use futures::StreamExt;
@@ -294,8 +296,9 @@ pub struct Hub {
     /// that have local subscribers.
     feed: RwLock<Option<ChannelControl>>,
     /// The control of the broker's job event feed while `run` has one open; like `feed`, replaced when the feed
-    /// is reopened and taken after `channels` (and `watching`) when they are held together.
-    job_feed: RwLock<Option<JobFeedControl>>,
+    /// is reopened and taken after `channels` (and `watching`) when they are held together. A watch channel,
+    /// so a subscription made while the feed is (re)opening can wait for it ([`Hub::subscribe`]).
+    job_feed: tokio::sync::watch::Sender<Option<JobFeedControl>>,
     /// The job feed topics the hub keys with local subscribers hold. Taken after `channels`.
     watching: Mutex<Watching>,
     connections: AtomicUsize,
@@ -466,7 +469,7 @@ impl Hub {
             limits,
             channels: Mutex::new(HashMap::new()),
             feed: RwLock::new(None),
-            job_feed: RwLock::new(None),
+            job_feed: tokio::sync::watch::Sender::new(None),
             watching: Mutex::new(Watching::default()),
             connections: AtomicUsize::new(0),
             counters: WsCounters::default(),
@@ -626,6 +629,8 @@ impl Hub {
         let started = Instant::now();
         let result = if self.feed_control().is_none() {
             Err("the channel feed is not open".to_owned())
+        } else if self.job_feed_control().is_none() {
+            Err("the job event feed is not open".to_owned())
         } else {
             let echoes = self
                 .canary
@@ -747,7 +752,7 @@ impl Hub {
                             for topic in watching.keys.keys() {
                                 drop(control.watch(topic));
                             }
-                            *self.job_feed_slot() = Some(control);
+                            self.job_feed.send_replace(Some(control));
                         }
                         events = Some(stream);
                     }
@@ -796,7 +801,7 @@ impl Hub {
                         None => {
                             tracing::warn!("job event feed ended, reopening");
                             let _channels = self.lock();
-                            *self.job_feed_slot() = None;
+                            self.job_feed.send_replace(None);
                             events = None;
                         }
                     },
@@ -873,15 +878,24 @@ impl Hub {
         self.feed.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn job_feed_slot(&self) -> std::sync::RwLockWriteGuard<'_, Option<JobFeedControl>> {
-        self.job_feed.write().unwrap_or_else(|p| p.into_inner())
+    fn job_feed_control(&self) -> Option<JobFeedControl> {
+        self.job_feed.borrow().clone()
     }
 
-    fn job_feed_control(&self) -> Option<JobFeedControl> {
-        self.job_feed
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// Waits (up to [`FEED_OPEN_WAIT`]) for the job feed while it is (re)opening, then has it confirm `topic`
+    /// when `conn` still subscribes `key`. The reopen watches every held topic itself but does not wait for
+    /// the confirmations; this gives a subscription made in between (a client connecting as the node starts)
+    /// one to wait for, so events published after it returns still reach it.
+    async fn watch_when_open(&self, conn: u64, key: &str, topic: &Topic) -> Option<Confirmation> {
+        let mut open = self.job_feed.subscribe();
+        tokio::time::timeout(FEED_OPEN_WAIT, open.wait_for(Option::is_some))
+            .await
+            .ok()?
+            .ok()?;
+        let channels = self.lock();
+        // Gone meanwhile (closed or unsubscribed): its release already unwatched what it held.
+        channels.get(key)?.get(&conn)?;
+        self.job_feed_control().map(|feed| feed.watch(topic))
     }
 
     fn watching(&self) -> MutexGuard<'_, Watching> {
@@ -907,7 +921,7 @@ impl Hub {
     /// at the broker, and the call returns once that is confirmed. A key holding a job feed `topic`
     /// ([`key_topic`], [`job_topic`]) has it watched, and the call returns once the feed confirmed it (or
     /// failed to: the engine watches it again after its reconnect, and job events were never more than at most
-    /// once). With `hold`, the connection's live frames of this key are held until [`Hub::end_hold`] (a
+    /// once); while the feed is (re)opening, it waits for it first, up to [`FEED_OPEN_WAIT`]. With `hold`, the connection's live frames of this key are held until [`Hub::end_hold`] (a
     /// recovery).
     pub(crate) async fn subscribe(
         &self,
@@ -919,6 +933,7 @@ impl Hub {
     ) -> Result<(), ApiError> {
         let app = key.strip_prefix("app:");
         let mut watched = None;
+        let mut reopening = None;
         let confirm = {
             let mut channels = self.lock();
             let subs = channels.entry(key.to_owned()).or_default();
@@ -943,6 +958,9 @@ impl Hub {
                 // Every subscriber asks (a round trip only for the first): the engine confirms in order, so
                 // none returns before the topic is watched. Queued under the lock, like app subscriptions.
                 watched = self.job_feed_control().map(|feed| feed.watch(&topic));
+                if watched.is_none() {
+                    reopening = Some(topic);
+                }
             }
             match app {
                 // Queued under the lock so broker (un)subscribes reach the engine in the order of local counts.
@@ -962,6 +980,9 @@ impl Hub {
             tracing::warn!(error = %e, "channel subscription failed");
             self.unsubscribe(conn.id, key);
             return Err(unavailable());
+        }
+        if let Some(topic) = reopening {
+            watched = self.watch_when_open(conn.id, key, &topic).await;
         }
         if let Some(confirm) = watched
             && let Err(e) = confirm.await
@@ -1269,6 +1290,11 @@ impl Hub {
 /// (fan-out benchmark, loadtest/README.md).
 const FAN_OUT_TURN: usize = 256;
 
+/// How long a job event subscription made while the job feed is (re)opening waits for it at most (see
+/// [`Hub::subscribe`]). The feed opens within milliseconds of the node's start; an engine that cannot be reached
+/// makes the subscription go ahead unconfirmed (the reopen watches it) rather than hold the client longer.
+const FEED_OPEN_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a publisher on an in-process engine waits for this node's hand-off ([`Hub::publish`]) at most.
 const LOCAL_HANDOFF_WAIT: Duration = Duration::from_millis(100);
 
@@ -1460,7 +1486,8 @@ impl Drop for ConnSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_core::{JobId, JobState, Kind, QueueName};
+    use ferry_broker::Jobs;
+    use ferry_core::{JobId, JobState, Kind, NewJob, QueueName};
 
     #[cfg(target_pointer_width = "64")]
     #[test]
@@ -1659,6 +1686,52 @@ mod tests {
         let m = hub.prepare_publish("app:empty", &json!(1)).unwrap();
         let answered = futures::FutureExt::now_or_never(hub.publish(m));
         assert!(matches!(answered, Some(Ok(()))), "{answered:?}");
+        stop.cancel();
+        drop(slot);
+        run.await.unwrap();
+    }
+
+    /// A subscription made before the job feed is open (a client connecting as the node starts) waits for it,
+    /// and the events published once it returned reach it.
+    #[tokio::test]
+    async fn a_subscription_before_the_job_feed_opens_waits_for_it() {
+        let broker = Arc::new(ferry_broker::MemoryBroker::new(Default::default()));
+        let hub = Hub::new(broker.clone(), LimitsConfig::default());
+        let slot = hub.admit("alice".into(), 0).expect("admitted");
+        let view = View {
+            channel: "queue:early".into(),
+            tenant: None,
+        };
+        let topic = key_topic("queue:early");
+        let stop = CancellationToken::new();
+        let run = {
+            let mut subscribed =
+                std::pin::pin!(hub.subscribe(&slot.handle, "queue:early", view, topic, false));
+            assert!(
+                futures::FutureExt::now_or_never(subscribed.as_mut()).is_none(),
+                "answered before the job feed was open"
+            );
+            let run = tokio::spawn(hub.clone().run(stop.clone()));
+            subscribed.await.expect("subscribed");
+            run
+        };
+        let job = NewJob::new(Kind::parse("ferry.noop").unwrap(), json!({}));
+        let queue = QueueName::parse("early").unwrap();
+        let id = broker.enqueue(&queue, job).await.unwrap().id.to_string();
+        let frame = tokio::time::timeout(Duration::from_secs(5), slot.handle.outbox.next())
+            .await
+            .expect("the job.queued event reached the subscriber");
+        match frame {
+            outbox::Next::Frame(f) => {
+                let v: Value = serde_json::from_str(f.as_str()).unwrap();
+                assert_eq!(
+                    (v["event"].as_str(), v["data"]["id"].as_str()),
+                    (Some("job.queued"), Some(id.as_str())),
+                    "{v}"
+                );
+            }
+            outbox::Next::Flush => panic!("no socket, nothing written"),
+        }
         stop.cancel();
         drop(slot);
         run.await.unwrap();
