@@ -60,6 +60,54 @@ fn numsub(server: &RedisServer, channel: &str) -> u64 {
     out.lines().nth(1).unwrap().trim().parse().unwrap()
 }
 
+/// `PUBLISH` calls the server has run so far.
+fn publishes(server: &RedisServer) -> u64 {
+    let out = server.cli(&["INFO", "commandstats"]).unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// A script publishes an event message only on a channel someone subscribes to (with a pattern subscriber on the
+/// server, on every channel): the others were never received, and building them cost Redis the most per enqueue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_published_only_where_someone_listens() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server).await;
+    let (alice, bob, pa, _) = two_subjects();
+    let mail = q("mail");
+    // Nobody listens: the log has the events, no channel gets one.
+    b.enqueue_batch(&mail, vec![job_of(alice), job_of(bob)])
+        .await
+        .unwrap();
+    assert_eq!(publishes(&server), 0);
+    let logged = b
+        .read_log(0, "check", "c", 100, Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert_eq!(logged.iter().map(|e| e.events.len()).sum::<usize>(), 2);
+
+    // Alice's partition is watched: her event is published there, bob's and the queue's are not.
+    let (control, mut feed) = b.job_feed().await.unwrap().into_parts();
+    control.watch(&Topic::Partition(pa)).await.unwrap();
+    let mixed = b
+        .enqueue_batch(&mail, vec![job_of(bob), job_of(alice)])
+        .await
+        .unwrap();
+    let got = until(&mut feed, |e: &FedEvent| e.event.job == mixed[1].id).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(publishes(&server), 1);
+
+    // A pattern subscriber (the all-events feed) hears everything: every channel is published again.
+    let mut every = b.subscribe().await.unwrap();
+    let last = b.enqueue(&mail, job_of(bob)).await.unwrap().id;
+    let all = until(&mut every, |e: &Event| e.job == last).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    // Bob's partition and the queue.
+    assert_eq!(publishes(&server), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_gets_the_partitions_and_queues_it_watches_and_nothing_else() {
     let server = RedisServer::start().unwrap();

@@ -148,6 +148,8 @@ end
 -- Those are a standalone Redis's names (keys.rs, Layout): the channels take the event log's prefix, which is
 -- 'ferry:' there and 'ferry:{<tag>}:' on a shard of a Redis Cluster, whose channels are then published with
 -- SPUBLISH, in the slot of the shard's keys.
+-- A message is published only on a channel with a subscriber (or, on a standalone Redis, while any pattern
+-- subscription exists): nobody can receive the others, and building them was most of an enqueue's event cost.
 -- `by` (the actor, a JSON string) may be nil; a group marked `byo` says each event's actor is its job's owner.
 local function emit(evkey, evmax, groups, by)
   local ng = {}
@@ -194,14 +196,6 @@ local function emit(evkey, evmax, groups, by)
   end
   stored[#stored + 1] = ']'
   local sid = redis.call('XADD', evkey, 'MAXLEN', '~', evmax, '*', 'e', table.concat(stored))
-  local pre = '{"sid":"' .. sid .. '","events":['
-  local all = { pre }
-  for i = 1, #ng do
-    if i > 1 then all[#all + 1] = '},' end
-    join(all, heads[i])
-  end
-  all[#all + 1] = '}]}'
-  all = table.concat(all)
   -- evkey is '<prefix>events'; 'ferry:{' starts the prefix of a shard of a Redis Cluster.
   local prefix = string.sub(evkey, 1, #evkey - 6)
   local publish = 'PUBLISH'
@@ -210,14 +204,17 @@ local function emit(evkey, evmax, groups, by)
     if pt == '' then return evkey end
     return prefix .. 'ev:p:' .. pt
   end
+  -- The channels this call publishes on: its partitions' (in first-seen order), then its queue's.
+  local order, parts, base = {}, nil, {}
   if not mixed then
-    redis.call(publish, channel(first), all)
+    order[1] = first
   else
     -- Per partition, per group (in group order): the positions of its jobs in the partition (a list with the
     -- group's index as `gi`). Appended in call order, so a partition's positions of one group are one run. The
     -- work stays linear in the jobs however many groups and partitions one call holds (coalesced submits of
     -- many owners: a partition each).
-    local order, parts, base, b = {}, {}, {}, 0
+    parts = {}
+    local b = 0
     for gi, g in ipairs(ng) do
       base[gi] = b
       b = b + #g.jobs
@@ -236,17 +233,49 @@ local function emit(evkey, evmax, groups, by)
         sel[#sel + 1] = k
       end
     end
-    for _, pt in ipairs(order) do
-      local msg = { pre }
-      for i, sel in ipairs(parts[pt]) do
-        if i > 1 then msg[#msg + 1] = '},' end
-        head(msg, ng[sel.gi], by, sel, base[sel.gi])
+  end
+  local channels = {}
+  for i, pt in ipairs(order) do channels[i] = channel(pt) end
+  local qchannel = queue and (prefix .. 'ev:q:{' .. queue .. '}')
+  if qchannel then channels[#channels + 1] = qchannel end
+  -- Only messages someone will receive are built: Redis's Lua hashes every byte of every string a script makes,
+  -- and under submit load the messages of partitions nobody follows were a fifth of Redis's CPU. A pattern
+  -- subscriber (the all-events feed of `subscribe`, or anyone's PSUBSCRIBE) cannot be matched here cheaply:
+  -- with any on the server, every channel counts as heard. Sharded channels have no patterns.
+  local heard = {}
+  local counts
+  if publish == 'PUBLISH' then
+    if redis.call('PUBSUB', 'NUMPAT') == 0 then counts = redis.call('PUBSUB', 'NUMSUB', unpack(channels)) end
+  else
+    counts = redis.call('PUBSUB', 'SHARDNUMSUB', unpack(channels))
+  end
+  for i = 1, #channels do heard[i] = not counts or counts[2 * i] > 0 end
+  local all
+  if (not mixed and heard[1]) or (qchannel and heard[#channels]) then
+    all = { '{"sid":"', sid, '","events":[' }
+    for i = 1, #ng do
+      if i > 1 then all[#all + 1] = '},' end
+      join(all, heads[i])
+    end
+    all[#all + 1] = '}]}'
+    all = table.concat(all)
+  end
+  if not mixed then
+    if heard[1] then redis.call(publish, channels[1], all) end
+  else
+    for i, pt in ipairs(order) do
+      if heard[i] then
+        local msg = { '{"sid":"', sid, '","events":[' }
+        for x, sel in ipairs(parts[pt]) do
+          if x > 1 then msg[#msg + 1] = '},' end
+          head(msg, ng[sel.gi], by, sel, base[sel.gi])
+        end
+        msg[#msg + 1] = '}]}'
+        redis.call(publish, channels[i], table.concat(msg))
       end
-      msg[#msg + 1] = '}]}'
-      redis.call(publish, channel(pt), table.concat(msg))
     end
   end
-  if queue then redis.call(publish, prefix .. 'ev:q:{' .. queue .. '}', all) end
+  if qchannel and heard[#channels] then redis.call(publish, qchannel, all) end
 end
 
 -- Fields of one stream entry as a table, or nil when the entry is gone.
