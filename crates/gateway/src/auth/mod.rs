@@ -10,12 +10,15 @@
 //! * `keys`: key material → keys pinned to algorithms; which key may verify a given token.
 //! * `claims`: the claims read from and written to tokens.
 //! * `remote`: the JWKS-URL cache and its refresh schedule (periodic, and on unknown `kid`, rate-limited).
+//! * `verified`: tokens that passed, kept until they expire or the keys change, so a client's next request with
+//!   the same token is not verified again.
 
 mod claims;
 mod keys;
 mod remote;
 #[cfg(test)]
 mod tests;
+mod verified;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,7 @@ use crate::error::ApiError;
 use claims::{MintedClaims, TokenClaims};
 use keys::{KeySet, VerifyKey};
 use remote::RemoteJwks;
+use verified::Verified;
 
 pub use claims::{MAX_TENANT_LEN, tenant_ok};
 pub use keys::MIN_HS_SECRET_BYTES;
@@ -233,6 +237,7 @@ pub struct Authenticator {
     /// Checks shared by every key; each verification narrows `algorithms` to the key's pinned ones.
     validation: Validation,
     leeway_secs: u64,
+    verified: Verified,
 }
 
 impl Authenticator {
@@ -305,6 +310,7 @@ impl Authenticator {
             refresher: None,
             validation,
             leeway_secs,
+            verified: Verified::default(),
         })
     }
 
@@ -385,16 +391,24 @@ impl Authenticator {
             return Err(AuthError::Invalid("token too large".into()));
         }
         // `alg: none` and unknown algorithms fail here: the header type has no variant for them.
+        let keys = self.current_keys();
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(principal) = self.verified.get(token, &keys, now, self.leeway_secs) {
+            return Ok(principal);
+        }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed header or unsupported algorithm".into()))?;
-        let keys = self.current_keys();
         let candidates = keys.candidates(&header)?;
         for key in &candidates.keys {
             match self.verify_with(token, key) {
                 // Several keys of one algorithm (a rotation): a signature mismatch means "try the next".
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
                 Err(e) => return Err(map_error(&e)),
-                Ok(claims) => return self.check_iat(claims)?.into_principal(),
+                Ok(claims) => {
+                    let principal = self.check_iat(claims)?.into_principal()?;
+                    self.verified.put(token, &keys, &principal);
+                    return Ok(principal);
+                }
             }
         }
         // No kid-less key signed a token naming an unknown kid: it is most likely from a key the JWKS URL has

@@ -654,6 +654,66 @@ fn expired_is_distinct_and_leeway_applies() {
     );
 }
 
+/// A token that passed is not verified again while it is valid; it is once it has expired, or the keys changed,
+/// and tokens that fail are never kept.
+#[test]
+fn verified_tokens_are_kept_until_they_expire_or_the_keys_change() {
+    let auth = hs_auth();
+    let token = hs(Algorithm::HS256, &claims());
+    let first = auth.verify(&token).unwrap();
+    assert_eq!(auth.verified.len(), 1);
+    assert_eq!(auth.verify(&token).unwrap(), first);
+    let keys = auth.current_keys();
+    let leeway = auth.leeway_secs;
+    assert_eq!(
+        auth.verified.get(&token, &keys, now(), leeway),
+        Some(first.clone())
+    );
+    // Past `exp` by more than the leeway: gone, so the next request is verified in full (and refused as expired).
+    assert_eq!(
+        auth.verified
+            .get(&token, &keys, first.exp + leeway + 1, leeway),
+        None
+    );
+    assert_eq!(auth.verified.len(), 0);
+    auth.verify(&token).unwrap();
+    assert_eq!(auth.verified.len(), 1);
+
+    // Other keys (a JWKS refresh): the map starts over.
+    let other = Arc::new(keys::KeySet::default());
+    assert_eq!(auth.verified.get(&token, &other, now(), leeway), None);
+    assert_eq!(auth.verified.len(), 0);
+    auth.verify(&token).unwrap();
+    assert_eq!(auth.verified.len(), 1);
+
+    // Failures are not kept: a tampered signature, an expired token.
+    let mut tampered = token.clone();
+    tampered.pop();
+    tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+    assert!(auth.verify(&tampered).is_err());
+    let mut c = claims();
+    c["exp"] = json!(now() - 120);
+    assert_eq!(
+        auth.verify(&hs(Algorithm::HS256, &c)),
+        Err(AuthError::Expired)
+    );
+    assert_eq!(auth.verified.len(), 1);
+}
+
+/// The map is bounded: a full one is emptied before the next token goes in.
+#[test]
+fn verified_tokens_are_bounded() {
+    let auth = hs_auth();
+    let keys = auth.current_keys();
+    let p = auth.verify(&hs(Algorithm::HS256, &claims())).unwrap();
+    for i in 0..verified::MAX_VERIFIED + 5 {
+        auth.verified.put(&format!("token-{i}"), &keys, &p);
+        assert!(auth.verified.len() <= verified::MAX_VERIFIED);
+    }
+    // The verified token and 9,999 others filled it; the last 6 came after it was emptied.
+    assert_eq!(auth.verified.len(), 6);
+}
+
 #[test]
 fn expired_is_only_reported_for_a_valid_signature() {
     let mut c = claims();
