@@ -226,6 +226,10 @@ struct SubmitArgs {
     /// Requests in flight at most in the half-rate phase.
     #[arg(long, default_value_t = 512)]
     in_flight: usize,
+    /// Paced phases at these rates (jobs/s), `--half-rate-secs` each, after the half-rate one: the latency of
+    /// every system at the same offered load, e.g. `5000,10000`.
+    #[arg(long, value_delimiter = ',')]
+    fixed_rates: Vec<u64>,
     #[arg(long, default_value = "bench")]
     queue: String,
     /// Extra `ferry gateway` flags, space-separated.
@@ -686,6 +690,12 @@ async fn submit_cmd(a: SubmitArgs) -> anyhow::Result<()> {
     if a.in_flight == 0 || a.in_flight > 4096 {
         bail!("--in-flight must be 1..=4096");
     }
+    if a.fixed_rates.iter().any(|r| *r == 0 || *r > 200_000) {
+        bail!("--fixed-rates must each be 1..=200000 jobs/s");
+    }
+    if !a.fixed_rates.is_empty() && a.half_rate_secs == 0 {
+        bail!("--fixed-rates needs --half-rate-secs above 0 (the length of each paced phase)");
+    }
     let machine = report::Machine::probe();
     let bin = if a.systems.contains(&submit::System::Ferry) {
         ferry_bin(a.ferry_bin.clone()).await?
@@ -700,6 +710,7 @@ async fn submit_cmd(a: SubmitArgs) -> anyhow::Result<()> {
         secs: a.secs,
         warmup_secs: a.warmup_secs,
         half_rate_secs: a.half_rate_secs,
+        fixed_rates: a.fixed_rates.clone(),
         in_flight: a.in_flight,
         queue: a.queue.clone(),
         ferry_bin: bin,
@@ -721,6 +732,7 @@ async fn submit_cmd(a: SubmitArgs) -> anyhow::Result<()> {
             "threads": a.threads,
             "secs": a.secs,
             "half_rate_secs": a.half_rate_secs,
+            "fixed_rates": a.fixed_rates,
             "gateway_args": a.gateway_args,
         },
         "result": r,

@@ -50,8 +50,10 @@ pub struct Params {
     pub threads: usize,
     pub secs: u64,
     pub warmup_secs: u64,
-    /// Length of the half-rate phase (0 skips it).
+    /// Length of the half-rate phase (0 skips it) and of each fixed-rate one.
     pub half_rate_secs: u64,
+    /// Paced phases at these rates after the half-rate one, the same for every system.
+    pub fixed_rates: Vec<u64>,
     /// Requests in flight at most in the half-rate phase.
     pub in_flight: usize,
     pub queue: String,
@@ -134,7 +136,18 @@ pub async fn run(p: &Params) -> anyhow::Result<Value> {
                     .zip(at(b, path))
                     .map(|(x, y)| round(x / y.max(1e-9), 3))
             };
+            // The p99 of both at each fixed rate, side by side.
+            let p99_at: Vec<Value> = p
+                .fixed_rates
+                .iter()
+                .enumerate()
+                .map(|(i, rate)| {
+                    let p99 = |r: &Value| r["fixed_rates"][i]["latency"]["p99_ms"].as_f64();
+                    json!({"rate": rate, "ferry": p99(f), "peer": p99(b)})
+                })
+                .collect();
             json!({
+                "p99_ms_at_fixed_rates": p99_at,
                 "throughput_ratio": ratio(&["max", "accepted_jobs_per_sec"]),
                 "server_cpu_ratio": ratio(&["max", "server_cpu_usec_per_job"]),
                 "redis_cpu_ratio": ratio(&["max", "redis_cpu_usec_per_job"]),
@@ -252,14 +265,14 @@ async fn run_one(p: &Params, sys: System) -> anyhow::Result<Value> {
     );
     let result = phases(p, &url, &tokens, &token_file, &server, &mut admin, &http).await;
     server.stop().await?;
-    let (max, half) = result.with_context(|| {
+    let (max, half, fixed) = result.with_context(|| {
         format!(
             "{} log tail:\n{}",
             sys.label(),
             crate::procs::tail(&server.log, 2000)
         )
     })?;
-    Ok(json!({ "system": sys.label(), "max": max, "half_rate": half }))
+    Ok(json!({ "system": sys.label(), "max": max, "half_rate": half, "fixed_rates": fixed }))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -271,7 +284,7 @@ async fn phases(
     server: &Server,
     admin: &mut [crate::redis_cpu::Admin],
     http: &reqwest::Client,
-) -> anyhow::Result<(Value, Value)> {
+) -> anyhow::Result<(Value, Value, Vec<Value>)> {
     if p.warmup_secs > 0 {
         wrk(p, url, token_file, p.warmup_secs).await?;
     }
@@ -301,9 +314,35 @@ async fn phases(
         "redis": cost,
     });
     if p.half_rate_secs == 0 {
-        return Ok((max, Value::Null));
+        return Ok((max, Value::Null, Vec::new()));
     }
-    let rate = ((max_rate / 2.0) as u64).max(1);
+    let half = paced_phase(
+        p,
+        url,
+        tokens,
+        server,
+        admin,
+        http,
+        ((max_rate / 2.0) as u64).max(1),
+    )
+    .await?;
+    let mut fixed = Vec::new();
+    for rate in &p.fixed_rates {
+        fixed.push(paced_phase(p, url, tokens, server, admin, http, *rate).await?);
+    }
+    Ok((max, half, fixed))
+}
+
+/// One paced phase at `rate`: latency, and server and Redis CPU per accepted job.
+async fn paced_phase(
+    p: &Params,
+    url: &str,
+    tokens: &[String],
+    server: &Server,
+    admin: &mut [crate::redis_cpu::Admin],
+    http: &reqwest::Client,
+    rate: u64,
+) -> anyhow::Result<Value> {
     let meter = Meter::start(admin, Some(server.pid)).await?;
     let (lat, tally, sent, send_secs) =
         paced(http, url, tokens, rate, p.half_rate_secs, p.in_flight).await?;
@@ -314,7 +353,7 @@ async fn phases(
         "[loadtest] submit at {rate}/s: p50 {:?} ms, p99 {:?} ms",
         lat.p50_ms, lat.p99_ms
     );
-    let half = json!({
+    Ok(json!({
         "offered_jobs_per_sec": rate,
         "achieved_jobs_per_sec": round(sent as f64 / send_secs.max(1e-9), 1),
         "http": tally.json(),
@@ -322,8 +361,7 @@ async fn phases(
         "server_cpu_usec_per_job": round(server_cpu as f64 / accepted.max(1) as f64, 2),
         "redis_cpu_usec_per_job": cost.redis_cpu_usec_per_job,
         "redis": cost,
-    });
-    Ok((max, half))
+    }))
 }
 
 /// Single POSTs at `rate` for `secs` (the first tenth, at most a second, not counted), at most `in_flight` at
