@@ -921,8 +921,8 @@ impl Hub {
     /// at the broker, and the call returns once that is confirmed. A key holding a job feed `topic`
     /// ([`key_topic`], [`job_topic`]) has it watched, and the call returns once the feed confirmed it (or
     /// failed to: the engine watches it again after its reconnect, and job events were never more than at most
-    /// once); while the feed is (re)opening, it waits for it first, up to [`FEED_OPEN_WAIT`]. With `hold`, the connection's live frames of this key are held until [`Hub::end_hold`] (a
-    /// recovery).
+    /// once); while the feed is (re)opening, it waits for it first, up to [`FEED_OPEN_WAIT`]. With `hold`, the
+    /// connection's live frames of this key are held until [`Hub::end_hold`] (a recovery).
     pub(crate) async fn subscribe(
         &self,
         conn: &Arc<ConnHandle>,
