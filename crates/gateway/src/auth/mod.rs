@@ -390,12 +390,12 @@ impl Authenticator {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Invalid("token too large".into()));
         }
-        // `alg: none` and unknown algorithms fail here: the header type has no variant for them.
         let keys = self.current_keys();
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(principal) = self.verified.get(token, &keys, now, self.leeway_secs) {
             return Ok(principal);
         }
+        // `alg: none` and unknown algorithms fail here: the header type has no variant for them.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed header or unsupported algorithm".into()))?;
         let candidates = keys.candidates(&header)?;
