@@ -149,7 +149,7 @@ end
 -- 'ferry:' there and 'ferry:{<tag>}:' on a shard of a Redis Cluster, whose channels are then published with
 -- SPUBLISH, in the slot of the shard's keys.
 -- A message is published only on a channel with a subscriber (or, on a standalone Redis, while any pattern
--- subscription exists): nobody can receive the others, and building them was most of an enqueue's event cost.
+-- subscription exists): nobody can receive the others, and a coalesced enqueue built one per submitter.
 -- `by` (the actor, a JSON string) may be nil; a group marked `byo` says each event's actor is its job's owner.
 local function emit(evkey, evmax, groups, by)
   local ng = {}
@@ -239,7 +239,7 @@ local function emit(evkey, evmax, groups, by)
   local qchannel = queue and (prefix .. 'ev:q:{' .. queue .. '}')
   if qchannel then channels[#channels + 1] = qchannel end
   -- Only messages someone will receive are built: Redis's Lua hashes every byte of every string a script makes,
-  -- and under submit load the messages of partitions nobody follows were a fifth of Redis's CPU. A pattern
+  -- and under submit load a call built about one message per job for partitions nobody followed. A pattern
   -- subscriber (the all-events feed of `subscribe`, or anyone's PSUBSCRIBE) cannot be matched here cheaply:
   -- with any on the server, every channel counts as heard. Sharded channels have no patterns.
   local heard = {}
