@@ -2207,6 +2207,92 @@ pub fn parse_published(payload: &str) -> Vec<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Leasing;
+    use ferry_core::{Kind, Priority};
+
+    /// A claim given up after it ran is handed back from the ranges it noted: every job it leased and still
+    /// holds goes back uncharged (across priorities, several per stream), a job completed in between stays
+    /// completed, and the claim's request arriving again takes nothing.
+    #[tokio::test]
+    async fn an_abandoned_claim_hands_back_exactly_the_leases_it_still_holds() {
+        let server = ferry_testkit::RedisServer::start().unwrap();
+        let b = RedisBroker::connect(&[server.url()], EngineConfig::default())
+            .await
+            .unwrap();
+        let queue = QueueName::parse("ranges").unwrap();
+        let job = |priority| NewJob {
+            priority,
+            ..NewJob::new(Kind::parse("ferry.noop").unwrap(), serde_json::json!({}))
+        };
+        let mut ids = Vec::new();
+        for priority in [
+            Priority::Normal,
+            Priority::High,
+            Priority::Normal,
+            Priority::High,
+            Priority::Normal,
+        ] {
+            ids.push(b.enqueue(&queue, job(priority)).await.unwrap().id);
+        }
+        let keys = b.keys(&queue);
+        let consumer: Arc<str> = Arc::from("gone");
+        let claim_key = new_claim_key(&keys);
+        let (_, part) = b
+            .settle(&queue, &keys, &consumer, &[], 10, &claim_key)
+            .await
+            .unwrap();
+        let ClaimPart::Jobs(jobs) = part else {
+            panic!("the claim leased nothing");
+        };
+        assert_eq!(jobs.len(), 5);
+        // The middle of the normal stream's range is settled before the claim is given up.
+        let done = jobs[3].lease.job;
+        let settled = b
+            .complete(vec![Completion {
+                lease: jobs[3].lease.clone(),
+                result: serde_json::json!(1),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(settled, vec![Ok(())]);
+        b.shard(&queue).abandons.push(Abandoned {
+            queue: queue.clone(),
+            claim_key: claim_key.clone(),
+            actor: actor_arg(Some(&consumer)),
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while b
+            .leases_by_consumer(&queue)
+            .await
+            .unwrap()
+            .contains_key("gone")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the leases stayed held"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for id in &ids {
+            let info = b.job(*id).await.unwrap().unwrap();
+            if *id == done {
+                assert_eq!(info.state, JobState::Completed, "{info:?}");
+            } else {
+                assert_eq!(
+                    (info.state, info.attempts),
+                    (JobState::Queued, 0),
+                    "{info:?}"
+                );
+            }
+        }
+        // The same request arriving late leases nothing.
+        let (_, part) = b
+            .settle(&queue, &keys, &consumer, &[], 10, &claim_key)
+            .await
+            .unwrap();
+        assert!(matches!(part, ClaimPart::Abandoned));
+        assert_eq!(b.stats(&queue).await.unwrap().depth, 4);
+    }
 
     #[test]
     fn ring_ids_stay_what_they_were() {

@@ -11,7 +11,10 @@
 -- taken are noted there for claim_ttl_ms, so that if the caller gives up on the call (its reply timed out or
 -- never came) abandon.lua can hand them back uncharged; a call that arrives after abandon.lua marked the key
 -- leases nothing (its completions still count: they are fenced by their own leases). With `max` 0 the claim
--- key, like the pause flag, is not touched.
+-- key, like the pause flag, is not touched. The leases are noted as ranges, "p|first|last" per stream read:
+-- XREADGROUP '>' hands out the entries that follow the group's last delivered id in order, so every entry
+-- between the first and the last it returned was leased by this call (entries are never added below a
+-- stream's last id).
 --
 -- Returns { rejected, claimed }: the 1-based positions of the rejected completions, and {'none'} (max 0),
 -- {'abandoned'}, {'paused'}, {'empty'} (after completions) or {'empty', last0, last1, last2} (ids to block on),
@@ -55,7 +58,7 @@ local function claim()
   if max <= 0 then return { 'none' } end
   if redis.call('EXISTS', claim_key) == 1 then return { 'abandoned' } end
   if redis.call('EXISTS', paused_key) == 1 then return { 'paused' } end
-  -- `taken` holds the leases as pieces of one string ("p|eid p|eid ..."), joined once for the claim key.
+  -- `taken` holds the leased ranges as pieces of one string ("p|first|last ..."), joined once for the claim key.
   local remaining, taken, out, next_attempt = max, {}, { 'jobs' }, {}
   for p = 0, 2 do
     if remaining <= 0 then break end
@@ -78,11 +81,6 @@ local function claim()
         out[o + 3] = id
         out[o + 4] = a
         out[o + 5] = j
-        local t = #taken
-        taken[t + 1] = ptext
-        taken[t + 2] = '|'
-        taken[t + 3] = eid
-        taken[t + 4] = ' '
         -- The attempt as text, formatted once per distinct value.
         local an = next_attempt[a]
         if not an then
@@ -90,6 +88,15 @@ local function claim()
           next_attempt[a] = an
         end
         add(active, m, an)
+      end
+      if #entries > 0 then
+        local t = #taken
+        taken[t + 1] = ptext
+        taken[t + 2] = '|'
+        taken[t + 3] = entries[1][1]
+        taken[t + 4] = '|'
+        taken[t + 5] = entries[#entries][1]
+        taken[t + 6] = ' '
       end
       remaining = remaining - #entries
     end
