@@ -108,6 +108,64 @@ async fn events_are_published_only_where_someone_listens() {
     assert_eq!(publishes(&server), 3);
 }
 
+/// One call's jobs of partitions whose numbers start alike (5 and 57) are told apart: each partition's feed
+/// gets its own job only. (A call of one partition is recognised by the first job's `"pt":N,` text.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_whose_numbers_start_alike_are_told_apart() {
+    let server = RedisServer::start().unwrap();
+    let b = broker(&server).await;
+    // The first subject of each partition, then a short partition number that starts a longer one.
+    let mut by_partition = std::collections::BTreeMap::new();
+    for i in 0..100_000 {
+        let s = format!("s{i}");
+        by_partition.entry(partition_of(None, &s)).or_insert(s);
+    }
+    let (short, long) = by_partition
+        .keys()
+        .flat_map(|&a| by_partition.keys().map(move |&c| (a, c)))
+        .find(|(a, c)| a != c && c.to_string().starts_with(&a.to_string()))
+        .expect("two such partitions");
+    let (control, mut short_feed) = b.job_feed().await.unwrap().into_parts();
+    control.watch(&Topic::Partition(short)).await.unwrap();
+    let (control2, mut long_feed) = b.job_feed().await.unwrap().into_parts();
+    control2.watch(&Topic::Partition(long)).await.unwrap();
+    let mail = q("mail");
+    for order in [[short, long], [long, short]] {
+        let jobs = order.map(|p| job_of(&by_partition[&p]));
+        let ids = b.enqueue_batch(&mail, jobs.into()).await.unwrap();
+        let (short_id, long_id) = if order[0] == short {
+            (ids[0].id, ids[1].id)
+        } else {
+            (ids[1].id, ids[0].id)
+        };
+        // A marker job of each partition in a call of its own: whatever the feed was sent before it arrives first.
+        let short_marker = b
+            .enqueue(&mail, job_of(&by_partition[&short]))
+            .await
+            .unwrap()
+            .id;
+        let long_marker = b
+            .enqueue(&mail, job_of(&by_partition[&long]))
+            .await
+            .unwrap()
+            .id;
+        let got = until(&mut short_feed, |e: &FedEvent| e.event.job == short_marker).await;
+        let jobs: Vec<JobId> = got.iter().map(|e| e.event.job).collect();
+        assert_eq!(
+            jobs,
+            [short_id, short_marker],
+            "partition {short}, calls {order:?}"
+        );
+        let got = until(&mut long_feed, |e: &FedEvent| e.event.job == long_marker).await;
+        let jobs: Vec<JobId> = got.iter().map(|e| e.event.job).collect();
+        assert_eq!(
+            jobs,
+            [long_id, long_marker],
+            "partition {long}, calls {order:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_gets_the_partitions_and_queues_it_watches_and_nothing_else() {
     let server = RedisServer::start().unwrap();

@@ -33,25 +33,35 @@ local max = tonumber(ARGV[5])
 local claim_ttl_ms = ARGV[6]
 local FIRST, EACH = 7, 6 -- n jobs from ARGV[FIRST] on, EACH values apiece (p eid id att m result)
 local now = clock_ms()
+-- The streams by `p` as the caller sends it.
+local by_p = { ['0'] = streams[1], ['1'] = streams[2], ['2'] = streams[3] }
 local completed, active = group('job.completed', 'completed', now), group('job.active', 'active', now)
 
+-- Per job, the groups' lists are appended to in place (as `add` would): these loops run for every job a worker
+-- settles or takes, and a Lua function call or table length costs as much as a store.
 local rejected = {}
 if n > 0 then
   local at = ms_text(now)
-  local hset = { 'HSET', jobs_key }
+  local hset, h = { 'HSET', jobs_key }, 2
+  local cj, ca, cd, c = completed.jobs, completed.attempts, {}, 0
+  completed.data = cd
   local i = FIRST
   for k = 1, n do
     local p, eid, id, att, m, result = unpack(ARGV, i, i + EACH - 1)
     i = i + EACH
-    if redis.call('XACK', streams[tonumber(p) + 1], GROUP, eid) == 1 then
-      hset[#hset + 1] = id
-      hset[#hset + 1] = '["c",' .. at .. ',' .. att .. ',' .. p .. ',"' .. eid .. '",' .. result .. ']'
-      add(completed, m, att, result)
+    if redis.call('XACK', by_p[p], GROUP, eid) == 1 then
+      hset[h + 1] = id
+      hset[h + 2] = '["c",' .. at .. ',' .. att .. ',' .. p .. ',"' .. eid .. '",' .. result .. ']'
+      h = h + 2
+      c = c + 1
+      cj[c] = m
+      ca[c] = att
+      cd[c] = result
     else
       rejected[#rejected + 1] = k
     end
   end
-  if #hset > 2 then redis.call(unpack(hset)) end
+  if h > 2 then redis.call(unpack(hset)) end
 end
 
 local function claim()
@@ -60,6 +70,7 @@ local function claim()
   if redis.call('EXISTS', paused_key) == 1 then return { 'paused' } end
   -- `taken` holds the leased ranges as pieces of one string ("p|first|last ..."), joined once for the claim key.
   local remaining, taken, out, next_attempt = max, {}, { 'jobs' }, {}
+  local o, aj, aa, a_n = 1, active.jobs, active.attempts, 0
   for p = 0, 2 do
     if remaining <= 0 then break end
     local key, ptext = streams[p + 1], tostring(p)
@@ -75,19 +86,21 @@ local function claim()
         local eid, f = entries[e][1], entries[e][2]
         -- fields in write order: id m a x j
         local id, m, a, j = f[2], f[4], f[6], f[10]
-        local o = #out
         out[o + 1] = p
         out[o + 2] = eid
         out[o + 3] = id
         out[o + 4] = a
         out[o + 5] = j
+        o = o + 5
         -- The attempt as text, formatted once per distinct value.
         local an = next_attempt[a]
         if not an then
           an = tostring(tonumber(a) + 1)
           next_attempt[a] = an
         end
-        add(active, m, an)
+        a_n = a_n + 1
+        aj[a_n] = m
+        aa[a_n] = an
       end
       if #entries > 0 then
         local t = #taken

@@ -137,6 +137,15 @@ local function head(out, g, by, ks, base)
   end
 end
 
+-- The partition of `m` as text ('' when m has none), and where the id's closing quote is.
+-- m is {"job":"<id>","pt":N,... (or {"job":"<id>","queue":... from an older ferry): find the id's closing
+-- quote, look at one byte, read the digits; cheaper than one pattern over the prefix.
+local function partition(m)
+  local e = string.find(m, '"', 9, true)
+  if e and string.byte(m, e + 3) == 112 then return string.match(m, '^%d+', e + 7) or '', e end
+  return '', e
+end
+
 -- Append the non-empty groups as ONE entry of the durable per-shard stream, then publish them, without the
 -- specs (those are for the recorder, which reads the stream), as {"sid":SID,"events":[groups]}:
 --   * on 'ferry:ev:p:<N>' per partition N of the jobs' owners, each with only that partition's jobs (N is the
@@ -153,40 +162,44 @@ end
 -- `by` (the actor, a JSON string) may be nil; a group marked `byo` says each event's actor is its job's owner.
 local function emit(evkey, evmax, groups, by)
   local ng = {}
-  -- The partition of the first job ('' for none), whether any other differs, and the call's queue.
-  local first, mixed, queue = nil, false, nil
+  -- The partition of the first job ('' for none), whether any other differs, and the call's queue. Usually
+  -- every job of a call has the same partition: each is checked with one plain search for the first job's
+  -- partition text, which makes no string; only a call of several partitions finds each job's.
+  local first, key, mixed, queue = nil, nil, false, nil
   for _, g in ipairs(groups) do
-    if #g.jobs > 0 then
+    local jobs = g.jobs
+    if #jobs > 0 then
       ng[#ng + 1] = g
-      local pts = {}
-      for k, m in ipairs(g.jobs) do
-        -- m is {"job":"<id>","pt":N,... (or {"job":"<id>","queue":... from an older ferry): find the id's
-        -- closing quote, look at one byte, read the digits; cheaper than one pattern over the prefix.
-        local pt, e = '', string.find(m, '"', 9, true)
-        if e and string.byte(m, e + 3) == 112 then pt = string.match(m, '^%d+', e + 7) or '' end
-        pts[k] = pt
-        if first == nil then
-          first = pt
-          queue = string.match(m, '"queue":"([^"]*)"')
-        elseif pt ~= first then
-          mixed = true
+      if first == nil then
+        local e
+        first, e = partition(jobs[1])
+        -- The first job's text from the id's closing quote through the comma after its partition
+        -- ('","pt":N,'): no m of another partition contains it.
+        if first ~= '' then key = string.sub(jobs[1], e, e + 7 + #first) end
+        queue = string.match(jobs[1], '"queue":"([^"]*)"')
+      end
+      if not mixed then
+        for k = 1, #jobs do
+          if key then
+            if not string.find(jobs[k], key, 9, true) then
+              mixed = true
+              break
+            end
+          elseif partition(jobs[k]) ~= '' then
+            mixed = true
+            break
+          end
         end
       end
-      g.pts = pts
     end
   end
   if #ng == 0 then return end
-  -- The groups without their closing braces, once; the stored entry and the messages reuse the pieces.
-  local heads = {}
-  for i, g in ipairs(ng) do
-    local h = {}
-    head(h, g, by)
-    heads[i] = h
-  end
+  -- The stored entry is written straight as pieces; the messages (built only when someone listens) write the
+  -- groups again: copying pieces costs as much as making them.
   local stored = { '[' }
   for i, g in ipairs(ng) do
     if i > 1 then stored[#stored + 1] = ',' end
-    join(stored, heads[i])
+    head(stored, g, by)
     if g.specs then
       stored[#stored + 1] = ',"specs":['
       join(stored, g.specs, ',')
@@ -218,7 +231,8 @@ local function emit(evkey, evmax, groups, by)
     for gi, g in ipairs(ng) do
       base[gi] = b
       b = b + #g.jobs
-      for k, pt in ipairs(g.pts) do
+      for k, m in ipairs(g.jobs) do
+        local pt = partition(m)
         local part = parts[pt]
         if not part then
           part = {}
@@ -253,9 +267,9 @@ local function emit(evkey, evmax, groups, by)
   local all
   if (not mixed and heard[1]) or (qchannel and heard[#channels]) then
     all = { '{"sid":"', sid, '","events":[' }
-    for i = 1, #ng do
+    for i, g in ipairs(ng) do
       if i > 1 then all[#all + 1] = '},' end
-      join(all, heads[i])
+      head(all, g, by)
     end
     all[#all + 1] = '}]}'
     all = table.concat(all)
