@@ -84,7 +84,7 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
-    fn error(&self, e: String) {
+    pub(crate) fn error(&self, e: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         lock(&self.first_error).get_or_insert(e);
     }

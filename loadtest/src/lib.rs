@@ -34,6 +34,7 @@ pub mod bullmq;
 pub mod ferry;
 pub mod gw;
 pub mod hist;
+pub mod paced;
 pub mod procs;
 pub mod proxies;
 pub mod rebalance;

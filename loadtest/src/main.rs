@@ -223,7 +223,7 @@ struct SubmitArgs {
     /// Length of the phase at half the measured maximum (0 skips it).
     #[arg(long, default_value_t = 10)]
     half_rate_secs: u64,
-    /// Requests in flight at most in the half-rate phase.
+    /// Connections of the paced phases (keep-alive, one request at a time each, the rate spread over them).
     #[arg(long, default_value_t = 512)]
     in_flight: usize,
     /// Paced phases at these rates (jobs/s), `--half-rate-secs` each, after the half-rate one: the latency of

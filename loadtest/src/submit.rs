@@ -4,24 +4,23 @@
 //!
 //! Per system: a short warm-up, then the **maximum**: `wrk` (an independent load tool, Debian's package) with C
 //! connections for S seconds, each request carrying the next of C tokens (one subject each); then **half of
-//! that rate**, paced by this process, for the submit latency a system shows with headroom. Over each phase
-//! the server's CPU and Redis's CPU come from `/proc` and are divided by the accepted jobs.
+//! that rate**, paced by this process (an open-loop client on bare connections, see `paced.rs`), for the
+//! submit latency a system shows with headroom. Over each phase the server's CPU and Redis's CPU come from
+//! `/proc` and are divided by the accepted jobs; the client's own CPU per request, and for ferry the gateway's
+//! own request histogram over the phase, tell a slow server from a slow client.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 
-use crate::api::{SINGLE_BODY, Tally, lock, post};
+use crate::api::SINGLE_BODY;
 use crate::gw::{self, SECRET_ENV, Server};
 use crate::redis_cpu::{Meter, round};
 use crate::server::BenchRedis;
-use crate::stats::Latency;
 
 /// The systems `submit` can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -54,7 +53,7 @@ pub struct Params {
     pub half_rate_secs: u64,
     /// Paced phases at these rates after the half-rate one, the same for every system.
     pub fixed_rates: Vec<u64>,
-    /// Requests in flight at most in the half-rate phase.
+    /// Connections of the paced phases (one request at a time each).
     pub in_flight: usize,
     pub queue: String,
     pub ferry_bin: PathBuf,
@@ -343,14 +342,52 @@ async fn paced_phase(
     http: &reqwest::Client,
     rate: u64,
 ) -> anyhow::Result<Value> {
+    let route = "/v1/queues/{queue}/jobs";
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", server.port);
+    let scrape = || async {
+        let text = http
+            .get(&metrics_url)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let b = crate::paced::post_buckets(&text, route);
+        (!b.is_empty()).then_some(b)
+    };
+    let buckets_before = scrape().await;
     let meter = Meter::start(admin, Some(server.pid)).await?;
-    let (lat, tally, sent, send_secs) =
-        paced(http, url, tokens, rate, p.half_rate_secs, p.in_flight).await?;
+    let client_before = crate::paced::own_cpu_usec();
+    let (addr, path) = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split_once('/'))
+        .context("a paced URL is http://host:port/path")?;
+    let (lat, tally, sent, send_secs) = crate::paced::run(
+        addr,
+        &format!("/{path}"),
+        tokens,
+        SINGLE_BODY,
+        rate,
+        p.half_rate_secs,
+        p.in_flight,
+    )
+    .await?;
+    let client_cpu = crate::paced::own_cpu_usec()
+        .zip(client_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let accepted = tally.accepted.load(Ordering::Relaxed);
     let cost = meter.stop(admin, accepted).await?;
     let server_cpu = cost.other_cpu_usec.unwrap_or(0);
+    // ferry's gateway times each request itself: its histogram tells a slow server from a slow client.
+    let server_view = match (buckets_before, scrape().await) {
+        (Some(b), Some(a)) => crate::paced::server_view(&b, &a),
+        _ => Value::Null,
+    };
+    let client_per_request = client_cpu.map(|c| round(c as f64 / sent.max(1) as f64, 2));
     eprintln!(
-        "[loadtest] submit at {rate}/s: p50 {:?} ms, p99 {:?} ms",
+        "[loadtest] submit at {rate}/s: p50 {:?} ms, p99 {:?} ms (client {client_per_request:?} us/request; \
+         server's own histogram: {server_view})",
         lat.p50_ms, lat.p99_ms
     );
     Ok(json!({
@@ -358,65 +395,10 @@ async fn paced_phase(
         "achieved_jobs_per_sec": round(sent as f64 / send_secs.max(1e-9), 1),
         "http": tally.json(),
         "latency": lat,
+        "client_cpu_usec_per_request": client_per_request,
+        "server_histogram": server_view,
         "server_cpu_usec_per_job": round(server_cpu as f64 / accepted.max(1) as f64, 2),
         "redis_cpu_usec_per_job": cost.redis_cpu_usec_per_job,
         "redis": cost,
     }))
-}
-
-/// Single POSTs at `rate` for `secs` (the first tenth, at most a second, not counted), at most `in_flight` at
-/// once; the time from send to the 202.
-async fn paced(
-    http: &reqwest::Client,
-    url: &str,
-    tokens: &[String],
-    rate: u64,
-    secs: u64,
-    in_flight: usize,
-) -> anyhow::Result<(Latency, Arc<Tally>, u64, f64)> {
-    let total = rate * secs;
-    let warm = (total / 10).min(rate);
-    let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
-    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
-    let tally = Arc::new(Tally::default());
-    let sem = Arc::new(Semaphore::new(in_flight));
-    let start = Instant::now();
-    let hard_stop = start + Duration::from_secs(secs * 3 + 10);
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut i = 0u64;
-    while i < total && Instant::now() < hard_stop {
-        tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
-        while i < due {
-            let permit = sem.clone().acquire_owned().await?;
-            let (http, url, tokens, samples, tally) = (
-                http.clone(),
-                url.to_owned(),
-                tokens.clone(),
-                samples.clone(),
-                tally.clone(),
-            );
-            let measured = i >= warm;
-            let k = i as usize % tokens.len();
-            tasks.spawn(async move {
-                let t = Instant::now();
-                if post(&http, &url, &tokens[k], SINGLE_BODY, &tally)
-                    .await
-                    .is_some()
-                    && measured
-                {
-                    lock(&samples).push(t.elapsed());
-                }
-                drop(permit);
-            });
-            i += 1;
-        }
-        while tasks.try_join_next().is_some() {}
-    }
-    let send_secs = start.elapsed().as_secs_f64();
-    while tasks.join_next().await.is_some() {}
-    let samples = std::mem::take(&mut *lock(&samples));
-    Ok((Latency::from_samples(samples), tally, i, send_secs))
 }
