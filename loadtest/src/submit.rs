@@ -343,16 +343,8 @@ async fn paced_phase(
     rate: u64,
 ) -> anyhow::Result<Value> {
     let route = "/v1/queues/{queue}/jobs";
-    let metrics_url = format!("http://127.0.0.1:{}/metrics", server.port);
     let scrape = || async {
-        let text = http
-            .get(&metrics_url)
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = crate::autoscale::fetch_metrics(http, server.port).await?;
         let b = crate::paced::post_buckets(&text, route);
         (!b.is_empty()).then_some(b)
     };

@@ -149,20 +149,14 @@ async fn partitions_whose_numbers_start_alike_are_told_apart() {
             .await
             .unwrap()
             .id;
-        let got = until(&mut short_feed, |e: &FedEvent| e.event.job == short_marker).await;
-        let jobs: Vec<JobId> = got.iter().map(|e| e.event.job).collect();
-        assert_eq!(
-            jobs,
-            [short_id, short_marker],
-            "partition {short}, calls {order:?}"
-        );
-        let got = until(&mut long_feed, |e: &FedEvent| e.event.job == long_marker).await;
-        let jobs: Vec<JobId> = got.iter().map(|e| e.event.job).collect();
-        assert_eq!(
-            jobs,
-            [long_id, long_marker],
-            "partition {long}, calls {order:?}"
-        );
+        for (feed, id, marker, p) in [
+            (&mut short_feed, short_id, short_marker, short),
+            (&mut long_feed, long_id, long_marker, long),
+        ] {
+            let got = until(feed, |e: &FedEvent| e.event.job == marker).await;
+            let jobs: Vec<JobId> = got.iter().map(|e| e.event.job).collect();
+            assert_eq!(jobs, [id, marker], "partition {p}, calls {order:?}");
+        }
     }
 }
 
