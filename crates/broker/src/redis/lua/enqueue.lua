@@ -43,32 +43,40 @@ if ms then
   prefix = string.format('%08x-%04x-', math.floor(ms / 65536), ms % 65536)
   msid = tostring(ms) .. '-*'
 end
-local out = {}
+local out, o = {}, 0
 local hset = { 'HSET', jobs_key }
 local queued, scheduled = group('job.queued', 'queued', now), group('job.scheduled', 'scheduled', now)
 queued.byo, scheduled.byo = true, true
+-- Queued jobs are appended to their group in place (as `add` and `add_spec` would): this loop runs for every
+-- job submitted, and a Lua function call or table length costs as much as a store.
+local qj, qa, qs, q = queued.jobs, queued.attempts, {}, 0
+queued.specs = qs
+local by_p = { ['0'] = streams[1], ['1'] = streams[2], ['2'] = streams[3] }
 for k = 1, n do
   local i = FIRST + (k - 1) * EACH
   local mode, p, run_at, idem, x, j, a1, a2, a3 = unpack(ARGV, i, i + EACH - 1)
-  p = tonumber(p)
   local id
   if mode == 'q' then id = prefix .. a1 else id = a1 end
   local first = true
   if idem ~= '' then
     if not redis.call('SET', idem, id, 'NX', 'PX', idem_ttl_ms) then
       first = false
-      out[#out + 1] = 'd'
-      out[#out + 1] = redis.call('GET', idem)
+      out[o + 1] = 'd'
+      out[o + 2] = redis.call('GET', idem)
+      o = o + 2
     end
   end
   if first then
-    out[#out + 1] = 'n'
-    out[#out + 1] = id
+    out[o + 1] = 'n'
+    out[o + 2] = id
+    o = o + 2
     if mode == 'q' then
       local m = '{"job":"' .. id .. '"' .. a2
-      redis.call('XADD', streams[p + 1], msid, 'id', id, 'm', m, 'a', '0', 'x', x, 'j', j)
-      add(queued, m, 0)
-      add_spec(queued, j)
+      redis.call('XADD', by_p[p], msid, 'id', id, 'm', m, 'a', '0', 'x', x, 'j', j)
+      q = q + 1
+      qj[q] = m
+      qa[q] = '0'
+      qs[q] = j
     else
       redis.call('ZADD', sched_key, run_at, id)
       hset[#hset + 1] = id
