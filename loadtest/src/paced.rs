@@ -166,17 +166,6 @@ async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// This process's CPU time so far (user + system), in µs, from `/proc/self/stat` (10 ms resolution).
-pub(crate) fn own_cpu_usec() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at its closing parenthesis; utime and stime
-    // are the 14th and 15th fields, the 12th and 13th after it.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut f = rest.split(' ').skip(11);
-    let ticks: u64 = f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?;
-    Some(ticks * 10_000)
-}
-
 /// The cumulative buckets (`le` in seconds, count) of ferry's `ferry_http_request_duration_seconds` for
 /// `POST <route>` in a `/metrics` text.
 pub(crate) fn post_buckets(metrics: &str, route: &str) -> Vec<(f64, u64)> {
@@ -321,6 +310,5 @@ mod tests {
         assert_eq!(v["requests_over"]["over_5ms"], 20);
         assert_eq!(v["requests_over"]["over_10ms"], 5);
         assert_eq!(v["p99_at_most_ms"], 10.0);
-        assert!(own_cpu_usec().is_some());
     }
 }

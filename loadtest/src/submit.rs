@@ -350,7 +350,7 @@ async fn paced_phase(
     };
     let buckets_before = scrape().await;
     let meter = Meter::start(admin, Some(server.pid)).await?;
-    let client_before = crate::paced::own_cpu_usec();
+    let client_before = crate::redis_cpu::proc_cpu_micros(std::process::id()).ok();
     let (addr, path) = url
         .strip_prefix("http://")
         .and_then(|r| r.split_once('/'))
@@ -365,7 +365,8 @@ async fn paced_phase(
         p.in_flight,
     )
     .await?;
-    let client_cpu = crate::paced::own_cpu_usec()
+    let client_cpu = crate::redis_cpu::proc_cpu_micros(std::process::id())
+        .ok()
         .zip(client_before)
         .map(|(after, before)| after.saturating_sub(before));
     let accepted = tally.accepted.load(Ordering::Relaxed);
