@@ -1052,6 +1052,20 @@ pub struct WorkerArgs {
     )]
     pub reconcile_grace_ms: u64,
 
+    /// Keep finished jobs and their events in PostgreSQL this long after they finished (`30d`, `12h`), then drop
+    /// them with their time partition; jobs not finished are kept whatever their age. Unset: keep everything.
+    #[arg(long, value_name = "DURATION", env = "FERRY_RECORD_RETENTION")]
+    pub record_retention: Option<String>,
+
+    /// Length of the record's time partitions (`1d`, `6h`; at least an hour), for partitions created from now on.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "FERRY_RECORD_PARTITION_WIDTH",
+        default_value = "1d"
+    )]
+    pub record_partition_width: String,
+
     #[command(flatten)]
     pub recorder_tuning: RecorderTuningArgs,
 

@@ -65,6 +65,10 @@ fn worker_defaults_are_the_libraries() {
         dbg(&Some(ReconcilerConfig::new(String::new())))
     );
     assert_eq!(
+        r.node.maintenance,
+        Some(ferry_store::maintenance::MaintenanceConfig::default())
+    );
+    assert_eq!(
         r.node.ready_budget,
         ferry_worker::node::DEFAULT_READY_BUDGET
     );

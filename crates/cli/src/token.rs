@@ -9,6 +9,11 @@ use crate::args::TokenArgs;
 
 /// `90s`, `30m`, `1h`, `7d`, or plain seconds.
 pub fn parse_ttl(s: &str) -> Result<Duration, CliError> {
+    parse_duration("--ttl", s)
+}
+
+/// A duration flag's value: `90s`, `30m`, `1h`, `7d`, or plain seconds; an error names `flag`.
+pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, CliError> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -16,24 +21,27 @@ pub fn parse_ttl(s: &str) -> Result<Duration, CliError> {
     };
     let n: u64 = num.parse().map_err(|_| {
         CliError::usage(
-            "--ttl",
+            flag,
             format!("{s:?} is not a duration like 90s, 30m, 1h or 7d"),
         )
     })?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         other => {
             return Err(CliError::usage(
-                "--ttl",
+                flag,
                 format!("unknown unit {other:?}: use s, m, h or d"),
             ));
         }
     };
+    let secs = n
+        .checked_mul(unit_secs)
+        .ok_or_else(|| CliError::usage(flag, format!("{s:?} is too long")))?;
     if secs == 0 {
-        return Err(CliError::usage("--ttl", "must be longer than zero"));
+        return Err(CliError::usage(flag, "must be longer than zero"));
     }
     Ok(Duration::from_secs(secs))
 }

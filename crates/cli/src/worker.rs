@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ferry_broker::EngineConfig;
 use ferry_core::{Kind, QueueName};
+use ferry_store::maintenance::MaintenanceConfig;
 use ferry_store::reconciler::ReconcilerConfig;
 use ferry_store::recorder::RecorderConfig;
 use ferry_worker::{
@@ -204,6 +205,23 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         r.grace = ms(a.reconcile_grace_ms);
         r
     });
+    let maintenance = MaintenanceConfig {
+        retention: a
+            .record_retention
+            .as_deref()
+            .map(|r| crate::token::parse_duration("--record-retention", r))
+            .transpose()?,
+        width: crate::token::parse_duration("--record-partition-width", &a.record_partition_width)?,
+        ..MaintenanceConfig::default()
+    };
+    maintenance.check().map_err(|(field, message)| {
+        let flag = match field {
+            "retention" => "--record-retention",
+            "width" => "--record-partition-width",
+            _ => "configuration",
+        };
+        CliError::usage(flag, message)
+    })?;
     Ok(ResolvedWorker {
         urls,
         redis_options,
@@ -213,6 +231,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
             worker,
             recorder,
             reconciler,
+            maintenance: Some(maintenance),
             profiling: a.profiling,
             ready_budget,
         },

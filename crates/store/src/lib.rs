@@ -8,6 +8,7 @@
 //! the engine's `restore`, which refuses any job it knows) and must not speak HTTP: the gateway answers queries
 //! through [`Store`].
 
+pub mod maintenance;
 pub mod memory;
 pub mod pg;
 pub mod reconciler;
@@ -56,6 +57,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A job's audit trail, in the order the events happened (by [`Event::order_key`]).
     async fn events(&self, id: JobId, limit: usize) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// One pass of upkeep at `now_ms` ([`maintenance`]): the time slots from now to `config.ahead` exist, and
+    /// with a retention, finished jobs (and their events) that finished before `now_ms - retention` are gone,
+    /// while every job not finished is kept. Several callers at once are safe.
+    async fn maintain(
+        &self,
+        config: &maintenance::MaintenanceConfig,
+        now_ms: u64,
+    ) -> Result<maintenance::MaintenanceReport, StoreError>;
 
     /// A real round trip to the backing store.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -481,6 +481,33 @@ impl Store for MemoryStore {
             .unwrap_or_default())
     }
 
+    /// No partitions here; retention deletes the finished jobs (and their trails) that finished before the
+    /// cutoff.
+    async fn maintain(
+        &self,
+        config: &crate::maintenance::MaintenanceConfig,
+        now_ms: u64,
+    ) -> Result<crate::maintenance::MaintenanceReport, StoreError> {
+        let mut report = crate::maintenance::MaintenanceReport::default();
+        let Some(retention) = config.retention else {
+            return Ok(report);
+        };
+        let cutoff =
+            now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let mut st = self.lock()?;
+        let st = &mut *st;
+        st.jobs.retain(|id, r| {
+            // A final record's `updated_at` is `at` of the event that finished it.
+            let expired = r.state.is_final() && r.updated_at < cutoff;
+            if expired {
+                st.trails.remove(id);
+                report.deleted += 1;
+            }
+            !expired
+        });
+        Ok(report)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.lock().map(drop)
     }

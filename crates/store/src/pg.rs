@@ -31,6 +31,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, Statement};
 use uuid::Uuid;
 
+use crate::maintenance::{MaintenanceConfig, MaintenanceReport};
 use crate::memory::{
     JobFold, created_ms, distinct_events, duplicate_completions, fold, id_floor, order_key,
 };
@@ -170,6 +171,12 @@ impl PgStore {
     /// Apply the embedded migrations that are not applied yet (under an advisory lock, so nodes starting
     /// together take turns); returns the names (`V1__jobs`) of those applied now.
     pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        self.migrate_to(None).await
+    }
+
+    /// [`migrate`](Self::migrate), stopping after migration `version` when given (upgrade tests start from an
+    /// older schema this way).
+    pub async fn migrate_to(&self, version: Option<u32>) -> Result<Vec<String>, StoreError> {
         /// Arbitrary, constant: "ferry" in ASCII.
         const LOCK: i64 = 0x0066_6572_7279;
         let mut client = self.client().await?;
@@ -177,9 +184,11 @@ impl PgStore {
             .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
             .await
             .map_err(|e| self.pg_err(e))?;
-        let report = embedded::migrations::runner()
-            .run_async(&mut **client)
-            .await;
+        let mut runner = embedded::migrations::runner();
+        if let Some(v) = version {
+            runner = runner.set_target(refinery::Target::Version(v));
+        }
+        let report = runner.run_async(&mut **client).await;
         let unlock = client
             .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
             .await;
@@ -298,6 +307,134 @@ impl PgStore {
             updated_at: ms("updated_at_ms").unwrap_or(0),
         })
     }
+}
+
+/// One time slot of the record: a partition of `jobs` (and its twin of `job_events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// The `jobs` partition's name (`jobs_p20261205`); the events' is `job_events_p20261205`.
+    pub name: String,
+    /// The slot's start, ms since the Unix epoch (inclusive).
+    pub lower_ms: u64,
+    /// The slot's end, ms since the Unix epoch (exclusive).
+    pub upper_ms: u64,
+}
+
+impl PgStore {
+    /// Create the time slots of `width` (aligned to the Unix epoch) that meet `[since_ms, upto_ms)` and do not
+    /// exist yet, for both tables (`ferry_create_partitions`, migrations/V3); returns how many. Gives up with
+    /// `Ok(None)` when the tables' locks are not free within `lock_timeout` (retried at the next pass).
+    pub async fn create_partitions(
+        &self,
+        since_ms: u64,
+        upto_ms: u64,
+        width: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.pg_err(e))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}",
+            lock_timeout.as_millis().max(1)
+        ))
+        .await
+        .map_err(|e| self.pg_err(e))?;
+        let row = tx
+            .query_one(
+                "SELECT ferry_create_partitions(to_timestamp($1::bigint / 1000.0), \
+                 to_timestamp($2::bigint / 1000.0), make_interval(secs => $3::bigint))",
+                &[
+                    &ms(since_ms),
+                    &ms(upto_ms),
+                    &i64::try_from(width.as_secs()).unwrap_or(i64::MAX),
+                ],
+            )
+            .await;
+        let made: i32 = match row {
+            Ok(r) => r.get(0),
+            Err(e) if lock_not_available(&e) => return Ok(None),
+            Err(e) => return Err(self.pg_err(e)),
+        };
+        tx.commit().await.map_err(|e| self.pg_err(e))?;
+        Ok(Some(u64::try_from(made).unwrap_or(0)))
+    }
+
+    /// The time slots of the record, oldest first.
+    pub async fn partitions(&self) -> Result<Vec<Partition>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT name, (extract(epoch FROM lower) * 1000)::bigint, \
+                 (extract(epoch FROM upper) * 1000)::bigint FROM ferry_partitions('jobs')",
+                &[],
+            )
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| Partition {
+                name: r.get(0),
+                lower_ms: r.get::<_, i64>(1).max(0) as u64,
+                upper_ms: r.get::<_, i64>(2).max(0) as u64,
+            })
+            .collect())
+    }
+
+    /// Drop one slot past the retention (`ferry_drop_partition`), keeping its jobs not finished or finished at or
+    /// after `cutoff_ms` (they move to the default partitions with their events), in one transaction that waits at
+    /// most `lock_timeout` for each lock. Returns the jobs kept and how long the transaction took, or `None` when
+    /// the locks were not free (after a few tries), another node is at it, or the slot is gone.
+    pub async fn drop_partition(
+        &self,
+        name: &str,
+        cutoff_ms: u64,
+        lock_timeout: Duration,
+    ) -> Result<Option<(u64, Duration)>, StoreError> {
+        let mut client = self.client().await?;
+        for attempt in 1..=5u32 {
+            let started = std::time::Instant::now();
+            let tx = client.transaction().await.map_err(|e| self.pg_err(e))?;
+            tx.batch_execute(&format!(
+                "SET LOCAL lock_timeout = {}",
+                lock_timeout.as_millis().max(1)
+            ))
+            .await
+            .map_err(|e| self.pg_err(e))?;
+            let kept = tx
+                .query_one(
+                    "SELECT ferry_drop_partition($1, to_timestamp($2::bigint / 1000.0))",
+                    &[&name, &ms(cutoff_ms)],
+                )
+                .await;
+            match kept {
+                Ok(row) => {
+                    let kept: Option<i64> = row.get(0);
+                    tx.commit().await.map_err(|e| self.pg_err(e))?;
+                    return Ok(kept.map(|k| (k.max(0) as u64, started.elapsed())));
+                }
+                Err(e) if lock_not_available(&e) => {
+                    drop(tx);
+                    tracing::debug!(
+                        partition = name,
+                        attempt,
+                        "retention drop: locks busy; retrying"
+                    );
+                    tokio::time::sleep(lock_timeout * attempt).await;
+                }
+                Err(e) => return Err(self.pg_err(e)),
+            }
+        }
+        tracing::warn!(
+            partition = name,
+            "retention drop: the tables' locks stayed busy; retried at the next pass"
+        );
+        Ok(None)
+    }
+}
+
+/// SQLSTATE 55P03: a lock not taken within `lock_timeout`.
+fn lock_not_available(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }
 
 /// Retryable: connection trouble (no SQLSTATE but an IO cause or a closed connection; class 08), an operator
@@ -780,6 +917,55 @@ LIMIT $2";
                 })
             })
             .collect()
+    }
+
+    async fn maintain(
+        &self,
+        config: &MaintenanceConfig,
+        now_ms: u64,
+    ) -> Result<MaintenanceReport, StoreError> {
+        let mut report = MaintenanceReport::default();
+        let ahead = u64::try_from(config.ahead.as_millis()).unwrap_or(u64::MAX);
+        report.created = self
+            .create_partitions(
+                now_ms,
+                now_ms.saturating_add(ahead),
+                config.width,
+                config.lock_timeout,
+            )
+            .await?
+            .unwrap_or(0);
+        let Some(retention) = config.retention else {
+            return Ok(report);
+        };
+        let cutoff =
+            now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        for p in self.partitions().await? {
+            if p.upper_ms > cutoff {
+                break;
+            }
+            if let Some((kept, took)) = self
+                .drop_partition(&p.name, cutoff, config.lock_timeout)
+                .await?
+            {
+                report.dropped += 1;
+                report.kept += kept;
+                report.longest_drop = report.longest_drop.max(took);
+            }
+        }
+        // What earlier drops kept (or ids outside every slot) and has since expired: a small table, deleted row
+        // by row with its events.
+        const EXPIRED: &str = "\
+WITH gone AS (DELETE FROM jobs_default WHERE finished_at < to_timestamp($1::bigint / 1000.0) RETURNING id),
+     trail AS (DELETE FROM job_events_default e USING gone WHERE e.job_id = gone.id)
+SELECT count(*) FROM gone";
+        let client = self.client().await?;
+        let row = client
+            .query_one(EXPIRED, &[&ms(cutoff)])
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        report.deleted = row.get::<_, i64>(0).max(0) as u64;
+        Ok(report)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -1,4 +1,5 @@
-//! A whole worker node: the [`Worker`], and beside it the recorder and the reconciler when a store is given, and
+//! A whole worker node: the [`Worker`], and beside it the recorder, the reconciler and the record's upkeep
+//! ([`ferry_store::maintenance`]: partitions ahead, retention) when a store is given, and
 //! the admin listener (`/metrics`, `/healthz`, `/readyz`, `/debug/pprof/profile`) when one is given.
 //! `ferry worker` is this node under the process runner ([`ferry_telemetry::runner`]); a test runs the same node
 //! in-process with a token of its own.
@@ -20,6 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ferry_broker::{Broker, Operations};
 use ferry_store::Store;
+use ferry_store::maintenance::{Maintainer, MaintenanceConfig};
 use ferry_store::reconciler::{Reconciler, ReconcilerConfig};
 use ferry_store::recorder::{Recorder, RecorderConfig};
 use ferry_telemetry::admin::{Admin, Check, Readiness};
@@ -42,6 +44,8 @@ pub struct WorkerNodeConfig {
     pub recorder: Option<RecorderConfig>,
     /// The reconciler's settings (its lease holder is the worker's consumer name); runs with a store.
     pub reconciler: Option<ReconcilerConfig>,
+    /// The record's upkeep; runs with a store (default settings when `None`: partitions ahead, no retention).
+    pub maintenance: Option<MaintenanceConfig>,
     /// Serve `/debug/pprof/profile` on the admin listener.
     pub profiling: bool,
     /// Longest each readiness ping may take.
@@ -55,6 +59,7 @@ impl WorkerNodeConfig {
             worker,
             recorder: None,
             reconciler: None,
+            maintenance: None,
             profiling: false,
             ready_budget: DEFAULT_READY_BUDGET,
         }
@@ -84,6 +89,7 @@ pub struct WorkerNode {
     worker: Worker,
     recorder: Option<Recorder>,
     reconciler: Option<Reconciler>,
+    maintainer: Option<Maintainer>,
     admin: Admin,
 }
 
@@ -135,6 +141,19 @@ impl WorkerNode {
             }
             _ => None,
         };
+        let maintainer = match &store {
+            Some(store) => {
+                let mc = config.maintenance.unwrap_or_default();
+                mc.check().map_err(|(field, message)| WorkerError::Config {
+                    field: "maintenance",
+                    message: format!("{field}: {message}"),
+                })?;
+                let m = Maintainer::new(store.clone(), mc);
+                m.register_metrics(&registry).map_err(metrics_err)?;
+                Some(m)
+            }
+            None => None,
+        };
         let recorder = match (&store, config.recorder) {
             (Some(store), Some(mut rc)) => {
                 rc.consumer = consumer;
@@ -169,6 +188,7 @@ impl WorkerNode {
             worker,
             recorder,
             reconciler,
+            maintainer,
             admin,
         })
     }
@@ -188,6 +208,9 @@ impl WorkerNode {
         let reconcile = self
             .reconciler
             .map(|r| tokio::spawn(r.run(shutdown.clone())));
+        let maintain = self
+            .maintainer
+            .map(|m| tokio::spawn(m.run(shutdown.clone())));
         // The recorder stops after the worker has drained (its own token), so the drain's events are recorded.
         let recorder_stop = CancellationToken::new();
         let record = self
@@ -195,7 +218,7 @@ impl WorkerNode {
             .map(|r| tokio::spawn(r.run(recorder_stop.clone())));
         let report = self.worker.run(shutdown).await;
         recorder_stop.cancel();
-        for task in [record, reconcile].into_iter().flatten() {
+        for task in [record, reconcile, maintain].into_iter().flatten() {
             task.await.map_err(|e| WorkerError::Task(e.to_string()))?;
         }
         report

@@ -384,6 +384,42 @@ fn database_flags_are_checked_and_an_unreachable_database_exits_69() {
             ],
             "--broker-timeout-ms",
         ),
+        (
+            vec![
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--record-retention",
+                "30x",
+            ],
+            "invalid --record-retention: unknown unit \"x\": use s, m, h or d",
+        ),
+        (
+            vec![
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--record-retention",
+                "10m",
+            ],
+            "invalid --record-retention: must be at least an hour",
+        ),
+        (
+            vec![
+                "worker",
+                "--redis",
+                r,
+                "--queues",
+                "q",
+                "--record-partition-width",
+                "30m",
+            ],
+            "invalid --record-partition-width: must be at least an hour",
+        ),
     ] {
         let out = ferry(&args, &[]);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));

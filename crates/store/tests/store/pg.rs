@@ -11,6 +11,7 @@ use ferry_core::{EventType, JobId, JobState};
 use ferry_store::{PgConfig, PgStore, Store, StoreError};
 use ferry_testkit::PostgresServer;
 
+use crate::contract::DAY;
 use crate::{contract, contract_suite};
 
 /// The process's shared cluster (stopped by the testkit's watchdog when the process exits).
@@ -35,7 +36,7 @@ async fn store_on(server: &PostgresServer, cfg: impl FnOnce(&mut PgConfig)) -> P
     let store = PgStore::connect(c).expect("pool builds");
     assert_eq!(
         store.migrate().await.expect("migrates"),
-        ["V1__jobs", "V2__jobs_open"]
+        ["V1__jobs", "V2__jobs_open", "V3__partitions"]
     );
     store
 }
@@ -61,6 +62,131 @@ async fn migrate_twice_is_a_no_op() {
     let store = store_on(tokio::task::block_in_place(server), |_| {}).await;
     assert!(store.migrate().await.unwrap().is_empty());
     store.ping().await.unwrap();
+}
+
+/// The record spans daily partitions: each job and its events live in the partition of the job's creation day.
+/// Retention drops the days that ended more than the retention ago and moves the jobs they still had to keep
+/// (open, or finished within the retention) into the default partitions with their events; lookups, listings and
+/// trails stay right, and the next passes delete kept jobs once they expire, never open ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_whole_days_and_keeps_open_jobs() {
+    use ferry_store::maintenance::MaintenanceConfig;
+    let server = tokio::task::block_in_place(server);
+    let url = tokio::task::block_in_place(|| fresh_db(server));
+    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    store.migrate().await.unwrap();
+    let now = ferry_core::now_ms();
+    let day = Duration::from_secs(86_400);
+    // The migration made today and three days ahead; the eleven days before are made here.
+    assert_eq!(store.partitions().await.unwrap().len(), 4);
+    let made = store
+        .create_partitions(now - 11 * DAY, now, day, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(made, Some(11));
+    let s: Arc<dyn Store> = Arc::new(store.clone());
+    let r = contract::retention_scenario(&s, now).await;
+    let sql = |q: String| tokio::task::block_in_place(|| ferry_testkit::psql(&url, &q)).unwrap();
+    let home = |id: JobId| {
+        let row = sql(format!(
+            "select j.tableoid::regclass || ' ' || e.tableoid::regclass || ' ' || \
+             to_char(to_timestamp({}::bigint / 1000.0) at time zone 'UTC', 'YYYYMMDD') \
+             from jobs j join job_events e on e.job_id = j.id where j.id = '{id}' limit 1",
+            (id.0.as_u128() >> 80) as u64
+        ));
+        row.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    for id in r.kept.iter().chain(&r.expired) {
+        let h = home(*id);
+        assert_eq!(h[0], format!("jobs_p{}", h[2]), "{id}");
+        assert_eq!(h[1], format!("job_events_p{}", h[2]), "{id}");
+    }
+
+    let config = MaintenanceConfig {
+        retention: Some(3 * day),
+        ..MaintenanceConfig::default()
+    };
+    let report = store.maintain(&config, now).await.unwrap();
+    // Days -11 to -4 ended at least 3 days ago; day -3 ends within the retention.
+    assert_eq!(report.dropped, 8, "{report:?}");
+    // Both from day -10: the open job and the one that finished an hour ago.
+    assert_eq!(report.kept, 2, "{report:?}");
+    assert_eq!(report.deleted, 0, "{report:?}");
+    assert!(report.longest_drop < Duration::from_secs(5), "{report:?}");
+    contract::assert_retained(&s, &r.expired, &r.kept).await;
+    for id in &[r.open[1], r.finished_lately[1]] {
+        assert_eq!(
+            home(*id)[..2],
+            ["jobs_default", "job_events_default"],
+            "{id}"
+        );
+    }
+    let cutoff = now - 3 * DAY;
+    let parts = store.partitions().await.unwrap();
+    assert!(parts.iter().all(|p| p.upper_ms > cutoff), "{parts:?}");
+    assert!(parts.first().unwrap().lower_ms <= cutoff, "{parts:?}");
+    assert_eq!(
+        sql("select count(*) from pg_class where relkind = 'r' and relname ~ '^(jobs|job_events)_p'".into()).trim(),
+        (parts.len() * 2).to_string(),
+        "every slot has its two partitions, no orphan"
+    );
+    // The open job is still a reconciler candidate.
+    let open = store.unfinished(now, None, 10).await.unwrap();
+    assert!(open.iter().any(|j| j.id == r.open[1]), "{open:?}");
+
+    // Four days later: days -3 to 0 go; of what was kept, the job that finished an hour before `now` has expired
+    // (deleted from the default partition), the open one stays; the job finished a day ago goes with its day.
+    let report = store.maintain(&config, now + 4 * DAY).await.unwrap();
+    assert_eq!(
+        (report.dropped, report.kept, report.deleted),
+        (4, 1, 1),
+        "{report:?}"
+    );
+    assert!(report.created >= 4, "{report:?}");
+    contract::assert_retained(&s, &r.finished_lately, &r.open).await;
+}
+
+/// An existing record (schema V2, unpartitioned) moves into the partitions whole when V3 is applied: every job
+/// and event, each in its day's partition, with listings unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_moves_the_existing_record_into_partitions() {
+    let server = tokio::task::block_in_place(server);
+    let url = tokio::task::block_in_place(|| fresh_db(server));
+    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    assert_eq!(
+        store.migrate_to(Some(2)).await.unwrap(),
+        ["V1__jobs", "V2__jobs_open"]
+    );
+    let now = ferry_core::now_ms();
+    let s: Arc<dyn Store> = Arc::new(store.clone());
+    let r = contract::retention_scenario(&s, now).await;
+    let all: Vec<JobId> = {
+        let page = s
+            .jobs(&ferry_store::JobQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        page.jobs.iter().map(|j| j.id).collect()
+    };
+    assert_eq!(all.len(), 7);
+    assert_eq!(store.migrate().await.unwrap(), ["V3__partitions"]);
+    contract::assert_retained(&s, &[], &all).await;
+    assert_eq!(r.kept.len() + r.expired.len(), all.len());
+    // Slots from the oldest job's day (10 days ago) to three days ahead, and nothing in the default partitions.
+    assert_eq!(store.partitions().await.unwrap().len(), 14);
+    let sql = |q: &str| tokio::task::block_in_place(|| ferry_testkit::psql(&url, q)).unwrap();
+    assert_eq!(
+        sql(
+            "select (select count(*) from jobs_default) + (select count(*) from job_events_default)"
+        )
+        .trim(),
+        "0"
+    );
+    assert_eq!(sql("select count(*) from job_events").trim(), "12");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,7 @@ macro_rules! contract_suite {
             events_trail_in_order,
             second_completion_is_a_duplicate,
             unfinished_lists_stale_open_jobs,
+            retention_removes_exactly_the_old_finished_jobs,
         );
     };
     (@cases $backend:ty; $($case:ident),* $(,)?) => {
@@ -855,4 +856,130 @@ pub async fn unfinished_lists_stale_open_jobs<B: Backend>() {
     let page = s.unfinished(T0 + 500, Some(ids[0]), 1).await.unwrap();
     assert_eq!(page.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[1]]);
     assert!(s.unfinished(T0, None, 100).await.unwrap().is_empty());
+}
+
+/// A day in milliseconds.
+pub const DAY: u64 = 86_400_000;
+
+/// The jobs of [`retention_scenario`], by what retention must do with them.
+pub struct Retention {
+    /// Finished more than the retention ago: gone, with their events.
+    pub expired: Vec<JobId>,
+    /// Not finished, or finished within the retention, or recent: kept, with their events. Newest first.
+    pub kept: Vec<JobId>,
+    /// Kept because they finished within the retention (1 day and 1 hour before `now`): expired once the
+    /// clock passes `now` + 3 days.
+    pub finished_lately: Vec<JobId>,
+    /// Not finished (created 10 days and 0 days before `now`): kept whatever the clock. Newest first.
+    pub open: Vec<JobId>,
+}
+
+/// Records, relative to `now`, jobs created 10, 9, 1 and 0 days ago in every finished state and open, for a
+/// retention of 3 days. Each has its `job.queued` event and, when finished, its final event.
+pub async fn retention_scenario(s: &Arc<dyn Store>, now: u64) -> Retention {
+    let a = id_at(now - 10 * DAY, 1); // completed 10 days ago
+    let b = id_at(now - 10 * DAY, 2); // still queued
+    let c = id_at(now - 10 * DAY, 3); // dead 9 days ago
+    let e = id_at(now - 10 * DAY, 4); // completed an hour ago
+    let f = id_at(now - 9 * DAY, 5); // cancelled 9 days ago
+    let g = id_at(now - DAY, 6); // completed a day ago
+    let h = id_at(now, 7); // queued now
+    let mut events = Vec::new();
+    for (job, at) in [a, b, c, e, f, g, h].map(|j| (j, created(j))) {
+        events.push(queued(job, &format!("{at}-0/0"), at));
+    }
+    let done = |job: JobId, ty: EventType, state: JobState, at: u64| {
+        ev(job, &format!("{at}-1/0"), ty, state, 1, at)
+    };
+    events.push(done(
+        a,
+        EventType::Completed,
+        JobState::Completed,
+        now - 10 * DAY + 1_000,
+    ));
+    events.push(done(c, EventType::Dead, JobState::Dead, now - 9 * DAY));
+    events.push(done(
+        e,
+        EventType::Completed,
+        JobState::Completed,
+        now - 3_600_000,
+    ));
+    events.push(done(
+        f,
+        EventType::Cancelled,
+        JobState::Cancelled,
+        now - 9 * DAY + 1_000,
+    ));
+    events.push(done(
+        g,
+        EventType::Completed,
+        JobState::Completed,
+        now - DAY + 1_000,
+    ));
+    s.record(&events).await.unwrap();
+    Retention {
+        expired: vec![a, c, f],
+        kept: vec![h, g, e, b],
+        finished_lately: vec![g, e],
+        open: vec![h, b],
+    }
+}
+
+/// Checks that `r.expired` are gone (record and trail) and `kept` are whole, listed newest first.
+pub async fn assert_retained(s: &Arc<dyn Store>, expired: &[JobId], kept: &[JobId]) {
+    for id in expired {
+        assert!(s.job(*id).await.unwrap().is_none(), "{id} should be gone");
+        assert!(
+            s.events(*id, 10).await.unwrap().is_empty(),
+            "{id}'s trail should be gone"
+        );
+    }
+    for id in kept {
+        let j = get(s, *id).await;
+        assert_eq!(
+            j.spec.payload,
+            json!({"to": "a@example.com"}),
+            "{id} kept whole"
+        );
+        let trail = s.events(*id, 10).await.unwrap();
+        let want = if j.state.is_final() { 2 } else { 1 };
+        assert_eq!(trail.len(), want, "{id}'s trail kept whole");
+    }
+    assert_eq!(ids(s, query(|_| {})).await, kept, "listing");
+    // A listing scoped like a user's still finds them all.
+    assert_eq!(
+        ids(s, query(|q| q.owner = Some("alice".into()))).await,
+        kept
+    );
+}
+
+/// Retention removes the jobs that finished more than the retention ago, with their events, and keeps every job
+/// not finished, whatever its age, and those finished within the retention.
+pub async fn retention_removes_exactly_the_old_finished_jobs<B: Backend>() {
+    use ferry_store::maintenance::MaintenanceConfig;
+    let b = B::start().await;
+    let s = b.store();
+    let now = ferry_core::now_ms();
+    let r = retention_scenario(&s, now).await;
+    // Without a retention nothing goes.
+    s.maintain(&MaintenanceConfig::default(), now)
+        .await
+        .unwrap();
+    let all: Vec<JobId> = r.kept.iter().chain(&r.expired).copied().collect();
+    assert_eq!(ids(&s, query(|_| {})).await.len(), all.len());
+    let config = MaintenanceConfig {
+        retention: Some(std::time::Duration::from_millis(3 * DAY)),
+        ..MaintenanceConfig::default()
+    };
+    s.maintain(&config, now).await.unwrap();
+    assert_retained(&s, &r.expired, &r.kept).await;
+    // A second pass changes nothing; four days later the jobs that finished within the retention have expired
+    // too, and the open ones are still there.
+    s.maintain(&config, now).await.unwrap();
+    assert_retained(&s, &r.expired, &r.kept).await;
+    s.maintain(&config, now + 4 * DAY).await.unwrap();
+    assert_retained(&s, &r.finished_lately, &r.open).await;
+    for id in &r.open {
+        assert_eq!(get(&s, *id).await.state, JobState::Queued);
+    }
 }
