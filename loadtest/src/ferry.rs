@@ -43,6 +43,9 @@ pub struct Params {
     /// Run the worker's recorder against a PostgreSQL of its own (durable settings: fsync and synchronous
     /// commit on), and report how fast and how far behind it records.
     pub record: bool,
+    /// With `record`: seed two finished days 40 days back and, 1.5 s into the processing phase, drop them through
+    /// the store's retention pass while the recorder writes (the recorder's longest stall meanwhile).
+    pub record_drop: bool,
     /// `ferry gateway` processes attached to the run's Redis for the whole run, with no clients (the
     /// gateways-attached scenario: what idle gateways cost Redis per job).
     pub gateways: usize,
@@ -62,8 +65,33 @@ pub struct RecorderResult {
     /// From spawning the worker until every job's row is `completed` in PostgreSQL.
     pub secs_until_recorded: f64,
     pub jobs_recorded_per_sec: f64,
+    /// `job_events` rows committed during the processing phase, per second of it.
+    pub event_rows_per_sec: f64,
     pub processing_lag: Lag,
+    /// WAL written from the migrated, empty record to the last job's commit (enqueue phase included), per job.
+    pub wal_bytes_per_job: f64,
+    /// `jobs`, `job_events` and `jobs_open` (every partition), tables and indexes, per million jobs recorded.
+    pub table_and_index_mib_per_million_jobs: f64,
+    /// Longest time without a commit of the recorder during the processing phase (the gap between consecutive
+    /// `recorded_at`), outside a retention drop's window.
+    pub longest_commit_gap_ms: f64,
+    /// With `--record-drop`: the retention drop during the processing phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropResult>,
     pub postgres: &'static str,
+}
+
+/// A retention drop while the recorder writes.
+#[derive(Debug, Serialize)]
+pub struct DropResult {
+    /// Slots (a `jobs` and a `job_events` partition each) dropped, and the rows they held.
+    pub slots: u64,
+    pub jobs_dropped: u64,
+    pub events_dropped: u64,
+    /// The longest drop transaction (it holds the tables' exclusive locks).
+    pub longest_drop_ms: f64,
+    /// The recorder's longest time without a commit from 1 s before the pass to 1 s after.
+    pub longest_commit_gap_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -260,6 +288,23 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
 
     let log = logdir.path().join("worker.log");
     let gw_cpu0 = gateways_cpu()?;
+    let drop_task = match (&pg, p.record_drop) {
+        (Some(pg), true) => {
+            let seeded = pg.seed_expired().await?;
+            let store = pg.store()?;
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let config = ferry_store::maintenance::MaintenanceConfig {
+                    retention: Some(Duration::from_secs(30 * 86_400)),
+                    ..Default::default()
+                };
+                let from = ferry_core::now_ms();
+                let r = ferry_store::Store::maintain(&store, &config, from).await;
+                (seeded, from, ferry_core::now_ms(), r)
+            }))
+        }
+        _ => None,
+    };
     let (mut processing, mut worker) = processing_phase(
         &broker,
         (&queues, &placement, &enqueue.per_queue),
@@ -285,7 +330,32 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         None
     };
     if let Some(pg) = &pg {
-        let r = pg.await_recorded(p.jobs, processing.spawned_at_ms).await?;
+        let mut r = pg.await_recorded(p.jobs, processing.spawned_at_ms).await?;
+        if let Some(task) = drop_task {
+            let ((slots, jobs, events), from, to, report) = task.await?;
+            let report = report.context("retention pass")?;
+            if report.dropped != slots {
+                bail!(
+                    "the retention pass dropped {} of {slots} seeded slots",
+                    report.dropped
+                );
+            }
+            let gap = pg.longest_gap(from - 1_000, to + 1_000).await?;
+            eprintln!(
+                "[loadtest] ferry: dropped {slots} slots ({jobs} jobs) in {} ms, recorder gap {gap} ms meanwhile",
+                report.longest_drop.as_millis()
+            );
+            r.drop = Some(DropResult {
+                slots,
+                jobs_dropped: jobs,
+                events_dropped: events,
+                longest_drop_ms: round(report.longest_drop.as_secs_f64() * 1e3, 1),
+                longest_commit_gap_ms: gap,
+            });
+            r.longest_commit_gap_ms = pg
+                .longest_gap_outside(processing.spawned_at_ms, from - 1_000, to + 1_000)
+                .await?;
+        }
         eprintln!(
             "[loadtest] ferry: recorded {} jobs/s, lag p50 {} ms p99 {} ms",
             r.jobs_recorded_per_sec, r.processing_lag.p50_ms, r.processing_lag.p99_ms
@@ -770,6 +840,15 @@ async fn latency_phase(
 pub struct BenchPostgres {
     _server: ferry_testkit::PostgresServer,
     pub url: String,
+    /// `pg_current_wal_lsn()` once migrated.
+    wal_start: String,
+}
+
+async fn psql_async(url: &str, q: &str) -> anyhow::Result<String> {
+    let (url, q) = (url.to_owned(), q.to_owned());
+    tokio::task::spawn_blocking(move || ferry_testkit::psql(&url, &q))
+        .await?
+        .map(|s| s.trim().to_owned())
 }
 
 impl BenchPostgres {
@@ -789,17 +868,100 @@ impl BenchPostgres {
         if !out.status.success() {
             bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
         }
+        let wal_start = psql_async(&url, "select pg_current_wal_lsn()").await?;
         Ok(Self {
             _server: server,
             url,
+            wal_start,
         })
     }
 
-    async fn sql(&self, q: String) -> anyhow::Result<String> {
-        let url = self.url.clone();
-        tokio::task::spawn_blocking(move || ferry_testkit::psql(&url, &q))
+    /// A store on this database (for the retention pass of `--record-drop`).
+    pub fn store(&self) -> anyhow::Result<ferry_store::PgStore> {
+        Ok(ferry_store::PgStore::connect(ferry_store::PgConfig::new(
+            self.url.clone(),
+        ))?)
+    }
+
+    /// Two daily slots 41 and 40 days back holding 100,000 finished jobs each with three events: what a retention
+    /// of 30 days drops. Returns (slots, jobs, events).
+    async fn seed_expired(&self) -> anyhow::Result<(u64, u64, u64)> {
+        let store = self.store()?;
+        let day = 86_400_000;
+        let now = ferry_core::now_ms();
+        let first = (now - 41 * day) / day * day;
+        store
+            .create_partitions(
+                first,
+                first + 2 * day,
+                Duration::from_secs(86_400),
+                Duration::from_secs(5),
+            )
             .await?
-            .map(|s| s.trim().to_owned())
+            .context("partitions for the seeded days")?;
+        let per_day = 100_000u64;
+        for d in [41u64, 40] {
+            // Ids: the day's start plus i ms, in that day's slot.
+            let start = (now - d * day) / day * day;
+            self.sql(format!(
+                "insert into jobs (id, queue, kind, state, attempts, payload, priority, max_attempts, owner, \
+                 result, created_at, updated_at, finished_at, ord_ms, ord_seq, ord_n) \
+                 select ferry_uuid_floor(to_timestamp(({start} + i) / 1000.0)), 'old', 'k', 'completed', 1, \
+                 '{{\"n\": 1}}', 'normal', 3, 'seed', '{{\"ok\": true}}', to_timestamp(({start} + i) / 1000.0), \
+                 to_timestamp(({start} + i) / 1000.0), to_timestamp(({start} + i) / 1000.0), {start} + i, 0, 0 \
+                 from generate_series(1, {per_day}) i"
+            ))
+            .await?;
+            self.sql(format!(
+                "insert into job_events (id, job_id, type, state, attempt, at, actor, ord_ms, ord_seq, ord_n) \
+                 select ({start} + i) || '-' || t.n || '/0', ferry_uuid_floor(to_timestamp(({start} + i) / 1000.0)), \
+                 t.ty, t.st, 1, to_timestamp(({start} + i) / 1000.0), 'seed', {start} + i, t.n, 0 \
+                 from generate_series(1, {per_day}) i, (values (0, 'job.queued', 'queued'), \
+                 (1, 'job.active', 'active'), (2, 'job.completed', 'completed')) t(n, ty, st)"
+            ))
+            .await?;
+        }
+        // A checkpoint now, so the seeding's dirty pages are not flushed during the measured phase.
+        self.sql("analyze jobs; analyze job_events; checkpoint".into())
+            .await?;
+        Ok((2, 2 * per_day, 6 * per_day))
+    }
+
+    /// The longest time between consecutive commits (distinct `recorded_at` of rows written from `from_ms` to
+    /// `to_ms`), in ms.
+    async fn longest_gap(&self, from_ms: u64, to_ms: u64) -> anyhow::Result<f64> {
+        self.gap_where(format!(
+            "recorded_at between to_timestamp({from_ms} / 1000.0) and to_timestamp({to_ms} / 1000.0)"
+        ))
+        .await
+    }
+
+    /// [`longest_gap`](Self::longest_gap) over everything recorded since `since_ms` except `[from_ms, to_ms]`.
+    async fn longest_gap_outside(
+        &self,
+        since_ms: u64,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> anyhow::Result<f64> {
+        self.gap_where(format!(
+            "recorded_at >= to_timestamp({since_ms} / 1000.0) and recorded_at not between \
+             to_timestamp({from_ms} / 1000.0) and to_timestamp({to_ms} / 1000.0) and actor is distinct from 'seed'"
+        ))
+        .await
+    }
+
+    async fn gap_where(&self, filter: String) -> anyhow::Result<f64> {
+        let v = self
+            .sql(format!(
+                "select coalesce(max(extract(epoch from g) * 1000), 0) from (select recorded_at - \
+                 lag(recorded_at) over (order by recorded_at) as g from job_events where {filter}) x"
+            ))
+            .await?;
+        Ok(round(v.parse()?, 1))
+    }
+
+    async fn sql(&self, q: String) -> anyhow::Result<String> {
+        psql_async(&self.url, &q).await
     }
 
     /// Wait until `jobs` rows are completed; rate and lag of everything since `since_ms`.
@@ -816,7 +978,9 @@ impl BenchPostgres {
             if Instant::now() > deadline {
                 bail!("the recorder wrote {done} of {jobs} completed rows in 600 s");
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // The count is a scan of `jobs`, so it is not asked often (at 20 ms it took half a core from
+            // PostgreSQL); the rate is measured by the last commit's time, not by this poll.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let last_ms: f64 = self
             .sql(
@@ -826,10 +990,39 @@ impl BenchPostgres {
             .await?
             .parse()?;
         let secs = ((last_ms - since_ms as f64) / 1e3).max(1e-6);
+        let processing_lag = self.lag_since(since_ms).await?;
+        let wal: f64 = self
+            .sql(format!(
+                "select pg_wal_lsn_diff(pg_current_wal_lsn(), '{}')",
+                self.wal_start
+            ))
+            .await?
+            .parse()?;
+        // Every relation of the record, both schemas (V2's tables, V3's partitions and default partitions),
+        // without the seeded days of `--record-drop` (dropped by then).
+        let bytes: f64 = self
+            .sql(
+                "select coalesce(sum(pg_total_relation_size(oid)), 0) from pg_class where relkind = 'r' \
+                 and (relname ~ '^jobs(_p[0-9t]+|_default|_open)?$' or relname ~ '^job_events(_p[0-9t]+|_default)?$')"
+                    .into(),
+            )
+            .await?
+            .parse()?;
+        let rows: f64 = self
+            .sql(format!(
+                "select count(*) from job_events where recorded_at >= to_timestamp({since_ms} / 1000.0)"
+            ))
+            .await?
+            .parse()?;
         Ok(RecorderResult {
             secs_until_recorded: round(secs, 3),
             jobs_recorded_per_sec: round(jobs as f64 / secs, 1),
-            processing_lag: self.lag_since(since_ms).await?,
+            event_rows_per_sec: round(rows / secs, 1),
+            processing_lag,
+            wal_bytes_per_job: round(wal / jobs as f64, 1),
+            table_and_index_mib_per_million_jobs: round(bytes / 1_048_576.0 / jobs as f64 * 1e6, 1),
+            longest_commit_gap_ms: self.longest_gap_outside(since_ms, 0, 0).await?,
+            drop: None,
             postgres: "PostgreSQL 15 on this machine, fsync on, synchronous_commit on",
         })
     }

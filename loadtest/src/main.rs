@@ -430,6 +430,10 @@ struct JobsArgs {
     /// PostgreSQL of the run's own; one full run each per batch size.
     #[arg(long, value_delimiter = ',', default_value = "off")]
     recorder: Vec<String>,
+    /// With `--recorder on`: seed two finished days 40 days back and drop them with the store's retention pass
+    /// 1.5 s into the processing phase, while the recorder writes (schema with partitions only).
+    #[arg(long)]
+    record_drop: bool,
     /// Gateways-attached scenario: for each count, one more ferry run (the first batch size, recorder off,
     /// no latency phases) with that many `ferry gateway` processes attached to its Redis and no clients, e.g.
     /// `1,4,8,16`. Reports Redis CPU per job and jobs/s per count (and against BullMQ with `--peer bullmq`).
@@ -983,6 +987,7 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                             .map(str::to_owned)
                             .collect(),
                         record: false,
+                        record_drop: a.record_drop,
                         gateways: 0,
                     };
                     for (&batch_size, record) in ordinary

@@ -114,32 +114,39 @@ END
 $$;
 
 -- Retention of one slot: detach its two partitions (events first, the order the recorder locks the tables in),
--- move the jobs to keep (not finished, or finished at or after `cutoff`) and their events into the default
--- partitions, drop the rest. Returns the jobs kept, or NULL when no such partition exists or another caller
--- holds the maintenance lock. Run it in a transaction of its own with a short lock_timeout: detaching takes the
--- parents' exclusive lock for the moment the transaction lasts.
-CREATE FUNCTION ferry_drop_partition(jobs_partition text, cutoff timestamptz) RETURNS bigint
+-- copy the jobs to keep and their events back into the tables, which puts them in the default partitions (their
+-- slot is gone), and drop the two partitions. The jobs kept are those in `keep` (the caller's list of the slot's
+-- jobs open or finished within the retention, read before this transaction) and every job of the slot open now
+-- (`jobs_open`, kept by the recorder in the same statement as `jobs`, so it is exact under the lock). Only index
+-- lookups run under the exclusive lock this takes: nothing scans the slot. Returns the jobs kept, or NULL when
+-- no such partition exists or another caller holds the maintenance lock. Run it in a transaction of its own
+-- with a short lock_timeout: the lock is held until that transaction ends.
+CREATE FUNCTION ferry_drop_partition(jobs_partition text, keep uuid[]) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     j regclass := to_regclass(quote_ident(jobs_partition));
     e regclass := to_regclass(quote_ident('job_events_' || substr(jobs_partition, length('jobs_') + 1)));
+    lo timestamptz;
+    hi timestamptz;
+    ids uuid[];
     kept bigint;
 BEGIN
     IF j IS NULL OR NOT pg_try_advisory_xact_lock(7306086213373765740) THEN
         RETURN NULL;
     END IF;
+    SELECT p.lower, p.upper INTO lo, hi FROM ferry_partitions('jobs') p WHERE p.name = jobs_partition;
     IF e IS NOT NULL THEN
         EXECUTE format('ALTER TABLE job_events DETACH PARTITION %s', e);
     END IF;
     EXECUTE format('ALTER TABLE jobs DETACH PARTITION %s', j);
-    EXECUTE format('INSERT INTO jobs SELECT * FROM %s WHERE finished_at IS NULL OR finished_at >= $1', j)
-        USING cutoff;
+    ids := array(SELECT unnest(keep)
+                 UNION
+                 SELECT o.id FROM jobs_open o WHERE o.id >= ferry_uuid_floor(lo) AND o.id < ferry_uuid_floor(hi));
+    EXECUTE format('INSERT INTO jobs SELECT * FROM %s WHERE id = ANY($1)', j) USING ids;
     GET DIAGNOSTICS kept = ROW_COUNT;
     IF e IS NOT NULL THEN
         IF kept > 0 THEN
-            EXECUTE format('INSERT INTO job_events SELECT ev.* FROM %s ev WHERE ev.job_id IN '
-                           '(SELECT id FROM %s WHERE finished_at IS NULL OR finished_at >= $1)', e, j)
-                USING cutoff;
+            EXECUTE format('INSERT INTO job_events SELECT * FROM %s WHERE job_id = ANY($1)', e) USING ids;
         END IF;
         EXECUTE format('DROP TABLE %s', e);
     END IF;

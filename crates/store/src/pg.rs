@@ -381,9 +381,11 @@ impl PgStore {
     }
 
     /// Drop one slot past the retention (`ferry_drop_partition`), keeping its jobs not finished or finished at or
-    /// after `cutoff_ms` (they move to the default partitions with their events), in one transaction that waits at
-    /// most `lock_timeout` for each lock. Returns the jobs kept and how long the transaction took, or `None` when
-    /// the locks were not free (after a few tries), another node is at it, or the slot is gone.
+    /// after `cutoff_ms` (they move to the default partitions with their events). The jobs to keep are read
+    /// first, with no lock beyond a reader's; the drop itself is one transaction that waits at most
+    /// `lock_timeout` for each lock and, under the exclusive lock, only looks rows up by key. Returns the jobs kept
+    /// and how long that transaction took, or `None` when the locks were not free (after a few tries), another
+    /// node is at it, or the slot is gone.
     pub async fn drop_partition(
         &self,
         name: &str,
@@ -391,6 +393,22 @@ impl PgStore {
         lock_timeout: Duration,
     ) -> Result<Option<(u64, Duration)>, StoreError> {
         let mut client = self.client().await?;
+        // The jobs to keep as of this read: open, or finished since the cutoff. A job that becomes open later
+        // (a dead job retried) is in `jobs_open` under the lock; only one retried and finished again between this
+        // read and the lock would go, and it is finished.
+        let keep: Vec<Uuid> = client
+            .query(
+                &format!(
+                    "SELECT id FROM {} WHERE finished_at IS NULL OR finished_at >= to_timestamp($1::bigint / 1000.0)",
+                    quote_ident(name)
+                ),
+                &[&ms(cutoff_ms)],
+            )
+            .await
+            .map_err(|e| self.pg_err(e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         for attempt in 1..=5u32 {
             let started = std::time::Instant::now();
             let tx = client.transaction().await.map_err(|e| self.pg_err(e))?;
@@ -401,10 +419,7 @@ impl PgStore {
             .await
             .map_err(|e| self.pg_err(e))?;
             let kept = tx
-                .query_one(
-                    "SELECT ferry_drop_partition($1, to_timestamp($2::bigint / 1000.0))",
-                    &[&name, &ms(cutoff_ms)],
-                )
+                .query_one("SELECT ferry_drop_partition($1, $2)", &[&name, &keep])
                 .await;
             match kept {
                 Ok(row) => {
@@ -430,6 +445,11 @@ impl PgStore {
         );
         Ok(None)
     }
+}
+
+/// `name` as an SQL identifier (double-quoted, quotes doubled).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// SQLSTATE 55P03: a lock not taken within `lock_timeout`.
@@ -604,6 +624,59 @@ impl EventColumns {
         self.ord_n.push(i32::try_from(k_n).unwrap_or(i32::MAX));
     }
 
+    /// `COPY job_events FROM STDIN BINARY` of these rows; returns the rows written.
+    async fn copy_into(
+        &self,
+        tx: &mut tokio_postgres::Transaction<'_>,
+    ) -> Result<u64, tokio_postgres::Error> {
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::Type;
+        let sink = tx
+            .copy_in(
+                "COPY job_events (id, job_id, type, state, attempt, at, correlation_id, actor, data, ord_ms, \
+                 ord_seq, ord_n) FROM STDIN BINARY",
+            )
+            .await?;
+        let types = [
+            Type::TEXT,
+            Type::UUID,
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT4,
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::TEXT,
+            Type::JSONB,
+            Type::INT8,
+            Type::INT8,
+            Type::INT4,
+        ];
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        let mut writer = std::pin::pin!(writer);
+        for i in 0..self.id.len() {
+            let at = std::time::UNIX_EPOCH
+                + Duration::from_millis(u64::try_from(self.at[i]).unwrap_or(0));
+            writer
+                .as_mut()
+                .write(&[
+                    &self.id[i],
+                    &self.job_id[i],
+                    &self.ty[i],
+                    &self.state[i],
+                    &self.attempt[i],
+                    &at,
+                    &self.correlation_id[i],
+                    &self.actor[i],
+                    &self.data[i],
+                    &self.ord_ms[i],
+                    &self.ord_seq[i],
+                    &self.ord_n[i],
+                ])
+                .await?;
+        }
+        writer.finish().await
+    }
+
     fn params(&self) -> [&(dyn ToSql + Sync); 12] {
         [
             &self.id,
@@ -761,7 +834,7 @@ impl Store for PgStore {
         } else {
             Some(self.prepare(&client, RECORDED_COMPLETIONS).await?)
         };
-        let tx = client.transaction().await.map_err(|e| self.pg_err(e))?;
+        let mut tx = client.transaction().await.map_err(|e| self.pg_err(e))?;
         // Completions already recorded, read before the insert that renames the duplicates. Two transactions in
         // flight at once with two different completions of one job could each miss the other's; a rerun's
         // completion comes a claim and a run after the first, whose batch has long committed by then. (Taking
@@ -785,10 +858,33 @@ impl Store for PgStore {
             };
             ev.push(e, ty);
         }
-        let new = tx
-            .execute(&insert, &ev.params())
-            .await
-            .map_err(|e| self.pg_err(e))?;
+        // COPY straight into the table (bulk inserts: far less work per row than an INSERT ... ON CONFLICT);
+        // an event already recorded (a redelivered batch) fails it, and the batch then goes through the insert
+        // that skips what it holds, after the savepoint is rolled back.
+        let copied = {
+            let mut sp = tx
+                .savepoint("copy_events")
+                .await
+                .map_err(|e| self.pg_err(e))?;
+            match ev.copy_into(&mut sp).await {
+                Ok(n) => {
+                    sp.commit().await.map_err(|e| self.pg_err(e))?;
+                    Some(n)
+                }
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    sp.rollback().await.map_err(|e| self.pg_err(e))?;
+                    None
+                }
+                Err(e) => return Err(self.pg_err(e)),
+            }
+        };
+        let new = match copied {
+            Some(n) => n,
+            None => tx
+                .execute(&insert, &ev.params())
+                .await
+                .map_err(|e| self.pg_err(e))?,
+        };
         tx.execute(&upsert, &jobs.params())
             .await
             .map_err(|e| self.pg_err(e))?;

@@ -38,8 +38,10 @@ use crate::{Store, StoreError};
 pub struct RecorderConfig {
     /// This recorder's consumer name in the group (the worker's consumer name): must be unique per process.
     pub consumer: String,
-    /// Most events written in one transaction (default 2,000). The in-memory batch never holds more than this
-    /// plus one read's worth.
+    /// Most events written in one transaction (default 2,000). Reads ask for as many log entries as fit this
+    /// at the size of the largest entries seen lately (an entry holds a whole script call's events: up to 1,000
+    /// for a batch enqueue), so a batch holds about this many events; one that holds more (entries grew
+    /// suddenly) is written in several transactions of at most this many.
     pub batch_max: usize,
     /// Longest an event waits in the batch before it is written (default 50 ms).
     pub max_delay: Duration,
@@ -297,6 +299,7 @@ impl Recorder {
         let mut writing = tokio::task::JoinSet::new();
         let mut next_reclaim = tokio::time::Instant::now();
         let mut read_backoff = Duration::from_millis(100);
+        let mut per_entry = 1usize;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -333,11 +336,18 @@ impl Recorder {
                 next_reclaim = tokio::time::Instant::now() + self.config.reclaim_every();
                 self.config.reclaim_idle
             });
+            // An entry packs a whole script call's events (an enqueue of 1,000 jobs is one entry of 1,000): ask
+            // for as many entries as fit the batch at the size of the largest entries seen lately.
+            let count = read_size(
+                self.config.read_count,
+                self.config.batch_max.saturating_sub(batch.events.len()),
+                per_entry,
+            );
             let read = self.broker.read_log(
                 shard,
                 RECORDER_GROUP,
                 &self.config.consumer,
-                self.config.read_count,
+                count,
                 wait,
                 reclaim,
             );
@@ -348,6 +358,10 @@ impl Recorder {
             match got {
                 Ok(entries) => {
                     read_backoff = Duration::from_millis(100);
+                    let largest = entries.iter().map(|e| e.events.len()).max().unwrap_or(0);
+                    // The largest entry of this read, or the estimate halved: a burst of big entries shrinks the
+                    // reads at once, and they grow back within a few reads after it.
+                    per_entry = largest.max(per_entry / 2).max(1);
                     batch.add(entries);
                 }
                 Err(e) => {
@@ -394,7 +408,7 @@ impl Recorder {
             }
             let pause = match self.breaker.try_acquire() {
                 Err(open) => open.retry_after.max(Duration::from_millis(50)),
-                Ok(permit) => match self.write(batch).await {
+                Ok(permit) => match self.write(&mut *batch).await {
                     Ok(()) => {
                         permit.success();
                         if last_state != BreakerState::Closed {
@@ -444,30 +458,38 @@ impl Recorder {
         batch.clear();
     }
 
-    async fn write(&self, batch: &Batch) -> Result<(), StoreError> {
-        let r =
-            tokio::time::timeout(self.config.write_timeout, self.store.record(&batch.events)).await;
-        let new = match r {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(StoreError::Unavailable(format!(
-                    "write of {} events took longer than {:?}",
-                    batch.events.len(),
-                    self.config.write_timeout
-                )));
-            }
-        };
-        let now = now_ms();
-        let oldest = batch.events.iter().map(|e| e.at).min().unwrap_or(now);
-        let s = &self.stats;
-        s.recorded.fetch_add(new, Ordering::Relaxed);
-        s.duplicates.fetch_add(
-            batch.events.len() as u64 - new.min(batch.events.len() as u64),
-            Ordering::Relaxed,
-        );
-        s.batches.fetch_add(1, Ordering::Relaxed);
-        s.last_lag_ms
-            .store(now.saturating_sub(oldest), Ordering::Relaxed);
+    /// Write what of the batch is not written yet, in transactions of at most `batch_max` events each (an
+    /// entry larger than the rest of the batch makes one batch hold more), each bounded by `write_timeout`. A
+    /// failure keeps what committed (`batch.written`): the retry goes on from there.
+    async fn write(&self, batch: &mut Batch) -> Result<(), StoreError> {
+        let per_write = self.config.batch_max.max(1);
+        while batch.written < batch.events.len() {
+            let end = (batch.written + per_write).min(batch.events.len());
+            let chunk = &batch.events[batch.written..end];
+            let r = tokio::time::timeout(self.config.write_timeout, self.store.record(chunk)).await;
+            let new = match r {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "write of {} events took longer than {:?}",
+                        chunk.len(),
+                        self.config.write_timeout
+                    )));
+                }
+            };
+            let now = now_ms();
+            let oldest = chunk.iter().map(|e| e.at).min().unwrap_or(now);
+            let s = &self.stats;
+            s.recorded.fetch_add(new, Ordering::Relaxed);
+            s.duplicates.fetch_add(
+                chunk.len() as u64 - new.min(chunk.len() as u64),
+                Ordering::Relaxed,
+            );
+            s.batches.fetch_add(1, Ordering::Relaxed);
+            s.last_lag_ms
+                .store(now.saturating_sub(oldest), Ordering::Relaxed);
+            batch.written = end;
+        }
         Ok(())
     }
 }
@@ -477,6 +499,8 @@ impl Recorder {
 struct Batch {
     positions: Vec<LogPosition>,
     events: Vec<Event>,
+    /// Events before this index are committed (a write split in several transactions failed part way).
+    written: usize,
     started: Option<tokio::time::Instant>,
 }
 
@@ -499,8 +523,15 @@ impl Batch {
     fn clear(&mut self) {
         self.positions.clear();
         self.events.clear();
+        self.written = 0;
         self.started = None;
     }
+}
+
+/// Entries to ask for: as many as fit `room` events at `per_entry` events each, at least one and at most
+/// `read_count`.
+fn read_size(read_count: usize, room: usize, per_entry: usize) -> usize {
+    (room / per_entry.max(1)).clamp(1, read_count.max(1))
 }
 
 #[cfg(test)]
@@ -561,6 +592,17 @@ mod tests {
         ] {
             assert_eq!(broken.check().unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn reads_are_sized_to_the_room_left() {
+        // Small entries: as many as the read count allows.
+        assert_eq!(read_size(256, 2000, 1), 256);
+        // Entries of 500 events: four fill the batch; one when it is nearly full, or full.
+        assert_eq!(read_size(256, 2000, 500), 4);
+        assert_eq!(read_size(256, 100, 500), 1);
+        assert_eq!(read_size(256, 0, 500), 1);
+        assert_eq!(read_size(256, 2000, 0), 256);
     }
 
     #[test]

@@ -75,3 +75,106 @@ async fn a_dead_recorders_entries_are_recorded_within_the_takeover_bound() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// The memory store, noting the largest batch any one transaction was handed.
+#[derive(Debug, Default)]
+struct Watching {
+    inner: MemoryStore,
+    largest: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for Watching {
+    async fn record(&self, events: &[ferry_core::Event]) -> Result<u64, ferry_store::StoreError> {
+        self.largest.fetch_max(events.len(), Ordering::Relaxed);
+        self.inner.record(events).await
+    }
+    async fn unfinished(
+        &self,
+        updated_before: u64,
+        after: Option<ferry_core::JobId>,
+        limit: usize,
+    ) -> Result<Vec<ferry_core::JobInfo>, ferry_store::StoreError> {
+        self.inner.unfinished(updated_before, after, limit).await
+    }
+    async fn job(
+        &self,
+        id: ferry_core::JobId,
+    ) -> Result<Option<ferry_core::JobInfo>, ferry_store::StoreError> {
+        self.inner.job(id).await
+    }
+    async fn jobs(
+        &self,
+        q: &ferry_store::JobQuery,
+    ) -> Result<ferry_store::JobPage, ferry_store::StoreError> {
+        self.inner.jobs(q).await
+    }
+    async fn events(
+        &self,
+        id: ferry_core::JobId,
+        limit: usize,
+    ) -> Result<Vec<ferry_store::EventRecord>, ferry_store::StoreError> {
+        self.inner.events(id, limit).await
+    }
+    async fn maintain(
+        &self,
+        config: &ferry_store::maintenance::MaintenanceConfig,
+        now_ms: u64,
+    ) -> Result<ferry_store::maintenance::MaintenanceReport, ferry_store::StoreError> {
+        self.inner.maintain(config, now_ms).await
+    }
+    async fn ping(&self) -> Result<(), ferry_store::StoreError> {
+        self.inner.ping().await
+    }
+}
+
+/// Batch enqueues log one entry per call, holding every job's event (500 here). The recorder asks for as many
+/// entries as fit its batch and writes at most `batch_max` events per transaction, so a backlog of big entries
+/// cannot become one transaction too large to finish within the write timeout (which was retried forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_log_entries_are_written_in_transactions_of_at_most_batch_max() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let broker = Arc::new(
+        RedisBroker::connect(&[redis.url()], EngineConfig::default())
+            .await
+            .expect("connects"),
+    );
+    let q = QueueName::parse("big").unwrap();
+    let job = NewJob::new(Kind::parse("k").unwrap(), serde_json::json!({"n": 1}));
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.extend(
+            broker
+                .enqueue_batch(&q, vec![job.clone(); 500])
+                .await
+                .unwrap(),
+        );
+    }
+    let config = RecorderConfig {
+        batch_max: 1_000,
+        ..RecorderConfig::new("big")
+    };
+    let store = Arc::new(Watching::default());
+    let recorder = Recorder::new(broker.clone(), store.clone(), config);
+    let stats = recorder.stats().clone();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(recorder.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats.recorded.load(Ordering::Relaxed) < ids.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} recorded",
+            stats.recorded.load(Ordering::Relaxed),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let largest = store.largest.load(Ordering::Relaxed);
+    assert!(largest <= 1_000, "a transaction of {largest} events");
+    assert!(largest >= 500, "entries are 500 events each: {largest}");
+    for e in [ids[0].id, ids[ids.len() - 1].id] {
+        assert!(store.job(e).await.unwrap().is_some(), "{e} recorded");
+    }
+}
