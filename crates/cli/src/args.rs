@@ -326,6 +326,16 @@ pub struct DatabaseArgs {
     )]
     pub database_url: Option<String>,
 
+    /// A read replica of the record (postgres://…, same TLS options) for listings, job lookups and audit trails;
+    /// writes stay on --database-url, and reads fall back to it while the replica does not answer.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FERRY_DATABASE_READ_URL",
+        hide_env_values = true
+    )]
+    pub database_read_url: Option<String>,
+
     /// Connections in the pool.
     #[arg(
         long,

@@ -38,7 +38,7 @@ const ROLES: [&str; 7] = [
 /// Flags whose values are secret: never printed.
 const SECRET: [&str; 2] = ["jwt-secret", "secret"];
 /// Flags holding URLs that may carry a password: printed with the password replaced.
-const URLS: [&str; 3] = ["redis", "database-url", "jwks-url"];
+const URLS: [&str; 4] = ["redis", "database-url", "database-read-url", "jwks-url"];
 
 /// A loaded file: per role, the values it sets (flag long name → values), and the process-wide ones.
 #[derive(Debug, Default)]

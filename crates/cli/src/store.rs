@@ -21,19 +21,18 @@ pub fn resolve(a: DatabaseArgs) -> Result<Option<ResolvedDatabase>, CliError> {
         if a.migrate {
             return Err(CliError::usage("--migrate", "needs --database-url"));
         }
+        if a.database_read_url.is_some() {
+            return Err(CliError::usage(
+                "--database-read-url",
+                "needs --database-url (the primary, where the record is written)",
+            ));
+        }
         return Ok(None);
     };
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(CliError::usage(
-            "--database-url",
-            "expected postgres://user@host:port/db",
-        ));
-    };
-    if !matches!(scheme, "postgres" | "postgresql") || rest.is_empty() {
-        return Err(CliError::usage(
-            "--database-url",
-            format!("expected a postgres:// URL, got a {scheme}:// one"),
-        ));
+    check_url("--database-url", &url)?;
+    let read_url = a.database_read_url.map(|u| u.trim().to_owned());
+    if let Some(r) = &read_url {
+        check_url("--database-read-url", r)?;
     }
     if a.database_pool_size == 0 {
         return Err(CliError::usage(
@@ -53,6 +52,9 @@ pub fn resolve(a: DatabaseArgs) -> Result<Option<ResolvedDatabase>, CliError> {
         }
     }
     ferry_store::tls::sslmode_of(&url).map_err(|e| CliError::usage("--database-url", e))?;
+    if let Some(r) = &read_url {
+        ferry_store::tls::sslmode_of(r).map_err(|e| CliError::usage("--database-read-url", e))?;
+    }
     if let Some(ca) = &a.database_ca_file {
         std::fs::metadata(ca).map_err(|e| {
             CliError::usage(
@@ -68,10 +70,28 @@ pub fn resolve(a: DatabaseArgs) -> Result<Option<ResolvedDatabase>, CliError> {
     pg.wait_timeout = Duration::from_millis(a.database_timeout_ms);
     pg.statement_timeout = Duration::from_millis(a.database_statement_timeout_ms);
     pg.statement_cache = !a.database_no_statement_cache;
+    pg.read_url = read_url;
     Ok(Some(ResolvedDatabase {
         pg,
         migrate: a.migrate,
     }))
+}
+
+/// A `postgres://` (or `postgresql://`) URL with something after the scheme.
+fn check_url(flag: &'static str, url: &str) -> Result<(), CliError> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(CliError::usage(
+            flag,
+            "expected postgres://user@host:port/db",
+        ));
+    };
+    if !matches!(scheme, "postgres" | "postgresql") || rest.is_empty() {
+        return Err(CliError::usage(
+            flag,
+            format!("expected a postgres:// URL, got a {scheme}:// one"),
+        ));
+    }
+    Ok(())
 }
 
 fn store_err(e: StoreError) -> CliError {

@@ -63,7 +63,15 @@ pub struct PgConfig {
     /// Prepare each statement once per connection and reuse it (true), or prepare it on every call (false, for
     /// poolers in transaction mode that cannot keep prepared statements). Default true.
     pub statement_cache: bool,
+    /// A replica (or any other server with the same record) for listings, lookups and trails: [`Store::job`],
+    /// [`Store::jobs`], [`Store::events`]. Writes, the reconciler's reads and upkeep stay on `url`. When the
+    /// replica does not answer, reads go to `url` for [`READER_REST`]. Same settings as `url` otherwise (pool
+    /// size, CA file, timeouts). Default none.
+    pub read_url: Option<String>,
 }
+
+/// How long reads stay on the primary after the replica failed to answer one.
+pub const READER_REST: Duration = Duration::from_secs(5);
 
 impl PgConfig {
     /// `url` with every other setting at its default.
@@ -76,6 +84,7 @@ impl PgConfig {
             wait_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
             statement_cache: true,
+            read_url: None,
         }
     }
 }
@@ -90,6 +99,7 @@ impl fmt::Debug for PgConfig {
             .field("wait_timeout", &self.wait_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("statement_cache", &self.statement_cache)
+            .field("read_url", &self.read_url.as_deref().map(redact_url))
             .finish()
     }
 }
@@ -103,6 +113,8 @@ pub struct PgStore {
     redactor: Redactor,
     /// `job.completed` events stored as `job.duplicate_completion` by this store.
     duplicate_completions: std::sync::Arc<AtomicU64>,
+    /// The store of `PgConfig::read_url`, and until when (ms since the epoch) it is rested after a failure.
+    reader: Option<(std::sync::Arc<PgStore>, std::sync::Arc<AtomicU64>)>,
 }
 
 impl fmt::Debug for PgStore {
@@ -160,12 +172,54 @@ impl PgStore {
             .map_err(|e| {
                 StoreError::Internal(redactor.apply(&format!("cannot build pool: {e}")))
             })?;
+        let reader = match &cfg.read_url {
+            Some(url) => {
+                let replica = PgConfig {
+                    url: url.clone(),
+                    read_url: None,
+                    ..cfg.clone()
+                };
+                Some((
+                    std::sync::Arc::new(Self::connect(replica)?),
+                    Default::default(),
+                ))
+            }
+            None => None,
+        };
         Ok(Self {
             pool,
             statement_cache: cfg.statement_cache,
             redactor,
             duplicate_completions: Default::default(),
+            reader,
         })
+    }
+
+    /// The replica's store when one is configured and not resting after a failure.
+    fn reader(&self) -> Option<&PgStore> {
+        let (store, rest_until) = self.reader.as_ref()?;
+        (ferry_core::now_ms() >= rest_until.load(Ordering::Relaxed)).then_some(&**store)
+    }
+
+    /// A read on the replica failed with `e`: rest it when it did not answer (or cancelled the query for
+    /// recovery, SQLSTATE 40001), and say whether to read from the primary instead.
+    fn reader_failed(&self, e: &StoreError) -> bool {
+        let Some((_, rest_until)) = &self.reader else {
+            return false;
+        };
+        let fall_back = match e {
+            StoreError::Unavailable(_) => true,
+            StoreError::Internal(m) => m.contains("conflict with recovery"),
+        };
+        if fall_back {
+            rest_until.store(
+                ferry_core::now_ms() + READER_REST.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+            tracing::warn!(error = %e, rest_ms = READER_REST.as_millis() as u64,
+                "the read replica failed; reading from the primary");
+        }
+        fall_back
     }
 
     /// Apply the embedded migrations that are not applied yet (under an advisory lock, so nodes starting
@@ -796,6 +850,103 @@ fn priority_str(p: Priority) -> &'static str {
     }
 }
 
+/// The reads of [`Store`] on this server alone ([`Store`]'s own go to the replica first).
+impl PgStore {
+    async fn job_here(&self, id: JobId) -> Result<Option<JobInfo>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        let stmt = self.prepare(&client, &sql).await?;
+        let row = client
+            .query_opt(&stmt, &[&id.0])
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        row.map(|r| self.info(&r)).transpose()
+    }
+
+    async fn jobs_here(&self, q: &JobQuery) -> Result<JobPage, StoreError> {
+        let limit = q.limit.max(1);
+        // created_after / created_before / after become bounds on the primary key (UUIDv7 ids sort by time).
+        let lower = q.created_after.map(id_floor);
+        let upper = [q.after.map(|a| a.0), q.created_before.map(id_floor)]
+            .into_iter()
+            .flatten()
+            .min();
+        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        let queue = q.queue.as_ref().map(|x| x.as_str().to_owned());
+        let state = q.state.map(JobState::as_str);
+        let kind = q.kind.as_ref().map(|x| x.as_str().to_owned());
+        let filters: [(&str, Option<&(dyn ToSql + Sync)>); 7] = [
+            ("id >= ", lower.as_ref().map(|v| v as _)),
+            ("id < ", upper.as_ref().map(|v| v as _)),
+            ("queue = ", queue.as_ref().map(|v| v as _)),
+            ("state = ", state.as_ref().map(|v| v as _)),
+            ("kind = ", kind.as_ref().map(|v| v as _)),
+            ("owner = ", q.owner.as_ref().map(|v| v as _)),
+            ("tenant = ", q.tenant.as_ref().map(|v| v as _)),
+        ];
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE true");
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        for (cond, value) in filters {
+            if let Some(v) = value {
+                params.push(v);
+                sql.push_str(&format!(" AND {cond}${}", params.len()));
+            }
+        }
+        params.push(&fetch);
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+
+        let client = self.client().await?;
+        let stmt = self.prepare(&client, &sql).await?;
+        let rows = client
+            .query(&stmt, &params)
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        let mut jobs = rows
+            .iter()
+            .map(|r| self.info(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next })
+    }
+
+    async fn events_here(&self, id: JobId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        const SQL: &str = "\
+SELECT id, type, state, attempt, (extract(epoch FROM at) * 1000)::bigint AS at_ms,
+       (extract(epoch FROM recorded_at) * 1000)::bigint AS recorded_at_ms, correlation_id, actor, data
+FROM job_events WHERE job_id = $1
+ORDER BY ord_ms, ord_seq, ord_n
+LIMIT $2";
+        let client = self.client().await?;
+        let stmt = self.prepare(&client, SQL).await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&stmt, &[&id.0, &limit])
+            .await
+            .map_err(|e| self.pg_err(e))?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRecord {
+                    id: r.get("id"),
+                    job_id: id,
+                    ty: parse_text::<EventType>(r.get("type")).map_err(|e| self.corrupt(e))?,
+                    state: parse_text::<JobState>(r.get("state")).map_err(|e| self.corrupt(e))?,
+                    attempt: r.get::<_, i32>("attempt").max(0) as u32,
+                    at: r.get::<_, i64>("at_ms").max(0) as u64,
+                    recorded_at: r.get::<_, i64>("recorded_at_ms").max(0) as u64,
+                    correlation_id: r.get("correlation_id"),
+                    actor: r.get("actor"),
+                    data: r.get("data"),
+                })
+            })
+            .collect()
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn pool_stats(&self) -> Option<crate::PoolStats> {
@@ -922,97 +1073,33 @@ impl Store for PgStore {
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, StoreError> {
-        let client = self.client().await?;
-        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
-        let stmt = self.prepare(&client, &sql).await?;
-        let row = client
-            .query_opt(&stmt, &[&id.0])
-            .await
-            .map_err(|e| self.pg_err(e))?;
-        row.map(|r| self.info(&r)).transpose()
+        if let Some(r) = self.reader() {
+            match r.job_here(id).await {
+                Err(e) if self.reader_failed(&e) => {}
+                other => return other,
+            }
+        }
+        self.job_here(id).await
     }
 
     async fn jobs(&self, q: &JobQuery) -> Result<JobPage, StoreError> {
-        let limit = q.limit.max(1);
-        // created_after / created_before / after become bounds on the primary key (UUIDv7 ids sort by time).
-        let lower = q.created_after.map(id_floor);
-        let upper = [q.after.map(|a| a.0), q.created_before.map(id_floor)]
-            .into_iter()
-            .flatten()
-            .min();
-        let fetch = i64::try_from(limit + 1).unwrap_or(i64::MAX);
-        let queue = q.queue.as_ref().map(|x| x.as_str().to_owned());
-        let state = q.state.map(JobState::as_str);
-        let kind = q.kind.as_ref().map(|x| x.as_str().to_owned());
-        let filters: [(&str, Option<&(dyn ToSql + Sync)>); 7] = [
-            ("id >= ", lower.as_ref().map(|v| v as _)),
-            ("id < ", upper.as_ref().map(|v| v as _)),
-            ("queue = ", queue.as_ref().map(|v| v as _)),
-            ("state = ", state.as_ref().map(|v| v as _)),
-            ("kind = ", kind.as_ref().map(|v| v as _)),
-            ("owner = ", q.owner.as_ref().map(|v| v as _)),
-            ("tenant = ", q.tenant.as_ref().map(|v| v as _)),
-        ];
-        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE true");
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        for (cond, value) in filters {
-            if let Some(v) = value {
-                params.push(v);
-                sql.push_str(&format!(" AND {cond}${}", params.len()));
+        if let Some(r) = self.reader() {
+            match r.jobs_here(q).await {
+                Err(e) if self.reader_failed(&e) => {}
+                other => return other,
             }
         }
-        params.push(&fetch);
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
-
-        let client = self.client().await?;
-        let stmt = self.prepare(&client, &sql).await?;
-        let rows = client
-            .query(&stmt, &params)
-            .await
-            .map_err(|e| self.pg_err(e))?;
-        let mut jobs = rows
-            .iter()
-            .map(|r| self.info(r))
-            .collect::<Result<Vec<_>, _>>()?;
-        let next = if jobs.len() > limit {
-            jobs.truncate(limit);
-            jobs.last().map(|j| j.id)
-        } else {
-            None
-        };
-        Ok(JobPage { jobs, next })
+        self.jobs_here(q).await
     }
 
     async fn events(&self, id: JobId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        const SQL: &str = "\
-SELECT id, type, state, attempt, (extract(epoch FROM at) * 1000)::bigint AS at_ms,
-       (extract(epoch FROM recorded_at) * 1000)::bigint AS recorded_at_ms, correlation_id, actor, data
-FROM job_events WHERE job_id = $1
-ORDER BY ord_ms, ord_seq, ord_n
-LIMIT $2";
-        let client = self.client().await?;
-        let stmt = self.prepare(&client, SQL).await?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client
-            .query(&stmt, &[&id.0, &limit])
-            .await
-            .map_err(|e| self.pg_err(e))?;
-        rows.iter()
-            .map(|r| {
-                Ok(EventRecord {
-                    id: r.get("id"),
-                    job_id: id,
-                    ty: parse_text::<EventType>(r.get("type")).map_err(|e| self.corrupt(e))?,
-                    state: parse_text::<JobState>(r.get("state")).map_err(|e| self.corrupt(e))?,
-                    attempt: r.get::<_, i32>("attempt").max(0) as u32,
-                    at: r.get::<_, i64>("at_ms").max(0) as u64,
-                    recorded_at: r.get::<_, i64>("recorded_at_ms").max(0) as u64,
-                    correlation_id: r.get("correlation_id"),
-                    actor: r.get("actor"),
-                    data: r.get("data"),
-                })
-            })
-            .collect()
+        if let Some(r) = self.reader() {
+            match r.events_here(id, limit).await {
+                Err(e) if self.reader_failed(&e) => {}
+                other => return other,
+            }
+        }
+        self.events_here(id, limit).await
     }
 
     async fn maintain(

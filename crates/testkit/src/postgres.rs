@@ -151,6 +151,14 @@ impl PostgresServer {
             .and_then(|mut f| f.write_all(conf.as_bytes()))
             .context("cannot write postgresql.conf")?;
 
+        server.start_on_a_free_port()?;
+        server.create_database("ferry")?;
+        Ok(server)
+    }
+
+    /// `pg_ctl start` on a free port, trying again on another when the port was taken meanwhile.
+    fn start_on_a_free_port(&mut self) -> anyhow::Result<()> {
+        let server = self;
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {
             server.port = free_port();
@@ -182,8 +190,73 @@ impl PostgresServer {
                 "PostgreSQL found no free port in {PORT_ATTEMPTS} attempts"
             )));
         }
-        server.create_database("ferry")?;
-        Ok(server)
+        Ok(())
+    }
+
+    /// A streaming replica of this cluster (`pg_basebackup -R`, hot standby): a cluster of its own, in its own
+    /// temp dir and on its own port, that answers reads of every database and follows the primary's writes
+    /// (read-only: writes fail). Stopping the primary leaves it up, serving what it has.
+    pub fn start_replica(&self) -> anyhow::Result<PostgresServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-pg-replica-")
+            .tempdir()
+            .context("cannot create a temp dir for the replica")?;
+        if self.as_postgres {
+            let (uid, gid) = postgres_ids()?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .with_context(|| format!("cannot chown {} to postgres", dir.path().display()))?;
+        }
+        let data = dir.path().join("data");
+        let socket_dir = dir
+            .path()
+            .to_str()
+            .context("temp dir path is not UTF-8")?
+            .to_string();
+        let pg_ctl = self.bin.join("pg_ctl");
+        let pg_ctl = pg_ctl.to_str().context("pg_ctl path is not UTF-8")?;
+        let data_str = data.to_str().context("data dir path is not UTF-8")?;
+        let stop = if self.as_postgres {
+            "runuser -u postgres -- \"$3\" -D \"$1\" -m immediate -w stop"
+        } else {
+            "\"$3\" -D \"$1\" -m immediate -w stop"
+        };
+        let watchdog = Watchdog::spawn(
+            &format!("[ -f \"$1/postmaster.pid\" ] && {stop} >/dev/null 2>&1; rm -rf \"$2\""),
+            &[data_str, &socket_dir, pg_ctl],
+        );
+        let mut replica = Self {
+            port: 0,
+            bin: self.bin.clone(),
+            as_postgres: self.as_postgres,
+            running: false,
+            watchdog,
+            dir,
+        };
+        let port = self.port.to_string();
+        replica
+            .server_cmd("pg_basebackup", |c| {
+                c.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-D"])
+                    .arg(&data)
+                    // Write the standby settings (primary_conninfo, standby.signal); stream the WAL it needs.
+                    .args(["-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]);
+            })
+            .with_context(|| format!("pg_basebackup failed\n{}", self.log_tail()))?;
+        // The copied postgresql.conf points at the primary's socket dir: this one's own (later settings win).
+        OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| {
+                f.write_all(
+                    format!(
+                        "\n# ferry-testkit replica\nunix_socket_directories = '{}'\nhot_standby = on\n",
+                        socket_dir.replace('\'', "''")
+                    )
+                    .as_bytes(),
+                )
+            })
+            .context("cannot write the replica's postgresql.conf")?;
+        replica.start_on_a_free_port()?;
+        Ok(replica)
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/ferry`

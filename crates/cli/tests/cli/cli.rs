@@ -345,6 +345,28 @@ fn database_flags_are_checked_and_an_unreachable_database_exits_69() {
         ),
         (
             vec![
+                "migrate",
+                "--database-url",
+                "postgres://h/db",
+                "--database-read-url",
+                "mysql://replica/db",
+            ],
+            "invalid --database-read-url: expected a postgres:// URL, got a mysql:// one",
+        ),
+        (
+            vec![
+                "gateway",
+                "--redis",
+                r,
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--database-read-url",
+                "postgres://replica/db",
+            ],
+            "invalid --database-read-url: needs --database-url",
+        ),
+        (
+            vec![
                 "worker",
                 "--redis",
                 r,

@@ -189,6 +189,75 @@ async fn upgrade_moves_the_existing_record_into_partitions() {
     assert_eq!(sql("select count(*) from job_events").trim(), "12");
 }
 
+/// With a read replica (`read_url`, a real streaming replica), listings, lookups and trails are read there while
+/// writes go to the primary; when the replica stops answering, reads go to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
+    let primary = tokio::task::block_in_place(PostgresServer::start).expect("primary starts");
+    let url = primary.url();
+    let mut replica =
+        tokio::task::block_in_place(|| primary.start_replica()).expect("replica starts");
+    let mut cfg = PgConfig::new(url.clone());
+    cfg.read_url = Some(replica.url());
+    cfg.connect_timeout = Duration::from_secs(2);
+    cfg.wait_timeout = Duration::from_secs(2);
+    let store = PgStore::connect(cfg).unwrap();
+    store.migrate().await.unwrap();
+    let listed = |s: &PgStore| {
+        let s = s.clone();
+        async move {
+            let page = s
+                .jobs(&ferry_store::JobQuery {
+                    limit: 10,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            page.jobs.iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    let a = JobId::new();
+    store
+        .record(&[contract::queued(a, "1-0/0", ferry_core::now_ms())])
+        .await
+        .unwrap();
+    // The replica catches up (the migration and the job).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while listed(&store).await != [a] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never showed the job"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Replay paused: a job written now is on the primary only, and the store's reads do not see it.
+    let sql = |u: &str, q: &str| {
+        let (u, q) = (u.to_owned(), q.to_owned());
+        tokio::task::block_in_place(move || ferry_testkit::psql(&u, &q)).unwrap()
+    };
+    sql(&replica.url(), "select pg_wal_replay_pause()");
+    let b = JobId::new();
+    store
+        .record(&[contract::queued(b, "2-0/0", ferry_core::now_ms())])
+        .await
+        .unwrap();
+    assert_eq!(sql(&url, "select count(*) from jobs").trim(), "2");
+    assert_eq!(listed(&store).await, [a], "listings come from the replica");
+    assert!(store.job(b).await.unwrap().is_none(), "lookups too");
+    assert!(store.events(b, 10).await.unwrap().is_empty(), "trails too");
+    // The reconciler reads the primary.
+    let open = store
+        .unfinished(ferry_core::now_ms() + 1, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 2);
+    // The replica stops: reads fall back to the primary, which has both.
+    tokio::task::block_in_place(|| replica.stop()).unwrap();
+    assert_eq!(listed(&store).await, [b, a]);
+    assert!(store.job(b).await.unwrap().is_some());
+    assert_eq!(store.events(b, 10).await.unwrap().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn works_without_statement_cache() {
     let store = store_on(tokio::task::block_in_place(server), |c| {
