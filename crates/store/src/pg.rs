@@ -814,6 +814,94 @@ impl JobColumns {
         Ok(())
     }
 
+    /// `COPY jobs FROM STDIN BINARY` of these rows, then `COPY jobs_open` of the open ones.
+    async fn copy_into(
+        &self,
+        tx: &mut tokio_postgres::Transaction<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::Type;
+        let time =
+            |ms: i64| std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        let sink = tx
+            .copy_in(
+                "COPY jobs (id, queue, kind, state, attempts, payload, priority, max_attempts, timeout_ms, backoff, \
+                 owner, tenant, correlation_id, result, error, run_at, created_at, updated_at, finished_at, ord_ms, \
+                 ord_seq, ord_n) FROM STDIN BINARY",
+            )
+            .await?;
+        let types = [
+            Type::UUID,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT4,
+            Type::JSONB,
+            Type::TEXT,
+            Type::INT4,
+            Type::INT8,
+            Type::JSONB,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::JSONB,
+            Type::TEXT,
+            Type::TIMESTAMPTZ,
+            Type::TIMESTAMPTZ,
+            Type::TIMESTAMPTZ,
+            Type::TIMESTAMPTZ,
+            Type::INT8,
+            Type::INT8,
+            Type::INT4,
+        ];
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        let mut writer = std::pin::pin!(writer);
+        for i in 0..self.id.len() {
+            let run_at = self.run_at[i].map(time);
+            let created_at = time(self.created_at[i]);
+            let updated_at = time(self.updated_at[i]);
+            let finished_at = self.finished_at[i].map(time);
+            writer
+                .as_mut()
+                .write(&[
+                    &self.id[i],
+                    &self.queue[i],
+                    &self.kind[i],
+                    &self.state[i],
+                    &self.attempts[i],
+                    &self.payload[i],
+                    &self.priority[i],
+                    &self.max_attempts[i],
+                    &self.timeout_ms[i],
+                    &self.backoff[i],
+                    &self.owner[i],
+                    &self.tenant[i],
+                    &self.correlation_id[i],
+                    &self.result[i],
+                    &self.error[i],
+                    &run_at,
+                    &created_at,
+                    &updated_at,
+                    &finished_at,
+                    &self.ord_ms[i],
+                    &self.ord_seq[i],
+                    &self.ord_n[i],
+                ])
+                .await?;
+        }
+        writer.finish().await?;
+        let sink = tx.copy_in("COPY jobs_open (id) FROM STDIN BINARY").await?;
+        let writer = BinaryCopyInWriter::new(sink, &[Type::UUID]);
+        let mut writer = std::pin::pin!(writer);
+        for (id, finished) in self.id.iter().zip(&self.finished_at) {
+            if finished.is_none() {
+                writer.as_mut().write(&[id]).await?;
+            }
+        }
+        writer.finish().await?;
+        Ok(())
+    }
+
     fn params(&self) -> [&(dyn ToSql + Sync); 22] {
         [
             &self.id,
@@ -977,6 +1065,11 @@ impl Store for PgStore {
         for f in fold(events) {
             jobs.push(&f)?;
         }
+        // A batch of nothing but jobs' first events (an enqueue's `job.queued`, `job.scheduled`) holds new jobs
+        // only, unless it is redelivered: their rows are copied (see below).
+        let only_new = distinct
+            .iter()
+            .all(|e| matches!(e.ty, EventType::Queued | EventType::Scheduled) && e.spec.is_some());
         let mut client = self.client().await?;
         let insert = self.prepare(&client, INSERT_EVENTS).await?;
         let upsert = self.prepare(&client, &UPSERT_JOBS_AND_OPEN).await?;
@@ -1036,9 +1129,33 @@ impl Store for PgStore {
                 .await
                 .map_err(|e| self.pg_err(e))?,
         };
-        tx.execute(&upsert, &jobs.params())
-            .await
-            .map_err(|e| self.pg_err(e))?;
+        // New jobs' rows by COPY (and their `jobs_open` entries), like the events; a row already there fails it
+        // and the batch goes through the upsert, which applies the ordering rule. Only tried for a batch of first
+        // events: a COPY that fails leaves the rows it wrote before the conflict as dead tuples.
+        let copied = if only_new {
+            let mut sp = tx
+                .savepoint("copy_jobs")
+                .await
+                .map_err(|e| self.pg_err(e))?;
+            match jobs.copy_into(&mut sp).await {
+                Ok(()) => {
+                    sp.commit().await.map_err(|e| self.pg_err(e))?;
+                    true
+                }
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    sp.rollback().await.map_err(|e| self.pg_err(e))?;
+                    false
+                }
+                Err(e) => return Err(self.pg_err(e)),
+            }
+        } else {
+            false
+        };
+        if !copied {
+            tx.execute(&upsert, &jobs.params())
+                .await
+                .map_err(|e| self.pg_err(e))?;
+        }
         tx.commit().await.map_err(|e| self.pg_err(e))?;
         self.duplicate_completions
             .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
