@@ -118,6 +118,20 @@ pub struct JobPage {
     pub next: Option<JobId>,
 }
 
+impl JobPage {
+    /// The page of `limit` jobs out of `jobs`, fetched one over the limit: the extra one only says there is a next
+    /// page, whose cursor is the page's last job.
+    pub(crate) fn of(mut jobs: Vec<JobInfo>, limit: usize) -> Self {
+        let next = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Self { jobs, next }
+    }
+}
+
 /// One row of the audit log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventRecord {

@@ -449,7 +449,7 @@ impl Store for MemoryStore {
             Some(u) => st.jobs.range(lower..u),
             None => st.jobs.range(lower..),
         };
-        let mut jobs: Vec<JobInfo> = range
+        let jobs: Vec<JobInfo> = range
             .rev()
             .filter(|(_, r)| {
                 q.queue.as_ref().is_none_or(|x| *x == r.queue)
@@ -463,13 +463,7 @@ impl Store for MemoryStore {
             .take(limit + 1)
             .map(|(id, r)| r.info(*id))
             .collect();
-        let next = if jobs.len() > limit {
-            jobs.truncate(limit);
-            jobs.last().map(|j| j.id)
-        } else {
-            None
-        };
-        Ok(JobPage { jobs, next })
+        Ok(JobPage::of(jobs, limit))
     }
 
     async fn events(&self, id: JobId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {

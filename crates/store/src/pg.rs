@@ -387,12 +387,7 @@ impl PgStore {
     ) -> Result<Option<u64>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.pg_err(e))?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = {}",
-            lock_timeout.as_millis().max(1)
-        ))
-        .await
-        .map_err(|e| self.pg_err(e))?;
+        self.set_lock_timeout(&tx, lock_timeout).await?;
         let row = tx
             .query_one(
                 "SELECT ferry_create_partitions(to_timestamp($1::bigint / 1000.0), \
@@ -411,6 +406,20 @@ impl PgStore {
         };
         tx.commit().await.map_err(|e| self.pg_err(e))?;
         Ok(Some(u64::try_from(made).unwrap_or(0)))
+    }
+
+    /// `SET LOCAL lock_timeout` for the rest of `tx`.
+    async fn set_lock_timeout(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        lock_timeout: Duration,
+    ) -> Result<(), StoreError> {
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}",
+            lock_timeout.as_millis().max(1)
+        ))
+        .await
+        .map_err(|e| self.pg_err(e))
     }
 
     /// The time slots of the record, oldest first.
@@ -466,12 +475,7 @@ impl PgStore {
         for attempt in 1..=5u32 {
             let started = std::time::Instant::now();
             let tx = client.transaction().await.map_err(|e| self.pg_err(e))?;
-            tx.batch_execute(&format!(
-                "SET LOCAL lock_timeout = {}",
-                lock_timeout.as_millis().max(1)
-            ))
-            .await
-            .map_err(|e| self.pg_err(e))?;
+            self.set_lock_timeout(&tx, lock_timeout).await?;
             let kept = tx
                 .query_one("SELECT ferry_drop_partition($1, $2)", &[&name, &keep])
                 .await;
@@ -989,17 +993,11 @@ impl PgStore {
             .query(&stmt, &params)
             .await
             .map_err(|e| self.pg_err(e))?;
-        let mut jobs = rows
+        let jobs = rows
             .iter()
             .map(|r| self.info(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let next = if jobs.len() > limit {
-            jobs.truncate(limit);
-            jobs.last().map(|j| j.id)
-        } else {
-            None
-        };
-        Ok(JobPage { jobs, next })
+        Ok(JobPage::of(jobs, limit))
     }
 
     async fn events_here(&self, id: JobId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {

@@ -54,22 +54,14 @@ impl PostgresServer {
     }
 
     fn start_impl(extra: &str, tls: Option<&crate::TestCerts>) -> anyhow::Result<Self> {
-        let bin = bindir()?.to_path_buf();
-        let as_postgres = euid() == Some(0);
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-pg-")
-            .tempdir()
-            .context("cannot create a temp dir for PostgreSQL")?;
-        if as_postgres {
-            let (uid, gid) = postgres_ids()?;
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
-                .with_context(|| format!("cannot chown {} to postgres", dir.path().display()))?;
-        }
+        let mut server = Self::unstarted(bindir()?.to_path_buf(), euid() == Some(0), "ferry-pg-")?;
+        let as_postgres = server.as_postgres;
+        let dir = server.dir.path().to_path_buf();
         let mut tls_conf = String::new();
         if let Some(certs) = tls {
             use std::os::unix::fs::PermissionsExt;
-            let cert = dir.path().join("server.crt");
-            let key = dir.path().join("server.key");
+            let cert = dir.join("server.crt");
+            let key = dir.join("server.key");
             fs::copy(certs.cert_file(), &cert).context("cannot copy the server certificate")?;
             fs::copy(certs.key_file(), &key).context("cannot copy the server key")?;
             fs::set_permissions(&key, fs::Permissions::from_mode(0o600))
@@ -92,34 +84,11 @@ impl PostgresServer {
                 quoted(&key)?
             );
         }
-        let data = dir.path().join("data");
+        let data = dir.join("data");
         let socket_dir = dir
-            .path()
             .to_str()
             .context("temp dir path is not UTF-8")?
             .to_string();
-        let pg_ctl = bin.join("pg_ctl");
-        let pg_ctl = pg_ctl.to_str().context("pg_ctl path is not UTF-8")?;
-        let data_str = data.to_str().context("data dir path is not UTF-8")?;
-        // If this process dies without running Drop, stop the postmaster (it detached from our process group, so a
-        // harness kill does not reach it) and remove the directory.
-        let stop = if as_postgres {
-            "runuser -u postgres -- \"$3\" -D \"$1\" -m immediate -w stop"
-        } else {
-            "\"$3\" -D \"$1\" -m immediate -w stop"
-        };
-        let watchdog = Watchdog::spawn(
-            &format!("[ -f \"$1/postmaster.pid\" ] && {stop} >/dev/null 2>&1; rm -rf \"$2\""),
-            &[data_str, &socket_dir, pg_ctl],
-        );
-        let mut server = Self {
-            port: 0,
-            bin,
-            as_postgres,
-            running: false,
-            watchdog,
-            dir,
-        };
 
         server
             .server_cmd("initdb", |c| {
@@ -154,6 +123,43 @@ impl PostgresServer {
         server.start_on_a_free_port()?;
         server.create_database("ferry")?;
         Ok(server)
+    }
+
+    /// A cluster not made yet: its temp dir (owned by the server's user) and the watchdog that stops a postmaster
+    /// left in `data/` and removes the dir if this process dies without running Drop (the postmaster detached
+    /// from our process group, so a harness kill does not reach it).
+    fn unstarted(bin: PathBuf, as_postgres: bool, prefix: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .context("cannot create a temp dir for PostgreSQL")?;
+        if as_postgres {
+            let (uid, gid) = postgres_ids()?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .with_context(|| format!("cannot chown {} to postgres", dir.path().display()))?;
+        }
+        let data = dir.path().join("data");
+        let dir_str = dir.path().to_str().context("temp dir path is not UTF-8")?;
+        let pg_ctl = bin.join("pg_ctl");
+        let pg_ctl = pg_ctl.to_str().context("pg_ctl path is not UTF-8")?;
+        let data_str = data.to_str().context("data dir path is not UTF-8")?;
+        let stop = if as_postgres {
+            "runuser -u postgres -- \"$3\" -D \"$1\" -m immediate -w stop"
+        } else {
+            "\"$3\" -D \"$1\" -m immediate -w stop"
+        };
+        let watchdog = Watchdog::spawn(
+            &format!("[ -f \"$1/postmaster.pid\" ] && {stop} >/dev/null 2>&1; rm -rf \"$2\""),
+            &[data_str, dir_str, pg_ctl],
+        );
+        Ok(Self {
+            port: 0,
+            bin,
+            as_postgres,
+            running: false,
+            watchdog,
+            dir,
+        })
     }
 
     /// `pg_ctl start` on a free port, trying again on another when the port was taken meanwhile.
@@ -197,41 +203,14 @@ impl PostgresServer {
     /// temp dir and on its own port, that answers reads of every database and follows the primary's writes
     /// (read-only: writes fail). Stopping the primary leaves it up, serving what it has.
     pub fn start_replica(&self) -> anyhow::Result<PostgresServer> {
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-pg-replica-")
-            .tempdir()
-            .context("cannot create a temp dir for the replica")?;
-        if self.as_postgres {
-            let (uid, gid) = postgres_ids()?;
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
-                .with_context(|| format!("cannot chown {} to postgres", dir.path().display()))?;
-        }
-        let data = dir.path().join("data");
-        let socket_dir = dir
+        let mut replica = Self::unstarted(self.bin.clone(), self.as_postgres, "ferry-pg-replica-")?;
+        let data = replica.dir.path().join("data");
+        let socket_dir = replica
+            .dir
             .path()
             .to_str()
             .context("temp dir path is not UTF-8")?
             .to_string();
-        let pg_ctl = self.bin.join("pg_ctl");
-        let pg_ctl = pg_ctl.to_str().context("pg_ctl path is not UTF-8")?;
-        let data_str = data.to_str().context("data dir path is not UTF-8")?;
-        let stop = if self.as_postgres {
-            "runuser -u postgres -- \"$3\" -D \"$1\" -m immediate -w stop"
-        } else {
-            "\"$3\" -D \"$1\" -m immediate -w stop"
-        };
-        let watchdog = Watchdog::spawn(
-            &format!("[ -f \"$1/postmaster.pid\" ] && {stop} >/dev/null 2>&1; rm -rf \"$2\""),
-            &[data_str, &socket_dir, pg_ctl],
-        );
-        let mut replica = Self {
-            port: 0,
-            bin: self.bin.clone(),
-            as_postgres: self.as_postgres,
-            running: false,
-            watchdog,
-            dir,
-        };
         let port = self.port.to_string();
         replica
             .server_cmd("pg_basebackup", |c| {
