@@ -1,7 +1,8 @@
 //! The durable record: every job's current state (`jobs`) and its append-only audit trail (`job_events`), kept
 //! in PostgreSQL ([`pg`]) or, for `ferry dev`, in memory ([`memory`]), behind one [`Store`] trait and one
-//! contract; the [`recorder`] that fills it from the engine's durable event log; and the [`reconciler`] that
-//! hands the engine back jobs it lost (Redis data loss) from this record.
+//! contract; the [`recorder`] that fills it from the engine's durable event log; the [`reconciler`] that
+//! hands the engine back jobs it lost (Redis data loss) from this record; and its upkeep ([`maintenance`]:
+//! time partitions ahead of need, retention).
 //!
 //! This crate owns the schema, its migrations and the rule that a job's record never moves backwards. It must
 //! not change job state in the engine (Redis stays the source of truth for live work; the reconciler only asks

@@ -1,14 +1,17 @@
-//! The PostgreSQL store: `jobs` and `job_events` (schema in `migrations/`, described in `docs/store.md`) behind a
-//! deadpool connection pool.
+//! The PostgreSQL store: `jobs` and `job_events`, partitioned by time slot (schema in `migrations/`, described in
+//! `docs/store.md`) behind a deadpool connection pool, with an optional second pool on a read replica for
+//! [`Store::job`], [`Store::jobs`] and [`Store::events`].
 //!
-//! [`Store::record`] is one transaction of two set-based statements, whatever the batch size: every event goes
-//! into `job_events` through one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING`, and the batch, folded
-//! per job in Rust first ([`fold`]), goes into `jobs` through one `UNNEST` upsert whose `ON CONFLICT` clause
-//! applies the ordering rule: the state-bearing columns move only to a greater order key, the spec columns are
-//! filled in whenever they are missing.
+//! [`Store::record`] is one transaction of set-based statements, whatever the batch size: the events go into
+//! `job_events` by one binary `COPY` (or, when one is already there, one `INSERT … SELECT FROM UNNEST(…) ON
+//! CONFLICT DO NOTHING`), and the batch, folded per job in Rust first ([`fold`]), goes into `jobs` through one
+//! `UNNEST` upsert whose `ON CONFLICT` clause applies the ordering rule: the state-bearing columns move only to a
+//! greater order key, the spec columns are filled in whenever they are missing (a batch of new jobs only is
+//! copied). [`Store::maintain`] creates time slots ahead and drops expired ones (`ferry_create_partitions`,
+//! `ferry_drop_partition`).
 //!
 //! Times cross the wire as `i64` milliseconds and are converted in SQL (`to_timestamp(ms / 1000.0)` is exact to
-//! the millisecond: PostgreSQL rounds to the microsecond); they are read back as
+//! the millisecond: PostgreSQL rounds to the microsecond), or as `SystemTime` in a `COPY`; they are read back as
 //! `(extract(epoch from x) * 1000)::bigint`.
 
 use std::collections::{HashMap, HashSet};
