@@ -426,6 +426,71 @@ async fn entries_of_a_killed_recorder_are_taken_over() -> Result<()> {
     Ok(())
 }
 
+/// A `ferry worker` with a database keeps the record's time slots ahead of need and applies
+/// `--record-retention`: with the slots after today dropped by hand and a job finished 40 days ago in a slot of
+/// its own, the worker's first upkeep pass makes the slots ahead again and drops the old day, and says so in
+/// its metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_slots_ahead_and_drops_expired_days() -> Result<()> {
+    let c = Cluster::start()?;
+    let ahead =
+        c.sql("select substr(name, 6) from ferry_partitions('jobs') where lower > now()")?;
+    ensure!(
+        ahead.lines().count() == 3,
+        "the migration made three slots ahead: {ahead}"
+    );
+    for suffix in ahead.lines() {
+        c.sql(&format!(
+            "drop table jobs_{suffix}; drop table job_events_{suffix}"
+        ))?;
+    }
+    c.sql(
+        "select ferry_create_partitions(date_trunc('day', now() - interval '40 days', 'UTC'), \
+         date_trunc('day', now() - interval '40 days', 'UTC') + interval '1 day')",
+    )?;
+    c.sql(
+        "insert into jobs (id, queue, kind, state, attempts, created_at, updated_at, finished_at, ord_ms, ord_seq, \
+         ord_n) select ferry_uuid_floor(t), 'old', 'k', 'completed', 1, t, t, t, 1, 0, 0 \
+         from (select now() - interval '40 days' as t) x",
+    )?;
+    ensure!(
+        c.sql("select tableoid::regclass from jobs")? != "jobs_default",
+        "the old job is in its day's slot"
+    );
+    let mut cmd = c.worker_command(
+        "upkeep",
+        &["--admin-listen", "127.0.0.1:0", "--record-retention", "30d"],
+    );
+    let (_worker, line) = Proc::spawn_listening(&mut cmd, "admin listening").await?;
+    let admin = format!("http://{}", support::announced(&line, "admin")?);
+    eventually(
+        Duration::from_secs(30),
+        "slots ahead again, the old day gone",
+        || async {
+            let ahead =
+                c.count("select count(*) from ferry_partitions('jobs') where lower > now()")?;
+            let old = c.count("select count(*) from jobs")?;
+            Ok((ahead >= 3 && old == 0).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        c.count(
+            "select count(*) from ferry_partitions('jobs') where upper < now() - interval '30 days'"
+        )?,
+        0
+    );
+    let metrics = reqwest::get(format!("{admin}/metrics"))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("ferry_record_partitions_dropped_total 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
 /// Readiness means "can serve its traffic": with PostgreSQL stopped, a gateway and a worker stay ready (200),
 /// say `degraded` with the `postgres` check false, still accept and run jobs, and export
 /// `ferry_dependency_up{dependency="postgres"} 0`; with Redis stopped too, both are unready (503).
