@@ -844,13 +844,6 @@ pub struct BenchPostgres {
     wal_start: String,
 }
 
-async fn psql_async(url: &str, q: &str) -> anyhow::Result<String> {
-    let (url, q) = (url.to_owned(), q.to_owned());
-    tokio::task::spawn_blocking(move || ferry_testkit::psql(&url, &q))
-        .await?
-        .map(|s| s.trim().to_owned())
-}
-
 impl BenchPostgres {
     pub async fn start(ferry_bin: &Path) -> anyhow::Result<Self> {
         let (server, url) = tokio::task::spawn_blocking(|| {
@@ -868,7 +861,7 @@ impl BenchPostgres {
         if !out.status.success() {
             bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let wal_start = psql_async(&url, "select pg_current_wal_lsn()").await?;
+        let wal_start = crate::soak::psql(&url, "select pg_current_wal_lsn()").await?;
         Ok(Self {
             _server: server,
             url,
@@ -961,7 +954,7 @@ impl BenchPostgres {
     }
 
     async fn sql(&self, q: String) -> anyhow::Result<String> {
-        psql_async(&self.url, &q).await
+        crate::soak::psql(&self.url, &q).await
     }
 
     /// Wait until `jobs` rows are completed; rate and lag of everything since `since_ms`.

@@ -637,7 +637,8 @@ fn family_pss_kib(pid: u32) -> u64 {
     total
 }
 
-async fn psql(url: &str, q: &str) -> anyhow::Result<String> {
+/// `ferry_testkit::psql` off the runtime's threads, its answer trimmed.
+pub(crate) async fn psql(url: &str, q: &str) -> anyhow::Result<String> {
     let (url, q) = (url.to_owned(), q.to_owned());
     tokio::task::spawn_blocking(move || ferry_testkit::psql(&url, &q))
         .await?

@@ -60,13 +60,13 @@ impl MaintenanceConfig {
         {
             return Err(("retention", "must be at least an hour".into()));
         }
-        if self.interval.is_zero() || self.lock_timeout.is_zero() {
-            let field = if self.interval.is_zero() {
-                "interval"
-            } else {
-                "lock_timeout"
-            };
-            return Err((field, "must be longer than zero".into()));
+        for (field, d) in [
+            ("interval", self.interval),
+            ("lock_timeout", self.lock_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((field, "must be longer than zero".into()));
+            }
         }
         Ok(())
     }

@@ -550,6 +550,11 @@ fn ms(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A time in milliseconds since the epoch as a `COPY` sends a `timestamptz`.
+fn system_time(ms: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
 /// The columns of a [`JobInfo`], times as milliseconds.
 const JOB_COLUMNS: &str = "id, queue, kind, state, attempts, payload, priority, max_attempts, timeout_ms, \
      backoff, owner, tenant, correlation_id, result, error, \
@@ -688,7 +693,7 @@ impl EventColumns {
     /// `COPY job_events FROM STDIN BINARY` of these rows; returns the rows written.
     async fn copy_into(
         &self,
-        tx: &mut tokio_postgres::Transaction<'_>,
+        tx: &tokio_postgres::Transaction<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
         use tokio_postgres::binary_copy::BinaryCopyInWriter;
         use tokio_postgres::types::Type;
@@ -715,8 +720,7 @@ impl EventColumns {
         let writer = BinaryCopyInWriter::new(sink, &types);
         let mut writer = std::pin::pin!(writer);
         for i in 0..self.id.len() {
-            let at = std::time::UNIX_EPOCH
-                + Duration::from_millis(u64::try_from(self.at[i]).unwrap_or(0));
+            let at = system_time(self.at[i]);
             writer
                 .as_mut()
                 .write(&[
@@ -824,12 +828,10 @@ impl JobColumns {
     /// `COPY jobs FROM STDIN BINARY` of these rows, then `COPY jobs_open` of the open ones.
     async fn copy_into(
         &self,
-        tx: &mut tokio_postgres::Transaction<'_>,
+        tx: &tokio_postgres::Transaction<'_>,
     ) -> Result<(), tokio_postgres::Error> {
         use tokio_postgres::binary_copy::BinaryCopyInWriter;
         use tokio_postgres::types::Type;
-        let time =
-            |ms: i64| std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
         let sink = tx
             .copy_in(
                 "COPY jobs (id, queue, kind, state, attempts, payload, priority, max_attempts, timeout_ms, backoff, \
@@ -864,10 +866,10 @@ impl JobColumns {
         let writer = BinaryCopyInWriter::new(sink, &types);
         let mut writer = std::pin::pin!(writer);
         for i in 0..self.id.len() {
-            let run_at = self.run_at[i].map(time);
-            let created_at = time(self.created_at[i]);
-            let updated_at = time(self.updated_at[i]);
-            let finished_at = self.finished_at[i].map(time);
+            let run_at = self.run_at[i].map(system_time);
+            let created_at = system_time(self.created_at[i]);
+            let updated_at = system_time(self.updated_at[i]);
+            let finished_at = self.finished_at[i].map(system_time);
             writer
                 .as_mut()
                 .write(&[
@@ -945,7 +947,51 @@ fn priority_str(p: Priority) -> &'static str {
     }
 }
 
-/// The reads of [`Store`] on this server alone ([`Store`]'s own go to the replica first).
+impl PgStore {
+    /// Run `copy` in a savepoint of `tx`: its result, or `None` when it hit a row already there (a unique
+    /// violation), after rolling the savepoint back so the transaction goes on.
+    async fn copy_unless_present<T>(
+        &self,
+        tx: &mut tokio_postgres::Transaction<'_>,
+        copy: impl AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<Option<T>, StoreError> {
+        let sp = tx.savepoint("copy").await.map_err(|e| self.pg_err(e))?;
+        match copy(&sp).await {
+            Ok(v) => {
+                sp.commit().await.map_err(|e| self.pg_err(e))?;
+                Ok(Some(v))
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                sp.rollback().await.map_err(|e| self.pg_err(e))?;
+                Ok(None)
+            }
+            Err(e) => Err(self.pg_err(e)),
+        }
+    }
+}
+
+/// `$read`, an expression of the store `$s`, on the replica when one is configured and not resting, else (or when
+/// the replica fails to answer) on this server: the reads of [`Store`] that may be served by a replica.
+macro_rules! replica_first {
+    ($self:ident, $s:ident => $read:expr) => {{
+        let mut answer = None;
+        if let Some($s) = $self.reader() {
+            match $read.await {
+                Err(e) if $self.reader_failed(&e) => {}
+                other => answer = Some(other),
+            }
+        }
+        match answer {
+            Some(a) => a,
+            None => {
+                let $s = $self;
+                $read.await
+            }
+        }
+    }};
+}
+
+/// The reads of [`Store`] on this server alone ([`Store`]'s own go through [`replica_first!`]).
 impl PgStore {
     async fn job_here(&self, id: JobId) -> Result<Option<JobInfo>, StoreError> {
         let client = self.client().await?;
@@ -1105,25 +1151,11 @@ impl Store for PgStore {
         }
         // COPY straight into the table (bulk inserts: far less work per row than an INSERT ... ON CONFLICT);
         // an event already recorded (a redelivered batch) fails it, and the batch then goes through the insert
-        // that skips what it holds, after the savepoint is rolled back.
-        let copied = {
-            let mut sp = tx
-                .savepoint("copy_events")
-                .await
-                .map_err(|e| self.pg_err(e))?;
-            match ev.copy_into(&mut sp).await {
-                Ok(n) => {
-                    sp.commit().await.map_err(|e| self.pg_err(e))?;
-                    Some(n)
-                }
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                    sp.rollback().await.map_err(|e| self.pg_err(e))?;
-                    None
-                }
-                Err(e) => return Err(self.pg_err(e)),
-            }
-        };
-        let new = match copied {
+        // that skips what it holds.
+        let new = match self
+            .copy_unless_present(&mut tx, async |sp| ev.copy_into(sp).await)
+            .await?
+        {
             Some(n) => n,
             None => tx
                 .execute(&insert, &ev.params())
@@ -1133,25 +1165,11 @@ impl Store for PgStore {
         // New jobs' rows by COPY (and their `jobs_open` entries), like the events; a row already there fails it
         // and the batch goes through the upsert, which applies the ordering rule. Only tried for a batch of first
         // events: a COPY that fails leaves the rows it wrote before the conflict as dead tuples.
-        let copied = if only_new {
-            let mut sp = tx
-                .savepoint("copy_jobs")
-                .await
-                .map_err(|e| self.pg_err(e))?;
-            match jobs.copy_into(&mut sp).await {
-                Ok(()) => {
-                    sp.commit().await.map_err(|e| self.pg_err(e))?;
-                    true
-                }
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                    sp.rollback().await.map_err(|e| self.pg_err(e))?;
-                    false
-                }
-                Err(e) => return Err(self.pg_err(e)),
-            }
-        } else {
-            false
-        };
+        let copied = only_new
+            && self
+                .copy_unless_present(&mut tx, async |sp| jobs.copy_into(sp).await)
+                .await?
+                .is_some();
         if !copied {
             tx.execute(&upsert, &jobs.params())
                 .await
@@ -1191,33 +1209,15 @@ impl Store for PgStore {
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, StoreError> {
-        if let Some(r) = self.reader() {
-            match r.job_here(id).await {
-                Err(e) if self.reader_failed(&e) => {}
-                other => return other,
-            }
-        }
-        self.job_here(id).await
+        replica_first!(self, s => s.job_here(id))
     }
 
     async fn jobs(&self, q: &JobQuery) -> Result<JobPage, StoreError> {
-        if let Some(r) = self.reader() {
-            match r.jobs_here(q).await {
-                Err(e) if self.reader_failed(&e) => {}
-                other => return other,
-            }
-        }
-        self.jobs_here(q).await
+        replica_first!(self, s => s.jobs_here(q))
     }
 
     async fn events(&self, id: JobId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        if let Some(r) = self.reader() {
-            match r.events_here(id, limit).await {
-                Err(e) if self.reader_failed(&e) => {}
-                other => return other,
-            }
-        }
-        self.events_here(id, limit).await
+        replica_first!(self, s => s.events_here(id, limit))
     }
 
     async fn maintain(
