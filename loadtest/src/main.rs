@@ -640,6 +640,9 @@ async fn soak_cmd(a: SoakArgs) -> anyhow::Result<()> {
     if s["lost"] != 0 || s["doubled"] != 0 || s["wrong_final_state"] != 0 {
         bail!("the soak lost, doubled or misplaced jobs (see the summary)");
     }
+    if s["lookups"]["wrong"] != 0 {
+        bail!("lookups through the gateway disagreed with the record (see the summary)");
+    }
     Ok(())
 }
 

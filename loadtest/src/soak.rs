@@ -243,7 +243,7 @@ pub async fn run(p: &Params) -> anyhow::Result<Value> {
     let mut rconn = redis_client.get_multiplexed_async_connection().await?;
     let postmaster = postmaster_pid(&pg.url).await;
     let mut samples = Vec::new();
-    loop {
+    let redis_keys = loop {
         let s = sample(&pids, &mut rconn, postmaster, &pg.url, &tally, started).await?;
         eprintln!(
             "[soak] t={:.0}s accepted={} gateway rss={} KiB files={} redis used={} KiB",
@@ -255,10 +255,11 @@ pub async fn run(p: &Params) -> anyhow::Result<Value> {
         );
         samples.push(s);
         if Instant::now() >= until {
-            break;
+            // What Redis holds at the end of the load, by kind of key.
+            break redis_breakdown(&mut rconn).await?;
         }
         tokio::time::sleep(Duration::from_secs(p.sample_secs).min(until - Instant::now())).await;
-    }
+    };
     for t in tasks {
         let _ = t.await;
     }
@@ -303,6 +304,9 @@ pub async fn run(p: &Params) -> anyhow::Result<Value> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let drain_secs = drain_start.elapsed().as_secs_f64();
+    // Lookups through the gateway agree with the record: finished jobs answer whether Redis still holds them
+    // or only the record does.
+    let lookups = lookups(&http, &base, &expect, &pg.url).await?;
     // One more sample after the drain, then stop everything.
     samples.push(sample(&pids, &mut rconn, postmaster, &pg.url, &tally, started).await?);
     for w in &mut workers {
@@ -331,6 +335,8 @@ pub async fn run(p: &Params) -> anyhow::Result<Value> {
         "wrong_final_state": wrong.len(),
         "wrong_examples": wrong.iter().take(5).collect::<Vec<_>>(),
         "drain_secs": (drain_secs * 10.0).round() / 10.0,
+        "lookups": lookups,
+        "redis_keys_at_end_of_load": redis_keys,
         "errors": *t.errors.lock().unwrap(),
         "growth_after_warmup": growth,
     });
@@ -665,6 +671,98 @@ async fn record(url: &str) -> anyhow::Result<HashMap<String, (String, u64)>> {
         }
     }
     Ok(m)
+}
+
+/// `GET /v1/jobs/{id}` of up to 500 accepted jobs spread over the run, against the record: how many answered
+/// 200 with the record's state (and a payload), and examples of the others.
+async fn lookups(
+    http: &reqwest::Client,
+    base: &str,
+    expect: &HashMap<String, Expect>,
+    pg_url: &str,
+) -> anyhow::Result<Value> {
+    let record = record(pg_url).await?;
+    // Spread over subjects, each well under the gateway's per-subject request rate.
+    let tokens: Vec<String> = (0..20)
+        .map(|i| gw::token(&format!("soak-lookup-{i}"), &["admin"]))
+        .collect::<anyhow::Result<_>>()?;
+    let mut ids: Vec<&String> = expect.keys().collect();
+    ids.sort();
+    let step = (ids.len() / 500).max(1);
+    let (mut ok, mut wrong) = (0u64, Vec::new());
+    for (n, id) in ids.into_iter().step_by(step).enumerate() {
+        let r = http
+            .get(format!("{base}/v1/jobs/{id}"))
+            .bearer_auth(&tokens[n % tokens.len()])
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or_default();
+        let want = record.get(id).map(|(state, _)| state.as_str());
+        if status == 200 && body["state"].as_str() == want && body["payload"].is_object() {
+            ok += 1;
+        } else {
+            wrong.push(format!(
+                "{id}: {status} {} (record: {want:?})",
+                body["state"]
+            ));
+        }
+    }
+    Ok(
+        json!({ "ok": ok, "wrong": wrong.len(), "wrong_examples": wrong.iter().take(5).collect::<Vec<_>>() }),
+    )
+}
+
+/// Redis's keys by kind (the queue's streams, records and indexes, the event log, idempotency keys, channel
+/// histories, ...): count and bytes (`MEMORY USAGE`), largest first.
+async fn redis_breakdown(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<Value> {
+    let mut kinds: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        for key in keys {
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(conn)
+                .await?;
+            let k = kinds.entry(key_kind(&key)).or_default();
+            k.0 += 1;
+            k.1 += bytes.unwrap_or(0);
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut rows: Vec<(String, (u64, u64))> = kinds.into_iter().collect();
+    rows.sort_by(|a, b| b.1.1.cmp(&a.1.1));
+    Ok(Value::Array(
+        rows.into_iter()
+            .map(|(kind, (keys, bytes))| json!({ "kind": kind, "keys": keys, "kib": bytes / 1024 }))
+            .collect(),
+    ))
+}
+
+/// `ferry:{soak}:p1` → `queue p1`, `ferry:{soak}:idem2:…` → `queue idem2`, `ferry:app:{x}:h` → `app history`.
+fn key_kind(key: &str) -> String {
+    let rest = key.strip_prefix("ferry:").unwrap_or(key);
+    if let Some(q) = rest.strip_prefix('{')
+        && let Some((_, tail)) = q.split_once("}:")
+    {
+        return format!("queue {}", tail.split(':').next().unwrap_or(tail));
+    }
+    if rest.starts_with("app:") {
+        return "app history".into();
+    }
+    rest.split(':').next().unwrap_or(rest).to_owned()
 }
 
 /// RSS and open files: the last sample against the first one after warm-up (a quarter of the run).

@@ -408,6 +408,11 @@ pub struct EngineConfig {
     pub event_stream_max: usize,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// Finished jobs (completed, cancelled) leave the engine as soon as the recorder (consumer group
+    /// [`RECORDER_GROUP`] of the event log) has acknowledged their final event, instead of after
+    /// `finished_retention`: for processes whose lookups fall back to the durable store, which then holds them.
+    /// Dead jobs stay (they can be retried). Jobs finished while this is off leave by `finished_retention`.
+    pub drop_recorded: bool,
 }
 
 impl Default for EngineConfig {
@@ -418,6 +423,7 @@ impl Default for EngineConfig {
             dead_letter_max: 10_000,
             event_stream_max: 1_000_000,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            drop_recorded: false,
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! It owns job state for `ferry dev`, single-node deployments and fast tests. It must not persist anything, do
 //! network I/O or run handlers: a restart loses every job, by design. Its memory stays bounded by the engine
-//! settings: finished jobs leave after `finished_retention` (on [`Housekeeping::maintain`]), the dead-letter list of a
+//! settings: finished jobs leave after `finished_retention` (on [`Housekeeping::maintain`]; with
+//! `drop_recorded`, as soon as the recorder group has acknowledged their final event), the dead-letter list of a
 //! queue holds at most `dead_letter_max` jobs, idempotency keys expire after `idempotency_ttl`, and live events
 //! go through a bounded broadcast channel that drops events for lagging subscribers instead of growing.
 //!
@@ -151,6 +152,7 @@ impl MemoryBroker {
                 },
                 actor: None,
                 leases: HashMap::new(),
+                drop_recorded: config.drop_recorded,
             }),
             app: broadcast::channel(CHANNEL_CAPACITY).0,
             members: Mutex::new(HashMap::new()),
@@ -285,6 +287,8 @@ struct State {
     actor: Option<Arc<str>>,
     /// [`Housekeeping::try_lease`]: name → (holder, until).
     leases: HashMap<String, (String, tokio::time::Instant)>,
+    /// [`EngineConfig::drop_recorded`].
+    drop_recorded: bool,
 }
 
 /// One job as the engine holds it.
@@ -336,6 +340,9 @@ struct Queue {
     dead: VecDeque<JobId>,
     /// Completed and cancelled jobs by finish time, for retention.
     finished: VecDeque<(u64, JobId)>,
+    /// With `drop_recorded`: completed and cancelled jobs whose final event went to the log, by its sequence,
+    /// to drop once the recorder has acknowledged it.
+    recorded_wait: VecDeque<(u64, JobId)>,
     idempotency: HashMap<IdemKey, Seen>,
     /// Keys in expiry order (one TTL for all, so insertion order); an entry whose key was re-used after it
     /// expired is skipped when popped.
@@ -373,6 +380,17 @@ struct LogGroup {
     delivered: u64,
     /// Handed out and not acknowledged: sequence → (consumer, when delivered).
     pending: BTreeMap<u64, (String, tokio::time::Instant)>,
+}
+
+impl LogGroup {
+    /// The oldest sequence the group still needs: every event below it was acknowledged.
+    fn floor(&self) -> u64 {
+        self.pending
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.delivered + 1)
+    }
 }
 
 impl Events {
@@ -414,7 +432,7 @@ impl Events {
         let floor = self
             .groups
             .values()
-            .map(|g| g.pending.keys().next().copied().unwrap_or(g.delivered + 1))
+            .map(LogGroup::floor)
             .min()
             .unwrap_or(u64::MAX);
         while self.log.front().is_some_and(|(seq, _)| *seq < floor) {
@@ -561,14 +579,21 @@ impl State {
         e.run_at = None;
         e.updated_at = now;
         e.result = result.clone();
-        let q = self.queues.get_mut(&e.queue).expect("a job's queue exists");
-        q.finished.push_back((now, id));
+        let queue = e.queue.clone();
         let ty = if state == JobState::Completed {
             EventType::Completed
         } else {
             EventType::Cancelled
         };
         self.emit(id, ty, result);
+        // The event is in the log only while some group reads it.
+        let logged = self.drop_recorded && !self.events.groups.is_empty();
+        let seq = self.events.seq;
+        let q = self.queues.get_mut(&queue).expect("a job's queue exists");
+        q.finished.push_back((now, id));
+        if logged {
+            q.recorded_wait.push_back((seq, id));
+        }
     }
 
     /// Dead-letter a job; the oldest dead job of the queue leaves the engine when the list is over `max`.
@@ -1007,15 +1032,38 @@ impl Housekeeping for MemoryBroker {
         let retention = ms(self.config.finished_retention);
         let mut st = self.lock()?;
         let st = &mut *st;
+        // Everything below the recorder's floor is in the store.
+        let recorded_below = st
+            .events
+            .groups
+            .get(crate::RECORDER_GROUP)
+            .map(LogGroup::floor);
         let Some(q) = st.queues.get_mut(queue) else {
             return Ok(());
         };
+        // A job's id can come back (restored from the record): only a finished job goes.
+        let jobs = &mut st.jobs;
+        let mut forget = |id: &JobId| {
+            if jobs
+                .get(id)
+                .is_some_and(|e| matches!(e.state, JobState::Completed | JobState::Cancelled))
+            {
+                jobs.remove(id);
+            }
+        };
+        while let Some(&(seq, id)) = q.recorded_wait.front() {
+            if recorded_below.is_none_or(|floor| seq >= floor) {
+                break;
+            }
+            q.recorded_wait.pop_front();
+            forget(&id);
+        }
         while let Some(&(finished_at, id)) = q.finished.front() {
             if finished_at.saturating_add(retention) > now {
                 break;
             }
             q.finished.pop_front();
-            st.jobs.remove(&id);
+            forget(&id);
         }
         while let Some((expires_at, _)) = q.idempotency_expiry.front() {
             if *expires_at > now {

@@ -949,7 +949,8 @@ pub struct WorkerArgs {
     )]
     pub drain_timeout_ms: u64,
 
-    /// How long finished jobs stay in Redis for lookups.
+    /// How long finished jobs stay in Redis for lookups. With --database-url, completed and cancelled jobs
+    /// leave as soon as they are recorded instead, and lookups find them in the record.
     #[arg(
         long,
         value_name = "MS",

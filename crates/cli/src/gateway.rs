@@ -248,8 +248,12 @@ pub fn resolve(a: GatewayArgs) -> Result<ResolvedGateway, CliError> {
     config
         .validate()
         .map_err(|e| crate::gateway_config_error("gateway", e))?;
-    let engine = crate::engine_config(&a.engine)?;
     let database = crate::store::resolve(a.database)?;
+    // With the record, a cancelled job leaves Redis once recorded: lookups find it in the store.
+    let engine = ferry_broker::EngineConfig {
+        drop_recorded: database.is_some(),
+        ..crate::engine_config(&a.engine)?
+    };
     let history = crate::channel_history(&a.history)?;
     Ok(ResolvedGateway {
         history,

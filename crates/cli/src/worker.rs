@@ -88,11 +88,6 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
             "must be greater than zero",
         ));
     }
-    let engine = EngineConfig {
-        visibility_timeout: ms(a.visibility_timeout_ms),
-        finished_retention: ms(a.finished_retention_ms),
-        ..crate::engine_config(&a.engine)?
-    };
     let t = &a.tuning;
     crate::at_least_one(&[
         ("--ready-budget-ms", t.ready_budget_ms),
@@ -182,6 +177,14 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
     }
     let admin_listen = crate::admin_listen(&a.admin_listen)?;
     let database = crate::store::resolve(a.database)?;
+    // With the record, finished jobs leave Redis as soon as the recorder has committed them: the gateways'
+    // lookups find them in the store.
+    let engine = EngineConfig {
+        visibility_timeout: ms(a.visibility_timeout_ms),
+        finished_retention: ms(a.finished_retention_ms),
+        drop_recorded: database.is_some(),
+        ..crate::engine_config(&a.engine)?
+    };
     let recorder = if a.no_recorder || database.is_none() {
         None
     } else {

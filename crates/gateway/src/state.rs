@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use ferry_broker::Broker;
+use ferry_core::{JobId, JobInfo};
 use ferry_store::Store;
 
 use crate::GatewayConfig;
@@ -47,5 +48,26 @@ impl AppState {
     /// The configured store, or 503 `no-store`.
     pub fn store(&self) -> Result<&Arc<dyn Store>, ApiError> {
         self.config.store.as_ref().ok_or(ApiError::NoStore)
+    }
+
+    /// The job from the broker or, when the broker no longer has it and there is a store, from the store. A
+    /// finished job leaves the broker after its retention or, with a store, as soon as it is recorded.
+    pub(crate) async fn find_job(&self, id: JobId) -> Result<Option<JobInfo>, ApiError> {
+        let live = self.resilience.broker(self.broker.job(id)).await;
+        let Some(store) = &self.config.store else {
+            return live;
+        };
+        match live {
+            Ok(Some(j)) => Ok(Some(j)),
+            Ok(None) => self.resilience.store(store.job(id)).await,
+            // Redis is down: the record may still know the job (possibly a moment behind the live state).
+            Err(e @ ApiError::Unavailable { .. }) => {
+                match self.resilience.store(store.job(id)).await {
+                    Ok(Some(j)) => Ok(Some(j)),
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 }

@@ -1209,7 +1209,17 @@ impl Store for PgStore {
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, StoreError> {
-        replica_first!(self, s => s.job_here(id))
+        let Some(replica) = self.reader() else {
+            return self.job_here(id).await;
+        };
+        match replica.job_here(id).await {
+            Ok(Some(j)) if j.state.is_final() => Ok(Some(j)),
+            // Not final (or not there yet) on the replica: it may be behind the primary, and a lookup comes
+            // here when Redis no longer holds the job, which it drops once the primary has its final state.
+            Ok(_) => self.job_here(id).await,
+            Err(e) if self.reader_failed(&e) => self.job_here(id).await,
+            Err(e) => Err(e),
+        }
     }
 
     async fn jobs(&self, q: &JobQuery) -> Result<JobPage, StoreError> {

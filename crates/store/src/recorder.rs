@@ -87,6 +87,11 @@ impl RecorderConfig {
     /// Longest a live recorder holds entries before acknowledging them while its store answers: `max_delay`
     /// gathering them, one write of another batch to wait for (every writer busy), its own write (each bounded by
     /// `write_timeout`), and [`ACK_ALLOWANCE`] for the acknowledgement and its retries.
+    ///
+    /// One write is one transaction while entries stay the size reads are sized by. A batch read just before its
+    /// entries grew (an enqueue call of many more jobs than the ones before) is written in several transactions
+    /// of at most `batch_max` events, each bounded by `write_timeout`, and may be held longer than this: another
+    /// recorder may then take its entries over, which only repeats writes the store skips.
     pub fn longest_hold(&self) -> Duration {
         self.max_delay + self.write_timeout * 2 + ACK_ALLOWANCE
     }

@@ -105,6 +105,12 @@ pub struct QueueKeys {
     pub sched: String,
     /// Cancelled job ids scored by cancel time, for retention.
     pub fin: String,
+    /// With [`crate::EngineConfig::drop_recorded`]: a list of notes "<log entry id> <job id> ..." of finished
+    /// jobs, to drop once the recorder has committed their entry (lua/maintain.lua).
+    pub done: String,
+    /// The priorities (`0`..`2`) whose stream had only acknowledged entries deleted from it: Redis's group lag
+    /// still holds there (lua/stats.lua).
+    pub acked_deletes: String,
     /// Dead-letter stream.
     pub dead: String,
     pub paused: String,
@@ -120,6 +126,8 @@ impl QueueKeys {
             jobs: format!("{prefix}jobs"),
             sched: format!("{prefix}sched"),
             fin: format!("{prefix}fin"),
+            done: format!("{prefix}done"),
+            acked_deletes: format!("{prefix}acked-deletes"),
             dead: format!("{prefix}dead"),
             paused: format!("{prefix}paused"),
             prefix,
@@ -153,11 +161,15 @@ mod tests {
     #[test]
     fn every_queue_key_shares_the_hash_tag() {
         let k = Layout::standalone().queue(&QueueName::parse("mail").unwrap());
-        for key in k
-            .streams
-            .iter()
-            .chain([&k.jobs, &k.sched, &k.fin, &k.dead, &k.paused])
-        {
+        for key in k.streams.iter().chain([
+            &k.jobs,
+            &k.sched,
+            &k.fin,
+            &k.done,
+            &k.acked_deletes,
+            &k.dead,
+            &k.paused,
+        ]) {
             assert!(key.starts_with("ferry:{mail}:"), "{key}");
         }
         assert!(k.idempotency(None, None, "k").starts_with("ferry:{mail}:"));

@@ -70,6 +70,12 @@ use crate::{
 /// Most jobs sent to one script call; bigger batches are split so one call never holds Redis for long.
 const SCRIPT_CHUNK: usize = 500;
 
+/// Jobs (or entries) one maintain.lua call handles per step, so one call holds Redis for a few milliseconds.
+const MAINTAIN_BATCH: usize = 1000;
+/// Calls of maintain.lua per [`Housekeeping::maintain`] while recorded jobs are left to drop: up to 200,000
+/// jobs per pass (every 5 s on each worker by default).
+const MAINTAIN_ROUNDS: usize = 200;
+
 /// How often a claim waiting on a paused queue looks again.
 const PAUSED_POLL: Duration = Duration::from_millis(250);
 
@@ -650,6 +656,11 @@ impl RedisBroker {
         self.config.event_stream_max
     }
 
+    /// The scripts' `drop_recorded` argument.
+    fn drop_recorded(&self) -> &'static str {
+        if self.config.drop_recorded { "1" } else { "0" }
+    }
+
     /// Wait until one of the streams gets an entry newer than `after`, or `wait` passes. Read-only: the caller
     /// claims afterwards through the claim script, so the wake-up needs no bookkeeping.
     async fn block_until_new(
@@ -1048,12 +1059,14 @@ impl RedisBroker {
             paused_key: &keys.paused,
             events_key: shard.layout.events(),
             claim_key,
+            done_key: &keys.done,
             n: items.len(),
             evmax: self.evmax(),
             actor: &actor,
             consumer,
             max,
             claim_ttl_ms: self.config.visibility_timeout.as_millis().max(1) as u64,
+            drop_recorded: self.drop_recorded(),
         }
         .invoke(&self.scripts);
         for c in items {
@@ -1376,11 +1389,14 @@ impl Jobs for RedisBroker {
             sched_key: &keys.sched,
             fin_key: &keys.fin,
             events_key: self.shard(&queue).layout.events(),
+            done_key: &keys.done,
+            acked_key: &keys.acked_deletes,
             id: &id.to_string(),
             evmax: self.evmax(),
             hint_p: &hint_p,
             hint_eid: &hint_eid,
             by: &actor_arg(by),
+            drop_recorded: self.drop_recorded(),
         }
         .invoke(&self.scripts);
         let v: Vec<String> = inv
@@ -1740,22 +1756,32 @@ impl Housekeeping for RedisBroker {
 
     async fn maintain(&self, queue: &QueueName) -> Result<(), BrokerError> {
         let keys = self.keys(queue);
-        let inv = Maintain {
-            streams: &keys.streams,
-            jobs_key: &keys.jobs,
-            fin_key: &keys.fin,
-            retention_ms: self.config.finished_retention.as_millis() as u64,
-            batch: 1000,
-        }
-        .invoke(&self.scripts);
-        let _: i64 = inv
-            .invoke_async(&mut self.conn(queue))
-            .await
-            .map_err(redis_err)?;
-        // The event log: once the recorder has acknowledged entries they are trimmed (the hard cap on every
-        // XADD still bounds the log when nobody reads it).
         let shard = self.shard(queue);
-        if let Some(floor) = log::group_floor(shard, crate::RECORDER_GROUP).await? {
+        // Everything below the recorder's floor is committed to the store: recorded jobs may leave (with
+        // `drop_recorded`), and the event log is trimmed to it (the hard cap on every XADD still bounds the log
+        // when nobody reads it).
+        let floor = log::group_floor(shard, crate::RECORDER_GROUP).await?;
+        for _ in 0..MAINTAIN_ROUNDS {
+            let inv = Maintain {
+                streams: &keys.streams,
+                jobs_key: &keys.jobs,
+                fin_key: &keys.fin,
+                done_key: &keys.done,
+                acked_key: &keys.acked_deletes,
+                retention_ms: self.config.finished_retention.as_millis() as u64,
+                batch: MAINTAIN_BATCH,
+                recorded_below: floor.as_deref().unwrap_or(""),
+            }
+            .invoke(&self.scripts);
+            let (_removed, more): (i64, i64) = inv
+                .invoke_async(&mut self.conn(queue))
+                .await
+                .map_err(redis_err)?;
+            if more == 0 {
+                break;
+            }
+        }
+        if let Some(floor) = floor {
             let _: i64 = redis::cmd("XTRIM")
                 .arg(shard.layout.events())
                 .arg("MINID")
@@ -1848,6 +1874,7 @@ impl Operations for RedisBroker {
             sched_key: &keys.sched,
             dead_key: &keys.dead,
             paused_key: &keys.paused,
+            acked_key: &keys.acked_deletes,
         }
         .invoke(&self.scripts);
         let v: Vec<i64> = inv

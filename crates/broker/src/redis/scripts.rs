@@ -227,10 +227,11 @@ call! {
     CompleteClaim("complete_claim.lua", prelude: true, script: complete_claim) {
         keys {
             streams: &'a [String; 3], jobs_key: &'a str, paused_key: &'a str, events_key: &'a str,
-            claim_key: &'a str,
+            claim_key: &'a str, done_key: &'a str,
         }
         argv {
             n: usize, evmax: usize, actor: &'a str, consumer: &'a str, max: usize, claim_ttl_ms: u64,
+            drop_recorded: &'a str,
         }
         /// One completion, fenced by its lease (`p`, `eid`).
         each CompleteJob {
@@ -305,9 +306,12 @@ call! {
     Cancel("cancel.lua", prelude: true, script: cancel) {
         keys {
             streams: &'a [String; 3], jobs_key: &'a str, sched_key: &'a str, fin_key: &'a str,
-            events_key: &'a str,
+            events_key: &'a str, done_key: &'a str, acked_key: &'a str,
         }
-        argv { id: &'a str, evmax: usize, hint_p: &'a str, hint_eid: &'a str, by: &'a str }
+        argv {
+            id: &'a str, evmax: usize, hint_p: &'a str, hint_eid: &'a str, by: &'a str,
+            drop_recorded: &'a str,
+        }
     }
 }
 
@@ -340,6 +344,7 @@ call! {
     Stats("stats.lua", prelude: true, script: stats) {
         keys {
             streams: &'a [String; 3], sched_key: &'a str, dead_key: &'a str, paused_key: &'a str,
+            acked_key: &'a str,
         }
         argv {}
     }
@@ -348,8 +353,11 @@ call! {
 call! {
     /// lua/maintain.lua
     Maintain("maintain.lua", prelude: true, script: maintain) {
-        keys { streams: &'a [String; 3], jobs_key: &'a str, fin_key: &'a str }
-        argv { retention_ms: u64, batch: usize }
+        keys {
+            streams: &'a [String; 3], jobs_key: &'a str, fin_key: &'a str, done_key: &'a str,
+            acked_key: &'a str,
+        }
+        argv { retention_ms: u64, batch: usize, recorded_below: &'a str }
     }
 }
 

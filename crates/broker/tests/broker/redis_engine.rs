@@ -660,3 +660,134 @@ async fn an_enqueue_whose_caller_stopped_waiting_still_goes_out() {
         "the abandoned caller's job went out too"
     );
 }
+
+/// With `drop_recorded`, a job the recorder has acknowledged leaves Redis whole: its record, its stream entry
+/// (spec and payload) and its note. The priority stream is marked as having lost only acknowledged entries, so
+/// stats take Redis's group lag for the depth; deleting an undelivered entry (a cancel) takes the mark away.
+#[tokio::test]
+async fn recorded_jobs_leave_whole_and_the_lag_mark_follows_deletions() {
+    let server = RedisServer::start().unwrap();
+    let cfg = EngineConfig {
+        drop_recorded: true,
+        ..EngineConfig::default()
+    };
+    let b = broker(&server, cfg).await;
+    let queue = q("drop");
+    let read = || async {
+        b.read_log(
+            0,
+            ferry_broker::RECORDER_GROUP,
+            "r",
+            1000,
+            Duration::ZERO,
+            None,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.position)
+        .collect::<Vec<_>>()
+    };
+    read().await;
+    let ids = b
+        .enqueue_batch(&queue, (0..5).map(|_| noop()).collect())
+        .await
+        .unwrap();
+    let leased = b.claim(&queue, "c", 2, Duration::ZERO).await.unwrap();
+    b.complete(
+        leased
+            .iter()
+            .map(|l| Completion {
+                lease: l.lease.clone(),
+                result: json!({"big": "x".repeat(1000)}),
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let cli = |args: &[&str]| server.cli(args).unwrap().trim().to_owned();
+    assert_eq!(
+        cli(&["LLEN", "ferry:{drop}:done"]),
+        "1",
+        "one note per call"
+    );
+    let positions = read().await;
+    b.ack_log(ferry_broker::RECORDER_GROUP, &positions)
+        .await
+        .unwrap();
+    b.maintain(&queue).await.unwrap();
+    assert_eq!(cli(&["XLEN", "ferry:{drop}:p1"]), "3");
+    assert_eq!(cli(&["HLEN", "ferry:{drop}:jobs"]), "0");
+    assert_eq!(cli(&["LLEN", "ferry:{drop}:done"]), "0");
+    assert_eq!(cli(&["HGET", "ferry:{drop}:acked-deletes", "1"]), "1");
+    assert_eq!(b.stats(&queue).await.unwrap().depth, 3);
+    for l in &leased {
+        assert!(b.job(l.job.id).await.unwrap().is_none());
+    }
+    // A queued job cancelled: its undelivered entry is deleted, and the lag cannot be trusted any more.
+    b.cancel(ids[4].id, None).await.unwrap();
+    assert_eq!(cli(&["HEXISTS", "ferry:{drop}:acked-deletes", "1"]), "0");
+    assert_eq!(b.stats(&queue).await.unwrap().depth, 2);
+    let positions = read().await;
+    b.ack_log(ferry_broker::RECORDER_GROUP, &positions)
+        .await
+        .unwrap();
+    b.maintain(&queue).await.unwrap();
+    assert!(b.job(ids[4].id).await.unwrap().is_none());
+    assert_eq!(cli(&["ZCARD", "ferry:{drop}:fin"]), "0");
+    // The mark is not set again over a stream with an undelivered deletion in its past.
+    let leased = b.claim(&queue, "c", 2, Duration::ZERO).await.unwrap();
+    b.complete(
+        leased
+            .iter()
+            .map(|l| Completion {
+                lease: l.lease.clone(),
+                result: json!(1),
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let positions = read().await;
+    b.ack_log(ferry_broker::RECORDER_GROUP, &positions)
+        .await
+        .unwrap();
+    b.maintain(&queue).await.unwrap();
+    assert_eq!(cli(&["XLEN", "ferry:{drop}:p1"]), "0");
+    assert_eq!(cli(&["HEXISTS", "ferry:{drop}:acked-deletes", "1"]), "0");
+    assert_eq!(b.stats(&queue).await.unwrap().depth, 0);
+
+    // A dead job's entry is trimmed at once (its dead-letter entry holds the spec), while a completion not yet
+    // recorded holds the trim at its entry.
+    let dead = b.enqueue(&queue, noop()).await.unwrap().id;
+    let unrecorded = b.enqueue(&queue, noop()).await.unwrap().id;
+    let leased = b.claim(&queue, "c", 2, Duration::ZERO).await.unwrap();
+    b.fail(vec![ferry_broker::Failure {
+        lease: leased[0].lease.clone(),
+        error: "no".into(),
+        retry: ferry_broker::Retry::Never,
+    }])
+    .await
+    .unwrap();
+    b.complete(vec![Completion {
+        lease: leased[1].lease.clone(),
+        result: json!(1),
+    }])
+    .await
+    .unwrap();
+    b.maintain(&queue).await.unwrap();
+    assert_eq!(
+        cli(&["XLEN", "ferry:{drop}:p1"]),
+        "1",
+        "the unrecorded completion's entry"
+    );
+    let info = b.job(dead).await.unwrap().unwrap();
+    assert_eq!(
+        (info.state, info.spec.payload),
+        (JobState::Dead, json!({"n": 1}))
+    );
+    assert_eq!(
+        b.job(unrecorded).await.unwrap().unwrap().state,
+        JobState::Completed
+    );
+}

@@ -491,6 +491,104 @@ async fn a_worker_keeps_slots_ahead_and_drops_expired_days() -> Result<()> {
     Ok(())
 }
 
+/// With the record, finished jobs leave Redis once recorded, and the gateway answers for them from PostgreSQL
+/// as it did from Redis: a completed job (payload and result), a cancelled one; a cancel of a finished job is
+/// still a conflict, and its job channel can still be subscribed to. A dead job stays in Redis (retryable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_leave_redis_once_recorded_and_answer_from_the_record() -> Result<()> {
+    let c = Cluster::start()?;
+    let (_gateway, gw) = spawn_gateway(&c.redis.url(), &c.record.db).await?;
+    let base = format!("http://{gw}");
+    let _worker = c.worker("gone", &[])?;
+    let http = reqwest::Client::new();
+    let token = support::token(SECRET, "alice", &["admin"], Duration::from_secs(600));
+    let pad = "x".repeat(2_000);
+    let echo = json!({"kind": "ferry.echo", "payload": {"pad": pad}});
+    let (done, _) = support::submit(&http, &base, &token, "gone", &echo, &[]).await?;
+    let later = json!({"kind": "ferry.noop", "payload": {}, "delay_ms": 600_000});
+    let (cancelled, _) = support::submit(&http, &base, &token, "gone", &later, &[]).await?;
+    let r = http
+        .delete(format!("{base}/v1/jobs/{cancelled}"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "cancel answered {}", r.status());
+    let fail = json!({"kind": "ferry.fail", "payload": {"error": "no"}, "max_attempts": 1});
+    let (dead, _) = support::submit(&http, &base, &token, "gone", &fail, &[]).await?;
+
+    let redis = |args: &[&str]| -> Result<String> { Ok(c.redis.cli(args)?.trim().to_owned()) };
+    eventually(
+        Duration::from_secs(30),
+        "the completed and the cancelled job gone from Redis",
+        || async {
+            let records = redis(&["HKEYS", "ferry:{gone}:jobs"])?;
+            let notes = redis(&["LLEN", "ferry:{gone}:done"])?;
+            Ok((records == dead && notes == "0").then_some(()))
+        },
+    )
+    .await?;
+    // The completed job's stream entry (its payload) went with its record; the dead job's too, since its
+    // dead-letter entry holds its spec.
+    assert_eq!(redis(&["XLEN", "ferry:{gone}:p1"])?, "0");
+    assert_eq!(redis(&["XLEN", "ferry:{gone}:dead"])?, "1");
+
+    let get = |id: String| {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        async move {
+            let r = http
+                .get(format!("{base}/v1/jobs/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await?;
+            ensure!(r.status() == 200, "GET {id} answered {}", r.status());
+            anyhow::Ok(r.json::<Value>().await?)
+        }
+    };
+    let j = get(done.clone()).await?;
+    assert_eq!(j["state"], "completed");
+    assert_eq!(j["payload"], json!({"pad": pad}));
+    assert_eq!(j["result"], json!({"pad": pad}));
+    assert_eq!(
+        (j["attempts"].as_u64(), j["queue"].as_str()),
+        (Some(1), Some("gone"))
+    );
+    assert_eq!(get(cancelled.clone()).await?["state"], "cancelled");
+    assert_eq!(get(dead.clone()).await?["state"], "dead");
+
+    let r = http
+        .delete(format!("{base}/v1/jobs/{done}"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 409, "a finished job only in the record");
+    let body: Value = r.json().await?;
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("completed"),
+        "{body}"
+    );
+
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{gw}/v1/ws?token={token}")).await?;
+    use futures::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({"id": 1, "op": "subscribe", "channel": format!("job:{done}")}).to_string(),
+    ))
+    .await?;
+    let reply = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await?
+            .context("the socket closed")??;
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            let v: Value = serde_json::from_str(t.as_str())?;
+            if v["id"] == 1 {
+                break v;
+            }
+        }
+    };
+    assert_eq!(reply["ok"], true, "{reply}");
+    Ok(())
+}
+
 /// Readiness means "can serve its traffic": with PostgreSQL stopped, a gateway and a worker stay ready (200),
 /// say `degraded` with the `postgres` check false, still accept and run jobs, and export
 /// `ferry_dependency_up{dependency="postgres"} 0`; with Redis stopped too, both are unready (503).

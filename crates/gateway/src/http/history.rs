@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::Api;
 use super::extract::{Authed, Path};
-use super::jobs::{find_job, not_found, view, visible};
+use super::jobs::{not_found, view, visible};
 use super::tenancy::{self, broker_queue};
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
@@ -172,7 +172,7 @@ pub async fn events(
     // new the recorder has not caught up yet.
     let job = match api.app.resilience.store(store.job(id)).await? {
         Some(j) => Some(j),
-        None => find_job(&api, id).await?,
+        None => api.app.find_job(id).await?,
     };
     match job {
         Some(j) if visible(&p, &j) => {}

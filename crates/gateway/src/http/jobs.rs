@@ -220,36 +220,6 @@ async fn broker_job(api: &Api, id: JobId) -> Result<Option<JobInfo>, ApiError> {
     api.app.resilience.broker(api.app.broker.job(id)).await
 }
 
-/// The job from the broker or, when the broker no longer has it (finished and expired) and there is a store,
-/// from the store.
-pub(crate) async fn find_job(api: &Api, id: JobId) -> Result<Option<JobInfo>, ApiError> {
-    let live = broker_job(api, id).await;
-    let Some(store) = &api.app.config.store else {
-        return live;
-    };
-    match live {
-        Ok(Some(j)) => Ok(Some(j)),
-        Ok(None) => api.app.resilience.store(store.job(id)).await,
-        // Redis is down: the record may still know the job (possibly a moment behind the live state).
-        Err(e @ ApiError::Unavailable { .. }) => {
-            match api.app.resilience.store(store.job(id)).await {
-                Ok(Some(j)) => Ok(Some(j)),
-                _ => Err(e),
-            }
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// The job if the broker has it and `p` may see it; otherwise 404 either way.
-async fn visible_job(api: &Api, p: &Principal, id: &str) -> Result<JobInfo, ApiError> {
-    let id = JobId::parse(id)?;
-    match broker_job(api, id).await? {
-        Some(j) if visible(p, &j) => Ok(j),
-        _ => Err(not_found()),
-    }
-}
-
 pub async fn get(
     State(api): State<Api>,
     Authed(p): Authed,
@@ -257,7 +227,7 @@ pub async fn get(
 ) -> Result<axum::Json<Value>, ApiError> {
     p.require(Scope::JobsRead)?;
     let id = JobId::parse(&id)?;
-    match find_job(&api, id).await? {
+    match api.app.find_job(id).await? {
         Some(j) if visible(&p, &j) => Ok(axum::Json(view(&p, &j))),
         _ => Err(not_found()),
     }
@@ -269,7 +239,12 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
     p.require(Scope::JobsCancel)?;
-    let job = visible_job(&api, &p, &id).await?;
+    let id = JobId::parse(&id)?;
+    // A finished job may be only in the record (it leaves the broker once recorded): still a conflict.
+    let job = match api.app.find_job(id).await? {
+        Some(j) if visible(&p, &j) => j,
+        _ => return Err(not_found()),
+    };
     match api
         .app
         .resilience
@@ -282,6 +257,10 @@ pub async fn cancel(
         CancelOutcome::AlreadyFinal(state) => {
             Err(ApiError::Conflict(format!("the job is already {state}")))
         }
+        CancelOutcome::NotFound if job.state.is_final() => Err(ApiError::Conflict(format!(
+            "the job is already {}",
+            job.state
+        ))),
         CancelOutcome::NotFound => Err(not_found()),
     }
 }

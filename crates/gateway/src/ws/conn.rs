@@ -825,12 +825,8 @@ impl Conn {
             }
             "job" => {
                 let id = JobId::parse(name)?;
-                match self
-                    .state
-                    .resilience
-                    .broker(self.state.broker.job(id))
-                    .await?
-                {
+                // A finished job may be only in the record (it leaves the broker once recorded).
+                match self.state.find_job(id).await? {
                     Some(j) if p.owns(j.spec.owner.as_deref(), j.spec.tenant.as_deref()) => {
                         // The job's events come through its owner's partition.
                         let topic = job_topic(j.spec.owner.as_deref(), j.spec.tenant.as_deref());

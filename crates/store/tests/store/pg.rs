@@ -190,7 +190,8 @@ async fn upgrade_moves_the_existing_record_into_partitions() {
 }
 
 /// With a read replica (`read_url`, a real streaming replica), listings, lookups and trails are read there while
-/// writes go to the primary; when the replica stops answering, reads go to the primary.
+/// writes go to the primary (a lookup the replica cannot answer with a final state is asked of the primary too);
+/// when the replica stops answering, reads go to the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
     let primary = tokio::task::block_in_place(PostgresServer::start).expect("primary starts");
@@ -216,14 +217,30 @@ async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
             page.jobs.iter().map(|j| j.id).collect::<Vec<_>>()
         }
     };
+    let done = JobId::new();
     let a = JobId::new();
+    let now = ferry_core::now_ms();
     store
-        .record(&[contract::queued(a, "1-0/0", ferry_core::now_ms())])
+        .record(&[
+            contract::queued(done, "1-0/0", now),
+            contract::ev(
+                done,
+                "1-0/1",
+                EventType::Completed,
+                JobState::Completed,
+                1,
+                now,
+            ),
+        ])
         .await
         .unwrap();
-    // The replica catches up (the migration and the job).
+    store
+        .record(&[contract::queued(a, "1-1/0", now)])
+        .await
+        .unwrap();
+    // The replica catches up (the migration and the jobs).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while listed(&store).await != [a] {
+    while listed(&store).await != [a, done] {
         assert!(
             std::time::Instant::now() < deadline,
             "the replica never showed the job"
@@ -238,22 +255,48 @@ async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
     sql(&replica.url(), "select pg_wal_replay_pause()");
     let b = JobId::new();
     store
-        .record(&[contract::queued(b, "2-0/0", ferry_core::now_ms())])
+        .record(&[
+            contract::queued(b, "2-0/0", ferry_core::now_ms()),
+            contract::ev(
+                a,
+                "2-1/0",
+                EventType::Completed,
+                JobState::Completed,
+                1,
+                now,
+            ),
+        ])
         .await
         .unwrap();
-    assert_eq!(sql(&url, "select count(*) from jobs").trim(), "2");
-    assert_eq!(listed(&store).await, [a], "listings come from the replica");
-    assert!(store.job(b).await.unwrap().is_none(), "lookups too");
+    sql(
+        &url,
+        &format!("update jobs set attempts = 7 where id = '{done}'"),
+    );
+    assert_eq!(sql(&url, "select count(*) from jobs").trim(), "3");
+    assert_eq!(
+        listed(&store).await,
+        [a, done],
+        "listings come from the replica"
+    );
     assert!(store.events(b, 10).await.unwrap().is_empty(), "trails too");
+    // Lookups of a job final on the replica too; one the replica does not show finished is asked of the
+    // primary (Redis drops a job once the primary has it final, and the replica may be behind).
+    assert_eq!(store.job(done).await.unwrap().unwrap().attempts, 1);
+    assert_eq!(
+        store.job(a).await.unwrap().unwrap().state,
+        JobState::Completed
+    );
+    assert!(store.job(b).await.unwrap().is_some());
     // The reconciler reads the primary.
     let open = store
         .unfinished(ferry_core::now_ms() + 1, None, 10)
         .await
         .unwrap();
-    assert_eq!(open.len(), 2);
-    // The replica stops: reads fall back to the primary, which has both.
+    assert_eq!(open.len(), 1);
+    // The replica stops: reads fall back to the primary, which has them all.
     tokio::task::block_in_place(|| replica.stop()).unwrap();
-    assert_eq!(listed(&store).await, [b, a]);
+    assert_eq!(listed(&store).await, [b, a, done]);
+    assert_eq!(store.job(done).await.unwrap().unwrap().attempts, 7);
     assert!(store.job(b).await.unwrap().is_some());
     assert_eq!(store.events(b, 10).await.unwrap().len(), 1);
 }

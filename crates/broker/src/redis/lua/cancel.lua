@@ -4,11 +4,14 @@ local jobs_key = KEYS[4]
 local sched_key = KEYS[5]
 local fin_key = KEYS[6]
 local events_key = KEYS[7]
+local done_key = KEYS[8]
+local acked_key = KEYS[9] -- streams every deletion from which was of an acknowledged entry (see stats.lua)
 local id = ARGV[1]
 local evmax = ARGV[2]
 local hint_p = ARGV[3] -- hint_p and hint_eid: where the caller found a job that has no record yet, or empty
 local hint_eid = ARGV[4]
 local by = ARGV[5] -- the actor as a JSON string, or empty
+local drop_recorded = ARGV[6] -- '1': note the job in done_key, to leave once recorded (maintain.lua)
 local now = clock_ms()
 local rec = redis.call('HGET', jobs_key, id)
 if not rec then
@@ -28,7 +31,9 @@ if st == 'q' then
     redis.call('XACK', key, GROUP, eid)
     prev, att = 'active', tonumber(t.a) + 1
   else
-    -- Queued: delete the undelivered entry so no worker ever claims it.
+    -- Queued: delete the undelivered entry so no worker ever claims it. Redis 7.0's group lag miscounts from
+    -- then on (stats.lua).
+    redis.call('HDEL', acked_key, tostring(p))
     redis.call('XDEL', key, eid)
     prev, att = 'queued', tonumber(t.a)
   end
@@ -47,5 +52,6 @@ redis.call('HSET', jobs_key, id, '["x",' .. now .. ',' .. att .. ',' .. cjson.en
 redis.call('ZADD', fin_key, now, id)
 local g = group('job.cancelled', 'cancelled', now)
 add(g, m, att)
-emit(events_key, evmax, { g }, by)
+local sid = emit(events_key, evmax, { g }, by)
+if drop_recorded == '1' then redis.call('RPUSH', done_key, sid .. ' x ' .. id) end
 return { 'ok', prev }

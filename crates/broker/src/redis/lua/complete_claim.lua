@@ -16,6 +16,10 @@
 -- between the first and the last it returned was leased by this call (entries are never added below a
 -- stream's last id).
 --
+-- With `drop_recorded`, the completed jobs are noted for maintain.lua, which drops them once the recorder has
+-- committed this call's log entry: one RPUSH per call of "<log entry id> c <p> <entry id> <job id> ...", with
+-- each job's stream and entry, so that the drop needs no lookup.
+--
 -- Returns { rejected, claimed }: the 1-based positions of the rejected completions, and {'none'} (max 0),
 -- {'abandoned'}, {'paused'}, {'empty'} (after completions) or {'empty', last0, last1, last2} (ids to block on),
 -- or {'jobs', p, eid, id, a, j, ...} (the caller rebuilds `m` from the spec: returning it would cost Redis more
@@ -25,13 +29,15 @@ local jobs_key = KEYS[4]
 local paused_key = KEYS[5]
 local events_key = KEYS[6]
 local claim_key = KEYS[7]
+local done_key = KEYS[8]
 local n = tonumber(ARGV[1])
 local evmax = ARGV[2]
 local actor = ARGV[3] -- the lease holder as a JSON string
 local consumer = ARGV[4]
 local max = tonumber(ARGV[5])
 local claim_ttl_ms = ARGV[6]
-local FIRST, EACH = 7, 6 -- n jobs from ARGV[FIRST] on, EACH values apiece (p eid id att m result)
+local drop_recorded = ARGV[7] -- '1': note the completed jobs in done_key, to leave once recorded (maintain.lua)
+local FIRST, EACH = 8, 6 -- n jobs from ARGV[FIRST] on, EACH values apiece (p eid id att m result)
 local now = clock_ms()
 -- The streams by `p` as the caller sends it.
 local by_p = { ['0'] = streams[1], ['1'] = streams[2], ['2'] = streams[3] }
@@ -40,10 +46,13 @@ local completed, active = group('job.completed', 'completed', now), group('job.a
 -- Per job, the groups' lists are appended to in place (as `add` would): these loops run for every job a worker
 -- settles or takes, and a Lua function call or table length costs as much as a store.
 local rejected = {}
+local c = 0
+-- With drop_recorded: "p eid id" of each job completed, in pieces.
+local noted = (drop_recorded == '1') and {} or nil
 if n > 0 then
-  local at = ms_text(now)
   local hset, h = { 'HSET', jobs_key }, 2
-  local cj, ca, cd, c = completed.jobs, completed.attempts, {}, 0
+  local at = ms_text(now)
+  local cj, ca, cd = completed.jobs, completed.attempts, {}
   completed.data = cd
   local i = FIRST
   for k = 1, n do
@@ -57,6 +66,12 @@ if n > 0 then
       cj[c] = m
       ca[c] = att
       cd[c] = result
+      if noted then
+        local o = #noted
+        noted[o + 1] = p
+        noted[o + 2] = eid
+        noted[o + 3] = id
+      end
     else
       rejected[#rejected + 1] = k
     end
@@ -130,5 +145,6 @@ local function claim()
 end
 
 local claimed = claim()
-emit(events_key, evmax, { completed, active }, actor)
+local sid = emit(events_key, evmax, { completed, active }, actor)
+if c > 0 and noted then redis.call('RPUSH', done_key, sid .. ' c ' .. table.concat(noted, ' ')) end
 return { rejected, claimed }

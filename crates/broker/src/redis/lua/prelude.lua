@@ -160,6 +160,7 @@ end
 -- A message is published only on a channel with a subscriber (or, on a standalone Redis, while any pattern
 -- subscription exists): nobody can receive the others, and a coalesced enqueue built one per submitter.
 -- `by` (the actor, a JSON string) may be nil; a group marked `byo` says each event's actor is its job's owner.
+-- Returns the log entry's id (nil when no group has a job: nothing is written).
 local function emit(evkey, evmax, groups, by)
   local ng = {}
   -- The partition of the first job ('' for none), whether any other differs, and the call's queue. Usually
@@ -290,6 +291,7 @@ local function emit(evkey, evmax, groups, by)
     end
   end
   if qchannel and heard[#channels] then redis.call(publish, qchannel, all) end
+  return sid
 end
 
 -- Fields of one stream entry as a table, or nil when the entry is gone.

@@ -7,7 +7,9 @@
 -- lag stays one too high per such job, for good: a drained queue showed jobs that do not exist (later Redis
 -- versions fixed this, and answer no lag while a deletion lies ahead). So, cheapest first: nothing after
 -- last-delivered-id is 0; everything after it (the first entry is newer) is the stream's length; a stream
--- never deleted from (`max-deleted-entry-id` 0-0) takes the lag; any other is counted.
+-- never deleted from (`max-deleted-entry-id` 0-0) takes the lag, and so does one whose deletions were all of
+-- acknowledged entries (maintain.lua drops recorded jobs' entries: those lie behind the group, which never
+-- skips them); any other is counted.
 --
 -- The count stops at COUNT_MAX entries, since XRANGE hands each entry (spec and payload) to the script, and a
 -- stats call (every few seconds per queue from each worker, the autoscaler, the API) must stay cheap next to
@@ -21,6 +23,7 @@ local streams = { KEYS[1], KEYS[2], KEYS[3] } -- by priority: high, normal, low
 local sched_key = KEYS[4]
 local dead_key = KEYS[5]
 local paused_key = KEYS[6]
+local acked_key = KEYS[7] -- streams every deletion from which was of an acknowledged entry (maintain.lua)
 local COUNT_MAX, FAR_MAX = 1000, 100000
 
 local function fields(t)
@@ -30,12 +33,12 @@ local function fields(t)
 end
 
 -- Entries of stream `key` after last-delivered-id, for group info `g`.
-local function waiting(key, g)
+local function waiting(key, g, acked_only)
   local s = fields(redis.call('XINFO', 'STREAM', key))
   local last = g['last-delivered-id']
   if s.length == 0 or not id_lt(last, s['last-generated-id']) then return 0 end
   if s['first-entry'] and id_lt(last, s['first-entry'][1]) then return s.length end
-  if s['max-deleted-entry-id'] == '0-0' and g.lag then return g.lag end
+  if (acked_only or s['max-deleted-entry-id'] == '0-0') and g.lag then return g.lag end
   local from = '(' .. last
   local n = #redis.call('XRANGE', key, from, '+', 'COUNT', COUNT_MAX)
   if n < COUNT_MAX then return n end
@@ -57,7 +60,7 @@ for p = 1, 3 do
       -- entries-read: entries delivered to the group so far (Redis 7); nil while Redis cannot tell.
       if g['entries-read'] then delivered = delivered + g['entries-read'] end
       from = '(' .. g['last-delivered-id']
-      depth = depth + waiting(key, g)
+      depth = depth + waiting(key, g, redis.call('HEXISTS', acked_key, p - 1) == 1)
     else
       depth = depth + redis.call('XLEN', key)
     end

@@ -83,6 +83,7 @@ macro_rules! contract_suite {
             stats_and_queues,
             leases_by_consumer_counts_held_jobs,
             finished_jobs_expire_after_retention,
+            recorded_finished_jobs_leave_once_acknowledged,
             concurrent_claimers_never_share_a_job,
             slow_subscriber_never_blocks_engine,
             channel_publish_reaches_subscriber,
@@ -174,6 +175,7 @@ pub fn cfg() -> EngineConfig {
         dead_letter_max: 1_000,
         event_stream_max: 10_000,
         idempotency_ttl: Duration::from_secs(3600),
+        drop_recorded: false,
     }
 }
 
@@ -1728,6 +1730,108 @@ pub async fn finished_jobs_expire_after_retention<E: Engine>() {
     // Retention is for finished jobs only.
     assert_eq!(state(b, waiting).await, JobState::Queued);
     assert_eq!(claim_one(b, q, "w").await.job.id, waiting);
+}
+
+/// Read every shard of the log as the recorder group until nothing new comes: the positions read, unacked.
+async fn read_as_recorder(b: &Arc<dyn Broker>) -> Vec<ferry_broker::LogPosition> {
+    let mut positions = Vec::new();
+    loop {
+        let before = positions.len();
+        for shard in 0..b.log_shards() {
+            let got = b
+                .read_log(
+                    shard,
+                    ferry_broker::RECORDER_GROUP,
+                    "recorder",
+                    1000,
+                    Duration::from_millis(50),
+                    None,
+                )
+                .await
+                .unwrap();
+            positions.extend(got.into_iter().map(|e| e.position));
+        }
+        if positions.len() == before {
+            return positions;
+        }
+    }
+}
+
+pub async fn recorded_finished_jobs_leave_once_acknowledged<E: Engine>() {
+    let config = EngineConfig {
+        drop_recorded: true,
+        ..cfg()
+    };
+    let c = setup_with::<E>("drop-recorded", config).await;
+    let (b, q) = (&c.b, &c.q);
+    // The recorder's group exists before anything is written, as it does once a recorder ran.
+    read_as_recorder(b).await;
+    let done = b.enqueue(q, job("done")).await.unwrap().id;
+    let cancelled = b.enqueue(q, job("cancelled")).await.unwrap().id;
+    let dead = b.enqueue(q, job("dead")).await.unwrap().id;
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(leased.job.id, done);
+    complete(b, &leased.lease, json!({"answer": 42}))
+        .await
+        .unwrap();
+    b.cancel(cancelled, None).await.unwrap();
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(leased.job.id, dead);
+    fail(b, &leased.lease, "no", Retry::Never).await.unwrap();
+    let waiting = b.enqueue(q, job("waiting")).await.unwrap().id;
+
+    // Read but not acknowledged: not recorded yet, so everything stays.
+    let read = read_as_recorder(b).await;
+    assert!(!read.is_empty());
+    b.maintain(q).await.unwrap();
+    assert_eq!(state(b, done).await, JobState::Completed);
+    assert_eq!(
+        b.job(done).await.unwrap().unwrap().result,
+        Some(json!({"answer": 42}))
+    );
+    assert_eq!(state(b, cancelled).await, JobState::Cancelled);
+
+    // Acknowledged: the completed and the cancelled job leave; the dead one stays (it can be retried), and so
+    // does the one still queued.
+    b.ack_log(ferry_broker::RECORDER_GROUP, &read)
+        .await
+        .unwrap();
+    b.maintain(q).await.unwrap();
+    assert!(b.job(done).await.unwrap().is_none(), "completed job kept");
+    assert!(
+        b.job(cancelled).await.unwrap().is_none(),
+        "cancelled job kept"
+    );
+    assert_eq!(state(b, dead).await, JobState::Dead);
+    assert_eq!(state(b, waiting).await, JobState::Queued);
+    assert_eq!(b.stats(q).await.unwrap().depth, 1);
+
+    // A job finished after the last acknowledgement waits for its own.
+    let more: Vec<JobId> = b
+        .enqueue_batch(q, (0..3).map(|_| job("more")).collect())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let leased = claim_one(b, q, "w").await;
+    assert_eq!(leased.job.id, waiting);
+    complete(b, &leased.lease, json!(1)).await.unwrap();
+    b.maintain(q).await.unwrap();
+    assert_eq!(state(b, waiting).await, JobState::Completed);
+    // The queue's depth stays exact after its streams lost acknowledged entries.
+    assert_eq!(b.stats(q).await.unwrap().depth, 3);
+    let read = read_as_recorder(b).await;
+    b.ack_log(ferry_broker::RECORDER_GROUP, &read)
+        .await
+        .unwrap();
+    b.maintain(q).await.unwrap();
+    assert!(b.job(waiting).await.unwrap().is_none());
+    assert_eq!(b.stats(q).await.unwrap().depth, 3);
+    for id in more {
+        assert_eq!(claim_one(b, q, "w").await.job.id, id);
+    }
+    assert_eq!(b.stats(q).await.unwrap().depth, 0);
 }
 
 pub async fn concurrent_claimers_never_share_a_job<E: Engine>() {

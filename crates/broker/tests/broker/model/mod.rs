@@ -41,6 +41,7 @@ pub fn engine_config() -> EngineConfig {
         dead_letter_max: 10_000,
         event_stream_max: 100_000,
         idempotency_ttl: Duration::from_secs(3600),
+        drop_recorded: false,
     }
 }
 
