@@ -20,6 +20,23 @@ async fn broker(server: &RedisServer, cfg: EngineConfig) -> Arc<RedisBroker> {
     Arc::new(RedisBroker::connect(&[server.url()], cfg).await.unwrap())
 }
 
+/// Completes every job of `leased` with `result`; each completion must be accepted.
+async fn complete_all(b: &RedisBroker, leased: &[ferry_broker::Leased], result: serde_json::Value) {
+    let done = b
+        .complete(
+            leased
+                .iter()
+                .map(|l| Completion {
+                    lease: l.lease.clone(),
+                    result: result.clone(),
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+}
+
 #[tokio::test]
 async fn full_cycle_smoke() {
     let server = RedisServer::start().unwrap();
@@ -82,17 +99,7 @@ async fn trimming_keeps_pending_and_undelivered_entries() {
         .unwrap();
     let first = b.claim(&queue, "c", 3, Duration::ZERO).await.unwrap(); // stays pending
     let second = b.claim(&queue, "c", 4, Duration::ZERO).await.unwrap();
-    b.complete(
-        second
-            .iter()
-            .map(|l| Completion {
-                lease: l.lease.clone(),
-                result: json!(null),
-            })
-            .collect(),
-    )
-    .await
-    .unwrap();
+    complete_all(&b, &second, json!(null)).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     b.maintain(&queue).await.unwrap();
     // 3 pending + 4 acknowledged (newer than the oldest pending, so kept) + 3 undelivered.
@@ -103,17 +110,7 @@ async fn trimming_keeps_pending_and_undelivered_entries() {
         .parse()
         .unwrap();
     assert_eq!(len, 10);
-    b.complete(
-        first
-            .iter()
-            .map(|l| Completion {
-                lease: l.lease.clone(),
-                result: json!(null),
-            })
-            .collect(),
-    )
-    .await
-    .unwrap();
+    complete_all(&b, &first, json!(null)).await;
     b.maintain(&queue).await.unwrap();
     let len: u64 = server
         .cli(&["XLEN", "ferry:{trim}:p1"])
@@ -146,17 +143,7 @@ async fn events_are_packed_per_batch() {
         .unwrap();
     assert_eq!(len, 1);
     let leased = b.claim(&queue, "c", 50, Duration::ZERO).await.unwrap();
-    b.complete(
-        leased
-            .iter()
-            .map(|l| Completion {
-                lease: l.lease.clone(),
-                result: json!(null),
-            })
-            .collect(),
-    )
-    .await
-    .unwrap();
+    complete_all(&b, &leased, json!(null)).await;
     let len: u64 = server
         .cli(&["XLEN", "ferry:events"])
         .unwrap()
@@ -694,17 +681,7 @@ async fn recorded_jobs_leave_whole_and_the_lag_mark_follows_deletions() {
         .await
         .unwrap();
     let leased = b.claim(&queue, "c", 2, Duration::ZERO).await.unwrap();
-    b.complete(
-        leased
-            .iter()
-            .map(|l| Completion {
-                lease: l.lease.clone(),
-                result: json!({"big": "x".repeat(1000)}),
-            })
-            .collect(),
-    )
-    .await
-    .unwrap();
+    complete_all(&b, &leased, json!({"big": "x".repeat(1000)})).await;
     let cli = |args: &[&str]| server.cli(args).unwrap().trim().to_owned();
     assert_eq!(
         cli(&["LLEN", "ferry:{drop}:done"]),
@@ -737,17 +714,7 @@ async fn recorded_jobs_leave_whole_and_the_lag_mark_follows_deletions() {
     assert_eq!(cli(&["ZCARD", "ferry:{drop}:fin"]), "0");
     // The mark is not set again over a stream with an undelivered deletion in its past.
     let leased = b.claim(&queue, "c", 2, Duration::ZERO).await.unwrap();
-    b.complete(
-        leased
-            .iter()
-            .map(|l| Completion {
-                lease: l.lease.clone(),
-                result: json!(1),
-            })
-            .collect(),
-    )
-    .await
-    .unwrap();
+    complete_all(&b, &leased, json!(1)).await;
     let positions = read().await;
     b.ack_log(ferry_broker::RECORDER_GROUP, &positions)
         .await
