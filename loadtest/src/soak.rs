@@ -743,7 +743,7 @@ async fn redis_breakdown(conn: &mut redis::aio::MultiplexedConnection) -> anyhow
         }
     }
     let mut rows: Vec<(String, (u64, u64))> = kinds.into_iter().collect();
-    rows.sort_by(|a, b| b.1.1.cmp(&a.1.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
     Ok(Value::Array(
         rows.into_iter()
             .map(|(kind, (keys, bytes))| json!({ "kind": kind, "keys": keys, "kib": bytes / 1024 }))
