@@ -57,19 +57,7 @@ async fn full_cycle_smoke() {
     );
     let stats = b.stats(&queue).await.unwrap();
     assert_eq!((stats.depth, stats.active), (0, 3));
-    let done = b
-        .complete(
-            leased
-                .iter()
-                .map(|l| Completion {
-                    lease: l.lease.clone(),
-                    result: json!({"ok": true}),
-                })
-                .collect(),
-        )
-        .await
-        .unwrap();
-    assert!(done.iter().all(Result::is_ok));
+    complete_all(&b, &leased, json!({"ok": true})).await;
     let again = b
         .complete(vec![Completion {
             lease: leased[0].lease.clone(),
