@@ -11,8 +11,8 @@ use ferry_testkit::{RedisServer, eventually};
 use serde_json::json;
 
 use crate::support::{
-    Proc, assert_completed_once, count_completions, enqueue_many, ferry, redis_and_broker, states,
-    until_drained,
+    Proc, announced, assert_completed_once, count_completions, enqueue_many, ferry,
+    redis_and_broker, sample, states, until_drained,
 };
 
 /// A `ferry worker` on `queue`, its log inherited, so the test runner shows it next to a failure.
@@ -157,15 +157,25 @@ async fn sigterm_drains_in_flight_jobs_and_exits_0() -> Result<()> {
     let q = QueueName::parse("faults-sigterm")?;
     let ids = enqueue_many(&broker, &q, 20, sleep_job(1_500)).await?;
 
-    let mut worker = spawn_worker(
-        &url,
-        q.as_str(),
-        &["--concurrency", "5", "--drain-timeout-ms", "10000"],
-    )?;
+    let mut cmd = ferry();
+    cmd.args(["worker", "--redis", &url, "--queues", q.as_str()])
+        .args(["--concurrency", "5", "--drain-timeout-ms", "10000"])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .env("FERRY_LOG", "warn,ferry_worker=info,ferry_cli=info")
+        .env_remove("FERRY_LOG_FORMAT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let (mut worker, line) = Proc::spawn_listening(&mut cmd, "admin listening").await?;
+    let metrics = format!("http://{}/metrics", announced(&line, "admin")?);
+    // Claimed is not yet running: a lease the worker has not handed to a handler when the drain starts is
+    // released, not run. Wait for the handlers themselves.
+    let started = r#"ferry_jobs_started_total{kind="ferry.sleep",queue="faults-sigterm"}"#;
     eventually(Duration::from_secs(30), "5 running jobs", || async {
-        Ok((broker.stats(&q).await?.active == 5).then_some(()))
+        let text = reqwest::get(&metrics).await?.text().await?;
+        Ok((sample(&text, started) == Some(5.0)).then_some(()))
     })
     .await?;
+    assert_eq!(broker.stats(&q).await?.active, 5);
     let status = worker.stop(Duration::from_secs(20)).await?;
     assert_eq!(status.code(), Some(0), "graceful drain exits 0");
 
