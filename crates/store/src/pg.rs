@@ -4,11 +4,11 @@
 //!
 //! [`Store::record`] is one transaction of set-based statements, whatever the batch size: the events go into
 //! `job_events` by one binary `COPY` (or, when one is already there, one `INSERT … SELECT FROM UNNEST(…) ON
-//! CONFLICT DO NOTHING`), and the batch, folded per job in Rust first ([`fold`]), goes into `jobs` through one
-//! `UNNEST` upsert whose `ON CONFLICT` clause applies the ordering rule: the state-bearing columns move only to a
-//! greater order key, the spec columns are filled in whenever they are missing (a batch of new jobs only is
-//! copied). [`Store::maintain`] creates time slots ahead and drops expired ones (`ferry_create_partitions`,
-//! `ferry_drop_partition`).
+//! CONFLICT DO NOTHING`), and the batch, folded per job in Rust first ([`fold`]), goes into `jobs`: the rows of
+//! jobs the batch starts by `COPY`, the others through one `UNNEST` upsert whose `ON CONFLICT` clause applies the
+//! ordering rule (the state-bearing columns move only to a greater order key, the spec columns are filled in
+//! whenever they are missing), in id order either way. [`Store::maintain`] creates time slots ahead and drops
+//! expired ones (`ferry_create_partitions`, `ferry_drop_partition`).
 //!
 //! Times cross the wire as `i64` milliseconds and are converted in SQL (`to_timestamp(ms / 1000.0)` is exact to
 //! the millisecond: PostgreSQL rounds to the microsecond), or as `SystemTime` in a `COPY`; they are read back as
@@ -635,9 +635,16 @@ ON CONFLICT (id) DO UPDATE SET {}",
     )
 });
 
-/// [`UPSERT_JOBS`] keeping `jobs_open` (the reconciler's candidates, migrations/V2) in the same statement: the
-/// ids of jobs the upsert left open go in, those it left final go out. Ordered by id like the upsert, and under
-/// the `jobs` row locks the upsert holds, so concurrent batches cannot deadlock on it.
+/// [`UPSERT_JOBS`] putting the ids of the jobs it left open into `jobs_open` (the reconciler's candidates,
+/// migrations/V2) in the same statement, and returning the ids of those it left final, which [`CLOSE_OPEN`]
+/// then takes out. Ordered by id like the upsert, and under the `jobs` row locks the upsert holds, so concurrent
+/// batches cannot deadlock on it.
+///
+/// The removal is a statement of its own because of what it must see. When this upsert waits for another
+/// transaction that is inserting the same new job (its `job.queued` batch, with the job's `jobs_open` entry) and
+/// then makes the job final, that entry was committed after this statement's snapshot: a `DELETE` in the same
+/// statement does not see it, and the entry of a finished job stays for good (measured before this split: 0.5 %
+/// of the jobs of a sustained 14,000 jobs/s run). The next statement has a new snapshot, taken after the wait.
 static UPSERT_JOBS_AND_OPEN: LazyLock<String> = LazyLock::new(|| {
     format!(
         "\
@@ -646,13 +653,14 @@ WITH up AS (
 RETURNING j.id, j.finished_at IS NULL AS open
 ), opened AS (
 INSERT INTO jobs_open (id) SELECT id FROM up WHERE open ORDER BY id ON CONFLICT DO NOTHING
-), closed AS (
-DELETE FROM jobs_open o USING up WHERE o.id = up.id AND NOT up.open
 )
-SELECT count(*) FROM up",
+SELECT id FROM up WHERE NOT open ORDER BY id",
         *UPSERT_JOBS
     )
 });
+
+/// Take the ids of jobs left final by [`UPSERT_JOBS_AND_OPEN`] out of `jobs_open`.
+const CLOSE_OPEN: &str = "DELETE FROM jobs_open WHERE id = ANY($1::uuid[])";
 
 /// The `job_events` columns of a batch, one array per column.
 #[derive(Default)]
@@ -968,6 +976,32 @@ impl PgStore {
             Err(e) => Err(self.pg_err(e)),
         }
     }
+
+    /// [`UPSERT_JOBS_AND_OPEN`] of `rows`, then [`CLOSE_OPEN`] of the jobs it left final (nothing for no rows).
+    async fn upsert_jobs(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        upsert: &Statement,
+        close: &Statement,
+        rows: &JobColumns,
+    ) -> Result<(), StoreError> {
+        if rows.id.is_empty() {
+            return Ok(());
+        }
+        let closed: Vec<Uuid> = tx
+            .query(upsert, &rows.params())
+            .await
+            .map_err(|e| self.pg_err(e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !closed.is_empty() {
+            tx.execute(close, &[&closed])
+                .await
+                .map_err(|e| self.pg_err(e))?;
+        }
+        Ok(())
+    }
 }
 
 /// `$read`, an expression of the store `$s`, on the replica when one is configured and not resting, else (or when
@@ -1108,18 +1142,33 @@ impl Store for PgStore {
             .map(|e| e.job.0)
             .collect();
         done.dedup();
-        let mut jobs = JobColumns::default();
-        for f in fold(events) {
-            jobs.push(&f)?;
-        }
-        // A batch of nothing but jobs' first events (an enqueue's `job.queued`, `job.scheduled`) holds new jobs
-        // only, unless it is redelivered: their rows are copied (see below).
-        let only_new = distinct
+        // One row per job, in id order (the fold is keyed by job id). The jobs whose spec the batch carries (it
+        // holds their first event, `job.queued` or `job.scheduled`) are new, unless the batch is redelivered or
+        // a later event of the job was recorded first: their rows are copied (see below). When they all sort after
+        // the batch's other jobs, as new jobs' ids usually do, the others are upserted first, so every row is still
+        // written in id order and concurrent batches cannot deadlock; otherwise the whole batch is upserted.
+        let folds = fold(events);
+        let first_new = folds
             .iter()
-            .all(|e| matches!(e.ty, EventType::Queued | EventType::Scheduled) && e.spec.is_some());
+            .position(|f| f.spec.is_some())
+            .unwrap_or(folds.len());
+        let fresh_from = if folds[first_new..].iter().all(|f| f.spec.is_some()) {
+            first_new
+        } else {
+            folds.len()
+        };
+        let (mut old, mut fresh) = (JobColumns::default(), JobColumns::default());
+        for (i, f) in folds.iter().enumerate() {
+            if i < fresh_from {
+                old.push(f)?;
+            } else {
+                fresh.push(f)?;
+            }
+        }
         let mut client = self.client().await?;
         let insert = self.prepare(&client, INSERT_EVENTS).await?;
         let upsert = self.prepare(&client, &UPSERT_JOBS_AND_OPEN).await?;
+        let close = self.prepare(&client, CLOSE_OPEN).await?;
         let find = if done.is_empty() {
             None
         } else {
@@ -1162,18 +1211,18 @@ impl Store for PgStore {
                 .await
                 .map_err(|e| self.pg_err(e))?,
         };
-        // New jobs' rows by COPY (and their `jobs_open` entries), like the events; a row already there fails it
-        // and the batch goes through the upsert, which applies the ordering rule. Only tried for a batch of first
-        // events: a COPY that fails leaves the rows it wrote before the conflict as dead tuples.
-        let copied = only_new
+        // The other jobs' rows through the upsert, which applies the ordering rule; then the new jobs' rows by
+        // COPY (and their `jobs_open` entries), like the events. A row already there fails the COPY and those rows
+        // go through the upsert too; a COPY that fails leaves the rows it wrote before the conflict as dead
+        // tuples, which is why only the rows of first events are tried.
+        self.upsert_jobs(&tx, &upsert, &close, &old).await?;
+        let copied = !fresh.id.is_empty()
             && self
-                .copy_unless_present(&mut tx, async |sp| jobs.copy_into(sp).await)
+                .copy_unless_present(&mut tx, async |sp| fresh.copy_into(sp).await)
                 .await?
                 .is_some();
         if !copied {
-            tx.execute(&upsert, &jobs.params())
-                .await
-                .map_err(|e| self.pg_err(e))?;
+            self.upsert_jobs(&tx, &upsert, &close, &fresh).await?;
         }
         tx.commit().await.map_err(|e| self.pg_err(e))?;
         self.duplicate_completions

@@ -36,7 +36,12 @@ async fn store_on(server: &PostgresServer, cfg: impl FnOnce(&mut PgConfig)) -> P
     let store = PgStore::connect(c).expect("pool builds");
     assert_eq!(
         store.migrate().await.expect("migrates"),
-        ["V1__jobs", "V2__jobs_open", "V3__partitions"]
+        [
+            "V1__jobs",
+            "V2__jobs_open",
+            "V3__partitions",
+            "V4__listing_indexes_and_jobs_open"
+        ]
     );
     store
 }
@@ -173,7 +178,10 @@ async fn upgrade_moves_the_existing_record_into_partitions() {
         page.jobs.iter().map(|j| j.id).collect()
     };
     assert_eq!(all.len(), 7);
-    assert_eq!(store.migrate().await.unwrap(), ["V3__partitions"]);
+    assert_eq!(
+        store.migrate().await.unwrap(),
+        ["V3__partitions", "V4__listing_indexes_and_jobs_open"]
+    );
     contract::assert_retained(&s, &[], &all).await;
     assert_eq!(r.kept.len() + r.expired.len(), all.len());
     // Slots from the oldest job's day (10 days ago) to three days ahead, and nothing in the default partitions.
@@ -353,7 +361,165 @@ async fn jobs_open_holds_exactly_the_open_jobs() {
     assert_eq!(tokio::task::block_in_place(open), [b.to_string()]);
 }
 
-/// A batch of a few thousand events is two statements, whatever its size.
+/// A job made final by a batch that waited for the transaction recording the job's first event (two batches
+/// of one shard in flight at once) leaves `jobs_open`: the entry that transaction committed during the wait is
+/// removed too. Before the removal became a statement of its own, it stayed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_finished_while_its_first_batch_commits_leaves_jobs_open() {
+    let server = tokio::task::block_in_place(server);
+    let url = tokio::task::block_in_place(|| fresh_db(server));
+    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    store.migrate().await.unwrap();
+    let x = JobId::new();
+    // The first batch, held open: the job's row and its `jobs_open` entry, as the recorder's COPY writes them.
+    let (first, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    first
+        .batch_execute(&format!(
+            "BEGIN; \
+             INSERT INTO jobs (id, queue, kind, state, attempts, payload, created_at, updated_at, ord_ms, ord_seq, \
+             ord_n) VALUES ('{x}', 'emails', 'send', 'queued', 0, '{{}}', now(), now(), 1, 0, 0); \
+             INSERT INTO jobs_open (id) VALUES ('{x}')"
+        ))
+        .await
+        .unwrap();
+    // The second batch completes the job: its upsert waits for the first batch's row.
+    let second = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .record(&[contract::ev(
+                    x,
+                    "2-0/0",
+                    EventType::Completed,
+                    JobState::Completed,
+                    1,
+                    3_000,
+                )])
+                .await
+        })
+    };
+    let sql = |q: &str| tokio::task::block_in_place(|| ferry_testkit::psql(&url, q)).unwrap();
+    ferry_testkit::eventually(
+        Duration::from_secs(10),
+        "the second batch waits",
+        || async {
+            let waiting =
+                sql("select count(*) from pg_stat_activity where wait_event_type = 'Lock'");
+            Ok((waiting.trim() == "1").then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    first.batch_execute("COMMIT").await.unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(
+        sql("select state from jobs").trim(),
+        "completed",
+        "the completion is recorded"
+    );
+    assert_eq!(sql("select count(*) from jobs_open").trim(), "0");
+}
+
+/// V4 takes the entries of finished jobs that the race above left in `jobs_open` out, and keeps the open ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_to_v4_takes_finished_jobs_out_of_jobs_open() {
+    let server = tokio::task::block_in_place(server);
+    let url = tokio::task::block_in_place(|| fresh_db(server));
+    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    store.migrate_to(Some(3)).await.unwrap();
+    let (open, done) = (JobId::new(), JobId::new());
+    store
+        .record(&[
+            contract::queued(open, "1-0/0", 1_000),
+            contract::queued(done, "1-1/0", 1_000),
+            contract::ev(
+                done,
+                "2-0/0",
+                EventType::Completed,
+                JobState::Completed,
+                1,
+                3_000,
+            ),
+        ])
+        .await
+        .unwrap();
+    let sql = |q: &str| tokio::task::block_in_place(|| ferry_testkit::psql(&url, q)).unwrap();
+    sql(&format!("insert into jobs_open (id) values ('{done}')"));
+    assert_eq!(
+        store.migrate().await.unwrap(),
+        ["V4__listing_indexes_and_jobs_open"]
+    );
+    assert_eq!(sql("select id from jobs_open").trim(), open.to_string());
+}
+
+/// Listings walk the listing indexes (V4: ascending, owner and tenant only where set) backward, newest first,
+/// with the generic plan of the prepared statement the store uses: no sort, no sequential scan. Jobs without an
+/// owner or tenant have no entry in those indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_walk_the_ascending_indexes_backward() {
+    let server = tokio::task::block_in_place(server);
+    let url = tokio::task::block_in_place(|| fresh_db(server));
+    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    store.migrate().await.unwrap();
+    let sql = |q: &str| tokio::task::block_in_place(|| ferry_testkit::psql(&url, q)).unwrap();
+    // 30,000 jobs of the last 30 s: a thousand owners on half of them, 300 tenants on a third, 200 queues
+    // (values rare enough that walking the primary key and filtering is not the cheaper plan).
+    sql(
+        "insert into jobs (id, queue, kind, state, attempts, owner, tenant, created_at, updated_at, ord_ms, \
+         ord_seq, ord_n) \
+         select (lpad(to_hex((extract(epoch from now()) * 1000)::bigint - i), 12, '0') \
+                 || lpad(to_hex(i), 20, '0'))::uuid, \
+                'q' || i % 200, 'k', 'queued', 0, \
+                case when i % 2 = 0 then 'o' || i % 2000 end, case when i % 3 = 0 then 't' || i % 900 end, \
+                now(), now(), 1, i, 0 \
+         from generate_series(1, 30000) i; analyze jobs",
+    );
+    let listing = |filter: &str| {
+        sql(&format!(
+            "set plan_cache_mode = force_generic_plan; \
+             prepare l(text, bigint) as select id from jobs where {filter} = $1 order by id desc limit $2; \
+             explain execute l('x', 51)"
+        ))
+    };
+    for (filter, index) in [
+        ("owner", "owner_id_idx"),
+        ("tenant", "tenant_id_idx"),
+        ("queue", "queue_id_idx"),
+    ] {
+        let plan = listing(filter);
+        // Every partition's scan is of its index for this filter, walked backward.
+        let scans: Vec<&str> = plan.lines().filter(|l| l.contains(" Scan")).collect();
+        assert!(
+            !scans.is_empty()
+                && scans
+                    .iter()
+                    .all(|l| l.contains("Backward using jobs_") && l.contains(index)),
+            "{filter}: {plan}"
+        );
+        assert!(
+            !plan.contains("Seq Scan") && !plan.contains("Sort  ("),
+            "{filter}: {plan}"
+        );
+    }
+    // Only the jobs with an owner (half) and with a tenant (a third) are in those indexes.
+    let entries = |index: &str| -> i64 {
+        sql(&format!(
+            "select sum(reltuples)::bigint from pg_class c join pg_index i on i.indexrelid = c.oid \
+             where c.relname like 'jobs_%{index}'"
+        ))
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    assert_eq!(entries("owner_id_idx"), 15_000);
+    assert_eq!(entries("tenant_id_idx"), 10_000);
+    assert_eq!(entries("queue_id_idx"), 30_000);
+}
+
+/// A batch of a few thousand events is a handful of statements, whatever its size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_batch() {
     let store = store_on(tokio::task::block_in_place(server), |_| {}).await;

@@ -45,6 +45,7 @@ macro_rules! contract_suite {
             second_completion_is_a_duplicate,
             unfinished_lists_stale_open_jobs,
             retention_removes_exactly_the_old_finished_jobs,
+            batches_of_new_and_older_jobs,
         );
     };
     (@cases $backend:ty; $($case:ident),* $(,)?) => {
@@ -795,6 +796,62 @@ pub async fn second_completion_is_a_duplicate<B: Backend>() {
 }
 
 /// The reconciler's candidates: open (not final) jobs with their spec, not moved since the cutoff, by id.
+/// Batches holding both jobs they start and later events of older jobs, as under sustained load: each job's
+/// row ends as its newest event says, with its spec, and only open jobs are candidates of the reconciler. One new
+/// job's row already exists (its completion was recorded first), and one batch is delivered twice.
+pub async fn batches_of_new_and_older_jobs<B: Backend>() {
+    let b = B::start().await;
+    let s = b.store();
+    let [old, early, n1, n2, n3, n4] = [0, 1, 2, 3, 4, 5].map(|n| id_at(T0, n));
+    let done = |id, eid: &str, at| ev(id, eid, EventType::Completed, JobState::Completed, 1, at);
+    let active = |id, eid: &str, at| ev(id, eid, EventType::Active, JobState::Active, 1, at);
+    s.record(&[queued(old, "1-0/0", T0)]).await.unwrap();
+    s.record(&[done(early, "5-1/0", T0 + 5)]).await.unwrap();
+    s.record(&[
+        done(old, "5-0/0", T0 + 5),
+        queued(early, "2-0/0", T0 + 2),
+        queued(n1, "3-0/0", T0 + 3),
+        queued(n2, "3-1/0", T0 + 3),
+        active(n2, "4-0/0", T0 + 4),
+        done(n2, "6-0/0", T0 + 6),
+    ])
+    .await
+    .unwrap();
+    let third = [
+        active(n1, "7-0/0", T0 + 7),
+        queued(n3, "7-1/0", T0 + 7),
+        queued(n4, "7-2/0", T0 + 7),
+        done(n4, "8-0/0", T0 + 8),
+    ];
+    assert_eq!(s.record(&third).await.unwrap(), 4);
+    assert_eq!(s.record(&third).await.unwrap(), 0, "redelivery is harmless");
+    let want = [
+        (old, JobState::Completed),
+        (early, JobState::Completed),
+        (n1, JobState::Active),
+        (n2, JobState::Completed),
+        (n3, JobState::Queued),
+        (n4, JobState::Completed),
+    ];
+    for (id, state) in want {
+        let j = get(&s, id).await;
+        assert_eq!(j.state, state, "{id}");
+        let mut expected = spec(id);
+        expected.created_at = created(id);
+        assert_eq!(j.spec, expected, "{id} has its spec");
+    }
+    let open: Vec<JobId> = s
+        .unfinished(T0 + 60_000, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(open, [n1, n3]);
+    assert_eq!(s.events(n2, 10).await.unwrap().len(), 3);
+    assert_eq!(s.events(n4, 10).await.unwrap().len(), 2);
+}
+
 pub async fn unfinished_lists_stale_open_jobs<B: Backend>() {
     let b = B::start().await;
     let s = b.store();
