@@ -70,6 +70,11 @@ pub struct RecorderResult {
     pub processing_lag: Lag,
     /// WAL written from the migrated, empty record to the last job's commit (enqueue phase included), per job.
     pub wal_bytes_per_job: f64,
+    /// CPU of the whole PostgreSQL server from spawning the worker until every row is committed, per job: the
+    /// recording of the enqueue phase and of the processing phase.
+    pub postgres_cpu_usec_per_job: f64,
+    /// `jobs_open` entries of finished jobs at the end (reconciler candidates that are not: 0 expected).
+    pub jobs_open_of_finished_jobs: u64,
     /// `jobs`, `job_events` and `jobs_open` (every partition), tables and indexes, per million jobs recorded.
     pub table_and_index_mib_per_million_jobs: f64,
     /// Longest time without a commit of the recorder during the processing phase (the gap between consecutive
@@ -153,6 +158,13 @@ pub struct LatencyResult {
     pub redis: PhaseCost,
     /// With `--recorder on`: lag of this phase's events.
     pub recorder_lag: Option<Lag>,
+    /// With `--recorder on`: CPU of the whole PostgreSQL server from the phase's start until the recorder has
+    /// committed all of its events, per job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_cpu_usec_per_job: Option<f64>,
+    /// With `--recorder on`: WAL written over the same span, per job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_bytes_per_job: Option<f64>,
     #[serde(skip)]
     pub started_at_ms: u64,
 }
@@ -305,6 +317,7 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         }
         _ => None,
     };
+    let pg_cpu0 = pg.as_ref().map(BenchPostgres::cpu_micros).transpose()?;
     let (mut processing, mut worker) = processing_phase(
         &broker,
         (&queues, &placement, &enqueue.per_queue),
@@ -330,7 +343,14 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         None
     };
     if let Some(pg) = &pg {
-        let mut r = pg.await_recorded(p.jobs, processing.spawned_at_ms).await?;
+        let mut r = pg
+            .await_recorded(
+                &broker,
+                p.jobs,
+                processing.spawned_at_ms,
+                pg_cpu0.unwrap_or(0),
+            )
+            .await?;
         if let Some(task) = drop_task {
             let ((slots, jobs, events), from, to, report) = task.await?;
             let report = report.context("retention pass")?;
@@ -357,8 +377,12 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
                 .await?;
         }
         eprintln!(
-            "[loadtest] ferry: recorded {} jobs/s, lag p50 {} ms p99 {} ms",
-            r.jobs_recorded_per_sec, r.processing_lag.p50_ms, r.processing_lag.p99_ms
+            "[loadtest] ferry: recorded {} jobs/s, lag p50 {} ms p99 {} ms, PostgreSQL {} us/job, {} WAL bytes/job",
+            r.jobs_recorded_per_sec,
+            r.processing_lag.p50_ms,
+            r.processing_lag.p99_ms,
+            r.postgres_cpu_usec_per_job,
+            r.wal_bytes_per_job
         );
         processing.recorder = Some(r);
     }
@@ -380,13 +404,23 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
             "[loadtest] ferry: latency at {rate} jobs/s for {}s",
             p.latency_secs
         );
+        let record0 = match &pg {
+            Some(pg) => Some((pg.cpu_micros()?, pg.wal_lsn().await?)),
+            None => None,
+        };
         let l = latency_phase(
             &broker, &queues, &placement, &mut admin, worker_pid, rate, p,
         )
         .await;
         let l = match l {
             Ok(mut l) => {
-                if let Some(pg) = &pg {
+                if let (Some(pg), Some((cpu0, wal0))) = (&pg, &record0) {
+                    pg.until_log_recorded(&broker).await?;
+                    let cpu = pg.cpu_micros()?.saturating_sub(*cpu0);
+                    let wal = pg.wal_since(wal0).await?;
+                    let jobs = l.completed.max(1) as f64;
+                    l.postgres_cpu_usec_per_job = Some(round(cpu as f64 / jobs, 2));
+                    l.wal_bytes_per_job = Some(round(wal / jobs, 1));
                     l.recorder_lag = Some(pg.lag_since(l.started_at_ms).await?);
                 }
                 l
@@ -403,6 +437,16 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
             "[loadtest] ferry: latency at {rate}: p50 {:?} ms, p99 {:?} ms, missing {}",
             l.latency.p50_ms, l.latency.p99_ms, l.missing
         );
+        if let (Some(lag), Some(cpu), Some(wal)) = (
+            &l.recorder_lag,
+            l.postgres_cpu_usec_per_job,
+            l.wal_bytes_per_job,
+        ) {
+            eprintln!(
+                "[loadtest] ferry: recorder at {rate}: lag p50 {} ms p99 {} ms, PostgreSQL {cpu} us/job, {wal} WAL bytes/job",
+                lag.p50_ms, lag.p99_ms
+            );
+        }
         latency.push(l);
     }
     procs::stop(&mut worker, Duration::from_secs(15)).await?;
@@ -830,6 +874,8 @@ async fn latency_phase(
         producer_cpu_utilisation: round(producer_cpu as f64 / 1e6 / cost.secs.max(1e-9), 3),
         redis: cost,
         recorder_lag: None,
+        postgres_cpu_usec_per_job: None,
+        wal_bytes_per_job: None,
         started_at_ms,
     })
 }
@@ -842,6 +888,8 @@ pub struct BenchPostgres {
     pub url: String,
     /// `pg_current_wal_lsn()` once migrated.
     wal_start: String,
+    /// The postmaster's pid: the server's CPU is that of its process tree.
+    postmaster: u32,
 }
 
 impl BenchPostgres {
@@ -862,11 +910,56 @@ impl BenchPostgres {
             bail!("ferry migrate: {}", String::from_utf8_lossy(&out.stderr));
         }
         let wal_start = crate::soak::psql(&url, "select pg_current_wal_lsn()").await?;
+        let pid_file = server.dir().join("data/postmaster.pid");
+        let postmaster = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("cannot read {}", pid_file.display()))?
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("no pid in {}", pid_file.display()))?;
         Ok(Self {
             _server: server,
             url,
             wal_start,
+            postmaster,
         })
+    }
+
+    /// CPU used by the whole server so far, in µs.
+    pub fn cpu_micros(&self) -> anyhow::Result<u64> {
+        Ok(redis_cpu::tree_cpu_micros(self.postmaster)?)
+    }
+
+    /// `pg_current_wal_lsn()` now.
+    pub async fn wal_lsn(&self) -> anyhow::Result<String> {
+        self.sql("select pg_current_wal_lsn()".into()).await
+    }
+
+    /// WAL bytes written since `lsn`.
+    pub async fn wal_since(&self, lsn: &str) -> anyhow::Result<f64> {
+        Ok(self
+            .sql(format!(
+                "select pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')"
+            ))
+            .await?
+            .parse()?)
+    }
+
+    /// Wait (up to 600 s) until the recorder group has acknowledged the whole event log: every event the engine
+    /// logged so far is committed, since the recorder acknowledges after its commit. Asked of Redis, so
+    /// waiting costs PostgreSQL nothing.
+    pub async fn until_log_recorded(&self, broker: &Arc<dyn Broker>) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let behind = broker.log_backlog(ferry_broker::RECORDER_GROUP).await?;
+            if behind == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the recorder is {behind} log entries behind after 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// A store on this database (for the retention pass of `--record-drop`).
@@ -957,23 +1050,29 @@ impl BenchPostgres {
         crate::soak::psql(&self.url, &q).await
     }
 
-    /// Wait until `jobs` rows are completed; rate and lag of everything since `since_ms`.
-    async fn await_recorded(&self, jobs: u64, since_ms: u64) -> anyhow::Result<RecorderResult> {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let done: u64 = self
-                .sql("select count(*) from jobs where state = 'completed'".into())
-                .await?
-                .parse()?;
-            if done >= jobs {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the recorder wrote {done} of {jobs} completed rows in 600 s");
-            }
-            // The count is a scan of `jobs`, so it is not asked often (at 20 ms it took half a core from
-            // PostgreSQL); the rate is measured by the last commit's time, not by this poll.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+    /// Wait until `jobs` rows are completed (all jobs are, in the engine); rate and lag of everything since
+    /// `since_ms`.
+    ///
+    /// Every job is finished in the engine, so all its events are in the log: the wait is
+    /// [`until_log_recorded`](Self::until_log_recorded), the CPU is read then, and a count confirms it once. The
+    /// rate is measured by the last commit's time, not by the wait.
+    async fn await_recorded(
+        &self,
+        broker: &Arc<dyn Broker>,
+        jobs: u64,
+        since_ms: u64,
+        cpu_since: u64,
+    ) -> anyhow::Result<RecorderResult> {
+        self.until_log_recorded(broker).await?;
+        let cpu = self.cpu_micros()?.saturating_sub(cpu_since);
+        let done: u64 = self
+            .sql("select count(*) from jobs where state = 'completed'".into())
+            .await?
+            .parse()?;
+        if done < jobs {
+            bail!(
+                "the whole log is recorded, but {done} of {jobs} jobs are completed in the record"
+            );
         }
         let last_ms: f64 = self
             .sql(
@@ -1015,6 +1114,14 @@ impl BenchPostgres {
             wal_bytes_per_job: round(wal / jobs as f64, 1),
             table_and_index_mib_per_million_jobs: round(bytes / 1_048_576.0 / jobs as f64 * 1e6, 1),
             longest_commit_gap_ms: self.longest_gap_outside(since_ms, 0, 0).await?,
+            postgres_cpu_usec_per_job: round(cpu as f64 / jobs as f64, 2),
+            jobs_open_of_finished_jobs: self
+                .sql(
+                    "select count(*) from jobs_open o join jobs j using (id) where j.finished_at is not null"
+                        .into(),
+                )
+                .await?
+                .parse()?,
             drop: None,
             postgres: "PostgreSQL 15 on this machine, fsync on, synchronous_commit on",
         })

@@ -45,6 +45,46 @@ pub fn proc_cpu_micros(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat"))
 }
 
+/// CPU time of process `root` and everything it started, in microseconds: its own user + system time, that of
+/// its children it has waited for (fields 16 and 17: processes that exited), and that of its live children
+/// (those whose parent, field 4, is `root`). For a PostgreSQL postmaster that is the whole server: backends,
+/// background processes, and autovacuum workers that came and went.
+pub fn tree_cpu_micros(root: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{root}/stat"))?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat");
+    let (_, own, reaped) = parse_stat_tree_ticks(&stat).ok_or_else(bad)?;
+    let mut ticks = own + reaped;
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between the listing and the read: it is then counted in `reaped` next time.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some((ppid, own, _)) = parse_stat_tree_ticks(&stat)
+            && ppid == root
+        {
+            ticks += own;
+        }
+    }
+    Ok(ticks * 1_000_000 / clock_ticks())
+}
+
+/// (parent pid, utime + stime, cutime + cstime) of a `/proc/<pid>/stat` line, times in clock ticks.
+fn parse_stat_tree_ticks(stat: &str) -> Option<(u32, u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `fields[0]` is field 3 (state): ppid is field 4, utime..cstime are fields 14 to 17.
+    let num = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    let ppid = u32::try_from(num(1)?).ok()?;
+    Some((ppid, num(11)? + num(12)?, num(13)? + num(14)?))
+}
+
 /// utime + stime (fields 14 and 15) in clock ticks. The command name (field 2) is in parentheses and may
 /// contain spaces, so fields are counted from the last `)`.
 fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
@@ -376,6 +416,36 @@ mod tests {
                     123 456 789";
         assert_eq!(parse_stat_cpu_ticks(stat), Some(49));
         assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+        assert_eq!(parse_stat_tree_ticks(stat), Some((1, 49, 0)));
+        assert_eq!(parse_stat_tree_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn a_process_tree_counts_children_live_and_exited() {
+        let me = std::process::id();
+        let before = tree_cpu_micros(me).unwrap();
+        // A child that burns CPU and exits (reaped: its time moves into ours), then one still running.
+        let spin = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done";
+        std::process::Command::new("sh")
+            .args(["-c", spin])
+            .status()
+            .unwrap();
+        let after_exited = tree_cpu_micros(me).unwrap();
+        assert!(
+            after_exited >= before + 100_000,
+            "{before} -> {after_exited}"
+        );
+        let mut live = std::process::Command::new("sh")
+            .args(["-c", spin])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let while_running = tree_cpu_micros(me).unwrap();
+        live.wait().unwrap();
+        assert!(
+            while_running >= after_exited + 100_000,
+            "{after_exited} -> {while_running}"
+        );
     }
 
     #[test]
