@@ -11,14 +11,15 @@
 //! * publishes on `app:soak`.
 //!
 //! Every `sample_secs` it samples RSS and open files of the gateway, each worker and redis-server, Redis's
-//! `used_memory`, and PostgreSQL's memory (PSS of the postmaster and its children) and database size. At the end
+//! `used_memory`, PostgreSQL's memory (PSS of the postmaster and its children) and database size, and the live and
+//! dead rows, autovacuum runs and size of each table of the record that holds rows. At the end
 //! it waits for every accepted job to reach a final state in the record and counts what went wrong: jobs lost
 //! (accepted, never final in the record), doubled (more than one `job.completed` row), in the wrong final state
 //! (a cancel that answered 200 but the job completed, a `ferry.fail` job completed), WebSockets closed without a
 //! close frame. Growth of RSS and open files between the first sample after warm-up and the last is reported
 //! beside them, so a leak shows as a trend.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,7 +93,19 @@ struct Sample {
     redis_used_memory_kib: u64,
     postgres_pss_kib: u64,
     postgres_db_kib: u64,
+    /// The record's tables that hold rows (each time slot's partitions, `jobs_open`): what autovacuum faces.
+    record_tables: BTreeMap<String, TableHealth>,
     jobs_accepted: u64,
+}
+
+/// One table's rows and vacuuming from `pg_stat_user_tables`.
+#[derive(Debug, Clone, Serialize)]
+struct TableHealth {
+    live: u64,
+    dead: u64,
+    autovacuums: u64,
+    /// Table, indexes and TOAST.
+    kib: u64,
 }
 
 pub async fn run(p: &Params) -> anyhow::Result<Value> {
@@ -253,6 +266,17 @@ pub async fn run(p: &Params) -> anyhow::Result<Value> {
             s.open_files.get("gateway").copied().unwrap_or(0),
             s.redis_used_memory_kib
         );
+        let tables: Vec<String> = s
+            .record_tables
+            .iter()
+            .map(|(name, t)| {
+                format!(
+                    "{name} live={} dead={} autovacuums={}",
+                    t.live, t.dead, t.autovacuums
+                )
+            })
+            .collect();
+        eprintln!("[soak]   record: {}", tables.join(", "));
         samples.push(s);
         if Instant::now() >= until {
             // What Redis holds at the end of the load, by kind of key.
@@ -580,6 +604,7 @@ async fn sample(
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(0);
+    let record_tables = record_tables(pg_url).await.unwrap_or_default();
     Ok(Sample {
         t_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         rss_kib: rss,
@@ -587,8 +612,39 @@ async fn sample(
         redis_used_memory_kib: used / 1024,
         postgres_pss_kib: postmaster.map(family_pss_kib).unwrap_or(0),
         postgres_db_kib: db_size / 1024,
+        record_tables,
         jobs_accepted: tally.expect.lock().unwrap().len() as u64,
     })
+}
+
+/// [`TableHealth`] of the record's tables that hold rows.
+async fn record_tables(pg_url: &str) -> anyhow::Result<BTreeMap<String, TableHealth>> {
+    let rows = psql(
+        pg_url,
+        "select relname, n_live_tup, n_dead_tup, autovacuum_count, pg_total_relation_size(relid) / 1024 \
+         from pg_stat_user_tables where (relname ~ '^jobs_(p[0-9t]+|default|open)$' \
+         or relname ~ '^job_events_(p[0-9t]+|default)$') and n_live_tup + n_dead_tup > 0 order by relname",
+    )
+    .await?;
+    let mut out = BTreeMap::new();
+    for line in rows.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split('|').map(str::trim).collect();
+        let num = |i: usize| -> anyhow::Result<u64> {
+            f.get(i)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("pg_stat_user_tables row {line:?}"))
+        };
+        out.insert(
+            f[0].to_owned(),
+            TableHealth {
+                live: num(1)?,
+                dead: num(2)?,
+                autovacuums: num(3)?,
+                kib: num(4)?,
+            },
+        );
+    }
+    Ok(out)
 }
 
 fn open_files(pid: u32) -> u64 {
