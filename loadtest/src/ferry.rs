@@ -925,6 +925,11 @@ impl BenchPostgres {
         })
     }
 
+    /// The postmaster's pid.
+    pub fn postmaster(&self) -> u32 {
+        self.postmaster
+    }
+
     /// CPU used by the whole server so far, in µs.
     pub fn cpu_micros(&self) -> anyhow::Result<u64> {
         Ok(redis_cpu::tree_cpu_micros(self.postmaster)?)
@@ -1083,13 +1088,7 @@ impl BenchPostgres {
             .parse()?;
         let secs = ((last_ms - since_ms as f64) / 1e3).max(1e-6);
         let processing_lag = self.lag_since(since_ms).await?;
-        let wal: f64 = self
-            .sql(format!(
-                "select pg_wal_lsn_diff(pg_current_wal_lsn(), '{}')",
-                self.wal_start
-            ))
-            .await?
-            .parse()?;
+        let wal = self.wal_since(&self.wal_start).await?;
         // Every relation of the record, both schemas (V2's tables, V3's partitions and default partitions),
         // without the seeded days of `--record-drop` (dropped by then).
         let bytes: f64 = self

@@ -54,25 +54,32 @@ pub fn tree_cpu_micros(root: u32) -> io::Result<u64> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat");
     let (_, own, reaped) = parse_stat_tree_ticks(&stat).ok_or_else(bad)?;
     let mut ticks = own + reaped;
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A process may exit between the listing and the read: it is then counted in `reaped` next time.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if let Some((ppid, own, _)) = parse_stat_tree_ticks(&stat)
-            && ppid == root
+    for child in children(root) {
+        // A child may exit between the listing and the read: it is then counted in `reaped` next time.
+        if let Some((_, own, _)) = std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .ok()
+            .and_then(|s| parse_stat_tree_ticks(&s))
         {
             ticks += own;
         }
     }
     Ok(ticks * 1_000_000 / clock_ticks())
+}
+
+/// The live children of `pid`: the processes whose parent (field 4 of `/proc/<pid>/stat`) is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .ok()
+                .and_then(|s| parse_stat_tree_ticks(&s))
+                .is_some_and(|(ppid, _, _)| ppid == pid)
+        })
+        .collect()
 }
 
 /// (parent pid, utime + stime, cutime + cstime) of a `/proc/<pid>/stat` line, times in clock ticks.

@@ -254,7 +254,7 @@ pub async fn run(p: &Params) -> anyhow::Result<Value> {
     pids.push(("redis".into(), redis.pid()));
     let redis_client = redis::Client::open(redis.url())?;
     let mut rconn = redis_client.get_multiplexed_async_connection().await?;
-    let postmaster = postmaster_pid(&pg.url).await;
+    let postmaster = Some(pg.postmaster());
     let mut samples = Vec::new();
     let redis_keys = loop {
         let s = sample(&pids, &mut rconn, postmaster, &pg.url, &tally, started).await?;
@@ -653,26 +653,6 @@ fn open_files(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// PostgreSQL's postmaster: the parent of its checkpointer (a process that lives as long as the server).
-async fn postmaster_pid(url: &str) -> Option<u32> {
-    let pid: u32 = psql(
-        url,
-        "select pid from pg_stat_activity where backend_type = 'checkpointer'",
-    )
-    .await
-    .ok()?
-    .parse()
-    .ok()?;
-    ppid(pid)
-}
-
-fn ppid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: the fields after the last ')' are fixed.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Proportional set size of `pid` and its children in KiB (shared memory counted once in all, not per process).
 fn family_pss_kib(pid: u32) -> u64 {
     let pss = |p: u32| -> u64 {
@@ -686,17 +666,11 @@ fn family_pss_kib(pid: u32) -> u64 {
             })
             .unwrap_or(0)
     };
-    let mut total = pss(pid);
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            if let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
-                && ppid(child) == Some(pid)
-            {
-                total += pss(child);
-            }
-        }
-    }
-    total
+    pss(pid)
+        + crate::redis_cpu::children(pid)
+            .into_iter()
+            .map(pss)
+            .sum::<u64>()
 }
 
 /// `ferry_testkit::psql` off the runtime's threads, its answer trimmed.

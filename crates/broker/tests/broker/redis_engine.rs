@@ -663,6 +663,14 @@ async fn recorded_jobs_leave_whole_and_the_lag_mark_follows_deletions() {
         .map(|e| e.position)
         .collect::<Vec<_>>()
     };
+    // The recorder commits everything logged so far; then a maintenance pass.
+    let record_and_maintain = || async {
+        let positions = read().await;
+        b.ack_log(ferry_broker::RECORDER_GROUP, &positions)
+            .await
+            .unwrap();
+        b.maintain(&queue).await.unwrap();
+    };
     read().await;
     let ids = b
         .enqueue_batch(&queue, (0..5).map(|_| noop()).collect())
@@ -676,11 +684,7 @@ async fn recorded_jobs_leave_whole_and_the_lag_mark_follows_deletions() {
         "1",
         "one note per call"
     );
-    let positions = read().await;
-    b.ack_log(ferry_broker::RECORDER_GROUP, &positions)
-        .await
-        .unwrap();
-    b.maintain(&queue).await.unwrap();
+    record_and_maintain().await;
     assert_eq!(cli(&["XLEN", "ferry:{drop}:p1"]), "3");
     assert_eq!(cli(&["HLEN", "ferry:{drop}:jobs"]), "0");
     assert_eq!(cli(&["LLEN", "ferry:{drop}:done"]), "0");
@@ -693,21 +697,13 @@ async fn recorded_jobs_leave_whole_and_the_lag_mark_follows_deletions() {
     b.cancel(ids[4].id, None).await.unwrap();
     assert_eq!(cli(&["HEXISTS", "ferry:{drop}:acked-deletes", "1"]), "0");
     assert_eq!(b.stats(&queue).await.unwrap().depth, 2);
-    let positions = read().await;
-    b.ack_log(ferry_broker::RECORDER_GROUP, &positions)
-        .await
-        .unwrap();
-    b.maintain(&queue).await.unwrap();
+    record_and_maintain().await;
     assert!(b.job(ids[4].id).await.unwrap().is_none());
     assert_eq!(cli(&["ZCARD", "ferry:{drop}:fin"]), "0");
     // The mark is not set again over a stream with an undelivered deletion in its past.
     let leased = b.claim(&queue, "c", 2, Duration::ZERO).await.unwrap();
     complete_all(&b, &leased, json!(1)).await;
-    let positions = read().await;
-    b.ack_log(ferry_broker::RECORDER_GROUP, &positions)
-        .await
-        .unwrap();
-    b.maintain(&queue).await.unwrap();
+    record_and_maintain().await;
     assert_eq!(cli(&["XLEN", "ferry:{drop}:p1"]), "0");
     assert_eq!(cli(&["HEXISTS", "ferry:{drop}:acked-deletes", "1"]), "0");
     assert_eq!(b.stats(&queue).await.unwrap().depth, 0);
