@@ -46,6 +46,9 @@ pub struct Params {
     /// With `record`: seed two finished days 40 days back and, 1.5 s into the processing phase, drop them through
     /// the store's retention pass while the recorder writes (the recorder's longest stall meanwhile).
     pub record_drop: bool,
+    /// With `record`: the processing worker runs without a recorder; once every job is processed, a worker that
+    /// only records starts, and the recorded jobs/s count from its start (the recorder alone on the machine).
+    pub recorder_alone: bool,
     /// `ferry gateway` processes attached to the run's Redis for the whole run, with no clients (the
     /// gateways-attached scenario: what idle gateways cost Redis per job).
     pub gateways: usize,
@@ -201,6 +204,8 @@ pub struct RunResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateways: Option<GatewaysResult>,
     pub recorder: bool,
+    /// `--recorder-alone`: the recorder ran after the processing, alone.
+    pub recorder_alone: bool,
     pub worker_args: Vec<String>,
     pub enqueue: EnqueueResult,
     pub processing: ProcessingResult,
@@ -291,6 +296,25 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
             .sum()
     };
 
+    if pg.is_some() && p.recorder_alone {
+        // The recorder group, made before anything is logged, so it starts at the log's first entry and the log
+        // keeps every entry until the recorder that starts after the processing has read it.
+        for shard in 0..broker.log_shards() {
+            let read = broker
+                .read_log(
+                    shard,
+                    ferry_broker::RECORDER_GROUP,
+                    "loadtest",
+                    1,
+                    Duration::from_millis(1),
+                    None,
+                )
+                .await?;
+            if !read.is_empty() {
+                bail!("the event log of a fresh Redis already holds entries");
+            }
+        }
+    }
     eprintln!("[loadtest] ferry: enqueue {} jobs", p.jobs);
     let enqueue = enqueue_phase(&broker, &queues, &placement, &mut admin, p).await?;
     eprintln!(
@@ -342,15 +366,24 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
     } else {
         None
     };
+    // With `--recorder-alone`: the worker that records, from now on (kept for the latency phases).
+    let mut recorder = None;
     if let Some(pg) = &pg {
-        let mut r = pg
-            .await_recorded(
-                &broker,
-                p.jobs,
-                processing.spawned_at_ms,
-                pg_cpu0.unwrap_or(0),
-            )
-            .await?;
+        let (since_ms, cpu0) = if p.recorder_alone {
+            let cpu0 = pg.cpu_micros()?;
+            let since_ms = ferry_core::now_ms();
+            recorder = Some(spawn_recorder(
+                p,
+                &redis,
+                &pg.url,
+                &logdir.path().join("recorder.log"),
+            )?);
+            eprintln!("[loadtest] ferry: every job processed; a worker that only records started");
+            (since_ms, cpu0)
+        } else {
+            (processing.spawned_at_ms, pg_cpu0.unwrap_or(0))
+        };
+        let mut r = pg.await_recorded(&broker, p.jobs, since_ms, cpu0).await?;
         if let Some(task) = drop_task {
             let ((slots, jobs, events), from, to, report) = task.await?;
             let report = report.context("retention pass")?;
@@ -450,6 +483,9 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         latency.push(l);
     }
     procs::stop(&mut worker, Duration::from_secs(15)).await?;
+    if let Some(r) = &mut recorder {
+        procs::stop(r, Duration::from_secs(15)).await?;
+    }
     for g in &mut gateways {
         g.stop().await?;
     }
@@ -461,6 +497,7 @@ pub async fn run(p: &Params) -> anyhow::Result<RunResult> {
         batch_size: p.batch_size,
         gateways: gateways_result,
         recorder: p.record,
+        recorder_alone: p.record && p.recorder_alone,
         worker_args: p.worker_args.clone(),
         enqueue,
         processing,
@@ -617,6 +654,40 @@ fn spawn_worker(
     database_url: Option<&str>,
     log: &Path,
 ) -> anyhow::Result<Child> {
+    let mut cmd = worker_command(p, log)?;
+    cmd.args(redis.ferry_args())
+        .args(["--queues", &queue_names(p).join(",")])
+        .args(["--concurrency", &p.concurrency.to_string()])
+        .args(["--batch-size", &p.batch_size.to_string()])
+        .args(&p.worker_args)
+        .args((database_url.is_some() && p.recorder_alone).then_some("--no-recorder"))
+        .args(
+            database_url
+                .map(|u| vec!["--database-url", u])
+                .unwrap_or_default(),
+        )
+        .spawn()
+        .with_context(|| format!("starting {} worker", p.ferry_bin.display()))
+}
+
+/// A worker that only records (`--recorder-alone`): its queue gets no jobs. `--worker-args` apply to it too.
+fn spawn_recorder(
+    p: &Params,
+    redis: &BenchRedis,
+    database_url: &str,
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let mut cmd = worker_command(p, log)?;
+    cmd.args(redis.ferry_args())
+        .args(["--queues", "loadtest-recorder-only"])
+        .args(&p.worker_args)
+        .args(["--database-url", database_url])
+        .spawn()
+        .with_context(|| format!("starting {} worker (recorder)", p.ferry_bin.display()))
+}
+
+/// `ferry worker` logging to `log`, with warn-level logs and no admin listener.
+fn worker_command(p: &Params, log: &Path) -> anyhow::Result<Command> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(&p.ferry_bin);
@@ -627,22 +698,11 @@ fn spawn_worker(
     // Nothing here reads the worker's admin listener, and a taken default port would stop the worker.
     cmd.env("FERRY_ADMIN_LISTEN", "off");
     cmd.arg("worker")
-        .args(redis.ferry_args())
-        .args(["--queues", &queue_names(p).join(",")])
-        .args(["--concurrency", &p.concurrency.to_string()])
-        .args(["--batch-size", &p.batch_size.to_string()])
-        .args(&p.worker_args)
-        .args(
-            database_url
-                .map(|u| vec!["--database-url", u])
-                .unwrap_or_default(),
-        )
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} worker", p.ferry_bin.display()))
+        .kill_on_drop(true);
+    Ok(cmd)
 }
 
 /// The run's queues, where they live, and the jobs enqueued on each.

@@ -434,6 +434,11 @@ struct JobsArgs {
     /// 1.5 s into the processing phase, while the recorder writes (schema with partitions only).
     #[arg(long)]
     record_drop: bool,
+    /// With `--recorder on`: the recorder alone on the machine. The processing worker runs with `--no-recorder`,
+    /// and once every job is processed a second worker that runs only a recorder starts; the recorded jobs/s
+    /// are counted from its start.
+    #[arg(long)]
+    recorder_alone: bool,
     /// Gateways-attached scenario: for each count, one more ferry run (the first batch size, recorder off,
     /// no latency phases) with that many `ferry gateway` processes attached to its Redis and no clients, e.g.
     /// `1,4,8,16`. Reports Redis CPU per job and jobs/s per count (and against BullMQ with `--peer bullmq`).
@@ -485,6 +490,11 @@ impl JobsArgs {
         }
         if self.recorder.is_empty() || self.recorder.iter().any(|r| r != "off" && r != "on") {
             bail!("--recorder values must be off and/or on");
+        }
+        if self.recorder_alone && (!self.recorder.iter().any(|r| r == "on") || self.record_drop) {
+            bail!(
+                "--recorder-alone needs --recorder on, and not --record-drop (nothing records during the drop)"
+            );
         }
         if self.gateways.len() > 16 || self.gateways.iter().any(|&g| g > 64) {
             bail!("--gateways takes at most 16 counts of 0..=64 gateways");
@@ -991,6 +1001,7 @@ async fn jobs(a: JobsArgs) -> anyhow::Result<()> {
                             .collect(),
                         record: false,
                         record_drop: a.record_drop,
+                        recorder_alone: a.recorder_alone,
                         gateways: 0,
                     };
                     for (&batch_size, record) in ordinary
