@@ -1487,6 +1487,7 @@ impl EventLog for MemoryBroker {
                                 shard: 0,
                                 sid: seq.to_string(),
                             },
+                            bytes: serde_json::to_vec(e).map_or(0, |v| v.len()),
                             events: vec![e.clone()],
                         });
                     }

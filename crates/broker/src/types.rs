@@ -462,4 +462,6 @@ pub struct LogPosition {
 pub struct LogEntry {
     pub position: LogPosition,
     pub events: Vec<ferry_core::Event>,
+    /// The entry's size as logged (its encoded events), for readers that bound what they hold in bytes.
+    pub bytes: usize,
 }

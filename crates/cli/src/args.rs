@@ -1022,6 +1022,16 @@ pub struct WorkerArgs {
     )]
     pub recorder_batch: usize,
 
+    /// Most bytes of events (as logged; a `job.queued` event carries its payload) the recorder gathers in one
+    /// batch.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "FERRY_RECORDER_BATCH_BYTES",
+        default_value_t = recorder().batch_max_bytes
+    )]
+    pub recorder_batch_bytes: usize,
+
     /// Longest an event waits in the recorder's batch before it is written.
     #[arg(
         long,

@@ -191,6 +191,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
         let rt = &a.recorder_tuning;
         let mut r = RecorderConfig::new(String::new());
         r.batch_max = a.recorder_batch;
+        r.batch_max_bytes = a.recorder_batch_bytes;
         r.max_delay = ms(a.recorder_max_delay_ms);
         r.reclaim_idle = ms(a.recorder_reclaim_idle_ms);
         r.read_count = rt.recorder_read_count;
@@ -250,6 +251,7 @@ pub fn resolve(a: WorkerArgs) -> Result<ResolvedWorker, CliError> {
 pub(crate) fn recorder_flag(field: &str) -> &'static str {
     match field {
         "batch_max" => "--recorder-batch",
+        "batch_max_bytes" => "--recorder-batch-bytes",
         "max_delay" => "--recorder-max-delay-ms",
         "read_count" => "--recorder-read-count",
         "writers" => "--recorder-writers",

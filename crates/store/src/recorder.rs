@@ -1,8 +1,9 @@
 //! The recorder: copies the engine's durable event log into the [`Store`], nothing lost, nothing twice.
 //!
 //! One task per log shard reads entries as a consumer of the [`RECORDER_GROUP`] consumer group, gathers them
-//! into a batch (at most `batch_max` events, or whatever arrived within `max_delay` of the batch's first
-//! entry), writes the batch in one store transaction, and only then acknowledges the entries. So:
+//! into a batch (at most `batch_max` events and about `batch_max_bytes` of them, or whatever arrived within
+//! `max_delay` of the batch's first entry), writes the batch in one store transaction, and only then
+//! acknowledges the entries. So:
 //!
 //! * a crash between commit and acknowledgement redelivers the batch, which the store skips (event ids are
 //!   unique): at least once on the wire, exactly once in the table;
@@ -43,6 +44,12 @@ pub struct RecorderConfig {
     /// for a batch enqueue), so a batch holds about this many events; one that holds more (entries grew
     /// suddenly) is written in several transactions of at most this many.
     pub batch_max: usize,
+    /// Most bytes of events (their size in the log) a batch gathers (default 16 MiB), whatever their count:
+    /// `job.queued` events carry their job's payload, so 2,000 of them can weigh 2,000 payloads. Reads are sized
+    /// by this too, at the size of the largest entries seen lately, starting from one entry; a batch passes it
+    /// by less than one entry unless entries grew suddenly. So a recorder holds at most about
+    /// `(writers + 1) × batch_max_bytes` of events per shard.
+    pub batch_max_bytes: usize,
     /// Longest an event waits in the batch before it is written (default 50 ms).
     pub max_delay: Duration,
     /// Log entries asked for per read (default 256).
@@ -71,6 +78,7 @@ impl RecorderConfig {
         Self {
             consumer: consumer.into(),
             batch_max: 2000,
+            batch_max_bytes: 16 << 20,
             max_delay: Duration::from_millis(50),
             read_count: 256,
             writers: 4,
@@ -109,8 +117,9 @@ impl RecorderConfig {
     /// slow writes; that error says which settings to change. [`Recorder::new`] does not check:
     /// `ferry_worker::WorkerNode::build` does, and so does the cli before it connects.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let at_least_one: [(&'static str, u128); 6] = [
+        let at_least_one: [(&'static str, u128); 7] = [
             ("batch_max", self.batch_max as u128),
+            ("batch_max_bytes", self.batch_max_bytes as u128),
             ("read_count", self.read_count as u128),
             ("writers", self.writers as u128),
             ("write_timeout", self.write_timeout.as_millis()),
@@ -312,11 +321,14 @@ impl Recorder {
         let mut next_reclaim = tokio::time::Instant::now();
         let mut read_backoff = Duration::from_millis(100);
         let mut per_entry = 1usize;
+        // Bytes per entry: unknown before the first read, which therefore asks for one entry.
+        let mut per_entry_bytes = self.config.batch_max_bytes.max(1);
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            let full = batch.events.len() >= self.config.batch_max;
+            let full = batch.events.len() >= self.config.batch_max
+                || batch.bytes >= self.config.batch_max_bytes;
             let due = batch
                 .started
                 .is_some_and(|t| t.elapsed() >= self.config.max_delay);
@@ -349,12 +361,18 @@ impl Recorder {
                 self.config.reclaim_idle
             });
             // An entry packs a whole script call's events (an enqueue of 1,000 jobs is one entry of 1,000): ask
-            // for as many entries as fit the batch at the size of the largest entries seen lately.
+            // for as many entries as fit the batch, in events and in bytes, at the size of the largest entries
+            // seen lately.
             let count = read_size(
                 self.config.read_count,
                 self.config.batch_max.saturating_sub(batch.events.len()),
                 per_entry,
-            );
+            )
+            .min(read_size(
+                self.config.read_count,
+                self.config.batch_max_bytes.saturating_sub(batch.bytes),
+                per_entry_bytes,
+            ));
             let read = self.broker.read_log(
                 shard,
                 RECORDER_GROUP,
@@ -371,9 +389,11 @@ impl Recorder {
                 Ok(entries) => {
                     read_backoff = Duration::from_millis(100);
                     let largest = entries.iter().map(|e| e.events.len()).max().unwrap_or(0);
+                    let heaviest = entries.iter().map(|e| e.bytes).max().unwrap_or(0);
                     // The largest entry of this read, or the estimate halved: a burst of big entries shrinks the
                     // reads at once, and they grow back within a few reads after it.
                     per_entry = largest.max(per_entry / 2).max(1);
+                    per_entry_bytes = heaviest.max(per_entry_bytes / 2).max(1);
                     batch.add(entries);
                 }
                 Err(e) => {
@@ -511,6 +531,8 @@ impl Recorder {
 struct Batch {
     positions: Vec<LogPosition>,
     events: Vec<Event>,
+    /// The entries' size in the log.
+    bytes: usize,
     /// Events before this index are committed (a write split in several transactions failed part way).
     written: usize,
     started: Option<tokio::time::Instant>,
@@ -529,18 +551,20 @@ impl Batch {
         for e in entries {
             self.positions.push(e.position);
             self.events.extend(e.events);
+            self.bytes += e.bytes;
         }
     }
 
     fn clear(&mut self) {
         self.positions.clear();
         self.events.clear();
+        self.bytes = 0;
         self.written = 0;
         self.started = None;
     }
 }
 
-/// Entries to ask for: as many as fit `room` events at `per_entry` events each, at least one and at most
+/// Entries to ask for: as many as fit `room` (events or bytes) at `per_entry` each, at least one and at most
 /// `read_count`.
 fn read_size(read_count: usize, room: usize, per_entry: usize) -> usize {
     (room / per_entry.max(1)).clamp(1, read_count.max(1))

@@ -166,14 +166,19 @@ pub(super) fn parse_entries(shard: usize, v: &Value) -> Result<Vec<LogEntry>, Br
             .chunks(2)
             .find(|kv| kv.first().and_then(|k| text(k).ok()).as_deref() == Some("e"))
             .and_then(|kv| kv.get(1));
-        let events = match body {
-            Some(b) => codec::unpack_events(&sid, &text(b)?)
-                .map_err(|e| bad(format!("event log entry {sid}: {e}")))?,
-            None => Vec::new(),
+        let (events, bytes) = match body {
+            Some(b) => {
+                let body = text(b)?;
+                let events = codec::unpack_events(&sid, &body)
+                    .map_err(|e| bad(format!("event log entry {sid}: {e}")))?;
+                (events, body.len())
+            }
+            None => (Vec::new(), 0),
         };
         out.push(LogEntry {
             position: LogPosition { shard, sid },
             events,
+            bytes,
         });
     }
     Ok(out)

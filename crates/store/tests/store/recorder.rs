@@ -178,3 +178,59 @@ async fn big_log_entries_are_written_in_transactions_of_at_most_batch_max() {
         assert!(store.job(e).await.unwrap().is_some(), "{e} recorded");
     }
 }
+
+/// `job.queued` events carry their job's payload, so a batch is also bounded in bytes: it is written once it
+/// holds `batch_max_bytes` of entries, however few events that is, and reads are sized so that it gathers less
+/// than one entry more. Here 40 single-job enqueues of 64 KiB payloads, a bound of 256 KiB and a `max_delay` of
+/// a minute: only the byte bound writes anything before the test's deadline, in batches of 4 entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_bounded_in_bytes() {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let broker = Arc::new(
+        RedisBroker::connect(&[redis.url()], EngineConfig::default())
+            .await
+            .expect("connects"),
+    );
+    let q = QueueName::parse("heavy").unwrap();
+    let job = NewJob::new(
+        Kind::parse("k").unwrap(),
+        serde_json::json!({"blob": "x".repeat(64 * 1024)}),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.extend(broker.enqueue_batch(&q, vec![job.clone()]).await.unwrap());
+    }
+    let config = RecorderConfig {
+        batch_max_bytes: 256 * 1024,
+        max_delay: Duration::from_secs(60),
+        reclaim_idle: Duration::from_secs(120),
+        ..RecorderConfig::new("heavy")
+    };
+    config.check().expect("consistent test settings");
+    let store = Arc::new(Watching::default());
+    let recorder = Recorder::new(broker.clone(), store.clone(), config);
+    let stats = recorder.stats().clone();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(recorder.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats.recorded.load(Ordering::Relaxed) < ids.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} recorded after 30 s: batches wait for max_delay",
+            stats.recorded.load(Ordering::Relaxed),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let largest = store.largest.load(Ordering::Relaxed);
+    assert!(
+        largest <= 4,
+        "a batch of {largest} events of over 64 KiB each, past the 256 KiB bound by more than one entry"
+    );
+    assert!(
+        store.job(ids[39].id).await.unwrap().is_some(),
+        "last job recorded"
+    );
+}
