@@ -388,12 +388,16 @@ impl Recorder {
             match got {
                 Ok(entries) => {
                     read_backoff = Duration::from_millis(100);
-                    let largest = entries.iter().map(|e| e.events.len()).max().unwrap_or(0);
-                    let heaviest = entries.iter().map(|e| e.bytes).max().unwrap_or(0);
                     // The largest entry of this read, or the estimate halved: a burst of big entries shrinks the
-                    // reads at once, and they grow back within a few reads after it.
-                    per_entry = largest.max(per_entry / 2).max(1);
-                    per_entry_bytes = heaviest.max(per_entry_bytes / 2).max(1);
+                    // reads at once, and they grow back within a few reads after it. A read that found nothing
+                    // (the wait ran out) leaves the estimates as they are, so an idle spell does not make the
+                    // first read after it ask for `read_count` entries of a backlog.
+                    if !entries.is_empty() {
+                        let largest = entries.iter().map(|e| e.events.len()).max().unwrap_or(0);
+                        let heaviest = entries.iter().map(|e| e.bytes).max().unwrap_or(0);
+                        per_entry = largest.max(per_entry / 2).max(1);
+                        per_entry_bytes = heaviest.max(per_entry_bytes / 2).max(1);
+                    }
                     batch.add(entries);
                 }
                 Err(e) => {

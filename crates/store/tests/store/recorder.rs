@@ -128,6 +128,31 @@ impl Store for Watching {
     }
 }
 
+/// Run a recorder into a [`Watching`] store until it has recorded `events` (at most 30 s), then stop it.
+async fn record_all(
+    broker: Arc<RedisBroker>,
+    config: RecorderConfig,
+    events: usize,
+) -> Arc<Watching> {
+    let store = Arc::new(Watching::default());
+    let recorder = Recorder::new(broker, store.clone(), config);
+    let stats = recorder.stats().clone();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(recorder.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats.recorded.load(Ordering::Relaxed) < events as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {events} events recorded after 30 s",
+            stats.recorded.load(Ordering::Relaxed),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    store
+}
+
 /// Batch enqueues log one entry per call, holding every job's event (500 here). The recorder asks for as many
 /// entries as fit its batch and writes at most `batch_max` events per transaction, so a backlog of big entries
 /// cannot become one transaction too large to finish within the write timeout (which was retried forever).
@@ -154,23 +179,7 @@ async fn big_log_entries_are_written_in_transactions_of_at_most_batch_max() {
         batch_max: 1_000,
         ..RecorderConfig::new("big")
     };
-    let store = Arc::new(Watching::default());
-    let recorder = Recorder::new(broker.clone(), store.clone(), config);
-    let stats = recorder.stats().clone();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(recorder.run(stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while stats.recorded.load(Ordering::Relaxed) < ids.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} recorded",
-            stats.recorded.load(Ordering::Relaxed),
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    task.await.unwrap();
+    let store = record_all(broker, config, ids.len()).await;
     let largest = store.largest.load(Ordering::Relaxed);
     assert!(largest <= 1_000, "a transaction of {largest} events");
     assert!(largest >= 500, "entries are 500 events each: {largest}");
@@ -207,23 +216,8 @@ async fn batches_are_bounded_in_bytes() {
         ..RecorderConfig::new("heavy")
     };
     config.check().expect("consistent test settings");
-    let store = Arc::new(Watching::default());
-    let recorder = Recorder::new(broker.clone(), store.clone(), config);
-    let stats = recorder.stats().clone();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(recorder.run(stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while stats.recorded.load(Ordering::Relaxed) < ids.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} recorded after 30 s: batches wait for max_delay",
-            stats.recorded.load(Ordering::Relaxed),
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    task.await.unwrap();
+    // Without the byte bound, nothing is written before `max_delay`: the wait below runs out first.
+    let store = record_all(broker, config, ids.len()).await;
     let largest = store.largest.load(Ordering::Relaxed);
     assert!(
         largest <= 4,
