@@ -654,12 +654,10 @@ fn spawn_worker(
     database_url: Option<&str>,
     log: &Path,
 ) -> anyhow::Result<Child> {
-    let mut cmd = worker_command(p, log)?;
-    cmd.args(redis.ferry_args())
+    worker_command(p, redis, log)?
         .args(["--queues", &queue_names(p).join(",")])
         .args(["--concurrency", &p.concurrency.to_string()])
         .args(["--batch-size", &p.batch_size.to_string()])
-        .args(&p.worker_args)
         .args((database_url.is_some() && p.recorder_alone).then_some("--no-recorder"))
         .args(
             database_url
@@ -677,17 +675,15 @@ fn spawn_recorder(
     database_url: &str,
     log: &Path,
 ) -> anyhow::Result<Child> {
-    let mut cmd = worker_command(p, log)?;
-    cmd.args(redis.ferry_args())
+    worker_command(p, redis, log)?
         .args(["--queues", "loadtest-recorder-only"])
-        .args(&p.worker_args)
         .args(["--database-url", database_url])
         .spawn()
         .with_context(|| format!("starting {} worker (recorder)", p.ferry_bin.display()))
 }
 
-/// `ferry worker` logging to `log`, with warn-level logs and no admin listener.
-fn worker_command(p: &Params, log: &Path) -> anyhow::Result<Command> {
+/// `ferry worker` on the run's Redis with `--worker-args`, logging to `log` at warn level, no admin listener.
+fn worker_command(p: &Params, redis: &BenchRedis, log: &Path) -> anyhow::Result<Command> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(&p.ferry_bin);
@@ -698,6 +694,8 @@ fn worker_command(p: &Params, log: &Path) -> anyhow::Result<Command> {
     // Nothing here reads the worker's admin listener, and a taken default port would stop the worker.
     cmd.env("FERRY_ADMIN_LISTEN", "off");
     cmd.arg("worker")
+        .args(redis.ferry_args())
+        .args(&p.worker_args)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -95,12 +95,7 @@ fn parse_stat_tree_ticks(stat: &str) -> Option<(u32, u64, u64)> {
 /// utime + stime (fields 14 and 15) in clock ticks. The command name (field 2) is in parentheses and may
 /// contain spaces, so fields are counted from the last `)`.
 fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // `fields` starts at field 3 (state): utime is the 12th from here, stime the 13th.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    parse_stat_tree_ticks(stat).map(|(_, own, _)| own)
 }
 
 /// Machine-wide CPU time so far from `/proc/stat`, in clock ticks: (busy, steal). Busy is every non-idle

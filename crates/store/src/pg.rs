@@ -1158,12 +1158,12 @@ impl Store for PgStore {
             folds.len()
         };
         let (mut old, mut fresh) = (JobColumns::default(), JobColumns::default());
-        for (i, f) in folds.iter().enumerate() {
-            if i < fresh_from {
-                old.push(f)?;
-            } else {
-                fresh.push(f)?;
-            }
+        let (older, newer) = folds.split_at(fresh_from);
+        for f in older {
+            old.push(f)?;
+        }
+        for f in newer {
+            fresh.push(f)?;
         }
         let mut client = self.client().await?;
         let insert = self.prepare(&client, INSERT_EVENTS).await?;

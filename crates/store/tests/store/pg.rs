@@ -26,6 +26,14 @@ fn fresh_db(server: &PostgresServer) -> String {
     server.create_database(&name).expect("database created")
 }
 
+/// A store on a fresh database of the shared server, not migrated yet, and the database's URL (for SQL of the
+/// test's own).
+fn fresh_store() -> (PgStore, String) {
+    let url = tokio::task::block_in_place(|| fresh_db(server()));
+    let store = PgStore::connect(PgConfig::new(url.clone())).expect("pool builds");
+    (store, url)
+}
+
 /// A migrated store on a fresh database of `server`.
 async fn store_on(server: &PostgresServer, cfg: impl FnOnce(&mut PgConfig)) -> PgStore {
     let url = tokio::task::block_in_place(|| fresh_db(server));
@@ -76,9 +84,7 @@ async fn migrate_twice_is_a_no_op() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_whole_days_and_keeps_open_jobs() {
     use ferry_store::maintenance::MaintenanceConfig;
-    let server = tokio::task::block_in_place(server);
-    let url = tokio::task::block_in_place(|| fresh_db(server));
-    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    let (store, url) = fresh_store();
     store.migrate().await.unwrap();
     let now = ferry_core::now_ms();
     let day = Duration::from_secs(86_400);
@@ -157,9 +163,7 @@ async fn retention_drops_whole_days_and_keeps_open_jobs() {
 /// and event, each in its day's partition, with listings unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_moves_the_existing_record_into_partitions() {
-    let server = tokio::task::block_in_place(server);
-    let url = tokio::task::block_in_place(|| fresh_db(server));
-    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    let (store, url) = fresh_store();
     assert_eq!(
         store.migrate_to(Some(2)).await.unwrap(),
         ["V1__jobs", "V2__jobs_open"]
@@ -332,9 +336,7 @@ async fn works_without_statement_cache() {
 /// when its job is recorded open and leaves when the job becomes final (in the same batch or a later one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_open_holds_exactly_the_open_jobs() {
-    let server = tokio::task::block_in_place(server);
-    let url = tokio::task::block_in_place(|| fresh_db(server));
-    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    let (store, url) = fresh_store();
     store.migrate().await.unwrap();
     let (a, b, c) = (JobId::new(), JobId::new(), JobId::new());
     let done =
@@ -366,9 +368,7 @@ async fn jobs_open_holds_exactly_the_open_jobs() {
 /// removed too. Before the removal became a statement of its own, it stayed for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_finished_while_its_first_batch_commits_leaves_jobs_open() {
-    let server = tokio::task::block_in_place(server);
-    let url = tokio::task::block_in_place(|| fresh_db(server));
-    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    let (store, url) = fresh_store();
     store.migrate().await.unwrap();
     let x = JobId::new();
     // The first batch, held open: the job's row and its `jobs_open` entry, as the recorder's COPY writes them.
@@ -426,9 +426,7 @@ async fn a_job_finished_while_its_first_batch_commits_leaves_jobs_open() {
 /// V4 takes the entries of finished jobs that the race above left in `jobs_open` out, and keeps the open ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_to_v4_takes_finished_jobs_out_of_jobs_open() {
-    let server = tokio::task::block_in_place(server);
-    let url = tokio::task::block_in_place(|| fresh_db(server));
-    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    let (store, url) = fresh_store();
     store.migrate_to(Some(3)).await.unwrap();
     let (open, done) = (JobId::new(), JobId::new());
     store
@@ -460,9 +458,7 @@ async fn upgrade_to_v4_takes_finished_jobs_out_of_jobs_open() {
 /// owner or tenant have no entry in those indexes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_walk_the_ascending_indexes_backward() {
-    let server = tokio::task::block_in_place(server);
-    let url = tokio::task::block_in_place(|| fresh_db(server));
-    let store = PgStore::connect(PgConfig::new(url.clone())).unwrap();
+    let (store, url) = fresh_store();
     store.migrate().await.unwrap();
     let sql = |q: &str| tokio::task::block_in_place(|| ferry_testkit::psql(&url, q)).unwrap();
     // 30,000 jobs of the last 30 s: a thousand owners on half of them, 300 tenants on a third, 200 queues

@@ -17,12 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// `RecorderConfig::takeover_within`, plus the write itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_recorders_entries_are_recorded_within_the_takeover_bound() {
-    let redis = RedisServer::start().expect("redis-server starts");
-    let broker = Arc::new(
-        RedisBroker::connect(&[redis.url()], EngineConfig::default())
-            .await
-            .expect("connects"),
-    );
+    let (_redis, broker) = redis_broker().await;
     let config = RecorderConfig {
         reclaim_idle: Duration::from_millis(2000),
         write_timeout: Duration::from_millis(200),
@@ -128,6 +123,15 @@ impl Store for Watching {
     }
 }
 
+/// A redis-server of the test's own and a broker on it (the server stops when dropped).
+async fn redis_broker() -> (RedisServer, Arc<RedisBroker>) {
+    let redis = RedisServer::start().expect("redis-server starts");
+    let broker = RedisBroker::connect(&[redis.url()], EngineConfig::default())
+        .await
+        .expect("connects");
+    (redis, Arc::new(broker))
+}
+
 /// Run a recorder into a [`Watching`] store until it has recorded `events` (at most 30 s), then stop it.
 async fn record_all(
     broker: Arc<RedisBroker>,
@@ -158,12 +162,7 @@ async fn record_all(
 /// cannot become one transaction too large to finish within the write timeout (which was retried forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_log_entries_are_written_in_transactions_of_at_most_batch_max() {
-    let redis = RedisServer::start().expect("redis-server starts");
-    let broker = Arc::new(
-        RedisBroker::connect(&[redis.url()], EngineConfig::default())
-            .await
-            .expect("connects"),
-    );
+    let (_redis, broker) = redis_broker().await;
     let q = QueueName::parse("big").unwrap();
     let job = NewJob::new(Kind::parse("k").unwrap(), serde_json::json!({"n": 1}));
     let mut ids = Vec::new();
@@ -194,12 +193,7 @@ async fn big_log_entries_are_written_in_transactions_of_at_most_batch_max() {
 /// a minute: only the byte bound writes anything before the test's deadline, in batches of 4 entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_bounded_in_bytes() {
-    let redis = RedisServer::start().expect("redis-server starts");
-    let broker = Arc::new(
-        RedisBroker::connect(&[redis.url()], EngineConfig::default())
-            .await
-            .expect("connects"),
-    );
+    let (_redis, broker) = redis_broker().await;
     let q = QueueName::parse("heavy").unwrap();
     let job = NewJob::new(
         Kind::parse("k").unwrap(),

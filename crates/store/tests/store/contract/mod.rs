@@ -795,7 +795,6 @@ pub async fn second_completion_is_a_duplicate<B: Backend>() {
     assert_eq!(s.duplicate_completions(), 2);
 }
 
-/// The reconciler's candidates: open (not final) jobs with their spec, not moved since the cutoff, by id.
 /// Batches holding both jobs they start and later events of older jobs, as under sustained load: each job's
 /// row ends as its newest event says, with its spec, and only open jobs are candidates of the reconciler. One new
 /// job's row already exists (its completion was recorded first), and one batch is delivered twice.
@@ -852,6 +851,7 @@ pub async fn batches_of_new_and_older_jobs<B: Backend>() {
     assert_eq!(s.events(n4, 10).await.unwrap().len(), 2);
 }
 
+/// The reconciler's candidates: open (not final) jobs with their spec, not moved since the cutoff, by id.
 pub async fn unfinished_lists_stale_open_jobs<B: Backend>() {
     let b = B::start().await;
     let s = b.store();
